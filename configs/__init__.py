@@ -1,0 +1,1 @@
+"""Shipped YAML presets and recipes (installed as the package `llmctl.configs`)."""

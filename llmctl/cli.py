@@ -1,0 +1,173 @@
+"""The `llmctl` command host: global options, plugin commands, errors → exit codes.
+
+Every command comes from the `llmctl.commands` entry-point group (see `llmctl.plugins`). Each
+command is wrapped once, here, so that it accepts the common options after its name as well
+as before it, and so that an `LlmctlError` becomes one line on stderr and its exit code.
+Importing this module must stay light: no torch, no numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from llmctl import __version__
+from llmctl.errors import LlmctlError
+from llmctl.runtime import DEVICES, DTYPES, options
+
+GLOBAL_PANEL = "Global options"
+_DEBUG_HINT = "re-run with --debug for the traceback"
+
+
+def _opt(*names: str, help: str, **kw: Any) -> Any:
+    return typer.Option(*names, help=help, rich_help_panel=GLOBAL_PANEL, **kw)
+
+
+# The options every command accepts after its name; keys are the `options` fields they set.
+COMMON_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "json": (Annotated[bool, _opt("--json", help="Machine-readable output on stdout.")], False),
+    "quiet": (Annotated[bool, _opt("--quiet", "-q", help="No progress bars or messages.")], False),
+    "device": (Annotated[Optional[str], _opt("--device", help=f"One of {', '.join(DEVICES)}.")], None),
+    "dtype": (Annotated[Optional[str], _opt("--dtype", help=f"One of {', '.join(DTYPES)}.")], None),
+    "seed": (Annotated[Optional[int], _opt("--seed", help="Random seed.")], None),
+    "force": (Annotated[bool, _opt("--force", "-f", help="Overwrite an existing output.")], False),
+}
+_PARAM_PREFIX = "_llmctl_"
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run `fn`, turning failures into one line on stderr and the right exit code."""
+    from llmctl.console import console
+
+    try:
+        return fn()
+    except (typer.Exit, typer.Abort):
+        raise
+    except LlmctlError as exc:
+        if options.debug:
+            console.print_exception()
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, markup=True, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if options.debug:
+            console.print_exception()
+            raise typer.Exit(1) from None
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {message} ({_DEBUG_HINT})", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command function the common options and the error guard."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    head = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [
+        inspect.Parameter(_PARAM_PREFIX + key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for key, (annotation, default) in COMMON_OPTIONS.items()
+    ]
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        given = {k[len(_PARAM_PREFIX):]: kwargs.pop(k) for k in list(kwargs) if k.startswith(_PARAM_PREFIX)}
+        options.update(**given)
+        return run_guarded(lambda: fn(*args, **kwargs))
+
+    command.__signature__ = sig.replace(parameters=head + extra + tail)  # type: ignore[attr-defined]
+    command.__annotations__ = {**getattr(fn, "__annotations__", {}), **{p.name: p.annotation for p in extra}}
+    del command.__wrapped__  # Typer must read the new signature, not fn's
+    return command
+
+
+def _wrap_group(group: typer.Typer) -> typer.Typer:
+    """Wrap every command of a Typer group (recursively) with the common options."""
+    for info in group.registered_commands:
+        if info.callback is not None and not getattr(info.callback, "_llmctl_wrapped", False):
+            info.callback = with_common_options(info.callback)
+            info.callback._llmctl_wrapped = True  # type: ignore[attr-defined]
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _wrap_group(sub.typer_instance)
+    return group
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+def _root(
+    device: Annotated[str, typer.Option(help=f"Compute device: {', '.join(DEVICES)}.")] = "auto",
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}.")] = "auto",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for everything stochastic.")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """llmctl: tokenize, train, finetune, quantize, prune, distill, merge, generate and evaluate
+    language models from the command line. Every command reads and writes Hugging Face-style
+    checkpoint directories, so commands chain in shell scripts."""
+    options.__init__()  # type: ignore[misc]  # fresh state for every invocation
+    options.update(device=device, dtype=dtype, seed=seed, json=json, quiet=quiet, debug=debug)
+
+
+def build_app() -> typer.Typer:
+    """The root Typer app with every loadable command plugin registered."""
+    from llmctl import plugins
+
+    app = typer.Typer(
+        name="llmctl",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="rich",
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)
+    for plugin in plugins.discover():
+        if plugin.status != "ok":
+            _warn_plugin(plugin)
+            continue
+        obj = plugin.obj
+        if isinstance(obj, typer.Typer):
+            app.add_typer(_wrap_group(obj), name=plugin.name)
+        elif callable(obj):
+            app.command(plugin.name)(with_common_options(obj))
+        else:
+            plugin.status, plugin.problem = "broken", "entry point is neither a function nor a typer.Typer"
+            _warn_plugin(plugin)
+    return app
+
+
+def _warn_plugin(plugin) -> None:
+    sys.stderr.write(f"warning: plugin command '{plugin.name}' ({plugin.dist} {plugin.version}): {plugin.problem}\n")
+
+
+app = build_app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point. Exits with the command's code; returns it when given `argv`."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="llmctl", standalone_mode=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        code = 130
+    if argv is None:
+        sys.exit(code)
+    return code

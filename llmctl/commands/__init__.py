@@ -1,0 +1,1 @@
+"""Built-in command plugins: one thin module per command (registered in pyproject.toml)."""

@@ -1,0 +1,1 @@
+"""The core library: every piece of ML logic, shared by all commands."""

@@ -1,0 +1,84 @@
+"""Named registries for strategies (positional encodings, schedules, merge methods, …).
+
+    POSITIONS = Registry("positional encoding")
+
+    @POSITIONS.register("rope")
+    class RoPE: ...
+
+    POSITIONS.get("rope")  # → RoPE; an unknown name raises UsageError with a suggestion
+
+A registry may also name an entry-point group; third-party packages then add strategies by
+declaring entry points in that group, loaded the first time the registry is queried.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Generic, TypeVar
+
+from llmctl.errors import UsageError
+
+T = TypeVar("T")
+
+
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean X?)' for the closest of `choices`, or ''."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class Registry(Generic[T]):
+    """A mapping name → strategy, filled by the `register` decorator."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None):
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._items: dict[str, T] = {}
+        self._plugins_loaded = entry_point_group is None
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator adding the decorated class or function under `name`."""
+
+        def add(item: T) -> T:
+            if name in self._items and self._items[name] is not item:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._items[name] = item
+            return item
+
+        return add
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from importlib.metadata import entry_points
+
+        from llmctl.console import warn
+
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name in self._items:
+                warn(f"plugin {ep.value} may not replace built-in {self.kind} '{ep.name}'; ignored")
+                continue
+            try:
+                self._items[ep.name] = ep.load()
+            except Exception as exc:  # a broken plugin must not break the registry
+                warn(f"{self.kind} plugin '{ep.name}' ({ep.value}) failed to load: {exc}")
+
+    def get(self, name: str) -> T:
+        """The strategy called `name`; UsageError naming the choices otherwise."""
+        self._load_plugins()
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UsageError(
+                f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; "
+                f"choose from: {', '.join(sorted(self._items))}"
+            ) from None
+
+    def names(self) -> list[str]:
+        self._load_plugins()
+        return sorted(self._items)
+
+    def __contains__(self, name: Any) -> bool:
+        self._load_plugins()
+        return name in self._items

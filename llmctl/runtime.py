@@ -1,0 +1,83 @@
+"""Global options shared by every command (set once by the CLI host).
+
+Commands read `options`; device and dtype resolution import torch lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Options:
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int | None = None
+    json: bool = False
+    quiet: bool = False
+    debug: bool = False
+    force: bool = False
+
+    def update(self, **values: Any) -> None:
+        """Set the given options, ignoring `None` (an option not given keeps its value)."""
+        names = {f.name for f in fields(self)}
+        for key, value in values.items():
+            if key in names and value is not None and value is not False:
+                setattr(self, key, value)
+
+
+options = Options()
+
+
+def resolve_device(name: str | None = None):
+    """`auto` → cuda if available, else mps, else cpu; returns a `torch.device`."""
+    import torch
+
+    from llmctl.errors import UsageError
+
+    name = name or options.device
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None = None, default: str = "float32"):
+    """Map a dtype name (or `auto` → `default`) to a `torch.dtype`."""
+    import torch
+
+    from llmctl.errors import UsageError
+
+    name = name or options.dtype
+    if name == "auto":
+        name = default
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    name = aliases.get(name, name)
+    if name not in DTYPES[1:]:
+        raise UsageError(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def seed_everything(seed: int | None = None) -> int:
+    """Seed python, and torch when it is loaded; returns the seed used."""
+    import random
+
+    seed = options.seed if seed is None else seed
+    seed = 0 if seed is None else seed
+    random.seed(seed)
+    import torch
+
+    torch.manual_seed(seed)
+    return seed
