@@ -66,13 +66,17 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
 
 def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Give a command function the common options and the error guard."""
+    import typing
+
+    hints = typing.get_type_hints(fn, include_extras=True)  # resolved in fn's own module
     sig = inspect.signature(fn)
-    params = list(sig.parameters.values())
+    params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()]
     tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
     head = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     extra = [
         inspect.Parameter(_PARAM_PREFIX + key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
         for key, (annotation, default) in COMMON_OPTIONS.items()
+        if key not in sig.parameters
     ]
 
     @functools.wraps(fn)
@@ -81,8 +85,9 @@ def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         options.update(**given)
         return run_guarded(lambda: fn(*args, **kwargs))
 
-    command.__signature__ = sig.replace(parameters=head + extra + tail)  # type: ignore[attr-defined]
-    command.__annotations__ = {**getattr(fn, "__annotations__", {}), **{p.name: p.annotation for p in extra}}
+    new_params = head + extra + tail
+    command.__signature__ = sig.replace(parameters=new_params, return_annotation=None)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in new_params}
     del command.__wrapped__  # Typer must read the new signature, not fn's
     return command
 
@@ -136,18 +141,32 @@ def build_app() -> typer.Typer:
     )
     app.callback()(_root)
     for plugin in plugins.discover():
+        if plugin.status == "ok":
+            try:
+                _add_command(app, plugin.name, plugin.obj)
+            except Exception as exc:  # a command Typer cannot build must not break the others
+                plugin.status, plugin.problem = "broken", f"invalid command: {type(exc).__name__}: {exc}"
         if plugin.status != "ok":
             _warn_plugin(plugin)
-            continue
-        obj = plugin.obj
-        if isinstance(obj, typer.Typer):
-            app.add_typer(_wrap_group(obj), name=plugin.name)
-        elif callable(obj):
-            app.command(plugin.name)(with_common_options(obj))
-        else:
-            plugin.status, plugin.problem = "broken", "entry point is neither a function nor a typer.Typer"
-            _warn_plugin(plugin)
     return app
+
+
+def _add_command(app: typer.Typer, name: str, obj: Any) -> None:
+    """Register `obj` (a function or a Typer group) as `name`, after checking Typer can build it."""
+    probe = typer.Typer()
+    probe.callback()(lambda: None)
+    if isinstance(obj, typer.Typer):
+        obj = _wrap_group(obj)
+        probe.add_typer(obj, name=name)
+        typer.main.get_command(probe)
+        app.add_typer(obj, name=name)
+    elif callable(obj):
+        command = with_common_options(obj)
+        probe.command(name)(command)
+        typer.main.get_command(probe)
+        app.command(name)(command)
+    else:
+        raise TypeError("entry point is neither a function nor a typer.Typer")
 
 
 def _warn_plugin(plugin) -> None:

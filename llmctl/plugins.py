@@ -10,6 +10,7 @@ like a third party's. Rules, applied per command name:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -56,8 +57,12 @@ def _normalize(dist_name: str) -> str:
     return dist_name.lower().replace("_", "-")
 
 
+@cache
 def discover(group: str = GROUP) -> list[CommandPlugin]:
-    """Every command plugin of `group`, loaded when allowed, sorted by name."""
+    """Every command plugin of `group`, loaded when allowed, sorted by name.
+
+    Cached per process: the CLI host marks plugins it could not build as broken on these same
+    objects, so `llmctl plugins` reports what the host really registered."""
     claims: dict[str, list[CommandPlugin]] = {}
     seen: set[tuple[str, str, str]] = set()
     for ep in entry_points(group=group):

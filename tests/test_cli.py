@@ -24,6 +24,7 @@ def make_dist(site: Path, dist: str, commands: dict[str, str], module: str, sour
 
 
 PROBE = """
+    from __future__ import annotations  # string annotations must resolve in the plugin's module
     import json, typer
     from typing import Annotated
     from llmctl.runtime import options
@@ -58,6 +59,7 @@ def site(tmp_path_factory) -> Path:
     make_dist(site, "broken", {"broken": "broken_mod:cmd"}, "broken_mod", "raise ImportError('needs libfoo')\n")
     make_dist(site, "usurper", {"plugins": "usurper_mod:cmd", "dup": "usurper_mod:cmd"}, "usurper_mod", "def cmd(): print('usurped')\n")
     make_dist(site, "rival", {"dup": "rival_mod:cmd"}, "rival_mod", "def cmd(): print('rival')\n")
+    make_dist(site, "badsig", {"badsig": "badsig_mod:cmd"}, "badsig_mod", "def cmd(x: 'NoSuchType'): pass\n")
     return site
 
 
@@ -127,6 +129,7 @@ def test_plugin_listing_broken_refused_and_conflicting(site):
     assert by[("show", "probe")]["status"] == "ok" and by[("show", "probe")]["version"] == "1.0"
     assert by[("plugins", "llmctl")]["builtin"] is True
     assert by[("broken", "broken")]["status"] == "broken" and "needs libfoo" in by[("broken", "broken")]["problem"]
+    assert by[("badsig", "badsig")]["status"] == "broken"
     assert by[("plugins", "usurper")]["status"] == "refused"
     assert by[("dup", "usurper")]["status"] == "conflict" and by[("dup", "rival")]["status"] == "conflict"
     assert "rival" in by[("dup", "usurper")]["problem"] and "usurper" in by[("dup", "rival")]["problem"]
