@@ -1,0 +1,83 @@
+"""`llmctl info CKPT`: what a checkpoint is, read from its configs and safetensors headers
+(no weights loaded, torch not imported)."""
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmctl.console import console, emit, table
+
+
+def info(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (llmctl or Hugging Face).", show_default=False)],
+) -> None:
+    """Architecture, parameters, dtype, size, tokenizer, lineage, quantization and sparsity of a checkpoint."""
+    from llmctl.core.checkpoint import describe, open_checkpoint
+
+    summary = describe(open_checkpoint(checkpoint))
+    emit(summary, lambda: console.print(table(str(checkpoint), ["field", "value"], _rows(summary))))
+
+
+def _rows(s: dict[str, Any]) -> list[list[Any]]:
+    params = s["parameters"]
+    count = _count(params["total"])
+    if params["active"] is not None:
+        count += f" ({_count(params['active'])} active, {s['experts_per_token']} of {s['num_experts']} experts)"
+    rows = [
+        ["architecture", _v(s["architecture"])],
+        ["model_type", _v(s["model_type"])],
+        ["parameters", count],
+        ["layers", _v(s["layers"])],
+        ["hidden / intermediate", f"{_v(s['hidden_size'])} / {_v(s['intermediate_size'])}"],
+        ["heads / kv heads / head dim", f"{_v(s['heads'])} / {_v(s['kv_heads'])} / {_v(s['head_dim'])}"],
+        ["vocab", _v(s["vocab_size"])],
+        ["context length", _v(s["context_length"])],
+        ["position", _position(s["position"])],
+        ["dtype", ", ".join(f"{d} ({_count(n)})" for d, n in s["dtypes"].items()) or "-"],
+        ["size", f"{_bytes(s['size_bytes'])} weights, {_bytes(s['disk_bytes'])} on disk"],
+        ["shards", f"{len(s['shards'])} {s['format']} file(s)"],
+        ["tokenizer", ("yes" if s["tokenizer"] else "no") + (", chat template" if s["chat_template"] else "")],
+    ]
+    lineage = s["lineage"]
+    if lineage is not None:
+        rows.append(["created by", f"llmctl {lineage['command'] or '?'} at {lineage['created'] or '?'}"])
+        for parent in lineage["parents"]:
+            rows.append(["parent", f"{parent.get('path')} ({(parent.get('hash') or '?')[:12]})"])
+    for key in ("quantization", "sparsity"):
+        if s[key]:
+            rows.append([key, ", ".join(f"{k}={v}" for k, v in s[key].items())])
+    rows.append(["metrics records", s["metrics"]])
+    return rows
+
+
+def _v(value: Any) -> Any:
+    return "-" if value is None else value
+
+
+def _position(p: dict[str, Any]) -> str:
+    details = []
+    for key, value in p.items():
+        if isinstance(value, dict):
+            details.append(f"{key}: " + " ".join(f"{k}={_num(v)}" for k, v in value.items()))
+        elif key != "type" and value is not None:
+            details.append(f"{key}={_num(value)}")
+    return p["type"] + (f" ({', '.join(details)})" if details else "")
+
+
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
