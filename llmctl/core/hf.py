@@ -1,0 +1,547 @@
+"""Model checkpoints: config.json <-> ModelConfig and weight names, per Hugging Face architecture.
+
+    model, cfg = load_model(path)                # an llmctl or a transformers checkpoint
+    save_model(model, out_dir, lineage={...})    # transformers-loadable whenever HF has the arch
+
+Each supported architecture is one declarative `Arch`: config codecs (HF keys <-> ModelConfig
+fields, plus the fields the architecture fixes) and a weight table of `Rule`s (HF tensor <->
+our parameter names, with `{i}` for the layer and `{e}` for the expert; `transpose` for GPT-2's
+Conv1D, several of ours for a fused HF tensor). Saving picks the first architecture whose
+config round trip reproduces the model's config exactly; anything else is written as
+`model_type: "llmctl"` with the full ModelConfig and our own parameter names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from llmctl.core.checkpoint import check_tensors, open_checkpoint, save_checkpoint
+from llmctl.core.model import ModelConfig, Transformer
+from llmctl.core.model.mlp import MLPS
+from llmctl.errors import CheckpointError
+
+LLMCTL_TYPE = "llmctl"
+
+# ---------------------------------------------------------------------------------------- config codecs
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One piece of config translation: HF dict -> ModelConfig fields, ModelConfig -> HF keys."""
+
+    to_ours: Callable[[dict], dict]
+    to_hf: Callable[[ModelConfig], dict]
+
+
+def rename(ours: str, theirs: str, default: Any = None) -> Codec:
+    """A field stored under another name; `default` when config.json omits it."""
+    return Codec(lambda hf: {ours: hf.get(theirs, default)}, lambda cfg: {theirs: getattr(cfg, ours)})
+
+
+def same(*names: str, default: Any = None) -> tuple[Codec, ...]:
+    return tuple(rename(n, n, default) for n in names)
+
+
+def fixed(**values: Any) -> Codec:
+    """ModelConfig values the architecture implies (not stored in config.json)."""
+    return Codec(lambda hf: dict(values), lambda cfg: {})
+
+
+def constant(key: str, value: Any) -> Codec:
+    """An HF key we only support at one value; another value is an unsupported checkpoint."""
+
+    def check(hf: dict) -> dict:
+        if hf.get(key, value) != value:
+            raise CheckpointError(f"config.json: {key}={hf[key]!r} is not supported (only {value!r})")
+        return {}
+
+    return Codec(check, lambda cfg: {key: value})
+
+
+def both_biases(theirs: str = "attention_bias") -> Codec:
+    """One HF flag for the q/k/v and o projection biases."""
+
+    def to_hf(cfg: ModelConfig) -> dict:
+        # a mismatch (qkv_bias != o_bias) fails the round trip, so this arch is not chosen
+        return {theirs: cfg.qkv_bias}
+
+    return Codec(lambda hf: {"qkv_bias": bool(hf.get(theirs, False)), "o_bias": bool(hf.get(theirs, False))}, to_hf)
+
+
+_FROM_HF_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_TO_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+_GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu"}
+_PLAIN = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu", "relu": "relu"}
+
+
+def activation(key: str, default: str, gated: bool, tanh_name: str = "gelu_pytorch_tanh",
+               legacy: tuple[str, ...] = (), gelu_means_tanh: bool = False) -> Codec:
+    """HF's activation name <-> our (mlp, activation) pair for a gated or a plain MLP.
+
+    `legacy` keys are read first when set; `gelu_means_tanh` follows transformers in reading
+    an old Gemma "gelu" as the tanh approximation.
+    """
+    blocks = _GATED if gated else _PLAIN
+
+    def to_ours(hf: dict) -> dict:
+        name = next((hf[k] for k in (*legacy, key) if hf.get(k)), default)
+        if name not in _FROM_HF_ACT:
+            raise CheckpointError(f"config.json: {key}={name!r} is not supported ({', '.join(_FROM_HF_ACT)})")
+        act = "gelu_tanh" if gelu_means_tanh and name == "gelu" else _FROM_HF_ACT[name]
+        mlp = blocks[act]
+        return {"mlp": mlp, "activation": None if act == MLPS.get(mlp).default_activation else act}
+
+    def to_hf(cfg: ModelConfig) -> dict:
+        act = cfg.activation or MLPS.get(cfg.mlp).default_activation
+        name = tanh_name if act == "gelu_tanh" else _TO_HF_ACT.get(act, act)
+        return {key: name}
+
+    return Codec(to_ours, to_hf)
+
+
+def rope(default_theta: float = 10000.0) -> Codec:
+    """rope_parameters (transformers 5) or rope_theta + rope_scaling (older) <-> ours."""
+
+    def to_ours(hf: dict) -> dict:
+        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = params.pop("rope_theta", hf.get("rope_theta", default_theta))
+        kind = params.pop("rope_type", params.pop("type", "default"))
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise CheckpointError("config.json: partial_rotary_factor is not supported")
+        params.pop("partial_rotary_factor", None)
+        scaling = None if kind == "default" else {"rope_type": kind, **params}
+        return {"rope_theta": float(theta), "rope_scaling": scaling}
+
+    def to_hf(cfg: ModelConfig) -> dict:
+        params = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
+        return {"rope_theta": cfg.rope_theta, "rope_parameters": params}
+
+    return Codec(to_ours, to_hf)
+
+
+def qwen_window() -> Codec:
+    """Qwen's use_sliding_window / max_window_layers / layer_types; all layers or none."""
+
+    def to_ours(hf: dict) -> dict:
+        n = hf.get("num_hidden_layers")
+        types = hf.get("layer_types")
+        if types is None:
+            start = hf.get("max_window_layers", n) if hf.get("use_sliding_window") else n
+            types = ["full_attention"] * min(start, n) + ["sliding_attention"] * max(n - start, 0)
+        sliding = {t == "sliding_attention" for t in types}
+        if len(sliding) > 1:
+            raise CheckpointError("config.json: sliding window on only some layers is not supported")
+        return {"sliding_window": hf.get("sliding_window") if sliding == {True} else None}
+
+    def to_hf(cfg: ModelConfig) -> dict:
+        on = cfg.sliding_window is not None
+        return {
+            "use_sliding_window": on,
+            "sliding_window": cfg.sliding_window,
+            "max_window_layers": 0 if on else cfg.num_layers,
+            "layer_types": ["sliding_attention" if on else "full_attention"] * cfg.num_layers,
+        }
+
+    return Codec(to_ours, to_hf)
+
+
+TOKEN_IDS = same("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def decoder(tie: bool = False, eps: float = 1e-6, theta: float = 10000.0) -> tuple[Codec, ...]:
+    """The config keys shared by the Llama family."""
+    return (
+        *same("vocab_size", "hidden_size", "intermediate_size", "head_dim"),
+        rename("num_layers", "num_hidden_layers"),
+        rename("num_heads", "num_attention_heads"),
+        rename("num_kv_heads", "num_key_value_heads"),
+        rename("max_seq_len", "max_position_embeddings", 2048),
+        rename("norm_eps", "rms_norm_eps", eps),
+        rename("tie_embeddings", "tie_word_embeddings", tie),
+        rename("attention_dropout", "attention_dropout", 0.0),
+        rename("initializer_range", "initializer_range", 0.02),
+        rope(theta),
+        *TOKEN_IDS,
+        fixed(position="rope", norm="rmsnorm", norm_placement="pre", is_causal=True),
+    )
+
+
+# ---------------------------------------------------------------------------------------- weight tables
+
+
+@dataclass(frozen=True)
+class Rule:
+    """HF tensor `theirs` <-> our parameters `ours` (concatenated along dim 0 when several)."""
+
+    theirs: str
+    ours: tuple[str, ...]
+    transpose: bool = False  # HF Conv1D stores [in, out]
+
+
+def rule(theirs: str, *ours: str, transpose: bool = False) -> Rule:
+    return Rule(theirs, ours, transpose)
+
+
+def linear(theirs: str, ours: str, transpose: bool = False) -> tuple[Rule, ...]:
+    """weight and (when the model has one) bias of a projection."""
+    return rule(f"{theirs}.weight", f"{ours}.weight", transpose=transpose), rule(f"{theirs}.bias", f"{ours}.bias")
+
+
+L = "model.layers.{i}"
+LLAMA_ATTENTION = (
+    *linear(f"{L}.self_attn.q_proj", f"{L}.self_attn.q_proj"),
+    *linear(f"{L}.self_attn.k_proj", f"{L}.self_attn.k_proj"),
+    *linear(f"{L}.self_attn.v_proj", f"{L}.self_attn.v_proj"),
+    *linear(f"{L}.self_attn.o_proj", f"{L}.self_attn.o_proj"),
+    rule(f"{L}.self_attn.q_norm.weight", f"{L}.self_attn.q_norm.weight"),
+    rule(f"{L}.self_attn.k_norm.weight", f"{L}.self_attn.k_norm.weight"),
+    rule(f"{L}.input_layernorm.weight", f"{L}.input_layernorm.weight"),
+    rule(f"{L}.post_attention_layernorm.weight", f"{L}.post_attention_layernorm.weight"),
+)
+LLAMA_OUTER = (
+    rule("model.embed_tokens.weight", "model.embed_tokens.weight"),
+    rule("model.norm.weight", "model.norm.weight"),
+    rule("lm_head.weight", "lm_head.weight"),
+)
+LLAMA_MLP = tuple(r for p in ("gate_proj", "up_proj", "down_proj") for r in linear(f"{L}.mlp.{p}", f"{L}.mlp.{p}"))
+LLAMA = LLAMA_OUTER + LLAMA_ATTENTION + LLAMA_MLP
+MIXTRAL = LLAMA_OUTER + LLAMA_ATTENTION + (
+    rule(f"{L}.block_sparse_moe.gate.weight", f"{L}.mlp.gate.weight"),
+    rule(f"{L}.block_sparse_moe.experts.{{e}}.w1.weight", f"{L}.mlp.experts.{{e}}.gate_proj.weight"),
+    rule(f"{L}.block_sparse_moe.experts.{{e}}.w3.weight", f"{L}.mlp.experts.{{e}}.up_proj.weight"),
+    rule(f"{L}.block_sparse_moe.experts.{{e}}.w2.weight", f"{L}.mlp.experts.{{e}}.down_proj.weight"),
+)
+QWEN_MOE = LLAMA_OUTER + LLAMA_ATTENTION + (
+    rule(f"{L}.mlp.gate.weight", f"{L}.mlp.gate.weight"),
+    *(rule(f"{L}.mlp.experts.{{e}}.{p}.weight", f"{L}.mlp.experts.{{e}}.{p}.weight")
+      for p in ("gate_proj", "up_proj", "down_proj")),
+)
+QWEN2_MOE = QWEN_MOE + (
+    *(rule(f"{L}.mlp.shared_expert.{p}.weight", f"{L}.mlp.shared_expert.{p}.weight")
+      for p in ("gate_proj", "up_proj", "down_proj")),
+    rule(f"{L}.mlp.shared_expert_gate.weight", f"{L}.mlp.shared_expert_gate.weight"),
+)
+H = "transformer.h.{i}"
+GPT2 = (
+    rule("transformer.wte.weight", "model.embed_tokens.weight"),
+    rule("transformer.wpe.weight", "model.embed_positions.weight"),
+    *linear(f"{H}.ln_1", f"{L}.input_layernorm"),
+    *linear(f"{H}.ln_2", f"{L}.post_attention_layernorm"),
+    rule(f"{H}.attn.c_attn.weight", *(f"{L}.self_attn.{p}_proj.weight" for p in "qkv"), transpose=True),
+    rule(f"{H}.attn.c_attn.bias", *(f"{L}.self_attn.{p}_proj.bias" for p in "qkv")),
+    *linear(f"{H}.attn.c_proj", f"{L}.self_attn.o_proj", transpose=True),
+    *linear(f"{H}.mlp.c_fc", f"{L}.mlp.up_proj", transpose=True),
+    *linear(f"{H}.mlp.c_proj", f"{L}.mlp.down_proj", transpose=True),
+    *linear("transformer.ln_f", "model.norm"),
+    rule("lm_head.weight", "lm_head.weight"),
+)
+B = "bert.encoder.layer.{i}"
+BERT = (
+    rule("bert.embeddings.word_embeddings.weight", "model.embed_tokens.weight"),
+    rule("bert.embeddings.position_embeddings.weight", "model.embed_positions.weight"),
+    rule("bert.embeddings.token_type_embeddings.weight", "model.embed_types.weight"),
+    *linear("bert.embeddings.LayerNorm", "model.embed_norm"),
+    *linear(f"{B}.attention.self.query", f"{L}.self_attn.q_proj"),
+    *linear(f"{B}.attention.self.key", f"{L}.self_attn.k_proj"),
+    *linear(f"{B}.attention.self.value", f"{L}.self_attn.v_proj"),
+    *linear(f"{B}.attention.output.dense", f"{L}.self_attn.o_proj"),
+    *linear(f"{B}.attention.output.LayerNorm", f"{L}.input_layernorm"),
+    *linear(f"{B}.intermediate.dense", f"{L}.mlp.up_proj"),
+    *linear(f"{B}.output.dense", f"{L}.mlp.down_proj"),
+    *linear(f"{B}.output.LayerNorm", f"{L}.post_attention_layernorm"),
+    *linear("cls.predictions.transform.dense", "mlm_transform.dense"),
+    *linear("cls.predictions.transform.LayerNorm", "mlm_transform.norm"),
+    rule("cls.predictions.decoder.weight", "lm_head.weight"),
+    rule("cls.predictions.bias", "lm_head.bias"),
+)
+
+
+# ---------------------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A transformers architecture: its config codecs and weight table."""
+
+    model_type: str
+    architecture: str  # the transformers class written to "architectures"
+    config: tuple[Codec, ...]
+    weights: tuple[Rule, ...]
+    ignore: str = r"$^"  # regex of HF tensors that carry no weights (buffers, unused heads)
+    prefix: str = ""  # old checkpoints may omit this prefix on the base model's tensors
+
+
+NO_BIAS = fixed(qkv_bias=False, o_bias=False, mlp_bias=False)
+NO_WINDOW = fixed(sliding_window=None)
+MOE = (Codec(lambda hf: {"num_experts": hf.get("num_experts", hf.get("num_local_experts"))},  # v4 / v5 name
+             lambda cfg: {"num_experts": cfg.num_experts, "num_local_experts": cfg.num_experts}),
+       rename("experts_per_token", "num_experts_per_tok", 2),
+       rename("router_aux_loss_coef", "router_aux_loss_coef", 0.001))
+QWEN_MOE_KEYS = (*MOE, rename("moe_intermediate_size", "moe_intermediate_size"),
+                 rename("moe_normalize_topk", "norm_topk_prob", False),
+                 constant("decoder_sparse_step", 1), constant("mlp_only_layers", []))
+
+ARCHES: dict[str, Arch] = {
+    a.model_type: a
+    for a in [
+        Arch("llama", "LlamaForCausalLM", (
+            *decoder(), both_biases(), rename("mlp_bias", "mlp_bias", False), NO_WINDOW,
+            activation("hidden_act", "silu", gated=True), fixed(qk_norm=False),
+        ), LLAMA),
+        Arch("mistral", "MistralForCausalLM", (
+            *decoder(), NO_BIAS, rename("sliding_window", "sliding_window", 4096),
+            activation("hidden_act", "silu", gated=True), fixed(qk_norm=False),
+        ), LLAMA),
+        Arch("qwen2", "Qwen2ForCausalLM", (
+            *decoder(), fixed(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False), qwen_window(),
+            activation("hidden_act", "silu", gated=True),
+        ), LLAMA),
+        Arch("qwen3", "Qwen3ForCausalLM", (
+            *decoder(), both_biases(), fixed(mlp_bias=False, qk_norm=True), qwen_window(),
+            activation("hidden_act", "silu", gated=True),
+        ), LLAMA),
+        Arch("gemma", "GemmaForCausalLM", (
+            *decoder(tie=True), both_biases(), NO_WINDOW, fixed(mlp_bias=False, qk_norm=False),
+            activation("hidden_act", "gelu_pytorch_tanh", gated=True, legacy=("hidden_activation",),
+                       gelu_means_tanh=True),
+            fixed(norm="gemma_rmsnorm", scale_embeddings=True),
+        ), LLAMA),
+        Arch("mixtral", "MixtralForCausalLM", (
+            *decoder(eps=1e-5, theta=1e6), NO_BIAS, fixed(qk_norm=False, moe_normalize_topk=True),
+            rename("sliding_window", "sliding_window"), activation("hidden_act", "silu", gated=True),
+            rename("num_experts", "num_local_experts", 8), *MOE[1:],
+            Codec(lambda hf: {"moe_intermediate_size": hf.get("intermediate_size")},
+                  lambda cfg: {"intermediate_size": cfg.moe_intermediate_size}),
+        ), MIXTRAL),
+        Arch("qwen3_moe", "Qwen3MoeForCausalLM", (
+            *decoder(), both_biases(), fixed(mlp_bias=False, qk_norm=True), qwen_window(),
+            activation("hidden_act", "silu", gated=True), *QWEN_MOE_KEYS,
+        ), QWEN_MOE),
+        Arch("qwen2_moe", "Qwen2MoeForCausalLM", (
+            *decoder(), fixed(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False), qwen_window(),
+            activation("hidden_act", "silu", gated=True), *QWEN_MOE_KEYS,
+            rename("shared_expert_intermediate_size", "shared_expert_intermediate_size"),
+        ), QWEN2_MOE),
+        Arch("gpt2", "GPT2LMHeadModel", (
+            rename("vocab_size", "vocab_size"), rename("hidden_size", "n_embd"), rename("num_layers", "n_layer"),
+            rename("num_heads", "n_head"), rename("max_seq_len", "n_positions", 1024),
+            rename("intermediate_size", "n_inner"), rename("norm_eps", "layer_norm_epsilon", 1e-5),
+            rename("tie_embeddings", "tie_word_embeddings", True), rename("residual_dropout", "resid_pdrop", 0.1),
+            rename("embedding_dropout", "embd_pdrop", 0.1), rename("attention_dropout", "attn_pdrop", 0.1),
+            rename("initializer_range", "initializer_range", 0.02), *TOKEN_IDS,
+            activation("activation_function", "gelu_new", gated=False, tanh_name="gelu_new"),
+            constant("scale_attn_weights", True), constant("scale_attn_by_inverse_layer_idx", False),
+            constant("add_cross_attention", False),
+            fixed(position="learned", norm="layernorm", norm_bias=True, norm_placement="pre", is_causal=True,
+                  qkv_bias=True, o_bias=True, mlp_bias=True),
+        ), GPT2, ignore=r".*\.attn\.(masked_)?bias$", prefix="transformer."),
+        Arch("bert", "BertForMaskedLM", (
+            rename("vocab_size", "vocab_size"), rename("hidden_size", "hidden_size"),
+            rename("num_layers", "num_hidden_layers"), rename("num_heads", "num_attention_heads"),
+            rename("intermediate_size", "intermediate_size"), rename("max_seq_len", "max_position_embeddings", 512),
+            rename("type_vocab_size", "type_vocab_size", 2), rename("norm_eps", "layer_norm_eps", 1e-12),
+            rename("tie_embeddings", "tie_word_embeddings", True),
+            Codec(lambda hf: dict.fromkeys(("residual_dropout", "embedding_dropout"),
+                                           hf.get("hidden_dropout_prob", 0.1)),
+                  lambda cfg: {"hidden_dropout_prob": cfg.residual_dropout}),
+            rename("attention_dropout", "attention_probs_dropout_prob", 0.1),
+            rename("initializer_range", "initializer_range", 0.02), *TOKEN_IDS,
+            activation("hidden_act", "gelu", gated=False),
+            constant("is_decoder", False), constant("add_cross_attention", False),
+            constant("position_embedding_type", "absolute"),
+            fixed(is_causal=False, position="learned", norm="layernorm", norm_bias=True, norm_placement="post",
+                  embedding_norm=True, qkv_bias=True, o_bias=True, mlp_bias=True, lm_head_bias=True),
+        ), BERT, ignore=r"bert\.embeddings\.position_ids|bert\.pooler\..*|cls\.seq_relationship\..*"
+                        r"|cls\.predictions\.decoder\.bias", prefix="bert."),
+    ]
+}
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """The ModelConfig of an HF (or llmctl) config.json; CheckpointError if unsupported."""
+    model_type = hf.get("model_type")
+    if model_type == LLMCTL_TYPE:
+        fields = {k: v for k, v in hf.items() if k not in ("model_type", "architectures", "dtype")}
+        return ModelConfig.from_dict(fields)
+    arch = ARCHES.get(model_type)
+    if arch is None:
+        raise CheckpointError(
+            f"config.json: model_type {model_type!r} is not supported; supported: {LLMCTL_TYPE}, {', '.join(ARCHES)}"
+        )
+    return _decode(arch, hf)
+
+
+_NULLABLE = {"sliding_window", "rope_scaling", "activation", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def _decode(arch: Arch, hf: dict) -> ModelConfig:
+    fields: dict[str, Any] = {}
+    for codec in arch.config:
+        fields.update(codec.to_ours(hf))
+    return ModelConfig(**{k: v for k, v in fields.items() if v is not None or k in _NULLABLE})
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
+    """config.json for `cfg`: an HF architecture's keys when one expresses it, else llmctl's."""
+    arch = arch_for(cfg)
+    dtype_name = {"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}
+    if arch is None:
+        return {"model_type": LLMCTL_TYPE, "architectures": ["LlmctlTransformer"], **dtype_name, **cfg.to_dict()}
+    out: dict[str, Any] = {"architectures": [arch.architecture], "model_type": arch.model_type, **dtype_name}
+    for codec in arch.config:
+        out.update(codec.to_hf(cfg))
+    return out
+
+
+def arch_for(cfg: ModelConfig) -> Arch | None:
+    """The first HF architecture whose config round trip reproduces `cfg`, or None."""
+    want = cfg.architecture()
+    for arch in ARCHES.values():
+        try:
+            hf = {k: v for codec in arch.config for k, v in codec.to_hf(cfg).items()}
+            if _decode(arch, hf).architecture() == want:
+                return arch
+        except (CheckpointError, TypeError, ValueError, KeyError):
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------- weights
+
+
+def _expand(arch: Arch, cfg: ModelConfig, ours: set[str]):
+    """(rule, theirs name, our names) for every table entry the model actually has."""
+    for r in arch.weights:
+        layers = range(cfg.num_layers) if "{i}" in r.theirs else [None]
+        experts = range(cfg.num_experts) if "{e}" in r.theirs else [None]
+        for i, e in product(layers, experts):
+            names = tuple(o.format(i=i, e=e) for o in r.ours)
+            if all(n in ours for n in names):
+                yield r, r.theirs.format(i=i, e=e), names
+
+
+def _param_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
+    """Our tensors that a checkpoint holds: every state entry but a tied output head."""
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def _tensors_from_hf(arch: Arch, cfg: ModelConfig, ck, shapes: dict) -> dict[str, torch.Tensor]:
+    """Our tensors from an HF checkpoint via the table; every stored tensor must be used."""
+    available = set(ck.tensor_names())
+    aliases = {}
+    if arch.prefix and not any(n.startswith(arch.prefix) for n in available):
+        aliases = {arch.prefix + n: n for n in available}
+    used, out = set(), {}
+    for r, theirs, names in _expand(arch, cfg, set(shapes)):
+        stored = aliases.get(theirs, theirs)
+        if stored not in available:
+            raise CheckpointError(f"{ck.path}: missing tensor {theirs!r} (for {names[0]})")
+        used.add(stored)
+        tensor = ck.get_tensor(stored)
+        if r.transpose:
+            tensor = tensor.t().contiguous()
+        sizes = [shapes[n][0] for n in names]
+        if sum(sizes) != tensor.shape[0]:
+            raise CheckpointError(f"{ck.path}: tensor {theirs!r} has shape {list(tensor.shape)}, "
+                                  f"expected {sum(sizes)} rows for {', '.join(names)}")
+        out.update(zip(names, tensor.split(sizes)) if len(names) > 1 else [(names[0], tensor)])
+    head = next((aliases.get(r.theirs, r.theirs) for r in arch.weights if r.ours == ("lm_head.weight",)), None)
+    ignore = re.compile(arch.ignore)
+    extra = sorted(n for n in available - used if not ignore.fullmatch(n) and not (cfg.tie_embeddings and n == head))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{ck.path}: unexpected tensor {extra[0]!r} for {arch.model_type}{more}")
+    return out
+
+
+def tensors_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under the names its config.json architecture uses."""
+    cfg = model.cfg
+    state = model.state_dict()
+    shapes = _param_shapes(model)
+    arch = arch_for(cfg)
+    if arch is None:
+        return {n: state[n] for n in shapes}
+    out, used = {}, set()
+    for r, theirs, names in _expand(arch, cfg, set(shapes)):
+        tensor = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
+        out[theirs] = tensor.t().contiguous() if r.transpose else tensor
+        used.update(names)
+    left = sorted(set(shapes) - used)
+    if left:  # e.g. an unmerged adapter: refuse rather than silently drop weights
+        raise CheckpointError(f"tensor {left[0]!r} has no place in a {arch.model_type} checkpoint")
+    return out
+
+
+def module_names(cfg: ModelConfig) -> dict[str, str]:
+    """{HF module path: our module path} for the one-to-one projections of cfg's architecture
+    (identity for the Llama family), e.g. to map PEFT adapter keys written against transformers."""
+    arch = arch_for(cfg)
+    if arch is None:
+        return {}
+    with torch.device("meta"):
+        ours = set(_param_shapes(Transformer(cfg)))
+    return {
+        theirs.removesuffix(".weight"): names[0].removesuffix(".weight")
+        for r, theirs, names in _expand(arch, cfg, ours)
+        if len(names) == 1 and not r.transpose and theirs.endswith(".weight")
+    }
+
+
+# ---------------------------------------------------------------------------------------- public API
+
+
+def load_model(
+    path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[Transformer, ModelConfig]:
+    """Load an llmctl or transformers checkpoint directory as a `Transformer` (eval mode).
+
+    Tensors stay memory-mapped until moved; `dtype` None keeps the stored dtype.
+    """
+    ck = open_checkpoint(path)
+    cfg = config_from_hf(ck.config)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    shapes = _param_shapes(model)
+    if ck.config.get("model_type") == LLMCTL_TYPE:
+        check_tensors(shapes, ck.tensor_shapes(), ck.path)
+        tensors = {n: ck.get_tensor(n) for n in shapes}
+    else:
+        tensors = _tensors_from_hf(ARCHES[ck.config["model_type"]], cfg, ck, shapes)
+        check_tensors(shapes, {n: tuple(t.shape) for n, t in tensors.items()}, ck.path)
+    if cfg.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.tie_weights()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model.eval(), cfg
+
+
+def save_model(
+    model: Transformer,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    lineage: dict | None = None,
+    generation_config: dict | None = None,
+    force: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write `model` as a checkpoint transformers can load whenever it has the architecture."""
+    tensors = tensors_to_hf(model)
+    config = config_to_hf(model.cfg, model.model.embed_tokens.weight.dtype)
+    return save_checkpoint(out_dir, tensors, config, generation_config=generation_config,
+                           tokenizer_dir=tokenizer_dir, lineage=lineage or {}, force=force,
+                           max_shard_bytes=max_shard_bytes)

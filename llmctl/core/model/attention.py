@@ -1,0 +1,122 @@
+"""Multi-head attention (MHA / GQA / MQA via num_kv_heads), its masks and its kernels.
+
+The kernel is a registered strategy, ATTENTION_KERNELS.get(cfg.attention_kernel):
+fn(q [B, H, T, D], k, v [B, KV, K, D], mask, is_causal, dropout_p) -> [B, H, T, D].
+'sdpa' (torch scaled_dot_product_attention, the default) and 'eager' (explicit softmax, a
+readable reference) are built in; plugins add more through the `llmctl.attention` entry points.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmctl.core.model.cache import KVCache
+from llmctl.core.registry import Registry
+from llmctl.core.model.norm import make_norm
+from llmctl.core.model.position import apply_rotary
+
+
+ATTENTION_KERNELS: Registry = Registry("attention kernel", entry_point_group="llmctl.attention")
+
+
+@ATTENTION_KERNELS.register("sdpa")
+def sdpa_attention(q, k, v, mask, is_causal: bool, dropout_p: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+@ATTENTION_KERNELS.register("eager")
+def eager_attention(q, k, v, mask, is_causal: bool, dropout_p: float) -> torch.Tensor:
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p).to(v.dtype)
+    return probs @ v
+
+
+@dataclass
+class AttentionContext:
+    """Everything a layer needs besides its input, computed once per forward."""
+
+    rotary: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [B, T, head_dim]
+    mask: torch.Tensor | None  # bool (True = attend) or additive float, [B|1, H|1, T, K]
+    is_causal: bool  # let SDPA build the causal mask itself (mask is None then)
+    cache: KVCache | None
+
+
+def build_mask(
+    cfg,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    padding: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, bool]:
+    """The attention mask for queries at sequence indices q_idx [T] over keys k_idx [K].
+
+    `padding` [B, K] marks real keys (1) and padding (0); `bias` is an additive
+    [B, H, T, K] position bias (ALiBi). Returns (mask, is_causal): when the plain causal
+    pattern suffices the mask is None and SDPA's own causal kernel is used.
+    """
+    plain = padding is None and bias is None and cfg.sliding_window is None
+    if plain and not cfg.is_causal:
+        return None, False
+    if plain and len(q_idx) == 1:  # one new token sees every cached key
+        return None, False
+    if plain and len(q_idx) == len(k_idx):
+        return None, True
+    distance = q_idx[:, None] - k_idx[None, :]  # [T, K]
+    allowed = torch.ones_like(distance, dtype=torch.bool)
+    if cfg.is_causal:
+        allowed &= distance >= 0
+    if cfg.sliding_window is not None:
+        allowed &= distance < cfg.sliding_window
+    allowed = allowed[None, None]
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, :].bool()
+    allowed = allowed | (distance == 0)  # a padded query attends to itself: no empty rows
+    if bias is None:
+        return allowed, False
+    return bias.masked_fill(~allowed, float("-inf")), False
+
+
+class Attention(nn.Module):
+    """Self-attention with q/k/v/o projections as plain nn.Linear at HF module paths."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim)
+        self.dropout = cfg.attention_dropout
+        self.kernel = ATTENTION_KERNELS.get(cfg.attention_kernel)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
+        if ctx.rotary is not None:
+            q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)
+        out = self.kernel(q, k, v, ctx.mask, ctx.is_causal, self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None

@@ -1,0 +1,75 @@
+"""A pre-allocated key/value cache for incremental decoding.
+
+    cache = model.make_cache(batch_size, max_len)
+    model(prompt_ids, cache=cache)          # prefill: keys/values of every layer stored
+    model(next_ids, cache=cache)            # decode: attends to everything cached so far
+    cache.truncate(n); cache.reorder(beam_index)
+
+Storage is one [B, kv_heads, max_len, head_dim] tensor pair per layer, allocated once. With a
+sliding window, `update` hands attention only the last window + T - 1 keys, so decoding cost
+stays bounded by the window (the storage still spans max_len, which keeps `truncate` exact).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmctl.errors import LlmctlError
+
+
+class KVCache:
+    """Per-layer key/value tensors plus the number of positions filled (`length`)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        sliding_window: int | None = None,
+    ):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.sliding_window = sliding_window
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def window_start(self, new_tokens: int) -> int:
+        """First cached position any of the next `new_tokens` queries can see."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, self.length + new_tokens - (self.sliding_window + new_tokens - 1))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, H, T, D] after the cached positions; return the visible keys/values."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise LlmctlError(f"KV cache overflow: {end} positions needed, cache holds {self.max_len}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        first = self.window_start(k.shape[2])
+        return self.keys[layer][:, :, first:end], self.values[layer][:, :, first:end]
+
+    def advance(self, new_tokens: int) -> None:
+        """Commit `new_tokens` positions written by `update` in every layer."""
+        self.length += new_tokens
+
+    def truncate(self, n: int) -> None:
+        """Forget every position from `n` on (e.g. rejected speculative tokens)."""
+        if not 0 <= n <= self.length:
+            raise LlmctlError(f"cannot truncate a KV cache of length {self.length} to {n}")
+        self.length = n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (LongTensor [B']), e.g. the surviving beams."""
+        self.keys = [k.index_select(0, index.to(k.device)) for k in self.keys]
+        self.values = [v.index_select(0, index.to(v.device)) for v in self.values]

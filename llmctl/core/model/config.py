@@ -1,0 +1,135 @@
+"""ModelConfig: every architectural choice of the transformer, as one flat dataclass.
+
+Strategy fields (`position`, rope_scaling's type, `norm`, `norm_placement`, `mlp`,
+`activation`, `attention_kernel`) name entries of the registries in position.py, norm.py,
+mlp.py and attention.py; they are checked when the model is built, so this module stays
+importable without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from llmctl.errors import ConfigError
+
+# Training and run-time knobs: never part of an architecture's identity.
+RUNTIME_FIELDS = frozenset(
+    {
+        "attention_kernel",
+        "embedding_dropout",
+        "attention_dropout",
+        "residual_dropout",
+        "gradient_checkpointing",
+        "initializer_range",
+        "mtp_loss_weight",
+        "router_aux_loss_coef",
+    }
+)
+
+
+@dataclass
+class ModelConfig:
+    """The shape and strategies of a `Transformer`; `None` sizes are derived in __post_init__."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None → num_heads (MHA); 1 → MQA; else GQA
+    head_dim: int | None = None  # None → hidden_size // num_heads
+    intermediate_size: int | None = None  # None → 4 * hidden_size
+    max_seq_len: int = 256
+    is_causal: bool = True  # False: encoder-only, bidirectional, with an MLM transform head
+
+    # positions: 'rope', 'learned', 'sinusoidal', 'alibi', 'nope'
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": linear|dynamic|yarn|llama3, "factor": …}
+
+    # norms: 'rmsnorm', 'layernorm', 'gemma_rmsnorm' (x * (1 + w)); placement 'pre' or 'post'
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm only
+    norm_placement: str = "pre"
+    qk_norm: bool = False
+    embedding_norm: bool = False  # a norm right after the embeddings (BERT)
+
+    # feed-forward: 'swiglu', 'geglu', 'reglu', 'gelu', 'relu', 'silu'; activation overrides
+    # the nonlinearity ('silu', 'gelu', 'gelu_tanh', 'relu', 'relu2')
+    mlp: str = "swiglu"
+    activation: str | None = None
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    tie_embeddings: bool = True
+    scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
+    type_vocab_size: int = 0  # token-type (segment) embeddings (BERT)
+    sliding_window: int | None = None  # each query sees itself and window-1 earlier tokens
+
+    embedding_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+
+    # mixture of experts (num_experts > 0 replaces every MLP by a routed MoE layer)
+    num_experts: int = 0
+    experts_per_token: int = 2
+    moe_intermediate_size: int | None = None  # None → intermediate_size
+    moe_normalize_topk: bool = True  # renormalize the top-k routing weights (Mixtral)
+    router_aux_loss_coef: float = 0.01
+    shared_expert_intermediate_size: int = 0  # > 0: an always-on, sigmoid-gated expert (Qwen2-MoE)
+
+    num_mtp_heads: int = 0  # extra heads predicting tokens t+2 … t+1+n (training aid)
+    mtp_loss_weight: float = 0.3
+    gradient_checkpointing: bool = False
+    attention_kernel: str = "sdpa"  # 'sdpa' or 'eager'; plugins may register more
+    initializer_range: float = 0.02
+
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; set head_dim"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.num_experts and self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(
+                f"experts_per_token {self.experts_per_token} must be in 1..num_experts {self.num_experts}"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if not self.is_causal and self.num_mtp_heads:
+            raise ConfigError("multi-token-prediction heads need a causal model")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as plain JSON-able data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown keys are a ConfigError with a suggestion."""
+        from llmctl.config import build
+
+        return build(cls, dict(data))
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that define the computation (no training-only knobs)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+

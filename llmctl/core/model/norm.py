@@ -1,0 +1,67 @@
+"""Normalization layers, registered by name: NORMS.get(cfg.norm)(dim, cfg) -> nn.Module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmctl.core.registry import Registry
+
+NORMS: Registry = Registry("norm")
+
+
+@NORMS.register("rmsnorm")
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (Llama, Mistral, Qwen)."""
+
+    offset = 0.0  # the effective scale is offset + weight
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - self.offset))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)
+
+
+@NORMS.register("gemma_rmsnorm")
+class GemmaRMSNorm(RMSNorm):
+    """RMSNorm whose stored weight is the scale minus one (Gemma)."""
+
+    offset = 1.0
+
+
+@NORMS.register("layernorm")
+class LayerNorm(nn.LayerNorm):
+    """Standard LayerNorm; `bias` switches the additive term."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__(dim, eps=eps, bias=bias)
+
+
+def make_norm(cfg, dim: int | None = None) -> nn.Module:
+    """The norm named by `cfg.norm` over `dim` features (default hidden_size)."""
+    return NORMS.get(cfg.norm)(dim or cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+# Where a block's norms sit around a sublayer (attention or feed-forward).
+PLACEMENTS: Registry = Registry("norm placement")
+
+
+@PLACEMENTS.register("pre")
+def pre_norm(x: torch.Tensor, sublayer, norm: nn.Module, dropout: nn.Module):
+    """x + sublayer(norm(x)) (GPT-2, Llama). `sublayer` returns (output, aux_loss)."""
+    out, aux = sublayer(norm(x))
+    return x + dropout(out), aux
+
+
+@PLACEMENTS.register("post")
+def post_norm(x: torch.Tensor, sublayer, norm: nn.Module, dropout: nn.Module):
+    """norm(x + sublayer(x)) (original Transformer, BERT)."""
+    out, aux = sublayer(x)
+    return norm(x + dropout(out)), aux

@@ -1,0 +1,257 @@
+"""The transformer every llmctl command shares, readable top to bottom.
+
+    model = Transformer(cfg)
+    out = model(input_ids, attention_mask=None, position_ids=None, cache=None, labels=None)
+    out.logits [B, T, vocab] float32; out.loss; out.aux_loss
+
+Module paths match Hugging Face's Llama layout (`model.embed_tokens`,
+`model.layers.N.self_attn.q_proj`, `model.layers.N.mlp.down_proj`, `model.norm`, `lm_head`),
+so LoRA, quantized linears and pruning masks attach by module surgery and PEFT adapter keys
+map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llmctl.core.model.attention import Attention, AttentionContext, build_mask
+from llmctl.core.model.cache import KVCache
+from llmctl.core.model.config import ModelConfig
+from llmctl.core.model.mlp import ACTIVATIONS, make_mlp
+from llmctl.core.model.moe import MoE
+from llmctl.core.model.norm import PLACEMENTS, make_norm
+from llmctl.core.model.position import make_position
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, vocab] float32
+    loss: torch.Tensor | None = None  # mean cross-entropy over labels != -100
+    aux_loss: torch.Tensor | float = 0.0  # weighted MoE balance + MTP losses: train on loss + aux_loss
+    hidden_states: list[torch.Tensor] = field(default_factory=list)  # with output_hidden_states
+
+
+class Block(nn.Module):
+    """One transformer layer: attention then feed-forward, each wrapped by the norm placement."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MoE(cfg) if cfg.num_experts else make_mlp(cfg)
+        self.input_layernorm = make_norm(cfg)  # the norm around attention
+        self.post_attention_layernorm = make_norm(cfg)  # the norm around the feed-forward
+        self.dropout = nn.Dropout(cfg.residual_dropout)
+        self.place = PLACEMENTS.get(cfg.norm_placement)
+
+    def _feed_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.mlp(h)
+        return out if isinstance(out, tuple) else (out, None)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        x, _ = self.place(x, lambda h: self.self_attn(h, ctx), self.input_layernorm, self.dropout)
+        x, aux = self.place(x, self._feed_forward, self.post_attention_layernorm, self.dropout)
+        return x, aux if aux is not None else x.new_zeros(())
+
+
+class Backbone(nn.Module):
+    """Embeddings, layers and the final norm: the `model.` prefix of every weight name."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_positions = make_position(cfg)
+        if cfg.type_vocab_size:
+            self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        if cfg.embedding_norm:
+            self.embed_norm = make_norm(cfg)
+        self.dropout = nn.Dropout(cfg.embedding_dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        if cfg.norm_placement == "pre":  # post-norm blocks already end normalized
+            self.norm = make_norm(cfg)
+
+
+class MLMTransform(nn.Module):
+    """BERT's prediction-head transform: dense → activation → norm, before the decoder."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.act = ACTIVATIONS.get(cfg.activation or "gelu")
+        self.norm = make_norm(cfg)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(h)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only (causal) or encoder-only (bidirectional + MLM head) language model."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        if not cfg.is_causal:
+            self.mlm_transform = MLMTransform(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.mtp_heads = nn.ModuleList(Block(cfg, cfg.num_layers + i) for i in range(cfg.num_mtp_heads))
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: shrink the residual projections
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=cfg.initializer_range / math.sqrt(2 * cfg.num_layers))
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.cfg.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 2:
+            nn.init.normal_(module.weight, std=std)  # learned positions
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the token embeddings when the config says so."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        """A pre-allocated KV cache for `batch_size` rows of up to `max_len` positions."""
+        ref = self.model.embed_tokens.weight  # never quantized, unlike the projections
+        cfg = self.cfg
+        return KVCache(
+            cfg.num_layers,
+            batch_size,
+            cfg.num_kv_heads,
+            max_len,
+            cfg.head_dim,
+            device=device or ref.device,
+            dtype=dtype or ref.dtype,
+            sliding_window=cfg.sliding_window,
+        )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        token_type_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """Logits for `input_ids` [B, T].
+
+        attention_mask [B, S]: 1 for real tokens, 0 for padding, S = cache.length + T (left
+        padding supported). position_ids [B, T] default to the count of real tokens before
+        each one. labels [B, T] are aligned with the logits (labels[:, t] is the target of
+        position t — for a causal LM, the *next* token), -100 ignored.
+        logits_to_keep > 0 computes logits for the last that many positions only.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must be [B, {past + T}] (cached + new), got {list(attention_mask.shape)}")
+        all_positions = self._positions(attention_mask, B, past + T, input_ids.device)
+        if position_ids is None:
+            position_ids = all_positions[:, past:]
+
+        x = self._embed(input_ids, position_ids, token_type_ids)
+        ctx = self._context(x, position_ids, all_positions, attention_mask, cache)
+        hidden = [x] if output_hidden_states else []
+        aux = x.new_zeros((), dtype=torch.float32)
+        for layer in self.model.layers:
+            x, layer_aux = self._run(layer, x, ctx)
+            aux = aux + layer_aux
+            if output_hidden_states:
+                hidden.append(x)
+        if cache is not None:
+            cache.advance(T)
+        if cfg.num_experts:
+            aux = cfg.router_aux_loss_coef * aux / cfg.num_layers
+
+        out = ModelOutput(self._logits(x, logits_to_keep), hidden_states=hidden)
+        if labels is not None:
+            out.loss = _cross_entropy(out.logits, labels)
+            if cfg.num_mtp_heads and cache is None:
+                aux = aux + cfg.mtp_loss_weight * self._mtp_loss(x, ctx, labels)
+        out.aux_loss = aux
+        return out
+
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids) -> torch.Tensor:
+        cfg, m = self.cfg, self.model
+        x = m.embed_tokens(input_ids)
+        if cfg.scale_embeddings:
+            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+        pos = m.embed_positions.embed(position_ids)
+        if pos is not None:
+            x = x + pos.to(x.dtype)
+        if cfg.type_vocab_size:
+            x = x + m.embed_types(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        if cfg.embedding_norm:
+            x = m.embed_norm(x)
+        return m.dropout(x)
+
+    def _context(self, x, position_ids, all_positions, attention_mask, cache) -> AttentionContext:
+        """Rotary tables and the attention mask over the keys this step can see."""
+        T, past = x.shape[1], all_positions.shape[1] - x.shape[1]
+        first = cache.window_start(T) if cache is not None else 0
+        q_idx = torch.arange(past, past + T, device=x.device)
+        k_idx = torch.arange(first, past + T, device=x.device)
+        padding = attention_mask[:, first:] if attention_mask is not None else None
+        if padding is not None and bool(padding.all()):  # no padding: keep SDPA's causal fast path
+            padding = None
+        positions = self.model.embed_positions
+        bias = positions.attention_bias(position_ids, all_positions[:, first:])
+        mask, is_causal = build_mask(self.cfg, q_idx, k_idx, padding, bias)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(x.dtype)
+        return AttentionContext(positions.rotary(position_ids, x.dtype), mask, is_causal, cache)
+
+    @staticmethod
+    def _positions(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+        """Position of every token [B, S]: index among the real tokens of its row."""
+        if mask is None:
+            return torch.arange(length, device=device).expand(batch, length)
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def _run(self, layer: Block, x: torch.Tensor, ctx: AttentionContext):
+        if self.cfg.gradient_checkpointing and self.training:
+            return checkpoint(layer, x, ctx, use_reentrant=False)
+        return layer(x, ctx)
+
+    def _logits(self, x: torch.Tensor, keep: int) -> torch.Tensor:
+        if keep:
+            x = x[:, -keep:]
+        if self.cfg.norm_placement == "pre":
+            x = self.model.norm(x)
+        if not self.cfg.is_causal:
+            x = self.mlm_transform(x)
+        return self.lm_head(x).float()
+
+    def _mtp_loss(self, x: torch.Tensor, ctx: AttentionContext, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss of the chained extra heads; head k predicts labels k positions ahead."""
+        losses = []
+        for k, head in enumerate(self.mtp_heads, start=1):
+            x, _ = self._run(head, x, ctx)
+            losses.append(_cross_entropy(self._logits(x[:, :-k], 0), labels[:, k:]))
+        return torch.stack(losses).mean()
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(logits.device), ignore_index=IGNORE_INDEX)

@@ -1,0 +1,239 @@
+"""Parity with `transformers`: their checkpoints load in llmctl, ours load in theirs, same logits.
+
+Every case builds a tiny random model with transformers, saves it, loads it with llmctl and
+compares logits (float32, max |Δ| ≤ 1e-4), then saves with llmctl, loads with transformers and
+compares again.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+from llmctl.core.hf import load_model, save_model  # noqa: E402
+from llmctl.errors import CheckpointError  # noqa: E402
+
+TOL = 1e-4
+VOCAB = 96
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+MOE = dict(num_experts_per_tok=2)
+
+CASES = {
+    "llama-gqa-untied": ("Llama", dict(DECODER, rope_theta=500.0)),
+    "llama-mqa-tied-bias": ("Llama", dict(DECODER, num_key_value_heads=1, tie_word_embeddings=True,
+                                          attention_bias=True, mlp_bias=True)),
+    "llama-rope-linear": ("Llama", dict(DECODER, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama-rope-dynamic": ("Llama", dict(DECODER, max_position_embeddings=8,
+                                         rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    "llama-rope-yarn": ("Llama", dict(DECODER, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                             "original_max_position_embeddings": 16})),
+    "llama-rope-llama3": ("Llama", dict(DECODER, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8})),
+    "mistral-window": ("Mistral", dict(DECODER, sliding_window=4, rope_theta=1e6)),
+    "qwen2-mha-tied": ("Qwen2", dict(DECODER, num_key_value_heads=4, tie_word_embeddings=True)),
+    "qwen2-window": ("Qwen2", dict(DECODER, use_sliding_window=True, sliding_window=5, max_window_layers=0)),
+    "qwen3-headdim": ("Qwen3", dict(DECODER, head_dim=16, tie_word_embeddings=True)),
+    "gemma-mqa": ("Gemma", dict(DECODER, head_dim=8, num_key_value_heads=1)),
+    "mixtral": ("Mixtral", dict(DECODER, num_local_experts=4, **MOE)),
+    "qwen3_moe-norm": ("Qwen3Moe", dict(DECODER, num_experts=4, moe_intermediate_size=16, head_dim=8,
+                                        norm_topk_prob=True, **MOE)),
+    "qwen3_moe-raw": ("Qwen3Moe", dict(DECODER, num_experts=4, moe_intermediate_size=16, norm_topk_prob=False,
+                                       **MOE)),
+    "qwen2_moe-shared": ("Qwen2Moe", dict(DECODER, num_experts=4, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=24, **MOE)),
+    "gpt2-tied": ("GPT2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               bos_token_id=0, eos_token_id=0)),
+    "gpt2-untied-relu": ("GPT2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32, n_inner=40,
+                                      activation_function="relu", tie_word_embeddings=False,
+                                      bos_token_id=0, eos_token_id=0)),
+    "bert": ("Bert", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48, max_position_embeddings=64)),
+}
+HEADS = {"GPT2": "LMHeadModel", "Bert": "ForMaskedLM"}
+
+
+def build_hf(family: str, kwargs: dict):
+    config = getattr(transformers, f"{family}Config")(**kwargs)
+    model = getattr(transformers, family + HEADS.get(family, "ForCausalLM"))(config)
+    torch.manual_seed(1)
+    with torch.no_grad():  # move norms/biases off their 1/0 init so every weight matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def hf_logits(model, ids, mask=None, positions=None, types=None):
+    kwargs = {"attention_mask": mask}
+    if positions is not None:
+        kwargs["position_ids"] = positions
+    if types is not None:
+        kwargs["token_type_ids"] = types
+    with torch.no_grad():
+        return model(ids, **kwargs).logits.float()
+
+
+def ours_logits(model, ids, mask=None, positions=None, types=None):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, position_ids=positions, token_type_ids=types).logits
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_parity_both_ways(case, tmp_path, record_property):
+    family, kwargs = CASES[case]
+    theirs = build_hf(family, kwargs)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours, cfg = load_model(tmp_path / "hf")
+    assert not ours.training
+    torch.manual_seed(2)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    types = torch.randint(0, 2, ids.shape) if family == "Bert" else None
+
+    reference = hf_logits(theirs, ids, types=types)
+    delta_load = (reference - ours_logits(ours, ids, types=types)).abs().max().item()
+    assert delta_load <= TOL, f"llmctl load: max |Δ| {delta_load}"
+
+    save_model(ours, tmp_path / "ours", lineage={"command": "test"})
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["model_type"] == theirs.config.model_type
+    reloaded = type(theirs).from_pretrained(tmp_path / "ours").eval()
+    delta_save = (reference - hf_logits(reloaded, ids, types=types)).abs().max().item()
+    assert delta_save <= TOL, f"transformers load of llmctl save: max |Δ| {delta_save}"
+    again, cfg_again = load_model(tmp_path / "ours")
+    assert cfg_again.architecture() == cfg.architecture()
+    record_property("max_abs_delta", max(delta_load, delta_save))
+    print(f"{case}: load Δ={delta_load:.2e} save Δ={delta_save:.2e}")
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "mistral-window", "qwen3-headdim", "gpt2-tied", "mixtral"])
+def test_parity_left_padded_batch(case, tmp_path):
+    """Left padding with a mask and explicit positions matches transformers on real tokens."""
+    family, kwargs = CASES[case]
+    theirs = build_hf(family, kwargs)
+    theirs.save_pretrained(tmp_path)
+    ours, _ = load_model(tmp_path)
+    ids = torch.randint(0, VOCAB, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    a = hf_logits(theirs, ids, mask, positions)
+    b = ours_logits(ours, ids, mask, positions)
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max().item() <= TOL
+    # positions default to the count of real tokens before each one
+    assert (b[real] - ours_logits(ours, ids, mask)[real]).abs().max().item() == 0
+
+
+def test_bert_mlm_with_padding(tmp_path):
+    """Encoder-only: bidirectional attention and the MLM head, with right padding."""
+    theirs = build_hf(*CASES["bert"])
+    theirs.save_pretrained(tmp_path)
+    ours, cfg = load_model(tmp_path)
+    assert not cfg.is_causal
+    ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    a, b = hf_logits(theirs, ids, mask), ours_logits(ours, ids, mask)
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max().item() <= TOL
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon_mamba"}))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="falcon_mamba"):
+        load_model(tmp_path)
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    theirs = build_hf(*CASES["llama-gqa-untied"])
+    theirs.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    extra = dict(weights, **{"model.layers.0.self_attn.rotary.weight": torch.zeros(2)})
+    save_file(extra, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensor"):
+        load_model(tmp_path)
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        load_model(tmp_path)
+
+
+def test_sharded_bfloat16_save_loads_in_both(tmp_path):
+    theirs = build_hf(*CASES["qwen3-headdim"])
+    theirs.save_pretrained(tmp_path / "hf")
+    ours, _ = load_model(tmp_path / "hf", dtype=torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    save_model(ours, tmp_path / "ours", lineage={"command": "test"}, max_shard_bytes=20_000)
+    assert (tmp_path / "ours" / "model.safetensors.index.json").is_file()
+    reloaded = type(theirs).from_pretrained(tmp_path / "ours", dtype=torch.bfloat16).eval()
+    again, _ = load_model(tmp_path / "ours")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    assert again.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(ours_logits(again, ids), ours_logits(ours, ids))
+    assert (hf_logits(reloaded, ids) - ours_logits(ours, ids)).abs().max().item() < 0.1
+
+
+def test_module_names_map_hf_paths_to_ours():
+    from llmctl.core.hf import module_names
+    from llmctl.core.model.presets import load_preset
+
+    bert = module_names(load_preset("bert"))
+    assert bert["bert.encoder.layer.3.attention.self.query"] == "model.layers.3.self_attn.q_proj"
+    assert bert["bert.encoder.layer.0.output.dense"] == "model.layers.0.mlp.down_proj"
+    llama = module_names(load_preset("llama"))
+    assert llama["model.layers.2.mlp.gate_proj"] == "model.layers.2.mlp.gate_proj"
+
+
+def test_transformers_4_style_config(tmp_path):
+    """Older config.json files spell RoPE as rope_theta + rope_scaling {"type": …}."""
+    theirs = build_hf(*CASES["llama-rope-yarn"])
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params.pop("rope_theta")
+    config["rope_scaling"] = {"type": params.pop("rope_type"), **params}
+    config["torch_dtype"] = config.pop("dtype")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours, cfg = load_model(tmp_path)
+    assert cfg.rope_scaling["rope_type"] == "yarn"
+    ids = torch.randint(0, VOCAB, (1, 20))
+    assert (hf_logits(theirs, ids) - ours_logits(ours, ids)).abs().max().item() <= TOL
+
+
+def test_gpt2_checkpoint_without_base_prefix(tmp_path):
+    """The original GPT-2 files name tensors `h.0.…`/`wte.weight` and keep the attn.bias buffers."""
+    from safetensors.torch import load_file, save_file
+
+    theirs = build_hf(*CASES["gpt2-tied"])
+    theirs.save_pretrained(tmp_path)
+    weights = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "model.safetensors").items()}
+    weights["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
+    save_file(weights, tmp_path / "model.safetensors")
+    ours, _ = load_model(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    assert (hf_logits(theirs, ids) - ours_logits(ours, ids)).abs().max().item() <= TOL
+
+
+def test_gemma_legacy_gelu_means_tanh(tmp_path):
+    theirs = build_hf(*CASES["gemma-mqa"])
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(hidden_act="gelu", hidden_activation=None)  # as in the original Gemma releases
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours, cfg = load_model(tmp_path)
+    assert cfg.activation == "gelu_tanh"
+    reloaded = type(theirs).from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, VOCAB, (1, 8))
+    assert (hf_logits(reloaded, ids) - ours_logits(ours, ids)).abs().max().item() <= TOL
