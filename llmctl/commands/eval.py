@@ -1,0 +1,75 @@
+"""`llmctl eval CKPT… --task TASK…`: perplexity, multiple choice and generation benchmarks.
+
+A task is a preset of `configs/eval/` (perplexity, word_order, arithmetic, copy, reverse, …)
+or a task YAML file. Results print as one column per checkpoint (`--json`: one object) and
+are appended to each checkpoint's llmctl.json unless `--no-record`.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from llmctl.console import console, emit
+
+TASK = "Task options"
+
+
+def _opt(*names: str, help: str, panel: str = TASK, **kw: Any) -> Any:
+    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kw)
+
+
+def eval_command(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint directories (llmctl or Hugging Face).", show_default=False)],
+    task: Annotated[list[str], _opt("--task", "-t", help="Task preset (configs/eval/NAME.yaml) or task YAML file; repeatable.")],
+    data: Annotated[Optional[list[Path]], _opt("--data", help="perplexity: text file(s) to score (repeatable).")] = None,
+    max_length: Annotated[Optional[int], _opt("--max-length", help="perplexity: window length (default: the model's context).")] = None,
+    stride: Annotated[Optional[int], _opt("--stride", help="perplexity: window step (default: max-length / 2).")] = None,
+    num_fewshot: Annotated[Optional[int], _opt("--num-fewshot", help="Few-shot examples before each prompt (seeded).")] = None,
+    limit: Annotated[Optional[int], _opt("--limit", help="Evaluate the first N documents only.")] = None,
+    samples: Annotated[Optional[int], _opt("--samples", help="Generation: sample N answers and majority-vote (self-consistency).")] = None,
+    cot: Annotated[bool, _opt("--cot", help="Generation: wrap prompts in the task's chain-of-thought template.")] = False,
+    batch_size: Annotated[int, _opt("--batch-size", "-b", help="Sequences per forward pass (default 16).")] = 16,
+    no_record: Annotated[bool, _opt("--no-record", help="Do not append results to the checkpoints' llmctl.json.")] = False,
+) -> None:
+    """Evaluate checkpoints: perplexity, multiple choice (lm-eval semantics) and generation tasks."""
+    from llmctl.core.evaluate.runner import evaluate
+    from llmctl.core.evaluate.tasks import load_tasks
+    from llmctl.errors import UsageError
+    from llmctl.runtime import resolve_device, resolve_dtype, seed_everything
+
+    if batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    seed_everything()
+    overrides = {"data": [str(p) for p in data] if data else None, "max_length": max_length, "stride": stride,
+                 "num_fewshot": num_fewshot, "limit": limit, "samples": samples,
+                 "chain_of_thought": True if cot else None}
+    tasks = load_tasks(task, overrides)
+    results = evaluate(checkpoints, tasks, device=resolve_device(), dtype=resolve_dtype(),
+                       batch_size=batch_size, record=not no_record)
+    emit({"results": results}, lambda: console.print(_table(results)))
+
+
+def _table(results: dict[str, dict[str, dict[str, Any]]]):
+    from llmctl.console import table
+
+    columns = list(results)
+    first = results[columns[0]]
+    rows = []
+    for task_name, metrics in first.items():
+        for metric in metrics:
+            if metric.endswith("_stderr"):
+                continue
+            cells = [_cell(results[c][task_name], metric) for c in columns]
+            rows.append([task_name, metric, *cells])
+    return table("eval", ["task", "metric", *columns], rows)
+
+
+def _cell(metrics: dict[str, Any], metric: str) -> str:
+    value = metrics.get(metric)
+    if value is None or isinstance(value, int):
+        return "–" if value is None else f"{value:,}"
+    stderr = metrics.get(f"{metric}_stderr")
+    text = f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+    return text if stderr is None else f"{text} ± {stderr:.4f}"
+

@@ -1,0 +1,177 @@
+"""A causal language model wrapped for scoring: batched log-likelihoods of token spans.
+
+Every evaluation reduces to `score_rows`: for a token row `r`, the model reads `r[:-1]` and
+the last `n` targets of `r[1:]` are scored. Rows are sorted by length and right-padded, so
+a causal model needs no attention mask (real tokens never see the padding after them) and
+positions start at 0 in every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from llmctl.console import Progress
+from llmctl.errors import CheckpointError, DataError
+
+
+@dataclass
+class Score:
+    logprob: float  # sum of the scored tokens' log-probabilities (nats)
+    greedy: bool | None  # every scored token is the model's argmax (None: not computed)
+    tokens: int  # number of scored tokens
+
+
+class ScoringModel:
+    """A model (`model(ids).logits`) and tokenizer (`encode`/`decode`, `bos_id`/`eos_id`)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int, batch_size: int = 16,
+                 max_batch_tokens: int = 16384, device: torch.device | str = "cpu"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size  # rows per forward pass, at most
+        self.max_batch_tokens = max_batch_tokens  # and at most this many padded tokens
+        self.device = torch.device(device)
+
+    @property
+    def prefix_token(self) -> int:
+        """The token a document is conditioned on: BOS, else EOS (lm-eval's `prefix_token_id`)."""
+        token = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+        if token is None:
+            raise CheckpointError("the tokenizer has neither a BOS nor an EOS token to condition documents on")
+        return token
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Tokens of context and continuation as lm-eval splits them.
+
+        Trailing spaces of the context move to the continuation; the pair is encoded whole
+        and split, so merges across the boundary match what the model sees.
+        """
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.encode(context + continuation)
+        context_ids = self.encode(context) if context else []
+        return whole[: len(context_ids)], whole[len(context_ids) :]
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """Logits [B, T, V], or of the last `keep` positions only (skips the rest of the head)."""
+        kwargs = {"logits_to_keep": keep} if 0 < keep < input_ids.shape[1] else {}
+        out = self.model(input_ids.to(self.device), **kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+    @torch.inference_mode()
+    def score_rows(self, rows: Sequence[Sequence[int]], n_scored: Sequence[int],
+                   progress: Progress | None = None, greedy: bool = True) -> list[Score]:
+        """Score the last `n_scored[i]` targets of each row (longest rows batched first).
+
+        `greedy=False` skips the argmax check (`Score.greedy` is then None).
+        """
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        results: list[Score | None] = [None] * len(rows)
+        start = 0
+        while start < len(order):  # the first row of a batch is its widest
+            size = max(1, min(self.batch_size, self.max_batch_tokens // len(rows[order[start]])))
+            batch = order[start : start + size]
+            start += size
+            scores = self._score_batch([rows[i] for i in batch], [n_scored[i] for i in batch], greedy)
+            for i, score in zip(batch, scores):
+                results[i] = score
+            if progress is not None:
+                progress.advance(len(batch))
+        return results  # type: ignore[return-value]
+
+    def _score_batch(self, rows: list[Sequence[int]], n_scored: list[int], greedy: bool) -> list[Score]:
+        width = max(len(r) for r in rows)
+        if width - 1 > self.max_length:
+            raise ValueError(f"row of {width} tokens exceeds max_length + 1 = {self.max_length + 1}")
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, row in enumerate(rows):
+            tokens[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        # targets of row b: tokens[b, len_b - n_b : len_b], predicted at the positions before
+        lengths, n = torch.tensor([len(r) for r in rows]), torch.tensor(n_scored)
+        keep = int((width - lengths + n).max())  # logits needed, counted from the end
+        logits = self.logits(tokens[:, :-1], keep)
+        first_kept = width - 1 - logits.shape[1]
+        starts = lengths - n
+        if bool((starts == starts[0]).all() and (n == n[0]).all()):  # one span for all rows: a view
+            s, k = int(starts[0]), int(n[0])
+            picked = logits[:, s - 1 - first_kept : s - 1 - first_kept + k]
+            targets = tokens[:, s : s + k].to(logits.device)
+            valid = torch.ones_like(targets, dtype=torch.bool)
+        else:  # gather every row's span into [B, n_max], padded with a valid position
+            offsets = torch.arange(int(n.max()))
+            valid = offsets.unsqueeze(0) < n.unsqueeze(1)
+            target_pos = torch.where(valid, starts.unsqueeze(1) + offsets, lengths.unsqueeze(1) - 1)
+            rows_idx = torch.arange(len(rows)).unsqueeze(1)
+            picked = logits[rows_idx.to(logits.device), (target_pos - 1 - first_kept).to(logits.device)]
+            targets = tokens[rows_idx, target_pos].to(logits.device)
+            valid = valid.to(logits.device)
+        picked = picked.float()
+        logprobs = torch.log_softmax(picked, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        sums = logprobs.masked_fill(~valid, 0.0).sum(-1).tolist()
+        if not greedy:
+            return [Score(total, None, k) for total, k in zip(sums, n_scored)]
+        all_greedy = ((picked.argmax(-1) == targets) | ~valid).all(-1).tolist()
+        return [Score(total, g, k) for total, g, k in zip(sums, all_greedy, n_scored)]
+
+    def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]],
+                      progress: Progress | None = None) -> list[Score]:
+        """log P(continuation | context) per (context ids, continuation ids) request.
+
+        An empty context is replaced by the prefix token; rows are truncated on the left to
+        fit `max_length` (as lm-eval), so a continuation longer than that is scored in part.
+        """
+        rows, n_scored = [], []
+        for context, continuation in requests:
+            if not continuation:
+                raise DataError("a continuation (choice) encodes to no tokens")
+            row = (list(context or [self.prefix_token]) + list(continuation))[-(self.max_length + 1) :]
+            rows.append(row)
+            n_scored.append(min(len(continuation), len(row) - 1))
+        return self.score_rows(rows, n_scored, progress)
+
+    def loglikelihood_rolling(self, documents: Sequence[list[int]], progress: Progress | None = None) -> list[Score]:
+        """Log-likelihood of whole token documents in disjoint windows (lm-eval's rolling)."""
+        requests, owner = [], []
+        for d, tokens in enumerate(documents):
+            for window in rolling_windows(tokens, self.prefix_token, self.max_length):
+                requests.append(window)
+                owner.append(d)
+        if progress is not None:
+            progress.update(total=len(requests))
+        scores = self.loglikelihood(requests, progress)
+        totals = [Score(0.0, True, 0) for _ in documents]
+        for d, s in zip(owner, scores):
+            t = totals[d]
+            totals[d] = Score(t.logprob + s.logprob, t.greedy and s.greedy, t.tokens + s.tokens)
+        return totals
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Disjoint (context, continuation) windows covering every token once.
+
+    Equal to lm-eval's `get_rolling_token_windows(context_len=1)` + `make_disjoint_window`:
+    the first window is conditioned on `prefix_token`, each later one on the `max_length`
+    tokens before it.
+    """
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows = [([prefix_token], tokens[:first])]
+    predicted = first
+    while predicted < len(tokens):
+        n = min(len(tokens) - predicted, max_length)
+        end = predicted + n
+        context = tokens[max(end - max_length - 1, 0) : end - 1]
+        windows.append((context[: len(context) - (n - 1)], tokens[end - n : end]))
+        predicted = end
+    return windows

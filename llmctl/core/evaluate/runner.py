@@ -1,0 +1,66 @@
+"""Evaluate checkpoints on tasks: load each model once, run every task, record the results."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from llmctl.core.evaluate.lm import ScoringModel
+from llmctl.core.evaluate.tasks import Task
+from llmctl.errors import CheckpointError, UsageError
+
+
+def load_scorer(path: str | Path, *, device, dtype, batch_size: int) -> ScoringModel:
+    """A checkpoint (llmctl or HF directory) and its tokenizer, ready to score."""
+    from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.hf import load_model
+    from llmctl.core.tokenizer import load_tokenizer
+
+    ck = open_checkpoint(path)
+    if not ck.has_tokenizer:
+        raise CheckpointError(f"{path}: checkpoint has no tokenizer (tokenizer.json); eval needs one to encode text")
+    model, cfg = load_model(path, device=device, dtype=dtype)
+    if not cfg.is_causal:
+        raise UsageError(f"{path}: an encoder-only model; eval scores causal language models")
+    return ScoringModel(model, load_tokenizer(path), max_length=cfg.max_seq_len, batch_size=batch_size, device=device)
+
+
+def task_record(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics-history entry of one task result (for llmctl.json)."""
+    from llmctl.config import to_dict
+
+    config = {k: v for k, v in to_dict(task).items() if k not in ("name", "base_dir")}
+    return {"command": "eval", "task": task.name, "type": _type_name(task), "config": config, "metrics": metrics}
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf (e.g. the stderr of one example) become None: valid JSON, shown as blank."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _type_name(task: Task) -> str:
+    from llmctl.core.evaluate.tasks import TASK_TYPES
+
+    return next(name for name in TASK_TYPES.names() if TASK_TYPES.get(name) is type(task))
+
+
+def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device, dtype, batch_size: int = 16,
+             record: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
+    """{checkpoint: {task: {metric: value}}}, appended to each llmctl.json when `record`."""
+    from llmctl.console import info
+    from llmctl.core.checkpoint import append_metrics
+
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for path in checkpoints:
+        lm = load_scorer(path, device=device, dtype=dtype, batch_size=batch_size)
+        info(f"[bold]{path}[/bold]: {sum(p.numel() for p in lm.model.parameters()):,} parameters, "
+             f"context {lm.max_length}")
+        results[str(path)] = {}
+        for task in tasks:
+            metrics = {k: _finite(v) for k, v in task.run(lm).items()}
+            results[str(path)][task.name] = metrics
+            if record:
+                append_metrics(path, task_record(task, metrics))
+        del lm
+    return results
