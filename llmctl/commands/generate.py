@@ -1,0 +1,280 @@
+"""`llmctl generate CKPT [PROMPT|-]`: text from a checkpoint — one prompt, stdin, a JSONL file
+of prompts (batched), or an interactive chat. Decoding logic lives in `llmctl.core.generate`."""
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+
+from llmctl.console import console, info, print_json
+from llmctl.errors import DataError, UsageError
+from llmctl.runtime import options
+
+SAMPLING = "Sampling"
+SEARCH = "Search"
+SPECULATIVE = "Speculative decoding"
+INPUT = "Input and context"
+
+
+class RopeScaling(str, Enum):
+    linear = "linear"
+    dynamic = "dynamic"
+    yarn = "yarn"
+
+
+class Truncate(str, Enum):
+    error = "error"
+    left = "left"
+
+
+def _opt(*names: str, help: str, panel: str, **kw: Any) -> Any:
+    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kw)
+
+
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (llmctl or Hugging Face).", show_default=False)],
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt, or '-' to read it from stdin.", show_default=False)] = None,
+    max_new_tokens: Annotated[Optional[int], _opt("--max-new-tokens", "-n", help="Tokens to generate at most (default 128).", panel=SEARCH)] = None,
+    min_new_tokens: Annotated[int, _opt("--min-new-tokens", help="Suppress EOS before this many tokens.", panel=SEARCH)] = 0,
+    temperature: Annotated[Optional[float], _opt("--temperature", "-t", help="0 = greedy (default: the checkpoint's generation_config, else 0).", panel=SAMPLING)] = None,
+    top_k: Annotated[Optional[int], _opt("--top-k", help="Keep the k most likely tokens (also contrastive search's k).", panel=SAMPLING)] = None,
+    top_p: Annotated[Optional[float], _opt("--top-p", help="Nucleus sampling mass.", panel=SAMPLING)] = None,
+    min_p: Annotated[float, _opt("--min-p", help="Drop tokens below min-p × the top probability.", panel=SAMPLING)] = 0.0,
+    typical_p: Annotated[float, _opt("--typical-p", help="Locally typical sampling mass.", panel=SAMPLING)] = 1.0,
+    repetition_penalty: Annotated[float, _opt("--repetition-penalty", help="CTRL repetition penalty (>1 discourages repeats).", panel=SAMPLING)] = 1.0,
+    frequency_penalty: Annotated[float, _opt("--frequency-penalty", help="Subtract α × count of each generated token.", panel=SAMPLING)] = 0.0,
+    presence_penalty: Annotated[float, _opt("--presence-penalty", help="Subtract α from every generated token.", panel=SAMPLING)] = 0.0,
+    no_repeat_ngram: Annotated[int, _opt("--no-repeat-ngram", help="Forbid repeating any n-gram of this size.", panel=SAMPLING)] = 0,
+    num_beams: Annotated[int, _opt("--num-beams", help="Beam search with this many beams.", panel=SEARCH)] = 1,
+    length_penalty: Annotated[float, _opt("--length-penalty", help="Beam score = logprob / length^penalty.", panel=SEARCH)] = 1.0,
+    early_stopping: Annotated[str, _opt("--early-stopping", help="Beam search: true, false or never.", panel=SEARCH)] = "false",
+    penalty_alpha: Annotated[float, _opt("--penalty-alpha", help="Contrastive search degeneration penalty (with --top-k).", panel=SEARCH)] = 0.0,
+    stop: Annotated[Optional[list[str]], _opt("--stop", help="Stop string (repeatable); excluded from the text.", panel=SEARCH)] = None,
+    ignore_eos: Annotated[bool, _opt("--ignore-eos", help="Keep generating past EOS.", panel=SEARCH)] = False,
+    draft: Annotated[Optional[Path], _opt("--draft", help="Draft checkpoint for speculative decoding.", panel=SPECULATIVE)] = None,
+    speculate_k: Annotated[int, _opt("--speculate-k", help="Tokens proposed per speculation step (default 4).", panel=SPECULATIVE)] = 4,
+    prompt_lookup: Annotated[int, _opt("--prompt-lookup", help="Prompt-lookup decoding with n-grams up to N (no draft model).", panel=SPECULATIVE)] = 0,
+    chat: Annotated[bool, _opt("--chat", help="Interactive multi-turn chat (/reset, /exit).", panel=INPUT)] = False,
+    system: Annotated[Optional[str], _opt("--system", help="System message for --chat.", panel=INPUT)] = None,
+    input: Annotated[Optional[Path], _opt("--input", "-i", help="JSONL of {\"prompt\": …} or {\"messages\": […]}; one JSON result per line.", panel=INPUT)] = None,
+    batch_size: Annotated[int, _opt("--batch-size", help="Prompts decoded together with --input (default 16).", panel=INPUT)] = 16,
+    truncate: Annotated[Truncate, _opt("--truncate", help="Prompt longer than the context: error, or drop its left part.", panel=INPUT)] = Truncate.error,
+    rope_scaling: Annotated[Optional[RopeScaling], _opt("--rope-scaling", help="Extend the context with RoPE scaling.", panel=INPUT)] = None,
+    rope_factor: Annotated[Optional[float], _opt("--rope-factor", help="Context extension factor for --rope-scaling.", panel=INPUT)] = None,
+    compile: Annotated[bool, _opt("--compile", help="torch.compile the decode step.", panel=INPUT)] = False,
+) -> None:
+    """Generate text: streamed to stdout, or one JSON object per prompt with --json / --input."""
+    sources = [s for s, on in (("PROMPT", prompt is not None), ("--input", input is not None), ("--chat", chat)) if on]
+    if len(sources) != 1:
+        raise UsageError("give exactly one of PROMPT (or '-'), --input FILE, --chat" + (f" (got {', '.join(sources)})" if sources else ""))
+    if (rope_scaling is None) != (rope_factor is None):
+        raise UsageError("--rope-scaling and --rope-factor go together")
+    if rope_factor is not None and rope_factor <= 1:
+        raise UsageError("--rope-factor must be > 1")
+    if input is not None and not input.is_file():
+        raise UsageError(f"--input {input}: no such file")
+    if early_stopping not in ("true", "false", "never"):
+        raise UsageError(f"--early-stopping must be true, false or never, got '{early_stopping}'")
+
+    from llmctl.core.generate import GenerationConfig, strategy_name, validate
+
+    cfg = GenerationConfig(
+        max_new_tokens=128 if max_new_tokens is None else max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        temperature=0.0 if temperature is None else temperature,
+        top_k=top_k or 0,
+        top_p=1.0 if top_p is None else top_p,
+        min_p=min_p,
+        typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        no_repeat_ngram_size=no_repeat_ngram,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping={"true": True, "false": False}.get(early_stopping, early_stopping),
+        penalty_alpha=penalty_alpha,
+        speculate_k=speculate_k,
+        prompt_lookup=prompt_lookup,
+        stop=list(stop or []),
+        seed=options.seed,
+        batch_size=batch_size,
+        truncate=truncate.value,
+        compile=compile,
+    )
+    validate(cfg)
+    strategy_name(cfg, draft is not None)  # reject bad combinations before loading anything
+    text = sys.stdin.read() if prompt == "-" else prompt
+
+    model, tok, draft_model, context = _load(checkpoint, draft, rope_scaling, rope_factor)
+    _apply_checkpoint_defaults(cfg, checkpoint, tok, temperature, top_k, top_p, max_new_tokens, ignore_eos)
+    if chat:
+        _chat(model, tok, cfg, draft_model, context, system)
+    elif input is not None:
+        _jsonl(model, tok, cfg, draft_model, context, input)
+    else:
+        _single(model, tok, cfg, draft_model, context, text)
+
+
+def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
+    from llmctl.core.hf import load_model
+    from llmctl.core.tokenizer import load_tokenizer
+    from llmctl.errors import CheckpointError
+    from llmctl.runtime import resolve_device, resolve_dtype
+
+    if not (checkpoint / "tokenizer.json").is_file():
+        if not checkpoint.exists():
+            raise UsageError(f"checkpoint {checkpoint}: no such directory")
+        raise CheckpointError(f"{checkpoint} has no tokenizer.json; generation needs the checkpoint's tokenizer")
+    device, dtype = resolve_device(), resolve_dtype()
+    tok = load_tokenizer(checkpoint)
+    model, mcfg = load_model(checkpoint, device=device, dtype=dtype)
+    context = getattr(mcfg, "max_seq_len", None)
+    if rope_scaling is not None:
+        if getattr(mcfg, "position", "rope") != "rope":
+            raise UsageError(f"--rope-scaling needs a RoPE model; {checkpoint} uses {mcfg.position} positions")
+        mcfg.rope_scaling = {"rope_type": rope_scaling.value, "factor": rope_factor,
+                             "original_max_position_embeddings": mcfg.max_seq_len}
+        context = int(mcfg.max_seq_len * rope_factor)
+    draft_model = None
+    if draft is not None:
+        draft_model, _ = load_model(draft, device=device, dtype=dtype)
+    return model, tok, draft_model, context
+
+
+def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, top_p, max_new_tokens, ignore_eos) -> None:
+    """Sampling settings and EOS ids from generation_config.json where the flags are silent."""
+    gen: dict = {}
+    file = checkpoint / "generation_config.json"
+    if file.is_file():
+        try:
+            gen = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError:
+            gen = {}
+    if temperature is None and gen.get("do_sample"):
+        cfg.temperature = float(gen.get("temperature") or 1.0)
+        cfg.top_k = int(gen.get("top_k") or 0) if top_k is None else cfg.top_k
+        cfg.top_p = float(gen.get("top_p") or 1.0) if top_p is None else cfg.top_p
+    if max_new_tokens is None and gen.get("max_new_tokens"):
+        cfg.max_new_tokens = int(gen["max_new_tokens"])
+    eos = gen.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    cfg.eos_ids = [] if ignore_eos else sorted(set(tok.stop_ids) | set(eos))
+
+
+def _run(model, tok, cfg, draft, context, prompts: list, on_text=None):
+    from llmctl.core.generate import generate as run
+
+    return run(model, tok, prompts, cfg, draft=draft, on_text=on_text, context=context)
+
+
+def _stream_stdout(_index: int, text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _single(model, tok, cfg, draft, context, text: str) -> None:
+    result = _run(model, tok, cfg, draft, context, [text], None if options.json else _stream_stdout)[0]
+    if options.json:
+        print_json(result.to_dict())
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _report(result)
+
+
+def _report(result) -> None:
+    extra = f", acceptance {result.acceptance_rate:.0%}" if result.acceptance_rate is not None else ""
+    info(
+        f"[dim]{len(result.tokens)} tokens ({result.finish_reason}); prefill {result.prefill_tokens_per_s:,.0f} tok/s, "
+        f"decode {result.decode_tokens_per_s:,.1f} tok/s{extra}[/dim]"
+    )
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, dict]]:
+    """(line number, prompt, record) per non-empty line; DataError naming the line otherwise."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected an object with 'prompt' or 'messages'")
+            if isinstance(record.get("prompt"), str):
+                yield number, record["prompt"], record
+            elif isinstance(record.get("messages"), list) and all(isinstance(m, dict) for m in record["messages"]):
+                yield number, record["messages"], record
+            else:
+                raise DataError(f"{path}:{number}: expected a string 'prompt' or a list of 'messages'")
+
+
+def _jsonl(model, tok, cfg, draft, context, path: Path) -> None:
+    """Batched generation over a JSONL file; results are printed (in order) after each batch,
+    so an error on a later line keeps everything printed before it."""
+    from llmctl.console import progress
+
+    batch: list[tuple[int, Any, dict]] = []
+
+    def flush(bar) -> None:
+        if not batch:
+            return
+        for (number, _, record), result in zip(batch, _run(model, tok, cfg, draft, context, [p for _, p, _ in batch])):
+            out = {"line": number, **({"id": record["id"]} if "id" in record else {}), **result.to_dict()}
+            print_json(out)
+            bar.advance(1)
+        batch.clear()
+
+    with progress("generating", unit="prompt") as bar:
+        lines = _read_jsonl(path)
+        while True:
+            try:
+                item = next(lines, None)
+            except DataError:
+                flush(bar)  # keep (and print) everything before the bad line
+                raise
+            if item is None:
+                break
+            batch.append(item)
+            if len(batch) >= cfg.batch_size:
+                flush(bar)
+        flush(bar)
+
+
+def _chat(model, tok, cfg, draft, context, system: str | None) -> None:
+    """Multi-turn REPL on stdin/stderr; replies stream to stdout."""
+    if tok.chat_template is None:
+        raise UsageError("this checkpoint's tokenizer has no chat template (llmctl tokenize set-template)")
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    console.print("[dim]chat: /reset clears the history, /exit quits[/dim]")
+    while True:
+        try:
+            console.print("[bold]>[/bold] ", end="")
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line:
+            break
+        line = line.strip()
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = list(base)
+            console.print("[dim]history cleared[/dim]")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        result = _run(model, tok, cfg, draft, context, [messages], None if options.json else _stream_stdout)[0]
+        if options.json:
+            print_json(result.to_dict())
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        messages.append({"role": "assistant", "content": result.text})

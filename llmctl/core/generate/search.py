@@ -1,0 +1,293 @@
+"""Search strategies: greedy/sampling, beam search, contrastive search.
+
+A strategy is a registered function `(model, job) -> None` that decodes `job.prompts` and feeds
+every generated token to the matching `job.seqs[i]` (a `stream.Sequence`), recording timings
+in `job`. `Runner` owns one batch's pre-allocated KV cache, attention mask and positions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from llmctl.core.generate.sampling import History, Processor, apply_processors, choose
+from llmctl.core.generate.stream import Sequence
+from llmctl.core.registry import Registry
+from llmctl.errors import UsageError
+
+SEARCHES: Registry[Callable] = Registry("decoding strategy", "llmctl.decoding_strategies")
+
+
+@dataclass
+class Job:
+    """Everything a strategy needs for one batch of prompts."""
+
+    cfg: Any  # GenerationConfig
+    prompts: list[list[int]]
+    seqs: list[Sequence]
+    processors: list[Processor]
+    sampling: bool
+    generator: torch.Generator | None
+    vocab_size: int
+    device: torch.device
+    draft: Any = None  # draft model (speculative decoding)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    proposed: int = 0  # speculative: draft tokens proposed / accepted
+    accepted: int = 0
+
+    def history(self, rows: list[list[int]] | None = None) -> History | None:
+        """A History over `rows` (default: the prompts) when a processor needs one."""
+        if not self.processors:
+            return None
+        return History(self.prompts if rows is None else rows, self.vocab_size, self.device)
+
+    def process(self, scores: torch.Tensor, history: History | None) -> torch.Tensor:
+        return apply_processors(self.processors, scores, history) if self.processors else scores
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """Runs `model` over a left-padded batch with a pre-allocated KV cache.
+
+    Unpadded batches pass neither mask nor positions (the model derives them from the cache
+    offset); padded ones keep a [B, max_len] mask buffer and per-row next positions.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], max_len: int, device: torch.device, compile: bool = False):
+        self.model = model
+        self.step_fn = torch.compile(model, dynamic=True) if compile else model
+        width = max(len(p) for p in prompts)
+        self.ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in prompts])
+        for i, p in enumerate(prompts):
+            self.ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        self.ids = self.ids.to(device)
+        self.cache = model.make_cache(len(prompts), max_len, device=device)
+        self.length = 0
+        self.mask = self.next_pos = None
+        if bool((lengths < width).any()):
+            self.mask = torch.ones(len(prompts), max_len, dtype=torch.long, device=device)
+            self.mask[:, :width] = torch.arange(width)[None, :] >= (width - lengths)[:, None]
+            self.next_pos = lengths.to(device)[:, None]
+
+    @property
+    def padded(self) -> bool:
+        return self.mask is not None
+
+    def prefill(self, keep: int = 1) -> torch.Tensor:
+        """Run the prompts; returns the logits of the last `keep` positions (0 = all) [B, keep, V]."""
+        width = self.ids.shape[1]
+        if self.mask is None:
+            out = self.model(self.ids, cache=self.cache, logits_to_keep=keep)
+        else:
+            mask = self.mask[:, :width]
+            positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+            out = self.model(self.ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                             logits_to_keep=keep)
+        self.length = width
+        return out.logits
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append `ids` [B, T] to every row; returns logits [B, T, V]."""
+        n = ids.shape[1]
+        fn = self.step_fn if n == 1 else self.model
+        if self.mask is None:
+            out = fn(ids, cache=self.cache)
+        else:
+            positions = self.next_pos + torch.arange(n, device=ids.device)
+            out = fn(ids, attention_mask=self.mask[:, : self.length + n], position_ids=positions, cache=self.cache)
+            self.next_pos = self.next_pos + n
+        self.length += n
+        return out.logits
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first `length` cached tokens (all rows)."""
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos - (self.length - length)
+        self.cache.truncate(length)
+        self.length = length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Make row i a copy of row index[i] (beam and contrastive search)."""
+        self.cache.reorder(index)
+        if self.mask is not None:
+            self.mask = self.mask[index]
+            self.next_pos = self.next_pos[index]
+
+
+def _max_len(job: Job) -> int:
+    return max(len(p) for p in job.prompts) + job.cfg.max_new_tokens
+
+
+@SEARCHES.register("sample")
+def sample_search(model, job: Job) -> None:
+    """Greedy (temperature 0) or ancestral sampling through the processor chain, batched."""
+    runner = Runner(model, job.prompts, _max_len(job), job.device, job.cfg.compile)
+    logits = _timed_prefill(runner, job)[:, -1]
+    start = time.perf_counter()
+    history = job.history()
+    for _ in range(job.cfg.max_new_tokens):
+        scores = job.process(logits.float(), history)
+        next_ids = choose(scores, job.sampling, job.generator)
+        ids = next_ids.tolist()
+        if history is not None:
+            history.append(ids, next_ids)
+        if all([seq.push(t) for seq, t in zip(job.seqs, ids)]):
+            break
+        logits = runner.forward(next_ids[:, None])[:, -1]
+    job.decode_s = time.perf_counter() - start
+
+
+def _timed_prefill(runner: Runner, job: Job, keep: int = 1) -> torch.Tensor:
+    start = time.perf_counter()
+    logits = runner.prefill(keep)
+    _sync(job.device)
+    job.prefill_s = time.perf_counter() - start
+    return logits
+
+
+@SEARCHES.register("beam")
+def beam_search(model, job: Job) -> None:
+    """Beam search with `transformers`' scoring: length penalty, `early_stopping` True/False/"never",
+    EOS hypotheses kept aside, `2 × beams` candidates per step; `--temperature > 0` samples beams."""
+    cfg, nb, V = job.cfg, job.cfg.num_beams, job.vocab_size
+    B, steps, dev = len(job.prompts), cfg.max_new_tokens, job.device
+    rows = [p for p in job.prompts for _ in range(nb)]
+    runner = Runner(model, rows, _max_len(job), dev)
+    logits = _timed_prefill(runner, job)[:, -1]
+    start = time.perf_counter()
+    history = job.history(rows)
+    eos = torch.tensor(list(cfg.eos_ids), dtype=torch.long, device=dev)
+    keep = max(2, 1 + len(eos)) * nb
+    top_beams = torch.arange(keep, device=dev) < nb
+    big = -1.0e9
+    running = torch.zeros(B, nb, steps, dtype=torch.long, device=dev)
+    running_scores = torch.zeros(B, nb, device=dev)
+    running_scores[:, 1:] = big
+    done_seqs, done_scores = running.clone(), torch.full((B, nb), big, device=dev)
+    done_lens = torch.zeros(B, nb, dtype=torch.long, device=dev)
+    is_done = torch.zeros(B, nb, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    for step in range(steps):
+        log_probs = job.process(torch.log_softmax(logits.float(), dim=-1), history)
+        flat = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+        if job.sampling:
+            index = torch.multinomial(flat.softmax(-1), keep, generator=job.generator)
+            top_scores = flat.gather(1, index)
+        else:
+            top_scores, index = torch.topk(flat, keep)
+        source, tokens = index // V, index % V
+        top_seqs = running.gather(1, source[:, :, None].expand(-1, -1, steps)).clone()
+        top_seqs[:, :, step] = tokens
+        hits = torch.isin(tokens, eos) | (step + 1 >= steps)
+
+        # the best `nb` unfinished candidates continue
+        live_scores = top_scores + hits.float() * big
+        pick = torch.topk(live_scores, nb)[1]
+        running = top_seqs.gather(1, pick[:, :, None].expand(-1, -1, steps))
+        running_scores = live_scores.gather(1, pick)
+        parent = source.gather(1, pick)
+
+        # finished candidates among the top `nb` compete with the kept hypotheses
+        finished_now = hits & top_beams[None, :]
+        scored = top_scores / ((step + 1) ** cfg.length_penalty)
+        scored = scored + (is_done.all(-1, keepdim=True) & (cfg.early_stopping is True)).float() * big
+        scored = scored + (~improvable).float() * big + (~finished_now).float() * big
+        merged_scores = torch.cat([done_scores, scored], 1)
+        best = torch.topk(merged_scores, nb)[1]
+        done_scores = merged_scores.gather(1, best)
+        done_seqs = torch.cat([done_seqs, top_seqs], 1).gather(1, best[:, :, None].expand(-1, -1, steps))
+        new_lens = torch.full((B, keep), step + 1, dtype=torch.long, device=dev)
+        done_lens = torch.cat([done_lens, new_lens], 1).gather(1, best)
+        is_done = torch.cat([is_done, finished_now], 1).gather(1, best)
+
+        # can a running beam still beat the worst kept hypothesis?
+        horizon = steps if cfg.early_stopping == "never" and cfg.length_penalty > 0 else step + 1
+        best_possible = running_scores[:, :1] / (horizon**cfg.length_penalty)
+        worst = torch.where(is_done, done_scores.min(dim=1, keepdim=True)[0], big)
+        improvable = improvable & (best_possible > worst).any(-1, keepdim=True)
+        all_full = bool(is_done.all()) and cfg.early_stopping is True
+        if not bool(improvable.any()) or all_full or bool(hits.all()):
+            break
+
+        flat_parent = (torch.arange(B, device=dev)[:, None] * nb + parent).view(-1)
+        runner.reorder(flat_parent)
+        if history is not None:
+            history.reorder(flat_parent.tolist())
+            history.append(running[:, :, step].reshape(-1).tolist())
+        logits = runner.forward(running[:, :, step].reshape(-1, 1))[:, -1]
+    for b, seq in enumerate(job.seqs):
+        for t in done_seqs[b, 0, : int(done_lens[b, 0])].tolist():
+            seq.push(t)
+        seq.close()
+    job.decode_s = time.perf_counter() - start
+
+
+def _output_hidden(model) -> torch.nn.Module:
+    """The module whose output is the last hidden state: the final norm of a pre-norm model,
+    else the last block."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "norm_placement", "pre") == "pre" and hasattr(model.model, "norm"):
+        return model.model.norm
+    return model.model.layers[-1]
+
+
+@SEARCHES.register("contrastive")
+def contrastive_search(model, job: Job) -> None:
+    """Contrastive search (Su et al., 2022): among the top-k tokens pick the one maximizing
+    `(1-α)·p(v) − α·max cos(h_v, h_context)`. Each prompt occupies `k` cache rows so the k
+    candidates are scored in one forward pass; the chosen row is then copied to its siblings."""
+    cfg, k, alpha = job.cfg, job.cfg.top_k, job.cfg.penalty_alpha
+    if k < 2:
+        raise UsageError("contrastive search (--penalty-alpha) needs --top-k >= 2")
+    B, dev = len(job.prompts), job.device
+    rows = [p for p in job.prompts for _ in range(k)]
+    runner = Runner(model, rows, _max_len(job), dev)
+    captured: list[torch.Tensor] = []
+    hook = _output_hidden(model).register_forward_hook(
+        lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o)
+    )
+    try:
+        logits = _timed_prefill(runner, job, keep=0)[::k, -1]
+        start = time.perf_counter()
+        width = runner.ids.shape[1]
+        hidden = captured.pop()[::k].float()
+        context = torch.zeros(B, width + cfg.max_new_tokens, hidden.shape[-1], device=dev)
+        context[:, :width] = hidden / hidden.norm(dim=-1, keepdim=True)
+        valid = torch.zeros(B, context.shape[1], dtype=torch.bool, device=dev)
+        valid[:, :width] = True if runner.mask is None else runner.mask[::k, :width].bool()
+        history = job.history()
+        groups = torch.arange(B, device=dev) * k
+        for step in range(cfg.max_new_tokens):
+            probs = job.process(logits.float(), history).softmax(-1)
+            top_probs, top_ids = torch.topk(probs, k)
+            all_logits = runner.forward(top_ids.view(-1, 1))[:, -1]
+            cand = captured.pop()[:, -1].float().view(B, k, -1)
+            cand = cand / cand.norm(dim=-1, keepdim=True)
+            n = width + step
+            cosine = torch.einsum("bnh,bkh->bkn", context[:, :n], cand)
+            cosine = cosine.masked_fill(~valid[:, None, :n], -torch.finfo(cosine.dtype).max)
+            score = (1.0 - alpha) * top_probs - alpha * cosine.max(dim=-1)[0]
+            chosen = score.argmax(dim=-1)
+            next_ids = top_ids.gather(1, chosen[:, None]).squeeze(1)
+            context[:, n] = cand[torch.arange(B, device=dev), chosen]
+            valid[:, n] = True
+            ids = next_ids.tolist()
+            if history is not None:
+                history.append(ids, next_ids)
+            if all([seq.push(t) for seq, t in zip(job.seqs, ids)]):
+                break
+            rows_kept = groups + chosen
+            logits = all_logits[rows_kept]
+            runner.reorder(rows_kept.repeat_interleave(k))
+    finally:
+        hook.remove()
+    job.decode_s = time.perf_counter() - start
