@@ -1,4 +1,4 @@
-"""`python -m llmctl …` (and `torchrun -m llmctl …`) runs the CLI."""
+"""`python -m llmctl …` and `torchrun … -m llmctl train …`."""
 
 from llmctl.cli import main
 

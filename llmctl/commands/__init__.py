@@ -1,1 +1,1 @@
-"""Built-in command plugins: one thin module per command (registered in pyproject.toml)."""
+"""Built-in commands, one module each, registered through the `llmctl.commands` entry points."""

@@ -1,0 +1,25 @@
+"""`llmctl plot OUTDIR`: loss, val-loss and learning-rate curves of a training run."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def plot(
+    outdir: Annotated[Path, typer.Argument(help="A training output directory (with metrics.jsonl).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a PNG (needs matplotlib: pip install llmctl[plot]).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Terminal chart width in characters (default: fit the terminal).")] = None,
+    height: Annotated[int, typer.Option(help="Terminal chart height in lines.")] = 14,
+) -> None:
+    """Draw the curves to a PNG with -o, else as a compact terminal chart."""
+    from llmctl.console import console, emit
+    from llmctl.core.train.plot import load_curves, render_png, render_terminal
+
+    curves = load_curves(outdir)
+    if output is not None:
+        render_png(curves, output)
+        emit({"output": str(output)}, lambda: console.print(f"wrote {output}"))
+    else:
+        columns = width or max(30, min(100, console.width - 12))
+        emit(curves, lambda: console.print(render_terminal(curves, columns, height), highlight=False, markup=False))

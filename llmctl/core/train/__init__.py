@@ -1,0 +1,1 @@
+"""Pre-training: recipe schema, optimiser, schedules, data, resumable state, the loop."""

@@ -1,0 +1,212 @@
+"""Resolve a `TrainConfig` into a checked plan (model config, tokenizer, data) before any write.
+
+Every problem a user can fix — unknown preset, missing or empty data, shards from another
+tokenizer, a sequence longer than the model's context, fp16 without CUDA — is a ConfigError
+(exit 2) raised here, so a bad run never creates OUTDIR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmctl.core.train.config import TrainConfig
+from llmctl.errors import CheckpointError, ConfigError, DataError, UsageError
+
+PRECISIONS = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+              "fp16": "float16", "float16": "float16"}
+MASK_TOKENS = ("[MASK]", "<mask>", "<MASK>")
+
+
+@dataclass
+class Plan:
+    """Everything the loop needs to know, resolved and validated."""
+
+    config: TrainConfig
+    model_config: Any  # ModelConfig
+    init_from: Path | None  # a checkpoint whose weights start the run (model=CKPT)
+    init_model: Any | None  # its Transformer, loaded on CPU in float32
+    tokenizer: Any | None  # Tok
+    tokenizer_dir: Path | None  # copied into every checkpoint
+    shards: Any | None  # TokenShards, or None for raw text
+    text_files: list[Path] = field(default_factory=list)
+    val_files: list[Path] = field(default_factory=list)
+    objective: str = "causal"
+    precision: str = "float32"
+    mask_id: int | None = None
+    special_ids: list[int] = field(default_factory=list)
+    parents: list[str] = field(default_factory=list)
+
+
+def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
+    """Check `cfg` against the model, tokenizer and data; ConfigError on the first problem."""
+    _check_numbers(cfg)
+    precision = _precision(cfg.precision, device_type)
+    model_config, init_from, init_model, ckpt_tok = _model_config(cfg.model, cfg.model_args)
+    tokenizer, tokenizer_dir = _tokenizer(cfg.tokenizer, ckpt_tok)
+    if not cfg.data:
+        raise ConfigError("config key 'data': no training data given (a token-shard directory or text files)")
+    paths = [Path(p) for p in cfg.data]
+    for p in paths:
+        if not p.exists():
+            raise ConfigError(f"config key 'data': {p} does not exist")
+    shards, text_files = None, []
+    if len(paths) == 1 and (paths[0] / "manifest.json").is_file():
+        shards = _open_shards(paths[0], tokenizer)
+        longest = max(s["tokens"] for s in shards.manifest["splits"]["train"]["shards"])
+        if longest <= cfg.seq_len:
+            raise ConfigError(f"config key 'data': {paths[0]} has no train shard longer than seq_len={cfg.seq_len} "
+                              f"tokens (longest: {longest})")
+        vocab, eos, bos = shards.manifest["vocab_size"], shards.manifest.get("eos_id"), shards.manifest.get("bos_id")
+    else:
+        text_files = _text_files(paths)
+        if tokenizer is None:
+            raise ConfigError("config key 'tokenizer': raw text data needs a tokenizer (tokenizer=DIR)")
+        vocab, eos, bos = tokenizer.vocab_size, tokenizer.eos_id, tokenizer.bos_id
+    val_files = _text_files([Path(p) for p in cfg.val_data]) if cfg.val_data else []
+
+    if init_from is None:  # a preset: the vocabulary comes from the data's tokenizer
+        model_config = dataclasses.replace(model_config, vocab_size=vocab, eos_token_id=eos, bos_token_id=bos,
+                                            pad_token_id=getattr(tokenizer, "pad_id", None))
+    elif vocab > model_config.vocab_size:
+        raise ConfigError(
+            f"config key 'data': its tokenizer has {vocab} tokens but model {cfg.model} has vocab_size "
+            f"{model_config.vocab_size}; tokenize with the model's tokenizer"
+        )
+    if cfg.seq_len > model_config.max_seq_len:
+        raise ConfigError(
+            f"config key 'seq_len': {cfg.seq_len} exceeds the context of model {cfg.model} "
+            f"(max_seq_len {model_config.max_seq_len})"
+        )
+    model_config = _training_overrides(cfg, model_config)
+    objective = cfg.objective if cfg.objective != "auto" else ("causal" if model_config.is_causal else "masked")
+    if objective == "causal" and not model_config.is_causal:
+        raise ConfigError(f"config key 'objective': model {cfg.model} is encoder-only; use objective=masked")
+    plan = Plan(cfg, model_config, init_from, init_model, tokenizer, tokenizer_dir, shards, text_files, val_files,
+                objective, precision, parents=[str(init_from)] if init_from else [])
+    if objective == "masked":
+        plan.mask_id, plan.special_ids = _mask_tokens(tokenizer)
+    return plan
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    positive = ("max_steps", "batch_size", "seq_len", "grad_accum")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(cfg, key)}")
+    for key in ("warmup_steps", "save_every", "eval_every", "eval_batches", "grad_clip", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"config key 'lr': must be > 0, got {cfg.lr}")
+    if cfg.keep_last < 1:
+        raise ConfigError(f"config key 'keep_last': must be >= 1, got {cfg.keep_last}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"config key 'val_fraction': must be in [0, 1), got {cfg.val_fraction}")
+    from llmctl.core.train.schedule import SCHEDULES
+
+    if cfg.schedule not in SCHEDULES:
+        SCHEDULES.get(cfg.schedule)  # raises with a suggestion
+
+
+def _precision(name: str, device_type: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    precision = PRECISIONS[name]
+    if precision == "float16" and device_type != "cuda":
+        raise ConfigError("config key 'precision': fp16 needs CUDA (it trains with a grad scaler); use bf16 on CPU")
+    return precision
+
+
+def _model_config(name: str, model_args: dict):
+    """(ModelConfig, checkpoint path, its model, checkpoint dir if it holds a tokenizer)."""
+    path = Path(name)
+    if path.is_dir():
+        import torch
+
+        from llmctl.core.checkpoint import open_checkpoint
+        from llmctl.core.hf import load_model
+
+        try:
+            ck = open_checkpoint(path)
+            model, model_config = load_model(path, device="cpu", dtype=torch.float32)
+        except CheckpointError as exc:
+            raise ConfigError(f"config key 'model': {exc}") from None
+        if model_args:
+            raise ConfigError("config key 'model_args': applies to presets only, not to checkpoint " + name)
+        return model_config, path, model, (path if ck.has_tokenizer else None)
+    import json
+
+    from llmctl.core.model.presets import load_preset
+
+    return load_preset(name, [f"{k}={json.dumps(v)}" for k, v in model_args.items()]), None, None, None
+
+
+def _tokenizer(name: str | None, ckpt_tok: Path | None):
+    source = Path(name) if name else ckpt_tok
+    if source is None:
+        return None, None
+    if not source.exists():
+        raise ConfigError(f"config key 'tokenizer': {source} does not exist")
+    from llmctl.core.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(source), source
+    except (DataError, CheckpointError, OSError) as exc:
+        raise ConfigError(f"config key 'tokenizer': {exc}") from None
+
+
+def _open_shards(path: Path, tokenizer):
+    from llmctl.core.data import TokenShards
+
+    try:
+        shards = TokenShards(path)
+    except (DataError, UsageError, OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"config key 'data': {exc}") from None
+    manifest = shards.manifest
+    if tokenizer is not None:
+        try:
+            shards.check_tokenizer(tokenizer.hash, tokenizer.vocab_size)
+        except (DataError, UsageError) as exc:
+            raise ConfigError(f"config key 'data': {exc}") from None
+    if not manifest.get("splits", {}).get("train", {}).get("tokens"):
+        raise ConfigError(f"config key 'data': {path} has an empty train split")
+    return shards
+
+
+def _text_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".md", ".text"))
+            if not found:
+                raise ConfigError(f"config key 'data': {p} has no manifest.json and no .txt/.md files")
+            files += found
+        else:
+            files.append(p)
+    if sum(f.stat().st_size for f in files) == 0:
+        raise ConfigError(f"config key 'data': {', '.join(map(str, paths))} is empty")
+    return files
+
+
+def _training_overrides(cfg: TrainConfig, model_config):
+    changes: dict[str, Any] = {"gradient_checkpointing": cfg.gradient_checkpointing}
+    if cfg.dropout is not None:
+        changes.update(embedding_dropout=cfg.dropout, attention_dropout=cfg.dropout, residual_dropout=cfg.dropout)
+    if cfg.mtp_weight is not None:
+        changes["mtp_loss_weight"] = cfg.mtp_weight
+    return dataclasses.replace(model_config, **changes)
+
+
+def _mask_tokens(tokenizer) -> tuple[int, list[int]]:
+    inner = getattr(tokenizer, "inner", None)
+    for token in MASK_TOKENS:
+        tid = inner.token_to_id(token) if inner is not None else None
+        if tid is not None:
+            specials = [i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None]
+            return tid, specials
+    raise ConfigError("config key 'tokenizer': masked-LM training needs a tokenizer with a [MASK] token")

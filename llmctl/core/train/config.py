@@ -1,0 +1,71 @@
+"""The training recipe schema: every key `llmctl train` accepts (YAML or `key=value`).
+
+The flat keys `model data tokenizer max_steps batch_size seq_len grad_accum lr warmup_steps
+schedule precision save_every eval_every keep_last seed` are a contract scripts rely on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DistributedConfig:
+    """Data parallelism under torchrun: DDP replicas or FSDP2 (`fully_shard`) shards."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what
+    model: str = "nano"  # a configs/model preset name or YAML file, or a checkpoint directory
+    model_args: dict = field(default_factory=dict)  # preset field overrides, e.g. {num_layers: 4}
+    data: list[str] = field(default_factory=list)  # a token-shard directory, or raw text file(s)
+    tokenizer: str | None = None  # tokenizer dir/checkpoint (needed with raw text)
+    val_data: list[str] = field(default_factory=list)  # raw text only: explicit validation files
+    val_fraction: float = 0.05  # raw text only: tail of the text held out when val_data is empty
+    objective: Literal["auto", "causal", "masked"] = "auto"  # auto: masked for encoder-only models
+    mask_prob: float = 0.15  # masked LM: share of positions predicted (80% [MASK], 10% random, 10% kept)
+    mtp_weight: float | None = None  # overrides the model's mtp_loss_weight (models with MTP heads)
+    sampling: Literal["random", "sequential"] = "random"  # random windows or sequential packing
+
+    # length and batch
+    max_steps: int = 1000
+    batch_size: int = 8  # sequences per micro-batch per process
+    seq_len: int = 256
+    grad_accum: int = 1
+
+    # optimisation
+    lr: float = 3e-4
+    min_lr: float = 0.0  # the floor of decaying schedules (absolute)
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # a registered schedule: cosine, linear, constant, wsd
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying at the end
+    weight_decay: float = 0.1
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias", "embed"])  # name parts exempt
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    # execution
+    precision: Literal["auto", "float32", "fp32", "bf16", "bfloat16", "fp16", "float16"] = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    dropout: float | None = None  # override the model's dropout for training
+
+    # evaluation, logging, checkpoints
+    eval_every: int = 100  # 0 disables periodic evaluation (a final one still runs)
+    eval_batches: int = 20
+    log_every: int = 1
+    save_every: int = 500  # 0: only the final checkpoint
+    keep_last: int = 3
+    tensorboard: bool = True  # log to OUTDIR/tensorboard when the package is installed
+    peak_tflops: float | None = None  # for the MFU estimate; None measures a matmul at start
+    seed: int = 0
+    resume: Literal["never", "auto"] = "never"  # auto: like --resume, continue OUTDIR's newest checkpoint
+
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)

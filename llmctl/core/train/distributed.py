@@ -1,0 +1,115 @@
+"""Data parallelism under torchrun: DDP or FSDP2 (`fully_shard`), and rank helpers.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything is a single process.
+Multi-node: run the same command on every node with
+`torchrun --nnodes=M --node_rank=I --nproc_per_node=N --rdzv_endpoint=HOST:PORT -m llmctl train …`
+(OUTDIR must be on a filesystem every node sees, since all ranks read the resume checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(backend: str, device: torch.device) -> Dist:
+    """Join the torchrun process group if launched by torchrun; a single-process Dist otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device) -> nn.Module:
+    """The model as trained: itself (single process), DDP, or FSDP2 sharded per block."""
+    if not d.enabled:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(model, "layers", []):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying model (DDP keeps it in `.module`; FSDP2 shards in place)."""
+    return getattr(model, "module", model)
+
+
+def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip the gradient all-reduce on accumulation micro-steps (DDP and FSDP2)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+    elif hasattr(model, "require_backward_grad_sync"):
+        model.require_backward_grad_sync = enabled
+
+
+def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
+    """Sum floats across ranks (identity in a single process)."""
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
+    """True if `flag` is set on any rank (so every rank takes the same branch)."""
+    return bool(all_reduce_sum([float(flag)], d, device)[0]) if d.enabled else flag
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded, CPU, FQN-keyed (model, optimizer) state dicts; a collective under DDP/FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full FQN-keyed optimizer state dict (sharded as needed under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()

@@ -1,0 +1,386 @@
+"""The training loop: a plan in, checkpoints and metrics out, never losing work.
+
+OUTDIR is a work directory: `metrics.jsonl`, `train_config.yaml`, `checkpoints/step-NNNNNN/`
+(each written atomically: a full model checkpoint plus `trainer_state/`). When training
+completes, the last checkpoint's model files are linked into OUTDIR itself, so OUTDIR is a
+checkpoint every other command reads. `resume` continues from the newest checkpoint with the
+same optimizer, schedule, RNG and data position, so the loss curve equals an uninterrupted
+run's (bit-for-bit on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmctl.console import Progress, info, progress
+from llmctl.core.checkpoint import append_metrics, checkpoint_hash
+from llmctl.core.train import distributed as dist_
+from llmctl.core.train.build import Plan
+from llmctl.core.train.data import ShardBatches, TextBatches, TextStream, mask_tokens, split_text
+from llmctl.core.train.metrics import MetricsLog, flops_per_token, measure_matmul_peak, truncate_metrics
+from llmctl.core.train.optim import build_optimizer
+from llmctl.core.train.schedule import lr_at
+from llmctl.core.train.state import load_state, restore_rng, save_state
+from llmctl.errors import LlmctlError
+
+CHECKPOINTS = "checkpoints"
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class NonFiniteLoss(LlmctlError):
+    """The loss became NaN/inf; the last good checkpoint is kept (exit 1)."""
+
+
+@dataclass
+class Result:
+    step: int
+    exit_code: int  # 0 done, 130/143 stopped by SIGINT/SIGTERM after a checkpoint
+    val_loss: float | None
+    checkpoint: Path | None
+
+
+def latest_checkpoint(outdir: Path) -> Path | None:
+    """The newest complete `checkpoints/step-*` directory (temporary ones start with a dot)."""
+    folder = Path(outdir) / CHECKPOINTS
+    done = sorted(p for p in folder.glob("step-*") if (p / "trainer_state" / "state.json").is_file())
+    return done[-1] if done else None
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag the loop checks after each step; a second one interrupts."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        for sig in SIGNAL_EXIT:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def make_data(plan: Plan, d: dist_.Dist):
+    """The batch source for this rank."""
+    cfg = plan.config
+    common = dict(batch_size=cfg.batch_size, rank=d.rank, world=d.world, eval_batches=cfg.eval_batches)
+    if plan.shards is not None:
+        val = plan.shards.split("val") if "val" in plan.shards.manifest["splits"] else []
+        return ShardBatches(plan.shards.split("train"), val, seq_len=cfg.seq_len, seed=cfg.seed,
+                            sampling=cfg.sampling, **common)
+    encode = plan.tokenizer.encode
+    eos = plan.tokenizer.eos_id
+    if plan.val_files:
+        train_segments = [(f, 0, f.stat().st_size) for f in plan.text_files]
+        val_segments = [(f, 0, f.stat().st_size) for f in plan.val_files]
+    else:
+        train_segments, val_segments = split_text(plan.text_files, cfg.val_fraction)
+    train = TextStream(train_segments, encode, eos, cfg.seq_len)
+    val = TextStream(val_segments, encode, eos, cfg.seq_len) if val_segments else None
+    return TextBatches(train, val, **common)
+
+
+class Trainer:
+    """Owns the model, optimizer and data of one run (one per process under torchrun)."""
+
+    def __init__(self, plan: Plan, outdir: Path, device: torch.device, d: dist_.Dist, lineage: dict):
+        from llmctl.core.model import Transformer
+
+        self.plan, self.cfg, self.outdir, self.device, self.d = plan, plan.config, Path(outdir), device, d
+        self.lineage = lineage  # the resolved config and the data it trains on
+        self.parents = [{"path": str(p.resolve()), "hash": checkpoint_hash(p)} for p in map(Path, plan.parents)]
+        cfg = self.cfg
+        self.resume_from = latest_checkpoint(self.outdir)
+        torch.manual_seed(cfg.seed)
+        model = Transformer(plan.model_config)  # this run's training settings (dropout, checkpointing)
+        source = plan.init_model
+        if self.resume_from is not None:
+            from llmctl.core.hf import load_model
+
+            source = load_model(self.resume_from, device="cpu", dtype=torch.float32)[0]
+        if source is not None:
+            model.load_state_dict(source.state_dict())
+        del source
+        self.model = model.to(device)  # the plain module: exported in checkpoints
+        self.model.train()
+        self.wrapped = dist_.wrap(self.model, cfg.distributed.strategy, d, device)
+        self.optimizer = build_optimizer(self.wrapped, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         no_decay=cfg.no_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.data = make_data(plan, d)
+        self.scaler = torch.amp.GradScaler("cuda") if plan.precision == "float16" else None
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world
+        self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
+        dtype = getattr(torch, plan.precision)
+        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_peak(dtype, device)
+        self.step = 0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        self.val = self.data.val_batches()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _restore(self, ckpt: Path) -> None:
+        meta, optim_state = load_state(ckpt)
+        dist_.load_optimizer_state(self.wrapped, self.optimizer, optim_state)
+        self.data.load_state(meta["data"])
+        restore_rng(meta["rng"], meta["rng_tensors"])
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.step = int(meta["step"])
+        if self.d.is_main:
+            truncate_metrics(self.outdir, self.step)
+            info(f"resuming from {ckpt} (step {self.step})")
+
+    def save(self) -> Path:
+        """Write `checkpoints/step-NNNNNN` atomically (a collective; rank 0 writes)."""
+        from llmctl.core.hf import save_model
+        from llmctl.core.io import atomic_dir
+
+        model_state, optim_state = dist_.full_state_dicts(self.wrapped, self.optimizer)
+        target = self.outdir / CHECKPOINTS / f"step-{self.step:06d}"
+        if self.d.is_main:
+            export = self.model if self.cfg.distributed.strategy != "fsdp" or not self.d.enabled \
+                else self._unsharded(model_state)
+            lineage = {"command": "train", **self.lineage, "parents": self.parents, "step": self.step}
+            with atomic_dir(target, force=True) as tmp:
+                save_model(export, tmp, tokenizer_dir=self.plan.tokenizer_dir, lineage=lineage, force=True)
+                save_state(tmp, step=self.step, optimizer=optim_state, data=self.data.state(),
+                           scaler=self.scaler.state_dict() if self.scaler else None,
+                           extra={"world_size": self.d.world})
+            self._prune()
+        return target
+
+    def _unsharded(self, state: dict):
+        from llmctl.core.model import Transformer
+
+        with torch.device("meta"):
+            model = Transformer(self.model.cfg)
+        model.load_state_dict(state, assign=True)
+        model.tie_weights()
+        return model
+
+    def _prune(self) -> None:
+        done = sorted((self.outdir / CHECKPOINTS).glob("step-*"))
+        for old in done[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.plan.precision == "float32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.plan.precision))
+
+    def _inputs(self, rows: torch.Tensor, index: int, generator: torch.Generator | None = None):
+        """(input_ids, labels) for the objective; labels are aligned with the inputs."""
+        if self.plan.objective == "masked":
+            rows = rows[:, :-1]
+            gen = generator or torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
+            inputs, labels = mask_tokens(rows, mask_id=self.plan.mask_id, vocab_size=self.plan.model_config.vocab_size,
+                                         prob=self.cfg.mask_prob, generator=gen, special_ids=self.plan.special_ids)
+        else:
+            inputs, labels = rows[:, :-1], rows[:, 1:]
+        return inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _loss(self, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective to minimise, language-model loss): the objective adds the model's weighted
+        MoE load-balancing and multi-token-prediction losses."""
+        with self._autocast():
+            out = self.forward(inputs, labels=labels)
+        return out.loss + out.aux_loss, out.loss
+
+    def train_step(self) -> tuple[float, float, float, float]:
+        """One optimizer step over `grad_accum` micro-batches: (loss, aux_loss, grad_norm, lr)."""
+        cfg = self.cfg
+        lr = lr_at(cfg.schedule, self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                   max_steps=cfg.max_steps, decay_fraction=cfg.decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals = torch.zeros(2, device=self.device)  # objective, LM loss
+        for micro in range(cfg.grad_accum):
+            index = self.step * cfg.grad_accum + micro
+            inputs, labels = self._inputs(self.data.batch(index), index)
+            dist_.set_grad_sync(self.wrapped, micro == cfg.grad_accum - 1)
+            objective, lm_loss = self._loss(inputs, labels)
+            objective = objective / cfg.grad_accum
+            (self.scaler.scale(objective) if self.scaler else objective).backward()
+            totals += torch.stack([objective.detach(), lm_loss.detach() / cfg.grad_accum])
+        total, lm_total = (v / self.d.world for v in dist_.all_reduce_sum(totals.tolist(), self.d, self.device))
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            return total, 0.0, float("nan"), lr
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return lm_total, total - lm_total, grad_norm, lr
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the fixed validation batches (None without a val split)."""
+        if not self.val:
+            return None
+        self.model.eval()
+        generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+        total = 0.0
+        for i, rows in enumerate(self.val):
+            inputs, labels = self._inputs(rows, i, generator)
+            with self._autocast():
+                total += float(self.forward(inputs, labels=labels).loss)
+        self.model.train()
+        summed, count = dist_.all_reduce_sum([total, float(len(self.val))], self.d, self.device)
+        return summed / count
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        cfg, d = self.cfg, self.d
+        log = MetricsLog(self.outdir, cfg.tensorboard) if d.is_main else None
+        last_saved: Path | None = self.resume_from
+        val_loss = None
+        exit_code = 0
+        try:
+            bar_context = progress("train", total=cfg.max_steps, unit="step") if d.is_main else nullcontext(Progress(None, None))
+            with _Signals() as signals, bar_context as bar:
+                bar.update(completed=self.step)
+                while self.step < cfg.max_steps:
+                    start = time.perf_counter()
+                    loss, aux_loss, grad_norm, lr = self.train_step()
+                    if not math.isfinite(loss):
+                        where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
+                        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {self.step + 1}{where}")
+                    elapsed = time.perf_counter() - start
+                    tokens_per_s = self.tokens_per_step / elapsed
+                    mfu = self.flops_per_token * tokens_per_s / (self.peak * d.world)
+                    if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                  "tokens_per_s": tokens_per_s, "mfu": mfu}
+                        log.log({**record, "aux_loss": aux_loss} if aux_loss else record)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                        val_loss = self._log_eval(log)
+                    bar.update(completed=self.step, loss=loss, tok_s=round(tokens_per_s))
+                    stop = dist_.any_rank(signals.received is not None, d, self.device)
+                    if stop or (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+                        last_saved = self.save()
+                    if stop:
+                        sig = signals.received or signal.SIGTERM
+                        if d.is_main:
+                            info(f"stopped by {signal.Signals(sig).name} after step {self.step}; checkpoint {last_saved}")
+                        exit_code = SIGNAL_EXIT[sig]
+                        break
+            if exit_code == 0:
+                if last_saved is None or last_saved.name != f"step-{self.step:06d}":
+                    last_saved = self.save()
+                val_loss = self._log_eval(log)
+                if d.is_main:
+                    publish(last_saved, self.outdir)
+                    if val_loss is not None:
+                        append_metrics(self.outdir, {"task": "val_loss", "step": self.step, "val_loss": val_loss,
+                                                     "val_ppl": math.exp(min(val_loss, 50.0))})
+        finally:
+            if log:
+                log.close()
+        return Result(self.step, exit_code, val_loss, last_saved)
+
+    def _log_eval(self, log: MetricsLog | None) -> float | None:
+        val_loss = self.evaluate()
+        if val_loss is not None and log:
+            log.log({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+        return val_loss
+
+
+def publish(checkpoint: Path, outdir: Path) -> None:
+    """Make OUTDIR a checkpoint: hard-link (or copy) the final model files into it, config last."""
+    files = sorted((p for p in checkpoint.iterdir() if p.is_file()), key=lambda p: p.name == "config.json")
+    for src in files:
+        dst = outdir / src.name
+        tmp = outdir / f".{src.name}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+
+
+def check_outdir(outdir: Path, *, resume: bool, force: bool) -> None:
+    """OUTDIR must not exist, unless --force (start over) or --resume (a training work dir)."""
+    from llmctl.errors import OutputExistsError
+
+    if not outdir.exists() or force:
+        return
+    if not resume:
+        raise OutputExistsError(f"output {outdir} already exists (use --resume to continue it or --force to start over)")
+    if outdir.is_dir() and not any(outdir.iterdir()):
+        return
+    if not ((outdir / CONFIG_FILE).is_file() or (outdir / CHECKPOINTS).is_dir()):
+        raise OutputExistsError(f"--resume: {outdir} exists but is not an llmctl train output directory")
+
+
+CONFIG_FILE = "train_config.yaml"
+
+
+def run_training(cfg, outdir: str | os.PathLike, *, resume: bool = False, force: bool = False) -> Result:
+    """Validate `cfg` (nothing written on error), prepare OUTDIR, and train (under torchrun too)."""
+    import yaml
+
+    from llmctl.config import to_dict
+    from llmctl.core.train.build import make_plan
+    from llmctl.runtime import resolve_device
+
+    outdir = Path(outdir)
+    check_outdir(outdir, resume=resume, force=force)
+    device = resolve_device()
+    plan = make_plan(cfg, device.type)
+    d = dist_.init(cfg.distributed.backend, device)
+    if device.type == "cuda" and d.enabled:
+        device = torch.device("cuda", d.local_rank)
+    try:
+        resolved = to_dict(cfg)
+        if d.is_main:
+            if force and not resume and outdir.exists():
+                shutil.rmtree(outdir)
+            outdir.mkdir(parents=True, exist_ok=True)
+            (outdir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+            if latest_checkpoint(outdir) is None:
+                truncate_metrics(outdir, 0)
+        dist_.barrier(d)
+        lineage = {"config": resolved, "data": describe_data(plan)}
+        return Trainer(plan, outdir, device, d, lineage).run()
+    finally:
+        dist_.shutdown(d)
+
+
+def describe_data(plan: Plan) -> dict:
+    """What the run trained on, for the lineage: the shard manifest or the text files."""
+    if plan.shards is not None:
+        return {"path": str(plan.shards.path.resolve()), **plan.shards.manifest}
+    return {"text_files": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in plan.text_files],
+            "val_files": [str(f.resolve()) for f in plan.val_files],
+            "tokenizer": str(plan.tokenizer_dir.resolve()) if plan.tokenizer_dir else None}

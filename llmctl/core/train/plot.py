@@ -1,0 +1,82 @@
+"""Training curves from metrics.jsonl: a matplotlib PNG, or a compact character chart."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from llmctl.errors import DataError, UsageError
+
+
+def load_curves(outdir: Path) -> dict[str, list[list[float]]]:
+    """{"loss": [[step, value], …], "val_loss": …, "lr": …} from OUTDIR/metrics.jsonl."""
+    from llmctl.core.train.metrics import METRICS_FILE, read_metrics
+
+    if not (Path(outdir) / METRICS_FILE).is_file():
+        raise UsageError(f"{outdir}: no {METRICS_FILE} (is it an llmctl train output?)")
+    curves: dict[str, list[list[float]]] = {"loss": [], "val_loss": [], "lr": []}
+    for record in read_metrics(outdir):
+        for key, points in curves.items():
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                points.append([record["step"], value])
+    if not curves["loss"]:
+        raise DataError(f"{outdir}/{METRICS_FILE} has no loss records yet")
+    return curves
+
+
+def render_png(curves: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("-o PNG needs matplotlib: pip install 'llmctl[plot]' (or omit -o for a terminal chart)") from None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ax.plot(*zip(*curves["loss"]), label="train loss", linewidth=1)
+    if curves["val_loss"]:
+        ax.plot(*zip(*curves["val_loss"]), "o-", label="val loss", linewidth=1.5, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    handles = ax.get_lines()
+    if curves["lr"]:
+        lr_ax = ax.twinx()
+        handles += lr_ax.plot(*zip(*curves["lr"]), color="gray", alpha=0.5, linewidth=1, label="lr")
+        lr_ax.set_ylabel("learning rate")
+    ax.legend(handles=handles, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render_terminal(curves: dict, width: int = 72, height: int = 14) -> str:
+    """Train loss as '·', val loss as 'o' on one grid with a y axis; lr range in the footer."""
+    series = [(curves["loss"], "·"), (curves["val_loss"], "o")]
+    points = [p for s, _ in series for p in s]
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    y1 = y1 if y1 > y0 else y0 + 1e-9
+    grid = [[" "] * width for _ in range(height)]
+    for data, mark in series:
+        for x, y in data:
+            col = round((x - x0) / max(x1 - x0, 1) * (width - 1))
+            row = round((y1 - y) / (y1 - y0) * (height - 1))
+            if mark == "o" or grid[row][col] == " ":
+                grid[row][col] = mark
+    lines = []
+    for i, row in enumerate(grid):
+        label = f"{y1 - (y1 - y0) * i / (height - 1):8.3f} ┤" if i % 3 == 0 or i == height - 1 else "         │"
+        lines.append(label + "".join(row))
+    lines.append("         └" + "─" * width)
+    lines.append(f"          step {x0:g}" + f"step {x1:g}".rjust(width - len(f"step {x0:g}") - 5))
+    footer = f"          · train loss (last {curves['loss'][-1][1]:.4f})"
+    if curves["val_loss"]:
+        footer += f"   o val loss (last {curves['val_loss'][-1][1]:.4f})"
+    lines.append(footer)
+    if curves["lr"]:
+        lrs = [v for _, v in curves["lr"]]
+        lines.append(f"          lr {min(lrs):.2e} … {max(lrs):.2e}")
+    return "\n".join(lines)
