@@ -15,7 +15,17 @@ import pytest
 
 from conftest import SHARED_DATA
 
-TEXT = (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
+def _text() -> str:
+    """60 kB of English: tinyshakespeare when ../shared is present, else Python's own docs."""
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")[:60_000]
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:60_000]
+
+
+TEXT = _text()
 FAST = ["max_steps=8", "batch_size=2", "seq_len=32", "warmup_steps=2", "eval_every=4", "save_every=4",
         "eval_batches=2", "peak_tflops=1", "tensorboard=false"]
 
@@ -52,6 +62,27 @@ def curve(outdir: Path) -> list[tuple]:
 
 
 # -- core pieces -----------------------------------------------------------------------------
+
+
+def test_max_steps_zero_saves_the_initial_model(llmctl, corpus, tmp_path):
+    out = tmp_path / "init"
+    r = llmctl("train", f"data={corpus['shards']}", f"tokenizer={corpus['tok']}", *FAST, "max_steps=0", "-o", out, "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["step"] == 0 and (out / "model.safetensors").is_file()
+    assert abs(r.json()["val_loss"] - math.log(320)) < 0.5  # an untrained model: about uniform
+
+
+def test_max_time_fits_the_schedule_into_the_budget(llmctl, corpus, tmp_path):
+    out = tmp_path / "timed"
+    r = llmctl("train", f"data={corpus['shards']}", f"tokenizer={corpus['tok']}", *FAST, "max_steps=1000000",
+               "max_time=0.1", "min_lr=1e-5", "save_every=0", "eval_every=0", "-o", out, "--json")
+    assert r.code == 0, r.stderr
+    steps = r.json()["step"]
+    assert 5 <= steps < 1000000
+    last = [rec for rec in records(out) if "lr" in rec][-1]
+    assert last["step"] == steps and last["lr"] < 1e-3  # the cosine reached its end on time
+    state = json.loads((out / "checkpoints" / f"step-{steps:06d}" / "trainer_state" / "state.json").read_text())
+    assert state["max_steps"] == steps and state["horizon_fixed"] is True
 
 
 def test_schedules_are_registered_and_shaped():

@@ -92,11 +92,13 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
-    positive = ("max_steps", "batch_size", "seq_len", "grad_accum")
+    positive = ("batch_size", "seq_len", "grad_accum")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(cfg, key)}")
-    for key in ("warmup_steps", "save_every", "eval_every", "eval_batches", "grad_clip", "weight_decay"):
+    if cfg.max_time is not None and cfg.max_time <= 0:
+        raise ConfigError(f"config key 'max_time': must be > 0 minutes, got {cfg.max_time}")
+    for key in ("max_steps", "warmup_steps", "save_every", "eval_every", "eval_batches", "grad_clip", "weight_decay"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
     if cfg.lr <= 0:

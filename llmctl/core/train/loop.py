@@ -34,6 +34,7 @@ from llmctl.errors import LlmctlError
 
 CHECKPOINTS = "checkpoints"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+TIMED_STEPS = 5  # steps timed before `max_time` fixes the number of steps
 
 
 class NonFiniteLoss(LlmctlError):
@@ -131,6 +132,8 @@ class Trainer:
         dtype = getattr(torch, plan.precision)
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_peak(dtype, device)
         self.step = 0
+        self.max_steps = cfg.max_steps  # may shrink once to fit `max_time`, see _fit_time_budget
+        self.horizon_fixed = cfg.max_time is None
         if self.resume_from is not None:
             self._restore(self.resume_from)
         self.val = self.data.val_batches()
@@ -145,6 +148,8 @@ class Trainer:
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
+        if meta.get("horizon_fixed"):
+            self.max_steps, self.horizon_fixed = int(meta["max_steps"]), True
         if self.d.is_main:
             truncate_metrics(self.outdir, self.step)
             info(f"resuming from {ckpt} (step {self.step})")
@@ -164,7 +169,8 @@ class Trainer:
                 save_model(export, tmp, tokenizer_dir=self.plan.tokenizer_dir, lineage=lineage, force=True)
                 save_state(tmp, step=self.step, optimizer=optim_state, data=self.data.state(),
                            scaler=self.scaler.state_dict() if self.scaler else None,
-                           extra={"world_size": self.d.world})
+                           extra={"world_size": self.d.world, "max_steps": self.max_steps,
+                                  "horizon_fixed": self.horizon_fixed})
             self._prune()
         return target
 
@@ -211,7 +217,7 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches: (loss, aux_loss, grad_norm, lr)."""
         cfg = self.cfg
         lr = lr_at(cfg.schedule, self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                   max_steps=cfg.max_steps, decay_fraction=cfg.decay_fraction)
+                   max_steps=self.max_steps, decay_fraction=cfg.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         totals = torch.zeros(2, device=self.device)  # objective, LM loss
@@ -266,10 +272,11 @@ class Trainer:
         val_loss = None
         exit_code = 0
         try:
-            bar_context = progress("train", total=cfg.max_steps, unit="step") if d.is_main else nullcontext(Progress(None, None))
+            bar_context = progress("train", total=self.max_steps, unit="step") if d.is_main else nullcontext(Progress(None, None))
             with _Signals() as signals, bar_context as bar:
                 bar.update(completed=self.step)
-                while self.step < cfg.max_steps:
+                started, first_step = time.perf_counter(), self.step
+                while self.step < self.max_steps:
                     start = time.perf_counter()
                     loss, aux_loss, grad_norm, lr = self.train_step()
                     if not math.isfinite(loss):
@@ -278,15 +285,18 @@ class Trainer:
                     elapsed = time.perf_counter() - start
                     tokens_per_s = self.tokens_per_step / elapsed
                     mfu = self.flops_per_token * tokens_per_s / (self.peak * d.world)
-                    if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                    if not self.horizon_fixed and self.step - first_step >= TIMED_STEPS:
+                        self._fit_time_budget(time.perf_counter() - started, self.step - first_step)
+                        bar.update(total=self.max_steps)
+                    if log and (self.step % cfg.log_every == 0 or self.step == self.max_steps):
                         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                   "tokens_per_s": tokens_per_s, "mfu": mfu}
                         log.log({**record, "aux_loss": aux_loss} if aux_loss else record)
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.max_steps:
                         val_loss = self._log_eval(log)
                     bar.update(completed=self.step, loss=loss, tok_s=round(tokens_per_s))
                     stop = dist_.any_rank(signals.received is not None, d, self.device)
-                    if stop or (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+                    if stop or (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.max_steps:
                         last_saved = self.save()
                     if stop:
                         sig = signals.received or signal.SIGTERM
@@ -307,6 +317,18 @@ class Trainer:
             if log:
                 log.close()
         return Result(self.step, exit_code, val_loss, last_saved)
+
+    def _fit_time_budget(self, elapsed: float, steps: int) -> None:
+        """Shrink max_steps, once, to what fits in `max_time` at the measured step rate (keeping
+        10% for evaluation and checkpoints); the LR schedule then ends on time. Fixed from here
+        on and stored in the training state, so a resumed run follows the same schedule."""
+        remaining = self.cfg.max_time * 60 - elapsed
+        [rate] = dist_.all_reduce_sum([steps / elapsed], self.d, self.device)  # every rank agrees
+        fits = self.step + int(0.9 * remaining * rate / self.d.world)
+        self.max_steps = max(self.step, min(self.cfg.max_steps, fits))
+        self.horizon_fixed = True
+        if self.d.is_main:
+            info(f"max_time {self.cfg.max_time:g} min: training {self.max_steps} steps")
 
     def _log_eval(self, log: MetricsLog | None) -> float | None:
         val_loss = self.evaluate()
