@@ -412,3 +412,12 @@ def test_plot_terminal_chart_and_png(llmctl, corpus, tmp_path):
     else:
         assert r.code == 0 and png.read_bytes()[:4] == b"\x89PNG"
     assert llmctl("plot", tmp_path).code == 2
+
+
+def test_shards_carry_their_tokenizer_into_the_checkpoint(llmctl, corpus, tmp_path):
+    from llmctl.core.tokenizer import load_tokenizer
+
+    out = tmp_path / "out"
+    r = llmctl("train", f"data={corpus['shards']}", *FAST, "max_steps=1", "-o", out)  # no tokenizer=
+    assert r.code == 0, r.stderr
+    assert load_tokenizer(out).hash == load_tokenizer(corpus["tok"]).hash

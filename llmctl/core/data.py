@@ -40,6 +40,7 @@ MAX_DOC_CHARS = 1 << 18
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 MANIFEST = "manifest.json"
+TOKENIZER_SUBDIR = "tokenizer"
 FORMAT, VERSION = "llmctl-tokens", 1
 
 # -- invalid UTF-8: replaced and counted -----------------------------------------------------
@@ -374,7 +375,8 @@ class ShardWriter:
 
 
 class TokenShards:
-    """A token-shard directory: `manifest`, `split(name)` → read-only memmaps, size checks."""
+    """A token-shard directory: `manifest`, `split(name)` → read-only memmaps, size checks,
+    and `tokenizer_dir`, the copy of the tokenizer that encoded it (None for older shards)."""
 
     def __init__(self, directory: str | Path):
         self.path = Path(directory)
@@ -408,6 +410,11 @@ class TokenShards:
                 if path.stat().st_size != shard["tokens"] * itemsize:
                     raise DataError(f"{path}: {path.stat().st_size} bytes, the manifest says "
                                     f"{shard['tokens']} {self.dtype} tokens ({shard['tokens'] * itemsize} bytes)")
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        sub = self.manifest.get("tokenizer")
+        return self.path / sub if sub and (self.path / sub / "tokenizer.json").is_file() else None
 
     @property
     def splits(self) -> list[str]:
@@ -521,8 +528,9 @@ def encode_corpus(
         "append_eos": append_eos, "val_fraction": val_fraction, "seed": seed,
         "doc_split": corpus.doc_split, "sources": corpus.paths,
         "bytes": stats.bytes, "text_bytes": stats.text_bytes, "invalid_utf8": stats.invalid_utf8,
-        "splits": splits,
+        "splits": splits, "tokenizer": TOKENIZER_SUBDIR,
     }
+    tok.save(out_dir / TOKENIZER_SUBDIR)  # shards carry their tokenizer: training needs no tokenizer=
     write_json(out_dir / MANIFEST, manifest)
     return EncodeResult(manifest, stats, seconds)
 

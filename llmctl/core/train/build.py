@@ -55,6 +55,8 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
     shards, text_files = None, []
     if len(paths) == 1 and (paths[0] / "manifest.json").is_file():
         shards = _open_shards(paths[0], tokenizer)
+        if tokenizer is None and shards.tokenizer_dir is not None:  # the shards' own tokenizer
+            tokenizer, tokenizer_dir = _tokenizer(str(shards.tokenizer_dir), None)
         longest = max(s["tokens"] for s in shards.manifest["splits"]["train"]["shards"])
         if longest <= cfg.seq_len:
             raise ConfigError(f"config key 'data': {paths[0]} has no train shard longer than seq_len={cfg.seq_len} "

@@ -148,7 +148,7 @@ class Trainer:
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
-        if meta.get("horizon_fixed"):
+        if self.cfg.max_time is not None and meta.get("horizon_fixed"):  # keep the budgeted schedule
             self.max_steps, self.horizon_fixed = int(meta["max_steps"]), True
         if self.d.is_main:
             truncate_metrics(self.outdir, self.step)
