@@ -275,7 +275,7 @@ class Trainer:
             bar_context = progress("train", total=self.max_steps, unit="step") if d.is_main else nullcontext(Progress(None, None))
             with _Signals() as signals, bar_context as bar:
                 bar.update(completed=self.step)
-                started, first_step = time.perf_counter(), self.step
+                started, first_step, timed_from = time.perf_counter(), self.step, None
                 while self.step < self.max_steps:
                     start = time.perf_counter()
                     loss, aux_loss, grad_norm, lr = self.train_step()
@@ -285,9 +285,12 @@ class Trainer:
                     elapsed = time.perf_counter() - start
                     tokens_per_s = self.tokens_per_step / elapsed
                     mfu = self.flops_per_token * tokens_per_s / (self.peak * d.world)
-                    if not self.horizon_fixed and self.step - first_step >= TIMED_STEPS:
-                        self._fit_time_budget(time.perf_counter() - started, self.step - first_step)
-                        bar.update(total=self.max_steps)
+                    if not self.horizon_fixed:  # time steps 2…TIMED_STEPS+1 (the first one warms up)
+                        now = time.perf_counter()
+                        timed_from = timed_from or now
+                        if self.step - first_step > TIMED_STEPS:
+                            self._fit_time_budget(now - started, TIMED_STEPS / (now - timed_from))
+                            bar.update(total=self.max_steps)
                     if log and (self.step % cfg.log_every == 0 or self.step == self.max_steps):
                         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                   "tokens_per_s": tokens_per_s, "mfu": mfu}
@@ -318,12 +321,12 @@ class Trainer:
                 log.close()
         return Result(self.step, exit_code, val_loss, last_saved)
 
-    def _fit_time_budget(self, elapsed: float, steps: int) -> None:
+    def _fit_time_budget(self, elapsed: float, steps_per_s: float) -> None:
         """Shrink max_steps, once, to what fits in `max_time` at the measured step rate (keeping
         10% for evaluation and checkpoints); the LR schedule then ends on time. Fixed from here
         on and stored in the training state, so a resumed run follows the same schedule."""
         remaining = self.cfg.max_time * 60 - elapsed
-        [rate] = dist_.all_reduce_sum([steps / elapsed], self.d, self.device)  # every rank agrees
+        [rate] = dist_.all_reduce_sum([steps_per_s], self.d, self.device)  # every rank agrees
         fits = self.step + int(0.9 * remaining * rate / self.d.world)
         self.max_steps = max(self.step, min(self.cfg.max_steps, fits))
         self.horizon_fixed = True
