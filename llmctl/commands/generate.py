@@ -196,22 +196,15 @@ def _report(result) -> None:
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, dict]]:
     """(line number, prompt, record) per non-empty line; DataError naming the line otherwise."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected an object with 'prompt' or 'messages'")
-            if isinstance(record.get("prompt"), str):
-                yield number, record["prompt"], record
-            elif isinstance(record.get("messages"), list) and all(isinstance(m, dict) for m in record["messages"]):
-                yield number, record["messages"], record
-            else:
-                raise DataError(f"{path}:{number}: expected a string 'prompt' or a list of 'messages'")
+    from llmctl.core.data import iter_jsonl
+
+    for number, record in iter_jsonl(path):
+        if isinstance(record.get("prompt"), str):
+            yield number, record["prompt"], record
+        elif isinstance(record.get("messages"), list) and all(isinstance(m, dict) for m in record["messages"]):
+            yield number, record["messages"], record
+        else:
+            raise DataError(f"{path}:{number}: expected a string 'prompt' or a list of 'messages'")
 
 
 def _jsonl(model, tok, cfg, draft, context, path: Path) -> None:

@@ -374,6 +374,22 @@ class ShardWriter:
         }
 
 
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSONL file, streamed; DataError naming
+    the line for invalid JSON or a line that is not an object."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line")
+            yield number, record
+
+
 class TokenShards:
     """A token-shard directory: `manifest`, `split(name)` → read-only memmaps, size checks,
     and `tokenizer_dir`, the copy of the tokenizer that encoded it (None for older shards)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,20 +163,9 @@ def _compile(source: str):
 
 def read_jsonl(path: Path) -> list[Doc]:
     """Documents of a JSONL file (blank lines skipped); DataError naming the bad line."""
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(doc, dict):
-                raise DataError(f"{where}: expected a JSON object per line")
-            docs.append((where, doc))
-    return docs
+    from llmctl.core.data import iter_jsonl
+
+    return [(f"{path}:{number}", doc) for number, doc in iter_jsonl(path)]
 
 
 def field_value(doc: Doc, key: str) -> Any:
