@@ -119,23 +119,24 @@ def encode(
         bool, typer.Option("--append-eos/--no-append-eos", help="End each document with EOS.")
     ] = True,
     shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file (the last holds the rest).")] = 1 << 28,
+    workers: Annotated[int, typer.Option(help="Encoding processes (>1 pays off on machines with idle cores).")] = 1,
     text_field: TextField = "text",
     doc_split: DocSplit = "blank",
 ) -> None:
-    """Encode a corpus into memory-mappable token shards (parallel batches, bounded memory)."""
+    """Encode a corpus into memory-mappable token shards (batched, bounded memory)."""
     from llmctl.core.data import encode_corpus
     from llmctl.core.io import atomic_dir, check_output
     from llmctl.core.tokenizer import load_tokenizer
 
     check_output(output, options.force)
-    if shard_tokens < 1:
-        raise UsageError(f"--shard-tokens {shard_tokens}: must be positive")
+    if shard_tokens < 1 or workers < 1:
+        raise UsageError(f"--shard-tokens {shard_tokens} / --workers {workers}: must be positive")
     tok = load_tokenizer(tokenizer)
     data = _corpus(corpus, text_field, doc_split)
     with atomic_dir(output, options.force) as tmp, progress("encode", total=data.total_bytes, unit="B") as bar:
         result = encode_corpus(
             data, tok, tmp, val_fraction=val_fraction, append_eos=append_eos, seed=options.seed or 0,
-            shard_tokens=shard_tokens,
+            shard_tokens=shard_tokens, workers=workers,
             on_batch=lambda s: bar.update(completed=s.bytes, docs=s.documents),
         )
     _report_invalid(result.stats)

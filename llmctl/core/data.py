@@ -25,6 +25,7 @@ import glob
 import gzip
 import io
 import json
+import os
 import re
 import sys
 import zlib
@@ -488,14 +489,18 @@ def encode_corpus(
     seed: int = 0,
     shard_tokens: int = 1 << 28,
     batch_chars: int = 1 << 20,
+    workers: int = 1,
     on_batch: Callable[[ReadStats], None] | None = None,
 ) -> EncodeResult:
-    """Stream `corpus` through `tok` in parallel batches into token shards in `out_dir`.
+    """Stream `corpus` through `tok` into token shards in `out_dir`; with `workers` > 1,
+    that many processes encode batches in parallel while this one reads and writes.
 
-    Memory is bounded by one batch of text and its ids. The caller owns `out_dir`
+    Memory is bounded by a few batches of text and their ids. The caller owns `out_dir`
     (normally an `atomic_dir`) and writes nothing else into it; the manifest is written here.
     """
     import time
+
+    import numpy as np
 
     from llmctl.core.io import write_json
 
@@ -510,27 +515,24 @@ def encode_corpus(
     route = False  # the split of the document being read (pieces of a long one stay together)
     continues = False
 
-    def store(batch: list[str], encodings) -> None:
+    def store(batch: list[str], ids, lengths) -> None:
         nonlocal route, continues
-        routes = [False] * len(batch)
+        routes = np.zeros(len(batch), dtype=bool)
         if val_fraction > 0:
             for i, doc in enumerate(batch):
                 route = route if continues else in_val(doc, val_fraction, seed)
                 routes[i], continues = route, type(doc) is Continued
+        complete = np.fromiter((type(doc) is not Continued for doc in batch), dtype=bool, count=len(batch))
         for split, wanted in (("train", False), ("val", True)):
-            picked = [i for i, v in enumerate(routes) if v == wanted]
-            if picked:
-                docs = batch if len(picked) == len(batch) else [batch[i] for i in picked]
-                encs = encodings if len(picked) == len(batch) else [encodings[i] for i in picked]
-                writers[split].write(*_flatten(docs, encs, eos if append_eos else None, dtype))
+            picked = routes == wanted
+            if picked.any():
+                writers[split].write(*_flatten(ids, lengths, picked, complete, eos if append_eos else None, dtype))
         if on_batch is not None:
             on_batch(corpus.stats)
 
-    # `encode_batch_fast` runs in Rust on every core with the GIL released. (Overlapping it with
-    # this thread's reading and writing was measured slower: GIL hand-offs stall the encoder.)
     start = time.perf_counter()
-    for batch in corpus.batches(batch_chars):
-        store(batch, tok.inner.encode_batch_fast(batch, add_special_tokens=False))
+    for batch, (ids, lengths) in _encode_batches(corpus.batches(batch_chars), tok, workers):
+        store(batch, ids, lengths)
     seconds = time.perf_counter() - start
     stats = corpus.stats
     splits = {s: w.summary() for s, w in writers.items()}
@@ -551,20 +553,76 @@ def encode_corpus(
     return EncodeResult(manifest, stats, seconds)
 
 
-def _flatten(docs: list[str], encodings, eos: int | None, dtype: str):
-    """The ids of `encodings` concatenated, `eos` after each document if given, and where
-    documents end (a `Continued` piece ends nowhere: its document goes on)."""
+def _flatten(ids, lengths, picked, complete, eos: int | None, dtype: str):
+    """The ids of the `picked` documents of a batch concatenated, `eos` after each complete one
+    (a `Continued` piece's document goes on), and the offsets where documents end."""
     import numpy as np
 
-    flat: list[int] = []
-    ends: list[int] = []
-    for doc, enc in zip(docs, encodings):
-        flat += enc.ids
-        if type(doc) is not Continued:
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    pieces, ends, size = [], [], 0
+    for start, length, done in zip(starts[picked], lengths[picked], complete[picked]):
+        pieces.append(ids[start:start + length])
+        size += int(length)
+        if done:
             if eos is not None:
-                flat.append(eos)
-            ends.append(len(flat))
-    return np.array(flat, dtype=dtype), ends
+                pieces.append(np.array([eos], dtype=ids.dtype))
+                size += 1
+            ends.append(size)
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=ids.dtype)
+    return flat.astype(dtype, copy=False), ends
+
+
+# -- parallel encoding: `tokenizers` parallelises poorly on small machines, so each worker
+#    process encodes whole batches single-threaded and the parent writes them in order.
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    from tokenizers import Tokenizer
+
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def _ids_of(tokenizer, batch: list[str]):
+    """(every document's ids concatenated as uint32, per-document lengths)."""
+    import itertools
+
+    import numpy as np
+
+    encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.uint32,
+                      count=int(lengths.sum()))
+    return ids, lengths
+
+
+def _encode_in_worker(batch: list[str]):
+    return _ids_of(_worker_tokenizer, batch)
+
+
+def _encode_batches(batches: Iterable[list[str]], tok, workers: int):
+    """(batch, (ids, lengths)) in input order; at most 2 × `workers` batches in flight."""
+    if workers <= 1:
+        for batch in batches:
+            yield batch, _ids_of(tok.inner, batch)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(tok.inner.to_str(),)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(_encode_in_worker, batch)))
+            if len(pending) >= 2 * workers:
+                batch, future = pending.popleft()
+                yield batch, future.result()
+        while pending:
+            batch, future = pending.popleft()
+            yield batch, future.result()
 
 
 def count_tokens(corpus: Corpus, tok, on_batch: Callable[[ReadStats], None] | None = None,
