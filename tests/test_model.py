@@ -141,6 +141,27 @@ def test_cache_truncate_and_reorder():
         logits(model, rows[:, :4], cache=cache)
 
 
+def test_rope_tables_match_direct_computation_and_follow_changes():
+    model = make(num_kv_heads=2)
+    rope = model.model.embed_positions
+    far = torch.tensor([[0, 5, 3000]])  # beyond the first table: it grows
+    cos, sin = rope.rotary(far, torch.float32)
+    expect = rope._cos_sin("default", {}, far, far, torch.float32)
+    assert torch.equal(cos, expect[0]) and torch.equal(sin, expect[1])
+    model.cfg.rope_scaling = {"rope_type": "linear", "factor": 2.0}  # as `generate --rope-scaling` does
+    cos, _ = rope.rotary(far, torch.float32, 3001)
+    assert torch.equal(cos, rope._cos_sin("linear", {"factor": 2.0}, far, far, torch.float32)[0])
+
+
+def test_training_after_inference_mode_decoding():
+    model = make(num_kv_heads=2)
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.inference_mode():  # builds the rotary tables inside inference mode
+        logits(model, ids, cache=model.make_cache(2, 8))
+    model.train()(ids, labels=ids).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
 def test_encoder_is_bidirectional_and_respects_padding():
     model = make(is_causal=False, position="learned", norm="layernorm", norm_placement="post",
                  embedding_norm=True, type_vocab_size=2, mlp="gelu", lm_head_bias=True)

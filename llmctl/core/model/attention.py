@@ -56,12 +56,13 @@ class AttentionContext:
 
 def build_mask(
     cfg,
-    q_idx: torch.Tensor,
-    k_idx: torch.Tensor,
+    q_idx: range,
+    k_idx: range,
     padding: torch.Tensor | None,
     bias: torch.Tensor | None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
-    """The attention mask for queries at sequence indices q_idx [T] over keys k_idx [K].
+    """The attention mask for queries at sequence indices q_idx (T of them) over keys k_idx (K).
 
     `padding` [B, K] marks real keys (1) and padding (0); `bias` is an additive
     [B, H, T, K] position bias (ALiBi). Returns (mask, is_causal): when the plain causal
@@ -74,7 +75,9 @@ def build_mask(
         return None, False
     if plain and len(q_idx) == len(k_idx):
         return None, True
-    distance = q_idx[:, None] - k_idx[None, :]  # [T, K]
+    q_pos = torch.arange(q_idx.start, q_idx.stop, device=device)
+    k_pos = torch.arange(k_idx.start, k_idx.stop, device=device)
+    distance = q_pos[:, None] - k_pos[None, :]  # [T, K]
     allowed = torch.ones_like(distance, dtype=torch.bool)
     if cfg.is_causal:
         allowed &= distance >= 0

@@ -25,8 +25,8 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
-            return (h * (self.offset + self.weight.float())).type_as(x)
-        return self.weight * h.type_as(x)
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * h.to(x.dtype)
 
 
 @NORMS.register("gemma_rmsnorm")

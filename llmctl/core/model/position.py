@@ -2,7 +2,8 @@
 
 A position strategy acts at up to three places, each a method returning None when unused:
   embed(position_ids)               vectors added to the token embeddings (learned, sinusoidal)
-  rotary(position_ids, dtype)       (cos, sin) to rotate queries and keys (RoPE)
+  rotary(position_ids, dtype, length)  (cos, sin) to rotate queries and keys (RoPE);
+                                    every position id is below `length` (a hint)
   attention_bias(q_pos, k_pos)      an additive [B, H, Tq, Tk] attention bias (ALiBi)
 RoPE context extension is a second registry, ROPE_SCALINGS: rope_type -> fn(cfg, params,
 position_ids) -> (inv_freq, attention factor), with the same formulas and parameter names as
@@ -33,7 +34,9 @@ class PositionEncoding(nn.Module):
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rotary(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
     def attention_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
@@ -81,14 +84,47 @@ class ALiBi(PositionEncoding):
 
 @POSITIONS.register("rope")
 class RoPE(PositionEncoding):
-    """Rotary position embeddings (rotate-half layout), with optional context scaling."""
+    """Rotary position embeddings (rotate-half layout), with optional context scaling.
 
-    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        scaling = dict(self.cfg.rope_scaling or {})
-        kind = scaling.pop("rope_type", scaling.pop("type", "default"))
-        inv_freq, factor = ROPE_SCALINGS.get(kind)(self.cfg, scaling, position_ids)
-        angles = position_ids.float()[..., None] * inv_freq.to(position_ids.device)
-        angles = torch.cat([angles, angles], dim=-1)  # [B, T, head_dim]
+    cos/sin are looked up in tables over positions 0..n-1 (bit-identical to computing them
+    per call), built on first use and rebuilt when a longer one is needed or the scaling,
+    device or dtype changed (`llmctl generate --rope-scaling` edits cfg.rope_scaling of a
+    loaded model). Dynamic NTK, whose frequencies depend on the sequence length, computes
+    them on every call instead.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # not a buffer: never saved
+        self._tables_key: tuple | None = None
+
+    def rotary(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, head_dim] for `position_ids`, all of which are below `length`
+        (default: computed from position_ids, which waits for the device)."""
+        kind, params = self._scaling()
+        if kind == "dynamic":
+            return self._cos_sin(kind, params, position_ids, position_ids, dtype)
+        if length is None:
+            length = int(position_ids.max()) + 1
+        key = (repr(self.cfg.rope_scaling), self.cfg.rope_theta, position_ids.device, dtype)
+        if self._tables is None or self._tables_key != key or len(self._tables[0]) < length:
+            size = max(2 * length, 1024)  # room to grow: decoding rebuilds only on doubling
+            positions = torch.arange(size, device=position_ids.device)
+            self._tables = self._cos_sin(kind, params, positions, None, dtype)
+            self._tables_key = key
+        cos, sin = self._tables
+        return cos[position_ids], sin[position_ids]
+
+    def _scaling(self) -> tuple[str, dict]:
+        params = dict(self.cfg.rope_scaling or {})
+        return params.pop("rope_type", params.pop("type", "default")), params
+
+    def _cos_sin(self, kind: str, params: dict, positions: torch.Tensor, position_ids, dtype: torch.dtype):
+        inv_freq, factor = ROPE_SCALINGS.get(kind)(self.cfg, params, position_ids)
+        angles = positions.float()[..., None] * inv_freq.to(positions.device)
+        angles = torch.cat([angles, angles], dim=-1)  # [..., head_dim]
         return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 

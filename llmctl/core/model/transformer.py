@@ -55,10 +55,10 @@ class Block(nn.Module):
         out = self.mlp(h)
         return out if isinstance(out, tuple) else (out, None)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, MoE balance loss or None)."""
         x, _ = self.place(x, lambda h: self.self_attn(h, ctx), self.input_layernorm, self.dropout)
-        x, aux = self.place(x, self._feed_forward, self.post_attention_layernorm, self.dropout)
-        return x, aux if aux is not None else x.new_zeros(())
+        return self.place(x, self._feed_forward, self.post_attention_layernorm, self.dropout)
 
 
 class Backbone(nn.Module):
@@ -168,16 +168,20 @@ class Transformer(nn.Module):
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must be [B, {past + T}] (cached + new), got {list(attention_mask.shape)}")
         all_positions = self._positions(attention_mask, B, past + T, input_ids.device)
-        if position_ids is None:
+        given_positions = position_ids is not None
+        if not given_positions:
             position_ids = all_positions[:, past:]
 
         x = self._embed(input_ids, position_ids, token_type_ids)
-        ctx = self._context(x, position_ids, all_positions, attention_mask, cache)
+        # derived positions are all below past + T; given ones are checked by the encoding
+        ctx = self._context(x, position_ids, None if given_positions else past + T, all_positions, attention_mask,
+                            cache)
         hidden = [x] if output_hidden_states else []
         aux = x.new_zeros((), dtype=torch.float32)
         for layer in self.model.layers:
             x, layer_aux = self._run(layer, x, ctx)
-            aux = aux + layer_aux
+            if layer_aux is not None:
+                aux = aux + layer_aux
             if output_hidden_states:
                 hidden.append(x)
         if cache is not None:
@@ -207,21 +211,19 @@ class Transformer(nn.Module):
             x = m.embed_norm(x)
         return m.dropout(x)
 
-    def _context(self, x, position_ids, all_positions, attention_mask, cache) -> AttentionContext:
+    def _context(self, x, position_ids, span, all_positions, attention_mask, cache) -> AttentionContext:
         """Rotary tables and the attention mask over the keys this step can see."""
         T, past = x.shape[1], all_positions.shape[1] - x.shape[1]
         first = cache.window_start(T) if cache is not None else 0
-        q_idx = torch.arange(past, past + T, device=x.device)
-        k_idx = torch.arange(first, past + T, device=x.device)
         padding = attention_mask[:, first:] if attention_mask is not None else None
         if padding is not None and bool(padding.all()):  # no padding: keep SDPA's causal fast path
             padding = None
         positions = self.model.embed_positions
         bias = positions.attention_bias(position_ids, all_positions[:, first:])
-        mask, is_causal = build_mask(self.cfg, q_idx, k_idx, padding, bias)
+        mask, is_causal = build_mask(self.cfg, range(past, past + T), range(first, past + T), padding, bias, x.device)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
-        return AttentionContext(positions.rotary(position_ids, x.dtype), mask, is_causal, cache)
+        return AttentionContext(positions.rotary(position_ids, x.dtype, span), mask, is_causal, cache)
 
     @staticmethod
     def _positions(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
