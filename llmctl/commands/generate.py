@@ -9,7 +9,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-from llmctl.console import console, info, print_json
+from llmctl.console import console, info, print_json, warn
 from llmctl.errors import DataError, UsageError
 from llmctl.runtime import options
 
@@ -107,6 +107,9 @@ def generate(
     )
     validate(cfg)
     strategy_name(cfg, draft is not None)  # reject bad combinations before loading anything
+    if compile:
+        warn("--compile is experimental: the decode step is recompiled as the KV cache grows, "
+             "so it is slower than eager decoding in this version")
     text = sys.stdin.read() if prompt == "-" else prompt
 
     model, tok, draft_model, context = _load(checkpoint, draft, rope_scaling, rope_factor)
