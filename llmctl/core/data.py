@@ -285,18 +285,12 @@ class Corpus:
 
     def _jsonl(self, name: str, text, tick: Callable[[], None]) -> Iterator[list[str]]:
         docs = []
-        for lineno, line in enumerate(text, 1):
-            if lineno % 1024 == 0:
+        for lineno, record in parse_jsonl(text, name):
+            if len(docs) == 1024:
                 tick()
                 yield docs
                 docs = []
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{name}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or self.text_field not in record:
+            if self.text_field not in record:
                 raise DataError(f"{name}:{lineno}: no '{self.text_field}' field (choose one with --text-field)")
             value = record[self.text_field]
             if not isinstance(value, str):
@@ -375,20 +369,25 @@ class ShardWriter:
         }
 
 
+def parse_jsonl(lines: Iterable[str], name: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line; DataError naming `name`:line for invalid JSON
+    or a line that is not an object."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{name}:{number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{name}:{number}: expected a JSON object per line")
+        yield number, record
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) per non-blank line of a JSONL file, streamed; DataError naming
-    the line for invalid JSON or a line that is not an object."""
+    """`parse_jsonl` over a file, streamed."""
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line")
-            yield number, record
+        yield from parse_jsonl(f, path)
 
 
 class TokenShards:
