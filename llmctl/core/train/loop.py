@@ -34,7 +34,7 @@ from llmctl.errors import LlmctlError
 
 CHECKPOINTS = "checkpoints"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-TIMED_STEPS = 5  # steps timed before `max_time` fixes the number of steps
+TIMED_STEPS = 10  # steps timed before `max_time` fixes the number of steps
 
 
 class NonFiniteLoss(LlmctlError):
