@@ -41,6 +41,8 @@ _PARAM_PREFIX = "_llmctl_"
 
 def run_guarded(fn: Callable[[], Any]) -> Any:
     """Run `fn`, turning failures into one line on stderr and the right exit code."""
+    from rich.markup import escape
+
     from llmctl.console import console
 
     try:
@@ -50,7 +52,7 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
     except LlmctlError as exc:
         if options.debug:
             console.print_exception()
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
@@ -60,7 +62,7 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
             console.print_exception()
             raise typer.Exit(1) from None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {message} ({_DEBUG_HINT})", soft_wrap=True)
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(message)} ({_DEBUG_HINT})", soft_wrap=True)
         raise typer.Exit(1) from None
 
 

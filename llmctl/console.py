@@ -27,7 +27,9 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     """A warning on stderr (never silenced)."""
-    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

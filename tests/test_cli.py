@@ -39,7 +39,7 @@ PROBE = """
         if kind == "usage":
             raise UsageError("--flavour: expected one of a, b")
         if kind == "runtime":
-            raise CheckpointError("ckpt/model.safetensors is truncated")
+            raise CheckpointError("ckpt/model.safetensors is truncated [MASK] [bold]")
         if kind == "interrupt":
             raise KeyboardInterrupt
         raise RuntimeError("something deep broke\\nsecond line")
@@ -103,7 +103,7 @@ def test_global_options_before_and_after_the_command(site):
 @pytest.mark.parametrize(
     "kind, code, needle",
     [("usage", 2, "error: --flavour: expected one of a, b"),
-     ("runtime", 1, "error: ckpt/model.safetensors is truncated"),
+     ("runtime", 1, "error: ckpt/model.safetensors is truncated [MASK] [bold]"),  # no markup
      ("other", 1, "RuntimeError: something deep broke (re-run with --debug for the traceback)"),
      ("interrupt", 130, "interrupted")],
 )
