@@ -34,7 +34,7 @@ class TrainConfig:
 
     # length and batch
     max_steps: int = 1000
-    max_time: float | None = None  # minutes: after a few timed steps, max_steps shrinks to what fits
+    max_time: float | None = None  # minutes per invocation: max_steps shrinks to what fits (timed)
     batch_size: int = 8  # sequences per micro-batch per process
     seq_len: int = 256
     grad_accum: int = 1

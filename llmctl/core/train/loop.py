@@ -34,7 +34,7 @@ from llmctl.errors import LlmctlError
 
 CHECKPOINTS = "checkpoints"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-TIMED_STEPS = 10  # steps timed before `max_time` fixes the number of steps
+TIMED_STEPS = 10  # with `max_time`, max_steps is refitted every this many steps
 
 
 class NonFiniteLoss(LlmctlError):
@@ -285,11 +285,12 @@ class Trainer:
                     elapsed = time.perf_counter() - start
                     tokens_per_s = self.tokens_per_step / elapsed
                     mfu = self.flops_per_token * tokens_per_s / (self.peak * d.world)
-                    if not self.horizon_fixed:  # time steps 2…TIMED_STEPS+1 (the first one warms up)
+                    if not self.horizon_fixed:  # time every step after the first (it warms up)
                         now = time.perf_counter()
                         timed_from = timed_from or now
-                        if self.step - first_step > TIMED_STEPS:
-                            self._fit_time_budget(now - started, TIMED_STEPS / (now - timed_from))
+                        timed = self.step - first_step - 1
+                        if timed and timed % TIMED_STEPS == 0:
+                            self._fit_time_budget(now - started, timed / (now - timed_from))
                             bar.update(total=self.max_steps)
                     if log and (self.step % cfg.log_every == 0 or self.step == self.max_steps):
                         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -322,15 +323,16 @@ class Trainer:
         return Result(self.step, exit_code, val_loss, last_saved)
 
     def _fit_time_budget(self, elapsed: float, steps_per_s: float) -> None:
-        """Shrink max_steps, once, to what fits in `max_time` at the measured step rate (keeping
-        10% for evaluation and checkpoints); the LR schedule then ends on time. Fixed from here
-        on and stored in the training state, so a resumed run follows the same schedule."""
-        remaining = self.cfg.max_time * 60 - elapsed
+        """Set max_steps to what fits in `max_time` at the mean step rate so far (evaluations and
+        checkpoints included, 10% kept in reserve), so the LR schedule ends on time. Refitted
+        every TIMED_STEPS steps until half the budget is spent, then fixed and stored in the
+        training state, so a resumed run follows the same schedule."""
+        budget = self.cfg.max_time * 60
         [rate] = dist_.all_reduce_sum([steps_per_s], self.d, self.device)  # every rank agrees
-        fits = self.step + int(0.9 * remaining * rate / self.d.world)
+        fits = self.step + int(0.9 * (budget - elapsed) * rate / self.d.world)
         self.max_steps = max(self.step, min(self.cfg.max_steps, fits))
-        self.horizon_fixed = True
-        if self.d.is_main:
+        self.horizon_fixed = elapsed >= budget / 2 or self.max_steps == self.step
+        if self.horizon_fixed and self.d.is_main:
             info(f"max_time {self.cfg.max_time:g} min: training {self.max_steps} steps")
 
     def _log_eval(self, log: MetricsLog | None) -> float | None:
