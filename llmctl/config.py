@@ -292,14 +292,11 @@ def to_dict(config: Any) -> Any:
 
 
 def schema_for(kind: str) -> type | None:
-    """The dataclass schema registered for a config kind, or None."""
+    """The dataclass schema registered for a config kind, or None for an untyped kind."""
     target = SCHEMAS.get(kind)
     if target is None:
         return None
     import importlib
 
     module, _, name = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
+    return getattr(importlib.import_module(module), name)

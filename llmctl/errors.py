@@ -31,7 +31,3 @@ class CheckpointError(LlmctlError):
 
 class DataError(LlmctlError):
     """Input data is missing, empty or malformed (exit 1)."""
-
-
-class PluginError(LlmctlError):
-    """A plugin could not be loaded or registered (exit 1)."""

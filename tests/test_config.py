@@ -109,3 +109,12 @@ def test_config_show_cli(llmctl, recipe):
     assert r.code == 0 and "max_steps: 100" in r.stdout
     bad = llmctl("config", "show", "no-such-preset")
     assert bad.code == 2 and "unknown preset 'no-such-preset'" in bad.stderr
+
+
+def test_config_show_validates_shipped_presets(llmctl):
+    r = llmctl("config", "show", "model/nano", "num_layers=3", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["num_layers"] == 3 and r.json()["hidden_size"] == 64
+    assert llmctl("config", "show", "train/tiny", "lr=1e-3", "--json").json()["lr"] == 1e-3
+    bad = llmctl("config", "show", "model/nano", "num_layer=3")
+    assert bad.code == 2 and "did you mean 'num_layers'" in bad.stderr
