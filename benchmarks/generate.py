@@ -1,6 +1,6 @@
 """Decode speed: `llmctl.core.generate` vs transformers' generate(), greedy, CPU.
 
-    python benchmarks/generate.py [--sizes small,base] [--new-tokens 128] [--batch 16] [--repeats 3]
+    python -m benchmarks.generate [--sizes small,base] [--new-tokens 128] [--batch 16] [--repeats 3] [--compile]
 
 Random-weight Llamas built from transformers configs (no download): `small` ≈12M params
 (d=384, 6 layers, 6 heads, 2 KV heads, vocab 4096) and `base` ≈120M (d=768, 12 layers,
@@ -75,7 +75,7 @@ def build(size: str, root: Path) -> Path:
     return path
 
 
-def bench(size: str, path: Path, new_tokens: int, batch: int, repeats: int) -> dict:
+def bench(size: str, path: Path, new_tokens: int, batch: int, repeats: int, compile: bool) -> dict:
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     ours, _ = load_model(path, dtype=torch.float32)
@@ -91,30 +91,39 @@ def bench(size: str, path: Path, new_tokens: int, batch: int, repeats: int) -> d
                               min_new_tokens=n, eos_token_id=None, pad_token_id=0)
         return out[:, PROMPT_LEN:].tolist()
 
-    def run_ours(names: list[str], n: int) -> list[list[int]]:
-        cfg = GenerationConfig(max_new_tokens=n, eos_ids=[], batch_size=len(names))
-        return [r.tokens for r in generate(ours, tok, names, cfg)]
+    def runner(compiled: bool):
+        def run_ours(names: list[str], n: int) -> list[list[int]]:
+            cfg = GenerationConfig(max_new_tokens=n, eos_ids=[], batch_size=len(names), compile=compiled)
+            return [r.tokens for r in generate(ours, tok, names, cfg)]
+        return run_ours
 
-    def decode_rates(names: list[str]) -> tuple[float, float]:
-        """(HF, llmctl) decode tokens/s; runs interleaved so machine load hits both alike."""
-        best = {run: [float("inf"), float("inf")] for run in (run_hf, run_ours)}
+    runs = {"hf": run_hf, "ours": runner(False)}
+    if compile:
+        runs["compiled"] = runner(True)
+
+    def decode_rates(names: list[str]) -> dict[str, float]:
+        """Decode tokens/s per contender; runs interleaved so machine load hits all alike."""
+        best = {name: [float("inf"), float("inf")] for name in runs}
         for _ in range(repeats):
-            for run, times in best.items():
-                times[0] = min(times[0], _time(lambda: run(names, new_tokens)))
-                times[1] = min(times[1], _time(lambda: run(names, 1)))
-        return tuple(len(names) * (new_tokens - 1) / (t[0] - t[1]) for t in best.values())
+            for name, times in best.items():
+                times[0] = min(times[0], _time(lambda: runs[name](names, new_tokens)))
+                times[1] = min(times[1], _time(lambda: runs[name](names, 1)))
+        return {name: len(names) * (new_tokens - 1) / (t[0] - t[1]) for name, t in best.items()}
 
-    run_ours(["p0"], 4), run_hf(["p0"], 4)  # warm-up
-    same = run_ours(["p0"], new_tokens) == run_hf(["p0"], new_tokens)
+    for names in (["p0"], list(prompts)):  # warm-up (compiles the decode step for both batch shapes)
+        for run in runs.values():
+            run(names, 4)
+    reference = run_hf(["p0"], new_tokens)
     row = {
         "size": size,
         "params_M": round(sum(p.numel() for p in ours.parameters()) / 1e6, 1),
         "model_MB": round(sum(p.numel() * p.element_size() for p in ours.parameters()) / 1e6, 1),
-        "identical_greedy": same,
+        "identical_greedy": all(run(["p0"], new_tokens) == reference for run in runs.values()),
     }
-    row["hf_b1"], row["ours_b1"] = decode_rates(["p0"])
-    if batch > 1:
-        row[f"hf_b{batch}"], row[f"ours_b{batch}"] = decode_rates(list(prompts))
+    for b, names in ((1, ["p0"]), (batch, list(prompts))):
+        if b == 1 or batch > 1:
+            for name, rate in decode_rates(names).items():
+                row[f"{name}_b{b}"] = rate
     return row
 
 
@@ -125,6 +134,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="also time llmctl's compiled decode step (--compile)")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     if args.threads:
@@ -135,18 +145,22 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
-            row = bench(size, build(size, Path(tmp)), args.new_tokens, args.batch, args.repeats)
-            row["bandwidth_share_b1"] = row["model_MB"] * 1e6 * row["ours_b1"] / bandwidth
+            row = bench(size, build(size, Path(tmp)), args.new_tokens, args.batch, args.repeats, args.compile)
+            row["bandwidth_share_b1"] = row["model_MB"] * 1e6 * max(row["ours_b1"], row.get("compiled_b1", 0)) / bandwidth
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     print()
-    print("| model | params | batch | HF tok/s | llmctl tok/s | speed-up |")
-    print("|---|---|---|---|---|---|")
+    extra = " llmctl --compile tok/s | speed-up |" if args.compile else ""
+    print(f"| model | params | batch | HF tok/s | llmctl tok/s | speed-up |{extra}")
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
     for r in rows:
         for b in sorted({1, args.batch}):
             if f"ours_b{b}" in r:
                 hf_, us = r[f"hf_b{b}"], r[f"ours_b{b}"]
-                print(f"| {r['size']} | {r['params_M']}M | {b} | {hf_:.1f} | {us:.1f} | {us / hf_:.2f}× |")
+                line = f"| {r['size']} | {r['params_M']}M | {b} | {hf_:.1f} | {us:.1f} | {us / hf_:.2f}× |"
+                if args.compile:
+                    line += f" {r[f'compiled_b{b}']:.1f} | {r[f'compiled_b{b}'] / hf_:.2f}× |"
+                print(line)
     for r in rows:
         print(f"{r['size']}: batch-1 decode reads {r['model_MB']} MB/token → {r['bandwidth_share_b1']:.0%} of the "
               f"copy-bandwidth bound; greedy tokens identical to HF: {r['identical_greedy']}")

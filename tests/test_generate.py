@@ -395,3 +395,18 @@ def test_cli_speculative_and_beam(llmctl, ckpts):
     assert spec["tokens"] == plain["tokens"] and "acceptance_rate" in spec
     beam = llmctl("generate", target, "the quick", "-n", "8", "--num-beams", "3")
     assert beam.code == 0 and beam.stdout.strip()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gpt2"])
+def test_compiled_decode_step_equals_eager(ckpts, arch):
+    """`--compile`: a fixed-shape step, compiled once, gives the eager tokens (padded batch too)."""
+    from torch._dynamo.utils import counters
+
+    path = ckpts(arch)
+    eager = _ours(path, PROMPTS, GenerationConfig(max_new_tokens=20))
+    counters.clear()
+    compiled = _ours(path, PROMPTS, GenerationConfig(max_new_tokens=20, compile=True))
+    assert [r.tokens for r in compiled] == [r.tokens for r in eager]
+    alone = _ours(path, PROMPTS[:1], GenerationConfig(max_new_tokens=24, compile=True))  # batch 1: a new shape
+    assert alone[0].tokens[:20] == eager[0].tokens
+    assert counters["stats"]["unique_graphs"] == 2  # one per batch shape, not one per step

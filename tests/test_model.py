@@ -232,6 +232,51 @@ def test_logits_to_keep_and_hidden_states():
     assert torch.allclose(model(ids, logits_to_keep=1).logits, out.logits[:, -1:], atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_to_keep_trims_the_last_layer_exactly(variant):
+    """Only the kept positions run the last layer's queries and MLP: same logits as a full
+    forward, without and with a prefilled cache and left padding."""
+    model = make(**VARIANTS[variant])
+    ids = torch.randint(0, 97, (2, 10))
+    full = logits(model, ids)
+    for keep in (1, 4):
+        assert (logits(model, ids, logits_to_keep=keep) - full[:, -keep:]).abs().max() < 1e-5
+    cache = model.make_cache(2, 10)
+    logits(model, ids[:, :6], cache=cache, logits_to_keep=1)
+    assert (logits(model, ids[:, 6:], cache=cache, logits_to_keep=3) - full[:, -3:]).abs().max() < 1e-5
+    if model.cfg.is_causal:
+        mask = torch.ones(2, 10, dtype=torch.long)
+        mask[1, :3] = 0
+        padded = logits(model, ids, attention_mask=mask)
+        assert (logits(model, ids, attention_mask=mask, logits_to_keep=2) - padded[:, -2:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "alibi", "learned", "sliding-window", "moe", "geglu-qknorm"])
+def test_static_decode_step_matches_cached_forward(variant):
+    """`decode_step` (fixed shapes, for torch.compile) equals forward with a KV cache, padded rows too."""
+    model = make(**VARIANTS[variant])
+    rows = [torch.randint(0, 97, (n,)) for n in (7, 4)]
+    width, new, size = 7, 4, 16
+    prompt, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, size, dtype=torch.long)
+    for r, row in enumerate(rows):
+        prompt[r, width - len(row) :], mask[r, width - len(row) :] = row, 1
+    mask[:, width:] = 1
+    continuation = torch.randint(0, 97, (2, new))
+    eager, static = model.make_cache(2, size), model.make_cache(2, size)
+    for cache in (eager, static):
+        logits(model, prompt, attention_mask=mask[:, :width], cache=cache)
+    next_pos = mask[:, :width].sum(-1, keepdim=True)
+    with torch.no_grad():
+        for t in range(new):
+            step = continuation[:, t : t + 1]
+            expected = logits(model, step, attention_mask=mask[:, : width + t + 1], position_ids=next_pos + t,
+                              cache=eager)[:, -1]
+            slot = torch.tensor([static.length])
+            got = model.decode_step(step, next_pos + t, mask.bool(), static.keys, static.values, slot)
+            static.advance(1)
+            assert (got - expected).abs().max() < 1e-5
+
+
 def test_every_projection_is_a_plain_linear_at_hf_paths():
     model = make(num_experts=2, experts_per_token=1)
     names = dict(model.named_modules())

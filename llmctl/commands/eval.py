@@ -29,7 +29,7 @@ def eval_command(
     limit: Annotated[Optional[int], _opt("--limit", help="Evaluate the first N documents only.")] = None,
     samples: Annotated[Optional[int], _opt("--samples", help="Generation: sample N answers and majority-vote (self-consistency).")] = None,
     cot: Annotated[bool, _opt("--cot", help="Generation: wrap prompts in the task's chain-of-thought template.")] = False,
-    batch_size: Annotated[int, _opt("--batch-size", "-b", help="Sequences per forward pass (default 16).")] = 16,
+    batch_size: Annotated[int, _opt("--batch-size", "-b", help="Sequences per forward pass (default 16; on CPU also at most 1,024 tokens).")] = 16,
     no_record: Annotated[bool, _opt("--no-record", help="Do not append results to the checkpoints' llmctl.json.")] = False,
 ) -> None:
     """Evaluate checkpoints: perplexity, multiple choice (lm-eval semantics) and generation tasks."""

@@ -107,9 +107,6 @@ def generate(
     )
     validate(cfg)
     strategy_name(cfg, draft is not None)  # reject bad combinations before loading anything
-    if compile:
-        warn("--compile is experimental: the decode step is recompiled as the KV cache grows, "
-             "so it is slower than eager decoding in this version")
     text = sys.stdin.read() if prompt == "-" else prompt
 
     model, tok, draft_model, context = _load(checkpoint, draft, rope_scaling, rope_factor)

@@ -28,13 +28,15 @@ class ScoringModel:
     """A model (`model(ids).logits`) and tokenizer (`encode`/`decode`, `bos_id`/`eos_id`)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_length: int, batch_size: int = 16,
-                 max_batch_tokens: int = 16384, device: torch.device | str = "cpu"):
+                 max_batch_tokens: int | None = None, device: torch.device | str = "cpu"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.batch_size = batch_size  # rows per forward pass, at most
-        self.max_batch_tokens = max_batch_tokens  # and at most this many padded tokens
         self.device = torch.device(device)
+        self.batch_size = batch_size  # rows per forward pass, at most
+        # and at most this many padded tokens: on CPU, activations that stay in cache beat
+        # bigger matrix products (measured: 1K tokens per pass ran 10-25% faster than 4K)
+        self.max_batch_tokens = max_batch_tokens or (1024 if self.device.type == "cpu" else 16384)
 
     @property
     def prefix_token(self) -> int:
@@ -114,8 +116,8 @@ class ScoringModel:
             picked = logits[rows_idx.to(logits.device), (target_pos - 1 - first_kept).to(logits.device)]
             targets = tokens[rows_idx, target_pos].to(logits.device)
             valid = valid.to(logits.device)
-        picked = picked.float()
-        logprobs = torch.log_softmax(picked, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        picked = picked.float()  # log p(target) = logit(target) - logsumexp(logits): no full log_softmax
+        logprobs = picked.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
         sums = logprobs.masked_fill(~valid, 0.0).sum(-1).tolist()
         if not greedy:
             return [Score(total, None, k) for total, k in zip(sums, n_scored)]

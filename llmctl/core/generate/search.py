@@ -63,8 +63,10 @@ class Runner:
 
     def __init__(self, model, prompts: list[list[int]], max_len: int, device: torch.device, compile: bool = False):
         self.model = model
-        self.step_fn = torch.compile(model, dynamic=True) if compile else model
+        self.step_fn = compiled_decode_step(model) if compile else None
         width = max(len(p) for p in prompts)
+        if compile:  # one compiled graph per (batch, cache size): round the size up
+            max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
         self.ids = torch.zeros(len(prompts), width, dtype=torch.long)
         lengths = torch.tensor([len(p) for p in prompts])
         for i, p in enumerate(prompts):
@@ -98,15 +100,29 @@ class Runner:
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Append `ids` [B, T] to every row; returns logits [B, T, V]."""
         n = ids.shape[1]
-        fn = self.step_fn if n == 1 else self.model
+        if n == 1 and self.step_fn is not None:
+            return self._static_step(ids)
         if self.mask is None:
-            out = fn(ids, cache=self.cache)
+            out = self.model(ids, cache=self.cache)
         else:
             positions = self.next_pos + torch.arange(n, device=ids.device)
-            out = fn(ids, attention_mask=self.mask[:, : self.length + n], position_ids=positions, cache=self.cache)
+            out = self.model(ids, attention_mask=self.mask[:, : self.length + n], position_ids=positions,
+                             cache=self.cache)
             self.next_pos = self.next_pos + n
         self.length += n
         return out.logits
+
+    def _static_step(self, ids: torch.Tensor) -> torch.Tensor:
+        slot = torch.tensor([self.cache.length], device=ids.device)
+        if self.mask is None:
+            positions, padding = slot.expand(ids.shape[0], 1), None
+        else:
+            positions, padding = self.next_pos, self.mask.bool()
+            self.next_pos = self.next_pos + 1
+        logits = self.step_fn(ids, positions, padding, self.cache.keys, self.cache.values, slot)
+        self.cache.advance(1)
+        self.length += 1
+        return logits[:, None]
 
     def truncate(self, length: int) -> None:
         """Forget everything after the first `length` cached tokens (all rows)."""
@@ -121,6 +137,30 @@ class Runner:
         if self.mask is not None:
             self.mask = self.mask[index]
             self.next_pos = self.next_pos[index]
+
+
+CACHE_BUCKET = 256  # compiled decoding: cache sizes are multiples of this
+
+
+def compiled_decode_step(model) -> Callable:
+    """`model.decode_step` under torch.compile with static shapes and frozen weights, made once
+    per model (so the weights must not change afterwards)."""
+    step = getattr(model, "_llmctl_compiled_step", None)
+    if step is None:
+        import torch._dynamo
+        import torch._inductor.config
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        compiled = torch.compile(model.decode_step, dynamic=False)
+
+        def step(*args):
+            # freezing (read when a graph is compiled): weights become constants that
+            # inductor pre-packs for its GEMM kernels; it applies under inference_mode only
+            with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+                return compiled(*args)
+
+        model._llmctl_compiled_step = step
+    return step
 
 
 def _max_len(job: Job) -> int:

@@ -109,17 +109,27 @@ class Attention(nn.Module):
         self.dropout = cfg.attention_dropout
         self.kernel = ATTENTION_KERNELS.get(cfg.attention_kernel)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, keep: int = 0) -> tuple[torch.Tensor, None]:
+        """Attention output [B, T, hidden]; keep > 0: only the last `keep` positions query
+        (every position still gives keys and values, to the cache too)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        Tq = keep or T
+        q = self.q_proj(x[:, T - Tq :]).view(B, Tq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
         if ctx.rotary is not None:
-            q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
+            cos, sin = ctx.rotary
+            q, k = apply_rotary(q, cos[:, T - Tq :], sin[:, T - Tq :]), apply_rotary(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)
-        out = self.kernel(q, k, v, ctx.mask, ctx.is_causal, self.dropout if self.training else 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
+        mask, is_causal = ctx.mask, ctx.is_causal
+        if Tq < T and mask is not None:
+            mask = mask[..., -Tq:, :]
+        elif Tq < T and is_causal:  # SDPA aligns is_causal top-left: spell out the bottom-right mask
+            K = k.shape[2]
+            mask, is_causal = torch.ones(Tq, K, dtype=torch.bool, device=x.device).tril(K - Tq), False
+        out = self.kernel(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, -1)), None

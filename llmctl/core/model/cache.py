@@ -73,3 +73,20 @@ class KVCache:
         """Keep batch rows `index` (LongTensor [B']), e.g. the surviving beams."""
         self.keys = [k.index_select(0, index.to(k.device)) for k in self.keys]
         self.values = [v.index_select(0, index.to(v.device)) for v in self.values]
+
+
+class StaticSlot:
+    """A fixed-shape view of a KVCache for a compiled decode step.
+
+    `update` writes the step's keys/values at `position` (a LongTensor [1], so the value is
+    data, not a compile-time constant) and returns the whole pre-allocated buffers; the
+    caller masks the positions not filled yet. Nothing in it depends on the cache length.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], position: torch.Tensor):
+        self.keys, self.values, self.position = keys, values, position
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer].index_copy_(2, self.position, k)
+        self.values[layer].index_copy_(2, self.position, v)
+        return self.keys[layer], self.values[layer]

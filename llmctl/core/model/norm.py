@@ -50,18 +50,25 @@ def make_norm(cfg, dim: int | None = None) -> nn.Module:
 
 
 # Where a block's norms sit around a sublayer (attention or feed-forward).
+# A placement is fn(x, sublayer, norm, dropout, keep) -> (output, aux_loss), where `sublayer`
+# returns (output, aux_loss) and keep > 0 means it returns the last `keep` positions only.
 PLACEMENTS: Registry = Registry("norm placement")
 
 
+def tail(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """The last `keep` positions of x [B, T, ...] (all of them when keep is 0)."""
+    return x[:, -keep:] if keep else x
+
+
 @PLACEMENTS.register("pre")
-def pre_norm(x: torch.Tensor, sublayer, norm: nn.Module, dropout: nn.Module):
-    """x + sublayer(norm(x)) (GPT-2, Llama). `sublayer` returns (output, aux_loss)."""
+def pre_norm(x: torch.Tensor, sublayer, norm: nn.Module, dropout: nn.Module, keep: int = 0):
+    """x + sublayer(norm(x)) (GPT-2, Llama)."""
     out, aux = sublayer(norm(x))
-    return x + dropout(out), aux
+    return tail(x, keep) + dropout(out), aux
 
 
 @PLACEMENTS.register("post")
-def post_norm(x: torch.Tensor, sublayer, norm: nn.Module, dropout: nn.Module):
+def post_norm(x: torch.Tensor, sublayer, norm: nn.Module, dropout: nn.Module, keep: int = 0):
     """norm(x + sublayer(x)) (original Transformer, BERT)."""
     out, aux = sublayer(x)
-    return norm(x + dropout(out)), aux
+    return norm(tail(x, keep) + dropout(out)), aux

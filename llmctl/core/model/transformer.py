@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llmctl.core.model.attention import Attention, AttentionContext, build_mask
-from llmctl.core.model.cache import KVCache
+from llmctl.core.model.cache import KVCache, StaticSlot
 from llmctl.core.model.config import ModelConfig
 from llmctl.core.model.mlp import ACTIVATIONS, make_mlp
 from llmctl.core.model.moe import MoE
@@ -55,9 +55,9 @@ class Block(nn.Module):
         out = self.mlp(h)
         return out if isinstance(out, tuple) else (out, None)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(output, MoE balance loss or None)."""
-        x, _ = self.place(x, lambda h: self.self_attn(h, ctx), self.input_layernorm, self.dropout)
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, keep: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, MoE balance loss or None); keep > 0: output the last `keep` positions only."""
+        x, _ = self.place(x, lambda h: self.self_attn(h, ctx, keep), self.input_layernorm, self.dropout, keep)
         return self.place(x, self._feed_forward, self.post_attention_layernorm, self.dropout)
 
 
@@ -178,8 +178,11 @@ class Transformer(nn.Module):
                             cache)
         hidden = [x] if output_hidden_states else []
         aux = x.new_zeros((), dtype=torch.float32)
-        for layer in self.model.layers:
-            x, layer_aux = self._run(layer, x, ctx)
+        # positions whose logits are not wanted need no output from the last layer
+        trim = logits_to_keep if labels is None and not output_hidden_states and logits_to_keep < T else 0
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            x, layer_aux = self._run(layer, x, ctx, trim if i == last else 0)
             if layer_aux is not None:
                 aux = aux + layer_aux
             if output_hidden_states:
@@ -196,6 +199,35 @@ class Transformer(nn.Module):
                 aux = aux + cfg.mtp_loss_weight * self._mtp_loss(x, ctx, labels)
         out.aux_loss = aux
         return out
+
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor | None,
+                    keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of one new token per row, written into cache slot `slot` (LongTensor [1]).
+
+        Every shape is fixed by the cache (attention runs over all its slots, masked to the
+        filled ones, the sliding window and `padding` [B, S] bool), so `torch.compile(...,
+        dynamic=False)` compiles it once per batch size and cache size. Same result as
+        `forward(input_ids, cache=...)` at cache length `slot`; the caller advances the cache.
+        """
+        cfg = self.cfg
+        x = self._embed(input_ids, position_ids, None)
+        key_idx = torch.arange(keys[0].shape[2], device=x.device)
+        visible = key_idx <= slot
+        if cfg.sliding_window is not None:
+            visible = visible & (key_idx > slot - cfg.sliding_window)
+        mask = visible[None, None, None, :]
+        if padding is not None:
+            mask = mask & padding[:, None, None, :]
+        positions = self.model.embed_positions
+        key_pos = key_idx.expand(x.shape[0], -1) if padding is None else self._positions(padding, 0, 0, x.device)
+        bias = positions.attention_bias(position_ids, key_pos)
+        if bias is not None:
+            mask = bias.masked_fill(~mask, float("-inf")).to(x.dtype)
+        rotary = positions.rotary(position_ids, x.dtype, keys[0].shape[2])
+        ctx = AttentionContext(rotary, mask, False, StaticSlot(keys, values, slot))
+        for layer in self.model.layers:
+            x, _ = layer(x, ctx)
+        return self._logits(x, 1)[:, -1]
 
     def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids) -> torch.Tensor:
         cfg, m = self.cfg, self.model
@@ -232,10 +264,10 @@ class Transformer(nn.Module):
             return torch.arange(length, device=device).expand(batch, length)
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def _run(self, layer: Block, x: torch.Tensor, ctx: AttentionContext):
+    def _run(self, layer: Block, x: torch.Tensor, ctx: AttentionContext, keep: int = 0):
         if self.cfg.gradient_checkpointing and self.training:
-            return checkpoint(layer, x, ctx, use_reentrant=False)
-        return layer(x, ctx)
+            return checkpoint(layer, x, ctx, keep, use_reentrant=False)
+        return layer(x, ctx, keep)
 
     def _logits(self, x: torch.Tensor, keep: int) -> torch.Tensor:
         if keep:
