@@ -9,7 +9,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-from llmctl.console import console, info, print_json, warn
+from llmctl.console import console, info, print_json
 from llmctl.errors import DataError, UsageError
 from llmctl.runtime import options
 
