@@ -38,10 +38,16 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def emit(data: Any, render: Callable[[], None] | None = None) -> None:
-    """Machine output under `--json`, otherwise the human rendering (on stderr)."""
+def emit(data: Any, render: Callable[[], None] | None = None, *, report: bool = False) -> None:
+    """Machine output under `--json`, otherwise the human rendering (on stderr).
+
+    `report=True` marks a summary of outputs the command wrote (not its result): `--quiet`
+    silences it, like every other human message.
+    """
     if options.json:
         print_json(data)
+    elif report and options.quiet:
+        return
     elif render is not None:
         render()
     else:

@@ -268,7 +268,7 @@ BAD = ["missing_dir", "not_a_dir", "no_config", "bad_config_json", "no_weights",
 @pytest.mark.parametrize("kind", BAD)
 def test_bad_checkpoints(tmp_path, kind):
     path, needle = _bad(kind, tmp_path)
-    error = UsageError if kind == "not_a_dir" else CheckpointError
+    error = UsageError if kind in ("missing_dir", "not_a_dir") else CheckpointError  # a wrong argument: exit 2
     with pytest.raises(error) as info:
         open_checkpoint(path)
     message = str(info.value)

@@ -85,7 +85,7 @@ def test_info_on_hf_directories(llmctl, tmp_path):
 
 def test_info_errors(llmctl, tmp_path):
     result = llmctl("info", tmp_path / "nope")
-    assert result.code == 1 and "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.code == 2 and "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     (tmp_path / "file.txt").write_text("x")
     assert llmctl("info", tmp_path / "file.txt").code == 2
     (tmp_path / "empty").mkdir()

@@ -194,6 +194,8 @@ def test_cli_train_encode_memmap_matches_direct_encode(llmctl, tokdir, tmp_path,
     assert llmctl("tokenize", "encode", corpus, "--tokenizer", tokdir, "-o", out).code == 2
     r = llmctl("tokenize", "encode", corpus, "--tokenizer", tokdir, "-o", out, "--force", "--no-append-eos", "--json")
     assert r.code == 0 and r.json()["tokens"] == sum(len(tok.encode(d)) for d in docs)
+    quiet = llmctl("--quiet", "tokenize", "encode", corpus, "--tokenizer", tokdir, "-o", out, "--force")
+    assert quiet.code == 0 and quiet.stdout == quiet.stderr == ""  # --quiet silences the summary table
 
     # a shard of another tokenizer is refused by training's check
     other = train_tokenizer(TrainSpec(algo="bpe", vocab_size=300), [CORPUS])

@@ -13,13 +13,13 @@ def plot(
     height: Annotated[int, typer.Option(help="Terminal chart height in lines.")] = 14,
 ) -> None:
     """Draw the curves to a PNG with -o, else as a compact terminal chart."""
-    from llmctl.console import console, emit
+    from llmctl.console import console, emit, info
     from llmctl.core.train.plot import load_curves, render_png, render_terminal
 
     curves = load_curves(outdir)
     if output is not None:
         render_png(curves, output)
-        emit({"output": str(output)}, lambda: console.print(f"wrote {output}"))
+        emit({"output": str(output)}, lambda: info(f"wrote {output}"))
     else:
         columns = width or max(30, min(100, console.width - 12))
         emit(curves, lambda: console.print(render_terminal(curves, columns, height), highlight=False, markup=False))

@@ -100,7 +100,7 @@ def train(
         "bytes_per_token": round(sample_bytes / max(sample_tokens, 1), 3), "seconds": round(seconds, 3),
         "tokenizer_hash": tok.hash,
     }
-    emit(result, lambda: _summary(f"tokenizer → {output}", {
+    emit(result, report=True, render=lambda: _summary(f"tokenizer → {output}", {
         "algorithm": algo, "vocab size": f"{tok.vocab_size:,}", "documents": f"{data.stats.documents:,}",
         "corpus": _bytes(data.stats.bytes), "bytes/token": f"{result['bytes_per_token']:.2f} (on the first MB)",
         "time": f"{seconds:.1f} s", "hash": tok.hash,
@@ -160,7 +160,7 @@ def encode(
         info(f"{_bytes(stats.text_bytes)} of text in {result.seconds:.1f} s ({facts['mb_per_s']} MB/s), "
              f"{facts['bytes_per_token']:.2f} bytes/token, {m['dtype']}, tokenizer {m['tokenizer_hash']}")
 
-    emit(facts, render)
+    emit(facts, render, report=True)
 
 
 def _parse_ids(words: list[str]) -> list[int]:

@@ -282,12 +282,12 @@ def _find_weights(path: Path) -> tuple[str, list[str], str | None, dict[str, str
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open and validate a checkpoint directory (llmctl or Hugging Face).
 
-    Raises CheckpointError naming the file for a missing or corrupt part, UsageError when
-    `path` is not a directory.
+    Raises CheckpointError naming the file for a missing or corrupt part, UsageError (exit 2,
+    a wrong argument) when `path` does not exist or is not a directory.
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise UsageError(f"checkpoint {path} does not exist")
     if not path.is_dir():
         raise UsageError(f"{path} is not a checkpoint directory (give the directory that holds config.json)")
     return Checkpoint(path)
