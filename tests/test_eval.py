@@ -167,6 +167,28 @@ def test_batching_does_not_change_scores(hf_model, tok):
             assert a.logprob == pytest.approx(b.logprob, rel=1e-5) and (a.greedy, a.tokens) == (b.greedy, b.tokens)
 
 
+def test_shared_context_cache_equals_hf_and_plain_rows(hf_dir, hf_model, tok):
+    """Choices sharing a context reuse its KV cache: same scores as whole rows and as HF."""
+    from llmctl.core.hf import load_model
+
+    model = load_model(hf_dir)[0]
+    lm = ScoringModel(model, tok, max_length=64, batch_size=4)
+    context = TEXT[:60]
+    requests = [lm.encode_pair(context, c) for c in [" the", " a long continuation of words", " x", " and so"]]
+    requests += [lm.encode_pair(TEXT[:7], " y"), lm.encode_pair(TEXT[:300], " truncated on the left")]
+    calls = []
+    score_shared = lm._score_shared
+    lm._score_shared = lambda prefix, conts: calls.append(len(conts)) or score_shared(prefix, conts)
+    shared = lm.loglikelihood(requests, share_min_tokens=1)
+    assert 4 in calls  # the four choices of the first context shared one prefix pass
+    plain = lm.loglikelihood(requests, share_min_tokens=10**9)
+    assert lm.loglikelihood(requests)[0] == pytest.approx(shared[0])
+    for (ctx, cont), a, b in zip(requests, shared, plain):
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-5) and (a.greedy, a.tokens) == (b.greedy, b.tokens)
+        if len(ctx) + len(cont) <= 65:
+            assert a.logprob == pytest.approx(hf_continuation_logprob(hf_model, ctx, cont), rel=1e-5)
+
+
 def test_encode_pair_moves_trailing_space():
     class Chars:
         bos_id, eos_id = 0, 1
