@@ -410,3 +410,14 @@ def test_compiled_decode_step_equals_eager(ckpts, arch):
     alone = _ours(path, PROMPTS[:1], GenerationConfig(max_new_tokens=24, compile=True))  # batch 1: a new shape
     assert alone[0].tokens[:20] == eager[0].tokens
     assert counters["stats"]["unique_graphs"] == 2  # one per batch shape, not one per step
+
+
+def test_compiled_step_in_beam_search_and_speculative_draft(ckpts):
+    path, draft = ckpts("mistral"), ckpts("llama", seed=5, num_hidden_layers=1)
+    beam = dict(max_new_tokens=12, num_beams=3, eos_ids=[])
+    assert (_ours(path, PROMPTS[:1], GenerationConfig(**beam, compile=True))[0].tokens
+            == _ours(path, PROMPTS[:1], GenerationConfig(**beam))[0].tokens)
+    spec = dict(max_new_tokens=16, eos_ids=[], speculate_k=3)
+    target = ckpts("llama")
+    assert (_ours(target, PROMPTS[:1], GenerationConfig(**spec, compile=True), draft=draft)[0].tokens
+            == _ours(target, PROMPTS[:1], GenerationConfig(max_new_tokens=16, eos_ids=[]))[0].tokens)

@@ -201,7 +201,7 @@ def beam_search(model, job: Job) -> None:
     cfg, nb, V = job.cfg, job.cfg.num_beams, job.vocab_size
     B, steps, dev = len(job.prompts), cfg.max_new_tokens, job.device
     rows = [p for p in job.prompts for _ in range(nb)]
-    runner = Runner(model, rows, _max_len(job), dev)
+    runner = Runner(model, rows, _max_len(job), dev, cfg.compile)
     logits = _timed_prefill(runner, job)[:, -1]
     start = time.perf_counter()
     history = job.history(rows)
