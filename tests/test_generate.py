@@ -404,10 +404,11 @@ def test_compiled_decode_step_equals_eager(ckpts, arch):
 
     path = ckpts(arch)
     eager = _ours(path, PROMPTS, GenerationConfig(max_new_tokens=20))
+    model, tok = load_model(path)[0], load_tokenizer(path)  # fresh: no RoPE tables, nothing compiled
     counters.clear()
-    compiled = _ours(path, PROMPTS, GenerationConfig(max_new_tokens=20, compile=True))
+    compiled = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=20, compile=True))
     assert [r.tokens for r in compiled] == [r.tokens for r in eager]
-    alone = _ours(path, PROMPTS[:1], GenerationConfig(max_new_tokens=24, compile=True))  # batch 1: a new shape
+    alone = generate(model, tok, PROMPTS[:1], GenerationConfig(max_new_tokens=24, compile=True))  # a new shape
     assert alone[0].tokens[:20] == eager[0].tokens
     assert counters["stats"]["unique_graphs"] == 2  # one per batch shape, not one per step
 

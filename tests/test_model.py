@@ -148,6 +148,7 @@ def test_rope_tables_match_direct_computation_and_follow_changes():
     cos, sin = rope.rotary(far, torch.float32)
     expect = rope._cos_sin("default", {}, far, far, torch.float32)
     assert torch.equal(cos, expect[0]) and torch.equal(sin, expect[1])
+    assert all(torch.equal(a, b) for a, b in zip(rope.rotary(far, torch.float32, cached=False), (cos, sin)))
     model.cfg.rope_scaling = {"rope_type": "linear", "factor": 2.0}  # as `generate --rope-scaling` does
     cos, _ = rope.rotary(far, torch.float32, 3001)
     assert torch.equal(cos, rope._cos_sin("linear", {"factor": 2.0}, far, far, torch.float32)[0])

@@ -79,6 +79,16 @@ class Runner:
             self.mask = torch.ones(len(prompts), max_len, dtype=torch.long, device=device)
             self.mask[:, :width] = torch.arange(width)[None, :] >= (width - lengths)[:, None]
             self.next_pos = lengths.to(device)[:, None]
+        if self.step_fn is not None:
+            self._compile_now()
+
+    def _compile_now(self) -> None:
+        """Compile (or look up) the step for this batch and cache size before anything is
+        timed; the dummy token it writes in slot 0 is overwritten by the prefill."""
+        next_pos = self.next_pos
+        self._static_step(torch.zeros(self.cache.batch_size, 1, dtype=torch.long, device=self.ids.device))
+        self.cache.truncate(0)
+        self.length, self.next_pos = 0, next_pos
 
     @property
     def padded(self) -> bool:

@@ -35,7 +35,7 @@ class PositionEncoding(nn.Module):
         return None
 
     def rotary(
-        self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None
+        self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None, cached: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
@@ -99,13 +99,16 @@ class RoPE(PositionEncoding):
         self._tables_key: tuple | None = None
 
     def rotary(
-        self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None
+        self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None, cached: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, T, head_dim] for `position_ids`, all of which are below `length`
-        (default: computed from position_ids, which waits for the device)."""
+        (default: computed from position_ids, which waits for the device). `cached=False`
+        computes them without the tables (no module state: for compiled steps)."""
         kind, params = self._scaling()
         if kind == "dynamic":
             return self._cos_sin(kind, params, position_ids, position_ids, dtype)
+        if not cached:
+            return self._cos_sin(kind, params, position_ids, None, dtype)
         if length is None:
             length = int(position_ids.max()) + 1
         key = (repr(self.cfg.rope_scaling), self.cfg.rope_theta, position_ids.device, dtype)

@@ -223,7 +223,7 @@ class Transformer(nn.Module):
         bias = positions.attention_bias(position_ids, key_pos)
         if bias is not None:
             mask = bias.masked_fill(~mask, float("-inf")).to(x.dtype)
-        rotary = positions.rotary(position_ids, x.dtype, keys[0].shape[2])
+        rotary = positions.rotary(position_ids, x.dtype, cached=False)  # a few fused ops once compiled
         ctx = AttentionContext(rotary, mask, False, StaticSlot(keys, values, slot))
         for layer in self.model.layers:
             x, _ = layer(x, ctx)
