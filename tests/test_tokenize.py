@@ -22,6 +22,7 @@ MULTILINGUAL = [
     "line one\nline two",
 ]
 CORPUS = MULTILINGUAL * 8
+UNSEEN = "ქართული ენა 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \x00\x7f"  # scripts and controls the corpus lacks
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Hi there"},
@@ -42,7 +43,7 @@ def trained(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("algo", ["bytelevel", "bpe", "unigram", "char", "wordpiece"])
+@pytest.mark.parametrize("algo", ["bytelevel", "bpe", "bpe_bytes", "unigram", "char", "wordpiece"])
 def test_round_trip_multilingual(trained, algo):
     tok = load_tokenizer(trained[algo])
     for text in MULTILINGUAL:
@@ -52,9 +53,12 @@ def test_round_trip_multilingual(trained, algo):
         else:
             assert decoded == text
     assert tok.unk_id is None or tok.unk_id not in tok.encode("".join(MULTILINGUAL))
-    if algo == "bytelevel":  # never an unknown token, even for unseen scripts
-        unseen = "ქართული ენა 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \x00\x7f"
-        assert tok.decode(tok.encode(unseen)) == unseen
+    if algo in ("bytelevel", "bpe_bytes"):  # never an unknown token, even for unseen scripts
+        assert tok.unk_id not in tok.encode(UNSEEN) and tok.decode(tok.encode(UNSEEN)) == UNSEEN
+    if algo == "bpe_bytes":  # bytes come right after the special tokens, as in Llama 2
+        first = min(tok.inner.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        assert [tok.inner.token_to_id(f"<0x{b:02X}>") for b in range(256)] == list(range(first, first + 256))
+        assert tok.vocab_size == 400
 
 
 def test_algorithm_conventions(trained):
@@ -73,12 +77,12 @@ def test_algorithm_conventions(trained):
     assert all(len(t) == 1 or t.startswith("<") for t in char.inner.get_vocab())
 
 
-@pytest.mark.parametrize("algo", ["bytelevel", "bpe", "unigram", "char", "wordpiece"])
+@pytest.mark.parametrize("algo", ["bytelevel", "bpe", "bpe_bytes", "unigram", "char", "wordpiece"])
 def test_transformers_loads_with_same_ids(trained, algo):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(trained[algo]))
     tok = load_tokenizer(trained[algo])
-    for text in MULTILINGUAL:
+    for text in [*MULTILINGUAL, UNSEEN]:
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
         assert hf.encode(text) == tok.encode(text, add_special_tokens=True)
         ids = tok.encode(text)

@@ -53,7 +53,7 @@ def train(
     corpus: CorpusArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="The tokenizer directory to write.")],
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size, special tokens included.")],
-    algo: Annotated[str, typer.Option(help="bytelevel, bpe, unigram, wordpiece or char.")] = "bytelevel",
+    algo: Annotated[str, typer.Option(help="bytelevel, bpe, bpe_bytes (bpe with byte fallback), unigram, wordpiece or char.")] = "bytelevel",
     min_frequency: Annotated[int, typer.Option(help="Minimum pair frequency to merge (bpe, wordpiece).")] = 2,
     special_tokens: Annotated[
         Optional[list[str]], typer.Option("--special-tokens", help="Extra special tokens (repeat or comma-separate).")

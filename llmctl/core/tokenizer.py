@@ -6,6 +6,7 @@ as-is and gives the same ids. Algorithms are registered in `ALGORITHMS`:
 
     bytelevel  GPT-2 style byte-level BPE: any input encodes, never an unknown token
     bpe        character BPE over SentencePiece-style metaspace (`▁`) words, `<unk>` fallback
+    bpe_bytes  the same with byte fallback: unknown characters become <0xNN> byte tokens (Llama 2)
     unigram    SentencePiece unigram LM over metaspace words
     wordpiece  BERT WordPiece (`##` continuations, [CLS] x [SEP] post-processing)
     char       one token per character (no merges)
@@ -81,6 +82,31 @@ class MetaspaceBPE(Algorithm):
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
         )
         return tok, trainer
+
+
+@ALGORITHMS.register("bpe_bytes")
+class ByteFallbackBPE(MetaspaceBPE):
+    """`bpe` plus the 256 byte tokens <0x00>…<0xFF> right after the special tokens: a character
+    the vocabulary lacks encodes as its UTF-8 bytes instead of <unk> (Llama 2, Mistral)."""
+
+    fixed_alphabet = 256
+
+    def build(self, vocab_size, min_frequency, specials):
+        return super().build(vocab_size - self.fixed_alphabet, min_frequency, specials)
+
+    def post_process(self, tok) -> None:
+        import json
+
+        from tokenizers import decoders, models
+
+        trained = json.loads(tok.to_str())["model"]
+        first = len(tok.get_added_tokens_decoder())  # the special tokens hold ids 0 … first - 1
+        byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+        vocab = {t: i if i < first else i + 256 for t, i in trained["vocab"].items() if t not in byte_tokens}
+        vocab.update({t: first + b for b, t in enumerate(byte_tokens)})
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+        tok.model = models.BPE(vocab, merges, unk_token=UNK, byte_fallback=True)
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
 
 
 @ALGORITHMS.register("char")
