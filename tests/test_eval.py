@@ -176,13 +176,14 @@ def test_shared_context_cache_equals_hf_and_plain_rows(hf_dir, hf_model, tok):
     context = TEXT[:60]
     requests = [lm.encode_pair(context, c) for c in [" the", " a long continuation of words", " x", " and so"]]
     requests += [lm.encode_pair(TEXT[:7], " y"), lm.encode_pair(TEXT[:300], " truncated on the left")]
+    requests += [lm.encode_pair(TEXT[20:50], c) for c in [" one", " two words"]]  # a second group, shorter
     calls = []
     score_shared = lm._score_shared
-    lm._score_shared = lambda prefix, conts: calls.append(len(conts)) or score_shared(prefix, conts)
+    lm._score_shared = lambda prefixes, conts: calls.extend(map(len, conts)) or score_shared(prefixes, conts)
     shared = lm.loglikelihood(requests, share_min_tokens=1)
-    assert 4 in calls  # the four choices of the first context shared one prefix pass
+    assert calls.count(4) == 1 and calls.count(2) == 1  # two groups, batched: contexts left-padded
     plain = lm.loglikelihood(requests, share_min_tokens=10**9)
-    assert lm.loglikelihood(requests)[0] == pytest.approx(shared[0])
+    assert lm.loglikelihood(requests)[0].logprob == pytest.approx(shared[0].logprob, rel=1e-5)
     for (ctx, cont), a, b in zip(requests, shared, plain):
         assert a.logprob == pytest.approx(b.logprob, rel=1e-5) and (a.greedy, a.tokens) == (b.greedy, b.tokens)
         if len(ctx) + len(cont) <= 65:

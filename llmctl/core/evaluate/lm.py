@@ -67,11 +67,9 @@ class ScoringModel:
         return whole[: len(context_ids)], whole[len(context_ids) :]
 
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, keep: int = 0, cache=None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
         """Logits [B, T, V], or of the last `keep` positions only (skips the rest of the head)."""
         kwargs = {"logits_to_keep": keep} if 0 < keep < input_ids.shape[1] else {}
-        if cache is not None:
-            kwargs["cache"] = cache
         out = self.model(input_ids.to(self.device), **kwargs)
         return out.logits if hasattr(out, "logits") else out
 
@@ -145,39 +143,56 @@ class ScoringModel:
         for i, (row, n) in enumerate(zip(rows, n_scored)):
             groups.setdefault(tuple(row[: len(row) - n]), []).append(i)
         results: list[Score | None] = [None] * len(rows)
-        plain = []
+        shared, plain = [], []
         for prefix, members in groups.items():
-            if not self.can_share or (len(members) - 1) * len(prefix) < share_min_tokens:
+            if self.can_share and (len(members) - 1) * len(prefix) >= share_min_tokens:
+                shared.append((list(prefix), members))
+            else:
                 plain += members
-                continue
-            scores = self._score_shared(list(prefix), [rows[i][len(prefix) :] for i in members])
-            for i, score in zip(members, scores):
-                results[i] = score
-            if progress is not None:
-                progress.advance(len(members))
+        shared.sort(key=lambda group: -len(group[0]))
+        start = 0
+        while start < len(shared):  # groups of similar context length, ≤ max_batch_tokens of contexts
+            size = max(1, self.max_batch_tokens // len(shared[start][0]))
+            chunk = shared[start : start + size]
+            start += size
+            conts = [[rows[i][len(prefix) :] for i in members] for prefix, members in chunk]
+            scores = self._score_shared([prefix for prefix, _ in chunk], conts)
+            for (_, members), group_scores in zip(chunk, scores):
+                for i, score in zip(members, group_scores):
+                    results[i] = score
+                if progress is not None:
+                    progress.advance(len(members))
         for i, score in zip(plain, self.score_rows([rows[i] for i in plain], [n_scored[i] for i in plain], progress)):
             results[i] = score
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _score_shared(self, prefix: list[int], continuations: list[list[int]]) -> list[Score]:
-        """Score each continuation after the same prefix: one pass over the prefix with a KV
-        cache, copied to one row per continuation, then one pass over the continuations."""
-        longest = max(len(c) for c in continuations)
-        cache = self.model.make_cache(1, len(prefix) + longest - 1, device=self.device)
-        first = self.logits(torch.tensor([prefix]), 1, cache=cache)[:, -1:]
-        G = len(continuations)
-        targets = torch.zeros(G, longest, dtype=torch.long)
-        valid = torch.zeros(G, longest, dtype=torch.bool)
-        for g, c in enumerate(continuations):
-            targets[g, : len(c)] = torch.as_tensor(c, dtype=torch.long)
-            valid[g, : len(c)] = True
-        logits = first.expand(G, 1, -1)
-        if longest > 1:  # continuation token t is predicted at its position t - 1 (right padding is never seen)
-            cache.reorder(torch.zeros(G, dtype=torch.long))
-            logits = torch.cat([logits, self.logits(targets[:, :-1], cache=cache)], dim=1)
-        targets, valid = targets.to(logits.device), valid.to(logits.device)
-        return _span_scores(logits, targets, valid, [len(c) for c in continuations], greedy=True)
+    def _score_shared(self, prefixes: list[list[int]], continuations: list[list[list[int]]]) -> list[list[Score]]:
+        """Score `continuations[g]` after `prefixes[g]`: one left-padded pass over the prefixes
+        with a KV cache, whose rows are then copied to one per continuation, and one pass over
+        the right-padded continuations (real tokens never see the padding after them)."""
+        from llmctl.core.generate.search import Runner
+
+        flat = [c for group in continuations for c in group]
+        owner = torch.tensor([g for g, group in enumerate(continuations) for _ in group])
+        longest = max(len(c) for c in flat)
+        runner = Runner(self.model, prefixes, max(map(len, prefixes)) + longest - 1, self.device)
+        logits = runner.prefill(keep=1)[owner.to(self.device)]  # predicts each continuation's first token
+        targets = torch.zeros(len(flat), longest, dtype=torch.long)
+        valid = torch.zeros(len(flat), longest, dtype=torch.bool)
+        for r, c in enumerate(flat):
+            targets[r, : len(c)] = torch.as_tensor(c, dtype=torch.long)
+            valid[r, : len(c)] = True
+        if longest > 1:
+            runner.reorder(owner.to(self.device))
+            logits = torch.cat([logits, runner.forward(targets[:, :-1].to(self.device))], dim=1)
+        scores = _span_scores(logits, targets.to(logits.device), valid.to(logits.device), [len(c) for c in flat],
+                              greedy=True)
+        grouped, start = [], 0
+        for group in continuations:
+            grouped.append(scores[start : start + len(group)])
+            start += len(group)
+        return grouped
 
     def loglikelihood_rolling(self, documents: Sequence[list[int]], progress: Progress | None = None) -> list[Score]:
         """Log-likelihood of whole token documents in disjoint windows (lm-eval's rolling)."""
