@@ -167,6 +167,20 @@ def test_batching_does_not_change_scores(hf_model, tok):
             assert a.logprob == pytest.approx(b.logprob, rel=1e-5) and (a.greedy, a.tokens) == (b.greedy, b.tokens)
 
 
+def test_head_in_pieces_equals_whole(hf_dir, tok, monkeypatch):
+    """An llmctl model's head runs a few rows at a time: same scores and greedy flags."""
+    import llmctl.core.evaluate.lm as lm_module
+    from llmctl.core.hf import load_model
+
+    lm = ScoringModel(load_model(hf_dir)[0], tok, max_length=64, batch_size=4)
+    requests = [(tok.encode(TEXT[:n]), tok.encode(TEXT[n : n + m])) for n, m in [(5, 9), (40, 3), (90, 30), (1, 1)]]
+    whole = lm.loglikelihood(requests, share_min_tokens=10**9)
+    monkeypatch.setattr(lm_module, "HEAD_CHUNK", 1)
+    monkeypatch.setattr(lm_module, "HEAD_CHUNK_ROWS", 3)
+    for a, b in zip(lm.loglikelihood(requests, share_min_tokens=10**9), whole):
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-6) and (a.greedy, a.tokens) == (b.greedy, b.tokens)
+
+
 def test_shared_context_cache_equals_hf_and_plain_rows(hf_dir, hf_model, tok):
     """Choices sharing a context reuse its KV cache: same scores as whole rows and as HF."""
     from llmctl.core.hf import load_model

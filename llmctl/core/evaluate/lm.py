@@ -24,6 +24,8 @@ class Score:
     tokens: int  # number of scored tokens
 
 
+HEAD_CHUNK = 1 << 22  # logits made at a time while scoring (16 MB in float32) …
+HEAD_CHUNK_ROWS = 256  # … but at least this many rows, so the head's weight is read few times
 SHARE_MIN_TOKENS = 64  # share a context's KV cache when that saves at least this many token positions
 
 
@@ -41,6 +43,7 @@ class ScoringModel:
         # bigger matrix products (measured: 1K tokens per pass ran 10-25% faster than 4K)
         self.max_batch_tokens = max_batch_tokens or (1024 if self.device.type == "cpu" else 16384)
         self.can_share = hasattr(model, "make_cache") and getattr(getattr(model, "cfg", None), "is_causal", False)
+        self.has_head = self.can_share and hasattr(model, "head")
 
     @property
     def prefix_token(self) -> int:
@@ -67,9 +70,12 @@ class ScoringModel:
         return whole[: len(context_ids)], whole[len(context_ids) :]
 
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
-        """Logits [B, T, V], or of the last `keep` positions only (skips the rest of the head)."""
+    def features(self, input_ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """What becomes the logits, for every position or the last `keep`: an llmctl model's
+        final hidden states (its `head` then runs in pieces), any other model's logits."""
         kwargs = {"logits_to_keep": keep} if 0 < keep < input_ids.shape[1] else {}
+        if self.has_head:
+            return self.model(input_ids.to(self.device), skip_head=True, **kwargs).features
         out = self.model(input_ids.to(self.device), **kwargs)
         return out.logits if hasattr(out, "logits") else out
 
@@ -104,7 +110,7 @@ class ScoringModel:
         # targets of row b: tokens[b, len_b - n_b : len_b], predicted at the positions before
         lengths, n = torch.tensor([len(r) for r in rows]), torch.tensor(n_scored)
         keep = int((width - lengths + n).max())  # logits needed, counted from the end
-        logits = self.logits(tokens[:, :-1], keep)
+        logits = self.features(tokens[:, :-1], keep)
         first_kept = width - 1 - logits.shape[1]
         starts = lengths - n
         if bool((starts == starts[0]).all() and (n == n[0]).all()):  # one span for all rows: a view
@@ -120,7 +126,33 @@ class ScoringModel:
             picked = logits[rows_idx.to(logits.device), (target_pos - 1 - first_kept).to(logits.device)]
             targets = tokens[rows_idx, target_pos].to(logits.device)
             valid = valid.to(logits.device)
-        return _span_scores(picked, targets, valid, n_scored, greedy)
+        return self._span_scores(picked, targets, valid, n_scored, greedy)
+
+    def _span_scores(self, features: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                     n_scored: Sequence[int], greedy: bool, are_logits: bool = False) -> list[Score]:
+        """Scores from `features` [B, K, ·] (see `features`; logits if `are_logits`) predicting
+        targets [B, K] where `valid`.
+
+        Logits are made a few rows at a time (HEAD_CHUNK values, at least HEAD_CHUNK_ROWS
+        rows), so a large vocabulary's logits never all exist at once.
+        """
+        flat, wanted = features.reshape(-1, features.shape[-1]), targets.reshape(-1)
+        logprobs = torch.empty(len(wanted), device=features.device)
+        hits = torch.empty(len(wanted), dtype=torch.bool, device=features.device)
+        to_logits = self.model.head if self.has_head and not are_logits else torch.Tensor.float
+        vocab = self.model.cfg.vocab_size if self.has_head else features.shape[-1]
+        step = max(HEAD_CHUNK_ROWS, HEAD_CHUNK // vocab)
+        for i in range(0, len(wanted), step):
+            logits = to_logits(flat[i : i + step])
+            target = wanted[i : i + step, None]
+            logprobs[i : i + step] = torch.log_softmax(logits, dim=-1).gather(-1, target)[:, 0]
+            if greedy:
+                hits[i : i + step] = logits.argmax(-1) == target[:, 0]
+        sums = logprobs.view_as(targets).masked_fill(~valid, 0.0).sum(-1).tolist()
+        if not greedy:
+            return [Score(total, None, k) for total, k in zip(sums, n_scored)]
+        all_greedy = (hits.view_as(targets) | ~valid).all(-1).tolist()
+        return [Score(total, g, k) for total, g, k in zip(sums, all_greedy, n_scored)]
 
     def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]],
                       progress: Progress | None = None, share_min_tokens: int = SHARE_MIN_TOKENS) -> list[Score]:
@@ -186,8 +218,8 @@ class ScoringModel:
         if longest > 1:
             runner.reorder(owner.to(self.device))
             logits = torch.cat([logits, runner.forward(targets[:, :-1].to(self.device))], dim=1)
-        scores = _span_scores(logits, targets.to(logits.device), valid.to(logits.device), [len(c) for c in flat],
-                              greedy=True)
+        scores = self._span_scores(logits, targets.to(logits.device), valid.to(logits.device),
+                                   [len(c) for c in flat], greedy=True, are_logits=True)
         grouped, start = [], 0
         for group in continuations:
             grouped.append(scores[start : start + len(group)])
@@ -209,18 +241,6 @@ class ScoringModel:
             t = totals[d]
             totals[d] = Score(t.logprob + s.logprob, t.greedy and s.greedy, t.tokens + s.tokens)
         return totals
-
-
-def _span_scores(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, n_scored: Sequence[int],
-                 greedy: bool) -> list[Score]:
-    """Scores from logits [B, K, V] predicting targets [B, K] where `valid`."""
-    logits = logits.float()  # log p(target) = logit(target) - logsumexp(logits): no full log_softmax
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    sums = logprobs.masked_fill(~valid, 0.0).sum(-1).tolist()
-    if not greedy:
-        return [Score(total, None, k) for total, k in zip(sums, n_scored)]
-    all_greedy = ((logits.argmax(-1) == targets) | ~valid).all(-1).tolist()
-    return [Score(total, g, k) for total, g, k in zip(sums, all_greedy, n_scored)]
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[tuple[list[int], list[int]]]:

@@ -33,10 +33,11 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, vocab] float32
+    logits: torch.Tensor | None  # [B, T, vocab] float32 (None with skip_head)
     loss: torch.Tensor | None = None  # mean cross-entropy over labels != -100
     aux_loss: torch.Tensor | float = 0.0  # weighted MoE balance + MTP losses: train on loss + aux_loss
     hidden_states: list[torch.Tensor] = field(default_factory=list)  # with output_hidden_states
+    features: torch.Tensor | None = None  # with skip_head: what `head` turns into the logits
 
 
 class Block(nn.Module):
@@ -153,6 +154,7 @@ class Transformer(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
+        skip_head: bool = False,
     ) -> ModelOutput:
         """Logits for `input_ids` [B, T].
 
@@ -161,6 +163,8 @@ class Transformer(nn.Module):
         each one. labels [B, T] are aligned with the logits (labels[:, t] is the target of
         position t — for a causal LM, the *next* token), -100 ignored.
         logits_to_keep > 0 computes logits for the last that many positions only.
+        skip_head returns those positions' final hidden states in `out.features` instead of
+        logits, for callers that apply `head` in pieces (a large vocabulary's logits are big).
         """
         cfg = self.cfg
         B, T = input_ids.shape
@@ -192,6 +196,8 @@ class Transformer(nn.Module):
         if cfg.num_experts:
             aux = cfg.router_aux_loss_coef * aux / cfg.num_layers
 
+        if skip_head:
+            return ModelOutput(None, features=x[:, -logits_to_keep:] if logits_to_keep else x, aux_loss=aux)
         out = ModelOutput(self._logits(x, logits_to_keep), hidden_states=hidden)
         if labels is not None:
             out.loss = _cross_entropy(out.logits, labels)
@@ -270,8 +276,10 @@ class Transformer(nn.Module):
         return layer(x, ctx, keep)
 
     def _logits(self, x: torch.Tensor, keep: int) -> torch.Tensor:
-        if keep:
-            x = x[:, -keep:]
+        return self.head(x[:, -keep:] if keep else x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [..., vocab] of final hidden states x [..., hidden] (norm, head)."""
         if self.cfg.norm_placement == "pre":
             x = self.model.norm(x)
         if not self.cfg.is_causal:
