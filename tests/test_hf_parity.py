@@ -131,6 +131,25 @@ def test_parity_left_padded_batch(case, tmp_path):
     assert (b[real] - ours_logits(ours, ids, mask)[real]).abs().max().item() == 0
 
 
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen3-headdim"])
+def test_parity_packed_documents(case, tmp_path):
+    """document_ids equal transformers' packed sequences (position_ids restarting at 0, no mask)."""
+    from llmctl.core.model.transformer import document_positions
+
+    family, kwargs = CASES[case]
+    theirs = build_hf(family, kwargs)
+    theirs.save_pretrained(tmp_path)
+    ours, _ = load_model(tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    docs = torch.tensor([[0] * 5 + [1] * 3 + [2] * 4, [0] * 12])
+    positions = document_positions(docs)
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
+    with torch.no_grad():  # transformers detects packing only without a cache
+        a = theirs(ids, position_ids=positions, use_cache=False).logits
+        b = ours(ids, document_ids=docs).logits
+    assert (a - b).abs().max().item() <= TOL
+
+
 def test_bert_mlm_with_padding(tmp_path):
     """Encoder-only: bidirectional attention and the MLM head, with right padding."""
     theirs = build_hf(*CASES["bert"])

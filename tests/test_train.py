@@ -251,6 +251,42 @@ def test_moe_mtp_and_masked_lm(llmctl, corpus, tmp_path, model, extra):
         assert all(x["aux_loss"] > 0 for x in records(out) if "loss" in x)
 
 
+def test_document_mask_scores_each_document_alone(corpus, tmp_path):
+    """document_mask=true: a window's loss equals scoring each of its documents on its own."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmctl.config import load_config
+    from llmctl.core.train import distributed
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.config import TrainConfig
+    from llmctl.core.train.loop import Trainer
+
+    cfg = load_config(TrainConfig, None, [f"data={corpus['shards']}", "model=nano", *FAST, "document_mask=true"],
+                      kind="train")
+    (tmp_path / "out").mkdir()
+    trainer = Trainer(make_plan(cfg, "cpu"), tmp_path / "out", torch.device("cpu"), distributed.Dist(), {})
+    eos = trainer.plan.model_config.eos_token_id
+    rows = torch.randint(0, 300, (2, 33))
+    rows[0, [6, 7, 20]] = eos  # documents of 7, 1, 13 and 12 tokens
+    inputs, labels, extra = trainer._inputs(rows, 0)
+    assert extra["document_ids"][0].tolist() == [0] * 7 + [1] + [2] * 13 + [3] * 11
+    model, total = trainer.model.eval(), 0.0
+    with torch.no_grad():
+        loss = float(trainer._loss(inputs, labels, extra)[1])
+        for b, cuts in ((0, [0, 7, 8, 21, 32]), (1, [0, 32])):
+            for start, end in zip(cuts, cuts[1:]):
+                logits = model(inputs[b : b + 1, start:end]).logits[0]
+                total += float(F.cross_entropy(logits, labels[b, start:end], reduction="sum"))
+    assert loss == pytest.approx(total / labels.numel(), rel=1e-5)
+    from llmctl.errors import ConfigError
+
+    masked = load_config(TrainConfig, None, [f"data={corpus['shards']}", f"model={corpus['bert']}", *FAST,
+                                             "document_mask=true"], kind="train")
+    with pytest.raises(ConfigError, match="only for the causal objective"):
+        make_plan(masked, "cpu")
+
+
 def test_bf16_autocast_and_continue_from_checkpoint(llmctl, corpus, tmp_path):
     first = tmp_path / "first"
     assert llmctl("train", f"data={corpus['shards']}", f"tokenizer={corpus['tok']}", *FAST, "max_steps=2",
@@ -313,8 +349,8 @@ def test_non_finite_loss_stops_naming_the_step(llmctl, corpus, tmp_path, monkeyp
 
     real = loop.Trainer._loss
 
-    def poisoned(self, inputs, labels):
-        objective, loss = real(self, inputs, labels)
+    def poisoned(self, inputs, labels, extra):
+        objective, loss = real(self, inputs, labels, extra)
         return (objective * float("nan"), loss) if self.step == 5 else (objective, loss)
 
     monkeypatch.setattr(loop.Trainer, "_loss", poisoned)

@@ -61,14 +61,16 @@ def build_mask(
     padding: torch.Tensor | None,
     bias: torch.Tensor | None,
     device: torch.device | None = None,
+    documents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """The attention mask for queries at sequence indices q_idx (T of them) over keys k_idx (K).
 
     `padding` [B, K] marks real keys (1) and padding (0); `bias` is an additive
-    [B, H, T, K] position bias (ALiBi). Returns (mask, is_causal): when the plain causal
-    pattern suffices the mask is None and SDPA's own causal kernel is used.
+    [B, H, T, K] position bias (ALiBi); `documents` [B, K] (no cache: queries are the keys)
+    confines attention to each packed document. Returns (mask, is_causal): when the plain
+    causal pattern suffices the mask is None and SDPA's own causal kernel is used.
     """
-    plain = padding is None and bias is None and cfg.sliding_window is None
+    plain = padding is None and bias is None and cfg.sliding_window is None and documents is None
     if plain and not cfg.is_causal:
         return None, False
     if plain and len(q_idx) == 1:  # one new token sees every cached key
@@ -86,6 +88,8 @@ def build_mask(
     allowed = allowed[None, None]
     if padding is not None:
         allowed = allowed & padding[:, None, None, :].bool()
+    if documents is not None:
+        allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])
     allowed = allowed | (distance == 0)  # a padded query attends to itself: no empty rows
     if bias is None:
         return allowed, False

@@ -155,6 +155,7 @@ class Transformer(nn.Module):
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
         skip_head: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for `input_ids` [B, T].
 
@@ -165,13 +166,22 @@ class Transformer(nn.Module):
         logits_to_keep > 0 computes logits for the last that many positions only.
         skip_head returns those positions' final hidden states in `out.features` instead of
         logits, for callers that apply `head` in pieces (a large vocabulary's logits are big).
+        document_ids [B, T] (non-decreasing along T, no cache) packs several documents in a
+        row: a token attends only within its document and positions restart at each one.
         """
         cfg = self.cfg
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must be [B, {past + T}] (cached + new), got {list(attention_mask.shape)}")
-        all_positions = self._positions(attention_mask, B, past + T, input_ids.device)
+        if document_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("document_ids cannot be combined with a KV cache or an attention mask")
+            if position_ids is None:
+                position_ids = document_positions(document_ids)
+            all_positions = position_ids
+        else:
+            all_positions = self._positions(attention_mask, B, past + T, input_ids.device)
         given_positions = position_ids is not None
         if not given_positions:
             position_ids = all_positions[:, past:]
@@ -179,7 +189,7 @@ class Transformer(nn.Module):
         x = self._embed(input_ids, position_ids, token_type_ids)
         # derived positions are all below past + T; given ones are checked by the encoding
         ctx = self._context(x, position_ids, None if given_positions else past + T, all_positions, attention_mask,
-                            cache)
+                            cache, document_ids)
         hidden = [x] if output_hidden_states else []
         aux = x.new_zeros((), dtype=torch.float32)
         # positions whose logits are not wanted need no output from the last layer
@@ -249,7 +259,8 @@ class Transformer(nn.Module):
             x = m.embed_norm(x)
         return m.dropout(x)
 
-    def _context(self, x, position_ids, span, all_positions, attention_mask, cache) -> AttentionContext:
+    def _context(self, x, position_ids, span, all_positions, attention_mask, cache, documents=None
+                 ) -> AttentionContext:
         """Rotary tables and the attention mask over the keys this step can see."""
         T, past = x.shape[1], all_positions.shape[1] - x.shape[1]
         first = cache.window_start(T) if cache is not None else 0
@@ -258,7 +269,8 @@ class Transformer(nn.Module):
             padding = None
         positions = self.model.embed_positions
         bias = positions.attention_bias(position_ids, all_positions[:, first:])
-        mask, is_causal = build_mask(self.cfg, range(past, past + T), range(first, past + T), padding, bias, x.device)
+        mask, is_causal = build_mask(self.cfg, range(past, past + T), range(first, past + T), padding, bias, x.device,
+                                     documents)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
         return AttentionContext(positions.rotary(position_ids, x.dtype, span), mask, is_causal, cache)
@@ -293,6 +305,14 @@ class Transformer(nn.Module):
             x, _ = self._run(head, x, ctx)
             losses.append(_cross_entropy(self._logits(x[:, :-k], 0), labels[:, k:]))
         return torch.stack(losses).mean()
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position of every token within its document [B, T] (document_ids non-decreasing)."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(-1).values
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

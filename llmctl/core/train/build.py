@@ -86,6 +86,10 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
     objective = cfg.objective if cfg.objective != "auto" else ("causal" if model_config.is_causal else "masked")
     if objective == "causal" and not model_config.is_causal:
         raise ConfigError(f"config key 'objective': model {cfg.model} is encoder-only; use objective=masked")
+    if cfg.document_mask and objective != "causal":
+        raise ConfigError("config key 'document_mask': only for the causal objective")
+    if cfg.document_mask and model_config.eos_token_id is None:
+        raise ConfigError("config key 'document_mask': the data has no EOS token between documents")
     plan = Plan(cfg, model_config, init_from, init_model, tokenizer, tokenizer_dir, shards, text_files, val_files,
                 objective, precision, parents=[str(init_from)] if init_from else [])
     if objective == "masked":

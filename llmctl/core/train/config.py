@@ -31,6 +31,7 @@ class TrainConfig:
     mask_prob: float = 0.15  # masked LM: share of positions predicted (80% [MASK], 10% random, 10% kept)
     mtp_weight: float | None = None  # overrides the model's mtp_loss_weight (models with MTP heads)
     sampling: Literal["random", "sequential"] = "random"  # random windows or sequential packing
+    document_mask: bool = False  # causal: attend only within each document of a window (positions restart)
 
     # length and batch
     max_steps: int = 1000

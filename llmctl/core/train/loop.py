@@ -196,7 +196,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=getattr(torch, self.plan.precision))
 
     def _inputs(self, rows: torch.Tensor, index: int, generator: torch.Generator | None = None):
-        """(input_ids, labels) for the objective; labels are aligned with the inputs."""
+        """(input_ids, labels, model kwargs) for the objective; labels are aligned with the inputs."""
         if self.plan.objective == "masked":
             rows = rows[:, :-1]
             gen = generator or torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
@@ -204,13 +204,17 @@ class Trainer:
                                          prob=self.cfg.mask_prob, generator=gen, special_ids=self.plan.special_ids)
         else:
             inputs, labels = rows[:, :-1], rows[:, 1:]
-        return inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        extra = {}
+        if self.cfg.document_mask:  # an EOS ends its document: the next token starts one
+            ends = inputs == self.plan.model_config.eos_token_id
+            extra["document_ids"] = (ends.cumsum(-1) - ends.long()).to(self.device, non_blocking=True)
+        return inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), extra
 
-    def _loss(self, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, inputs, labels, extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective to minimise, language-model loss): the objective adds the model's weighted
         MoE load-balancing and multi-token-prediction losses."""
         with self._autocast():
-            out = self.forward(inputs, labels=labels)
+            out = self.forward(inputs, labels=labels, **extra)
         return out.loss + out.aux_loss, out.loss
 
     def train_step(self) -> tuple[float, float, float, float]:
@@ -223,9 +227,9 @@ class Trainer:
         totals = torch.zeros(2, device=self.device)  # objective, LM loss
         for micro in range(cfg.grad_accum):
             index = self.step * cfg.grad_accum + micro
-            inputs, labels = self._inputs(self.data.batch(index), index)
+            inputs, labels, extra = self._inputs(self.data.batch(index), index)
             dist_.set_grad_sync(self.wrapped, micro == cfg.grad_accum - 1)
-            objective, lm_loss = self._loss(inputs, labels)
+            objective, lm_loss = self._loss(inputs, labels, extra)
             objective = objective / cfg.grad_accum
             (self.scaler.scale(objective) if self.scaler else objective).backward()
             totals += torch.stack([objective.detach(), lm_loss.detach() / cfg.grad_accum])
@@ -256,9 +260,9 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         total = 0.0
         for i, rows in enumerate(self.val):
-            inputs, labels = self._inputs(rows, i, generator)
+            inputs, labels, extra = self._inputs(rows, i, generator)
             with self._autocast():
-                total += float(self.forward(inputs, labels=labels).loss)
+                total += float(self.forward(inputs, labels=labels, **extra).loss)
         self.model.train()
         summed, count = dist_.all_reduce_sum([total, float(len(self.val))], self.d, self.device)
         return summed / count
