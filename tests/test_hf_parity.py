@@ -69,6 +69,13 @@ def build_hf(family: str, kwargs: dict):
     return model.eval()
 
 
+def hf_and_ours(case: str, tmp_path):
+    """The case's transformers model and llmctl's load of its saved checkpoint."""
+    theirs = build_hf(*CASES[case])
+    theirs.save_pretrained(tmp_path)
+    return theirs, load_model(tmp_path)[0]
+
+
 def hf_logits(model, ids, mask=None, positions=None, types=None):
     kwargs = {"attention_mask": mask}
     if positions is not None:
@@ -114,10 +121,7 @@ def test_parity_both_ways(case, tmp_path, record_property):
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "mistral-window", "qwen3-headdim", "gpt2-tied", "mixtral"])
 def test_parity_left_padded_batch(case, tmp_path):
     """Left padding with a mask and explicit positions matches transformers on real tokens."""
-    family, kwargs = CASES[case]
-    theirs = build_hf(family, kwargs)
-    theirs.save_pretrained(tmp_path)
-    ours, _ = load_model(tmp_path)
+    theirs, ours = hf_and_ours(case, tmp_path)
     ids = torch.randint(0, VOCAB, (3, 10))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -136,10 +140,7 @@ def test_parity_packed_documents(case, tmp_path):
     """document_ids equal transformers' packed sequences (position_ids restarting at 0, no mask)."""
     from llmctl.core.model.transformer import document_positions
 
-    family, kwargs = CASES[case]
-    theirs = build_hf(family, kwargs)
-    theirs.save_pretrained(tmp_path)
-    ours, _ = load_model(tmp_path)
+    theirs, ours = hf_and_ours(case, tmp_path)
     ids = torch.randint(0, VOCAB, (2, 12))
     docs = torch.tensor([[0] * 5 + [1] * 3 + [2] * 4, [0] * 12])
     positions = document_positions(docs)
