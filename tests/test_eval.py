@@ -196,6 +196,9 @@ def test_shared_context_cache_equals_hf_and_plain_rows(hf_dir, hf_model, tok):
     lm._score_shared = lambda prefixes, conts: calls.extend(map(len, conts)) or score_shared(prefixes, conts)
     shared = lm.loglikelihood(requests, share_min_tokens=1)
     assert calls.count(4) == 1 and calls.count(2) == 1  # two groups, batched: contexts left-padded
+    small = ScoringModel(model, tok, max_length=64, batch_size=4, max_batch_tokens=40)  # one group per pass
+    for a, b in zip(small.loglikelihood(requests, share_min_tokens=1), shared):
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-5) and (a.greedy, a.tokens) == (b.greedy, b.tokens)
     plain = lm.loglikelihood(requests, share_min_tokens=10**9)
     assert lm.loglikelihood(requests)[0].logprob == pytest.approx(shared[0].logprob, rel=1e-5)
     for (ctx, cont), a, b in zip(requests, shared, plain):

@@ -110,22 +110,22 @@ class ScoringModel:
         # targets of row b: tokens[b, len_b - n_b : len_b], predicted at the positions before
         lengths, n = torch.tensor([len(r) for r in rows]), torch.tensor(n_scored)
         keep = int((width - lengths + n).max())  # logits needed, counted from the end
-        logits = self.features(tokens[:, :-1], keep)
-        first_kept = width - 1 - logits.shape[1]
+        feats = self.features(tokens[:, :-1], keep)
+        first_kept = width - 1 - feats.shape[1]
         starts = lengths - n
         if bool((starts == starts[0]).all() and (n == n[0]).all()):  # one span for all rows: a view
             s, k = int(starts[0]), int(n[0])
-            picked = logits[:, s - 1 - first_kept : s - 1 - first_kept + k]
-            targets = tokens[:, s : s + k].to(logits.device)
+            picked = feats[:, s - 1 - first_kept : s - 1 - first_kept + k]
+            targets = tokens[:, s : s + k].to(feats.device)
             valid = torch.ones_like(targets, dtype=torch.bool)
         else:  # gather every row's span into [B, n_max], padded with a valid position
             offsets = torch.arange(int(n.max()))
             valid = offsets.unsqueeze(0) < n.unsqueeze(1)
             target_pos = torch.where(valid, starts.unsqueeze(1) + offsets, lengths.unsqueeze(1) - 1)
             rows_idx = torch.arange(len(rows)).unsqueeze(1)
-            picked = logits[rows_idx.to(logits.device), (target_pos - 1 - first_kept).to(logits.device)]
-            targets = tokens[rows_idx, target_pos].to(logits.device)
-            valid = valid.to(logits.device)
+            picked = feats[rows_idx.to(feats.device), (target_pos - 1 - first_kept).to(feats.device)]
+            targets = tokens[rows_idx, target_pos].to(feats.device)
+            valid = valid.to(feats.device)
         return self._span_scores(picked, targets, valid, n_scored, greedy)
 
     def _span_scores(self, features: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
@@ -181,12 +181,7 @@ class ScoringModel:
                 shared.append((list(prefix), members))
             else:
                 plain += members
-        shared.sort(key=lambda group: -len(group[0]))
-        start = 0
-        while start < len(shared):  # groups of similar context length, ≤ max_batch_tokens of contexts
-            size = max(1, self.max_batch_tokens // len(shared[start][0]))
-            chunk = shared[start : start + size]
-            start += size
+        for chunk in self._share_batches(shared, n_scored):
             conts = [[rows[i][len(prefix) :] for i in members] for prefix, members in chunk]
             scores = self._score_shared([prefix for prefix, _ in chunk], conts)
             for (_, members), group_scores in zip(chunk, scores):
@@ -197,6 +192,22 @@ class ScoringModel:
         for i, score in zip(plain, self.score_rows([rows[i] for i in plain], [n_scored[i] for i in plain], progress)):
             results[i] = score
         return results  # type: ignore[return-value]
+
+    def _share_batches(self, shared: list[tuple[list[int], list[int]]], n_scored: Sequence[int]):
+        """Groups of (context, request indices), longest contexts first, batched so that both the
+        padded contexts and the padded continuations stay within `max_batch_tokens`."""
+        chunk: list = []
+        rows = longest = 0
+        for prefix, members in sorted(shared, key=lambda group: -len(group[0])):
+            grown_rows, grown_longest = rows + len(members), max(longest, *(n_scored[i] for i in members))
+            if chunk and ((len(chunk) + 1) * len(chunk[0][0]) > self.max_batch_tokens
+                          or grown_rows * grown_longest > self.max_batch_tokens):
+                yield chunk
+                chunk, grown_rows, grown_longest = [], len(members), max(n_scored[i] for i in members)
+            chunk.append((prefix, members))
+            rows, longest = grown_rows, grown_longest
+        if chunk:
+            yield chunk
 
     @torch.inference_mode()
     def _score_shared(self, prefixes: list[list[int]], continuations: list[list[list[int]]]) -> list[list[Score]]:
