@@ -235,8 +235,7 @@ class Transformer(nn.Module):
         if padding is not None:
             mask = mask & padding[:, None, None, :]
         positions = self.model.embed_positions
-        key_pos = key_idx.expand(x.shape[0], -1) if padding is None else self._positions(padding, 0, 0, x.device)
-        bias = positions.attention_bias(position_ids, key_pos)
+        bias = positions.attention_bias(position_ids, self._positions(padding, x.shape[0], len(key_idx), x.device))
         if bias is not None:
             mask = bias.masked_fill(~mask, float("-inf")).to(x.dtype)
         rotary = positions.rotary(position_ids, x.dtype, cached=False)  # a few fused ops once compiled
