@@ -165,9 +165,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="llmctl's default (CPU passes hold ≤1,024 tokens)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per method (best time kept)")
     parser.add_argument("--questions", type=int, default=60, help="multiple-choice questions (0: skip)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's adaptive malloc thresholds (by default both sides run with the fixed "
+                             "ones the llmctl CLI sets, see llmctl.runtime.tune_allocator)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
+    from llmctl.runtime import tune_allocator
+
+    tuned = not args.default_malloc and tune_allocator()
     import torch
 
     text = args.text.read_text(encoding="utf-8")[: args.chars]
@@ -226,6 +232,8 @@ def main() -> None:
         f"llmctl batch size {args.batch_size} (at most 1,024 tokens per pass on CPU), timed including reading and tokenizing the file. "
         f"Best of {args.repeat} alternating runs each. "
         "Perplexities agree within 1e-4 relative (asserted). "
+        + ("Both sides run with the malloc thresholds the llmctl CLI sets (`tune_allocator`). " if tuned
+           else "glibc's default (adaptive) malloc thresholds on both sides. ") +
         f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
         "(a shared machine: other jobs compete for the cores, so absolute figures are noisy).",
         "",

@@ -17,7 +17,7 @@ import typer
 
 from llmctl import __version__
 from llmctl.errors import LlmctlError
-from llmctl.runtime import DEVICES, DTYPES, options
+from llmctl.runtime import DEVICES, DTYPES, options, tune_allocator
 
 GLOBAL_PANEL = "Global options"
 _DEBUG_HINT = "re-run with --debug for the traceback"
@@ -127,6 +127,7 @@ def _root(
     language models from the command line. Every command reads and writes Hugging Face-style
     checkpoint directories, so commands chain in shell scripts."""
     options.__init__()  # type: ignore[misc]  # fresh state for every invocation
+    tune_allocator()
     options.update(device=device, dtype=dtype, seed=seed, json=json, quiet=quiet, debug=debug)
 
 

@@ -5,6 +5,7 @@ Commands read `options`; device and dtype resolution import torch lazily.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -81,3 +82,35 @@ def seed_everything(seed: int | None = None) -> int:
 
     torch.manual_seed(seed)
     return seed
+
+
+# glibc malloc serves blocks above its mmap threshold with fresh mappings and returns freed
+# memory above its trim threshold to the system. The thresholds start at 128 KiB and only
+# adapt as large blocks are freed, so a loop allocating 1–32 MiB tensors can page-fault on
+# every pass: the transformers perplexity loop took up to 1.1M faults (2.9 s of kernel time)
+# per 35k-token run here, and llmctl eval up to 0.5M. Fixed thresholds keep such blocks in
+# the process (the same values glibc adapts towards: 32 MiB, and twice that for trimming).
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 64 << 20
+_MALLOPT = {-3: MMAP_THRESHOLD, -1: TRIM_THRESHOLD}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
+def tune_allocator() -> bool:
+    """Fix glibc's malloc thresholds (see above); True when applied. Skipped on other C
+    libraries and when the user tunes malloc already (MALLOC_* or GLIBC_TUNABLES set)."""
+    import ctypes
+
+    if not _glibc() or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(option, value) == 1 for option, value in _MALLOPT.items())
+
+
+def _glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):
+        return False

@@ -176,3 +176,17 @@ def test_completions_check_detects_staleness(tmp_path, monkeypatch):
     assert gen_completions.main(["--check"]) == 0
     (tmp_path / "completions" / "llmctl.fish").write_text("stale\n")
     assert gen_completions.main(["--check"]) == 1
+
+
+def test_tune_allocator_applies_on_glibc_unless_malloc_is_tuned(monkeypatch):
+    from llmctl import runtime
+
+    if not runtime._glibc():
+        assert runtime.tune_allocator() is False
+        return
+    assert runtime.tune_allocator() is True  # mallopt accepted both thresholds
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user's own malloc settings win
+    assert runtime.tune_allocator() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    assert runtime.tune_allocator() is False

@@ -132,11 +132,14 @@ class RoPE(PositionEncoding):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by cos/sin [B, T, D]."""
+    """Rotate x [B, H, T, D] by cos/sin [B, T, D]: x * cos + rotate_half(x) * sin, with the
+    rotated halves added in place (no concatenated copy of x)."""
     cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 def _inv_freq(theta: float, dim: int) -> torch.Tensor:
