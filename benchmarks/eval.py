@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -189,17 +190,19 @@ def main() -> None:
     rows = []
     for stride in (int(s) for s in args.strides.split(",")):
         hf_s = ours_s = math.inf
+        paired = []  # each run's speed-up over the transformers run just before it
         for _ in range(args.repeat):  # alternate the two, keep each one's best time
-            hf_ppl, hf_tokens, seconds = transformers_loop(args.dir / "model", text, args.max_length, stride)
-            hf_s = min(hf_s, seconds)
-            ours_ppl, ours_tokens, seconds = llmctl_perplexity(args.dir / "model", text_file, args.max_length,
-                                                               stride, args.batch_size)
-            ours_s = min(ours_s, seconds)
+            hf_ppl, hf_tokens, hf_run = transformers_loop(args.dir / "model", text, args.max_length, stride)
+            ours_ppl, ours_tokens, ours_run = llmctl_perplexity(args.dir / "model", text_file, args.max_length,
+                                                                stride, args.batch_size)
+            hf_s, ours_s = min(hf_s, hf_run), min(ours_s, ours_run)
+            paired.append(hf_run / ours_run)
         assert ours_tokens == hf_tokens, (ours_tokens, hf_tokens)
         assert abs(ours_ppl / hf_ppl - 1) < 1e-4, (ours_ppl, hf_ppl)
-        rows.append((stride, hf_tokens, hf_ppl, hf_tokens / hf_s, ours_tokens / ours_s))
+        rows.append((stride, hf_tokens, hf_ppl, hf_tokens / hf_s, ours_tokens / ours_s, sorted(paired)))
         print(f"stride {stride}: transformers {hf_tokens / hf_s:,.0f} tok/s, llmctl {ours_tokens / ours_s:,.0f} tok/s "
-              f"({hf_s / ours_s:.2f}x), perplexity {ours_ppl:.4f} vs {hf_ppl:.4f}", file=sys.stderr)
+              f"({hf_s / ours_s:.2f}x; paired runs {', '.join(f'{r:.2f}' for r in paired)}), "
+              f"perplexity {ours_ppl:.4f} vs {hf_ppl:.4f}", file=sys.stderr)
 
     choice_row = None
     if args.questions:
@@ -237,12 +240,13 @@ def main() -> None:
         f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
         "(a shared machine: other jobs compete for the cores, so absolute figures are noisy).",
         "",
-        "| max length | stride | tokens scored | perplexity | transformers tok/s | llmctl tok/s | speed-up |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| max length | stride | tokens scored | perplexity | transformers tok/s | llmctl tok/s | speed-up "
+        "(best runs) | paired runs: median (min–max) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for stride, tokens, ppl, hf_tps, ours_tps in rows:
+    for stride, tokens, ppl, hf_tps, ours_tps, paired in rows:
         lines.append(f"| {args.max_length} | {stride} | {tokens:,} | {ppl:.2f} | {hf_tps:,.0f} | {ours_tps:,.0f} | "
-                     f"{ours_tps / hf_tps:.2f}x |")
+                     f"{ours_tps / hf_tps:.2f}x | {statistics.median(paired):.2f}x ({paired[0]:.2f}–{paired[-1]:.2f}) |")
     if choice_row:
         n, context, continuation, hf_rps, ours_rps = choice_row
         lines += [

@@ -109,6 +109,27 @@ def test_perplexity_equals_transformers(lm, hf_model, tok, tmp_path, max_length,
     assert result["word_perplexity"] == pytest.approx(math.exp(nll / len(text.split())), rel=1e-4)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_llmctl_model_perplexity_equals_transformers(hf_dir, hf_model, tok, tmp_path, onednn):
+    """The product path (the checkpoint loaded as an llmctl model, trimmed last layer, head in
+    pieces, on CPU float32 by oneDNN when torch has it) against the transformers loop."""
+    from llmctl.core.evaluate.perplexity import perplexity
+    from llmctl.core.hf import load_model
+
+    lm = ScoringModel(load_model(hf_dir)[0], tok, max_length=64, batch_size=4)
+    assert (lm.projection is not None) == torch.backends.mkldnn.is_available()
+    if not onednn:
+        lm.projection = None
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    ids = tok.encode(TEXT)
+    for max_length, stride in [(64, 64), (64, 24)]:
+        nll, count = hf_strided_nll(hf_model, ids, max_length, stride)
+        result = perplexity(lm, [data], max_length=max_length, stride=stride)
+        assert result["tokens"] == count
+        assert result["nll"] == pytest.approx(nll / count, rel=1e-5)
+
+
 def test_perplexity_streams_in_chunks(lm, tmp_path, monkeypatch):
     """Chunked reading (cut before non-space lines) gives the same windows as one piece."""
     from llmctl.core.evaluate import perplexity as ppl

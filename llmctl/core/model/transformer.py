@@ -289,13 +289,14 @@ class Transformer(nn.Module):
     def _logits(self, x: torch.Tensor, keep: int) -> torch.Tensor:
         return self.head(x[:, -keep:] if keep else x)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [..., vocab] of final hidden states x [..., hidden] (norm, head)."""
+    def head(self, x: torch.Tensor, projection=None) -> torch.Tensor:
+        """Float32 logits [..., vocab] of final hidden states x [..., hidden] (norm, head);
+        `projection` stands in for lm_head (the same product by another kernel)."""
         if self.cfg.norm_placement == "pre":
             x = self.model.norm(x)
         if not self.cfg.is_causal:
             x = self.mlm_transform(x)
-        return self.lm_head(x).float()
+        return (projection or self.lm_head)(x).float()
 
     def _mtp_loss(self, x: torch.Tensor, ctx: AttentionContext, labels: torch.Tensor) -> torch.Tensor:
         """Mean loss of the chained extra heads; head k predicts labels k positions ahead."""
