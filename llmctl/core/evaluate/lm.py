@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmctl.console import Progress
+from llmctl.core.parallel import parallel_map
 from llmctl.errors import CheckpointError, DataError
 
 
@@ -90,15 +91,19 @@ class ScoringModel:
         `greedy=False` skips the argmax check (`Score.greedy` is then None).
         """
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        results: list[Score | None] = [None] * len(rows)
-        start = 0
+        batches, start = [], 0
         while start < len(order):  # the first row of a batch is its widest
             size = max(1, min(self.batch_size, self.max_batch_tokens // len(rows[order[start]])))
-            batch = order[start : start + size]
+            batches.append(order[start : start + size])
             start += size
-            scores = self._score_batch([rows[i] for i in batch], [n_scored[i] for i in batch], greedy)
-            for i, score in zip(batch, scores):
-                results[i] = score
+
+        def score(batch: list[int]) -> list[Score]:
+            return self._score_batch([rows[i] for i in batch], [n_scored[i] for i in batch], greedy)
+
+        results: list[Score | None] = [None] * len(rows)
+        for batch, scores in zip(batches, parallel_map(score, batches, self.device)):  # CPU: passes side by side
+            for i, score_ in zip(batch, scores):
+                results[i] = score_
             if progress is not None:
                 progress.advance(len(batch))
         return results  # type: ignore[return-value]
@@ -187,9 +192,13 @@ class ScoringModel:
                 shared.append((list(prefix), members))
             else:
                 plain += members
-        for chunk in self._share_batches(shared, n_scored):
+
+        def score_chunk(chunk: list[tuple[list[int], list[int]]]) -> list[list[Score]]:
             conts = [[rows[i][len(prefix) :] for i in members] for prefix, members in chunk]
-            scores = self._score_shared([prefix for prefix, _ in chunk], conts)
+            return self._score_shared([prefix for prefix, _ in chunk], conts)
+
+        chunks = list(self._share_batches(shared, n_scored))
+        for chunk, scores in zip(chunks, parallel_map(score_chunk, chunks, self.device)):
             for (_, members), group_scores in zip(chunk, scores):
                 for i, score in zip(members, group_scores):
                     results[i] = score
