@@ -90,6 +90,13 @@ def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[f
     return t.tolist()
 
 
+def all_reduce_sum_(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum a tensor across ranks in place, without a host sync (identity in a single process)."""
+    if d.enabled:
+        dist.all_reduce(t)
+    return t
+
+
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     """True if `flag` is set on any rank (so every rank takes the same branch)."""
     return bool(all_reduce_sum([float(flag)], d, device)[0]) if d.enabled else flag

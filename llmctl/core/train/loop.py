@@ -26,7 +26,7 @@ from llmctl.core.checkpoint import append_metrics, checkpoint_hash
 from llmctl.core.train import distributed as dist_
 from llmctl.core.train.build import Plan
 from llmctl.core.train.data import ShardBatches, TextBatches, TextStream, mask_tokens, split_text
-from llmctl.core.train.metrics import MetricsLog, flops_per_token, measure_matmul_peak, truncate_metrics
+from llmctl.core.train.metrics import MetricsLog, flops_per_token, peak_flops, truncate_metrics
 from llmctl.core.train.optim import build_optimizer
 from llmctl.core.train.schedule import lr_at
 from llmctl.core.train.state import load_state, restore_rng, save_state
@@ -130,7 +130,7 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world
         self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
         dtype = getattr(torch, plan.precision)
-        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_peak(dtype, device)
+        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(dtype, device)
         self.step = 0
         self.max_steps = cfg.max_steps  # may shrink once to fit `max_time`, see _fit_time_budget
         self.horizon_fixed = cfg.max_time is None
@@ -197,6 +197,8 @@ class Trainer:
 
     def _inputs(self, rows: torch.Tensor, index: int, generator: torch.Generator | None = None):
         """(input_ids, labels, model kwargs) for the objective; labels are aligned with the inputs."""
+        if self.device.type == "cuda":  # page-locked, so the copies below overlap the GPU's work
+            rows = rows.pin_memory()
         if self.plan.objective == "masked":
             rows = rows[:, :-1]
             gen = generator or torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
@@ -218,7 +220,11 @@ class Trainer:
         return out.loss + out.aux_loss, out.loss
 
     def train_step(self) -> tuple[float, float, float, float]:
-        """One optimizer step over `grad_accum` micro-batches: (loss, aux_loss, grad_norm, lr)."""
+        """One optimizer step over `grad_accum` micro-batches: (loss, aux_loss, grad_norm, lr).
+
+        The losses and the gradient norm stay on the device until one read per step, before
+        the optimizer update (which a non-finite loss skips): one host sync, not one per value.
+        """
         cfg = self.cfg
         lr = lr_at(cfg.schedule, self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                    max_steps=self.max_steps, decay_fraction=cfg.decay_fraction)
@@ -233,15 +239,17 @@ class Trainer:
             objective = objective / cfg.grad_accum
             (self.scaler.scale(objective) if self.scaler else objective).backward()
             totals += torch.stack([objective.detach(), lm_loss.detach() / cfg.grad_accum])
-        total, lm_total = (v / self.d.world for v in dist_.all_reduce_sum(totals.tolist(), self.d, self.device))
-        if not math.isfinite(total):
-            self.optimizer.zero_grad(set_to_none=True)
-            return total, 0.0, float("nan"), lr
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), max_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        totals = dist_.all_reduce_sum_(totals, self.d) / self.d.world
+        total, lm_total, grad_norm = torch.cat([totals, grad_norm.reshape(1).to(totals)]).tolist()
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            return total, 0.0, float("nan"), lr
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
