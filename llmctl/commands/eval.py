@@ -29,7 +29,7 @@ def eval_command(
     limit: Annotated[Optional[int], _opt("--limit", help="Evaluate the first N documents only.")] = None,
     samples: Annotated[Optional[int], _opt("--samples", help="Generation: sample N answers and majority-vote (self-consistency).")] = None,
     cot: Annotated[bool, _opt("--cot", help="Generation: wrap prompts in the task's chain-of-thought template.")] = False,
-    batch_size: Annotated[int, _opt("--batch-size", "-b", help="Sequences per forward pass (default 16; on CPU also at most 1,024 tokens).")] = 16,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "-b", help="Sequences per forward pass (default 16 on CPU, at most 1,024 tokens; 128 on a GPU, at most 65,536 tokens).")] = None,
     no_record: Annotated[bool, _opt("--no-record", help="Do not append results to the checkpoints' llmctl.json.")] = False,
 ) -> None:
     """Evaluate checkpoints: perplexity, multiple choice (lm-eval semantics) and generation tasks."""
@@ -38,7 +38,7 @@ def eval_command(
     from llmctl.errors import UsageError
     from llmctl.runtime import resolve_device, resolve_dtype, seed_everything
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     seed_everything()
     overrides = {"data": [str(p) for p in data] if data else None, "max_length": max_length, "stride": stride,

@@ -65,6 +65,8 @@ def generate(
     rope_scaling: Annotated[Optional[RopeScaling], _opt("--rope-scaling", help="Extend the context with RoPE scaling.", panel=INPUT)] = None,
     rope_factor: Annotated[Optional[float], _opt("--rope-factor", help="Context extension factor for --rope-scaling.", panel=INPUT)] = None,
     compile: Annotated[bool, _opt("--compile", help="torch.compile the decode step.", panel=INPUT)] = False,
+    cuda_graph: Annotated[bool, _opt("--cuda-graph/--no-cuda-graph",
+                                     help="On CUDA, replay each one-token step from a CUDA graph.", panel=INPUT)] = True,
 ) -> None:
     """Generate text: streamed to stdout, or one JSON object per prompt with --json / --input."""
     sources = [s for s, on in (("PROMPT", prompt is not None), ("--input", input is not None), ("--chat", chat)) if on]
@@ -104,6 +106,7 @@ def generate(
         batch_size=batch_size,
         truncate=truncate.value,
         compile=compile,
+        cuda_graph=cuda_graph,
     )
     validate(cfg)
     strategy_name(cfg, draft is not None)  # reject bad combinations before loading anything

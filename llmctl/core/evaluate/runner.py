@@ -11,7 +11,7 @@ from llmctl.core.evaluate.tasks import Task
 from llmctl.errors import CheckpointError, UsageError
 
 
-def load_scorer(path: str | Path, *, device, dtype, batch_size: int) -> ScoringModel:
+def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = None) -> ScoringModel:
     """A checkpoint (llmctl or HF directory) and its tokenizer, ready to score."""
     from llmctl.core.checkpoint import open_checkpoint
     from llmctl.core.hf import load_model
@@ -45,7 +45,7 @@ def _type_name(task: Task) -> str:
     return next(name for name in TASK_TYPES.names() if TASK_TYPES.get(name) is type(task))
 
 
-def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device, dtype, batch_size: int = 16,
+def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device, dtype, batch_size: int | None = None,
              record: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
     """{checkpoint: {task: {metric: value}}}, appended to each llmctl.json when `record`."""
     from llmctl.console import info

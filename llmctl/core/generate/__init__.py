@@ -39,6 +39,7 @@ class GenerationConfig:
     batch_size: int = 16
     truncate: str = "error"  # or "left": drop the oldest prompt tokens to fit the context
     compile: bool = False
+    cuda_graph: bool = True  # on CUDA, replay one-token steps from a CUDA graph
     strategy: str | None = None  # explicit strategy name (default: from the settings above)
 
     @property

@@ -59,11 +59,17 @@ class Runner:
 
     Unpadded batches pass neither mask nor positions (the model derives them from the cache
     offset); padded ones keep a [B, max_len] mask buffer and per-row next positions.
+    One-token steps go through `Transformer.decode_step` (fixed shapes) when it is compiled
+    (`compile`) or replayed from a CUDA graph (`cuda_graph`, on CUDA where the model allows).
     """
 
-    def __init__(self, model, prompts: list[list[int]], max_len: int, device: torch.device, compile: bool = False):
+    def __init__(self, model, prompts: list[list[int]], max_len: int, device: torch.device, compile: bool = False,
+                 cuda_graph: bool = False):
+        from llmctl.core.generate.graphs import graphable
+
         self.model = model
-        self.step_fn = compiled_decode_step(model) if compile else None
+        self.graphed = cuda_graph and device.type == "cuda" and graphable(model)
+        self.step_fn = compiled_decode_step(model) if compile else model.decode_step if self.graphed else None
         width = max(len(p) for p in prompts)
         if compile:  # one compiled graph per (batch, cache size): round the size up
             max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
@@ -80,13 +86,20 @@ class Runner:
             self.mask[:, :width] = torch.arange(width)[None, :] >= (width - lengths)[:, None]
             self.next_pos = lengths.to(device)[:, None]
         if self.step_fn is not None:
-            self._compile_now()
+            self._prepare_step()
 
-    def _compile_now(self) -> None:
-        """Compile (or look up) the step for this batch and cache size before anything is
-        timed; the dummy token it writes in slot 0 is overwritten by the prefill."""
+    def _prepare_step(self) -> None:
+        """Compile (or look up) the step for this batch and cache size, and capture its CUDA
+        graph, before anything is timed; the dummy token written in slot 0 is overwritten by
+        the prefill."""
+        from llmctl.core.generate.graphs import GraphedStep
+
         next_pos = self.next_pos
-        self._static_step(torch.zeros(self.cache.batch_size, 1, dtype=torch.long, device=self.ids.device))
+        dummy = torch.zeros(self.cache.batch_size, 1, dtype=torch.long, device=self.ids.device)
+        if self.graphed:
+            self.step_fn = GraphedStep(self.step_fn, *self._step_inputs(dummy))
+        else:
+            self._static_step(dummy)
         self.cache.truncate(0)
         self.length, self.next_pos = 0, next_pos
 
@@ -122,14 +135,19 @@ class Runner:
         self.length += n
         return out.logits
 
-    def _static_step(self, ids: torch.Tensor) -> torch.Tensor:
-        slot = torch.tensor([self.cache.length], device=ids.device)
+    def _step_inputs(self, ids: torch.Tensor) -> tuple:
+        """`decode_step`'s arguments for the next token `ids` [B, 1]."""
+        slot = torch.full((1,), self.cache.length, dtype=torch.long, device=ids.device)
         if self.mask is None:
             positions, padding = slot.expand(ids.shape[0], 1), None
         else:
             positions, padding = self.next_pos, self.mask.bool()
+        return ids, positions, padding, self.cache.keys, self.cache.values, slot
+
+    def _static_step(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.step_fn(*self._step_inputs(ids))
+        if self.mask is not None:
             self.next_pos = self.next_pos + 1
-        logits = self.step_fn(ids, positions, padding, self.cache.keys, self.cache.values, slot)
         self.cache.advance(1)
         self.length += 1
         return logits[:, None]
@@ -153,8 +171,9 @@ CACHE_BUCKET = 256  # compiled decoding: cache sizes are multiples of this
 
 
 def compiled_decode_step(model) -> Callable:
-    """`model.decode_step` under torch.compile with static shapes and frozen weights, made once
-    per model (so the weights must not change afterwards)."""
+    """`model.decode_step` under torch.compile with static shapes, made once per model. On CPU
+    the weights are frozen into the graph (so they must not change afterwards); on CUDA the
+    compiled step is then captured in a CUDA graph by the Runner."""
     step = getattr(model, "_llmctl_compiled_step", None)
     if step is None:
         import torch._dynamo
@@ -162,12 +181,14 @@ def compiled_decode_step(model) -> Callable:
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         compiled = torch.compile(model.decode_step, dynamic=False)
-
-        def step(*args):
-            # freezing (read when a graph is compiled): weights become constants that
-            # inductor pre-packs for its GEMM kernels; it applies under inference_mode only
-            with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
-                return compiled(*args)
+        if model.model.embed_tokens.weight.device.type != "cpu":
+            step = compiled
+        else:
+            def step(*args):
+                # freezing (read when a graph is compiled): weights become constants that
+                # inductor pre-packs for its GEMM kernels; it applies under inference_mode only
+                with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+                    return compiled(*args)
 
         model._llmctl_compiled_step = step
     return step
@@ -180,7 +201,7 @@ def _max_len(job: Job) -> int:
 @SEARCHES.register("sample")
 def sample_search(model, job: Job) -> None:
     """Greedy (temperature 0) or ancestral sampling through the processor chain, batched."""
-    runner = Runner(model, job.prompts, _max_len(job), job.device, job.cfg.compile)
+    runner = Runner(model, job.prompts, _max_len(job), job.device, job.cfg.compile, job.cfg.cuda_graph)
     logits = _timed_prefill(runner, job)[:, -1]
     start = time.perf_counter()
     history = job.history()
@@ -211,7 +232,7 @@ def beam_search(model, job: Job) -> None:
     cfg, nb, V = job.cfg, job.cfg.num_beams, job.vocab_size
     B, steps, dev = len(job.prompts), cfg.max_new_tokens, job.device
     rows = [p for p in job.prompts for _ in range(nb)]
-    runner = Runner(model, rows, _max_len(job), dev, cfg.compile)
+    runner = Runner(model, rows, _max_len(job), dev, cfg.compile, cfg.cuda_graph)
     logits = _timed_prefill(runner, job)[:, -1]
     start = time.perf_counter()
     history = job.history(rows)

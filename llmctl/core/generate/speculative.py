@@ -22,7 +22,7 @@ class DraftProposer:
 
     def __init__(self, draft, job: Job, prompt: list[int], max_len: int):
         self.job = job
-        self.runner = Runner(draft, [prompt], max_len, job.device, job.cfg.compile)
+        self.runner = Runner(draft, [prompt], max_len, job.device, job.cfg.compile, job.cfg.cuda_graph)
         self.runner.prefill()
 
     def propose(self, tokens: list[int], history: History | None, k: int) -> tuple[list[int], torch.Tensor | None]:

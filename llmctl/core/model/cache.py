@@ -70,9 +70,15 @@ class KVCache:
         self.length = n
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (LongTensor [B']), e.g. the surviving beams."""
-        self.keys = [k.index_select(0, index.to(k.device)) for k in self.keys]
-        self.values = [v.index_select(0, index.to(v.device)) for v in self.values]
+        """Keep batch rows `index` (LongTensor [B']), e.g. the surviving beams; a same-size
+        batch is reordered in place (a captured CUDA graph keeps reading the same tensors)."""
+        index = index.to(self.keys[0].device)
+        if len(index) == self.batch_size:
+            for t in (*self.keys, *self.values):
+                t.copy_(t.index_select(0, index))
+        else:
+            self.keys = [k.index_select(0, index) for k in self.keys]
+            self.values = [v.index_select(0, index) for v in self.values]
 
 
 class StaticSlot:
