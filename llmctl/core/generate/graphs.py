@@ -19,12 +19,12 @@ WARMUP_STEPS = 2  # eager (or compiled) runs on a side stream before capture, as
 
 
 def graphable(model) -> bool:
-    """Whether `model.decode_step` can be captured: no data-dependent shapes or host reads
-    (MoE routing gathers a variable number of tokens per expert; dynamic-NTK RoPE reads the
-    largest position on the host)."""
+    """Whether `model.decode_step` can be captured: no data-dependent shapes, host reads or
+    host-to-device copies (MoE routing gathers a variable number of tokens per expert;
+    dynamic-NTK RoPE reads the largest position on the host; ALiBi's slopes are copied in)."""
     cfg = model.cfg
     rope_type = (getattr(cfg, "rope_scaling", None) or {}).get("rope_type")
-    return not cfg.num_experts and rope_type != "dynamic"
+    return not cfg.num_experts and rope_type != "dynamic" and cfg.position != "alibi"
 
 
 class GraphedStep:

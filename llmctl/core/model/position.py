@@ -125,8 +125,8 @@ class RoPE(PositionEncoding):
         return params.pop("rope_type", params.pop("type", "default")), params
 
     def _cos_sin(self, kind: str, params: dict, positions: torch.Tensor, position_ids, dtype: torch.dtype):
-        inv_freq, factor = ROPE_SCALINGS.get(kind)(self.cfg, params, position_ids)
-        angles = positions.float()[..., None] * inv_freq.to(positions.device)
+        inv_freq, factor = ROPE_SCALINGS.get(kind)(self.cfg, params, position_ids, positions.device)
+        angles = positions.float()[..., None] * inv_freq
         angles = torch.cat([angles, angles], dim=-1)  # [..., head_dim]
         return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
@@ -142,32 +142,33 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out
 
 
-def _inv_freq(theta: float, dim: int) -> torch.Tensor:
-    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+def _inv_freq(theta: float, dim: int, device) -> torch.Tensor:
+    """Made on the device that uses it: no host-to-device copy (a CUDA graph can hold it)."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
 
 
 @ROPE_SCALINGS.register("default")
-def default_rope(cfg, params: dict, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-    return _inv_freq(cfg.rope_theta, cfg.head_dim), 1.0
+def default_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
+    return _inv_freq(cfg.rope_theta, cfg.head_dim, device), 1.0
 
 
 @ROPE_SCALINGS.register("linear")
-def linear_rope(cfg, params: dict, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+def linear_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
     """Position interpolation: positions divided by `factor`."""
-    return _inv_freq(cfg.rope_theta, cfg.head_dim) / params["factor"], 1.0
+    return _inv_freq(cfg.rope_theta, cfg.head_dim, device) / params["factor"], 1.0
 
 
 @ROPE_SCALINGS.register("dynamic")
-def dynamic_ntk_rope(cfg, params: dict, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+def dynamic_ntk_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
     """Dynamic NTK: grow the base once the sequence passes max_seq_len."""
     seq_len = max(int(position_ids.max()) + 1, cfg.max_seq_len)
     factor, dim = params["factor"], cfg.head_dim
     base = cfg.rope_theta * ((factor * seq_len / cfg.max_seq_len) - (factor - 1)) ** (dim / (dim - 2))
-    return _inv_freq(base, dim), 1.0
+    return _inv_freq(base, dim, device), 1.0
 
 
 @ROPE_SCALINGS.register("yarn")
-def yarn_rope(cfg, params: dict, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+def yarn_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies, keep high ones, ramp between; scale attention."""
     dim, base, factor = cfg.head_dim, cfg.rope_theta, params["factor"]
     original = params.get("original_max_position_embeddings") or cfg.max_seq_len
@@ -183,16 +184,16 @@ def yarn_rope(cfg, params: dict, position_ids: torch.Tensor) -> tuple[torch.Tens
     if params.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
-    ramp = ((torch.arange(dim // 2).float() - low) / max(high - low, 0.001)).clamp(0, 1)
-    extrapolation = _inv_freq(base, dim)
+    ramp = ((torch.arange(dim // 2, device=device).float() - low) / max(high - low, 0.001)).clamp(0, 1)
+    extrapolation = _inv_freq(base, dim, device)
     keep = 1 - ramp
     return extrapolation / factor * (1 - keep) + extrapolation * keep, attention_factor
 
 
 @ROPE_SCALINGS.register("llama3")
-def llama3_rope(cfg, params: dict, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+def llama3_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
     """Llama 3.1: divide low frequencies by `factor`, keep high ones, smooth in between."""
-    inv_freq = _inv_freq(cfg.rope_theta, cfg.head_dim)
+    inv_freq = _inv_freq(cfg.rope_theta, cfg.head_dim, device)
     factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
     original = params["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
