@@ -239,9 +239,28 @@ def bench_decode(path: Path, arch: dict, new_tokens: int, batch: int, device, co
                 runs[k](["p0"], new_tokens) == reference_ids for k in runs if k != "transformers")
         else:
             rows["bf16 profile, 20 eager decode steps"] = profile(lambda: runs["llmctl eager"](["p0"], 20), steps=1)
+            for b in (1, batch):
+                for compiled in ((False, True) if compile else (False,)):
+                    label = f"bf16 b{b} one {'compiled ' if compiled else ''}graph replay, steps/s (no sampling loop)"
+                    rows[label] = 1 / step_time(ours, device, b, compiled)
         del hf, ours
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
+
+
+def step_time(model, device, batch: int, compile: bool, steps: int = 100) -> float:
+    """Seconds per one-token step of the Runner alone, back to back (what bounds decoding
+    once the sampling loop's own work is gone)."""
+    from llmctl.core.generate.search import Runner
+    from llmctl.core.model.attention import inference_backends
+
+    with torch.inference_mode(), inference_backends(device):
+        runner = Runner(model, [[1] * 16] * batch, 16 + steps + 20, device, compile=compile, cuda_graph=True)
+        runner.prefill()
+        ids = torch.ones(batch, 1, dtype=torch.long, device=device)
+        for _ in range(5):
+            runner.forward(ids)
+        return timed(lambda: [runner.forward(ids) for _ in range(steps)]) / steps
 
 
 # -- eval ----------------------------------------------------------------------------------------------
@@ -253,6 +272,7 @@ def bench_eval(path: Path, root: Path, vocab: int, device, max_length: int, stri
     from llmctl.core.evaluate.lm import ScoringModel
     from llmctl.core.evaluate.perplexity import perplexity
     from llmctl.core.hf import load_model
+    from llmctl.core.model.attention import inference_backends
     from llmctl.core.tokenizer import load_tokenizer
 
     rng = np.random.default_rng(0)
@@ -290,7 +310,9 @@ def bench_eval(path: Path, root: Path, vocab: int, device, max_length: int, stri
 
     lm = ScoringModel(load_model(path, device=device, dtype=torch.float32)[0], ours_tok, max_length=max_length,
                       device=device)
-    ours = lambda: perplexity(lm, [data], max_length=max_length, stride=stride)  # noqa: E731
+    def ours():  # as `llmctl eval` runs it
+        with inference_backends(device):
+            return perplexity(lm, [data], max_length=max_length, stride=stride)
     hf_loop(), ours()  # warm-up
     t_hf = min(timed(hf_loop) for _ in range(2))
     t_ours = min(timed(ours) for _ in range(2))
@@ -360,7 +382,7 @@ def main() -> None:
     compile = not args.no_compile
     sizes = dict(batch=2, seq=64, warmup=2, steps=3, new_tokens=8, dbatch=3, words=3000, max_length=128,
                  stride=64) if args.quick else dict(batch=16, seq=1024, warmup=5, steps=15, new_tokens=128, dbatch=16,
-                                                    words=400_000, max_length=1024, stride=512)
+                                                    words=100_000, max_length=1024, stride=512)
     results = {"env": {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),

@@ -50,6 +50,7 @@ def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device
     """{checkpoint: {task: {metric: value}}}, appended to each llmctl.json when `record`."""
     from llmctl.console import info
     from llmctl.core.checkpoint import append_metrics
+    from llmctl.core.model.attention import inference_backends
 
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for path in checkpoints:
@@ -58,7 +59,8 @@ def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device
              f"context {lm.max_length}")
         results[str(path)] = {}
         for task in tasks:
-            metrics = {k: _finite(v) for k, v in task.run(lm).items()}
+            with inference_backends(lm.device):
+                metrics = {k: _finite(v) for k, v in task.run(lm).items()}
             results[str(path)][task.name] = metrics
             if record:
                 append_metrics(path, task_record(task, metrics))

@@ -151,6 +151,7 @@ def generate(
     import torch
 
     from llmctl.core.generate.sampling import build_processors
+    from llmctl.core.model.attention import inference_backends
     from llmctl.core.generate.search import SEARCHES, Job
     from llmctl.core.generate.stream import Sequence
 
@@ -175,7 +176,7 @@ def generate(
         generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ()).item()))
     step = 1 if name == "speculative" else cfg.batch_size
     results: list[Result] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_backends(param.device):
         for first in range(0, len(ids), step):
             chunk = ids[first : first + step]
             chunk_cfg = _fit_steps(cfg, context, max(len(p) for p in chunk))
