@@ -50,6 +50,11 @@ def run_process(*args, env: dict | None = None, input: str | None = None, timeou
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+def pythonpath(*dirs) -> str:
+    """PYTHONPATH with `dirs` first, keeping the caller's (where llmctl may be installed)."""
+    return os.pathsep.join([*map(str, dirs), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 @pytest.fixture
 def llmctl_proc():
     return run_process

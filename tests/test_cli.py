@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_process
+from conftest import ROOT, pythonpath, run_process
 
 
 def make_dist(site: Path, dist: str, commands: dict[str, str], module: str, source: str) -> None:
@@ -64,7 +64,7 @@ def site(tmp_path_factory) -> Path:
 
 
 def run(site: Path, *args):
-    return run_process(*args, env={"PYTHONPATH": str(site)})
+    return run_process(*args, env={"PYTHONPATH": pythonpath(site)})
 
 
 def test_help_lists_commands_and_global_options(llmctl):

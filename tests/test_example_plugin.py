@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_process
+from conftest import ROOT, pythonpath, run_process
 
 PLUGIN = ROOT / "plugins" / "llmctl-corpus-stats"
 
@@ -27,7 +27,7 @@ def site(tmp_path_factory):
 def test_installed_plugin_is_listed_and_runs(site, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("The cat sat.\nThe dog ran.\n\nÜber alles, the end.\n", encoding="utf-8")
-    env = {"PYTHONPATH": str(site)}
+    env = {"PYTHONPATH": pythonpath(site)}
     listing = json.loads(run_process("plugins", "--json", env=env).stdout)
     entry = next(p for p in listing if p["name"] == "corpus-stats")
     assert entry["distribution"] == "llmctl-corpus-stats" and not entry["builtin"] and entry["status"] == "ok"
