@@ -18,14 +18,18 @@ import re
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
 from llmctl.core.checkpoint import check_tensors, open_checkpoint, save_checkpoint
 from llmctl.core.model import ModelConfig, Transformer
+from llmctl.core.model.build import build_model
 from llmctl.core.model.mlp import MLPS
 from llmctl.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from llmctl.core.model.transforms import Transform
 
 LLMCTL_TYPE = "llmctl"
 
@@ -369,7 +373,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     """The ModelConfig of an HF (or llmctl) config.json; CheckpointError if unsupported."""
     model_type = hf.get("model_type")
     if model_type == LLMCTL_TYPE:
-        fields = {k: v for k, v in hf.items() if k not in ("model_type", "architectures", "dtype")}
+        fields = {k: v for k, v in hf.items()
+                  if k not in ("model_type", "architectures", "dtype", "quantization_config")}
         return ModelConfig.from_dict(fields)
     arch = ARCHES.get(model_type)
     if arch is None:
@@ -391,7 +396,10 @@ def _decode(arch: Arch, hf: dict) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
     """config.json for `cfg`: an HF architecture's keys when one expresses it, else llmctl's."""
-    arch = arch_for(cfg)
+    return _config_to(cfg, dtype, arch_for(cfg))
+
+
+def _config_to(cfg: ModelConfig, dtype: torch.dtype | None, arch: Arch | None) -> dict:
     dtype_name = {"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}
     if arch is None:
         return {"model_type": LLMCTL_TYPE, "architectures": ["LlmctlTransformer"], **dtype_name, **cfg.to_dict()}
@@ -417,15 +425,50 @@ def arch_for(cfg: ModelConfig) -> Arch | None:
 # ---------------------------------------------------------------------------------------- weights
 
 
-def _expand(arch: Arch, cfg: ModelConfig, ours: set[str]):
-    """(rule, theirs name, our names) for every table entry the model actually has."""
+def _expand(arch: Arch, cfg: ModelConfig, ours: set[str] | None = None):
+    """(rule, theirs name, our names) for every table entry (that the model has, given `ours`)."""
     for r in arch.weights:
         layers = range(cfg.num_layers) if "{i}" in r.theirs else [None]
         experts = range(cfg.num_experts) if "{e}" in r.theirs else [None]
         for i, e in product(layers, experts):
             names = tuple(o.format(i=i, e=e) for o in r.ours)
-            if all(n in ours for n in names):
+            if ours is None or all(n in ours for n in names):
                 yield r, r.theirs.format(i=i, e=e), names
+
+
+def _modules(arch: Arch, cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:
+    """{our module path: (HF module path, why it cannot carry other tensors, or None)}.
+
+    A transformed module's extra tensors (`qweight`, `scales`, `lora_A.weight`, …) keep their
+    suffix under the module's HF path; a module that HF fuses with others or stores
+    transposed has no such place.
+    """
+    out: dict[str, tuple[str, str | None]] = {}
+    for r, theirs, names in _expand(arch, cfg):
+        module = theirs.rpartition(".")[0]
+        why = (f"{module} fuses {', '.join(n.rpartition('.')[0] for n in names)}" if len(names) > 1
+               else f"{module} is stored transposed" if r.transpose else None)
+        for name in names:
+            ours = name.rpartition(".")[0]
+            if ours in out and out[ours][0] != module:
+                why = f"{ours} is split across {out[ours][0]} and {module}"
+            out[ours] = (module, why or (out[ours][1] if ours in out else None))
+    return out
+
+
+def _by_module(name: str, modules: dict[str, tuple[str, str | None]], arch: Arch) -> str:
+    """`name` moved under its module's mapped path (`_modules`, either direction)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if module in modules:
+            target, why = modules[module]
+            if why:
+                raise CheckpointError(f"tensor {name!r} has no place in a {arch.model_type} checkpoint: {why}, "
+                                      f"which cannot carry '{'.'.join(parts[cut:])}' (such a model is saved as "
+                                      f"model_type {LLMCTL_TYPE!r})")
+            return target + name[len(module):]
+    raise CheckpointError(f"tensor {name!r} has no place in a {arch.model_type} checkpoint")
 
 
 def _param_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
@@ -459,18 +502,30 @@ def _tensors_from_hf(arch: Arch, cfg: ModelConfig, ck, shapes: dict) -> dict[str
     head = next((aliases.get(r.theirs, r.theirs) for r in arch.weights if r.ours == ("lm_head.weight",)), None)
     ignore = re.compile(arch.ignore)
     extra = sorted(n for n in available - used if not ignore.fullmatch(n) and not (cfg.tie_embeddings and n == head))
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise CheckpointError(f"{ck.path}: unexpected tensor {extra[0]!r} for {arch.model_type}{more}")
+    canonical = {stored: theirs for theirs, stored in aliases.items()}
+    theirs_modules: dict[str, tuple[str, str | None]] = {}
+    for ours, (theirs, why) in _modules(arch, cfg).items():
+        clash = theirs in theirs_modules and theirs_modules[theirs][0] != ours
+        theirs_modules[theirs] = (ours, why or (f"{theirs} holds several of our modules" if clash else None))
+    for n in extra:  # a transformed module's own tensors, by module prefix
+        try:
+            out[_by_module(canonical.get(n, n), theirs_modules, arch)] = ck.get_tensor(n)
+        except CheckpointError as exc:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise CheckpointError(f"{ck.path}: unexpected {exc}{more}") from None
     return out
 
 
 def tensors_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under the names its config.json architecture uses."""
+    """The model's weights under the names its config.json architecture uses; CheckpointError
+    for a tensor that architecture has no place for (`save_model` then writes llmctl's type)."""
+    return _tensors_to(model, arch_for(model.cfg))
+
+
+def _tensors_to(model: Transformer, arch: Arch | None) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     state = model.state_dict()
     shapes = _param_shapes(model)
-    arch = arch_for(cfg)
     if arch is None:
         return {n: state[n] for n in shapes}
     out, used = {}, set()
@@ -478,9 +533,9 @@ def tensors_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
         tensor = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
         out[theirs] = tensor.t().contiguous() if r.transpose else tensor
         used.update(names)
-    left = sorted(set(shapes) - used)
-    if left:  # e.g. an unmerged adapter: refuse rather than silently drop weights
-        raise CheckpointError(f"tensor {left[0]!r} has no place in a {arch.model_type} checkpoint")
+    modules = _modules(arch, cfg)
+    for name in sorted(set(shapes) - used):  # transformed modules' own tensors, by module prefix
+        out[_by_module(name, modules, arch)] = state[name]
     return out
 
 
@@ -490,8 +545,7 @@ def module_names(cfg: ModelConfig) -> dict[str, str]:
     arch = arch_for(cfg)
     if arch is None:
         return {}
-    with torch.device("meta"):
-        ours = set(_param_shapes(Transformer(cfg)))
+    ours = set(_param_shapes(build_model(cfg, device="meta")))
     return {
         theirs.removesuffix(".weight"): names[0].removesuffix(".weight")
         for r, theirs, names in _expand(arch, cfg, ours)
@@ -503,30 +557,47 @@ def module_names(cfg: ModelConfig) -> dict[str, str]:
 
 
 def load_model(
-    path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    transforms: Iterable[Transform] = (),
+    config: ModelConfig | None = None,
 ) -> tuple[Transformer, ModelConfig]:
     """Load an llmctl or transformers checkpoint directory as a `Transformer` (eval mode).
 
-    Tensors stay memory-mapped until moved; `dtype` None keeps the stored dtype.
+    The model is built on the meta device with the transforms the checkpoint records, and the
+    stored tensors are assigned to it (strict: every tensor used, every one present), so no
+    weight is allocated twice. Tensors stay memory-mapped until moved; `dtype` None keeps the
+    stored dtype (it converts floating-point tensors only). `transforms` are then applied to the
+    loaded model (LoRA on a base, quantizing a dense model). `config` replaces the stored
+    config by one of the same architecture with other run-time settings (dropout, …).
     """
+    from llmctl.core.model import transforms as tf
+
     ck = open_checkpoint(path)
     cfg = config_from_hf(ck.config)
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    if config is not None:
+        if config.architecture() != cfg.architecture():
+            raise CheckpointError(f"{ck.path}: the given model config is not the checkpoint's architecture")
+        cfg = config
+    model = build_model(cfg, tf.recorded(ck.config, ck.lineage), device="meta")
     shapes = _param_shapes(model)
     if ck.config.get("model_type") == LLMCTL_TYPE:
         check_tensors(shapes, ck.tensor_shapes(), ck.path)
         tensors = {n: ck.get_tensor(n) for n in shapes}
     else:
-        tensors = _tensors_from_hf(ARCHES[ck.config["model_type"]], cfg, ck, shapes)
+        tensors = _tensors_from_hf(ARCHES[ck.config["model_type"]], model.cfg, ck, shapes)
         check_tensors(shapes, {n: tuple(t.shape) for n, t in tensors.items()}, ck.path)
-    if cfg.tie_embeddings:
+    if model.cfg.tie_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
     model.tie_weights()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
-    return model.eval(), cfg
+    for transform in transforms:
+        transform.apply(model)
+    return model.eval(), model.cfg
 
 
 def save_model(
@@ -539,9 +610,24 @@ def save_model(
     force: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
-    """Write `model` as a checkpoint transformers can load whenever it has the architecture."""
-    tensors = tensors_to_hf(model)
-    config = config_to_hf(model.cfg, model.model.embed_tokens.weight.dtype)
+    """Write `model` as a checkpoint transformers can load whenever it has the architecture.
+
+    The model's transforms are recorded (`transforms.record`); when the architecture's weight
+    names cannot carry a transformed module's tensors, it is written as `model_type: llmctl`.
+    """
+    from llmctl.core.model import transforms as tf
+
+    arch = arch_for(model.cfg)
+    try:
+        tensors = _tensors_to(model, arch)
+    except CheckpointError:
+        arch = None
+        tensors = _tensors_to(model, arch)
+    config = _config_to(model.cfg, model.model.embed_tokens.weight.dtype, arch)
+    quantization, specs = tf.record(model.transforms)
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    lineage = {**(lineage or {}), **({"transforms": specs} if specs else {})}
     return save_checkpoint(out_dir, tensors, config, generation_config=generation_config,
-                           tokenizer_dir=tokenizer_dir, lineage=lineage or {}, force=force,
+                           tokenizer_dir=tokenizer_dir, lineage=lineage, force=force,
                            max_shard_bytes=max_shard_bytes)

@@ -75,6 +75,18 @@ class Registry(Generic[T]):
                 f"choose from: {', '.join(sorted(self._items))}"
             ) from None
 
+    def name_of(self, item: Any) -> str:
+        """The name `item` is registered under (KeyError if it is not)."""
+        self._load_plugins()
+        for name, registered in self._items.items():
+            if registered is item:
+                return name
+        raise KeyError(f"{item!r} is not a registered {self.kind}")
+
+    def items(self) -> list[tuple[str, T]]:
+        self._load_plugins()
+        return sorted(self._items.items())
+
     def names(self) -> list[str]:
         self._load_plugins()
         return sorted(self._items)

@@ -98,6 +98,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.transforms: list = []  # module transforms applied, in order (see transforms.py)
         self.model = Backbone(cfg)
         if not cfg.is_causal:
             self.mlm_transform = MLMTransform(cfg)
@@ -121,8 +122,11 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=std)  # learned positions
 
     def tie_weights(self) -> None:
-        """Share the output projection with the token embeddings when the config says so."""
+        """Share the output projection with the token embeddings when the config says so
+        (`replace_module` unties them before replacing the head)."""
         if self.cfg.tie_embeddings:
+            if type(self.lm_head) is not nn.Linear:
+                raise ValueError(f"cannot tie a replaced output head ({type(self.lm_head).__name__}) to the embeddings")
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:

@@ -27,7 +27,6 @@ class Plan:
     config: TrainConfig
     model_config: Any  # ModelConfig
     init_from: Path | None  # a checkpoint whose weights start the run (model=CKPT)
-    init_model: Any | None  # its Transformer, loaded on CPU in float32
     tokenizer: Any | None  # Tok
     tokenizer_dir: Path | None  # copied into every checkpoint
     shards: Any | None  # TokenShards, or None for raw text
@@ -44,7 +43,7 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
     """Check `cfg` against the model, tokenizer and data; ConfigError on the first problem."""
     _check_numbers(cfg)
     precision = _precision(cfg.precision, device_type)
-    model_config, init_from, init_model, ckpt_tok = _model_config(cfg.model, cfg.model_args)
+    model_config, init_from, ckpt_tok = _model_config(cfg.model, cfg.model_args)
     tokenizer, tokenizer_dir = _tokenizer(cfg.tokenizer, ckpt_tok)
     if not cfg.data:
         raise ConfigError("config key 'data': no training data given (a token-shard directory or text files)")
@@ -90,7 +89,7 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
         raise ConfigError("config key 'document_mask': only for the causal objective")
     if cfg.document_mask and model_config.eos_token_id is None:
         raise ConfigError("config key 'document_mask': the data has no EOS token between documents")
-    plan = Plan(cfg, model_config, init_from, init_model, tokenizer, tokenizer_dir, shards, text_files, val_files,
+    plan = Plan(cfg, model_config, init_from, tokenizer, tokenizer_dir, shards, text_files, val_files,
                 objective, precision, parents=[str(init_from)] if init_from else [])
     if objective == "masked":
         plan.mask_id, plan.special_ids = _mask_tokens(tokenizer)
@@ -131,27 +130,25 @@ def _precision(name: str, device_type: str) -> str:
 
 
 def _model_config(name: str, model_args: dict):
-    """(ModelConfig, checkpoint path, its model, checkpoint dir if it holds a tokenizer)."""
+    """(ModelConfig, checkpoint path, checkpoint dir if it holds a tokenizer)."""
     path = Path(name)
     if path.is_dir():
-        import torch
-
         from llmctl.core.checkpoint import open_checkpoint
         from llmctl.core.hf import load_model
 
         try:
             ck = open_checkpoint(path)
-            model, model_config = load_model(path, device="cpu", dtype=torch.float32)
+            model_config = load_model(path)[1]  # checks every tensor; memory-mapped, nothing read
         except CheckpointError as exc:
             raise ConfigError(f"config key 'model': {exc}") from None
         if model_args:
             raise ConfigError("config key 'model_args': applies to presets only, not to checkpoint " + name)
-        return model_config, path, model, (path if ck.has_tokenizer else None)
+        return model_config, path, (path if ck.has_tokenizer else None)
     import json
 
     from llmctl.core.model.presets import load_preset
 
-    return load_preset(name, [f"{k}={json.dumps(v)}" for k, v in model_args.items()]), None, None, None
+    return load_preset(name, [f"{k}={json.dumps(v)}" for k, v in model_args.items()]), None, None
 
 
 def _tokenizer(name: str | None, ckpt_tok: Path | None):

@@ -102,7 +102,8 @@ class Trainer:
     """Owns the model, optimizer and data of one run (one per process under torchrun)."""
 
     def __init__(self, plan: Plan, outdir: Path, device: torch.device, d: dist_.Dist, lineage: dict):
-        from llmctl.core.model import Transformer
+        from llmctl.core.hf import load_model
+        from llmctl.core.model.build import build_model
 
         self.plan, self.cfg, self.outdir, self.device, self.d = plan, plan.config, Path(outdir), device, d
         self.lineage = lineage  # the resolved config and the data it trains on
@@ -110,16 +111,12 @@ class Trainer:
         cfg = self.cfg
         self.resume_from = latest_checkpoint(self.outdir)
         torch.manual_seed(cfg.seed)
-        model = Transformer(plan.model_config)  # this run's training settings (dropout, checkpointing)
-        source = plan.init_model
-        if self.resume_from is not None:
-            from llmctl.core.hf import load_model
-
-            source = load_model(self.resume_from, device="cpu", dtype=torch.float32)[0]
-        if source is not None:
-            model.load_state_dict(source.state_dict())
-        del source
-        self.model = model.to(device)  # the plain module: exported in checkpoints
+        source = self.resume_from or plan.init_from
+        if source is None:
+            model = build_model(plan.model_config).to(device)  # initialised on CPU: same weights anywhere
+        else:  # built on meta with this run's settings (dropout, checkpointing), weights assigned
+            model = load_model(source, device=device, dtype=torch.float32, config=plan.model_config)[0]
+        self.model = model  # the plain module: exported in checkpoints
         self.model.train()
         self.wrapped = dist_.wrap(self.model, cfg.distributed.strategy, d, device)
         self.optimizer = build_optimizer(self.wrapped, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -175,10 +172,9 @@ class Trainer:
         return target
 
     def _unsharded(self, state: dict):
-        from llmctl.core.model import Transformer
+        from llmctl.core.model.build import build_model
 
-        with torch.device("meta"):
-            model = Transformer(self.model.cfg)
+        model = build_model(self.model.cfg, self.model.transforms, device="meta")
         model.load_state_dict(state, assign=True)
         model.tie_weights()
         return model
