@@ -13,7 +13,7 @@ KEYS = {
     "path", "architecture", "model_type", "parameters", "layers", "hidden_size", "intermediate_size", "heads",
     "kv_heads", "head_dim", "vocab_size", "context_length", "num_experts", "experts_per_token", "position",
     "dtypes", "tensors", "format", "size_bytes", "disk_bytes", "shards", "tokenizer", "chat_template", "lineage",
-    "quantization", "sparsity", "metrics",
+    "quantization", "sparsity", "transforms", "metrics",
 }
 
 

@@ -173,6 +173,15 @@ def test_identity_round_trips(base, tmp_path):
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
 
 
+def test_info_shows_recorded_transforms(base, tmp_path, llmctl):
+    model, _ = load_model(base, transforms=[Lora(target_modules=["q_proj"], r=3)])
+    out = save_model(model, tmp_path / "lora")
+    r = llmctl("info", out, "--json")
+    assert r.code == 0 and r.json()["transforms"] == [model.transforms[0].spec()]
+    r = llmctl("info", out)
+    assert r.code == 0 and "type=test_lora" in r.stderr and "r=3" in r.stderr
+
+
 def test_int8_saves_loads_and_serves_generate_and_eval(base, tmp_path, llmctl):
     from llmctl.core.evaluate.lm import ScoringModel
     from llmctl.core.evaluate.perplexity import perplexity

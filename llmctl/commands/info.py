@@ -44,6 +44,8 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
         rows.append(["created by", f"llmctl {lineage['command'] or '?'} at {lineage['created'] or '?'}"])
         for parent in lineage["parents"]:
             rows.append(["parent", f"{parent.get('path')} ({(parent.get('hash') or '?')[:12]})"])
+    for spec in s.get("transforms") or []:
+        rows.append(["transform", ", ".join(f"{k}={v}" for k, v in spec.items() if v is not None)])
     for key in ("quantization", "sparsity"):
         if s[key]:
             rows.append([key, ", ".join(f"{k}={v}" for k, v in s[key].items())])

@@ -81,6 +81,7 @@ class Lineage(TypedDict, total=False):
     metrics: list
     quantization: dict
     sparsity: dict
+    transforms: list  # module transform specs (see core/model/transforms.py), re-applied on load
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -627,6 +628,7 @@ def describe(ck: Checkpoint) -> dict:
             "parents": lineage.get("parents", []),
         } if ck.lineage is not None else None,
         "quantization": lineage.get("quantization") or config.get("quantization_config"),
+        "transforms": lineage.get("transforms", []),  # module transforms recorded in llmctl.json
         "sparsity": lineage.get("sparsity"),
         "metrics": len(lineage.get("metrics", [])),
     }
