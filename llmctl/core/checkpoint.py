@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, TypedDict
@@ -383,22 +384,116 @@ def save_checkpoint(
     """Write a checkpoint directory atomically; an existing `out_dir` needs `force`.
 
     Tensors are saved contiguous, in shards of at most `max_shard_bytes` (HF names and index
-    format above it). Tensors sharing storage (tied weights) are each written in full: pass
-    only the names the model needs, as HF drops `lm_head.weight` when embeddings are tied.
-    `lineage` (command, resolved config, parent paths, extra facts such as quantization) is
-    completed with the format version, llmctl version, UTC time and parents' content hashes.
+    format above it), through `CheckpointWriter`. Tensors sharing storage (tied weights) are
+    each written in full: pass only the names the model needs, as HF drops `lm_head.weight`
+    when embeddings are tied. `lineage` (command, resolved config, parent paths, extra facts
+    such as quantization) is completed with the format version, llmctl version, UTC time and
+    parents' content hashes.
     """
-    record = _lineage_record(lineage or {})  # hash parents first: out_dir may be one of them
-    shards = _plan_shards(tensors, max_shard_bytes)
-    with atomic_dir(out_dir, force) as tmp:
+    layout = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors.items()}
+    with CheckpointWriter(out_dir, layout, force=force, max_shard_bytes=max_shard_bytes) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        writer.finish(config, generation_config=generation_config, tokenizer_dir=tokenizer_dir, lineage=lineage,
+                      extra_files=extra_files)
+    return Path(out_dir)
+
+
+class CheckpointWriter:
+    """Writes a checkpoint one tensor at a time, so only the tensor being written is in memory.
+
+        layout = {name: (shape, dtype name)}          # e.g. from the inputs' safetensors headers
+        with CheckpointWriter(out_dir, layout, force=False) as writer:
+            for name in layout:
+                writer.add(name, make_tensor(name))   # any order; written at once, then dropped
+            writer.finish(config, lineage={...})
+
+    The layout fixes the shards (greedy in layout order, at most `max_shard_bytes` each, as
+    transformers shards) and every tensor's offset, so each shard's safetensors header is
+    written first and a tensor's bytes go straight to their place. Everything is written in a
+    temporary sibling directory that becomes `out_dir` when the block ends without error.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, layout: Mapping[str, tuple[tuple[int, ...], str]], *,
+                 force: bool = False, max_shard_bytes: int = 2 * 1024**3):
+        self.out_dir, self.force = Path(out_dir), force
+        self.layout = {n: (tuple(int(d) for d in shape), dtype) for n, (shape, dtype) in layout.items()}
+        for name, (_, dtype) in self.layout.items():
+            if dtype not in _CODES:
+                raise CheckpointError(f"cannot save tensor {name!r}: dtype {dtype} is not supported by safetensors")
+        sizes = {n: math.prod(shape) * DTYPES[_CODES[dtype]][1] for n, (shape, dtype) in self.layout.items()}
+        self.shards = _plan_shards(sizes, max_shard_bytes)
+        self.total_size = sum(sizes.values())
+        self._place: dict[str, tuple[str, int, int]] = {}  # name -> (shard, file offset, bytes)
+        self._headers: dict[str, bytes] = {}
+        for file, names in self.shards.items():
+            self._headers[file] = self._header(file, names, sizes)
+        self._pending = set(self.layout)
+        self._fds: dict[str, int] = {}
+        self._finished = False
+        self.tmp: Path | None = None
+
+    def _header(self, file: str, names: list[str], sizes: dict[str, int]) -> bytes:
+        """The shard's safetensors header; largest dtypes first, so every tensor stays aligned."""
+        order = sorted(names, key=lambda n: (-DTYPES[_CODES[self.layout[n][1]]][1], n))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in order:
+            shape, dtype = self.layout[name]
+            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
+            offset += sizes[name]
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        for name in order:
+            begin, end = header[name]["data_offsets"]
+            self._place[name] = (file, 8 + len(raw) + begin, end - begin)
+        return len(raw).to_bytes(8, "little") + raw
+
+    def __enter__(self) -> CheckpointWriter:
+        self._atomic = atomic_dir(self.out_dir, self.force)
+        self.tmp = self._atomic.__enter__()
+        try:
+            for file, header in self._headers.items():
+                fd = self._fds[file] = os.open(self.tmp / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.write(fd, header)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def add(self, name: str, tensor: "torch.Tensor") -> None:
+        """Write one tensor of the layout (its shape and dtype must match)."""
+        import torch
+
+        if name not in self._pending:
+            why = "was already written" if name in self.layout else "is not in the layout"
+            raise CheckpointError(f"tensor {name!r} {why}")
+        shape, dtype = self.layout[name]
+        given = str(tensor.dtype).removeprefix("torch.")
+        if tuple(tensor.shape) != shape or given != dtype:
+            raise CheckpointError(f"tensor {name!r} is {given} {list(tensor.shape)}, the layout says "
+                                  f"{dtype} {list(shape)}")
+        file, offset, nbytes = self._place[name]
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(self._fds[file], data[done:], offset + done)
+        self._pending.discard(name)
+
+    def finish(self, config: dict, *, generation_config: dict | None = None,
+               tokenizer_dir: str | os.PathLike | None = None, lineage: Lineage | None = None,
+               extra_files: Mapping[str, bytes | str] | None = None) -> None:
+        """Write the index (when sharded), configs, tokenizer, extra files and lineage."""
+        if self._pending:
+            missing = sorted(self._pending)
+            raise CheckpointError(f"tensor {missing[0]!r} was never written{_more(missing)}")
+        record = _lineage_record(lineage or {})  # before the rename: out_dir may be a parent
+        tmp = self.tmp
         write_json(tmp / CONFIG_NAME, _jsonable(config))
-        for file, names in shards.items():
-            _write_safetensors(tmp / file, {n: tensors[n] for n in names})
-        if len(shards) > 1:
-            weight_map = {n: file for file, names in shards.items() for n in names}
-            total = sum(_nbytes(t) for t in tensors.values())
+        if len(self.shards) > 1:
+            weight_map = {n: file for file, names in self.shards.items() for n in names}
             write_json(tmp / (SAFETENSORS_NAME + INDEX_SUFFIX),
-                       {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+                       {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))})
         if generation_config is not None:
             write_json(tmp / GENERATION_CONFIG_NAME, _jsonable(generation_config))
         if tokenizer_dir is not None:
@@ -410,19 +505,25 @@ def save_checkpoint(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content.encode() if isinstance(content, str) else content)
         write_json(tmp / LINEAGE_NAME, record)
-    return Path(out_dir)
+        self._finished = True
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if kind is None and not self._finished:
+            value = CheckpointError(f"{self.out_dir}: the checkpoint writer was closed before finish()")
+            self._atomic.__exit__(CheckpointError, value, None)  # removes the temporary directory
+            raise value
+        self._atomic.__exit__(kind, value, traceback)  # renames into place, or cleans up
+        return False
 
 
-def _nbytes(tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def _plan_shards(tensors: Mapping[str, Any], max_shard_bytes: int) -> dict[str, list[str]]:
+def _plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> dict[str, list[str]]:
     """Greedy, in the given order, like `transformers`: {file name: tensor names}."""
     groups: list[list[str]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = _nbytes(tensor)
+    for name, nbytes in sizes.items():
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -432,31 +533,6 @@ def _plan_shards(tensors: Mapping[str, Any], max_shard_bytes: int) -> dict[str, 
         return {SAFETENSORS_NAME: groups[0]}
     n = len(groups)
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
-
-
-def _write_safetensors(file: Path, tensors: Mapping[str, "torch.Tensor"]) -> None:
-    """Stream tensors into a safetensors file: header, then each tensor's bytes (no copy of
-    the whole shard in memory). Largest dtypes first, so every tensor stays aligned."""
-    import torch
-
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in order:
-        tensor = tensors[name]
-        code = _CODES.get(str(tensor.dtype).removeprefix("torch."))
-        if code is None:
-            raise CheckpointError(f"cannot save tensor {name!r}: dtype {tensor.dtype} is not supported by safetensors")
-        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + _nbytes(tensor)]}
-        offset += _nbytes(tensor)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(file, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for name in order:
-            tensor = tensors[name].detach().to("cpu").contiguous()
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
