@@ -174,26 +174,9 @@ class Transformer(nn.Module):
         row: a token attends only within its document and positions restart at each one.
         """
         cfg = self.cfg
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask must be [B, {past + T}] (cached + new), got {list(attention_mask.shape)}")
-        if document_ids is not None:
-            if cache is not None or attention_mask is not None:
-                raise ValueError("document_ids cannot be combined with a KV cache or an attention mask")
-            if position_ids is None:
-                position_ids = document_positions(document_ids)
-            all_positions = position_ids
-        else:
-            all_positions = self._positions(attention_mask, B, past + T, input_ids.device)
-        given_positions = position_ids is not None
-        if not given_positions:
-            position_ids = all_positions[:, past:]
-
-        x = self._embed(input_ids, position_ids, token_type_ids)
-        # derived positions are all below past + T; given ones are checked by the encoding
-        ctx = self._context(x, position_ids, None if given_positions else past + T, all_positions, attention_mask,
-                            cache, document_ids)
+        T = input_ids.shape[1]
+        x, ctx = self.embed(input_ids, attention_mask, position_ids, cache, token_type_ids=token_type_ids,
+                            document_ids=document_ids)
         hidden = [x] if output_hidden_states else []
         aux = x.new_zeros((), dtype=torch.float32)
         # positions whose logits are not wanted need no output from the last layer
@@ -219,6 +202,41 @@ class Transformer(nn.Module):
                 aux = aux + cfg.mtp_loss_weight * self._mtp_loss(x, ctx, labels)
         out.aux_loss = aux
         return out
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        token_type_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, AttentionContext]:
+        """The first step of `forward` (same arguments): the embeddings [B, T, hidden] and the
+        attention context (rotary tables, mask, cache) every block of `model.layers` takes as
+        `block(x, ctx) -> (x, aux)`; `head` ends the run. See `layerwise.py`."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must be [B, {past + T}] (cached + new), got {list(attention_mask.shape)}")
+        if document_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("document_ids cannot be combined with a KV cache or an attention mask")
+            if position_ids is None:
+                position_ids = document_positions(document_ids)
+            all_positions = position_ids
+        else:
+            all_positions = self._positions(attention_mask, B, past + T, input_ids.device)
+        given_positions = position_ids is not None
+        if not given_positions:
+            position_ids = all_positions[:, past:]
+
+        x = self._embed(input_ids, position_ids, token_type_ids)
+        # derived positions are all below past + T; given ones are checked by the encoding
+        ctx = self._context(x, position_ids, None if given_positions else past + T, all_positions, attention_mask,
+                            cache, document_ids)
+        return x, ctx
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor | None,
                     keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor) -> torch.Tensor:
