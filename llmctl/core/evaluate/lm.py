@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmctl.console import Progress
+from llmctl.core.model.logprobs import CHUNK, MIN_ROWS, token_logprobs
 from llmctl.core.parallel import parallel_map
 from llmctl.errors import CheckpointError, DataError
 
@@ -27,8 +28,8 @@ class Score:
     tokens: int  # number of scored tokens
 
 
-HEAD_CHUNK = 1 << 22  # logits made at a time while scoring (16 MB in float32) …
-HEAD_CHUNK_ROWS = 256  # … but at least this many rows, so the head's weight is read few times
+HEAD_CHUNK = CHUNK  # logits made at a time while scoring (16 MB in float32) …
+HEAD_CHUNK_ROWS = MIN_ROWS  # … but at least this many rows, so the head's weight is read few times
 SHARE_MIN_TOKENS = 64  # share a context's KV cache when that saves at least this many token positions
 
 
@@ -143,24 +144,15 @@ class ScoringModel:
         """Scores from `features` [B, K, ·] (see `features`; logits if `are_logits`) predicting
         targets [B, K] where `valid`.
 
-        Logits are made a few rows at a time (HEAD_CHUNK values, at least HEAD_CHUNK_ROWS
-        rows), so a large vocabulary's logits never all exist at once.
+        Logits are made a few rows at a time (`token_logprobs`: HEAD_CHUNK values, at least
+        HEAD_CHUNK_ROWS rows), so a large vocabulary's logits never all exist at once.
         """
-        flat, wanted = features.reshape(-1, features.shape[-1]), targets.reshape(-1)
-        logprobs = torch.empty(len(wanted), device=features.device)
-        hits = torch.empty(len(wanted), dtype=torch.bool, device=features.device)
+        head = None
         if self.has_head and not are_logits:
-            to_logits = functools.partial(self.model.head, projection=self.projection)
-        else:
-            to_logits = torch.Tensor.float
+            head = functools.partial(self.model.head, projection=self.projection)
         vocab = self.model.cfg.vocab_size if self.has_head else features.shape[-1]
-        step = max(HEAD_CHUNK_ROWS, HEAD_CHUNK // vocab)
-        for i in range(0, len(wanted), step):
-            logits = to_logits(flat[i : i + step])
-            target = wanted[i : i + step, None]
-            logprobs[i : i + step] = torch.log_softmax(logits, dim=-1).gather(-1, target)[:, 0]
-            if greedy:
-                hits[i : i + step] = logits.argmax(-1) == target[:, 0]
+        logprobs, hits = token_logprobs(features, targets, head, vocab=vocab, greedy=greedy, chunk=HEAD_CHUNK,
+                                        min_rows=HEAD_CHUNK_ROWS)
         sums = logprobs.view_as(targets).masked_fill(~valid, 0.0).sum(-1).tolist()
         if not greedy:
             return [Score(total, None, k) for total, k in zip(sums, n_scored)]
