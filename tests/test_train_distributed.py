@@ -72,3 +72,36 @@ def test_fsdp_matches_one_and_resumes(corpus, single, tmp_path):  # noqa: F811
     assert r.returncode == 0, r.stderr[-3000:]
     assert_close(curve(out), curve(single))
     assert [x["step"] for x in records(out) if "loss" in x] == list(range(1, 7))
+
+
+FSDP_UNITS = """
+import json, torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from llmctl.core.model import ModelConfig
+from llmctl.core.model.build import build_model
+from llmctl.core.train import distributed as dist_
+
+d = dist_.init("gloo", torch.device("cpu"))
+model = build_model(ModelConfig(vocab_size=64, hidden_size=16, num_layers=3, num_heads=2, num_mtp_heads=1))
+dist_.wrap(model, "fsdp", d, torch.device("cpu"))
+units = [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+sharded = all(isinstance(p, DTensor) for p in model.parameters())
+if d.is_main:
+    print("UNITS", sharded, json.dumps(units))
+dist_.shutdown(d)
+"""
+
+
+def test_fsdp_wraps_every_block(tmp_path):
+    script = tmp_path / "units.py"
+    script.write_text(FSDP_UNITS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(script)], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("UNITS"))
+    _, sharded, units = line.split(maxsplit=2)
+    assert json.loads(units) == ["", "model.layers.0", "model.layers.1", "model.layers.2", "mtp_heads.0"]
+    assert sharded == "True"

@@ -58,14 +58,22 @@ def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device) -> nn.M
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in getattr(model, "layers", []):
-            fully_shard(layer)
-        fully_shard(model)
+        for block in shard_units(model):
+            fully_shard(block)
+        fully_shard(model)  # the root: embeddings, final norm, head
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP wraps one by one: every transformer block (multi-token heads too), so
+    only one block's parameters are gathered at a time."""
+    from llmctl.core.model.transformer import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
