@@ -17,7 +17,6 @@ from llmctl.errors import CheckpointError, ConfigError, DataError, UsageError
 
 PRECISIONS = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
               "fp16": "float16", "float16": "float16"}
-MASK_TOKENS = ("[MASK]", "<mask>", "<MASK>")
 
 
 @dataclass
@@ -32,9 +31,9 @@ class Plan:
     shards: Any | None  # TokenShards, or None for raw text
     text_files: list[Path] = field(default_factory=list)
     val_files: list[Path] = field(default_factory=list)
-    objective: str = "causal"
+    objective: str = "causal"  # a name in core/train/objectives.py's OBJECTIVES
     precision: str = "float32"
-    mask_id: int | None = None
+    mask_id: int | None = None  # masked objective: filled by its `resolve`
     special_ids: list[int] = field(default_factory=list)
     parents: list[str] = field(default_factory=list)
 
@@ -82,17 +81,12 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
             f"(max_seq_len {model_config.max_seq_len})"
         )
     model_config = _training_overrides(cfg, model_config)
-    objective = cfg.objective if cfg.objective != "auto" else ("causal" if model_config.is_causal else "masked")
-    if objective == "causal" and not model_config.is_causal:
-        raise ConfigError(f"config key 'objective': model {cfg.model} is encoder-only; use objective=masked")
-    if cfg.document_mask and objective != "causal":
-        raise ConfigError("config key 'document_mask': only for the causal objective")
-    if cfg.document_mask and model_config.eos_token_id is None:
-        raise ConfigError("config key 'document_mask': the data has no EOS token between documents")
+    from llmctl.core.train.objectives import OBJECTIVES, default_objective
+
+    objective = cfg.objective if cfg.objective != "auto" else default_objective(model_config)
     plan = Plan(cfg, model_config, init_from, tokenizer, tokenizer_dir, shards, text_files, val_files,
                 objective, precision, parents=[str(init_from)] if init_from else [])
-    if objective == "masked":
-        plan.mask_id, plan.special_ids = _mask_tokens(tokenizer)
+    OBJECTIVES.get(objective).resolve(plan)  # an unknown name is a usage error, as any registry's
     return plan
 
 
@@ -205,13 +199,3 @@ def _training_overrides(cfg: TrainConfig, model_config):
     if cfg.mtp_weight is not None:
         changes["mtp_loss_weight"] = cfg.mtp_weight
     return dataclasses.replace(model_config, **changes)
-
-
-def _mask_tokens(tokenizer) -> tuple[int, list[int]]:
-    inner = getattr(tokenizer, "inner", None)
-    for token in MASK_TOKENS:
-        tid = inner.token_to_id(token) if inner is not None else None
-        if tid is not None:
-            specials = [i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None]
-            return tid, specials
-    raise ConfigError("config key 'tokenizer': masked-LM training needs a tokenizer with a [MASK] token")

@@ -25,8 +25,9 @@ from llmctl.console import Progress, info, progress
 from llmctl.core.checkpoint import append_metrics, checkpoint_hash
 from llmctl.core.train import distributed as dist_
 from llmctl.core.train.build import Plan
-from llmctl.core.train.data import ShardBatches, TextBatches, TextStream, mask_tokens, split_text
+from llmctl.core.train.data import ShardBatches, TextBatches, TextStream, split_text
 from llmctl.core.train.metrics import MetricsLog, flops_per_token, peak_flops, truncate_metrics
+from llmctl.core.train.objectives import OBJECTIVES
 from llmctl.core.train.optim import build_optimizer
 from llmctl.core.train.schedule import lr_at
 from llmctl.core.train.state import load_state, restore_rng, save_state
@@ -98,6 +99,18 @@ def make_data(plan: Plan, d: dist_.Dist):
     return TextBatches(train, val, **common)
 
 
+class WithExtra(torch.nn.Module):
+    """What trains when the objective has extra parameters: the model plus them, so the
+    optimizer, DDP and FSDP see both; calls go to the model."""
+
+    def __init__(self, model: torch.nn.Module, extra: torch.nn.Module):
+        super().__init__()
+        self.model, self.extra = model, extra
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
 class Trainer:
     """Owns the model, optimizer and data of one run (one per process under torchrun)."""
 
@@ -110,6 +123,8 @@ class Trainer:
         self.parents = [{"path": str(p.resolve()), "hash": checkpoint_hash(p)} for p in map(Path, plan.parents)]
         cfg = self.cfg
         self.resume_from = latest_checkpoint(self.outdir)
+        state = load_state(self.resume_from) if self.resume_from is not None else None
+        self.objective = OBJECTIVES.get(plan.objective)(plan, device)
         torch.manual_seed(cfg.seed)
         source = self.resume_from or plan.init_from
         if source is None:
@@ -118,11 +133,19 @@ class Trainer:
             model = load_model(source, device=device, dtype=torch.float32, config=plan.model_config)[0]
         self.model = model  # the plain module: exported in checkpoints
         self.model.train()
-        self.wrapped = dist_.wrap(self.model, cfg.distributed.strategy, d, device)
+        self.objective.prepare(self.model)
+        for companion in self.objective.companions().values():
+            companion.requires_grad_(False).eval()
+        extra = self.objective.extra()
+        if extra is not None and state is not None:
+            extra.load_state_dict(state[0]["modules"])
+        # what the optimizer, DDP and FSDP see: the model, and the objective's extras if any
+        self.trained = self.model if extra is None else WithExtra(self.model, extra.to(device))
+        self.wrapped = dist_.wrap(self.trained, cfg.distributed.strategy, d, device)
         self.optimizer = build_optimizer(self.wrapped, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          no_decay=cfg.no_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        self.data = make_data(plan, d)
+        self.data = self.objective.data(d)
         self.scaler = torch.amp.GradScaler("cuda") if plan.precision == "float16" else None
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world
         self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
@@ -131,14 +154,14 @@ class Trainer:
         self.step = 0
         self.max_steps = cfg.max_steps  # may shrink once to fit `max_time`, see _fit_time_budget
         self.horizon_fixed = cfg.max_time is None
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
+        if state is not None:
+            self._restore(self.resume_from, state)
         self.val = self.data.val_batches()
 
     # -- state ------------------------------------------------------------------------------
 
-    def _restore(self, ckpt: Path) -> None:
-        meta, optim_state = load_state(ckpt)
+    def _restore(self, ckpt: Path, state: tuple[dict, dict]) -> None:
+        meta, optim_state = state
         dist_.load_optimizer_state(self.wrapped, self.optimizer, optim_state)
         self.data.load_state(meta["data"])
         restore_rng(meta["rng"], meta["rng_tensors"])
@@ -153,7 +176,6 @@ class Trainer:
 
     def save(self) -> Path:
         """Write `checkpoints/step-NNNNNN` atomically (a collective; rank 0 writes)."""
-        from llmctl.core.hf import save_model
         from llmctl.core.io import atomic_dir
 
         model_state, optim_state = dist_.full_state_dicts(self.wrapped, self.optimizer)
@@ -162,18 +184,22 @@ class Trainer:
             export = self.model if self.cfg.distributed.strategy != "fsdp" or not self.d.enabled \
                 else self._unsharded(model_state)
             lineage = {"command": "train", **self.lineage, "parents": self.parents, "step": self.step}
+            modules = {k.removeprefix("extra."): v for k, v in model_state.items() if k.startswith("extra.")} \
+                if self.trained is not self.model else None
             with atomic_dir(target, force=True) as tmp:
-                save_model(export, tmp, tokenizer_dir=self.plan.tokenizer_dir, lineage=lineage, force=True)
+                self.objective.save(export, tmp, tokenizer_dir=self.plan.tokenizer_dir, lineage=lineage, force=True)
                 save_state(tmp, step=self.step, optimizer=optim_state, data=self.data.state(),
                            scaler=self.scaler.state_dict() if self.scaler else None,
                            extra={"world_size": self.d.world, "max_steps": self.max_steps,
-                                  "horizon_fixed": self.horizon_fixed})
+                                  "horizon_fixed": self.horizon_fixed}, modules=modules)
             self._prune()
         return target
 
     def _unsharded(self, state: dict):
         from llmctl.core.model.build import build_model
 
+        if self.trained is not self.model:
+            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         model = build_model(self.model.cfg, self.model.transforms, device="meta")
         model.load_state_dict(state, assign=True)
         model.tie_weights()
@@ -192,28 +218,15 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=getattr(torch, self.plan.precision))
 
     def _inputs(self, rows: torch.Tensor, index: int, generator: torch.Generator | None = None):
-        """(input_ids, labels, model kwargs) for the objective; labels are aligned with the inputs."""
-        if self.device.type == "cuda":  # page-locked, so the copies below overlap the GPU's work
+        """(input_ids, labels, model kwargs) the objective makes of a batch of token rows."""
+        if self.device.type == "cuda":  # page-locked, so the copies to the device overlap the GPU's work
             rows = rows.pin_memory()
-        if self.plan.objective == "masked":
-            rows = rows[:, :-1]
-            gen = generator or torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
-            inputs, labels = mask_tokens(rows, mask_id=self.plan.mask_id, vocab_size=self.plan.model_config.vocab_size,
-                                         prob=self.cfg.mask_prob, generator=gen, special_ids=self.plan.special_ids)
-        else:
-            inputs, labels = rows[:, :-1], rows[:, 1:]
-        extra = {}
-        if self.cfg.document_mask:  # an EOS ends its document: the next token starts one
-            ends = inputs == self.plan.model_config.eos_token_id
-            extra["document_ids"] = (ends.cumsum(-1) - ends.long()).to(self.device, non_blocking=True)
-        return inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), extra
+        return self.objective.batch(rows, index, generator)
 
     def _loss(self, inputs, labels, extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(objective to minimise, language-model loss): the objective adds the model's weighted
-        MoE load-balancing and multi-token-prediction losses."""
+        """(what the objective minimises, language-model loss)."""
         with self._autocast():
-            out = self.forward(inputs, labels=labels, **extra)
-        return out.loss + out.aux_loss, out.loss
+            return self.objective.loss(self.forward, inputs, labels, extra)
 
     def train_step(self) -> tuple[float, float, float, float]:
         """One optimizer step over `grad_accum` micro-batches: (loss, aux_loss, grad_norm, lr).
@@ -260,14 +273,14 @@ class Trainer:
         """Mean loss over the fixed validation batches (None without a val split)."""
         if not self.val:
             return None
-        self.model.eval()
+        self.trained.eval()
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         total = 0.0
         for i, rows in enumerate(self.val):
             inputs, labels, extra = self._inputs(rows, i, generator)
             with self._autocast():
-                total += float(self.forward(inputs, labels=labels, **extra).loss)
-        self.model.train()
+                total += float(self.objective.val_loss(self.forward, inputs, labels, extra))
+        self.trained.train()
         summed, count = dist_.all_reduce_sum([total, float(len(self.val))], self.d, self.device)
         return summed / count
 

@@ -47,8 +47,9 @@ def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_state(directory: Path, *, step: int, optimizer: dict, data: dict, scaler: dict | None,
-               extra: dict | None = None) -> None:
-    """Write `directory/trainer_state/`. `optimizer` is a full, FQN-keyed optimizer state dict."""
+               extra: dict | None = None, modules: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `directory/trainer_state/`. `optimizer` is a full, FQN-keyed optimizer state dict;
+    `modules` the state of modules trained beside the model (an objective's extras)."""
     out = Path(directory) / STATE_DIR
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -61,6 +62,7 @@ def save_state(directory: Path, *, step: int, optimizer: dict, data: dict, scale
                 scalars.setdefault(fqn, {})[key] = value
     rng_meta, rng_tensors = capture_rng()
     tensors.update(rng_tensors)
+    tensors.update({f"module.{k}": v.detach().cpu().contiguous() for k, v in (modules or {}).items()})
     save_file(tensors, str(out / TENSORS))
     meta = {
         "format": "llmctl-trainer-state", "version": 1, "step": step, "data": data, "scaler": scaler,
@@ -72,7 +74,7 @@ def save_state(directory: Path, *, step: int, optimizer: dict, data: dict, scale
 
 def load_state(directory: Path) -> tuple[dict, dict]:
     """(meta, optimizer state dict) from `directory/trainer_state/`; RNG states are restored by
-    `restore_rng(meta["rng"], meta["rng_tensors"])`."""
+    `restore_rng(meta["rng"], meta["rng_tensors"])`; `meta["modules"]` is save_state's `modules`."""
     src = Path(directory) / STATE_DIR
     try:
         meta = json.loads((src / META).read_text(encoding="utf-8"))
@@ -85,4 +87,5 @@ def load_state(directory: Path) -> tuple[dict, dict]:
             fqn, _, key = name[len("optimizer."):].rpartition(".")
             state.setdefault(fqn, {})[key] = value
     meta["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    meta["modules"] = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
     return meta, {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
