@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from llmctl.core.checkpoint import append_metrics, positional_encoding, save_checkpoint
+from llmctl.core.checkpoint import append_metrics, save_checkpoint
+from llmctl.core.summary import positional_encoding
 
 KEYS = {
     "path", "architecture", "model_type", "parameters", "layers", "hidden_size", "intermediate_size", "heads",

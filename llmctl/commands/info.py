@@ -13,7 +13,8 @@ def info(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (llmctl or Hugging Face).", show_default=False)],
 ) -> None:
     """Architecture, parameters, dtype, size, tokenizer, lineage, quantization and sparsity of a checkpoint."""
-    from llmctl.core.checkpoint import describe, open_checkpoint
+    from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.summary import describe
 
     summary = describe(open_checkpoint(checkpoint))
     emit(summary, lambda: console.print(table(str(checkpoint), ["field", "value"], _rows(summary))))
