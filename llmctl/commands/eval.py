@@ -36,7 +36,7 @@ def eval_command(
     from llmctl.core.evaluate.runner import evaluate
     from llmctl.core.evaluate.tasks import load_tasks
     from llmctl.errors import UsageError
-    from llmctl.runtime import resolve_device, resolve_dtype, seed_everything
+    from llmctl.runtime import options, resolve_device, resolve_dtype, seed_everything
 
     if batch_size is not None and batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
@@ -46,7 +46,7 @@ def eval_command(
                  "chain_of_thought": True if cot else None}
     tasks = load_tasks(task, overrides)
     results = evaluate(checkpoints, tasks, device=resolve_device(), dtype=resolve_dtype(),
-                       batch_size=batch_size, record=not no_record)
+                       batch_size=batch_size, record=not no_record, seed=options.seed)
     emit({"results": results}, lambda: console.print(_table(results)))
 
 

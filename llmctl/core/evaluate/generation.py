@@ -83,7 +83,6 @@ class Generation(DocumentTask):
 
     def run(self, lm) -> dict[str, float]:
         from llmctl.core.generate import GenerationConfig, generate
-        from llmctl.runtime import options
 
         docs = self.documents()
         references = [self.references(d) for d in docs]
@@ -92,7 +91,7 @@ class Generation(DocumentTask):
             prompts = [self.render("cot_prompt", d, prompt=p) for d, p in zip(docs, prompts)]
         cfg = GenerationConfig(max_new_tokens=self.max_new_tokens, stop=list(self.until),
                                temperature=self.temperature if self.samples > 1 else 0.0,
-                               seed=options.seed if options.seed is not None else 1234,
+                               seed=lm.seed,
                                batch_size=lm.batch_size, truncate="left")
         predictions = []
         with progress(self.name, total=len(docs), unit="ex") as bar:

@@ -34,11 +34,13 @@ SHARE_MIN_TOKENS = 64  # share a context's KV cache when that saves at least thi
 
 
 class ScoringModel:
-    """A model (`model(ids).logits`) and tokenizer (`encode`/`decode`, `bos_id`/`eos_id`)."""
+    """A model (`model(ids).logits`) and tokenizer (`encode`/`decode`, `bos_id`/`eos_id`);
+    `seed` seeds the generation tasks' sampling."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_length: int, batch_size: int | None = None,
-                 max_batch_tokens: int | None = None, device: torch.device | str = "cpu"):
+                 max_batch_tokens: int | None = None, device: torch.device | str = "cpu", seed: int = 1234):
         self.model = model.eval()
+        self.seed = seed
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = torch.device(device)

@@ -11,7 +11,7 @@ from llmctl.core.evaluate.tasks import Task
 from llmctl.errors import CheckpointError, UsageError
 
 
-def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = None) -> ScoringModel:
+def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = None, seed: int = 1234) -> ScoringModel:
     """A checkpoint (llmctl or HF directory) and its tokenizer, ready to score."""
     from llmctl.core.checkpoint import open_checkpoint
     from llmctl.core.hf import load_model
@@ -23,7 +23,8 @@ def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = Non
     model, cfg = load_model(path, device=device, dtype=dtype)
     if not cfg.is_causal:
         raise UsageError(f"{path}: an encoder-only model; eval scores causal language models")
-    return ScoringModel(model, load_tokenizer(path), max_length=cfg.max_seq_len, batch_size=batch_size, device=device)
+    return ScoringModel(model, load_tokenizer(path), max_length=cfg.max_seq_len, batch_size=batch_size, device=device,
+                        seed=seed)
 
 
 def task_record(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -46,15 +47,17 @@ def _type_name(task: Task) -> str:
 
 
 def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device, dtype, batch_size: int | None = None,
-             record: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
-    """{checkpoint: {task: {metric: value}}}, appended to each llmctl.json when `record`."""
+             record: bool = True, seed: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """{checkpoint: {task: {metric: value}}}, appended to each llmctl.json when `record`;
+    `seed` (default 1234) seeds sampled generations."""
     from llmctl.console import info
     from llmctl.core.checkpoint import append_metrics
     from llmctl.core.model.attention import inference_backends
 
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for path in checkpoints:
-        lm = load_scorer(path, device=device, dtype=dtype, batch_size=batch_size)
+        lm = load_scorer(path, device=device, dtype=dtype, batch_size=batch_size,
+                         seed=1234 if seed is None else seed)
         info(f"[bold]{path}[/bold]: {sum(p.numel() for p in lm.model.parameters()):,} parameters, "
              f"context {lm.max_length}")
         results[str(path)] = {}
