@@ -6,8 +6,11 @@
 Each supported architecture is one declarative `Arch`: config codecs (HF keys <-> ModelConfig
 fields, plus the fields the architecture fixes) and a weight table of `Rule`s (HF tensor <->
 our parameter names, with `{i}` for the layer and `{e}` for the expert; `transpose` for GPT-2's
-Conv1D, several of ours for a fused HF tensor). Saving picks the first architecture whose
-config round trip reproduces the model's config exactly; anything else is written as
+Conv1D, several of ours for a fused HF tensor). A transformed module's own tensors
+(`qweight`, `weight_scale`, `lora_A.weight`, …) keep their suffix under the module's mapped
+path. Saving picks the first architecture whose config round trip reproduces the model's
+config exactly and whose names hold every tensor (the model's transforms are recorded, see
+`core/model/transforms.py`); anything else is written as
 `model_type: "llmctl"` with the full ModelConfig and our own parameter names.
 """
 

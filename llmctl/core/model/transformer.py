@@ -125,8 +125,8 @@ class Transformer(nn.Module):
         """Share the output projection with the token embeddings when the config says so
         (`replace_module` unties them before replacing the head)."""
         if self.cfg.tie_embeddings:
-            if type(self.lm_head) is not nn.Linear:
-                raise ValueError(f"cannot tie a replaced output head ({type(self.lm_head).__name__}) to the embeddings")
+            if type(self.lm_head) is not nn.Linear or type(self.model.embed_tokens) is not nn.Embedding:
+                raise ValueError("cannot tie a replaced output head or embedding; replace_module unties them")
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:

@@ -33,11 +33,14 @@ same module path, and Hugging Face weight names are derived by module prefix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
+import torch
 from torch import nn
 
 from llmctl.core.registry import Registry
@@ -46,6 +49,7 @@ from llmctl.errors import CheckpointError, UsageError
 TRANSFORMS: Registry[type[Transform]] = Registry("model transform", "llmctl.transforms")
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"
+TIED = (OUTPUT_HEAD, "model.embed_tokens")  # replacing either unties them
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 Targets = str | list[str] | None
@@ -82,10 +86,10 @@ def select_modules(model: nn.Module, target_modules: Targets, exclude_modules: T
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put `new` at `path`. Replacing the output head of a model with tied embeddings unties
-    them first (config and all), so the head is stored, and reloaded, on its own."""
+    """Put `new` at `path`. Replacing the output head or the embeddings of a model that ties
+    them unties them first (config and all), so each is stored, and reloaded, on its own."""
     cfg = getattr(model, "cfg", None)
-    if path == OUTPUT_HEAD and getattr(cfg, "tie_embeddings", False):
+    if path in TIED and getattr(cfg, "tie_embeddings", False):
         model.cfg = dataclasses.replace(cfg, tie_embeddings=False)
     model.set_submodule(path, new)
 
@@ -116,7 +120,9 @@ class Transform:
         if not paths:
             raise UsageError(f"transform {self.name}: target_modules={self.target_modules!r} matches no module")
         for path in paths:
-            replace_module(model, path, self.replace(path, model.get_submodule(path)))
+            module = model.get_submodule(path)
+            with _device_of(module):  # new tensors default to the replaced module's device
+                replace_module(model, path, self.replace(path, module))
         model.transforms = [*getattr(model, "transforms", []), self]
         return model
 
@@ -135,6 +141,11 @@ class Transform:
     @classmethod
     def from_quantization_config(cls, config: Mapping[str, Any]) -> Transform:
         return _construct(cls, {k: v for k, v in config.items() if k != "quant_method"}, "quantization_config")
+
+
+def _device_of(module: nn.Module):
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device(tensor.device) if tensor is not None else contextlib.nullcontext()
 
 
 def _construct(cls: type[Transform], params: Mapping[str, Any], where: str) -> Transform:
