@@ -126,6 +126,14 @@ def build_mask(
         return None, True
     q_pos = torch.arange(q_idx.start, q_idx.stop, device=device)
     k_pos = torch.arange(k_idx.start, k_idx.stop, device=device)
+    return mask_at(cfg, q_pos, k_pos, padding, bias, documents), False
+
+
+def mask_at(cfg, q_pos: torch.Tensor, k_pos: torch.Tensor, padding: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """`build_mask`'s mask for queries at sequence indices `q_pos` [T] over keys `k_pos` [K]
+    (tensors, so a compiled decode step can pass its cache slot): bool [B|1, 1, T, K], or the
+    additive `bias` with -inf where attention is not allowed."""
     distance = q_pos[:, None] - k_pos[None, :]  # [T, K]
     allowed = torch.ones_like(distance, dtype=torch.bool)
     if cfg.is_causal:
@@ -139,8 +147,8 @@ def build_mask(
         allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])
     allowed = allowed | (distance == 0)  # a padded query attends to itself: no empty rows
     if bias is None:
-        return allowed, False
-    return bias.masked_fill(~allowed, float("-inf")), False
+        return allowed
+    return bias.masked_fill(~allowed, float("-inf"))
 
 
 class Attention(nn.Module):

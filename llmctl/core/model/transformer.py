@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmctl.core.model.attention import Attention, AttentionContext, build_mask
+from llmctl.core.model.attention import Attention, AttentionContext, build_mask, mask_at
 from llmctl.core.model.cache import KVCache, StaticSlot
 from llmctl.core.model.config import ModelConfig
 from llmctl.core.model.mlp import ACTIVATIONS, make_mlp
@@ -250,16 +250,11 @@ class Transformer(nn.Module):
         cfg = self.cfg
         x = self._embed(input_ids, position_ids, None)
         key_idx = torch.arange(keys[0].shape[2], device=x.device)
-        visible = key_idx <= slot
-        if cfg.sliding_window is not None:
-            visible = visible & (key_idx > slot - cfg.sliding_window)
-        mask = visible[None, None, None, :]
-        if padding is not None:
-            mask = mask & padding[:, None, None, :]
         positions = self.model.embed_positions
         bias = positions.attention_bias(position_ids, self._positions(padding, x.shape[0], len(key_idx), x.device))
+        mask = mask_at(cfg, slot, key_idx, padding, bias)  # the cache's filled slots, window, padding
         if bias is not None:
-            mask = bias.masked_fill(~mask, float("-inf")).to(x.dtype)
+            mask = mask.to(x.dtype)
         rotary = positions.rotary(position_ids, x.dtype, cached=False)  # a few fused ops once compiled
         ctx = AttentionContext(rotary, mask, False, StaticSlot(keys, values, slot))
         for layer in self.model.layers:
