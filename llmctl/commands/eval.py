@@ -5,18 +5,18 @@ or a task YAML file. Results print as one column per checkpoint (`--json`: one o
 are appended to each checkpoint's llmctl.json unless `--no-record`.
 """
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from llmctl.console import console, emit
+from llmctl.options import option
 
 TASK = "Task options"
+_opt = functools.partial(option, panel=TASK)
 
-
-def _opt(*names: str, help: str, panel: str = TASK, **kw: Any) -> Any:
-    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kw)
 
 
 def eval_command(

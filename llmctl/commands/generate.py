@@ -11,6 +11,7 @@ import typer
 
 from llmctl.console import console, info, print_json
 from llmctl.errors import DataError, UsageError
+from llmctl.options import option
 from llmctl.runtime import options
 
 SAMPLING = "Sampling"
@@ -30,42 +31,39 @@ class Truncate(str, Enum):
     left = "left"
 
 
-def _opt(*names: str, help: str, panel: str, **kw: Any) -> Any:
-    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kw)
-
 
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (llmctl or Hugging Face).", show_default=False)],
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt, or '-' to read it from stdin.", show_default=False)] = None,
-    max_new_tokens: Annotated[Optional[int], _opt("--max-new-tokens", "-n", help="Tokens to generate at most (default 128).", panel=SEARCH)] = None,
-    min_new_tokens: Annotated[int, _opt("--min-new-tokens", help="Suppress EOS before this many tokens.", panel=SEARCH)] = 0,
-    temperature: Annotated[Optional[float], _opt("--temperature", "-t", help="0 = greedy (default: the checkpoint's generation_config, else 0).", panel=SAMPLING)] = None,
-    top_k: Annotated[Optional[int], _opt("--top-k", help="Keep the k most likely tokens (also contrastive search's k).", panel=SAMPLING)] = None,
-    top_p: Annotated[Optional[float], _opt("--top-p", help="Nucleus sampling mass.", panel=SAMPLING)] = None,
-    min_p: Annotated[float, _opt("--min-p", help="Drop tokens below min-p × the top probability.", panel=SAMPLING)] = 0.0,
-    typical_p: Annotated[float, _opt("--typical-p", help="Locally typical sampling mass.", panel=SAMPLING)] = 1.0,
-    repetition_penalty: Annotated[float, _opt("--repetition-penalty", help="CTRL repetition penalty (>1 discourages repeats).", panel=SAMPLING)] = 1.0,
-    frequency_penalty: Annotated[float, _opt("--frequency-penalty", help="Subtract α × count of each generated token.", panel=SAMPLING)] = 0.0,
-    presence_penalty: Annotated[float, _opt("--presence-penalty", help="Subtract α from every generated token.", panel=SAMPLING)] = 0.0,
-    no_repeat_ngram: Annotated[int, _opt("--no-repeat-ngram", help="Forbid repeating any n-gram of this size.", panel=SAMPLING)] = 0,
-    num_beams: Annotated[int, _opt("--num-beams", help="Beam search with this many beams.", panel=SEARCH)] = 1,
-    length_penalty: Annotated[float, _opt("--length-penalty", help="Beam score = logprob / length^penalty.", panel=SEARCH)] = 1.0,
-    early_stopping: Annotated[str, _opt("--early-stopping", help="Beam search: true, false or never.", panel=SEARCH)] = "false",
-    penalty_alpha: Annotated[float, _opt("--penalty-alpha", help="Contrastive search degeneration penalty (with --top-k).", panel=SEARCH)] = 0.0,
-    stop: Annotated[Optional[list[str]], _opt("--stop", help="Stop string (repeatable); excluded from the text.", panel=SEARCH)] = None,
-    ignore_eos: Annotated[bool, _opt("--ignore-eos", help="Keep generating past EOS.", panel=SEARCH)] = False,
-    draft: Annotated[Optional[Path], _opt("--draft", help="Draft checkpoint for speculative decoding.", panel=SPECULATIVE)] = None,
-    speculate_k: Annotated[int, _opt("--speculate-k", help="Tokens proposed per speculation step (default 4).", panel=SPECULATIVE)] = 4,
-    prompt_lookup: Annotated[int, _opt("--prompt-lookup", help="Prompt-lookup decoding with n-grams up to N (no draft model).", panel=SPECULATIVE)] = 0,
-    chat: Annotated[bool, _opt("--chat", help="Interactive multi-turn chat (/reset, /exit).", panel=INPUT)] = False,
-    system: Annotated[Optional[str], _opt("--system", help="System message for --chat.", panel=INPUT)] = None,
-    input: Annotated[Optional[Path], _opt("--input", "-i", help="JSONL of {\"prompt\": …} or {\"messages\": […]}; one JSON result per line.", panel=INPUT)] = None,
-    batch_size: Annotated[int, _opt("--batch-size", help="Prompts decoded together with --input (default 16).", panel=INPUT)] = 16,
-    truncate: Annotated[Truncate, _opt("--truncate", help="Prompt longer than the context: error, or drop its left part.", panel=INPUT)] = Truncate.error,
-    rope_scaling: Annotated[Optional[RopeScaling], _opt("--rope-scaling", help="Extend the context with RoPE scaling.", panel=INPUT)] = None,
-    rope_factor: Annotated[Optional[float], _opt("--rope-factor", help="Context extension factor for --rope-scaling.", panel=INPUT)] = None,
-    compile: Annotated[bool, _opt("--compile", help="torch.compile the decode step.", panel=INPUT)] = False,
-    cuda_graph: Annotated[bool, _opt("--cuda-graph/--no-cuda-graph",
+    max_new_tokens: Annotated[Optional[int], option("--max-new-tokens", "-n", help="Tokens to generate at most (default 128).", panel=SEARCH)] = None,
+    min_new_tokens: Annotated[int, option("--min-new-tokens", help="Suppress EOS before this many tokens.", panel=SEARCH)] = 0,
+    temperature: Annotated[Optional[float], option("--temperature", "-t", help="0 = greedy (default: the checkpoint's generation_config, else 0).", panel=SAMPLING)] = None,
+    top_k: Annotated[Optional[int], option("--top-k", help="Keep the k most likely tokens (also contrastive search's k).", panel=SAMPLING)] = None,
+    top_p: Annotated[Optional[float], option("--top-p", help="Nucleus sampling mass.", panel=SAMPLING)] = None,
+    min_p: Annotated[float, option("--min-p", help="Drop tokens below min-p × the top probability.", panel=SAMPLING)] = 0.0,
+    typical_p: Annotated[float, option("--typical-p", help="Locally typical sampling mass.", panel=SAMPLING)] = 1.0,
+    repetition_penalty: Annotated[float, option("--repetition-penalty", help="CTRL repetition penalty (>1 discourages repeats).", panel=SAMPLING)] = 1.0,
+    frequency_penalty: Annotated[float, option("--frequency-penalty", help="Subtract α × count of each generated token.", panel=SAMPLING)] = 0.0,
+    presence_penalty: Annotated[float, option("--presence-penalty", help="Subtract α from every generated token.", panel=SAMPLING)] = 0.0,
+    no_repeat_ngram: Annotated[int, option("--no-repeat-ngram", help="Forbid repeating any n-gram of this size.", panel=SAMPLING)] = 0,
+    num_beams: Annotated[int, option("--num-beams", help="Beam search with this many beams.", panel=SEARCH)] = 1,
+    length_penalty: Annotated[float, option("--length-penalty", help="Beam score = logprob / length^penalty.", panel=SEARCH)] = 1.0,
+    early_stopping: Annotated[str, option("--early-stopping", help="Beam search: true, false or never.", panel=SEARCH)] = "false",
+    penalty_alpha: Annotated[float, option("--penalty-alpha", help="Contrastive search degeneration penalty (with --top-k).", panel=SEARCH)] = 0.0,
+    stop: Annotated[Optional[list[str]], option("--stop", help="Stop string (repeatable); excluded from the text.", panel=SEARCH)] = None,
+    ignore_eos: Annotated[bool, option("--ignore-eos", help="Keep generating past EOS.", panel=SEARCH)] = False,
+    draft: Annotated[Optional[Path], option("--draft", help="Draft checkpoint for speculative decoding.", panel=SPECULATIVE)] = None,
+    speculate_k: Annotated[int, option("--speculate-k", help="Tokens proposed per speculation step (default 4).", panel=SPECULATIVE)] = 4,
+    prompt_lookup: Annotated[int, option("--prompt-lookup", help="Prompt-lookup decoding with n-grams up to N (no draft model).", panel=SPECULATIVE)] = 0,
+    chat: Annotated[bool, option("--chat", help="Interactive multi-turn chat (/reset, /exit).", panel=INPUT)] = False,
+    system: Annotated[Optional[str], option("--system", help="System message for --chat.", panel=INPUT)] = None,
+    input: Annotated[Optional[Path], option("--input", "-i", help="JSONL of {\"prompt\": …} or {\"messages\": […]}; one JSON result per line.", panel=INPUT)] = None,
+    batch_size: Annotated[int, option("--batch-size", help="Prompts decoded together with --input (default 16).", panel=INPUT)] = 16,
+    truncate: Annotated[Truncate, option("--truncate", help="Prompt longer than the context: error, or drop its left part.", panel=INPUT)] = Truncate.error,
+    rope_scaling: Annotated[Optional[RopeScaling], option("--rope-scaling", help="Extend the context with RoPE scaling.", panel=INPUT)] = None,
+    rope_factor: Annotated[Optional[float], option("--rope-factor", help="Context extension factor for --rope-scaling.", panel=INPUT)] = None,
+    compile: Annotated[bool, option("--compile", help="torch.compile the decode step.", panel=INPUT)] = False,
+    cuda_graph: Annotated[bool, option("--cuda-graph/--no-cuda-graph",
                                      help="On CUDA, replay each one-token step from a CUDA graph.", panel=INPUT)] = True,
 ) -> None:
     """Generate text: streamed to stdout, or one JSON object per prompt with --json / --input."""

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from llmctl.console import console, emit, table
+from llmctl.options import human_bytes, human_count
 
 
 def info(
@@ -22,9 +23,9 @@ def info(
 
 def _rows(s: dict[str, Any]) -> list[list[Any]]:
     params = s["parameters"]
-    count = _count(params["total"])
+    count = human_count(params["total"])
     if params["active"] is not None:
-        count += f" ({_count(params['active'])} active, {s['experts_per_token']} of {s['num_experts']} experts)"
+        count += f" ({human_count(params['active'])} active, {s['experts_per_token']} of {s['num_experts']} experts)"
     rows = [
         ["architecture", _v(s["architecture"])],
         ["model_type", _v(s["model_type"])],
@@ -35,8 +36,8 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
         ["vocab", _v(s["vocab_size"])],
         ["context length", _v(s["context_length"])],
         ["position", _position(s["position"])],
-        ["dtype", ", ".join(f"{d} ({_count(n)})" for d, n in s["dtypes"].items()) or "-"],
-        ["size", f"{_bytes(s['size_bytes'])} weights, {_bytes(s['disk_bytes'])} on disk"],
+        ["dtype", ", ".join(f"{d} ({human_count(n)})" for d, n in s["dtypes"].items()) or "-"],
+        ["size", f"{human_bytes(s['size_bytes'])} weights, {human_bytes(s['disk_bytes'])} on disk"],
         ["shards", f"{len(s['shards'])} {s['format']} file(s)"],
         ["tokenizer", ("yes" if s["tokenizer"] else "no") + (", chat template" if s["chat_template"] else "")],
     ]
@@ -70,17 +71,3 @@ def _position(p: dict[str, Any]) -> str:
 
 def _num(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
-
-
-def _bytes(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"

@@ -15,6 +15,7 @@ import typer
 
 from llmctl.console import console, emit, info, progress, table, warn
 from llmctl.errors import UsageError
+from llmctl.options import human_bytes
 from llmctl.runtime import options
 
 app = typer.Typer(help="Train tokenizers, encode corpora into token shards, chat templates.", no_args_is_help=True)
@@ -34,14 +35,6 @@ def _corpus(sources: list[str], text_field: str, doc_split: str):
 def _report_invalid(stats) -> None:
     if stats.invalid_utf8:
         warn(f"{stats.invalid_utf8} invalid UTF-8 sequence(s) replaced with U+FFFD")
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _summary(title: str, facts: dict) -> None:
@@ -102,7 +95,7 @@ def train(
     }
     emit(result, report=True, render=lambda: _summary(f"tokenizer → {output}", {
         "algorithm": algo, "vocab size": f"{tok.vocab_size:,}", "documents": f"{data.stats.documents:,}",
-        "corpus": _bytes(data.stats.bytes), "bytes/token": f"{result['bytes_per_token']:.2f} (on the first MB)",
+        "corpus": human_bytes(data.stats.bytes, decimal=True), "bytes/token": f"{result['bytes_per_token']:.2f} (on the first MB)",
         "time": f"{seconds:.1f} s", "hash": tok.hash,
     }))
 
@@ -157,7 +150,7 @@ def encode(
     def render() -> None:
         rows = [[s, f"{v['documents']:,}", f"{v['tokens']:,}", v["shards"]] for s, v in facts["splits"].items()]
         console.print(table(f"token shards → {output}", ["split", "documents", "tokens", "shards"], rows))
-        info(f"{_bytes(stats.text_bytes)} of text in {result.seconds:.1f} s ({facts['mb_per_s']} MB/s), "
+        info(f"{human_bytes(stats.text_bytes, decimal=True)} of text in {result.seconds:.1f} s ({facts['mb_per_s']} MB/s), "
              f"{facts['bytes_per_token']:.2f} bytes/token, {m['dtype']}, tokenizer {m['tokenizer_hash']}")
 
     emit(facts, render, report=True)
@@ -258,7 +251,7 @@ def count(
 
     def render() -> None:
         def line(name, r):
-            return [name, f"{r['documents']:,}", _bytes(r["text_bytes"]), f"{r['tokens']:,}", r["bytes_per_token"]]
+            return [name, f"{r['documents']:,}", human_bytes(r["text_bytes"], decimal=True), f"{r['tokens']:,}", r["bytes_per_token"]]
 
         body = [line(r["file"], r) for r in rows] + ([line("total", total)] if len(rows) > 1 else [])
         console.print(table(None, ["file", "documents", "text", "tokens", "bytes/token"], body))
