@@ -74,6 +74,23 @@ def test_fsdp_matches_one_and_resumes(corpus, single, tmp_path):  # noqa: F811
     assert [x["step"] for x in records(out) if "loss" in x] == list(range(1, 7))
 
 
+def test_fsdp_bf16_mixed_precision_tracks_one_process(corpus, tmp_path):  # noqa: F811
+    """FSDP2's MixedPrecisionPolicy (bf16 parameters, float32 gradient reduction) trains like
+    one process under bf16 autocast, and its checkpoint stays float32."""
+    from llmctl.cli import main
+
+    common = [f"data={corpus['shards']}", f"tokenizer={corpus['tok']}", *ARGS, "precision=bf16"]
+    one = tmp_path / "one"
+    assert main(["--quiet", "train", *common, "batch_size=4", "-o", str(one)]) == 0
+    r = torchrun(*common, "batch_size=2", "distributed.strategy=fsdp", "-o", tmp_path / "fsdp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = [x["loss"] for x in records(one) if "loss" in x], [x["loss"] for x in records(tmp_path / "fsdp") if "loss" in x]
+    assert len(a) == len(b) == 6 and max(abs(x - y) / x for x, y in zip(a, b)) < 0.02
+    header = json.loads((tmp_path / "fsdp" / "model.safetensors").read_bytes()[8:][:int.from_bytes(
+        (tmp_path / "fsdp" / "model.safetensors").read_bytes()[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F32"}
+
+
 FSDP_UNITS = """
 import json, torch
 from torch.distributed.fsdp import FSDPModule
@@ -87,8 +104,16 @@ model = build_model(ModelConfig(vocab_size=64, hidden_size=16, num_layers=3, num
 dist_.wrap(model, "fsdp", d, torch.device("cpu"))
 units = [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
 sharded = all(isinstance(p, DTensor) for p in model.parameters())
+seen = {}
+for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):  # the weights a forward computes with
+    m = build_model(ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2))
+    dist_.wrap(m, "fsdp", d, torch.device("cpu"), dtype)
+    m.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda mod, i, o, name=name: seen.__setitem__(name, str(mod.weight.dtype)))
+    m(torch.randint(0, 64, (1, 8)))
 if d.is_main:
     print("UNITS", sharded, json.dumps(units))
+    print("DTYPES", json.dumps(seen))
 dist_.shutdown(d)
 """
 
@@ -105,3 +130,5 @@ def test_fsdp_wraps_every_block(tmp_path):
     _, sharded, units = line.split(maxsplit=2)
     assert json.loads(units) == ["", "model.layers.0", "model.layers.1", "model.layers.2", "mtp_heads.0"]
     assert sharded == "True"
+    dtypes = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("DTYPES")).split(maxsplit=1)[1])
+    assert dtypes == {"float32": "torch.float32", "bfloat16": "torch.bfloat16"}  # MixedPrecisionPolicy

@@ -51,16 +51,23 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device) -> nn.Module:
-    """The model as trained: itself (single process), DDP, or FSDP2 sharded per block."""
+def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device,
+         param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model as trained: itself (single process), DDP, or FSDP2 sharded per block. Under
+    FSDP a 16-bit `param_dtype` gathers and computes with 16-bit parameters and reduces
+    gradients in float32 (FSDP2's `MixedPrecisionPolicy`); the sharded master weights and the
+    optimizer stay float32."""
     if not d.enabled:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mixed = param_dtype in (torch.bfloat16, torch.float16)
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed else None
+        kwargs = {"mp_policy": policy} if policy else {}
         for block in shard_units(model):
-            fully_shard(block)
-        fully_shard(model)  # the root: embeddings, final norm, head
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)  # the root: embeddings, final norm, head
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -141,7 +141,7 @@ class Trainer:
             extra.load_state_dict(state[0]["modules"])
         # what the optimizer, DDP and FSDP see: the model, and the objective's extras if any
         self.trained = self.model if extra is None else WithExtra(self.model, extra.to(device))
-        self.wrapped = dist_.wrap(self.trained, cfg.distributed.strategy, d, device)
+        self.wrapped = dist_.wrap(self.trained, cfg.distributed.strategy, d, device, getattr(torch, plan.precision))
         self.optimizer = build_optimizer(self.wrapped, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          no_decay=cfg.no_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
