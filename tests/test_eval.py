@@ -429,18 +429,38 @@ def test_generation_metrics_regex_and_self_consistency(monkeypatch, tmp_path):
     assert result["bleu"] == pytest.approx(corpus_bleu(["12", "7"], [["12"], ["seven", "7"]]))
 
 
-def test_generation_task_with_llmctl_model(hf_dir, tok):
-    """The copy task end to end through `llmctl.core.generate` on a loaded checkpoint."""
+def test_generation_task_with_llmctl_model(hf_dir, tok, tmp_path):
+    """A generation task end to end through `llmctl.core.generate` on a loaded checkpoint: its
+    scores are those of the model's greedy continuations, cut at `until`, each against its own
+    document's target (targets made from the continuations, so the scores are not all 0)."""
+    import json
+
+    from llmctl.core.evaluate.metrics import METRICS
     from llmctl.core.evaluate.tasks import load_task
+    from llmctl.core.generate import GenerationConfig, generate
     from llmctl.core.hf import load_model
 
     model, cfg = load_model(hf_dir)
-    lm = ScoringModel(model, tok, max_length=cfg.max_seq_len, batch_size=4)
-    task = load_task("copy", {"limit": 3})
-    task.max_new_tokens = 6
-    result = task.run(lm)
-    assert result["examples"] == 3
-    assert set(result) >= {"exact_match", "chrf", "bleu", "rouge1", "rouge2", "rougeL", "bleu_stderr"}
+    lm = ScoringModel(model, tok, max_length=cfg.max_seq_len, batch_size=2)
+    inputs = ["a b c", "x y", "h a g a p"]
+    prompts = [f"Copy: {x}\nOutput:" for x in inputs]
+    full = [r.text for r in generate(model, tok, prompts, GenerationConfig(max_new_tokens=8, eos_ids=[]),
+                                     context=cfg.max_seq_len)]
+    stop = full[0][3]  # cuts the first continuation after 3 characters or fewer
+    cut = [t[: t.index(stop)] if stop in t else t for t in full]
+    assert len(cut[0]) <= 3 < len(full[0]) and len(set(cut)) == 3
+    targets = [cut[0], cut[1][: len(cut[1]) // 2] or "q", "zzz"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"input": x, "target": t}) + "\n"
+                                              for x, t in zip(inputs, targets)))
+    (tmp_path / "t.yaml").write_text(json.dumps({
+        "type": "generate", "dataset": {"path": "d.jsonl"}, "prompt": "Copy: {{ input }}\nOutput:",
+        "until": [stop], "max_new_tokens": 8, "metrics": ["exact_match", "chrf", "bleu", "rougeL"],
+        "normalize": {"strip": False}}))
+    result = load_task(str(tmp_path / "t.yaml"), {}).run(lm)
+    assert result["examples"] == 3 and result["exact_match"] == pytest.approx(1 / 3)
+    references = [[t] for t in targets]
+    for name in ("chrf", "bleu", "rougeL"):
+        assert result[name] == pytest.approx(METRICS.get(name)(cut, references)[0]), name
 
 
 # ---------------------------------------------------------------- bad input

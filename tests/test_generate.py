@@ -364,7 +364,7 @@ def test_cli_missing_tokenizer_and_long_prompt(llmctl, ckpts, tmp_path):
     shutil.copytree(src, bare)
     (bare / "tokenizer.json").unlink()
     r = llmctl("generate", bare, "hi")
-    assert r.code == 1 and "tokenizer" in r.stderr
+    assert r.code == 1 and "has no tokenizer.json" in r.stderr
     long = "the quick brown fox " * 40
     r = llmctl("generate", src, long, "-n", "4")
     assert r.code == 2 and "--truncate left" in r.stderr
@@ -393,8 +393,11 @@ def test_cli_speculative_and_beam(llmctl, ckpts):
     plain = llmctl("generate", target, "the quick", "-n", "8", "--json", "--ignore-eos").json()
     spec = llmctl("generate", target, "the quick", "-n", "8", "--json", "--ignore-eos", "--draft", draft).json()
     assert spec["tokens"] == plain["tokens"] and "acceptance_rate" in spec
-    beam = llmctl("generate", target, "the quick", "-n", "8", "--num-beams", "3")
-    assert beam.code == 0 and beam.stdout.strip()
+    beam = llmctl("generate", target, "the quick", "-n", "8", "--num-beams", "3", "--length-penalty", "0",
+                  "--json", "--ignore-eos").json()
+    expected = _ours(target, ["the quick"], GenerationConfig(max_new_tokens=8, num_beams=3, length_penalty=0.0,
+                                                             eos_ids=[]))[0]
+    assert beam["tokens"] == expected.tokens and beam["tokens"] != plain["tokens"]  # the beams were searched
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gpt2"])

@@ -202,7 +202,8 @@ def test_sharded_bfloat16_save_loads_in_both(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 7))
     assert again.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(ours_logits(again, ids), ours_logits(ours, ids))
-    assert (hf_logits(reloaded, ids) - ours_logits(ours, ids)).abs().max().item() < 0.1
+    # bfloat16 rounding differs by kernel: at most 0.012 over 50 random inputs (measured)
+    assert (hf_logits(reloaded, ids) - ours_logits(ours, ids)).abs().max().item() < 0.03
 
 
 def test_module_names_map_hf_paths_to_ours():
