@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from llmctl.core.evaluate.lm import ScoringModel, rolling_windows  # noqa: E402
 

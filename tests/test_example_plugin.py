@@ -14,13 +14,25 @@ from conftest import ROOT, pythonpath, run_process
 PLUGIN = ROOT / "plugins" / "llmctl-corpus-stats"
 
 
+def _tree(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if "__pycache__" not in p.parts}
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    """The plugin installed into a temporary directory, built from a temporary copy of its
+    source (pip builds in the source directory: build/, *.egg-info)."""
+    import shutil
+
+    before = _tree(PLUGIN)
+    source = tmp_path_factory.mktemp("plugin-src") / PLUGIN.name
+    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path_factory.mktemp("plugin-site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(PLUGIN)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
         check=True, capture_output=True,
     )
+    assert _tree(PLUGIN) == before  # nothing written into the source tree
     return target
 
 
@@ -44,8 +56,8 @@ def test_installed_plugin_is_listed_and_runs(site, tmp_path):
     assert missing.code == 1 and "nope.txt: no such file" in missing.stderr
 
 
-def test_stream_formats_and_bounded_table(tmp_path):
-    sys.path.insert(0, str(PLUGIN))
+def test_stream_formats_and_bounded_table(site, tmp_path):
+    sys.path.insert(0, str(site))
     try:
         from llmctl_corpus_stats.stats import scan
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from llmctl.core.generate import GenerationConfig, generate  # noqa: E402
 from llmctl.core.generate.speculative import _accept  # noqa: E402

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 transformers.logging.set_verbosity_error()
 
 from llmctl.core.hf import load_model, save_model  # noqa: E402

@@ -63,7 +63,7 @@ def test_info_human_table_on_stderr(llmctl, ours):
 
 
 def test_info_on_hf_directories(llmctl, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     moe = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                      num_experts_per_tok=2, max_position_embeddings=128)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from transformers.generation.logits_process import (  # noqa: E402
     MinPLogitsWarper,
     NoRepeatNGramLogitsProcessor,

@@ -437,7 +437,7 @@ def test_sigint_mid_step_exits_130_after_a_checkpoint(llmctl, corpus, tmp_path, 
 # -- plot ----------------------------------------------------------------------------------------
 
 
-def test_plot_terminal_chart_and_png(llmctl, corpus, tmp_path):
+def test_plot_terminal_chart_and_png(llmctl, corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert llmctl("train", f"data={corpus['shards']}", f"tokenizer={corpus['tok']}", *FAST, "-o", out).code == 0
     r = llmctl("plot", out)
@@ -446,12 +446,15 @@ def test_plot_terminal_chart_and_png(llmctl, corpus, tmp_path):
     assert [p[0] for p in r.json()["val_loss"]] == [4, 8]
     png = tmp_path / "loss.png"
     r = llmctl("plot", out, "-o", png)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert r.code == 2 and "matplotlib" in r.stderr
-    else:
-        assert r.code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert r.code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    from matplotlib.image import imread
+
+    pixels = imread(png)
+    assert pixels.shape[:2] == (540, 960)  # 8 x 4.5 in at 120 dpi
+    assert (pixels[..., :3] < 0.9).any(axis=-1).mean() > 0.01  # axes, labels and curves drawn
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # matplotlib missing: a usage error
+    r = llmctl("plot", out, "-o", tmp_path / "again.png")
+    assert r.code == 2 and "pip install 'llmctl[plot]'" in r.stderr and not (tmp_path / "again.png").exists()
     assert llmctl("plot", tmp_path).code == 2
 
 
