@@ -131,3 +131,17 @@ def test_masking_random_and_kept_shares():
     drawn = inputs[replaced]
     assert drawn.min() >= 0 and drawn.max() < 100
     assert drawn.unique().numel() > 80  # spread over the vocabulary, not one token
+
+
+def test_optimizer_and_model_overrides_reach_the_run(corpus, tmp_path):
+    """Each recipe key that changes the math is applied: AdamW's betas, eps and weight decay
+    (not on norms, biases, embeddings), the dropout, checkpointing and MTP-weight overrides."""
+    trainer = _trainer(corpus, tmp_path, f"model={corpus['moe']}", "beta1=0.8", "beta2=0.9", "eps=1e-6",
+                       "weight_decay=0.05", "lr=0.002", "dropout=0.2", "gradient_checkpointing=true", "mtp_weight=0.7")
+    groups = trainer.optimizer.param_groups
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.05]
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in groups)
+    cfg = trainer.model.cfg
+    assert (cfg.embedding_dropout, cfg.attention_dropout, cfg.residual_dropout) == (0.2, 0.2, 0.2)
+    assert cfg.gradient_checkpointing and cfg.mtp_loss_weight == 0.7
+    assert trainer.train_step()[3] == pytest.approx(0.002 / 2)  # FAST warms up over 2 steps
