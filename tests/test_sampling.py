@@ -1,5 +1,7 @@
 """Logits processors match transformers' on the same logits; stream detokenizer and stop strings."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def batch():
     scores = torch.randn(3, V, generator=g) * 3
     ids = torch.randint(0, V, (3, 12), generator=g)
     ids[0, 6:9] = ids[0, 0:3]  # a repeated trigram for no-repeat-ngram
-    ids[0, 9:11] = ids[0, 0:2]
+    ids[0, 10:12] = ids[0, 0:2]  # the row ends with its first bigram: the trigram's last token is banned
     return ids, scores
 
 
@@ -50,10 +52,15 @@ def batch():
         (TopK(7), TopKLogitsWarper(7)),
         (TopP(0.8), TopPLogitsWarper(0.8)),
         (TopP(0.3, min_keep=3), TopPLogitsWarper(0.3, min_tokens_to_keep=3)),
+        (TopP(0.01), TopPLogitsWarper(0.01)),  # one token left: the default min_keep decides
         (MinP(0.1), MinPLogitsWarper(0.1)),
+        (MinP(0.9), MinPLogitsWarper(0.9)),
         (TypicalP(0.6), TypicalLogitsWarper(0.6)),
+        (TypicalP(0.05), TypicalLogitsWarper(0.05)),
         (RepetitionPenalty(1.4), RepetitionPenaltyLogitsProcessor(1.4)),
+        (RepetitionPenalty(0.7), RepetitionPenaltyLogitsProcessor(0.7)),  # < 1 favours repeats
         (NoRepeatNGram(3), NoRepeatNGramLogitsProcessor(3)),
+        (NoRepeatNGram(2), NoRepeatNGramLogitsProcessor(2)),
         (NoRepeatNGram(1), NoRepeatNGramLogitsProcessor(1)),
     ],
     ids=lambda p: type(p).__name__,
@@ -61,6 +68,9 @@ def batch():
 def test_processors_match_transformers(batch, ours, theirs):
     ids, scores = batch
     expected = theirs(ids, scores.clone())
+    assert not torch.equal(expected, scores)  # the setting changes these scores: the comparison says something
+    if isinstance(ours, NoRepeatNGram):
+        assert torch.isinf(expected[0]).any()  # row 0 repeats an n-gram prefix
     got = ours(scores.clone(), History(ids.tolist(), V))
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
     torch.testing.assert_close(got, expected)
@@ -78,9 +88,12 @@ def test_frequency_and_presence_penalties_count_generated_tokens_only():
     assert pres.tolist() == [[0, -0.5, 0, -0.5, 0, 0]]
 
 
-def test_incremental_history_matches_rebuilt():
+@pytest.mark.parametrize("built", [("seen", "counts"), ("seen",), ("counts",)])
+def test_incremental_history_matches_rebuilt(built):
+    """Whichever views a processor built before decoding, appends keep them current."""
     h = History([[1, 2], [3]], 8, prompt_lens=[2, 1])
-    h.seen(), h.counts()
+    for view in built:
+        getattr(h, view)()
     for step in ([4, 4], [5, 1]):
         h.append(step)
     fresh = History(h.rows, 8, prompt_lens=[2, 1])
@@ -104,15 +117,39 @@ def test_build_processors_only_active_and_ordered():
     assert [type(p).__name__ for p in build_processors(cfg, sampling=False)] == ["RepetitionPenalty"]
 
 
+def test_every_setting_reaches_its_processor():
+    cfg = GenerationConfig(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, typical_p=0.8, repetition_penalty=1.2,
+                           frequency_penalty=0.4, presence_penalty=0.3, no_repeat_ngram_size=2, min_new_tokens=3,
+                           eos_ids=[0, 7])
+    values = {type(p).__name__: vars(p) for p in build_processors(cfg, sampling=True)}
+    assert values == {
+        "RepetitionPenalty": {"penalty": 1.2}, "FrequencyPenalty": {"alpha": 0.4}, "PresencePenalty": {"alpha": 0.3},
+        "NoRepeatNGram": {"n": 2}, "MinNewTokens": {"min_new": 3, "eos_ids": [0, 7]},
+        "Temperature": {"temperature": 0.7}, "TopK": {"k": 5}, "TopP": {"p": 0.9, "min_keep": 1},
+        "MinP": {"min_p": 0.05, "min_keep": 1}, "TypicalP": {"mass": 0.8, "min_keep": 1},
+    }
+    beams = {type(p).__name__: vars(p) for p in build_processors(replace(cfg, num_beams=2, top_k=1), sampling=True)}
+    assert beams["TopK"] == {"k": 3} and beams["TopP"]["min_keep"] == 3  # a beam keeps 1 + len(eos) tokens
+
+
 def test_processor_registry_reports_unknown_name():
     with pytest.raises(UsageError, match="did you mean 'top_p'"):
         PROCESSORS.get("top_q")
 
 
-@pytest.mark.parametrize("cls, arg", [(TopP, 0.0), (TypicalP, 1.5), (Temperature, -1.0), (RepetitionPenalty, 0.0)])
-def test_out_of_range_settings_are_usage_errors(cls, arg):
-    with pytest.raises(UsageError):
+@pytest.mark.parametrize("cls, arg, flag", [
+    (TopP, 0.0, "--top-p"), (TopP, 1.01, "--top-p"), (TypicalP, 1.5, "--typical-p"), (TypicalP, 0.0, "--typical-p"),
+    (Temperature, -1.0, "--temperature"), (Temperature, 0.0, "--temperature"), (RepetitionPenalty, 0.0, "--repetition-penalty"),
+    (MinP, -0.1, "--min-p"), (MinP, 1.5, "--min-p"), (NoRepeatNGram, 0, "--no-repeat-ngram"),
+])
+def test_out_of_range_settings_are_usage_errors(cls, arg, flag):
+    with pytest.raises(UsageError, match=f"^{flag} must be .*, got {arg}$"):
         cls(arg)
+
+
+@pytest.mark.parametrize("cls, arg", [(TopP, 1.0), (MinP, 0.0), (MinP, 1.0), (RepetitionPenalty, 0.5), (TypicalP, 0.99)])
+def test_settings_at_the_edge_of_their_range_are_accepted(cls, arg):
+    cls(arg)
 
 
 # -- streaming ----------------------------------------------------------------------------
