@@ -129,7 +129,16 @@ def test_every_setting_reaches_its_processor():
         "MinP": {"min_p": 0.05, "min_keep": 1}, "TypicalP": {"mass": 0.8, "min_keep": 1},
     }
     beams = {type(p).__name__: vars(p) for p in build_processors(replace(cfg, num_beams=2, top_k=1), sampling=True)}
-    assert beams["TopK"] == {"k": 3} and beams["TopP"]["min_keep"] == 3  # a beam keeps 1 + len(eos) tokens
+    assert beams["TopK"] == {"k": 3}  # a beam keeps 1 + len(eos) tokens
+    assert beams["TopP"]["min_keep"] == beams["MinP"]["min_keep"] == beams["TypicalP"]["min_keep"] == 3
+
+
+@pytest.mark.parametrize("row", [[5], [5, 5], [5, 6], [5, 6, 5], [5, 6, 5, 6, 5]])
+def test_no_repeat_ngram_on_short_rows_matches_transformers(row):
+    scores = torch.zeros(1, 8)
+    for n in (1, 2, 3):
+        expected = NoRepeatNGramLogitsProcessor(n)(torch.tensor([row]), scores.clone())
+        torch.testing.assert_close(NoRepeatNGram(n)(scores.clone(), History([row], 8)), expected)
 
 
 def test_processor_registry_reports_unknown_name():
