@@ -252,7 +252,8 @@ def beam_search(model, job: Job) -> None:
         flat = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
         if job.sampling:
             index = torch.multinomial(flat.softmax(-1), keep, generator=job.generator)
-            top_scores = flat.gather(1, index)
+            top_scores, order = flat.gather(1, index).sort(dim=-1, descending=True)  # best first, as topk
+            index = index.gather(1, order)
         else:
             top_scores, index = torch.topk(flat, keep)
         source, tokens = index // V, index % V
