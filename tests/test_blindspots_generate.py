@@ -120,3 +120,28 @@ def test_beam_settings_change_the_winner(ckpts):
     for prompt in PROMPTS:
         outs = {tuple(_hf_beam(path, tok.encode(prompt), _beam_eos(tok), *s)) for s in BEAM_GRID}
         assert len(outs) >= 3 and len({len(o) for o in outs}) >= 2, prompt
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.8), dict(temperature=1.2, top_k=6, min_p=0.1)])
+def test_beam_sampling_equals_transformers(ckpts, settings):
+    """`--num-beams` with `--temperature`: candidates drawn from the processed beam scores with
+    the same seed as transformers' beam sampling (warpers keep 1 + len(eos) tokens per beam)."""
+    path = ckpts("llama", seed=1)
+    tok = load_tokenizer(path)
+    eos = [0, 5]  # few EOS ids: 3 × 3 candidates are drawn, not nearly the whole top of the list
+    greedy = [r.tokens for r in _ours(path, PROMPTS, GenerationConfig(max_new_tokens=10, num_beams=3, eos_ids=eos))]
+    sampled = []
+    for seed, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([tok.encode(prompt)])
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = _hf_model(path).generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, num_beams=3,
+                                           max_new_tokens=10, eos_token_id=eos, pad_token_id=eos[0],
+                                           **{"top_k": 0, **settings})
+        tokens = out[0, ids.shape[1]:].tolist()
+        ends = [i for i, t in enumerate(tokens) if t in eos]
+        expected = tokens[: ends[0] + 1] if ends else tokens
+        cfg = GenerationConfig(max_new_tokens=10, num_beams=3, eos_ids=eos, seed=seed, **settings)
+        sampled.append(_ours(path, [prompt], cfg)[0].tokens)
+        assert sampled[-1] == expected, prompt
+    assert sampled != greedy  # the draws mattered
