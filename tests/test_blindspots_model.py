@@ -215,3 +215,14 @@ def test_mtp_loss_equals_deeper_models_predicting_further_ahead(heads):
             losses.append(F.cross_entropy(logits.flatten(0, 1), labels[:, k:].flatten(), ignore_index=-100))
     torch.testing.assert_close(out.aux_loss, 0.4 * torch.stack(losses).mean())
     torch.testing.assert_close(out.loss, F.cross_entropy(model(inputs).logits.flatten(0, 1), labels.flatten()))
+
+
+def test_moe_runs_in_bfloat16_close_to_float32():
+    """Routing weights are cast to the activations' dtype: a bfloat16 MoE model runs and stays
+    within bfloat16 rounding of the float32 one."""
+    model = make(num_experts=4, experts_per_token=2, shared_expert_intermediate_size=16)
+    x = ids()
+    with torch.no_grad():
+        full = model(x).logits
+        half = model.to(torch.bfloat16)(x).logits
+    assert half.dtype == torch.float32 and (half - full).abs().max() < 0.05 * full.abs().max()

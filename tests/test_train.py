@@ -98,6 +98,7 @@ def test_schedules_are_registered_and_shaped():
     for name in SCHEDULES.names():
         assert lr_at(name, 0, **p) == pytest.approx(0.1)  # warm-up from lr/warmup
         assert lr_at(name, 9, **p) == pytest.approx(1.0)
+        assert lr_at(name, 10, **p) == pytest.approx(1.0)  # the first step after warm-up: the peak, not above
     assert lr_at("cosine", 100, **p) == pytest.approx(0.1)
     assert lr_at("cosine", 55, **p) == pytest.approx(0.55)
     assert lr_at("linear", 55, **p) == pytest.approx(0.55)
