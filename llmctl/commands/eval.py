@@ -22,19 +22,21 @@ _opt = functools.partial(option, panel=TASK)
 def eval_command(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint directories (llmctl or Hugging Face).", show_default=False)],
     task: Annotated[list[str], _opt("--task", "-t", help="Task preset (configs/eval/NAME.yaml) or task YAML file; repeatable.")],
-    data: Annotated[Optional[list[Path]], _opt("--data", help="perplexity: text file(s) to score (repeatable).")] = None,
+    data: Annotated[Optional[list[Path]], _opt("--data", help="Benchmark presets (mmlu, hellaswag, …): their files or folder; perplexity: text file(s) to score (repeatable).")] = None,
     max_length: Annotated[Optional[int], _opt("--max-length", help="perplexity: window length (default: the model's context).")] = None,
     stride: Annotated[Optional[int], _opt("--stride", help="perplexity: window step (default: max-length / 2).")] = None,
     num_fewshot: Annotated[Optional[int], _opt("--num-fewshot", help="Few-shot examples before each prompt (seeded).")] = None,
     limit: Annotated[Optional[int], _opt("--limit", help="Evaluate the first N documents only.")] = None,
-    samples: Annotated[Optional[int], _opt("--samples", help="Generation: sample N answers and majority-vote (self-consistency).")] = None,
+    samples: Annotated[Optional[int], _opt("--samples", help="Generation: sample N answers and majority-vote (self-consistency); code: N programs per problem for pass@k.")] = None,
     cot: Annotated[bool, _opt("--cot", help="Generation: wrap prompts in the task's chain-of-thought template.")] = False,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "-b", help="Sequences per forward pass (default 16 on CPU, at most 1,024 tokens; 128 on a GPU, at most 65,536 tokens).")] = None,
     no_record: Annotated[bool, _opt("--no-record", help="Do not append results to the checkpoints' llmctl.json.")] = False,
+    log_samples: Annotated[Optional[Path], _opt("--log-samples", help="Write every sample (prompt, answer, scores) to this JSONL file.")] = None,
 ) -> None:
     """Evaluate checkpoints: perplexity, multiple choice (lm-eval semantics) and generation tasks."""
-    from llmctl.core.evaluate.runner import evaluate
+    from llmctl.core.evaluate.runner import evaluate, write_samples
     from llmctl.core.evaluate.tasks import load_tasks
+    from llmctl.core.io import check_output
     from llmctl.errors import UsageError
     from llmctl.runtime import options, resolve_device, resolve_dtype, seed_everything
 
@@ -45,8 +47,13 @@ def eval_command(
                  "num_fewshot": num_fewshot, "limit": limit, "samples": samples,
                  "chain_of_thought": True if cot else None}
     tasks = load_tasks(task, overrides)
+    if log_samples is not None:
+        check_output(log_samples, options.force)  # before the work, not after it
+    logged: list[dict] | None = [] if log_samples is not None else None
     results = evaluate(checkpoints, tasks, device=resolve_device(), dtype=resolve_dtype(),
-                       batch_size=batch_size, record=not no_record, seed=options.seed)
+                       batch_size=batch_size, record=not no_record, seed=options.seed, samples=logged)
+    if log_samples is not None:
+        write_samples(log_samples, logged, force=options.force)
     emit({"results": results}, lambda: console.print(_table(results)))
 
 

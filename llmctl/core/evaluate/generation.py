@@ -1,7 +1,7 @@
 """Generation tasks: prompt → generated answer → exact_match / BLEU / chrF / ROUGE.
 
 Generation stops at the task's `until` strings. An `answer_regex` extracts the answer (its
-last match; group 1 if it has groups). With `samples > 1` each prompt is sampled that many
+last match, or the one `answer_match` indexes; the first non-empty group if it has groups). With `samples > 1` each prompt is sampled that many
 times and the most common extracted answer wins (self-consistency); `chain_of_thought`
 wraps the prompt in `cot_prompt`.
 """
@@ -41,6 +41,7 @@ class Generation(DocumentTask):
     metrics: list[str] = field(default_factory=lambda: ["exact_match"])
     normalize: Normalize = field(default_factory=Normalize)
     answer_regex: str | None = None
+    answer_match: int = -1  # which match of answer_regex: -1 the last (lm-eval's flexible), 0 the first (strict)
     samples: int = 1  # > 1: sample this many answers and majority-vote (self-consistency)
     temperature: float = 0.7  # sampling temperature when samples > 1
     chain_of_thought: bool = False
@@ -78,14 +79,15 @@ class Generation(DocumentTask):
         matches = list(self._regex.finditer(text))
         if not matches:
             return ""
-        last = matches[-1]
-        return last.group(1) if self._regex.groups else last.group(0)
+        match = matches[self.answer_match] if -len(matches) <= self.answer_match < len(matches) else matches[-1]
+        if not self._regex.groups:
+            return match.group(0)
+        return next((g for g in match.groups() if g), "").strip()
 
-    def run(self, lm) -> dict[str, float]:
+    def generations(self, lm, docs: list[Doc]) -> tuple[list[str], list[list[str]]]:
+        """Each document's prompt and its `samples` generated texts (greedy when 1)."""
         from llmctl.core.generate import GenerationConfig, generate
 
-        docs = self.documents()
-        references = [self.references(d) for d in docs]
         prompts = self.contexts(docs)
         if self.chain_of_thought:
             prompts = [self.render("cot_prompt", d, prompt=p) for d, p in zip(docs, prompts)]
@@ -93,15 +95,24 @@ class Generation(DocumentTask):
                                temperature=self.temperature if self.samples > 1 else 0.0,
                                seed=lm.seed,
                                batch_size=lm.batch_size, truncate="left")
-        predictions = []
+        texts: list[list[str]] = []
         with progress(self.name, total=len(docs), unit="ex") as bar:
             for start in range(0, len(docs), lm.batch_size):
                 batch = [p for p in prompts[start : start + lm.batch_size] for _ in range(self.samples)]
                 results = generate(lm.model, lm.tokenizer, batch, cfg, context=lm.max_length)
-                for i in range(0, len(results), self.samples):
-                    answers = [self.extract(r.text) for r in results[i : i + self.samples]]
-                    predictions.append(Counter(answers).most_common(1)[0][0])
+                texts += [[r.text for r in results[i : i + self.samples]] for i in range(0, len(results), self.samples)]
                 bar.advance(len(batch) // self.samples)
+        return prompts, texts
+
+    def run(self, lm) -> dict[str, float]:
+        docs = self.documents()
+        references = [self.references(d) for d in docs]
+        prompts, texts = self.generations(lm, docs)
+        predictions = []
+        for doc, prompt, generated, refs in zip(docs, prompts, texts, references):
+            answers = [self.extract(t) for t in generated]
+            predictions.append(Counter(answers).most_common(1)[0][0])
+            self.log(doc=doc[0], prompt=prompt, generations=generated, answer=predictions[-1], references=refs)
         out: dict[str, float] = {}
         for name in self.metrics:
             kwargs = asdict(self.normalize) if name == "exact_match" else {}

@@ -46,10 +46,23 @@ def _type_name(task: Task) -> str:
     return next(name for name in TASK_TYPES.names() if TASK_TYPES.get(name) is type(task))
 
 
+def write_samples(path: str | Path, samples: list[dict], force: bool = False) -> None:
+    """The per-sample records as JSONL, written atomically."""
+    import json
+
+    from llmctl.core.io import atomic_file
+
+    with atomic_file(path, "w", force=force, encoding="utf-8") as f:
+        for record in samples:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device, dtype, batch_size: int | None = None,
-             record: bool = True, seed: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+             record: bool = True, seed: int | None = None, samples: list[dict] | None = None
+             ) -> dict[str, dict[str, dict[str, Any]]]:
     """{checkpoint: {task: {metric: value}}}, appended to each llmctl.json when `record`;
-    `seed` (default 1234) seeds sampled generations."""
+    `seed` (default 1234) seeds sampled generations; every sample's record (prompt, answer,
+    scores) is appended to `samples` when given."""
     from llmctl.console import info
     from llmctl.core.checkpoint import append_metrics
     from llmctl.core.model.attention import inference_backends
@@ -62,9 +75,12 @@ def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device
              f"context {lm.max_length}")
         results[str(path)] = {}
         for task in tasks:
+            task.samples_log = [] if samples is not None else None
             with inference_backends(lm.device):
                 metrics = {k: _finite(v) for k, v in task.run(lm).items()}
             results[str(path)][task.name] = metrics
+            if samples is not None:
+                samples += [{"checkpoint": str(path), "task": task.name, **r} for r in task.samples_log]
             if record:
                 append_metrics(path, task_record(task, metrics))
         del lm

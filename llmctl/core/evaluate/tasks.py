@@ -3,11 +3,12 @@
 A task file is a YAML mapping with a `type` (a registered task type) and that type's keys:
 
     type: multiple_choice
-    dataset: {path: questions.jsonl, fewshot_path: train.jsonl}   # or {builtin: word_order}
+    dataset: {path: questions.jsonl, fewshot_path: train.jsonl}   # or {builtin: word_order}, {benchmark: mmlu}
     prompt: "Question: {{ question }}\\nAnswer:"                   # Jinja, over a document's fields
     choices: options                                              # field names
     gold: label
 
+A `benchmark` dataset reads a public benchmark's files from `--data` (`sources.py`).
 `load_task("word_order")` reads `configs/eval/word_order.yaml`; a path reads that file.
 Each task type is a dataclass (its schema) with `run(lm) -> {metric: value}`.
 """
@@ -25,17 +26,19 @@ from llmctl.core.registry import Registry
 from llmctl.errors import ConfigError, DataError, UsageError
 
 TASK_TYPES: Registry[type] = Registry("eval task type", "llmctl.eval_tasks")
-_TASK_MODULES = ("choice", "generation", "perplexity")  # modules that register the built-in types
+_TASK_MODULES = ("choice", "generation", "perplexity", "code")  # modules that register the built-in types
 
 Doc = tuple[str, dict]  # (where it came from, e.g. "data.jsonl:12"; the fields)
 
 
 @dataclass
 class Dataset:
-    """Where a task's documents come from: a local JSONL file or a built-in generator."""
+    """Where a task's documents come from: a local JSONL file, a built-in generator or a benchmark."""
 
     path: str | None = None  # JSONL, one document per line; relative to the task file
     builtin: str | None = None  # a generator of `llmctl.core.evaluate.builtin`
+    benchmark: str | None = None  # a benchmark of `llmctl.core.evaluate.sources`, read from --data
+    fewshot_samples: list[dict] = field(default_factory=list)  # few-shot examples written in the task file
     size: int = 200  # built-in: number of documents
     seed: int = 0  # built-in: generation seed (the few-shot split uses seed + 1)
     fewshot_path: str | None = None  # JSONL of few-shot examples (a separate split)
@@ -46,11 +49,21 @@ class Task:
     """Fields shared by every task type."""
 
     name: str = ""
-    description: str = ""  # text placed before the few-shot examples and the prompt
+    description: str = ""  # text placed before the few-shot examples and the prompt (Jinja)
     base_dir: str = "."  # where relative paths are resolved (the task file's folder)
 
     def run(self, lm) -> dict[str, float]:
         raise NotImplementedError
+
+    def uses(self, key: str) -> bool:
+        """Whether a command-line override of config key `key` means anything to this task."""
+        return key in {f.name for f in dataclasses.fields(self)}
+
+    def log(self, **record: Any) -> None:
+        """Keep one sample's record (prompt, answer, scores) when the runner collects them."""
+        log = getattr(self, "samples_log", None)
+        if log is not None:
+            log.append(record)
 
 
 @dataclass
@@ -63,11 +76,27 @@ class DocumentTask(Task):
     fewshot_delimiter: str = "\n\n"
     num_fewshot: int = 0
     fewshot_seed: int = 1234
+    fewshot_sampler: str = "random"  # or "first_n" (the first examples of the few-shot split)
+    fewshot_target: str | None = None  # Jinja: a few-shot example's answer (default: its gold answer)
+    group_by: str | None = None  # a field: few-shot examples from the document's group; metrics per group
     limit: int | None = None
+    data: list[str] = field(default_factory=list)  # --data: the benchmark's folder or file
 
     def __post_init__(self) -> None:
-        if (self.dataset.path is None) == (self.dataset.builtin is None):
-            raise ConfigError(f"task {self.name}: config key 'dataset' needs exactly one of 'path' or 'builtin'")
+        ds = self.dataset
+        if sum(x is not None for x in (ds.path, ds.builtin, ds.benchmark)) != 1:
+            raise ConfigError(f"task {self.name}: config key 'dataset' needs exactly one of 'path', 'builtin' "
+                              "or 'benchmark'")
+        if ds.benchmark is not None:
+            from llmctl.core.evaluate.sources import BENCHMARKS
+
+            if ds.benchmark not in BENCHMARKS:
+                raise ConfigError(f"task {self.name}: config key 'dataset.benchmark': unknown '{ds.benchmark}'; "
+                                  f"choose from: {', '.join(BENCHMARKS.names())}")
+        else:
+            self.data = []  # --data given for other tasks of the run (see `uses`)
+        if self.fewshot_sampler not in ("random", "first_n"):
+            raise ConfigError(f"task {self.name}: config key 'fewshot_sampler': expected 'random' or 'first_n'")
         if self.dataset.builtin is not None:
             from llmctl.core.evaluate.builtin import BUILTIN_DATA
 
@@ -76,7 +105,11 @@ class DocumentTask(Task):
                                   f"choose from: {', '.join(BUILTIN_DATA.names())}")
         if self.num_fewshot < 0 or (self.limit is not None and self.limit < 1):
             raise ConfigError(f"task {self.name}: 'num_fewshot' must be ≥ 0 and 'limit' ≥ 1")
-        self.template("prompt")  # fail early on a syntax error
+        for key in ("prompt", "description") + (("fewshot_target",) if self.fewshot_target else ()):
+            self.template(key)  # fail early on a syntax error
+
+    def uses(self, key: str) -> bool:
+        return self.dataset.benchmark is not None if key == "data" else super().uses(key)
 
     # -- documents --------------------------------------------------------------------------
     def documents(self) -> list[Doc]:
@@ -86,6 +119,10 @@ class DocumentTask(Task):
             from llmctl.core.evaluate.builtin import generate
 
             docs = [(f"builtin:{ds.builtin}:{i + 1}", d) for i, d in enumerate(generate(ds.builtin, ds.size, ds.seed))]
+        elif ds.benchmark is not None:
+            from llmctl.core.evaluate.sources import BENCHMARKS
+
+            docs = BENCHMARKS.get(ds.benchmark).documents(self.name, self.data)
         else:
             docs = read_jsonl(self.resolve(ds.path))
         docs = docs[: self.limit] if self.limit else docs
@@ -95,8 +132,15 @@ class DocumentTask(Task):
 
     def fewshot_pool(self, docs: list[Doc]) -> list[Doc]:
         ds = self.dataset
+        if ds.fewshot_samples:
+            return [(f"task {self.name}: fewshot_samples[{i}]", d) for i, d in enumerate(ds.fewshot_samples)]
         if ds.fewshot_path is not None:
             return read_jsonl(self.resolve(ds.fewshot_path))
+        if ds.benchmark is not None:
+            from llmctl.core.evaluate.sources import BENCHMARKS
+
+            bench = BENCHMARKS.get(ds.benchmark)
+            return bench.documents(self.name, self.data, fewshot=True) if bench.fewshot_splits else docs
         if ds.builtin is not None:
             from llmctl.core.evaluate.builtin import generate
 
@@ -136,22 +180,37 @@ class DocumentTask(Task):
         raise NotImplementedError
 
     def contexts(self, docs: list[Doc]) -> list[str]:
-        """Description + `num_fewshot` seeded examples + the prompt, for every document."""
-        prompts = [self.render("prompt", d) for d in docs]
+        """Description + `num_fewshot` examples + the prompt, for every document."""
+        return [prefix + self.render("prompt", d) for prefix, d in zip(self.prefixes(docs), docs)]
+
+    def prefixes(self, docs: list[Doc]) -> list[str]:
+        """What precedes each document's prompt: the description and the few-shot examples
+        (seeded draws, or the first ones; from the document's group with `group_by`), as lm-eval."""
         if not self.num_fewshot:
-            return [self.description + p for p in prompts]
+            return [self.render("description", d) for d in docs]
         pool = self.fewshot_pool(docs)
-        if len(pool) < self.num_fewshot + (pool is docs):
-            raise DataError(f"task {self.name}: --num-fewshot {self.num_fewshot} needs more few-shot examples "
-                            f"than the {len(pool)} available")
+        same = pool is docs  # no separate split: draw one more and drop the document itself
         rng = random.Random(self.fewshot_seed)
         out = []
-        for doc, prompt in zip(docs, prompts):
-            drawn = rng.sample(pool, min(self.num_fewshot + 1, len(pool)))
+        for doc in docs:
+            group = [s for s in pool if s[1].get(self.group_by) == doc[1].get(self.group_by)] if self.group_by else pool
+            if len(group) < self.num_fewshot + same:
+                raise DataError(f"task {self.name}: --num-fewshot {self.num_fewshot} needs more few-shot examples "
+                                f"than the {len(group)} available" + (f" for {self.group_by} "
+                                f"{doc[1].get(self.group_by)!r}" if self.group_by else ""))
+            n = self.num_fewshot + same
+            drawn = group[:n] if self.fewshot_sampler == "first_n" else rng.sample(group, n)
             shots = [s for s in drawn if s is not doc][: self.num_fewshot]
-            examples = [self.render("prompt", s) + self.target_delimiter + self.example_target(s) for s in shots]
-            out.append(self.description + self.fewshot_delimiter.join([*examples, prompt]))
+            examples = [self.render("prompt", s) + self.target_delimiter + self.shot_target(s) for s in shots]
+            out.append(self.render("description", doc) + "".join(e + self.fewshot_delimiter for e in examples))
         return out
+
+    def shot_target(self, doc: Doc) -> str:
+        return self.render("fewshot_target", doc) if self.fewshot_target else self.example_target(doc)
+
+    def groups(self, docs: list[Doc]) -> list[str] | None:
+        """Each document's `group_by` value (None without one)."""
+        return [str(field_value(d, self.group_by)) for d in docs] if self.group_by else None
 
 
 @functools.lru_cache(maxsize=256)
@@ -188,7 +247,7 @@ def load_tasks(specs: list[str], overrides: dict[str, Any] | None = None) -> lis
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     tasks = [load_task(spec, given) for spec in specs]
     for key in given:
-        if not any(key in {f.name for f in dataclasses.fields(t)} for t in tasks):
+        if not any(t.uses(key) for t in tasks):
             raise UsageError(f"--{key.replace('_', '-')} does not apply to task {', '.join(t.name for t in tasks)}")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
