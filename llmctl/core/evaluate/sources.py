@@ -72,7 +72,8 @@ class Benchmark:
 
     def documents(self, name: str, data: list[str], fewshot: bool = False) -> list[Doc]:
         words = self.fewshot_splits if fewshot else self.splits
-        files = [f for root in data for f in self.find(Path(root), words, single_file_ok=not fewshot)]
+        alone = len(data) == 1 and not fewshot  # one FILE is the evaluated split, whatever its name
+        files = [f for root in data for f in self.find(Path(root), words, alone)]
         if not files:
             kind = "few-shot" if fewshot else "evaluation"
             given = ", ".join(data) if data else "nothing (use --data DIR|FILE)"
@@ -89,14 +90,18 @@ class Benchmark:
                     docs.append((where, fields))
         return docs
 
-    def find(self, root: Path, words: tuple[str, ...], single_file_ok: bool) -> list[Path]:
+    def find(self, root: Path, words: tuple[str, ...], alone: bool = False) -> list[Path]:
+        """The data files under `root` (or `root` itself) whose path has one of `words` and
+        every word of `require`; a file given `alone` is taken as it is."""
         if root.is_file():
-            return [root] if single_file_ok else []
-        if not root.is_dir():
-            return []
+            paths, base = [root], root.parent
+            if alone:
+                return paths
+        else:
+            paths, base = (sorted(root.rglob("*")) if root.is_dir() else []), root
         found = []
-        for path in sorted(root.rglob("*")):
-            tokens = set(re.split(r"[/_\-.\s]+", str(path.relative_to(root)).lower()))
+        for path in paths:
+            tokens = set(re.split(r"[/_\-.\s]+", str(path.relative_to(base)).lower()))
             if (path.is_file() and path.name.lower().endswith(FORMATS) and tokens & set(words)
                     and tokens >= set(self.require)):
                 found.append(path)
