@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from llmctl.console import progress
 from llmctl.core.evaluate.metrics import METRICS
 from llmctl.core.evaluate.tasks import TASK_TYPES, Doc, DocumentTask, field_value
-from llmctl.errors import ConfigError, DataError
+from llmctl.errors import ConfigError, DataError, UsageError
 
 
 @dataclass
@@ -88,6 +88,8 @@ class Generation(DocumentTask):
         """Each document's prompt and its `samples` generated texts (greedy when 1)."""
         from llmctl.core.generate import GenerationConfig, generate
 
+        if not getattr(lm, "can_generate", True):
+            raise UsageError(f"task {self.name} generates text: it needs a causal language model, not an encoder")
         prompts = self.contexts(docs)
         if self.chain_of_thought:
             prompts = [self.render("cot_prompt", d, prompt=p) for d, p in zip(docs, prompts)]

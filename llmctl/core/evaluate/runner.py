@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from llmctl.core.evaluate.lm import ScoringModel
 from llmctl.core.evaluate.tasks import Task
-from llmctl.errors import CheckpointError, UsageError
+from llmctl.errors import CheckpointError
 
 
 def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = None, seed: int = 1234) -> ScoringModel:
@@ -21,8 +21,11 @@ def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = Non
     if not ck.has_tokenizer:
         raise CheckpointError(f"{path}: checkpoint has no tokenizer (tokenizer.json); eval needs one to encode text")
     model, cfg = load_model(path, device=device, dtype=dtype)
-    if not cfg.is_causal:
-        raise UsageError(f"{path}: an encoder-only model; eval scores causal language models")
+    if not cfg.is_causal:  # pseudo-log-likelihoods
+        from llmctl.core.evaluate.masked import MaskedScoringModel
+
+        return MaskedScoringModel(model, load_tokenizer(path), max_length=cfg.max_seq_len, batch_size=batch_size,
+                                  device=device)
     return ScoringModel(model, load_tokenizer(path), max_length=cfg.max_seq_len, batch_size=batch_size, device=device,
                         seed=seed)
 
