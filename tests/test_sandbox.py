@@ -182,3 +182,5 @@ def test_pass_at_k_needs_enough_samples(tmp_path):
     task.write_text("type: code\ndataset: {benchmark: humaneval}\nk: [1, 10]\n")
     with pytest.raises(ConfigError, match="--samples"):
         load_tasks([str(task)], {"samples": 5})
+    assert load_tasks(["humaneval"])[0].k == [1]
+    assert load_tasks(["humaneval"], {"samples": 20})[0].k == [1, 10]

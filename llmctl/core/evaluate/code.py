@@ -36,7 +36,7 @@ class CodeGeneration(Generation):
     """Generate `samples` programs per problem, run `program` in the sandbox, report pass@k."""
 
     program: str = "{{ prompt }}{{ completion }}"  # Jinja over the document and `completion`
-    k: list[int] = field(default_factory=lambda: [1])
+    k: list[int] | None = None  # default: those of 1, 10, 100 within `samples`
     metrics: list[str] = field(default_factory=list)
     timeout: float = 10.0  # seconds per program
     memory_mb: int = 1024  # address space per program
@@ -45,6 +45,8 @@ class CodeGeneration(Generation):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.template("program")
+        if self.k is None:
+            self.k = [k for k in (1, 10, 100) if k <= self.samples]
         if not self.k or min(self.k) < 1 or max(self.k) > self.samples:
             raise ConfigError(f"task {self.name}: pass@k needs 1 <= k <= --samples ({self.samples}), got k={self.k}")
 
