@@ -1,8 +1,10 @@
 """`llmctl eval CKPT… --task TASK…`: perplexity, multiple choice and generation benchmarks.
 
-A task is a preset of `configs/eval/` (perplexity, word_order, arithmetic, copy, reverse, …)
-or a task YAML file. Results print as one column per checkpoint (`--json`: one object) and
-are appended to each checkpoint's llmctl.json unless `--no-record`.
+A task is a preset of `configs/eval/` (perplexity, word_order, arithmetic, copy, reverse; the
+public benchmarks mmlu, hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1/mc2,
+gsm8k, humaneval, mbpp, read from `--data`) or a task YAML file. Results print as one column
+per checkpoint (`--json`: one object) and are appended to each checkpoint's llmctl.json
+unless `--no-record`; `--log-samples FILE` keeps every sample.
 """
 
 import functools
@@ -33,7 +35,7 @@ def eval_command(
     no_record: Annotated[bool, _opt("--no-record", help="Do not append results to the checkpoints' llmctl.json.")] = False,
     log_samples: Annotated[Optional[Path], _opt("--log-samples", help="Write every sample (prompt, answer, scores) to this JSONL file.")] = None,
 ) -> None:
-    """Evaluate checkpoints: perplexity, multiple choice (lm-eval semantics) and generation tasks."""
+    """Evaluate checkpoints: perplexity, multiple choice (lm-eval semantics), generation and pass@k tasks; public benchmarks from local files."""
     from llmctl.core.evaluate.runner import evaluate, write_samples
     from llmctl.core.evaluate.tasks import load_tasks
     from llmctl.core.io import check_output
