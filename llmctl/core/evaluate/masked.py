@@ -18,6 +18,7 @@ import torch
 
 from llmctl.console import Progress
 from llmctl.core.evaluate.lm import Score, ScoringModel
+from llmctl.core.model.logprobs import token_logprobs
 from llmctl.errors import CheckpointError, DataError
 
 
@@ -79,17 +80,15 @@ class MaskedScoringModel:
             mask[b, : len(framed)] = 1
         ids[torch.arange(len(items)), where] = self.mask_id
         ids, mask = ids.to(self.device), mask.to(self.device)
-        rows = torch.arange(len(items), device=self.device)
+        rows, where, targets = torch.arange(len(items), device=self.device), where.to(self.device), targets.to(self.device)
         if self.has_head:  # the MLM head only at the masked positions
-            feats = self.model(ids, mask, skip_head=True).features
-            logits = self.model.head(feats[rows, where.to(self.device)])
+            feats = self.model(ids, mask, skip_head=True).features[rows, where]
+            logprobs, hits = token_logprobs(feats, targets, self.model.head, vocab=self.model.cfg.vocab_size, greedy=True)
         else:
             out = self.model(input_ids=ids, attention_mask=mask)
-            logits = (out.logits if hasattr(out, "logits") else out)[rows, where.to(self.device)].float()
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        targets = targets.to(self.device)
-        picked = logprobs.gather(-1, targets[:, None])[:, 0]
-        return list(zip(picked.tolist(), (logits.argmax(-1) == targets).tolist()))
+            logprobs, hits = token_logprobs((out.logits if hasattr(out, "logits") else out)[rows, where], targets,
+                                            greedy=True)
+        return list(zip(logprobs.tolist(), hits.tolist()))
 
     def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]],
                       progress: Progress | None = None) -> list[Score]:
