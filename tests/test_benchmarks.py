@@ -239,6 +239,10 @@ def test_other_published_layouts(tmp_path):
                                                         "mc2_targets": {"t1": 1, "t2": 1, "f": 0}}]))
     [(_, doc)] = BENCHMARKS.get("truthfulqa_mc2").documents("truthfulqa_mc2", [str(tmp_path / "mc_task.json")])
     assert doc == {"question": "Q?", "choices": ["t1", "t2", "f"], "labels": [1, 1, 0], "gold": 0}
+    hf = [{"question": "Q?", "mc2_targets": {"choices": ["t1", "t2", "f"], "labels": [1, 1, 0]}}] * 2
+    (tmp_path / "validation.json").write_text("".join(json.dumps(r) + "\n" for r in hf))  # datasets' to_json
+    docs = BENCHMARKS.get("truthfulqa_mc2").documents("truthfulqa_mc2", [str(tmp_path / "validation.json")])
+    assert [d for _, d in docs] == [doc, doc]
     rows = [{"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "2"}]
     with open(tmp_path / "dev.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -308,7 +312,7 @@ def test_gsm8k_prompt_and_answer_extraction_equal_lm_eval(tmp_path):
     rows = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
             {"question": "What is 1,000 + 234?", "answer": "#### 1,234"}]
     write_jsonl(tmp_path / "test.jsonl", rows)
-    task = load_tasks(["gsm8k"], {"data": [str(tmp_path)]})[0]
+    task = load_tasks(["gsm8k_cot"], {"data": [str(tmp_path)]})[0]
     docs = task.documents()
     cfg = load_yaml(os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "gsm8k", "gsm8k-cot.yaml"))
     shots = cfg["fewshot_config"]["samples"]
@@ -327,3 +331,33 @@ def test_gsm8k_prompt_and_answer_extraction_equal_lm_eval(tmp_path):
 
             hit = exact_match_hf_evaluate([theirs], [ref], **metric)["exact_match"]
             assert exact_match(task.extract(text), [ref], **vars(task.normalize)) == hit
+
+
+def test_gsm8k_five_shot_from_train_equals_lm_eval(tmp_path):
+    """lm-eval's gsm8k: 5 seeded draws from the train split per question, the worked solution
+    as each example's answer, the same requests; "#### N" extraction and exact match."""
+    pytest.importorskip("lm_eval")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.api.task import ConfigurableTask
+
+    from llmctl.core.evaluate.metrics import exact_match
+    from llmctl.core.evaluate.tasks import load_tasks
+
+    rng = random.Random(1)
+    train = [{"question": f"{words(rng, 4, 9)}?", "answer": f"{words(rng, 3, 8)}\n#### {rng.randint(0, 999):,}"}
+             for _ in range(20)]
+    test = [{"question": f"{words(rng, 4, 9)}?", "answer": f"{words(rng, 3, 8)}\n#### {rng.randint(0, 99)}"}
+            for _ in range(6)]
+    files = {"train": str(write_jsonl(tmp_path / "train.jsonl", train)),
+             "test": str(write_jsonl(tmp_path / "test.jsonl", test))}
+    reference = ConfigurableTask(config=lm_eval_config("gsm8k/gsm8k.yaml", files))
+    reference.set_fewshot_seed(1234)
+    reference.build_all_requests(rank=0, world_size=1)
+    task = load_tasks(["gsm8k"], {"data": [str(tmp_path)]})[0]
+    docs = task.documents()
+    assert task.contexts(docs) == [inst.arguments[0] for inst in sorted(reference.instances, key=lambda i: i.doc_id)]
+    assert reference.instances[0].arguments[1]["until"] == task.until
+    for doc in docs:
+        ref = task.references(doc)[0]
+        assert exact_match(task.extract(f" so {ref}\n#### {ref.split('#### ')[-1]}"), [ref], **vars(task.normalize)) == 1.0
+        assert exact_match(task.extract(" no answer here"), [ref], **vars(task.normalize)) == 0.0

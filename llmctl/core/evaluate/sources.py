@@ -35,9 +35,14 @@ def read_records(path: Path, columns: tuple[str, ...] | None = None) -> list[Doc
         with opener(path, "rt", encoding="utf-8") as f:
             return [(f"{path}:{n}", row) for n, row in parse_jsonl(f, path)]
     if name.endswith(".json"):
+        text = path.read_text(encoding="utf-8")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except ValueError as exc:
+            if text.lstrip().startswith("{") and "\n" in text.strip():  # JSON Lines named .json (datasets' to_json)
+                from llmctl.core.data import parse_jsonl
+
+                return [(f"{path}:{n}", row) for n, row in parse_jsonl(text.splitlines(), path)]
             raise DataError(f"{path}: invalid JSON ({exc})") from None
         rows = data.get("data") if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
