@@ -202,6 +202,28 @@ def test_mmlu_equals_lm_eval_and_averages_subjects(lm, lm_eval_samples):
     everything = [a for accs in per_subject.values() for a in accs]
     assert ours["acc"] == pytest.approx(sum(everything) / len(everything))  # micro (lm-eval's weight_by_size)
     assert ours["acc_macro"] == pytest.approx(sum(sum(a) / len(a) for a in per_subject.values()) / len(SUBJECTS))
+    assert ours["acc/stem"] == ours["acc/abstract_algebra"] and ours["acc/humanities"] == ours["acc/world_religions"]
+
+
+def test_subject_and_category_averages_equal_a_direct_computation():
+    from llmctl.core.evaluate.metrics import aggregate, mean_stderr
+    from llmctl.core.evaluate.sources import MMLU_CATEGORIES
+
+    rng = random.Random(3)
+    subjects = ["anatomy"] * 7 + ["virology"] * 3 + ["astronomy"] * 12 + ["philosophy"] * 5
+    accs = [float(rng.random() < 0.4) for _ in subjects]
+    out = aggregate({"acc": accs}, subjects, [[MMLU_CATEGORIES[s] for s in subjects]])
+    assert len(MMLU_CATEGORIES) == 57 and set(MMLU_CATEGORIES.values()) == {"stem", "humanities", "social_sciences", "other"}
+    by = {s: [a for a, t in zip(accs, subjects) if t == s] for s in set(subjects)}
+    assert out["acc"] == pytest.approx(sum(accs) / len(accs))
+    assert out["acc_stderr"] == pytest.approx(mean_stderr(accs))
+    assert out["acc_macro"] == pytest.approx(sum(sum(v) / len(v) for v in by.values()) / 4)
+    for s, v in by.items():
+        assert out[f"acc/{s}"] == pytest.approx(sum(v) / len(v))
+    stem = by["anatomy"] + by["astronomy"]
+    assert out["acc/stem"] == pytest.approx(sum(stem) / len(stem))  # weighted by size, as lm-eval's mmlu_stem
+    assert out["acc/other"] == out["acc/virology"] and out["acc/humanities"] == out["acc/philosophy"]
+    assert "acc/stem_stderr" in out and "acc_macro_stderr" in out
 
 
 def test_mmlu_original_csv_layout_reads_the_same(lm_eval_samples, tmp_path):

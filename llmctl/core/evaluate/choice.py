@@ -110,7 +110,7 @@ class MultipleChoice(DocumentTask):
                 per_doc[name].append(value)
             self.log(doc=doc[0], requests=pairs[i : i + len(texts)], loglikelihoods=lls, gold=gold, **values)
             i += len(texts)
-        return {**aggregate(per_doc, self.groups(docs)), "examples": len(docs)}
+        return {**self.summarize(per_doc, docs), "examples": len(docs)}
 
 
 @TASK_TYPES.register("partial_choice")

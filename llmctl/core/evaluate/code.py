@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from llmctl.console import progress
 from llmctl.core.evaluate.generation import Generation
-from llmctl.core.evaluate.metrics import aggregate
 from llmctl.core.evaluate.tasks import TASK_TYPES
 from llmctl.errors import ConfigError
 
@@ -72,4 +71,4 @@ class CodeGeneration(Generation):
                 scores[f"pass@{k}"].append(pass_at_k(self.samples, correct, k))
             self.log(doc=doc[0], prompt=prompt, generations=generated, statuses=[r.status for r in verdicts],
                      correct=correct, **{name: values[-1] for name, values in scores.items()})
-        return {**aggregate(scores), "examples": len(docs)}
+        return {**self.summarize(scores, docs), "examples": len(docs)}

@@ -242,25 +242,27 @@ def mean_stderr(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
 
 
-def aggregate(scores: dict[str, Sequence[float]], groups: Sequence[str] | None = None) -> dict[str, float]:
-    """Means and standard errors of per-document scores; with `groups` (one per document)
+def aggregate(scores: dict[str, Sequence[float]], groups: Sequence[str] | None = None,
+              other_groups: Sequence[Sequence[str]] = ()) -> dict[str, float]:
+    """Means and standard errors of per-document scores. With `groups` (one per document),
     also `metric/group` per group and `metric_macro`, the mean over groups (its stderr from
-    the groups' as independent samples). The plain `metric` is the mean over documents
-    (lm-eval's size-weighted group average, e.g. MMLU's)."""
+    the groups' as independent samples); `other_groups` (more labels per document, e.g. MMLU's
+    categories) add `metric/label` only. The plain `metric` and each group's are means over
+    documents (lm-eval's size-weighted group averages, e.g. MMLU's)."""
     out: dict[str, float] = {}
     for name, values in scores.items():
         out[name], out[f"{name}_stderr"] = sum(values) / len(values), mean_stderr(values)
-        if groups is None:
-            continue
-        by_group: dict[str, list[float]] = {}
-        for g, v in zip(groups, values, strict=True):
-            by_group.setdefault(g, []).append(v)
-        means = {g: sum(v) / len(v) for g, v in sorted(by_group.items())}
-        errors = {g: mean_stderr(v) for g, v in sorted(by_group.items())}
-        out[f"{name}_macro"] = sum(means.values()) / len(means)
-        out[f"{name}_macro_stderr"] = math.sqrt(sum(e * e for e in errors.values())) / len(means)
-        for g in means:
-            out[f"{name}/{g}"], out[f"{name}/{g}_stderr"] = means[g], errors[g]
+        for i, labels in enumerate([groups, *other_groups] if groups is not None else other_groups):
+            by_group: dict[str, list[float]] = {}
+            for g, v in zip(labels, values, strict=True):
+                by_group.setdefault(g, []).append(v)
+            means = {g: sum(v) / len(v) for g, v in sorted(by_group.items())}
+            errors = {g: mean_stderr(v) for g, v in sorted(by_group.items())}
+            if i == 0 and groups is not None:
+                out[f"{name}_macro"] = sum(means.values()) / len(means)
+                out[f"{name}_macro_stderr"] = math.sqrt(sum(e * e for e in errors.values())) / len(means)
+            for g in means:
+                out[f"{name}/{g}"], out[f"{name}/{g}_stderr"] = means[g], errors[g]
     return out
 
 

@@ -125,6 +125,20 @@ def _register(name: str, **kw) -> Callable:
 
 # ---------------------------------------------------------------------------- MMLU
 LETTERS = "ABCD"
+MMLU_CATEGORIES = {subject: category for category, subjects in {  # lm-eval's mmlu_stem, … groups
+    "stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+            "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+            "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+            "high_school_mathematics high_school_physics high_school_statistics machine_learning",
+    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+                  "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+                  "prehistory professional_law world_religions",
+    "social_sciences": "econometrics high_school_geography high_school_government_and_politics "
+                       "high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality "
+                       "professional_psychology public_relations security_studies sociology us_foreign_policy",
+    "other": "business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+             "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
+}.items() for subject in subjects.split()}
 
 
 @_register("mmlu", splits=("test",), fewshot_splits=("dev",),
@@ -133,7 +147,8 @@ LETTERS = "ABCD"
            published="https://people.eecs.berkeley.edu/~hendrycks/data.tar and https://huggingface.co/datasets/cais/mmlu",
            csv_columns=("question", "A", "B", "C", "D", "answer"))
 def mmlu(row: dict, path: Path) -> dict:
-    """{subject, question, choices, answer (index)}; the subject from the row or the file name."""
+    """{subject, category, question, choices, answer (index)}; the subject from the row or the
+    file name, its category as lm-eval groups them (`uncategorized` for other subjects)."""
     if "choices" in row:
         choices, answer = list(row["choices"]), row["answer"]
     else:
@@ -141,7 +156,8 @@ def mmlu(row: dict, path: Path) -> dict:
     if isinstance(answer, str) and answer.strip() in LETTERS:
         answer = LETTERS.index(answer.strip())
     subject = row.get("subject") or re.sub(r"_(test|dev|val)$", "", path.name.split(".")[0])
-    return {"subject": subject, "question": row["question"], "choices": choices, "answer": int(answer)}
+    return {"subject": subject, "category": MMLU_CATEGORIES.get(subject, "uncategorized"), "question": row["question"],
+            "choices": choices, "answer": int(answer)}
 
 
 # ---------------------------------------------------------------------------- HellaSwag

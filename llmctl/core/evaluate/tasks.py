@@ -79,6 +79,7 @@ class DocumentTask(Task):
     fewshot_sampler: str = "random"  # or "first_n" (the first examples of the few-shot split)
     fewshot_target: str | None = None  # Jinja: a few-shot example's answer (default: its gold answer)
     group_by: str | None = None  # a field: few-shot examples from the document's group; metrics per group
+    report_by: list[str] = field(default_factory=list)  # more fields to report metrics per value of
     limit: int | None = None
     data: list[str] = field(default_factory=list)  # --data: the benchmark's folder or file
 
@@ -208,9 +209,16 @@ class DocumentTask(Task):
     def shot_target(self, doc: Doc) -> str:
         return self.render("fewshot_target", doc) if self.fewshot_target else self.example_target(doc)
 
-    def groups(self, docs: list[Doc]) -> list[str] | None:
-        """Each document's `group_by` value (None without one)."""
-        return [str(field_value(d, self.group_by)) for d in docs] if self.group_by else None
+    def summarize(self, scores: dict[str, list[float]], docs: list[Doc]) -> dict[str, float]:
+        """Means and stderrs of per-document scores, per `group_by` group (and macro) and per
+        value of each `report_by` field."""
+        from llmctl.core.evaluate.metrics import aggregate
+
+        def labels(key: str) -> list[str]:
+            return [str(field_value(d, key)) for d in docs]
+
+        groups = labels(self.group_by) if self.group_by else None
+        return aggregate(scores, groups, [labels(key) for key in self.report_by])
 
 
 @functools.lru_cache(maxsize=256)
