@@ -7,14 +7,16 @@ import gzip
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
 
 from llmctl.core.evaluate.code import pass_at_k
-from llmctl.core.sandbox import Limits, network_isolated, run_many, run_python
+from llmctl.core.sandbox import Limits, network_isolated, processes_blocked, run_many, run_python
 
 
 def live_processes() -> int:
@@ -45,6 +47,7 @@ def test_memory_bomb_fails_within_its_address_space():
 
 
 def test_fork_bomb_cannot_start_processes():
+    assert processes_blocked() or os.getuid() != 0  # root ignores RLIMIT_NPROC: the seccomp filter must hold
     before = live_processes()
     start = time.perf_counter()
     r = run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
@@ -82,6 +85,20 @@ def test_network_is_unreachable_or_reported():
 def test_run_many_keeps_order():
     results = run_many([f"print({i})" for i in range(6)], workers=3)
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(6)]
+
+
+def test_interrupt_ends_running_programs_at_once(tmp_path):
+    script = tmp_path / "many.py"
+    script.write_text("from llmctl.core.sandbox import Limits, run_many\n"
+                      "print('start', flush=True)\n"
+                      "run_many(['while True: pass'] * 4, Limits(timeout=60), workers=2)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "start\n"
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    start = time.perf_counter()
+    _, err = proc.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err and time.perf_counter() - start < 10
 
 
 # ------------------------------------------------------------------------ pass@k

@@ -11,7 +11,7 @@ temporary working directory that is removed afterwards, with an empty environmen
 - files: RLIMIT_FSIZE (largest file it may write) of `file_mb`, no core dumps;
 - processes: a seccomp filter (x86-64, aarch64) makes fork, vfork and non-thread clone fail,
   so a program cannot start processes (threads work); RLIMIT_NPROC `max_processes` as well
-  (the kernel does not apply it to root);
+  (the kernel does not apply it to root); `processes_blocked()` says whether the filter holds;
 - network: a new, empty network namespace (unshare of a user + network namespace), where
   the kernel allows unprivileged user namespaces; `network_isolated()` says whether it does.
 
@@ -19,7 +19,7 @@ This is a safety boundary against *mistakes* (infinite loops, memory or fork bom
 file writes, accidental network calls), not a security boundary against hostile code. Its
 limits, plainly: the program runs as your user and can read, and outside its working
 directory write, every file your user can; other system calls are not filtered; on other
-architectures there is no seccomp filter and a root user has no process limit; without user
+architectures, or where seccomp is refused, there is no filter and a root user has no process limit; without user
 namespaces the network is reachable (`network_isolated()` is False). Run hostile code in a
 container or VM. The module is shared by eval's pass@k and unit-test rewards.
 """
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 OUTPUT_LIMIT = 1 << 16  # characters of stdout/stderr kept per program
+_live: set[subprocess.Popen] = set()  # programs running now (killed by run_many on an interrupt)
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,16 @@ if platform.machine() in arch:
     prog.append((RET, 0, 0, ALLOW))
     code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in prog))
     fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code))
-    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) != 0:
-        sys.exit(98)  # PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP with SECCOMP_MODE_FILTER
+    if libc.prctl(38, 1, 0, 0, 0) == 0:  # PR_SET_NO_NEW_PRIVS, then PR_SET_SECCOMP (SECCOMP_MODE_FILTER)
+        libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0)  # refused (old kernel, a container's policy): RLIMIT_NPROC only
 os.execv(sys.executable, [sys.executable, "-I", "-B", program])
 """
-ISOLATION_REFUSED = 97  # the bootstrap's exit code when unshare is refused
+
+
+@functools.lru_cache(maxsize=1)
+def processes_blocked() -> bool:
+    """Whether the seccomp filter stops programs from starting processes here."""
+    return run_python("import os\nos.fork()\n", Limits(timeout=10, network=True)).status == "failed"
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,6 +132,7 @@ def run_python(source: str, limits: Limits = Limits()) -> Result:
         proc = subprocess.Popen([sys.executable, "-I", "-c", _BOOTSTRAP, *args], cwd=work, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
+        _live.add(proc)
         try:
             out, err = proc.communicate(timeout=limits.timeout)
             status = "passed" if proc.returncode == 0 else "failed"
@@ -133,7 +140,8 @@ def run_python(source: str, limits: Limits = Limits()) -> Result:
             status = "timeout"
             out, err = _kill(proc)
         finally:
-            _killpg(proc.pid)  # leftovers of the group (background children)
+            _killpg(proc.pid)  # leftovers of the group (background children), or all of it on Ctrl-C
+            _live.discard(proc)
     text = functools.partial(bytes.decode, encoding="utf-8", errors="replace")
     return Result(status, proc.returncode, text(out)[:OUTPUT_LIMIT], text(err)[:OUTPUT_LIMIT],
                   time.perf_counter() - start)
@@ -160,4 +168,10 @@ def run_many(sources: Sequence[str], limits: Limits = Limits(), workers: int | N
     """`run_python` over many programs, `workers` at a time (default: the CPU count)."""
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda s: run_python(s, limits), sources))
+        try:
+            return list(pool.map(lambda s: run_python(s, limits), sources))
+        except BaseException:  # Ctrl-C: end the running programs now, not at their timeouts
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list(_live):
+                _killpg(proc.pid)
+            raise
