@@ -2,9 +2,9 @@
 
 A task is a preset of `configs/eval/` (perplexity, word_order, arithmetic, copy, reverse; the
 public benchmarks mmlu, hellaswag, arc_easy, arc_challenge, winogrande, truthfulqa_mc1/mc2,
-gsm8k, gsm8k_cot, humaneval, mbpp, read from `--data`) or a task YAML file. Results print as one column
-per checkpoint (`--json`: one object) and are appended to each checkpoint's llmctl.json
-unless `--no-record`; `--log-samples FILE` keeps every sample.
+gsm8k, gsm8k_cot, humaneval, mbpp, read from `--data`) or a task YAML file. Results print as
+one column per checkpoint (`--json`: one object) and are appended to each checkpoint's
+llmctl.json unless `--no-record`; `--log-samples FILE` keeps every sample.
 """
 
 import functools

@@ -43,7 +43,9 @@ def mc2(lls: list[float], texts: list[str], gold: int, fields: dict) -> float:
     """Normalised probability of the choices labelled 1 in the `labels` field (TruthfulQA MC2)."""
     top = max(lls)
     probs = [math.exp(ll - top) for ll in lls]
-    labels = fields["labels"]
+    labels = fields.get("labels")
+    if not isinstance(labels, list) or len(labels) != len(lls):
+        raise DataError("the mc2 metric needs a 'labels' field: 1 (true) or 0 for each choice")
     return sum(p for p, label in zip(probs, labels, strict=True) if label == 1) / sum(probs)
 
 

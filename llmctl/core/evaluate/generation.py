@@ -1,9 +1,10 @@
 """Generation tasks: prompt → generated answer → exact_match / BLEU / chrF / ROUGE.
 
 Generation stops at the task's `until` strings. An `answer_regex` extracts the answer (its
-last match, or the one `answer_match` indexes; the first non-empty group if it has groups). With `samples > 1` each prompt is sampled that many
-times and the most common extracted answer wins (self-consistency); `chain_of_thought`
-wraps the prompt in `cot_prompt`.
+last match, or the one `answer_match` indexes; the first non-empty group if it has groups,
+as lm-eval's regex filter). With `samples > 1` each prompt is sampled that many times and
+the most common extracted answer wins (self-consistency); `chain_of_thought` wraps the
+prompt in `cot_prompt`.
 """
 
 from __future__ import annotations

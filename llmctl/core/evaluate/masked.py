@@ -80,10 +80,12 @@ class MaskedScoringModel:
             mask[b, : len(framed)] = 1
         ids[torch.arange(len(items)), where] = self.mask_id
         ids, mask = ids.to(self.device), mask.to(self.device)
-        rows, where, targets = torch.arange(len(items), device=self.device), where.to(self.device), targets.to(self.device)
+        where, targets = where.to(self.device), targets.to(self.device)
+        rows = torch.arange(len(items), device=self.device)
         if self.has_head:  # the MLM head only at the masked positions
             feats = self.model(ids, mask, skip_head=True).features[rows, where]
-            logprobs, hits = token_logprobs(feats, targets, self.model.head, vocab=self.model.cfg.vocab_size, greedy=True)
+            logprobs, hits = token_logprobs(feats, targets, self.model.head, vocab=self.model.cfg.vocab_size,
+                                            greedy=True)
         else:
             out = self.model(input_ids=ids, attention_mask=mask)
             logprobs, hits = token_logprobs((out.logits if hasattr(out, "logits") else out)[rows, where], targets,

@@ -144,7 +144,8 @@ MMLU_CATEGORIES = {subject: category for category, subjects in {  # lm-eval's mm
 @_register("mmlu", splits=("test",), fewshot_splits=("dev",),
            files="DIR/test/SUBJECT_test.csv and DIR/dev/SUBJECT_dev.csv (the original data.tar), or test and dev "
                  "JSONL/parquet files with question, subject, choices, answer (cais/mmlu)",
-           published="https://people.eecs.berkeley.edu/~hendrycks/data.tar and https://huggingface.co/datasets/cais/mmlu",
+           published="https://people.eecs.berkeley.edu/~hendrycks/data.tar and "
+                     "https://huggingface.co/datasets/cais/mmlu",
            csv_columns=("question", "A", "B", "C", "D", "answer"))
 def mmlu(row: dict, path: Path) -> dict:
     """{subject, category, question, choices, answer (index)}; the subject from the row or the
@@ -170,7 +171,8 @@ def hellaswag_preprocess(text: str) -> str:
 
 @_register("hellaswag", splits=("val", "validation"), fewshot_splits=("train",),
            files="hellaswag_val.jsonl (or validation parquet/JSONL with activity_label, ctx_a, ctx_b, endings, label)",
-           published="https://github.com/rowanz/hellaswag/tree/master/data and https://huggingface.co/datasets/Rowan/hellaswag")
+           published="https://github.com/rowanz/hellaswag/tree/master/data and "
+                     "https://huggingface.co/datasets/Rowan/hellaswag")
 def hellaswag(row: dict, path: Path) -> dict:
     ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
     return {"query": hellaswag_preprocess(row["activity_label"] + ": " + ctx),
