@@ -298,7 +298,11 @@ def test_missing_data_names_files_and_where_published(llmctl, hf_dir, tmp_path):
     r = llmctl("eval", hf_dir, "--task", "mmlu", "--data", tmp_path, "--no-record")
     assert r.code == 1
     assert "SUBJECT_test.csv" in r.stderr and "huggingface.co/datasets/cais/mmlu" in r.stderr
-    assert "downloads nothing" in r.stderr
+    assert "downloads nothing" in r.stderr and "parameters" not in r.stderr  # before the model loads
+    (tmp_path / "test").mkdir()
+    write_jsonl(tmp_path / "test" / "x_test.jsonl", mmlu_rows(random.Random(0), "x", 2))
+    r = llmctl("eval", hf_dir, "--task", "mmlu", "--data", tmp_path, "--no-record")
+    assert r.code == 1 and "no few-shot data" in r.stderr and "parameters" not in r.stderr
     r = llmctl("eval", hf_dir, "--task", "word_order", "--data", tmp_path, "--no-record")
     assert r.code == 2 and "--data does not apply" in r.stderr
 

@@ -70,6 +70,8 @@ def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device
     from llmctl.core.checkpoint import append_metrics
     from llmctl.core.model.attention import inference_backends
 
+    for task in tasks:  # missing data fails before any model loads
+        task.prepare()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for path in checkpoints:
         lm = load_scorer(path, device=device, dtype=dtype, batch_size=batch_size,

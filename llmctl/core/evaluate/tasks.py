@@ -55,6 +55,9 @@ class Task:
     def run(self, lm) -> dict[str, float]:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Check what can be checked before a model is loaded (e.g. that the data is there)."""
+
     def uses(self, key: str) -> bool:
         """Whether a command-line override of config key `key` means anything to this task."""
         return key in {f.name for f in dataclasses.fields(self)}
@@ -111,6 +114,11 @@ class DocumentTask(Task):
 
     def uses(self, key: str) -> bool:
         return self.dataset.benchmark is not None if key == "data" else super().uses(key)
+
+    def prepare(self) -> None:
+        self.documents()
+        if self.num_fewshot:
+            self.fewshot_pool([])
 
     # -- documents --------------------------------------------------------------------------
     def documents(self) -> list[Doc]:
