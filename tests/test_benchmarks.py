@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 WORDS = ("the quick brown fox jumps over lazy dog stitch in time saves nine to be or not that is question "
          "whether nobler mind suffer slings arrows outrageous fortune take arms against sea troubles").split()
@@ -137,7 +137,6 @@ def lm_eval_config(task_yaml: str, files: dict[str, str]) -> dict:
 @pytest.fixture(scope="module")
 def lm_eval_samples(hf_dir, tmp_path_factory):
     """lm-eval's per-document samples for every preset, from one run of its HF backend."""
-    pytest.importorskip("lm_eval")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
@@ -247,7 +246,7 @@ def test_mmlu_original_csv_layout_reads_the_same(lm_eval_samples, tmp_path):
 def test_other_published_layouts(tmp_path):
     """ARC's original JSONL, TruthfulQA's mc_task.json, CSV with a header, parquet; the
     MBPP full file keeps only its test split."""
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from llmctl.core.evaluate.sources import BENCHMARKS
@@ -327,7 +326,6 @@ def test_cli_log_samples(llmctl, lm_eval_samples, hf_dir, tmp_path):
 
 def test_gsm8k_prompt_and_answer_extraction_equal_lm_eval(tmp_path):
     """The 8-shot CoT context lm-eval builds, and its strict-match filter + exact_match."""
-    pytest.importorskip("lm_eval")
     import lm_eval
     from lm_eval.api.metrics import exact_match_hf_evaluate
     from lm_eval.filters.extraction import RegexFilter
@@ -362,7 +360,6 @@ def test_gsm8k_prompt_and_answer_extraction_equal_lm_eval(tmp_path):
 def test_gsm8k_five_shot_from_train_equals_lm_eval(tmp_path):
     """lm-eval's gsm8k: 5 seeded draws from the train split per question, the worked solution
     as each example's answer, the same requests; "#### N" extraction and exact match."""
-    pytest.importorskip("lm_eval")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval.api.task import ConfigurableTask
 
