@@ -1,7 +1,13 @@
-"""Atomic outputs: write to a temporary sibling, fsync, rename; never clobber without force."""
+"""Atomic outputs: write to a temporary sibling, fsync, rename; never clobber without force.
+
+Replacing an existing output takes two renames (old → `.NAME.old-PID`, new → NAME). A failure
+between them renames the old one back; a crash between them is repaired by the next writer of
+NAME (`recover`), which also removes the leftovers of dead writers.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -15,6 +21,7 @@ from llmctl.errors import OutputExistsError
 def check_output(path: str | os.PathLike, force: bool = False) -> Path:
     """Raise `OutputExistsError` if `path` exists and `force` is off; return it as a Path."""
     path = Path(path)
+    recover(path)
     if path.exists() and not force:
         raise OutputExistsError(f"output {path} already exists (use --force to overwrite)")
     return path
@@ -41,19 +48,82 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(path: Path, tag: str) -> list[tuple[Path, int]]:
+    """(`.NAME.TAG-PID*` sibling, PID) of writers that are no longer running."""
+    found = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.{tag}-*"):
+        pid = p.name[len(path.name) + len(tag) + 3:].split(".")[0].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            found.append((p, int(pid)))
+    return found
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Repair what a writer killed mid-swap left: put a hidden old output back if `path` is
+    missing, and remove its temporary and old copies. Only dead writers' leftovers are touched."""
+    path = Path(path)
+    if not path.name or not path.parent.is_dir():
+        return
+    old = sorted(_leftovers(path, "old"), key=lambda item: item[0].stat().st_mtime)
+    if old and not (path.exists() or path.is_symlink()):
+        os.replace(old.pop()[0], path)
+        _fsync_dir(path.parent)
+    for leftover, _ in old + _leftovers(path, "tmp"):
+        _remove(leftover)
+
+
 def _replace(tmp: Path, path: Path) -> None:
-    """Move `tmp` onto `path`, removing an old `path` only once `tmp` is complete."""
+    """Move `tmp` onto `path`, removing an old `path` only once `tmp` is in its place."""
     if path.exists() or path.is_symlink():
         trash = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, trash)
-        os.replace(tmp, path)
-        if trash.is_dir() and not trash.is_symlink():
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            trash.unlink(missing_ok=True)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(trash, path)  # the old output goes back
+            raise
+        _fsync_dir(path.parent)
+        _remove(trash)
     else:
         os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def replace_dir(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Swap a complete directory `new` in at `path` (the old `path` is removed afterwards)."""
+    _replace(Path(new), Path(path))
+
+
+def inside(directory: str | os.PathLike, name: str, what: str, error: type[Exception] | None = None) -> Path:
+    """`directory / name`, which must stay inside `directory` (no `..`, absolute paths or links
+    out); else `error` (CheckpointError by default) naming `what`, the file that gave `name`."""
+    from llmctl.errors import CheckpointError
+
+    error = error or CheckpointError
+    base = Path(directory).resolve()
+    if not isinstance(name, str) or not name:
+        raise error(f"{what}: {name!r} is not a file name")
+    target = (base / name).resolve()
+    if target == base or base not in target.parents:
+        raise error(f"{what}: {name!r} points outside {directory}; refusing to read it")
+    return Path(directory) / name
 
 
 @contextmanager
@@ -65,7 +135,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """
     path = check_output(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -80,7 +150,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", force: bool = False, *
     """Open a temporary sibling of `path` for writing; it replaces `path` on success."""
     path = check_output(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
