@@ -341,7 +341,11 @@ def test_existing_outdir_needs_force_or_resume(llmctl, corpus, tmp_path):
     r = llmctl(*base)
     assert r.code == 2 and "--force" in r.stderr and (out / "keep.txt").exists()
     assert llmctl(*base, "--resume").code == 2  # not a training directory
-    assert llmctl(*base, "--force").code == 0 and not (out / "keep.txt").exists()
+    r = llmctl(*base, "--force")  # --force replaces only a training directory
+    assert r.code == 2 and "not an llmctl train output" in r.stderr and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert llmctl(*base).code == 2  # an empty directory still needs --force
+    assert llmctl(*base, "--force").code == 0
     r = llmctl("train", "-o", out, "--resume", "max_steps=3")  # the saved recipe, extended
     assert r.code == 0, r.stderr
     assert [x["step"] for x in records(out) if "loss" in x] == [1, 2, 3]

@@ -8,7 +8,7 @@ import typer
 
 def plot(
     outdir: Annotated[Path, typer.Argument(help="A training output directory (with metrics.jsonl).")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a PNG (needs matplotlib: pip install llmctl[plot]).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a PNG (needs matplotlib: pip install 'llmctl\\[plot]').")] = None,
     width: Annotated[Optional[int], typer.Option(help="Terminal chart width in characters (default: fit the terminal).")] = None,
     height: Annotated[int, typer.Option(help="Terminal chart height in lines.")] = 14,
 ) -> None:
@@ -16,9 +16,17 @@ def plot(
     from llmctl.console import console, emit, info
     from llmctl.core.train.plot import load_curves, render_png, render_terminal
 
+    from llmctl.errors import UsageError
+    from llmctl.runtime import options
+
+    if width is not None and width < 20 or height < 4:
+        raise UsageError(f"--width {width} / --height {height}: a chart needs at least 20 columns and 4 lines")
     curves = load_curves(outdir)
     if output is not None:
-        render_png(curves, output)
+        from llmctl.core.outputs import claim_output
+
+        with claim_output(output, "png", force=options.force, inputs=[outdir]):
+            render_png(curves, output)
         emit({"output": str(output)}, lambda: info(f"wrote {output}"))
     else:
         columns = width or max(30, min(100, console.width - 12))

@@ -60,31 +60,35 @@ def train(
     doc_split: DocSplit = "blank",
 ) -> None:
     """Train a tokenizer on a corpus (streamed) and write a transformers-loadable directory."""
-    from llmctl.core.io import atomic_dir, check_output
+    from llmctl.core.io import atomic_dir
+    from llmctl.core.outputs import claim_output
     from llmctl.core.tokenizer import TrainSpec, train_tokenizer
 
-    check_output(output, options.force)
-    extra = [t for item in special_tokens or [] for t in item.split(",") if t]
-    spec = TrainSpec(algo=algo, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=extra,
-                     lowercase=lowercase, normalize=normalize, chat_template=chat_template)
-    data = _corpus(corpus, text_field, doc_split)
-    sample: list[str] = []  # the first batch (~1 MB), to measure compression afterwards
-    start = time.perf_counter()
-    with progress("train", total=data.total_bytes, unit="B") as bar:
+    with claim_output(output, "tokenizer", force=options.force, inputs=corpus):
+        extra = [t for item in special_tokens or [] for t in item.split(",") if t]
+        spec = TrainSpec(algo=algo, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=extra,
+                         lowercase=lowercase, normalize=normalize, chat_template=chat_template)
+        data = _corpus(corpus, text_field, doc_split)
+        sample: list[str] = []  # the first batch (~1 MB), to measure compression afterwards
+        start = time.perf_counter()
+        with progress("train", total=data.total_bytes, unit="B") as bar:
 
-        def batches():
-            for batch in data.batches():
-                if not sample:
-                    sample.extend(batch)
+            def batches():
+                for batch in data.batches():
+                    if not sample:
+                        sample.extend(batch)
+                    bar.update(completed=data.stats.bytes, docs=data.stats.documents)
+                    yield batch
                 bar.update(completed=data.stats.bytes, docs=data.stats.documents)
-                yield batch
-            bar.update(completed=data.stats.bytes, docs=data.stats.documents)
 
-        tok = train_tokenizer(spec, batches())
-    seconds = time.perf_counter() - start
-    with atomic_dir(output, options.force) as tmp:
-        tok.save(tmp)
+            tok = train_tokenizer(spec, batches())
+        seconds = time.perf_counter() - start
+        with atomic_dir(output, options.force) as tmp:
+            tok.save(tmp)
     _report_invalid(data.stats)
+    if tok.vocab_size < vocab_size:
+        warn(f"--vocab-size {vocab_size:,} is more than this corpus supports: the vocabulary reached "
+             f"{tok.vocab_size:,} tokens (a larger corpus or a lower --min-frequency gives more)")
     sample_tokens = sum(len(ids) for ids in tok.encode_batch(sample))
     sample_bytes = sum(len(s.encode("utf-8")) for s in sample)
     result = {
@@ -118,20 +122,21 @@ def encode(
 ) -> None:
     """Encode a corpus into memory-mappable token shards (batched, bounded memory)."""
     from llmctl.core.data import encode_corpus
-    from llmctl.core.io import atomic_dir, check_output
+    from llmctl.core.io import atomic_dir
+    from llmctl.core.outputs import claim_output
     from llmctl.core.tokenizer import load_tokenizer
 
-    check_output(output, options.force)
     if shard_tokens < 1 or workers < 1:
         raise UsageError(f"--shard-tokens {shard_tokens} / --workers {workers}: must be positive")
-    tok = load_tokenizer(tokenizer)
-    data = _corpus(corpus, text_field, doc_split)
-    with atomic_dir(output, options.force) as tmp, progress("encode", total=data.total_bytes, unit="B") as bar:
-        result = encode_corpus(
-            data, tok, tmp, val_fraction=val_fraction, append_eos=append_eos, seed=options.seed or 0,
-            shard_tokens=shard_tokens, workers=workers,
-            on_batch=lambda s: bar.update(completed=s.bytes, docs=s.documents),
-        )
+    with claim_output(output, "shards", force=options.force, inputs=[*corpus, tokenizer]):
+        tok = load_tokenizer(tokenizer)
+        data = _corpus(corpus, text_field, doc_split)
+        with atomic_dir(output, options.force) as tmp, progress("encode", total=data.total_bytes, unit="B") as bar:
+            result = encode_corpus(
+                data, tok, tmp, val_fraction=val_fraction, append_eos=append_eos, seed=options.seed or 0,
+                shard_tokens=shard_tokens, workers=workers,
+                on_batch=lambda s: bar.update(completed=s.bytes, docs=s.documents),
+            )
     _report_invalid(result.stats)
     m, stats = result.manifest, result.stats
     if val_fraction > 0 and m["splits"]["val"]["documents"] == 0:
@@ -216,7 +221,9 @@ def decode(
             raise UsageError("give token ids or --shard, not both")
         values = _shard_ids(shard, split, offset, limit or None)
     else:
-        values = _parse_ids(ids if ids else [sys.stdin.read()])
+        from llmctl.core.data import read_stdin
+
+        values = _parse_ids(ids if ids else [read_stdin()])
     bad = [i for i in values if not 0 <= i < tok.vocab_size]
     if bad:
         raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})")
@@ -270,7 +277,9 @@ def inspect(
     from llmctl.core.tokenizer import load_tokenizer
 
     if text == "-":
-        text = sys.stdin.read()
+        from llmctl.core.data import read_stdin
+
+        text = read_stdin()
     tok = load_tokenizer(tokenizer)
     pieces = tok.pieces(text)
     n_bytes = len(text.encode("utf-8"))

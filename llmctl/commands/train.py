@@ -23,7 +23,13 @@ def train(
     from llmctl.core.train.config import TrainConfig
     from llmctl.core.train.loop import CONFIG_FILE, run_training
 
+    from llmctl.errors import UsageError
+
     overrides = list(overrides or [])
+    if resume and not (output / CONFIG_FILE).is_file() and not any(o.startswith("data=") for o in overrides) \
+            and config is None:
+        raise UsageError(f"--resume: {output} holds no training run ({CONFIG_FILE}); "
+                         "drop --resume to start one, or give its config and data")
     source = config
     if resume and source is None and (output / CONFIG_FILE).is_file():
         source = str(output / CONFIG_FILE)  # continue with the run's own recipe (+ new overrides)

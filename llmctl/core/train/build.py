@@ -67,9 +67,13 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
         vocab, eos, bos = tokenizer.vocab_size, tokenizer.eos_id, tokenizer.bos_id
     val_files = _text_files([Path(p) for p in cfg.val_data]) if cfg.val_data else []
 
-    if init_from is None:  # a preset: the vocabulary comes from the data's tokenizer
-        model_config = dataclasses.replace(model_config, vocab_size=vocab, eos_token_id=eos, bos_token_id=bos,
-                                            pad_token_id=getattr(tokenizer, "pad_id", None))
+    if init_from is None:  # a preset: the vocabulary comes from the data's tokenizer (or a larger model_args one)
+        asked = cfg.model_args.get("vocab_size")
+        if asked is not None and int(asked) < vocab:
+            raise ConfigError(f"config key 'model_args.vocab_size': {asked} is smaller than the data's tokenizer "
+                              f"({vocab} tokens); leave it out to use the tokenizer's size")
+        model_config = dataclasses.replace(model_config, vocab_size=int(asked or vocab), eos_token_id=eos,
+                                            bos_token_id=bos, pad_token_id=getattr(tokenizer, "pad_id", None))
     elif vocab > model_config.vocab_size:
         raise ConfigError(
             f"config key 'data': its tokenizer has {vocab} tokens but model {cfg.model} has vocab_size "
@@ -80,6 +84,10 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
             f"config key 'seq_len': {cfg.seq_len} exceeds the context of model {cfg.model} "
             f"(max_seq_len {model_config.max_seq_len})"
         )
+    if shards is not None:  # ids the manifest does not account for would index past the embedding mid-run
+        from llmctl.core.checks import check_ids_fit
+
+        check_ids_fit([a for split in shards.splits for a in shards.split(split)], model_config.vocab_size, paths[0])
     model_config = _training_overrides(cfg, model_config)
     from llmctl.core.train.objectives import OBJECTIVES, default_objective
 
@@ -87,6 +95,10 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
     plan = Plan(cfg, model_config, init_from, tokenizer, tokenizer_dir, shards, text_files, val_files,
                 objective, precision, parents=[str(init_from)] if init_from else [])
     OBJECTIVES.get(objective).resolve(plan)  # an unknown name is a usage error, as any registry's
+    if cfg.max_time is None and 0 < cfg.max_steps < cfg.warmup_steps:
+        from llmctl.console import warn
+
+        warn(f"warmup_steps={cfg.warmup_steps} is longer than max_steps={cfg.max_steps}: lr never reaches {cfg.lr:g}")
     return plan
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+CONFIG_FILE = "train_config.yaml"  # the resolved recipe in a train OUTDIR
+CHECKPOINTS = "checkpoints"  # its checkpoints/step-NNNNNN directories
+
 
 @dataclass
 class DistributedConfig:

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from llmctl.console import Progress, info, progress
+from llmctl.console import Progress, info, progress, warn
 from llmctl.core.checkpoint import append_metrics, checkpoint_hash
 from llmctl.core.train import distributed as dist_
 from llmctl.core.train.build import Plan
+from llmctl.core.train.config import CHECKPOINTS, CONFIG_FILE
 from llmctl.core.train.data import ShardBatches, TextBatches, TextStream, split_text
 from llmctl.core.train.metrics import MetricsLog, flops_per_token, peak_flops, truncate_metrics
 from llmctl.core.train.objectives import OBJECTIVES
@@ -33,7 +34,6 @@ from llmctl.core.train.schedule import lr_at
 from llmctl.core.train.state import load_state, restore_rng, save_state
 from llmctl.errors import LlmctlError
 
-CHECKPOINTS = "checkpoints"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 TIMED_STEPS = 10  # with `max_time`, max_steps is refitted every this many steps
 
@@ -114,11 +114,13 @@ class WithExtra(torch.nn.Module):
 class Trainer:
     """Owns the model, optimizer and data of one run (one per process under torchrun)."""
 
-    def __init__(self, plan: Plan, outdir: Path, device: torch.device, d: dist_.Dist, lineage: dict):
+    def __init__(self, plan: Plan, outdir: Path, device: torch.device, d: dist_.Dist, lineage: dict,
+                 final_outdir: Path | None = None):
         from llmctl.core.hf import load_model
         from llmctl.core.model.build import build_model
 
         self.plan, self.cfg, self.outdir, self.device, self.d = plan, plan.config, Path(outdir), device, d
+        self.final_outdir = final_outdir  # --force: OUTDIR, replaced by `outdir` at the first checkpoint
         self.lineage = lineage  # the resolved config and the data it trains on
         self.parents = [{"path": str(p.resolve()), "hash": checkpoint_hash(p)} for p in map(Path, plan.parents)]
         cfg = self.cfg
@@ -187,12 +189,20 @@ class Trainer:
             modules = {k.removeprefix("extra."): v for k, v in model_state.items() if k.startswith("extra.")} \
                 if self.trained is not self.model else None
             with atomic_dir(target, force=True) as tmp:
-                self.objective.save(export, tmp, tokenizer_dir=self.plan.tokenizer_dir, lineage=lineage, force=True)
+                self.objective.save(export, tmp, tokenizer_dir=self.plan.tokenizer_dir, lineage=lineage, force=True,
+                                    generation_config=generation_config(self.plan.model_config))
                 save_state(tmp, step=self.step, optimizer=optim_state, data=self.data.state(),
                            scaler=self.scaler.state_dict() if self.scaler else None,
                            extra={"world_size": self.d.world, "max_steps": self.max_steps,
                                   "horizon_fixed": self.horizon_fixed}, modules=modules)
             self._prune()
+        if self.final_outdir is not None:  # the new run has a checkpoint: it replaces the old one now
+            if self.d.is_main:
+                from llmctl.core.io import replace_dir
+
+                replace_dir(self.outdir, self.final_outdir)
+            self.outdir, self.final_outdir = self.final_outdir, None
+            target = self.outdir / CHECKPOINTS / target.name
         return target
 
     def _unsharded(self, state: dict):
@@ -355,6 +365,9 @@ class Trainer:
         self.horizon_fixed = elapsed >= budget / 2 or self.max_steps == self.step
         if self.horizon_fixed and self.d.is_main:
             info(f"max_time {self.cfg.max_time:g} min: training {self.max_steps} steps")
+            if self.cfg.warmup_steps > self.max_steps:
+                warn(f"warmup_steps={self.cfg.warmup_steps} is longer than the {self.max_steps} steps that fit in "
+                     f"max_time: lr never reaches {self.cfg.lr:g}")
 
     def _log_eval(self, log: MetricsLog | None) -> float | None:
         val_loss = self.evaluate()
@@ -363,11 +376,19 @@ class Trainer:
         return val_loss
 
 
+def generation_config(model_config) -> dict:
+    """generation_config.json as transformers writes it from a model config: the special token ids."""
+    ids = {key: getattr(model_config, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
+
+
 def publish(checkpoint: Path, outdir: Path) -> None:
     """Make OUTDIR a checkpoint: hard-link (or copy) the final model files into it, config last."""
     files = sorted((p for p in checkpoint.iterdir() if p.is_file()), key=lambda p: p.name == "config.json")
     for src in files:
         dst = outdir / src.name
+        if dst.exists() and os.path.samefile(src, dst):
+            continue  # already this file (a resumed, finished run): renaming onto it would do nothing
         tmp = outdir / f".{src.name}.tmp-{os.getpid()}"
         tmp.unlink(missing_ok=True)
         try:
@@ -377,51 +398,81 @@ def publish(checkpoint: Path, outdir: Path) -> None:
         os.replace(tmp, dst)
 
 
-def check_outdir(outdir: Path, *, resume: bool, force: bool) -> None:
-    """OUTDIR must not exist, unless --force (start over) or --resume (a training work dir)."""
+def check_outdir(outdir: Path, *, resume: bool, force: bool, inputs=()) -> None:
+    """OUTDIR must not exist, unless --resume (an llmctl train work dir, or empty) or --force
+    (replace an llmctl train work dir, never the working directory or the run's inputs)."""
+    from llmctl.core.outputs import OUTPUT_KINDS, check_output
     from llmctl.errors import OutputExistsError
 
-    if not outdir.exists() or force:
-        return
-    if not resume:
-        raise OutputExistsError(f"output {outdir} already exists (use --resume to continue it or --force to start over)")
-    if outdir.is_dir() and not any(outdir.iterdir()):
-        return
-    if not ((outdir / CONFIG_FILE).is_file() or (outdir / CHECKPOINTS).is_dir()):
+    if resume and outdir.exists():
+        if outdir.is_dir() and (not any(outdir.iterdir()) or OUTPUT_KINDS.get("train")(outdir)):
+            return
         raise OutputExistsError(f"--resume: {outdir} exists but is not an llmctl train output directory")
+    if outdir.exists() and not force:
+        raise OutputExistsError(f"output {outdir} already exists (use --resume to continue it or --force to start over)")
+    check_output(outdir, "train", force=force, inputs=inputs)
 
 
-CONFIG_FILE = "train_config.yaml"
+def _resume_step(outdir: Path) -> int:
+    import json
+
+    from llmctl.core.train.state import META, STATE_DIR
+
+    ckpt = latest_checkpoint(outdir)
+    return int(json.loads((ckpt / STATE_DIR / META).read_text(encoding="utf-8"))["step"]) if ckpt else 0
+
+
+def _remove_leftovers(outdir: Path) -> None:
+    """Temporary files and checkpoints of a writer that died (we hold OUTDIR's lock)."""
+    for tmp in [*outdir.glob(".*.tmp-*"), *(outdir / CHECKPOINTS).glob(".step-*.tmp-*")]:
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def run_training(cfg, outdir: str | os.PathLike, *, resume: bool = False, force: bool = False) -> Result:
-    """Validate `cfg` (nothing written on error), prepare OUTDIR, and train (under torchrun too)."""
+    """Validate `cfg` (nothing written on error), prepare OUTDIR, and train (under torchrun too).
+
+    With `force` over an existing run, the new run is built in `.OUTDIR.new` and replaces the
+    old one at its first checkpoint; OUTDIR is locked against a second writer throughout."""
     import yaml
 
     from llmctl.config import to_dict
+    from llmctl.core.outputs import output_lock
     from llmctl.core.train.build import make_plan
+    from llmctl.errors import UsageError
     from llmctl.runtime import resolve_device
 
     outdir = Path(outdir)
-    check_outdir(outdir, resume=resume, force=force)
+    inputs = [*cfg.data, *cfg.val_data, cfg.tokenizer, cfg.model]
+    check_outdir(outdir, resume=resume, force=force, inputs=inputs)
     device = resolve_device()
     plan = make_plan(cfg, device.type)
+    if resume and (step := _resume_step(outdir)) > cfg.max_steps:
+        raise UsageError(f"max_steps={cfg.max_steps} is below step {step} of {outdir}'s newest checkpoint; "
+                         "give a larger max_steps to continue it")
     d = dist_.init(cfg.distributed.backend, device)
     if device.type == "cuda" and d.enabled:
         device = torch.device("cuda", d.local_rank)
+    replace = force and not resume and outdir.is_dir() and any(outdir.iterdir())
+    workdir = outdir.with_name(f".{outdir.resolve().name}.new") if replace else outdir
     try:
-        resolved = to_dict(cfg)
-        if d.is_main:
-            if force and not resume and outdir.exists():
-                shutil.rmtree(outdir)
-            outdir.mkdir(parents=True, exist_ok=True)
-            (outdir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-            if latest_checkpoint(outdir) is None:
-                truncate_metrics(outdir, 0)
-        dist_.barrier(d)
-        lineage = {"config": resolved, "data": describe_data(plan)}
-        return Trainer(plan, outdir, device, d, lineage).run()
+        with output_lock(outdir) if d.is_main else nullcontext():
+            resolved = to_dict(cfg)
+            if d.is_main:
+                check_outdir(outdir, resume=resume, force=force, inputs=inputs)  # again, under the lock
+                if replace:
+                    shutil.rmtree(workdir, ignore_errors=True)  # a dead run's
+                elif outdir.is_dir():
+                    _remove_leftovers(outdir)
+                workdir.mkdir(parents=True, exist_ok=True)
+                (workdir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+                if latest_checkpoint(workdir) is None:
+                    truncate_metrics(workdir, 0)
+            dist_.barrier(d)
+            lineage = {"config": resolved, "data": describe_data(plan)}
+            return Trainer(plan, workdir, device, d, lineage, final_outdir=outdir if replace else None).run()
     finally:
+        if replace and d.is_main and workdir.exists():  # stopped before its first checkpoint: the old run stays
+            shutil.rmtree(workdir, ignore_errors=True)
         dist_.shutdown(d)
 
 

@@ -47,8 +47,10 @@ def render_png(curves: dict, path: Path) -> None:
         lr_ax.set_ylabel("learning rate")
     ax.legend(handles=handles, loc="upper right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    from llmctl.core.io import atomic_file
+
+    with atomic_file(path, "wb", force=True) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
