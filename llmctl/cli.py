@@ -34,7 +34,8 @@ COMMON_OPTIONS: dict[str, tuple[Any, Any]] = {
     "device": (Annotated[Optional[str], _opt("--device", help=f"One of {', '.join(DEVICES)}.")], None),
     "dtype": (Annotated[Optional[str], _opt("--dtype", help=f"One of {', '.join(DTYPES)}.")], None),
     "seed": (Annotated[Optional[int], _opt("--seed", help="Random seed.")], None),
-    "force": (Annotated[bool, _opt("--force", "-f", help="Overwrite an existing output.")], False),
+    "force": (Annotated[bool, _opt("--force", "-f", help="Replace an existing llmctl output of the same kind.")], False),
+    "debug": (Annotated[bool, _opt("--debug", help="Show tracebacks on errors.")], False),
 }
 _PARAM_PREFIX = "_llmctl_"
 
@@ -57,6 +58,8 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        raise typer.Exit(_broken_pipe()) from None
     except Exception as exc:
         if options.debug:
             console.print_exception()
@@ -64,6 +67,17 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(message)} ({_DEBUG_HINT})", soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _broken_pipe() -> int:
+    """The reader of stdout went away (`llmctl … | head -1`): stop quietly, as Unix tools do."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -118,17 +132,21 @@ def _root(
     seed: Annotated[Optional[int], typer.Option(help="Random seed for everything stochastic.")] = None,
     json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing llmctl output of the same kind.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """llmctl: tokenize, train, finetune, quantize, prune, distill, merge, generate and evaluate
-    language models from the command line. Every command reads and writes Hugging Face-style
-    checkpoint directories, so commands chain in shell scripts."""
     options.__init__()  # type: ignore[misc]  # fresh state for every invocation
     tune_allocator()
-    options.update(device=device, dtype=dtype, seed=seed, json=json, quiet=quiet, debug=debug)
+    options.update(device=device, dtype=dtype, seed=seed, json=json, quiet=quiet, force=force, debug=debug)
+
+
+def _help(commands: list[str]) -> str:
+    """The root help: what the installed commands do, not what is planned."""
+    return (f"llmctl: {', '.join(commands)}: language models from the command line. Every command "
+            "reads and writes Hugging Face-style checkpoint directories, so commands chain in shell scripts.")
 
 
 def build_app() -> typer.Typer:
@@ -142,15 +160,17 @@ def build_app() -> typer.Typer:
         rich_markup_mode="rich",
         context_settings={"help_option_names": ["-h", "--help"]},
     )
-    app.callback()(_root)
+    installed = []
     for plugin in plugins.discover():
         if plugin.status == "ok":
             try:
                 _add_command(app, plugin.name, plugin.obj)
+                installed.append(plugin.name)
             except Exception as exc:  # a command Typer cannot build must not break the others
                 plugin.status, plugin.problem = "broken", f"invalid command: {type(exc).__name__}: {exc}"
         if plugin.status != "ok":
             _warn_plugin(plugin)
+    app.callback(help=_help(installed))(_root)
     return app
 
 
@@ -190,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         code = 130
+    except BrokenPipeError:
+        code = _broken_pipe()
     if argv is None:
         sys.exit(code)
     return code
