@@ -66,14 +66,30 @@ def resolve_template(name_or_file: str) -> tuple[str, tuple[str, ...]]:
     """A built-in name or a `.jinja` file → (Jinja source, special tokens it needs)."""
     path = Path(name_or_file)
     if name_or_file not in CHAT_TEMPLATES and (path.suffix in (".jinja", ".j2") or path.exists()):
-        try:
-            source = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"chat template {path}: cannot read ({exc.strerror or exc})") from None
-        compile_template(source)  # fail now on a syntax error, not at generation time
-        return source, ()
+        return _template_file(path), ()
     template = CHAT_TEMPLATES.get(name_or_file)
     return template.source, template.tokens
+
+
+MAX_TEMPLATE_BYTES = 1 << 20
+
+
+def _template_file(path: Path) -> str:
+    """The source of a chat-template file; UsageError unless it looks like one (UTF-8 Jinja that
+    loops over `messages`, under 1 MiB) and compiles."""
+    try:
+        if path.stat().st_size > MAX_TEMPLATE_BYTES:
+            raise UsageError(f"chat template {path}: over {MAX_TEMPLATE_BYTES >> 20} MiB, not a chat template")
+        source = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise UsageError(f"chat template {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"chat template {path}: not UTF-8 text, so not a Jinja chat template") from None
+    if "messages" not in source or not ("{{" in source or "{%" in source):
+        raise UsageError(f"chat template {path}: not a Jinja chat template (it never uses 'messages'); "
+                         f"give a .jinja file or one of: {', '.join(CHAT_TEMPLATES.names())}")
+    compile_template(source)  # fail now on a syntax error, not at generation time
+    return source
 
 
 def end_of_turn_tokens() -> set[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, TypedDict
 
 from llmctl import __version__
-from llmctl.core.io import atomic_dir, write_json
+from llmctl.core.io import atomic_dir, inside, write_json
 from llmctl.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
@@ -270,9 +270,11 @@ def _find_weights(path: Path) -> tuple[str, list[str], str | None, dict[str, str
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_file}: no 'weight_map' object")
+            if not all(isinstance(shard, str) for shard in weight_map.values()):
+                raise CheckpointError(f"{index_file}: 'weight_map' values must be file names")
             shards = sorted(set(weight_map.values()))
             for shard in shards:
-                if not isinstance(shard, str) or not (path / shard).is_file():
+                if not inside(path, shard, str(index_file)).is_file():
                     raise CheckpointError(f"{index_file}: names missing shard {shard}")
             return fmt, shards, index_file.name, weight_map
     hint = " (this is a PEFT adapter directory)" if (path / "adapter_config.json").is_file() else ""

@@ -177,12 +177,16 @@ class DocumentTask(Task):
 
     def render(self, key: str, doc: Doc, **extra: Any) -> str:
         from jinja2 import UndefinedError
+        from jinja2.exceptions import SecurityError
 
         where, fields = doc
         try:
             return self.template(key).render(**fields, doc=fields, **extra)
         except UndefinedError as exc:
             raise DataError(f"{where}: template '{key}': {exc.message}") from None
+        except SecurityError as exc:
+            raise ConfigError(f"task {self.name}: config key '{key}': the template tried an unsafe operation "
+                              f"({exc}); templates may only format the document's fields") from None
 
     def example_target(self, doc: Doc) -> str:
         """The answer shown after a few-shot example's prompt."""
@@ -231,9 +235,11 @@ class DocumentTask(Task):
 
 @functools.lru_cache(maxsize=256)
 def _compile(source: str):
-    from jinja2 import Environment, StrictUndefined
+    """A task's prompt template, compiled in jinja2's sandbox: task files are data, not code."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    return Environment(undefined=StrictUndefined, keep_trailing_newline=True).from_string(source)
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True).from_string(source)
 
 
 def read_jsonl(path: Path) -> list[Doc]:
