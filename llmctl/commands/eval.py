@@ -36,14 +36,17 @@ def eval_command(
     log_samples: Annotated[Optional[Path], _opt("--log-samples", help="Write every sample (prompt, answer, scores) to this JSONL file.")] = None,
 ) -> None:
     """Evaluate checkpoints: perplexity, multiple choice (lm-eval semantics), generation and pass@k tasks; public benchmarks from local files."""
-    from llmctl.core.evaluate.runner import evaluate, write_samples
+    from llmctl.core.evaluate.runner import evaluate, record_results, write_samples
     from llmctl.core.evaluate.tasks import load_tasks
     from llmctl.core.io import check_output
     from llmctl.errors import UsageError
     from llmctl.runtime import options, resolve_device, resolve_dtype, seed_everything
 
-    if batch_size is not None and batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
+    for flag, value, least in (("--batch-size", batch_size, 1), ("--max-length", max_length, 2),
+                               ("--stride", stride, 1), ("--limit", limit, 1), ("--num-fewshot", num_fewshot, 0),
+                               ("--samples", samples, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
     seed_everything()
     overrides = {"data": [str(p) for p in data] if data else None, "max_length": max_length, "stride": stride,
                  "num_fewshot": num_fewshot, "limit": limit, "samples": samples,
@@ -53,10 +56,12 @@ def eval_command(
         check_output(log_samples, options.force)  # before the work, not after it
     logged: list[dict] | None = [] if log_samples is not None else None
     results = evaluate(checkpoints, tasks, device=resolve_device(), dtype=resolve_dtype(),
-                       batch_size=batch_size, record=not no_record, seed=options.seed, samples=logged)
+                       batch_size=batch_size, record=False, seed=options.seed, samples=logged)
     if log_samples is not None:
         write_samples(log_samples, logged, force=options.force)
     emit({"results": results}, lambda: console.print(_table(results)))
+    if not no_record:  # after printing: a checkpoint that cannot be written keeps its results on screen
+        record_results(results, tasks)
 
 
 def _table(results: dict[str, dict[str, dict[str, Any]]]):

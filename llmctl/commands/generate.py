@@ -9,7 +9,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-from llmctl.console import console, info, print_json
+from llmctl.console import console, info, print_json, warn
 from llmctl.errors import DataError, UsageError
 from llmctl.options import option
 from llmctl.runtime import options
@@ -108,7 +108,13 @@ def generate(
     )
     validate(cfg)
     strategy_name(cfg, draft is not None)  # reject bad combinations before loading anything
-    text = sys.stdin.read() if prompt == "-" else prompt
+    if stop is not None and any(s == "" for s in stop):
+        raise UsageError('--stop "": an empty stop string would end every generation at once; give some text')
+    if prompt == "-":
+        from llmctl.core.data import read_stdin
+
+        prompt = read_stdin()
+    text = prompt
 
     model, tok, draft_model, context = _load(checkpoint, draft, rope_scaling, rope_factor)
     _apply_checkpoint_defaults(cfg, checkpoint, tok, temperature, top_k, top_p, max_new_tokens, ignore_eos)
@@ -121,6 +127,7 @@ def generate(
 
 
 def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
+    from llmctl.core.checks import check_finite, check_tokenizer_fits
     from llmctl.core.hf import load_model
     from llmctl.core.tokenizer import load_tokenizer
     from llmctl.errors import CheckpointError
@@ -133,6 +140,8 @@ def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
     device, dtype = resolve_device(), resolve_dtype()
     tok = load_tokenizer(checkpoint)
     model, mcfg = load_model(checkpoint, device=device, dtype=dtype)
+    check_tokenizer_fits(tok, mcfg.vocab_size, checkpoint)
+    check_finite(model, checkpoint)
     context = getattr(mcfg, "max_seq_len", None)
     if rope_scaling is not None:
         if getattr(mcfg, "position", "rope") != "rope":
@@ -142,7 +151,9 @@ def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
         context = int(mcfg.max_seq_len * rope_factor)
     draft_model = None
     if draft is not None:
-        draft_model, _ = load_model(draft, device=device, dtype=dtype)
+        draft_model, draft_cfg = load_model(draft, device=device, dtype=dtype)
+        check_tokenizer_fits(tok, draft_cfg.vocab_size, draft)
+        check_finite(draft_model, draft)
     return model, tok, draft_model, context
 
 
@@ -199,7 +210,13 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, dict]]:
     """(line number, prompt, record) per non-empty line; DataError naming the line otherwise."""
     from llmctl.core.data import iter_jsonl
 
+    ignored: set[str] = set()
     for number, record in iter_jsonl(path):
+        settings = sorted(set(record) - {"prompt", "messages", "id"} - ignored)
+        if settings:
+            ignored.update(settings)
+            warn(f"{path}:{number}: {', '.join(settings)} ignored: --input lines give only 'prompt' or 'messages' "
+                 "(and 'id'); set decoding with the command's options")
         if isinstance(record.get("prompt"), str):
             yield number, record["prompt"], record
         elif isinstance(record.get("messages"), list) and all(isinstance(m, dict) for m in record["messages"]):

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from llmctl.core.io import inside
 from llmctl.core.registry import Registry
 from llmctl.errors import DataError, UsageError
 
@@ -384,10 +385,25 @@ def parse_jsonl(lines: Iterable[str], name: str | Path) -> Iterator[tuple[int, d
         yield number, record
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "convert it first, e.g. iconv -t UTF-8") from None
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """`parse_jsonl` over a file, streamed."""
-    with open(path, encoding="utf-8") as f:
-        yield from parse_jsonl(f, path)
+    """`parse_jsonl` over a file, streamed; DataError naming the line if it is not UTF-8."""
+    with open(path, "rb") as f:
+        yield from parse_jsonl((_utf8(raw, f"{path}:{number}") for number, raw in enumerate(f, 1)), path)
+
+
+def read_stdin() -> str:
+    """All of stdin as text; DataError if it is not UTF-8."""
+    stream = getattr(sys.stdin, "buffer", None)  # a text-only stdin (tests, embedding) has no bytes to check
+    raw = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    return _utf8(raw, "stdin")
 
 
 class TokenShards:
@@ -418,9 +434,11 @@ class TokenShards:
         if self.dtype not in ("uint16", "uint32"):
             raise DataError(f"{self.path / MANIFEST}: unsupported dtype {self.dtype}")
         itemsize = 2 if self.dtype == "uint16" else 4
+        if self.manifest.get("tokenizer") is not None:
+            inside(self.path, self.manifest["tokenizer"], str(self.path / MANIFEST), DataError)
         for info in self.manifest["splits"].values():
             for shard in info["shards"]:
-                path = self.path / shard["file"]
+                path = inside(self.path, shard["file"], str(self.path / MANIFEST), DataError)
                 if not path.is_file():
                     raise DataError(f"{path}: shard listed in the manifest is missing")
                 if path.stat().st_size != shard["tokens"] * itemsize:

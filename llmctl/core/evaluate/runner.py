@@ -14,6 +14,7 @@ from llmctl.errors import CheckpointError
 def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = None, seed: int = 1234) -> ScoringModel:
     """A checkpoint (llmctl or HF directory) and its tokenizer, ready to score."""
     from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.checks import check_finite, check_tokenizer_fits
     from llmctl.core.hf import load_model
     from llmctl.core.tokenizer import load_tokenizer
 
@@ -21,13 +22,14 @@ def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = Non
     if not ck.has_tokenizer:
         raise CheckpointError(f"{path}: checkpoint has no tokenizer (tokenizer.json); eval needs one to encode text")
     model, cfg = load_model(path, device=device, dtype=dtype)
+    tok = load_tokenizer(path)
+    check_tokenizer_fits(tok, cfg.vocab_size, path)
+    check_finite(model, path)
     if not cfg.is_causal:  # pseudo-log-likelihoods
         from llmctl.core.evaluate.masked import MaskedScoringModel
 
-        return MaskedScoringModel(model, load_tokenizer(path), max_length=cfg.max_seq_len, batch_size=batch_size,
-                                  device=device)
-    return ScoringModel(model, load_tokenizer(path), max_length=cfg.max_seq_len, batch_size=batch_size, device=device,
-                        seed=seed)
+        return MaskedScoringModel(model, tok, max_length=cfg.max_seq_len, batch_size=batch_size, device=device)
+    return ScoringModel(model, tok, max_length=cfg.max_seq_len, batch_size=batch_size, device=device, seed=seed)
 
 
 def task_record(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +62,21 @@ def write_samples(path: str | Path, samples: list[dict], force: bool = False) ->
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def record_results(results: dict[str, dict[str, dict[str, Any]]], tasks: Sequence[Task]) -> None:
+    """Append each checkpoint's results to its llmctl.json; CheckpointError (suggesting
+    --no-record) if one cannot be written, e.g. a read-only checkpoint."""
+    from llmctl.core.checkpoint import append_metrics
+
+    by_name = {task.name: task for task in tasks}
+    for path, per_task in results.items():
+        try:
+            for name, metrics in per_task.items():
+                append_metrics(path, task_record(by_name[name], metrics))
+        except OSError as exc:
+            raise CheckpointError(f"{path}: could not record the results in its llmctl.json "
+                                  f"({exc.strerror or exc}); they are printed above; use --no-record") from None
+
+
 def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device, dtype, batch_size: int | None = None,
              record: bool = True, seed: int | None = None, samples: list[dict] | None = None
              ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -67,7 +84,6 @@ def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device
     `seed` (default 1234) seeds sampled generations; every sample's record (prompt, answer,
     scores) is appended to `samples` when given."""
     from llmctl.console import info
-    from llmctl.core.checkpoint import append_metrics
     from llmctl.core.model.attention import inference_backends
 
     for task in tasks:  # missing data fails before any model loads
@@ -86,7 +102,7 @@ def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device
             results[str(path)][task.name] = metrics
             if samples is not None:
                 samples += [{"checkpoint": str(path), "task": task.name, **r} for r in task.samples_log]
-            if record:
-                append_metrics(path, task_record(task, metrics))
         del lm
+    if record:
+        record_results(results, tasks)
     return results
