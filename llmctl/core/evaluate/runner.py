@@ -74,7 +74,7 @@ def record_results(results: dict[str, dict[str, dict[str, Any]]], tasks: Sequenc
                 append_metrics(path, task_record(by_name[name], metrics))
         except OSError as exc:
             raise CheckpointError(f"{path}: could not record the results in its llmctl.json "
-                                  f"({exc.strerror or exc}); they are printed above; use --no-record") from None
+                                  f"({exc.strerror or exc}); the results were printed; use --no-record to skip recording") from None
 
 
 def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device, dtype, batch_size: int | None = None,

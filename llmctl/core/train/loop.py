@@ -464,12 +464,14 @@ def run_training(cfg, outdir: str | os.PathLike, *, resume: bool = False, force:
                 elif outdir.is_dir():
                     _remove_leftovers(outdir)
                 workdir.mkdir(parents=True, exist_ok=True)
-                (workdir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
                 if latest_checkpoint(workdir) is None:
                     truncate_metrics(workdir, 0)
             dist_.barrier(d)
             lineage = {"config": resolved, "data": describe_data(plan)}
-            return Trainer(plan, workdir, device, d, lineage, final_outdir=outdir if replace else None).run()
+            trainer = Trainer(plan, workdir, device, d, lineage, final_outdir=outdir if replace else None)
+            if d.is_main:  # once the checkpoint to resume has loaded: a failed resume keeps the run's recipe
+                (workdir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+            return trainer.run()
     finally:
         if replace and d.is_main and workdir.exists():  # stopped before its first checkpoint: the old run stays
             shutil.rmtree(workdir, ignore_errors=True)
