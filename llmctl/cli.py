@@ -34,7 +34,7 @@ COMMON_OPTIONS: dict[str, tuple[Any, Any]] = {
     "device": (Annotated[Optional[str], _opt("--device", help=f"One of {', '.join(DEVICES)}.")], None),
     "dtype": (Annotated[Optional[str], _opt("--dtype", help=f"One of {', '.join(DTYPES)}.")], None),
     "seed": (Annotated[Optional[int], _opt("--seed", help="Random seed.")], None),
-    "force": (Annotated[bool, _opt("--force", "-f", help="Replace an existing llmctl output of the same kind.")], False),
+    "force": (Annotated[bool, _opt("--force", "-f", help="Replace an llmctl output of the same kind.")], False),
     "debug": (Annotated[bool, _opt("--debug", help="Show tracebacks on errors.")], False),
 }
 _PARAM_PREFIX = "_llmctl_"
@@ -132,7 +132,7 @@ def _root(
     seed: Annotated[Optional[int], typer.Option(help="Random seed for everything stochastic.")] = None,
     json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing llmctl output of the same kind.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an llmctl output of the same kind.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")

@@ -5,6 +5,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
+from types import NoneType
 from typing import Annotated, Any, Iterator, Optional
 
 import typer
@@ -219,10 +220,13 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, dict]]:
                  "(and 'id'); set decoding with the command's options")
         if isinstance(record.get("prompt"), str):
             yield number, record["prompt"], record
-        elif isinstance(record.get("messages"), list) and all(isinstance(m, dict) for m in record["messages"]):
+        elif isinstance(record.get("messages"), list) and record["messages"] and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, NoneType))
+                for m in record["messages"]):
             yield number, record["messages"], record
         else:
-            raise DataError(f"{path}:{number}: expected a string 'prompt' or a list of 'messages'")
+            raise DataError(f"{path}:{number}: expected a string 'prompt' or a list of 'messages' "
+                            "({\"role\": str, \"content\": str} each)")
 
 
 def _jsonl(model, tok, cfg, draft, context, path: Path) -> None:

@@ -16,9 +16,15 @@ def info(
     """Architecture, parameters, dtype, size, tokenizer, lineage, quantization and sparsity of a checkpoint."""
     from llmctl.core.checkpoint import open_checkpoint
     from llmctl.core.summary import describe
+    from llmctl.errors import CheckpointError
 
-    summary = describe(open_checkpoint(checkpoint))
-    emit(summary, lambda: console.print(table(str(checkpoint), ["field", "value"], _rows(summary))))
+    try:
+        summary = describe(open_checkpoint(checkpoint))
+        rows = _rows(summary)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:  # a field of the wrong type
+        raise CheckpointError(f"{checkpoint}: config.json or llmctl.json has a malformed field "
+                              f"({type(exc).__name__}: {exc})") from None
+    emit(summary, lambda: console.print(table(str(checkpoint), ["field", "value"], rows)))
 
 
 def _rows(s: dict[str, Any]) -> list[list[Any]]:

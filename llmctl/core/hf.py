@@ -29,7 +29,7 @@ from llmctl.core.checkpoint import check_tensors, open_checkpoint, save_checkpoi
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.model.build import build_model
 from llmctl.core.model.mlp import MLPS
-from llmctl.errors import CheckpointError
+from llmctl.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from llmctl.core.model.transforms import Transform
@@ -373,18 +373,20 @@ ARCHES: dict[str, Arch] = {
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """The ModelConfig of an HF (or llmctl) config.json; CheckpointError if unsupported."""
+    """The ModelConfig of an HF (or llmctl) config.json; CheckpointError if unsupported or malformed."""
     model_type = hf.get("model_type")
-    if model_type == LLMCTL_TYPE:
-        fields = {k: v for k, v in hf.items()
-                  if k not in ("model_type", "architectures", "dtype", "quantization_config")}
-        return ModelConfig.from_dict(fields)
-    arch = ARCHES.get(model_type)
-    if arch is None:
+    arch = ARCHES.get(model_type) if isinstance(model_type, str) else None
+    if arch is None and model_type != LLMCTL_TYPE:
         raise CheckpointError(
             f"config.json: model_type {model_type!r} is not supported; supported: {LLMCTL_TYPE}, {', '.join(ARCHES)}"
         )
-    return _decode(arch, hf)
+    try:
+        if arch is None:
+            return ModelConfig.from_dict({k: v for k, v in hf.items()
+                                          if k not in ("model_type", "architectures", "dtype", "quantization_config")})
+        return _decode(arch, hf)
+    except (ConfigError, TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as exc:
+        raise CheckpointError(f"config.json: malformed ({exc})") from None
 
 
 _NULLABLE = {"sliding_window", "rope_scaling", "activation", "bos_token_id", "eos_token_id", "pad_token_id"}
@@ -394,7 +396,7 @@ def _decode(arch: Arch, hf: dict) -> ModelConfig:
     fields: dict[str, Any] = {}
     for codec in arch.config:
         fields.update(codec.to_ours(hf))
-    return ModelConfig(**{k: v for k, v in fields.items() if v is not None or k in _NULLABLE})
+    return ModelConfig.from_dict({k: v for k, v in fields.items() if v is not None or k in _NULLABLE})
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:

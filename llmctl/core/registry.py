@@ -69,7 +69,7 @@ class Registry(Generic[T]):
         self._load_plugins()
         try:
             return self._items[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: a list or mapping where a name belongs
             raise UsageError(
                 f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; "
                 f"choose from: {', '.join(sorted(self._items))}"
@@ -93,4 +93,4 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: Any) -> bool:
         self._load_plugins()
-        return name in self._items
+        return isinstance(name, str) and name in self._items

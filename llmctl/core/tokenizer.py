@@ -378,8 +378,11 @@ def load_tokenizer(path: str | Path) -> Tok:
         raise CheckpointError(f"{path} has no tokenizer.json (train one: llmctl tokenize train … -o DIR)")
     try:
         inner = Tokenizer.from_file(str(file))
-    except Exception as exc:
-        raise CheckpointError(f"{file}: not a valid tokenizers file ({exc})") from None
+    except BaseException as exc:  # a Rust panic on a malformed file is not an Exception
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        why = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise CheckpointError(f"{file}: not a valid tokenizers file ({why})") from None
     config = _read_json(directory / "tokenizer_config.json")
     jinja = directory / "chat_template.jinja"  # where recent transformers' save_pretrained puts it
     if config.get("chat_template") is None and jinja.is_file():

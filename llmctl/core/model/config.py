@@ -93,6 +93,10 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "num_kv_heads", "head_dim",
+                    "intermediate_size"):
+            if getattr(self, key) is not None and not 0 < getattr(self, key) < 1 << 31:
+                raise ConfigError(f"{key} must be in 1 … 2^31, got {getattr(self, key)}")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:

@@ -63,7 +63,7 @@ def read_metrics(outdir: Path) -> list[dict]:
     """All records of OUTDIR/metrics.jsonl (skipping a torn last line)."""
     path = Path(outdir) / METRICS_FILE
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:

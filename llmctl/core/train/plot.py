@@ -16,10 +16,13 @@ def load_curves(outdir: Path) -> dict[str, list[list[float]]]:
         raise UsageError(f"{outdir}: no {METRICS_FILE} (is it an llmctl train output?)")
     curves: dict[str, list[list[float]]] = {"loss": [], "val_loss": [], "lr": []}
     for record in read_metrics(outdir):
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
+            continue  # not a metrics record (a torn or foreign line)
         for key, points in curves.items():
             value = record.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                points.append([record["step"], value])
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                points.append([step, value])
     if not curves["loss"]:
         raise DataError(f"{outdir}/{METRICS_FILE} has no loss records yet")
     return curves
