@@ -60,6 +60,12 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(130) from None
     except BrokenPipeError:
         raise typer.Exit(_broken_pipe()) from None
+    except OSError as exc:  # the file system said no: name the path and the reason, no hint of a bug
+        if options.debug:
+            console.print_exception()
+        where = f"{exc.filename}: " if exc.filename else ""
+        console.print(f"[red]error:[/red] {escape(where + (exc.strerror or str(exc)))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
     except Exception as exc:
         if options.debug:
             console.print_exception()

@@ -14,7 +14,7 @@ import pytest
 
 from _safety import FAST, make_workspace, snapshot
 
-SEED = 17
+SEED = 14
 KEYS = ["format", "version", "dtype", "splits", "train", "val", "shards", "file", "tokens", "documents", "tokenizer",
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "model_type", "weight_map",
         "step", "loss", "val_loss", "lr", "prompt", "messages", "role", "content", "type", "dataset", "path",

@@ -8,6 +8,7 @@ Documents over 256 Ki characters are read in pieces (still one document with one
 
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -308,9 +309,11 @@ def set_template(
     template: Annotated[str, typer.Argument(help="A built-in template (chatml, llama3) or a .jinja file.")],
 ) -> None:
     """Set the chat template of a tokenizer (adding the special tokens it needs)."""
+    from llmctl.core.outputs import output_lock
     from llmctl.core.tokenizer import set_template_in_dir
 
-    added = set_template_in_dir(target, template)
+    with output_lock(target) if target.exists() else nullcontext():  # (a missing target is reported below)
+        added = set_template_in_dir(target, template)
     emit({"target": str(target), "template": template, "added_tokens": added},
          lambda: info(f"chat template {template} set in {target}"
                       + (f" (added special tokens: {' '.join(added)})" if added else "")))

@@ -115,9 +115,9 @@ class OutputLocked(LlmctlError):
 
 @contextmanager
 def output_lock(path: str | os.PathLike) -> Iterator[Path]:
-    """Hold `.NAME.lock` beside `path` for the block; OutputLocked if a live process holds it."""
+    """Hold `.NAME.lock` beside `path` (its directory must exist) for the block; OutputLocked if
+    a live process holds it."""
     lock = lock_path(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(lock, path)
     try:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(["llmctl", *sys.argv[1:3]])}
@@ -158,5 +158,6 @@ def _acquire(lock: Path, path) -> int:
 def claim_output(path: str | os.PathLike, kind: str, *, force: bool, inputs: Iterable = ()) -> Iterator[Path]:
     """`check_output` then `output_lock`, re-checking under the lock (a writer may have just finished)."""
     path = check_output(path, kind, force=force, inputs=inputs)
+    lock_path(path).parent.mkdir(parents=True, exist_ok=True)
     with output_lock(path):
         yield check_output(path, kind, force=force, inputs=inputs)

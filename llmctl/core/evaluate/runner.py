@@ -66,15 +66,18 @@ def record_results(results: dict[str, dict[str, dict[str, Any]]], tasks: Sequenc
     """Append each checkpoint's results to its llmctl.json; CheckpointError (suggesting
     --no-record) if one cannot be written, e.g. a read-only checkpoint."""
     from llmctl.core.checkpoint import append_metrics
+    from llmctl.core.outputs import OutputLocked, output_lock
 
     by_name = {task.name: task for task in tasks}
     for path, per_task in results.items():
         try:
-            for name, metrics in per_task.items():
-                append_metrics(path, task_record(by_name[name], metrics))
-        except OSError as exc:
-            raise CheckpointError(f"{path}: could not record the results in its llmctl.json "
-                                  f"({exc.strerror or exc}); the results were printed; use --no-record to skip recording") from None
+            with output_lock(path):  # not while a training run publishes into it
+                for name, metrics in per_task.items():
+                    append_metrics(path, task_record(by_name[name], metrics))
+        except (OSError, OutputLocked) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CheckpointError(f"{path}: could not record the results in its llmctl.json ({why}); "
+                                  "the results were printed; use --no-record to skip recording") from None
 
 
 def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device, dtype, batch_size: int | None = None,

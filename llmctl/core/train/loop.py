@@ -454,6 +454,8 @@ def run_training(cfg, outdir: str | os.PathLike, *, resume: bool = False, force:
         device = torch.device("cuda", d.local_rank)
     replace = force and not resume and outdir.is_dir() and any(outdir.iterdir())
     workdir = outdir.with_name(f".{outdir.resolve().name}.new") if replace else outdir
+    if d.is_main:
+        outdir.resolve().parent.mkdir(parents=True, exist_ok=True)
     try:
         with output_lock(outdir) if d.is_main else nullcontext():
             resolved = to_dict(cfg)
