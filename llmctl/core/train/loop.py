@@ -413,13 +413,25 @@ def check_outdir(outdir: Path, *, resume: bool, force: bool, inputs=()) -> None:
     check_output(outdir, "train", force=force, inputs=inputs)
 
 
-def _resume_step(outdir: Path) -> int:
+def _check_resume(outdir: Path, plan: Plan) -> None:
+    """The newest checkpoint must be of the run's architecture and not past `max_steps`."""
     import json
 
+    from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.hf import config_from_hf
     from llmctl.core.train.state import META, STATE_DIR
+    from llmctl.errors import CheckpointError, UsageError
 
     ckpt = latest_checkpoint(outdir)
-    return int(json.loads((ckpt / STATE_DIR / META).read_text(encoding="utf-8"))["step"]) if ckpt else 0
+    if ckpt is None:
+        return
+    if config_from_hf(open_checkpoint(ckpt).config).architecture() != plan.model_config.architecture():
+        raise CheckpointError(f"{ckpt} has another architecture than this run's model; resume with the run's own "
+                              "config (no model overrides), or train into a new OUTDIR")
+    step = int(json.loads((ckpt / STATE_DIR / META).read_text(encoding="utf-8"))["step"])
+    if step > plan.config.max_steps:
+        raise UsageError(f"max_steps={plan.config.max_steps} is below step {step} of {outdir}'s newest checkpoint; "
+                         "give a larger max_steps to continue it")
 
 
 def _remove_leftovers(outdir: Path) -> None:
@@ -438,7 +450,6 @@ def run_training(cfg, outdir: str | os.PathLike, *, resume: bool = False, force:
     from llmctl.config import to_dict
     from llmctl.core.outputs import output_lock
     from llmctl.core.train.build import make_plan
-    from llmctl.errors import UsageError
     from llmctl.runtime import resolve_device
 
     outdir = Path(outdir)
@@ -446,9 +457,8 @@ def run_training(cfg, outdir: str | os.PathLike, *, resume: bool = False, force:
     check_outdir(outdir, resume=resume, force=force, inputs=inputs)
     device = resolve_device()
     plan = make_plan(cfg, device.type)
-    if resume and (step := _resume_step(outdir)) > cfg.max_steps:
-        raise UsageError(f"max_steps={cfg.max_steps} is below step {step} of {outdir}'s newest checkpoint; "
-                         "give a larger max_steps to continue it")
+    if resume:
+        _check_resume(outdir, plan)
     d = dist_.init(cfg.distributed.backend, device)
     if device.type == "cuda" and d.enabled:
         device = torch.device("cuda", d.local_rank)
