@@ -25,6 +25,10 @@ class OutputExistsError(UsageError):
     """An output path exists and `--force` was not given (exit 2)."""
 
 
+class OutputLocked(LlmctlError):
+    """Another process is writing the same output (exit 1)."""
+
+
 class CheckpointError(LlmctlError):
     """A checkpoint directory is missing, incomplete or corrupt (exit 1)."""
 

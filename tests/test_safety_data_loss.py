@@ -62,6 +62,8 @@ def test_force_replaces_only_the_same_kind(llmctl, ws, tmp_path):
     assert (other / "data.csv").read_text() == "a,b\n"
     r = llmctl("tokenize", "train", ws["text"], "--vocab-size", "280", "-o", tok_copy, "--force")
     assert r.code == 0, r.stderr  # a tokenizer replaces a tokenizer
+    r = llmctl("plot", ws["run"], "-o", ws["run"] / "metrics.jsonl", "--force")  # a PNG replaces only a PNG
+    one_line_error(r, 2, "not an llmctl png output")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert llmctl("tokenize", "encode", ws["text"], "-t", ws["tok"], "-o", empty, "--force").code == 0

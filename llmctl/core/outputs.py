@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from llmctl.core.registry import Registry
-from llmctl.errors import LlmctlError, OutputExistsError, UsageError
+from llmctl.errors import OutputExistsError, OutputLocked, UsageError
 
 OUTPUT_KINDS: Registry[Callable[[Path], bool]] = Registry("output kind")
 
@@ -107,10 +107,6 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool, inputs: Ite
 def lock_path(path: str | os.PathLike) -> Path:
     where = Path(path).resolve()
     return where.parent / f".{where.name}.lock"
-
-
-class OutputLocked(LlmctlError):
-    """Another process is writing the same output (exit 1)."""
 
 
 @contextmanager

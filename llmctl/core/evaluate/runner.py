@@ -66,7 +66,8 @@ def record_results(results: dict[str, dict[str, dict[str, Any]]], tasks: Sequenc
     """Append each checkpoint's results to its llmctl.json; CheckpointError (suggesting
     --no-record) if one cannot be written, e.g. a read-only checkpoint."""
     from llmctl.core.checkpoint import append_metrics
-    from llmctl.core.outputs import OutputLocked, output_lock
+    from llmctl.core.outputs import output_lock
+    from llmctl.errors import OutputLocked
 
     by_name = {task.name: task for task in tasks}
     for path, per_task in results.items():
