@@ -5,6 +5,7 @@ rows); file formats; MMLU's subject averages; GSM8K's prompt and answer extracti
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 import json
 import os
 import random
@@ -319,6 +320,16 @@ def test_cli_log_samples(llmctl, lm_eval_samples, hf_dir, tmp_path):
     assert results["hellaswag"]["acc"] == pytest.approx(sum(row["acc"] for row in rows[:5]) / 5)
     r = llmctl("eval", hf_dir, "--task", "hellaswag", "--data", data["hellaswag"], "--log-samples", out, "--no-record")
     assert r.code == 2 and "already exists" in r.stderr
+    # --force replaces a samples file of ours, never another file or an input
+    args = ["eval", hf_dir, "--task", "hellaswag", "--data", data["hellaswag"], "--limit", 2, "--no-record", "--force"]
+    assert llmctl(*args, "--log-samples", out).code == 0 and len(out.read_text().splitlines()) == 2
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"mine": 1}\n')
+    r = llmctl(*args, "--log-samples", notes)
+    assert r.code == 2 and "not an llmctl samples output" in r.stderr and notes.read_text() == '{"mine": 1}\n'
+    before = Path(data["hellaswag"]).read_bytes()
+    r = llmctl(*args, "--log-samples", data["hellaswag"])
+    assert r.code == 2 and "input" in r.stderr and Path(data["hellaswag"]).read_bytes() == before
 
 
 # ------------------------------------------------------------------------ GSM8K

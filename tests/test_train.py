@@ -77,7 +77,7 @@ def test_max_time_fits_the_schedule_into_the_budget(llmctl, corpus, tmp_path):
     from llmctl.core.train.schedule import lr_at
 
     r = llmctl("train", f"data={corpus['shards']}", f"tokenizer={corpus['tok']}", *FAST, "max_steps=1000000",
-               "max_time=0.1", "lr=0.01", "min_lr=1e-5", "save_every=0", "eval_every=0", "-o", out, "--json")
+               "max_time=0.2", "lr=0.01", "min_lr=1e-5", "save_every=0", "eval_every=0", "-o", out, "--json")
     assert r.code == 0, r.stderr
     steps = r.json()["step"]
     assert 5 <= steps < 1000000

@@ -38,7 +38,7 @@ def eval_command(
     """Evaluate checkpoints: perplexity, multiple choice (lm-eval semantics), generation and pass@k tasks; public benchmarks from local files."""
     from llmctl.core.evaluate.runner import evaluate, record_results, write_samples
     from llmctl.core.evaluate.tasks import load_tasks
-    from llmctl.core.io import check_output
+    from llmctl.core.outputs import check_output, claim_output
     from llmctl.errors import UsageError
     from llmctl.runtime import options, resolve_device, resolve_dtype, seed_everything
 
@@ -52,13 +52,14 @@ def eval_command(
                  "num_fewshot": num_fewshot, "limit": limit, "samples": samples,
                  "chain_of_thought": True if cot else None}
     tasks = load_tasks(task, overrides)
-    if log_samples is not None:
-        check_output(log_samples, options.force)  # before the work, not after it
+    if log_samples is not None:  # before the work, not after it
+        check_output(log_samples, "samples", force=options.force, inputs=[*checkpoints, *(data or [])])
     logged: list[dict] | None = [] if log_samples is not None else None
     results = evaluate(checkpoints, tasks, device=resolve_device(), dtype=resolve_dtype(),
                        batch_size=batch_size, record=False, seed=options.seed, samples=logged)
     if log_samples is not None:
-        write_samples(log_samples, logged, force=options.force)
+        with claim_output(log_samples, "samples", force=options.force, inputs=[*checkpoints, *(data or [])]):
+            write_samples(log_samples, logged, force=options.force)
     emit({"results": results}, lambda: console.print(_table(results)))
     if not no_record:  # after printing: a checkpoint that cannot be written keeps its results on screen
         record_results(results, tasks)

@@ -65,6 +65,17 @@ def _is_png(path: Path) -> bool:
         return False
 
 
+@OUTPUT_KINDS.register("samples")
+def _is_samples(path: Path) -> bool:
+    """An `eval --log-samples` JSONL file: its first line a record naming checkpoint and task."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"checkpoint", "task"} <= first.keys()
+
+
 def _is_empty(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
