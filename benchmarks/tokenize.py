@@ -81,7 +81,7 @@ def run_child(method: str, corpus: Path, tokdir: Path, out: Path) -> dict:
 
 
 def prepare(workdir: Path, mb: int, vocab: int) -> tuple[Path, Path]:
-    from llmctl.core.data import Corpus
+    from llmctl.core.data.corpus import Corpus
     from llmctl.core.tokenizer import TrainSpec, train_tokenizer
 
     text = SHAKESPEARE.read_text(encoding="utf-8").rstrip("\n") + "\n\n"

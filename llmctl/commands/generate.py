@@ -112,7 +112,7 @@ def generate(
     if stop is not None and any(s == "" for s in stop):
         raise UsageError('--stop "": an empty stop string would end every generation at once; give some text')
     if prompt == "-":
-        from llmctl.core.data import read_stdin
+        from llmctl.core.data.corpus import read_stdin
 
         prompt = read_stdin()
     text = prompt
@@ -209,7 +209,7 @@ def _report(result) -> None:
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any, dict]]:
     """(line number, prompt, record) per non-empty line; DataError naming the line otherwise."""
-    from llmctl.core.data import iter_jsonl
+    from llmctl.core.data.corpus import iter_jsonl
 
     ignored: set[str] = set()
     for number, record in iter_jsonl(path):

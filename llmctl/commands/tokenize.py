@@ -28,7 +28,7 @@ DocSplit = Annotated[str, typer.Option("--doc-split", help="Documents in text fi
 
 
 def _corpus(sources: list[str], text_field: str, doc_split: str):
-    from llmctl.core.data import Corpus
+    from llmctl.core.data.corpus import Corpus
 
     return Corpus(sources, text_field=text_field, doc_split=doc_split)
 
@@ -122,7 +122,7 @@ def encode(
     doc_split: DocSplit = "blank",
 ) -> None:
     """Encode a corpus into memory-mappable token shards (batched, bounded memory)."""
-    from llmctl.core.data import encode_corpus
+    from llmctl.core.data.encode import encode_corpus
     from llmctl.core.io import atomic_dir
     from llmctl.core.outputs import claim_output
     from llmctl.core.tokenizer import load_tokenizer
@@ -181,7 +181,7 @@ def _shard_ids(path: Path, split: str, offset: int, limit: int | None) -> list[i
     """Ids [offset, offset+limit) of a .bin shard or of a split of a token-shard directory."""
     import numpy as np
 
-    from llmctl.core.data import TokenShards
+    from llmctl.core.data.shards import TokenShards
 
     if not path.exists():
         raise UsageError(f"--shard {path}: no such file or directory")
@@ -222,7 +222,7 @@ def decode(
             raise UsageError("give token ids or --shard, not both")
         values = _shard_ids(shard, split, offset, limit or None)
     else:
-        from llmctl.core.data import read_stdin
+        from llmctl.core.data.corpus import read_stdin
 
         values = _parse_ids(ids if ids else [read_stdin()])
     bad = [i for i in values if not 0 <= i < tok.vocab_size]
@@ -244,7 +244,7 @@ def count(
     doc_split: DocSplit = "blank",
 ) -> None:
     """Count tokens per file and in total."""
-    from llmctl.core.data import count_tokens
+    from llmctl.core.data.encode import count_tokens
     from llmctl.core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
@@ -278,7 +278,7 @@ def inspect(
     from llmctl.core.tokenizer import load_tokenizer
 
     if text == "-":
-        from llmctl.core.data import read_stdin
+        from llmctl.core.data.corpus import read_stdin
 
         text = read_stdin()
     tok = load_tokenizer(tokenizer)

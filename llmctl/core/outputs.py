@@ -44,7 +44,7 @@ def _is_tokenizer(path: Path) -> bool:
 
 @OUTPUT_KINDS.register("shards")
 def _is_shards(path: Path) -> bool:
-    from llmctl.core.data import FORMAT, MANIFEST
+    from llmctl.core.data.shards import FORMAT, MANIFEST
 
     return _json(path / MANIFEST).get("format") == FORMAT
 

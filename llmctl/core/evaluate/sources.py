@@ -29,7 +29,7 @@ def read_records(path: Path, columns: tuple[str, ...] | None = None) -> list[Doc
     fields of a CSV without a header row."""
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
-        from llmctl.core.data import parse_jsonl
+        from llmctl.core.data.corpus import parse_jsonl
 
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
@@ -40,7 +40,7 @@ def read_records(path: Path, columns: tuple[str, ...] | None = None) -> list[Doc
             data = json.loads(text)
         except ValueError as exc:
             if text.lstrip().startswith("{") and "\n" in text.strip():  # JSON Lines named .json (datasets' to_json)
-                from llmctl.core.data import parse_jsonl
+                from llmctl.core.data.corpus import parse_jsonl
 
                 return [(f"{path}:{n}", row) for n, row in parse_jsonl(text.splitlines(), path)]
             raise DataError(f"{path}: invalid JSON ({exc})") from None

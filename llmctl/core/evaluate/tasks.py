@@ -244,7 +244,7 @@ def _compile(source: str):
 
 def read_jsonl(path: Path) -> list[Doc]:
     """Documents of a JSONL file (blank lines skipped); DataError naming the bad line."""
-    from llmctl.core.data import iter_jsonl
+    from llmctl.core.data.corpus import iter_jsonl
 
     return [(f"{path}:{number}", doc) for number, doc in iter_jsonl(path)]
 

@@ -172,7 +172,7 @@ def _tokenizer(name: str | None, ckpt_tok: Path | None):
 
 
 def _open_shards(path: Path, tokenizer):
-    from llmctl.core.data import TokenShards
+    from llmctl.core.data.shards import TokenShards
 
     try:
         shards = TokenShards(path)
