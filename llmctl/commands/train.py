@@ -24,6 +24,7 @@ def train(
     from llmctl.core.train.loop import CONFIG_FILE, run_training
 
     from llmctl.errors import UsageError
+    from llmctl.runtime import resolve_device
 
     overrides = list(overrides or [])
     if resume and not (output / CONFIG_FILE).is_file() and not any(o.startswith("data=") for o in overrides) \
@@ -38,7 +39,7 @@ def train(
         cfg.seed = options.seed
     if cfg.precision == "auto" and options.dtype != "auto":
         cfg.precision = options.dtype  # --dtype bfloat16 means bf16 autocast over fp32 master weights
-    result = run_training(cfg, output, resume=resume or cfg.resume == "auto", force=options.force)
+    result = run_training(cfg, output, device=resolve_device(), resume=resume or cfg.resume == "auto", force=options.force)
     summary = {"output": str(output), "step": result.step, "val_loss": result.val_loss,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None, "exit_code": result.exit_code}
     if result.exit_code == 0:

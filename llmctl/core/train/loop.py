@@ -440,8 +440,10 @@ def _remove_leftovers(outdir: Path) -> None:
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
-def run_training(cfg, outdir: str | os.PathLike, *, resume: bool = False, force: bool = False) -> Result:
-    """Validate `cfg` (nothing written on error), prepare OUTDIR, and train (under torchrun too).
+def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str = "cpu", resume: bool = False,
+                 force: bool = False) -> Result:
+    """Validate `cfg` (nothing written on error), prepare OUTDIR, and train on `device` (under torchrun
+    too: each rank takes its local CUDA device).
 
     With `force` over an existing run, the new run is built in `.OUTDIR.new` and replaces the
     old one at its first checkpoint; OUTDIR is locked against a second writer throughout."""
@@ -450,12 +452,11 @@ def run_training(cfg, outdir: str | os.PathLike, *, resume: bool = False, force:
     from llmctl.config import to_dict
     from llmctl.core.outputs import output_lock
     from llmctl.core.train.build import make_plan
-    from llmctl.runtime import resolve_device
 
     outdir = Path(outdir)
     inputs = [*cfg.data, *cfg.val_data, cfg.tokenizer, cfg.model]
     check_outdir(outdir, resume=resume, force=force, inputs=inputs)
-    device = resolve_device()
+    device = torch.device(device)
     plan = make_plan(cfg, device.type)
     if resume:
         _check_resume(outdir, plan)
