@@ -24,7 +24,7 @@ import torch
 import transformers
 
 from llmctl.core.generate import GenerationConfig, generate
-from llmctl.core.hf import load_model
+from llmctl.core.model.io import load_model
 
 SIZES = {
     "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,

@@ -191,7 +191,7 @@ class IdTok:
 
 def bench_decode(path: Path, arch: dict, new_tokens: int, batch: int, device, compile: bool) -> dict:
     from llmctl.core.generate import GenerationConfig, generate
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
 
     g = torch.Generator().manual_seed(0)
     prompts = {f"p{i}": torch.randint(1, arch["vocab_size"], (16,), generator=g).tolist() for i in range(batch)}
@@ -271,7 +271,7 @@ def bench_eval(path: Path, root: Path, vocab: int, device, max_length: int, stri
 
     from llmctl.core.evaluate.lm import ScoringModel
     from llmctl.core.evaluate.perplexity import perplexity
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
     from llmctl.core.model.attention import inference_backends
     from llmctl.core.tokenizer import load_tokenizer
 

@@ -20,8 +20,8 @@ def make_workspace(root: Path) -> dict[str, Path]:
     import torch
 
     from llmctl.core.data import Corpus, encode_corpus
-    from llmctl.core.hf import save_model
     from llmctl.core.model import ModelConfig, Transformer
+    from llmctl.core.model.io import save_model
     from llmctl.core.tokenizer import TrainSpec, train_tokenizer
     from llmctl.core.train.config import TrainConfig
     from llmctl.core.train.loop import run_training

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")  # a dev requirement: present
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 from llmctl.core.generate import GenerationConfig, generate  # noqa: E402
-from llmctl.core.hf import load_model  # noqa: E402
+from llmctl.core.model.io import load_model  # noqa: E402
 
 VOCAB = 128
 DECODER = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

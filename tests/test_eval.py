@@ -114,7 +114,7 @@ def test_llmctl_model_perplexity_equals_transformers(hf_dir, hf_model, tok, tmp_
     """The product path (the checkpoint loaded as an llmctl model, trimmed last layer, head in
     pieces, on CPU float32 by oneDNN when torch has it) against the transformers loop."""
     from llmctl.core.evaluate.perplexity import perplexity
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
 
     lm = ScoringModel(load_model(hf_dir)[0], tok, max_length=64, batch_size=4)
     assert (lm.projection is not None) == torch.backends.mkldnn.is_available()
@@ -191,7 +191,7 @@ def test_batching_does_not_change_scores(hf_model, tok):
 def test_head_in_pieces_equals_whole(hf_dir, tok, monkeypatch):
     """An llmctl model's head runs a few rows at a time: same scores and greedy flags."""
     import llmctl.core.evaluate.lm as lm_module
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
 
     lm = ScoringModel(load_model(hf_dir)[0], tok, max_length=64, batch_size=4)
     requests = [(tok.encode(TEXT[:n]), tok.encode(TEXT[n : n + m])) for n, m in [(5, 9), (40, 3), (90, 30), (1, 1)]]
@@ -204,7 +204,7 @@ def test_head_in_pieces_equals_whole(hf_dir, tok, monkeypatch):
 
 def test_shared_context_cache_equals_hf_and_plain_rows(hf_dir, hf_model, tok):
     """Choices sharing a context reuse its KV cache: same scores as whole rows and as HF."""
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
 
     model = load_model(hf_dir)[0]
     lm = ScoringModel(model, tok, max_length=64, batch_size=4)
@@ -438,7 +438,7 @@ def test_generation_task_with_llmctl_model(hf_dir, tok, tmp_path):
     from llmctl.core.evaluate.metrics import METRICS
     from llmctl.core.evaluate.tasks import load_task
     from llmctl.core.generate import GenerationConfig, generate
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
 
     model, cfg = load_model(hf_dir)
     lm = ScoringModel(model, tok, max_length=cfg.max_seq_len, batch_size=2)

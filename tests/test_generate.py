@@ -11,7 +11,7 @@ import transformers
 
 from llmctl.core.generate import GenerationConfig, generate  # noqa: E402
 from llmctl.core.generate.speculative import _accept  # noqa: E402
-from llmctl.core.hf import load_model  # noqa: E402
+from llmctl.core.model.io import load_model  # noqa: E402
 from llmctl.core.tokenizer import load_tokenizer  # noqa: E402
 
 SENTENCES = [

@@ -15,7 +15,7 @@ import torch
 import transformers
 transformers.logging.set_verbosity_error()
 
-from llmctl.core.hf import load_model, save_model  # noqa: E402
+from llmctl.core.model.io import load_model, save_model  # noqa: E402
 from llmctl.errors import CheckpointError  # noqa: E402
 
 TOL = 1e-4

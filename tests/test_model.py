@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from llmctl.core.hf import load_model, save_model
 from llmctl.core.model import KVCache, ModelConfig, Transformer
+from llmctl.core.model.io import load_model, save_model
 from llmctl.core.model.presets import load_preset
 from llmctl.errors import ConfigError, UsageError
 

@@ -59,7 +59,7 @@ class LastBlockDistill(Causal):
 
 def test_an_objective_swaps_in_trains_and_resumes_exactly(llmctl, corpus, tmp_path):  # noqa: F811
     from llmctl.core.checkpoint import open_checkpoint
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
     from llmctl.core.train.state import load_state
 
     common = [f"data={corpus['shards']}", f"tokenizer={corpus['tok']}", *FAST]

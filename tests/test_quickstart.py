@@ -28,7 +28,7 @@ def run_quickstart(out: Path) -> subprocess.CompletedProcess:
 def test_quickstart_end_to_end_and_rerun(tmp_path):
     from llmctl.core.checkpoint import open_checkpoint
     from llmctl.core.data import TokenShards
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
     from llmctl.core.tokenizer import load_tokenizer
 
     out = tmp_path / "qs"

@@ -41,8 +41,8 @@ def test_non_utf8_jsonl_names_the_line(llmctl, ws, tmp_path):
 
 
 def _with_model_vocab(ws, tmp_path, vocab_size: int) -> Path:
-    from llmctl.core.hf import save_model
     from llmctl.core.model import ModelConfig, Transformer
+    from llmctl.core.model.io import save_model
 
     ckpt = tmp_path / f"vocab{vocab_size}"
     model = Transformer(ModelConfig(vocab_size=vocab_size, hidden_size=32, num_layers=1, num_heads=2, max_seq_len=64))

@@ -225,7 +225,7 @@ def test_train_on_shards_end_to_end(llmctl, corpus, tmp_path):
     assert (out / "checkpoints" / "step-000008" / "trainer_state" / "state.safetensors").is_file()
 
     from llmctl.core.checkpoint import open_checkpoint
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
 
     model, cfg = load_model(out)
     assert cfg.vocab_size == 320  # a preset takes the tokenizer's vocabulary

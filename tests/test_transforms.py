@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from llmctl.core.hf import load_model, save_model  # noqa: E402
 from llmctl.core.model.build import build_model  # noqa: E402
+from llmctl.core.model.io import load_model, save_model  # noqa: E402
 from llmctl.core.model.transforms import TRANSFORMS, Transform, from_spec, select_modules  # noqa: E402
 from llmctl.errors import CheckpointError, UsageError  # noqa: E402
 

@@ -129,7 +129,7 @@ def generate(
 
 def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
     from llmctl.core.checks import check_finite, check_tokenizer_fits
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
     from llmctl.core.tokenizer import load_tokenizer
     from llmctl.errors import CheckpointError
     from llmctl.runtime import resolve_device, resolve_dtype

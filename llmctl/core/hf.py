@@ -1,7 +1,6 @@
-"""Model checkpoints: config.json <-> ModelConfig and weight names, per Hugging Face architecture.
+"""Checkpoint formats: config.json <-> ModelConfig and weight names, per Hugging Face architecture.
 
-    model, cfg = load_model(path)                # an llmctl or a transformers checkpoint
-    save_model(model, out_dir, lineage={...})    # transformers-loadable whenever HF has the arch
+`core/model/io.py` loads and saves models through `read_tensors` and `to_checkpoint`.
 
 Each supported architecture is one declarative `Arch`: config codecs (HF keys <-> ModelConfig
 fields, plus the fields the architecture fixes) and a weight table of `Rule`s (HF tensor <->
@@ -16,23 +15,18 @@ config exactly and whose names hold every tensor (the model's transforms are rec
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from itertools import product
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
-from llmctl.core.checkpoint import check_tensors, open_checkpoint, save_checkpoint
+from llmctl.core.checkpoint import check_tensors
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.model.build import build_model
 from llmctl.core.model.mlp import MLPS
 from llmctl.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from llmctl.core.model.transforms import Transform
 
 LLMCTL_TYPE = "llmctl"
 
@@ -558,81 +552,28 @@ def module_names(cfg: ModelConfig) -> dict[str, str]:
     }
 
 
-# ---------------------------------------------------------------------------------------- public API
+# ------------------------------------------------------------- what `core/model/io.py` reads and writes
 
 
-def load_model(
-    path: str | os.PathLike,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    *,
-    transforms: Iterable[Transform] = (),
-    config: ModelConfig | None = None,
-) -> tuple[Transformer, ModelConfig]:
-    """Load an llmctl or transformers checkpoint directory as a `Transformer` (eval mode).
-
-    The model is built on the meta device with the transforms the checkpoint records, and the
-    stored tensors are assigned to it (strict: every tensor used, every one present), so no
-    weight is allocated twice. Tensors stay memory-mapped until moved; `dtype` None keeps the
-    stored dtype (it converts floating-point tensors only). `transforms` are then applied to the
-    loaded model (LoRA on a base, quantizing a dense model). `config` replaces the stored
-    config by one of the same architecture with other run-time settings (dropout, …).
-    """
-    from llmctl.core.model import transforms as tf
-
-    ck = open_checkpoint(path)
-    cfg = config_from_hf(ck.config)
-    if config is not None:
-        if config.architecture() != cfg.architecture():
-            raise CheckpointError(f"{ck.path}: the given model config is not the checkpoint's architecture")
-        cfg = config
-    model = build_model(cfg, tf.recorded(ck.config, ck.lineage), device="meta")
+def read_tensors(ck, model: Transformer) -> dict[str, torch.Tensor]:
+    """`model`'s tensors from the open checkpoint `ck` (llmctl's names or its HF architecture's),
+    shapes checked; a tied output head is not among them."""
     shapes = _param_shapes(model)
     if ck.config.get("model_type") == LLMCTL_TYPE:
         check_tensors(shapes, ck.tensor_shapes(), ck.path)
-        tensors = {n: ck.get_tensor(n) for n in shapes}
-    else:
-        tensors = _tensors_from_hf(ARCHES[ck.config["model_type"]], model.cfg, ck, shapes)
-        check_tensors(shapes, {n: tuple(t.shape) for n, t in tensors.items()}, ck.path)
-    if model.cfg.tie_embeddings:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.tie_weights()
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    for transform in transforms:
-        transform.apply(model)
-    return model.eval(), model.cfg
+        return {n: ck.get_tensor(n) for n in shapes}
+    tensors = _tensors_from_hf(ARCHES[ck.config["model_type"]], model.cfg, ck, shapes)
+    check_tensors(shapes, {n: tuple(t.shape) for n, t in tensors.items()}, ck.path)
+    return tensors
 
 
-def save_model(
-    model: Transformer,
-    out_dir: str | os.PathLike,
-    *,
-    tokenizer_dir: str | os.PathLike | None = None,
-    lineage: dict | None = None,
-    generation_config: dict | None = None,
-    force: bool = False,
-    max_shard_bytes: int = 2 * 1024**3,
-) -> Path:
-    """Write `model` as a checkpoint transformers can load whenever it has the architecture.
-
-    The model's transforms are recorded (`transforms.record`); when the architecture's weight
-    names cannot carry a transformed module's tensors, it is written as `model_type: llmctl`.
-    """
-    from llmctl.core.model import transforms as tf
-
+def to_checkpoint(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
+    """`model`'s tensors and config.json under the first HF architecture that round-trips its
+    config and can hold every tensor, else under `model_type: "llmctl"`."""
     arch = arch_for(model.cfg)
     try:
         tensors = _tensors_to(model, arch)
     except CheckpointError:
         arch = None
         tensors = _tensors_to(model, arch)
-    config = _config_to(model.cfg, model.model.embed_tokens.weight.dtype, arch)
-    quantization, specs = tf.record(model.transforms)
-    if quantization is not None:
-        config["quantization_config"] = quantization
-    lineage = {**(lineage or {}), **({"transforms": specs} if specs else {})}
-    return save_checkpoint(out_dir, tensors, config, generation_config=generation_config,
-                           tokenizer_dir=tokenizer_dir, lineage=lineage, force=force,
-                           max_shard_bytes=max_shard_bytes)
+    return tensors, _config_to(model.cfg, model.model.embed_tokens.weight.dtype, arch)

@@ -15,7 +15,7 @@ def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = Non
     """A checkpoint (llmctl or HF directory) and its tokenizer, ready to score."""
     from llmctl.core.checkpoint import open_checkpoint
     from llmctl.core.checks import check_finite, check_tokenizer_fits
-    from llmctl.core.hf import load_model
+    from llmctl.core.model.io import load_model
     from llmctl.core.tokenizer import load_tokenizer
 
     ck = open_checkpoint(path)

@@ -140,7 +140,7 @@ def _model_config(name: str, model_args: dict):
     path = Path(name)
     if path.is_dir():
         from llmctl.core.checkpoint import open_checkpoint
-        from llmctl.core.hf import load_model
+        from llmctl.core.model.io import load_model
 
         try:
             ck = open_checkpoint(path)

@@ -116,8 +116,8 @@ class Trainer:
 
     def __init__(self, plan: Plan, outdir: Path, device: torch.device, d: dist_.Dist, lineage: dict,
                  final_outdir: Path | None = None):
-        from llmctl.core.hf import load_model
         from llmctl.core.model.build import build_model
+        from llmctl.core.model.io import load_model
 
         self.plan, self.cfg, self.outdir, self.device, self.d = plan, plan.config, Path(outdir), device, d
         self.final_outdir = final_outdir  # --force: OUTDIR, replaced by `outdir` at the first checkpoint

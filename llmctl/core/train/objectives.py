@@ -90,7 +90,7 @@ class Objective:
 
     def save(self, model: nn.Module, directory, **kwargs) -> None:
         """Export the trained model into `directory` (a checkpoint's model files)."""
-        from llmctl.core.hf import save_model
+        from llmctl.core.model.io import save_model
 
         save_model(model, directory, **kwargs)
 
