@@ -3,6 +3,7 @@
 - `console` is a rich console on stderr for tables, messages and progress bars.
 - `emit(data, render)` prints `data` as JSON on stdout under `--json`, else calls `render`.
 - `progress(...)` is the one progress bar every long command uses (rate and ETA).
+- `REPORTER` hands `progress`, `info` and `warn` to core code (`core/report.py`).
 """
 
 from __future__ import annotations
@@ -128,6 +129,17 @@ def progress(description: str, total: float | None = None, unit: str = "it") -> 
     with bar:
         task = bar.add_task(description, total=total, status="")
         yield Progress(bar, task)
+
+
+class _Reporter:
+    """The `core.report.Reporter` that commands pass to the core: these functions."""
+
+    progress = staticmethod(progress)
+    info = staticmethod(info)
+    warn = staticmethod(warn)
+
+
+REPORTER = _Reporter()
 
 
 def _rate_column(unit: str):

@@ -411,7 +411,7 @@ def test_generation_metrics_regex_and_self_consistency(monkeypatch, tmp_path):
     ])
     calls = []
 
-    def fake_generate(model, tok, prompts, cfg, context=None):
+    def fake_generate(model, tok, prompts, cfg, context=None, report=None):
         calls.append((prompts, cfg))
         return [FakeResult(next(outputs)) for _ in prompts]
 

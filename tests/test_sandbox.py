@@ -144,7 +144,7 @@ def test_humaneval_pass_at_k_with_sampled_programs(monkeypatch, tmp_path):
                    "HumanEval/1": ["    return a\n", "    return 2 * a\n", "    return a + 1\n", "    raise ValueError\n"]}
     calls = []
 
-    def fake_generate(model, tok, prompts, cfg, context=None):
+    def fake_generate(model, tok, prompts, cfg, context=None, report=None):
         calls.append((prompts, cfg))
         return [FakeResult(completions[next(d["task_id"] for d in HUMANEVAL if d["prompt"] == p)][i % 4])
                 for i, p in enumerate(prompts)]
@@ -176,7 +176,7 @@ def test_mbpp_preset_three_shot_prompt_and_program(monkeypatch, tmp_path):
     (tmp_path / "mbpp.jsonl").write_text(json.dumps(rows[0]) + "\n")
     seen = []
 
-    def fake_generate(model, tok, prompts, cfg, context=None):
+    def fake_generate(model, tok, prompts, cfg, context=None, report=None):
         seen.extend(prompts)
         return [FakeResult("def double(x):\n    return x + x\n") for _ in prompts]
 

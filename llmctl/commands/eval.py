@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from llmctl.console import console, emit
+from llmctl.console import REPORTER, console, emit
 from llmctl.options import option
 
 TASK = "Task options"
@@ -56,7 +56,7 @@ def eval_command(
         check_output(log_samples, "samples", force=options.force, inputs=[*checkpoints, *(data or [])])
     logged: list[dict] | None = [] if log_samples is not None else None
     results = evaluate(checkpoints, tasks, device=resolve_device(), dtype=resolve_dtype(),
-                       batch_size=batch_size, record=False, seed=options.seed, samples=logged)
+                       batch_size=batch_size, record=False, seed=options.seed, samples=logged, report=REPORTER)
     if log_samples is not None:
         with claim_output(log_samples, "samples", force=options.force, inputs=[*checkpoints, *(data or [])]):
             write_samples(log_samples, logged, force=options.force)

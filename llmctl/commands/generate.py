@@ -10,7 +10,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-from llmctl.console import console, info, print_json, warn
+from llmctl.console import REPORTER, console, info, print_json, warn
 from llmctl.errors import DataError, UsageError
 from llmctl.options import option
 from llmctl.runtime import options
@@ -181,7 +181,7 @@ def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, t
 def _run(model, tok, cfg, draft, context, prompts: list, on_text=None):
     from llmctl.core.generate import generate as run
 
-    return run(model, tok, prompts, cfg, draft=draft, on_text=on_text, context=context)
+    return run(model, tok, prompts, cfg, draft=draft, on_text=on_text, context=context, report=REPORTER)
 
 
 def _stream_stdout(_index: int, text: str) -> None:

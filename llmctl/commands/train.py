@@ -19,7 +19,7 @@ def train(
     Runs data-parallel under `torchrun --nproc_per_node=N -m llmctl train …`.
     """
     from llmctl.config import load_config
-    from llmctl.console import emit, info
+    from llmctl.console import REPORTER, emit, info
     from llmctl.core.train.config import TrainConfig
     from llmctl.core.train.loop import CONFIG_FILE, run_training
 
@@ -39,7 +39,8 @@ def train(
         cfg.seed = options.seed
     if cfg.precision == "auto" and options.dtype != "auto":
         cfg.precision = options.dtype  # --dtype bfloat16 means bf16 autocast over fp32 master weights
-    result = run_training(cfg, output, device=resolve_device(), resume=resume or cfg.resume == "auto", force=options.force)
+    result = run_training(cfg, output, device=resolve_device(), resume=resume or cfg.resume == "auto",
+                          force=options.force, report=REPORTER)
     summary = {"output": str(output), "step": result.step, "val_loss": result.val_loss,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None, "exit_code": result.exit_code}
     if result.exit_code == 0:

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from llmctl.console import progress
 from llmctl.core.evaluate.metrics import aggregate
 from llmctl.core.evaluate.tasks import TASK_TYPES, Doc, DocumentTask, field_value
 from llmctl.core.registry import Registry
@@ -101,7 +100,7 @@ class MultipleChoice(DocumentTask):
         docs = self.documents()
         options = [self.options(d) for d in docs]
         pairs = self.requests(docs, options)
-        with progress(self.name, total=len(pairs), unit="req") as bar:
+        with self.report.progress(self.name, total=len(pairs), unit="req") as bar:
             scores = lm.loglikelihood([lm.encode_pair(c, x) for c, x in pairs], bar)
         per_doc: dict[str, list[float]] = {name: [] for name in self.metrics}
         i = 0

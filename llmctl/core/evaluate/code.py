@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmctl.console import progress
 from llmctl.core.evaluate.generation import Generation
 from llmctl.core.evaluate.tasks import TASK_TYPES
 from llmctl.errors import ConfigError
@@ -61,7 +60,7 @@ class CodeGeneration(Generation):
         docs = self.documents()
         prompts, texts = self.generations(lm, docs)
         programs = [self.render("program", d, completion=t) for d, gen in zip(docs, texts) for t in gen]
-        with progress(f"{self.name} tests", total=len(programs), unit="prog"):
+        with self.report.progress(f"{self.name} tests", total=len(programs), unit="prog"):
             results = run_many(programs, Limits(timeout=self.timeout, memory_mb=self.memory_mb))
         scores: dict[str, list[float]] = {f"pass@{k}": [] for k in self.k}
         for i, (doc, prompt, generated) in enumerate(zip(docs, prompts, texts)):

@@ -13,7 +13,6 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from llmctl.console import progress
 from llmctl.core.evaluate.metrics import METRICS
 from llmctl.core.evaluate.tasks import TASK_TYPES, Doc, DocumentTask, field_value
 from llmctl.errors import ConfigError, DataError, UsageError
@@ -99,10 +98,10 @@ class Generation(DocumentTask):
                                seed=lm.seed,
                                batch_size=lm.batch_size, truncate="left")
         texts: list[list[str]] = []
-        with progress(self.name, total=len(docs), unit="ex") as bar:
+        with self.report.progress(self.name, total=len(docs), unit="ex") as bar:
             for start in range(0, len(docs), lm.batch_size):
                 batch = [p for p in prompts[start : start + lm.batch_size] for _ in range(self.samples)]
-                results = generate(lm.model, lm.tokenizer, batch, cfg, context=lm.max_length)
+                results = generate(lm.model, lm.tokenizer, batch, cfg, context=lm.max_length, report=self.report)
                 texts += [[r.text for r in results[i : i + self.samples]] for i in range(0, len(results), self.samples)]
                 bar.advance(len(batch) // self.samples)
         return prompts, texts

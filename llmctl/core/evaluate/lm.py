@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from llmctl.console import Progress
+from llmctl.core.report import Bar
 from llmctl.core.model.logprobs import CHUNK, MIN_ROWS, token_logprobs
 from llmctl.core.parallel import parallel_map
 from llmctl.errors import CheckpointError, DataError
@@ -90,7 +90,7 @@ class ScoringModel:
 
     @torch.inference_mode()
     def score_rows(self, rows: Sequence[Sequence[int]], n_scored: Sequence[int],
-                   progress: Progress | None = None, greedy: bool = True) -> list[Score]:
+                   progress: Bar | None = None, greedy: bool = True) -> list[Score]:
         """Score the last `n_scored[i]` targets of each row (longest rows batched first).
 
         `greedy=False` skips the argmax check (`Score.greedy` is then None).
@@ -162,7 +162,7 @@ class ScoringModel:
         return [Score(total, g, k) for total, g, k in zip(sums, all_greedy, n_scored)]
 
     def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]],
-                      progress: Progress | None = None, share_min_tokens: int = SHARE_MIN_TOKENS) -> list[Score]:
+                      progress: Bar | None = None, share_min_tokens: int = SHARE_MIN_TOKENS) -> list[Score]:
         """log P(continuation | context) per (context ids, continuation ids) request.
 
         An empty context is replaced by the prefix token; rows are truncated on the left to
@@ -248,7 +248,7 @@ class ScoringModel:
             start += len(group)
         return grouped
 
-    def loglikelihood_rolling(self, documents: Sequence[list[int]], progress: Progress | None = None) -> list[Score]:
+    def loglikelihood_rolling(self, documents: Sequence[list[int]], progress: Bar | None = None) -> list[Score]:
         """Log-likelihood of whole token documents in disjoint windows (lm-eval's rolling)."""
         requests, owner = [], []
         for d, tokens in enumerate(documents):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from llmctl.console import Progress
+from llmctl.core.report import Bar
 from llmctl.core.evaluate.lm import Score, ScoringModel
 from llmctl.core.model.logprobs import token_logprobs
 from llmctl.errors import CheckpointError, DataError
@@ -50,7 +50,7 @@ class MaskedScoringModel:
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         return ScoringModel.encode_pair(self, context, continuation)  # the same split of the text
 
-    def score_rows(self, rows: Sequence[Sequence[int]], n_scored: Sequence[int], progress: Progress | None = None,
+    def score_rows(self, rows: Sequence[Sequence[int]], n_scored: Sequence[int], progress: Bar | None = None,
                    greedy: bool = True) -> list[Score]:
         """Pseudo-log-likelihood of the last `n_scored[i]` tokens of each row, the whole row visible."""
         jobs = [(r, len(row) - n + j) for r, (row, n) in enumerate(zip(rows, n_scored)) for j in range(n)]
@@ -93,7 +93,7 @@ class MaskedScoringModel:
         return list(zip(logprobs.tolist(), hits.tolist()))
 
     def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]],
-                      progress: Progress | None = None) -> list[Score]:
+                      progress: Bar | None = None) -> list[Score]:
         """Pseudo-log-likelihood of each continuation, context and continuation both visible;
         rows are cut on the left to fit the model."""
         rows, n_scored = [], []
@@ -106,7 +106,7 @@ class MaskedScoringModel:
         return self.score_rows(rows, n_scored, progress)
 
 
-    def loglikelihood_rolling(self, documents: Sequence[list[int]], progress: Progress | None = None) -> list[Score]:
+    def loglikelihood_rolling(self, documents: Sequence[list[int]], progress: Bar | None = None) -> list[Score]:
         """Pseudo-log-likelihood of whole documents in disjoint windows of `max_length` tokens."""
         rows, owner = [], []
         for d, tokens in enumerate(documents):

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from llmctl.console import progress
 from llmctl.core.evaluate.lm import ScoringModel
 from llmctl.core.evaluate.tasks import TASK_TYPES, DocumentTask, Task
+from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import DataError, UsageError
 
 CHUNK_CHARS = 1 << 16  # characters tokenized at a time (the progress bar moves per chunk)
@@ -76,8 +76,9 @@ def strided_windows(token_chunks: Iterable[Sequence[int]], max_length: int, stri
 
 
 def perplexity(lm: ScoringModel, paths: Sequence[str | Path], *, max_length: int | None = None,
-               stride: int | None = None) -> dict[str, float]:
-    """Perplexity, mean NLL, bits per byte, word perplexity and token count over `paths`."""
+               stride: int | None = None, report: Reporter = SILENT) -> dict[str, float]:
+    """Perplexity, mean NLL, bits per byte, word perplexity and token count over `paths`
+    (progress to `report`)."""
     max_length = max_length or lm.max_length
     stride = stride or max(max_length // 2, 1)
     if max_length < 2 or max_length > lm.max_length:
@@ -93,7 +94,7 @@ def perplexity(lm: ScoringModel, paths: Sequence[str | Path], *, max_length: int
     stats = TextStats()
     nll, tokens = 0.0, 0
     total_bytes = sum(p.stat().st_size for p in paths)
-    with progress("perplexity", total=total_bytes, unit="B") as bar:
+    with report.progress("perplexity", total=total_bytes, unit="B") as bar:
         for path in paths:
             done = stats.bytes
 
@@ -145,7 +146,7 @@ class Perplexity(Task):
     def run(self, lm: ScoringModel) -> dict[str, float]:
         base = Path(self.base_dir)  # `--data` is relative to the working directory, else to the task file
         paths = [Path(p) if Path(p).is_file() or not (base / p).is_file() else base / p for p in self.data]
-        return perplexity(lm, paths, max_length=self.max_length, stride=self.stride)
+        return perplexity(lm, paths, max_length=self.max_length, stride=self.stride, report=self.report)
 
 
 @TASK_TYPES.register("loglikelihood_rolling")
@@ -157,7 +158,7 @@ class RollingLoglikelihood(DocumentTask):
 
     def run(self, lm: ScoringModel) -> dict[str, float]:
         texts = self.contexts(self.documents())
-        with progress(self.name, unit="window") as bar:
+        with self.report.progress(self.name, unit="window") as bar:
             scores = lm.loglikelihood_rolling([lm.encode(t) for t in texts], bar)
         nll = -sum(s.logprob for s in scores)
         tokens = sum(s.tokens for s in scores)

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from llmctl.core.evaluate.lm import ScoringModel
 from llmctl.core.evaluate.tasks import Task
+from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import CheckpointError
 
 
@@ -82,12 +83,12 @@ def record_results(results: dict[str, dict[str, dict[str, Any]]], tasks: Sequenc
 
 
 def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device, dtype, batch_size: int | None = None,
-             record: bool = True, seed: int | None = None, samples: list[dict] | None = None
+             record: bool = True, seed: int | None = None, samples: list[dict] | None = None,
+             report: Reporter = SILENT
              ) -> dict[str, dict[str, dict[str, Any]]]:
     """{checkpoint: {task: {metric: value}}}, appended to each llmctl.json when `record`;
     `seed` (default 1234) seeds sampled generations; every sample's record (prompt, answer,
-    scores) is appended to `samples` when given."""
-    from llmctl.console import info
+    scores) is appended to `samples` when given; progress and messages go to `report`."""
     from llmctl.core.model.attention import inference_backends
 
     for task in tasks:  # missing data fails before any model loads
@@ -96,11 +97,12 @@ def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device
     for path in checkpoints:
         lm = load_scorer(path, device=device, dtype=dtype, batch_size=batch_size,
                          seed=1234 if seed is None else seed)
-        info(f"[bold]{path}[/bold]: {sum(p.numel() for p in lm.model.parameters()):,} parameters, "
+        report.info(f"[bold]{path}[/bold]: {sum(p.numel() for p in lm.model.parameters()):,} parameters, "
              f"context {lm.max_length}")
         results[str(path)] = {}
         for task in tasks:
             task.samples_log = [] if samples is not None else None
+            task.report = report
             with inference_backends(lm.device):
                 metrics = {k: _finite(v) for k, v in task.run(lm).items()}
             results[str(path)][task.name] = metrics

@@ -20,9 +20,10 @@ import functools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from llmctl.core.registry import Registry
+from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import ConfigError, DataError, UsageError
 
 TASK_TYPES: Registry[type] = Registry("eval task type", "llmctl.eval_tasks")
@@ -51,6 +52,8 @@ class Task:
     name: str = ""
     description: str = ""  # text placed before the few-shot examples and the prompt (Jinja)
     base_dir: str = "."  # where relative paths are resolved (the task file's folder)
+
+    report: ClassVar[Reporter] = SILENT  # progress and messages (the runner sets the caller's)
 
     def run(self, lm) -> dict[str, float]:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
+from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import UsageError
 
 
@@ -142,11 +143,12 @@ def generate(
     draft=None,
     on_text: Callable[[int, str], None] | None = None,
     context: int | None = None,
+    report: Reporter = SILENT,
 ) -> list[Result]:
     """Generate one continuation per prompt, in order (batched `cfg.batch_size` at a time).
 
     `draft` is a draft model for speculative decoding; `context` overrides the model's
-    `cfg.max_seq_len` as the longest allowed prompt + generation.
+    `cfg.max_seq_len` as the longest allowed prompt + generation; warnings go to `report`.
     """
     import torch
 
@@ -179,7 +181,7 @@ def generate(
     with torch.inference_mode(), inference_backends(param.device):
         for first in range(0, len(ids), step):
             chunk = ids[first : first + step]
-            chunk_cfg = _fit_steps(cfg, context, max(len(p) for p in chunk))
+            chunk_cfg = _fit_steps(cfg, context, max(len(p) for p in chunk), report)
             seqs = [
                 Sequence(
                     tok.decode,
@@ -197,14 +199,12 @@ def generate(
     return results
 
 
-def _fit_steps(cfg: GenerationConfig, context: int | None, longest: int) -> GenerationConfig:
+def _fit_steps(cfg: GenerationConfig, context: int | None, longest: int, report: Reporter) -> GenerationConfig:
     """`cfg`, with max_new_tokens lowered (and a warning) if the longest prompt leaves less room."""
     if context is None or longest + cfg.max_new_tokens <= context:
         return cfg
-    from llmctl.console import warn
-
     steps = context - longest
-    warn(f"generating at most {steps} tokens: a {longest}-token prompt fills the context of {context} otherwise")
+    report.warn(f"generating at most {steps} tokens: a {longest}-token prompt fills the context of {context} otherwise")
     return replace(cfg, max_new_tokens=steps)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmctl.core.report import SILENT, Reporter
 from llmctl.core.train.config import TrainConfig
 from llmctl.errors import CheckpointError, ConfigError, DataError, UsageError
 
@@ -38,8 +39,9 @@ class Plan:
     parents: list[str] = field(default_factory=list)
 
 
-def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
-    """Check `cfg` against the model, tokenizer and data; ConfigError on the first problem."""
+def make_plan(cfg: TrainConfig, device_type: str, report: Reporter = SILENT) -> Plan:
+    """Check `cfg` against the model, tokenizer and data; ConfigError on the first problem
+    (warnings go to `report`)."""
     _check_numbers(cfg)
     precision = _precision(cfg.precision, device_type)
     model_config, init_from, ckpt_tok = _model_config(cfg.model, cfg.model_args)
@@ -96,9 +98,8 @@ def make_plan(cfg: TrainConfig, device_type: str) -> Plan:
                 objective, precision, parents=[str(init_from)] if init_from else [])
     OBJECTIVES.get(objective).resolve(plan)  # an unknown name is a usage error, as any registry's
     if cfg.max_time is None and 0 < cfg.max_steps < cfg.warmup_steps:
-        from llmctl.console import warn
-
-        warn(f"warmup_steps={cfg.warmup_steps} is longer than max_steps={cfg.max_steps}: lr never reaches {cfg.lr:g}")
+        report.warn(f"warmup_steps={cfg.warmup_steps} is longer than max_steps={cfg.max_steps}: "
+                    f"lr never reaches {cfg.lr:g}")
     return plan
 
 

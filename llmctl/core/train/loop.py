@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from llmctl.console import Progress, info, progress, warn
 from llmctl.core.checkpoint import append_metrics, checkpoint_hash
+from llmctl.core.report import SILENT, Reporter
 from llmctl.core.train import distributed as dist_
 from llmctl.core.train.build import Plan
 from llmctl.core.train.config import CHECKPOINTS, CONFIG_FILE
@@ -115,13 +115,14 @@ class Trainer:
     """Owns the model, optimizer and data of one run (one per process under torchrun)."""
 
     def __init__(self, plan: Plan, outdir: Path, device: torch.device, d: dist_.Dist, lineage: dict,
-                 final_outdir: Path | None = None):
+                 final_outdir: Path | None = None, report: Reporter = SILENT):
         from llmctl.core.model.build import build_model
         from llmctl.core.model.io import load_model
 
         self.plan, self.cfg, self.outdir, self.device, self.d = plan, plan.config, Path(outdir), device, d
         self.final_outdir = final_outdir  # --force: OUTDIR, replaced by `outdir` at the first checkpoint
         self.lineage = lineage  # the resolved config and the data it trains on
+        self.report = report if d.is_main else SILENT
         self.parents = [{"path": str(p.resolve()), "hash": checkpoint_hash(p)} for p in map(Path, plan.parents)]
         cfg = self.cfg
         self.resume_from = latest_checkpoint(self.outdir)
@@ -174,7 +175,7 @@ class Trainer:
             self.max_steps, self.horizon_fixed = int(meta["max_steps"]), True
         if self.d.is_main:
             truncate_metrics(self.outdir, self.step)
-            info(f"resuming from {ckpt} (step {self.step})")
+            self.report.info(f"resuming from {ckpt} (step {self.step})")
 
     def save(self) -> Path:
         """Write `checkpoints/step-NNNNNN` atomically (a collective; rank 0 writes)."""
@@ -303,8 +304,7 @@ class Trainer:
         val_loss = None
         exit_code = 0
         try:
-            bar_context = progress("train", total=self.max_steps, unit="step") if d.is_main else nullcontext(Progress(None, None))
-            with _Signals() as signals, bar_context as bar:
+            with _Signals() as signals, self.report.progress("train", total=self.max_steps, unit="step") as bar:
                 bar.update(completed=self.step)
                 started, first_step, timed_from = time.perf_counter(), self.step, None
                 while self.step < self.max_steps:
@@ -336,7 +336,8 @@ class Trainer:
                     if stop:
                         sig = signals.received or signal.SIGTERM
                         if d.is_main:
-                            info(f"stopped by {signal.Signals(sig).name} after step {self.step}; checkpoint {last_saved}")
+                            self.report.info(f"stopped by {signal.Signals(sig).name} after step {self.step}; "
+                                             f"checkpoint {last_saved}")
                         exit_code = SIGNAL_EXIT[sig]
                         break
             if exit_code == 0:
@@ -364,10 +365,10 @@ class Trainer:
         self.max_steps = max(self.step, min(self.cfg.max_steps, fits))
         self.horizon_fixed = elapsed >= budget / 2 or self.max_steps == self.step
         if self.horizon_fixed and self.d.is_main:
-            info(f"max_time {self.cfg.max_time:g} min: training {self.max_steps} steps")
+            self.report.info(f"max_time {self.cfg.max_time:g} min: training {self.max_steps} steps")
             if self.cfg.warmup_steps > self.max_steps:
-                warn(f"warmup_steps={self.cfg.warmup_steps} is longer than the {self.max_steps} steps that fit in "
-                     f"max_time: lr never reaches {self.cfg.lr:g}")
+                self.report.warn(f"warmup_steps={self.cfg.warmup_steps} is longer than the {self.max_steps} steps "
+                                 f"that fit in max_time: lr never reaches {self.cfg.lr:g}")
 
     def _log_eval(self, log: MetricsLog | None) -> float | None:
         val_loss = self.evaluate()
@@ -441,9 +442,9 @@ def _remove_leftovers(outdir: Path) -> None:
 
 
 def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str = "cpu", resume: bool = False,
-                 force: bool = False) -> Result:
+                 force: bool = False, report: Reporter = SILENT) -> Result:
     """Validate `cfg` (nothing written on error), prepare OUTDIR, and train on `device` (under torchrun
-    too: each rank takes its local CUDA device).
+    too: each rank takes its local CUDA device); progress and messages go to `report` (rank 0's).
 
     With `force` over an existing run, the new run is built in `.OUTDIR.new` and replaces the
     old one at its first checkpoint; OUTDIR is locked against a second writer throughout."""
@@ -457,7 +458,7 @@ def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str =
     inputs = [*cfg.data, *cfg.val_data, cfg.tokenizer, cfg.model]
     check_outdir(outdir, resume=resume, force=force, inputs=inputs)
     device = torch.device(device)
-    plan = make_plan(cfg, device.type)
+    plan = make_plan(cfg, device.type, report)
     if resume:
         _check_resume(outdir, plan)
     d = dist_.init(cfg.distributed.backend, device)
@@ -481,7 +482,8 @@ def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str =
                     truncate_metrics(workdir, 0)
             dist_.barrier(d)
             lineage = {"config": resolved, "data": describe_data(plan)}
-            trainer = Trainer(plan, workdir, device, d, lineage, final_outdir=outdir if replace else None)
+            trainer = Trainer(plan, workdir, device, d, lineage, final_outdir=outdir if replace else None,
+                              report=report)
             if d.is_main:  # once the checkpoint to resume has loaded: a failed resume keeps the run's recipe
                 (workdir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
             return trainer.run()
