@@ -218,14 +218,6 @@ def bench_decode(path: Path, arch: dict, new_tokens: int, batch: int, device, co
         runs = {"transformers": run_hf, "llmctl eager": ours_run(cuda_graph=False), "llmctl cuda-graph": ours_run()}
         if compile and dtype == torch.bfloat16:
             runs["llmctl --compile"] = ours_run(compile=True)
-        if dtype == torch.bfloat16:  # is the eager bf16 step slow in the cuDNN attention backend?
-            def no_cudnn(names, n, run=ours_run(cuda_graph=False)):
-                torch.backends.cuda.enable_cudnn_sdp(False)
-                try:
-                    return run(names, n)
-                finally:
-                    torch.backends.cuda.enable_cudnn_sdp(True)
-            runs["llmctl eager, no cuDNN SDPA"] = no_cudnn
         name_of = "fp32" if dtype == torch.float32 else "bf16"
         for b, names in ((1, ["p0"]), (batch, list(prompts))):
             for run in runs.values():  # warm-up: compiles and captures for this shape

@@ -89,6 +89,26 @@ def test_max_time_fits_the_schedule_into_the_budget(llmctl, corpus, tmp_path):
     assert state["max_steps"] == steps and state["horizon_fixed"] is True
 
 
+def test_mfu_peak_is_the_gpus_datasheet_figure(monkeypatch):
+    """MFU's denominator on a known GPU: its dense 16-bit, TF32 or float32 peak (not a timed probe)."""
+    import torch
+
+    from llmctl.core.train.metrics import peak_flops
+
+    cuda = torch.device("cuda")
+    for name, bf16 in [("NVIDIA H200", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops(torch.bfloat16, cuda) == peak_flops(torch.float16, cuda) == bf16
+    matmul, tf32 = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32  # a property, not an attribute
+    try:
+        matmul.allow_tf32 = False
+        assert peak_flops(torch.float32, cuda) == 19.5e12
+        matmul.allow_tf32 = True
+        assert peak_flops(torch.float32, cuda) == 156e12
+    finally:
+        matmul.allow_tf32 = tf32
+
+
 def test_schedules_are_registered_and_shaped():
     from llmctl.core.train.schedule import SCHEDULES, lr_at
     from llmctl.errors import UsageError
