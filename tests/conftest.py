@@ -58,3 +58,35 @@ def pythonpath(*dirs) -> str:
 @pytest.fixture
 def llmctl_proc():
     return run_process
+
+
+def tiny_llama(out: Path, texts: list[str], *, vocab: int, context: int, scale: float = 8.0) -> Path:
+    """A tiny HF Llama checkpoint in `out` with a byte-level BPE tokenizer (BOS/EOS/PAD = 0/1/2)
+    trained on `texts`; weights scaled by `scale` so the distribution is peaked, not near ties."""
+    import json
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+        "pad_token": "<|pad|>", "model_max_length": context}))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=context, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=2, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    model.save_pretrained(out)
+    return out

@@ -5,15 +5,17 @@ rows); file formats; MMLU's subject averages; GSM8K's prompt and answer extracti
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 
 import torch
 import transformers
+
+from conftest import tiny_llama
 
 WORDS = ("the quick brown fox jumps over lazy dog stitch in time saves nine to be or not that is question "
          "whether nobler mind suffer slings arrows outrageous fortune take arms against sea troubles").split()
@@ -26,30 +28,8 @@ def words(rng: random.Random, lo: int, hi: int) -> str:
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny HF Llama with a byte-level BPE tokenizer (BOS/EOS/PAD), 512 positions."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    out = tmp_path_factory.mktemp("tiny-llama-bench")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([" ".join(WORDS), "Question: Answer: A. B. C. D. The following are multiple"] * 5, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-        "pad_token": "<|pad|>", "model_max_length": 512}))
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=2, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # larger weights: a peaked distribution, so accuracies are not ties
-        for p in model.parameters():
-            p.mul_(8.0)
-    model.save_pretrained(out)
-    return out
+    texts = [" ".join(WORDS), "Question: Answer: A. B. C. D. The following are multiple"] * 5
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama-bench"), texts, vocab=400, context=512)
 
 
 @pytest.fixture(scope="module")

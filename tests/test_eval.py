@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import tiny_llama  # noqa: E402
 from llmctl.core.evaluate.lm import ScoringModel, rolling_windows  # noqa: E402
 
 TEXT = (
@@ -22,33 +23,11 @@ TEXT = (
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny HF Llama checkpoint with a byte-level BPE tokenizer (BOS/EOS/PAD)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     from llmctl.core.evaluate import builtin
 
     words = " ".join(builtin.DETERMINERS + builtin.ADJECTIVES + builtin.NOUNS + builtin.VERBS)
-    tok.train_from_iterator([TEXT, "Sentence: 0123456789 + = - Copy: Output:", words] * 3, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-        "pad_token": "<|pad|>", "model_max_length": 64}))
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=2, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # larger weights so the distribution is far from uniform
-        for p in model.parameters():
-            p.mul_(8.0)
-    model.save_pretrained(out)
-    return out
+    texts = [TEXT, "Sentence: 0123456789 + = - Copy: Output:", words] * 3
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts, vocab=300, context=64)
 
 
 @pytest.fixture(scope="module")
