@@ -1,0 +1,1 @@
+"""Parameter-efficient adapters (LoRA, DoRA, prefix and prompt tuning) and their PEFT-compatible files."""

@@ -1,0 +1,1 @@
+"""Weight quantization: number formats, quantizers (registered strategies) and quantized linear modules."""
