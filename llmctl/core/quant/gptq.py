@@ -1,0 +1,48 @@
+"""GPTQ: each column rounded to its grid, its error compensated on the columns not yet rounded.
+
+    scale, zero, q = gptq(linear.weight, hessian, Scheme(4, 128), act_order=True)
+
+Without act-order a group's scales are fitted when its first column is reached, on the weights
+the earlier columns' updates left (the reference's default); with act-order (columns by
+decreasing Hessian diagonal) they are fitted up front on the original weights ("static
+groups"), so the stored layout needs no column permutation or group index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmctl.core.quant.obs import Block, ColumnRule, solve
+from llmctl.core.quant.scheme import Scheme
+
+
+class RoundToGrid(ColumnRule):
+    """GPTQ's column rule: round to the column's group grid (fitting it first when dynamic)."""
+
+    def __init__(self, scheme: Scheme, weight: torch.Tensor, dynamic: bool):
+        self.scheme, self.width, self.dynamic = scheme, scheme.width(weight.shape[1]), dynamic
+        self.scale, self.zero = scheme.params(weight)
+
+    def begin(self, block: Block) -> None:
+        self.block = block
+
+    def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        c = int(self.block.columns[i])
+        g = slice(c // self.width, c // self.width + 1)
+        if self.dynamic and c % self.width == 0:
+            fresh = self.scheme.params(self.block.weight[:, i:i + self.width])
+            self.scale[:, g], self.zero[:, g] = fresh
+        s, z = self.scale[:, g], self.zero[:, g]
+        return self.scheme.dequantize(self.scheme.quantize(w.unsqueeze(1), s, z), s, z).squeeze(1)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, block_size: int = 128,
+         damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, zero, integers) of `weight` [out, in] quantized by GPTQ against `hessian` [in, in]."""
+    width = scheme.width(weight.shape[1])
+    dynamic = scheme.group_size is not None and not act_order
+    if dynamic:  # a group must lie inside one block, where the weights are up to date
+        block_size = -(-block_size // width) * width
+    rule = RoundToGrid(scheme, weight, dynamic)
+    new, _ = solve(weight, hessian, rule, block_size=block_size, damp=damp, act_order=act_order)
+    return rule.scale, rule.zero, scheme.quantize(new, rule.scale, rule.zero)
