@@ -188,3 +188,14 @@ def record(transforms: list[Transform]) -> tuple[dict | None, list[dict]]:
     if transforms and transforms[0].quant_method:
         return transforms[0].quantization_config(), [t.spec() for t in transforms[1:]]
     return None, [t.spec() for t in transforms]
+
+
+def _register_builtins() -> None:
+    """Built-in transforms register on import (third parties through `llmctl.transforms`)."""
+    import importlib
+
+    for module in ("llmctl.core.adapters.lora",):
+        importlib.import_module(module)
+
+
+_register_builtins()

@@ -1,0 +1,170 @@
+"""LoRA, rsLoRA and DoRA as one module transform (`lora`), with merging.
+
+    model = load_model(base, transforms=[LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"])])[0]
+    merge_adapter(model)            # the deltas folded into the base weights; LoRA gone
+
+The targeted module keeps its own class, tensors and names (`weight`, `bias`, or a quantized
+module's `weight`, `absmax`…): LoRA turns it into a subclass of its own type (as FSDP2's
+`fully_shard` does) that adds PEFT's adapter tensors `lora_A.weight` (r × in),
+`lora_B.weight` (out × r) and, for DoRA, `lora_magnitude_vector` (out), and adds
+`scaling · B(A(dropout(x)))` to the base output. `scaling` is alpha / r, or alpha / √r with
+rsLoRA. DoRA (PEFT's formulation) rescales each output row of W + scaling·BA to a learned
+magnitude m: y = m/‖W + scaling·BA‖ · (xWᵀ + scaling·B(A(x))) + bias, the norm detached.
+
+A base layer takes part through one protocol: `dense_weight(module)` (its weight as a float
+matrix: `dequantize()` when it has one) and, to merge into a quantized layer, a class
+constructor that takes an `nn.Linear` (`type(base)(linear)`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from llmctl.core.model.transforms import TRANSFORMS, Transform, replace_module
+from llmctl.errors import UsageError
+
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A base layer's weight as a dense (out × in) matrix."""
+    return module.dequantize() if hasattr(module, "dequantize") else module.weight
+
+
+class LoraLayer(nn.Module):
+    """The mixin a targeted module's class is extended with (`lora_class`)."""
+
+    def init_lora(self, r: int, alpha: float, dropout: float, rslora: bool, dora: bool) -> None:
+        out_features, in_features = self.out_features, self.in_features
+        device = dense_device(self)
+        self.r, self.scaling = r, alpha / (math.sqrt(r) if rslora else r)
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        if device.type != "meta":  # PEFT's init: A Kaiming-uniform, B zero (the delta starts at 0)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        self.lora_magnitude_vector = None
+        if dora:
+            magnitude = torch.empty(out_features, device=device)
+            if device.type != "meta":
+                magnitude = torch.linalg.norm(dense_weight(self).detach().float(), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(magnitude)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A (out × in), in float32."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = super().forward(x)
+        x = self.lora_dropout(x)
+        lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(result.dtype) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return result + lora
+        weight = dense_weight(self).to(x.dtype)
+        norm = torch.linalg.norm(weight + self.delta_weight().detach().to(x.dtype), dim=1).detach()
+        scale = (self.lora_magnitude_vector / norm).to(result.dtype)
+        base = F.linear(x, weight) if self.training and not isinstance(self.lora_dropout, nn.Identity) \
+            else result - (self.bias if getattr(self, "bias", None) is not None else 0)
+        return result + (scale - 1) * base + scale * lora
+
+    def merged_weight(self) -> torch.Tensor:
+        """The dense weight that gives this layer's output without the adapter (float32)."""
+        weight = dense_weight(self).detach().float() + self.delta_weight().detach()
+        if self.lora_magnitude_vector is not None:
+            weight = weight * (self.lora_magnitude_vector.detach().float() / torch.linalg.norm(weight, dim=1))[:, None]
+        return weight
+
+
+def dense_device(module: nn.Module) -> torch.device:
+    return next(t for t in (*module.parameters(), *module.buffers())).device
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def lora_class(base: type) -> type:
+    """`base` extended with LoRA (one class per base class)."""
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"Lora{base.__name__}", (LoraLayer, base), {"base_class": base})
+    return _CLASSES[base]
+
+
+@TRANSFORMS.register("lora")
+@dataclass(kw_only=True)
+class LoRA(Transform):
+    """Low-rank adapters on the selected linear layers (dense or quantized): LoRA, rsLoRA, DoRA."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    modules_to_save: list[str] | None = None  # trained in full and saved with the adapter (PEFT's)
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise UsageError(f"lora: r must be >= 1, got {self.r}")
+
+    def replace(self, path: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, LoraLayer):
+            raise UsageError(f"lora: {path} already has an adapter (merge it first)")
+        if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+            raise UsageError(f"lora: {path} is a {type(module).__name__}, not a linear layer")
+        module.__class__ = lora_class(type(module))
+        module.init_lora(self.r, self.alpha, self.dropout, self.rslora, self.dora)
+        return module
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraLayer]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every LoRA/DoRA delta into its base layer, in place, and drop the `lora` transforms:
+    a dense layer becomes the plain `nn.Linear` (its dtype kept) whose output the adapted layer
+    gave; a quantized base is re-quantized from the merged weight (its class made from a Linear,
+    so its output equals the adapter's within the quantization error)."""
+    for path, module in lora_modules(model).items():
+        weight = module.merged_weight()
+        dtype = module.weight.dtype if module.weight.is_floating_point() else weight.dtype
+        merged = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device="meta")
+        merged.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if module.bias is not None:
+            merged.bias = module.bias
+        if module.base_class is not nn.Linear:
+            merged = module.base_class(merged)
+        replace_module(model, path, merged)
+    model.transforms = [t for t in getattr(model, "transforms", []) if not isinstance(t, LoRA)]
+    return model
+
+
+def mark_trainable(model: nn.Module, modules_to_save: list[str] | None = None) -> None:
+    """Only adapter tensors (and the `modules_to_save`, trained in full) require gradients."""
+    model.requires_grad_(False)
+    for module in lora_modules(model).values():
+        for name in ADAPTER_TENSORS:
+            part = getattr(module, name)
+            if part is not None:
+                part.requires_grad_(True)
+    for path in saved_modules(model, modules_to_save):
+        model.get_submodule(path).requires_grad_(True)
+
+
+def saved_modules(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
+    """Paths of the modules `modules_to_save` names (PEFT: equal names or `.name` suffixes)."""
+    if not modules_to_save:
+        return []
+    from llmctl.core.model.transforms import matches
+
+    paths = [p for p, _ in model.named_modules() if p and matches(p, list(modules_to_save))]
+    if not paths:
+        raise UsageError(f"modules_to_save={modules_to_save!r} matches no module")
+    return paths

@@ -1,0 +1,243 @@
+"""Adapter directories in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+    save_adapter(model, out, base=BASE)      # PeftModel.from_pretrained(hf_base, out) loads it
+    model, cfg = load_adapter(out)           # base found through base_model_name_or_path
+
+Tensor keys are PEFT's: `base_model.model.<HF module path>.lora_A.weight`, `….lora_B.weight`,
+`….lora_magnitude_vector` (DoRA) and `base_model.model.<path>.weight` for `modules_to_save`;
+module paths are the base architecture's Hugging Face names (`hf.module_names`). Beside them
+llmctl writes `llmctl.json` (lineage, and `base_transforms`: transforms applied to the base
+before the adapter, such as QLoRA's `nf4`) and the tokenizer. `base_model_name_or_path` may be
+absolute or relative (to the adapter directory first, then to the working directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmctl.core.adapters.lora import ADAPTER_TENSORS, LoRA, lora_modules, saved_modules
+from llmctl.core.model.transforms import _LAYER, ALL_LINEAR, matches
+from llmctl.errors import CheckpointError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "dora",
+           "target_modules": "target_modules", "exclude_modules": "exclude_modules",
+           "layers_to_transform": "layers_to_transform", "modules_to_save": "modules_to_save"}
+_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+                "layers_pattern": None, "trainable_token_indices": None, "layer_replication": None,
+                "target_parameters": None, "lora_bias": False}
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    """A PEFT adapter directory (not a full checkpoint)."""
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: cannot read ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: not a JSON object")
+    return config
+
+
+def base_path(path: str | os.PathLike, config: dict | None = None) -> Path:
+    """The base checkpoint of adapter directory `path` (`base_model_name_or_path`)."""
+    path = Path(path)
+    name = (config or read_config(path)).get("base_model_name_or_path")
+    if not name:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path")
+    for candidate in (path / name, Path(name)):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise CheckpointError(f"{path / ADAPTER_CONFIG}: base model {name!r} not found (as a directory, absolute or "
+                          f"relative to {path} or the working directory)")
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+def _hf_names(model: nn.Module) -> dict[str, str]:
+    """{our module path: HF module path} (identity where the architecture names match)."""
+    from llmctl.core.hf import module_names
+
+    return {ours: theirs for theirs, ours in module_names(model.cfg).items()}
+
+
+def _identity(names: dict[str, str]) -> bool:
+    return all(k == v for k, v in names.items())
+
+
+def transform_from_config(config: dict, model: nn.Module, where: str = ADAPTER_CONFIG) -> LoRA:
+    """The `lora` transform a PEFT LoRA config describes, for `model` (our module names)."""
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{where}: peft_type {config.get('peft_type')!r} is not supported here (LORA)")
+    for key, default in _UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None) and config.get(key) != default:
+            raise CheckpointError(f"{where}: {key}={config[key]!r} is not supported")
+    params = {ours: config[theirs] for theirs, ours in _FIELDS.items() if theirs in config}
+    names = _hf_names(model)
+    if not _identity(names) and params.get("target_modules") != ALL_LINEAR:  # select on HF names, keep ours
+        picked = {t for t in names.values() if matches(t, params.get("target_modules"))
+                  and not matches(t, params.get("exclude_modules")) and _in_layers(t, params.get("layers_to_transform"))}
+        params.update(target_modules=[o for o, t in names.items() if t in picked], exclude_modules=None,
+                      layers_to_transform=None)
+    return LoRA(**params)
+
+
+def _in_layers(path: str, layers: list[int] | None) -> bool:
+    found = _LAYER.search(path)
+    return layers is None or (found is not None and int(found.group(1)) in layers)
+
+
+def adapter_config(transform: LoRA, model: nn.Module, base: str) -> dict[str, Any]:
+    """adapter_config.json for `transform` on `model`, in PEFT's fields."""
+    names = _hf_names(model)
+    spec = {theirs: getattr(transform, ours) for theirs, ours in _FIELDS.items()}
+    if not _identity(names) and transform.target_modules != ALL_LINEAR:
+        spec.update(target_modules=[names.get(p, p) for p in transform.select(model)],
+                    exclude_modules=None, layers_to_transform=None)
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, **spec,
+            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
+
+
+def adapter_tensors(model: nn.Module, transform: LoRA) -> dict[str, torch.Tensor]:
+    """{PEFT key: tensor}: the adapters and the `modules_to_save`."""
+    names = _hf_names(model)
+    out = {}
+    for path, module in lora_modules(model).items():
+        prefix = PREFIX + names.get(path, path)
+        for part in ADAPTER_TENSORS:
+            value = getattr(module, part)
+            if value is not None:
+                out[f"{prefix}.{part}" + (".weight" if isinstance(value, nn.Module) else "")] = \
+                    value.weight if isinstance(value, nn.Module) else value
+    for path in saved_modules(model, transform.modules_to_save):
+        for name, tensor in model.get_submodule(path).state_dict().items():
+            out[f"{PREFIX}{names.get(path, path)}.{name}"] = tensor
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _our_key(key: str, reverse: dict[str, str]) -> str:
+    name = key.removeprefix(PREFIX)
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if module in reverse:
+            return reverse[module] + name[len(module):]
+    return name
+
+
+# -- save and load -------------------------------------------------------------------------------
+
+
+def _lora_transform(model: nn.Module) -> tuple[list, LoRA]:
+    """(transforms before the adapter, the adapter's transform)."""
+    transforms = list(getattr(model, "transforms", []))
+    if not transforms or not isinstance(transforms[-1], LoRA):
+        raise CheckpointError("the model has no LoRA adapter to save (its last transform is not lora)")
+    return transforms[:-1], transforms[-1]
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base: str | os.PathLike,
+                 tokenizer_dir: str | os.PathLike | None = None, lineage: dict | None = None,
+                 generation_config: dict | None = None, force: bool = False) -> Path:
+    """Write `model`'s adapter as a PEFT adapter directory (atomically; `force` to replace).
+
+    The transforms applied after the base's own recorded ones and before the adapter (QLoRA's
+    `nf4`) are recorded in llmctl.json as `base_transforms`, so `load_adapter` rebuilds them."""
+    from safetensors.torch import save_file
+
+    from llmctl.core.checkpoint import GENERATION_CONFIG_NAME, LINEAGE_NAME, _lineage_record, copy_tokenizer
+    from llmctl.core.io import atomic_dir, write_json
+
+    before, transform = _lora_transform(model)
+    base = Path(base)
+    own = _recorded(base)
+    if [t.spec() for t in before[: len(own)]] != [t.spec() for t in own]:
+        raise CheckpointError(f"the model's transforms do not start with those of its base {base}")
+    record = _lineage_record({**(lineage or {}), "base_transforms": [t.spec() for t in before[len(own):]]})
+    tensors = adapter_tensors(model, transform)
+    with atomic_dir(out_dir, force=force) as tmp:
+        save_file({k: v.to("cpu") for k, v in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_json(tmp / ADAPTER_CONFIG, adapter_config(transform, model, str(base.resolve())))
+        if generation_config is not None:
+            write_json(tmp / GENERATION_CONFIG_NAME, generation_config)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+        write_json(tmp / LINEAGE_NAME, record)
+    return Path(out_dir)
+
+
+def _recorded(base: Path) -> list:
+    from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.model.transforms import recorded
+
+    ck = open_checkpoint(base)
+    return recorded(ck.config, ck.lineage)
+
+
+def load_adapter(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, *, transforms=(),
+                 config=None):
+    """(model, cfg): the base (`load_model`) with the adapter's base transforms and the adapter
+    applied and its tensors assigned (strict: every adapter tensor used, every one present)."""
+    from llmctl.core.model.io import load_model
+    from llmctl.core.model.transforms import from_spec
+
+    path = Path(path)
+    config_json = read_config(path)
+    base = base_path(path, config_json)
+    lineage_file = path / "llmctl.json"
+    lineage = json.loads(lineage_file.read_text(encoding="utf-8")) if lineage_file.is_file() else {}
+    model, cfg = load_model(base, device=device, dtype=dtype, config=config)
+    transform = transform_from_config(config_json, model, str(path / ADAPTER_CONFIG))
+    with torch.random.fork_rng(devices=[]):  # building the adapter draws no numbers of the caller's
+        for spec in lineage.get("base_transforms", []):
+            from_spec(spec).apply(model)
+        transform.apply(model)
+    _assign(model, path, transform)
+    for extra in transforms:
+        extra.apply(model)
+    return model.eval(), model.cfg
+
+
+def _assign(model: nn.Module, path: Path, transform: LoRA) -> None:
+    from safetensors.torch import load_file
+
+    file = path / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS}")
+    stored = load_file(file)
+    reverse = {theirs: ours for ours, theirs in _hf_names(model).items()}
+    state = model.state_dict()
+    wanted = {_our_key(k, reverse) for k in adapter_tensors(model, transform)}
+    tensors = {}
+    for key, tensor in stored.items():
+        name = _our_key(key, reverse)
+        if name.endswith(".base_layer.weight"):  # PEFT saves a targeted embedding's base: ours is the base's
+            continue
+        if name not in state:
+            raise CheckpointError(f"{file}: tensor {key!r} has no place in the model")
+        if tuple(tensor.shape) != tuple(state[name].shape):
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, the model's is "
+                                  f"{list(state[name].shape)}")
+        tensors[name] = tensor
+    missing = sorted(wanted - set(tensors))
+    if missing:
+        raise CheckpointError(f"{file}: missing tensor {missing[0]!r}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor)  # state_dict() tensors share storage with the parameters
