@@ -144,3 +144,23 @@ def test_only_adapters_train(base):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     assert len(trainable) == 2 * 2 * 3  # 2 layers x 2 modules x (A, B, magnitude)
+
+
+def test_qlora_adapter_records_its_nf4_base_and_merges(base, tmp_path):
+    from llmctl.core.quant.nf4 import NF4, NF4Linear
+
+    model, _ = load_model(base, transforms=[NF4(), LoRA(r=2, target_modules=["q_proj", "v_proj"], dora=True)])
+    _randomize(model)
+    out = save_adapter(model, tmp_path / "qlora", base=base)
+    lineage = json.loads((out / "llmctl.json").read_text())
+    assert [t["type"] for t in lineage["base_transforms"]] == ["nf4"]
+    reloaded, _ = load_model(out)
+    q = reloaded.model.layers[0].self_attn.q_proj
+    assert isinstance(q, NF4Linear) and q in lora_modules(reloaded).values()
+    before = _logits(model)
+    assert torch.equal(_logits(reloaded), before)
+    merge_adapter(reloaded)  # re-quantized from the merged weight: equal within NF4's error
+    assert type(reloaded.model.layers[0].self_attn.q_proj) is NF4Linear
+    nf4_error = (_logits(load_model(base, transforms=[NF4()])[0]) - _logits(load_model(base)[0])).abs().mean()
+    merge_error = (_logits(reloaded) - before).abs().mean()
+    assert 0 < merge_error < nf4_error

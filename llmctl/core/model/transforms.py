@@ -194,7 +194,7 @@ def _register_builtins() -> None:
     """Built-in transforms register on import (third parties through `llmctl.transforms`)."""
     import importlib
 
-    for module in ("llmctl.core.adapters.lora",):
+    for module in ("llmctl.core.adapters.lora", "llmctl.core.quant.nf4"):
         importlib.import_module(module)
 
 
