@@ -26,6 +26,7 @@ T = TypeVar("T")
 SCHEMAS: dict[str, str] = {
     "model": "llmctl.core.model.config:ModelConfig",
     "train": "llmctl.core.train.config:TrainConfig",
+    "prune": "llmctl.core.prune.config:PruneConfig",
 }
 
 

@@ -76,6 +76,12 @@ def _is_samples(path: Path) -> bool:
     return isinstance(first, dict) and {"checkpoint", "task"} <= first.keys()
 
 
+@OUTPUT_KINDS.register("prune")
+def _is_pruned(path: Path) -> bool:
+    """A checkpoint written by `llmctl prune`."""
+    return (path / "config.json").is_file() and _json(path / "llmctl.json").get("command") == "prune"
+
+
 def _is_empty(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 

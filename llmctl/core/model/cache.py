@@ -5,7 +5,8 @@
     model(next_ids, cache=cache)            # decode: attends to everything cached so far
     cache.truncate(n); cache.reorder(beam_index)
 
-Storage is one [B, kv_heads, max_len, head_dim] tensor pair per layer, allocated once. With a
+Storage is one [B, kv_heads, max_len, head_dim] tensor pair per layer, allocated once (a
+pruned model's layers may have different kv_heads). With a
 sliding window, `update` hands attention only the last window + T - 1 keys, so decoding cost
 stays bounded by the window (the storage still spans max_len, which keeps `truncate` exact).
 """
@@ -24,7 +25,7 @@ class KVCache:
         self,
         num_layers: int,
         batch_size: int,
-        num_kv_heads: int,
+        num_kv_heads: int | list[int],
         max_len: int,
         head_dim: int,
         *,
@@ -32,9 +33,10 @@ class KVCache:
         dtype: torch.dtype | None = None,
         sliding_window: int | None = None,
     ):
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        heads = [num_kv_heads] * num_layers if isinstance(num_kv_heads, int) else num_kv_heads
+        shapes = [(batch_size, h, max_len, head_dim) for h in heads]
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.max_len = max_len
         self.sliding_window = sliding_window
         self.length = 0

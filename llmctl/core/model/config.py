@@ -28,6 +28,10 @@ RUNTIME_FIELDS = frozenset(
     }
 )
 
+# per-layer size lists -> the field each one replaces in `ModelConfig.layer(i)`
+PER_LAYER = {"layer_num_heads": "num_heads", "layer_num_kv_heads": "num_kv_heads",
+             "layer_intermediate_sizes": "intermediate_size"}
+
 
 @dataclass
 class ModelConfig:
@@ -88,6 +92,11 @@ class ModelConfig:
     attention_kernel: str = "sdpa"  # 'sdpa' or 'eager'; plugins may register more
     initializer_range: float = 0.02
 
+    # per-layer sizes after structured pruning (None: every layer has the sizes above)
+    layer_num_heads: list[int] | None = None
+    layer_num_kv_heads: list[int] | None = None
+    layer_intermediate_sizes: list[int] | None = None
+
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -121,6 +130,21 @@ class ModelConfig:
             raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if not self.is_causal and self.num_mtp_heads:
             raise ConfigError("multi-token-prediction heads need a causal model")
+        for key in PER_LAYER:
+            sizes = getattr(self, key)
+            if sizes is not None and (len(sizes) != self.num_layers or not all(0 < n < 1 << 31 for n in sizes)):
+                raise ConfigError(f"{key} must hold {self.num_layers} sizes (one per layer) in 1 … 2^31, got {sizes}")
+        for heads, kv in zip(self.layer_num_heads or [self.num_heads] * self.num_layers,
+                             self.layer_num_kv_heads or [self.num_kv_heads] * self.num_layers):
+            if heads % kv:
+                raise ConfigError(f"a layer's {heads} heads are not a multiple of its {kv} kv heads")
+
+    def layer(self, i: int) -> ModelConfig:
+        """The config of block `i`: its own head counts and MLP width when they are per-layer."""
+        if not any(getattr(self, key) is not None for key in PER_LAYER):
+            return self
+        own = {field: getattr(self, key)[i] for key, field in PER_LAYER.items() if getattr(self, key) is not None}
+        return dataclasses.replace(self, **own, **dict.fromkeys(PER_LAYER))
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain JSON-able data."""

@@ -74,7 +74,7 @@ class Backbone(nn.Module):
         if cfg.embedding_norm:
             self.embed_norm = make_norm(cfg)
         self.dropout = nn.Dropout(cfg.embedding_dropout)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg.layer(i), i) for i in range(cfg.num_layers))
         if cfg.norm_placement == "pre":  # post-norm blocks already end normalized
             self.norm = make_norm(cfg)
 
@@ -136,7 +136,7 @@ class Transformer(nn.Module):
         return KVCache(
             cfg.num_layers,
             batch_size,
-            cfg.num_kv_heads,
+            [cfg.layer(i).num_kv_heads for i in range(cfg.num_layers)],
             max_len,
             cfg.head_dim,
             device=device or ref.device,

@@ -61,6 +61,7 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = False
     dropout: float | None = None  # override the model's dropout for training
+    keep_sparsity: bool = False  # a pruned model's zero weights stay zero (masks from its zeros)
 
     # evaluation, logging, checkpoints
     eval_every: int = 100  # 0 disables periodic evaluation (a final one still runs)

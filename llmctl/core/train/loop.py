@@ -148,6 +148,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.wrapped, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          no_decay=cfg.no_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.masks = self._sparsity_masks() if cfg.keep_sparsity else None
         self.data = self.objective.data(d)
         self.scaler = torch.amp.GradScaler("cuda") if plan.precision == "float16" else None
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world
@@ -160,6 +161,16 @@ class Trainer:
         if state is not None:
             self._restore(self.resume_from, state)
         self.val = self.data.val_batches()
+
+    def _sparsity_masks(self):
+        from llmctl.core.train.sparsity import SparsityMasks
+
+        masks = SparsityMasks(self.wrapped)
+        if masks:
+            self.report.info(f"keep_sparsity: {masks.zeros:,} zero weights in {len(masks)} tensors stay zero")
+        else:
+            self.report.warn("keep_sparsity: the model has no zero weights to keep")
+        return masks
 
     # -- state ------------------------------------------------------------------------------
 
@@ -275,6 +286,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.masks:
+            self.masks.apply()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return lm_total, total - lm_total, grad_norm, lr

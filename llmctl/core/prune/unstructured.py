@@ -1,0 +1,124 @@
+"""Unstructured and N:M pruning of Linear weights: magnitude, Wanda (SparseGPT builds on the
+shared OBS solver). The model keeps its shapes; pruned weights become exact zeros.
+
+A method scores every weight of a module (`score`), and the lowest scores are zeroed in the
+method's comparison group: the whole module (magnitude), each output row (Wanda), or every M
+consecutive inputs of a row for an N:M pattern. Calibrated methods see each block's Linear
+inputs with the blocks before it already pruned (`for_each_block`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmctl.core.model.layerwise import capture_inputs
+from llmctl.core.model.transforms import select_modules
+from llmctl.core.prune.base import PRUNERS, Pruner
+from llmctl.core.prune.calibration import for_each_block
+from llmctl.core.prune.masks import nm_mask, parse_pattern, topk_mask
+from llmctl.core.report import SILENT, Reporter
+from llmctl.errors import UsageError
+
+
+def target_linears(model: nn.Module, settings) -> list[str]:
+    """Paths of the nn.Linear modules the recipe's target_modules / exclude_modules select."""
+    paths = [p for p in select_modules(model, settings.target_modules, settings.exclude_modules)
+             if isinstance(model.get_submodule(p), nn.Linear)]
+    if not paths:
+        raise UsageError(f"target_modules={settings.target_modules!r} selects no Linear module")
+    return paths
+
+
+class InputNorms:
+    """Σ x_j² over every token, per input feature j (Wanda's activation statistic)."""
+
+    def __init__(self, linear: nn.Linear):
+        self.sq = torch.zeros(linear.in_features, dtype=torch.float32, device=linear.weight.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.sq += x.detach().reshape(-1, x.shape[-1]).float().square().sum(0)
+
+
+class Unstructured(Pruner):
+    """Zero the lowest-scoring weights of every selected Linear."""
+
+    row_groups = False  # compare weights within each output row (else within the module)
+    Stats: type | None = None  # the per-module input statistic a calibrated method accumulates
+
+    def check(self) -> None:
+        s = self.settings
+        if s.pattern is None and not 0 <= s.sparsity < 1:
+            raise UsageError(f"--sparsity must be in [0, 1), got {s.sparsity}")
+        self.nm = parse_pattern(s.pattern) if s.pattern is not None else None
+
+    def score(self, linear: nn.Linear, stats) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.nm is not None:
+            return nm_mask(scores, *self.nm)
+        return topk_mask(scores, self.settings.sparsity, dim=-1 if self.row_groups else None)
+
+    def prune_linear(self, linear: nn.Linear, stats) -> None:
+        linear.weight.data.mul_(self.mask(self.score(linear, stats)))
+
+    @torch.no_grad()
+    def prune(self, model: nn.Module, tokens: torch.Tensor | None, report: Reporter = SILENT) -> nn.Module:
+        paths = target_linears(model, self.settings)
+        if not self.calibrated:
+            with report.progress("prune", total=len(paths), unit="module") as bar:
+                for path in paths:
+                    self.prune_linear(model.get_submodule(path), None)
+                    bar.advance()
+            return model
+        outside = [p for p in paths if not p.startswith("model.layers.")]
+        if outside:
+            raise UsageError(f"{PRUNERS.name_of(type(self))} prunes the blocks' modules only, not {outside[0]}")
+
+        def visit(i: int, block: nn.Module, inputs: torch.Tensor, ctx) -> None:
+            prefix = f"model.layers.{i}."
+            mine = [p.removeprefix(prefix) for p in paths if p.startswith(prefix)]
+            stats = {p: self.Stats(block.get_submodule(p)) for p in mine}
+            with capture_inputs(block, lambda p, x: stats[p].add(x) if p in stats else None):
+                block(inputs, ctx)
+            for p in mine:
+                self.prune_linear(block.get_submodule(p), stats.pop(p))
+
+        for_each_block(model, tokens, visit, report, description="prune")
+        return model
+
+
+@PRUNERS.register("magnitude")
+class Magnitude(Unstructured):
+    """|W|: per module, or one threshold over every selected module (`scope=global`)."""
+
+    def check(self) -> None:
+        super().check()
+        if self.settings.scope == "global" and self.nm is not None:
+            raise UsageError("scope=global does not combine with an N:M --pattern")
+
+    def score(self, linear: nn.Linear, stats) -> torch.Tensor:
+        return linear.weight.abs()
+
+    @torch.no_grad()
+    def prune(self, model: nn.Module, tokens: torch.Tensor | None, report: Reporter = SILENT) -> nn.Module:
+        if self.settings.scope == "layer":
+            return super().prune(model, tokens, report)
+        weights = [model.get_submodule(p).weight for p in target_linears(model, self.settings)]
+        keep = topk_mask(torch.cat([w.detach().abs().flatten().float() for w in weights]), self.settings.sparsity)
+        for w, part in zip(weights, keep.split([w.numel() for w in weights])):
+            w.data.mul_(part.view_as(w))
+        return model
+
+
+@PRUNERS.register("wanda")
+class Wanda(Unstructured):
+    """|W_ij| · ‖X_j‖₂ compared within each output row (Sun et al., 2023)."""
+
+    calibrated = True
+    row_groups = True
+    Stats = InputNorms
+
+    def score(self, linear: nn.Linear, stats: InputNorms) -> torch.Tensor:
+        return linear.weight.abs().float() * stats.sq.sqrt()

@@ -1,0 +1,269 @@
+"""llmctl prune: masks, the methods' quality on a layer, the command end to end, structured
+checkpoints that transformers loads with llmctl's logits, and keep_sparsity in training."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_llama  # noqa: E402
+
+from llmctl.core.prune import PRUNERS, PruneConfig  # noqa: E402
+from llmctl.core.prune.masks import nm_mask, parse_pattern, topk_mask  # noqa: E402
+from llmctl.errors import UsageError  # noqa: E402
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven cats sleep under warm red roofs".split()
+CAL = ["seq_len=32", "samples=16"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny GQA Llama (4 heads, 2 KV groups, 2 layers) and text to calibrate and evaluate on."""
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(120)]
+    root = tmp_path_factory.mktemp("prune")
+    ckpt = root / "base"
+    ckpt.mkdir()
+    tiny_llama(ckpt, texts, vocab=300, context=64, scale=4.0)
+    (root / "text.txt").write_text("\n\n".join(texts))
+    return ckpt, root / "text.txt"
+
+
+# ------------------------------------------------------------------------------------------ masks
+
+
+def test_masks_have_exact_sparsity_and_valid_nm_groups():
+    scores = torch.randn(24, 48)
+    assert int((~topk_mask(scores, 0.3)).sum()) == int(24 * 48 * 0.3)
+    rows = topk_mask(scores, 0.5, dim=-1)
+    assert (rows.sum(1) == 24).all()
+    lowest_kept = scores.masked_fill(~rows, float("inf")).min(1).values
+    assert (lowest_kept >= scores.masked_fill(rows, float("-inf")).max(1).values).all()  # the largest are kept
+    ties = torch.zeros(4, 8)  # all scores tied: still exactly half per row
+    assert (topk_mask(ties, 0.5, dim=-1).sum(1) == 4).all()
+    for n, m in [(2, 4), (4, 8), (1, 3)]:
+        mask = nm_mask(scores[:, : 48 // m * m], n, m)
+        assert (mask.view(24, -1, m).sum(-1) == n).all()
+    with pytest.raises(UsageError):
+        nm_mask(torch.randn(4, 10), 2, 4)
+    for bad in ("2", "4:2", "a:b", "0:4"):
+        with pytest.raises(UsageError):
+            parse_pattern(bad)
+
+
+def _layer_error(method: str, linear: nn.Linear, x: torch.Tensor, **settings) -> float:
+    """Output error ‖XWᵀ − XŴᵀ‖ after pruning `linear` alone with `method` on inputs `x`."""
+    pruner = PRUNERS.get(method)(PruneConfig(method=method, **settings))
+    pruned = nn.Linear(linear.in_features, linear.out_features, bias=False)
+    pruned.weight.data.copy_(linear.weight.data)
+    stats = pruner.Stats(pruned) if pruner.calibrated else None
+    if stats is not None:
+        stats.add(x)
+    pruner.prune_linear(pruned, stats)
+    with torch.no_grad():
+        return float((linear(x) - pruned(x)).norm() / linear(x).norm())
+
+
+@pytest.mark.parametrize("settings", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+def test_calibrated_methods_beat_magnitude_on_a_layer(settings):
+    """Inputs with a few large features (as in LLMs): Wanda's error is well below magnitude's."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False)
+    scale = torch.ones(64)
+    scale[torch.randperm(64)[:6]] = 20.0
+    x = torch.randn(256, 64) * scale
+    magnitude = _layer_error("magnitude", linear, x, **settings)
+    wanda = _layer_error("wanda", linear, x, **settings)
+    assert wanda < 0.8 * magnitude, (wanda, magnitude)
+
+
+def test_global_magnitude_uses_one_threshold():
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(100)  # a loud module keeps more of its weights
+    PRUNERS.get("magnitude")(PruneConfig(scope="global", sparsity=0.5)).prune(model, None)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
+    zeros = sum(int((m.weight == 0).sum()) for m in linears)
+    assert zeros == int(sum(m.weight.numel() for m in linears) * 0.5)
+    loud, quiet = model.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.up_proj.weight
+    assert (loud == 0).float().mean() < 0.1 and (quiet == 0).float().mean() > 0.4  # per module: not 50 %
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def test_wanda_2_4_end_to_end(llmctl, base, tmp_path):
+    ckpt, text = base
+    out = tmp_path / "w24"
+    r = llmctl("prune", ckpt, "--method", "wanda", "--pattern", "2:4", "--calibration", text, "--eval-data", text,
+               *CAL, "-o", out, "--json")
+    assert r.code == 0, r.stderr
+    report = r.json()
+    ppl = report["perplexity"]
+    assert ppl["before"] > 1 and ppl["after"] > 1 and ppl["after"] != ppl["before"]
+    assert report["sparsity"]["achieved"] == pytest.approx(0.5)
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "model.safetensors")
+    pruned = [n for n in tensors if ".layers." in n and n.endswith("proj.weight")]
+    assert len(pruned) == 14
+    for name in pruned:  # every group of 4 inputs keeps exactly 2 weights
+        assert ((tensors[name] != 0).view(tensors[name].shape[0], -1, 4).sum(-1) == 2).all(), name
+    source = load_file(ckpt / "model.safetensors")
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):  # not pruned
+        assert torch.equal(tensors[name], source[name])
+    lineage = json.loads((out / "llmctl.json").read_text())
+    assert lineage["command"] == "prune" and lineage["sparsity"]["pattern"] == "2:4"
+    assert lineage["calibration"]["samples"] == 16 and lineage["parents"][0]["hash"]
+    info = llmctl("info", out, "--json").json()
+    assert info["sparsity"]["method"] == "wanda" and info["sparsity"]["achieved"] == pytest.approx(0.5)
+    assert llmctl("eval", out, "--task", "perplexity", "--data", text, "--no-record", "--json").code == 0
+
+
+def test_magnitude_needs_no_calibration_and_errors_are_clear(llmctl, base, tmp_path):
+    ckpt, text = base
+    r = llmctl("prune", ckpt, "--method", "magnitude", "--sparsity", "0.7", "-o", tmp_path / "m", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["sparsity"]["achieved"] == pytest.approx(0.7, abs=0.01)
+    for args in (["--method", "wanda"],  # no calibration
+                 ["--method", "magnitude", "--sparsity", "1.5"],
+                 ["--method", "heads", "--pattern", "2:4", "--calibration", str(text)],
+                 ["--method", "nope"]):
+        r = llmctl("prune", ckpt, *args, "-o", tmp_path / "bad")
+        assert r.code == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "bad").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    r = llmctl("prune", ckpt, "--method", "magnitude", "-o", other, "--force")
+    assert r.code != 0 and (other / "keep.txt").exists()
+    r = llmctl("prune", ckpt, "--method", "magnitude", "--sparsity", "0.2", "-o", tmp_path / "m", "--force")
+    assert r.code == 0, r.stderr  # --force replaces a pruned checkpoint
+
+
+# ------------------------------------------------------------------------------------------ structured
+
+
+def _logits_equal_transformers(ckpt: Path) -> None:
+    import transformers
+
+    from llmctl.core.model.io import load_model
+
+    ids = torch.randint(3, 200, (2, 24))
+    ours = load_model(ckpt)[0](ids).logits
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,extra,check", [
+    ("heads", [], {"num_attention_heads": 2, "num_key_value_heads": 1}),
+    ("heads", ["unit=queries"], {"num_attention_heads": 2, "num_key_value_heads": 2}),
+    ("channels", ["--sparsity", "0.25"], {"intermediate_size": 48}),
+    ("layers", [], {"num_hidden_layers": 1}),
+])
+def test_uniform_structured_pruning_is_a_smaller_hf_model(llmctl, base, tmp_path, method, extra, check):
+    ckpt, text = base
+    out = tmp_path / method
+    r = llmctl("prune", ckpt, "--method", method, *extra, "--calibration", text, *CAL, "-o", out, "--json")
+    assert r.code == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and {k: config[k] for k in check} == check
+    assert r.json()["parameters"]["after"] < r.json()["parameters"]["before"]
+    _logits_equal_transformers(out)
+
+
+def _silence(model, heads=(), channels=(), layers=()):
+    """Make units contribute nothing: o_proj columns of (layer, head), down_proj columns of
+    (layer, channel), and both output projections of whole layers."""
+    d = model.cfg.head_dim
+    with torch.no_grad():
+        for layer, head in heads:
+            model.model.layers[layer].self_attn.o_proj.weight[:, head * d:(head + 1) * d] = 0
+        for layer, channel in channels:
+            model.model.layers[layer].mlp.down_proj.weight[:, channel] = 0
+        for layer in layers:
+            model.model.layers[layer].self_attn.o_proj.weight.zero_()
+            model.model.layers[layer].mlp.down_proj.weight.zero_()
+
+
+@pytest.mark.parametrize("method,settings,silent", [
+    ("heads", {"sparsity": 0.5}, {"heads": [(0, 2), (0, 3), (1, 0), (1, 1)]}),  # a whole KV group per layer
+    ("heads", {"sparsity": 0.5, "unit": "queries"}, {"heads": [(0, 0), (0, 3), (1, 1), (1, 2)]}),
+    ("heads", {"sparsity": 0.25, "uniform": False}, {"heads": [(0, 0), (0, 1)]}),
+    ("channels", {"sparsity": 0.25, "uniform": False}, {"channels": [(0, c) for c in range(0, 64, 2)]}),
+    ("layers", {"sparsity": 0.5}, {"layers": [0]}),
+])
+def test_structured_pruning_removes_silent_units_exactly(base, method, settings, silent):
+    """Units that contribute nothing are the ones removed, and the logits do not change (GQA
+    groups, query heads within groups, per-layer sizes, layers); the KV cache of a model with
+    per-layer sizes gives the same logits as a full forward."""
+    from llmctl.core.hf import to_checkpoint
+    from llmctl.core.model.io import load_model
+    from llmctl.core.prune.calibration import calibration_tokens
+    from llmctl.core.tokenizer import load_tokenizer
+
+    ckpt, text = base
+    model = load_model(ckpt, dtype=torch.float32)[0]
+    _silence(model, **silent)
+    ids = torch.randint(3, 200, (2, 20))
+    want, size = model(ids).logits, model.num_parameters()
+    tokens = calibration_tokens([str(text)], load_tokenizer(ckpt), samples=8, seq_len=32)
+    pruner = PRUNERS.get(method)(PruneConfig(method=method, **settings))
+    small = pruner.prune(model, tokens)
+    assert small.num_parameters() < size
+    torch.testing.assert_close(small(ids).logits, want, rtol=1e-4, atol=1e-4)
+    cache = small.make_cache(2, 20)
+    small(ids[:, :15], cache=cache)
+    torch.testing.assert_close(small(ids[:, 15:], cache=cache).logits, want[:, 15:], rtol=1e-4, atol=1e-4)
+    uniform = settings.get("uniform", True)
+    assert (to_checkpoint(small)[1]["model_type"] == "llama") == uniform
+
+
+def test_per_layer_sizes_round_trip_through_the_cli(llmctl, base, tmp_path):
+    ckpt, text = base
+    out = tmp_path / "ch"
+    r = llmctl("prune", ckpt, "--method", "channels", "--sparsity", "0.3", "uniform=false", "--calibration", text,
+               *CAL, "-o", out, "--json")
+    assert r.code == 0, r.stderr
+    sizes = r.json()["sparsity"]["intermediate_sizes"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llmctl" and config["layer_intermediate_sizes"] == sizes and len(set(sizes)) == 2
+    assert sum(sizes) == 128 - round(128 * 0.3)
+    g = llmctl("generate", out, "the quick", "-n", "4", "--json")
+    assert g.code == 0 and len(g.json()["tokens"]) == 4, g.stderr
+
+
+# ------------------------------------------------------------------------------------------ keep_sparsity
+
+
+def test_keep_sparsity_keeps_the_zeros_while_training(llmctl, base, tmp_path):
+    ckpt, text = base
+    pruned = tmp_path / "pruned"
+    assert llmctl("prune", ckpt, "--method", "magnitude", "-o", pruned).code == 0
+    from safetensors.torch import load_file
+
+    zeros = {n: t == 0 for n, t in load_file(pruned / "model.safetensors").items() if ".layers." in n}
+    assert sum(int(z.sum()) for z in zeros.values()) > 0
+    fast = [f"data={text}", f"model={pruned}", "max_steps=3", "batch_size=2", "seq_len=32", "warmup_steps=0",
+            "eval_every=0", "save_every=0", "eval_batches=1", "peak_tflops=1", "tensorboard=false", "lr=1e-2"]
+    for keep in (True, False):
+        out = tmp_path / f"keep-{keep}"
+        r = llmctl("train", *fast, f"keep_sparsity={str(keep).lower()}", "-o", out)
+        assert r.code == 0, r.stderr
+        trained = load_file(out / "model.safetensors")
+        still = all(bool((trained[n][z] == 0).all()) for n, z in zeros.items())
+        assert still == keep
+        if keep:  # and the rest did train
+            assert any(not torch.equal(trained[n][~z], load_file(pruned / "model.safetensors")[n][~z])
+                       for n, z in zeros.items())
