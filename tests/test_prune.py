@@ -33,6 +33,7 @@ def base(tmp_path_factory):
     ckpt.mkdir()
     tiny_llama(ckpt, texts, vocab=300, context=64, scale=4.0)
     (root / "text.txt").write_text("\n\n".join(texts))
+    (root / "heldout.txt").write_text("\n\n".join(texts[:12]))
     return ckpt, root / "text.txt"
 
 
@@ -106,7 +107,8 @@ def test_global_magnitude_uses_one_threshold():
 def test_wanda_2_4_end_to_end(llmctl, base, tmp_path):
     ckpt, text = base
     out = tmp_path / "w24"
-    r = llmctl("prune", ckpt, "--method", "wanda", "--pattern", "2:4", "--calibration", text, "--eval-data", text,
+    heldout = text.with_name("heldout.txt")
+    r = llmctl("prune", ckpt, "--method", "wanda", "--pattern", "2:4", "--calibration", text, "--eval-data", heldout,
                *CAL, "-o", out, "--json")
     assert r.code == 0, r.stderr
     report = r.json()
@@ -128,7 +130,8 @@ def test_wanda_2_4_end_to_end(llmctl, base, tmp_path):
     assert lineage["calibration"]["samples"] == 16 and lineage["parents"][0]["hash"]
     info = llmctl("info", out, "--json").json()
     assert info["sparsity"]["method"] == "wanda" and info["sparsity"]["achieved"] == pytest.approx(0.5)
-    assert llmctl("eval", out, "--task", "perplexity", "--data", text, "--no-record", "--json").code == 0
+    r = llmctl("eval", out, "--task", "perplexity", "--data", heldout, "--no-record", "--json")
+    assert r.code == 0 and r.json()["results"][str(out)]["perplexity"]["perplexity"] == pytest.approx(ppl["after"])
 
 
 def test_magnitude_needs_no_calibration_and_errors_are_clear(llmctl, base, tmp_path):
@@ -240,6 +243,9 @@ def test_per_layer_sizes_round_trip_through_the_cli(llmctl, base, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llmctl" and config["layer_intermediate_sizes"] == sizes and len(set(sizes)) == 2
     assert sum(sizes) == 128 - round(128 * 0.3)
+    info = llmctl("info", out, "--json").json()
+    assert info["intermediate_size"] == sizes and info["heads"] == 4
+    assert info["sparsity"]["parameters_removed"] == pytest.approx(1 - info["parameters"]["total"] / r.json()["parameters"]["before"])
     g = llmctl("generate", out, "the quick", "-n", "4", "--json")
     assert g.code == 0 and len(g.json()["tokens"]) == 4, g.stderr
 

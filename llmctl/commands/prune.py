@@ -67,7 +67,7 @@ def _table(r: dict[str, Any]):
     rows.sort(key=lambda row: row[0])
     p = r["parameters"]
     rows.append(["all", f"{human_count(p['before'])} → {human_count(p['after'])}", "", "",
-                 f"{r['sparsity']['achieved']:.1%}"])
+                 f"{r['sparsity'].get('achieved', 0):.1%}"])
     if r["perplexity"]:
         rows.append(["perplexity", f"{r['perplexity']['before']:.3f} → {r['perplexity']['after']:.3f}", "", "", ""])
     title = (f"prune {r['method']} → {r['output']} ({r['model_type']}; {r['seconds']:.1f} s, "

@@ -89,6 +89,10 @@ def describe(ck: Checkpoint) -> dict:
         dims["kv_heads"] = 1 if config.get("multi_query") else dims["heads"]
     if dims["head_dim"] is None and dims["heads"] and dims["hidden_size"]:
         dims["head_dim"] = dims["hidden_size"] // dims["heads"]
+    for key, per_layer in (("heads", "layer_num_heads"), ("kv_heads", "layer_num_kv_heads"),
+                           ("intermediate_size", "layer_intermediate_sizes")):
+        if isinstance(config.get(per_layer), list):  # structured pruning: sizes per layer
+            dims[key] = config[per_layer]
     shapes = ck.tensor_shapes()
     dtypes: dict[str, int] = {}
     for shape, dtype in shapes.values():

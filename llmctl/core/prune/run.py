@@ -40,13 +40,14 @@ def model_sparsity(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
 
 
-def held_out_perplexity(model: nn.Module, tokenizer, files: list[str], max_length: int) -> float:
-    """Perplexity of `files` (eval's strided windows)."""
+def held_out_perplexity(model: nn.Module, tokenizer, files: list[str]) -> float:
+    """Perplexity of `files`, as `llmctl eval --task perplexity` computes it."""
     from llmctl.core.evaluate.lm import ScoringModel
     from llmctl.core.evaluate.perplexity import perplexity
 
     device = model.model.embed_tokens.weight.device
-    return perplexity(ScoringModel(model, tokenizer, max_length=max_length, device=device), files)["perplexity"]
+    lm = ScoringModel(model, tokenizer, max_length=model.cfg.max_seq_len, device=device)
+    return perplexity(lm, files)["perplexity"]
 
 
 def _rss_peak_bytes() -> int:
@@ -79,15 +80,17 @@ def prune_checkpoint(checkpoint: str | os.PathLike, settings: PruneConfig, outpu
     before = {"parameters": model.num_parameters(), "layers": layer_report(model)}
     ppl = {}
     if settings.eval_data:
-        ppl["before"] = held_out_perplexity(model, tokenizer, settings.eval_data, seq_len)
+        ppl["before"] = held_out_perplexity(model, tokenizer, settings.eval_data)
     start = time.perf_counter()
     model = pruner.prune(model, tokens, report)
     seconds = time.perf_counter() - start
     if settings.eval_data:
-        ppl["after"] = held_out_perplexity(model, tokenizer, settings.eval_data, seq_len)
+        ppl["after"] = held_out_perplexity(model, tokenizer, settings.eval_data)
+    after = model.num_parameters()
+    measured = {"parameters_removed": 1 - after / before["parameters"]} if pruner.structured \
+        else {"achieved": model_sparsity(model)}  # zeros among the blocks' Linear weights
     sparsity = {"method": settings.method, "sparsity": settings.sparsity if settings.pattern is None else None,
-                "pattern": settings.pattern, "achieved": model_sparsity(model),
-                **({"structured": True} if pruner.structured else {}), **getattr(pruner, "summary", {})}
+                "pattern": settings.pattern, **measured, **getattr(pruner, "summary", {})}
     calibration = {"files": [str(Path(f).resolve()) for f in settings.calibration], "samples": len(tokens),
                    "seq_len": seq_len} if tokens is not None else None
     from llmctl.config import to_dict
@@ -99,9 +102,8 @@ def prune_checkpoint(checkpoint: str | os.PathLike, settings: PruneConfig, outpu
     save_model(model.to("cpu"), output, tokenizer_dir=source.path if source.has_tokenizer else None, lineage=lineage,
                generation_config=json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else None,
                force=force)
-    after = {"parameters": model.num_parameters(), "layers": layer_report(model)}
     return {"output": str(output), "method": settings.method, "sparsity": sparsity,
-            "parameters": {"before": before["parameters"], "after": after["parameters"]},
-            "layers": {"before": before["layers"], "after": after["layers"]},
+            "parameters": {"before": before["parameters"], "after": after},
+            "layers": {"before": before["layers"], "after": layer_report(model)},
             "perplexity": ppl or None, "seconds": seconds, "peak_rss_bytes": _rss_peak_bytes(),
             "calibration": calibration, "model_type": json.loads((Path(output) / "config.json").read_text())["model_type"]}
