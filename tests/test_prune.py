@@ -74,7 +74,8 @@ def _layer_error(method: str, linear: nn.Linear, x: torch.Tensor, **settings) ->
 
 @pytest.mark.parametrize("settings", [{"sparsity": 0.5}, {"pattern": "2:4"}])
 def test_calibrated_methods_beat_magnitude_on_a_layer(settings):
-    """Inputs with a few large features (as in LLMs): Wanda's error is well below magnitude's."""
+    """Inputs with a few large features (as in LLMs): Wanda's error is well below magnitude's,
+    SparseGPT's (which also updates the weights it keeps) below Wanda's."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 32, bias=False)
     scale = torch.ones(64)
@@ -82,7 +83,56 @@ def test_calibrated_methods_beat_magnitude_on_a_layer(settings):
     x = torch.randn(256, 64) * scale
     magnitude = _layer_error("magnitude", linear, x, **settings)
     wanda = _layer_error("wanda", linear, x, **settings)
-    assert wanda < 0.8 * magnitude, (wanda, magnitude)
+    sparsegpt = _layer_error("sparsegpt", linear, x, block_size=16, **settings)
+    assert sparsegpt < wanda < 0.8 * magnitude, (sparsegpt, wanda, magnitude)
+
+
+def _reference_sparsegpt_nm(weight, hessian, n_zero, m, block_size, percdamp=0.01):
+    """SparseGPT's `fasterprune` for N:M (IST-DASLab/sparsegpt, sparsegpt.py), transcribed."""
+    W, H = weight.clone().float(), hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += torch.eye(len(H)) * percdamp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, Q1, Err1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), torch.zeros(W.shape[0], i2 - i1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        mask1 = torch.zeros_like(W1) == 1
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            if i % m == 0:
+                tmp = W1[:, i:i + m] ** 2 / torch.diag(Hinv1)[i:i + m].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, n_zero, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W
+
+
+def test_sparsegpt_matches_the_reference_and_keeps_exact_counts():
+    torch.manual_seed(1)
+    linear = nn.Linear(48, 16, bias=False)
+    x = torch.randn(128, 48) * torch.rand(48) * 3
+    pruner = PRUNERS.get("sparsegpt")(PruneConfig(method="sparsegpt", pattern="2:4", block_size=16))
+    stats = pruner.Stats(linear)
+    stats.add(x)
+    want = _reference_sparsegpt_nm(linear.weight.data, stats.matrix, 2, 4, 16)
+    pruner.prune_linear(linear, stats)
+    torch.testing.assert_close(linear.weight.data, want, rtol=1e-5, atol=1e-6)
+    assert ((linear.weight != 0).view(16, -1, 4).sum(-1) == 2).all()
+    unstructured = PRUNERS.get("sparsegpt")(PruneConfig(method="sparsegpt", sparsity=0.6, block_size=16))
+    other = nn.Linear(48, 16, bias=False)
+    stats = unstructured.Stats(other)
+    stats.add(x)
+    unstructured.prune_linear(other, stats)
+    assert ((other.weight == 0).view(16, 3, 16).sum((0, 2)) == int(16 * 16 * 0.6)).all()  # per block of columns
 
 
 def test_global_magnitude_uses_one_threshold():
@@ -132,6 +182,17 @@ def test_wanda_2_4_end_to_end(llmctl, base, tmp_path):
     assert info["sparsity"]["method"] == "wanda" and info["sparsity"]["achieved"] == pytest.approx(0.5)
     r = llmctl("eval", out, "--task", "perplexity", "--data", heldout, "--no-record", "--json")
     assert r.code == 0 and r.json()["results"][str(out)]["perplexity"]["perplexity"] == pytest.approx(ppl["after"])
+
+
+def test_sparsegpt_end_to_end(llmctl, base, tmp_path):
+    ckpt, text = base
+    out = tmp_path / "sgpt"
+    r = llmctl("prune", ckpt, "--method", "sparsegpt", "--sparsity", "0.5", "block_size=16", "--calibration", text,
+               *CAL, "-o", out, "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["sparsity"]["achieved"] == pytest.approx(0.5)
+    assert json.loads((out / "llmctl.json").read_text())["config"]["block_size"] == 16
+    assert llmctl("generate", out, "the quick", "-n", "3").code == 0
 
 
 def test_magnitude_needs_no_calibration_and_errors_are_clear(llmctl, base, tmp_path):

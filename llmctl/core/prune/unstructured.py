@@ -1,9 +1,12 @@
-"""Unstructured and N:M pruning of Linear weights: magnitude, Wanda (SparseGPT builds on the
-shared OBS solver). The model keeps its shapes; pruned weights become exact zeros.
+"""Unstructured and N:M pruning of Linear weights: magnitude, Wanda, SparseGPT (on the OBS
+solver GPTQ shares, `core/quant/obs.py`). The model keeps its shapes; pruned weights become
+exact zeros.
 
 A method scores every weight of a module (`score`), and the lowest scores are zeroed in the
 method's comparison group: the whole module (magnitude), each output row (Wanda), or every M
-consecutive inputs of a row for an N:M pattern. Calibrated methods see each block's Linear
+consecutive inputs of a row for an N:M pattern. SparseGPT instead chooses its mask block by
+block as the solver walks the columns, and updates the weights it keeps to make up for the
+ones it removes. Calibrated methods see each block's Linear
 inputs with the blocks before it already pruned (`for_each_block`).
 """
 
@@ -17,6 +20,7 @@ from llmctl.core.model.transforms import select_modules
 from llmctl.core.prune.base import PRUNERS, Pruner
 from llmctl.core.prune.calibration import for_each_block
 from llmctl.core.prune.masks import nm_mask, parse_pattern, topk_mask
+from llmctl.core.quant.obs import ColumnRule, Hessian, solve
 from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import UsageError
 
@@ -122,3 +126,48 @@ class Wanda(Unstructured):
 
     def score(self, linear: nn.Linear, stats: InputNorms) -> torch.Tensor:
         return linear.weight.abs().float() * stats.sq.sqrt()
+
+
+class MaskColumns(ColumnRule):
+    """SparseGPT's column rule for the OBS solver: a mask chosen on the up-to-date weights by
+    w² / [H⁻¹]ᵢᵢ² — per block of columns, or per M columns for N:M — and applied column by column."""
+
+    def __init__(self, sparsity: float, nm: tuple[int, int] | None):
+        self.sparsity, self.nm = sparsity, nm
+
+    def begin(self, block) -> None:
+        self.block = block
+        if self.nm is None:
+            self.keep = topk_mask(self._scores(0, block.weight.shape[1]), self.sparsity)
+
+    def _scores(self, start: int, end: int) -> torch.Tensor:
+        b = self.block
+        return b.weight[:, start:end].square() / b.hinv.diagonal()[start:end].square()
+
+    def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        if self.nm is not None and i % self.nm[1] == 0:
+            n, m = self.nm
+            self.keep_nm = nm_mask(self._scores(i, i + m), n, m)
+        keep = self.keep[:, i] if self.nm is None else self.keep_nm[:, i % self.nm[1]]
+        return w * keep
+
+
+@PRUNERS.register("sparsegpt")
+class SparseGPT(Unstructured):
+    """Block-wise OBS updates with masks (Frantar & Alistarh, 2023): `block_size`, `damp`."""
+
+    calibrated = True
+
+    Stats = staticmethod(lambda linear: Hessian(linear.in_features, device=linear.weight.device))
+
+    def check(self) -> None:
+        super().check()
+        s = self.settings
+        if self.nm is not None and s.block_size % self.nm[1]:
+            raise UsageError(f"block_size={s.block_size} must be a multiple of the pattern's M={self.nm[1]}")
+
+    def prune_linear(self, linear: nn.Linear, stats: Hessian) -> None:
+        s = self.settings
+        rule = MaskColumns(s.sparsity, self.nm)
+        weight, _ = solve(linear.weight, stats.matrix, rule, block_size=s.block_size, damp=s.damp)
+        linear.weight.data.copy_(weight.to(linear.weight.dtype))
