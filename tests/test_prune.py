@@ -200,6 +200,13 @@ def test_magnitude_needs_no_calibration_and_errors_are_clear(llmctl, base, tmp_p
     r = llmctl("prune", ckpt, "--method", "magnitude", "--sparsity", "0.7", "-o", tmp_path / "m", "--json")
     assert r.code == 0, r.stderr
     assert r.json()["sparsity"]["achieved"] == pytest.approx(0.7, abs=0.01)
+    from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.model.io import load_model, save_model
+
+    half = tmp_path / "bf16"
+    save_model(load_model(ckpt, dtype=torch.bfloat16)[0], half, tokenizer_dir=ckpt)
+    assert llmctl("prune", half, "--method", "magnitude", "-o", tmp_path / "bf16-50").code == 0
+    assert {d for _, d in open_checkpoint(tmp_path / "bf16-50").tensor_shapes().values()} == {"bfloat16"}
     for args in (["--method", "wanda"],  # no calibration
                  ["--method", "magnitude", "--sparsity", "1.5"],
                  ["--method", "heads", "--pattern", "2:4", "--calibration", str(text)],
@@ -334,3 +341,34 @@ def test_keep_sparsity_keeps_the_zeros_while_training(llmctl, base, tmp_path):
         if keep:  # and the rest did train
             assert any(not torch.equal(trained[n][~z], load_file(pruned / "model.safetensors")[n][~z])
                        for n, z in zeros.items())
+
+
+def test_an_expert_without_calibration_tokens_is_pruned_by_magnitude():
+    """SparseGPT on an expert no token reaches would zero it whole (an all-zero Hessian)."""
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+    from llmctl.core.report import Silent
+
+    class Warnings(Silent):
+        def __init__(self):
+            self.seen = []
+
+        def warn(self, message):
+            self.seen.append(message)
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                                    num_experts=4, experts_per_token=1))
+    class FirstExpert(nn.Module):  # the router always picks expert 0
+        def forward(self, h):
+            return torch.tensor([10.0, 0.0, 0.0, 0.0]).expand(h.shape[0], 4)
+
+    model.model.layers[0].mlp.gate = FirstExpert()
+    report = Warnings()
+    pruner = PRUNERS.get("sparsegpt")(PruneConfig(method="sparsegpt", sparsity=0.5, block_size=16))
+    pruner.prune(model, torch.randint(0, 50, (4, 16)), report)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        weight = getattr(model.model.layers[0].mlp.experts[3], name).weight
+        assert (weight == 0).float().mean() == 0.5
+    assert len(report.seen) == 9 and all("saw no calibration tokens" in m for m in report.seen)
+    assert "experts.0" not in " ".join(report.seen)

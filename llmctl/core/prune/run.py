@@ -70,7 +70,9 @@ def prune_checkpoint(checkpoint: str | os.PathLike, settings: PruneConfig, outpu
     if settings.samples < 1 or settings.seq_len < 2:
         raise UsageError(f"samples and seq_len must be >= 1 and >= 2, got {settings.samples} and {settings.seq_len}")
     source = open_checkpoint(checkpoint)
-    model, cfg = load_model(checkpoint, device=device, dtype=torch.float32)
+    model, cfg = load_model(checkpoint, device=device)
+    stored = model.model.embed_tokens.weight.dtype  # saved back in the checkpoint's dtype
+    model.float()  # scores, solver and perplexity in float32
     pruner.check_model(model)
     needs_tokenizer = pruner.calibrated or settings.eval_data
     tokenizer = load_tokenizer(checkpoint) if needs_tokenizer else None
@@ -99,7 +101,7 @@ def prune_checkpoint(checkpoint: str | os.PathLike, settings: PruneConfig, outpu
                "sparsity": {k: v for k, v in sparsity.items() if v is not None},
                **({"calibration": calibration} if calibration else {})}
     generation = source.path / "generation_config.json"
-    save_model(model.to("cpu"), output, tokenizer_dir=source.path if source.has_tokenizer else None, lineage=lineage,
+    save_model(model.to("cpu", dtype=stored), output, tokenizer_dir=source.path if source.has_tokenizer else None, lineage=lineage,
                generation_config=json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else None,
                force=force)
     return {"output": str(output), "method": settings.method, "sparsity": sparsity,

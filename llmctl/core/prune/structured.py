@@ -137,7 +137,7 @@ class Heads(Structured):
             with capture_inputs(attn, add):
                 block(inputs, ctx)
             w = attn.o_proj.weight.float().view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)  # [H, out, D]
-            energy.append(((w @ grams) * w).sum((1, 2)))
+            energy.append(((w @ grams) * w).sum((1, 2)).cpu())
 
         for_each_block(model, tokens, visit, report, description="score heads")
         heads, kv_heads = [], []
@@ -195,7 +195,7 @@ class Channels(Structured):
 
             with capture_inputs(block.mlp, add):
                 block(inputs, ctx)
-            energy.append(sq * down.weight.float().square().sum(0))
+            energy.append((sq * down.weight.float().square().sum(0)).cpu())
 
         for_each_block(model, tokens, visit, report, description="score channels")
         kept = self.keep(energy)

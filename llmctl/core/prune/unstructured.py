@@ -39,9 +39,12 @@ class InputNorms:
 
     def __init__(self, linear: nn.Linear):
         self.sq = torch.zeros(linear.in_features, dtype=torch.float32, device=linear.weight.device)
+        self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        self.sq += x.detach().reshape(-1, x.shape[-1]).float().square().sum(0)
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.sq += x.float().square().sum(0)
+        self.count += x.shape[0]
 
 
 class Unstructured(Pruner):
@@ -87,7 +90,12 @@ class Unstructured(Pruner):
             with capture_inputs(block, lambda p, x: stats[p].add(x) if p in stats else None):
                 block(inputs, ctx)
             for p in mine:
-                self.prune_linear(block.get_submodule(p), stats.pop(p))
+                linear, seen = block.get_submodule(p), stats.pop(p)
+                if seen.count:
+                    self.prune_linear(linear, seen)
+                else:  # an expert no calibration token reached: nothing to weigh its weights by
+                    report.warn(f"{prefix}{p} saw no calibration tokens: pruned by magnitude")
+                    linear.weight.data.mul_(self.mask(linear.weight.abs()))
 
         for_each_block(model, tokens, visit, report, description="prune")
         return model
