@@ -31,9 +31,11 @@ class Pruner:
 
     calibrated: ClassVar[bool] = False  # needs calibration tokens (`tokens` [N, T])
     structured: ClassVar[bool] = False  # changes shapes (the output is a smaller model)
+    summary: dict  # what `prune` found (sizes kept, layers removed…), for the lineage and the report
 
     def __init__(self, settings: PruneConfig):
         self.settings = settings
+        self.summary = {}
         self.check()
 
     def check(self) -> None:

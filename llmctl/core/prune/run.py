@@ -59,10 +59,11 @@ def _rss_peak_bytes() -> int:
 def prune_checkpoint(checkpoint: str | os.PathLike, settings: PruneConfig, output: str | os.PathLike, *,
                      device: torch.device | str = "cpu", force: bool = False, report: Reporter = SILENT) -> dict:
     """Prune `checkpoint` by `settings` into the checkpoint `output`; the report as JSON data."""
+    from llmctl.config import to_dict
     from llmctl.core.checkpoint import open_checkpoint
     from llmctl.core.model.io import load_model, save_model
-    from llmctl.core.tokenizer import load_tokenizer
     from llmctl.core.prune.calibration import calibration_tokens
+    from llmctl.core.tokenizer import load_tokenizer
 
     pruner = PRUNERS.get(settings.method)(settings)
     if pruner.calibrated and not settings.calibration:
@@ -92,18 +93,16 @@ def prune_checkpoint(checkpoint: str | os.PathLike, settings: PruneConfig, outpu
     measured = {"parameters_removed": 1 - after / before["parameters"]} if pruner.structured \
         else {"achieved": model_sparsity(model)}  # zeros among the blocks' Linear weights
     sparsity = {"method": settings.method, "sparsity": settings.sparsity if settings.pattern is None else None,
-                "pattern": settings.pattern, **measured, **getattr(pruner, "summary", {})}
+                "pattern": settings.pattern, **measured, **pruner.summary}
     calibration = {"files": [str(Path(f).resolve()) for f in settings.calibration], "samples": len(tokens),
                    "seq_len": seq_len} if tokens is not None else None
-    from llmctl.config import to_dict
-
     lineage = {"command": "prune", "config": to_dict(settings), "parents": [source.path],
                "sparsity": {k: v for k, v in sparsity.items() if v is not None},
                **({"calibration": calibration} if calibration else {})}
     generation = source.path / "generation_config.json"
-    save_model(model.to("cpu", dtype=stored), output, tokenizer_dir=source.path if source.has_tokenizer else None, lineage=lineage,
-               generation_config=json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else None,
-               force=force)
+    save_model(model.to("cpu", dtype=stored), output, lineage=lineage, force=force,
+               tokenizer_dir=source.path if source.has_tokenizer else None,
+               generation_config=json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else None)
     return {"output": str(output), "method": settings.method, "sparsity": sparsity,
             "parameters": {"before": before["parameters"], "after": after},
             "layers": {"before": before["layers"], "after": layer_report(model)},
