@@ -135,6 +135,21 @@ def test_sparsegpt_matches_the_reference_and_keeps_exact_counts():
     assert ((other.weight == 0).view(16, 3, 16).sum((0, 2)) == int(16 * 16 * 0.6)).all()  # per block of columns
 
 
+def test_target_modules_select_what_is_pruned():
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+
+    model = build_model(ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64))
+    PRUNERS.get("magnitude")(PruneConfig(target_modules=["down_proj"], sparsity=0.5)).prune(model, None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            assert ((module.weight == 0).float().mean() == 0.5) == name.endswith("down_proj"), name
+    with pytest.raises(UsageError):
+        PRUNERS.get("magnitude")(PruneConfig(target_modules=["nothing"])).prune(model, None)
+    with pytest.raises(UsageError):
+        PRUNERS.get("wanda")(PruneConfig(method="wanda", scope="global"))
+
+
 def test_global_magnitude_uses_one_threshold():
     from llmctl.core.model import ModelConfig
     from llmctl.core.model.build import build_model

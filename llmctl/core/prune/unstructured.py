@@ -52,11 +52,15 @@ class Unstructured(Pruner):
 
     row_groups = False  # compare weights within each output row (else within the module)
     Stats: type | None = None  # the per-module input statistic a calibrated method accumulates
+    scopes = ("layer",)  # the `scope` values the method has
 
     def check(self) -> None:
         s = self.settings
         if s.pattern is None and not 0 <= s.sparsity < 1:
             raise UsageError(f"--sparsity must be in [0, 1), got {s.sparsity}")
+        if s.scope not in self.scopes:
+            raise UsageError(f"scope={s.scope} is not a choice of {PRUNERS.name_of(type(self))} "
+                             f"(it has: {', '.join(self.scopes)})")
         self.nm = parse_pattern(s.pattern) if s.pattern is not None else None
 
     def score(self, linear: nn.Linear, stats) -> torch.Tensor:
@@ -104,6 +108,8 @@ class Unstructured(Pruner):
 @PRUNERS.register("magnitude")
 class Magnitude(Unstructured):
     """|W|: per module, or one threshold over every selected module (`scope=global`)."""
+
+    scopes = ("layer", "global")
 
     def check(self) -> None:
         super().check()
