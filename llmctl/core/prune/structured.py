@@ -42,17 +42,16 @@ class Structured(Pruner):
         """Sorted indices kept per layer, from per-layer unit scores (see the module docstring)."""
         if self.settings.uniform:
             return [s.topk(len(s) - self.removed(len(s))).indices.sort().values for s in scores]
-        shares = [s / s.sum().clamp_min(1e-30) for s in scores]
-        total = sum(len(s) for s in scores)
-        flat = torch.cat(shares)
-        layer = torch.cat([torch.full((len(s),), i) for i, s in enumerate(scores)])
-        drop = torch.zeros(total, dtype=torch.bool)
+        shares = torch.cat([s / s.sum().clamp_min(1e-30) for s in scores])
+        layer = [i for i, s in enumerate(scores) for _ in range(len(s))]
         left = [len(s) for s in scores]
-        for j in flat.argsort().tolist():  # weakest first, a layer's last unit always stays
-            if int(drop.sum()) >= round(total * self.settings.sparsity):
+        drop = torch.zeros(len(shares), dtype=torch.bool)
+        wanted, dropped = round(len(shares) * self.settings.sparsity), 0
+        for j in shares.argsort().tolist():  # weakest first; a layer's last unit always stays
+            if dropped == wanted:
                 break
             if left[layer[j]] > 1:
-                drop[j], left[layer[j]] = True, left[layer[j]] - 1
+                drop[j], left[layer[j]], dropped = True, left[layer[j]] - 1, dropped + 1
         return [(~d).nonzero().flatten() for d in drop.split([len(s) for s in scores])]
 
 
