@@ -80,7 +80,7 @@ def test_max_time_fits_the_schedule_into_the_budget(llmctl, corpus, tmp_path):
                "max_time=0.2", "lr=0.01", "min_lr=1e-5", "save_every=0", "eval_every=0", "-o", out, "--json")
     assert r.code == 0, r.stderr
     steps = r.json()["step"]
-    assert 5 <= steps < 1000000
+    assert 2 <= steps < 1000000  # how many fit depends on the machine's load
     last = [rec for rec in records(out) if "lr" in rec][-1]
     # the cosine reached its end on time: the last step's lr is the schedule's last over `steps`
     end = lr_at("cosine", steps - 1, lr=0.01, min_lr=1e-5, warmup_steps=2, max_steps=steps)

@@ -319,7 +319,7 @@ class Trainer:
         try:
             with _Signals() as signals, self.report.progress("train", total=self.max_steps, unit="step") as bar:
                 bar.update(completed=self.step)
-                started, first_step, timed_from = time.perf_counter(), self.step, None
+                started, first_step, timed_from, fitted = time.perf_counter(), self.step, None, None
                 while self.step < self.max_steps:
                     start = time.perf_counter()
                     loss, aux_loss, grad_norm, lr = self.train_step()
@@ -331,10 +331,12 @@ class Trainer:
                     mfu = self.flops_per_token * tokens_per_s / (self.peak * d.world)
                     if not self.horizon_fixed:  # time every step after the first (it warms up)
                         now = time.perf_counter()
-                        timed_from = timed_from or now
+                        timed_from, fitted = timed_from or now, fitted or now
                         timed = self.step - first_step - 1
-                        if timed and timed % TIMED_STEPS == 0:
+                        # refit every TIMED_STEPS steps, or sooner when steps are slow against the budget
+                        if timed and (timed % TIMED_STEPS == 0 or now - fitted >= cfg.max_time * 60 / 20):
                             self._fit_time_budget(now - started, timed / (now - timed_from))
+                            fitted = now
                             bar.update(total=self.max_steps)
                     if log and (self.step % cfg.log_every == 0 or self.step == self.max_steps):
                         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
