@@ -27,6 +27,7 @@ SCHEMAS: dict[str, str] = {
     "model": "llmctl.core.model.config:ModelConfig",
     "train": "llmctl.core.train.config:TrainConfig",
     "prune": "llmctl.core.prune.config:PruneConfig",
+    "finetune": "llmctl.core.train.finetune_config:FinetuneConfig",
 }
 
 

@@ -13,13 +13,20 @@ from llmctl.options import human_bytes, human_count
 def info(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (llmctl or Hugging Face).", show_default=False)],
 ) -> None:
-    """Architecture, parameters, dtype, size, tokenizer, lineage, quantization and sparsity of a checkpoint."""
+    """Architecture, parameters, dtype, size, tokenizer, lineage, quantization and sparsity of a checkpoint
+    (of an adapter directory: its base's, and the adapter's method, rank, targets and trainable share)."""
+    from llmctl.core.adapters import base_path, describe_adapter, is_adapter
     from llmctl.core.checkpoint import open_checkpoint
     from llmctl.core.summary import describe
     from llmctl.errors import CheckpointError
 
     try:
-        summary = describe(open_checkpoint(checkpoint))
+        adapter = is_adapter(checkpoint)
+        summary = describe(open_checkpoint(base_path(checkpoint) if adapter else checkpoint))
+        if adapter:  # the base's architecture; the adapter's own lineage and metrics
+            summary["adapter"] = describe_adapter(checkpoint, summary["parameters"]["total"])
+            summary.update(path=str(checkpoint), lineage=summary["adapter"].pop("lineage"),
+                           metrics=summary["adapter"].pop("metrics"))
         rows = _rows(summary)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:  # a field of the wrong type
         raise CheckpointError(f"{checkpoint}: config.json or llmctl.json has a malformed field "
@@ -58,6 +65,13 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
         if s[key]:
             rows.append([key, ", ".join(f"{k}={v}" for k, v in s[key].items())])
     rows.append(["metrics records", s["metrics"]])
+    if s.get("adapter"):
+        a = s["adapter"]
+        share = f" ({a['trainable_share']:.2%} of the base)" if a["trainable_share"] is not None else ""
+        rows += [["adapter", f"{a['method']}" + (f", r={a['r']}, alpha={a['alpha']}" if a["r"] else "")],
+                 ["adapter targets", f"{a['targets']} ({a['modules']} modules)" if a["modules"] else _v(a["targets"])],
+                 ["adapter parameters", f"{human_count(a['parameters'])}{share}"],
+                 ["base", a["base"] + "".join(f" + {t['type']}" for t in a["base_transforms"])]]
     return rows
 
 

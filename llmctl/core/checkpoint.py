@@ -591,8 +591,8 @@ def append_metrics(path: str | os.PathLike, record: Mapping) -> None:
     A `time` (UTC) is added unless given; an HF directory gets a fresh llmctl.json.
     """
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_NAME} (not a model checkpoint directory)")
+    if not (path / CONFIG_NAME).is_file() and not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_NAME} (not a model checkpoint or adapter directory)")
     lineage = _read_json(path / LINEAGE_NAME, required=False) or {"format": FORMAT, "version": FORMAT_VERSION}
     lineage.setdefault("metrics", []).append({"time": _now(), **record})
     write_json(path / LINEAGE_NAME, _jsonable(lineage))

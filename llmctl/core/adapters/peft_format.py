@@ -21,49 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmctl.core.adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, base_path, read_config
 from llmctl.core.adapters.lora import ADAPTER_TENSORS, LoRA, lora_modules, saved_modules
 from llmctl.core.model.transforms import _LAYER, ALL_LINEAR, matches
 from llmctl.errors import CheckpointError
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 _FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "dora",
            "target_modules": "target_modules", "exclude_modules": "exclude_modules",
            "layers_to_transform": "layers_to_transform", "modules_to_save": "modules_to_save"}
 _UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
                 "layers_pattern": None, "trainable_token_indices": None, "layer_replication": None,
                 "target_parameters": None, "lora_bias": False}
-
-
-def is_adapter(path: str | os.PathLike) -> bool:
-    """A PEFT adapter directory (not a full checkpoint)."""
-    path = Path(path)
-    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    file = Path(path) / ADAPTER_CONFIG
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: cannot read ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: not a JSON object")
-    return config
-
-
-def base_path(path: str | os.PathLike, config: dict | None = None) -> Path:
-    """The base checkpoint of adapter directory `path` (`base_model_name_or_path`)."""
-    path = Path(path)
-    name = (config or read_config(path)).get("base_model_name_or_path")
-    if not name:
-        raise CheckpointError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path")
-    for candidate in (path / name, Path(name)):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise CheckpointError(f"{path / ADAPTER_CONFIG}: base model {name!r} not found (as a directory, absolute or "
-                          f"relative to {path} or the working directory)")
 
 
 # -- names ---------------------------------------------------------------------------------------
@@ -241,3 +209,19 @@ def _assign(model: nn.Module, path: Path, transform: LoRA) -> None:
     with torch.no_grad():
         for name, tensor in tensors.items():
             state[name].copy_(tensor)  # state_dict() tensors share storage with the parameters
+
+
+def merge_to_checkpoint(adapter: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write the base of adapter directory `adapter` with the adapter folded in as a full
+    checkpoint (`merge_adapter`), whose logits equal the unmerged adapter's."""
+    from llmctl.core.adapters.lora import merge_adapter
+    from llmctl.core.model.io import save_model
+
+    adapter = Path(adapter)
+    model, _ = load_adapter(adapter)
+    merge_adapter(model)
+    base = base_path(adapter)
+    tokenizer = adapter if (adapter / "tokenizer.json").is_file() else base if (base / "tokenizer.json").is_file() \
+        else None
+    lineage = {"command": "finetune", "parents": [base], "merged_adapter": str(adapter.resolve())}
+    return save_model(model, out_dir, tokenizer_dir=tokenizer, lineage=lineage, force=force)

@@ -13,14 +13,16 @@ from llmctl.errors import CheckpointError
 
 
 def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = None, seed: int = 1234) -> ScoringModel:
-    """A checkpoint (llmctl or HF directory) and its tokenizer, ready to score."""
+    """A checkpoint (llmctl or HF directory, or an adapter directory) and its tokenizer, ready to score."""
+    from llmctl.core.adapters import is_adapter
     from llmctl.core.checkpoint import open_checkpoint
     from llmctl.core.checks import check_finite, check_tokenizer_fits
     from llmctl.core.model.io import load_model
     from llmctl.core.tokenizer import load_tokenizer
 
-    ck = open_checkpoint(path)
-    if not ck.has_tokenizer:
+    if not is_adapter(path):
+        open_checkpoint(path)  # a missing or broken directory says so first
+    if not (Path(path) / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: checkpoint has no tokenizer (tokenizer.json); eval needs one to encode text")
     model, cfg = load_model(path, device=device, dtype=dtype)
     tok = load_tokenizer(path)

@@ -40,11 +40,11 @@ def load_model(
     config by one of the same architecture with other run-time settings (dropout, …).
     A PEFT adapter directory loads as its base with the adapter (`core/adapters`).
     """
-    from llmctl.core.adapters import peft_format
+    from llmctl.core.adapters import is_adapter, load_adapter
     from llmctl.core.model import transforms as tf
 
-    if peft_format.is_adapter(path):
-        return peft_format.load_adapter(path, device, dtype, transforms=transforms, config=config)
+    if is_adapter(path):
+        return load_adapter(path, device, dtype, transforms=transforms, config=config)
 
     ck = open_checkpoint(path)
     cfg = config_from_hf(ck.config)

@@ -37,6 +37,8 @@ class Plan:
     mask_id: int | None = None  # masked objective: filled by its `resolve`
     special_ids: list[int] = field(default_factory=list)
     parents: list[str] = field(default_factory=list)
+    prepared: Any = None  # what the objective's `resolve` made of the data (SFT: encoded rows)
+    report: Reporter = SILENT  # where `resolve` reports (a data summary, warnings)
 
 
 def make_plan(cfg: TrainConfig, device_type: str, report: Reporter = SILENT) -> Plan:
@@ -95,7 +97,7 @@ def make_plan(cfg: TrainConfig, device_type: str, report: Reporter = SILENT) -> 
 
     objective = cfg.objective if cfg.objective != "auto" else default_objective(model_config)
     plan = Plan(cfg, model_config, init_from, tokenizer, tokenizer_dir, shards, text_files, val_files,
-                objective, precision, parents=[str(init_from)] if init_from else [])
+                objective, precision, parents=[str(init_from)] if init_from else [], report=report)
     OBJECTIVES.get(objective).resolve(plan)  # an unknown name is a usage error, as any registry's
     if cfg.max_time is None and 0 < cfg.max_steps < cfg.warmup_steps:
         report.warn(f"warmup_steps={cfg.warmup_steps} is longer than max_steps={cfg.max_steps}: "

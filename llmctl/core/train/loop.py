@@ -438,10 +438,13 @@ def _check_resume(outdir: Path, plan: Plan) -> None:
     from llmctl.core.train.state import META, STATE_DIR
     from llmctl.errors import CheckpointError, UsageError
 
+    from llmctl.core.adapters import base_path, is_adapter
+
     ckpt = latest_checkpoint(outdir)
     if ckpt is None:
         return
-    if config_from_hf(open_checkpoint(ckpt).config).architecture() != plan.model_config.architecture():
+    model_dir = base_path(ckpt) if is_adapter(ckpt) else ckpt  # an adapter's architecture is its base's
+    if config_from_hf(open_checkpoint(model_dir).config).architecture() != plan.model_config.architecture():
         raise CheckpointError(f"{ckpt} has another architecture than this run's model; resume with the run's own "
                               "config (no model overrides), or train into a new OUTDIR")
     step = int(json.loads((ckpt / STATE_DIR / META).read_text(encoding="utf-8"))["step"])

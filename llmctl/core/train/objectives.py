@@ -165,3 +165,13 @@ def default_objective(model_config) -> str:
     if not model_config.is_causal:
         return "masked"
     return "mtp" if model_config.num_mtp_heads else "causal"
+
+
+def _register_builtins() -> None:
+    """Objectives in modules of their own register on import (plugins through `llmctl.objectives`)."""
+    import importlib
+
+    importlib.import_module("llmctl.core.train.sft")
+
+
+_register_builtins()

@@ -1,0 +1,44 @@
+"""Finetuning methods: a name → the transforms that make a base model trainable that way.
+
+    transforms = METHODS.get("qlora")(options)     # options: finetune's AdapterOptions
+    for t in transforms: t.apply(model)            # then `mark_trainable(model)` unless full
+
+A method with no transforms (`full`) trains every weight and saves a full checkpoint; the
+others train only their adapter (and `modules_to_save`) and save a PEFT adapter directory.
+"""
+
+from __future__ import annotations
+
+from llmctl.core.registry import Registry
+
+METHODS = Registry("finetuning method")
+
+
+def _lora(o, **extra):
+    from llmctl.core.adapters.lora import LoRA
+
+    return LoRA(r=o.r, alpha=o.alpha, dropout=o.dropout, target_modules=o.target_modules,
+                exclude_modules=o.exclude_modules, rslora=o.rslora, modules_to_save=o.modules_to_save, **extra)
+
+
+@METHODS.register("full")
+def full(o) -> list:
+    return []
+
+
+@METHODS.register("lora")
+def lora(o) -> list:
+    return [_lora(o)]
+
+
+@METHODS.register("dora")
+def dora(o) -> list:
+    return [_lora(o, dora=True)]
+
+
+@METHODS.register("qlora")
+def qlora(o) -> list:
+    """The frozen base's linear layers (all but the head) as NF4, LoRA on top."""
+    from llmctl.core.quant.nf4 import NF4
+
+    return [NF4(), _lora(o)]

@@ -1,0 +1,156 @@
+"""The `sft` objective: supervised finetuning on prompt/completion, chat or text records.
+
+`resolve` encodes the data (`core/data/sft.py`) before anything is written and reports its
+summary; batches are rows of (ids, loss mask, document id), packed or padded; `prepare` applies
+the finetuning method's transforms (`core/adapters/methods.py`) and freezes all but the
+adapter; `save` writes a PEFT adapter directory for adapter methods, a checkpoint for `full`.
+Batch i is a pure function of (seed, i), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmctl.core.train.objectives import OBJECTIVES, Batch, Objective
+from llmctl.errors import ConfigError, DataError
+
+
+class SFTBatches:
+    """Rows in a seeded order, reshuffled every epoch; each rank its own slice of each batch."""
+
+    def __init__(self, train: torch.Tensor, val: torch.Tensor | None, *, batch_size: int, rank: int, world: int,
+                 seed: int, eval_batches: int):
+        self.train, self.val, self.seed = train, val, seed
+        self.batch_size, self.rank, self.world, self.eval_batches = batch_size, rank, world, eval_batches
+        self._order: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._order:
+            self._order = {epoch: torch.randperm(len(self.train), generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch))}
+        return self._order[epoch]
+
+    def batch(self, index: int) -> torch.Tensor:
+        start = (index * self.world + self.rank) * self.batch_size
+        rows = [self._permutation(p // len(self.train))[p % len(self.train)]
+                for p in range(start, start + self.batch_size)]
+        return self.train[torch.stack(rows)]
+
+    def val_batches(self) -> list[torch.Tensor]:
+        if self.val is None or not len(self.val):
+            return []
+        mine = self.val[self.rank::self.world]
+        return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)][: self.eval_batches]
+
+    def state(self) -> dict:
+        return {"rows": len(self.train)}
+
+    def load_state(self, state: dict) -> None:
+        if state.get("rows") != len(self.train):
+            raise DataError(f"the training data changed since the checkpoint ({state.get('rows')} rows then, "
+                            f"{len(self.train)} now); resume with the same data")
+
+
+@OBJECTIVES.register("sft")
+class SFT(Objective):
+    """Next-token loss on the learned tokens of SFT examples (completions, assistant turns)."""
+
+    @classmethod
+    def resolve(cls, plan) -> None:
+        super().resolve(plan)
+        from llmctl.core.adapters.methods import METHODS
+
+        cfg = plan.config
+        if not plan.model_config.is_causal:
+            raise ConfigError(f"config key 'model': {cfg.model} is encoder-only; finetuning is for causal models")
+        METHODS.get(getattr(cfg, "method", "full"))  # a usage error naming the choices
+        if getattr(cfg, "method", "full") != "full" and plan.init_from is None:
+            raise ConfigError(f"method {cfg.method}: adapters need a base checkpoint, not the preset {cfg.model}")
+        if plan.shards is not None:
+            raise ConfigError("config key 'data': SFT reads JSONL/JSON records, not token shards")
+        if cfg.method == "qlora" and cfg.precision == "auto":
+            plan.precision = "bfloat16"  # QLoRA computes in bf16 (CPU and GPU)
+        plan.prepared = _encode(plan)
+        plan.report.info(_describe(plan.prepared["stats"], plan.prepared.get("val_stats")))
+
+    def data(self, d):
+        cfg, prepared = self.cfg, self.plan.prepared
+        return SFTBatches(prepared["train"], prepared["val"], batch_size=cfg.batch_size, rank=d.rank, world=d.world,
+                          seed=cfg.seed, eval_batches=cfg.eval_batches)
+
+    def batch(self, rows, index, generator=None) -> Batch:
+        ids, mask, docs = rows.unbind(1)
+        inputs = ids[:, :-1]
+        labels = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
+        extra = {}
+        if getattr(self.cfg, "packing", False):
+            [extra["document_ids"]] = self._to_device(docs[:, :-1])
+        return *self._to_device(inputs, labels), extra
+
+    def prepare(self, model: nn.Module) -> None:
+        from llmctl.core.adapters import mark_trainable
+        from llmctl.core.adapters.methods import METHODS
+
+        transforms = METHODS.get(self.cfg.method)(self.cfg.adapter)
+        names = [t.name for t in transforms]
+        if names and [t.name for t in getattr(model, "transforms", [])][-len(names):] != names:  # not a resumed one
+            for transform in transforms:
+                transform.apply(model)
+        if names:
+            mark_trainable(model, self.cfg.adapter.modules_to_save)
+
+    def save(self, model: nn.Module, directory, **kwargs) -> None:
+        if self.cfg.method == "full":
+            return super().save(model, directory, **kwargs)
+        from llmctl.core.adapters import save_adapter
+
+        save_adapter(model, directory, base=self.plan.init_from, **kwargs)
+
+
+def _encode(plan) -> dict:
+    """{"train", "val": row tensors, "stats", "val_stats"}: the records encoded and packed."""
+    import random
+
+    from llmctl.core.data.sft import SFTEncoder, encode_files, pack
+
+    cfg, tok = plan.config, plan.tokenizer
+    template = None
+    if cfg.chat_template:
+        from llmctl.core.chat_templates import resolve_template
+
+        template, needed = resolve_template(cfg.chat_template)
+        missing = [t for t in needed if tok.inner.token_to_id(t) is None]
+        if missing:
+            raise ConfigError(f"config key 'chat_template': the tokenizer lacks {', '.join(missing)}; "
+                              "give a template its vocabulary has")
+    encoder = SFTEncoder(tok, train_on=cfg.train_on, template=template)
+    examples = encode_files(plan.text_files, encoder)
+    if plan.val_files:
+        val = encode_files(plan.val_files, encoder)
+    else:
+        order = list(range(len(examples)))
+        random.Random(cfg.seed).shuffle(order)
+        n_val = math.floor(len(examples) * cfg.val_fraction) if len(examples) > 1 else 0
+        held = set(order[:n_val])
+        val = [e for i, e in enumerate(examples) if i in held]
+        examples = [e for i, e in enumerate(examples) if i not in held]
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    length = cfg.seq_len + 1
+    train_rows, stats = pack(examples, length, pad, cfg.packing)
+    val_rows, val_stats = pack(val, length, pad, cfg.packing) if val else (None, None)
+    return {"train": train_rows, "val": val_rows, "stats": stats, "val_stats": val_stats}
+
+
+def _describe(stats, val_stats) -> str:
+    s = stats.summary()
+    per = s["tokens_per_example"]
+    text = (f"SFT data: {s['examples']} examples, {per['min']}/{per['mean']:g}/{per['max']} tokens per example "
+            f"(min/mean/max), {s['loss_tokens']} learned tokens in {s['rows']} rows ({s['fill']:.0%} filled)")
+    if s["truncated"] or s["dropped"]:
+        text += f"; {s['truncated']} cut to seq_len, {s['dropped']} dropped (nothing left to learn)"
+    if val_stats is not None:
+        text += f"; validation: {val_stats.examples} examples in {val_stats.rows} rows"
+    return text
