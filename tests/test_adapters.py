@@ -48,8 +48,8 @@ def _peft(base, adapter):
     return peft.PeftModel.from_pretrained(hf, adapter).eval()
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+@pytest.mark.parametrize("method, targets", [("lora", ["q_proj", "v_proj"]), ("rslora", "all-linear"),
+                                             ("dora", "all-linear"), ("dora", r".*\.layers\.1\..*_proj")])
 def test_saved_adapter_gives_peft_logits(base, tmp_path, method, targets):
     model, _ = load_model(base, transforms=[LoRA(r=4, alpha=8, target_modules=targets, **METHODS[method])])
     _randomize(model)

@@ -13,7 +13,8 @@ the others to `llmctl.json`'s `transforms` list.
 
 Selection follows PEFT's `target_modules`: a string is a regex that must match the whole
 module path; a list matches a path equal to an entry or ending in `.entry`; `"all-linear"` is
-every `nn.Linear` except the output head. `exclude_modules` works the same way and
+every `nn.Linear` (or replaced linear: a module with `in_features` and `out_features`) except
+the output head. `exclude_modules` works the same way and
 `layers_to_transform` keeps only modules inside those blocks (`…layers.N.…`).
 
 A new transform is one file (an entry point of `llmctl.transforms` for a plugin):
@@ -71,8 +72,9 @@ def select_modules(model: nn.Module, target_modules: Targets, exclude_modules: T
     for path, module in model.named_modules():
         if not path:
             continue
-        if target_modules == ALL_LINEAR:
-            picked = isinstance(module, nn.Linear) and path != OUTPUT_HEAD
+        if target_modules == ALL_LINEAR:  # dense or already replaced (quantized) linear layers
+            picked = (isinstance(module, nn.Linear) or hasattr(module, "in_features") and hasattr(module, "out_features")
+                      ) and path != OUTPUT_HEAD
         else:
             picked = matches(path, target_modules)
         if not picked or matches(path, exclude_modules):

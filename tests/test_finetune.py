@@ -1,0 +1,150 @@
+"""`llmctl finetune`: adapters trained with train's trainer, in PEFT's format, read by every command."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from conftest import tiny_llama  # noqa: E402
+
+from llmctl.core.model.io import load_model  # noqa: E402
+
+FAST = ["--config", "tiny"]  # configs/finetune/tiny.yaml
+IDS = torch.tensor([[5, 17, 42, 7, 99, 3, 150, 11]])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    return tiny_llama(out, ["question: what is two plus three? answer: five. " * 20], vocab=200, context=128,
+                      scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    r = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    with path.open("w") as f:
+        for _ in range(40):
+            a, b = r.randint(0, 9), r.randint(0, 9)
+            f.write(json.dumps({"prompt": f"question: what is {a} plus {b}? answer:", "completion": f" {a + b}."}) + "\n")
+    return path
+
+
+def _logits(model):
+    with torch.no_grad():
+        out = model(IDS)
+    return out.logits.float()
+
+
+def _losses(out: Path) -> list[float]:
+    return [x["loss"] for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+
+
+def test_lora_finetune_writes_a_peft_adapter_every_command_reads(llmctl, base, records, tmp_path):
+    out = tmp_path / "lora"
+    before = (base / "model.safetensors").read_bytes()
+    r = llmctl("--json", "finetune", base, *FAST, "--data", records, "merge_adapter=true", "-o", out)
+    assert r.code == 0, r.stderr
+    assert "SFT data: 38 examples" in r.stderr and json.loads(r.stdout)["method"] == "lora"
+    assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
+    assert (base / "model.safetensors").read_bytes() == before  # the base is never written
+    losses = _losses(out)
+    assert losses[-1] < losses[0]
+
+    # the optimizer state holds the adapter's tensors only
+    from safetensors import safe_open
+
+    state = safe_open(out / "checkpoints" / "step-000006" / "trainer_state" / "state.safetensors", "pt")
+    moments = {k for k in state.keys() if k.startswith("optimizer.")}
+    assert moments and all(".lora_A." in k or ".lora_B." in k for k in moments)
+    assert len(moments) == 2 * 2 * 2 * 3  # 2 layers x (q, v) x (A, B) x (step, exp_avg, exp_avg_sq)
+
+    # PEFT reads it and computes our logits
+    ours, _ = load_model(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, out).eval()
+    with torch.no_grad():
+        assert torch.allclose(_logits(ours), theirs(IDS).logits, atol=1e-4, rtol=0)
+    assert not torch.allclose(_logits(ours), _logits(load_model(base)[0]), atol=1e-3)
+
+    # merged == unmerged
+    merged, _ = load_model(out / "merged")
+    assert not merged.transforms and torch.allclose(_logits(merged), _logits(ours), atol=1e-5, rtol=0)
+
+    # generate, eval and info take the adapter directory
+    g = llmctl("--json", "generate", out, "question: what is 2 plus 3? answer:", "--max-new-tokens", "3",
+               "--temperature", "0")
+    assert g.code == 0, g.stderr
+    gm = llmctl("--json", "generate", out / "merged", "question: what is 2 plus 3? answer:", "--max-new-tokens", "3",
+                "--temperature", "0")
+    assert json.loads(g.stdout)["tokens"] == json.loads(gm.stdout)["tokens"]
+    text = tmp_path / "eval.txt"
+    text.write_text("question: what is 4 plus 4? answer: 8.\n" * 4)
+    e = llmctl("--json", "eval", out, "--task", "perplexity", "--data", text)
+    assert e.code == 0, e.stderr
+    assert json.loads((out / "llmctl.json").read_text())["metrics"][-1]["task"] == "perplexity"
+    i = llmctl("--json", "info", out)
+    adapter = json.loads(i.stdout)["adapter"]
+    assert adapter["method"] == "lora" and adapter["r"] == 4 and adapter["modules"] == 4
+    assert 0 < adapter["trainable_share"] < 0.05
+
+
+def test_qlora_trains_on_an_nf4_base_in_bf16(llmctl, base, records, tmp_path):
+    out = tmp_path / "qlora"
+    r = llmctl("finetune", base, *FAST, "--method", "qlora", "--data", records, "precision=auto", "max_steps=3",
+               "adapter.target_modules=all-linear", "-o", out)
+    assert r.code == 0, r.stderr
+    lineage = json.loads((out / "llmctl.json").read_text())
+    assert [t["type"] for t in lineage["base_transforms"]] == ["nf4"]
+    model, _ = load_model(out)
+    from llmctl.core.quant.nf4 import NF4Linear
+
+    assert isinstance(model.model.layers[0].mlp.up_proj, NF4Linear)
+    assert float(model.model.layers[0].mlp.up_proj.lora_B.weight.detach().abs().sum()) > 0
+    assert all(torch.isfinite(torch.tensor(_losses(out))))
+
+
+def test_bad_record_and_method_are_named(llmctl, base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    r = llmctl("finetune", base, *FAST, "--data", bad, "-o", tmp_path / "out")
+    assert r.code == 1 and f"{bad}:2: a record needs" in r.stderr and not (tmp_path / "out").exists()
+    r = llmctl("finetune", base, *FAST, "--data", bad, "--method", "lorra", "-o", tmp_path / "out")
+    assert r.code == 2 and "did you mean 'lora'" in r.stderr
+
+
+def _spawn(*args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "llmctl", "--quiet", "finetune", *map(str, args)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(base, records, tmp_path):
+    args = [base, *FAST, "--data", records, "--method", "dora", "max_steps=14", "save_every=4", "keep_last=5",
+            "adapter.dropout=0.1"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    whole, killed = _spawn(*args, "-o", ref), _spawn(*args, "-o", cut)
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "step-000008" / "trainer_state" / "state.json").is_file():
+        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1]
+        time.sleep(0.02)
+    killed.kill()
+    killed.wait()
+    assert whole.wait(timeout=180) == 0, whole.communicate()[1]
+    assert not (cut / "adapter_config.json").exists()  # it never finished
+    resumed = _spawn(base, "--data", records, "-o", cut, "--resume")
+    assert resumed.wait(timeout=180) == 0, resumed.communicate()[1]
+    assert _losses(cut) == _losses(ref)
+    assert (cut / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
