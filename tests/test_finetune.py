@@ -148,3 +148,22 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(base, records, tmp
     assert resumed.wait(timeout=180) == 0, resumed.communicate()[1]
     assert _losses(cut) == _losses(ref)
     assert (cut / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
+
+
+def test_long_context_finetune_rescales_rope_and_the_adapter_keeps_it(llmctl, base, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": "question: what is two plus two? answer: four. " * 14}) + "\n"
+                            for _ in range(6)))
+    args = ["finetune", base, *FAST, "--data", data, "seq_len=200", "max_steps=2"]
+    r = llmctl(*args, "-o", tmp_path / "short")
+    assert r.code == 2 and "exceeds the context of model" in r.stderr  # base context: 128
+    r = llmctl(*args, "max_seq_len=256", "rope_scaling={type: linear, factor: 2.0}", "-o", tmp_path / "long")
+    assert r.code == 0, r.stderr
+    model, cfg = load_model(tmp_path / "long")
+    assert cfg.max_seq_len == 256 and cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    plain, _ = load_model(base)
+    rescaled, _ = load_model(base, config=cfg)  # the base's weights fit the longer context
+    ids = torch.randint(0, 200, (1, 180))
+    with torch.no_grad():
+        assert model(ids).logits.shape[1] == 180
+        assert not torch.allclose(rescaled(ids[:, :100]).logits, plain(ids[:, :100]).logits, atol=1e-3)

@@ -6,13 +6,15 @@
 Tensor keys are PEFT's: `base_model.model.<HF module path>.lora_A.weight`, `….lora_B.weight`,
 `….lora_magnitude_vector` (DoRA) and `base_model.model.<path>.weight` for `modules_to_save`;
 module paths are the base architecture's Hugging Face names (`hf.module_names`). Beside them
-llmctl writes `llmctl.json` (lineage, and `base_transforms`: transforms applied to the base
-before the adapter, such as QLoRA's `nf4`) and the tokenizer. `base_model_name_or_path` may be
+llmctl writes `llmctl.json` (lineage; `base_transforms`: transforms applied to the base before
+the adapter, such as QLoRA's `nf4`; `base_context`: a rotary context set at finetune time,
+`max_seq_len` / `rope_scaling`) and the tokenizer. `base_model_name_or_path` may be
 absolute or relative (to the adapter directory first, then to the working directory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,6 +25,7 @@ from torch import nn
 
 from llmctl.core.adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, base_path, read_config
 from llmctl.core.adapters.lora import ADAPTER_TENSORS, LoRA, lora_modules, saved_modules
+from llmctl.core.model.config import CONTEXT_FIELDS
 from llmctl.core.model.transforms import _LAYER, ALL_LINEAR, matches
 from llmctl.errors import CheckpointError
 
@@ -134,10 +137,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base: str | os
 
     before, transform = _lora_transform(model)
     base = Path(base)
-    own = _recorded(base)
+    own, base_cfg = _recorded(base)
     if [t.spec() for t in before[: len(own)]] != [t.spec() for t in own]:
         raise CheckpointError(f"the model's transforms do not start with those of its base {base}")
-    record = _lineage_record({**(lineage or {}), "base_transforms": [t.spec() for t in before[len(own):]]})
+    context = {k: getattr(model.cfg, k) for k in CONTEXT_FIELDS if getattr(model.cfg, k) != getattr(base_cfg, k)}
+    record = _lineage_record({**(lineage or {}), "base_transforms": [t.spec() for t in before[len(own):]],
+                              **({"base_context": context} if context else {})})
     tensors = adapter_tensors(model, transform)
     with atomic_dir(out_dir, force=force) as tmp:
         save_file({k: v.to("cpu") for k, v in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -150,12 +155,14 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base: str | os
     return Path(out_dir)
 
 
-def _recorded(base: Path) -> list:
+def _recorded(base: Path):
+    """(the transforms base records, its model config)."""
     from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.hf import config_from_hf
     from llmctl.core.model.transforms import recorded
 
     ck = open_checkpoint(base)
-    return recorded(ck.config, ck.lineage)
+    return recorded(ck.config, ck.lineage), config_from_hf(ck.config)
 
 
 def load_adapter(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, *, transforms=(),
@@ -170,6 +177,8 @@ def load_adapter(path: str | os.PathLike, device=None, dtype: torch.dtype | None
     base = base_path(path, config_json)
     lineage_file = path / "llmctl.json"
     lineage = json.loads(lineage_file.read_text(encoding="utf-8")) if lineage_file.is_file() else {}
+    if config is None and lineage.get("base_context"):  # trained with a longer or rescaled context
+        config = dataclasses.replace(_recorded(base)[1], **lineage["base_context"])
     model, cfg = load_model(base, device=device, dtype=dtype, config=config)
     transform = transform_from_config(config_json, model, str(path / ADAPTER_CONFIG))
     with torch.random.fork_rng(devices=[]):  # building the adapter draws no numbers of the caller's

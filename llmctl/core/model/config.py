@@ -15,6 +15,7 @@ from typing import Any
 from llmctl.errors import ConfigError
 
 # Training and run-time knobs: never part of an architecture's identity.
+CONTEXT_FIELDS = ("max_seq_len", "rope_scaling")  # a rotary model's context, set at finetune time
 RUNTIME_FIELDS = frozenset(
     {
         "attention_kernel",
@@ -145,6 +146,12 @@ class ModelConfig:
             return self
         own = {field: getattr(self, key)[i] for key, field in PER_LAYER.items() if getattr(self, key) is not None}
         return dataclasses.replace(self, **own, **dict.fromkeys(PER_LAYER))
+
+    def weights_architecture(self) -> dict[str, Any]:
+        """`architecture()` less a rotary model's context (`CONTEXT_FIELDS`): the same weights
+        serve a longer or rescaled context (long-context finetuning)."""
+        skip = CONTEXT_FIELDS if self.position == "rope" else ()
+        return {k: v for k, v in self.architecture().items() if k not in skip}
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain JSON-able data."""

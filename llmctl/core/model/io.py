@@ -37,7 +37,8 @@ def load_model(
     weight is allocated twice. Tensors stay memory-mapped until moved; `dtype` None keeps the
     stored dtype (it converts floating-point tensors only). `transforms` are then applied to the
     loaded model (LoRA on a base, quantizing a dense model). `config` replaces the stored
-    config by one of the same architecture with other run-time settings (dropout, …).
+    config by one of the same architecture with other run-time settings (dropout, …, and a
+    rotary model's context: `max_seq_len`, `rope_scaling`).
     A PEFT adapter directory loads as its base with the adapter (`core/adapters`).
     """
     from llmctl.core.adapters import is_adapter, load_adapter
@@ -49,7 +50,7 @@ def load_model(
     ck = open_checkpoint(path)
     cfg = config_from_hf(ck.config)
     if config is not None:
-        if config.architecture() != cfg.architecture():
+        if config.weights_architecture() != cfg.weights_architecture():
             raise CheckpointError(f"{ck.path}: the given model config is not the checkpoint's architecture")
         cfg = config
     model = build_model(cfg, tf.recorded(ck.config, ck.lineage), device="meta")

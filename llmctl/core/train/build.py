@@ -83,6 +83,7 @@ def make_plan(cfg: TrainConfig, device_type: str, report: Reporter = SILENT) -> 
             f"config key 'data': its tokenizer has {vocab} tokens but model {cfg.model} has vocab_size "
             f"{model_config.vocab_size}; tokenize with the model's tokenizer"
         )
+    model_config = _context(cfg, model_config)
     if cfg.seq_len > model_config.max_seq_len:
         raise ConfigError(
             f"config key 'seq_len': {cfg.seq_len} exceeds the context of model {cfg.model} "
@@ -205,6 +206,25 @@ def _text_files(paths: list[Path]) -> list[Path]:
     if sum(f.stat().st_size for f in files) == 0:
         raise ConfigError(f"config key 'data': {', '.join(map(str, paths))} is empty")
     return files
+
+
+def _context(cfg, model_config):
+    """A longer or rescaled context set at finetune time (`max_seq_len`, `rope_scaling` keys of
+    the finetune schema) for a rotary model; other position encodings refuse it."""
+    changes = {k: v for k in ("max_seq_len", "rope_scaling") if (v := getattr(cfg, k, None)) is not None}
+    if not changes:
+        return model_config
+    if model_config.position != "rope":
+        raise ConfigError(f"config key '{next(iter(changes))}': only a rotary (rope) model's context can be changed, "
+                          f"not {model_config.position}")
+    from llmctl.core.model.position import ROPE_SCALINGS
+
+    if "rope_scaling" in changes:
+        scaling = dict(changes["rope_scaling"])
+        kind = scaling.pop("type", None) or scaling.get("rope_type")
+        ROPE_SCALINGS.get(kind)  # unknown: a usage error naming the choices
+        changes["rope_scaling"] = {**scaling, "rope_type": kind}
+    return dataclasses.replace(model_config, **changes)
 
 
 def _training_overrides(cfg: TrainConfig, model_config):

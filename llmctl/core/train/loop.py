@@ -444,7 +444,8 @@ def _check_resume(outdir: Path, plan: Plan) -> None:
     if ckpt is None:
         return
     model_dir = base_path(ckpt) if is_adapter(ckpt) else ckpt  # an adapter's architecture is its base's
-    if config_from_hf(open_checkpoint(model_dir).config).architecture() != plan.model_config.architecture():
+    if config_from_hf(open_checkpoint(model_dir).config).weights_architecture() != \
+            plan.model_config.weights_architecture():
         raise CheckpointError(f"{ckpt} has another architecture than this run's model; resume with the run's own "
                               "config (no model overrides), or train into a new OUTDIR")
     step = int(json.loads((ckpt / STATE_DIR / META).read_text(encoding="utf-8"))["step"])
