@@ -167,3 +167,29 @@ def test_long_context_finetune_rescales_rope_and_the_adapter_keeps_it(llmctl, ba
     with torch.no_grad():
         assert model(ids).logits.shape[1] == 180
         assert not torch.allclose(rescaled(ids[:, :100]).logits, plain(ids[:, :100]).logits, atol=1e-3)
+
+
+def test_a_short_lora_sft_raises_word_order_accuracy(llmctl, tmp_path):
+    """The demo: LoRA on sentences of the built-in word_order generator (another seed than the
+    eval's) lifts `llmctl eval --task word_order` from chance well past its standard error."""
+    from llmctl.core.evaluate.builtin import ADJECTIVES, DETERMINERS, NOUNS, VERBS, generate
+
+    (tmp_path / "base").mkdir()
+    vocabulary = " ".join(DETERMINERS + ADJECTIVES + NOUNS + VERBS)
+    base = tiny_llama(tmp_path / "base", [f"Sentence: {vocabulary} "] * 20, vocab=120, context=64, scale=1.0)
+    data = tmp_path / "sentences.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Sentence:", "completion": " " + d["choices"][d["gold"]]}) + "\n"
+                            for d in generate("word_order", 300, seed=1)))
+
+    def accuracy(model):
+        r = llmctl("--json", "eval", model, "--task", "word_order", "--limit", "80", "--no-record")
+        assert r.code == 0, r.stderr
+        return json.loads(r.stdout)["results"][str(model)]["word_order"]
+
+    before = accuracy(base)
+    r = llmctl("finetune", base, *FAST, "--data", data, "adapter.target_modules=all-linear", "adapter.r=8",
+               "adapter.alpha=16", "max_steps=30", "batch_size=8", "save_every=0", "lr=1e-2", "-o", tmp_path / "sft")
+    assert r.code == 0, r.stderr
+    after = accuracy(tmp_path / "sft")
+    print(f"word_order acc: {before['acc']:.3f} -> {after['acc']:.3f}")
+    assert after["acc"] - before["acc"] > 2 * max(before["acc_stderr"], after["acc_stderr"])

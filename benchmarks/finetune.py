@@ -1,0 +1,206 @@
+"""Finetuning: LoRA / DoRA / QLoRA tokens/s vs a PEFT + transformers loop; peak RSS of full / lora / qlora.
+
+Throughput: the model of benchmarks/train.py (Llama-style d=384, 6 layers, vocab 4096) as a
+transformers checkpoint, adapters r=16, alpha=32 on every linear layer but the head, batch 8 ×
+seq 256, AdamW over the adapter; llmctl's step is `Trainer.train_step` of `llmctl finetune`
+(same config resolution), PEFT's is `get_peft_model(LlamaForCausalLM)` + `torch.optim.AdamW`
++ clipping. Steps alternate between contenders. PEFT's QLoRA needs bitsandbytes, which has no
+CPU build here: llmctl's QLoRA (NF4 base, bf16 compute) is compared with PEFT's bf16 LoRA on
+the dense base. `--rss`: peak RSS of `llmctl finetune` on the `llama` preset (~125M
+parameters) at seq 512 × batch 4, each method in its own process.
+
+    python -m benchmarks.finetune [--steps 8] [--warmup 2] [--threads 2] [--rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.train import ARCH, BATCH, SEQ, interleaved
+
+R, ALPHA, LR = 16, 32, 2e-4
+WORDS = 4096
+
+
+def make_tokenizer(out: Path) -> None:
+    """A word-level tokenizer of WORDS words (w0 … w4095, w0 = EOS): one token per word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(WORDS)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w0", "unk_token": "w1"}))
+
+
+def make_base(root: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=ARCH["vocab_size"], hidden_size=ARCH["hidden_size"],
+                      intermediate_size=ARCH["intermediate_size"], num_hidden_layers=ARCH["num_layers"],
+                      num_attention_heads=ARCH["num_heads"], num_key_value_heads=ARCH["num_kv_heads"],
+                      max_position_embeddings=ARCH["max_seq_len"], tie_word_embeddings=True, eos_token_id=0)
+    out = root / "base"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    make_tokenizer(out)
+    return out
+
+
+def make_records(path: Path, seq: int, n: int = 64) -> Path:
+    """`text` records of seq random words: with the EOS, each fills one packed row of seq + 1."""
+    rng = random.Random(0)
+    path.write_text("".join(json.dumps({"text": " ".join(f"w{rng.randrange(2, WORDS)}" for _ in range(seq))}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+def finetune_args(method: str, precision: str, seq: int, batch: int, steps: int) -> list[str]:
+    return [f"method={method}", f"adapter.r={R}", f"adapter.alpha={ALPHA}", "adapter.target_modules=all-linear",
+            f"max_steps={steps}", f"batch_size={batch}", f"seq_len={seq}", f"lr={LR}", "warmup_steps=0",
+            "eval_every=0", "save_every=0", "val_fraction=0", f"precision={precision}", "peak_tflops=1",
+            "tensorboard=false"]
+
+
+def llmctl_step(base: Path, data: Path, root: Path, method: str, precision: str, steps: int):
+    from llmctl.config import load_config
+    from llmctl.core.train import distributed
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.finetune_config import FinetuneConfig
+    from llmctl.core.train.loop import Trainer
+
+    cfg = load_config(FinetuneConfig, None, finetune_args(method, precision, SEQ, BATCH, steps), kind="finetune")
+    cfg.model, cfg.data = str(base), [str(data)]
+    out = root / f"llmctl-{method}-{precision}"
+    out.mkdir()
+    trainer = Trainer(make_plan(cfg, "cpu"), out, torch.device("cpu"), distributed.Dist(), {})
+    return trainer.train_step
+
+
+def peft_step(base: Path, method: str, precision: str):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0,
+                             use_dora=method == "dora")
+    model = peft.get_peft_model(model, config).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> float:
+        x = torch.randint(2, WORDS, (BATCH, SEQ), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def throughput(args) -> list[str]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = make_base(root)
+        data = make_records(root / "data.jsonl", SEQ)
+        n = args.steps + args.warmup
+        for precision, methods in (("fp32", ("lora", "dora")), ("bf16", ("lora", "dora", "qlora"))):
+            for method in methods:
+                steps = {"llmctl": llmctl_step(base, data, root, method, precision, n),
+                         "PEFT": peft_step(base, "lora" if method == "qlora" else method, precision)}
+                rates = {k: statistics.median(v) for k, v in interleaved(steps, args.steps, args.warmup).items()}
+                ratio = rates["llmctl"] / rates["PEFT"]
+                rows.append(f"| {precision} | {method} | {rates['llmctl']:,.0f} | {rates['PEFT']:,.0f} | {ratio:.2f}× |")
+                print(rows[-1], flush=True)
+    import peft
+    import transformers
+
+    return [
+        "## Finetune: adapter tokens/s vs PEFT + transformers — `python -m benchmarks.finetune "
+        f"--steps {args.steps} --warmup {args.warmup} --threads {args.threads}`",
+        "",
+        f"Model: the train benchmark's Llama-style d=384, 6 layers, vocab 4096 (tied), as a transformers checkpoint; "
+        f"r={R}, alpha={ALPHA}, every linear layer but the head; batch {BATCH} × seq {SEQ}; AdamW lr {LR} over the "
+        f"adapter, clip 1.0. {args.threads} thread(s), {platform.machine()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}. Median of {args.steps} steps after "
+        f"{args.warmup} warm-up steps, contenders alternating. QLoRA: llmctl's NF4 base vs PEFT's bf16 LoRA on the "
+        "dense base (PEFT's QLoRA needs bitsandbytes, not available on this CPU).",
+        "",
+        "| precision | method | llmctl tokens/s | PEFT tokens/s | llmctl / PEFT |",
+        "|---|---|---|---|---|",
+        *rows, ""]
+
+
+def peak_rss(args) -> list[str]:
+    """Peak RSS of `llmctl finetune` per method on the llama preset (seq 512, batch 4)."""
+    from llmctl.core.model.build import build_model
+    from llmctl.core.model.io import save_model
+    from llmctl.core.model.presets import load_preset
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tok = root / "tok"
+        tok.mkdir()
+        make_tokenizer(tok)
+        torch.manual_seed(0)
+        base = save_model(build_model(load_preset("llama", [])), root / "llama", tokenizer_dir=tok)
+        data = make_records(root / "data.jsonl", 512, n=16)
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        for method, precision in (("full", "fp32"), ("lora", "fp32"), ("lora", "bf16"), ("qlora", "auto")):
+            cmd = [sys.executable, "-m", "llmctl", "--quiet", "finetune", str(base), "--data", str(data),
+                   *finetune_args(method, precision, 512, 4, args.rss_steps), "-o", str(root / f"out-{method}-{precision}")]
+            proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(proc.pid, 0)
+            if status != 0:
+                raise SystemExit(f"{method}: {proc.stderr.read().decode()}")
+            rows.append((method, precision, usage.ru_maxrss / 1024))
+            print(f"{method} {precision}: peak RSS {usage.ru_maxrss / 1024:,.0f} MiB", flush=True)
+    lora = next(r for m, p, r in rows if m == "lora" and p == "fp32")
+    return [
+        f"## Finetune: peak RSS on the `llama` preset — `python -m benchmarks.finetune --rss --rss-steps {args.rss_steps}`",
+        "",
+        f"`llmctl finetune` of a randomly initialised `llama` preset checkpoint (~125M parameters, float32 on disk), "
+        f"seq 512 × batch 4, {args.rss_steps} steps, r={R} on every linear layer but the head, each run in its own "
+        f"process (peak RSS from wait4), {args.threads} thread(s). qlora's precision `auto` is bf16.",
+        "",
+        "| method | precision | peak RSS | vs lora fp32 |",
+        "|---|---|---|---|",
+        *[f"| {m} | {p} | {r:,.0f} MiB | {r / lora:.2f}× |" for m, p, r in rows], ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rss", action="store_true", help="measure peak RSS instead of throughput")
+    parser.add_argument("--rss-steps", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = peak_rss(args) if args.rss else throughput(args)
+    out = args.out or Path(__file__).parent / "results" / ("finetune_rss.md" if args.rss else "finetune.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
