@@ -9,7 +9,7 @@ CPU build here: llmctl's QLoRA (NF4 base, bf16 compute) is compared with PEFT's 
 the dense base. `--rss`: peak RSS of `llmctl finetune` on the `llama` preset (~125M
 parameters) at seq 512 × batch 4, each method in its own process.
 
-    python -m benchmarks.finetune [--steps 8] [--warmup 2] [--threads 2] [--rss]
+    python -m benchmarks.finetune [--steps 8] [--warmup 2] [--threads 2] [--only fp32:lora,bf16:qlora] [--rss]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def throughput(args) -> list[str]:
         data = make_records(root / "data.jsonl", SEQ)
         n = args.steps + args.warmup
         for precision, methods in (("fp32", ("lora", "dora")), ("bf16", ("lora", "dora", "qlora"))):
-            for method in methods:
+            for method in (m for m in methods if not args.only or f"{precision}:{m}" in args.only):
                 steps = {"llmctl": llmctl_step(base, data, root, method, precision, n),
                          "PEFT": peft_step(base, "lora" if method == "qlora" else method, precision)}
                 rates = {k: statistics.median(v) for k, v in interleaved(steps, args.steps, args.warmup).items()}
@@ -133,7 +133,8 @@ def throughput(args) -> list[str]:
 
     return [
         "## Finetune: adapter tokens/s vs PEFT + transformers — `python -m benchmarks.finetune "
-        f"--steps {args.steps} --warmup {args.warmup} --threads {args.threads}`",
+        f"--steps {args.steps} --warmup {args.warmup} --threads {args.threads}"
+        + (f" --only {','.join(args.only)}" if args.only else "") + "`",
         "",
         f"Model: the train benchmark's Llama-style d=384, 6 layers, vocab 4096 (tied), as a transformers checkpoint; "
         f"r={R}, alpha={ALPHA}, every linear layer but the head; batch {BATCH} × seq {SEQ}; AdamW lr {LR} over the "
@@ -190,6 +191,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", type=lambda v: v.split(","), default=None,
+                        help="throughput rows to time, e.g. fp32:lora,bf16:qlora (default: all five)")
     parser.add_argument("--rss", action="store_true", help="measure peak RSS instead of throughput")
     parser.add_argument("--rss-steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)

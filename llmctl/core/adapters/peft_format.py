@@ -56,7 +56,7 @@ def transform_from_config(config: dict, model: nn.Module, where: str = ADAPTER_C
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{where}: peft_type {config.get('peft_type')!r} is not supported here (LORA)")
     for key, default in _UNSUPPORTED.items():
-        if config.get(key, default) not in (default, None) and config.get(key) != default:
+        if config.get(key) not in (default, None):
             raise CheckpointError(f"{where}: {key}={config[key]!r} is not supported")
     params = {ours: config[theirs] for theirs, ours in _FIELDS.items() if theirs in config}
     names = _hf_names(model)
