@@ -1,0 +1,373 @@
+"""GGUF export: a checkpoint as one file that llama.cpp (and ollama, LM Studio) runs.
+
+    GGUFExporter().export("ckpt", "model.gguf", type="q8_0")
+
+The model is loaded memory-mapped (`load_model`: adapters and transforms as every command
+sees them); the header (metadata and tensor table) is written first from shapes alone, then
+each tensor is converted (llama.cpp's row layout), quantized and written on its own, so the
+peak is about one tensor. Names, keys and layouts follow llama.cpp's `convert_hf_to_gguf.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from llmctl.core.export import EXPORTERS, Exporter
+from llmctl.core.outputs import OUTPUT_KINDS
+from llmctl.core.report import SILENT, Reporter
+from llmctl.errors import CheckpointError, UsageError
+
+MAGIC = b"GGUF"
+
+
+@OUTPUT_KINDS.register("gguf")
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+def need_gguf():
+    """The `gguf` package, or a UsageError saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("GGUF export needs the gguf package: pip install 'llmctl[gguf]'") from None
+    return gguf
+
+
+# ---------------------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    """How llama.cpp runs one Hugging Face architecture."""
+
+    arch: str  # llama.cpp's architecture name
+    mlp: tuple[str, str]  # the (mlp, activation) llama.cpp's graph computes
+    permute_qk: bool = False  # llama.cpp's "normal" rope rotates adjacent pairs; HF rotates halves
+    norm_offset: float = 0.0  # Gemma stores RMSNorm weights as w - 1
+    fuse_qkv: bool = False  # GPT-2: one attn_qkv tensor
+
+
+FAMILIES = {
+    "llama": Family("llama", ("swiglu", "silu"), permute_qk=True),
+    "mistral": Family("llama", ("swiglu", "silu"), permute_qk=True),
+    "mixtral": Family("llama", ("swiglu", "silu"), permute_qk=True),
+    "qwen2": Family("qwen2", ("swiglu", "silu")),
+    "qwen3": Family("qwen3", ("swiglu", "silu")),
+    "gemma": Family("gemma", ("geglu", "gelu_tanh"), norm_offset=1.0),
+    "gpt2": Family("gpt2", ("gelu", "gelu_tanh"), fuse_qkv=True),
+}
+REFUSED = {
+    "bert": "it is an encoder (masked LM); llama.cpp runs BERT only as an embedding model",
+    "qwen2_moe": "Qwen2-MoE's shared expert is not exported yet",
+    "qwen3_moe": "Qwen3-MoE is not exported yet",
+}
+
+
+def family_of(cfg) -> tuple[str, Family]:
+    """(HF model_type, Family) for a model config; UsageError naming why one cannot be exported."""
+    from llmctl.core.hf import arch_for
+    from llmctl.core.model.mlp import MLPS
+
+    arch = arch_for(cfg)
+    if arch is None:
+        raise UsageError("this model matches no Hugging Face architecture (its config is llmctl's own), "
+                         f"and llama.cpp runs only known ones: {', '.join(FAMILIES)}")
+    if arch.model_type in REFUSED or arch.model_type not in FAMILIES:
+        why = REFUSED.get(arch.model_type, "llama.cpp has no such architecture")
+        raise UsageError(f"cannot export a {arch.model_type} model to GGUF: {why}")
+    family = FAMILIES[arch.model_type]
+    act = cfg.activation or MLPS.get(cfg.mlp).default_activation
+    if (cfg.mlp, act) != family.mlp:
+        raise UsageError(f"cannot export this {arch.model_type} model to GGUF: its MLP is {cfg.mlp}/{act}, "
+                         f"llama.cpp's {family.arch} computes {'/'.join(family.mlp)}")
+    scaling = (cfg.rope_scaling or {}).get("rope_type")
+    if scaling not in (None, "linear", "yarn", "llama3"):
+        raise UsageError(f"cannot export rope scaling {scaling!r} to GGUF: llama.cpp supports linear, yarn, llama3")
+    return arch.model_type, family
+
+
+# ---------------------------------------------------------------------------------------- tensor names
+
+_L = r"model\.layers\.(\d+)\."
+NAMES: list[tuple[str, str]] = [  # our parameter name (regex) → GGUF tensor name
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.embed_positions\.weight", "position_embd.weight"),
+    (r"model\.norm\.(weight|bias)", r"output_norm.\1"),
+    (r"lm_head\.weight", "output.weight"),
+    (_L + r"input_layernorm\.(weight|bias)", r"blk.\1.attn_norm.\2"),
+    (_L + r"post_attention_layernorm\.(weight|bias)", r"blk.\1.ffn_norm.\2"),
+    (_L + r"self_attn\.([qkv])_proj\.(weight|bias)", r"blk.\1.attn_\2.\3"),
+    (_L + r"self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
+    (_L + r"self_attn\.([qk])_norm\.weight", r"blk.\1.attn_\2_norm.weight"),
+    (_L + r"mlp\.(gate|up|down)_proj\.(weight|bias)", r"blk.\1.ffn_\2.\3"),
+    (_L + r"mlp\.gate\.weight", r"blk.\1.ffn_gate_inp.weight"),
+    (_L + r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_exps.weight"),
+]
+_NAMES = [(re.compile(a), b) for a, b in NAMES]
+
+
+def gguf_name(name: str) -> str:
+    for pattern, target in _NAMES:
+        if (m := pattern.fullmatch(name)) is not None:
+            return m.expand(target)
+    raise CheckpointError(f"tensor {name!r} has no GGUF counterpart")
+
+
+@dataclass
+class Item:
+    """One GGUF tensor: its name, numpy-order shape, our source tensors and how they combine."""
+
+    name: str
+    shape: tuple[int, ...]
+    sources: list[str]
+    combine: str  # "one", "cat" (GPT-2's fused qkv) or "stack" (experts)
+    layer: int | None
+
+
+def plan(model, family: Family) -> list[Item]:
+    """The GGUF tensors of `model`, in order, from shapes alone."""
+    cfg = model.cfg
+    state = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    items: dict[str, Item] = {}
+    for name, shape in state.items():
+        target = gguf_name(name)
+        if family.fuse_qkv:
+            target = re.sub(r"attn_[qkv]\.", "attn_qkv.", target)
+        layer = int(m.group(1)) if (m := re.match(r"blk\.(\d+)\.", target)) else None
+        if target not in items:
+            combine = "stack" if "_exps." in target else "cat" if "attn_qkv." in target else "one"
+            items[target] = Item(target, shape, [], combine, layer)
+        items[target].sources.append(name)
+    for item in items.values():
+        first = state[item.sources[0]]
+        if item.combine == "stack":
+            item.shape = (len(item.sources), *first)
+        elif item.combine == "cat":
+            item.shape = (sum(state[s][0] for s in item.sources), *first[1:])
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
+        items["rope_freqs.weight"] = Item("rope_freqs.weight", (cfg.head_dim // 2,), [], "rope_freqs", None)
+    return list(items.values())
+
+
+def _permute(w, heads: int):
+    """HF's rotate-half rows → llama.cpp's interleaved pairs, per head."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_factors(cfg):
+    """llama.cpp's rope_freqs for llama3 scaling: the divisor of each rotary frequency."""
+    import math
+
+    import numpy as np
+
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old = s.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def tensor_data(state: dict, cfg, family: Family, item: Item):
+    """`item` as a float32 numpy array in llama.cpp's layout, from the model's `state_dict()`
+    (one tensor materialized)."""
+    import numpy as np
+    import torch
+
+    if item.combine == "rope_freqs":
+        return _llama3_factors(cfg)
+    with torch.no_grad():
+        parts = [state[s].detach().to("cpu", torch.float32) for s in item.sources]
+        t = torch.stack(parts) if item.combine == "stack" else torch.cat(parts) if item.combine == "cat" else parts[0]
+        if family.permute_qk and re.search(r"\.attn_[qk]\.", item.name):
+            t = _permute(t, cfg.num_heads if ".attn_q." in item.name else cfg.num_kv_heads)
+        if family.norm_offset and re.search(r"norm\.weight$", item.name):
+            t = t + family.norm_offset
+        return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------- tensor types
+
+
+@dataclass(frozen=True)
+class FileType:
+    """A `--type`: the GGML type of each tensor (1-D tensors and routers stay float32)."""
+
+    file_type: str  # gguf.LlamaFileType member
+    choose: Callable[[Item, int], str]  # (item, num_layers) → GGML type name for a 2-D+ weight
+
+
+def _uniform(t: str) -> Callable[[Item, int], str]:
+    return lambda item, n: t
+
+
+def _q4_k_m(item: Item, n: int) -> str:
+    """llama.cpp's Q4_K_M mix: Q6_K for the output and for attn_v / ffn_down in some layers."""
+    if item.name == "output.weight":
+        return "Q6_K"
+    if re.search(r"\.(attn_v|ffn_down(_exps)?)\.", item.name):
+        i = item.layer or 0
+        if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2:
+            return "Q6_K"
+    return "Q4_K"
+
+
+TYPES: dict[str, FileType] = {  # the first is the default
+    "f16": FileType("MOSTLY_F16", _uniform("F16")),
+    "f32": FileType("ALL_F32", _uniform("F32")),
+    "bf16": FileType("MOSTLY_BF16", _uniform("BF16")),
+    "q8_0": FileType("MOSTLY_Q8_0", _uniform("Q8_0")),
+    "q4_0": FileType("MOSTLY_Q4_0", _uniform("Q4_0")),
+    "q4_k_m": FileType("MOSTLY_Q4_K_M", _q4_k_m),
+}
+FALLBACK = {"Q4_K": "Q8_0", "Q6_K": "Q8_0", "Q8_0": "F16", "Q4_0": "F16"}  # rows too short for the blocks
+
+
+def ggml_type(item: Item, type: str, num_layers: int) -> str:
+    """The GGML type name `item` is written in under `--type`."""
+    gguf = need_gguf()
+    if len(item.shape) < 2 or item.name.endswith("ffn_gate_inp.weight"):
+        return "F32"
+    chosen = TYPES[type].choose(item, num_layers)
+    while chosen in FALLBACK and item.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[chosen]][0]:
+        chosen = FALLBACK[chosen]
+    return chosen
+
+
+def quantize(data, type_name: str):
+    """`data` (float32) in GGML type `type_name`: float arrays for F32/F16, bytes otherwise."""
+    gguf = need_gguf()
+    from llmctl.core.export import kquants
+
+    if type_name in kquants.QUANTIZERS:
+        return kquants.QUANTIZERS[type_name](data)
+    return gguf.quants.quantize(data, gguf.GGMLQuantizationType[type_name])
+
+
+# ---------------------------------------------------------------------------------------- metadata
+
+
+def add_model_metadata(writer, cfg, family: Family, name: str, report: Reporter) -> None:
+    """Hyper-parameters under llama.cpp's `{arch}.*` keys."""
+    gguf = need_gguf()
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_feed_forward_length(cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    if cfg.norm == "layernorm":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.position == "rope":
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        scaling = cfg.rope_scaling or {}
+        kind = scaling.get("rope_type")
+        if kind in ("linear", "yarn"):
+            writer.add_rope_scaling_type(gguf.RopeScalingType(kind))
+            writer.add_rope_scaling_factor(float(scaling["factor"]))
+        if kind == "yarn" and scaling.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+    if cfg.num_experts:
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.experts_per_token)
+    if cfg.sliding_window is not None:
+        writer.add_sliding_window(cfg.sliding_window)
+        if cfg.sliding_window < cfg.max_seq_len:
+            report.warn(f"the sliding window ({cfg.sliding_window} tokens) is recorded, but llama.cpp's "
+                        f"{family.arch} attends to all earlier tokens: outputs past the window differ")
+
+
+# ---------------------------------------------------------------------------------------- the exporter
+
+
+@EXPORTERS.register("gguf")
+class GGUFExporter(Exporter):
+    types = tuple(TYPES)
+    kind = "gguf"
+    suffix = ".gguf"
+
+    def export(self, checkpoint, output, *, type: str = "f16", force: bool = False,
+               report: Reporter = SILENT) -> dict[str, Any]:
+        if type not in TYPES:
+            raise UsageError(f"unknown GGUF type {type!r}; choose from: {', '.join(TYPES)}")
+        gguf = need_gguf()
+        import numpy as np
+
+        from llmctl.core.checkpoint import open_checkpoint
+        from llmctl.core.export.vocab import add_vocab
+        from llmctl.core.io import atomic_file
+        from llmctl.core.model.io import load_model
+
+        ck = open_checkpoint(checkpoint)
+        model, cfg = load_model(checkpoint)
+        model_type, family = family_of(cfg)
+        items = plan(model, family)
+        types = {item.name: ggml_type(item, type, cfg.num_layers) for item in items}
+        sizes = {}
+        with atomic_file(output, "wb", force=force) as f:
+            writer = gguf.GGUFWriter(f.name, family.arch)
+            try:
+                add_model_metadata(writer, cfg, family, Path(ck.path).name, report)
+                vocab = add_vocab(writer, checkpoint, cfg.vocab_size, report)
+                writer.add_file_type(gguf.LlamaFileType[TYPES[type].file_type])
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                for item in items:
+                    qtype = gguf.GGMLQuantizationType[types[item.name]]
+                    block, size = gguf.GGML_QUANT_SIZES[qtype]
+                    n = 1
+                    for d in item.shape:
+                        n *= d
+                    sizes[item.name] = n // block * size
+                    shape = item.shape if qtype.name in ("F32", "F16") else \
+                        gguf.quant_shape_to_byte_shape(item.shape, qtype)
+                    dtype = np.dtype({"F32": "float32", "F16": "float16"}.get(qtype.name, "uint8"))
+                    writer.add_tensor_info(item.name, shape, dtype, sizes[item.name], raw_dtype=qtype)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                with report.progress("export", total=len(items), unit="tensor") as bar:
+                    for item in _stream(model, family, items, types):
+                        writer.write_tensor_data(item)
+                        bar.advance()
+            finally:
+                writer.close()
+        counts: dict[str, int] = {}
+        for t in types.values():
+            counts[t] = counts.get(t, 0) + 1
+        return {"output": str(output), "format": "gguf", "type": type, "architecture": family.arch,
+                "model_type": model_type, "tensors": len(items), "tensor_types": counts,
+                "tokenizer": vocab, "bytes": os.path.getsize(output)}
+
+
+def _stream(model, family: Family, items: list[Item], types: dict[str, str]) -> Iterator[Any]:
+    state = model.state_dict()
+    for item in items:
+        yield quantize(tensor_data(state, model.cfg, family, item), types[item.name])

@@ -1,0 +1,396 @@
+"""`llmctl export --format gguf`: files read back with gguf's reader (names checked against
+gguf's own HF→GGUF name map), tokenizer metadata, quantization error, refusals, and — where
+llama-cpp-python is installed — llama.cpp's greedy tokens equal to llmctl's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_llama  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello llama", "one two three four five"] * 20
+CONTEXT = 64
+ARCHES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "mixtral"]
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "gemma": "gemma", "gpt2": "gpt2"}
+
+
+def _llama(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return tiny_llama(path, TEXTS, vocab=300, context=CONTEXT)
+
+
+def _config(kind: str, vocab: int):
+    import transformers as tr
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    if kind == "mistral":
+        return tr.MistralForCausalLM, tr.MistralConfig(**common, sliding_window=CONTEXT // 2)
+    if kind == "qwen2":
+        return tr.Qwen2ForCausalLM, tr.Qwen2Config(**common)
+    if kind == "qwen3":
+        return tr.Qwen3ForCausalLM, tr.Qwen3Config(**common, head_dim=16)  # head_dim ≠ hidden / heads
+    if kind == "gemma":
+        return tr.GemmaForCausalLM, tr.GemmaConfig(**{**common, "tie_word_embeddings": True}, head_dim=8)
+    if kind == "mixtral":
+        return tr.MixtralForCausalLM, tr.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    if kind == "gpt2":
+        return tr.GPT2LMHeadModel, tr.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4,
+                                                 n_positions=CONTEXT, bos_token_id=0, eos_token_id=1)
+    raise AssertionError(kind)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A tiny HF checkpoint per architecture, all with the same byte-level BPE tokenizer."""
+    root = tmp_path_factory.mktemp("gguf-ckpts")
+    out = {"llama": _llama(root / "llama")}
+    vocab = json.loads((out["llama"] / "config.json").read_text())["vocab_size"]
+    for kind in ARCHES[1:]:
+        cls, config = _config(kind, vocab)
+        torch.manual_seed(1)
+        model = cls(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" not in name and "ln_" not in name:
+                    p.mul_(6.0)  # a peaked distribution: greedy decoding far from ties
+        model.save_pretrained(root / kind)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(out["llama"] / f, root / kind / f)
+        out[kind] = root / kind
+    return out
+
+
+def _export(llmctl, ckpt: Path, out: Path, type: str = "f32", *extra):
+    r = llmctl("--json", "export", ckpt, "-o", out, "--type", type, *extra)
+    assert r.code == 0, r.stderr
+    return r.json()
+
+
+def _fields(reader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+def _hf_tensors(ckpt: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return {k: v.astype(np.float32) for k, v in load_file(ckpt / "model.safetensors").items()}
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's interleaved rope rows back to HF's rotate-half order."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _expected(kind: str, ckpt: Path) -> dict[str, np.ndarray]:
+    """The GGUF tensors llama.cpp expects, from the HF tensors through gguf's own name map."""
+    hf = _hf_tensors(ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[GGUF_ARCH[kind].upper()], layers)
+    out: dict[str, list] = {}
+    for name, t in sorted(hf.items()):
+        if kind == "gpt2" and (name.endswith(".attn.bias") or name.endswith(".attn.masked_bias")):
+            continue
+        if cfg.get("tie_word_embeddings", kind == "gpt2") and name == "lm_head.weight":
+            continue
+        expert = None
+        if ".experts." in name:  # Mixtral: one stacked tensor per projection
+            parts = name.split(".")
+            expert = int(parts[parts.index("experts") + 1])
+            name = name.replace(f".experts.{expert}.", ".experts.")
+        mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert mapped is not None, name
+        if kind == "gpt2" and t.ndim == 2 and any(k in name for k in ("c_attn", "c_proj", "c_fc")):
+            t = t.T  # Conv1D stores [in, out]
+        if kind == "gemma" and name.endswith("norm.weight"):
+            t = t + 1
+        out.setdefault(mapped, []).append((expert, t))
+    return {k: np.stack([t for _, t in sorted(v)]) if v[0][0] is not None else v[0][1] for k, v in out.items()}
+
+
+@pytest.mark.parametrize("kind", ARCHES)
+def test_f32_round_trip(kind, checkpoints, llmctl, tmp_path):
+    """Every tensor exact (q/k rows in llama.cpp's rope order for the Llama family), the metadata right."""
+    ckpt = checkpoints[kind]
+    result = _export(llmctl, ckpt, tmp_path / "m.gguf")
+    assert result["architecture"] == GGUF_ARCH[kind] and set(result["tensor_types"]) == {"F32"}
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    got = {t.name: np.array(t.data) for t in reader.tensors}
+    want = _expected(kind, ckpt)
+    assert sorted(got) == sorted(want)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    heads, kv = cfg.get("num_attention_heads", cfg.get("n_head")), cfg.get("num_key_value_heads")
+    for name, data in got.items():
+        if GGUF_ARCH[kind] == "llama" and ".attn_q." in name:
+            data = _unpermute(data, heads)
+        elif GGUF_ARCH[kind] == "llama" and ".attn_k." in name:
+            data = _unpermute(data, kv)
+        np.testing.assert_array_equal(data, want[name], err_msg=name)
+    f = _fields(reader)
+    arch = GGUF_ARCH[kind]
+    assert f["general.architecture"] == arch
+    assert f[f"{arch}.block_count"] == 2 and f[f"{arch}.embedding_length"] == 32
+    assert f[f"{arch}.context_length"] == CONTEXT and f[f"{arch}.attention.head_count"] == 4
+    if kind == "gpt2":
+        assert f["gpt2.attention.layer_norm_epsilon"] == pytest.approx(cfg["layer_norm_epsilon"])
+    else:
+        assert f[f"{arch}.attention.head_count_kv"] == 2
+        assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
+        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
+        assert f[f"{arch}.rope.freq_base"] == pytest.approx(theta)
+    if kind == "qwen3":
+        assert f["qwen3.attention.key_length"] == 16 and f["qwen3.rope.dimension_count"] == 16
+    if kind == "mixtral":
+        assert f["llama.expert_count"] == 4 and f["llama.expert_used_count"] == 2
+    if kind == "mistral":
+        assert f["llama.attention.sliding_window"] == CONTEXT // 2
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    assert f["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    vocab = tok["model"]["vocab"]
+    assert [f["tokenizer.ggml.tokens"][i] for i in vocab.values()] == list(vocab)
+    assert f["tokenizer.ggml.token_type"][:3] == [3, 3, 3]  # the special tokens are control tokens
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (0, 1)
+
+
+def test_quantized_types(checkpoints, llmctl, tmp_path):
+    """q8_0 / q4_0 within their quantization error of f32; 1-D tensors stay f32; bf16 exact to bf16."""
+    ckpt = checkpoints["llama"]
+    _export(llmctl, ckpt, tmp_path / "f32.gguf")
+    ref = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "f32.gguf").tensors}
+    for type, bound in (("q8_0", 0.01), ("q4_0", 0.15), ("bf16", 0.005), ("f16", 0.001)):
+        _export(llmctl, ckpt, tmp_path / f"{type}.gguf", type)
+        reader = gguf.GGUFReader(tmp_path / f"{type}.gguf")
+        assert _fields(reader)["general.file_type"] == gguf.LlamaFileType[f"MOSTLY_{type.upper()}"]
+        for t in reader.tensors:
+            data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ref[t.name].shape)
+            if ref[t.name].ndim == 1:
+                assert t.tensor_type.name == "F32"
+                np.testing.assert_array_equal(data, ref[t.name])
+            else:
+                assert t.tensor_type.name == type.upper(), t.name
+                err = np.abs(data - ref[t.name]).max() / np.abs(ref[t.name]).max()
+                assert 0 < err < bound, (type, t.name, err)
+
+
+def test_q4_k_m_mix(tmp_path, llmctl):
+    """q4_k_m: Q4_K with Q6_K for the output and some attn_v / ffn_down layers, as llama.cpp mixes;
+    rows too short for 256-value blocks fall back to q8_0."""
+    import transformers as tr
+
+    from llmctl.core.export.gguf import _q4_k_m, Item
+
+    ckpt = _llama(tmp_path / "ck")
+    config = tr.LlamaConfig(**{**json.loads((ckpt / "config.json").read_text()), "hidden_size": 256,
+                               "intermediate_size": 512, "num_hidden_layers": 8, "head_dim": None})
+    tr.LlamaForCausalLM(config).save_pretrained(ckpt)
+    out = tmp_path / "m.gguf"
+    _export(llmctl, ckpt, out, "q4_k_m")
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    six = [i for i in range(8) if types[f"blk.{i}.attn_v.weight"] == "Q6_K"]
+    assert six == [0, 3, 6, 7] and six == [i for i in range(8) if types[f"blk.{i}.ffn_down.weight"] == "Q6_K"]
+    assert _q4_k_m(Item("blk.1.attn_q.weight", (32, 256), [], "one", 1), 8) == "Q4_K"
+    hf = _hf_tensors(ckpt)
+    for t in reader.tensors:
+        if t.name == "blk.0.ffn_down.weight" or t.name == "blk.1.ffn_up.weight":
+            src = hf["model.layers.0.mlp.down_proj.weight" if "down" in t.name else "model.layers.1.mlp.up_proj.weight"]
+            data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(src.shape)
+            rel = np.sqrt(((data - src) ** 2).mean()) / src.std()
+            assert rel < (0.03 if t.tensor_type.name == "Q6_K" else 0.1), (t.name, rel)
+    small = tmp_path / "small.gguf"
+    _export(llmctl, _llama(tmp_path / "small"), small, "q4_k_m")
+    assert {t.tensor_type.name for t in gguf.GGUFReader(small).tensors} == {"F32", "Q8_0"}
+
+
+def test_k_quants_decode_with_ggufs_reader():
+    """Our Q4_K / Q6_K bytes decode (with gguf's dequantizer) to within their error; exact codes stay exact."""
+    from llmctl.core.export.kquants import quantize_q4_k, quantize_q6_k
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 512)).astype(np.float32)
+    x[:, :256] += 1.5  # blocks far from zero need the Q4_K offset
+    for fn, name, bound in ((quantize_q4_k, "Q4_K", 0.1), (quantize_q6_k, "Q6_K", 0.03)):
+        y = gguf.quants.dequantize(fn(x), gguf.GGMLQuantizationType[name])
+        assert np.sqrt(((x - y) ** 2).mean()) / x.std() < bound
+    codes = rng.integers(-32, 32, size=(4, 256)).astype(np.float32)
+    codes[:, ::16] = -32  # each 16-value group reaches the extreme code
+    step = np.float32(127 / 256)  # a sub-block scale of 127 × a float16-exact 1/256
+    back = gguf.quants.dequantize(quantize_q6_k(codes * step), gguf.GGMLQuantizationType.Q6_K)
+    np.testing.assert_array_equal(back, codes * step)
+
+
+def _tokenizer_checkpoint(tmp_path, llmctl, algorithm: str) -> Path:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS))
+    r = llmctl("tokenize", "train", corpus, "-o", tmp_path / "tok", "--vocab-size", "290",
+               "--algo", algorithm)
+    assert r.code == 0, r.stderr
+    ckpt = _llama(tmp_path / "ck")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "tok" / f, ckpt / f)
+    return ckpt
+
+
+@pytest.mark.parametrize("algorithm", ["unigram", "bpe", "bpe_bytes"])
+def test_sentencepiece_style_vocab(algorithm, tmp_path, llmctl):
+    """Metaspace tokenizers become llama.cpp's `llama` model: scores, byte and control token types, padding."""
+    ckpt = _tokenizer_checkpoint(tmp_path, llmctl, algorithm)
+    _export(llmctl, ckpt, tmp_path / "m.gguf")
+    f = _fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    n = len(f["tokenizer.ggml.tokens"])
+    assert n == json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.scores"]) == n
+    types, scores = f["tokenizer.ggml.token_type"], f["tokenizer.ggml.scores"]
+    size = len(f["tokenizer.ggml.tokens"]) - types.count(5)
+    assert all(t == f"[PAD{i}]" for i, t in enumerate(f["tokenizer.ggml.tokens"]) if types[i] == 5)
+    from tokenizers import Tokenizer
+
+    assert size == Tokenizer.from_file(str(ckpt / "tokenizer.json")).get_vocab_size(with_added_tokens=True) < n
+    specials = {a["id"] for a in tok["added_tokens"]}
+    assert all(types[i] in (2, 3) for i in specials)
+    if algorithm == "unigram":
+        for i, (piece, score) in enumerate(tok["model"]["vocab"]):
+            assert f["tokenizer.ggml.tokens"][i] == piece and scores[i] == pytest.approx(score)
+    elif algorithm == "bpe_bytes":
+        assert types.count(6) == 256 and f["tokenizer.ggml.tokens"][types.index(6)] == "<0x00>"
+    else:
+        assert types.count(6) == 0
+        vocab = tok["model"]["vocab"]
+        first = "".join(tok["model"]["merges"][0].split(" ") if isinstance(tok["model"]["merges"][0], str)
+                        else tok["model"]["merges"][0])
+        assert scores[vocab[first]] == -1.0 and max(scores) == 0.0
+
+
+def test_refusals_and_force(checkpoints, llmctl, tmp_path, monkeypatch):
+    """Encoders and llmctl-only configs are refused naming the reason; --force replaces only a GGUF file."""
+    import transformers as tr
+
+    bert = tmp_path / "bert"
+    tr.BertForMaskedLM(tr.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)).save_pretrained(bert)
+    r = llmctl("export", bert, "-o", tmp_path / "b.gguf")
+    assert r.code == 2 and "encoder" in r.stderr and not (tmp_path / "b.gguf").exists()
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "llmctl", "vocab_size": 64, "hidden_size": 16,
+                                                    "num_layers": 1, "num_heads": 2, "position": "alibi"}))
+    from safetensors.torch import save_file
+
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+
+    model = build_model(ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, position="alibi"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              custom / "model.safetensors")
+    r = llmctl("export", custom, "-o", tmp_path / "c.gguf")
+    assert r.code == 2 and "no Hugging Face architecture" in r.stderr, r.stderr
+    r = llmctl("export", checkpoints["llama"], "-o", tmp_path / "x.gguf", "--type", "q3")
+    assert r.code == 2 and "q4_0" in r.stderr
+    r = llmctl("export", checkpoints["llama"], "-o", tmp_path / "x.gguf", "--format", "ggfu")
+    assert r.code == 2 and "did you mean 'gguf'" in r.stderr
+    other = tmp_path / "notes.gguf"
+    other.write_text("my notes")
+    r = llmctl("--force", "export", checkpoints["llama"], "-o", other)
+    assert r.code != 0 and other.read_text() == "my notes"
+    out = tmp_path / "m.gguf"
+    _export(llmctl, checkpoints["llama"], out, "q8_0")
+    r = llmctl("export", checkpoints["llama"], "-o", out)
+    assert r.code != 0 and "--force" in r.stderr
+    _export(llmctl, checkpoints["llama"], out, "f32", "--force")
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors} == {"F32"}
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    r = llmctl("export", checkpoints["llama"], "-o", tmp_path / "y.gguf")
+    assert r.code == 2 and "pip install 'llmctl[gguf]'" in r.stderr
+
+
+def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """When each tensor is quantized, the live numpy memory is about that one tensor, not the model."""
+    import tracemalloc
+
+    import transformers as tr
+
+    from llmctl.core.export import gguf as export_gguf
+
+    config = tr.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CONTEXT)
+    model = tr.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "ck")
+    largest = max(p.numel() for p in model.parameters()) * 4
+    total = sum(p.numel() for p in model.parameters()) * 4
+    numpy_only = [tracemalloc.DomainFilter(True, 389047)]  # numpy's tracemalloc domain
+    live = []
+
+    def quantize(data, type_name):
+        out = quantize.original(data, type_name)
+        live.append(sum(t.size for t in tracemalloc.take_snapshot().filter_traces(numpy_only).traces))
+        return out
+
+    quantize.original = export_gguf.quantize
+    monkeypatch.setattr(export_gguf, "quantize", quantize)
+    tracemalloc.start()
+    try:
+        export_gguf.GGUFExporter().export(tmp_path / "ck", tmp_path / "m.gguf", type="q8_0")
+    finally:
+        tracemalloc.stop()
+    assert len(live) == 8 * 9 + 3 and total > 20 * largest
+    assert 0 < max(live) < 2 * largest, (max(live), largest, total)
+
+
+# ------------------------------------------------------------------------------- llama.cpp itself
+
+
+def _llmctl_greedy(ckpt: Path, ids: list[int], n: int) -> list[int]:
+    from llmctl.core.model.io import load_model
+
+    model, _ = load_model(ckpt, dtype=torch.float32)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def _llama_cpp_greedy(path: Path, text: str, n: int) -> tuple[list[int], list[int]]:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT, n_threads=1, n_batch=CONTEXT, verbose=False,
+                          logits_all=True, type_k=0, type_v=0)  # a float32 KV cache
+    try:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+        llm.eval(ids)
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([out[-1]])
+        return ids, out
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("kind", ARCHES)
+def test_llama_cpp_greedy_equals_llmctl(kind, checkpoints, llmctl, tmp_path):
+    """llama.cpp tokenizes the prompt as llmctl does and decodes the same greedy tokens (f32)."""
+    pytest.importorskip("llama_cpp")
+    from llmctl.core.tokenizer import load_tokenizer
+
+    ckpt = checkpoints[kind]
+    _export(llmctl, ckpt, tmp_path / "m.gguf")
+    text = "the quick brown fox, hello"
+    ids, theirs = _llama_cpp_greedy(tmp_path / "m.gguf", text, 12)
+    assert ids == load_tokenizer(ckpt).encode(text)
+    assert theirs == _llmctl_greedy(ckpt, ids, 12)
