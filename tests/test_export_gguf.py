@@ -319,6 +319,60 @@ def test_refusals_and_force(checkpoints, llmctl, tmp_path, monkeypatch):
     assert r.code == 2 and "pip install 'llmctl[gguf]'" in r.stderr
 
 
+@pytest.fixture(scope="module")
+def adapter(checkpoints, tmp_path_factory) -> Path:
+    """A LoRA adapter (non-zero B) on the tiny Llama, in PEFT's format."""
+    from llmctl.core.adapters import LoRA, save_adapter
+    from llmctl.core.model.io import load_model
+
+    model, _ = load_model(checkpoints["llama"], transforms=[LoRA(r=4, target_modules=["q_proj", "v_proj", "down_proj"])])
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "lora", base=checkpoints["llama"])
+
+
+def test_adapter_is_merged_on_the_fly(adapter, checkpoints, llmctl, tmp_path):
+    """An adapter directory exports as PEFT's merge_and_unload of it, with its base's tokenizer."""
+    import transformers
+    from peft import PeftModel
+
+    _export(llmctl, adapter, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
+    PeftModel.from_pretrained(hf, adapter).merge_and_unload().save_pretrained(tmp_path / "merged")
+    want = _expected("llama", tmp_path / "merged")
+    got = {t.name: np.array(t.data) for t in reader.tensors}
+    assert sorted(got) == sorted(want)
+    for name, data in got.items():
+        data = _unpermute(data, 4) if ".attn_q." in name else _unpermute(data, 2) if ".attn_k." in name else data
+        np.testing.assert_allclose(data, want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert not np.allclose(got["blk.0.attn_v.weight"], _expected("llama", checkpoints["llama"])["blk.0.attn_v.weight"])
+    assert _fields(reader)["tokenizer.ggml.model"] == "gpt2"
+
+
+def test_quantized_checkpoint_is_dequantized(checkpoints, llmctl, tmp_path):
+    """An nf4 checkpoint exports its dequantized weights; re-quantizing warns about quantizing twice."""
+    from llmctl.core.model.io import load_model, save_model
+    from llmctl.core.quant.nf4 import NF4
+
+    model, _ = load_model(checkpoints["llama"], transforms=[NF4()])
+    save_model(model, tmp_path / "nf4", tokenizer_dir=checkpoints["llama"])
+    r = llmctl("export", tmp_path / "nf4", "-o", tmp_path / "q.gguf", "--type", "q8_0")
+    assert r.code == 0 and "quantizing twice" in r.stderr, r.stderr
+    r = llmctl("export", tmp_path / "nf4", "-o", tmp_path / "f.gguf", "--type", "f32")
+    assert r.code == 0 and "dequantized" in r.stderr and "twice" not in r.stderr
+    got = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "f.gguf").tensors}
+    loaded, _ = load_model(tmp_path / "nf4")
+    v = loaded.get_submodule("model.layers.1.self_attn.v_proj")
+    np.testing.assert_array_equal(got["blk.1.attn_v.weight"], v.dequantize(torch.float32).numpy())
+    original = _expected("llama", checkpoints["llama"])["blk.1.attn_v.weight"]
+    err = np.abs(got["blk.1.attn_v.weight"] - original).max() / np.abs(original).max()
+    assert 0 < err < 0.2
+
+
 def test_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     """When each tensor is quantized, the live numpy memory is about that one tensor, not the model."""
     import tracemalloc
@@ -382,15 +436,15 @@ def _llama_cpp_greedy(path: Path, text: str, n: int) -> tuple[list[int], list[in
         llm.close()
 
 
-@pytest.mark.parametrize("kind", ARCHES)
-def test_llama_cpp_greedy_equals_llmctl(kind, checkpoints, llmctl, tmp_path):
+@pytest.mark.parametrize("kind", [*ARCHES, "lora"])
+def test_llama_cpp_greedy_equals_llmctl(kind, checkpoints, adapter, llmctl, tmp_path):
     """llama.cpp tokenizes the prompt as llmctl does and decodes the same greedy tokens (f32)."""
     pytest.importorskip("llama_cpp")
     from llmctl.core.tokenizer import load_tokenizer
 
-    ckpt = checkpoints[kind]
+    ckpt = adapter if kind == "lora" else checkpoints[kind]
     _export(llmctl, ckpt, tmp_path / "m.gguf")
     text = "the quick brown fox, hello"
     ids, theirs = _llama_cpp_greedy(tmp_path / "m.gguf", text, 12)
-    assert ids == load_tokenizer(ckpt).encode(text)
+    assert ids == load_tokenizer(checkpoints["llama"]).encode(text)
     assert theirs == _llmctl_greedy(ckpt, ids, 12)

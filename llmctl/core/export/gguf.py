@@ -133,10 +133,9 @@ class Item:
     layer: int | None
 
 
-def plan(model, family: Family) -> list[Item]:
-    """The GGUF tensors of `model`, in order, from shapes alone."""
-    cfg = model.cfg
-    state = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+def plan(tensors: dict, cfg, family: Family) -> list[Item]:
+    """The GGUF tensors of a model's dense tensors (`dense_tensors`), in order, from shapes alone."""
+    state = {n: t.shape for n, t in tensors.items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     items: dict[str, Item] = {}
@@ -188,8 +187,8 @@ def _llama3_factors(cfg):
     return np.array(out, dtype=np.float32)
 
 
-def tensor_data(state: dict, cfg, family: Family, item: Item):
-    """`item` as a float32 numpy array in llama.cpp's layout, from the model's `state_dict()`
+def tensor_data(tensors: dict, cfg, family: Family, item: Item):
+    """`item` as a float32 numpy array in llama.cpp's layout, from the model's dense tensors
     (one tensor materialized)."""
     import numpy as np
     import torch
@@ -197,7 +196,7 @@ def tensor_data(state: dict, cfg, family: Family, item: Item):
     if item.combine == "rope_freqs":
         return _llama3_factors(cfg)
     with torch.no_grad():
-        parts = [state[s].detach().to("cpu", torch.float32) for s in item.sources]
+        parts = [tensors[s].get().to("cpu", torch.float32) for s in item.sources]
         t = torch.stack(parts) if item.combine == "stack" else torch.cat(parts) if item.combine == "cat" else parts[0]
         if family.permute_qk and re.search(r"\.attn_[qk]\.", item.name):
             t = _permute(t, cfg.num_heads if ".attn_q." in item.name else cfg.num_kv_heads)
@@ -321,22 +320,28 @@ class GGUFExporter(Exporter):
         gguf = need_gguf()
         import numpy as np
 
-        from llmctl.core.checkpoint import open_checkpoint
+        from llmctl.core.export.dense import dense_tensors
         from llmctl.core.export.vocab import add_vocab
         from llmctl.core.io import atomic_file
         from llmctl.core.model.io import load_model
 
-        ck = open_checkpoint(checkpoint)
         model, cfg = load_model(checkpoint)
         model_type, family = family_of(cfg)
-        items = plan(model, family)
+        tensors, folded = dense_tensors(model)
+        if "adapted" in folded:
+            report.info("merging the adapter into its base weights")
+        if "quantized" in folded:
+            twice = " and re-quantized: quantizing twice loses more than quantizing the original once" \
+                if type not in ("f32", "f16", "bf16") else ""
+            report.warn(f"{checkpoint} is quantized: its weights are dequantized{twice}")
+        items = plan(tensors, cfg, family)
         types = {item.name: ggml_type(item, type, cfg.num_layers) for item in items}
         sizes = {}
         with atomic_file(output, "wb", force=force) as f:
             writer = gguf.GGUFWriter(f.name, family.arch)
             try:
-                add_model_metadata(writer, cfg, family, Path(ck.path).name, report)
-                vocab = add_vocab(writer, checkpoint, cfg.vocab_size, report)
+                add_model_metadata(writer, cfg, family, Path(checkpoint).resolve().name, report)
+                vocab = add_vocab(writer, _tokenizer_source(checkpoint), cfg.vocab_size, report)
                 writer.add_file_type(gguf.LlamaFileType[TYPES[type].file_type])
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
                 for item in items:
@@ -354,7 +359,7 @@ class GGUFExporter(Exporter):
                 writer.write_kv_data_to_file()
                 writer.write_ti_data_to_file()
                 with report.progress("export", total=len(items), unit="tensor") as bar:
-                    for item in _stream(model, family, items, types):
+                    for item in _stream(tensors, cfg, family, items, types):
                         writer.write_tensor_data(item)
                         bar.advance()
             finally:
@@ -367,7 +372,14 @@ class GGUFExporter(Exporter):
                 "tokenizer": vocab, "bytes": os.path.getsize(output)}
 
 
-def _stream(model, family: Family, items: list[Item], types: dict[str, str]) -> Iterator[Any]:
-    state = model.state_dict()
+def _tokenizer_source(checkpoint) -> Path:
+    """The checkpoint, or for an adapter directory without a tokenizer, its base."""
+    from llmctl.core.adapters import base_path, is_adapter
+
+    path = Path(checkpoint)
+    return base_path(path) if not (path / "tokenizer.json").is_file() and is_adapter(path) else path
+
+
+def _stream(tensors: dict, cfg, family: Family, items: list[Item], types: dict[str, str]) -> Iterator[Any]:
     for item in items:
-        yield quantize(tensor_data(state, model.cfg, family, item), types[item.name])
+        yield quantize(tensor_data(tensors, cfg, family, item), types[item.name])
