@@ -448,3 +448,54 @@ def test_llama_cpp_greedy_equals_llmctl(kind, checkpoints, adapter, llmctl, tmp_
     ids, theirs = _llama_cpp_greedy(tmp_path / "m.gguf", text, 12)
     assert ids == load_tokenizer(checkpoints["llama"]).encode(text)
     assert theirs == _llmctl_greedy(ckpt, ids, 12)
+
+
+@pytest.fixture(scope="module")
+def wide_llama(checkpoints, tmp_path_factory) -> Path:
+    """A Llama with 256-wide rows, so that every GGUF type (k-quants included) applies."""
+    import transformers as tr
+
+    out = tmp_path_factory.mktemp("wide") / "ck"
+    config = tr.LlamaConfig(**{**json.loads((checkpoints["llama"] / "config.json").read_text()),
+                               "hidden_size": 256, "intermediate_size": 512, "head_dim": None})
+    torch.manual_seed(3)
+    model = tr.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(4.0)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("type", ["f16", "bf16", "q8_0", "q4_0", "q4_k_m"])
+def test_llama_cpp_reads_each_type(type, wide_llama, llmctl, tmp_path):
+    """llama.cpp's logits on a quantized file equal llmctl's with the file's dequantized weights
+    (within llama.cpp's own activation rounding), far closer than to the unquantized model."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llmctl.core.model.io import load_model
+
+    _export(llmctl, wide_llama, tmp_path / "m.gguf", type)
+    model, cfg = load_model(wide_llama, dtype=torch.float32)
+    ids = [50, 60, 70, 80, 90, 100]
+    with torch.no_grad():
+        original = model(torch.tensor([ids])).logits[0].numpy()
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
+        ours = {names.get_name(n, try_suffixes=(".weight",)): n for n in model.state_dict()}
+        for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+            if ".attn_q." in t.name or ".attn_k." in t.name:
+                w = _unpermute(w, cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads)
+            model.get_parameter(ours[t.name]).copy_(torch.from_numpy(np.ascontiguousarray(w)))
+        dequantized = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=CONTEXT, n_threads=1, n_batch=CONTEXT,
+                          verbose=False, logits_all=True, type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    scale = np.abs(dequantized).max()
+    assert np.abs(theirs - dequantized).max() / scale < 0.06
+    if type in ("q4_0", "q4_k_m"):  # coarse enough that reading the blocks wrong could not hide
+        assert np.abs(theirs - dequantized).max() < np.abs(original - dequantized).max() / 2
