@@ -499,3 +499,52 @@ def test_llama_cpp_reads_each_type(type, wide_llama, llmctl, tmp_path):
     assert np.abs(theirs - dequantized).max() / scale < 0.06
     if type in ("q4_0", "q4_k_m"):  # coarse enough that reading the blocks wrong could not hide
         assert np.abs(theirs - dequantized).max() < np.abs(original - dequantized).max() / 2
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+def test_rope_scaling(scaling, checkpoints, llmctl, tmp_path):
+    """Scaled RoPE: the scaling keys (llama3: a rope_freqs tensor); where llama.cpp is installed,
+    its logits past the original context equal llmctl's."""
+    import transformers as tr
+
+    from llmctl.core.model.io import load_model
+
+    base = json.loads((checkpoints["llama"] / "config.json").read_text())
+    base["rope_parameters"] = {"rope_theta": 10000.0, **ROPE_SCALINGS[scaling]}
+    torch.manual_seed(4)
+    tr.LlamaForCausalLM(tr.LlamaConfig(**base)).save_pretrained(tmp_path / "ck")
+    _export(llmctl, tmp_path / "ck", tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    f = _fields(reader)
+    if scaling == "llama3":
+        assert "llama.rope.scaling.type" not in f
+        freqs = next(np.array(t.data) for t in reader.tensors if t.name == "rope_freqs.weight")
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        config = tr.LlamaConfig.from_pretrained(tmp_path / "ck")
+        scaled = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0]
+        default = 1.0 / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8)
+        np.testing.assert_allclose(freqs, (default / scaled).numpy(), rtol=1e-5)  # llama.cpp divides by these
+    else:
+        assert f["llama.rope.scaling.type"] == scaling and f["llama.rope.scaling.factor"] == 4.0
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = list(range(40, 64))  # past the original 16 positions
+    model, _ = load_model(tmp_path / "ck", dtype=torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=CONTEXT, n_threads=1, n_batch=CONTEXT,
+                          verbose=False, logits_all=True, type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4 * np.abs(ours).max())
