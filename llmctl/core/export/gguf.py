@@ -90,8 +90,9 @@ def family_of(cfg) -> tuple[str, Family]:
         raise UsageError(f"cannot export this {arch.model_type} model to GGUF: its MLP is {cfg.mlp}/{act}, "
                          f"llama.cpp's {family.arch} computes {'/'.join(family.mlp)}")
     scaling = (cfg.rope_scaling or {}).get("rope_type")
-    if scaling not in (None, "linear", "yarn", "llama3"):
-        raise UsageError(f"cannot export rope scaling {scaling!r} to GGUF: llama.cpp supports linear, yarn, llama3")
+    if scaling not in (None, "linear", "yarn", "llama3") or scaling == "llama3" and family.arch != "llama":
+        raise UsageError(f"cannot export rope scaling {scaling!r} on {arch.model_type} to GGUF: llama.cpp's "
+                         f"{family.arch} supports linear and yarn{', llama3' if family.arch == 'llama' else ''}")
     return arch.model_type, family
 
 
