@@ -20,9 +20,9 @@ torch = pytest.importorskip("torch")
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello llama", "one two three four five"] * 20
 CONTEXT = 64
-ARCHES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "mixtral"]
+ARCHES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"]
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "gemma": "gemma", "gpt2": "gpt2"}
+             "gemma": "gemma", "gpt2": "gpt2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 def _llama(path: Path) -> Path:
@@ -46,6 +46,12 @@ def _config(kind: str, vocab: int):
         return tr.GemmaForCausalLM, tr.GemmaConfig(**{**common, "tie_word_embeddings": True}, head_dim=8)
     if kind == "mixtral":
         return tr.MixtralForCausalLM, tr.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    if kind == "qwen2_moe":
+        return tr.Qwen2MoeForCausalLM, tr.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=48,
+                                                         norm_topk_prob=False)
+    if kind == "qwen3_moe":
+        return tr.Qwen3MoeForCausalLM, tr.Qwen3MoeConfig(**common, **moe, head_dim=16, norm_topk_prob=True)
     if kind == "gpt2":
         return tr.GPT2LMHeadModel, tr.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4,
                                                  n_positions=CONTEXT, bos_token_id=0, eos_token_id=1)
@@ -117,6 +123,8 @@ def _expected(kind: str, ckpt: Path) -> dict[str, np.ndarray]:
             t = t.T  # Conv1D stores [in, out]
         if kind == "gemma" and name.endswith("norm.weight"):
             t = t + 1
+        if mapped.endswith("ffn_gate_inp_shexp.weight"):
+            t = t.reshape(-1)  # llama.cpp reads the shared expert's one-row gate as a vector
         out.setdefault(mapped, []).append((expert, t))
     return {k: np.stack([t for _, t in sorted(v)]) if v[0][0] is not None else v[0][1] for k, v in out.items()}
 
@@ -300,6 +308,12 @@ def test_refusals_and_force(checkpoints, llmctl, tmp_path, monkeypatch):
               custom / "model.safetensors")
     r = llmctl("export", custom, "-o", tmp_path / "c.gguf")
     assert r.code == 2 and "no Hugging Face architecture" in r.stderr, r.stderr
+    moe = tmp_path / "moe"
+    shutil.copytree(checkpoints["qwen3_moe"], moe)
+    (moe / "config.json").write_text(json.dumps({**json.loads((moe / "config.json").read_text()),
+                                                 "norm_topk_prob": False}))
+    r = llmctl("export", moe, "-o", tmp_path / "moe.gguf")
+    assert r.code == 2 and "renormalizes the top-k" in r.stderr, r.stderr
     r = llmctl("export", checkpoints["llama"], "-o", tmp_path / "x.gguf", "--type", "q3")
     assert r.code == 2 and "q4_0" in r.stderr
     r = llmctl("export", checkpoints["llama"], "-o", tmp_path / "x.gguf", "--format", "ggfu")

@@ -54,22 +54,22 @@ class Family:
     permute_qk: bool = False  # llama.cpp's "normal" rope rotates adjacent pairs; HF rotates halves
     norm_offset: float = 0.0  # Gemma stores RMSNorm weights as w - 1
     fuse_qkv: bool = False  # GPT-2: one attn_qkv tensor
+    topk_norm: bool | None = None  # MoE: whether llama.cpp renormalizes the top-k routing weights
+    expert_ffn: bool = False  # MoE width under its own key (expert_feed_forward_length)
 
 
 FAMILIES = {
     "llama": Family("llama", ("swiglu", "silu"), permute_qk=True),
     "mistral": Family("llama", ("swiglu", "silu"), permute_qk=True),
-    "mixtral": Family("llama", ("swiglu", "silu"), permute_qk=True),
+    "mixtral": Family("llama", ("swiglu", "silu"), permute_qk=True, topk_norm=True),
     "qwen2": Family("qwen2", ("swiglu", "silu")),
     "qwen3": Family("qwen3", ("swiglu", "silu")),
     "gemma": Family("gemma", ("geglu", "gelu_tanh"), norm_offset=1.0),
     "gpt2": Family("gpt2", ("gelu", "gelu_tanh"), fuse_qkv=True),
+    "qwen2_moe": Family("qwen2moe", ("swiglu", "silu"), topk_norm=False, expert_ffn=True),
+    "qwen3_moe": Family("qwen3moe", ("swiglu", "silu"), topk_norm=True, expert_ffn=True),
 }
-REFUSED = {
-    "bert": "it is an encoder (masked LM); llama.cpp runs BERT only as an embedding model",
-    "qwen2_moe": "Qwen2-MoE's shared expert is not exported yet",
-    "qwen3_moe": "Qwen3-MoE is not exported yet",
-}
+REFUSED = {"bert": "it is an encoder (masked LM); llama.cpp runs BERT only as an embedding model"}
 
 
 def family_of(cfg) -> tuple[str, Family]:
@@ -89,6 +89,9 @@ def family_of(cfg) -> tuple[str, Family]:
     if (cfg.mlp, act) != family.mlp:
         raise UsageError(f"cannot export this {arch.model_type} model to GGUF: its MLP is {cfg.mlp}/{act}, "
                          f"llama.cpp's {family.arch} computes {'/'.join(family.mlp)}")
+    if family.topk_norm is not None and cfg.moe_normalize_topk != family.topk_norm:
+        raise UsageError(f"cannot export this {arch.model_type} model to GGUF: llama.cpp's {family.arch} "
+                         f"{'always' if family.topk_norm else 'never'} renormalizes the top-k routing weights")
     scaling = (cfg.rope_scaling or {}).get("rope_type")
     if scaling not in (None, "linear", "yarn", "llama3") or scaling == "llama3" and family.arch != "llama":
         raise UsageError(f"cannot export rope scaling {scaling!r} on {arch.model_type} to GGUF: llama.cpp's "
@@ -112,6 +115,8 @@ NAMES: list[tuple[str, str]] = [  # our parameter name (regex) → GGUF tensor n
     (_L + r"mlp\.(gate|up|down)_proj\.(weight|bias)", r"blk.\1.ffn_\2.\3"),
     (_L + r"mlp\.gate\.weight", r"blk.\1.ffn_gate_inp.weight"),
     (_L + r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_exps.weight"),
+    (_L + r"mlp\.shared_expert\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
+    (_L + r"mlp\.shared_expert_gate\.weight", r"blk.\1.ffn_gate_inp_shexp.weight"),  # one row: 1-D in GGUF
 ]
 _NAMES = [(re.compile(a), b) for a, b in NAMES]
 
@@ -155,6 +160,8 @@ def plan(tensors: dict, cfg, family: Family) -> list[Item]:
             item.shape = (len(item.sources), *first)
         elif item.combine == "cat":
             item.shape = (sum(state[s][0] for s in item.sources), *first[1:])
+        elif item.name.endswith("ffn_gate_inp_shexp.weight"):
+            item.shape = first[1:]
     if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
         items["rope_freqs.weight"] = Item("rope_freqs.weight", (cfg.head_dim // 2,), [], "rope_freqs", None)
     return list(items.values())
@@ -203,7 +210,7 @@ def tensor_data(tensors: dict, cfg, family: Family, item: Item):
             t = _permute(t, cfg.num_heads if ".attn_q." in item.name else cfg.num_kv_heads)
         if family.norm_offset and re.search(r"norm\.weight$", item.name):
             t = t + family.norm_offset
-        return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+        return np.ascontiguousarray(t.reshape(item.shape).numpy(), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------- tensor types
@@ -274,7 +281,12 @@ def add_model_metadata(writer, cfg, family: Family, name: str, report: Reporter)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
-    writer.add_feed_forward_length(cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size)
+    moe = cfg.moe_intermediate_size or cfg.intermediate_size
+    writer.add_feed_forward_length(moe if cfg.num_experts and not family.expert_ffn else cfg.intermediate_size)
+    if cfg.num_experts and family.expert_ffn:
+        writer.add_expert_feed_forward_length(moe)
+    if cfg.shared_expert_intermediate_size:
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     writer.add_head_count(cfg.num_heads)
     writer.add_head_count_kv(cfg.num_kv_heads)
     writer.add_vocab_size(cfg.vocab_size)
