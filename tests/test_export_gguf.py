@@ -434,10 +434,24 @@ def _llmctl_greedy(ckpt: Path, ids: list[int], n: int) -> list[int]:
     return seq[len(ids):]
 
 
-def _llama_cpp_greedy(path: Path, text: str, n: int) -> tuple[list[int], list[int]]:
+def _llama_cpp(path: Path):
+    """llama.cpp on a GGUF file: all positions' logits, a float32 KV cache, one thread."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT, n_threads=1, n_batch=CONTEXT, verbose=False,
-                          logits_all=True, type_k=0, type_v=0)  # a float32 KV cache
+    return llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT, n_threads=1, n_batch=CONTEXT, verbose=False,
+                           logits_all=True, type_k=0, type_v=0)
+
+
+def _llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    llm = _llama_cpp(path)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+
+def _llama_cpp_greedy(path: Path, text: str, n: int) -> tuple[list[int], list[int]]:
+    llm = _llama_cpp(path)
     try:
         ids = llm.tokenize(text.encode(), add_bos=False, special=False)
         llm.eval(ids)
@@ -486,7 +500,7 @@ def wide_llama(checkpoints, tmp_path_factory) -> Path:
 def test_llama_cpp_reads_each_type(type, wide_llama, llmctl, tmp_path):
     """llama.cpp's logits on a quantized file equal llmctl's with the file's dequantized weights
     (within llama.cpp's own activation rounding), far closer than to the unquantized model."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from llmctl.core.model.io import load_model
 
     _export(llmctl, wide_llama, tmp_path / "m.gguf", type)
@@ -502,13 +516,7 @@ def test_llama_cpp_reads_each_type(type, wide_llama, llmctl, tmp_path):
                 w = _unpermute(w, cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads)
             model.get_parameter(ours[t.name]).copy_(torch.from_numpy(np.ascontiguousarray(w)))
         dequantized = model(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=CONTEXT, n_threads=1, n_batch=CONTEXT,
-                          verbose=False, logits_all=True, type_k=0, type_v=0)
-    try:
-        llm.eval(ids)
-        theirs = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    theirs = _llama_cpp_logits(tmp_path / "m.gguf", ids)
     scale = np.abs(dequantized).max()
     assert np.abs(theirs - dequantized).max() / scale < 0.06
     if type in ("q4_0", "q4_k_m"):  # coarse enough that reading the blocks wrong could not hide
@@ -549,16 +557,10 @@ def test_rope_scaling(scaling, checkpoints, llmctl, tmp_path):
         np.testing.assert_allclose(freqs, (default / scaled).numpy(), rtol=1e-5)  # llama.cpp divides by these
     else:
         assert f["llama.rope.scaling.type"] == scaling and f["llama.rope.scaling.factor"] == 4.0
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     ids = list(range(40, 64))  # past the original 16 positions
     model, _ = load_model(tmp_path / "ck", dtype=torch.float32)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=CONTEXT, n_threads=1, n_batch=CONTEXT,
-                          verbose=False, logits_all=True, type_k=0, type_v=0)
-    try:
-        llm.eval(ids)
-        theirs = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    theirs = _llama_cpp_logits(tmp_path / "m.gguf", ids)
     np.testing.assert_allclose(theirs, ours, atol=1e-4 * np.abs(ours).max())

@@ -25,8 +25,6 @@ class Exporter:
     types: ClassVar[tuple[str, ...]] = ()
     #: the `OUTPUT_KINDS` name `--force` checks an existing output against
     kind: ClassVar[str] = ""
-    #: the file name suffix a default output path gets
-    suffix: ClassVar[str] = ""
 
     def export(self, checkpoint: str | os.PathLike, output: str | os.PathLike, *, type: str,
                force: bool = False, report: Reporter = SILENT) -> dict[str, Any]:

@@ -324,15 +324,12 @@ def add_model_metadata(writer, cfg, family: Family, name: str, report: Reporter)
 class GGUFExporter(Exporter):
     types = tuple(TYPES)
     kind = "gguf"
-    suffix = ".gguf"
 
     def export(self, checkpoint, output, *, type: str = "f16", force: bool = False,
                report: Reporter = SILENT) -> dict[str, Any]:
         if type not in TYPES:
             raise UsageError(f"unknown GGUF type {type!r}; choose from: {', '.join(TYPES)}")
         gguf = need_gguf()
-        import numpy as np
-
         from llmctl.core.export.dense import dense_tensors
         from llmctl.core.export.vocab import add_vocab
         from llmctl.core.io import atomic_file
@@ -349,7 +346,6 @@ class GGUFExporter(Exporter):
             report.warn(f"{checkpoint} is quantized: its weights are dequantized{twice}")
         items = plan(tensors, cfg, family)
         types = {item.name: ggml_type(item, type, cfg.num_layers) for item in items}
-        sizes = {}
         with atomic_file(output, "wb", force=force) as f:
             writer = gguf.GGUFWriter(f.name, family.arch)
             try:
@@ -358,16 +354,7 @@ class GGUFExporter(Exporter):
                 writer.add_file_type(gguf.LlamaFileType[TYPES[type].file_type])
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
                 for item in items:
-                    qtype = gguf.GGMLQuantizationType[types[item.name]]
-                    block, size = gguf.GGML_QUANT_SIZES[qtype]
-                    n = 1
-                    for d in item.shape:
-                        n *= d
-                    sizes[item.name] = n // block * size
-                    shape = item.shape if qtype.name in ("F32", "F16") else \
-                        gguf.quant_shape_to_byte_shape(item.shape, qtype)
-                    dtype = np.dtype({"F32": "float32", "F16": "float16"}.get(qtype.name, "uint8"))
-                    writer.add_tensor_info(item.name, shape, dtype, sizes[item.name], raw_dtype=qtype)
+                    _add_tensor_info(writer, item, types[item.name])
                 writer.write_header_to_file()
                 writer.write_kv_data_to_file()
                 writer.write_ti_data_to_file()
@@ -383,6 +370,21 @@ class GGUFExporter(Exporter):
         return {"output": str(output), "format": "gguf", "type": type, "architecture": family.arch,
                 "model_type": model_type, "tensors": len(items), "tensor_types": counts,
                 "tokenizer": vocab, "bytes": os.path.getsize(output)}
+
+
+def _add_tensor_info(writer, item: Item, type_name: str) -> None:
+    """Declare `item` in the header: its GGML type, shape and byte size."""
+    import math
+
+    import numpy as np
+
+    gguf = need_gguf()
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = type_name not in ("F32", "F16")  # bytes: the writer reads the byte shape back as elements
+    shape = gguf.quant_shape_to_byte_shape(item.shape, qtype) if raw else item.shape
+    dtype = np.dtype("uint8" if raw else type_name.replace("F", "float"))
+    writer.add_tensor_info(item.name, shape, dtype, math.prod(item.shape) // block * size, raw_dtype=qtype)
 
 
 def _tokenizer_source(checkpoint) -> Path:
