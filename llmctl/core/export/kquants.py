@@ -80,4 +80,17 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(*shape[:-1], shape[-1] // QK * 210)
 
 
-QUANTIZERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+def _in_chunks(fn, bytes_per_block: int, rows: int = 64):
+    """`fn` applied `rows` rows at a time into one output, so its float temporaries stay small."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        flat = x.reshape(-1, x.shape[-1])
+        out = np.empty((flat.shape[0], x.shape[-1] // QK * bytes_per_block), dtype=np.uint8)
+        for i in range(0, flat.shape[0], rows):
+            out[i:i + rows] = fn(flat[i:i + rows])
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    return run
+
+
+QUANTIZERS = {"Q4_K": _in_chunks(quantize_q4_k, 144), "Q6_K": _in_chunks(quantize_q6_k, 210)}
