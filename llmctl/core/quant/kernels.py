@@ -1,0 +1,124 @@
+"""How a `PackedLinear` multiplies: torch's fused weight-only kernels where one fits, else the
+weight dequantized on the fly.
+
+    int8, symmetric, per channel   aten._weight_int8pack_mm (CPU, CUDA): int8 [out, in] + scales
+    int4, CPU, float32/bf16/f16    aten._weight_int4pack_mm_for_cpu: tiles from
+                                   _convert_weight_to_int4pack_for_cpu, groups of 32–256
+    int4, CUDA, bfloat16           aten._weight_int4pack_mm (tinygemm): _convert_weight_to_int4pack
+                                   (in_features % 128 == 0, out_features % 8 == 0)
+    anything else                  F.linear(x, (q − zero) · scale)
+
+The kernels compute w = (u − 8) · s + z on unsigned nibbles u = q + 8, so our (q − zero) · scale
+becomes s = scale, z = −zero · scale. A per-channel int4 scale is repeated over groups of the
+largest size the kernel takes. A kernel's weight layout is made on first use and kept on the
+module (`module.kernel`), per device and dtype; `.to()` drops it. KERNELS is in preference order;
+a kernel that raises on first use (an op this build lacks) passes to the next. Inputs that need a
+gradient take the dequantizing path (the fused ops have no backward).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+INT4_GROUPS = (256, 128, 64, 32)
+
+
+def _int8(module, x: torch.Tensor) -> Kernel | None:
+    s = module.scheme
+    if s.bits != 8 or not s.symmetric or s.group_size is not None or x.device.type not in ("cpu", "cuda"):
+        return None
+    _, _, q = module.integers()
+    scale = module.weight_scale.to(x.dtype).reshape(-1).contiguous()
+    op, bias = torch.ops.aten._weight_int8pack_mm, module.bias
+
+    def run(x):
+        y = op(x.reshape(-1, x.shape[-1]), q, scale).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    return run
+
+
+def _int4_params(module, x: torch.Tensor) -> tuple | None:
+    """(unsigned int32 nibbles [out, in], group size, scales_and_zeros [groups, out, 2]) or None."""
+    s = module.scheme
+    if s.bits != 4:
+        return None
+    scale, zero, q = module.integers()
+    group = s.group_size or next((g for g in INT4_GROUPS if module.in_features % g == 0), None)
+    if group not in INT4_GROUPS:
+        return None
+    repeat = module.in_features // group // scale.shape[1]
+    scale, zero = scale.repeat_interleave(repeat, 1), zero.repeat_interleave(repeat, 1)
+    sz = torch.stack([scale.T, (-zero * scale).T], -1).to(x.dtype).contiguous()
+    return (q.to(torch.int32) + 8), group, sz
+
+
+def _int4_cpu(module, x: torch.Tensor) -> Kernel | None:
+    params = None if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+        else _int4_params(module, x)
+    if params is None:
+        return None
+    u, group, sz = params
+    w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    op, bias = torch.ops.aten._weight_int4pack_mm_for_cpu, module.bias
+
+    def run(x):
+        y = op(x.reshape(-1, x.shape[-1]), w, group, sz).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    return run
+
+
+def _int4_cuda(module, x: torch.Tensor) -> Kernel | None:
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or module.in_features % 128 or module.out_features % 8:
+        return None
+    params = _int4_params(module, x)
+    if params is None:
+        return None
+    u, group, sz = params
+    u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
+    w = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+    op, bias = torch.ops.aten._weight_int4pack_mm, module.bias
+
+    def run(x):
+        y = op(x.reshape(-1, x.shape[-1]), w, group, sz).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    return run
+
+
+def _dequantize(module, x: torch.Tensor) -> Kernel:
+    return lambda x: F.linear(x, module.dequantize(x.dtype), module.bias)
+
+
+KERNELS: dict[str, Callable] = {"int8pack": _int8, "int4pack_cpu": _int4_cpu, "int4pack_cuda": _int4_cuda,
+                                "dequantize": _dequantize}
+
+
+def choose(module, x: torch.Tensor, allowed=None) -> tuple[str, Kernel, torch.Tensor]:
+    """The first kernel of KERNELS (or of `allowed`) that takes this module and input and runs
+    (an op a build lacks raises, and the next is tried), with its output for `x`."""
+    for name, make in KERNELS.items():
+        if allowed is not None and name not in allowed:
+            continue
+        kernel = make(module, x)
+        if kernel is None:
+            continue
+        try:
+            return name, kernel, kernel(x)
+        except (RuntimeError, NotImplementedError):
+            if name == "dequantize":
+                raise
+    raise ValueError(f"no kernel among {allowed} takes this module")
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    if x.requires_grad and torch.is_grad_enabled():  # the fused ops have no backward
+        return _dequantize(module, x)(x)
+    key = (x.device, x.dtype)
+    if module.kernel is None or module.kernel[0] != key:
+        name, kernel, y = choose(module, x)
+        module.kernel = (key, name, kernel)
+        return y
+    return module.kernel[2](x)

@@ -1,0 +1,177 @@
+"""`PackedLinear` and the `pack-quantized` transform: weight-only int8/int4 linears stored in
+compressed-tensors' `pack-quantized` layout, which transformers (with `compressed-tensors`)
+and vLLM load as they load llm-compressor's output.
+
+Tensors of a quantized `…q_proj` (our names are transformers' names):
+
+    q_proj.weight_packed      int32 [out, ⌈in·bits/32⌉]   (core/quant/pack.py)
+    q_proj.weight_scale       model dtype [out, groups]    (groups = 1: per output channel)
+    q_proj.weight_zero_point  int32 [⌈out·bits/32⌉, groups], asymmetric schemes only
+    q_proj.weight_shape       int64 [2] = (out, in)
+    q_proj.bias               unchanged
+
+and `config.json` gets compressed-tensors' `quantization_config` (one config group whose
+`weights` give num_bits, symmetric, strategy channel/group and group_size; `ignore` lists the
+linears left in floating point). The forward pass goes through `core/quant/kernels.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from llmctl.core.model.transforms import TRANSFORMS, Transform
+from llmctl.core.quant.pack import pack, packed_width, unpack
+from llmctl.core.quant.scheme import Scheme
+from llmctl.errors import CheckpointError, UsageError
+
+FORMAT = "pack-quantized"
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight is stored as packed integers with scales (and zero points)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme, bias: nn.Parameter | None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        groups = scheme.groups(in_features)
+        self.register_buffer("weight_packed", torch.zeros(out_features, packed_width(in_features, scheme.bits),
+                                                          dtype=torch.int32))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype))
+        if not scheme.symmetric:
+            self.register_buffer("weight_zero_point", torch.zeros(packed_width(out_features, scheme.bits), groups,
+                                                                  dtype=torch.int32))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features]))
+        self.bias = bias
+        self.kernel = None  # set on first use by kernels.linear (a kernel's own weight layout)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: Scheme, solution: tuple | None = None) -> PackedLinear:
+        """`linear` quantized: round-to-nearest, or `solution` = (scale, zero, integers) from a
+        calibrated method. On the meta device only the shapes are made."""
+        w = linear.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        new = cls(linear.in_features, linear.out_features, scheme, linear.bias, dtype)
+        if w.device.type == "meta":
+            return new
+        if solution is None:
+            scale, zero = scheme.params(w.detach())
+            scale = scale.to(dtype).float()  # the integers fit the scale as stored
+            solution = scale, zero, scheme.quantize(w.detach(), scale, zero)
+        new.store(*solution)
+        return new
+
+    def store(self, scale: torch.Tensor, zero: torch.Tensor, q: torch.Tensor) -> None:
+        self.weight_scale = scale.to(self.weight_scale.dtype).contiguous()
+        self.weight_packed = pack(q, self.scheme.bits)
+        if not self.scheme.symmetric:
+            self.weight_zero_point = pack(zero.to(torch.int8), self.scheme.bits, dim=0)
+        self.kernel = None
+
+    def integers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale [out, groups] float32, zero [out, groups] float32, integers int8 [out, in])."""
+        q = unpack(self.weight_packed, self.scheme.bits, self.in_features)
+        if self.scheme.symmetric:
+            zero = torch.zeros_like(self.weight_scale, dtype=torch.float32)
+        else:
+            zero = unpack(self.weight_zero_point, self.scheme.bits, self.out_features, dim=0).float()
+        return self.weight_scale.float(), zero, q
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] as compressed-tensors dequantizes it: (q − zero) · scale in the scale's dtype."""
+        _, zero, q = self.integers()
+        scale = self.weight_scale
+        return self.scheme.dequantize(q, scale, zero, scale.dtype).to(dtype or scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from llmctl.core.quant.kernels import linear
+        return linear(self, x)
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate the kernel's copy
+        self.kernel = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+                f"group_size={s.group_size}, symmetric={s.symmetric}, bias={self.bias is not None}")
+
+
+def _listed(path: str, names: list[str]) -> bool:
+    """compressed-tensors' target rule: an exact module name, or `re:PATTERN` matched from the start."""
+    return any(re.match(n[3:], path) if n.startswith("re:") else path == n for n in names)
+
+
+@TRANSFORMS.register(FORMAT)
+@dataclass(kw_only=True)
+class PackQuantized(Transform):
+    """Weight-only integer quantization of the selected linears (round-to-nearest here;
+    calibrated methods pass their solutions through `solutions`)."""
+
+    quant_method = "compressed-tensors"
+
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    targets: list[str] = field(default_factory=lambda: ["Linear"])  # compressed-tensors' targets
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+
+    def __post_init__(self):
+        self.solutions: dict[str, tuple] = {}  # path → (scale, zero, integers), consumed by replace
+
+    @property
+    def scheme(self) -> Scheme:
+        return Scheme(self.bits, self.group_size, self.symmetric)
+
+    def select(self, model: nn.Module) -> list[str]:
+        return [p for p, m in model.named_modules()
+                if isinstance(m, nn.Linear) and not _listed(p, self.ignore)
+                and ("Linear" in self.targets or _listed(p, self.targets))]
+
+    def replace(self, path: str, module: nn.Module) -> nn.Module:
+        return PackedLinear.from_linear(module, self.scheme, self.solutions.pop(path, None))
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.name, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "targets": self.targets, "ignore": self.ignore}
+
+    def quantization_config(self) -> dict[str, Any]:
+        weights = {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric,
+                   "strategy": "channel" if self.group_size is None else "group", "group_size": self.group_size,
+                   "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
+                   "observer_kwargs": {}}
+        return {"quant_method": self.quant_method, "format": FORMAT, "quantization_status": "compressed",
+                "config_groups": {"group_0": {"targets": self.targets, "weights": weights,
+                                              "input_activations": None, "output_activations": None,
+                                              "format": FORMAT}},
+                "ignore": self.ignore, "kv_cache_scheme": None}
+
+    @classmethod
+    def from_quantization_config(cls, config: Mapping[str, Any]) -> PackQuantized:
+        """Ours or llm-compressor's: one config group of weight-only int quantization, packed."""
+        groups = config.get("config_groups") or {}
+        where = "config.json quantization_config"
+        if config.get("format") != FORMAT or len(groups) != 1:
+            raise CheckpointError(f"{where}: only the {FORMAT!r} format with one config group is supported "
+                                  f"(got format {config.get('format')!r}, {len(groups)} groups)")
+        group = next(iter(groups.values()))
+        w = group.get("weights") or {}
+        if (w.get("type") != "int" or w.get("strategy") not in ("channel", "group") or group.get("input_activations")
+                or w.get("actorder") not in (None, "weight") or w.get("dynamic")):
+            raise CheckpointError(f"{where}: only static weight-only int quantization per channel or group "
+                                  f"is supported (got {w})")
+        try:
+            out = cls(bits=int(w["num_bits"]), symmetric=bool(w.get("symmetric", True)),
+                      group_size=int(w["group_size"]) if w.get("strategy") == "group" else None,
+                      targets=list(group.get("targets") or ["Linear"]), ignore=list(config.get("ignore") or []))
+            out.scheme  # noqa: B018 (validates bits and group size)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: malformed weights entry {w}: {e}") from None
+        except UsageError as e:
+            raise CheckpointError(f"{where}: {e}".replace("--", "")) from None
+        return out
