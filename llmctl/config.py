@@ -28,6 +28,7 @@ SCHEMAS: dict[str, str] = {
     "train": "llmctl.core.train.config:TrainConfig",
     "prune": "llmctl.core.prune.config:PruneConfig",
     "finetune": "llmctl.core.train.finetune_config:FinetuneConfig",
+    "quantize": "llmctl.core.quant.config:QuantizeConfig",
 }
 
 

@@ -62,8 +62,8 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
     for spec in s.get("transforms") or []:
         rows.append(["transform", ", ".join(f"{k}={v}" for k, v in spec.items() if v is not None)])
     for key in ("quantization", "sparsity"):
-        if s[key]:
-            rows.append([key, ", ".join(f"{k}={v}" for k, v in s[key].items())])
+        for k, v in (s[key] or {}).items():
+            rows.append([f"{key} {k}", _compact(v)])
     rows.append(["metrics records", s["metrics"]])
     if s.get("adapter"):
         a = s["adapter"]
@@ -73,6 +73,15 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
                  ["adapter parameters", f"{human_count(a['parameters'])}{share}"],
                  ["base", a["base"] + "".join(f" + {t['type']}" for t in a["base_transforms"])]]
     return rows
+
+
+def _compact(value: Any) -> str:
+    """A lineage value on one line: mappings as k=v, lists comma-separated, floats to 3 digits."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(map(_compact, value))
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _v(value: Any) -> Any:

@@ -59,11 +59,7 @@ class PackedLinear(nn.Module):
         new = cls(linear.in_features, linear.out_features, scheme, linear.bias, dtype)
         if w.device.type == "meta":
             return new
-        if solution is None:
-            scale, zero = scheme.params(w.detach())
-            scale = scale.to(dtype).float()  # the integers fit the scale as stored
-            solution = scale, zero, scheme.quantize(w.detach(), scale, zero)
-        new.store(*solution)
+        new.store(*(solution or scheme.nearest(w.detach(), dtype)))
         return new
 
     def store(self, scale: torch.Tensor, zero: torch.Tensor, q: torch.Tensor) -> None:

@@ -80,6 +80,12 @@ class Scheme:
         g = q.to(dtype).reshape(rows, scale.shape[1], -1)
         return ((g - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(rows, cols)
 
+    def nearest(self, w: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """Round-to-nearest (scale, zero, integers), the scale first rounded to the `dtype` it is stored in."""
+        scale, zero = self.params(w)
+        scale = scale.to(dtype).float()
+        return scale, zero, self.quantize(w, scale, zero)
+
     def fake(self, w: torch.Tensor) -> torch.Tensor:
         """Round-to-nearest: `w` quantized and dequantized (float32)."""
         scale, zero = self.params(w)

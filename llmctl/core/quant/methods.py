@@ -1,0 +1,178 @@
+"""Quantization methods (registered strategies) and the block-by-block driver.
+
+    model, _ = load_model(ckpt)
+    report = quantize_model(model, cfg, calibration_ids, reporter)   # model now holds PackedLinears
+    save_model(model, out, lineage={"quantization": report, …})
+
+Every method writes the same `pack-quantized` transform; they differ in how the integers are
+chosen. Round-to-nearest (`int8`, `int4`) needs no data. Calibrated methods (`gptq`, `awq`)
+run the model one block at a time (`LayerwiseRun`): a block's linears are quantized from the
+inputs the already-quantized blocks before it produce, then the block is run again to make
+the next block's input, so peak memory is one block's activations beside the model.
+
+A method is a class in QUANTIZERS (plugins: entry-point group `llmctl.quantizers`) with
+`calibrated` and `block(block, forward, put)`: `forward()` runs the block on its calibration
+input, `put(path, solution, hessian)` replaces the linear at `path` (relative to the block)
+by its quantized form and measures its error.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from llmctl.core.model.layerwise import LayerwiseRun, capture_inputs
+from llmctl.core.model.transforms import replace_module
+from llmctl.core.quant.config import QuantizeConfig
+from llmctl.core.quant.gptq import gptq
+from llmctl.core.quant.linear import PackedLinear, PackQuantized
+from llmctl.core.quant.obs import Hessian
+from llmctl.core.registry import Registry
+from llmctl.core.report import SILENT, Reporter
+from llmctl.errors import UsageError
+
+QUANTIZERS: Registry[type] = Registry("quantization method", "llmctl.quantizers")
+Put = Callable[[str, tuple, "torch.Tensor | None"], None]
+
+
+class Method:
+    calibrated = False
+
+    def __init__(self, cfg: QuantizeConfig):
+        self.cfg = cfg
+        self.scheme = PackQuantized(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric).scheme
+
+    def block(self, block: nn.Module, linears: list[str], forward: Callable[[], None], put: Put) -> None:
+        raise NotImplementedError
+
+
+@QUANTIZERS.register("int8")
+@QUANTIZERS.register("int4")
+class RoundToNearest(Method):
+    """Each weight to its nearest grid point; no calibration."""
+
+
+@QUANTIZERS.register("gptq")
+class GPTQ(Method):
+    """GPTQ (core/quant/gptq.py) on each linear's input Hessian. With `true_sequential`, the
+    linears that share an input (q/k/v, gate/up) are quantized together, in execution order,
+    the block re-run in between so each group sees the ones before it quantized."""
+
+    calibrated = True
+
+    def block(self, block, linears, forward, put):
+        opts = self.cfg.gptq
+        for group in (_groups(block, linears, forward) if opts.true_sequential else [linears]):
+            hessians = {p: Hessian(block.get_submodule(p).in_features) for p in group}
+            with capture_inputs(block, lambda p, x: p in hessians and hessians[p].add(x)):
+                forward()
+            for p in group:
+                w = block.get_submodule(p).weight
+                solution = gptq(w, hessians[p].matrix, self.scheme, block_size=opts.block_size, damp=opts.damp,
+                                act_order=opts.act_order)
+                put(p, solution, hessians[p].matrix)
+
+
+@QUANTIZERS.register("awq")
+class AWQ(Method):
+    """Activation-aware scaling (core/quant/awq.py), then round-to-nearest."""
+
+    calibrated = True
+
+    def block(self, block, linears, forward, put):
+        from llmctl.core.quant.awq import awq_block
+
+        awq_block(block, linears, forward, put, self.scheme, self.cfg.awq)
+
+
+def _groups(block: nn.Module, linears: list[str], forward: Callable[[], None]) -> list[list[str]]:
+    """`linears` grouped by shared input tensor, in the order the block calls them."""
+    keys: dict[str, tuple] = {}
+    with capture_inputs(block, lambda p, x: keys.setdefault(p, (x.data_ptr(), tuple(x.shape)))):
+        forward()
+    groups: dict[tuple, list[str]] = {}
+    for p in sorted((p for p in linears if p in keys), key=list(keys).index):
+        groups.setdefault(keys[p], []).append(p)
+    return list(groups.values()) + [[p] for p in linears if p not in keys]
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """‖(W − Ŵ)X‖² / ‖WX‖² from H ∝ XᵀX, or ‖W − Ŵ‖² / ‖W‖² without inputs."""
+    d, w = (w - w_hat).float(), w.float()
+    if hessian is None:
+        return (d.pow(2).sum() / w.pow(2).sum().clamp(min=1e-30)).item()
+    return ((d @ hessian * d).sum() / (w @ hessian * w).sum().clamp(min=1e-30)).item()
+
+
+def quantize_model(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Tensor | None = None,
+                   report: Reporter = SILENT) -> dict:
+    """Quantize `model`'s linears in place with `cfg.method`; the errors measured, per linear
+    relative weight error and (calibrated methods) relative output error on the calibration data."""
+    method = QUANTIZERS.get(cfg.method)(cfg)
+    transform = PackQuantized(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                              ignore=list(cfg.ignore))
+    paths = transform.select(model)
+    if not paths:
+        raise UsageError(f"--ignore {cfg.ignore} leaves no linear to quantize")
+    for p in paths:
+        method.scheme.groups(model.get_submodule(p).in_features)  # a group size that does not divide fails first
+    errors: dict[str, dict] = {}
+
+    def put(prefix: str, path: str, solution: tuple | None, hessian: torch.Tensor | None) -> None:
+        full = f"{prefix}{path}"
+        linear = model.get_submodule(full)
+        new = PackedLinear.from_linear(linear, method.scheme, solution)
+        w_hat = new.dequantize(torch.float32)
+        errors[full] = {"weight": relative_error(linear.weight, w_hat, None)}
+        if hessian is not None:
+            errors[full]["output"] = relative_error(linear.weight, w_hat, hessian)
+        replace_module(model, full, new)
+
+    with torch.no_grad():
+        if not method.calibrated:
+            with report.progress(f"quantize {cfg.method}", total=len(paths), unit="linear") as bar:
+                for p in paths:
+                    put("", p, None, None)
+                    bar.advance()
+        else:
+            if calibration is None:
+                raise UsageError(f"--method {cfg.method} needs --calibration text")
+            _calibrated(model, method, paths, calibration, put, report)
+    model.transforms = [*getattr(model, "transforms", []), transform]
+    return summarize(errors)
+
+
+def _calibrated(model, method: Method, paths: list[str], ids: torch.Tensor, put, report: Reporter) -> None:
+    device = next(model.parameters()).device
+    run = LayerwiseRun(model, ids.to(device))
+    with report.progress(f"{method.cfg.method} layer by layer", total=len(run.blocks), unit="layer") as bar:
+        for i, block in enumerate(run.blocks):
+            prefix = f"model.layers.{i}."
+            linears = [p.removeprefix(prefix) for p in paths if p.startswith(prefix)]
+            hidden = run.hidden
+
+            def forward(i=i, hidden=hidden):
+                run.index = i
+                run.step(hidden)
+
+            if linears:
+                method.block(block, linears, forward, lambda p, s, h, prefix=prefix: put(prefix, p, s, h))
+            forward()  # the quantized block's output is the next block's input
+            bar.advance()
+    for p in paths:  # linears outside the blocks (an untied head someone chose to quantize): nearest
+        if isinstance(model.get_submodule(p), nn.Linear):
+            put("", p, None, None)
+
+
+def summarize(errors: dict[str, dict]) -> dict:
+    """Mean relative errors over the quantized linears, and the worst one."""
+    out: dict = {"linears": len(errors)}
+    for kind in ("weight", "output"):
+        values = {p: e[kind] for p, e in errors.items() if kind in e}
+        if values:
+            worst = max(values, key=values.get)
+            out[f"{kind}_error"] = sum(values.values()) / len(values)
+            out[f"worst_{kind}_error"] = {"linear": worst, "error": values[worst]}
+    return out
