@@ -141,3 +141,18 @@ def test_calibrated_methods_beat_round_to_nearest(outlier_base, method, options)
     for k, v in options.items():
         setattr(getattr(cfg, method), k, v)
     assert _logit_error(outlier_base, cfg, held_out, calibration) < 0.8 * rtn  # measured 0.51-0.58
+
+
+def test_nf4_method_writes_the_nf4_transform(llmctl, base, tmp_path):
+    from llmctl.core.quant.nf4 import NF4Linear, dequantize_nf4, quantize_nf4
+
+    r = llmctl("quantize", base, "-m", "nf4", "-o", tmp_path / "n", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["quantization"]["format"] == "llmctl_nf4 nf4"
+    assert json.loads((tmp_path / "n" / "config.json").read_text())["quantization_config"]["quant_method"] == "llmctl_nf4"
+    model, _ = load_model(tmp_path / "n")
+    dense, _ = load_model(base)
+    module = model.model.layers[0].mlp.up_proj
+    assert isinstance(module, NF4Linear) and isinstance(model.lm_head, torch.nn.Linear)
+    expected = dequantize_nf4(quantize_nf4(dense.model.layers[0].mlp.up_proj.weight))
+    assert torch.equal(module.dequantize(), expected)

@@ -16,7 +16,7 @@ def quantize(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (llmctl or Hugging Face).", show_default=False)],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value settings (e.g. gptq.damp=0.05 gptq.act_order=true awq.grid=10).", show_default=False)] = None,
     output: Annotated[Path, option("--output", "-o", help="The quantized checkpoint directory.")] = ...,
-    method: Annotated[str, option("--method", "-m", help="int8, int4 (round-to-nearest), gptq or awq; a preset under configs/quantize/ or a YAML file.", panel=GRID)] = "int8",
+    method: Annotated[str, option("--method", "-m", help="int8, int4 (round-to-nearest), gptq, awq or nf4; a preset under configs/quantize/ or a YAML file.", panel=GRID)] = "int8",
     bits: Annotated[Optional[int], option("--bits", help="4 or 8 (default: the method's).", panel=GRID)] = None,
     group_size: Annotated[Optional[int], option("--group-size", help="Inputs per scale; 0 = one scale per output channel (default: the method's).", panel=GRID)] = None,
     symmetric: Annotated[Optional[bool], option("--sym/--asym", help="Symmetric grid (no zero points) or not (default: the method's).", panel=GRID)] = None,

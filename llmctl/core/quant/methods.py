@@ -4,8 +4,8 @@
     report = quantize_model(model, cfg, calibration_ids, reporter)   # model now holds PackedLinears
     save_model(model, out, lineage={"quantization": report, …})
 
-Every method writes the same `pack-quantized` transform; they differ in how the integers are
-chosen. Round-to-nearest (`int8`, `int4`) needs no data. Calibrated methods (`gptq`, `awq`)
+The integer methods write the `pack-quantized` transform and differ in how the integers are
+chosen; `nf4` writes QLoRA's NF4 (`core/quant/nf4.py`). Round-to-nearest (`int8`, `int4`) needs no data. Calibrated methods (`gptq`, `awq`)
 run the model one block at a time (`LayerwiseRun`): a block's linears are quantized from the
 inputs the already-quantized blocks before it produce, then the block is run again to make
 the next block's input, so peak memory is one block's activations beside the model.
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from llmctl.core.model.layerwise import LayerwiseRun, capture_inputs
-from llmctl.core.model.transforms import replace_module
+from llmctl.core.model.transforms import Transform, replace_module
 from llmctl.core.quant.config import QuantizeConfig
 from llmctl.core.quant.gptq import gptq
 from llmctl.core.quant.linear import PackedLinear, PackQuantized
@@ -38,11 +38,31 @@ Put = Callable[[str, tuple, "torch.Tensor | None"], None]
 
 
 class Method:
+    """A way to choose the integers of the `pack-quantized` transform (override `transform` and
+    `replace` for another format)."""
+
     calibrated = False
 
     def __init__(self, cfg: QuantizeConfig):
         self.cfg = cfg
-        self.scheme = PackQuantized(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric).scheme
+        self.recorded = self.transform()
+
+    def transform(self) -> Transform:
+        """The transform the checkpoint records (its `select` picks the linears to quantize)."""
+        cfg = self.cfg
+        return PackQuantized(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, ignore=list(cfg.ignore))
+
+    @property
+    def scheme(self):
+        return self.recorded.scheme
+
+    def check(self, linear: nn.Module) -> None:
+        """Fail before any work on a linear this method cannot take (a group size that does not divide)."""
+        self.scheme.groups(linear.in_features)
+
+    def replace(self, path: str, linear: nn.Linear, solution: tuple | None) -> nn.Module:
+        """The quantized module for `linear`: round-to-nearest, or a calibrated method's solution."""
+        return PackedLinear.from_linear(linear, self.scheme, solution)
 
     def block(self, block: nn.Module, linears: list[str], forward: Callable[[], None], put: Put) -> None:
         raise NotImplementedError
@@ -52,6 +72,23 @@ class Method:
 @QUANTIZERS.register("int4")
 class RoundToNearest(Method):
     """Each weight to its nearest grid point; no calibration."""
+
+
+@QUANTIZERS.register("nf4")
+class NormalFloat4(Method):
+    """QLoRA's NF4 (core/quant/nf4.py): blocks of 64 on the 16 NormalFloat levels, absmax
+    double-quantized; an llmctl format (transformers refuses it) that `finetune --method qlora` builds on."""
+
+    def transform(self) -> Transform:
+        from llmctl.core.quant.nf4 import NF4
+
+        return NF4(exclude_modules=[p for p in self.cfg.ignore if p != "lm_head"] or None)
+
+    def check(self, linear: nn.Module) -> None:
+        pass
+
+    def replace(self, path, linear, solution):
+        return self.recorded.replace(path, linear)
 
 
 @QUANTIZERS.register("gptq")
@@ -111,19 +148,17 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Ten
     """Quantize `model`'s linears in place with `cfg.method`; the errors measured, per linear
     relative weight error and (calibrated methods) relative output error on the calibration data."""
     method = QUANTIZERS.get(cfg.method)(cfg)
-    transform = PackQuantized(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                              ignore=list(cfg.ignore))
-    paths = transform.select(model)
+    paths = method.recorded.select(model)
     if not paths:
-        raise UsageError(f"--ignore {cfg.ignore} leaves no linear to quantize")
+        raise UsageError(f"ignore={cfg.ignore} leaves no linear to quantize")
     for p in paths:
-        method.scheme.groups(model.get_submodule(p).in_features)  # a group size that does not divide fails first
+        method.check(model.get_submodule(p))
     errors: dict[str, dict] = {}
 
     def put(prefix: str, path: str, solution: tuple | None, hessian: torch.Tensor | None) -> None:
         full = f"{prefix}{path}"
         linear = model.get_submodule(full)
-        new = PackedLinear.from_linear(linear, method.scheme, solution)
+        new = method.replace(full, linear, solution)
         w_hat = new.dequantize(torch.float32)
         errors[full] = {"weight": relative_error(linear.weight, w_hat, None)}
         if hessian is not None:
@@ -140,7 +175,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Ten
             if calibration is None:
                 raise UsageError(f"--method {cfg.method} needs --calibration text")
             _calibrated(model, method, paths, calibration, put, report)
-    model.transforms = [*getattr(model, "transforms", []), transform]
+    model.transforms = [*getattr(model, "transforms", []), method.recorded]
     return summarize(errors)
 
 

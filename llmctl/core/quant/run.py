@@ -83,9 +83,10 @@ def run_quantize(checkpoint: str | os.PathLike, output: str | os.PathLike, cfg: 
         ids, record = calibration_windows(calibration, load_tokenizer(checkpoint), cfg.samples, cfg.seq_len,
                                           seed=seed or 0)
     errors = quantize_model(model, cfg, ids, report)
+    recorded = model.transforms[-1]
     seconds = time.perf_counter() - start
     quantization = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-                    "format": "compressed-tensors pack-quantized", "unquantized": unquantized(model), "error": errors,
+                    "format": f"{recorded.quant_method} {recorded.name}", "unquantized": unquantized(model), "error": errors,
                     **({"calibration": record} if record else {}), "seconds": round(seconds, 2)}
     from llmctl.config import to_dict
 
