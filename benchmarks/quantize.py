@@ -1,0 +1,291 @@
+"""Quantized checkpoints: decode speed, quantize time and memory, and quality.
+
+    python -m benchmarks.quantize speed   [--threads 2] [--new-tokens 64] [--repeats 3]
+    python -m benchmarks.quantize time    [--samples 32] [--seq-len 512]
+    python -m benchmarks.quantize quality --checkpoint runs/quickstart/model --calibration corpus.txt --eval val.txt
+
+speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
+at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128),
+by transformers in float32 and, when llama-cpp-python is installed, by llama.cpp in f32, f16,
+q8_0 and q4_0 (a GGUF of the same weights written here with the `gguf` package). Decode tokens/s
+= (N − 1) / (time(N tokens) − time(1 token)), best of --repeats, contenders interleaved. The
+bandwidth share is the bytes a token reads (every weight but the embedding table, in the
+format used) × tokens/s ÷ the read bandwidth measured in the same run (a 1 GiB sum).
+time: `llmctl quantize` on the `llama` preset's shape (125M, random weights) as a subprocess:
+RTN int8, RTN int4 and GPTQ int4 g128 — wall time and peak RSS.
+quality: perplexity (`llmctl eval --task perplexity`) of a trained checkpoint and of its int8,
+int4 RTN, GPTQ, AWQ (groups of 128) and NF4 versions, and each one's change from the float model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.generate import PROMPT_LEN, IdTok, _time
+
+SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+             num_key_value_heads=12, vocab_size=8192)
+LLAMA_PRESET = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                    num_key_value_heads=4, vocab_size=32000, rope_theta=500000.0)
+
+
+def llmctl(*args: str) -> dict:
+    """`python -m llmctl ARGS --json` in a subprocess; its JSON result."""
+    proc = subprocess.run([sys.executable, "-m", "llmctl", *map(str, args), "--json", "--quiet"],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"llmctl {' '.join(map(str, args))}: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second read by a sum over a large float32 tensor."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    return x.numel() * 4 / min(_time(x.sum) for _ in range(repeats))
+
+
+def build(path: Path, shape: dict) -> Path:
+    import transformers
+
+    cfg = transformers.LlamaConfig(**shape, max_position_embeddings=1024, tie_word_embeddings=False,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def streamed_bytes(path: Path) -> int:
+    """Bytes of every stored tensor but the embedding table: what a decoded token reads."""
+    from llmctl.core.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(path)
+    return sum(t.numel() * t.element_size() for n, t in ck.state_dict().items() if "embed_tokens" not in n)
+
+
+# -- llama.cpp ---------------------------------------------------------------------------------
+
+def write_gguf(src: Path, out: Path, kind: str) -> Path:
+    """The checkpoint at `src` as a llama GGUF (`kind`: F32, F16, Q8_0, Q4_0); q/k rows permuted
+    to llama.cpp's rotary layout as its converter does; a placeholder vocabulary."""
+    import gguf
+    import numpy as np
+
+    from llmctl.core.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(src)
+    c = ck.config
+    heads, kv, layers = c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(layers)
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(c["hidden_size"] // heads)
+    w.add_rope_freq_base(float(c.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "Q4_0": 2}[kind])
+    w.add_tokenizer_model("llama")
+    vocab = c["vocab_size"]
+    w.add_token_list([f"<t{i}>".encode() for i in range(vocab)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([1] * vocab)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def permute(t, n):
+        return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(layers):
+        for hf, gg in parts.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    for name, tensor in ck.state_dict().items():
+        data = tensor.float().numpy()
+        if name.endswith("q_proj.weight"):
+            data = permute(data, heads)
+        elif name.endswith("k_proj.weight"):
+            data = permute(data, kv)
+        if data.ndim == 1:  # norms stay float32, as llama.cpp's converter keeps them
+            w.add_tensor(names[name], data.astype(np.float32))
+        else:
+            q = gguf.quants.quantize(data, qtype)
+            w.add_tensor(names[name], q, raw_shape=q.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def llama_cpp_runner(path: Path, threads: int):
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, n_batch=64, verbose=False,
+                logits_all=False)
+
+    def run(prompt: list[int], n: int) -> list[int]:
+        llm.reset()
+        out = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            out.append(token)
+            if len(out) == n:
+                break
+        return out
+    return run
+
+
+# -- parts -------------------------------------------------------------------------------------
+
+def speed(args) -> None:
+    import transformers
+
+    from llmctl.core.generate import GenerationConfig, generate
+    from llmctl.core.model.io import load_model
+
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth()
+    tmp = Path(tempfile.mkdtemp(prefix="llmctl-bench-quant-"))
+    base = build(tmp / "f32", SHAPE)
+    llmctl("quantize", base, "-o", tmp / "int8", "-m", "int8")
+    llmctl("quantize", base, "-o", tmp / "int4", "-m", "int4", "--group-size", "128")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, SHAPE["vocab_size"], (PROMPT_LEN,), generator=g).tolist()
+    tok = IdTok({"p": prompt})
+
+    def ours(path: Path, dtype: torch.dtype):
+        model, _ = load_model(path, dtype=dtype)
+
+        def run(p, n):
+            cfg = GenerationConfig(max_new_tokens=n, eos_ids=[], batch_size=1)
+            return generate(model, tok, ["p"], cfg)[0].tokens
+        return run
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+    def run_hf(p, n):
+        ids = torch.tensor([p])
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+        return out[0, PROMPT_LEN:].tolist()
+
+    runs = {"llmctl float32": (ours(base, torch.float32), streamed_bytes(base)),
+            "llmctl bf16": (ours(base, torch.bfloat16), streamed_bytes(base) // 2),
+            "llmctl int8": (ours(tmp / "int8", torch.float32), streamed_bytes(tmp / "int8")),
+            "llmctl int4 g128": (ours(tmp / "int4", torch.float32), streamed_bytes(tmp / "int4")),
+            "transformers float32": (run_hf, streamed_bytes(base))}
+    try:
+        import llama_cpp  # noqa: F401
+        for kind in ("F32", "F16", "Q8_0", "Q4_0"):
+            path = write_gguf(base, tmp / f"{kind}.gguf", kind)
+            size = path.stat().st_size - SHAPE["vocab_size"] * SHAPE["hidden_size"] * {"F32": 4, "F16": 2, "Q8_0": 34 / 32, "Q4_0": 18 / 32}[kind]
+            runs[f"llama.cpp {kind.lower()}"] = (llama_cpp_runner(path, args.threads), int(size))
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp rows", file=sys.stderr)
+
+    for run, _ in runs.values():
+        run(prompt, 4)  # warm-up
+    reference = runs["llmctl float32"][0](prompt, args.new_tokens)
+    best = {name: [float("inf"), float("inf")] for name in runs}
+    for _ in range(args.repeats):
+        for name, (run, _) in runs.items():
+            best[name][0] = min(best[name][0], _time(lambda: run(prompt, args.new_tokens)))
+            best[name][1] = min(best[name][1], _time(lambda: run(prompt, 1)))
+    print(f"torch {torch.__version__}, {args.threads} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"load average {os.getloadavg()[0]:.1f}, {args.new_tokens} greedy tokens at batch 1\n")
+    print("| decoder | tok/s | MB read per token | bandwidth share | tokens = llmctl float32 |")
+    print("|---|---:|---:|---:|---|")
+    for name, (run, nbytes) in runs.items():
+        rate = (args.new_tokens - 1) / (best[name][0] - best[name][1])
+        same = run(prompt, args.new_tokens) == reference
+        print(f"| {name} | {rate:.1f} | {nbytes / 1e6:.0f} | {nbytes * rate / bandwidth:.0%} | {same} |")
+
+
+def quantize_time(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="llmctl-bench-qtime-"))
+    base = build(tmp / "llama", LLAMA_PRESET)
+    text = tmp / "calibration.txt"
+    g = torch.Generator().manual_seed(0)  # random words: timing does not depend on the text
+    words = [f"w{int(i)}" for i in torch.randint(0, 5000, (400_000,), generator=g)]
+    text.write_text(" ".join(words))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *sorted(set(words))])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(base / "tokenizer.json"))
+    (base / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    print(f"`llama` preset shape (125M, random weights), {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print("| method | wall s | peak RSS MB | checkpoint MB |")
+    print("|---|---:|---:|---:|")
+    calib = ["--calibration", text, "--samples", args.samples, "--seq-len", args.seq_len]
+    for name, extra in (("RTN int8", ["-m", "int8"]), ("RTN int4 g128", ["-m", "int4"]),
+                        (f"GPTQ int4 g128 ({args.samples}×{args.seq_len} tokens)", ["-m", "gptq", *calib])):
+        start = time.perf_counter()
+        r = llmctl("quantize", base, "-o", tmp / name.split()[0], *extra)
+        wall = time.perf_counter() - start
+        print(f"| {name} | {wall:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} |")
+
+
+def quality(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="llmctl-bench-qquality-"))
+    calib = ["--calibration", args.calibration, "--samples", args.samples, "--seq-len", args.seq_len]
+    variants = {"float": None, "int8": ["-m", "int8"], "int4 RTN g128": ["-m", "int4"],
+                "int4 GPTQ g128": ["-m", "gptq", *calib], "int4 GPTQ g128 act-order": ["-m", "gptq", *calib, "gptq.act_order=true"],
+                "int4 AWQ g128": ["-m", "awq", *calib], "NF4": ["-m", "nf4"]}
+
+    def ppl(path: Path) -> float:
+        r = llmctl("eval", path, "--task", "perplexity", "--data", args.eval, "--no-record")
+        return next(iter(r["results"].values()))["perplexity"]["perplexity"]
+
+    print(f"{args.checkpoint}, perplexity on {args.eval}; calibration {args.samples}×{args.seq_len} tokens "
+          f"of {args.calibration}\n")
+    print("| model | perplexity | change | rel. output error at quantize time | quantize s |")
+    print("|---|---:|---:|---:|---:|")
+    base = None
+    for name, extra in variants.items():
+        if extra is None:
+            path, q = Path(args.checkpoint), {}
+        else:
+            path = tmp / name.replace(" ", "_")
+            q = llmctl("quantize", args.checkpoint, "-o", path, *extra)["quantization"]
+        value = ppl(path)
+        base = base or value
+        err = q.get("error", {}).get("output_error")
+        print(f"| {name} | {value:.3f} | {100 * (value / base - 1):+.2f} % | {'' if err is None else f'{err:.2e}'} | "
+              f"{q.get('seconds', '')} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=["speed", "time", "quality"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--calibration")
+    ap.add_argument("--eval")
+    args = ap.parse_args()
+    {"speed": speed, "time": quantize_time, "quality": quality}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
