@@ -148,6 +148,7 @@ def llama_cpp_runner(path: Path, threads: int):
             if len(out) == n:
                 break
         return out
+    run.close = llm.close
     return run
 
 
@@ -216,6 +217,8 @@ def speed(args) -> None:
         rate = (args.new_tokens - 1) / (best[name][0] - best[name][1])
         same = run(prompt, args.new_tokens) == reference
         print(f"| {name} | {rate:.1f} | {nbytes / 1e6:.0f} | {nbytes * rate / bandwidth:.0%} | {same} |")
+    for run, _ in runs.values():
+        getattr(run, "close", lambda: None)()  # llama.cpp frees its model before interpreter exit
 
 
 def quantize_time(args) -> None:
