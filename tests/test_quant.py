@@ -43,7 +43,7 @@ def test_round_to_nearest_int8_end_to_end(llmctl, base, tmp_path):
     assert info["lineage"]["command"] == "quantize" and info["lineage"]["parents"][0]["path"] == str(base)
     human = llmctl("info", out)
     assert "quantization method" in human.stderr and "int8" in human.stderr
-    # generate reads it with no flag, through the int8 kernel, as a float model of the same weights
+    # generate reads it with no flag, as a float model of the same weights
     quantized, _ = load_model(out)
     dense, _ = load_model(base)
     with torch.no_grad():

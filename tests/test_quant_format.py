@@ -112,7 +112,7 @@ def test_fused_kernels_equal_the_dequantized_product(params, kernel, dtype):
     x = torch.randn(3, 5, 256, dtype=dtype)
     with torch.no_grad():
         y = module(x)
-        assert module.kernel[1] == kernel
+        assert module.kernel[1] == (kernel if dtype == torch.bfloat16 else "dense")  # see kernels.py
         expected = torch.nn.functional.linear(x.float(), module.dequantize(torch.float32), linear.bias.float())
     tol = 2e-2 * expected.abs().max().item() if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(y.float(), expected, rtol=0, atol=tol)

@@ -1,12 +1,18 @@
 """How a `PackedLinear` multiplies: torch's fused weight-only kernels where one fits, else the
-weight dequantized on the fly.
+weight dequantized.
 
-    int8, symmetric, per channel   aten._weight_int8pack_mm (CPU, CUDA): int8 [out, in] + scales
-    int4, CPU, float32/bf16/f16    aten._weight_int4pack_mm_for_cpu: tiles from
+    int8, symmetric, per channel   aten._weight_int8pack_mm (CPU, CUDA), 16-bit inputs
+    int4, CPU, bf16/f16 inputs     aten._weight_int4pack_mm_for_cpu: tiles from
                                    _convert_weight_to_int4pack_for_cpu, groups of 32–256
     int4, CUDA, bfloat16           aten._weight_int4pack_mm (tinygemm): _convert_weight_to_int4pack
                                    (in_features % 128 == 0, out_features % 8 == 0)
-    anything else                  F.linear(x, (q − zero) · scale)
+    float32 inputs on CPU          F.linear on the weight dequantized once and kept (`dense`)
+    anything else                  F.linear(x, (q − zero) · scale), dequantized at every call
+
+torch 2.13's CPU int8/int4 kernels are fast only for 16-bit inputs: with float32 inputs they
+take a reference path 60–200× slower than the float32 matrix-vector product (measured on a
+768×2048 layer), so float32 runs on a dequantized copy (exact, float32's memory) and the fused
+kernels serve `--dtype bfloat16`/`float16`.
 
 The kernels compute w = (u − 8) · s + z on unsigned nibbles u = q + 8, so our (q − zero) · scale
 becomes s = scale, z = −zero · scale. A per-channel int4 scale is repeated over groups of the
@@ -25,11 +31,13 @@ import torch.nn.functional as F
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 INT4_GROUPS = (256, 128, 64, 32)
+HALF = (torch.bfloat16, torch.float16)
 
 
 def _int8(module, x: torch.Tensor) -> Kernel | None:
     s = module.scheme
-    if s.bits != 8 or not s.symmetric or s.group_size is not None or x.device.type not in ("cpu", "cuda"):
+    if s.bits != 8 or not s.symmetric or s.group_size is not None or x.device.type not in ("cpu", "cuda") \
+            or x.dtype not in HALF:
         return None
     _, _, q = module.integers()
     scale = module.weight_scale.to(x.dtype).reshape(-1).contiguous()
@@ -57,8 +65,7 @@ def _int4_params(module, x: torch.Tensor) -> tuple | None:
 
 
 def _int4_cpu(module, x: torch.Tensor) -> Kernel | None:
-    params = None if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
-        else _int4_params(module, x)
+    params = None if x.device.type != "cpu" or x.dtype not in HALF else _int4_params(module, x)
     if params is None:
         return None
     u, group, sz = params
@@ -88,12 +95,19 @@ def _int4_cuda(module, x: torch.Tensor) -> Kernel | None:
     return run
 
 
+def _dense(module, x: torch.Tensor) -> Kernel | None:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    weight = module.dequantize(x.dtype)
+    return lambda x: F.linear(x, weight, module.bias)
+
+
 def _dequantize(module, x: torch.Tensor) -> Kernel:
     return lambda x: F.linear(x, module.dequantize(x.dtype), module.bias)
 
 
 KERNELS: dict[str, Callable] = {"int8pack": _int8, "int4pack_cpu": _int4_cpu, "int4pack_cuda": _int4_cuda,
-                                "dequantize": _dequantize}
+                                "dense": _dense, "dequantize": _dequantize}
 
 
 def choose(module, x: torch.Tensor, allowed=None) -> tuple[str, Kernel, torch.Tensor]:
