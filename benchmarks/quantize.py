@@ -5,7 +5,9 @@
     python -m benchmarks.quantize quality --checkpoint runs/quickstart/model --calibration corpus.txt --eval val.txt
 
 speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
-at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128),
+at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128)
+— the int8/int4 kernels with bf16 activations (float32 ones multiply a dequantized copy, see
+core/quant/kernels.py) —
 by transformers in float32 and, when llama-cpp-python is installed, by llama.cpp in f32, f16,
 q8_0 and q4_0 (a GGUF of the same weights written here with the `gguf` package). Decode tokens/s
 = (N − 1) / (time(N tokens) − time(1 token)), best of --repeats, contenders interleaved. The
@@ -189,8 +191,9 @@ def speed(args) -> None:
 
     runs = {"llmctl float32": (ours(base, torch.float32), streamed_bytes(base)),
             "llmctl bf16": (ours(base, torch.bfloat16), streamed_bytes(base) // 2),
-            "llmctl int8": (ours(tmp / "int8", torch.float32), streamed_bytes(tmp / "int8")),
-            "llmctl int4 g128": (ours(tmp / "int4", torch.float32), streamed_bytes(tmp / "int4")),
+            "llmctl int8, bf16 activations": (ours(tmp / "int8", torch.bfloat16), streamed_bytes(tmp / "int8")),
+            "llmctl int4 g128, bf16 activations": (ours(tmp / "int4", torch.bfloat16), streamed_bytes(tmp / "int4")),
+            "llmctl int8, float32 (dequantized copy)": (ours(tmp / "int8", torch.float32), streamed_bytes(base)),
             "transformers float32": (run_hf, streamed_bytes(base))}
     try:
         import llama_cpp  # noqa: F401
