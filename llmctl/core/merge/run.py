@@ -1,0 +1,159 @@
+"""Run a merge: one output tensor at a time, each input read through its memory map and the
+result written at once by the streaming `CheckpointWriter`, so memory holds about one tensor
+per input plus the result, whatever the model size.
+
+    result = merge(load_recipe("merge.yaml"), "out", force=False, seed=0, report=REPORTER)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from llmctl.core.checkpoint import TOKENIZER_FILES, CheckpointWriter
+from llmctl.core.merge.methods import Inputs
+from llmctl.core.merge.plan import LAYER_KEYS, Job, Plan, plan
+from llmctl.core.merge.recipe import Recipe
+from llmctl.core.outputs import OUTPUT_KINDS
+from llmctl.core.report import SILENT, Reporter
+from llmctl.errors import CheckpointError, UsageError
+
+KIND = "merge"
+
+
+@OUTPUT_KINDS.register(KIND)
+def _is_merge(path: Path) -> bool:
+    """A checkpoint written by `llmctl merge`."""
+    import json
+
+    try:
+        return json.loads((path / "llmctl.json").read_text(encoding="utf-8")).get("command") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: int = 0,
+          max_shard_bytes: int = 2 * 1024**3, report: Reporter = SILENT, record: dict | None = None) -> dict:
+    """Merge per `recipe` into the checkpoint directory `out`; returns a summary. The plan
+    (and every check) is complete before the output is created."""
+    import torch
+
+    started = time.perf_counter()
+    p = plan(recipe)
+    tokenizer = _tokenizer_dir(recipe, p)
+    layout = {job.name: (job.shape, job.dtype) for job in p.jobs}
+    total = sum(_nbytes(job) for job in p.jobs)
+    with CheckpointWriter(out, layout, force=force, max_shard_bytes=max_shard_bytes) as writer, \
+            report.progress(f"merge ({recipe.merge_method})", total=total, unit="B") as bar:
+        for job in p.jobs:
+            writer.add(job.name, merged_tensor(p, job, recipe, seed).to(getattr(torch, job.dtype)))
+            bar.advance(_nbytes(job))
+        source = p.checkpoints[p.config_source]
+        writer.finish(_config(p, recipe), generation_config=source.generation_config, tokenizer_dir=tokenizer,
+                      lineage=_lineage(recipe, p, seed, record), extra_files={"mergekit_config.yml": _yaml(recipe)})
+    return {"output": str(out), "method": recipe.merge_method, "models": list(p.checkpoints),
+            "tensors": len(p.jobs), "layers": len(p.layers), "bytes": total,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int = 0):
+    """The merged value of one job (inputs converted to the recipe's `dtype`, if any)."""
+    import torch
+
+    tensors = [p.checkpoints[m].get_tensor(n) for m, n in job.inputs]
+    if not all(t.is_floating_point() for t in tensors):  # integer buffers must agree
+        if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+            raise CheckpointError(f"cannot merge {job.name!r}: a non-floating tensor differs between inputs")
+        return tensors[0]
+    dtype = getattr(torch, recipe.dtype) if recipe.dtype else _promote(tensors)
+    tensors = [t.to(dtype) for t in tensors]
+    base = tensors[job.base] if job.base is not None else None
+    others = [t for i, t in enumerate(tensors) if i != job.base]
+    generator = None
+    if p.method.random:  # seeded per tensor name: the same merge whatever the order or subset
+        key = hashlib.sha256(f"{seed}\0{job.name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    return p.method(Inputs(base, others, generator), **job.params)
+
+
+def _promote(tensors):
+    import torch
+
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _nbytes(job: Job) -> int:
+    import math
+
+    from llmctl.core.checkpoint import DTYPES
+
+    size = {name: n for name, n in DTYPES.values()}[job.dtype]
+    return math.prod(job.shape) * size
+
+
+def _config(p: Plan, recipe: Recipe) -> dict:
+    """The config source's config.json with the output's layer count (and per-layer lists) and dtype."""
+    config = dict(p.checkpoints[p.config_source].config)
+    for key in LAYER_KEYS:
+        if key in config:
+            config[key] = len(p.layers)
+    types = {m: ck.config.get("layer_types") for m, ck in p.checkpoints.items()}
+    if isinstance(config.get("layer_types"), list) and all(isinstance(types[m], list) for m, _ in p.layers):
+        config["layer_types"] = [types[m][i] for m, i in p.layers]
+    dtype = recipe.out_dtype or recipe.dtype
+    if dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = dtype
+    return config
+
+
+def _tokenizer_dir(recipe: Recipe, p: Plan) -> Path | None:
+    """Whose tokenizer the output gets: `tokenizer_source` (base, a model, or union of
+    identical vocabularies), else the config source's when it has one."""
+    source = recipe.tokenizer_source
+    if source == "union":
+        vocabularies = {m: _vocabulary(ck.path) for m, ck in p.checkpoints.items()}
+        first = next(iter(vocabularies.values()))
+        for model, vocabulary in vocabularies.items():
+            if vocabulary != first:
+                raise UsageError(f"tokenizer_source: union of different vocabularies ({model} differs from "
+                                 f"{next(iter(vocabularies))}) is not supported; choose base or a model")
+        source = None
+    model = p.config_source if source in (None, "base") else source
+    if source == "base" and recipe.base_model is None:
+        raise UsageError("tokenizer_source: base needs a base_model")
+    path = Path(p.checkpoints[model].path) if model in p.checkpoints else Path(model)
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        return path
+    if source is not None:
+        raise UsageError(f"tokenizer_source: {path} has no tokenizer files")
+    return None
+
+
+def _vocabulary(path: Path) -> Any:
+    import json
+
+    try:
+        data = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("model", {}).get("vocab"), data.get("added_tokens")
+
+
+def _lineage(recipe: Recipe, p: Plan, seed: int, record: dict | None) -> dict:
+    config = {"recipe": recipe.raw, "seed": seed if p.method.random else None, **(record or {})}
+    return {"command": KIND, "config": config, "merge_method": recipe.merge_method,
+            "parents": [str(Path(ck.path).resolve()) for ck in p.checkpoints.values()]}
+
+
+def _yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.raw, sort_keys=False)
