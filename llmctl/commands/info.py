@@ -57,6 +57,8 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
     lineage = s["lineage"]
     if lineage is not None:
         rows.append(["created by", f"llmctl {lineage['command'] or '?'} at {lineage['created'] or '?'}"])
+        if lineage.get("merge_method"):
+            rows.append(["merge method", lineage["merge_method"]])
         for parent in lineage["parents"]:
             rows.append(["parent", f"{parent.get('path')} ({(parent.get('hash') or '?')[:12]})"])
     for spec in s.get("transforms") or []:

@@ -119,6 +119,7 @@ def describe(ck: Checkpoint) -> dict:
             "created": lineage.get("created"),
             "llmctl_version": lineage.get("llmctl_version"),
             "parents": lineage.get("parents", []),
+            "merge_method": lineage.get("merge_method"),
         } if ck.lineage is not None else None,
         "quantization": lineage.get("quantization") or config.get("quantization_config"),
         "transforms": lineage.get("transforms", []),  # module transforms recorded in llmctl.json

@@ -225,3 +225,31 @@ def _scalar(value: Any, kind: type, where: str) -> Any:
         return kind(float(value)) if kind is int else kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {kind.__name__}, found {value!r}") from None
+
+
+def short_recipe(models: list[str], method: str, *, base: str | None = None, weights: list[float] = (),
+                 params: dict[str, Any] | None = None, per_model: dict[str, Any] | None = None) -> dict:
+    """The recipe of `llmctl merge A B --method M …`: the base (given, or the first model when
+    the method needs one) and every other model, each with `weights` (one for all or one per
+    model; default 1) and `per_model` settings; `params` are the recipe's parameters."""
+    from llmctl.core.merge.methods import METHODS
+
+    spec = METHODS.get(method)
+    if base is None and spec.base == "required":
+        base = models[0]
+    others = [m for m in models if m != base]
+    if weights and len(weights) not in (1, len(others)):
+        raise ConfigError(f"--weight: give one value or one per non-base model ({len(others)}), got {len(weights)}")
+    declared = {p.name for p in spec.params if p.per_model}
+    entries = []
+    for i, model in enumerate(others):
+        settings = dict(per_model or {})
+        if "weight" in declared:
+            settings["weight"] = weights[i if len(weights) > 1 else 0] if weights else 1.0
+        entries.append({"model": model, "parameters": settings} if settings else {"model": model})
+    if base is not None:
+        entries.insert(0, {"model": base})
+    recipe = {"merge_method": method, "models": entries, "parameters": dict(params or {})}
+    if base is not None:
+        recipe["base_model"] = base
+    return recipe

@@ -1,0 +1,96 @@
+"""`llmctl merge`: combine checkpoints tensor by tensor (mergekit recipes, or a short form).
+
+    llmctl merge --config MERGE.yaml -o OUT                     # a mergekit recipe, unchanged
+    llmctl merge A B --method slerp --t 0.5 -o OUT              # the short form
+    llmctl merge BASE FT1 FT2 --method ties --density 0.5 -o OUT
+"""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmctl.options import option
+
+SHORT = "Short form"
+
+
+def merge(
+    models: Annotated[Optional[list[str]], typer.Argument(help="Short form: the checkpoints to merge (the first is the base when the method needs one).", show_default=False)] = None,
+    config: Annotated[Optional[Path], option("--config", "-c", help="A mergekit merge recipe (YAML), or a preset under configs/merge.")] = None,
+    output: Annotated[Optional[Path], option("--output", "-o", help="Output checkpoint directory (required).")] = None,
+    method: Annotated[str, option("--method", "-m", help="Merge method (linear, slerp, ties, dare_ties, …; `llmctl merge --list`).", panel=SHORT)] = "linear",
+    base: Annotated[Optional[str], option("--base", help="Base model (default: the first model, for methods that need one).", panel=SHORT)] = None,
+    t: Annotated[Optional[float], option("--t", help="Interpolation factor (slerp).", panel=SHORT)] = None,
+    weight: Annotated[Optional[list[float]], option("--weight", "-w", help="Weight of each non-base model (repeatable; one value for all).", panel=SHORT)] = None,
+    density: Annotated[Optional[float], option("--density", help="Fraction of each task vector kept (ties, dare, breadcrumbs, della).", panel=SHORT)] = None,
+    param: Annotated[Optional[list[str]], option("--param", "-p", help="Another method parameter as key=value (repeatable), e.g. normalize=false.", panel=SHORT)] = None,
+    list_methods: Annotated[bool, option("--list", help="List the merge methods and their parameters, then exit.")] = False,
+) -> None:
+    """Merge checkpoints: linear (soups), slerp, nuslerp, task arithmetic, ties, dare, breadcrumbs, della, model_stock, passthrough."""
+    from llmctl.console import REPORTER, emit, info
+    from llmctl.errors import UsageError
+    from llmctl.runtime import options
+
+    if list_methods:
+        return _list()
+    if output is None:
+        raise UsageError("missing option --output / -o (the merged checkpoint's directory)")
+    recipe = _recipe(models, config, method, base, t, weight, density, param)
+    from llmctl.core.merge import merge as run_merge
+    from llmctl.core.outputs import claim_output
+    from llmctl.options import human_bytes
+
+    if options.dtype != "auto":
+        recipe.out_dtype = options.dtype
+    with claim_output(output, "merge", force=options.force, inputs=recipe.models()):
+        result = run_merge(recipe, output, force=options.force, seed=options.seed or 0, report=REPORTER)
+    emit(result, lambda: info(f"merged {len(result['models'])} models ({result['method']}, {result['tensors']} tensors, "
+                              f"{human_bytes(result['bytes'])}) in {result['seconds']:.1f}s → {output}"))
+
+
+def _recipe(models, config, method, base, t, weight, density, param):
+    from llmctl.config import preset_path
+    from llmctl.core.merge.recipe import load_recipe, parse_recipe, short_recipe
+    from llmctl.errors import UsageError
+
+    short = {"--method": method != "linear", "--base": base, "--t": t, "--weight": weight, "--density": density,
+             "--param": param}
+    if config is not None:
+        given = [flag for flag, value in short.items() if value] + (["MODELS"] if models else [])
+        if given:
+            raise UsageError(f"--config and the short form ({', '.join(given)}) exclude each other")
+        return load_recipe(preset_path(str(config), "merge"))
+    if not models:
+        raise UsageError("give a recipe (--config MERGE.yaml) or the models to merge (llmctl merge A B --method …)")
+    params = dict(_pair(p) for p in param or [])
+    if t is not None:
+        params["t"] = t
+    raw = short_recipe(models, method, base=base, weights=weight or [], params=params,
+                       per_model={"density": density} if density is not None else None)
+    return parse_recipe(raw, "short form")
+
+
+def _pair(text: str):
+    import yaml
+
+    from llmctl.errors import UsageError
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--param {text!r}: expected key=value")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _list() -> None:
+    from llmctl.console import console, emit, table
+    from llmctl.core.merge import METHODS
+
+    rows, data = [], {}
+    for name, m in METHODS.items():
+        params = [f"{p.name}{'*' if p.per_model else ''}" + ("" if p.required else f"={p.default}") for p in m.params]
+        rows.append([name, m.base, ", ".join(params)])
+        data[name] = {"base": m.base, "random": m.random, "parameters": [
+            {"name": p.name, "type": p.type.__name__, "per_model": p.per_model,
+             "default": None if p.required else p.default, "required": p.required} for p in m.params]}
+    emit(data, lambda: console.print(table("merge methods (* = per model)", ["method", "base", "parameters"], rows)))
