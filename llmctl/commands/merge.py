@@ -3,6 +3,8 @@
     llmctl merge --config MERGE.yaml -o OUT                     # a mergekit recipe, unchanged
     llmctl merge A B --method slerp --t 0.5 -o OUT              # the short form
     llmctl merge BASE FT1 FT2 --method ties --density 0.5 -o OUT
+    llmctl merge --config SOUP.yaml -o OUT                      # merge_method: greedy_soup (+ evaluation:)
+    llmctl merge --evolve SEARCH.yaml -o OUT                    # evolutionary search of recipe values
 """
 
 from pathlib import Path
@@ -25,6 +27,7 @@ def merge(
     weight: Annotated[Optional[list[float]], option("--weight", "-w", help="Weight of each non-base model (repeatable; one value for all).", panel=SHORT)] = None,
     density: Annotated[Optional[float], option("--density", help="Fraction of each task vector kept (ties, dare, breadcrumbs, della).", panel=SHORT)] = None,
     param: Annotated[Optional[list[str]], option("--param", "-p", help="Another method parameter as key=value (repeatable), e.g. normalize=false.", panel=SHORT)] = None,
+    evolve: Annotated[Optional[Path], option("--evolve", help="Search merge parameters against an eval task (SEARCH.yaml: recipe, search, evaluation, budget).")] = None,
     list_methods: Annotated[bool, option("--list", help="List the merge methods and their parameters, then exit.")] = False,
 ) -> None:
     """Merge checkpoints: linear (soups), slerp, nuslerp, task arithmetic, ties, dare, breadcrumbs, della, model_stock, passthrough."""
@@ -36,10 +39,22 @@ def merge(
         return _list()
     if output is None:
         raise UsageError("missing option --output / -o (the merged checkpoint's directory)")
-    recipe = _recipe(models, config, method, base, t, weight, density, param)
+    from llmctl.config import preset_path
     from llmctl.core.merge import merge as run_merge
+    from llmctl.core.merge.recipe import read_yaml
+    from llmctl.core.merge.search import SEARCHES
     from llmctl.core.outputs import claim_output
     from llmctl.options import human_bytes
+
+    if evolve and config is not None:
+        raise UsageError("--evolve and --config exclude each other (the search file holds the recipe)")
+    config = preset_path(str(config), "merge") if config is not None else None
+    if evolve or config:
+        raw = read_yaml(evolve or config)
+        name = "evolve" if evolve else raw.get("merge_method") if isinstance(raw, dict) else None
+        if name in SEARCHES:
+            return _search(name, raw, evolve or config, output)
+    recipe = _recipe(models, config, method, base, t, weight, density, param)
 
     if options.dtype != "auto":
         recipe.out_dtype = options.dtype
@@ -49,8 +64,22 @@ def merge(
                               f"{human_bytes(result['bytes'])}) in {result['seconds']:.1f}s → {output}"))
 
 
+def _search(name: str, raw: dict, path: Path, output: Path) -> None:
+    from llmctl.console import REPORTER, emit, info
+    from llmctl.core.merge.search import SEARCHES, Objective
+    from llmctl.core.outputs import claim_output
+    from llmctl.runtime import options, resolve_device
+
+    objective = Objective.parse(raw.get("evaluation") if isinstance(raw, dict) else None, str(path),
+                                relative_to=path.parent, device=resolve_device())
+    with claim_output(output, "merge", force=options.force, inputs=[path]):
+        result = SEARCHES.get(name)(raw, objective, output, force=options.force, report=REPORTER, where=str(path),
+                                    relative_to=path.parent)
+    emit(result, lambda: info(f"{name}: best score {result['score']:.4g} after {objective.evaluations} evaluations "
+                              f"→ {output}"))
+
+
 def _recipe(models, config, method, base, t, weight, density, param):
-    from llmctl.config import preset_path
     from llmctl.core.merge.recipe import load_recipe, parse_recipe, short_recipe
     from llmctl.errors import UsageError
 
@@ -60,7 +89,7 @@ def _recipe(models, config, method, base, t, weight, density, param):
         given = [flag for flag, value in short.items() if value] + (["MODELS"] if models else [])
         if given:
             raise UsageError(f"--config and the short form ({', '.join(given)}) exclude each other")
-        return load_recipe(preset_path(str(config), "merge"))
+        return load_recipe(config)
     if not models:
         raise UsageError("give a recipe (--config MERGE.yaml) or the models to merge (llmctl merge A B --method …)")
     params = dict(_pair(p) for p in param or [])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llmctl.errors import ConfigError
 
@@ -79,7 +79,7 @@ def parse_recipe(data: Any, where: str = "recipe", relative_to: str | os.PathLik
             raise ConfigError(f"{where}: {key}: {why} are not supported")
     if "merge_method" not in data:
         raise ConfigError(f"{where}: missing key 'merge_method'")
-    model = _model_path(where, relative_to)
+    model = model_resolver(where, relative_to)
     has_models, has_slices = data.get("models") is not None, data.get("slices") is not None
     if has_models == has_slices:
         raise ConfigError(f"{where}: give exactly one of 'models' or 'slices'")
@@ -110,19 +110,25 @@ def parse_recipe(data: Any, where: str = "recipe", relative_to: str | os.PathLik
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe YAML file (model paths relative to the working directory, else to the file)."""
+    return parse_recipe(read_yaml(path), str(path), relative_to=Path(path).parent)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A recipe or search file's YAML; ConfigError when missing or invalid."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"merge recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
-    return parse_recipe(data, str(path), relative_to=path.parent)
 
 
-def _model_path(where: str, relative_to):
+def model_resolver(where: str, relative_to=None) -> Callable[[Any], str | None]:
+    """A function from a recipe's model reference to a path (relative to `relative_to` when it
+    does not exist as given)."""
     def model(value):
         if value is None:
             return None
