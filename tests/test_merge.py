@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from llmctl.core.merge import METHODS, merge, parse_recipe
 from llmctl.errors import CheckpointError, ConfigError
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 
 def _perturb(src: Path, dst: Path, seed: int, *, shard: bool = False) -> Path:
@@ -282,3 +282,46 @@ def test_tokenizer_source(models, tmp_path, monkeypatch):
     assert not (tmp_path / "none" / "tokenizer.json").exists()  # b and c carry no tokenizer
     with pytest.raises(Exception, match="base needs a base_model"):
         merge(parse_recipe({"merge_method": "linear", "models": both, "tokenizer_source": "base"}), tmp_path / "x")
+
+
+def test_peak_memory_is_about_one_tensor_per_input(tmp_path):
+    """Eight 8 MiB tensors per model: the merge's peak RSS above its imports stays near one
+    tensor per input plus the result (memory-mapped reads would hold both whole files)."""
+    import subprocess
+    import sys
+
+    for seed, name in enumerate(("x", "y")):
+        g = torch.Generator().manual_seed(seed)
+        (tmp_path / name).mkdir()
+        save_file({f"model.layers.{i}.mlp.weight": torch.randn(1024, 2048, generator=g) for i in range(8)},
+                  tmp_path / name / "model.safetensors")
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 8}))
+    script = f"""
+import re, json, torch
+from pathlib import Path
+from llmctl.core.merge import merge, parse_recipe
+def rss(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+recipe = parse_recipe({{"merge_method": "linear", "models": [{{"model": "{tmp_path / 'x'}", "parameters": {{"weight": 1}}}},
+                                                         {{"model": "{tmp_path / 'y'}", "parameters": {{"weight": 1}}}}]}})
+before = rss("VmRSS")
+merge(recipe, "{tmp_path / 'out'}")
+print(json.dumps({{"before": before, "peak": rss("VmHWM")}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    tensor_mib, inputs = 8, 2
+    assert figures["peak"] - figures["before"] < 2 * tensor_mib * inputs + 16, figures  # files: 2 × 64 MiB
+
+
+def test_read_tensor_equals_the_memory_mapped_tensor(tmp_path):
+    from llmctl.core.checkpoint import open_checkpoint
+
+    tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.tensor(2.5), "d": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ck = open_checkpoint(tmp_path)
+    for name, tensor in tensors.items():
+        read = ck.read_tensor(name)
+        assert read.dtype == tensor.dtype and torch.equal(read, ck.get_tensor(name)) and torch.equal(read, tensor)

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 
 def _noisy(src: Path, dst: Path, seed: int, scale: float) -> Path:

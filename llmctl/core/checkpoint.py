@@ -234,6 +234,29 @@ class Checkpoint:
             self._handles[shard] = safe_open(self.path / shard, framework="pt", device="cpu")
         return self._handles[shard].get_tensor(name)
 
+    def read_tensor(self, name: str) -> "torch.Tensor":
+        """One tensor copied into fresh memory by a single read, without a memory map: for a
+        pass that touches each tensor once (merge), so the file's pages stay in the page cache,
+        not in this process's RSS, and are not faulted in one page at a time."""
+        shard = self._file_of.get(name)
+        if self.weights_format == "bin" or shard is None:
+            return self.get_tensor(name)
+        import torch
+
+        header, start = self._headers[shard]
+        begin, end = header[name]["data_offsets"]
+        shape, dtype = self._shapes[name]
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        with open(self.path / shard, "rb", buffering=0) as f:
+            done = 0
+            while done < end - begin:
+                got = os.preadv(f.fileno(), [buffer[done:]], start + begin + done)
+                if not got:
+                    raise CheckpointError(f"{self.path / shard}: truncated while reading {name!r}")
+                done += got
+        return tensor
+
     def state_dict(self, device="cpu", dtype=None) -> dict[str, "torch.Tensor"]:
         """All tensors. On CPU without a dtype change they stay memory-mapped (no copy);
         `dtype` converts floating-point tensors only."""

@@ -109,8 +109,8 @@ def _work(t: Tensor) -> torch.dtype:
 def linear(inputs: Inputs, weight: list[float], normalize: bool = True) -> Tensor:
     """Weighted average (model soups); `normalize` divides by the sum of the weights."""
     first = inputs.others[0]
-    out = torch.zeros_like(first, dtype=_work(first))
-    for tensor, w in zip(inputs.others, weight):
+    out = first.to(_work(first)) * weight[0]
+    for tensor, w in zip(inputs.others[1:], weight[1:]):
         out.add_(tensor.to(out.dtype), alpha=w)
     if normalize:
         out.div_(sum(weight))

@@ -63,7 +63,7 @@ def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int = 0):
     """The merged value of one job (inputs converted to the recipe's `dtype`, if any)."""
     import torch
 
-    tensors = [p.checkpoints[m].get_tensor(n) for m, n in job.inputs]
+    tensors = [p.checkpoints[m].read_tensor(n) for m, n in job.inputs]
     if not all(t.is_floating_point() for t in tensors):  # integer buffers must agree
         if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
             raise CheckpointError(f"cannot merge {job.name!r}: a non-floating tensor differs between inputs")
