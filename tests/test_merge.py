@@ -325,3 +325,21 @@ def test_read_tensor_equals_the_memory_mapped_tensor(tmp_path):
     for name, tensor in tensors.items():
         read = ck.read_tensor(name)
         assert read.dtype == tensor.dtype and torch.equal(read, ck.get_tensor(name)) and torch.equal(read, tensor)
+
+
+@pytest.mark.parametrize("preset", ["slerp", "ties", "passthrough", "greedy_soup", "evolve"])
+def test_presets_are_valid_recipes(preset):
+    """configs/merge: the plain recipes are mergekit's schema (mergekit itself accepts them)."""
+    from mergekit.config import MergeConfiguration
+
+    from llmctl.config import preset_path
+    from llmctl.core.merge.recipe import read_yaml
+    from llmctl.core.merge.search import Objective
+
+    raw = read_yaml(preset_path(preset, "merge"))
+    recipe = raw.get("recipe", raw)
+    if "evaluation" in raw:
+        Objective.parse(raw["evaluation"], preset)
+    if recipe["merge_method"] in METHODS:
+        parse_recipe(recipe, preset)
+        MergeConfiguration.model_validate(recipe)

@@ -48,6 +48,12 @@ def merge(
 
     if evolve and config is not None:
         raise UsageError("--evolve and --config exclude each other (the search file holds the recipe)")
+    short = {"--method": method != "linear", "--base": base, "--t": t, "--weight": weight, "--density": density,
+             "--param": param, "MODELS": models}
+    given = [flag for flag, value in short.items() if value]
+    if (config or evolve) and given:
+        raise UsageError(f"{'--config' if config else '--evolve'} and the short form ({', '.join(given)}) "
+                         "exclude each other")
     config = preset_path(str(config), "merge") if config is not None else None
     if evolve or config:
         raw = read_yaml(evolve or config)
@@ -83,12 +89,7 @@ def _recipe(models, config, method, base, t, weight, density, param):
     from llmctl.core.merge.recipe import load_recipe, parse_recipe, short_recipe
     from llmctl.errors import UsageError
 
-    short = {"--method": method != "linear", "--base": base, "--t": t, "--weight": weight, "--density": density,
-             "--param": param}
     if config is not None:
-        given = [flag for flag, value in short.items() if value] + (["MODELS"] if models else [])
-        if given:
-            raise UsageError(f"--config and the short form ({', '.join(given)}) exclude each other")
         return load_recipe(config)
     if not models:
         raise UsageError("give a recipe (--config MERGE.yaml) or the models to merge (llmctl merge A B --method …)")

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from llmctl.errors import ConfigError
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "chat_template", "tokenizer", "modules", "name")
+            "tokenizer_source", "chat_template", "tokenizer", "modules")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
@@ -74,9 +74,11 @@ def parse_recipe(data: Any, where: str = "recipe", relative_to: str | os.PathLik
     for key in data:
         if key not in TOP_KEYS:
             raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(key, TOP_KEYS)}")
-    for key, why in (("modules", "multi-module recipes"), ("tokenizer", "the `tokenizer:` block (use tokenizer_source)")):
+    for key, why in (("modules", "multi-module recipes are not supported"),
+                     ("tokenizer", "the `tokenizer:` block is not supported (use tokenizer_source)"),
+                     ("chat_template", "not supported here; set it after merging with `llmctl tokenize set-template`")):
         if data.get(key) is not None:
-            raise ConfigError(f"{where}: {key}: {why} are not supported")
+            raise ConfigError(f"{where}: {key}: {why}")
     if "merge_method" not in data:
         raise ConfigError(f"{where}: missing key 'merge_method'")
     model = model_resolver(where, relative_to)
