@@ -87,6 +87,10 @@ RECIPES = {
                              "models": [_m("b", weight=0.3), _m("c", weight=0.6)]},
     "model_stock": {"merge_method": "model_stock", "base_model": "a", "models": [_m("b"), _m("c")]},
     "passthrough": {"merge_method": "passthrough", "slices": _slices([("a", (0, 1))], [("b", (0, 2))])},
+    "ties_bf16": {"merge_method": "ties", "base_model": "a", "dtype": "bfloat16",
+                  "models": [_m("b", weight=0.5, density=0.4), _m("c", weight=0.8, density=0.7)]},
+    "slerp_bf16": {"merge_method": "slerp", "base_model": "a", "dtype": "bfloat16", "parameters": {"t": 0.3},
+                   "models": [_m("a"), _m("b")]},
     "linear_bf16_out": {"merge_method": "linear", "out_dtype": "bfloat16", "dtype": "float32",
                         "models": [_m("a", weight=1.0), _m("c", weight=2.0)]},
 }

@@ -16,7 +16,7 @@ from typing import Any
 
 from llmctl.core.checkpoint import Checkpoint, open_checkpoint
 from llmctl.core.merge.methods import METHODS, Method
-from llmctl.core.merge.recipe import Recipe, Slice, evaluate
+from llmctl.core.merge.recipe import Recipe, Slice, Source, evaluate
 from llmctl.errors import CheckpointError, ConfigError
 
 _LAYER = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
@@ -109,9 +109,8 @@ def _normalise(recipe: Recipe, models: dict[str, _Model], method: Method) -> lis
     if recipe.from_models:
         sources = list(slices[0].sources)
         if recipe.base_model and recipe.base_model not in [s.model for s in sources]:
-            sources.append(type(sources[0])(recipe.base_model))
-        for src in sources:
-            src.layer_range = (0, models[src.model].num_layers)
+            sources.append(Source(recipe.base_model))
+        sources = [Source(s.model, (0, models[s.model].num_layers), s.parameters) for s in sources]
         slices = [Slice(sources, slices[0].base_model, slices[0].parameters)]
     name = recipe.merge_method
     for i, s in enumerate(slices):

@@ -46,7 +46,7 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    return _keep(delta, delta.abs().reshape(-1).float().topk(k).indices)
+    return _keep(delta, delta.abs().reshape(-1).float().argsort(descending=True)[:k])  # ties as mergekit breaks them
 
 
 @SPARSIFIERS.register("magnitude_outliers")
