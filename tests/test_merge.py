@@ -347,3 +347,34 @@ def test_presets_are_valid_recipes(preset):
     if recipe["merge_method"] in METHODS:
         parse_recipe(recipe, preset)
         MergeConfiguration.model_validate(recipe)
+
+
+def test_lora_input_equals_merging_its_merged_weights(models, tmp_path, monkeypatch):
+    from llmctl.core.adapters import LoRA, lora_modules, merge_adapter, save_adapter
+    from llmctl.core.model.io import load_model, save_model
+
+    monkeypatch.chdir(models["root"])
+    model, _ = load_model(models["a"], transforms=[LoRA(r=4, target_modules=["q_proj", "down_proj"])])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=g) * 0.1)
+    save_adapter(model, tmp_path / "adapter", base=models["a"])
+    save_model(merge_adapter(model), tmp_path / "folded")
+    recipe = lambda first: {"merge_method": "slerp", "base_model": first, "parameters": {"t": 0.4},  # noqa: E731
+                            "models": [_m(first), _m("b")]}
+    expected = _ours(recipe(str(tmp_path / "folded")), tmp_path / "expected")
+    for ref in (str(tmp_path / "adapter"), f"a+{tmp_path / 'adapter'}"):
+        out = tmp_path / f"out-{len(ref)}"
+        merged = _ours(recipe(ref), out)
+        assert merged.keys() == expected.keys()
+        for key in merged:
+            torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-6, msg=key)
+        parents = [p["path"] for p in json.loads((out / "llmctl.json").read_text())["parents"]]
+        assert parents == [str(models["a"].resolve()), str((tmp_path / "adapter").resolve()),
+                           str(models["b"].resolve())]
+        assert (out / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".out-*"))  # the materialised inputs are gone
+    plain = _ours(recipe("a"), tmp_path / "plain")  # the adapter did change the merge
+    assert not torch.equal(expected["model.layers.0.self_attn.q_proj.weight"],
+                           plain["model.layers.0.self_attn.q_proj.weight"])

@@ -62,7 +62,7 @@ def test_greedy_soup_keeps_only_candidates_that_help(pool, tmp_path, llmctl):
         torch.testing.assert_close(value, sum(m[key] for m in members) / len(members))
     lineage = json.loads((out / "llmctl.json").read_text())
     assert lineage["config"]["search"] == "greedy_soup" and len(lineage["config"]["trials"]) == 2
-    assert not list(tmp_path.glob(".soup.search-*"))  # candidates cleaned up
+    assert not list(tmp_path.glob(".soup.merge-*"))  # candidates cleaned up
 
 
 def test_evolve_is_seeded_and_improves_on_its_start(pool, tmp_path, llmctl):

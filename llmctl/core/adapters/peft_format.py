@@ -166,15 +166,16 @@ def _recorded(base: Path):
 
 
 def load_adapter(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, *, transforms=(),
-                 config=None):
-    """(model, cfg): the base (`load_model`) with the adapter's base transforms and the adapter
-    applied and its tensors assigned (strict: every adapter tensor used, every one present)."""
+                 config=None, base: str | os.PathLike | None = None):
+    """(model, cfg): the base (`load_model`; `base` overrides the one the adapter names) with the
+    adapter's base transforms and the adapter applied and its tensors assigned (strict: every
+    adapter tensor used, every one present)."""
     from llmctl.core.model.io import load_model
     from llmctl.core.model.transforms import from_spec
 
     path = Path(path)
     config_json = read_config(path)
-    base = base_path(path, config_json)
+    base = Path(base) if base is not None else base_path(path, config_json)
     lineage_file = path / "llmctl.json"
     lineage = json.loads(lineage_file.read_text(encoding="utf-8")) if lineage_file.is_file() else {}
     if config is None and lineage.get("base_context"):  # trained with a longer or rescaled context

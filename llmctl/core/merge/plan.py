@@ -70,10 +70,8 @@ class _Model:
 def plan(recipe: Recipe, *, opened: dict[str, Checkpoint] | None = None) -> Plan:
     """Resolve `recipe` into jobs; CheckpointError / ConfigError on the first problem."""
     method = METHODS.get(recipe.merge_method)
-    checkpoints = dict(opened or {})
-    for name in recipe.models():
-        if name not in checkpoints:
-            checkpoints[name] = open_checkpoint(name)
+    opened = opened or {}
+    checkpoints = {name: opened.get(name) or open_checkpoint(name) for name in recipe.models()}
     models = {name: _Model(ck) for name, ck in checkpoints.items()}
     slices = _normalise(recipe, models, method)
     jobs: list[Job] = []

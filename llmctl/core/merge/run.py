@@ -7,13 +7,16 @@ per input plus the result, whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from llmctl.core.checkpoint import TOKENIZER_FILES, CheckpointWriter
+from llmctl.core.checkpoint import TOKENIZER_FILES, CheckpointWriter, open_checkpoint
+from llmctl.core.merge.adapters import materialise, split
 from llmctl.core.merge.methods import Inputs
 from llmctl.core.merge.plan import LAYER_KEYS, Job, Plan, plan
 from llmctl.core.merge.recipe import Recipe
@@ -42,18 +45,22 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
     import torch
 
     started = time.perf_counter()
-    p = plan(recipe)
-    tokenizer = _tokenizer_dir(recipe, p)
-    layout = {job.name: (job.shape, job.dtype) for job in p.jobs}
-    total = sum(_nbytes(job) for job in p.jobs)
-    with CheckpointWriter(out, layout, force=force, max_shard_bytes=max_shard_bytes) as writer, \
-            report.progress(f"merge ({recipe.merge_method})", total=total, unit="B") as bar:
-        for job in p.jobs:
-            writer.add(job.name, merged_tensor(p, job, recipe, seed).to(getattr(torch, job.dtype)))
-            bar.advance(_nbytes(job))
-        source = p.checkpoints[p.config_source]
-        writer.finish(_config(p, recipe), generation_config=source.generation_config, tokenizer_dir=tokenizer,
-                      lineage=_lineage(recipe, p, seed, record), extra_files={"mergekit_config.yml": _yaml(recipe)})
+    with contextlib.ExitStack() as stack:
+        adapters = [ref for ref in recipe.models() if split(ref) is not None]
+        merged, parents = materialise(adapters, Path(stack.enter_context(scratch(out)))) if adapters else ({}, {})
+        p = plan(recipe, opened={ref: open_checkpoint(path) for ref, path in merged.items()})
+        tokenizer = _tokenizer_dir(recipe, p)
+        layout = {job.name: (job.shape, job.dtype) for job in p.jobs}
+        total = sum(_nbytes(job) for job in p.jobs)
+        with CheckpointWriter(out, layout, force=force, max_shard_bytes=max_shard_bytes) as writer, \
+                report.progress(f"merge ({recipe.merge_method})", total=total, unit="B") as bar:
+            for job in p.jobs:
+                writer.add(job.name, merged_tensor(p, job, recipe, seed).to(getattr(torch, job.dtype)))
+                bar.advance(_nbytes(job))
+            source = p.checkpoints[p.config_source]
+            lineage = _lineage(recipe, p, seed, record, parents)
+            writer.finish(_config(p, recipe), generation_config=source.generation_config, tokenizer_dir=tokenizer,
+                          lineage=lineage, extra_files={"mergekit_config.yml": _yaml(recipe)})
     return {"output": str(out), "method": recipe.merge_method, "models": list(p.checkpoints),
             "tensors": len(p.jobs), "layers": len(p.layers), "bytes": total,
             "seconds": round(time.perf_counter() - started, 3)}
@@ -147,10 +154,19 @@ def _vocabulary(path: Path) -> Any:
     return data.get("model", {}).get("vocab"), data.get("added_tokens")
 
 
-def _lineage(recipe: Recipe, p: Plan, seed: int, record: dict | None) -> dict:
+def _lineage(recipe: Recipe, p: Plan, seed: int, record: dict | None, adapters: dict[str, list[str]]) -> dict:
+    """Every parent (an adapter input: its base and the adapter) with the recipe and the seed."""
     config = {"recipe": recipe.raw, "seed": seed if p.method.random else None, **(record or {})}
+    parents = [path for ref, ck in p.checkpoints.items() for path in adapters.get(ref, [ck.path])]
     return {"command": KIND, "config": config, "merge_method": recipe.merge_method,
-            "parents": [str(Path(ck.path).resolve()) for ck in p.checkpoints.values()]}
+            "parents": list(dict.fromkeys(str(Path(path).resolve()) for path in parents))}
+
+
+def scratch(out: str | os.PathLike) -> tempfile.TemporaryDirectory:
+    """A temporary directory beside `out` (same file system), removed when the block ends."""
+    parent = Path(out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.merge-", dir=parent)
 
 
 def _yaml(recipe: Recipe) -> str:

@@ -15,13 +15,12 @@ import copy
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from llmctl.core.merge.recipe import model_resolver, parse_recipe, read_yaml
-from llmctl.core.merge.run import merge
+from llmctl.core.merge.run import merge, scratch
 from llmctl.core.registry import Registry
 from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import ConfigError
@@ -74,12 +73,6 @@ class Objective:
         return -value if any(word in name for word in LOWER_IS_BETTER) else value
 
 
-def _scratch(out: str | os.PathLike) -> tempfile.TemporaryDirectory:
-    parent = Path(out).resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.search-", dir=parent)
-
-
 @SEARCHES.register("greedy_soup")
 def greedy_soup(raw: dict, objective: Objective, out: str | os.PathLike, *, force: bool = False,
                 report: Reporter = SILENT, where: str = "recipe", relative_to=None) -> dict:
@@ -99,7 +92,7 @@ def greedy_soup(raw: dict, objective: Objective, out: str | os.PathLike, *, forc
         return {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in members],
                 **extra}
 
-    with report.progress("greedy soup", total=2 * len(candidates) - 1) as bar, _scratch(out) as tmp:
+    with report.progress("greedy soup", total=2 * len(candidates) - 1) as bar, scratch(out) as tmp:
         scores = {}
         for model in candidates:
             scores[model] = objective.score(model)
@@ -158,7 +151,7 @@ def evolve(spec: dict, objective: Objective, out: str | os.PathLike, *, force: b
         return r
 
     history = []
-    with report.progress("evolve", total=budget) as bar, _scratch(out) as tmp:
+    with report.progress("evolve", total=budget) as bar, scratch(out) as tmp:
         def score(point):
             trial = Path(tmp) / f"trial-{len(history)}"
             merge(parse_recipe(build(point), where, relative_to), trial, seed=int(spec.get("seed", 0)))
