@@ -17,7 +17,7 @@ from typing import Any
 
 from llmctl.core.checkpoint import TOKENIZER_FILES, CheckpointWriter, open_checkpoint
 from llmctl.core.merge.adapters import materialise, split
-from llmctl.core.merge.methods import Inputs
+from llmctl.core.merge.methods import METHODS, Inputs
 from llmctl.core.merge.plan import LAYER_KEYS, Job, Plan, plan
 from llmctl.core.merge.recipe import Recipe
 from llmctl.core.outputs import OUTPUT_KINDS
@@ -45,6 +45,7 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
     import torch
 
     started = time.perf_counter()
+    METHODS.get(recipe.merge_method)  # an unknown method fails before adapters are materialised
     with contextlib.ExitStack() as stack:
         adapters = [ref for ref in recipe.models() if split(ref) is not None]
         merged, parents = materialise(adapters, Path(stack.enter_context(scratch(out)))) if adapters else ({}, {})
