@@ -220,11 +220,12 @@ def task_arithmetic(inputs: Inputs, weight: list[float], density: list[float] = 
         deltas[i] = delta
     weights = torch.tensor(weight, dtype=deltas.dtype).reshape(-1, *[1] * base.dim())
     deltas.mul_(weights)
-    if consensus is not None:
-        signs = deltas.sign()
-        votes = deltas.sum(0) if consensus == "sum" else signs.sum(0)
-        mask = (signs == torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)).to(deltas.dtype)
-        mixed, divisor = (deltas * mask).sum(0), (weights * mask).sum(0)
+    if consensus is not None:  # in place where it can be: a few tensors of the model's largest size at most
+        votes = deltas.sum(0) if consensus == "sum" else deltas.sign().sum(0)
+        agree = deltas.sign() == torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
+        del votes
+        divisor = (weights * agree).sum(0)
+        mixed = deltas.mul_(agree).sum(0)
         divisor[divisor == 0] = 1
     else:
         mixed, divisor = deltas.sum(0), weights.sum(0)
