@@ -29,6 +29,7 @@ SCHEMAS: dict[str, str] = {
     "prune": "llmctl.core.prune.config:PruneConfig",
     "finetune": "llmctl.core.train.finetune_config:FinetuneConfig",
     "quantize": "llmctl.core.quant.config:QuantizeConfig",
+    "distill": "llmctl.core.train.config:TrainConfig",
 }
 
 

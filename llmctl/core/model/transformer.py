@@ -194,7 +194,8 @@ class Transformer(nn.Module):
             aux = cfg.router_aux_loss_coef * aux / cfg.num_layers
 
         if skip_head:
-            return ModelOutput(None, features=x[:, -logits_to_keep:] if logits_to_keep else x, aux_loss=aux)
+            return ModelOutput(None, features=x[:, -logits_to_keep:] if logits_to_keep else x, aux_loss=aux,
+                               hidden_states=hidden)
         out = ModelOutput(self._logits(x, logits_to_keep), hidden_states=hidden)
         if labels is not None:
             out.loss = _cross_entropy(out.logits, labels)

@@ -31,6 +31,7 @@ class TrainConfig:
     val_data: list[str] = field(default_factory=list)  # raw text only: explicit validation files
     val_fraction: float = 0.05  # raw text only: tail of the text held out when val_data is empty
     objective: str = "auto"  # a registered objective: causal, masked, mtp; auto: by the model's kind
+    objective_args: dict = field(default_factory=dict)  # the objective's own settings (distill: teacher, losses)
     mask_prob: float = 0.15  # masked LM: share of positions predicted (80% [MASK], 10% random, 10% kept)
     mtp_weight: float | None = None  # overrides the model's mtp_loss_weight (models with MTP heads)
     sampling: Literal["random", "sequential"] = "random"  # random windows or sequential packing

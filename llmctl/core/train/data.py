@@ -57,9 +57,19 @@ class ShardBatches:
             return rng.integers(0, self._starts[-1], size=n)
         return (index * n + np.arange(n)) % self._windows[-1]
 
+    @property
+    def windows(self) -> int:
+        """Sequential windows in the train split (one epoch of sequential packing)."""
+        return int(self._windows[-1])
+
+    def positions(self, index: int) -> np.ndarray:
+        """Where this rank's rows of micro-batch `index` start: token offsets (random) or window
+        numbers (sequential: window w holds tokens w·seq_len … of the train stream)."""
+        return self._global_rows(index)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
     def batch(self, index: int) -> torch.Tensor:
         """This rank's rows of global micro-batch `index`: LongTensor [batch_size, seq_len + 1]."""
-        positions = self._global_rows(index)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        positions = self.positions(index)
         stride = 1 if self.sampling == "random" else self.seq_len
         cum = self._starts if self.sampling == "random" else self._windows
         self.index = index + 1

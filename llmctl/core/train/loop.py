@@ -134,6 +134,8 @@ class Trainer:
             model = build_model(plan.model_config).to(device)  # initialised on CPU: same weights anywhere
         else:  # built on meta with this run's settings (dropout, checkpointing), weights assigned
             model = load_model(source, device=device, dtype=torch.float32, config=plan.model_config)[0]
+        if self.resume_from is None:
+            self.objective.initialise(model)
         self.model = model  # the plain module: exported in checkpoints
         self.model.train()
         self.objective.prepare(self.model)

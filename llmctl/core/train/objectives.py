@@ -10,6 +10,7 @@ checkpoints, exact resume); an objective owns the rest, each part with a default
 | `resolve(plan)`| -                                | a check or a plan field (masked: the [MASK] id) |
 | `data(d)`      | the run's token windows          | instruction or preference pairs                 |
 | `batch(rows…)` | -                                | next-token or masked-token targets              |
+| `initialise(m)`| as built or loaded               | a student from its teacher's layers             |
 | `prepare(m)`   | every parameter trains           | LoRA: only adapters train                       |
 | `companions()` | none                             | a distillation teacher, a DPO reference (frozen)|
 | `extra()`      | none                             | a projection trained beside the model           |
@@ -48,6 +49,7 @@ class Objective:
     """The default parts; subclasses set `batch` at least."""
 
     document_mask = False  # whether `document_mask=true` applies
+    takes_args = False  # whether it reads `objective_args`
 
     def __init__(self, plan, device: torch.device):
         self.plan, self.cfg, self.device = plan, plan.config, device
@@ -57,6 +59,8 @@ class Objective:
         """Check the plan (ConfigError, before anything is written) and fill what this needs."""
         if plan.config.document_mask and not cls.document_mask:
             raise ConfigError(f"config key 'document_mask': only for the causal objective (and mtp), not {plan.objective}")
+        if plan.config.objective_args and not cls.takes_args:
+            raise ConfigError(f"config key 'objective_args': objective {plan.objective} takes none")
 
     def data(self, d):
         """The batch source of this rank (`batch(index)`, `val_batches()`, `state()`/`load_state`)."""
@@ -66,6 +70,9 @@ class Objective:
 
     def batch(self, rows: torch.Tensor, index: int, generator: torch.Generator | None = None) -> Batch:
         raise NotImplementedError
+
+    def initialise(self, model: nn.Module) -> None:
+        """Fill the weights of a run's model when it starts (not when it resumes); default: as built or loaded."""
 
     def prepare(self, model: nn.Module) -> None:
         """Choose what trains (`requires_grad`), before the optimizer is made."""
