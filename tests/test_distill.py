@@ -164,24 +164,34 @@ def test_without_autograd_the_chunked_loss_is_the_same_number():
 # -- the command ---------------------------------------------------------------------------------
 
 
-def test_offline_top_k_with_k_equal_to_the_vocabulary_is_the_online_loss(llmctl, corpus, teacher, tmp_path):  # noqa: F811
-    from llmctl.core.distill.store import TeacherOutputs, windows_of
+def test_offline_top_k_with_k_equal_to_the_vocabulary_is_the_online_loss(llmctl, corpus, teacher, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
+    from llmctl.core.data import Corpus, encode_corpus
     from llmctl.core.data.shards import TokenShards
+    from llmctl.core.distill import store as store_module
+    from llmctl.core.distill.store import TeacherOutputs, windows_of
     from llmctl.core.model.io import load_model
+    from llmctl.core.tokenizer import load_tokenizer
+    from test_train import TEXT
 
+    (tmp_path / "part.txt").write_text(TEXT[:12_000], encoding="utf-8")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    encode_corpus(Corpus([str(tmp_path / "part.txt")]), load_tokenizer(teacher), shards, val_fraction=0.1)
+    monkeypatch.setattr(store_module, "FILE_BYTES", 7 * 32 * 320 * 4)  # 7 windows a file: several files
     store = tmp_path / "store"
-    r = llmctl("distill", "--teacher", teacher, "--data", corpus["shards"], "--save-teacher", store,
-               "--top-k", 320, "seq_len=32", "--json")
+    r = llmctl("distill", "--teacher", teacher, "--data", shards, "--save-teacher", store, "--top-k", 320,
+               "seq_len=32", "--json")
     assert r.code == 0, r.stderr
     info = r.json()
     outputs = TeacherOutputs(store)
-    source = windows_of(TokenShards(corpus["shards"]), 32, batch_size=3)
-    assert info["windows"] == outputs.windows == source.windows
-    assert llmctl("distill", "--teacher", teacher, "--data", corpus["shards"], "--save-teacher", store,
+    source = windows_of(TokenShards(shards), 32, batch_size=3)
+    assert info["windows"] == outputs.windows == source.windows > 14 and len(outputs.manifest["files"]) > 2
+    assert llmctl("distill", "--teacher", teacher, "--data", shards, "--save-teacher", store,
                   "--top-k", 8).code == 2  # never overwritten without --force
 
-    rows = source.batch(5)  # any batch of windows: the teacher's own outputs come back
-    ids, values = outputs.lookup(source.positions(5))
+    rows = source.batch(4)  # windows across files: the teacher's own outputs come back
+    ids, values = outputs.lookup(source.positions(4))
     model = load_model(teacher)[0]
     with torch.no_grad():
         logprobs = torch.log_softmax(model(rows[:, :-1]).logits, -1)
@@ -201,11 +211,11 @@ def test_offline_top_k_with_k_equal_to_the_vocabulary_is_the_online_loss(llmctl,
     assert all(torch.allclose(a, b, atol=2e-3) for a, b in zip(online_grads, offline_grads))
 
     out = tmp_path / "offline"
-    r = llmctl("--quiet", "distill", "--teacher-outputs", store, "--student", "nano", "--data", corpus["shards"],
+    r = llmctl("--quiet", "distill", "--teacher-outputs", store, "--student", "nano", "--data", shards,
                *FAST, "max_steps=2", "-o", out)
     assert r.code == 0, r.stderr
     assert [x["step"] for x in records(out) if "loss" in x] == [1, 2]
-    r = llmctl("distill", "--teacher-outputs", store, "--data", corpus["shards"], *FAST, "seq_len=16", "-o",
+    r = llmctl("distill", "--teacher-outputs", store, "--data", shards, *FAST, "seq_len=16", "-o",
                tmp_path / "x")
     assert r.code == 2 and "windows of 32 tokens" in r.stderr
 

@@ -43,6 +43,9 @@ class Distill(Causal):
             raise ConfigError("objective_args: give the teacher checkpoint (teacher) or its stored outputs "
                               "(teacher_outputs), one of them")
         _check_losses(s)
+        if plan.config.distributed.strategy == "fsdp":
+            raise ConfigError("config key 'distributed.strategy': distill runs the student's head outside its "
+                              "forward, which FSDP does not allow; use ddp")
         if s.teacher is not None:
             _resolve_teacher(plan, s)
         else:

@@ -77,16 +77,20 @@ def save_teacher_outputs(teacher_path: str | Path, shards_path: str | Path, out:
             features = teacher(rows, skip_head=True).features
             logprobs = torch.log_softmax(teacher.head(features), -1)
             values, ids = logprobs.topk(top_k, dim=-1, sorted=True)
-            for w in range(len(rows)):
-                if (written + w) % per_file == 0:
+            ids, values = ids.cpu().numpy().astype(id_dtype), values.cpu().numpy().astype(np.float16)
+            done = 0
+            while done < len(rows):  # into the open file, a new one every `per_file` windows
+                if (written + done) % per_file == 0:
                     if handles:
                         [h.close() for h in handles]
                     n = len(files)
                     files.append({"ids": f"ids-{n:05d}.bin", "logprobs": f"logprobs-{n:05d}.bin", "windows": 0})
                     handles = [open(tmp / files[-1]["ids"], "wb"), open(tmp / files[-1]["logprobs"], "wb")]
-                handles[0].write(ids[w].cpu().numpy().astype(id_dtype).tobytes())
-                handles[1].write(values[w].cpu().numpy().astype(np.float16).tobytes())
-                files[-1]["windows"] += 1
+                take = min(len(rows) - done, per_file - (written + done) % per_file)
+                handles[0].write(ids[done:done + take].tobytes())
+                handles[1].write(values[done:done + take].tobytes())
+                files[-1]["windows"] += take
+                done += take
             written += len(rows)
             bar.update(completed=written)
         if handles:
