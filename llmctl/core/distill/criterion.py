@@ -20,8 +20,9 @@ from torch import nn
 
 from llmctl.core.distill.chunked import fused_chunks
 from llmctl.core.distill.losses import LOSSES
-from llmctl.core.model.logprobs import CHUNK, MIN_ROWS
 from llmctl.core.model.transformer import IGNORE_INDEX
+
+CHUNK, MIN_ROWS = 1 << 20, 64  # logits per chunk (4 MB in float32: cache-sized on a CPU), at least this many rows
 
 
 class Criterion:
