@@ -303,3 +303,29 @@ def test_refusals_name_the_problem(llmctl, corpus, teacher, tmp_path):  # noqa: 
     r = llmctl("train", f"data={corpus['shards']}", *FAST, "objective_args.teacher=x", "-o", tmp_path / "out")
     assert r.code == 2 and "objective causal takes none" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_student_trains_only_its_lora_tensors(corpus, teacher, tmp_path):  # noqa: F811
+    from llmctl.config import load_config
+    from llmctl.core.adapters import lora_modules
+    from llmctl.core.model.io import load_model
+    from llmctl.core.train import distributed
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.config import TrainConfig
+    from llmctl.core.train.loop import Trainer
+
+    cfg = load_config(TrainConfig, None, [f"data={corpus['shards']}", *FAST, "objective=distill", f"model={teacher}",
+                                          f"objective_args.teacher={teacher}", "objective_args.adapter=lora",
+                                          "objective_args.lora={r: 4, target_modules: [q_proj, v_proj]}"],
+                      kind="train")
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(make_plan(cfg, "cpu"), tmp_path / "run", torch.device("cpu"), distributed.Dist(), {})
+    assert len(lora_modules(trainer.model)) == 8  # q and v of 4 blocks
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step(), trainer.train_step()
+    changed = {n for n, p in trainer.model.state_dict().items() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    trainer.save()
+    loaded, _ = load_model(tmp_path / "run" / "checkpoints" / "step-000002")  # the recorded transform comes back
+    assert len(lora_modules(loaded)) == 8
+    assert all(torch.equal(p, trainer.model.state_dict()[n]) for n, p in loaded.state_dict().items())

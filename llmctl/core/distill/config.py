@@ -16,4 +16,6 @@ class DistillConfig:
     layer_map: list[list[int]] = field(default_factory=list)  # hidden losses: [[student, teacher], …]; [] evenly spaced
     student_init: Literal["model", "teacher"] = "model"  # teacher: the student is every k-th block of the teacher
     keep_every: int = 2  # student_init=teacher: keep teacher blocks 0, k, 2k, …
+    adapter: Literal["none", "lora"] = "none"  # lora: the student trains low-rank adapters only
+    lora: dict = field(default_factory=dict)  # the lora transform's settings (r, alpha, target_modules, dora, …)
     chunk_rows: int = 0  # positions whose logits are made at a time; 0: about 4 MB of float32 logits

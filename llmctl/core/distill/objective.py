@@ -43,6 +43,15 @@ class Distill(Causal):
             raise ConfigError("objective_args: give the teacher checkpoint (teacher) or its stored outputs "
                               "(teacher_outputs), one of them")
         _check_losses(s)
+        if s.lora and s.adapter != "lora":
+            raise ConfigError("config key 'objective_args.lora': set objective_args.adapter=lora to train adapters")
+        if s.adapter == "lora":
+            from llmctl.core.model.transforms import TRANSFORMS
+
+            try:
+                TRANSFORMS.get("lora")(**s.lora)
+            except TypeError as exc:
+                raise ConfigError(f"config key 'objective_args.lora': {exc}") from None
         if plan.config.distributed.strategy == "fsdp":
             raise ConfigError("config key 'distributed.strategy': distill runs the student's head outside its "
                               "forward, which FSDP does not allow; use ddp")
@@ -77,13 +86,23 @@ class Distill(Causal):
         self.source = None
 
     def initialise(self, model: nn.Module) -> None:
+        """The teacher's blocks (student_init=teacher), then adapters (adapter=lora; on resume the
+        checkpoint's recorded transform brings them back)."""
         if self.settings.student_init == "teacher":
             from llmctl.core.distill.student import copy_teacher_layers
 
             copy_teacher_layers(self.teacher, model, self.settings.keep_every)
+        if self.settings.adapter == "lora":
+            from llmctl.core.model.transforms import TRANSFORMS
+
+            TRANSFORMS.get("lora")(**self.settings.lora).apply(model)
 
     def prepare(self, model: nn.Module) -> None:
         self.student = model  # its head turns features into logits chunk by chunk
+        if self.settings.adapter == "lora":
+            from llmctl.core.adapters import mark_trainable
+
+            mark_trainable(model, self.settings.lora.get("modules_to_save"))
 
     def companions(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher} if self.teacher is not None else {}
