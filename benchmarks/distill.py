@@ -29,8 +29,8 @@ STUDENT = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, inter
 BATCH, SEQ, LR, T = 8, 256, 3e-4, 2.0
 
 
-def prepare(root: Path, vocab: int) -> tuple[Path, Path]:
-    """(token shards of Python's docs, a random teacher checkpoint with their tokenizer)."""
+def prepare(root: Path, vocab: int) -> tuple[Path, Path, int]:
+    """(token shards of Python's docs, a random teacher checkpoint with their tokenizer, its vocabulary)."""
     from pydoc_data.topics import topics
 
     from llmctl.core.data import Corpus, encode_corpus
@@ -49,7 +49,7 @@ def prepare(root: Path, vocab: int) -> tuple[Path, Path]:
     torch.manual_seed(0)
     teacher = build_model(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=SEQ, tie_embeddings=True, **TEACHER))
     save_model(teacher, root / "teacher", tokenizer_dir=root / "tok")
-    return root / "shards", root / "teacher"
+    return root / "shards", root / "teacher", tok.vocab_size
 
 
 def student_args() -> str:
@@ -141,9 +141,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        shards, teacher = prepare(root, args.vocab)
+        shards, teacher, vocab = prepare(root, args.vocab)
         steps = {"llmctl distill": llmctl_step(shards, teacher, root, args.steps + args.warmup),
-                 "transformers loop": hf_step(shards, args.vocab)}
+                 "transformers loop": hf_step(shards, vocab)}
         rates = {name: statistics.median(r) for name, r in interleaved(steps, args.steps, args.warmup).items()}
     base = rates["transformers loop"]
     for name, rate in rates.items():
@@ -151,7 +151,7 @@ def main() -> None:
     lines = [
         "# Distillation throughput: `llmctl distill` vs a transformers teacher + student loop", "",
         f"Teacher Llama d=384 × 6 layers, student d=256 × 4 layers (SwiGLU, 2 KV heads, tied embeddings), vocab "
-        f"{args.vocab}; batch {BATCH} × seq {SEQ}; loss 0.5·T²·KL + 0.5·CE at T={T}; AdamW lr {LR}, clip 1.0; "
+        f"{vocab} (a byte-level BPE trained for {args.vocab}); batch {BATCH} × seq {SEQ}; loss 0.5·T²·KL + 0.5·CE at T={T}; AdamW lr {LR}, clip 1.0; "
         f"float32; {args.threads} thread(s), {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Median of {args.steps} alternating steps after {args.warmup} "
         "warm-up steps each.", "",
