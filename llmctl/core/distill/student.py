@@ -29,7 +29,11 @@ def student_config(teacher_cfg, keep_every: int):
     """The teacher's model config with only the kept blocks."""
     if keep_every < 1:
         raise ConfigError(f"config key 'objective_args.keep_every': must be >= 1, got {keep_every}")
-    return dataclasses.replace(teacher_cfg, num_layers=len(kept_layers(teacher_cfg.num_layers, keep_every)))
+    kept = kept_layers(teacher_cfg.num_layers, keep_every)
+    per_layer = {key: [sizes[i] for i in kept] for key in ("layer_num_heads", "layer_num_kv_heads",
+                                                            "layer_intermediate_sizes")
+                 if (sizes := getattr(teacher_cfg, key, None)) is not None}  # a structurally pruned teacher
+    return dataclasses.replace(teacher_cfg, num_layers=len(kept), **per_layer)
 
 
 @torch.no_grad()
