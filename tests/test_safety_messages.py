@@ -150,11 +150,8 @@ def test_help_lists_installed_commands_and_the_plot_extra(llmctl_proc):
     from importlib.metadata import entry_points
 
     installed = {ep.name for ep in entry_points(group="llmctl.commands")}
-    assert r.code == 0 and {"train", "finetune", "prune", "quantize", "export", "merge"} <= installed
+    assert r.code == 0 and {"train", "finetune", "prune", "quantize", "export", "merge", "distill"} <= installed
     assert all(name in r.stdout for name in installed)
-    assert r.code == 0 and all(c in r.stdout for c in ("train", "finetune", "prune", "distill"))
-    for planned in ("quantize", "merge"):
-        assert planned not in r.stdout
     assert "llmctl[plot]" in llmctl_proc("plot", "--help").stdout
 
 
