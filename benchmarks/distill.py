@@ -7,7 +7,7 @@ threads, in one process. The plain loop is what one writes with transformers: bo
 full logits, `log_softmax`, `kl_div`. Tokens/s are medians of steps that alternate between the
 contenders. Writes benchmarks/results/distill.md.
 
-    python -P benchmarks/distill.py [--steps 10] [--warmup 2] [--vocab 4096] [--threads 2]
+    python -m benchmarks.distill [--steps 10] [--warmup 2] [--vocab 4096] [--threads 2]
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ import platform
 import shlex
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.train import BATCH, LR, SEQ, interleaved
+
 TEACHER = dict(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=1024)
 STUDENT = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768)
-BATCH, SEQ, LR, T = 8, 256, 3e-4, 2.0
+T = 2.0
 
 
 def prepare(root: Path, vocab: int) -> tuple[Path, Path, int]:
@@ -117,17 +118,6 @@ def hf_step(shards: Path, vocab: int):
     return step
 
 
-def interleaved(steps: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(warmup + rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if i >= warmup:
-                rates[name].append(BATCH * SEQ / (time.perf_counter() - start))
-    return rates
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -158,7 +148,7 @@ def main() -> None:
         "| loop | tokens/s | vs transformers |", "|---|---|---|",
         *[f"| {name} | {rate:,.0f} | {rate / base:.2f}× |" for name, rate in rates.items()], "",
         "Command:", "", "```",
-        f"python -P benchmarks/distill.py --steps {args.steps} --warmup {args.warmup} --vocab {args.vocab} "
+        f"python -m benchmarks.distill --steps {args.steps} --warmup {args.warmup} --vocab {args.vocab} "
         f"--threads {args.threads}", "```", "", "The equivalent `llmctl distill` run:", "", "```",
         shlex.join(["llmctl", *llmctl_cmd(Path("SHARDS"), Path("TEACHER"), Path("OUT"), args.steps)]), "```", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmctl.core.quant.gptq import gptq
-from llmctl.core.quant.obs import Block, ColumnRule, Hessian, inverse_cholesky, solve
+from llmctl.core.quant.obs import ColumnRule, Hessian, inverse_cholesky, solve
 from llmctl.core.quant.scheme import Scheme
 from llmctl.errors import LlmctlError
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _safety import FAST, make_workspace, one_line_error, write_json
+from _safety import FAST, make_workspace, one_line_error
 
 
 @pytest.fixture(scope="module")

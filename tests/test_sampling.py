@@ -5,7 +5,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-import transformers
 from transformers.generation.logits_process import (  # noqa: E402
     MinPLogitsWarper,
     NoRepeatNGramLogitsProcessor,

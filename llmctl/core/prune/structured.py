@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from llmctl.core.model.config import PER_LAYER, ModelConfig
+from llmctl.core.model.config import PER_LAYER
 from llmctl.core.model.layerwise import capture_inputs
 from llmctl.core.prune.base import PRUNERS, Pruner
 from llmctl.core.prune.calibration import for_each_block

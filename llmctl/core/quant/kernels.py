@@ -64,18 +64,21 @@ def _int4_params(module, x: torch.Tensor) -> tuple | None:
     return (q.to(torch.int32) + 8), group, sz
 
 
+def _int4_run(op, w: torch.Tensor, group: int, sz: torch.Tensor, bias) -> Kernel:
+    """A packed int4 matmul over the last dimension of any input, plus the bias."""
+    def run(x):
+        y = op(x.reshape(-1, x.shape[-1]), w, group, sz).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    return run
+
+
 def _int4_cpu(module, x: torch.Tensor) -> Kernel | None:
     params = None if x.device.type != "cpu" or x.dtype not in HALF else _int4_params(module, x)
     if params is None:
         return None
     u, group, sz = params
     w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-    op, bias = torch.ops.aten._weight_int4pack_mm_for_cpu, module.bias
-
-    def run(x):
-        y = op(x.reshape(-1, x.shape[-1]), w, group, sz).reshape(*x.shape[:-1], -1)
-        return y if bias is None else y + bias
-    return run
+    return _int4_run(torch.ops.aten._weight_int4pack_mm_for_cpu, w, group, sz, module.bias)
 
 
 def _int4_cuda(module, x: torch.Tensor) -> Kernel | None:
@@ -87,12 +90,7 @@ def _int4_cuda(module, x: torch.Tensor) -> Kernel | None:
     u, group, sz = params
     u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
     w = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
-    op, bias = torch.ops.aten._weight_int4pack_mm, module.bias
-
-    def run(x):
-        y = op(x.reshape(-1, x.shape[-1]), w, group, sz).reshape(*x.shape[:-1], -1)
-        return y if bias is None else y + bias
-    return run
+    return _int4_run(torch.ops.aten._weight_int4pack_mm, w, group, sz, module.bias)
 
 
 def _dense(module, x: torch.Tensor) -> Kernel | None:
