@@ -358,6 +358,31 @@ def test_keep_sparsity_keeps_the_zeros_while_training(llmctl, base, tmp_path):
                        for n, z in zeros.items())
 
 
+def test_recovery_recipe_finetunes_a_pruned_model(llmctl, base, tmp_path):
+    """configs/finetune/prune-recovery: LoRA on a layer-pruned model; in full, keep_sparsity keeps the zeros."""
+    ckpt, text = base
+    records = tmp_path / "text.jsonl"
+    records.write_text("".join(json.dumps({"text": t}) + "\n" for t in text.read_text().split("\n\n")))
+    fast = ["--data", records, "max_steps=2", "batch_size=2", "seq_len=32", "warmup_steps=0", "eval_every=0",
+            "save_every=0", "peak_tflops=1", "tensorboard=false"]
+    layers = tmp_path / "layers"
+    assert llmctl("prune", ckpt, "--method", "layers", "--sparsity", "0.5", "--calibration", text,
+                  "--samples", "4", "-o", layers).code == 0
+    r = llmctl("finetune", layers, "--config", "prune-recovery", *fast, "-o", tmp_path / "lora")
+    assert r.code == 0, r.stderr
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    sparse = tmp_path / "sparse"
+    assert llmctl("prune", ckpt, "--method", "magnitude", "-o", sparse).code == 0
+    from safetensors.torch import load_file
+
+    zeros = {n: t == 0 for n, t in load_file(sparse / "model.safetensors").items() if ".layers." in n}
+    r = llmctl("finetune", sparse, "--config", "prune-recovery", *fast, "--method", "full", "keep_sparsity=true",
+               "lr=1e-2", "-o", tmp_path / "full")
+    assert r.code == 0, r.stderr
+    trained = load_file(tmp_path / "full" / "model.safetensors")
+    assert all(bool((trained[n][z] == 0).all()) for n, z in zeros.items())
+
+
 def test_an_expert_without_calibration_tokens_is_pruned_by_magnitude():
     """SparseGPT on an expert no token reaches would zero it whole (an all-zero Hessian)."""
     from llmctl.core.model import ModelConfig
