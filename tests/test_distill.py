@@ -241,7 +241,8 @@ def test_distill_resumes_exactly_and_keeps_projections_out_of_the_student(llmctl
     with safe_open(out / "model.safetensors", "pt") as f:  # the student alone: no projection exported
         assert all(k.startswith(("model.", "lm_head.")) for k in f.keys())
     assert open_checkpoint(out).config["model_type"] == "llama"
-    assert json.loads((out / "llmctl.json").read_text())["config"]["objective"] == "distill"
+    lineage = json.loads((out / "llmctl.json").read_text())
+    assert lineage["config"]["objective"] == "distill" and lineage["command"] == "distill"
     reference, final = curve(out), load_model(out)[0].state_dict()
 
     shutil.rmtree(out / "checkpoints" / "step-000004")

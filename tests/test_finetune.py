@@ -107,7 +107,7 @@ def test_qlora_trains_on_an_nf4_base_in_bf16(llmctl, base, records, tmp_path):
                "adapter.target_modules=all-linear", "-o", out)
     assert r.code == 0, r.stderr
     lineage = json.loads((out / "llmctl.json").read_text())
-    assert [t["type"] for t in lineage["base_transforms"]] == ["nf4"]
+    assert [t["type"] for t in lineage["base_transforms"]] == ["nf4"] and lineage["command"] == "finetune"
     model, _ = load_model(out)
     from llmctl.core.quant.nf4 import NF4Linear
 

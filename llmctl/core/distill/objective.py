@@ -35,6 +35,7 @@ class Distill(Causal):
     """Next-token distillation of a causal student from a teacher with the same tokenizer."""
 
     takes_args = True
+    command = "distill"
 
     @classmethod
     def resolve(cls, plan) -> None:

@@ -199,7 +199,7 @@ class Trainer:
         if self.d.is_main:
             export = self.model if self.cfg.distributed.strategy != "fsdp" or not self.d.enabled \
                 else self._unsharded(model_state)
-            lineage = {"command": "train", **self.lineage, "parents": self.parents, "step": self.step}
+            lineage = {"command": self.objective.command, **self.lineage, "parents": self.parents, "step": self.step}
             modules = {k.removeprefix("extra."): v for k, v in model_state.items() if k.startswith("extra.")} \
                 if self.trained is not self.model else None
             with atomic_dir(target, force=True) as tmp:

@@ -58,6 +58,8 @@ class SFTBatches:
 class SFT(Objective):
     """Next-token loss on the learned tokens of SFT examples (completions, assistant turns)."""
 
+    command = "finetune"
+
     @classmethod
     def resolve(cls, plan) -> None:
         super().resolve(plan)
