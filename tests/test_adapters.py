@@ -78,6 +78,10 @@ def test_peft_trained_adapter_loads_in_llmctl(base, tmp_path, method):
     model, _ = load_model(tmp_path / "adapter")  # relative to the adapter directory
     assert len(lora_modules(model)) == 6
     assert torch.allclose(_logits(model), _logits(wrapped), atol=1e-4, rtol=0)
+    from llmctl.core.tokenizer import load_tokenizer
+
+    assert not (tmp_path / "adapter" / "tokenizer.json").exists()  # PEFT saves none: the base's is used
+    assert load_tokenizer(tmp_path / "adapter").encode(TEXTS[0]) == load_tokenizer(base).encode(TEXTS[0])
 
 
 @pytest.mark.parametrize("method", METHODS)

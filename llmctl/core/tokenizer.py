@@ -366,7 +366,8 @@ class Tok:
 
 
 def load_tokenizer(path: str | Path) -> Tok:
-    """Load a tokenizer from a tokenizer directory, a checkpoint with one, or a tokenizer.json."""
+    """Load a tokenizer from a tokenizer directory, a checkpoint with one (an adapter directory without
+    one: its base's), or a tokenizer.json."""
     from tokenizers import Tokenizer
 
     path = Path(path)
@@ -375,6 +376,10 @@ def load_tokenizer(path: str | Path) -> Tok:
     file = path if path.is_file() else path / "tokenizer.json"
     directory = file.parent
     if not file.is_file():
+        from llmctl.core.adapters.files import base_path, is_adapter
+
+        if is_adapter(path):  # a PEFT adapter saved without a tokenizer uses its base's
+            return load_tokenizer(base_path(path))
         raise CheckpointError(f"{path} has no tokenizer.json (train one: llmctl tokenize train … -o DIR)")
     try:
         inner = Tokenizer.from_file(str(file))
