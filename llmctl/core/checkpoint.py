@@ -134,14 +134,15 @@ def _corrupt(file: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{file}: truncated or corrupt safetensors file: {why}")
 
 
-def _read_json(file: Path, *, required: bool) -> dict | None:
+def read_json_object(file: Path, *, required: bool) -> dict | None:
+    """A JSON object file's contents; None when it is absent and not `required`; one-line errors."""
     if not file.is_file():
         if required:
             raise CheckpointError(f"{file.parent}: no {file.name} (not a model checkpoint directory)")
         return None
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(data).__name__}")
@@ -184,9 +185,9 @@ class Checkpoint:
 
     def __init__(self, path: Path):
         self.path = path
-        self.config: dict = _read_json(path / CONFIG_NAME, required=True)
-        self.lineage: dict | None = _read_json(path / LINEAGE_NAME, required=False)
-        self.generation_config: dict | None = _read_json(path / GENERATION_CONFIG_NAME, required=False)
+        self.config: dict = read_json_object(path / CONFIG_NAME, required=True)
+        self.lineage: dict | None = read_json_object(path / LINEAGE_NAME, required=False)
+        self.generation_config: dict | None = read_json_object(path / GENERATION_CONFIG_NAME, required=False)
         self.weights_format, self.shards, self.index, weight_map = _find_weights(path)
         self._shapes: dict[str, tuple[tuple[int, ...], str]] = {}
         self._file_of: dict[str, str] = {}
@@ -289,7 +290,7 @@ def _find_weights(path: Path) -> tuple[str, list[str], str | None, dict[str, str
             return fmt, [single], None, None
         index_file = path / (single + INDEX_SUFFIX)
         if index_file.is_file():
-            index = _read_json(index_file, required=True)
+            index = read_json_object(index_file, required=True)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_file}: no 'weight_map' object")
@@ -616,6 +617,6 @@ def append_metrics(path: str | os.PathLike, record: Mapping) -> None:
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() and not (path / "adapter_config.json").is_file():
         raise CheckpointError(f"{path}: no {CONFIG_NAME} (not a model checkpoint or adapter directory)")
-    lineage = _read_json(path / LINEAGE_NAME, required=False) or {"format": FORMAT, "version": FORMAT_VERSION}
+    lineage = read_json_object(path / LINEAGE_NAME, required=False) or {"format": FORMAT, "version": FORMAT_VERSION}
     lineage.setdefault("metrics", []).append({"time": _now(), **record})
     write_json(path / LINEAGE_NAME, _jsonable(lineage))

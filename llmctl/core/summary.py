@@ -9,7 +9,7 @@ import math
 import re
 from typing import Mapping
 
-from llmctl.core.checkpoint import CHAT_TEMPLATE_GLOB, Checkpoint, _read_json
+from llmctl.core.checkpoint import CHAT_TEMPLATE_GLOB, Checkpoint, read_json_object
 
 # config.json keys across HF families and llmctl's own ModelConfig (first present wins)
 _KEYS = {
@@ -98,7 +98,7 @@ def describe(ck: Checkpoint) -> dict:
     for shape, dtype in shapes.values():
         dtypes[dtype] = dtypes.get(dtype, 0) + math.prod(shape)
     files = [p for p in ck.path.rglob("*") if p.is_file()]
-    tokenizer_config = _read_json(ck.path / "tokenizer_config.json", required=False) or {}
+    tokenizer_config = read_json_object(ck.path / "tokenizer_config.json", required=False) or {}
     return {
         "path": str(ck.path),
         "architecture": (config.get("architectures") or [None])[0],

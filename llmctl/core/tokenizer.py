@@ -424,12 +424,6 @@ def set_template_in_dir(target: str | Path, name_or_file: str) -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    from llmctl.core.checkpoint import read_json_object
+
+    return read_json_object(path, required=False) or {}

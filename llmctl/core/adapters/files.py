@@ -22,14 +22,10 @@ def is_adapter(path: str | os.PathLike) -> bool:
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    file = Path(path) / ADAPTER_CONFIG
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: cannot read ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: not a JSON object")
-    return config
+    """An adapter directory's adapter_config.json."""
+    from llmctl.core.checkpoint import read_json_object
+
+    return read_json_object(Path(path) / ADAPTER_CONFIG, required=True)
 
 
 def base_path(path: str | os.PathLike, config: dict | None = None) -> Path:
