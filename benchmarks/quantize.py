@@ -244,7 +244,7 @@ def quantize_time(args) -> None:
     for name, extra in (("RTN int8", ["-m", "int8"]), ("RTN int4 g128", ["-m", "int4"]),
                         (f"GPTQ int4 g128 ({args.samples}×{args.seq_len} tokens)", ["-m", "gptq", *calib])):
         start = time.perf_counter()
-        r = llmctl("quantize", base, "-o", tmp / name.split()[0], *extra)
+        r = llmctl("quantize", base, "-o", tmp / "-".join(name.split()[:2]), *extra)
         wall = time.perf_counter() - start
         print(f"| {name} | {wall:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} |")
 
