@@ -193,3 +193,15 @@ def test_a_short_lora_sft_raises_word_order_accuracy(llmctl, tmp_path):
     after = accuracy(tmp_path / "sft")
     print(f"word_order acc: {before['acc']:.3f} -> {after['acc']:.3f}")
     assert after["acc"] - before["acc"] > 2 * max(before["acc_stderr"], after["acc_stderr"])
+
+
+def test_adapter_method_comes_from_the_method_or_the_adapter_shorthand():
+    from llmctl.commands.finetune import _adapter_shorthand
+    from llmctl.config import load_config
+    from llmctl.core.train.finetune_config import FinetuneConfig
+
+    sft = load_config(FinetuneConfig, None, ["method=dora", "adapter.r=4"])
+    assert (sft.adapter_method, sft.training_objective) == ("dora", "sft")
+    pref = load_config(FinetuneConfig, None, ["method=dpo", _adapter_shorthand("adapter=qlora"), "adapter.r=4"])
+    assert (pref.adapter_method, pref.training_objective, pref.adapter.r) == ("qlora", "dpo", 4)
+    assert _adapter_shorthand("adapter.r=4") == "adapter.r=4"

@@ -15,6 +15,7 @@ from llmctl.core.train.config import TrainConfig
 class AdapterOptions:
     """PEFT's options for the parameter-efficient methods (ignored by `full`)."""
 
+    method: str = "full"  # preference/RL methods: the adapter they train (`adapter=lora` on the command line)
     r: int = 8  # LoRA rank
     alpha: float = 16.0  # LoRA scaling numerator: scaling = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # on the adapter's input
@@ -28,7 +29,7 @@ class AdapterOptions:
 @dataclass
 class FinetuneConfig(TrainConfig):
     objective: str = "sft"
-    method: str = "lora"  # a registered method: full, lora, dora, qlora, prefix, prompt
+    method: str = "lora"  # an adapter method (full, lora, dora, qlora, …: SFT) or a training objective (dpo, grpo, …)
     adapter: AdapterOptions = field(default_factory=AdapterOptions)
     train_on: Literal["completion", "all"] = "completion"  # loss on completions / assistant turns, or everything
     packing: bool = True  # several examples per sequence (no attention across them), else one per row, padded
@@ -44,3 +45,17 @@ class FinetuneConfig(TrainConfig):
     eval_every: int = 50
     save_every: int = 100
     val_fraction: float = 0.05
+
+    @property
+    def adapter_method(self) -> str:
+        """The adapter method that makes the model trainable: `method` itself for SFT, else `adapter.method`."""
+        from llmctl.core.adapters.methods import METHODS
+
+        return self.method if self.method in METHODS else self.adapter.method
+
+    @property
+    def training_objective(self) -> str:
+        """The objective that trains: `sft` for an adapter method, else the method (dpo, grpo, …)."""
+        from llmctl.core.adapters.methods import METHODS
+
+        return "sft" if self.method in METHODS else self.method

@@ -68,12 +68,12 @@ class SFT(Objective):
         cfg = plan.config
         if not plan.model_config.is_causal:
             raise ConfigError(f"config key 'model': {cfg.model} is encoder-only; finetuning is for causal models")
-        METHODS.get(getattr(cfg, "method", "full"))  # a usage error naming the choices
-        if getattr(cfg, "method", "full") != "full" and plan.init_from is None:
-            raise ConfigError(f"method {cfg.method}: adapters need a base checkpoint, not the preset {cfg.model}")
+        METHODS.get(cfg.adapter_method)  # a usage error naming the choices
+        if cfg.adapter_method != "full" and plan.init_from is None:
+            raise ConfigError(f"method {cfg.adapter_method}: adapters need a base checkpoint, not the preset {cfg.model}")
         if plan.shards is not None:
             raise ConfigError("config key 'data': SFT reads JSONL/JSON records, not token shards")
-        if cfg.method == "qlora" and cfg.precision == "auto":
+        if cfg.adapter_method == "qlora" and cfg.precision == "auto":
             plan.precision = "bfloat16"  # QLoRA computes in bf16 (CPU and GPU)
         plan.prepared = _encode(plan)
         plan.report.info(_describe(plan.prepared["stats"], plan.prepared.get("val_stats")))
@@ -96,7 +96,7 @@ class SFT(Objective):
         from llmctl.core.adapters import mark_trainable
         from llmctl.core.adapters.methods import METHODS
 
-        transforms = METHODS.get(self.cfg.method)(self.cfg.adapter)
+        transforms = METHODS.get(self.cfg.adapter_method)(self.cfg.adapter)
         names = [t.name for t in transforms]
         if names and [t.name for t in getattr(model, "transforms", [])][-len(names):] != names:  # not a resumed one
             for transform in transforms:
@@ -105,7 +105,7 @@ class SFT(Objective):
             mark_trainable(model, self.cfg.adapter.modules_to_save)
 
     def save(self, model: nn.Module, directory, **kwargs) -> None:
-        if self.cfg.method == "full":
+        if self.cfg.adapter_method == "full":
             return super().save(model, directory, **kwargs)
         from llmctl.core.adapters import save_adapter
 
