@@ -54,6 +54,7 @@ class LastBlockDistill(Causal):
             teacher = self.teacher(inputs, **extra).logits
         target = F.log_softmax(teacher / self.temperature.log_t.exp(), -1)
         kl = F.kl_div(F.log_softmax(out.logits, -1), target, log_target=True, reduction="batchmean")
+        self.record(kl=kl, temperature=self.temperature.log_t.exp())
         return out.loss + 0.5 * kl, out.loss
 
 
@@ -72,6 +73,8 @@ def test_an_objective_swaps_in_trains_and_resumes_exactly(llmctl, corpus, tmp_pa
     assert r.code == 0, r.stderr
     steps = [x for x in records(out) if "loss" in x]
     assert len(steps) == 4 and all(x["aux_loss"] > 0 for x in steps)  # the KL term is trained on, logged apart
+    assert all(x["aux_loss"] == pytest.approx(0.5 * x["kl"], rel=1e-5) for x in steps)  # recorded metrics
+    assert steps[0]["temperature"] == 1.0 and steps[-1]["temperature"] != 1.0
 
     before, _ = load_model(base)
     after, _ = load_model(out)

@@ -340,10 +340,14 @@ class Trainer:
                             self._fit_time_budget(now - started, timed / (now - timed_from))
                             fitted = now
                             bar.update(total=self.max_steps)
-                    if log and (self.step % cfg.log_every == 0 or self.step == self.max_steps):
+                    if self.step % cfg.log_every == 0 or self.step == self.max_steps:
                         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                   "tokens_per_s": tokens_per_s, "mfu": mfu}
-                        log.log({**record, "aux_loss": aux_loss} if aux_loss else record)
+                        if aux_loss:
+                            record["aux_loss"] = aux_loss
+                        record.update(self.objective.recorded_metrics())  # every rank: each forgets its own
+                        if log:
+                            log.log(record)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.max_steps:
                         val_loss = self._log_eval(log)
                     bar.update(completed=self.step, loss=loss, tok_s=round(tokens_per_s))

@@ -17,6 +17,7 @@ checkpoints, exact resume); an objective owns the rest, each part with a default
 | `loss(…)`      | model loss + weighted aux losses | KL to a teacher, a preference loss              |
 | `val_loss(…)`  | model loss                       |                                                 |
 | `save(…)`      | the full model (`save_model`)    | an adapter, or the merged model                 |
+| `record(…)`    | -                                | rewards, margins, KL: extra `metrics.jsonl` keys|
 
 Extra modules are trained and checkpointed with the run (their state goes to
 `trainer_state/`, so resume stays exact) but are not exported. A new objective is one class
@@ -54,6 +55,7 @@ class Objective:
 
     def __init__(self, plan, device: torch.device):
         self.plan, self.cfg, self.device = plan, plan.config, device
+        self._recorded: dict[str, list[torch.Tensor]] = {}
 
     @classmethod
     def resolve(cls, plan) -> None:
@@ -101,6 +103,20 @@ class Objective:
         from llmctl.core.model.io import save_model
 
         save_model(model, directory, **kwargs)
+
+    def record(self, **values: torch.Tensor | float) -> None:
+        """Note scalars (e.g. in `loss`) for the next `metrics.jsonl` record, which logs their means."""
+        for key, value in values.items():
+            self._recorded.setdefault(key, []).append(torch.as_tensor(value).detach().float().reshape(()))
+
+    def recorded_metrics(self) -> dict[str, float]:
+        """The means of what was recorded since the last call (one host sync), and forget them."""
+        if not self._recorded:
+            return {}
+        keys = list(self._recorded)
+        means = torch.stack([torch.stack([v.to(self.device) for v in self._recorded[k]]).mean() for k in keys]).tolist()
+        self._recorded.clear()
+        return dict(zip(keys, means))
 
     def _to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         return [t.to(self.device, non_blocking=True) for t in tensors]
