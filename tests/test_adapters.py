@@ -168,3 +168,18 @@ def test_qlora_adapter_records_its_nf4_base_and_merges(base, tmp_path):
     nf4_error = (_logits(load_model(base, transforms=[NF4()])[0]) - _logits(load_model(base)[0])).abs().mean()
     merge_error = (_logits(reloaded) - before).abs().mean()
     assert 0 < merge_error < nf4_error
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_disabled_adapters_give_the_base_and_come_back(base, method):
+    from llmctl.core.adapters import adapters_disabled
+
+    model, _ = load_model(base, transforms=[LoRA(r=4, target_modules="all-linear", **METHODS[method])])
+    _randomize(model, seed=5)
+    adapted = _logits(model)
+    with adapters_disabled(model):
+        assert torch.allclose(_logits(model), _logits(load_model(base)[0]), atol=1e-5, rtol=0)
+    assert torch.equal(_logits(model), adapted)
+    with pytest.raises(RuntimeError), adapters_disabled(model):
+        raise RuntimeError("restored on error too")
+    assert torch.equal(_logits(model), adapted)

@@ -39,6 +39,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 class LoraLayer(nn.Module):
     """The mixin a targeted module's class is extended with (`lora_class`)."""
 
+    adapter_active = True  # False inside `adapters_disabled`: the base layer's output
+
     def init_lora(self, r: int, alpha: float, dropout: float, rslora: bool, dora: bool) -> None:
         out_features, in_features = self.out_features, self.in_features
         device = dense_device(self)
@@ -62,6 +64,8 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = super().forward(x)
+        if not self.adapter_active:
+            return result
         x = self.lora_dropout(x)
         lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(result.dtype) * self.scaling
         if self.lora_magnitude_vector is None:
