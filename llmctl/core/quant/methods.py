@@ -127,7 +127,13 @@ class AWQ(Method):
 def _groups(block: nn.Module, linears: list[str], forward: Callable[[], None]) -> list[list[str]]:
     """`linears` grouped by shared input tensor, in the order the block calls them."""
     keys: dict[str, tuple] = {}
-    with capture_inputs(block, lambda p, x: keys.setdefault(p, (x.data_ptr(), tuple(x.shape)))):
+    held: list[torch.Tensor] = []  # alive until grouped: a freed input's address can be reused by a later one
+
+    def note(p: str, x: torch.Tensor) -> None:
+        keys.setdefault(p, (x.data_ptr(), tuple(x.shape)))
+        held.append(x)
+
+    with capture_inputs(block, note):
         forward()
     groups: dict[tuple, list[str]] = {}
     for p in sorted((p for p in linears if p in keys), key=list(keys).index):

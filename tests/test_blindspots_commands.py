@@ -1,0 +1,126 @@
+"""Each option of the model-changing commands that changes the math has a test that fails when
+the option is ignored (issue: tests that catch real bugs). Every test here was checked by
+planting "the option is ignored" in a copy of the code (docs/testing.md lists the plants)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import tiny_llama  # noqa: E402
+from llmctl.core.model.io import load_model  # noqa: E402
+
+TEXT = ("The quick brown fox jumps over the lazy dog. A cat sat on the mat and looked at the birds. "
+        "Hello world, this is a small calibration text about animals, numbers 1 2 3 and colours.\n\n")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("base"), [TEXT] * 20, vocab=300, context=128, scale=1.0)
+
+
+# --- quantize -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibration():
+    return torch.randint(3, 250, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _quantized(base, calibration, method: str, **options) -> dict[str, torch.Tensor]:
+    """Dequantized weights of every quantized linear after `method` with `section.key=value` options."""
+    from llmctl.core.quant.config import QuantizeConfig
+    from llmctl.core.quant.linear import PackedLinear
+    from llmctl.core.quant.methods import quantize_model
+
+    cfg = QuantizeConfig(method=method, bits=4, group_size=16)
+    for key, value in options.items():
+        section, _, name = key.rpartition("__")
+        setattr(getattr(cfg, section) if section else cfg, name, value)
+    model, _ = load_model(base)
+    quantize_model(model, cfg, calibration)
+    return {p: m.dequantize(torch.float32) for p, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def defaults(base, calibration):
+    return {m: _quantized(base, calibration, m) for m in ("gptq", "awq")}
+
+
+@pytest.mark.parametrize("method, options", [
+    ("gptq", {"gptq__damp": 1.0}),
+    ("gptq", {"gptq__act_order": True}),
+    ("gptq", {"gptq__true_sequential": False}),
+    ("awq", {"awq__grid": 1}),  # α = 0 only: no scaling
+    ("awq", {"awq__duo_scaling": False}),
+    ("awq", {"awq__clip": False}),
+    ("awq", {"awq__clip_grid": 4}),
+    ("awq", {"awq__max_shrink": 0.05}),  # one step: no shrink
+    ("awq", {"awq__clip_tokens": 4}),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else v)
+def test_each_calibrated_option_reaches_the_solver(base, calibration, defaults, method, options):
+    changed = _quantized(base, calibration, method, **options)
+    assert _max_difference(changed, defaults[method]) > 1e-4
+
+
+def test_gptq_block_size_is_only_a_schedule(base, calibration, defaults):
+    """Lazy batch updates are exact: any block size gives the first block the same weights up to
+    float rounding (later blocks see inputs that rounding may have moved across a grid boundary)."""
+    other = _quantized(base, calibration, "gptq", gptq__block_size=32)
+    first = [k for k in other if k.startswith("model.layers.0.")]
+    assert max((other[k] - defaults["gptq"][k]).abs().max().item() for k in first) < 1e-6
+
+
+def test_awq_clipping_never_raises_the_error_it_searches_over(base, calibration):
+    """The clip search starts at no shrink, so each group's error on the clip tokens can only fall."""
+    from llmctl.core.quant.awq import search_clip
+    from llmctl.core.quant.config import AWQConfig
+    from llmctl.core.quant.scheme import Scheme
+
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(64, 32, generator=g), torch.randn(8, 32, generator=g)
+    w[:, 3] *= 10  # an outlier column a clipped range trades off
+    scheme = Scheme(bits=4, group_size=16)
+    clipped = search_clip(x, w, scheme, AWQConfig(clip_grid=10, max_shrink=0.5))
+    assert not torch.equal(clipped, w)
+    error = [(x @ (scheme.fake(v) - w).T).pow(2).mean().item() for v in (clipped, w)]
+    assert error[0] < error[1]
+
+
+def test_ignore_keeps_the_named_linears_in_float(base):
+    from llmctl.core.quant.config import QuantizeConfig
+    from llmctl.core.quant.linear import PackedLinear
+    from llmctl.core.quant.methods import quantize_model
+
+    model, _ = load_model(base)
+    dense = model.model.layers[0].mlp.down_proj.weight.clone()
+    quantize_model(model, QuantizeConfig(method="int8", ignore=["lm_head", "re:.*down_proj$"]))
+    assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear)
+    assert all(type(layer.mlp.down_proj) is torch.nn.Linear for layer in model.model.layers)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, dense)
+
+
+def test_gptq_groups_linears_by_shared_input_every_time(base, calibration, defaults):
+    """q/k/v and gate/up share an input; o_proj's input must never join gate/up's (it did when a
+    freed activation's address was reused: the result then changed from run to run)."""
+    from llmctl.core.model.layerwise import LayerwiseRun
+    from llmctl.core.quant.methods import _groups
+
+    model, _ = load_model(base)
+    run = LayerwiseRun(model, calibration)
+    block, linears = run.blocks[0], [p for p, m in run.blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def forward():
+        run.index = 0
+        run.step(run.hidden)
+
+    expected = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    for _ in range(4):
+        assert _groups(block, linears, forward) == expected
+    assert _max_difference(_quantized(base, calibration, "gptq"), defaults["gptq"]) == 0
