@@ -56,10 +56,10 @@ def defaults(base, calibration):
     ("gptq", {"gptq__damp": 1.0}),
     ("gptq", {"gptq__act_order": True}),
     ("gptq", {"gptq__true_sequential": False}),
-    ("awq", {"awq__grid": 1}),  # α = 0 only: no scaling
+    ("awq", {"awq__grid": 3}),
     ("awq", {"awq__duo_scaling": False}),
     ("awq", {"awq__clip": False}),
-    ("awq", {"awq__clip_grid": 4}),
+    ("awq", {"awq__clip_grid": 100}),  # finer shrink steps
     ("awq", {"awq__max_shrink": 0.05}),  # one step: no shrink
     ("awq", {"awq__clip_tokens": 4}),
 ], ids=lambda v: next(iter(v)) if isinstance(v, dict) else v)
@@ -124,3 +124,12 @@ def test_gptq_groups_linears_by_shared_input_every_time(base, calibration, defau
     for _ in range(4):
         assert _groups(block, linears, forward) == expected
     assert _max_difference(_quantized(base, calibration, "gptq"), defaults["gptq"]) == 0
+
+
+def test_quantize_calibrates_on_the_windows_asked_for(llmctl, base, tmp_path):
+    (tmp_path / "calib.txt").write_text(TEXT * 40)
+    r = llmctl("quantize", base, "-m", "gptq", "--calibration", tmp_path / "calib.txt", "--samples", "3",
+               "--seq-len", "24", "--group-size", "16", "-o", tmp_path / "q", "--json")
+    assert r.code == 0, r.stderr
+    record = r.json()["quantization"]["calibration"]
+    assert (record["samples"], record["seq_len"]) == (3, 24)
