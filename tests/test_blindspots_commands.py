@@ -133,3 +133,18 @@ def test_quantize_calibrates_on_the_windows_asked_for(llmctl, base, tmp_path):
     assert r.code == 0, r.stderr
     record = r.json()["quantization"]["calibration"]
     assert (record["samples"], record["seq_len"]) == (3, 24)
+
+
+def test_awq_grid_is_the_set_of_exponents_searched():
+    """grid=2 tries α ∈ {0, 1/2}: with strong activation outliers the winner is s ∝ mean|x|^½."""
+    from llmctl.core.quant.awq import search_scale
+    from llmctl.core.quant.config import AWQConfig
+    from llmctl.core.quant.scheme import Scheme
+
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(256, 32, generator=g), torch.randn(16, 32, generator=g)
+    x[:, :4] *= 30
+    x_mean = x.abs().mean(0)
+    s = search_scale(x, [w], Scheme(bits=4, group_size=16), AWQConfig(grid=2, duo_scaling=False), x_mean)
+    expected = x_mean.sqrt() / (x_mean.sqrt().max() * x_mean.sqrt().min()).sqrt()
+    assert s is not None and torch.allclose(s, expected, rtol=1e-5)
