@@ -148,3 +148,74 @@ def test_awq_grid_is_the_set_of_exponents_searched():
     s = search_scale(x, [w], Scheme(bits=4, group_size=16), AWQConfig(grid=2, duo_scaling=False), x_mean)
     expected = x_mean.sqrt() / (x_mean.sqrt().max() * x_mean.sqrt().min()).sqrt()
     assert s is not None and torch.allclose(s, expected, rtol=1e-5)
+
+
+# --- finetune ------------------------------------------------------------------------------------
+
+def test_adapter_options_shape_the_adapter(base):
+    import math
+
+    from llmctl.core.adapters import lora_modules, mark_trainable
+    from llmctl.core.adapters.methods import METHODS
+    from llmctl.core.train.finetune_config import AdapterOptions
+
+    options = AdapterOptions(r=3, alpha=12.0, dropout=0.25, target_modules=["q_proj", "up_proj"],
+                             exclude_modules=r".*\.layers\.0\..*", rslora=True, modules_to_save=["lm_head"])
+    model, _ = load_model(base)
+    for transform in METHODS.get("dora")(options):
+        transform.apply(model)
+    adapted = lora_modules(model)
+    assert sorted(adapted) == ["model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+    for module in adapted.values():
+        assert module.lora_A.weight.shape[0] == 3 and module.scaling == pytest.approx(12 / math.sqrt(3))
+        assert module.lora_dropout.p == 0.25 and module.lora_magnitude_vector is not None
+    mark_trainable(model, options.modules_to_save)
+    assert model.lm_head.weight.requires_grad and not model.model.layers[1].mlp.up_proj.weight.requires_grad
+
+
+@pytest.fixture(scope="module")
+def sft_records(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("sft") / "records.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"what is {a} plus {a}?", "completion": f" {a + a}."}) + "\n"
+                            for a in range(20)))
+    return path
+
+
+def _sft_plan(base, records, **keys):
+    from types import SimpleNamespace
+
+    from llmctl.core.tokenizer import load_tokenizer
+    from llmctl.core.train.finetune_config import FinetuneConfig
+
+    cfg = FinetuneConfig(model=str(base), seq_len=96, **keys)
+    return SimpleNamespace(config=cfg, tokenizer=load_tokenizer(base), text_files=[str(records)], val_files=[])
+
+
+@pytest.mark.parametrize("key, value", [("train_on", "all"), ("packing", False), ("val_fraction", 0.25)])
+def test_sft_data_options_change_the_rows(base, sft_records, key, value):
+    from llmctl.core.train.sft import _encode
+
+    default, changed = (_encode(_sft_plan(base, sft_records, **keys)) for keys in ({}, {key: value}))
+    stats, other = default["stats"].summary(), changed["stats"].summary()
+    if key == "train_on":  # the prompts' tokens are learned too
+        assert other["loss_tokens"] > stats["loss_tokens"] and torch.equal(changed["train"][:, 0], default["train"][:, 0])
+    elif key == "packing":  # one example per row
+        assert other["rows"] == other["examples"] > stats["rows"]
+    else:
+        assert len(changed["val"]) > len(default["val"]) and other["examples"] == 15
+
+
+def test_packed_batches_keep_documents_apart(base, sft_records):
+    from types import SimpleNamespace
+
+    from llmctl.core.train.sft import SFT, _encode
+
+    for packing in (True, False):
+        plan = _sft_plan(base, sft_records, packing=packing)
+        rows = _encode(plan)["train"][:2]
+        inputs, labels, extra = SFT(SimpleNamespace(config=plan.config), torch.device("cpu")).batch(rows, 0)
+        assert ("document_ids" in extra) == packing
+        if packing:
+            assert torch.equal(extra["document_ids"], rows[:, 2, :-1]) and extra["document_ids"].max() > 0
