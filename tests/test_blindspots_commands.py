@@ -219,3 +219,41 @@ def test_packed_batches_keep_documents_apart(base, sft_records):
         assert ("document_ids" in extra) == packing
         if packing:
             assert torch.equal(extra["document_ids"], rows[:, 2, :-1]) and extra["document_ids"].max() > 0
+
+
+# --- prune ---------------------------------------------------------------------------------------
+
+def test_sparsegpt_damping_reaches_the_solver():
+    from test_prune import _reference_sparsegpt_nm
+
+    from llmctl.core.prune import PRUNERS, PruneConfig
+
+    torch.manual_seed(1)
+    x = torch.randn(128, 48) * torch.rand(48) * 3
+    results = []
+    for damp in (0.01, 0.5):
+        linear = torch.nn.Linear(48, 16, bias=False)
+        torch.manual_seed(2)
+        torch.nn.init.normal_(linear.weight)
+        pruner = PRUNERS.get("sparsegpt")(PruneConfig(method="sparsegpt", pattern="2:4", block_size=16, damp=damp))
+        stats = pruner.Stats(linear)
+        stats.add(x)
+        want = _reference_sparsegpt_nm(linear.weight.data, stats.matrix, 2, 4, 16, percdamp=damp)
+        pruner.prune_linear(linear, stats)
+        torch.testing.assert_close(linear.weight.data, want, rtol=1e-5, atol=1e-6)
+        results.append(linear.weight.data)
+    assert not torch.allclose(*results, atol=1e-3)
+
+
+def test_prune_seed_draws_the_calibration_windows(base, tmp_path):
+    from llmctl.core.prune import PruneConfig
+    from llmctl.core.prune.run import prune_checkpoint
+
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT * 30)
+    pruned = {}
+    for name, seed in (("a", 0), ("b", 1), ("c", 0)):
+        settings = PruneConfig(method="wanda", calibration=[str(text)], samples=2, seq_len=16, seed=seed)
+        prune_checkpoint(base, settings, tmp_path / name)
+        pruned[name] = load_model(tmp_path / name)[0].model.layers[0].mlp.down_proj.weight
+    assert torch.equal(pruned["a"], pruned["c"]) and not torch.equal(pruned["a"], pruned["b"])
