@@ -257,3 +257,33 @@ def test_prune_seed_draws_the_calibration_windows(base, tmp_path):
         prune_checkpoint(base, settings, tmp_path / name)
         pruned[name] = load_model(tmp_path / name)[0].model.layers[0].mlp.down_proj.weight
     assert torch.equal(pruned["a"], pruned["c"]) and not torch.equal(pruned["a"], pruned["b"])
+
+
+# --- distill -------------------------------------------------------------------------------------
+
+from test_distill import teacher  # noqa: E402, F401  (a briefly trained 4-block teacher)
+from test_train import FAST as TRAIN_FAST  # noqa: E402
+from test_train import corpus  # noqa: E402, F401
+
+
+def test_distill_settings_reach_the_criterion_and_the_student(corpus, teacher, tmp_path):  # noqa: F811
+    """temperature, beta, layer_map and keep_every each reach what they configure (the losses
+    themselves are checked against direct computations in test_distill.py)."""
+    from llmctl.config import load_config
+    from llmctl.core.train import distributed
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.config import TrainConfig
+    from llmctl.core.train.loop import Trainer
+
+    args = ["objective=distill", f"objective_args.teacher={teacher}", "objective_args.student_init=teacher",
+            "objective_args.keep_every=3", "objective_args.temperature=3.5", "objective_args.beta=0.25",
+            "objective_args.losses={jsd: 1, hidden_mse: 1}", "objective_args.layer_map=[[0, 2], [1, 1]]"]
+    cfg = load_config(TrainConfig, None, [f"data={corpus['shards']}", *TRAIN_FAST, *args], kind="train")
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(make_plan(cfg, "cpu"), tmp_path / "run", torch.device("cpu"), distributed.Dist(), {})
+    criterion = trainer.objective.criterion
+    assert (criterion.temperature, criterion.beta, criterion.layer_map) == (3.5, 0.25, [(0, 2), (1, 1)])
+    reference = load_model(teacher)[0].state_dict()
+    student = trainer.model.state_dict()
+    assert len(trainer.model.model.layers) == 2  # teacher blocks 0 and 3
+    assert torch.equal(student["model.layers.1.mlp.up_proj.weight"], reference["model.layers.3.mlp.up_proj.weight"])
