@@ -152,10 +152,11 @@ def test_awq_grid_is_the_set_of_exponents_searched():
 
 # --- finetune ------------------------------------------------------------------------------------
 
-def test_adapter_options_shape_the_adapter(base):
+def test_adapter_options_shape_the_adapter(base, tmp_path):
+    import json
     import math
 
-    from llmctl.core.adapters import lora_modules, mark_trainable
+    from llmctl.core.adapters import lora_modules, mark_trainable, save_adapter
     from llmctl.core.adapters.methods import METHODS
     from llmctl.core.train.finetune_config import AdapterOptions
 
@@ -171,6 +172,9 @@ def test_adapter_options_shape_the_adapter(base):
         assert module.lora_dropout.p == 0.25 and module.lora_magnitude_vector is not None
     mark_trainable(model, options.modules_to_save)
     assert model.lm_head.weight.requires_grad and not model.model.layers[1].mlp.up_proj.weight.requires_grad
+    out = save_adapter(model, tmp_path / "adapter", base=base)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"] and config["use_dora"] and config["use_rslora"]
 
 
 @pytest.fixture(scope="module")
