@@ -53,7 +53,3 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise UsageError(f"an N:M pattern with M={m} needs input sizes divisible by {m}, got {scores.shape[-1]}")
     return _drop_lowest(scores.reshape(*scores.shape[:-1], -1, m), m - n).reshape(scores.shape)
 
-
-def sparsity_of(tensor: torch.Tensor) -> float:
-    """The fraction of exact zeros."""
-    return float((tensor == 0).sum()) / max(tensor.numel(), 1)

@@ -50,13 +50,12 @@ class Scheme:
         """Columns per group."""
         return columns // self.groups(columns)
 
-    def params(self, w: torch.Tensor, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None):
-        """(scale, zero) [rows, groups] float32 for weight `w` [rows, columns]; `lo`/`hi` override
-        the groups' ranges (clipping searches)."""
+    def params(self, w: torch.Tensor):
+        """(scale, zero) [rows, groups] float32 for weight `w` [rows, columns]: each group's range,
+        widened to hold 0 (so a zero weight stays exactly zero)."""
         rows, cols = w.shape
         g = w.float().reshape(rows, self.groups(cols), -1)
-        lo = (g.amin(-1) if lo is None else lo).clamp(max=0)
-        hi = (g.amax(-1) if hi is None else hi).clamp(min=0)
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
         if self.symmetric:
             scale = torch.maximum(-lo, hi) / ((self.qmax - self.qmin) / 2)
             zero = torch.zeros_like(scale)
