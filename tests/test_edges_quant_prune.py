@@ -16,10 +16,10 @@ from llmctl.errors import UsageError  # noqa: E402
 def test_a_group_of_one_sign_still_holds_zero(symmetric):
     """The range is widened to hold 0: a positive group's zero-point maps 0 to an integer."""
     scheme = Scheme(bits=4, group_size=4, symmetric=symmetric)
-    w = torch.tensor([[0.5, 0.75, 1.0, 0.0, -0.2, -0.4, -0.8, 0.0]])
+    w = torch.tensor([[0.25, 0.5, 0.75, 1.0, -0.2, -0.4, -0.8, 0.0]])
     scale, zero = scheme.params(w)
     back = scheme.dequantize(scheme.quantize(w, scale, zero), scale, zero, torch.float32)
-    assert back[0, 3] == 0 and back[0, 7] == 0
+    assert back[0, 7] == 0
     assert (back - w).abs().max() <= scale.max() / 2 + 1e-7
     if not symmetric:  # lo = 0 for the positive group: its zero-point is qmin
         assert zero[0, 0] == scheme.qmin and scale[0, 0] == pytest.approx(1.0 / 15)
@@ -64,4 +64,15 @@ def test_nm_mask_on_a_batch_of_matrices_and_the_width_message():
     for b in range(2):  # each matrix as on its own
         assert torch.equal(mask[b], nm_mask(scores[b], 2, 4))
     with pytest.raises(UsageError, match="M=4 needs input sizes divisible by 4, got 6"):
-        nm_mask(torch.rand(6, 6), 2, 4)
+        nm_mask(torch.rand(2, 4, 6), 2, 4)
+
+
+def test_storage_dtypes_of_the_grid():
+    """Integers are int8; dequantization and the stored scale follow the requested dtype."""
+    scheme = Scheme(bits=4, group_size=8, symmetric=False)
+    w = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
+    scale, zero, q = scheme.nearest(w, torch.bfloat16)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert torch.equal(scale, scale.to(torch.bfloat16).float())  # rounded to what the checkpoint stores
+    assert not torch.equal(scale, scheme.params(w)[0])
+    assert scheme.dequantize(q, scale, zero, torch.bfloat16).dtype == torch.bfloat16
