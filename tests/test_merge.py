@@ -286,7 +286,7 @@ def test_tokenizer_source(models, tmp_path, monkeypatch):
     assert (tmp_path / "given" / "tokenizer.json").is_file()
     merge(parse_recipe({"merge_method": "linear", "models": both}), tmp_path / "none")
     assert not (tmp_path / "none" / "tokenizer.json").exists()  # b and c carry no tokenizer
-    with pytest.raises(Exception, match="base needs a base_model"):
+    with pytest.raises(Exception, match="b has no tokenizer files"):  # no base_model: the first model
         merge(parse_recipe({"merge_method": "linear", "models": both, "tokenizer_source": "base"}), tmp_path / "x")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from llmctl.core.checkpoint import Checkpoint, open_checkpoint
 from llmctl.core.merge.methods import METHODS, Method
 from llmctl.core.merge.recipe import Recipe, Slice, Source, evaluate
+from llmctl.core.merge.vocab import Vocabulary, build_vocabulary
 from llmctl.errors import CheckpointError, ConfigError
 
 _LAYER = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
@@ -35,6 +36,7 @@ class Job:
     params: dict[str, Any]
     shape: tuple[int, ...]
     dtype: str
+    vocabulary: bool = False  # rows are tokens: aligned to the output vocabulary before merging
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Plan:
     checkpoints: dict[str, Checkpoint]
     config_source: str  # the model whose config.json (and generation config) the output takes
     layers: list[tuple[str, int]]  # each output layer's (model, layer index)
+    vocabulary: Vocabulary | None = None  # the output vocabulary, when inputs' rows must be aligned to it
 
 
 def _split(names) -> tuple[list[str], dict[int, list[str]], str | None]:
@@ -74,6 +77,8 @@ def plan(recipe: Recipe, *, opened: dict[str, Checkpoint] | None = None) -> Plan
     checkpoints = {name: opened.get(name) or open_checkpoint(name) for name in recipe.models()}
     models = {name: _Model(ck) for name, ck in checkpoints.items()}
     slices = _normalise(recipe, models, method)
+    vocab = build_vocabulary(recipe, checkpoints)
+    vocab = None if vocab is None or vocab.identity else vocab
     jobs: list[Job] = []
     out_layers: list[tuple[str, int]] = []
     first, last = slices[0], slices[-1]
@@ -81,7 +86,7 @@ def plan(recipe: Recipe, *, opened: dict[str, Checkpoint] | None = None) -> Plan
     pre = [n for n in lead.plain if _EMBEDDING.search(n)]
     post = [n for n in lead.plain if not _EMBEDDING.search(n)]
     for name in pre:
-        jobs.append(_job(recipe, method, first, models, name, [name] * len(first.sources), 0.0))
+        jobs.append(_job(recipe, method, first, models, name, [name] * len(first.sources), 0.0, vocab))
     for s in slices:
         length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
         for offset in range(length):
@@ -95,9 +100,9 @@ def plan(recipe: Recipe, *, opened: dict[str, Checkpoint] | None = None) -> Plan
                 out = f"{lead.prefix}{out_index}.{suffix}"
                 jobs.append(_job(recipe, method, s, models, out, names, t))
     for name in post:
-        jobs.append(_job(recipe, method, last, models, name, [name] * len(last.sources), 0.0))
+        jobs.append(_job(recipe, method, last, models, name, [name] * len(last.sources), 0.0, vocab))
     config_source = recipe.base_model or recipe.models()[0]
-    return Plan(method, jobs, checkpoints, config_source, out_layers)
+    return Plan(method, jobs, checkpoints, config_source, out_layers, vocab)
 
 
 def _normalise(recipe: Recipe, models: dict[str, _Model], method: Method) -> list[Slice]:
@@ -135,7 +140,9 @@ def _normalise(recipe: Recipe, models: dict[str, _Model], method: Method) -> lis
 
 
 def _job(recipe: Recipe, method: Method, s: Slice, models: dict[str, _Model], out: str,
-         names: list[str], t: float) -> Job:
+         names: list[str], t: float, vocab: Vocabulary | None = None) -> Job:
+    """One output tensor; with `vocab`, a non-layer tensor whose leading size is each input's
+    vocab_size is a vocabulary tensor (only its other sizes must agree)."""
     sources = s.sources
     inputs = [(src.model, n) for src, n in zip(sources, names)]
     for model, name in inputs:
@@ -143,8 +150,10 @@ def _job(recipe: Recipe, method: Method, s: Slice, models: dict[str, _Model], ou
             raise CheckpointError(f"{model}: no tensor {name!r} (needed for the merged {out!r})")
     shapes = [models[m].shapes[n] for m, n in inputs]
     shape, dtype = shapes[0]
+    vocabulary = vocab is not None and all(
+        len(sh) >= 1 and sh[0] == vocab.sizes[m] and "position" not in n for (m, n), (sh, _) in zip(inputs, shapes))
     for (model, name), (other, _) in zip(inputs[1:], shapes[1:]):
-        if other != shape:
+        if (tuple(other[1:]) != tuple(shape[1:])) if vocabulary else other != shape:
             raise CheckpointError(f"cannot merge {out!r}: {inputs[0][0]} has {inputs[0][1]} of shape {list(shape)}, "
                                   f"{model} has {name} of shape {list(other)}")
     base_model = s.base_model or recipe.base_model
@@ -161,7 +170,8 @@ def _job(recipe: Recipe, method: Method, s: Slice, models: dict[str, _Model], ou
     dtypes = [d for _, d in shapes]
     floating = set(dtypes) <= set(_RANK)
     out_dtype = (recipe.out_dtype or recipe.dtype or _promote(dtypes)) if floating else dtype
-    return Job(out, inputs, base, params, shape, out_dtype)
+    shape = (vocab.size, *shape[1:]) if vocabulary else shape
+    return Job(out, inputs, base, params, shape, out_dtype, vocabulary)
 
 
 def _resolve(param, scopes: list[dict], tensor: str, t: float, where: str) -> Any:

@@ -7,7 +7,8 @@
     parameters:
       t: [{filter: self_attn, value: [0, 0.5, 1]}, {value: 0.5}]   # filters and gradients
     dtype: float32                             # inputs converted to it; out_dtype: the output's
-    tokenizer_source: base                     # base | a model | union
+    tokenizer_source: union                    # base | a model | union (or the `tokenizer:` block:
+                                               #   source, tokens: {TOKEN: {source, force}}, pad_to_multiple_of)
 
 A parameter is a scalar, a gradient (a list interpolated across a slice's layers) or a list of
 `{filter, value}` conditions (the first whose filter is a substring of the tensor name wins).
@@ -45,6 +46,18 @@ class Slice:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """Where a `tokenizer.tokens` entry's embedding row comes from: `model`'s row of the same
+    token, of `token`/`token_id` in its own vocabulary (mergekit's `kind: model_token`), or
+    zeros (`model` None); `force` uses it even in the models that have the token."""
+
+    model: str | None
+    token: str | None = None
+    token_id: int | None = None
+    force: bool = False
+
+
 @dataclass
 class Recipe:
     merge_method: str
@@ -54,6 +67,8 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokens: dict[str, TokenSource] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
     from_models: bool = False  # written as `models:` (each model's whole stack)
     raw: dict = field(default_factory=dict)
 
@@ -75,7 +90,6 @@ def parse_recipe(data: Any, where: str = "recipe", relative_to: str | os.PathLik
         if key not in TOP_KEYS:
             raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(key, TOP_KEYS)}")
     for key, why in (("modules", "multi-module recipes are not supported"),
-                     ("tokenizer", "the `tokenizer:` block is not supported (use tokenizer_source)"),
                      ("chat_template", "not supported here; set it after merging with `llmctl tokenize set-template`")):
         if data.get(key) is not None:
             raise ConfigError(f"{where}: {key}: {why}")
@@ -96,7 +110,7 @@ def parse_recipe(data: Any, where: str = "recipe", relative_to: str | os.PathLik
             sources = [_source(src, f"{at}.sources[{j}]", model, slice_=True)
                        for j, src in enumerate(_list(s.get("sources"), f"{at}.sources"))]
             slices.append(Slice(sources, model(s.get("base_model")), _parameters(s.get("parameters"), at)))
-    source = data.get("tokenizer_source")
+    source, tokens, pad = _tokenizer(data, where, model)
     return Recipe(
         merge_method=str(data["merge_method"]),
         slices=slices,
@@ -104,7 +118,9 @@ def parse_recipe(data: Any, where: str = "recipe", relative_to: str | os.PathLik
         parameters=_parameters(data.get("parameters"), where),
         dtype=_dtype(data.get("dtype"), f"{where}: dtype"),
         out_dtype=_dtype(data.get("out_dtype"), f"{where}: out_dtype"),
-        tokenizer_source=source if source in (None, "base", "union") else model(source),
+        tokenizer_source=source,
+        tokens=tokens,
+        pad_to_multiple_of=pad,
         from_models=has_models,
         raw=data,
     )
@@ -173,6 +189,43 @@ def _source(value, where: str, model, *, slice_: bool) -> Source:
             raise ConfigError(f"{where}.layer_range: expected [start, end) with 0 <= start < end, found {layers!r}")
         layers = tuple(layers)
     return Source(model(value["model"]), layers, _parameters(value.get("parameters"), where))
+
+
+def _tokenizer(data: dict, where: str, model) -> tuple[str | None, dict[str, TokenSource], int | None]:
+    """`tokenizer_source`, or mergekit's `tokenizer:` block (source, tokens, pad_to_multiple_of)."""
+    block = data.get("tokenizer")
+    if block is not None and data.get("tokenizer_source") is not None:
+        raise ConfigError(f"{where}: give tokenizer_source or tokenizer, not both")
+    if block is None:
+        source = data.get("tokenizer_source")
+        return (source if source in (None, "base", "union") else model(source)), {}, None
+    at = f"{where}: tokenizer"
+    _mapping(block, at, ("source", "tokens", "pad_to_multiple_of"))
+    source = block.get("source", "union")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise ConfigError(f"{at}.pad_to_multiple_of: expected a positive integer, found {pad!r}")
+    tokens = {}
+    for token, entry in (block.get("tokens") or {}).items():
+        here = f"{at}.tokens[{token!r}]"
+        _mapping(entry, here, ("source", "force"))
+        spec = entry.get("source")
+        if isinstance(spec, dict):
+            _mapping(spec, f"{here}.source", ("kind", "model", "token", "token_id"))
+            kind = spec.get("kind")
+            if kind == "zero":
+                spec = TokenSource(None)
+            elif kind == "model_token" and (spec.get("token") is None) != (spec.get("token_id") is None):
+                spec = TokenSource(model(spec.get("model")), spec.get("token"), spec.get("token_id"))
+            else:
+                raise ConfigError(f"{here}.source: expected kind zero, or kind model_token with a model and "
+                                  f"one of token / token_id")
+        elif spec is not None:
+            spec = TokenSource(model(spec))
+        else:
+            raise ConfigError(f"{here}: missing key 'source' (a model, or kind zero / model_token)")
+        tokens[str(token)] = TokenSource(spec.model, spec.token, spec.token_id, bool(entry.get("force", False)))
+    return (source if source in ("base", "union") else model(source)), tokens, pad
 
 
 def _parameters(value, where: str) -> dict[str, Any]:

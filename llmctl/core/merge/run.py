@@ -50,7 +50,7 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
         adapters = [ref for ref in recipe.models() if split(ref) is not None]
         merged, parents = materialise(adapters, Path(stack.enter_context(scratch(out)))) if adapters else ({}, {})
         p = plan(recipe, opened={ref: open_checkpoint(path) for ref, path in merged.items()})
-        tokenizer = _tokenizer_dir(recipe, p)
+        tokenizer = _tokenizer_dir(recipe, p, stack)
         layout = {job.name: (job.shape, job.dtype) for job in p.jobs}
         total = sum(_nbytes(job) for job in p.jobs)
         with CheckpointWriter(out, layout, force=force, max_shard_bytes=max_shard_bytes) as writer, \
@@ -78,6 +78,8 @@ def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int = 0):
         return tensors[0]
     dtype = getattr(torch, recipe.dtype) if recipe.dtype else _promote(tensors)
     tensors = [t.to(dtype) for t in tensors]
+    if job.vocabulary:  # one row per output token in every input
+        tensors = p.vocabulary.align([(m, t) for (m, _), t in zip(job.inputs, tensors)])
     base = tensors[job.base] if job.base is not None else None
     others = [t for i, t in enumerate(tensors) if i != job.base]
     generator = None
@@ -114,6 +116,8 @@ def _config(p: Plan, recipe: Recipe) -> dict:
     types = {m: ck.config.get("layer_types") for m, ck in p.checkpoints.items()}
     if isinstance(config.get("layer_types"), list) and all(isinstance(types[m], list) for m, _ in p.layers):
         config["layer_types"] = [types[m][i] for m, i in p.layers]
+    if p.vocabulary is not None:
+        config["vocab_size"] = p.vocabulary.size
     dtype = recipe.out_dtype or recipe.dtype
     if dtype is not None:
         for key in ("dtype", "torch_dtype"):
@@ -122,37 +126,21 @@ def _config(p: Plan, recipe: Recipe) -> dict:
     return config
 
 
-def _tokenizer_dir(recipe: Recipe, p: Plan) -> Path | None:
-    """Whose tokenizer the output gets: `tokenizer_source` (base, a model, or union of
-    identical vocabularies), else the config source's when it has one."""
+def _tokenizer_dir(recipe: Recipe, p: Plan, stack: contextlib.ExitStack) -> Path | None:
+    """Whose tokenizer the output gets: the merged vocabulary's (written to a scratch directory),
+    else the config source's when it has one."""
+    if p.vocabulary is not None:
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".tokenizer-")))
+        p.vocabulary.tok.save(directory)
+        return directory
     source = recipe.tokenizer_source
-    if source == "union":
-        vocabularies = {m: _vocabulary(ck.path) for m, ck in p.checkpoints.items()}
-        first = next(iter(vocabularies.values()))
-        for model, vocabulary in vocabularies.items():
-            if vocabulary != first:
-                raise UsageError(f"tokenizer_source: union of different vocabularies ({model} differs from "
-                                 f"{next(iter(vocabularies))}) is not supported; choose base or a model")
-        source = None
-    model = p.config_source if source in (None, "base") else source
-    if source == "base" and recipe.base_model is None:
-        raise UsageError("tokenizer_source: base needs a base_model")
+    model = p.config_source if source in (None, "base", "union") else source
     path = Path(p.checkpoints[model].path) if model in p.checkpoints else Path(model)
     if any((path / name).is_file() for name in TOKENIZER_FILES):
         return path
     if source is not None:
         raise UsageError(f"tokenizer_source: {path} has no tokenizer files")
     return None
-
-
-def _vocabulary(path: Path) -> Any:
-    import json
-
-    try:
-        data = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data.get("model", {}).get("vocab"), data.get("added_tokens")
 
 
 def _lineage(recipe: Recipe, p: Plan, seed: int, record: dict | None, adapters: dict[str, list[str]]) -> dict:

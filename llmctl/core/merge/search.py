@@ -79,14 +79,14 @@ def greedy_soup(raw: dict, objective: Objective, out: str | os.PathLike, *, forc
     """Wortsman et al.'s greedy soup: candidates sorted by their own score; each joins the
     uniform average only if the soup's score improves. `raw` lists the candidates under
     `models`; the result is a `linear` merge of the kept ones."""
-    unknown = set(raw) - {"merge_method", "models", "evaluation", "dtype", "out_dtype", "tokenizer_source"}
+    unknown = set(raw) - {"merge_method", "models", "evaluation", "dtype", "out_dtype", "tokenizer_source", "tokenizer"}
     if unknown:
         raise ConfigError(f"{where}: greedy_soup: unknown key '{sorted(unknown)[0]}'")
     resolve = model_resolver(f"{where}: models", relative_to)
     candidates = [resolve(m) for m in raw.get("models") or []]
     if len(candidates) < 2:
         raise ConfigError(f"{where}: greedy_soup needs at least two models")
-    extra = {k: v for k, v in raw.items() if k in ("dtype", "out_dtype", "tokenizer_source")}
+    extra = {k: v for k, v in raw.items() if k in ("dtype", "out_dtype", "tokenizer_source", "tokenizer")}
 
     def soup(members):
         return {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in members],
