@@ -19,11 +19,11 @@ VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Three tiny llamas whose BPE vocabularies share the bytes and special tokens but not all merges."""
+    """Three tiny llamas (named apart from test_merge's: mergekit caches models by reference) whose BPE vocabularies share the bytes and special tokens but not all merges."""
     root = tmp_path_factory.mktemp("vocab")
-    texts = {"a": ["merge these models " * 20, "tensor by tensor"],
-             "b": ["tokenizers differ between models " * 20, "every token its row"],
-             "c": ["tokenizers differ between models " * 20, "models merge at last"]}
+    texts = {"va": ["merge these models " * 20, "tensor by tensor"],
+             "vb": ["tokenizers differ between models " * 20, "every token its row"],
+             "vc": ["tokenizers differ between models " * 20, "models merge at last"]}
     for i, (name, text) in enumerate(texts.items()):
         (root / name).mkdir()
         tiny_llama(root / name, text, vocab=290 + 10 * i, context=64, scale=1.0)
@@ -33,8 +33,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
         save_file({k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in weights.items()},
                   root / name / "model.safetensors", metadata={"format": "pt"})
-    (root / "b" / "tokenizer.json").write_text(_with_added(root / "b", "<|tool|>"))
-    _set_vocab_size(root / "b")
+    (root / "vb" / "tokenizer.json").write_text(_with_added(root / "vb", "<|tool|>"))
+    _set_vocab_size(root / "vb")
     return {name: root / name for name in texts} | {"root": root}
 
 
@@ -82,20 +82,20 @@ def _m(name, **params):
 
 RECIPES = {
     "union_linear_no_base": {"merge_method": "linear", "tokenizer_source": "union",
-                             "models": [_m("a", weight=0.3), _m("b", weight=0.7), _m("c", weight=0.5)]},
-    "union_ties": {"merge_method": "ties", "base_model": "a", "tokenizer_source": "union",
-                   "models": [_m("b", weight=0.6, density=0.5), _m("c", weight=0.8, density=0.7)]},
-    "union_slerp_bf16": {"merge_method": "slerp", "base_model": "b", "tokenizer_source": "union", "dtype": "bfloat16",
-                         "models": [_m("b"), _m("a")], "parameters": {"t": 0.3}},
-    "base_task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "c", "tokenizer_source": "base",
-                             "models": [_m("a", weight=0.5), _m("b", weight=0.5)]},
-    "model_linear": {"merge_method": "linear", "tokenizer_source": "b",
-                     "models": [_m("a", weight=1.0), _m("c", weight=1.0)]},
-    "tokens_block": {"merge_method": "linear", "base_model": "a",
-                     "models": [_m("a", weight=0.5), _m("b", weight=0.5)],
+                             "models": [_m("va", weight=0.3), _m("vb", weight=0.7), _m("vc", weight=0.5)]},
+    "union_ties": {"merge_method": "ties", "base_model": "va", "tokenizer_source": "union",
+                   "models": [_m("vb", weight=0.6, density=0.5), _m("vc", weight=0.8, density=0.7)]},
+    "union_slerp_bf16": {"merge_method": "slerp", "base_model": "vb", "tokenizer_source": "union", "dtype": "bfloat16",
+                         "models": [_m("vb"), _m("va")], "parameters": {"t": 0.3}},
+    "base_task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "vc", "tokenizer_source": "base",
+                             "models": [_m("va", weight=0.5), _m("vb", weight=0.5)]},
+    "model_linear": {"merge_method": "linear", "tokenizer_source": "vb",
+                     "models": [_m("va", weight=1.0), _m("vc", weight=1.0)]},
+    "tokens_block": {"merge_method": "linear", "base_model": "va",
+                     "models": [_m("va", weight=0.5), _m("vb", weight=0.5)],
                      "tokenizer": {"source": "union", "pad_to_multiple_of": 16, "tokens": {
-                         "<|tool|>": {"source": {"kind": "model_token", "model": "a", "token": "<|eos|>"}},
-                         "<|bos|>": {"source": "b", "force": True},
+                         "<|tool|>": {"source": {"kind": "model_token", "model": "va", "token": "<|eos|>"}},
+                         "<|bos|>": {"source": "vb", "force": True},
                          "<|new|>": {"source": {"kind": "zero"}}}}},
 }
 
@@ -109,7 +109,7 @@ def test_rows_and_vocabulary_equal_mergekit(models, tmp_path, monkeypatch, name)
     ours, our_vocab = load_file(tmp_path / "ours" / "model.safetensors"), _vocab(tmp_path / "ours")
     assert our_vocab.keys() == their_vocab.keys()
     source = recipe.get("tokenizer", {}).get("source", recipe.get("tokenizer_source"))
-    first = _vocab(models[recipe.get("base_model", "a") if source in ("union", "base") else source])
+    first = _vocab(models[recipe.get("base_model", "va") if source in ("union", "base") else source])
     assert all(our_vocab[t] == i for t, i in first.items())  # the base's ids are kept
     assert ours.keys() == theirs.keys()
     rows = sorted(our_vocab, key=our_vocab.get)
@@ -135,10 +135,10 @@ def test_union_output_loads_and_rows_come_from_the_models_that_have_the_token(mo
     out = tmp_path / "out"
     merge(parse_recipe(RECIPES["union_linear_no_base"]), out)
     vocab = _vocab(out)
-    a, b, c = (_vocab(models[m]) for m in "abc")
+    a, b, c = (_vocab(models["v" + m]) for m in "abc")
     assert vocab.keys() == a.keys() | b.keys() | c.keys() and len(vocab) > len(a)
     merged = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
-    weights = {m: load_file(models[m] / "model.safetensors")["model.embed_tokens.weight"] for m in "abc"}
+    weights = {m: load_file(models["v" + m] / "model.safetensors")["model.embed_tokens.weight"] for m in "abc"}
     only_b = next(t for t in b if t not in a and t not in c)
     torch.testing.assert_close(merged[vocab[only_b]], weights["b"][b[only_b]])  # its one donor's row
     shared = next(t for t in b if t in c and t not in a)  # a's row: the mean of b's and c's (no base)
@@ -153,9 +153,9 @@ def test_union_output_loads_and_rows_come_from_the_models_that_have_the_token(mo
 
 def test_token_sources_are_checked_before_any_output(models, tmp_path, monkeypatch):
     monkeypatch.chdir(models["root"])
-    recipe = {"merge_method": "linear", "models": [_m("a", weight=1.0), _m("b", weight=1.0)],
-              "tokenizer": {"source": "union", "tokens": {"x": {"source": "c"}}}}
-    with pytest.raises(ConfigError, match="c is not one of the merged models"):
+    recipe = {"merge_method": "linear", "models": [_m("va", weight=1.0), _m("vb", weight=1.0)],
+              "tokenizer": {"source": "union", "tokens": {"x": {"source": "vc"}}}}
+    with pytest.raises(ConfigError, match="vc is not one of the merged models"):
         merge(parse_recipe(recipe), tmp_path / "out")
     with pytest.raises(ConfigError, match="not both"):
         parse_recipe({**recipe, "tokenizer_source": "union"})

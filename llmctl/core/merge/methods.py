@@ -206,35 +206,42 @@ def task_arithmetic(inputs: Inputs, weight: list[float], density: list[float] = 
     """Generalised task arithmetic: base + λ · Σ wᵢ · sparsify(modelᵢ − base), summed over the
     entries that agree with the majority sign when `consensus` ("sum" of the weighted deltas,
     or "count" of signs), divided by the weights that contributed when `normalize`.
-    (`int8_mask` is accepted for mergekit recipes; masks here are never materialised wider.)"""
+    (`int8_mask` is accepted for mergekit recipes; masks here are boolean.) Memory: the
+    weighted task vectors, one tensor each, plus about two tensors of work space."""
     base = inputs.base
+    weights = torch.tensor(weight, dtype=base.dtype)  # rounded to the deltas' dtype, as mergekit's
     deltas = torch.empty((len(inputs.others), *base.shape), dtype=base.dtype)
     for i, other in enumerate(inputs.others):
-        delta = other - base
+        delta = torch.sub(other.to(base.dtype), base, out=deltas[i])
         if sparsifier is not None:
             extra = {"magnitude_outliers": {"gamma": gamma}, "della_magprune": {"epsilon": epsilon}}.get(sparsifier, {})
             extra = {k: v[i] for k, v in extra.items()}
             if sparsifier in RANDOM_SPARSIFIERS:
                 extra["generator"] = inputs.generator
-            delta = sparsify(sparsifier, delta, density=density[i], rescale=rescale, **extra)
-        deltas[i] = delta
-    weights = torch.tensor(weight, dtype=deltas.dtype).reshape(-1, *[1] * base.dim())
-    deltas.mul_(weights)
-    if consensus is not None:  # in place where it can be: a few tensors of the model's largest size at most
-        votes = deltas.sum(0) if consensus == "sum" else deltas.sign().sum(0)
-        agree = deltas.sign() == torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
-        del votes
-        divisor = (weights * agree).sum(0)
-        mixed = deltas.mul_(agree).sum(0)
-        divisor[divisor == 0] = 1
+            sparsify(sparsifier, delta, density=density[i], rescale=rescale, **extra)
+        delta.mul_(weights[i])
+    if consensus is not None:  # entries against the majority sign (>= 0: positive) are dropped in place
+        positive = (deltas.sum(0) if consensus == "sum" else deltas.sign().sum(0)) >= 0
+        divisor = torch.zeros(base.shape) if normalize else None  # Σ of the agreeing weights, in float32
+        for w, delta in zip(weights.tolist(), deltas):
+            agree = torch.where(positive, delta > 0, delta < 0)
+            delta.masked_fill_(~agree, 0)
+            if divisor is not None:
+                divisor.add_(agree, alpha=w)
+        del positive, agree
+        if divisor is not None:
+            divisor = divisor.to(base.dtype)
+            divisor[divisor == 0] = 1
     else:
-        mixed, divisor = deltas.sum(0), weights.sum(0)
+        divisor = weights.sum()
         divisor[divisor.abs() < 1e-8] = 1
+    mixed = deltas[0] if len(deltas) == 1 else deltas.sum(0)
+    del deltas
     if normalize:
-        mixed = mixed / divisor
+        mixed.div_(divisor)
     if lambda_ != 1:
-        mixed = mixed * lambda_
-    return (base + mixed).to(base.dtype)
+        mixed.mul_(lambda_)
+    return mixed.add_(base).to(base.dtype)
 
 
 # name: (sparsifier, sign consensus, normalize, rescale) — mergekit's table of the family

@@ -5,8 +5,9 @@
     sparsify("magnitude_outliers", delta, density=0.9, gamma=0.01) # breadcrumbs: drop both tails
     sparsify("della_magprune", delta, density=0.5, epsilon=0.15, generator=g)  # DELLA
 
-Each returns the masked delta; `rescale=True` scales it back to the delta's L1 norm (DARE's
-1/density rescale, in expectation). Magnitudes are ranked in float32.
+Each masks `delta` in place and returns it; `rescale=True` scales it back to the delta's L1 norm (DARE's
+1/density rescale, in expectation). Magnitudes are selected, not sorted (`largest`: a k-th value
+and the ties at it broken by position), so the memory a mask takes is about two tensors' size.
 """
 
 from __future__ import annotations
@@ -22,31 +23,54 @@ SPARSIFIERS: Registry[Callable[..., torch.Tensor]] = Registry("sparsification me
 
 def sparsify(method: str, delta: torch.Tensor, *, density: float, rescale: bool = False,
              **options) -> torch.Tensor:
-    """`delta` masked by the sparsifier `method` (a no-op at density >= 1)."""
+    """`delta`, masked in place by the sparsifier `method` (a no-op at density >= 1)."""
     if density >= 1:
         return delta
     mask = SPARSIFIERS.get(method)(delta, density, **options)
-    masked = delta * mask
+    before = delta.abs().sum() if rescale else None
+    delta.mul_(mask)
+    del mask
     if rescale:
-        before, after = delta.abs().sum(), masked.abs().sum()
+        after = delta.abs().sum()
         if before >= 1e-7 and after >= 1e-7:
-            masked = masked * (before / after)
-    return masked
+            delta.mul_(before / after)
+    return delta
 
 
-def _keep(delta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[indices] = 1
-    return mask.reshape(delta.shape)
+def largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the `k` largest entries of `scores` (non-negative: magnitudes); of equal
+    scores at the k-th value,
+    the first in position are kept, so exactly k are (mergekit's argsort breaks such ties in
+    whatever order its sort leaves them)."""
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k <= 0 or k >= n:
+        return torch.full(scores.shape, k > 0, dtype=torch.bool)
+    threshold = _kth_smallest(flat, n - k)
+    mask = flat > threshold
+    missing = k - int(mask.count_nonzero())
+    if missing:
+        mask[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
+    return mask.reshape(scores.shape)
+
+
+def _kth_smallest(flat: torch.Tensor, index: int) -> torch.Tensor:
+    """flat's value at `index` of its ascending order: numpy's in-place selection of a copy
+    (torch's kthvalue also makes an int64 index per entry). Non-negative 16-bit floats order
+    as their bit patterns do, so bfloat16 / float16 are selected as int16."""
+    work = flat.clone()
+    bits = work.view(torch.int16) if work.dtype in (torch.bfloat16, torch.float16) else work
+    array = bits.numpy()
+    array.partition(index)
+    return work[index]
 
 
 @SPARSIFIERS.register("magnitude")
 def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `density` fraction of largest magnitudes (at least one entry)."""
     if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    return _keep(delta, delta.abs().reshape(-1).float().argsort(descending=True)[:k])  # ties as mergekit breaks them
+        return torch.zeros_like(delta, dtype=torch.bool)
+    return largest(delta.abs(), max(1, int(density * delta.numel())))
 
 
 @SPARSIFIERS.register("magnitude_outliers")
@@ -55,14 +79,14 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01)
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = delta.abs().reshape(-1).float().sort().indices
-    return _keep(delta, order[bottom:bottom + keep])
+    magnitudes = delta.abs()
+    return largest(magnitudes, n - bottom) & ~largest(magnitudes, n - bottom - keep)
 
 
 @SPARSIFIERS.register("random")
 def random(delta: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Keep each entry with probability `density` (DARE)."""
-    return torch.bernoulli(torch.full(delta.shape, float(density)), generator=generator).to(delta.dtype)
+    return torch.empty(delta.shape, dtype=delta.dtype).bernoulli_(float(density), generator=generator)
 
 
 @SPARSIFIERS.register("della_magprune")
