@@ -422,3 +422,58 @@ def test_lora_input_equals_merging_its_merged_weights(models, tmp_path, monkeypa
     plain = _ours(recipe("a"), tmp_path / "plain")  # the adapter did change the merge
     assert not torch.equal(expected["model.layers.0.self_attn.q_proj.weight"],
                            plain["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_bfloat16_casts_equal_torch():
+    """numpy has no bfloat16: widening and round-to-nearest-even narrowing equal torch's (∞, NaN,
+    halfway cases, overflow, subnormals)."""
+    import numpy as np
+
+    from llmctl.core.merge.arrays import Numpy
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(100_000, generator=g) * 10.0 ** torch.randint(-30, 30, (100_000,), generator=g),
+                        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1 + 2**-8, 1 + 3 * 2**-8,
+                                      3.4e38, 1e-40])])
+    xp = Numpy()
+    narrowed = xp.cast(values.numpy(), "float32", "bfloat16")
+    assert narrowed.dtype == np.uint16
+    bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    number = ~values.isnan().numpy()  # a NaN stays a NaN; its payload bits are torch's choice
+    assert np.array_equal(narrowed[number], bits[number])
+    widened = xp.cast(narrowed, "bfloat16", "float32")
+    expected = values.to(torch.bfloat16).float().numpy()
+    assert np.array_equal(widened, expected, equal_nan=True)
+    assert np.array_equal(xp.cast(narrowed, "bfloat16", "float16"), values.to(torch.bfloat16).half().numpy(),
+                          equal_nan=True)
+
+
+@pytest.mark.parametrize("recipe", [
+    {"merge_method": "linear", "dtype": "bfloat16", "models": [_m("a", weight=0.3), _m("b", weight=0.9)]},
+    {"merge_method": "linear", "out_dtype": "float16", "parameters": {"normalize": False},
+     "models": [_m("a", weight=0.5), _m("c", weight=0.25)]},
+    {"merge_method": "passthrough", "slices": _slices([("a", (0, 1))], [("b", (1, 2))]),
+     "parameters": {"scale": [{"filter": "mlp", "value": 0.5}, {"value": None}]}},
+])
+def test_numpy_path_equals_torch_path_without_importing_torch(models, tmp_path, monkeypatch, recipe):
+    """linear and passthrough run on numpy (no torch import) and write what the torch path writes."""
+    import subprocess
+    import sys
+
+    from llmctl.core.merge import arrays, run
+
+    monkeypatch.chdir(models["root"])
+    p = run.plan(parse_recipe(recipe))
+    assert isinstance(arrays.backend_for(p), arrays.Numpy)
+    script = (f"import sys, json; from llmctl.core.merge import merge, parse_recipe; "
+              f"merge(parse_recipe(json.loads({json.dumps(json.dumps(recipe))})), {str(tmp_path / 'numpy')!r}); "
+              f"print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=models["root"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False"]
+    monkeypatch.setattr(run, "backend_for", lambda plan: arrays.TORCH)
+    expected = _ours(recipe, tmp_path / "torch")
+    got = load_file(tmp_path / "numpy" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for key in got:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key

@@ -244,11 +244,18 @@ class Checkpoint:
             return self.get_tensor(name)
         import torch
 
-        header, start = self._headers[shard]
-        begin, end = header[name]["data_offsets"]
         shape, dtype = self._shapes[name]
         tensor = torch.empty(shape, dtype=getattr(torch, dtype))
-        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        self.read_into(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+        return tensor
+
+    def read_into(self, name: str, buffer: memoryview) -> None:
+        """`read_tensor` without torch: a safetensors tensor's bytes into `buffer` (its size)."""
+        shard = self._file_of.get(name)
+        if self.weights_format == "bin" or shard is None:
+            raise CheckpointError(f"{self.path}: no safetensors tensor {name!r}")
+        header, start = self._headers[shard]
+        begin, end = header[name]["data_offsets"]
         with open(self.path / shard, "rb", buffering=0) as f:
             done = 0
             while done < end - begin:
@@ -256,7 +263,6 @@ class Checkpoint:
                 if not got:
                     raise CheckpointError(f"{self.path / shard}: truncated while reading {name!r}")
                 done += got
-        return tensor
 
     def state_dict(self, device="cpu", dtype=None) -> dict[str, "torch.Tensor"]:
         """All tensors. On CPU without a dtype change they stay memory-mapped (no copy);
@@ -491,16 +497,20 @@ class CheckpointWriter:
         """Write one tensor of the layout (its shape and dtype must match)."""
         import torch
 
+        given = str(tensor.dtype).removeprefix("torch.")
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+        self.add_bytes(name, data, tuple(tensor.shape), given)
+
+    def add_bytes(self, name: str, data: memoryview, shape: tuple[int, ...], dtype: str) -> None:
+        """`add` without torch: a tensor's bytes, with the shape and dtype name they hold."""
         if name not in self._pending:
             why = "was already written" if name in self.layout else "is not in the layout"
             raise CheckpointError(f"tensor {name!r} {why}")
-        shape, dtype = self.layout[name]
-        given = str(tensor.dtype).removeprefix("torch.")
-        if tuple(tensor.shape) != shape or given != dtype:
-            raise CheckpointError(f"tensor {name!r} is {given} {list(tensor.shape)}, the layout says "
-                                  f"{dtype} {list(shape)}")
+        want, want_dtype = self.layout[name]
         file, offset, nbytes = self._place[name]
-        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+        if tuple(shape) != want or dtype != want_dtype or data.nbytes != nbytes:
+            raise CheckpointError(f"tensor {name!r} is {dtype} {list(shape)}, the layout says "
+                                  f"{want_dtype} {list(want)}")
         done = 0
         while done < nbytes:
             done += os.pwrite(self._fds[file], data[done:], offset + done)

@@ -4,7 +4,9 @@
     methods.py   METHODS: linear, slerp, nuslerp, task arithmetic family, model_stock, passthrough
     sparsify.py  SPARSIFIERS: magnitude, random, magnitude_outliers, della_magprune
     plan.py      a recipe resolved against its inputs, one job per output tensor, all checks first
-    run.py       `merge`: tensor by tensor through mmap into the streaming CheckpointWriter
+    vocab.py     tokenizer_source: the output vocabulary and every input's rows aligned to it
+    arrays.py    the back ends: torch, or numpy for methods declared `arrays` (no torch import)
+    run.py       `merge`: tensor by tensor, one pread per input, into the streaming CheckpointWriter
 """
 
 from llmctl.core.merge.methods import METHODS, Inputs, Method, Param

@@ -19,13 +19,14 @@ import inspect
 import keyword
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable
 
 from llmctl.core.merge.sparsify import sparsify
 from llmctl.core.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 REQUIRED = inspect.Parameter.empty
 
@@ -45,7 +46,7 @@ class Param:
 @dataclass
 class Inputs:
     """One tensor name's inputs: `base` (or None) and the `others`, plus a seeded generator
-    for randomised methods."""
+    for randomised methods. They are the method's own copies: it may work in them in place."""
 
     base: Tensor | None
     others: list[Tensor]
@@ -60,6 +61,9 @@ class Inputs:
 class Method:
     """A merge function and what it accepts: `base` is "required", "optional" or "ignored"
     (an ignored base is an ordinary input); `inputs` bounds the number of input models.
+    `arrays`: the function uses only the operators numpy arrays and torch tensors share
+    (`+ - * /` and their in-place forms), and gets 16-bit inputs as float32, so a merge made of
+    such methods runs on numpy without importing torch (`core/merge/arrays.py`).
     `fixed` binds keyword-only arguments (a family member's choices), `defaults` overrides
     declared defaults; a keyword-only argument left unbound and undeclared is not a parameter."""
 
@@ -67,6 +71,7 @@ class Method:
     base: str = "ignored"
     inputs: tuple[int, int | None] = (1, None)
     random: bool = False
+    arrays: bool = False
     fixed: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)
     params: tuple[Param, ...] = field(init=False)
@@ -75,12 +80,12 @@ class Method:
         object.__setattr__(self, "params", tuple(self._params()))
 
     def _params(self):
-        hints = typing.get_type_hints(self.fn)
         for p in list(inspect.signature(self.fn).parameters.values())[1:]:
             name = p.name.removesuffix("_")  # lambda_ is the recipe's `lambda`
             if p.name in self.fixed or (p.kind == p.KEYWORD_ONLY and name not in self.defaults):
                 continue
-            hint = hints[p.name]
+            hint = p.annotation  # evaluated alone: the return annotation may name an unimported module
+            hint = eval(hint, self.fn.__globals__) if isinstance(hint, str) else hint  # noqa: S307
             per_model = typing.get_origin(hint) is list
             kind = typing.get_args(hint)[0] if per_model else hint
             kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None → X
@@ -102,23 +107,29 @@ def register(name: str, **declared) -> Callable:
 
 
 def _work(t: Tensor) -> torch.dtype:
+    import torch
+
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-@register("linear")
+@register("linear", arrays=True)
 def linear(inputs: Inputs, weight: list[float], normalize: bool = True) -> Tensor:
-    """Weighted average (model soups); `normalize` divides by the sum of the weights."""
-    first = inputs.others[0]
-    out = first.to(_work(first)) * weight[0]
+    """Weighted average (model soups); `normalize` divides by the sum of the weights.
+    (In place, in the inputs' own buffers: no tensor is allocated.)"""
+    out = inputs.others[0]
+    out *= weight[0]
     for tensor, w in zip(inputs.others[1:], weight[1:]):
-        out.add_(tensor.to(out.dtype), alpha=w)
+        tensor *= w
+        out += tensor
     if normalize:
-        out.div_(sum(weight))
-    return out.to(first.dtype)
+        out /= sum(weight)
+    return out
 
 
 def slerp_tensors(t: float, a: Tensor, b: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
     """Spherical interpolation of two flattened tensors (linear when nearly collinear)."""
+    import torch
+
     x, y = a.to(_work(a)).reshape(-1), b.to(_work(a)).reshape(-1)
     norm_x, norm_y = x.norm(), y.norm()
     dot = (x / (norm_x if norm_x > eps else 1) * (y / (norm_y if norm_y > eps else 1))).sum().clamp(-1, 1)
@@ -138,6 +149,8 @@ def slerp(inputs: Inputs, t: float) -> Tensor:
 
 def nuslerp_tensors(t: float, a: Tensor, b: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
     """SLERP along rows, columns or the flattened tensor, each vector on its own sphere."""
+    import torch
+
     shape = a.shape
     if flatten:
         a, b = a.reshape(-1), b.reshape(-1)
@@ -172,6 +185,8 @@ def nuslerp(inputs: Inputs, weight: list[float], nuslerp_row_wise: bool = False,
 def model_stock(inputs: Inputs, filter_wise: bool = False) -> Tensor:
     """Model Stock: the average of the fine-tuned models pulled toward the base by the mean
     angle between their task vectors (per row with `filter_wise`)."""
+    import torch
+
     base, others = inputs.base, inputs.others
     shape = base.shape
     if filter_wise:
@@ -189,7 +204,7 @@ def model_stock(inputs: Inputs, filter_wise: bool = False) -> Tensor:
     return (t * (sum(others) / n) + (1 - t) * base).reshape(shape)
 
 
-@register("passthrough", inputs=(1, 1))
+@register("passthrough", inputs=(1, 1), arrays=True)
 def passthrough(inputs: Inputs, scale: list[float | None] = None) -> Tensor:
     """The one input unchanged (frankenmerges of layer slices), optionally scaled."""
     tensor, factor = inputs.others[0], scale[0]
@@ -208,6 +223,8 @@ def task_arithmetic(inputs: Inputs, weight: list[float], density: list[float] = 
     or "count" of signs), divided by the weights that contributed when `normalize`.
     (`int8_mask` is accepted for mergekit recipes; masks here are boolean.) Memory: the
     weighted task vectors, one tensor each, plus about two tensors of work space."""
+    import torch
+
     base = inputs.base
     weights = torch.tensor(weight, dtype=base.dtype)  # rounded to the deltas' dtype, as mergekit's
     deltas = torch.empty((len(inputs.others), *base.shape), dtype=base.dtype)

@@ -37,6 +37,7 @@ class Job:
     shape: tuple[int, ...]
     dtype: str
     vocabulary: bool = False  # rows are tokens: aligned to the output vocabulary before merging
+    input_dtypes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -169,9 +170,9 @@ def _job(recipe: Recipe, method: Method, s: Slice, models: dict[str, _Model], ou
                               for i, (src, name) in enumerate(zip(sources, names)) if i != base]
     dtypes = [d for _, d in shapes]
     floating = set(dtypes) <= set(_RANK)
-    out_dtype = (recipe.out_dtype or recipe.dtype or _promote(dtypes)) if floating else dtype
+    out_dtype = (recipe.out_dtype or recipe.dtype or promote(dtypes)) if floating else dtype
     shape = (vocab.size, *shape[1:]) if vocabulary else shape
-    return Job(out, inputs, base, params, shape, out_dtype, vocabulary)
+    return Job(out, inputs, base, params, shape, out_dtype, vocabulary, tuple(dtypes))
 
 
 def _resolve(param, scopes: list[dict], tensor: str, t: float, where: str) -> Any:
@@ -188,7 +189,7 @@ def _resolve(param, scopes: list[dict], tensor: str, t: float, where: str) -> An
 _RANK = {"float16": 0, "bfloat16": 0, "float32": 2, "float64": 3}
 
 
-def _promote(dtypes: list[str]) -> str:
+def promote(dtypes: list[str]) -> str:
     """torch's promotion of floating dtypes (float16 with bfloat16 gives float32)."""
     if len(set(dtypes)) == 1:
         return dtypes[0]

@@ -18,7 +18,8 @@ from typing import Any
 from llmctl.core.checkpoint import TOKENIZER_FILES, CheckpointWriter, open_checkpoint
 from llmctl.core.merge.adapters import materialise, split
 from llmctl.core.merge.methods import METHODS, Inputs
-from llmctl.core.merge.plan import LAYER_KEYS, Job, Plan, plan
+from llmctl.core.merge.arrays import FLOATS, TORCH, backend_for
+from llmctl.core.merge.plan import LAYER_KEYS, Job, Plan, plan, promote
 from llmctl.core.merge.recipe import Recipe
 from llmctl.core.outputs import OUTPUT_KINDS
 from llmctl.core.report import SILENT, Reporter
@@ -42,8 +43,6 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
           max_shard_bytes: int = 2 * 1024**3, report: Reporter = SILENT, record: dict | None = None) -> dict:
     """Merge per `recipe` into the checkpoint directory `out`; returns a summary. The plan
     (and every check) is complete before the output is created."""
-    import torch
-
     started = time.perf_counter()
     METHODS.get(recipe.merge_method)  # an unknown method fails before adapters are materialised
     with contextlib.ExitStack() as stack:
@@ -53,10 +52,12 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
         tokenizer = _tokenizer_dir(recipe, p, stack)
         layout = {job.name: (job.shape, job.dtype) for job in p.jobs}
         total = sum(_nbytes(job) for job in p.jobs)
+        xp = backend_for(p)
         with CheckpointWriter(out, layout, force=force, max_shard_bytes=max_shard_bytes) as writer, \
                 report.progress(f"merge ({recipe.merge_method})", total=total, unit="B") as bar:
             for job in p.jobs:
-                writer.add(job.name, merged_tensor(p, job, recipe, seed).to(getattr(torch, job.dtype)))
+                tensor, dtype = merged_tensor(p, job, recipe, seed, xp)
+                xp.write(writer, job.name, xp.cast(tensor, dtype, job.dtype), job.dtype)
                 bar.advance(_nbytes(job))
             source = p.checkpoints[p.config_source]
             lineage = _lineage(recipe, p, seed, record, parents)
@@ -67,35 +68,29 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int = 0):
-    """The merged value of one job (inputs converted to the recipe's `dtype`, if any)."""
-    import torch
-
-    tensors = [p.checkpoints[m].read_tensor(n) for m, n in job.inputs]
-    if not all(t.is_floating_point() for t in tensors):  # integer buffers must agree
-        if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int = 0, xp=TORCH):
+    """The merged value of one job (inputs converted to the recipe's `dtype`, if any) on the
+    back end `xp`, with its dtype name."""
+    tensors = [xp.read(p.checkpoints[m], n, d, slot) for slot, ((m, n), d) in enumerate(zip(job.inputs, job.input_dtypes))]
+    if not all(d in FLOATS for d in job.input_dtypes):  # integer buffers must agree
+        if any(not xp.equal(t, tensors[0]) for t in tensors[1:]):
             raise CheckpointError(f"cannot merge {job.name!r}: a non-floating tensor differs between inputs")
-        return tensors[0]
-    dtype = getattr(torch, recipe.dtype) if recipe.dtype else _promote(tensors)
-    tensors = [t.to(dtype) for t in tensors]
+        return tensors[0], job.input_dtypes[0]
+    dtype = recipe.dtype or promote(list(job.input_dtypes))
+    work = dtype if not p.method.arrays or dtype == "float64" else "float32"
+    tensors = [xp.cast(t, d, work) for t, d in zip(tensors, job.input_dtypes)]
     if job.vocabulary:  # one row per output token in every input
         tensors = p.vocabulary.align([(m, t) for (m, _), t in zip(job.inputs, tensors)])
     base = tensors[job.base] if job.base is not None else None
     others = [t for i, t in enumerate(tensors) if i != job.base]
     generator = None
     if p.method.random:  # seeded per tensor name: the same merge whatever the order or subset
+        import torch
+
         key = hashlib.sha256(f"{seed}\0{job.name}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-    return p.method(Inputs(base, others, generator), **job.params)
-
-
-def _promote(tensors):
-    import torch
-
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+    out = p.method(Inputs(base, others, generator), **job.params)
+    return xp.cast(out, work, dtype), dtype
 
 
 def _nbytes(job: Job) -> int:

@@ -12,11 +12,12 @@ and the ties at it broken by position), so the memory a mask takes is about two 
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from llmctl.core.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 SPARSIFIERS: Registry[Callable[..., torch.Tensor]] = Registry("sparsification method")
 
@@ -42,6 +43,8 @@ def largest(scores: torch.Tensor, k: int) -> torch.Tensor:
     scores at the k-th value,
     the first in position are kept, so exactly k are (mergekit's argsort breaks such ties in
     whatever order its sort leaves them)."""
+    import torch
+
     flat = scores.reshape(-1)
     n = flat.numel()
     if k <= 0 or k >= n:
@@ -58,6 +61,8 @@ def _kth_smallest(flat: torch.Tensor, index: int) -> torch.Tensor:
     """flat's value at `index` of its ascending order: numpy's in-place selection of a copy
     (torch's kthvalue also makes an int64 index per entry). Non-negative 16-bit floats order
     as their bit patterns do, so bfloat16 / float16 are selected as int16."""
+    import torch
+
     work = flat.clone()
     bits = work.view(torch.int16) if work.dtype in (torch.bfloat16, torch.float16) else work
     array = bits.numpy()
@@ -68,6 +73,8 @@ def _kth_smallest(flat: torch.Tensor, index: int) -> torch.Tensor:
 @SPARSIFIERS.register("magnitude")
 def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `density` fraction of largest magnitudes (at least one entry)."""
+    import torch
+
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     return largest(delta.abs(), max(1, int(density * delta.numel())))
@@ -86,6 +93,8 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01)
 @SPARSIFIERS.register("random")
 def random(delta: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Keep each entry with probability `density` (DARE)."""
+    import torch
+
     return torch.empty(delta.shape, dtype=delta.dtype).bernoulli_(float(density), generator=generator)
 
 
@@ -94,6 +103,8 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float = 0.15,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Keep each entry with a probability rising with its magnitude's rank in its row, from
     `density - epsilon` (smallest) to `density + epsilon` (largest) (DELLA's MagPrune)."""
+    import torch
+
     if density <= 0:
         return torch.zeros_like(delta)
     if not 0 < density - epsilon and density + epsilon < 1:

@@ -1,0 +1,107 @@
+"""The array back ends a merge runs on: `TORCH` (every method) and `Numpy` (a plan whose method
+is declared `arrays=True`, safetensors inputs, no vocabulary to align), which never imports torch:
+a linear soup or a passthrough stack starts in a fraction of torch's import time.
+
+Both read a tensor by one `pread` (`Checkpoint.read_into`) and hand the writer its bytes. numpy
+has no bfloat16: such a tensor is held as its uint16 bit patterns, widened to float32 exactly
+(bits << 16) and narrowed with round-to-nearest-even, as torch rounds.
+"""
+
+from __future__ import annotations
+
+from llmctl.core.checkpoint import Checkpoint, CheckpointWriter
+
+FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+class Torch:
+    def read(self, ck: Checkpoint, name: str, dtype: str, slot: int = 0):
+        return ck.read_tensor(name)
+
+    def cast(self, x, dtype: str, to: str):
+        import torch
+
+        return x.to(getattr(torch, to))
+
+    def equal(self, a, b) -> bool:
+        import torch
+
+        return torch.equal(a, b)
+
+    def write(self, writer: CheckpointWriter, name: str, x, dtype: str) -> None:
+        writer.add(name, x)
+
+
+class Numpy:
+    """Reads go into one reused buffer per input slot (grown to the largest tensor), so a merge
+    does not page-fault fresh memory for every tensor; a job's result must be written before
+    the next job reads."""
+
+    def __init__(self):
+        self.slots: dict[int, object] = {}
+
+    def read(self, ck: Checkpoint, name: str, dtype: str, slot: int = 0):
+        import math
+
+        import numpy as np
+
+        shape = ck.tensor_shapes()[name][0]
+        kind = np.dtype(_numpy_dtype(dtype))
+        nbytes = math.prod(shape) * kind.itemsize
+        if slot not in self.slots or self.slots[slot].nbytes < nbytes:
+            self.slots[slot] = None  # the old buffer goes before the new one comes
+            self.slots[slot] = np.empty(nbytes, dtype=np.uint8)
+        buffer = self.slots[slot][:nbytes]
+        ck.read_into(name, memoryview(buffer))
+        return buffer.view(kind).reshape(shape)
+
+    def cast(self, x, dtype: str, to: str):
+        import numpy as np
+
+        if dtype == to:
+            return x
+        if dtype == "bfloat16":
+            x = (x.astype(np.uint32) << 16).view(np.float32)
+        if to != "bfloat16":
+            return x.astype(_numpy_dtype(to), copy=False)
+        bits = x.astype(np.float32, copy=False).view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.isnan(x)
+        if nan.any():
+            rounded[nan] = 0x7FC0
+        return rounded
+
+    def equal(self, a, b) -> bool:
+        import numpy as np
+
+        return bool(np.array_equal(a, b))
+
+    def write(self, writer: CheckpointWriter, name: str, x, dtype: str) -> None:
+        import numpy as np
+
+        x = np.ascontiguousarray(x)
+        writer.add_bytes(name, memoryview(x.reshape(-1).view(np.uint8)), x.shape, dtype)
+
+
+TORCH = Torch()
+
+
+def _numpy_dtype(name: str):
+    import numpy as np
+
+    return np.uint16 if name == "bfloat16" else np.dtype(name)
+
+
+def backend_for(plan) -> Torch | Numpy:
+    """A numpy back end when every job can run on it, else TORCH."""
+    if not plan.method.arrays or plan.vocabulary is not None:
+        return TORCH
+    if any(ck.weights_format != "safetensors" for ck in plan.checkpoints.values()):
+        return TORCH
+    names = {d for job in plan.jobs for d in (job.dtype, *job.input_dtypes)}
+    try:
+        for d in names:
+            _numpy_dtype(d)
+    except TypeError:  # a dtype numpy lacks (float8)
+        return TORCH
+    return Numpy()
