@@ -3,7 +3,8 @@ merge of the `llama` preset (~125M parameters each, float32, ~0.5 GB per model).
 
 Each merge runs as its own process (the whole command: start-up, planning, I/O); its peak RSS
 is the child's `ru_maxrss` from `wait4` (this parent never imports torch and stays small, so the
-figure is the child's own). Inputs are read from a warm page cache.
+figure is the child's own; the page cache is warmed by another child). The tools alternate
+run by run, so a machine shared with other work loads both alike; the load average is reported.
 
     python -P benchmarks/merge.py --dir /tmp/llmctl-bench-merge --out benchmarks/results/merge.md
 """
@@ -79,10 +80,12 @@ def main() -> None:
     subprocess.run([sys.executable, "-P", __file__, "--dir", str(args.dir), "--build"], check=True)
     mergekit = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     largest = max(math.prod(shape) * DTYPES[dtype][1] for shape, dtype in _layout(args.dir / BASE)) / 2**20
-    for name in (BASE, OTHER):  # warm the page cache
-        for file in (args.dir / name).glob("*.safetensors"):
-            file.read_bytes()
-    baseline = timed([sys.executable, "-c", "import torch, safetensors, llmctl.core.merge"], args.dir)[1]
+    files = [str(f) for name in (BASE, OTHER) for f in (args.dir / name).glob("*.safetensors")]
+    subprocess.run([sys.executable, "-c", "import sys\nfor f in sys.argv[1:]: open(f, 'rb').read()", *files],
+                   check=True)  # warm the page cache (in a child: a fork would carry this RSS into the next)
+    baseline = {lib: timed([sys.executable, "-c", f"import {lib}, llmctl.core.merge"], args.dir)[1]
+                for lib in ("torch", "numpy")}
+    load = [os.getloadavg()[0]]
     rows = []
     for method in args.methods.split(","):
         (args.dir / f"{method}.yaml").write_text(yaml.safe_dump(RECIPES[method], sort_keys=False))
@@ -91,19 +94,20 @@ def main() -> None:
                        "--force", "--quiet"],
             "mergekit": [mergekit, f"{method}.yaml", f"mk-{method}", "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
         }
-        figures = {}
-        for tool, command in tools.items():
-            runs = []
-            for _ in range(args.repeat):
+        runs = {tool: [] for tool in tools}
+        for _ in range(args.repeat):
+            for tool, command in tools.items():
                 shutil.rmtree(args.dir / f"mk-{method}", ignore_errors=True)
-                runs.append(timed(command, args.dir))
-            figures[tool] = min(runs)
-            print(method, tool, figures[tool], file=sys.stderr)
-        rows.append((method, figures))
+                runs[tool].append(timed(command, args.dir))
+                print(method, tool, runs[tool][-1], file=sys.stderr)
+        rows.append((method, {tool: min(r) for tool, r in runs.items()}))
+        load.append(os.getloadavg()[0])
     lines = [f"Two `llama`-preset checkpoints (~125M parameters, float32, one "
              f"{(args.dir / BASE / 'model.safetensors').stat().st_size / 2**20:.0f} MiB file each); largest tensor "
-             f"{largest:.0f} MiB; `import torch, safetensors, llmctl.core.merge` alone peaks at {baseline:.0f} MiB. "
-             f"Best of {args.repeat} run(s), each the whole command in a fresh process.", "",
+             f"{largest:.0f} MiB; `import torch, llmctl.core.merge` alone peaks at {baseline['torch']:.0f} MiB, "
+             f"`import numpy, llmctl.core.merge` (the numpy back end of linear and passthrough) at "
+             f"{baseline['numpy']:.0f} MiB. Best of {args.repeat} run(s) per tool, alternating, each the whole command "
+             f"in a fresh process; load average (1 min) {min(load):.1f}–{max(load):.1f} during the runs.", "",
              "| method | llmctl (s) | mergekit-yaml (s) | speed-up | llmctl peak RSS (MiB) | mergekit peak RSS (MiB) |",
              "|---|---:|---:|---:|---:|---:|"]
     for method, f in rows:

@@ -471,7 +471,7 @@ def test_numpy_path_equals_torch_path_without_importing_torch(models, tmp_path, 
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=models["root"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False"]
-    monkeypatch.setattr(run, "backend_for", lambda plan: arrays.TORCH)
+    monkeypatch.setattr(run, "backend_for", lambda plan: arrays.Torch())
     expected = _ours(recipe, tmp_path / "torch")
     got = load_file(tmp_path / "numpy" / "model.safetensors")
     assert got.keys() == expected.keys()

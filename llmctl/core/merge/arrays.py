@@ -1,4 +1,4 @@
-"""The array back ends a merge runs on: `TORCH` (every method) and `Numpy` (a plan whose method
+"""The array back ends a merge runs on: `Torch` (every method) and `Numpy` (a plan whose method
 is declared `arrays=True`, safetensors inputs, no vocabulary to align), which never imports torch:
 a linear soup or a passthrough stack starts in a fraction of torch's import time.
 
@@ -14,9 +14,42 @@ from llmctl.core.checkpoint import Checkpoint, CheckpointWriter
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
-class Torch:
+class _Slots:
+    """One reused read buffer per input slot, grown to the largest tensor, so a merge does not
+    page-fault fresh memory for every tensor it reads; a job's result must be written before
+    the next job reads."""
+
+    def __init__(self):
+        self.slots: dict[int, object] = {}
+
+    def _read(self, ck: Checkpoint, name: str, dtype: str, slot: int):
+        """The tensor's bytes in the slot's buffer, as a numpy array of its shape (bfloat16: uint16)."""
+        import math
+
+        import numpy as np
+
+        shape = ck.tensor_shapes()[name][0]
+        kind = np.dtype(_numpy_dtype(dtype))
+        nbytes = math.prod(shape) * kind.itemsize
+        if slot not in self.slots or self.slots[slot].nbytes < nbytes:
+            self.slots[slot] = None  # the old buffer goes before the new one comes
+            self.slots[slot] = np.empty(nbytes, dtype=np.uint8)
+        buffer = self.slots[slot][:nbytes]
+        ck.read_into(name, memoryview(buffer))
+        return buffer.view(kind).reshape(shape)
+
+
+class Torch(_Slots):
     def read(self, ck: Checkpoint, name: str, dtype: str, slot: int = 0):
-        return ck.read_tensor(name)
+        import torch
+
+        if ck.weights_format != "safetensors":
+            return ck.read_tensor(name)
+        try:
+            _numpy_dtype(dtype)
+        except TypeError:  # float8: no numpy dtype
+            return ck.read_tensor(name)
+        return torch.from_numpy(self._read(ck, name, dtype, slot)).view(getattr(torch, dtype))
 
     def cast(self, x, dtype: str, to: str):
         import torch
@@ -32,28 +65,9 @@ class Torch:
         writer.add(name, x)
 
 
-class Numpy:
-    """Reads go into one reused buffer per input slot (grown to the largest tensor), so a merge
-    does not page-fault fresh memory for every tensor; a job's result must be written before
-    the next job reads."""
-
-    def __init__(self):
-        self.slots: dict[int, object] = {}
-
+class Numpy(_Slots):
     def read(self, ck: Checkpoint, name: str, dtype: str, slot: int = 0):
-        import math
-
-        import numpy as np
-
-        shape = ck.tensor_shapes()[name][0]
-        kind = np.dtype(_numpy_dtype(dtype))
-        nbytes = math.prod(shape) * kind.itemsize
-        if slot not in self.slots or self.slots[slot].nbytes < nbytes:
-            self.slots[slot] = None  # the old buffer goes before the new one comes
-            self.slots[slot] = np.empty(nbytes, dtype=np.uint8)
-        buffer = self.slots[slot][:nbytes]
-        ck.read_into(name, memoryview(buffer))
-        return buffer.view(kind).reshape(shape)
+        return self._read(ck, name, dtype, slot)
 
     def cast(self, x, dtype: str, to: str):
         import numpy as np
@@ -83,9 +97,6 @@ class Numpy:
         writer.add_bytes(name, memoryview(x.reshape(-1).view(np.uint8)), x.shape, dtype)
 
 
-TORCH = Torch()
-
-
 def _numpy_dtype(name: str):
     import numpy as np
 
@@ -93,15 +104,15 @@ def _numpy_dtype(name: str):
 
 
 def backend_for(plan) -> Torch | Numpy:
-    """A numpy back end when every job can run on it, else TORCH."""
+    """Numpy when every job can run on it, else Torch."""
     if not plan.method.arrays or plan.vocabulary is not None:
-        return TORCH
+        return Torch()
     if any(ck.weights_format != "safetensors" for ck in plan.checkpoints.values()):
-        return TORCH
+        return Torch()
     names = {d for job in plan.jobs for d in (job.dtype, *job.input_dtypes)}
     try:
         for d in names:
             _numpy_dtype(d)
     except TypeError:  # a dtype numpy lacks (float8)
-        return TORCH
+        return Torch()
     return Numpy()

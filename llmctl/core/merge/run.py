@@ -18,7 +18,7 @@ from typing import Any
 from llmctl.core.checkpoint import TOKENIZER_FILES, CheckpointWriter, open_checkpoint
 from llmctl.core.merge.adapters import materialise, split
 from llmctl.core.merge.methods import METHODS, Inputs
-from llmctl.core.merge.arrays import FLOATS, TORCH, backend_for
+from llmctl.core.merge.arrays import FLOATS, backend_for
 from llmctl.core.merge.plan import LAYER_KEYS, Job, Plan, plan, promote
 from llmctl.core.merge.recipe import Recipe
 from llmctl.core.outputs import OUTPUT_KINDS
@@ -68,7 +68,7 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int = 0, xp=TORCH):
+def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int, xp):
     """The merged value of one job (inputs converted to the recipe's `dtype`, if any) on the
     back end `xp`, with its dtype name."""
     tensors = [xp.read(p.checkpoints[m], n, d, slot) for slot, ((m, n), d) in enumerate(zip(job.inputs, job.input_dtypes))]

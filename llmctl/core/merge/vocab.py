@@ -66,9 +66,10 @@ class Vocabulary:
         new = tensor.new_zeros((self.size, *tensor.shape[1:]))
         have = index >= 0
         new[:n][have] = tensor[index[have]]
-        for slot, (token_id, _, replaces) in enumerate(fill):
-            if model in replaces:
-                new[token_id] = defaults[slot]
+        filled = [(token_id, slot) for slot, (token_id, _, replaces) in enumerate(fill) if model in replaces]
+        if filled:
+            ids, slots = zip(*filled)
+            new[list(ids)] = defaults[list(slots)]
         if self.size > n:  # padding rows: the mean embedding
             new[n:] = new[:n].mean(0)
         return new
@@ -90,11 +91,10 @@ def build_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Voca
         raise UsageError(f"tokenizer_source: the base model {base} has no tokenizer.json")
     sizes = {m: ck.config.get("vocab_size") or toks.get(m, toks[base]).vocab_size for m, ck in checkpoints.items()}
     vocabs = {m: toks.get(m, toks[base]).inner.get_vocab(with_added_tokens=True) for m in checkpoints}
-    for m, tok in toks.items():
-        beyond = [t for t, i in vocabs[m].items() if i >= sizes[m]]
-        if m == base and beyond:
-            raise UsageError(f"tokenizer_source: {m}'s tokenizer has {len(beyond)} token(s) beyond its vocab_size "
-                             f"{sizes[m]} (e.g. {beyond[0]!r}); not supported")
+    beyond = [t for t, i in vocabs[base].items() if i >= sizes[base]]
+    if beyond:  # mergekit strips them from a BPE tokenizer: not done here
+        raise UsageError(f"tokenizer_source: {base}'s tokenizer has {len(beyond)} token(s) beyond its vocab_size "
+                         f"{sizes[base]} (e.g. {beyond[0]!r}); not supported")
     if source == "union":
         out = _union(base, toks, vocabs, sizes)
     elif source == "base":
