@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llmctl.core.merge import merge, parse_recipe
 from llmctl.errors import ConfigError
@@ -19,7 +19,8 @@ VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Three tiny llamas (named apart from test_merge's: mergekit caches models by reference) whose BPE vocabularies share the bytes and special tokens but not all merges."""
+    """Three tiny llamas whose BPE vocabularies share the bytes and special tokens but not all
+    merges (named apart from test_merge's: mergekit caches models by reference)."""
     root = tmp_path_factory.mktemp("vocab")
     texts = {"va": ["merge these models " * 20, "tensor by tensor"],
              "vb": ["tokenizers differ between models " * 20, "every token its row"],
@@ -29,8 +30,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
         tiny_llama(root / name, text, vocab=290 + 10 * i, context=64, scale=1.0)
         g = torch.Generator().manual_seed(i)
         weights = load_file(root / name / "model.safetensors")
-        from safetensors.torch import save_file
-
         save_file({k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in weights.items()},
                   root / name / "model.safetensors", metadata={"format": "pt"})
     (root / "vb" / "tokenizer.json").write_text(_with_added(root / "vb", "<|tool|>"))
@@ -48,8 +47,6 @@ def _with_added(path: Path, token: str) -> str:
 
 def _set_vocab_size(path: Path) -> None:
     """Grow the checkpoint's embedding and head by one row for the added token."""
-    from safetensors.torch import save_file
-
     weights = load_file(path / "model.safetensors")
     g = torch.Generator().manual_seed(9)
     for key in VOCAB:

@@ -1,6 +1,7 @@
-"""Run a merge: one output tensor at a time, each input read through its memory map and the
-result written at once by the streaming `CheckpointWriter`, so memory holds about one tensor
-per input plus the result, whatever the model size.
+"""Run a merge: one output tensor at a time, each input read by one pread into a reused buffer
+and the result written at once by the streaming `CheckpointWriter`, so memory holds about one
+tensor per input plus the result, whatever the model size. Methods declared `arrays` run on
+numpy without importing torch (`arrays.py`).
 
     result = merge(load_recipe("merge.yaml"), "out", force=False, seed=0, report=REPORTER)
 """
@@ -71,7 +72,8 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
 def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int, xp):
     """The merged value of one job (inputs converted to the recipe's `dtype`, if any) on the
     back end `xp`, with its dtype name."""
-    tensors = [xp.read(p.checkpoints[m], n, d, slot) for slot, ((m, n), d) in enumerate(zip(job.inputs, job.input_dtypes))]
+    tensors = [xp.read(p.checkpoints[m], n, d, slot)
+               for slot, ((m, n), d) in enumerate(zip(job.inputs, job.input_dtypes))]
     if not all(d in FLOATS for d in job.input_dtypes):  # integer buffers must agree
         if any(not xp.equal(t, tensors[0]) for t in tensors[1:]):
             raise CheckpointError(f"cannot merge {job.name!r}: a non-floating tensor differs between inputs")
