@@ -130,17 +130,18 @@ def _tied_at_threshold(recipe: dict, models: dict[str, Path]) -> dict[str, torch
 
 
 def test_magnitude_keeps_exactly_k_largest_ties_by_position():
-    from llmctl.core.merge.sparsify import largest, magnitude_outliers
+    from llmctl.core.merge.sparsify import largest_magnitudes, magnitude_outliers
 
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(5000, generator=g)
-    for k in (1, 17, 2500, 4999):  # distinct scores: the argsort's selection
+    values = torch.randn(50, 100, generator=g)
+    for k in (1, 17, 2500, 4999):  # distinct magnitudes: the argsort's selection
         expected = torch.zeros(5000, dtype=torch.bool)
-        expected[scores.argsort(descending=True)[:k]] = True
-        assert torch.equal(largest(scores, k), expected)
-    tied = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.5, 2.0])
-    assert largest(tied, 3).tolist() == [True, False, True, True, False, False, False]
-    assert largest(tied, 0).sum() == 0 and largest(tied, 7).all()
+        expected[values.abs().reshape(-1).argsort(descending=True)[:k]] = True
+        assert torch.equal(largest_magnitudes(values, k), expected.reshape(50, 100))
+    tied = torch.tensor([3.0, 1.0, -2.0, 2.0, 2.0, 0.5, -2.0])
+    assert largest_magnitudes(tied, 3).tolist() == [True, False, True, True, False, False, False]
+    assert largest_magnitudes(tied.bfloat16(), 3).tolist() == [True, False, True, True, False, False, False]
+    assert largest_magnitudes(tied, 0).sum() == 0 and largest_magnitudes(tied, 7).all()
     delta = torch.randn(100, 40, generator=g).bfloat16()  # bfloat16: many equal magnitudes
     kept = magnitude_outliers(delta, density=0.7, gamma=0.05)
     assert int(kept.sum()) == 2800

@@ -6,7 +6,7 @@
     sparsify("della_magprune", delta, density=0.5, epsilon=0.15, generator=g)  # DELLA
 
 Each masks `delta` in place and returns it; `rescale=True` scales it back to the delta's L1 norm (DARE's
-1/density rescale, in expectation). Magnitudes are selected, not sorted (`largest`: a k-th value
+1/density rescale, in expectation). Magnitudes are selected, not sorted (`largest_magnitudes`: a k-th value
 and the ties at it broken by position), so the memory a mask takes is about two tensors' size.
 """
 
@@ -38,36 +38,32 @@ def sparsify(method: str, delta: torch.Tensor, *, density: float, rescale: bool 
     return delta
 
 
-def largest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the `k` largest entries of `scores` (non-negative: magnitudes); of equal
-    scores at the k-th value,
-    the first in position are kept, so exactly k are (mergekit's argsort breaks such ties in
-    whatever order its sort leaves them)."""
+def largest_magnitudes(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the `k` entries of `values` largest in magnitude; of equal magnitudes at
+    the k-th, the first in position are kept, so exactly k are (mergekit's argsort breaks such
+    ties in whatever order its sort leaves them). Work space: one magnitude tensor at a time."""
     import torch
 
-    flat = scores.reshape(-1)
-    n = flat.numel()
+    n = values.numel()
     if k <= 0 or k >= n:
-        return torch.full(scores.shape, k > 0, dtype=torch.bool)
-    threshold = _kth_smallest(flat, n - k)
-    mask = flat > threshold
+        return torch.full(values.shape, k > 0, dtype=torch.bool)
+    threshold = _kth_smallest(values.abs().reshape(-1), n - k)
+    mask = values.abs() > threshold
     missing = k - int(mask.count_nonzero())
     if missing:
-        mask[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
-    return mask.reshape(scores.shape)
+        mask.view(-1)[(values.abs() == threshold).view(-1).nonzero().squeeze(1)[:missing]] = True
+    return mask
 
 
-def _kth_smallest(flat: torch.Tensor, index: int) -> torch.Tensor:
-    """flat's value at `index` of its ascending order: numpy's in-place selection of a copy
-    (torch's kthvalue also makes an int64 index per entry). Non-negative 16-bit floats order
-    as their bit patterns do, so bfloat16 / float16 are selected as int16."""
+def _kth_smallest(work: torch.Tensor, index: int) -> torch.Tensor:
+    """The value at `index` of the ascending order of `work` (non-negative; reordered in place
+    by numpy's selection — torch's kthvalue would copy it and add an int64 index per entry).
+    Non-negative 16-bit floats order as their bit patterns do: bfloat16 / float16 are selected as int16."""
     import torch
 
-    work = flat.clone()
     bits = work.view(torch.int16) if work.dtype in (torch.bfloat16, torch.float16) else work
-    array = bits.numpy()
-    array.partition(index)
-    return work[index]
+    bits.numpy().partition(index)
+    return work[index].clone()
 
 
 @SPARSIFIERS.register("magnitude")
@@ -77,7 +73,7 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
 
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    return largest(delta.abs(), max(1, int(density * delta.numel())))
+    return largest_magnitudes(delta, max(1, int(density * delta.numel())))
 
 
 @SPARSIFIERS.register("magnitude_outliers")
@@ -86,8 +82,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01)
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
-    magnitudes = delta.abs()
-    return largest(magnitudes, n - bottom) & ~largest(magnitudes, n - bottom - keep)
+    return largest_magnitudes(delta, n - bottom) & ~largest_magnitudes(delta, n - bottom - keep)
 
 
 @SPARSIFIERS.register("random")
