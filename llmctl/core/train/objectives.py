@@ -196,6 +196,7 @@ def _register_builtins() -> None:
     import importlib
 
     importlib.import_module("llmctl.core.train.sft")
+    importlib.import_module("llmctl.core.train.preference")
 
 
 _register_builtins()

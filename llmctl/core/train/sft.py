@@ -75,8 +75,14 @@ class SFT(Objective):
             raise ConfigError("config key 'data': SFT reads JSONL/JSON records, not token shards")
         if cfg.adapter_method == "qlora" and cfg.precision == "auto":
             plan.precision = "bfloat16"  # QLoRA computes in bf16 (CPU and GPU)
-        plan.prepared = _encode(plan)
-        plan.report.info(_describe(plan.prepared["stats"], plan.prepared.get("val_stats")))
+        plan.prepared = cls.encode(plan)
+
+    @classmethod
+    def encode(cls, plan) -> dict:
+        """The data as rows (`{"train", "val", …}`), its summary reported."""
+        prepared = _encode(plan)
+        plan.report.info(_describe(prepared["stats"], prepared.get("val_stats")))
+        return prepared
 
     def data(self, d):
         cfg, prepared = self.cfg, self.plan.prepared
@@ -114,36 +120,48 @@ class SFT(Objective):
 
 def _encode(plan) -> dict:
     """{"train", "val": row tensors, "stats", "val_stats"}: the records encoded and packed."""
-    import random
-
     from llmctl.core.data.sft import SFTEncoder, encode_files, pack
 
     cfg, tok = plan.config, plan.tokenizer
-    template = None
-    if cfg.chat_template:
-        from llmctl.core.chat_templates import resolve_template
-
-        template, needed = resolve_template(cfg.chat_template)
-        missing = [t for t in needed if tok.inner.token_to_id(t) is None]
-        if missing:
-            raise ConfigError(f"config key 'chat_template': the tokenizer lacks {', '.join(missing)}; "
-                              "give a template its vocabulary has")
-    encoder = SFTEncoder(tok, train_on=cfg.train_on, template=template)
+    encoder = SFTEncoder(tok, train_on=cfg.train_on, template=chat_template(plan))
     examples = encode_files(plan.text_files, encoder)
     if plan.val_files:
         val = encode_files(plan.val_files, encoder)
     else:
-        order = list(range(len(examples)))
-        random.Random(cfg.seed).shuffle(order)
-        n_val = math.floor(len(examples) * cfg.val_fraction) if len(examples) > 1 else 0
-        held = set(order[:n_val])
-        val = [e for i, e in enumerate(examples) if i in held]
-        examples = [e for i, e in enumerate(examples) if i not in held]
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+        examples, val = hold_out(examples, cfg)
+    pad = pad_id(tok)
     length = cfg.seq_len + 1
     train_rows, stats = pack(examples, length, pad, cfg.packing)
     val_rows, val_stats = pack(val, length, pad, cfg.packing) if val else (None, None)
     return {"train": train_rows, "val": val_rows, "stats": stats, "val_stats": val_stats}
+
+
+def chat_template(plan) -> str | None:
+    """The `chat_template` key's template (checked against the tokenizer), or None: the tokenizer's."""
+    if not plan.config.chat_template:
+        return None
+    from llmctl.core.chat_templates import resolve_template
+
+    template, needed = resolve_template(plan.config.chat_template)
+    missing = [t for t in needed if plan.tokenizer.inner.token_to_id(t) is None]
+    if missing:
+        raise ConfigError(f"config key 'chat_template': the tokenizer lacks {', '.join(missing)}; "
+                          "give a template its vocabulary has")
+    return template
+
+
+def hold_out(items: list, cfg) -> tuple[list, list]:
+    """(train, validation): a seeded `val_fraction` of `items` held out (none of a single item)."""
+    import random
+
+    order = list(range(len(items)))
+    random.Random(cfg.seed).shuffle(order)
+    held = set(order[: math.floor(len(items) * cfg.val_fraction) if len(items) > 1 else 0])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def pad_id(tok) -> int:
+    return tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
 
 
 def _describe(stats, val_stats) -> str:

@@ -1,0 +1,214 @@
+"""Preference finetuning (dpo, ipo, simpo, orpo, kto): data, references, metrics, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import tiny_llama  # noqa: E402
+
+from llmctl.core.model.io import load_model  # noqa: E402
+
+FAST = ["--config", "tiny"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    return tiny_llama(out, ["question: what is two plus three? answer: five. " * 20], vocab=200, context=128,
+                      scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    r = random.Random(0)
+    folder = tmp_path_factory.mktemp("data")
+    with (folder / "pairs.jsonl").open("w") as f, (folder / "kto.jsonl").open("w") as g:
+        for i in range(24):
+            a, b = r.randint(0, 9), r.randint(0, 9)
+            prompt = f"question: what is {a} plus {b}? answer:"
+            f.write(json.dumps({"prompt": prompt, "chosen": f" {a + b}.", "rejected": f" {a + b + 1 + i % 3}."}) + "\n")
+            g.write(json.dumps({"prompt": prompt, "completion": f" {a + b + i % 2}.", "label": i % 2 == 0}) + "\n")
+    return folder
+
+
+def _objective(base, data, method, *overrides):
+    """(objective, model, a batch's (inputs, labels, extra)) as the trainer builds them."""
+    from llmctl.config import load_config
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.distributed import Dist
+    from llmctl.core.train.finetune_config import FinetuneConfig
+    from llmctl.core.train.objectives import OBJECTIVES
+
+    cfg = load_config(FinetuneConfig, "tiny", [f"method={method}", *overrides], kind="finetune")
+    cfg.model, cfg.data, cfg.objective = str(base), [str(data)], cfg.training_objective
+    plan = make_plan(cfg, "cpu")
+    objective = OBJECTIVES.get(plan.objective)(plan, torch.device("cpu"))
+    model = load_model(plan.init_from, dtype=torch.float32, config=plan.model_config)[0]
+    objective.prepare(model)
+    model.train()
+    data = objective.data(Dist())
+    return objective, model, objective.batch(data.batch(0), 0)
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["simpo", "orpo"])
+def test_reference_free_methods_hold_and_run_no_reference(base, pairs, method):
+    objective, model, (inputs, labels, extra) = _objective(base, pairs / "pairs.jsonl", method, "adapter.method=full")
+    assert objective.companions() == {} and objective.reference_source is None
+    counting = Counting(model)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    loss, _ = objective.loss(counting, inputs, labels, extra)
+    assert counting.calls == 1 and len(calls) == 1  # one forward pass: the policy's, chosen and rejected together
+    assert inputs.shape[0] == 2 * objective.cfg.batch_size and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_adapter_off_reference_equals_a_frozen_copy(base, pairs):
+    from llmctl.core.train.preference import sequence_logps
+
+    lora, model, (inputs, labels, extra) = _objective(base, pairs / "pairs.jsonl", "dpo", "adapter.method=lora")
+    assert lora.reference_source == "adapter" and lora.companions() == {}
+    with torch.no_grad():  # a trained-looking adapter, so the policy differs from the base
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    reference = lora.reference_logps(inputs, labels, extra)
+    policy, _ = lora.policy_logps(model, inputs, labels)
+    full, copy_model, _ = _objective(base, pairs / "pairs.jsonl", "dpo", "adapter.method=full")
+    assert full.reference_source == "copy" and set(full.companions()) == {"reference"}
+    frozen = full.reference_logps(inputs, labels, extra)
+    assert torch.allclose(reference.sums, frozen.sums, atol=1e-5, rtol=0)
+    assert torch.equal(reference.counts, frozen.counts)
+    assert not torch.allclose(policy.sums, reference.sums, atol=1e-2)
+    # and the adapter is back on after the reference pass
+    assert torch.allclose(lora.policy_logps(model, inputs, labels)[0].sums, policy.sums)
+    # the per-sequence sums are the tokens' log-probs of a plain forward pass
+    logits = load_model(base)[0](inputs).logits.log_softmax(-1)
+    mask = labels != -100
+    manual = (logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask).sum(1)
+    assert torch.allclose(frozen.sums, manual, atol=1e-4, rtol=0)
+    del copy_model
+
+
+def test_precomputed_reference_is_cached_and_equals_the_online_one(base, pairs, tmp_path, monkeypatch):
+    import llmctl.core.train.reference as ref_module
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes((pairs / "pairs.jsonl").read_bytes())
+    pre, _, (inputs, labels, extra) = _objective(base, data, "dpo", "adapter.method=full",
+                                                 "objective_args.precompute_ref=true")
+    assert pre.companions() == {} and pre.reference_source == "precomputed"
+    [cache] = tmp_path.glob(".pairs.jsonl.ref-*.safetensors")
+    online, _, _ = _objective(base, data, "dpo", "adapter.method=full")
+    assert torch.allclose(pre.reference_logps(inputs, labels, extra).sums,
+                          online.reference_logps(inputs, labels, extra).sums, atol=1e-4, rtol=0)
+
+    def fail(*args):
+        raise AssertionError("recomputed despite the cache")
+    monkeypatch.setattr(ref_module, "_compute", fail)
+    again, _, batch = _objective(base, data, "ipo", "adapter.method=full",
+                                 "objective_args.precompute_ref=true")  # same data and base: the cache serves ipo too
+    assert torch.equal(batch[2]["reference"], extra["reference"])
+    assert list(tmp_path.glob(".pairs.jsonl.ref-*.safetensors")) == [cache]
+
+
+def test_every_method_trains_and_logs_trl_metrics(llmctl, base, pairs, tmp_path):
+    for method, data in [("dpo", "pairs"), ("kto", "kto")]:
+        out = tmp_path / method
+        r = llmctl("finetune", base, *FAST, "--method", method, "--data", pairs / f"{data}.jsonl", "adapter=lora",
+                   "max_steps=2", "save_every=0", "-o", out)
+        assert r.code == 0, r.stderr
+        assert (out / "adapter_config.json").is_file()
+        steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        if method == "dpo":
+            want = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"}
+            assert all(want <= set(s) for s in steps), steps
+        else:  # a batch of two may hold only desirable or only undesirable examples
+            assert all("kl" in s and ("rewards/chosen" in s or "rewards/rejected" in s) for s in steps), steps
+        if method == "dpo":  # step 1: the adapter is still zero, so policy = reference
+            assert steps[0]["rewards/chosen"] == 0 and abs(steps[0]["loss"] - 0.6931472) < 1e-5
+
+
+def test_bad_records_are_named_with_file_and_line(llmctl, base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    r = llmctl("finetune", base, *FAST, "--method", "dpo", "--data", bad, "-o", tmp_path / "out")
+    assert r.code == 1 and f"{bad}:2: a preference pair record needs" in r.stderr and "missing rejected" in r.stderr
+    assert not (tmp_path / "out").exists()
+    bad.write_text('{"prompt": "a", "completion": "b", "label": "yes"}\n')
+    r = llmctl("finetune", base, *FAST, "--method", "kto", "--data", bad, "-o", tmp_path / "out")
+    assert r.code == 1 and f"{bad}:1: field 'label' must be true or false" in r.stderr
+    r = llmctl("finetune", base, *FAST, "--method", "dpo", "--data", bad, "objective_args.bta=1", "-o", tmp_path / "o")
+    assert r.code == 2 and "objective_args.bta" in r.stderr and "did you mean 'beta'" in r.stderr
+
+
+def test_conversational_pairs_mask_the_assistant_answer(base):
+    from llmctl.core.chat_templates import resolve_template
+    from llmctl.core.data.preference import PreferenceEncoder
+    from llmctl.core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(base)
+    template, _ = resolve_template("chatml")
+    encoder = PreferenceEncoder(tok, template=template)
+    record = {"prompt": [{"role": "user", "content": "two plus three?"}],
+              "chosen": [{"role": "assistant", "content": "five"}],
+              "rejected": [{"role": "assistant", "content": "six"}]}
+    (chosen, rejected), label = encoder(record, "x:1")
+    assert label is None
+    learned = tok.decode([i for i, m in zip(chosen.ids, chosen.mask) if m])
+    assert learned.startswith("five") and "two plus" not in learned
+    n = chosen.mask.index(True)
+    assert chosen.ids[:n] == rejected.ids[:n]  # the same prompt before both answers
+
+
+def _spawn(*args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "llmctl", "--quiet", "finetune", *map(str, args)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _records(out: Path) -> list[dict]:
+    timing = {"tokens_per_s", "mfu"}
+    return [{k: v for k, v in json.loads(x).items() if k not in timing}
+            for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(base, pairs, tmp_path):
+    args = [base, *FAST, "--method", "dpo", "--data", pairs / "pairs.jsonl", "adapter=lora", "max_steps=8",
+            "save_every=2", "keep_last=5", "adapter.dropout=0.1", "objective_args.precompute_ref=true"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    whole, killed = _spawn(*args, "-o", ref), _spawn(*args, "-o", cut)
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "step-000004" / "trainer_state" / "state.json").is_file():
+        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1]
+        time.sleep(0.02)
+    killed.kill()
+    killed.wait()
+    assert whole.wait(timeout=180) == 0, whole.communicate()[1]
+    assert not (cut / "adapter_config.json").exists()
+    resumed = _spawn(base, "--data", pairs / "pairs.jsonl", "-o", cut, "--resume")
+    assert resumed.wait(timeout=180) == 0, resumed.communicate()[1]
+    assert _records(cut) == _records(ref)
+    assert (cut / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
