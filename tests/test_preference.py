@@ -42,6 +42,28 @@ def pairs(tmp_path_factory):
     return folder
 
 
+def word_order_base(folder: Path) -> Path:
+    """A tiny Llama whose tokenizer knows the words of the built-in word_order task."""
+    from llmctl.core.evaluate.builtin import ADJECTIVES, DETERMINERS, NOUNS, VERBS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocabulary = " ".join(DETERMINERS + ADJECTIVES + NOUNS + VERBS)
+    return tiny_llama(folder, [f"Sentence: {vocabulary} "] * 20, vocab=120, context=64, scale=1.0)
+
+
+def word_order_pairs(path: Path, n: int, seed: int) -> Path:
+    """Synthetic pairs from the built-in word_order task (another seed than its eval's): the
+    grammatical sentence chosen over a shuffled one."""
+    from llmctl.core.evaluate.builtin import generate
+
+    with path.open("w") as f:
+        for d in generate("word_order", n, seed=seed):
+            wrong = [c for i, c in enumerate(d["choices"]) if i != d["gold"]]
+            f.write(json.dumps({"prompt": "Sentence:", "chosen": " " + d["choices"][d["gold"]],
+                                "rejected": " " + wrong[0]}) + "\n")
+    return path
+
+
 def _objective(base, data, method, *overrides):
     """(objective, model, a batch's (inputs, labels, extra)) as the trainer builds them."""
     from llmctl.config import load_config

@@ -157,6 +157,25 @@ def qwen_window() -> Codec:
 TOKEN_IDS = same("bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def classifier() -> Codec:
+    """`num_labels`: a *ForSequenceClassification checkpoint (its `score` is our `lm_head`)."""
+    def to_ours(hf: dict) -> dict:
+        archs = hf.get("architectures")
+        if archs is not None and not any(str(a).endswith(CLASSIFIER) for a in archs):
+            return {"num_labels": None}
+        return {"num_labels": len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels")}
+
+    def to_hf(cfg: ModelConfig) -> dict:
+        n = cfg.num_labels
+        return {"num_labels": n, "id2label": {str(i): f"LABEL_{i}" for i in range(n)},
+                "label2id": {f"LABEL_{i}": i for i in range(n)}} if n else {}
+
+    return Codec(to_ours, to_hf)
+
+
+CLASSIFIER = "ForSequenceClassification"
+
+
 def decoder(tie: bool = False, eps: float = 1e-6, theta: float = 10000.0) -> tuple[Codec, ...]:
     """The config keys shared by the Llama family."""
     return (
@@ -171,6 +190,7 @@ def decoder(tie: bool = False, eps: float = 1e-6, theta: float = 10000.0) -> tup
         rename("initializer_range", "initializer_range", 0.02),
         rope(theta),
         *TOKEN_IDS,
+        classifier(),
         fixed(position="rope", norm="rmsnorm", norm_placement="pre", is_causal=True),
     )
 
@@ -402,7 +422,8 @@ def _config_to(cfg: ModelConfig, dtype: torch.dtype | None, arch: Arch | None) -
     dtype_name = {"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}
     if arch is None:
         return {"model_type": LLMCTL_TYPE, "architectures": ["LlmctlTransformer"], **dtype_name, **cfg.to_dict()}
-    out: dict[str, Any] = {"architectures": [arch.architecture], "model_type": arch.model_type, **dtype_name}
+    name = arch.architecture.replace("ForCausalLM", CLASSIFIER) if cfg.num_labels else arch.architecture
+    out: dict[str, Any] = {"architectures": [name], "model_type": arch.model_type, **dtype_name}
     for codec in arch.config:
         out.update(codec.to_hf(cfg))
     return out
@@ -431,8 +452,9 @@ def _expand(arch: Arch, cfg: ModelConfig, ours: set[str] | None = None):
         experts = range(cfg.num_experts) if "{e}" in r.theirs else [None]
         for i, e in product(layers, experts):
             names = tuple(o.format(i=i, e=e) for o in r.ours)
+            theirs = "score.weight" if cfg.num_labels and names == ("lm_head.weight",) else r.theirs.format(i=i, e=e)
             if ours is None or all(n in ours for n in names):
-                yield r, r.theirs.format(i=i, e=e), names
+                yield r, theirs, names
 
 
 def _modules(arch: Arch, cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:

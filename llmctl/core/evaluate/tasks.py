@@ -27,7 +27,7 @@ from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import ConfigError, DataError, UsageError
 
 TASK_TYPES: Registry[type] = Registry("eval task type", "llmctl.eval_tasks")
-_TASK_MODULES = ("choice", "generation", "perplexity", "code")  # modules that register the built-in types
+_TASK_MODULES = ("choice", "generation", "perplexity", "code", "pairwise")  # modules that register the built-in types
 
 Doc = tuple[str, dict]  # (where it came from, e.g. "data.jsonl:12"; the fields)
 

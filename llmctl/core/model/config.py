@@ -73,6 +73,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
     type_vocab_size: int = 0  # token-type (segment) embeddings (BERT)
+    num_labels: int | None = None  # a sequence classifier (reward model): lm_head gives this many scores
     sliding_window: int | None = None  # each query sees itself and window-1 earlier tokens
 
     embedding_dropout: float = 0.0
@@ -129,6 +130,9 @@ class ModelConfig:
             raise ConfigError(f"rope needs an even head_dim, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.num_labels is not None and (self.num_labels < 1 or self.tie_embeddings):
+            raise ConfigError(f"num_labels {self.num_labels}: a classifier needs num_labels >= 1 and its own score "
+                              "head (tie_embeddings false)")
         if not self.is_causal and self.num_mtp_heads:
             raise ConfigError("multi-token-prediction heads need a causal model")
         for key in PER_LAYER:

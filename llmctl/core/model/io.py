@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -49,6 +50,10 @@ def load_model(
 
     ck = open_checkpoint(path)
     cfg = config_from_hf(ck.config)
+    classifier = None
+    if config is not None and config.num_labels and not cfg.num_labels:  # as transformers: a new score head
+        classifier, config = config, dataclasses.replace(config, num_labels=None, tie_embeddings=cfg.tie_embeddings,
+                                                         pad_token_id=cfg.pad_token_id)
     if config is not None:
         if config.weights_architecture() != cfg.weights_architecture():
             raise CheckpointError(f"{ck.path}: the given model config is not the checkpoint's architecture")
@@ -59,6 +64,10 @@ def load_model(
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
     model.tie_weights()
+    if classifier is not None:
+        from llmctl.core.model.reward import add_score_head
+
+        add_score_head(model, classifier)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     for transform in transforms:

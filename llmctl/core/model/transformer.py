@@ -102,7 +102,7 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         if not cfg.is_causal:
             self.mlm_transform = MLMTransform(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.num_labels or cfg.vocab_size, bias=cfg.lm_head_bias)  # or HF's score
         self.mtp_heads = nn.ModuleList(Block(cfg, cfg.num_layers + i) for i in range(cfg.num_mtp_heads))
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: shrink the residual projections

@@ -154,9 +154,9 @@ class Preference(SFT):
         """Rows [B, 2, C, L] → 2B sequences (each record's first, then each one's second), cut
         after the last completion token; `extra`: the mask's per-sequence value (KTO's labels)
         and precomputed reference log-probs (channel 2)."""
-        seqs = rows.transpose(0, 1).reshape(-1, *rows.shape[2:])
+        seqs = sequences(rows)
         ids, mask = seqs[:, 0], seqs[:, 1]
-        width = int(mask.nonzero()[:, 1].max()) + 1
+        width = ids.shape[1]
         inputs = ids[:, : width - 1]
         labels = torch.where(mask[:, 1:width].bool(), ids[:, 1:width], -100)
         extra = {"kind": mask.amax(1)}
@@ -205,6 +205,13 @@ class Preference(SFT):
             return None
         values = logps.means() if self.average else logps.sums
         return values.chunk(2)
+
+
+def sequences(rows: torch.Tensor) -> torch.Tensor:
+    """Rows [B, 2, C, L] → [2B, C, W]: every record's first sequence, then every second one,
+    cut after the last completion token."""
+    seqs = rows.transpose(0, 1).reshape(-1, *rows.shape[2:])
+    return seqs[..., : int(seqs[:, 1].nonzero()[:, 1].max()) + 1]
 
 
 def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
@@ -307,3 +314,37 @@ class KTO(Preference):
             metrics.update({"rewards/rejected": rr.mean(), "logps/rejected": logps[~good].detach().mean()})
         return losses.nanmean(), metrics
 
+
+
+@OBJECTIVES.register("reward")
+class Reward(Preference):
+    """A Bradley–Terry reward model (TRL's RewardTrainer): the base with a one-score head,
+    scored at each sequence's last token, trained so chosen outscores rejected; saved as a
+    transformers *ForSequenceClassification checkpoint."""
+
+    reference = False
+
+    @classmethod
+    def resolve(cls, plan) -> None:
+        from llmctl.core.train.sft import pad_id
+
+        super().resolve(plan)
+        if plan.config.adapter_method != "full":
+            raise ConfigError("method reward trains the whole model and its score head: use adapter=full")
+        plan.model_config = dataclasses.replace(plan.model_config, num_labels=1, tie_embeddings=False,
+                                                pad_token_id=pad_id(plan.tokenizer))
+
+    def batch(self, rows, index, generator=None) -> Batch:
+        seqs = sequences(rows)
+        return *self._to_device(seqs[:, 0], seqs[:, 1]), {}
+
+    def loss(self, forward, inputs, labels, extra):
+        from llmctl.core.model.reward import sequence_scores
+
+        chosen, rejected = sequence_scores(forward, inputs, self.model.cfg.pad_token_id)[:, 0].chunk(2)
+        loss = L.bradley_terry_loss(chosen, rejected, center_rewards_coefficient=self.settings.center_rewards_coefficient)
+        if self.model.training:
+            scores = torch.cat([chosen, rejected]).detach()
+            self.record(**{"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean(),
+                           "mean_reward": scores.mean(), "min_reward": scores.min(), "max_reward": scores.max()})
+        return loss, loss.detach()
