@@ -260,3 +260,26 @@ def test_dpo_on_synthetic_pairs_raises_the_margin_and_word_order_accuracy(llmctl
     print(f"word_order acc: {before['acc']:.3f} -> {after['acc']:.3f}; margin: {margins[0]:.3f} -> {late:.3f}")
     assert margins[0] == 0 and late > 0.1
     assert after["acc"] - before["acc"] > 2 * max(before["acc_stderr"], after["acc_stderr"])
+
+
+def test_ddp_two_processes_match_one(base, pairs, tmp_path):
+    """The trainer's DDP: 2 ranks × 2 pairs give the single process's 4-pair losses."""
+    import socket
+
+    from conftest import run_process
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [base, *FAST, "--method", "dpo", "--data", pairs / "pairs.jsonl", "adapter=lora", "max_steps=3",
+            "save_every=0", "objective_args.beta=0.5", "val_fraction=0.1"]  # a validation row per rank
+    r = run_process("--quiet", "finetune", *args, "batch_size=4", "-o", tmp_path / "one")
+    assert r.code == 0, r.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "llmctl",
+           "--quiet", "finetune", *map(str, args), "batch_size=2", "-o", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = ([x["loss"] for x in _records(tmp_path / d) if "loss" in x] for d in ("one", "two"))
+    assert len(one) == 3 and one[-1] != one[0]
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
