@@ -70,3 +70,5 @@ def test_training_raises_the_pairwise_accuracy_that_eval_reports(trained, llmctl
     print(f"held-out pairwise accuracy: base LM {before['acc']:.3f}, reward model {after['acc']:.3f}")
     assert after["examples"] == 80 and after["acc"] > 0.65  # chance is 0.5
     assert after["acc"] - before["acc"] > 2 * max(before["acc_stderr"], after["acc_stderr"])
+    r = llmctl("generate", out, "Sentence:")
+    assert r.code == 1 and "is a reward model" in r.stderr

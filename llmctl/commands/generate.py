@@ -128,7 +128,7 @@ def generate(
 
 
 def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
-    from llmctl.core.checks import check_finite, check_tokenizer_fits
+    from llmctl.core.checks import check_finite, check_language_model, check_tokenizer_fits
     from llmctl.core.model.io import load_model
     from llmctl.core.tokenizer import load_tokenizer
     from llmctl.errors import CheckpointError
@@ -141,6 +141,7 @@ def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
     device, dtype = resolve_device(), resolve_dtype()
     tok = load_tokenizer(checkpoint)
     model, mcfg = load_model(checkpoint, device=device, dtype=dtype)
+    check_language_model(mcfg, checkpoint)
     check_tokenizer_fits(tok, mcfg.vocab_size, checkpoint)
     check_finite(model, checkpoint)
     context = getattr(mcfg, "max_seq_len", None)

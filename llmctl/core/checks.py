@@ -1,5 +1,6 @@
 """Checks that a loaded model can run what it is given, before it runs: a tokenizer whose ids fit
-its embedding, token data whose ids fit it, weights that are finite."""
+its embedding, token data whose ids fit it, weights that are finite, a language model (not a
+reward model) where text is generated."""
 
 from __future__ import annotations
 
@@ -36,3 +37,10 @@ def check_finite(model, where: str | Path) -> None:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{where}: the checkpoint has non-finite weights (NaN or inf in {name}); "
                                   "use an earlier checkpoint of the run")
+
+
+def check_language_model(model_config, where: str | Path) -> None:
+    """CheckpointError for a sequence classifier (a reward model: `num_labels` scores, no vocabulary head)."""
+    if getattr(model_config, "num_labels", None):
+        raise CheckpointError(f"{where} is a reward model (a sequence classifier with {model_config.num_labels} "
+                              "score(s)): it scores text (eval type pairwise), it does not generate")
