@@ -7,7 +7,8 @@ pairs (16 sequences) per optimizer step, beta 0.1, AdamW, clip 1.0, float32. `lo
 alpha=32 on every linear layer but the head, the reference is the base with the adapter off
 (both); `full`: every weight trains, the reference is a frozen copy (both). llmctl's step is
 `Trainer.train_step` of `llmctl finetune` (same config resolution); TRL's is the time between
-its `on_step_begin` and `on_step_end` callbacks inside `DPOTrainer.train()`. Each contender
+its `on_step_begin` and `on_step_end` callbacks inside `DPOTrainer.train()`, with gradient
+checkpointing off (TRL's default is on) so both do the same work. Each contender
 runs its steps in turn, twice (llmctl, TRL, llmctl, TRL); medians after warm-up steps.
 
     python -m benchmarks.preference [--steps 8] [--warmup 2] [--threads 2] [--methods lora,full]
@@ -109,7 +110,8 @@ def trl_steps(base: Path, data: Path, root: Path, method: str):
         config = DPOConfig(output_dir=str(root / f"trl-{method}-{time.monotonic_ns()}"), per_device_train_batch_size=BATCH,
                            max_steps=n, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                            weight_decay=0.0, max_grad_norm=1.0, beta=BETA, logging_steps=n, save_strategy="no",
-                           report_to="none", use_cpu=True, dataloader_num_workers=0, seed=0)
+                           report_to="none", use_cpu=True, dataloader_num_workers=0, seed=0,
+                           gradient_checkpointing=False)  # TRL's default is on; llmctl's run keeps activations too
         lora = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0,
                                task_type="CAUSAL_LM") if method == "lora" else None
         timer = Timer()

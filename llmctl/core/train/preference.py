@@ -123,7 +123,8 @@ class Preference(SFT):
         if self.reference_source == "copy":
             from llmctl.core.model.io import load_model
 
-            self.reference_model = load_model(plan.init_from, device=device, dtype=torch.float32)[0]
+            self.reference_model = load_model(plan.init_from, device=device, dtype=torch.float32,
+                                              config=plan.model_config)[0]  # the run's context settings
 
     @property
     def reference_source(self) -> str | None:

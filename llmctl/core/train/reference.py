@@ -64,7 +64,7 @@ def _compute(objective, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     from llmctl.core.train.preference import sequence_logps
 
     plan, device = objective.plan, objective.device
-    model = load_model(plan.init_from, device=device, dtype=torch.float32)[0]
+    model = load_model(plan.init_from, device=device, dtype=torch.float32, config=plan.model_config)[0]
     autocast = nullcontext() if plan.precision == "float32" else torch.autocast(
         device.type, dtype=getattr(torch, plan.precision))
     out = {}
