@@ -283,3 +283,22 @@ def test_ddp_two_processes_match_one(base, pairs, tmp_path):
     one, two = ([x["loss"] for x in _records(tmp_path / d) if "loss" in x] for d in ("one", "two"))
     assert len(one) == 3 and one[-1] != one[0]
     assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
+
+
+def test_kto_rows_hold_labels_and_the_kl_counterpart(base, tmp_path):
+    from llmctl.core.data.preference import DESIRABLE, UNDESIRABLE, PreferenceEncoder, encode_preferences
+    from llmctl.core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(base)
+    data = tmp_path / "kto.jsonl"
+    records = [("two plus three?", " five.", True), ("one plus one?", " three.", False), ("four?", " four.", True)]
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": y}) + "\n" for p, c, y in records))
+    rows, stats = encode_preferences([data], PreferenceEncoder(tok, paired=False), length=40, pad_id=2)
+    assert rows.shape == (3, 2, 2, 40) and (stats.records, stats.desirable) == (3, 2)
+    assert [int(r[0, 1].max()) for r in rows] == [DESIRABLE, UNDESIRABLE, DESIRABLE]
+
+    def text(seq, learned):
+        ids, mask = seq[0].tolist(), seq[1].tolist()
+        return tok.decode([i for i, m in zip(ids, mask) if bool(m) == learned and i != 2])
+    for i, (prompt, _, _) in enumerate(records):  # prompt i with the completion of record i - 1
+        assert text(rows[i, 1], False).endswith(prompt) and text(rows[i, 1], True) == text(rows[i - 1, 0], True)

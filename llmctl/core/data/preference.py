@@ -12,7 +12,7 @@ Each completion is encoded with the prompt by `SFTEncoder` (the SFT chat templat
 masks), so mask[t] marks the completion's tokens (its EOS or end-of-turn included). Rows are
 int64 `[N, 2, 2, length]`: two sequences per record, each its ids and mask, right-padded —
 chosen then rejected, or for KTO the example then its KL counterpart (the prompt with the
-next record's completion, TRL's mismatched pairs for the KL estimate), the example's mask
+previous record's completion, TRL's mismatched pairs for the KL estimate), the example's mask
 holding its label: 1 desirable, 2 undesirable (`DESIRABLE`, `UNDESIRABLE`). A sequence
 longer than `length` is cut at the end; a record with a completion cut away is dropped (counted).
 """
@@ -90,8 +90,8 @@ def encode_preferences(paths: list[Path], encoder: PreferenceEncoder, length: in
         raise DataError(f"{', '.join(map(str, paths))}: no records")
     if not kept:
         raise DataError(f"every record's completion is cut away by seq_len={length - 1}; raise seq_len")
-    if not encoder.paired:  # the KL counterpart: this prompt, the next record's completion
-        kept = [([seqs[0], _mismatched(seqs[0], kept[(i + 1) % len(kept)][0][0])], label)
+    if not encoder.paired:  # the KL counterpart: this prompt, the previous record's completion (TRL's rotation)
+        kept = [([seqs[0], _mismatched(seqs[0], kept[i - 1][0][0])], label)
                 for i, (seqs, label) in enumerate(kept)]
     rows = torch.full((len(kept), 2, 2, length), 0, dtype=torch.long)
     rows[:, :, 0] = pad_id
