@@ -117,6 +117,15 @@ def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     return bool(all_reduce_sum([float(flag)], d, device)[0]) if d.enabled else flag
 
 
+def fewest(count: int, d: Dist, device: torch.device) -> int:
+    """The smallest `count` over the ranks (so every rank runs as many collective steps)."""
+    if not d.enabled:
+        return count
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded, CPU, FQN-keyed (model, optimizer) state dicts; a collective under DDP/FSDP."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict

@@ -296,18 +296,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss over the fixed validation batches (None without a val split)."""
-        if not self.val:
+        """Mean loss over the fixed validation batches (None without a val split). Every rank
+        scores as many batches as the rank with the fewest, so none waits in a collective alone."""
+        batches = (self.val or [])[:dist_.fewest(len(self.val or []), self.d, self.device)]
+        if not batches:
             return None
         self.trained.eval()
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         total = 0.0
-        for i, rows in enumerate(self.val):
+        for i, rows in enumerate(batches):
             inputs, labels, extra = self._inputs(rows, i, generator)
             with self._autocast():
                 total += float(self.objective.val_loss(self.forward, inputs, labels, extra))
         self.trained.train()
-        summed, count = dist_.all_reduce_sum([total, float(len(self.val))], self.d, self.device)
+        summed, count = dist_.all_reduce_sum([total, float(len(batches))], self.d, self.device)
         return summed / count
 
     # -- the run ----------------------------------------------------------------------------
