@@ -156,3 +156,26 @@ def test_nf4_method_writes_the_nf4_transform(llmctl, base, tmp_path):
     assert isinstance(module, NF4Linear) and isinstance(model.lm_head, torch.nn.Linear)
     expected = dequantize_nf4(quantize_nf4(dense.model.layers[0].mlp.up_proj.weight))
     assert torch.equal(module.dequantize(), expected)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibration_runs_in_micro_batches_with_the_whole_batch_result(outlier_base, method):
+    """No block ever sees more than `micro_batch` windows, and the solution is the one the whole
+    batch at once gives (Hessians and input statistics are means over every window either way;
+    later layers may differ by float summation order, amplified through the layers before)."""
+    calibration = torch.randint(3, 250, (6, 32), generator=torch.Generator().manual_seed(1))
+    models, reports, seen = [], [], {6: set(), 4: set()}
+    for micro_batch in (6, 4):
+        model, _ = load_model(outlier_base)
+        handle = model.model.layers[1].register_forward_pre_hook(
+            lambda m, args, n=micro_batch: seen[n].add(args[0].shape[0]))
+        cfg = QuantizeConfig(method=method, bits=4, group_size=16, symmetric=True, micro_batch=micro_batch)
+        cfg.awq.grid = cfg.awq.clip_grid = 5
+        reports.append(quantize_model(model, cfg, calibration))
+        handle.remove()
+        models.append(model)
+    assert seen == {6: {6}, 4: {4, 2}}
+    first = [m.model.layers[0].self_attn.q_proj.integers() for m in models]
+    assert torch.equal(first[0][2], first[1][2])
+    torch.testing.assert_close(first[0][0], first[1][0])
+    assert reports[1]["output_error"] == pytest.approx(reports[0]["output_error"], rel=0.02)

@@ -45,8 +45,8 @@ def quantize(
     if not preset:  # a method without a preset (a plugin's): the defaults and this method
         overrides.insert(0, f"method={method}")
     cfg = load_config(QuantizeConfig, method if preset else None, overrides, kind="quantize")
-    if cfg.samples < 1 or cfg.seq_len < 1:
-        raise UsageError("--samples and --seq-len must be at least 1")
+    if cfg.samples < 1 or cfg.seq_len < 1 or cfg.micro_batch < 1:
+        raise UsageError("--samples, --seq-len and micro_batch must be at least 1")
 
     from llmctl.core.quant.run import run_quantize
 

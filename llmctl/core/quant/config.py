@@ -33,5 +33,6 @@ class QuantizeConfig:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # linears kept in floating point
     samples: int = 128             # calibration windows (gptq, awq)
     seq_len: int = 512             # tokens per window
+    micro_batch: int = 4           # windows per forward pass while calibrating (peak memory)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)

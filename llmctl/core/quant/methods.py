@@ -8,7 +8,8 @@ The integer methods write the `pack-quantized` transform and differ in how the i
 chosen; `nf4` writes QLoRA's NF4 (`core/quant/nf4.py`). Round-to-nearest (`int8`, `int4`) needs no data. Calibrated methods (`gptq`, `awq`)
 run the model one block at a time (`LayerwiseRun`): a block's linears are quantized from the
 inputs the already-quantized blocks before it produce, then the block is run again to make
-the next block's input, so peak memory is one block's activations beside the model.
+the next block's input. The windows go through a block `micro_batch` at a time, so peak memory
+is the model, every window's hidden states (twice) and one micro-batch's block activations.
 
 A method is a class in QUANTIZERS (plugins: entry-point group `llmctl.quantizers`) with
 `calibrated` and `block(block, forward, put)`: `forward()` runs the block on its calibration
@@ -186,17 +187,21 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Ten
 
 
 def _calibrated(model, method: Method, paths: list[str], ids: torch.Tensor, put, report: Reporter) -> None:
+    """Block by block over micro-batches of the windows: every window's hidden states are kept
+    (the block's input and output), but a block's activations only for one micro-batch at a time."""
     device = next(model.parameters()).device
-    run = LayerwiseRun(model, ids.to(device))
-    with report.progress(f"{method.cfg.method} layer by layer", total=len(run.blocks), unit="layer") as bar:
-        for i, block in enumerate(run.blocks):
+    runs = [LayerwiseRun(model, chunk.to(device)) for chunk in ids.split(method.cfg.micro_batch)]
+    blocks = runs[0].blocks
+    with report.progress(f"{method.cfg.method} layer by layer", total=len(blocks), unit="layer") as bar:
+        for i, block in enumerate(blocks):
             prefix = f"model.layers.{i}."
             linears = [p.removeprefix(prefix) for p in paths if p.startswith(prefix)]
-            hidden = run.hidden
+            inputs = [run.hidden for run in runs]
 
-            def forward(i=i, hidden=hidden):
-                run.index = i
-                run.step(hidden)
+            def forward(i=i, inputs=inputs):
+                for run, hidden in zip(runs, inputs):
+                    run.index = i
+                    run.step(hidden)
 
             if linears:
                 method.block(block, linears, forward, lambda p, s, h, prefix=prefix: put(prefix, p, s, h))
