@@ -1,7 +1,7 @@
 """Quantized checkpoints: decode speed, quantize time and memory, and quality.
 
-    python -m benchmarks.quantize speed   [--threads 2] [--new-tokens 64] [--repeats 3]
-    python -m benchmarks.quantize time    [--samples 32] [--seq-len 512]
+    python -m benchmarks.quantize speed   [--threads 2] [--new-tokens 64] [--repeats 3] [--compile] [--only NAME…]
+    python -m benchmarks.quantize time    [--samples 32] [--seq-len 512] [--micro-batch 32 4]
     python -m benchmarks.quantize quality --checkpoint runs/quickstart/model --calibration corpus.txt --eval val.txt
 
 speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
@@ -14,7 +14,7 @@ q8_0 and q4_0 (a GGUF of the same weights written here with the `gguf` package).
 bandwidth share is the bytes a token reads (every weight but the embedding table, in the
 format used) × tokens/s ÷ the read bandwidth measured in the same run (a 1 GiB sum).
 time: `llmctl quantize` on the `llama` preset's shape (125M, random weights) as a subprocess:
-RTN int8, RTN int4 and GPTQ int4 g128 — wall time and peak RSS.
+RTN int8, RTN int4 and GPTQ int4 g128 (once per --micro-batch) — wall time and peak RSS.
 quality: perplexity (`llmctl eval --task perplexity`) of a trained checkpoint and of its int8,
 int4 RTN, GPTQ, AWQ (groups of 128) and NF4 versions, and each one's change from the float model.
 """
@@ -172,11 +172,11 @@ def speed(args) -> None:
     prompt = torch.randint(3, SHAPE["vocab_size"], (PROMPT_LEN,), generator=g).tolist()
     tok = IdTok({"p": prompt})
 
-    def ours(path: Path, dtype: torch.dtype):
+    def ours(path: Path, dtype: torch.dtype, compile: bool = False):
         model, _ = load_model(path, dtype=dtype)
 
         def run(p, n):
-            cfg = GenerationConfig(max_new_tokens=n, eos_ids=[], batch_size=1)
+            cfg = GenerationConfig(max_new_tokens=n, eos_ids=[], batch_size=1, compile=compile)
             return generate(model, tok, ["p"], cfg)[0].tokens
         return run
 
@@ -195,9 +195,18 @@ def speed(args) -> None:
             "llmctl int4 g128, bf16 activations": (ours(tmp / "int4", torch.bfloat16), streamed_bytes(tmp / "int4")),
             "llmctl int8, float32 (dequantized copy)": (ours(tmp / "int8", torch.float32), streamed_bytes(base)),
             "transformers float32": (run_hf, streamed_bytes(base))}
+    if args.compile:
+        runs.update({"llmctl float32 --compile": (ours(base, torch.float32, True), streamed_bytes(base)),
+                     "llmctl bf16 --compile": (ours(base, torch.bfloat16, True), streamed_bytes(base) // 2),
+                     "llmctl int8, bf16 activations, --compile": (ours(tmp / "int8", torch.bfloat16, True),
+                                                                   streamed_bytes(tmp / "int8"))})
+    if args.only:
+        runs = {name: run for name, run in runs.items() if name == "llmctl float32" or any(w in name for w in args.only)}
     try:
         import llama_cpp  # noqa: F401
         for kind in ("F32", "F16", "Q8_0", "Q4_0"):
+            if args.only and not any(w in f"llama.cpp {kind.lower()}" for w in args.only):
+                continue
             path = write_gguf(base, tmp / f"{kind}.gguf", kind)
             size = path.stat().st_size - SHAPE["vocab_size"] * SHAPE["hidden_size"] * {"F32": 4, "F16": 2, "Q8_0": 34 / 32, "Q4_0": 18 / 32}[kind]
             runs[f"llama.cpp {kind.lower()}"] = (llama_cpp_runner(path, args.threads), int(size))
@@ -241,10 +250,11 @@ def quantize_time(args) -> None:
     print("| method | wall s | peak RSS MB | checkpoint MB |")
     print("|---|---:|---:|---:|")
     calib = ["--calibration", text, "--samples", args.samples, "--seq-len", args.seq_len]
-    for name, extra in (("RTN int8", ["-m", "int8"]), ("RTN int4 g128", ["-m", "int4"]),
-                        (f"GPTQ int4 g128 ({args.samples}×{args.seq_len} tokens)", ["-m", "gptq", *calib])):
+    gptq = [(f"GPTQ int4 g128 ({args.samples}×{args.seq_len} tokens, micro-batch {m})",
+             ["-m", "gptq", *calib, f"micro_batch={m}"]) for m in args.micro_batch]
+    for name, extra in (("RTN int8", ["-m", "int8"]), ("RTN int4 g128", ["-m", "int4"]), *gptq):
         start = time.perf_counter()
-        r = llmctl("quantize", base, "-o", tmp / "-".join(name.split()[:2]), *extra)
+        r = llmctl("quantize", base, "-o", tmp / "-".join(name.split()[:2]), *extra, "--force")
         wall = time.perf_counter() - start
         print(f"| {name} | {wall:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} |")
 
@@ -286,6 +296,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--compile", action="store_true", help="speed: also llmctl's --compile decode step")
+    ap.add_argument("--only", nargs="+", help="speed: only the decoders whose names contain one of these "
+                    "(llmctl float32, the reference, always runs)")
+    ap.add_argument("--micro-batch", type=int, nargs="+", default=[4],
+                    help="time: calibration windows per forward pass, one GPTQ run each")
     ap.add_argument("--checkpoint")
     ap.add_argument("--calibration")
     ap.add_argument("--eval")
