@@ -131,8 +131,9 @@ def _groups(block: nn.Module, linears: list[str], forward: Callable[[], None]) -
     held: list[torch.Tensor] = []  # alive until grouped: a freed input's address can be reused by a later one
 
     def note(p: str, x: torch.Tensor) -> None:
-        keys.setdefault(p, (x.data_ptr(), tuple(x.shape)))
-        held.append(x)
+        if p not in keys:  # the first micro-batch's inputs decide (and only they are held)
+            keys[p] = (x.data_ptr(), tuple(x.shape))
+            held.append(x)
 
     with capture_inputs(block, note):
         forward()
