@@ -87,6 +87,7 @@ def test_int4_gptq_and_awq_record_their_calibration(llmctl, base, calib, tmp_pat
     (["-m", "int4", "--bits", "3"], 2, "--bits must be 4 or 8"),
     (["-m", "gptqq"], 2, "did you mean 'gptq'"),
     (["-m", "int8", "gptq.dampp=1"], 2, "dampp"),
+    (["-m", "int8", "micro_batch=0"], 2, "micro_batch must be at least 1"),
 ])
 def test_usage_errors_are_one_line(llmctl, base, tmp_path, args, code, message):
     r = llmctl("quantize", base, "-o", tmp_path / "out", *args)
