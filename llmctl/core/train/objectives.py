@@ -197,6 +197,7 @@ def _register_builtins() -> None:
 
     importlib.import_module("llmctl.core.train.sft")
     importlib.import_module("llmctl.core.train.preference")
+    importlib.import_module("llmctl.core.rl.grpo")
 
 
 _register_builtins()
