@@ -201,17 +201,17 @@ class GRPO(SFT):
         mask = rollout.mask
         if s.mask_truncated_completions:
             mask = mask * ~rollout.truncated[:, None]
-        logps = self.logprobs(forward, rollout)
+        logps = self.logprobs(forward, self.policy.head, rollout)
         ref = None
         if s.beta:
             with torch.no_grad():
                 if self.reference is not None:
-                    ref = self.logprobs(self.reference, rollout)
+                    ref = self.logprobs(self.reference, self.reference.head, rollout)
                 else:
                     from llmctl.core.adapters import adapters_disabled
 
                     with adapters_disabled(self.policy):
-                        ref = self.logprobs(forward, rollout)
+                        ref = self.logprobs(forward, self.policy.head, rollout)
         eps_high = s.epsilon if s.epsilon_high is None else s.epsilon_high
         loss, metrics = grpo_loss(logps, logps.detach(), ref, adv.to(logps.device), mask, beta=s.beta,
                                   epsilon_low=s.epsilon, epsilon_high=eps_high, loss_type=s.loss_type,
@@ -257,17 +257,17 @@ class GRPO(SFT):
         total[torch.isnan(table).all(dim=1)] = torch.nan
         return total, {b.name: table[:, i] for i, b in enumerate(self.verifiers)}
 
-    def logprobs(self, model, rollout: "Rollout") -> torch.Tensor:
-        """Log-probabilities [N, C] of the completion tokens at the sampling temperature."""
+    def logprobs(self, forward, head, rollout: "Rollout") -> torch.Tensor:
+        """Log-probabilities [N, C] of the completion tokens at the sampling temperature, from a
+        model's `forward` (final hidden states) and its `head`."""
         from llmctl.core.model.logprobs import token_logprobs
 
-        features = model(rollout.ids, skip_head=True).features
+        features = forward(rollout.ids, skip_head=True).features
         rows = torch.arange(len(features), device=features.device)[:, None]
         wanted = features[rows, rollout.positions]  # the positions that predict each completion token
         temperature = self.settings.temperature
-        head = self.policy.head if model is not self.reference else self.reference.head
         logps, _ = token_logprobs(wanted, rollout.targets, lambda h: head(h) / temperature,
-                                  vocab=self.policy.cfg.vocab_size)
+                                  vocab=self.plan.model_config.vocab_size)
         return logps.view_as(rollout.targets) * rollout.mask
 
 
