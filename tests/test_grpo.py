@@ -147,6 +147,9 @@ def test_grpo_run_writes_trl_metrics_and_resumes_exactly(llmctl, base, prompts, 
     assert records[0]["kl"] == 0.0 and records[-1]["kl"] > 0  # the adapter starts as the base, then moves
     assert all(1 <= r["completions/mean_length"] <= 6 for r in records)
     assert (tmp_path / "whole" / "adapter_config.json").is_file()
+    curve = llmctl("--json", "plot", tmp_path / "whole", "--metric", "reward")
+    assert curve.code == 0 and [p[1] for p in curve.json()["reward"]] == [r["reward"] for r in records]
+    assert llmctl("plot", tmp_path / "whole", "--metric", "rewardz").code == 1
 
     half = llmctl(*args[:-2], "max_steps=2", "save_every=2", "-o", tmp_path / "cut")
     assert half.code == 0, half.stderr

@@ -1,4 +1,4 @@
-"""`llmctl plot OUTDIR`: loss, val-loss and learning-rate curves of a training run."""
+"""`llmctl plot OUTDIR`: loss, val-loss and learning-rate curves of a training run (or another metric's)."""
 
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,6 +11,7 @@ def plot(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a PNG (needs matplotlib: pip install 'llmctl\\[plot]').")] = None,
     width: Annotated[Optional[int], typer.Option(help="Terminal chart width in characters (default: fit the terminal).")] = None,
     height: Annotated[int, typer.Option(help="Terminal chart height in lines.")] = 14,
+    metric: Annotated[str, typer.Option("--metric", help="The metrics.jsonl key to draw instead of the loss (e.g. reward).")] = "loss",
 ) -> None:
     """Draw the curves to a PNG with -o, else as a compact terminal chart."""
     from llmctl.console import console, emit, info
@@ -21,7 +22,7 @@ def plot(
 
     if width is not None and width < 20 or height < 4:
         raise UsageError(f"--width {width} / --height {height}: a chart needs at least 20 columns and 4 lines")
-    curves = load_curves(outdir)
+    curves = load_curves(outdir, metric)
     if output is not None:
         from llmctl.core.outputs import claim_output
 

@@ -8,13 +8,15 @@ from pathlib import Path
 from llmctl.errors import DataError, UsageError
 
 
-def load_curves(outdir: Path) -> dict[str, list[list[float]]]:
-    """{"loss": [[step, value], …], "val_loss": …, "lr": …} from OUTDIR/metrics.jsonl."""
+def load_curves(outdir: Path, metric: str = "loss") -> dict[str, list[list[float]]]:
+    """{"loss": [[step, value], …], "val_loss": …, "lr": …} from OUTDIR/metrics.jsonl; another
+    `metric` (e.g. GRPO's `reward`) takes the place of "loss", first, without "val_loss"."""
     from llmctl.core.train.metrics import METRICS_FILE, read_metrics
 
     if not (Path(outdir) / METRICS_FILE).is_file():
         raise UsageError(f"{outdir}: no {METRICS_FILE} (is it an llmctl train output?)")
-    curves: dict[str, list[list[float]]] = {"loss": [], "val_loss": [], "lr": []}
+    curves: dict[str, list[list[float]]] = {metric: [], "val_loss": [], "lr": []} if metric == "loss" \
+        else {metric: [], "lr": []}
     for record in read_metrics(outdir):
         step = record.get("step") if isinstance(record, dict) else None
         if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
@@ -23,8 +25,8 @@ def load_curves(outdir: Path) -> dict[str, list[list[float]]]:
             value = record.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 points.append([step, value])
-    if not curves["loss"]:
-        raise DataError(f"{outdir}/{METRICS_FILE} has no loss records yet")
+    if not curves[metric]:
+        raise DataError(f"{outdir}/{METRICS_FILE} has no {metric} records yet")
     return curves
 
 
@@ -37,11 +39,12 @@ def render_png(curves: dict, path: Path) -> None:
     except ImportError:
         raise UsageError("-o PNG needs matplotlib: pip install 'llmctl[plot]' (or omit -o for a terminal chart)") from None
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.plot(*zip(*curves["loss"]), label="train loss", linewidth=1)
-    if curves["val_loss"]:
+    main = next(iter(curves))
+    ax.plot(*zip(*curves[main]), label="train loss" if main == "loss" else main, linewidth=1)
+    if curves.get("val_loss"):
         ax.plot(*zip(*curves["val_loss"]), "o-", label="val loss", linewidth=1.5, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(main)
     ax.grid(alpha=0.3)
     handles = ax.get_lines()
     if curves["lr"]:
@@ -58,8 +61,10 @@ def render_png(curves: dict, path: Path) -> None:
 
 
 def render_terminal(curves: dict, width: int = 72, height: int = 14) -> str:
-    """Train loss as '·', val loss as 'o' on one grid with a y axis; lr range in the footer."""
-    series = [(curves["loss"], "·"), (curves["val_loss"], "o")]
+    """Train loss (or the chosen metric) as '·', val loss as 'o' on one grid with a y axis; lr
+    range in the footer."""
+    main = next(iter(curves))
+    series = [(curves[main], "·"), (curves.get("val_loss", []), "o")]
     points = [p for s, _ in series for p in s]
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
@@ -77,8 +82,8 @@ def render_terminal(curves: dict, width: int = 72, height: int = 14) -> str:
         lines.append(label + "".join(row))
     lines.append("         └" + "─" * width)
     lines.append(f"          step {x0:g}" + f"step {x1:g}".rjust(width - len(f"step {x0:g}") - 5))
-    footer = f"          · train loss (last {curves['loss'][-1][1]:.4f})"
-    if curves["val_loss"]:
+    footer = f"          · {'train loss' if main == 'loss' else main} (last {curves[main][-1][1]:.4f})"
+    if curves.get("val_loss"):
         footer += f"   o val loss (last {curves['val_loss'][-1][1]:.4f})"
     lines.append(footer)
     if curves["lr"]:
