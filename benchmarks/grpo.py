@@ -177,7 +177,7 @@ def trl_step(base: Path, data: Path, root: Path):
                         max_completion_length=MAX_COMPLETION, learning_rate=2e-5, lr_scheduler_type="constant",
                         weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1_000_000,
                         save_strategy="no", report_to=[], use_cpu=True, bf16=False, max_steps=1_000_000,
-                        dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                        dataloader_num_workers=0, seed=0, disable_tqdm=True, gradient_checkpointing=False)
     tok = AutoTokenizer.from_pretrained(base)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                           reward_funcs=number_reward, args=config, train_dataset=dataset, processing_class=tok)
