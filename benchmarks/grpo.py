@@ -12,7 +12,7 @@ per prompt, prompts of seed 2) raises the mean verifier reward; `llmctl eval --t
 same tiny model, prompts, group size, completion length and reward function, steps timed
 alternately.
 
-    python -m benchmarks.grpo demo [--sft-steps 400] [--grpo-steps 300] [--out DIR]
+    python -m benchmarks.grpo demo [--sft-steps 300] [--grpo-steps 300] [--out DIR] [--sft DIR] [key=value …]
     python -m benchmarks.grpo speed [--steps 10] [--warmup 2] [--threads 2]
 """
 
@@ -102,7 +102,7 @@ def _find(data, key):
 
 
 def grpo_args(steps: int) -> list[str]:
-    return ["--method", "grpo", f"max_steps={steps}", f"batch_size={PROMPTS}", f"seq_len={CONTEXT}", "lr=2e-5",
+    return ["--method", "grpo", f"max_steps={steps}", f"batch_size={PROMPTS}", f"seq_len={CONTEXT}", "lr=1e-4",
             "warmup_steps=10", "schedule=constant", "weight_decay=0", "eval_every=0", "save_every=100",
             "precision=float32", "tensorboard=false", "peak_tflops=1", "objective_args.verifiers={number: {}}",
             f"objective_args.num_generations={G}", f"objective_args.max_completion_length={MAX_COMPLETION}",
@@ -111,12 +111,16 @@ def grpo_args(steps: int) -> list[str]:
 
 def demo(args) -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="grpo-demo-"))
-    base = make_base(root / "base")
+    root.mkdir(parents=True, exist_ok=True)
     sft_data, rl_data = write_data(root)
-    sft = root / "sft"
-    llmctl("finetune", base, "--method", "full", "--data", sft_data, f"max_steps={args.sft_steps}", "batch_size=8",
-           f"seq_len={CONTEXT}", "lr=2e-3", "warmup_steps=20", "eval_every=0", "save_every=0",
-           "val_fraction=0", "precision=float32", "tensorboard=false", "peak_tflops=1", "-o", sft, "--force")
+    if args.sft:  # an SFT model made before: GRPO only
+        sft = Path(args.sft)
+    else:
+        sft = root / "sft"
+        llmctl("finetune", make_base(root / "base"), "--method", "full", "--data", sft_data,
+               f"max_steps={args.sft_steps}", "batch_size=8", f"seq_len={CONTEXT}", "lr=2e-3", "warmup_steps=20",
+               "eval_every=0", "save_every=0", "val_fraction=0", "precision=float32", "tensorboard=false",
+               "peak_tflops=1", "-o", sft, "--force")
     before = accuracy(sft)
     print(f"after SFT ({args.sft_steps} steps): arithmetic exact_match {before:.3f}", flush=True)
     run = root / "grpo"
@@ -174,7 +178,7 @@ def trl_step(base: Path, data: Path, root: Path):
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     dataset = datasets.Dataset.from_list(rows)
     config = GRPOConfig(output_dir=str(root / "trl"), per_device_train_batch_size=PROMPTS * G, num_generations=G,
-                        max_completion_length=MAX_COMPLETION, learning_rate=2e-5, lr_scheduler_type="constant",
+                        max_completion_length=MAX_COMPLETION, learning_rate=1e-4, lr_scheduler_type="constant",
                         weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1_000_000,
                         save_strategy="no", report_to=[], use_cpu=True, bf16=False, max_steps=1_000_000,
                         dataloader_num_workers=0, seed=0, disable_tqdm=True, gradient_checkpointing=False)
@@ -223,9 +227,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     d = sub.add_parser("demo")
-    d.add_argument("--sft-steps", type=int, default=400)
+    d.add_argument("--sft-steps", type=int, default=300)
     d.add_argument("--grpo-steps", type=int, default=300)
     d.add_argument("--out")
+    d.add_argument("--sft", help="start GRPO from this SFT model (skip the base and SFT)")
     d.add_argument("overrides", nargs="*", help="extra key=value for the GRPO run")
     s = sub.add_parser("speed")
     s.add_argument("--steps", type=int, default=10)

@@ -22,7 +22,8 @@ def read_prompts(paths: list[Path]) -> list[dict]:
         for where, record in read_records(path):
             prompt = record.get("prompt")
             if prompt is None:
-                raise DataError(f"{where}: an RL record needs a 'prompt' (it has {', '.join(sorted(record)) or 'no fields'})")
+                fields = ", ".join(sorted(record)) or "no fields"
+                raise DataError(f"{where}: an RL record needs a 'prompt' (it has {fields})")
             if not isinstance(prompt, str):
                 _messages(prompt, where, "prompt")
             elif not prompt:

@@ -217,7 +217,8 @@ class GRPO(SFT):
                                   epsilon_low=s.epsilon, epsilon_high=eps_high, loss_type=s.loss_type,
                                   max_completion_length=s.max_completion_length)
         lengths = rollout.mask.sum(-1).float()
-        self.record(reward=torch.nanmean(rewards), reward_std=nanstd(rewards), frac_reward_zero_std=std_zero.float().mean(),
+        self.record(reward=torch.nanmean(rewards), reward_std=nanstd(rewards),
+                    frac_reward_zero_std=std_zero.float().mean(),
                     **{f"rewards/{name}/mean": torch.nanmean(v) for name, v in per_verifier.items()},
                     **{"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                        "completions/max_length": lengths.max(),

@@ -6,13 +6,13 @@
 A verifier is a dataclass whose fields are its settings (`weight` is taken out for the sum)
 with `verify(prompts, completions, records) -> list[Verdict]`. Built in:
 
-| name          | reward 1 when                                                         | settings                     |
-| ------------- | --------------------------------------------------------------------- | ---------------------------- |
-| `exact_match` | the normalised completion equals the record's `field`                  | field, ignore_case, …        |
-| `regex`       | the `pattern`'s `match`-th match (its first group, if any) equals it   | pattern, match, field        |
-| `number`      | the last number in the completion equals the field's number            | field, tolerance             |
-| `function`    | a Python function `module:attr` says so (TRL's reward-function call)   | entry_point                  |
-| `unit_tests`  | completion + the record's tests exit 0 in the sandbox (time, memory)   | field, timeout, memory_mb, … |
+| name          | reward 1 when                                                   | settings                 |
+| ------------- | --------------------------------------------------------------- | ------------------------ |
+| `exact_match` | the normalised completion equals the record's `field`            | field, ignore_case, …    |
+| `regex`       | the `pattern`'s `match`-th match (its first group) equals it     | pattern, match, field    |
+| `number`      | the last number in the completion equals the field's number      | field, tolerance         |
+| `function`    | a Python function `module:attr` says so (TRL's reward functions) | entry_point              |
+| `unit_tests`  | completion + the record's tests exit 0 in the sandbox            | field, timeout, memory_mb|
 
 Plugins add verifiers through the `llmctl.verifiers` entry-point group.
 """
