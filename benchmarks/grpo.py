@@ -112,7 +112,7 @@ def grpo_args(steps: int) -> list[str]:
 def demo(args) -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="grpo-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    sft_data, rl_data = write_data(root)
+    sft_data, rl_data = write_data(root, rl_n=args.prompts)
     if args.sft:  # an SFT model made before: GRPO only
         sft = Path(args.sft)
     else:
@@ -230,6 +230,7 @@ def main() -> None:
     d.add_argument("--sft-steps", type=int, default=300)
     d.add_argument("--grpo-steps", type=int, default=300)
     d.add_argument("--out")
+    d.add_argument("--prompts", type=int, default=64, help="GRPO prompts (a small pool: each is seen many times)")
     d.add_argument("--sft", help="start GRPO from this SFT model (skip the base and SFT)")
     d.add_argument("overrides", nargs="*", help="extra key=value for the GRPO run")
     s = sub.add_parser("speed")
