@@ -122,7 +122,7 @@ def demo(args) -> None:
                "eval_every=0", "save_every=0", "val_fraction=0", "precision=float32", "tensorboard=false",
                "peak_tflops=1", "-o", sft, "--force")
     before = accuracy(sft)
-    print(f"after SFT ({args.sft_steps} steps): arithmetic exact_match {before:.3f}", flush=True)
+    print(f"SFT model {sft}: arithmetic exact_match {before:.3f}", flush=True)
     run = root / "grpo"
     start = time.perf_counter()
     llmctl("finetune", sft, *grpo_args(args.grpo_steps), *args.overrides, "--data", rl_data, "-o", run, "--force")
