@@ -8,7 +8,9 @@
     POSITIONS.get("rope")  # → RoPE; an unknown name raises UsageError with a suggestion
 
 A registry may also name an entry-point group; third-party packages then add strategies by
-declaring entry points in that group, loaded the first time the registry is queried.
+declaring entry points in that group, loaded the first time the registry is queried. Built-in
+strategies that live in modules of their own (`modules=`) are imported at that moment too, so
+those modules may import the registry's module without a cycle.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ def did_you_mean(name: str, choices) -> str:
 class Registry(Generic[T]):
     """A mapping name → strategy, filled by the `register` decorator."""
 
-    def __init__(self, kind: str, entry_point_group: str | None = None):
+    def __init__(self, kind: str, entry_point_group: str | None = None, modules: tuple[str, ...] = ()):
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.modules = modules  # built-in modules that register on import
         self._items: dict[str, T] = {}
-        self._plugins_loaded = entry_point_group is None
+        self._plugins_loaded = entry_point_group is None and not modules
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator adding the decorated class or function under `name`."""
@@ -51,6 +54,12 @@ class Registry(Generic[T]):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
+        import importlib
+
+        for module in self.modules:
+            importlib.import_module(module)
+        if self.entry_point_group is None:
+            return
         from importlib.metadata import entry_points
 
         from llmctl.console import warn

@@ -40,7 +40,9 @@ from torch import nn
 from llmctl.core.registry import Registry
 from llmctl.errors import ConfigError
 
-OBJECTIVES: Registry[type[Objective]] = Registry("training objective", "llmctl.objectives")
+OBJECTIVES: Registry[type[Objective]] = Registry(
+    "training objective", "llmctl.objectives",
+    modules=("llmctl.core.train.sft", "llmctl.core.train.preference", "llmctl.core.rl.grpo"))
 MASK_TOKENS = ("[MASK]", "<mask>", "<MASK>")
 
 Batch = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]  # (input_ids, labels aligned with them, model kwargs)
@@ -190,14 +192,3 @@ def default_objective(model_config) -> str:
         return "masked"
     return "mtp" if model_config.num_mtp_heads else "causal"
 
-
-def _register_builtins() -> None:
-    """Objectives in modules of their own register on import (plugins through `llmctl.objectives`)."""
-    import importlib
-
-    importlib.import_module("llmctl.core.train.sft")
-    importlib.import_module("llmctl.core.train.preference")
-    importlib.import_module("llmctl.core.rl.grpo")
-
-
-_register_builtins()
