@@ -71,6 +71,7 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
         a = s["adapter"]
         share = f" ({a['trainable_share']:.2%} of the base)" if a["trainable_share"] is not None else ""
         rows += [["adapter", f"{a['method']}" + (f", r={a['r']}, alpha={a['alpha']}" if a["r"] else "")],
+                 ["adapter virtual tokens", a["num_virtual_tokens"]] if a["num_virtual_tokens"] else
                  ["adapter targets", f"{a['targets']} ({a['modules']} modules)" if a["modules"] else _v(a["targets"])],
                  ["adapter parameters", f"{human_count(a['parameters'])}{share}"],
                  ["base", a["base"] + "".join(f" + {t['type']}" for t in a["base_transforms"])]]

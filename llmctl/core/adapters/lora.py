@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -111,6 +112,8 @@ class LoRA(Transform):
     dora: bool = False
     modules_to_save: list[str] | None = None  # trained in full and saved with the adapter (PEFT's)
 
+    peft_type: ClassVar[str] = "LORA"  # PEFT's files: `peft_format.py`
+
     def __post_init__(self):
         if self.r < 1:
             raise UsageError(f"lora: r must be >= 1, got {self.r}")
@@ -124,6 +127,22 @@ class LoRA(Transform):
         module.init_lora(self.r, self.alpha, self.dropout, self.rslora, self.dora)
         return module
 
+    def peft_config(self, model: nn.Module) -> dict:
+        from llmctl.core.adapters.peft_format import adapter_config
+
+        return adapter_config(self, model)
+
+    @classmethod
+    def from_peft_config(cls, config: dict, model: nn.Module, where: str) -> LoRA:
+        from llmctl.core.adapters.peft_format import transform_from_config
+
+        return transform_from_config(config, model, where)
+
+    def peft_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from llmctl.core.adapters.peft_format import adapter_tensors
+
+        return adapter_tensors(model, self)
+
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLayer]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -135,6 +154,9 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     a dense layer becomes the plain `nn.Linear` (its dtype kept) whose output the adapted layer
     gave; a quantized base is re-quantized from the merged weight (its class made from a Linear,
     so its output equals the adapter's within the quantization error)."""
+    if getattr(model, "prompt_encoder", None) is not None:
+        raise UsageError("prefix and prompt adapters have no weights to merge into the base; use the adapter "
+                         "directory itself")
     for path, module in lora_modules(model).items():
         weight = module.merged_weight()
         dtype = module.weight.dtype if module.weight.is_floating_point() else weight.dtype
@@ -158,6 +180,9 @@ def mark_trainable(model: nn.Module, modules_to_save: list[str] | None = None) -
             part = getattr(module, name)
             if part is not None:
                 part.requires_grad_(True)
+    encoder = getattr(model, "prompt_encoder", None)  # prefix / prompt tuning (`prompt.py`)
+    if encoder is not None:
+        encoder.requires_grad_(True)
     for path in saved_modules(model, modules_to_save):
         model.get_submodule(path).requires_grad_(True)
 

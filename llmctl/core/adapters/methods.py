@@ -42,3 +42,19 @@ def qlora(o) -> list:
     from llmctl.core.quant.nf4 import NF4
 
     return [NF4(), _lora(o)]
+
+
+@METHODS.register("prefix")
+def prefix(o) -> list:
+    """Trainable per-layer key/value prefixes of `num_virtual_tokens` virtual tokens."""
+    from llmctl.core.adapters.prompt import Prefix
+
+    return [Prefix(num_virtual_tokens=o.num_virtual_tokens)]
+
+
+@METHODS.register("prompt")
+def prompt(o) -> list:
+    """`num_virtual_tokens` trainable input embeddings before every input."""
+    from llmctl.core.adapters.prompt import Prompt
+
+    return [Prompt(num_virtual_tokens=o.num_virtual_tokens)]

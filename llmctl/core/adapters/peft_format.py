@@ -3,9 +3,13 @@
     save_adapter(model, out, base=BASE)      # PeftModel.from_pretrained(hf_base, out) loads it
     model, cfg = load_adapter(out)           # base found through base_model_name_or_path
 
-Tensor keys are PEFT's: `base_model.model.<HF module path>.lora_A.weight`, `….lora_B.weight`,
+An adapter is the model's last transform, one with a `peft_type` (LORA: `lora.py`;
+PREFIX_TUNING, PROMPT_TUNING: `prompt.py`); it writes its own config fields and tensors
+(`peft_config`, `peft_tensors`: {PEFT key: tensor}) and reads them (`from_peft_config`).
+LoRA's keys are `base_model.model.<HF module path>.lora_A.weight`, `….lora_B.weight`,
 `….lora_magnitude_vector` (DoRA) and `base_model.model.<path>.weight` for `modules_to_save`;
-module paths are the base architecture's Hugging Face names (`hf.module_names`). Beside them
+module paths are the base architecture's Hugging Face names (`hf.module_names`); prefix and
+prompt tuning store one tensor, `prompt_embeddings`. Beside them
 llmctl writes `llmctl.json` (lineage; `base_transforms`: transforms applied to the base before
 the adapter, such as QLoRA's `nf4`; `base_context`: a rotary context set at finetune time,
 `max_seq_len` / `rope_scaling`) and the tokenizer. `base_model_name_or_path` may be
@@ -51,10 +55,19 @@ def _identity(names: dict[str, str]) -> bool:
     return all(k == v for k, v in names.items())
 
 
+def adapter_transform(config: dict, model: nn.Module, where: str = ADAPTER_CONFIG):
+    """The adapter transform a PEFT config describes, for `model`."""
+    from llmctl.core.model.transforms import TRANSFORMS
+
+    kinds = {cls.peft_type: cls for _, cls in TRANSFORMS.items() if getattr(cls, "peft_type", None)}
+    kind = config.get("peft_type")
+    if kind not in kinds:
+        raise CheckpointError(f"{where}: peft_type {kind!r} is not supported; supported: {', '.join(sorted(kinds))}")
+    return kinds[kind].from_peft_config(config, model, where)
+
+
 def transform_from_config(config: dict, model: nn.Module, where: str = ADAPTER_CONFIG) -> LoRA:
     """The `lora` transform a PEFT LoRA config describes, for `model` (our module names)."""
-    if config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{where}: peft_type {config.get('peft_type')!r} is not supported here (LORA)")
     for key, default in _UNSUPPORTED.items():
         if config.get(key) not in (default, None):
             raise CheckpointError(f"{where}: {key}={config[key]!r} is not supported")
@@ -73,14 +86,14 @@ def _in_layers(path: str, layers: list[int] | None) -> bool:
     return layers is None or (found is not None and int(found.group(1)) in layers)
 
 
-def adapter_config(transform: LoRA, model: nn.Module, base: str) -> dict[str, Any]:
-    """adapter_config.json for `transform` on `model`, in PEFT's fields."""
+def adapter_config(transform: LoRA, model: nn.Module) -> dict[str, Any]:
+    """adapter_config.json for `transform` on `model`, in PEFT's fields (but the base)."""
     names = _hf_names(model)
     spec = {theirs: getattr(transform, ours) for theirs, ours in _FIELDS.items()}
     if not _identity(names) and transform.target_modules != ALL_LINEAR:
         spec.update(target_modules=[names.get(p, p) for p in transform.select(model)],
                     exclude_modules=None, layers_to_transform=None)
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, **spec,
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", **spec,
             "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
 
@@ -102,24 +115,14 @@ def adapter_tensors(model: nn.Module, transform: LoRA) -> dict[str, torch.Tensor
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _our_key(key: str, reverse: dict[str, str]) -> str:
-    name = key.removeprefix(PREFIX)
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module = ".".join(parts[:cut])
-        if module in reverse:
-            return reverse[module] + name[len(module):]
-    return name
-
-
 # -- save and load -------------------------------------------------------------------------------
 
 
-def _lora_transform(model: nn.Module) -> tuple[list, LoRA]:
+def _adapter(model: nn.Module) -> tuple[list, Any]:
     """(transforms before the adapter, the adapter's transform)."""
     transforms = list(getattr(model, "transforms", []))
-    if not transforms or not isinstance(transforms[-1], LoRA):
-        raise CheckpointError("the model has no LoRA adapter to save (its last transform is not lora)")
+    if not transforms or not getattr(transforms[-1], "peft_type", None):
+        raise CheckpointError("the model has no adapter to save (its last transform is not lora, prefix or prompt)")
     return transforms[:-1], transforms[-1]
 
 
@@ -135,7 +138,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base: str | os
     from llmctl.core.checkpoint import GENERATION_CONFIG_NAME, LINEAGE_NAME, _lineage_record, copy_tokenizer
     from llmctl.core.io import atomic_dir, write_json
 
-    before, transform = _lora_transform(model)
+    before, transform = _adapter(model)
     base = Path(base)
     own, base_cfg = _recorded(base)
     if [t.spec() for t in before[: len(own)]] != [t.spec() for t in own]:
@@ -143,10 +146,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base: str | os
     context = {k: getattr(model.cfg, k) for k in CONTEXT_FIELDS if getattr(model.cfg, k) != getattr(base_cfg, k)}
     record = _lineage_record({**(lineage or {}), "base_transforms": [t.spec() for t in before[len(own):]],
                               **({"base_context": context} if context else {})})
-    tensors = adapter_tensors(model, transform)
+    tensors = {k: v.detach().contiguous().to("cpu") for k, v in transform.peft_tensors(model).items()}
     with atomic_dir(out_dir, force=force) as tmp:
-        save_file({k: v.to("cpu") for k, v in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        write_json(tmp / ADAPTER_CONFIG, adapter_config(transform, model, str(base.resolve())))
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_json(tmp / ADAPTER_CONFIG, {**transform.peft_config(model), "base_model_name_or_path": str(base.resolve())})
         if generation_config is not None:
             write_json(tmp / GENERATION_CONFIG_NAME, generation_config)
         if tokenizer_dir is not None:
@@ -181,7 +184,7 @@ def load_adapter(path: str | os.PathLike, device=None, dtype: torch.dtype | None
     if config is None and lineage.get("base_context"):  # trained with a longer or rescaled context
         config = dataclasses.replace(_recorded(base)[1], **lineage["base_context"])
     model, cfg = load_model(base, device=device, dtype=dtype, config=config)
-    transform = transform_from_config(config_json, model, str(path / ADAPTER_CONFIG))
+    transform = adapter_transform(config_json, model, str(path / ADAPTER_CONFIG))
     with torch.random.fork_rng(devices=[]):  # building the adapter draws no numbers of the caller's
         for spec in lineage.get("base_transforms", []):
             from_spec(spec).apply(model)
@@ -192,33 +195,28 @@ def load_adapter(path: str | os.PathLike, device=None, dtype: torch.dtype | None
     return model.eval(), model.cfg
 
 
-def _assign(model: nn.Module, path: Path, transform: LoRA) -> None:
+def _assign(model: nn.Module, path: Path, transform) -> None:
     from safetensors.torch import load_file
 
     file = path / ADAPTER_WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS}")
     stored = load_file(file)
-    reverse = {theirs: ours for ours, theirs in _hf_names(model).items()}
-    state = model.state_dict()
-    wanted = {_our_key(k, reverse) for k in adapter_tensors(model, transform)}
-    tensors = {}
+    wanted = transform.peft_tensors(model)  # {PEFT key: the model's tensor}
     for key, tensor in stored.items():
-        name = _our_key(key, reverse)
-        if name.endswith(".base_layer.weight"):  # PEFT saves a targeted embedding's base: ours is the base's
+        if key.endswith(".base_layer.weight"):  # PEFT saves a targeted embedding's base: ours is the base's
             continue
-        if name not in state:
+        if key not in wanted:
             raise CheckpointError(f"{file}: tensor {key!r} has no place in the model")
-        if tuple(tensor.shape) != tuple(state[name].shape):
+        if tuple(tensor.shape) != tuple(wanted[key].shape):
             raise CheckpointError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, the model's is "
-                                  f"{list(state[name].shape)}")
-        tensors[name] = tensor
-    missing = sorted(wanted - set(tensors))
+                                  f"{list(wanted[key].shape)}")
+    missing = sorted(set(wanted) - set(stored))
     if missing:
-        raise CheckpointError(f"{file}: missing tensor {missing[0]!r}")
+        raise CheckpointError(f"{file}: missing tensor {missing[0].removeprefix(PREFIX)!r}")
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            state[name].copy_(tensor)  # state_dict() tensors share storage with the parameters
+        for key, tensor in wanted.items():
+            tensor.copy_(stored[key])  # the model's own storage
 
 
 def merge_to_checkpoint(adapter: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> Path:

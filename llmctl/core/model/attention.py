@@ -99,6 +99,7 @@ class AttentionContext:
     mask: torch.Tensor | None  # bool (True = attend) or additive float, [B|1, H|1, T, K]
     is_causal: bool  # the kernel applies the causal pattern itself (mask is None then)
     cache: KVCache | None
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, KV, P, D]: prefix/prompt tuning
 
 
 def build_mask(
@@ -184,6 +185,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos[:, T - Tq :], sin[:, T - Tq :]), apply_rotary(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)
+        if ctx.prefix is not None:  # virtual tokens' keys/values, before the real ones (the mask allows them)
+            pk, pv = (t.to(k.dtype).expand(B, -1, -1, -1) for t in ctx.prefix[self.layer_idx])
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
         mask = ctx.mask[..., -Tq:, :] if Tq < T and ctx.mask is not None else ctx.mask
         out = self.kernel(q, k, v, mask, ctx.is_causal, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, Tq, -1)), None

@@ -40,6 +40,7 @@ class KVCache:
         self.max_len = max_len
         self.sliding_window = sliding_window
         self.length = 0
+        self.prefix = None  # a prefix/prompt adapter's keys/values, made once per cache (`Transformer.kv_prefix`)
 
     @property
     def batch_size(self) -> int:

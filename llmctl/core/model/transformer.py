@@ -213,11 +213,16 @@ class Transformer(nn.Module):
         *,
         token_type_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AttentionContext]:
         """The first step of `forward` (same arguments): the embeddings [B, T, hidden] and the
         attention context (rotary tables, mask, cache) every block of `model.layers` takes as
-        `block(x, ctx) -> (x, aux)`; `head` ends the run. See `layerwise.py`."""
-        B, T = input_ids.shape
+        `block(x, ctx) -> (x, aux)`; `head` ends the run. See `layerwise.py`.
+        `inputs_embeds` [B, T, hidden] stands in for the token embeddings of `input_ids`.
+        With a prefix or prompt adapter (`kv_prefix`) every position also sees its virtual
+        tokens' keys and values, and the real tokens' positions start after them."""
+        given = input_ids if inputs_embeds is None else inputs_embeds
+        B, T = given.shape[:2]
         past = cache.length if cache is not None else 0
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must be [B, {past + T}] (cached + new), got {list(attention_mask.shape)}")
@@ -228,16 +233,34 @@ class Transformer(nn.Module):
                 position_ids = document_positions(document_ids)
             all_positions = position_ids
         else:
-            all_positions = self._positions(attention_mask, B, past + T, input_ids.device)
+            all_positions = self._positions(attention_mask, B, past + T, given.device)
         given_positions = position_ids is not None
+        prefix = self.kv_prefix(cache)
+        virtual = prefix_length(prefix)
+        if virtual:  # as PEFT: positions (given ones too) count the virtual tokens first
+            all_positions = all_positions + virtual
+            position_ids = position_ids + virtual if given_positions else None
         if not given_positions:
             position_ids = all_positions[:, past:]
 
-        x = self._embed(input_ids, position_ids, token_type_ids)
-        # derived positions are all below past + T; given ones are checked by the encoding
-        ctx = self._context(x, position_ids, None if given_positions else past + T, all_positions, attention_mask,
-                            cache, document_ids)
+        x = self._embed(input_ids, position_ids, token_type_ids, inputs_embeds)
+        # derived positions are all below virtual + past + T; given ones are checked by the encoding
+        ctx = self._context(x, position_ids, None if given_positions else virtual + past + T, all_positions,
+                            attention_mask, cache, document_ids, prefix)
         return x, ctx
+
+    def kv_prefix(self, cache: KVCache | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each layer's (keys, values) [1, kv_heads, P, head_dim] of an active prefix or prompt
+        adapter (`prompt_encoder`, see `core/adapters/prompt.py`), else None; kept on `cache`."""
+        encoder = getattr(self, "prompt_encoder", None)
+        if encoder is None or not encoder.adapter_active:
+            return None
+        if cache is not None and cache.prefix is not None:
+            return cache.prefix
+        prefix = encoder(self)
+        if cache is not None:
+            cache.prefix = prefix
+        return prefix
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor | None,
                     keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor) -> torch.Tensor:
@@ -249,6 +272,8 @@ class Transformer(nn.Module):
         `forward(input_ids, cache=...)` at cache length `slot`; the caller advances the cache.
         """
         cfg = self.cfg
+        prefix = self.kv_prefix()
+        position_ids = position_ids + prefix_length(prefix)
         x = self._embed(input_ids, position_ids, None)
         key_idx = torch.arange(keys[0].shape[2], device=x.device)
         positions = self.model.embed_positions
@@ -257,14 +282,15 @@ class Transformer(nn.Module):
         if bias is not None:
             mask = mask.to(x.dtype)
         rotary = positions.rotary(position_ids, x.dtype, cached=False)  # a few fused ops once compiled
-        ctx = AttentionContext(rotary, mask, False, StaticSlot(keys, values, slot))
+        ctx = AttentionContext(rotary, with_prefix(mask, prefix), False, StaticSlot(keys, values, slot), prefix)
         for layer in self.model.layers:
             x, _ = layer(x, ctx)
         return self._logits(x, 1)[:, -1]
 
-    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         cfg, m = self.cfg, self.model
-        x = m.embed_tokens(input_ids)
+        x = m.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if cfg.scale_embeddings:
             x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
         pos = m.embed_positions.embed(position_ids)
@@ -276,7 +302,7 @@ class Transformer(nn.Module):
             x = m.embed_norm(x)
         return m.dropout(x)
 
-    def _context(self, x, position_ids, span, all_positions, attention_mask, cache, documents=None
+    def _context(self, x, position_ids, span, all_positions, attention_mask, cache, documents=None, prefix=None
                  ) -> AttentionContext:
         """Rotary tables and the attention mask over the keys this step can see."""
         T, past = x.shape[1], all_positions.shape[1] - x.shape[1]
@@ -290,7 +316,8 @@ class Transformer(nn.Module):
                                      documents)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
-        return AttentionContext(positions.rotary(position_ids, x.dtype, span), mask, is_causal, cache)
+        return AttentionContext(positions.rotary(position_ids, x.dtype, span), with_prefix(mask, prefix), is_causal,
+                                cache, prefix)
 
     @staticmethod
     def _positions(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -323,6 +350,19 @@ class Transformer(nn.Module):
             x, _ = self._run(head, x, ctx)
             losses.append(_cross_entropy(self._logits(x[:, :-k], 0), labels[:, k:]))
         return torch.stack(losses).mean()
+
+
+def prefix_length(prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> int:
+    """Number of virtual tokens of a `kv_prefix` (0 for None)."""
+    return prefix[0][0].shape[2] if prefix else 0
+
+
+def with_prefix(mask: torch.Tensor | None, prefix) -> torch.Tensor | None:
+    """`mask` [.., T, K] with the prefix's key columns first, every query allowed to see them.
+    (None stays None: the bottom-right causal pattern over P + K keys already sees them.)"""
+    if mask is None or not prefix:
+        return mask
+    return F.pad(mask, (prefix_length(prefix), 0), value=True if mask.dtype == torch.bool else 0.0)
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:

@@ -196,7 +196,8 @@ def _register_builtins() -> None:
     """Built-in transforms register on import (third parties through `llmctl.transforms`)."""
     import importlib
 
-    for module in ("llmctl.core.adapters.lora", "llmctl.core.quant.nf4", "llmctl.core.quant.linear"):
+    for module in ("llmctl.core.adapters.lora", "llmctl.core.adapters.prompt", "llmctl.core.quant.nf4",
+                   "llmctl.core.quant.linear"):
         importlib.import_module(module)
 
 

@@ -68,7 +68,10 @@ class SFT(Objective):
         cfg = plan.config
         if not plan.model_config.is_causal:
             raise ConfigError(f"config key 'model': {cfg.model} is encoder-only; finetuning is for causal models")
-        METHODS.get(cfg.adapter_method)  # a usage error naming the choices
+        transforms = METHODS.get(cfg.adapter_method)(cfg.adapter)  # a usage error naming the choices
+        if cfg.merge_adapter and not all(getattr(t, "mergeable", True) for t in transforms):
+            raise ConfigError(f"config key 'merge_adapter': method {cfg.adapter_method} has no weights to merge into "
+                              "the base; its adapter directory loads as it is")
         if cfg.adapter_method != "full" and plan.init_from is None:
             raise ConfigError(f"method {cfg.adapter_method}: adapters need a base checkpoint, not the preset {cfg.model}")
         if plan.shards is not None:
