@@ -42,7 +42,8 @@ class SFTBatches:
     def val_batches(self) -> list[torch.Tensor]:
         if self.val is None or not len(self.val):
             return []
-        mine = self.val[self.rank::self.world]
+        # every rank must take part in validation: fewer rows than ranks, and each scores them all
+        mine = self.val[self.rank::self.world] if len(self.val) >= self.world else self.val
         return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)][: self.eval_batches]
 
     def state(self) -> dict:
