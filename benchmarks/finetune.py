@@ -6,10 +6,13 @@ seq 256, AdamW over the adapter; llmctl's step is `Trainer.train_step` of `llmct
 (same config resolution), PEFT's is `get_peft_model(LlamaForCausalLM)` + `torch.optim.AdamW`
 + clipping. Steps alternate between contenders. PEFT's QLoRA needs bitsandbytes, which has no
 CPU build here: llmctl's QLoRA (NF4 base, bf16 compute) is compared with PEFT's bf16 LoRA on
-the dense base. `--rss`: peak RSS of `llmctl finetune` on the `llama` preset (~125M
-parameters) at seq 512 × batch 4, each method in its own process.
+the dense base. `--compile` adds llmctl with `compile=true` (the trainer's torch.compile of the
+model) as a third contender. `--rss`: peak RSS of `llmctl finetune` on the `llama` preset (~125M
+parameters) at seq 512 × batch 4, each method in its own process, without and with
+`gradient_checkpointing=true`.
 
-    python -m benchmarks.finetune [--steps 8] [--warmup 2] [--threads 2] [--only fp32:lora,bf16:qlora] [--rss]
+    python -m benchmarks.finetune [--steps 8] [--warmup 2] [--threads 2] [--only fp32:lora,bf16:qlora] [--compile]
+    python -m benchmarks.finetune --rss [--rss-steps 1]
 """
 
 from __future__ import annotations
@@ -72,16 +75,17 @@ def finetune_args(method: str, precision: str, seq: int, batch: int, steps: int)
             "tensorboard=false"]
 
 
-def llmctl_step(base: Path, data: Path, root: Path, method: str, precision: str, steps: int):
+def llmctl_step(base: Path, data: Path, root: Path, method: str, precision: str, steps: int, extra=()):
     from llmctl.config import load_config
     from llmctl.core.train import distributed
     from llmctl.core.train.build import make_plan
     from llmctl.core.train.finetune_config import FinetuneConfig
     from llmctl.core.train.loop import Trainer
 
-    cfg = load_config(FinetuneConfig, None, finetune_args(method, precision, SEQ, BATCH, steps), kind="finetune")
+    cfg = load_config(FinetuneConfig, None, [*finetune_args(method, precision, SEQ, BATCH, steps), *extra],
+                      kind="finetune")
     cfg.model, cfg.data = str(base), [str(data)]
-    out = root / f"llmctl-{method}-{precision}"
+    out = root / f"llmctl-{method}-{precision}{'-'.join(['', *extra]).replace('=', '')}"
     out.mkdir()
     trainer = Trainer(make_plan(cfg, "cpu"), out, torch.device("cpu"), distributed.Dist(), {})
     return trainer.train_step
@@ -124,9 +128,15 @@ def throughput(args) -> list[str]:
             for method in (m for m in methods if not args.only or f"{precision}:{m}" in args.only):
                 steps = {"llmctl": llmctl_step(base, data, root, method, precision, n),
                          "PEFT": peft_step(base, "lora" if method == "qlora" else method, precision)}
+                if args.compile:
+                    steps["compiled"] = llmctl_step(base, data, root, method, precision, n, ["compile=true"])
+                    steps["compiled"]()  # compiles (minutes), before anything is timed
                 rates = {k: statistics.median(v) for k, v in interleaved(steps, args.steps, args.warmup).items()}
-                ratio = rates["llmctl"] / rates["PEFT"]
-                rows.append(f"| {precision} | {method} | {rates['llmctl']:,.0f} | {rates['PEFT']:,.0f} | {ratio:.2f}× |")
+                row = (f"| {precision} | {method} | {rates['llmctl']:,.0f} | {rates['PEFT']:,.0f} | "
+                       f"{rates['llmctl'] / rates['PEFT']:.2f}× |")
+                if args.compile:
+                    row += f" {rates['compiled']:,.0f} | {rates['compiled'] / rates['PEFT']:.2f}× |"
+                rows.append(row)
                 print(rows[-1], flush=True)
     import peft
     import transformers
@@ -143,8 +153,9 @@ def throughput(args) -> list[str]:
         f"{args.warmup} warm-up steps, contenders alternating. QLoRA: llmctl's NF4 base vs PEFT's bf16 LoRA on the "
         "dense base (PEFT's QLoRA needs bitsandbytes, not available on this CPU).",
         "",
-        "| precision | method | llmctl tokens/s | PEFT tokens/s | llmctl / PEFT |",
-        "|---|---|---|---|---|",
+        "| precision | method | llmctl tokens/s | PEFT tokens/s | llmctl / PEFT |"
+        + (" llmctl compile=true tokens/s | compiled / PEFT |" if args.compile else ""),
+        "|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
         *rows, ""]
 
 
@@ -165,25 +176,33 @@ def peak_rss(args) -> list[str]:
         data = make_records(root / "data.jsonl", 512, n=16)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         for method, precision in (("full", "fp32"), ("lora", "fp32"), ("lora", "bf16"), ("qlora", "auto")):
-            cmd = [sys.executable, "-m", "llmctl", "--quiet", "finetune", str(base), "--data", str(data),
-                   *finetune_args(method, precision, 512, 4, args.rss_steps), "-o", str(root / f"out-{method}-{precision}")]
-            proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-            _, status, usage = os.wait4(proc.pid, 0)
-            if status != 0:
-                raise SystemExit(f"{method}: {proc.stderr.read().decode()}")
-            rows.append((method, precision, usage.ru_maxrss / 1024))
-            print(f"{method} {precision}: peak RSS {usage.ru_maxrss / 1024:,.0f} MiB", flush=True)
-    lora = next(r for m, p, r in rows if m == "lora" and p == "fp32")
+            peaks = []
+            for checkpointing in ("false", "true"):
+                out = root / f"out-{method}-{precision}-{checkpointing}"
+                cmd = [sys.executable, "-m", "llmctl", "--quiet", "finetune", str(base), "--data", str(data),
+                       *finetune_args(method, precision, 512, 4, args.rss_steps),
+                       f"gradient_checkpointing={checkpointing}", "-o", str(out)]
+                proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+                _, status, usage = os.wait4(proc.pid, 0)
+                if status != 0:
+                    raise SystemExit(f"{method}: {proc.stderr.read().decode()}")
+                peaks.append(usage.ru_maxrss / 1024)
+                print(f"{method} {precision} gradient_checkpointing={checkpointing}: peak RSS {peaks[-1]:,.0f} MiB",
+                      flush=True)
+            rows.append((method, precision, *peaks))
+    lora = next(r for r in rows if r[:2] == ("lora", "fp32"))
     return [
         f"## Finetune: peak RSS on the `llama` preset — `python -m benchmarks.finetune --rss --rss-steps {args.rss_steps}`",
         "",
         f"`llmctl finetune` of a randomly initialised `llama` preset checkpoint (~125M parameters, float32 on disk), "
         f"seq 512 × batch 4, {args.rss_steps} steps, r={R} on every linear layer but the head, each run in its own "
-        f"process (peak RSS from wait4), {args.threads} thread(s). qlora's precision `auto` is bf16.",
+        f"process (peak RSS from wait4), {args.threads} thread(s), without and with `gradient_checkpointing=true`. "
+        "qlora's precision `auto` is bf16.",
         "",
-        "| method | precision | peak RSS | vs lora fp32 |",
-        "|---|---|---|---|",
-        *[f"| {m} | {p} | {r:,.0f} MiB | {r / lora:.2f}× |" for m, p, r in rows], ""]
+        "| method | precision | peak RSS | vs lora fp32 | peak RSS, checkpointing | vs lora fp32, checkpointing |",
+        "|---|---|---|---|---|---|",
+        *[f"| {m} | {p} | {r:,.0f} MiB | {r / lora[2]:.2f}× | {c:,.0f} MiB | {c / lora[3]:.2f}× |"
+          for m, p, r, c in rows], ""]
 
 
 def main() -> None:
@@ -193,6 +212,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", type=lambda v: v.split(","), default=None,
                         help="throughput rows to time, e.g. fp32:lora,bf16:qlora (default: all five)")
+    parser.add_argument("--compile", action="store_true", help="also time llmctl with compile=true")
     parser.add_argument("--rss", action="store_true", help="measure peak RSS instead of throughput")
     parser.add_argument("--rss-steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)

@@ -183,3 +183,16 @@ def test_disabled_adapters_give_the_base_and_come_back(base, method):
     with pytest.raises(RuntimeError), adapters_disabled(model):
         raise RuntimeError("restored on error too")
     assert torch.equal(_logits(model), adapted)
+
+
+def test_nf4_base_lets_go_of_the_checkpoint_memory_map(base):
+    """QLoRA's memory: once quantized, no tensor is left on the dense checkpoint's memory map (whose
+    resident pages — the dense weights just read — would otherwise stay in the process's RSS)."""
+    from llmctl.core.quant.nf4 import NF4
+
+    model, _ = load_model(base)
+    assert not model.model.embed_tokens.weight.untyped_storage().resizable()  # memory-mapped as loaded
+    NF4().apply(model)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert all(t.untyped_storage().resizable() for t in tensors)
+    assert model.lm_head.weight.untyped_storage().resizable()

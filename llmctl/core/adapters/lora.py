@@ -68,9 +68,12 @@ class LoraLayer(nn.Module):
         if not self.adapter_active:
             return result
         x = self.lora_dropout(x)
-        lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(result.dtype) * self.scaling
-        if self.lora_magnitude_vector is None:
-            return result + lora
+        h = self.lora_A(x.to(self.lora_A.weight.dtype))
+        if self.lora_magnitude_vector is None:  # result + scaling · h Bᵀ in one GEMM (no scaled copy, no add)
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                              self.lora_B.weight.t().to(result.dtype), alpha=self.scaling)
+            return out.view(result.shape)
+        lora = self.lora_B(h).to(result.dtype) * self.scaling
         weight = dense_weight(self).to(x.dtype)
         norm = torch.linalg.norm(weight + self.delta_weight().detach().to(x.dtype), dim=1).detach()
         scale = (self.lora_magnitude_vector / norm).to(result.dtype)

@@ -44,6 +44,7 @@ NF4_CODE = (
 )
 _CODE = torch.tensor(NF4_CODE)
 _MIDPOINTS = (_CODE[1:] + _CODE[:-1]) / 2
+_PAIRS = torch.stack([_CODE[torch.arange(256) >> 4], _CODE[torch.arange(256) & 15]], -1)  # a byte's two levels
 
 
 class NF4Weight(NamedTuple):
@@ -80,9 +81,9 @@ def dequantize_absmax(q: NF4Weight) -> torch.Tensor:
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight `q` encodes, as `dtype`."""
-    index = torch.stack([q.codes >> 4, q.codes & 15], -1).view(-1).long()
-    blocks = _CODE.to(q.codes.device)[index].view(-1, BLOCK) * dequantize_absmax(q)[:, None]
+    """The weight `q` encodes, as `dtype` (one table lookup per byte, for both its levels)."""
+    blocks = F.embedding(q.codes.long(), _PAIRS.to(q.codes.device)).view(-1, BLOCK)
+    blocks.mul_(dequantize_absmax(q)[:, None])
     return blocks.view(-1)[: math.prod(q.shape)].view(q.shape).to(dtype)
 
 
@@ -151,3 +152,19 @@ class NF4(Transform):
 
     def replace(self, path: str, module: nn.Module) -> nn.Module:
         return NF4Linear(module, self.double_quant)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        super().apply(model)
+        _release_file_pages(model)
+        return model
+
+
+@torch.no_grad()
+def _release_file_pages(model: nn.Module) -> None:
+    """Copy the CPU tensors still backed by a checkpoint's memory map (a storage torch did not
+    allocate) into the process's own memory, so the map goes, and with it the resident pages of
+    the dense weights just quantized (~the whole file, counted in RSS: QLoRA's memory)."""
+    for module in model.modules():
+        for _, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.device.type == "cpu" and not tensor.untyped_storage().resizable():
+                tensor.data = tensor.data.clone()
