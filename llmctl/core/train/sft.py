@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from llmctl.core.train.objectives import OBJECTIVES, Batch, Objective
 from llmctl.errors import ConfigError, DataError
@@ -113,6 +114,35 @@ class SFT(Objective):
                 transform.apply(model)
         if names:
             mark_trainable(model, self.cfg.adapter.modules_to_save)
+        self._model = model  # whose frozen head makes the logits chunk by chunk (`loss`)
+
+    def loss(self, forward, inputs, labels, extra):
+        """The mean next-token loss over the learned positions. With a frozen, unsharded head (an
+        adapter) the logits are made a few hundred rows at a time, each chunk's gradient taken at
+        once (`fused_chunks`): no [batch, seq, vocab] float32 logits, nothing recomputed; on CPU
+        only the learned positions get logits (elsewhere selecting them would cost a host sync)."""
+        model = getattr(self, "_model", None)
+        head = model.lm_head.weight if model is not None else None
+        if head is None or head.requires_grad or type(head.data) is not torch.Tensor or model.cfg.num_mtp_heads:
+            return super().loss(forward, inputs, labels, extra)  # trained or FSDP-sharded head: the model's loss
+        from llmctl.core.distill.chunked import fused_chunks
+        from llmctl.core.model.logprobs import CHUNK, MIN_ROWS
+
+        out = forward(inputs, skip_head=True, **extra)
+        features, targets = out.features.flatten(0, 1), labels.flatten()
+        if features.device.type == "cpu":
+            learned = targets != -100
+            features, targets = features[learned], targets[learned]
+        count = (targets != -100).sum()
+
+        def chunk_loss(rows, start, stop):
+            loss = F.cross_entropy(model.head(rows), targets[start:stop], ignore_index=-100, reduction="sum") / count
+            return loss, loss.detach()[None]
+
+        if not len(targets):  # nothing learned in this batch: the mean over none, as cross_entropy gives
+            return super().loss(forward, inputs, labels, extra)
+        loss, _ = fused_chunks(chunk_loss, features, [], rows=max(MIN_ROWS, CHUNK // model.cfg.vocab_size))
+        return loss + out.aux_loss, loss
 
     def save(self, model: nn.Module, directory, **kwargs) -> None:
         if self.cfg.adapter_method == "full":
