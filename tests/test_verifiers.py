@@ -80,3 +80,33 @@ def test_build_and_score_weighted_verifiers():
     with pytest.raises(ConfigError, match="mapping"):
         build_verifiers({})
     assert VERIFIERS.entry_point_group == "llmctl.verifiers"
+
+
+def test_reward_model_scores_equal_transformers_sequence_classifier(tmp_path):
+    """A transformers LlamaForSequenceClassification as a verifier: the same scores, padded rows included."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from conftest import tiny_llama
+
+    (tmp_path / "base").mkdir()
+    base = tiny_llama(tmp_path / "base", ["two plus three is five. " * 20], vocab=120, context=64, scale=1.0)
+    config = transformers.AutoConfig.from_pretrained(base)
+    config.num_labels, config.pad_token_id = 1, 2
+    torch.manual_seed(0)
+    classifier = transformers.LlamaForSequenceClassification(config).eval()
+    classifier.save_pretrained(tmp_path / "rm")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, tmp_path / "rm" / name)
+    prompts, completions = ["two plus three is", "two plus", "three"], [" five.", " three is five", " is"]
+    [verifier] = build_verifiers({"reward_model": {"path": str(tmp_path / "rm"), "batch_size": 2}})
+    ours = [v.reward for v in verifier.verifier.verify(prompts, completions, [{}] * 3)]
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        theirs = [classifier(**tok(p + c, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+                  for p, c in zip(prompts, completions)]
+    assert ours == pytest.approx(theirs, abs=1e-5) and len(set(ours)) == 3
+    with pytest.raises(ConfigError, match="give path"):
+        build_verifiers({"reward_model": {}})

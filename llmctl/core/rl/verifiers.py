@@ -13,6 +13,7 @@ with `verify(prompts, completions, records) -> list[Verdict]`. Built in:
 | `number`      | the last number in the completion equals the field's number      | field, tolerance         |
 | `function`    | a Python function `module:attr` says so (TRL's reward functions) | entry_point              |
 | `unit_tests`  | completion + the record's tests exit 0 in the sandbox            | field, timeout, memory_mb|
+| `reward_model`| (a score, not 0/1) a reward model's score of prompt + completion | path, batch_size         |
 
 Plugins add verifiers through the `llmctl.verifiers` entry-point group.
 """
@@ -248,3 +249,49 @@ def score(verifiers: list[Bound], prompts: list, completions: list[str], records
     rewards = [[v.reward for v in row] for row in zip(*columns)]
     reasons = [[v.reason for v in row] for row in zip(*columns)]
     return rewards, reasons
+
+
+@VERIFIERS.register("reward_model")
+@dataclass
+class RewardModel:
+    """A reward model's score of prompt + completion (TRL's reward model as a reward function):
+    a checkpoint with a score head (`finetune --method reward`, or a transformers
+    *ForSequenceClassification), read at the last token that is not padding."""
+
+    path: str = ""
+    batch_size: int = 16
+
+    def __post_init__(self):
+        from pathlib import Path
+
+        if not self.path or not (Path(self.path) / "config.json").is_file():
+            raise ConfigError(f"verifier reward_model: give path=CHECKPOINT, a reward model directory "
+                              f"(not {self.path!r})")
+        self._model = None
+
+    def _load(self) -> None:
+        from llmctl.core.model.io import load_model
+        from llmctl.core.tokenizer import load_tokenizer
+
+        model, cfg = load_model(self.path)
+        if not cfg.num_labels:
+            raise ConfigError(f"verifier reward_model: {self.path} has no score head (not a reward model)")
+        self._model, self._tokenizer, self._pad = model.eval(), load_tokenizer(self.path), cfg.pad_token_id
+
+    def verify(self, prompts, completions, records) -> list[Verdict]:
+        import torch
+
+        from llmctl.core.model.reward import sequence_scores
+
+        if self._model is None:
+            self._load()
+        rows = self._tokenizer.encode_batch([f"{p}{c}" for p, c in zip(prompts, completions)])
+        size = self.batch_size if self._pad is not None else 1  # without a pad id, one row at a time
+        scores: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(rows), size):
+                chunk = rows[start:start + size]
+                width = max(map(len, chunk))
+                ids = torch.tensor([r + [self._pad or 0] * (width - len(r)) for r in chunk])
+                scores += sequence_scores(self._model, ids, self._pad)[:, 0].float().tolist()
+        return [Verdict(s, "scored") for s in scores]
