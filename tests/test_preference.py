@@ -19,14 +19,7 @@ from conftest import tiny_llama  # noqa: E402
 
 from llmctl.core.model.io import load_model  # noqa: E402
 
-FAST = ["--config", "tiny"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    out = tmp_path_factory.mktemp("base")
-    return tiny_llama(out, ["question: what is two plus three? answer: five. " * 20], vocab=200, context=128,
-                      scale=2.0)
+from test_finetune import FAST, base  # noqa: E402, F401  (the finetune tests' tiny base)
 
 
 @pytest.fixture(scope="module")
