@@ -164,6 +164,8 @@ def test_every_method_trains_and_logs_trl_metrics(llmctl, base, pairs, tmp_path)
             assert all("kl" in s and ("rewards/chosen" in s or "rewards/rejected" in s) for s in steps), steps
         if method == "dpo":  # step 1: the adapter is still zero, so policy = reference
             assert steps[0]["rewards/chosen"] == 0 and abs(steps[0]["loss"] - 0.6931472) < 1e-5
+        vals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in x]
+        assert vals and all("val_ppl" not in v for v in vals)  # a preference loss has no perplexity
 
 
 def test_bad_records_are_named_with_file_and_line(llmctl, base, tmp_path):

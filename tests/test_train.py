@@ -240,6 +240,7 @@ def test_train_on_shards_end_to_end(llmctl, corpus, tmp_path):
     assert [x["step"] for x in steps] == list(range(1, 9))
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(steps[0])
     assert [x["step"] for x in recs if "val_loss" in x] == [4, 8]
+    assert all(x["val_ppl"] == pytest.approx(math.exp(x["val_loss"])) for x in recs if "val_loss" in x)
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000008"]  # keep_last=1
     assert (out / "checkpoints" / "step-000008" / "trainer_state" / "state.safetensors").is_file()

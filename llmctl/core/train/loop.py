@@ -370,8 +370,7 @@ class Trainer:
                 if d.is_main:
                     publish(last_saved, self.outdir)
                     if val_loss is not None:
-                        append_metrics(self.outdir, {"task": "val_loss", "step": self.step, "val_loss": val_loss,
-                                                     "val_ppl": math.exp(min(val_loss, 50.0))})
+                        append_metrics(self.outdir, {"task": "val_loss", "step": self.step, **self._val_record(val_loss)})
         finally:
             if log:
                 log.close()
@@ -396,8 +395,14 @@ class Trainer:
     def _log_eval(self, log: MetricsLog | None) -> float | None:
         val_loss = self.evaluate()
         if val_loss is not None and log:
-            log.log({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+            log.log({"step": self.step, **self._val_record(val_loss)})
         return val_loss
+
+    def _val_record(self, val_loss: float) -> dict:
+        """The validation loss, with its perplexity when the loss is a language model's."""
+        if not self.objective.perplexity:
+            return {"val_loss": val_loss}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
 def generation_config(model_config) -> dict:

@@ -54,6 +54,7 @@ class Objective:
     document_mask = False  # whether `document_mask=true` applies
     takes_args = False  # whether it reads `objective_args`
     command = "train"  # the command its checkpoints name in their lineage
+    perplexity = True  # whether exp(validation loss) is a perplexity (not for preference losses)
 
     def __init__(self, plan, device: torch.device):
         self.plan, self.cfg, self.device = plan, plan.config, device

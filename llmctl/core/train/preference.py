@@ -80,6 +80,7 @@ class Preference(SFT):
     """The shared parts: data, batches, reference log-probs, metrics. Subclasses set `criterion`."""
 
     takes_args = True
+    perplexity = False  # a preference loss's exp() is no perplexity: val_loss only
     reference = True  # whether the loss compares with a reference model
     average = False  # per-token mean log-probs instead of sums (ipo, simpo, orpo)
     paired = True  # chosen/rejected pairs, else KTO's labelled examples
