@@ -125,27 +125,33 @@ def test_bad_record_and_method_are_named(llmctl, base, tmp_path):
     assert r.code == 2 and "did you mean 'lora'" in r.stderr
 
 
-def _spawn(*args) -> subprocess.Popen:
+def spawn_finetune(*args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "llmctl", "--quiet", "finetune", *map(str, args)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_then_resume(args: list, resume_args: list, ref: Path, cut: Path, kill_at: int) -> None:
+    """`finetune ARGS` to the end in `ref`; the same in `cut`, SIGKILLed once checkpoint `kill_at`
+    is written, then resumed there with `resume_args`."""
+    whole, killed = spawn_finetune(*args, "-o", ref), spawn_finetune(*args, "-o", cut)
+    deadline = time.time() + 300  # a loaded machine
+    while not (cut / "checkpoints" / f"step-{kill_at:06d}" / "trainer_state" / "state.json").is_file():
+        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1]
+        time.sleep(0.02)
+    killed.kill()
+    killed.wait()
+    assert whole.wait(timeout=400) == 0, whole.communicate()[1]
+    assert not (cut / "adapter_config.json").exists()  # it never finished
+    resumed = spawn_finetune(*resume_args, "-o", cut, "--resume")
+    assert resumed.wait(timeout=400) == 0, resumed.communicate()[1]
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(base, records, tmp_path):
     args = [base, *FAST, "--data", records, "--method", "dora", "max_steps=14", "save_every=4", "keep_last=5",
             "adapter.dropout=0.1"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    whole, killed = _spawn(*args, "-o", ref), _spawn(*args, "-o", cut)
-    deadline = time.time() + 120
-    while not (cut / "checkpoints" / "step-000008" / "trainer_state" / "state.json").is_file():
-        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1]
-        time.sleep(0.02)
-    killed.kill()
-    killed.wait()
-    assert whole.wait(timeout=180) == 0, whole.communicate()[1]
-    assert not (cut / "adapter_config.json").exists()  # it never finished
-    resumed = _spawn(base, "--data", records, "-o", cut, "--resume")
-    assert resumed.wait(timeout=180) == 0, resumed.communicate()[1]
+    kill_then_resume(args, [base, "--data", records], ref, cut, kill_at=8)
     assert _losses(cut) == _losses(ref)
     assert (cut / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
 

@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from conftest import tiny_llama  # noqa: E402
 
 from llmctl.core.model.io import load_model  # noqa: E402
 
-from test_finetune import FAST, base  # noqa: E402, F401  (the finetune tests' tiny base)
+from test_finetune import FAST, base, kill_then_resume  # noqa: E402, F401  (the finetune tests' tiny base)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +100,6 @@ def test_reference_free_methods_hold_and_run_no_reference(base, pairs, method):
 
 
 def test_adapter_off_reference_equals_a_frozen_copy(base, pairs):
-    from llmctl.core.train.preference import sequence_logps
-
     lora, model, (inputs, labels, extra) = _objective(base, pairs / "pairs.jsonl", "dpo", "adapter.method=lora")
     assert lora.reference_source == "adapter" and lora.companions() == {}
     with torch.no_grad():  # a trained-looking adapter, so the policy differs from the base
@@ -200,12 +197,6 @@ def test_conversational_pairs_mask_the_assistant_answer(base):
     assert chosen.ids[:n] == rejected.ids[:n]  # the same prompt before both answers
 
 
-def _spawn(*args) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "llmctl", "--quiet", "finetune", *map(str, args)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def _records(out: Path) -> list[dict]:
     timing = {"tokens_per_s", "mfu"}
     return [{k: v for k, v in json.loads(x).items() if k not in timing}
@@ -216,17 +207,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(base, pairs, tmp_p
     args = [base, *FAST, "--method", "dpo", "--data", pairs / "pairs.jsonl", "adapter=lora", "max_steps=8",
             "save_every=2", "keep_last=5", "adapter.dropout=0.1", "objective_args.precompute_ref=true"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    whole, killed = _spawn(*args, "-o", ref), _spawn(*args, "-o", cut)
-    deadline = time.time() + 300  # a loaded machine
-    while not (cut / "checkpoints" / "step-000004" / "trainer_state" / "state.json").is_file():
-        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1]
-        time.sleep(0.02)
-    killed.kill()
-    killed.wait()
-    assert whole.wait(timeout=400) == 0, whole.communicate()[1]
-    assert not (cut / "adapter_config.json").exists()
-    resumed = _spawn(base, "--data", pairs / "pairs.jsonl", "-o", cut, "--resume")
-    assert resumed.wait(timeout=400) == 0, resumed.communicate()[1]
+    kill_then_resume(args, [base, "--data", pairs / "pairs.jsonl"], ref, cut, kill_at=4)
     assert _records(cut) == _records(ref)
     assert (cut / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
 

@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from llmctl.core.checkpoint import TOKENIZER_FILES, CheckpointWriter, open_checkpoint
 from llmctl.core.merge.adapters import materialise, split
