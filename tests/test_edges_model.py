@@ -71,3 +71,20 @@ def test_legacy_rope_scaling_type_key_is_understood():
     current = rope(rope_scaling={"rope_type": "linear", "factor": 2.0}).rotary(ids, torch.float32)
     plain = rope().rotary(ids, torch.float32)
     assert torch.equal(legacy[0], current[0]) and not torch.equal(legacy[0], plain[0])
+
+
+@pytest.mark.parametrize("T", [8, 160])  # 160: long enough for the blocked causal kernel on CPU
+def test_attention_dropout_acts_in_training_only(T):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**TINY, "max_seq_len": 256, "attention_dropout": 0.5}))
+    ids = torch.randint(0, 97, (1, T))
+
+    def run(train: bool, seed: int):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model.train(train)(ids).logits
+
+    assert torch.equal(run(False, 0), run(False, 1))  # eval: no dropout
+    assert torch.equal(run(True, 0), run(True, 0))  # seeded
+    assert not torch.allclose(run(True, 0), run(True, 1))  # training: attention probabilities dropped
+    assert not torch.allclose(run(True, 0), run(False, 0))
