@@ -54,3 +54,21 @@ def test_gradients_equal_the_full_computation_and_chunks_are_not_kept():
     ours = torch.autograd.grad(logprobs.sum(), [features, head.weight])
     for a, b in zip(ours, grads):
         torch.testing.assert_close(a, b)
+
+
+def test_greedy_hits_mark_exactly_the_argmax_targets():
+    features, head, _ = _setup()
+    with torch.no_grad():
+        best = head(features).argmax(-1)
+        targets = torch.where(torch.arange(N) % 3 == 0, best, (best + 1) % V)  # every third target is the argmax
+        _, hits = token_logprobs(features, targets, head, vocab=V, greedy=True, chunk=5 * V, min_rows=2)
+    assert hits.dtype == torch.bool
+    assert torch.equal(hits, torch.arange(N) % 3 == 0)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_no_targets_give_an_empty_float32_result(grad):
+    features, head, _ = _setup()
+    with torch.set_grad_enabled(grad):
+        logprobs, _ = token_logprobs(features[:0], torch.zeros(0, dtype=torch.long), head, vocab=V)
+    assert logprobs.shape == (0,) and logprobs.dtype == torch.float32
