@@ -1,0 +1,54 @@
+"""Edges of the decoding code that the end-to-end comparisons do not reach (found by mutation
+testing, docs/testing.md): contrastive search's hidden states on every norm placement, and
+rolling a padded batch's cache back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmctl.core.generate.search import Runner, _output_hidden
+from llmctl.core.model import ModelConfig, Transformer
+
+TINY = dict(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=48,
+            max_seq_len=64)
+
+
+def make(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**{**TINY, **overrides})).eval()
+
+
+@pytest.mark.parametrize("placement", [dict(), dict(norm_placement="post", norm="layernorm")])
+def test_contrastive_hidden_states_are_what_the_head_reads(placement):
+    """Contrastive search compares the last hidden states: the head's input after any final norm."""
+    model = make(**placement)
+    captured = []
+    hook = _output_hidden(model).register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple)
+                                                                                        else o))
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        logits = model(ids).logits
+    hook.remove()
+    assert torch.allclose(model.lm_head(captured[-1]).float(), logits, atol=1e-5)
+
+
+def test_truncating_a_padded_batch_rewinds_its_positions():
+    """Rolling back n cached tokens of a left-padded batch, then feeding others, equals a run
+    that was fed those tokens in the first place."""
+    model = make()
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    kept, dropped, fresh = torch.tensor([[1], [2]]), torch.tensor([[3, 4], [5, 6]]), torch.tensor([[7, 8], [9, 10]])
+    with torch.no_grad():
+        rolled = Runner(model, prompts, 32, torch.device("cpu"))
+        rolled.prefill()
+        rolled.forward(kept)
+        rolled.forward(dropped)
+        rolled.truncate(rolled.length - 2)
+        got = rolled.forward(fresh)
+        straight = Runner(model, prompts, 32, torch.device("cpu"))
+        straight.prefill()
+        straight.forward(kept)
+        want = straight.forward(fresh)
+    assert rolled.padded
+    assert torch.allclose(got, want, atol=1e-5)
