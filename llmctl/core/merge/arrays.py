@@ -1,6 +1,7 @@
 """The array back ends a merge runs on: `Torch` (every method) and `Numpy` (a plan whose method
 is declared `arrays=True`, safetensors inputs, no vocabulary to align), which never imports torch:
-a linear soup or a passthrough stack starts in a fraction of torch's import time.
+a linear, slerp, TIES or DARE merge starts in a fraction of torch's import time. An `arrays`
+method gets numpy arrays on either back end (`Torch.array`: the tensor's memory).
 
 Both read a tensor by one `pread` (`Checkpoint.read_into`) and hand the writer its bytes. numpy
 has no bfloat16: such a tensor is held as its uint16 bit patterns, widened to float32 exactly
@@ -40,6 +41,17 @@ class _Slots:
 
 
 class Torch(_Slots):
+    def array(self, x):
+        """A float tensor as a numpy array of its memory (for an `arrays` method)."""
+        import numpy as np
+
+        return np.ascontiguousarray(x.numpy())
+
+    def tensor(self, x):
+        import torch
+
+        return torch.from_numpy(x)
+
     def read(self, ck: Checkpoint, name: str, dtype: str, slot: int = 0):
         import torch
 
@@ -66,6 +78,11 @@ class Torch(_Slots):
 
 
 class Numpy(_Slots):
+    def array(self, x):
+        return x
+
+    tensor = array
+
     def read(self, ck: Checkpoint, name: str, dtype: str, slot: int = 0):
         return self._read(ck, name, dtype, slot)
 
@@ -95,6 +112,21 @@ class Numpy(_Slots):
 
         x = np.ascontiguousarray(x)
         writer.add_bytes(name, memoryview(x.reshape(-1).view(np.uint8)), x.shape, dtype)
+
+
+def narrowed(x, dtype: str):
+    """The float32 array `x` rounded in place to `dtype`'s precision (bfloat16, float16, float8)."""
+    try:
+        _numpy_dtype(dtype)
+    except TypeError:  # float8: torch's rounding
+        import torch
+
+        t = torch.from_numpy(x)
+        t.copy_(t.to(getattr(torch, dtype)))
+        return x
+    xp = Numpy()
+    x[...] = xp.cast(xp.cast(x, "float32", dtype), dtype, "float32")
+    return x
 
 
 def _numpy_dtype(name: str):

@@ -1,7 +1,7 @@
 """Merge methods: each a registered tensor function with declared parameters.
 
     @METHODS.register("linear")
-    def linear(inputs: Inputs, weight: list[float], normalize: bool = True) -> Tensor: ...
+    def linear(inputs: Inputs, weight: list[float], normalize: bool = True) -> np.ndarray: ...
     METHODS.get("linear").params  # Param("weight", float, per_model=True), Param("normalize", …)
 
 A method sees one tensor name at a time: `Inputs.base` (the base model's tensor, when the
@@ -10,6 +10,8 @@ parameter arrives as a list aligned with `others`. Parameters and their defaults
 from the function's signature (a `list[...]` annotation makes a parameter per-model), so a
 method is declared once. TIES, DARE, breadcrumbs and DELLA are one generalised task
 arithmetic (task vectors → sparsify → sign consensus → weighted sum), configured per name.
+Methods declared `arrays=True` (linear, slerp, passthrough, the task-arithmetic family) compute
+on numpy arrays, the others (nuslerp, model_stock) on torch tensors.
 Third-party methods register through the `llmctl.merge_methods` entry-point group.
 """
 
@@ -25,6 +27,7 @@ from llmctl.core.merge.sparsify import sparsify
 from llmctl.core.registry import Registry
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import Tensor
 
@@ -43,14 +46,21 @@ class Param:
         return self.default is REQUIRED
 
 
+def _exact(x):
+    return x
+
+
 @dataclass
 class Inputs:
-    """One tensor name's inputs: `base` (or None) and the `others`, plus a seeded generator
-    for randomised methods. They are the method's own copies: it may work in them in place."""
+    """One tensor name's inputs: `base` (or None) and the `others`, plus a seeded numpy
+    generator for randomised methods. They are the method's own copies: it may work in them in
+    place. `narrow` rounds an array in place to the merge's precision, for a method that rounds
+    each step as mergekit does when it computes in 16 bits (identity at full precision)."""
 
     base: Tensor | None
     others: list[Tensor]
-    generator: torch.Generator | None = None
+    generator: np.random.Generator | None = None
+    narrow: Callable = _exact
 
     @property
     def all(self) -> list[Tensor]:
@@ -61,9 +71,8 @@ class Inputs:
 class Method:
     """A merge function and what it accepts: `base` is "required", "optional" or "ignored"
     (an ignored base is an ordinary input); `inputs` bounds the number of input models.
-    `arrays`: the function uses only the operators numpy arrays and torch tensors share
-    (`+ - * /` and their in-place forms), and gets 16-bit inputs as float32, so a merge made of
-    such methods runs on numpy without importing torch (`core/merge/arrays.py`).
+    `arrays`: the function takes and returns numpy arrays, 16-bit inputs widened to float32, on
+    either back end, so a merge made of such methods runs without importing torch (`arrays.py`).
     `fixed` binds keyword-only arguments (a family member's choices), `defaults` overrides
     declared defaults; a keyword-only argument left unbound and undeclared is not a parameter."""
 
@@ -106,14 +115,8 @@ def register(name: str, **declared) -> Callable:
     return add
 
 
-def _work(t: Tensor) -> torch.dtype:
-    import torch
-
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 @register("linear", arrays=True)
-def linear(inputs: Inputs, weight: list[float], normalize: bool = True) -> Tensor:
+def linear(inputs: Inputs, weight: list[float], normalize: bool = True) -> np.ndarray:
     """Weighted average (model soups); `normalize` divides by the sum of the weights.
     (In place, in the inputs' own buffers: no tensor is allocated.)"""
     out = inputs.others[0]
@@ -126,25 +129,31 @@ def linear(inputs: Inputs, weight: list[float], normalize: bool = True) -> Tenso
     return out
 
 
-def slerp_tensors(t: float, a: Tensor, b: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
-    """Spherical interpolation of two flattened tensors (linear when nearly collinear)."""
-    import torch
+def slerp_arrays(t: float, a: np.ndarray, b: np.ndarray, dot_threshold: float = 0.9995,
+                 eps: float = 1e-8) -> np.ndarray:
+    """Spherical interpolation of two arrays as flattened vectors (linear when nearly collinear),
+    made in `a`'s buffer: three dot products and two scalings, no temporary."""
+    import math
 
-    x, y = a.to(_work(a)).reshape(-1), b.to(_work(a)).reshape(-1)
-    norm_x, norm_y = x.norm(), y.norm()
-    dot = (x / (norm_x if norm_x > eps else 1) * (y / (norm_y if norm_y > eps else 1))).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        out = (1 - t) * x + t * y
+    x, y = a.reshape(-1), b.reshape(-1)
+    norm_x, norm_y = math.sqrt(x @ x), math.sqrt(y @ y)
+    dot = float(x @ y) / ((norm_x if norm_x > eps else 1) * (norm_y if norm_y > eps else 1))
+    dot = min(max(dot, -1.0), 1.0)
+    if abs(dot) > dot_threshold:
+        s0, s1 = 1 - t, t
     else:
-        theta = torch.acos(dot)
-        out = (torch.sin((1 - t) * theta) * x + torch.sin(t * theta) * y) / torch.sin(theta)
-    return out.reshape(a.shape).to(a.dtype)
+        theta = math.acos(dot)
+        s0, s1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    x *= s0
+    y *= s1
+    x += y
+    return a
 
 
-@register("slerp", base="required", inputs=(2, 2))
-def slerp(inputs: Inputs, t: float) -> Tensor:
+@register("slerp", base="required", inputs=(2, 2), arrays=True)
+def slerp(inputs: Inputs, t: float) -> np.ndarray:
     """Spherical interpolation from the base (t=0) to the other model (t=1)."""
-    return slerp_tensors(t, inputs.base, inputs.others[0])
+    return slerp_arrays(t, inputs.base, inputs.others[0])
 
 
 def nuslerp_tensors(t: float, a: Tensor, b: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
@@ -205,7 +214,7 @@ def model_stock(inputs: Inputs, filter_wise: bool = False) -> Tensor:
 
 
 @register("passthrough", inputs=(1, 1), arrays=True)
-def passthrough(inputs: Inputs, scale: list[float | None] = None) -> Tensor:
+def passthrough(inputs: Inputs, scale: list[float | None] = None) -> np.ndarray:
     """The one input unchanged (frankenmerges of layer slices), optionally scaled."""
     tensor, factor = inputs.others[0], scale[0]
     return tensor if factor is None else tensor * factor
@@ -217,48 +226,54 @@ RANDOM_SPARSIFIERS = {"random", "della_magprune"}
 def task_arithmetic(inputs: Inputs, weight: list[float], density: list[float] = 1.0,
                     normalize: bool = False, rescale: bool = False, int8_mask: bool = False,
                     lambda_: float = 1.0, *, gamma: list[float] = 0.01, epsilon: list[float] = 0.15,
-                    sparsifier: str | None = None, consensus: str | None = None) -> Tensor:
+                    sparsifier: str | None = None, consensus: str | None = None) -> np.ndarray:
     """Generalised task arithmetic: base + λ · Σ wᵢ · sparsify(modelᵢ − base), summed over the
     entries that agree with the majority sign when `consensus` ("sum" of the weighted deltas,
     or "count" of signs), divided by the weights that contributed when `normalize`.
-    (`int8_mask` is accepted for mergekit recipes; masks here are boolean.) Memory: the
-    weighted task vectors, one tensor each, plus about two tensors of work space."""
-    import torch
+    (`int8_mask` is accepted for mergekit recipes; masks here are boolean.) Each task vector
+    is made in its model's own buffer and the sum in the first one; each step is rounded to the
+    merge's precision (`Inputs.narrow`), as mergekit computes. Work space: a sparsifier's mask,
+    and for consensus over several models a sign array and the divisor."""
+    import numpy as np
 
-    base = inputs.base
-    weights = torch.tensor(weight, dtype=base.dtype)  # rounded to the deltas' dtype, as mergekit's
-    deltas = torch.empty((len(inputs.others), *base.shape), dtype=base.dtype)
-    for i, other in enumerate(inputs.others):
-        delta = torch.sub(other.to(base.dtype), base, out=deltas[i])
+    base, r = inputs.base, inputs.narrow
+    weights = [float(r(np.array(w, dtype=base.dtype))) for w in weight]  # rounded as mergekit's
+    deltas = inputs.others
+    for i, delta in enumerate(deltas):
+        r(np.subtract(delta, base, out=delta))
         if sparsifier is not None:
             extra = {"magnitude_outliers": {"gamma": gamma}, "della_magprune": {"epsilon": epsilon}}.get(sparsifier, {})
             extra = {k: v[i] for k, v in extra.items()}
             if sparsifier in RANDOM_SPARSIFIERS:
                 extra["generator"] = inputs.generator
-            sparsify(sparsifier, delta, density=density[i], rescale=rescale, **extra)
-        delta.mul_(weights[i])
-    if consensus is not None:  # entries against the majority sign (>= 0: positive) are dropped in place
-        positive = (deltas.sum(0) if consensus == "sum" else deltas.sign().sum(0)) >= 0
-        divisor = torch.zeros(base.shape) if normalize else None  # Σ of the agreeing weights, in float32
-        for w, delta in zip(weights.tolist(), deltas):
-            agree = torch.where(positive, delta > 0, delta < 0)
-            delta.masked_fill_(~agree, 0)
+            sparsify(sparsifier, delta, density=density[i], rescale=rescale, narrow=r, **extra)
+        r(np.multiply(delta, weights[i], out=delta))
+    if consensus is not None and len(deltas) > 1:  # entries against the majority sign (>= 0: positive) dropped
+        total = sum(deltas[1:], deltas[0].copy()) if consensus == "sum" else sum(np.sign(d) for d in deltas)
+        positive = total >= 0
+        del total
+        divisor = np.zeros(base.shape, dtype=np.float32) if normalize else None  # Σ of the agreeing weights
+        for w, delta in zip(weights, deltas):
+            np.copyto(delta, 0, where=(delta > 0) != positive)  # a zero stays zero either way
             if divisor is not None:
-                divisor.add_(agree, alpha=w)
-        del positive, agree
+                np.add(divisor, w, out=divisor, where=delta != 0)
+        del positive
         if divisor is not None:
-            divisor = divisor.to(base.dtype)
+            divisor = r(divisor.astype(base.dtype, copy=False))
             divisor[divisor == 0] = 1
-    else:
-        divisor = weights.sum()
-        divisor[divisor.abs() < 1e-8] = 1
-    mixed = deltas[0] if len(deltas) == 1 else deltas.sum(0)
-    del deltas
+    else:  # no consensus, or one task vector: it agrees with itself wherever it is not zero
+        divisor = r(np.array(sum(weights), dtype=base.dtype))
+        if divisor == 0 or (consensus is None and abs(divisor) < 1e-8):
+            divisor = 1
+    mixed = deltas[0]
+    for delta in deltas[1:]:
+        mixed += delta
+    r(mixed)
     if normalize:
-        mixed.div_(divisor)
+        r(np.divide(mixed, divisor, out=mixed))
     if lambda_ != 1:
-        mixed.mul_(lambda_)
-    return mixed.add_(base).to(base.dtype)
+        r(np.multiply(mixed, lambda_, out=mixed))
+    return r(np.add(mixed, base, out=mixed))
 
 
 # name: (sparsifier, sign consensus, normalize, rescale) — mergekit's table of the family
@@ -274,6 +289,6 @@ for _name, (_sparsifier, _consensus, _normalize, _rescale) in {
 }.items():
     _extra = {"magnitude_outliers": {"gamma": 0.01}, "della_magprune": {"epsilon": 0.15}}.get(_sparsifier, {})
     METHODS.register(_name)(Method(
-        task_arithmetic, base="required", inputs=(2, None), random=_sparsifier in RANDOM_SPARSIFIERS,
+        task_arithmetic, base="required", inputs=(2, None), random=_sparsifier in RANDOM_SPARSIFIERS, arrays=True,
         fixed={"sparsifier": _sparsifier, "consensus": _consensus},
         defaults={"normalize": _normalize, "rescale": _rescale, **_extra}))

@@ -18,7 +18,7 @@ from pathlib import Path
 from llmctl.core.checkpoint import TOKENIZER_FILES, CheckpointWriter, open_checkpoint
 from llmctl.core.merge.adapters import materialise, split
 from llmctl.core.merge.methods import METHODS, Inputs
-from llmctl.core.merge.arrays import FLOATS, backend_for
+from llmctl.core.merge.arrays import FLOATS, backend_for, narrowed
 from llmctl.core.merge.plan import LAYER_KEYS, Job, Plan, plan, promote
 from llmctl.core.merge.recipe import Recipe
 from llmctl.core.outputs import OUTPUT_KINDS
@@ -70,7 +70,7 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
 
 def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int, xp):
     """The merged value of one job (inputs converted to the recipe's `dtype`, if any) on the
-    back end `xp`, with its dtype name."""
+    back end `xp`, with its dtype name. An `arrays` method computes 16-bit merges in float32."""
     tensors = [xp.read(p.checkpoints[m], n, d, slot)
                for slot, ((m, n), d) in enumerate(zip(job.inputs, job.input_dtypes))]
     if not all(d in FLOATS for d in job.input_dtypes):  # integer buffers must agree
@@ -79,19 +79,22 @@ def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int, xp):
         return tensors[0], job.input_dtypes[0]
     dtype = recipe.dtype or promote(list(job.input_dtypes))
     work = dtype if not p.method.arrays or dtype == "float64" else "float32"
-    tensors = [xp.cast(t, d, work) for t, d in zip(tensors, job.input_dtypes)]
+    tensors = [xp.cast(xp.cast(t, d, dtype), dtype, work) for t, d in zip(tensors, job.input_dtypes)]
     if job.vocabulary:  # one row per output token in every input
         tensors = p.vocabulary.align([(m, t) for (m, _), t in zip(job.inputs, tensors)])
+    if p.method.arrays:
+        tensors = [xp.array(t) for t in tensors]
     base = tensors[job.base] if job.base is not None else None
     others = [t for i, t in enumerate(tensors) if i != job.base]
     generator = None
     if p.method.random:  # seeded per tensor name: the same merge whatever the order or subset
-        import torch
+        import numpy as np
 
         key = hashlib.sha256(f"{seed}\0{job.name}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-    out = p.method(Inputs(base, others, generator), **job.params)
-    return xp.cast(out, work, dtype), dtype
+        generator = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    narrow = (lambda x: narrowed(x, dtype)) if work != dtype else (lambda x: x)
+    out = p.method(Inputs(base, others, generator, narrow), **job.params)
+    return xp.cast(xp.tensor(out) if p.method.arrays else out, work, dtype), dtype
 
 
 def _nbytes(job: Job) -> int:
