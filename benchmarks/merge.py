@@ -105,7 +105,7 @@ def main() -> None:
     lines = [f"Two `llama`-preset checkpoints (~125M parameters, float32, one "
              f"{(args.dir / BASE / 'model.safetensors').stat().st_size / 2**20:.0f} MiB file each); largest tensor "
              f"{largest:.0f} MiB; `import torch, llmctl.core.merge` alone peaks at {baseline['torch']:.0f} MiB, "
-             f"`import numpy, llmctl.core.merge` (the numpy back end of linear and passthrough) at "
+             f"`import numpy, llmctl.core.merge` (the numpy back end, which every method here runs on) at "
              f"{baseline['numpy']:.0f} MiB. Best of {args.repeat} run(s) per tool, alternating, each the whole command "
              f"in a fresh process; load average (1 min) {min(load):.1f}–{max(load):.1f} during the runs.", "",
              "| method | llmctl (s) | mergekit-yaml (s) | speed-up | llmctl peak RSS (MiB) | mergekit peak RSS (MiB) |",
