@@ -89,15 +89,17 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         (args.dir / f"{method}.yaml").write_text(yaml.safe_dump(RECIPES[method], sort_keys=False))
+        outputs = {"llmctl": f"out-{method}", "mergekit": f"mk-{method}"}
         tools = {
-            "llmctl": [sys.executable, "-m", "llmctl", "merge", "--config", f"{method}.yaml", "-o", f"out-{method}",
-                       "--force", "--quiet"],
-            "mergekit": [mergekit, f"{method}.yaml", f"mk-{method}", "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
+            "llmctl": [sys.executable, "-m", "llmctl", "merge", "--config", f"{method}.yaml", "-o", outputs["llmctl"],
+                       "--quiet"],
+            "mergekit": [mergekit, f"{method}.yaml", outputs["mergekit"], "--no-copy-tokenizer", "--no-write-model-card",
+                         "--quiet"],
         }
         runs = {tool: [] for tool in tools}
         for _ in range(args.repeat):
             for tool, command in tools.items():
-                shutil.rmtree(args.dir / f"mk-{method}", ignore_errors=True)
+                shutil.rmtree(args.dir / outputs[tool], ignore_errors=True)  # deleting the last output is not timed
                 runs[tool].append(timed(command, args.dir))
                 print(method, tool, runs[tool][-1], file=sys.stderr)
         rows.append((method, {tool: min(r) for tool, r in runs.items()}))
