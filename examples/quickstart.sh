@@ -60,7 +60,7 @@ fi
 # 4. The untrained model (max_steps=0), kept to show what training changed.
 step "4/7 initial model"
 if [ -f "$OUT/init/config.json" ]; then reuse "$OUT/init"; else
-  llmctl train --config quickstart data="$OUT/tokens" max_steps=0 "${TRAIN_OVERRIDES[@]}" -o "$OUT/init"
+  llmctl train --config quickstart data="$OUT/tokens" "${TRAIN_OVERRIDES[@]}" max_steps=0 -o "$OUT/init"
 fi
 
 # 5. Training for a fixed wall-clock budget (max_time, in minutes). Checkpoints land in
