@@ -70,5 +70,5 @@ def test_greedy_hits_mark_exactly_the_argmax_targets():
 def test_no_targets_give_an_empty_float32_result(grad):
     features, head, _ = _setup()
     with torch.set_grad_enabled(grad):
-        logprobs, _ = token_logprobs(features[:0], torch.zeros(0, dtype=torch.long), head, vocab=V)
+        logprobs, _ = token_logprobs(features[:0].bfloat16(), torch.zeros(0, dtype=torch.long), head, vocab=V)
     assert logprobs.shape == (0,) and logprobs.dtype == torch.float32
