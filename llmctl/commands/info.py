@@ -75,6 +75,8 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
                  ["adapter targets", f"{a['targets']} ({a['modules']} modules)" if a["modules"] else _v(a["targets"])],
                  ["adapter parameters", f"{human_count(a['parameters'])}{share}"],
                  ["base", a["base"] + "".join(f" + {t['type']}" for t in a["base_transforms"])]]
+        if a.get("task_type") == "SEQ_CLS":  # a reward model: the base as a sequence classifier
+            rows.append(["adapter task", f"SEQ_CLS (sequence classifier), trained in full: {_compact(a['modules_to_save'])}"])
     return rows
 
 

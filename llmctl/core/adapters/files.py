@@ -63,6 +63,7 @@ def describe_adapter(path: str | os.PathLike, base_parameters: int | None) -> di
     lineage = json.loads(lineage_file.read_text(encoding="utf-8")) if lineage_file.is_file() else None
     return {
         "method": method_name(config),
+        "task_type": config.get("task_type"),
         "r": config.get("r"),
         "alpha": config.get("lora_alpha"),
         "targets": config.get("target_modules"),

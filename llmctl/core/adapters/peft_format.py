@@ -9,10 +9,14 @@ PREFIX_TUNING, PROMPT_TUNING: `prompt.py`); it writes its own config fields and 
 LoRA's keys are `base_model.model.<HF module path>.lora_A.weight`, `….lora_B.weight`,
 `….lora_magnitude_vector` (DoRA) and `base_model.model.<path>.weight` for `modules_to_save`;
 module paths are the base architecture's Hugging Face names (`hf.module_names`); prefix and
-prompt tuning store one tensor, `prompt_embeddings`. Beside them
+prompt tuning store one tensor, `prompt_embeddings`. A reward model's adapter (the base made a
+sequence classifier, `num_labels`) is PEFT's `task_type: "SEQ_CLS"`: its score head is a module
+to save, `base_model.model.score.weight`, so `PeftModel.from_pretrained(
+AutoModelForSequenceClassification.from_pretrained(base, num_labels=…), out)` loads it. Beside them
 llmctl writes `llmctl.json` (lineage; `base_transforms`: transforms applied to the base before
-the adapter, such as QLoRA's `nf4`; `base_context`: a rotary context set at finetune time,
-`max_seq_len` / `rope_scaling`) and the tokenizer. `base_model_name_or_path` may be
+the adapter, such as QLoRA's `nf4`; `base_context`: config fields set at finetune time — a
+rotary context, `max_seq_len` / `rope_scaling`, and a classifier's `num_labels`, `pad_token_id`,
+`tie_embeddings`) and the tokenizer. `base_model_name_or_path` may be
 absolute or relative (to the adapter directory first, then to the working directory).
 """
 
@@ -36,6 +40,8 @@ from llmctl.errors import CheckpointError
 _FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "dora",
            "target_modules": "target_modules", "exclude_modules": "exclude_modules",
            "layers_to_transform": "layers_to_transform", "modules_to_save": "modules_to_save"}
+CLASSIFIER_FIELDS = ("num_labels", "pad_token_id", "tie_embeddings")  # a reward model's, beside its base's
+HEAD = "lm_head"  # our name of a classifier's score head (HF: `score`)
 _UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
                 "layers_pattern": None, "trainable_token_indices": None, "layer_replication": None,
                 "target_parameters": None, "lora_bias": False}
@@ -52,7 +58,8 @@ def _hf_names(model: nn.Module) -> dict[str, str]:
 
 
 def _identity(names: dict[str, str]) -> bool:
-    return all(k == v for k, v in names.items())
+    """Whether the names match but for a classifier's head (`score`, a module to save, never a target)."""
+    return all(k == v for k, v in names.items() if k != HEAD)
 
 
 def adapter_transform(config: dict, model: nn.Module, where: str = ADAPTER_CONFIG):
@@ -73,6 +80,9 @@ def transform_from_config(config: dict, model: nn.Module, where: str = ADAPTER_C
             raise CheckpointError(f"{where}: {key}={config[key]!r} is not supported")
     params = {ours: config[theirs] for theirs, ours in _FIELDS.items() if theirs in config}
     names = _hf_names(model)
+    if params.get("modules_to_save"):  # HF names (a classifier's `score`) → ours
+        ours = {theirs: o for o, theirs in names.items()}
+        params["modules_to_save"] = [ours.get(m, m) for m in params["modules_to_save"]]
     if not _identity(names) and params.get("target_modules") != ALL_LINEAR:  # select on HF names, keep ours
         picked = {t for t in names.values() if matches(t, params.get("target_modules"))
                   and not matches(t, params.get("exclude_modules")) and _in_layers(t, params.get("layers_to_transform"))}
@@ -93,9 +103,16 @@ def adapter_config(transform: LoRA, model: nn.Module) -> dict[str, Any]:
     if not _identity(names) and transform.target_modules != ALL_LINEAR:
         spec.update(target_modules=[names.get(p, p) for p in transform.select(model)],
                     exclude_modules=None, layers_to_transform=None)
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", **spec,
+    if transform.modules_to_save:
+        spec["modules_to_save"] = [names.get(m, m) for m in transform.modules_to_save]
+    return {"peft_type": "LORA", "task_type": task_type(model), **spec,
             "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
+
+
+def task_type(model: nn.Module) -> str:
+    """PEFT's task type of an adapter on `model`: SEQ_CLS for a classifier (reward model), else CAUSAL_LM."""
+    return "SEQ_CLS" if model.cfg.num_labels else "CAUSAL_LM"
 
 
 def adapter_tensors(model: nn.Module, transform: LoRA) -> dict[str, torch.Tensor]:
@@ -143,7 +160,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base: str | os
     own, base_cfg = _recorded(base)
     if [t.spec() for t in before[: len(own)]] != [t.spec() for t in own]:
         raise CheckpointError(f"the model's transforms do not start with those of its base {base}")
-    context = {k: getattr(model.cfg, k) for k in CONTEXT_FIELDS if getattr(model.cfg, k) != getattr(base_cfg, k)}
+    fields = CONTEXT_FIELDS + (CLASSIFIER_FIELDS if model.cfg.num_labels else ())
+    context = {k: getattr(model.cfg, k) for k in fields if getattr(model.cfg, k) != getattr(base_cfg, k)}
     record = _lineage_record({**(lineage or {}), "base_transforms": [t.spec() for t in before[len(own):]],
                               **({"base_context": context} if context else {})})
     tensors = {k: v.detach().contiguous().to("cpu") for k, v in transform.peft_tensors(model).items()}
@@ -179,13 +197,12 @@ def load_adapter(path: str | os.PathLike, device=None, dtype: torch.dtype | None
     path = Path(path)
     config_json = read_config(path)
     base = Path(base) if base is not None else base_path(path, config_json)
-    lineage_file = path / "llmctl.json"
-    lineage = json.loads(lineage_file.read_text(encoding="utf-8")) if lineage_file.is_file() else {}
-    if config is None and lineage.get("base_context"):  # trained with a longer or rescaled context
-        config = dataclasses.replace(_recorded(base)[1], **lineage["base_context"])
-    model, cfg = load_model(base, device=device, dtype=dtype, config=config)
-    transform = adapter_transform(config_json, model, str(path / ADAPTER_CONFIG))
-    with torch.random.fork_rng(devices=[]):  # building the adapter draws no numbers of the caller's
+    lineage = _lineage(path)
+    if config is None and (lineage.get("base_context") or config_json.get("task_type") == "SEQ_CLS"):
+        config = model_config(path, base)  # a longer context, or a classifier
+    with torch.random.fork_rng(devices=[]):  # a fresh score head and the adapter draw none of the caller's numbers
+        model, cfg = load_model(base, device=device, dtype=dtype, config=config)
+        transform = adapter_transform(config_json, model, str(path / ADAPTER_CONFIG))
         for spec in lineage.get("base_transforms", []):
             from_spec(spec).apply(model)
         transform.apply(model)
@@ -193,6 +210,35 @@ def load_adapter(path: str | os.PathLike, device=None, dtype: torch.dtype | None
     for extra in transforms:
         extra.apply(model)
     return model.eval(), model.cfg
+
+
+def _lineage(path: Path) -> dict:
+    file = path / "llmctl.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def model_config(path: str | os.PathLike, base: str | os.PathLike | None = None):
+    """The `ModelConfig` adapter directory `path` runs with: its base's (`base` or the one it
+    names) with the fields set at finetune time (`base_context`), a SEQ_CLS adapter's a classifier."""
+    path = Path(path)
+    config_json = read_config(path)
+    cfg = dataclasses.replace(_recorded(Path(base) if base is not None else base_path(path, config_json))[1],
+                              **_lineage(path).get("base_context", {}))
+    if config_json.get("task_type") == "SEQ_CLS" and not cfg.num_labels:  # made by PEFT: the head's size from its tensor
+        cfg = _classifier(cfg, path)
+    return cfg
+
+
+def _classifier(cfg, path: Path):
+    """`cfg` as the sequence classifier whose score head a SEQ_CLS adapter saves (as
+    `AutoModelForSequenceClassification`: the base's pad token, an untied head)."""
+    from llmctl.core.checkpoint import read_safetensors_header
+
+    header, _ = read_safetensors_header(path / ADAPTER_WEIGHTS)
+    head = header.get(f"{PREFIX}score.weight")
+    if head is None:
+        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: a SEQ_CLS adapter without {PREFIX}score.weight (its head)")
+    return dataclasses.replace(cfg, num_labels=head["shape"][0], tie_embeddings=False)
 
 
 def _assign(model: nn.Module, path: Path, transform) -> None:

@@ -451,14 +451,18 @@ def _check_resume(outdir: Path, plan: Plan) -> None:
     from llmctl.core.train.state import META, STATE_DIR
     from llmctl.errors import CheckpointError, UsageError
 
-    from llmctl.core.adapters import base_path, is_adapter
+    from llmctl.core.adapters import is_adapter
 
     ckpt = latest_checkpoint(outdir)
     if ckpt is None:
         return
-    model_dir = base_path(ckpt) if is_adapter(ckpt) else ckpt  # an adapter's architecture is its base's
-    if config_from_hf(open_checkpoint(model_dir).config).weights_architecture() != \
-            plan.model_config.weights_architecture():
+    if is_adapter(ckpt):  # an adapter's architecture is its base's (a reward model's: as a classifier)
+        from llmctl.core.adapters.peft_format import model_config
+
+        stored = model_config(ckpt)
+    else:
+        stored = config_from_hf(open_checkpoint(ckpt).config)
+    if stored.weights_architecture() != plan.model_config.weights_architecture():
         raise CheckpointError(f"{ckpt} has another architecture than this run's model; resume with the run's own "
                               "config (no model overrides), or train into a new OUTDIR")
     step = int(json.loads((ckpt / STATE_DIR / META).read_text(encoding="utf-8"))["step"])

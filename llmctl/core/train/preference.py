@@ -322,7 +322,8 @@ class KTO(Preference):
 class Reward(Preference):
     """A Bradley–Terry reward model (TRL's RewardTrainer): the base with a one-score head,
     scored at each sequence's last token, trained so chosen outscores rejected; saved as a
-    transformers *ForSequenceClassification checkpoint."""
+    transformers *ForSequenceClassification checkpoint, or with an adapter (lora, dora, qlora)
+    as PEFT's SEQ_CLS adapter whose fresh score head trains in full as a module to save."""
 
     reference = False
 
@@ -331,10 +332,17 @@ class Reward(Preference):
         from llmctl.core.train.sft import pad_id
 
         super().resolve(plan)
-        if plan.config.adapter_method != "full":
-            raise ConfigError("method reward trains the whole model and its score head: use adapter=full")
+        if plan.config.adapter_method in ("prefix", "prompt"):
+            raise ConfigError(f"method reward with adapter={plan.config.adapter_method}: use lora, dora, qlora or full")
         plan.model_config = dataclasses.replace(plan.model_config, num_labels=1, tie_embeddings=False,
                                                 pad_token_id=pad_id(plan.tokenizer))
+
+    def adapter_options(self):
+        """The adapter's, with the score head (`lm_head`, HF's `score`) trained in full and saved."""
+        from llmctl.core.adapters.peft_format import HEAD
+
+        options = self.cfg.adapter
+        return dataclasses.replace(options, modules_to_save=list(dict.fromkeys([*(options.modules_to_save or []), HEAD])))
 
     def batch(self, rows, index, generator=None) -> Batch:
         seqs = sequences(rows)

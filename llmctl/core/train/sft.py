@@ -107,14 +107,19 @@ class SFT(Objective):
         from llmctl.core.adapters import mark_trainable
         from llmctl.core.adapters.methods import METHODS
 
-        transforms = METHODS.get(self.cfg.adapter_method)(self.cfg.adapter)
+        options = self.adapter_options()
+        transforms = METHODS.get(self.cfg.adapter_method)(options)
         names = [t.name for t in transforms]
         if names and [t.name for t in getattr(model, "transforms", [])][-len(names):] != names:  # not a resumed one
             for transform in transforms:
                 transform.apply(model)
         if names:
-            mark_trainable(model, self.cfg.adapter.modules_to_save)
+            mark_trainable(model, options.modules_to_save)
         self._model = model  # whose frozen head makes the logits chunk by chunk (`loss`)
+
+    def adapter_options(self):
+        """The adapter's options (`adapter.*`): what `prepare` applies and trains."""
+        return self.cfg.adapter
 
     def loss(self, forward, inputs, labels, extra):
         """The mean next-token loss over the learned positions. With a frozen, unsharded head (an
