@@ -201,7 +201,7 @@ def test_reference_log_probs_adapter_off_equal_a_frozen_base_and_beta_zero_needs
 
 def test_grpo_config_errors_are_one_line_usage_errors(llmctl, base, prompts, tmp_path):
     for bad, message in [("objective_args.num_generations=1", "num_generations must be >= 2"),
-                         ("objective_args.num_iterations=2", "num_iterations"),
+                         ("objective_args.num_iterations=0", "num_iterations must be >= 1"),
                          ("objective_args.verifiers={nunber: {}}", "did you mean 'number'"),
                          ("objective_args.verifiers={regex: {patern: x}}", "unknown setting(s) patern"),
                          ("objective_args.loss_type=ppo", "objective_args.loss_type")]:

@@ -3,15 +3,22 @@
     llmctl finetune BASE --method grpo adapter=lora --data prompts.jsonl \\
         objective_args.verifiers.number={} objective_args.num_generations=8 -o OUT
 
-Each step takes `batch_size` prompts (records with `prompt` and what the verifiers read) and
-samples `num_generations` completions of each with generate's core, seeded by (seed, step):
-batch i is a pure function of (seed, i) and the weights, so resume is exact. Verifiers score
-them (`verifiers.py`); rewards are normalised within each prompt's group into advantages; the
-loss is TRL's clipped surrogate (`epsilon`, `epsilon_high`) plus `beta` × the k3 KL estimate to
-the reference (the base with the adapter switched off, or a frozen copy for `full`; none at
-beta 0), aggregated per `loss_type` exactly as TRL's GRPOTrainer does. Log-probabilities are
-taken at the sampling temperature, as TRL does. One policy update per generation
-(`num_iterations=1`: the ratio is 1 but carries the gradient).
+Each micro-batch takes `batch_size` prompts (records with `prompt` and what the verifiers read);
+a generation round samples `num_generations` completions of each prompt of an optimizer step's
+`grad_accum` micro-batches in one call of generate's core, seeded by (seed, round): a round is a
+pure function of (seed, round) and the weights. Verifiers score them (`verifiers.py`); rewards
+are normalised within each prompt's group into advantages; the loss is TRL's clipped surrogate
+(`epsilon`, `epsilon_high`) plus `beta` × the k3 KL estimate to the reference (the base with
+the adapter switched off, or a frozen copy for `full`; none at beta 0), aggregated per
+`loss_type` exactly as TRL's GRPOTrainer does — `dapo` over the completion tokens of the whole
+step, every micro-batch and process (TRL's `num_items_in_batch`). Log-probabilities are taken
+at the sampling temperature, as TRL does.
+
+A round serves `num_iterations` (μ) optimizer steps, as TRL's buffered generation batch: the
+old log-probs are the policy's at sampling time, so the ratio departs from 1 from the second
+update on and clipping bites (μ = 1: the detached current log-probs, ratio 1). The round —
+completions, advantages, old and reference log-probs — is kept in the training state
+(`state`), so a run resumed between its updates continues it exactly.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ class GRPOConfig:
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False  # no loss on completions cut at max_completion_length
-    num_iterations: int = 1  # μ: updates per generation (1 only)
+    num_iterations: int = 1  # μ: optimizer steps per generation round (TRL's)
 
 
 def settings(plan) -> GRPOConfig:
@@ -141,7 +148,7 @@ class GRPO(SFT):
                   (s.temperature > 0, "temperature must be > 0 (GRPO samples)"),
                   (s.epsilon >= 0 and (s.epsilon_high is None or s.epsilon_high >= 0), "epsilon must be >= 0"),
                   (s.beta >= 0, "beta must be >= 0"),
-                  (s.num_iterations == 1, "num_iterations: only 1 is supported (one update per generation)")]
+                  (s.num_iterations >= 1, "num_iterations must be >= 1")]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"objective_args.{message}")
@@ -176,13 +183,23 @@ class GRPO(SFT):
             from llmctl.core.model.io import load_model
 
             self.reference = load_model(plan.init_from, device=device, dtype=torch.float32)[0]
+        self.round: Round | None = None  # the generation the current steps train on
 
     def data(self, d):
-        return SFTBatches(torch.arange(len(self.records)), None, batch_size=self.cfg.batch_size, rank=d.rank,
-                          world=d.world, seed=self.cfg.seed, eval_batches=0)
+        self.dist = d  # dapo counts the step's tokens over every process
+        return Rounds(torch.arange(len(self.records)), None, batch_size=self.cfg.batch_size, rank=d.rank,
+                      world=d.world, seed=self.cfg.seed, eval_batches=0,
+                      accum=self.cfg.grad_accum, iterations=self.settings.num_iterations)
 
     def batch(self, rows, index, generator=None) -> Batch:
-        return rows, rows, {"index": index}  # record indices; the loss samples from them
+        return rows, rows, {"index": index}  # record indices; `step_batches` samples from them
+
+    def step_batches(self, batches: list[Batch]) -> list[Batch]:
+        """A new generation round every `num_iterations` steps: the step's micro-batches sampled and scored."""
+        number = batches[0][2]["index"] // (self.cfg.grad_accum * self.settings.num_iterations)
+        if self.round is None or self.round.number != number:
+            self.round = self.generate([b[0] for b in batches], number)
+        return batches
 
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
@@ -193,42 +210,68 @@ class GRPO(SFT):
 
     def loss(self, forward, inputs, labels, extra):
         s = self.settings
-        G = s.num_generations
-        records = [self.records[i] for i in inputs.tolist() for _ in range(G)]  # each prompt's group together
-        rollout = self.rollout([r["prompt"] for r in records], extra["index"])
-        rewards, per_verifier = self.rewards(rollout, records)
-        adv, std_zero = advantages(rewards, G, s.scale_rewards)
-        mask = rollout.mask
-        if s.mask_truncated_completions:
-            mask = mask * ~rollout.truncated[:, None]
-        logps = self.logprobs(forward, self.policy.head, rollout)
-        ref = None
-        if s.beta:
-            with torch.no_grad():
-                if self.reference is not None:
-                    ref = self.logprobs(self.reference, self.reference.head, rollout)
-                else:
-                    from llmctl.core.adapters import adapters_disabled
-
-                    with adapters_disabled(self.policy):
-                        ref = self.logprobs(forward, self.policy.head, rollout)
+        part = self.round.parts[extra["index"] % self.cfg.grad_accum]
+        logps = self.logprobs(forward, self.policy.head, part.rollout)
+        old = part.old if part.old is not None else logps.detach()
         eps_high = s.epsilon if s.epsilon_high is None else s.epsilon_high
-        loss, metrics = grpo_loss(logps, logps.detach(), ref, adv.to(logps.device), mask, beta=s.beta,
+        loss, metrics = grpo_loss(logps, old, part.ref, part.advantages, part.mask, beta=s.beta,
                                   epsilon_low=s.epsilon, epsilon_high=eps_high, loss_type=s.loss_type,
-                                  max_completion_length=s.max_completion_length)
+                                  max_completion_length=s.max_completion_length, num_items=self.round.num_items)
+        self.record(**metrics)
+        return loss, loss.detach()
+
+    # -- a generation round ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt_rows: list[torch.Tensor], number: int) -> "Round":
+        """Round `number`: every micro-batch's groups sampled in one call, scored, their advantages,
+        reference log-probs (beta > 0) and old log-probs (μ > 1); metrics recorded."""
+        s, G = self.settings, self.settings.num_generations
+        records = [[self.records[i] for i in rows.tolist() for _ in range(G)] for rows in prompt_rows]
+        everything = [r for part in records for r in part]  # each prompt's group together
+        rollout = self.rollout([r["prompt"] for r in everything], number)
+        rewards, per_verifier = self.rewards(rollout, everything)
+        adv, std_zero = advantages(rewards, G, s.scale_rewards)
+        parts = []
+        for i, rows in enumerate(rollout.split(len(records))):
+            mask = rows.mask * ~rows.truncated[:, None] if s.mask_truncated_completions else rows.mask
+            parts.append(Part(rows, adv.chunk(len(records))[i].to(self.device), mask, self._reference(rows),
+                              self.logprobs(self.policy, self.policy.head, rows) if s.num_iterations > 1 else None))
+        num_items = None
+        if s.loss_type == "dapo":  # completion tokens per micro-batch and process, of the whole step
+            from llmctl.core.train.distributed import all_reduce_sum
+
+            [total] = all_reduce_sum([float(sum(p.mask.sum() for p in parts))], self.dist, self.device)
+            num_items = total / (len(parts) * self.dist.world)
         lengths = rollout.mask.sum(-1).float()
         self.record(reward=torch.nanmean(rewards), reward_std=nanstd(rewards),
                     frac_reward_zero_std=std_zero.float().mean(),
                     **{f"rewards/{name}/mean": torch.nanmean(v) for name, v in per_verifier.items()},
                     **{"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                        "completions/max_length": lengths.max(),
-                       "completions/clipped_ratio": rollout.truncated.float().mean()}, **metrics)
-        return loss, loss.detach()
+                       "completions/clipped_ratio": rollout.truncated.float().mean()})
+        return Round(number, parts, num_items)
 
-    # -- steps of `loss` ------------------------------------------------------------------------
+    def _reference(self, rollout: "Rollout") -> torch.Tensor | None:
+        """The reference's log-probs (None at beta 0): a frozen copy, or the policy with its adapter off."""
+        if not self.settings.beta:
+            return None
+        if self.reference is not None:
+            return self.logprobs(self.reference, self.reference.head, rollout)
+        from llmctl.core.adapters import adapters_disabled
+
+        with adapters_disabled(self.policy):
+            return self.logprobs(self.policy, self.policy.head, rollout)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The round, when later steps reuse it (μ > 1)."""
+        return self.round.state() if self.round is not None and self.settings.num_iterations > 1 else {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.round = Round.from_state(tensors, self.device) if tensors else None
 
     def rollout(self, prompts: list, index: int) -> "Rollout":
-        """Sample a completion for each prompt (seeded by the run's seed and the batch index)."""
+        """Sample a completion for each prompt (seeded by the run's seed and the round)."""
         from llmctl.core.generate import GenerationConfig, encode_prompt, generate
 
         s, tok = self.settings, self.plan.tokenizer
@@ -272,6 +315,57 @@ class GRPO(SFT):
         return logps.view_as(rollout.targets) * rollout.mask
 
 
+class Rounds(SFTBatches):
+    """Prompt batches by generation round: step s's `accum` micro-batches are round s // μ's."""
+
+    def __init__(self, *args, accum: int, iterations: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accum, self.iterations = accum, iterations
+
+    def batch(self, index: int) -> torch.Tensor:
+        return super().batch(index // (self.accum * self.iterations) * self.accum + index % self.accum)
+
+
+@dataclass
+class Part:
+    """One micro-batch of a round: what its loss needs besides the policy's log-probs."""
+
+    rollout: "Rollout"
+    advantages: torch.Tensor  # [N]
+    mask: torch.Tensor  # [N, C]: the tokens the loss counts
+    ref: torch.Tensor | None  # [N, C] reference log-probs (beta > 0)
+    old: torch.Tensor | None  # [N, C] the policy's at sampling time (μ > 1)
+
+
+@dataclass
+class Round:
+    """A generation round: its number, micro-batches and dapo's normaliser."""
+
+    number: int
+    parts: list[Part]
+    num_items: float | None
+
+    TENSORS = ("ids", "positions", "targets", "mask", "truncated", "advantages", "loss_mask", "ref", "old")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {"number": torch.tensor([self.number]),
+               **({"num_items": torch.tensor([self.num_items], dtype=torch.float64)} if self.num_items else {})}
+        for i, p in enumerate(self.parts):
+            r = p.rollout
+            values = (r.ids, r.positions, r.targets, r.mask, r.truncated.long(), p.advantages, p.mask, p.ref, p.old)
+            out.update({f"{i}.{k}": v for k, v in zip(self.TENSORS, values) if v is not None})
+        return out
+
+    @classmethod
+    def from_state(cls, t: dict[str, torch.Tensor], device) -> "Round":
+        parts = []
+        for i in range(len({k.split(".")[0] for k in t if "." in k})):
+            v = {k: t[f"{i}.{k}"].to(device) if f"{i}.{k}" in t else None for k in cls.TENSORS}
+            rollout = Rollout(v["ids"], v["positions"], v["targets"], v["mask"], v["truncated"].bool(), [])
+            parts.append(Part(rollout, v["advantages"], v["loss_mask"], v["ref"], v["old"]))
+        return cls(int(t["number"]), parts, float(t["num_items"]) if "num_items" in t else None)
+
+
 @dataclass
 class Rollout:
     """Sampled completions as tensors: rows of prompt + completion (right-padded)."""
@@ -299,3 +393,15 @@ class Rollout:
         positions = (starts[:, None] + torch.arange(C)).clamp(max=T - 1)
         return cls(ids.to(device), positions.to(device), targets.to(device), mask.to(device),
                    torch.tensor(truncated, device=device), texts)
+
+    def split(self, n: int) -> list["Rollout"]:
+        """`n` equal parts of the rows, each cut to its own longest row and completion."""
+        size = len(self.ids) // n
+        parts = []
+        for i in range(0, len(self.ids), size):
+            rows = slice(i, i + size)
+            C = max(1, int(self.mask[rows].sum(-1).max()))
+            T = int(self.positions[rows, :C].amax()) + 1  # the inputs that predict the completions
+            parts.append(Rollout(self.ids[rows, :T], self.positions[rows, :C], self.targets[rows, :C],
+                                 self.mask[rows, :C], self.truncated[rows], self.texts[rows]))
+        return parts

@@ -112,6 +112,26 @@ def all_reduce_sum_(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def gather_tensors(tensors: dict[str, torch.Tensor], d: Dist, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every rank's `tensors` on CPU, in rank order (the same keys and dimensions on every rank,
+    shapes may differ); a collective (tensors padded to the largest shape for `all_gather`)."""
+    if not d.enabled:
+        return [{k: v.detach().cpu().clone() for k, v in tensors.items()}]  # own storage each (safetensors)
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(d.world)]
+    for key in sorted(tensors):
+        t = tensors[key].detach().to(device)
+        shape = torch.tensor(t.shape, dtype=torch.int64, device=device)
+        shapes = [torch.empty_like(shape) for _ in range(d.world)]
+        dist.all_gather(shapes, shape)
+        padded = t.new_zeros(torch.stack(shapes).amax(0).tolist())
+        padded[tuple(slice(0, n) for n in t.shape)] = t
+        parts = [torch.empty_like(padded) for _ in range(d.world)]
+        dist.all_gather(parts, padded)
+        for rank, (part, size) in enumerate(zip(parts, shapes)):
+            out[rank][key] = part[tuple(slice(0, n) for n in size.tolist())].cpu()
+    return out
+
+
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     """True if `flag` is set on any rank (so every rank takes the same branch)."""
     return bool(all_reduce_sum([float(flag)], d, device)[0]) if d.enabled else flag

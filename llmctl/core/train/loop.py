@@ -32,7 +32,7 @@ from llmctl.core.train.objectives import OBJECTIVES
 from llmctl.core.train.optim import build_optimizer
 from llmctl.core.train.schedule import lr_at
 from llmctl.core.train.state import load_state, restore_rng, save_state
-from llmctl.errors import LlmctlError
+from llmctl.errors import CheckpointError, LlmctlError
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 TIMED_STEPS = 10  # with `max_time`, max_steps is refitted every this many steps
@@ -184,6 +184,10 @@ class Trainer:
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
+        if meta["objective"] and meta.get("world_size") != self.d.world:
+            raise CheckpointError(f"{ckpt} holds per-process {self.plan.objective} state of {meta.get('world_size')} "
+                                  f"processes; resume it with as many")
+        self.objective.load_state(meta["objective"].get(self.d.rank, {}))
         if self.cfg.max_time is not None and meta.get("horizon_fixed"):  # keep the budgeted schedule
             self.max_steps, self.horizon_fixed = int(meta["max_steps"]), True
         if self.d.is_main:
@@ -195,6 +199,7 @@ class Trainer:
         from llmctl.core.io import atomic_dir
 
         model_state, optim_state = dist_.full_state_dicts(self.wrapped, self.optimizer)
+        objective_state = dist_.gather_tensors(self.objective.state(), self.d, self.device)  # every rank's
         target = self.outdir / CHECKPOINTS / f"step-{self.step:06d}"
         if self.d.is_main:
             export = self.model if self.cfg.distributed.strategy != "fsdp" or not self.d.enabled \
@@ -208,7 +213,8 @@ class Trainer:
                 save_state(tmp, step=self.step, optimizer=optim_state, data=self.data.state(),
                            scaler=self.scaler.state_dict() if self.scaler else None,
                            extra={"world_size": self.d.world, "max_steps": self.max_steps,
-                                  "horizon_fixed": self.horizon_fixed}, modules=modules)
+                                  "horizon_fixed": self.horizon_fixed}, modules=modules,
+                           objective=objective_state)
             self._prune()
         if self.final_outdir is not None:  # the new run has a checkpoint: it replaces the old one now
             if self.d.is_main:
@@ -264,9 +270,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         totals = torch.zeros(2, device=self.device)  # objective, LM loss
-        for micro in range(cfg.grad_accum):
-            index = self.step * cfg.grad_accum + micro
-            inputs, labels, extra = self._inputs(self.data.batch(index), index)
+        first = self.step * cfg.grad_accum
+        with self._autocast():
+            batches = self.objective.step_batches([self._inputs(self.data.batch(i), i)
+                                                   for i in range(first, first + cfg.grad_accum)])
+        for micro, (inputs, labels, extra) in enumerate(batches):
             dist_.set_grad_sync(self.wrapped, micro == cfg.grad_accum - 1)
             objective, lm_loss = self._loss(inputs, labels, extra)
             objective = objective / cfg.grad_accum

@@ -10,6 +10,7 @@ checkpoints, exact resume); an objective owns the rest, each part with a default
 | `resolve(plan)`| -                                | a check or a plan field (masked: the [MASK] id) |
 | `data(d)`      | the run's token windows          | instruction or preference pairs                 |
 | `batch(rows…)` | -                                | next-token or masked-token targets              |
+| `step_batches` | the micro-batches as they are    | GRPO: sample a step's groups, count its tokens  |
 | `initialise(m)`| as built or loaded               | a student from its teacher's layers             |
 | `prepare(m)`   | every parameter trains           | LoRA: only adapters train                       |
 | `companions()` | none                             | a distillation teacher, a DPO reference (frozen)|
@@ -18,6 +19,7 @@ checkpoints, exact resume); an objective owns the rest, each part with a default
 | `val_loss(…)`  | model loss                       |                                                 |
 | `save(…)`      | the full model (`save_model`)    | an adapter, or the merged model                 |
 | `record(…)`    | -                                | rewards, margins, KL: extra `metrics.jsonl` keys|
+| `state()`      | none                             | GRPO: the generation reused for μ updates       |
 
 Extra modules are trained and checkpointed with the run (their state goes to
 `trainer_state/`, so resume stays exact) but are not exported. A new objective is one class
@@ -76,6 +78,20 @@ class Objective:
 
     def batch(self, rows: torch.Tensor, index: int, generator: torch.Generator | None = None) -> Batch:
         raise NotImplementedError
+
+    def step_batches(self, batches: list[Batch]) -> list[Batch]:
+        """The `grad_accum` micro-batches of one optimizer step on this rank, before any forward
+        pass (under the run's autocast): a loss normalised over the whole step can count here
+        what all of them hold. Default: as they are."""
+        return batches
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """This rank's tensors that resuming needs besides the model and optimizer (saved per rank
+        in `trainer_state/`); default none."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `state` gave (empty when it gave nothing)."""
 
     def initialise(self, model: nn.Module) -> None:
         """Fill the weights of a run's model when it starts (not when it resumes); default: as built or loaded."""

@@ -47,9 +47,11 @@ def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_state(directory: Path, *, step: int, optimizer: dict, data: dict, scaler: dict | None,
-               extra: dict | None = None, modules: dict[str, torch.Tensor] | None = None) -> None:
+               extra: dict | None = None, modules: dict[str, torch.Tensor] | None = None,
+               objective: list[dict[str, torch.Tensor]] | None = None) -> None:
     """Write `directory/trainer_state/`. `optimizer` is a full, FQN-keyed optimizer state dict;
-    `modules` the state of modules trained beside the model (an objective's extras)."""
+    `modules` the state of modules trained beside the model (an objective's extras); `objective`
+    each rank's `Objective.state()`."""
     out = Path(directory) / STATE_DIR
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -63,6 +65,8 @@ def save_state(directory: Path, *, step: int, optimizer: dict, data: dict, scale
     rng_meta, rng_tensors = capture_rng()
     tensors.update(rng_tensors)
     tensors.update({f"module.{k}": v.detach().cpu().contiguous() for k, v in (modules or {}).items()})
+    tensors.update({f"objective.{rank}.{k}": v.detach().cpu().contiguous()
+                    for rank, state in enumerate(objective or []) for k, v in state.items()})
     save_file(tensors, str(out / TENSORS))
     meta = {
         "format": "llmctl-trainer-state", "version": 1, "step": step, "data": data, "scaler": scaler,
@@ -74,7 +78,8 @@ def save_state(directory: Path, *, step: int, optimizer: dict, data: dict, scale
 
 def load_state(directory: Path) -> tuple[dict, dict]:
     """(meta, optimizer state dict) from `directory/trainer_state/`; RNG states are restored by
-    `restore_rng(meta["rng"], meta["rng_tensors"])`; `meta["modules"]` is save_state's `modules`."""
+    `restore_rng(meta["rng"], meta["rng_tensors"])`; `meta["modules"]` is save_state's `modules`,
+    `meta["objective"]` its `objective` as {rank: state} (ranks with an empty state absent)."""
     src = Path(directory) / STATE_DIR
     try:
         meta = json.loads((src / META).read_text(encoding="utf-8"))
@@ -88,4 +93,9 @@ def load_state(directory: Path) -> tuple[dict, dict]:
             state.setdefault(fqn, {})[key] = value
     meta["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     meta["modules"] = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
+    meta["objective"] = {}
+    for name, value in tensors.items():
+        if name.startswith("objective."):
+            rank, _, key = name.removeprefix("objective.").partition(".")
+            meta["objective"].setdefault(int(rank), {})[key] = value
     return meta, {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
