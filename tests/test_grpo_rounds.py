@@ -19,7 +19,7 @@ from test_grpo import FAST, _records, _trl_trainer, base, prompts  # noqa: E402,
 
 from llmctl.core.rl.grpo import GRPO, Rollout  # noqa: E402
 
-DIGITS = "objective_args.verifiers={function: {entry_point: 'test_grpo:digit_share'}}"  # a dense reward
+DIGITS = "objective_args.verifiers={function: {entry_point: 'grpo_rewards:digit_share'}}"  # a dense reward
 
 
 def _trainer(base, prompts, tmp_path, *overrides):
@@ -128,9 +128,9 @@ def test_dapo_with_grad_accum_equals_the_doubled_batch(base, prompts, tmp_path, 
         torch.testing.assert_close(_params(accum)[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_dapo_under_ddp_equals_one_process_with_the_global_batch(base, prompts, tmp_path, monkeypatch):  # noqa: F811
+def test_dapo_under_ddp_and_fsdp_equals_one_process_with_the_global_batch(base, prompts, tmp_path, monkeypatch):  # noqa: F811
     """Two ranks × 2 prompts against one process × 4, with μ = 2: the DDP run stops inside a
-    round and resumes from every rank's saved round."""
+    round and resumes from every rank's saved round, under FSDP (a checkpoint is unsharded)."""
     from test_train import curve
     from test_train_distributed import _free_port, assert_close
 
@@ -157,7 +157,7 @@ def test_dapo_under_ddp_equals_one_process_with_the_global_batch(base, prompts, 
 
     state = safe_open(tmp_path / "ddp/checkpoints/step-000003/trainer_state/state.safetensors", "pt").keys()
     assert {"objective.0.0.old", "objective.1.0.old"} <= set(state)  # each rank's round
-    torchrun("max_steps=4", "save_every=0", "--resume")
+    torchrun("max_steps=4", "save_every=0", "distributed.strategy=fsdp", "--resume")
     assert_close(curve(tmp_path / "ddp"), curve(tmp_path / "single"))
     from safetensors.torch import load_file
 
@@ -165,6 +165,34 @@ def test_dapo_under_ddp_equals_one_process_with_the_global_batch(base, prompts, 
         load_file(tmp_path / "single/adapter_model.safetensors")
     for key, tensor in reference.items():
         assert torch.allclose(ours[key], tensor, rtol=1e-4, atol=1e-5), key
+
+
+def test_an_fsdp_sharded_policy_samples_and_scores_as_the_plain_one(base, prompts, tmp_path):  # noqa: F811
+    """FSDP (one gloo process here): sampling gathers the whole policy, the head run apart from the
+    wrapped forward gathers its shard; completions and log-probs equal the unsharded model's."""
+    import torch.distributed as dist
+
+    from test_train_distributed import _free_port
+
+    from llmctl.core.train import distributed
+
+    trainer = _trainer(base, prompts, tmp_path, DIGITS, "objective_args.temperature=1.5")
+    objective, model = trainer.objective, trainer.model
+    texts = [objective.records[i]["prompt"] for i in range(3) for _ in range(4)]
+    plain = objective.rollout(texts, 7)
+    with torch.no_grad():
+        plain_logps = objective.logprobs(model, model.head, plain)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        distributed.wrap(model, "fsdp", distributed.Dist(world=2), torch.device("cpu"))  # shards over the group
+        assert type(model.lm_head.weight).__name__ == "DTensor"
+        sharded = objective.rollout(texts, 7)
+        with torch.no_grad():
+            sharded_logps = objective.logprobs(model, model.head, sharded)
+    finally:
+        dist.destroy_process_group()
+    assert sharded.texts == plain.texts and torch.equal(sharded.ids, plain.ids)
+    assert torch.allclose(sharded_logps, plain_logps, atol=1e-6)
 
 
 if __name__ == "__main__":  # each torchrun process: llmctl with the batch-independent completions

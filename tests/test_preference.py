@@ -238,8 +238,11 @@ def test_dpo_on_synthetic_pairs_raises_the_margin_and_word_order_accuracy(llmctl
     assert after["acc"] - before["acc"] > 2 * max(before["acc_stderr"], after["acc_stderr"])
 
 
-def test_ddp_two_processes_match_one(base, pairs, tmp_path):
-    """The trainer's DDP: 2 ranks × 2 pairs give the single process's 4-pair losses."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ddp_two_processes_match_one(base, pairs, tmp_path, strategy):
+    """The trainer's DDP and FSDP (the head, run apart from the wrapped forward, gathered too; the
+    reference is the sharded base with the adapter off): 2 ranks × 2 pairs give the single
+    process's 4-pair losses."""
     import socket
 
     from conftest import run_process
@@ -253,7 +256,8 @@ def test_ddp_two_processes_match_one(base, pairs, tmp_path):
     assert r.code == 0, r.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "llmctl",
-           "--quiet", "finetune", *map(str, args), "batch_size=2", "-o", str(tmp_path / "two")]
+           "--quiet", "finetune", *map(str, args), "batch_size=2", f"distributed.strategy={strategy}",
+           "-o", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = ([x["loss"] for x in _records(tmp_path / d) if "loss" in x] for d in ("one", "two"))

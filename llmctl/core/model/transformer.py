@@ -332,7 +332,8 @@ class Transformer(nn.Module):
         return layer(x, ctx, keep)
 
     def _logits(self, x: torch.Tensor, keep: int) -> torch.Tensor:
-        return self.head(x[:, -keep:] if keep else x)
+        # the class's method: under FSDP, `model.head` called from outside `forward` gathers (distributed.wrap)
+        return Transformer.head(self, x[:, -keep:] if keep else x)
 
     def head(self, x: torch.Tensor, projection=None) -> torch.Tensor:
         """Float32 logits [..., vocab] of final hidden states x [..., hidden] (norm, head);

@@ -154,8 +154,6 @@ class GRPO(SFT):
                 raise ConfigError(f"objective_args.{message}")
         if plan.config.chat_template:
             raise ConfigError("config key 'chat_template': grpo renders chat prompts with the tokenizer's template")
-        if plan.config.distributed.strategy == "fsdp":
-            raise ConfigError("config key 'distributed.strategy': grpo samples from the unsharded policy; use ddp")
         if s.beta and plan.config.adapter_method == "full" and plan.init_from is None:
             raise ConfigError("objective_args.beta > 0 with full finetuning needs a base checkpoint as the reference")
         build_verifiers(s.verifiers)  # settings checked before anything is written
@@ -273,6 +271,7 @@ class GRPO(SFT):
     def rollout(self, prompts: list, index: int) -> "Rollout":
         """Sample a completion for each prompt (seeded by the run's seed and the round)."""
         from llmctl.core.generate import GenerationConfig, encode_prompt, generate
+        from llmctl.core.train.distributed import gathered
 
         s, tok = self.settings, self.plan.tokenizer
         gen = GenerationConfig(max_new_tokens=s.max_completion_length, temperature=s.temperature, top_p=s.top_p,
@@ -281,7 +280,8 @@ class GRPO(SFT):
         was_training = self.policy.training
         self.policy.eval()
         try:
-            results = generate(self.policy, tok, prompts, gen)
+            with gathered(self.policy):  # FSDP: the whole policy on every rank while it samples
+                results = generate(self.policy, tok, prompts, gen)
         finally:
             self.policy.train(was_training)
         prompt_ids = [encode_prompt(tok, p) for p in prompts]

@@ -9,7 +9,9 @@ Multi-node: run the same command on every node with
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -68,11 +70,31 @@ def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device,
         for block in shard_units(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)  # the root: embeddings, final norm, head
+        if callable(getattr(model, "head", None)):  # the head run apart from forward (chunked log-probs) gathers too
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(model, "head")
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with every FSDP unit's parameters gathered inside the block (a no-op unsharded), so
+    methods other than `forward` can run it, e.g. sampling; resharded on exit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

@@ -91,9 +91,6 @@ class Preference(SFT):
         if s.beta <= 0 or not 0 <= s.label_smoothing < 0.5:
             raise ConfigError(f"objective_args: beta must be > 0 and label_smoothing in [0, 0.5), got {s.beta}, "
                               f"{s.label_smoothing}")
-        if plan.config.distributed.strategy == "fsdp":
-            raise ConfigError(f"config key 'distributed.strategy': {plan.objective} runs the model's head outside its "
-                              "forward, which FSDP does not allow; use ddp")
         if cls.reference and plan.init_from is None:
             raise ConfigError(f"method {plan.objective}: the reference model is the base; give a base checkpoint")
         super().resolve(plan)
