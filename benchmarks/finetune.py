@@ -7,9 +7,9 @@ seq 256, AdamW over the adapter; llmctl's step is `Trainer.train_step` of `llmct
 + clipping. Steps alternate between contenders. PEFT's QLoRA needs bitsandbytes, which has no
 CPU build here: llmctl's QLoRA (NF4 base, bf16 compute) is compared with PEFT's bf16 LoRA on
 the dense base. `--compile` adds llmctl with `compile=true` (the trainer's torch.compile of the
-model) as a third contender. `--rss`: peak RSS of `llmctl finetune` on the `llama` preset (~125M
-parameters) at seq 512 × batch 4, each method in its own process, without and with
-`gradient_checkpointing=true`.
+model) as a third contender. `--rss`: peak RSS of `llmctl finetune --config finetune/{lora,qlora}` (the
+recipes' settings: QLoRA checkpoints, LoRA does not) on the `llama` preset (~125M parameters) at seq 512 ×
+batch 4, each case (`RSS_CASES`) in its own process.
 
     python -m benchmarks.finetune [--steps 8] [--warmup 2] [--threads 2] [--only fp32:lora,bf16:qlora] [--compile]
     python -m benchmarks.finetune --rss [--rss-steps 1]
@@ -159,11 +159,28 @@ def throughput(args) -> list[str]:
         *rows, ""]
 
 
+# (label, recipe under configs/finetune, overrides): each row as the recipe trains it, plus LoRA with
+# checkpointing (the fair comparison with QLoRA, which checkpoints) and QLoRA without it.
+RSS_CASES = (
+    ("full", "lora", ["method=full"]),
+    ("lora", "lora", []),
+    ("lora", "lora", ["gradient_checkpointing=true"]),
+    ("lora", "lora", ["precision=bf16"]),
+    ("qlora", "qlora", []),
+    ("qlora", "qlora", ["gradient_checkpointing=false"]),
+)
+RSS_SHAPE = ["max_steps={steps}", "batch_size=4", "seq_len=512", "warmup_steps=0", "eval_every=0", "save_every=0",
+             "val_fraction=0", "peak_tflops=1", "tensorboard=false"]
+
+
 def peak_rss(args) -> list[str]:
-    """Peak RSS of `llmctl finetune` per method on the llama preset (seq 512, batch 4)."""
+    """Peak RSS of `llmctl finetune --config finetune/RECIPE` per case on the llama preset (seq 512, batch 4)."""
+    from llmctl.config import load_config
     from llmctl.core.model.build import build_model
     from llmctl.core.model.io import save_model
     from llmctl.core.model.presets import load_preset
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.finetune_config import FinetuneConfig
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,34 +192,40 @@ def peak_rss(args) -> list[str]:
         base = save_model(build_model(load_preset("llama", [])), root / "llama", tokenizer_dir=tok)
         data = make_records(root / "data.jsonl", 512, n=16)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        for method, precision in (("full", "fp32"), ("lora", "fp32"), ("lora", "bf16"), ("qlora", "auto")):
-            peaks = []
-            for checkpointing in ("false", "true"):
-                out = root / f"out-{method}-{precision}-{checkpointing}"
-                cmd = [sys.executable, "-m", "llmctl", "--quiet", "finetune", str(base), "--data", str(data),
-                       *finetune_args(method, precision, 512, 4, args.rss_steps),
-                       f"gradient_checkpointing={checkpointing}", "-o", str(out)]
-                proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-                _, status, usage = os.wait4(proc.pid, 0)
-                if status != 0:
-                    raise SystemExit(f"{method}: {proc.stderr.read().decode()}")
-                peaks.append(usage.ru_maxrss / 1024)
-                print(f"{method} {precision} gradient_checkpointing={checkpointing}: peak RSS {peaks[-1]:,.0f} MiB",
-                      flush=True)
-            rows.append((method, precision, *peaks))
-    lora = next(r for r in rows if r[:2] == ("lora", "fp32"))
+        for i, (label, recipe, overrides) in enumerate(RSS_CASES):
+            shape = [a.format(steps=args.rss_steps) for a in RSS_SHAPE]
+            cfg = load_config(FinetuneConfig, recipe, [*shape, *overrides], kind="finetune")
+            cfg.model, cfg.data = str(base), [str(data)]
+            plan = make_plan(cfg, "cpu")  # the settings the run resolves to
+            precision = {"float32": "fp32", "bfloat16": "bf16"}[plan.precision]
+            checkpointing = plan.model_config.gradient_checkpointing
+            cmd = [sys.executable, "-m", "llmctl", "--quiet", "finetune", str(base), "--config", recipe, "--data",
+                   str(data), *shape, *overrides, "-o", str(root / f"out-{i}")]
+            proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(proc.pid, 0)
+            if status != 0:
+                raise SystemExit(f"{label} {overrides}: {proc.stderr.read().decode()}")
+            load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+            rows.append((label, recipe, " ".join(overrides) or "—", precision, checkpointing, usage.ru_maxrss / 1024,
+                         load))
+            print(f"{label} (finetune/{recipe} {' '.join(overrides)}): {precision}, checkpointing {checkpointing}, "
+                  f"peak RSS {rows[-1][5]:,.0f} MiB (load {load})", flush=True)
+    lora = next(r[5] for r in rows if r[:3] == ("lora", "lora", "—"))
+    lora_ckpt = next(r[5] for r in rows if r[0] == "lora" and r[3] == "fp32" and r[4])
     return [
         f"## Finetune: peak RSS on the `llama` preset — `python -m benchmarks.finetune --rss --rss-steps {args.rss_steps}`",
         "",
-        f"`llmctl finetune` of a randomly initialised `llama` preset checkpoint (~125M parameters, float32 on disk), "
-        f"seq 512 × batch 4, {args.rss_steps} steps, r={R} on every linear layer but the head, each run in its own "
-        f"process (peak RSS from wait4), {args.threads} thread(s), without and with `gradient_checkpointing=true`. "
-        "qlora's precision `auto` is bf16.",
+        f"`llmctl finetune --config finetune/RECIPE` of a randomly initialised `llama` preset checkpoint (~125M "
+        f"parameters, float32 on disk) with the recipe's settings (r=16, alpha=32, dropout 0.05, every linear layer "
+        f"but the head) at seq 512 × batch 4, {args.rss_steps} step(s), each run in its own process (peak RSS from "
+        f"wait4), {args.threads} thread(s). The goal's reference is the lora recipe as it is (fp32 on CPU, no "
+        "checkpointing).",
         "",
-        "| method | precision | peak RSS | vs lora fp32 | peak RSS, checkpointing | vs lora fp32, checkpointing |",
-        "|---|---|---|---|---|---|",
-        *[f"| {m} | {p} | {r:,.0f} MiB | {r / lora[2]:.2f}× | {c:,.0f} MiB | {c / lora[3]:.2f}× |"
-          for m, p, r, c in rows], ""]
+        "| method | recipe | overrides | precision | gradient checkpointing | peak RSS | vs lora recipe "
+        "| vs lora fp32 + checkpointing | load average |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {m} | {r} | {o} | {p} | {'on' if c else 'off'} | {rss:,.0f} MiB | {rss / lora:.2f}× | "
+          f"{rss / lora_ckpt:.2f}× | {load} |" for m, r, o, p, c, rss, load in rows], ""]
 
 
 def main() -> None:

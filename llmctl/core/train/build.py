@@ -228,7 +228,7 @@ def _context(cfg, model_config):
 
 
 def _training_overrides(cfg: TrainConfig, model_config):
-    changes: dict[str, Any] = {"gradient_checkpointing": cfg.gradient_checkpointing}
+    changes: dict[str, Any] = {"gradient_checkpointing": bool(cfg.gradient_checkpointing)}  # finetune: None = auto
     if cfg.dropout is not None:
         changes.update(embedding_dropout=cfg.dropout, attention_dropout=cfg.dropout, residual_dropout=cfg.dropout)
     if cfg.mtp_weight is not None:

@@ -37,6 +37,7 @@ class FinetuneConfig(TrainConfig):
     merge_adapter: bool = False  # also write OUT/merged: the base with the adapter folded in
     rope_scaling: dict | None = None  # long context: {type: linear|dynamic|yarn|llama3, factor: F, …}
     max_seq_len: int | None = None  # long context: the model's new context length
+    gradient_checkpointing: bool | None = None  # None: on for qlora (PEFT's prepare_model_for_kbit_training), else off
 
     max_steps: int = 200
     lr: float = 2e-4

@@ -9,6 +9,7 @@ Batch i is a pure function of (seed, i), so a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -80,6 +81,8 @@ class SFT(Objective):
             raise ConfigError("config key 'data': SFT reads JSONL/JSON records, not token shards")
         if cfg.adapter_method == "qlora" and cfg.precision == "auto":
             plan.precision = "bfloat16"  # QLoRA computes in bf16 (CPU and GPU)
+        if cfg.adapter_method == "qlora" and cfg.gradient_checkpointing is None:  # and recomputes its blocks
+            plan.model_config = dataclasses.replace(plan.model_config, gradient_checkpointing=True)
         plan.prepared = cls.encode(plan)
 
     @classmethod
