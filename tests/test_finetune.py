@@ -244,3 +244,26 @@ def test_sft_loss_over_chunks_equals_the_model_loss(base, monkeypatch):
     (ours, ours_grads), (reference, reference_grads) = grads
     assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(ours_grads, reference_grads))
+
+
+def test_packed_rows_of_one_document_each_need_no_document_mask(base):
+    """A batch whose rows each hold one document trains without `document_ids` (SDPA's causal kernel,
+    positions from 0): the same logits as with them; rows of several documents keep them."""
+    from types import SimpleNamespace
+
+    from llmctl.core.train.objectives import Objective
+    from llmctl.core.train.sft import SFT
+
+    sft = SimpleNamespace(cfg=SimpleNamespace(packing=True), device=torch.device("cpu"))
+    sft._to_device = Objective._to_device.__get__(sft)
+    ids = torch.randint(3, 190, (2, 33), generator=torch.Generator().manual_seed(0))
+    one = torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], 1)
+    one[1, 2] = 7  # the document id is per row: another row may number its one document differently
+    inputs, labels, extra = SFT.batch(sft, one, 0)
+    assert extra == {} and torch.equal(inputs, ids[:, :-1]) and torch.equal(labels, ids[:, 1:])
+    two = one.clone()
+    two[0, 2, 20:] = 1
+    assert torch.equal(SFT.batch(sft, two, 0)[2]["document_ids"], two[:, 2, :-1])
+    model, _ = load_model(base)
+    with torch.no_grad():
+        assert torch.allclose(model(inputs).logits, model(inputs, document_ids=one[:, 2, :-1]).logits, atol=1e-5)

@@ -102,8 +102,9 @@ class SFT(Objective):
         inputs = ids[:, :-1]
         labels = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
         extra = {}
-        if getattr(self.cfg, "packing", False):
-            [extra["document_ids"]] = self._to_device(docs[:, :-1])
+        docs = docs[:, :-1]
+        if getattr(self.cfg, "packing", False) and bool((docs != docs[:, :1]).any()):  # else one document a row:
+            [extra["document_ids"]] = self._to_device(docs)  # no mask needed, SDPA's causal kernel (rows on CPU)
         return *self._to_device(inputs, labels), extra
 
     def prepare(self, model: nn.Module) -> None:
