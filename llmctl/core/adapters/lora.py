@@ -68,7 +68,9 @@ class LoraLayer(nn.Module):
         if not self.adapter_active:
             return result
         x = self.lora_dropout(x)
-        h = self.lora_A(x.to(self.lora_A.weight.dtype))
+        if self.lora_magnitude_vector is not None or not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)  # (LoRA under autocast: cast once, by autocast; DoRA's norm in fp32)
+        h = self.lora_A(x)
         if self.lora_magnitude_vector is None:  # result + scaling · h Bᵀ in one GEMM (no scaled copy, no add)
             out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
                               self.lora_B.weight.t().to(result.dtype), alpha=self.scaling)
