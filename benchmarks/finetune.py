@@ -117,6 +117,12 @@ def peft_step(base: Path, method: str, precision: str):
     return step
 
 
+def _vs_peft(runs: dict[str, list[float]], name: str) -> str:
+    """Table cells: best tokens/s of `name`, its ratio to PEFT's best (and the medians' ratio)."""
+    best, median = max(runs[name]), statistics.median(runs[name])
+    return f" {best:,.0f} | {best / max(runs['PEFT']):.2f}× ({median / statistics.median(runs['PEFT']):.2f}×) |"
+
+
 def throughput(args) -> list[str]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,11 +137,11 @@ def throughput(args) -> list[str]:
                 if args.compile:
                     steps["compiled"] = llmctl_step(base, data, root, method, precision, n, ["compile=true"])
                     steps["compiled"]()  # compiles (minutes), before anything is timed
-                rates = {k: statistics.median(v) for k, v in interleaved(steps, args.steps, args.warmup).items()}
-                row = (f"| {precision} | {method} | {rates['llmctl']:,.0f} | {rates['PEFT']:,.0f} | "
-                       f"{rates['llmctl'] / rates['PEFT']:.2f}× |")
+                runs = interleaved(steps, args.steps, args.warmup)
+                row = f"| {precision} | {method} | {max(runs['PEFT']):,.0f} |" + _vs_peft(runs, "llmctl")
                 if args.compile:
-                    row += f" {rates['compiled']:,.0f} | {rates['compiled'] / rates['PEFT']:.2f}× |"
+                    row += _vs_peft(runs, "compiled")
+                row += f" {Path('/proc/loadavg').read_text().split()[0]} |"
                 rows.append(row)
                 print(rows[-1], flush=True)
     import peft
@@ -143,19 +149,20 @@ def throughput(args) -> list[str]:
 
     return [
         "## Finetune: adapter tokens/s vs PEFT + transformers — `python -m benchmarks.finetune "
-        f"--steps {args.steps} --warmup {args.warmup} --threads {args.threads}"
+        f"--steps {args.steps} --warmup {args.warmup} --threads {args.threads}" + (" --compile" if args.compile else "")
         + (f" --only {','.join(args.only)}" if args.only else "") + "`",
         "",
         f"Model: the train benchmark's Llama-style d=384, 6 layers, vocab 4096 (tied), as a transformers checkpoint; "
         f"r={R}, alpha={ALPHA}, every linear layer but the head; batch {BATCH} × seq {SEQ}; AdamW lr {LR} over the "
         f"adapter, clip 1.0. {args.threads} thread(s), {platform.machine()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}. Median of {args.steps} steps after "
-        f"{args.warmup} warm-up steps, contenders alternating. QLoRA: llmctl's NF4 base vs PEFT's bf16 LoRA on the "
+        f"transformers {transformers.__version__}, peft {peft.__version__}. Best of {args.steps} steps after "
+        f"{args.warmup} warm-up steps, contenders alternating step by step; ratios best / best (medians' ratio in "
+        "brackets); the load average (1 min) as the row ended. QLoRA: llmctl's NF4 base vs PEFT's bf16 LoRA on the "
         "dense base (PEFT's QLoRA needs bitsandbytes, not available on this CPU).",
         "",
-        "| precision | method | llmctl tokens/s | PEFT tokens/s | llmctl / PEFT |"
-        + (" llmctl compile=true tokens/s | compiled / PEFT |" if args.compile else ""),
-        "|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
+        "| precision | method | PEFT tokens/s | llmctl tokens/s | llmctl / PEFT |"
+        + (" llmctl compile=true tokens/s | compiled / PEFT |" if args.compile else "") + " load |",
+        "|---|---|---|---|---|" + ("---|---|" if args.compile else "") + "---|",
         *rows, ""]
 
 
