@@ -135,6 +135,76 @@ def test_sparsegpt_matches_the_reference_and_keeps_exact_counts():
     assert ((other.weight == 0).view(16, 3, 16).sum((0, 2)) == int(16 * 16 * 0.6)).all()  # per block of columns
 
 
+def _reference_wanda(model, tokens, sparsity=0.5, prune_n=0, prune_m=0):
+    """Wanda's `prune_wanda` (locuslab/wanda, lib/prune.py + lib/layerwrapper.py), transcribed:
+    one sample at a time through each layer, the running mean of ‖x_j‖² per input feature from
+    every token (hooks on the layer's linears), |W|·sqrt(that) compared per output row (or per M
+    consecutive inputs of a row), then the layer re-run pruned to give the next layer's inputs."""
+    samples = [model.embed(tokens[j:j + 1]) for j in range(len(tokens))]
+    hidden, ctxs = [h for h, _ in samples], [c for _, c in samples]
+    for layer in model.model.layers:
+        subset = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        scaler = {n: torch.zeros(m.in_features) for n, m in subset.items()}
+        seen = dict.fromkeys(subset, 0)
+
+        def add_batch(name):
+            def hook(_module, inp, _out):
+                inp = inp[0]
+                tmp = inp.shape[0]
+                inp = inp.reshape(-1, inp.shape[-1]).t().float()
+                scaler[name] *= seen[name] / (seen[name] + tmp)
+                seen[name] += tmp
+                scaler[name] += torch.norm(inp, p=2, dim=1) ** 2 / seen[name]
+            return hook
+
+        handles = [m.register_forward_hook(add_batch(n)) for n, m in subset.items()]
+        for h, ctx in zip(hidden, ctxs):
+            layer(h, ctx)
+        for handle in handles:
+            handle.remove()
+        for name, m in subset.items():
+            metric = m.weight.data.abs() * torch.sqrt(scaler[name].reshape(1, -1))
+            mask = torch.zeros_like(metric) == 1
+            if prune_n:
+                for ii in range(metric.shape[1]):
+                    if ii % prune_m == 0:
+                        tmp = metric[:, ii:ii + prune_m].float()
+                        mask.scatter_(1, ii + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
+            else:
+                indices = torch.sort(metric, dim=-1, stable=True)[1][:, :int(metric.shape[1] * sparsity)]
+                mask.scatter_(1, indices, True)
+            m.weight.data[mask] = 0
+        hidden = [layer(h, ctx)[0] for h, ctx in zip(hidden, ctxs)]
+    return model
+
+
+@pytest.mark.parametrize("settings", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+@torch.no_grad()
+def test_wanda_matches_the_reference(settings):
+    """Whole-model Wanda equals the paper's code: statistics over every calibration token of the
+    inputs the already-pruned layers give, per-row (or per-group) comparison, layer by layer."""
+    import copy
+
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=64, max_seq_len=32)).eval()
+    for p in model.parameters():  # features of very different sizes, as in trained models
+        p.data.mul_(1 + 3 * torch.rand_like(p))
+    tokens = torch.randint(0, 64, (6, 24))
+    reference = _reference_wanda(copy.deepcopy(model), tokens, **(
+        {"prune_n": 2, "prune_m": 4} if "pattern" in settings else settings))
+    PRUNERS.get("wanda")(PruneConfig(method="wanda", **settings)).prune(model, tokens)
+    got, want = dict(model.named_parameters()), dict(reference.named_parameters())
+    for name in got:
+        assert torch.equal(got[name] == 0, want[name] == 0), name
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    zero = sum(int((p == 0).sum()) for n, p in got.items() if "layers" in n and p.dim() == 2)
+    assert zero == sum(p.numel() for n, p in got.items() if "layers" in n and p.dim() == 2) // 2
+
+
 def test_target_modules_select_what_is_pruned():
     from llmctl.core.model import ModelConfig
     from llmctl.core.model.build import build_model
