@@ -1,31 +1,24 @@
-"""Pruning quality, time and memory on a briefly trained `llama`-preset model (Tiny Shakespeare).
+"""Pruning quality, time and memory on a briefly trained `llama`-preset model (benchmarks/trained.py).
 
-Trains the `llama` preset's architecture at a smaller width (8 layers, d=128, 4 heads / 2 KV
-heads, SwiGLU 384, byte-level BPE 1024) for at most `--minutes` on the first 90 % of Tiny
-Shakespeare (the schedule fitted to the time: `max_time`), then prunes it
-with every method through `llmctl prune … --json` (one process each: its time and peak RSS) and
-measures held-out perplexity on the last 10 %. The layer-pruned model is also briefly retrained
-(`llmctl train model=PRUNED`) to show the recovery. Every command runs on one thread
-(OMP_NUM_THREADS=1 unless set). Writes benchmarks/results/prune.md.
+Prunes the model with every method through `llmctl prune … --json` (one process each: its time
+and peak RSS) and measures held-out perplexity. The layer-pruned model is then recovered with
+the same step budget twice: full training (`llmctl train model=PRUNED`) and LoRA (`llmctl
+finetune PRUNED --config finetune/prune-recovery`). Also measured: the spread of the input
+feature norms ‖X_j‖ (max / median per linear, on the calibration windows), which is what
+Wanda's |W|·‖X_j‖ score adds to magnitude's |W|. Writes benchmarks/results/prune-d<width>.md.
 
-    python -P benchmarks/prune.py [--steps 600] [--minutes 5] [--recovery-steps 100] [--work DIR]
+    python -m benchmarks.prune [--width 128 --layers 8 --steps 1200] [--recovery-steps 100] [--dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
+import statistics
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-MODEL = {"hidden_size": 128, "num_layers": 8, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 384,
-         "max_seq_len": 256, "vocab_size": 1024}
-TRAIN = ["batch_size=16", "seq_len=128", "lr=3e-3", "min_lr=3e-4", "warmup_steps=30", "eval_every=0",
-         "save_every=0", "tensorboard=false", "peak_tflops=1"]
+from benchmarks.trained import Trained, add_arguments, from_arguments, llmctl, perplexity
+
 RUNS = [  # (label, prune arguments)
     ("magnitude 50 %", ["--method", "magnitude", "--sparsity", "0.5"]),
     ("wanda 50 %", ["--method", "wanda", "--sparsity", "0.5"]),
@@ -37,78 +30,101 @@ RUNS = [  # (label, prune arguments)
     ("channels 25 %", ["--method", "channels", "--sparsity", "0.25"]),
     ("layers 25 % (ShortGPT)", ["--method", "layers", "--sparsity", "0.25"]),
 ]
+SEQ_LEN = 256  # calibration window (prune's default)
+INPUTS = {"q/k/v": "self_attn.q_proj", "o": "self_attn.o_proj", "gate/up": "mlp.gate_proj", "down": "mlp.down_proj"}
 
 
-def llmctl(*args, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # 1 thread: on a shared,
-    # oversubscribed 2-core box two spinning threads ran 15x slower than one
-    proc = subprocess.run([sys.executable, "-m", "llmctl", *map(str, args)], capture_output=True, text=True, env=env)
-    if check and proc.returncode:
-        raise SystemExit(f"llmctl {' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
-    return proc
+def input_spread(t: Trained, samples: int) -> dict[str, list[float]]:
+    """max_j ‖X_j‖ / median_j ‖X_j‖ of each block's linear inputs (per kind of input, one value
+    per layer) on the dense model, over the calibration windows `llmctl prune` draws."""
+    import torch
+
+    from llmctl.core.model.io import load_model
+    from llmctl.core.model.layerwise import capture_inputs
+    from llmctl.core.prune.calibration import calibration_tokens, for_each_block
+    from llmctl.core.prune.unstructured import InputNorms
+    from llmctl.core.tokenizer import load_tokenizer
+
+    model, _ = load_model(t.model)
+    tokens = calibration_tokens([str(t.train)], load_tokenizer(t.model), samples=samples, seq_len=SEQ_LEN)
+    spread: dict[str, list[float]] = {kind: [] for kind in INPUTS}
+
+    def visit(i, block, inputs, ctx) -> None:
+        stats = {p: InputNorms(block.get_submodule(p)) for p in INPUTS.values()}
+        with capture_inputs(block, lambda p, x: stats[p].add(x) if p in stats else None):
+            block(inputs, ctx)
+        for kind, p in INPUTS.items():
+            norms = stats[p].sq.sqrt()
+            spread[kind].append(float(norms.max() / norms.median()))
+
+    with torch.no_grad():
+        for_each_block(model, tokens, visit)
+    return spread
 
 
-def perplexity(ckpt: Path, val: Path) -> float:
-    out = llmctl("eval", ckpt, "--task", "perplexity", "--data", val, "--no-record", "--json")
-    return json.loads(out.stdout)["results"][str(ckpt)]["perplexity"]["perplexity"]
+def recover(pruned: Path, t: Trained, steps: int, work: Path) -> list[tuple]:
+    """Rows for `pruned` after `steps` of full training and of LoRA (prune-recovery recipe), same batches."""
+    records = work / "train.jsonl"
+    if not records.is_file():
+        paragraphs = [p for p in t.train.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        records.write_text("".join(json.dumps({"text": p + "\n\n"}) + "\n" for p in paragraphs), encoding="utf-8")
+    s = t.settings
+    budget = [f"max_steps={steps}", f"batch_size={s.batch_size}", f"seq_len={s.seq_len}", "lr=1e-3", "warmup_steps=10",
+              "eval_every=0", "save_every=0", "tensorboard=false", "peak_tflops=1"]
+    full, lora = work / f"{pruned.name}-full", work / f"{pruned.name}-lora"
+    llmctl("train", f"model={pruned}", f"data={t.train}", f"val_data={t.val}", *budget, "-o", full, "--force")
+    llmctl("finetune", pruned, "--config", "prune-recovery", "--data", records, *budget, "-o", lora, "--force")
+    return [(f"… + {steps} steps of full training", perplexity(full, t.val), None, None, "recovery: every weight"),
+            (f"… + {steps} steps of LoRA (r 16, all linears)", perplexity(lora, t.val), None, None,
+             "recovery: `finetune --config prune-recovery`")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (max_time)")
-    parser.add_argument("--recovery-steps", type=int, default=100)
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/llmctl-prune-bench"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prune.md")
+    add_arguments(parser)
+    parser.add_argument("--recovery-steps", type=int, default=100, help="0: no recovery rows")
+    parser.add_argument("--samples", type=int, default=64, help="calibration windows of 256 tokens")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/prune-d<width>.md")
     args = parser.parse_args()
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    text = DATA.read_text(encoding="utf-8")
-    cut = text.rindex("\n\n", 0, int(len(text) * 0.9))
-    train, val = work / "train.txt", work / "val.txt"
-    train.write_text(text[:cut], encoding="utf-8")
-    val.write_text(text[cut:], encoding="utf-8")
-
-    base, tok = work / "base", work / "tok"
-    if not (tok / "tokenizer.json").is_file():
-        llmctl("tokenize", "train", train, "--algo", "bytelevel", "--vocab-size", MODEL["vocab_size"], "-o", tok)
-    started = time.perf_counter()
-    if not (base / "config.json").is_file():
-        model_args = "{" + ", ".join(f"{k}: {v}" for k, v in MODEL.items()) + "}"
-        llmctl("train", "model=llama", f"model_args={model_args}", f"data={train}", f"val_data={val}",
-               f"tokenizer={tok}", f"max_steps={args.steps}", f"max_time={args.minutes}", *TRAIN, "-o", base, "--force")
-    train_s = time.perf_counter() - started
-    steps = json.loads((base / "llmctl.json").read_text())["step"]
-    rows = [("dense", perplexity(base, val), None, None, None)]
-    calibration = ["--calibration", train, "--samples", args.samples]
+    t = from_arguments(args)
+    work = t.model.parent / "prune"
+    work.mkdir(exist_ok=True)
+    dense = perplexity(t.model, t.val)
+    rows = [("dense", dense, None, None, None)]
+    calibration = ["--calibration", t.train, "--samples", args.samples]
     for label, prune_args in RUNS:
         out = work / label.split(" (")[0].replace(" ", "-").replace("%", "pc").replace(":", "-")
-        proc = llmctl("prune", base, *prune_args, *calibration, "-o", out, "--force", "--json", check=False)
+        proc = llmctl("prune", t.model, *prune_args, *calibration, "-o", out, "--force", "--json", check=False)
         if proc.returncode:
             rows.append((label, None, None, None, proc.stderr.strip().splitlines()[-1]))
             continue
         report = json.loads(proc.stdout)
         kept = report["parameters"]["after"] / report["parameters"]["before"]
         note = f"{kept:.0%} of the parameters" if kept < 1 else f"{report['sparsity']['achieved']:.0%} zeros in place"
-        rows.append((label, perplexity(out, val), report["seconds"], report["peak_rss_bytes"], note))
-        if label.startswith("layers"):
-            recovered = work / "layers-recovered"
-            llmctl("train", f"model={out}", f"data={train}", f"val_data={val}", f"max_steps={args.recovery_steps}",
-                   *TRAIN, "lr=1e-3", "warmup_steps=10", "-o", recovered, "--force")
-            rows.append((f"{label} + {args.recovery_steps} steps of training", perplexity(recovered, val),
-                         None, None, "full-weight recovery"))
-    lines = [f"Model: `llama` preset at d={MODEL['hidden_size']}, {MODEL['num_layers']} layers, "
-             f"{MODEL['num_heads']} heads / {MODEL['num_kv_heads']} KV heads, SwiGLU {MODEL['intermediate_size']}, "
-             f"vocab {MODEL['vocab_size']}; {steps} steps of 16 × 128 tokens ({train_s / 60:.1f} min). "
-             f"Calibration: {args.samples} windows of 256 tokens from the training text; perplexity on the "
-             "held-out last 10 % (`llmctl eval --task perplexity`).", "",
-             "| model | val perplexity | prune time (s) | peak RSS (MiB) | note |", "|---|---:|---:|---:|---|"]
+        rows.append((label, perplexity(out, t.val), report["seconds"], report["peak_rss_bytes"], note))
+        if label.startswith("layers") and args.recovery_steps:
+            rows += recover(out, t, args.recovery_steps, work)
+    spread = input_spread(t, args.samples)
+
+    r = t.record
+    lines = [f"Model: {t.settings.describe()} ({r['seconds'] / 60:.1f} min on {r['threads']} thread(s), load average "
+             f"{r['loadavg'][0]}–{r['loadavg'][1]}). Calibration: {args.samples} windows of {SEQ_LEN} tokens "
+             "from the training text; perplexity on the held-out last 10 % (`llmctl eval --task perplexity`).", "",
+             "| model | val perplexity | vs dense | prune time (s) | peak RSS (MiB) | note |",
+             "|---|---:|---:|---:|---:|---|"]
     for label, ppl, seconds, rss, note in rows:
-        cells = [label, f"{ppl:.2f}" if ppl else "–", f"{seconds:.1f}" if seconds is not None else "",
+        change = f"{100 * (ppl / dense - 1):+.1f} %" if ppl and label != "dense" else ""
+        cells = [label, f"{ppl:.2f}" if ppl else "–", change, f"{seconds:.1f}" if seconds is not None else "",
                  f"{rss / 2**20:.0f}" if rss else "", note or ""]
         lines.append("| " + " | ".join(cells) + " |")
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines += ["", "Input feature norms of the dense model, max_j ‖X_j‖ / median_j ‖X_j‖ per linear (over the "
+              "calibration tokens):", "",
+              "| input of | median over layers | max | per layer |", "|---|---:|---:|---|"]
+    for kind, values in spread.items():
+        lines.append(f"| {kind} | {statistics.median(values):.1f} | {max(values):.1f} | "
+                     f"{' '.join(f'{v:.1f}' for v in values)} |")
+    out = args.out or Path(__file__).parent / "results" / f"prune-d{t.settings.hidden_size}.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

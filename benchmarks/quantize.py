@@ -2,7 +2,7 @@
 
     python -m benchmarks.quantize speed   [--threads 2] [--new-tokens 64] [--repeats 3] [--compile] [--only NAME…]
     python -m benchmarks.quantize time    [--samples 32] [--seq-len 512] [--micro-batch 32 4]
-    python -m benchmarks.quantize quality --checkpoint runs/quickstart/model --calibration corpus.txt --eval val.txt
+    python -m benchmarks.quantize quality [--width 256 --steps 600] [--samples 128] [--dir DIR]
 
 speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
 at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128)
@@ -15,8 +15,10 @@ bandwidth share is the bytes a token reads (every weight but the embedding table
 format used) × tokens/s ÷ the read bandwidth measured in the same run (a 1 GiB sum).
 time: `llmctl quantize` on the `llama` preset's shape (125M, random weights) as a subprocess:
 RTN int8, RTN int4 and GPTQ int4 g128 (once per --micro-batch) — wall time and peak RSS.
-quality: perplexity (`llmctl eval --task perplexity`) of a trained checkpoint and of its int8,
-int4 RTN, GPTQ, AWQ (groups of 128) and NF4 versions, and each one's change from the float model.
+quality: held-out perplexity (`llmctl eval --task perplexity`) of the briefly trained model of
+benchmarks/trained.py and of its int8, int4 RTN, GPTQ, AWQ (groups of 128) and NF4 versions, each
+one's change from the float model, and GPTQ's and AWQ's change as a share of RTN's; writes
+benchmarks/results/quantize-quality-d<width>.md.
 """
 
 from __future__ import annotations
@@ -260,32 +262,40 @@ def quantize_time(args) -> None:
 
 
 def quality(args) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="llmctl-bench-qquality-"))
-    calib = ["--calibration", args.calibration, "--samples", args.samples, "--seq-len", args.seq_len]
+    from benchmarks import trained
+
+    t = trained.from_arguments(args)
+    work = t.model.parent / "quantize"
+    seq_len = min(args.seq_len, 256)  # the trained model's context
+    calib = ["--calibration", t.train, "--samples", args.samples, "--seq-len", seq_len]
     variants = {"float": None, "int8": ["-m", "int8"], "int4 RTN g128": ["-m", "int4"],
-                "int4 GPTQ g128": ["-m", "gptq", *calib], "int4 GPTQ g128 act-order": ["-m", "gptq", *calib, "gptq.act_order=true"],
+                "int4 GPTQ g128": ["-m", "gptq", *calib],
+                "int4 GPTQ g128 act-order": ["-m", "gptq", *calib, "gptq.act_order=true"],
                 "int4 AWQ g128": ["-m", "awq", *calib], "NF4": ["-m", "nf4"]}
-
-    def ppl(path: Path) -> float:
-        r = llmctl("eval", path, "--task", "perplexity", "--data", args.eval, "--no-record")
-        return next(iter(r["results"].values()))["perplexity"]["perplexity"]
-
-    print(f"{args.checkpoint}, perplexity on {args.eval}; calibration {args.samples}×{args.seq_len} tokens "
-          f"of {args.calibration}\n")
-    print("| model | perplexity | change | rel. output error at quantize time | quantize s |")
-    print("|---|---:|---:|---:|---:|")
-    base = None
+    lines = [f"Model: {t.settings.describe()}; perplexity on the held-out last 10 %; calibration "
+             f"{args.samples} windows of {seq_len} tokens from the training text.", "",
+             "| model | perplexity | change | rel. output error at quantize time | quantize s |",
+             "|---|---:|---:|---:|---:|"]
+    change, base = {}, trained.perplexity(t.model, t.val)
     for name, extra in variants.items():
         if extra is None:
-            path, q = Path(args.checkpoint), {}
+            path, q = t.model, {}
         else:
-            path = tmp / name.replace(" ", "_")
-            q = llmctl("quantize", args.checkpoint, "-o", path, *extra)["quantization"]
-        value = ppl(path)
-        base = base or value
+            path = work / name.replace(" ", "_")
+            q = json.loads(trained.llmctl("quantize", t.model, "-o", path, *extra, "--force", "--json").stdout)
+            q = q["quantization"]
+        value = base if extra is None else trained.perplexity(path, t.val)
+        change[name] = value / base - 1
         err = q.get("error", {}).get("output_error")
-        print(f"| {name} | {value:.3f} | {100 * (value / base - 1):+.2f} % | {'' if err is None else f'{err:.2e}'} | "
-              f"{q.get('seconds', '')} |")
+        err = "" if err is None else f"{err:.2e}"
+        lines.append(f"| {name} | {value:.3f} | {100 * change[name]:+.2f} % | {err} | {q.get('seconds', '')} |")
+    rtn = change["int4 RTN g128"]
+    shares = [f"{name.removeprefix('int4 ')} {change[name] / rtn:.0%}" for name in variants
+              if name.startswith(("int4 GPTQ", "int4 AWQ"))]
+    lines += ["", f"Change as a share of int4 RTN's ({100 * rtn:+.2f} %; goal ≤ 60 %): " + ", ".join(shares)]
+    out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -301,9 +311,8 @@ def main() -> None:
                     "(llmctl float32, the reference, always runs)")
     ap.add_argument("--micro-batch", type=int, nargs="+", default=[4],
                     help="time: calibration windows per forward pass, one GPTQ run each")
-    ap.add_argument("--checkpoint")
-    ap.add_argument("--calibration")
-    ap.add_argument("--eval")
+    from benchmarks.trained import add_arguments
+    add_arguments(ap.add_argument_group("quality: the trained model (benchmarks/trained.py)"))
     args = ap.parse_args()
     {"speed": speed, "time": quantize_time, "quality": quality}[args.part](args)
 

@@ -1,0 +1,155 @@
+"""The briefly trained `llama`-preset model the prune and quantize-quality benchmarks measure:
+trained once per settings on the first 90 % of Tiny Shakespeare, cached under --dir, reused.
+
+The `llama` preset's architecture (RMSNorm, rope, SwiGLU, grouped-query attention) at a smaller
+width, with a byte-level BPE of `vocab_size` trained on the same 90 %; the last 10 % (cut at a
+paragraph) is the held-out text. A model lives in DIR/<settings key>/model with `settings.json`
+and `trained.json` (steps, wall time, load average) beside it; any other settings train anew,
+and an interrupted run resumes from its checkpoint (the time is then the resumed part's).
+
+    python -m benchmarks.trained --dir /tmp/llmctl-trained --width 256 --steps 1500   # train or find it
+    model = trained(Path("/tmp/llmctl-trained"), Settings(hidden_size=256, …))          # from a benchmark
+
+Every `llmctl` subprocess runs with OMP_NUM_THREADS=1 unless it is set (on a shared,
+oversubscribed 2-core box two spinning threads ran 15x slower than one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@dataclass(frozen=True)
+class Settings:
+    hidden_size: int = 128
+    num_layers: int = 8
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    vocab_size: int = 1024
+    steps: int = 1200       # of batch_size × seq_len tokens
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        return f"llama-d{self.hidden_size}-l{self.num_layers}-s{self.steps}-{digest}"
+
+    def describe(self) -> str:
+        return (f"`llama` preset at d={self.hidden_size}, {self.num_layers} layers, {self.num_heads} heads / "
+                f"{self.num_kv_heads} KV heads, SwiGLU {self.intermediate_size}, byte-level BPE {self.vocab_size}; "
+                f"{self.steps} steps of {self.batch_size} × {self.seq_len} tokens")
+
+
+@dataclass
+class Trained:
+    """A trained model and its text: `model` (checkpoint), `train`/`val` (text files), `record`
+    (trained.json: steps, seconds, load average)."""
+
+    model: Path
+    train: Path
+    val: Path
+    settings: Settings
+    record: dict
+
+
+def llmctl(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m llmctl ARGS` in a subprocess (one thread unless OMP_NUM_THREADS is set)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run([sys.executable, "-m", "llmctl", *map(str, args)], capture_output=True, text=True, env=env)
+    if check and proc.returncode:
+        raise SystemExit(f"llmctl {' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def perplexity(ckpt: Path, val: Path) -> float:
+    """Held-out perplexity of `ckpt` on the text file `val` (`llmctl eval --task perplexity`)."""
+    out = llmctl("eval", ckpt, "--task", "perplexity", "--data", val, "--no-record", "--json", "--quiet")
+    return next(iter(json.loads(out.stdout)["results"].values()))["perplexity"]["perplexity"]
+
+
+def split(root: Path) -> tuple[Path, Path]:
+    """Tiny Shakespeare's first 90 % and the rest, cut at a paragraph, as root/train.txt, root/val.txt."""
+    train, val = root / "train.txt", root / "val.txt"
+    if not (train.is_file() and val.is_file()):
+        text = DATA.read_text(encoding="utf-8")
+        cut = text.rindex("\n\n", 0, int(len(text) * 0.9))
+        train.write_text(text[:cut], encoding="utf-8")
+        val.write_text(text[cut:], encoding="utf-8")
+    return train, val
+
+
+def trained(root: Path, settings: Settings = Settings()) -> Trained:
+    """The model for `settings` under `root`, trained first if it is not there."""
+    root.mkdir(parents=True, exist_ok=True)
+    train, val = split(root)
+    tok = root / f"tok-{settings.vocab_size}"
+    if not (tok / "tokenizer.json").is_file():
+        llmctl("tokenize", "train", train, "--algo", "bytelevel", "--vocab-size", settings.vocab_size, "-o", tok)
+    here = root / settings.key
+    model, record_file = here / "model", here / "trained.json"
+    if not record_file.is_file():
+        here.mkdir(exist_ok=True)
+        (here / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
+        s = settings
+        model_args = (f"{{hidden_size: {s.hidden_size}, num_layers: {s.num_layers}, num_heads: {s.num_heads}, "
+                      f"num_kv_heads: {s.num_kv_heads}, intermediate_size: {s.intermediate_size}, "
+                      f"vocab_size: {s.vocab_size}, max_seq_len: 256}}")
+        resume = (model / "checkpoints").is_dir()  # an interrupted run (Ctrl-C/SIGTERM saves one) continues
+        load, started = os.getloadavg()[0], time.perf_counter()
+        llmctl("train", "model=llama", f"model_args={model_args}", f"data={train}", f"val_data={val}",
+               f"tokenizer={tok}", f"max_steps={s.steps}", f"batch_size={s.batch_size}", f"seq_len={s.seq_len}",
+               f"lr={s.lr}", f"min_lr={s.min_lr}", f"warmup_steps={s.warmup_steps}", f"seed={s.seed}",
+               "eval_every=0", "save_every=0", "tensorboard=false", "peak_tflops=1", "-o", model,
+               "--resume" if resume else "--force")
+        record = {"steps": json.loads((model / "llmctl.json").read_text())["step"],
+                  "seconds": round(time.perf_counter() - started, 1), "threads": os.environ.get("OMP_NUM_THREADS", "1"),
+                  "loadavg": [round(load, 2), round(os.getloadavg()[0], 2)], "resumed": resume}
+        record_file.write_text(json.dumps(record))
+    return Trained(model, train, val, settings, json.loads(record_file.read_text()))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model's options (--dir, --width, --layers, --steps, …), for every benchmark that uses it."""
+    d = Settings()
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/llmctl-trained"), help="cache of trained models")
+    parser.add_argument("--width", type=int, default=d.hidden_size, help="hidden size")
+    parser.add_argument("--layers", type=int, default=d.num_layers)
+    parser.add_argument("--heads", type=int, default=d.num_heads)
+    parser.add_argument("--kv-heads", type=int, default=d.num_kv_heads)
+    parser.add_argument("--intermediate", type=int, help="SwiGLU width (default: 3 × width)")
+    parser.add_argument("--steps", type=int, default=d.steps)
+
+
+def from_arguments(args: argparse.Namespace) -> Trained:
+    """The model the parsed options describe, trained first if needed."""
+    settings = Settings(hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
+                        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate or 3 * args.width,
+                        steps=args.steps)
+    return trained(args.dir, settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    t = from_arguments(parser.parse_args())
+    print(f"{t.model}: {t.settings.describe()}; {t.record}; val perplexity {perplexity(t.model, t.val):.2f}")
+
+
+if __name__ == "__main__":
+    main()
