@@ -64,13 +64,18 @@ def input_spread(t: Trained, samples: int) -> dict[str, list[float]]:
 
 def recover(pruned: Path, t: Trained, steps: int, work: Path) -> list[tuple]:
     """Rows for `pruned` after `steps` of full training and of LoRA (prune-recovery recipe), same batches."""
-    records = work / "train.jsonl"
-    if not records.is_file():
-        paragraphs = [p for p in t.train.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-        records.write_text("".join(json.dumps({"text": p + "\n\n"}) + "\n" for p in paragraphs), encoding="utf-8")
+    records = work / "train.jsonl"  # the training text in records of ≥ 4,000 characters cut at paragraphs: a
+    # window rarely crosses a document end (EOS), as in the raw text `train` and the evaluation read
+    chunks, text = [], t.train.read_text(encoding="utf-8")
+    while text:
+        end = text.find("\n\n", 4000)
+        cut = len(text) if end < 0 else end + 2
+        chunks.append(text[:cut])
+        text = text[cut:]
+    records.write_text("".join(json.dumps({"text": c}) + "\n" for c in chunks), encoding="utf-8")
     s = t.settings
-    budget = [f"max_steps={steps}", f"batch_size={s.batch_size}", f"seq_len={s.seq_len}", "lr=1e-3", "warmup_steps=10",
-              "eval_every=0", "save_every=0", "tensorboard=false", "peak_tflops=1"]
+    budget = [f"max_steps={steps}", f"batch_size={s.batch_size}", f"seq_len={s.seq_len}", "lr=1e-3", "min_lr=3e-4",
+              "warmup_steps=10", "eval_every=0", "save_every=0", "tensorboard=false", "peak_tflops=1"]
     full, lora = work / f"{pruned.name}-full", work / f"{pruned.name}-lora"
     llmctl("train", f"model={pruned}", f"data={t.train}", f"val_data={t.val}", *budget, "-o", full, "--force")
     llmctl("finetune", pruned, "--config", "prune-recovery", "--data", records, *budget, "-o", lora, "--force")

@@ -17,7 +17,8 @@ time: `llmctl quantize` on the `llama` preset's shape (125M, random weights) as 
 RTN int8, RTN int4 and GPTQ int4 g128 (once per --micro-batch) — wall time and peak RSS.
 quality: held-out perplexity (`llmctl eval --task perplexity`) of the briefly trained model of
 benchmarks/trained.py and of its int8, int4 RTN, GPTQ, AWQ (groups of 128) and NF4 versions, each
-one's change from the float model, and GPTQ's and AWQ's change as a share of RTN's; writes
+one's change from the float model and KL divergence from it (on 16 held-out windows), and
+GPTQ's and AWQ's change and KL as a share of RTN's; writes
 benchmarks/results/quantize-quality-d<width>.md.
 """
 
@@ -261,6 +262,24 @@ def quantize_time(args) -> None:
         print(f"| {name} | {wall:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} |")
 
 
+def held_out_kl(t, windows: int = 16, seq_len: int = 256):
+    """A function giving a checkpoint's mean KL(float ‖ it) per token on `windows` held-out windows."""
+    import torch.nn.functional as F
+
+    from llmctl.core.model.io import load_model
+    from llmctl.core.tokenizer import load_tokenizer
+
+    ids = torch.tensor(load_tokenizer(t.model).encode(t.val.read_text(encoding="utf-8"))[: windows * seq_len])
+    tokens = ids.view(-1, seq_len)
+
+    @torch.no_grad()
+    def logprobs(path):
+        return load_model(path)[0].eval()(tokens).logits.log_softmax(-1).flatten(0, 1)
+
+    reference = logprobs(t.model)
+    return lambda path: F.kl_div(logprobs(path), reference, log_target=True, reduction="batchmean").item()
+
+
 def quality(args) -> None:
     from benchmarks import trained
 
@@ -274,9 +293,9 @@ def quality(args) -> None:
                 "int4 AWQ g128": ["-m", "awq", *calib], "NF4": ["-m", "nf4"]}
     lines = [f"Model: {t.settings.describe()}; perplexity on the held-out last 10 %; calibration "
              f"{args.samples} windows of {seq_len} tokens from the training text.", "",
-             "| model | perplexity | change | rel. output error at quantize time | quantize s |",
-             "|---|---:|---:|---:|---:|"]
-    change, base = {}, trained.perplexity(t.model, t.val)
+             "| model | perplexity | change | KL to float (nats/token) | rel. output error at quantize time "
+             "| quantize s |", "|---|---:|---:|---:|---:|---:|"]
+    change, kl, base, kl_to_float = {}, {}, trained.perplexity(t.model, t.val), held_out_kl(t)
     for name, extra in variants.items():
         if extra is None:
             path, q = t.model, {}
@@ -285,14 +304,17 @@ def quality(args) -> None:
             q = json.loads(trained.llmctl("quantize", t.model, "-o", path, *extra, "--force", "--json").stdout)
             q = q["quantization"]
         value = base if extra is None else trained.perplexity(path, t.val)
-        change[name] = value / base - 1
+        change[name], kl[name] = value / base - 1, kl_to_float(path)
         err = q.get("error", {}).get("output_error")
         err = "" if err is None else f"{err:.2e}"
-        lines.append(f"| {name} | {value:.3f} | {100 * change[name]:+.2f} % | {err} | {q.get('seconds', '')} |")
-    rtn = change["int4 RTN g128"]
-    shares = [f"{name.removeprefix('int4 ')} {change[name] / rtn:.0%}" for name in variants
-              if name.startswith(("int4 GPTQ", "int4 AWQ"))]
-    lines += ["", f"Change as a share of int4 RTN's ({100 * rtn:+.2f} %; goal ≤ 60 %): " + ", ".join(shares)]
+        lines.append(f"| {name} | {value:.3f} | {100 * change[name]:+.2f} % | {kl[name]:.2e} | {err} | "
+                     f"{q.get('seconds', '')} |")
+    for what, values, unit in (("perplexity change", change, " %"), ("KL to float", kl, "")):
+        rtn = values["int4 RTN g128"]
+        shares = [f"{name.removeprefix('int4 ')} {values[name] / rtn:.0%}" for name in variants
+                  if name.startswith(("int4 GPTQ", "int4 AWQ"))]
+        rtn = f"{100 * rtn:+.2f} %" if unit else f"{rtn:.2e}"
+        lines += ["", f"{what} as a share of int4 RTN's ({rtn}; goal ≤ 60 %): " + ", ".join(shares)]
     out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
