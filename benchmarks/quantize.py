@@ -2,7 +2,7 @@
 
     python -m benchmarks.quantize speed   [--threads 2] [--new-tokens 64] [--repeats 3] [--compile] [--only NAME…]
     python -m benchmarks.quantize time    [--samples 32] [--seq-len 512] [--micro-batch 32 4]
-    python -m benchmarks.quantize quality [--width 256 --steps 600] [--samples 128] [--dir DIR]
+    python -m benchmarks.quantize quality [--samples 128] [--width 128 --steps 1200] [--dir DIR]
 
 speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
 at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128)
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import trained
 from benchmarks.generate import PROMPT_LEN, IdTok, _time
 
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -281,8 +282,6 @@ def held_out_kl(t, windows: int = 16, seq_len: int = 256):
 
 
 def quality(args) -> None:
-    from benchmarks import trained
-
     t = trained.from_arguments(args)
     work = t.model.parent / "quantize"
     seq_len = min(args.seq_len, 256)  # the trained model's context
@@ -333,8 +332,7 @@ def main() -> None:
                     "(llmctl float32, the reference, always runs)")
     ap.add_argument("--micro-batch", type=int, nargs="+", default=[4],
                     help="time: calibration windows per forward pass, one GPTQ run each")
-    from benchmarks.trained import add_arguments
-    add_arguments(ap.add_argument_group("quality: the trained model (benchmarks/trained.py)"))
+    trained.add_arguments(ap.add_argument_group("quality: the trained model (benchmarks/trained.py)"))
     args = ap.parse_args()
     {"speed": speed, "time": quantize_time, "quality": quality}[args.part](args)
 
