@@ -77,14 +77,16 @@ def test_max_time_fits_the_schedule_into_the_budget(llmctl, corpus, tmp_path):
     from llmctl.core.train.schedule import lr_at
 
     r = llmctl("train", f"data={corpus['shards']}", f"tokenizer={corpus['tok']}", *FAST, "max_steps=1000000",
-               "max_time=0.2", "lr=0.01", "min_lr=1e-5", "save_every=0", "eval_every=0", "-o", out, "--json")
+               "max_time=0.3", "lr=0.01", "min_lr=1e-5", "save_every=0", "eval_every=0", "-o", out, "--json")
     assert r.code == 0, r.stderr
     steps = r.json()["step"]
     assert 2 <= steps < 1000000  # how many fit depends on the machine's load
     last = [rec for rec in records(out) if "lr" in rec][-1]
     # the cosine reached its end on time: the last step's lr is the schedule's last over `steps`
     end = lr_at("cosine", steps - 1, lr=0.01, min_lr=1e-5, warmup_steps=2, max_steps=steps)
-    assert last["step"] == steps and last["lr"] == pytest.approx(end) and last["lr"] < 0.01 / 10
+    # … and far below the peak (an un-refitted horizon would still be near it): true from 6 steps on,
+    # which fit in 18 s even at a load average of 15
+    assert last["step"] == steps and last["lr"] == pytest.approx(end) and last["lr"] < 0.01 / 4
     state = json.loads((out / "checkpoints" / f"step-{steps:06d}" / "trainer_state" / "state.json").read_text())
     assert state["max_steps"] == steps and state["horizon_fixed"] is True
 
