@@ -8,6 +8,7 @@ Multi-node: run the same command on every node with
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +47,15 @@ def init(backend: str, device: torch.device) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def settle(d: Dist) -> None:
+    """Wait for every rank, then free what still holds the process group (DDP's reducer sits in
+    reference cycles) while gloo's worker threads are idle. Freed at interpreter exit instead,
+    the group's destructor can wait on a worker that waits for the GIL: the process never exits."""
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
 
 
 def shutdown(d: Dist) -> None:

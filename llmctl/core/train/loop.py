@@ -530,7 +530,10 @@ def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str =
                               report=report)
             if d.is_main:  # once the checkpoint to resume has loaded: a failed resume keeps the run's recipe
                 (workdir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-            return trainer.run()
+            result = trainer.run()
+            del trainer  # its DDP reducer holds the process group: freed by `settle`, not at exit
+            dist_.settle(d)
+            return result
     finally:
         if replace and d.is_main and workdir.exists():  # stopped before its first checkpoint: the old run stays
             shutil.rmtree(workdir, ignore_errors=True)
