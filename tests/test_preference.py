@@ -43,6 +43,14 @@ def word_order_base(folder: Path) -> Path:
     return tiny_llama(folder, [f"Sentence: {vocabulary} "] * 20, vocab=120, context=64, scale=1.0)
 
 
+def word_order_data(folder: Path) -> Path:
+    """A word-order base model, 300 training pairs and 80 held-out ones (the reward models' data)."""
+    base = word_order_base(folder / "base")
+    word_order_pairs(folder / "train.jsonl", 300, seed=1)
+    word_order_pairs(folder / "held_out.jsonl", 80, seed=2)
+    return base
+
+
 def word_order_pairs(path: Path, n: int, seed: int) -> Path:
     """Synthetic pairs from the built-in word_order task (another seed than its eval's): the
     grammatical sentence chosen over a shuffled one."""

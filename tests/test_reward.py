@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import run_process, tiny_llama  # noqa: E402
+from conftest import run_process  # noqa: E402
 
 from llmctl.core.model.io import load_model  # noqa: E402
 
@@ -17,12 +17,10 @@ from llmctl.core.model.io import load_model  # noqa: E402
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A reward model trained on grammatical-over-shuffled sentence pairs, and held-out pairs."""
-    from test_preference import word_order_base, word_order_pairs
+    from test_preference import word_order_data
 
     folder = tmp_path_factory.mktemp("reward")
-    base = word_order_base(folder / "base")
-    word_order_pairs(folder / "train.jsonl", 300, seed=1)
-    word_order_pairs(folder / "held_out.jsonl", 80, seed=2)
+    base = word_order_data(folder)
     out = folder / "rm"
     result = run_process("finetune", base, "--config", "tiny", "--method", "reward", "--data", folder / "train.jsonl",
                          "adapter=full", "max_steps=30", "batch_size=8", "lr=3e-3", "save_every=0", "-o", out)

@@ -23,12 +23,10 @@ IDS = torch.tensor([[0, 40, 41, 42, 43, 1, 2, 2], [0, 50, 51, 52, 53, 54, 55, 1]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A LoRA reward model (merged too) trained on grammatical-over-shuffled pairs, and held-out pairs."""
-    from test_preference import word_order_base, word_order_pairs
+    from test_preference import word_order_data
 
     folder = tmp_path_factory.mktemp("reward_adapter")
-    base = word_order_base(folder / "base")
-    word_order_pairs(folder / "train.jsonl", 300, seed=1)
-    word_order_pairs(folder / "held_out.jsonl", 80, seed=2)
+    base = word_order_data(folder)
     out = folder / "rm"
     result = run_process("finetune", base, "--config", "tiny", "--method", "reward", "--data", folder / "train.jsonl",
                          "adapter=lora", "max_steps=30", "batch_size=8", "lr=3e-3", "save_every=0",
