@@ -172,18 +172,22 @@ CACHE_BUCKET = 256  # compiled decoding: cache sizes are multiples of this
 
 def compiled_decode_step(model) -> Callable:
     """`model.decode_step` under torch.compile with static shapes, made once per model. On CPU
-    the weights are frozen into the graph (so they must not change afterwards); on CUDA the
-    compiled step is then captured in a CUDA graph by the Runner."""
+    the weights are frozen into the graph (so they must not change afterwards) and batch-1
+    products stream (`matvec`); on CUDA the compiled step is then captured in a CUDA graph by
+    the Runner."""
     step = getattr(model, "_llmctl_compiled_step", None)
     if step is None:
         import torch._dynamo
         import torch._inductor.config
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        compiled = torch.compile(model.decode_step, dynamic=False)
         if model.model.embed_tokens.weight.device.type != "cpu":
-            step = compiled
+            step = torch.compile(model.decode_step, dynamic=False)
         else:
+            from llmctl.core.generate import matvec
+
+            compiled = torch.compile(model.decode_step, dynamic=False, backend=matvec.backend)
+
             def step(*args):
                 # freezing (read when a graph is compiled): weights become constants that
                 # inductor pre-packs for its GEMM kernels; it applies under inference_mode only

@@ -1,0 +1,54 @@
+"""A torch.compile back end for batch-1 decoding on CPU: matrix-vector products as streaming reductions.
+
+At batch 1 a decode step is a chain of matrix-vector products, and its speed is how fast the
+weights stream from memory. torch's float32 `x @ Wᵀ` on CPU (MKL's sgemv, or oneDNN's packed GEMM
+after inductor freezing) reads them at ~40 % of this machine's read bandwidth. Written as
+`(x · W).sum(-1)` the same product is one loop inductor generates itself: each output row a
+vectorised dot product over a contiguous row of W, rows spread over the threads, nothing
+materialised, and it reads the weights 1.5–1.7× faster (BENCHMARKS.md, Quantize → Speed).
+
+`DECOMPOSITIONS` rewrites aten's `mm` / `addmm` with one input row and float32 operands into that
+form before inductor lowers the graph; every other product (prefill, batches, 16-bit weights, for
+which oneDNN's packed bf16 kernels stay faster here) keeps aten's. The sum runs in float32 like
+sgemv's, in a different order, so logits agree to float32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _streams(x: torch.Tensor, w_t: torch.Tensor) -> bool:
+    """One input row of float32 against a float32 matrix, on CPU (shapes are static when compiled)."""
+    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] == 1 and w_t.dim() == 2
+            and x.dtype == w_t.dtype == torch.float32)
+
+
+def _rows_dot(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x [1, K] · w_tᵀ as a reduction over each of W's contiguous rows: [1, N]."""
+    return (x.unsqueeze(1) * w_t.t().unsqueeze(0)).sum(-1)
+
+
+def mm(x: torch.Tensor, w_t: torch.Tensor, out_dtype=None):
+    if out_dtype is not None or not _streams(x, w_t):
+        return NotImplemented
+    return _rows_dot(x, w_t)
+
+
+def addmm(bias: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, *, beta=1, alpha=1):
+    if beta != 1 or alpha != 1 or not _streams(x, w_t):
+        return NotImplemented
+    return bias + _rows_dot(x, w_t)
+
+
+DECOMPOSITIONS = {aten.mm.default: mm, aten.addmm.default: addmm}
+
+
+def backend(graph, example_inputs):
+    """inductor, with `DECOMPOSITIONS` ahead of its own table."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    return compile_fx(graph, example_inputs, decompositions={**select_decomp_table(), **DECOMPOSITIONS})
