@@ -52,6 +52,39 @@ def test_grad_accum_equals_the_doubled_batch(corpus, tmp_path):
         torch.testing.assert_close(_params(accum)[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_grad_accum_weighs_micro_batches_by_their_targets(corpus, tmp_path):
+    """Micro-batches with different numbers of learned positions (rows starting with an even
+    token learn only their first 4): the step minimises the mean over every learned token, as the
+    doubled batch does — not the mean of the two micro-batch means (Hugging Face's Trainer
+    before 4.46 did that)."""
+    rows = _rows(4, seq=17)
+    rows[:2, 0], rows[2:, 0] = 2, 3
+
+    def ignoring(trainer):
+        batch = trainer.objective.batch
+
+        def masked(rows, index, generator=None):
+            inputs, labels, extra = batch(rows, index, generator)
+            short = (rows[:, :1] % 2 == 0) & (torch.arange(labels.shape[1]) >= 4)
+            return inputs, labels.masked_fill(short, -100), extra
+        trainer.objective.batch = masked
+        return trainer
+
+    whole = ignoring(_trainer(corpus, tmp_path, "batch_size=4", "grad_accum=1", "seq_len=16", rows=rows))
+    accum = ignoring(_trainer(corpus, tmp_path, "batch_size=2", "grad_accum=2", "seq_len=16", rows=rows))
+    inputs, labels, _ = whole._inputs(rows, 0)
+    assert int((labels != -100).sum()) == 2 * 4 + 2 * 16
+    a, b = whole.train_step(), accum.train_step()
+    assert a == pytest.approx(b, rel=1e-5)
+    for name, value in _params(whole).items():
+        torch.testing.assert_close(_params(accum)[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # the unweighted mean of the micro-batch means is measurably different
+        model = _trainer(corpus, tmp_path, "batch_size=4", "seq_len=16", rows=rows).model
+        means = [model(inputs[i:i + 2], labels=labels[i:i + 2]).loss for i in (0, 2)]
+        pooled = model(inputs, labels=labels).loss
+    assert abs(float(sum(means) / 2 - pooled)) > 1e-3
+
+
 def test_gradient_clipping_scales_the_update_as_computed_by_hand(corpus, tmp_path):
     """grad_clip=1e-3: the step is AdamW's on the gradient scaled by 1e-3 / its norm (eps=1e-4
     makes Adam's update depend on the gradient's size), and differs from the unclipped step."""

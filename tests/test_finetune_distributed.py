@@ -33,16 +33,17 @@ def _adapter(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> Path:
-    """Text records longer than a row, one per row (packing=false): every row has seq_len learned
-    tokens, so the mean of the ranks' mean losses is the global batch's mean (the trainer averages
-    per rank and micro-batch, not per token). The 5% validation split is one row: fewer than the
-    ranks, which must all validate anyway."""
+    """Text records of 1 to 8 questions, one per row (packing=false): the rows hold different
+    numbers of learned tokens (the rest is padding), so the ranks' batches do too, and the global
+    batch's loss is a mean over its tokens only if each rank's share is weighed by its count.
+    The 5% validation split is one row: fewer than the ranks, which must all validate anyway."""
     import random
 
     r = random.Random(0)
     path = tmp_path_factory.mktemp("data") / "long.jsonl"
     path.write_text("".join(json.dumps({"text": " ".join(f"what is {r.randint(0, 9)} plus {r.randint(0, 9)}?"
-                                                         for _ in range(8))}) + "\n" for _ in range(24)))
+                                                         for _ in range(r.randint(1, 8)))}) + "\n"
+                            for _ in range(24)))
     return path
 
 

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llmctl.core.train.objectives import OBJECTIVES, Batch
+from llmctl.core.train.objectives import OBJECTIVES, Batch, Objective
 from llmctl.core.train.sft import SFT, SFTBatches
 from llmctl.errors import ConfigError
 
@@ -137,6 +137,7 @@ class GRPO(SFT):
     """Sample groups, score them with verifiers, push up the better completions of each group."""
 
     takes_args = True
+    targets = Objective.targets  # `step_batches` normalises the loss over the step itself
 
     @classmethod
     def resolve(cls, plan) -> None:

@@ -258,6 +258,18 @@ class Trainer:
         with self._autocast():
             return self.objective.loss(self.forward, inputs, labels, extra)
 
+    def _weights(self, batches: list) -> list:
+        """Each micro-batch's weight in the step's loss. For a mean over targets (tokens), its share
+        of the targets of the whole step on every rank, times the ranks (DDP and FSDP average
+        the ranks' gradients): the step minimises the mean over all of them, as one batch would —
+        not the mean of micro-batch means, which overweighs short ones. Else 1/grad_accum each."""
+        counts = [self.objective.targets(batch) for batch in batches]
+        if any(count is None for count in counts):
+            return [1 / len(batches)] * len(batches)
+        counts = torch.stack(counts).to(self.device, torch.float32)
+        total = dist_.all_reduce_sum_(counts.sum().reshape(1), self.d)
+        return list(counts * self.d.world / total.clamp(min=1))
+
     def train_step(self) -> tuple[float, float, float, float]:
         """One optimizer step over `grad_accum` micro-batches: (loss, aux_loss, grad_norm, lr).
 
@@ -274,12 +286,12 @@ class Trainer:
         with self._autocast():
             batches = self.objective.step_batches([self._inputs(self.data.batch(i), i)
                                                    for i in range(first, first + cfg.grad_accum)])
-        for micro, (inputs, labels, extra) in enumerate(batches):
+        for micro, ((inputs, labels, extra), weight) in enumerate(zip(batches, self._weights(batches))):
             dist_.set_grad_sync(self.wrapped, micro == cfg.grad_accum - 1)
             objective, lm_loss = self._loss(inputs, labels, extra)
-            objective = objective / cfg.grad_accum
+            objective = objective * weight
             (self.scaler.scale(objective) if self.scaler else objective).backward()
-            totals += torch.stack([objective.detach(), lm_loss.detach() / cfg.grad_accum])
+            totals += torch.stack([objective.detach(), lm_loss.detach() * weight])
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")

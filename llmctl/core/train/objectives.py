@@ -11,6 +11,7 @@ checkpoints, exact resume); an objective owns the rest, each part with a default
 | `data(d)`      | the run's token windows          | instruction or preference pairs                 |
 | `batch(rows…)` | -                                | next-token or masked-token targets              |
 | `step_batches` | the micro-batches as they are    | GRPO: sample a step's groups, count its tokens  |
+| `targets(b)`   | micro-batches weigh equally      | token losses: the count of labelled positions   |
 | `initialise(m)`| as built or loaded               | a student from its teacher's layers             |
 | `prepare(m)`   | every parameter trains           | LoRA: only adapters train                       |
 | `companions()` | none                             | a distillation teacher, a DPO reference (frozen)|
@@ -85,6 +86,14 @@ class Objective:
         what all of them hold. Default: as they are."""
         return batches
 
+    def targets(self, batch: Batch) -> torch.Tensor | None:
+        """How many targets this micro-batch's loss is a mean over (a 0-d tensor): the trainer
+        weighs micro-batches and ranks by their share of the step's targets, so a step minimises
+        the mean over all of them however they fall into micro-batches. None (the default): the
+        loss is not a mean over targets (a preference loss over pairs, GRPO's own normalisation),
+        and micro-batches weigh equally."""
+        return None
+
     def state(self) -> dict[str, torch.Tensor]:
         """This rank's tensors that resuming needs besides the model and optimizer (saved per rank
         in `trainer_state/`); default none."""
@@ -141,11 +150,17 @@ class Objective:
         return [t.to(self.device, non_blocking=True) for t in tensors]
 
 
+def labelled(batch: Batch) -> torch.Tensor:
+    """The positions a token loss learns from: labels other than -100."""
+    return (batch[1] != -100).sum()
+
+
 @OBJECTIVES.register("causal")
 class Causal(Objective):
     """Next-token prediction: position t predicts token t + 1."""
 
     document_mask = True
+    targets = staticmethod(labelled)
 
     @classmethod
     def resolve(cls, plan) -> None:
@@ -180,6 +195,8 @@ class MultiToken(Causal):
 @OBJECTIVES.register("masked")
 class Masked(Objective):
     """BERT's masked-token prediction: `mask_prob` of the positions, 80% [MASK], 10% random, 10% kept."""
+
+    targets = staticmethod(labelled)
 
     @classmethod
     def resolve(cls, plan) -> None:

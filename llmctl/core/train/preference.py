@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from llmctl.core.train import preference_losses as L
-from llmctl.core.train.objectives import OBJECTIVES, Batch
+from llmctl.core.train.objectives import OBJECTIVES, Batch, Objective
 from llmctl.core.train.sft import SFT, SFTBatches
 from llmctl.errors import ConfigError
 
@@ -84,6 +84,7 @@ class Preference(SFT):
     reference = True  # whether the loss compares with a reference model
     average = False  # per-token mean log-probs instead of sums (ipo, simpo, orpo)
     paired = True  # chosen/rejected pairs, else KTO's labelled examples
+    targets = Objective.targets  # a loss over pairs or examples, not tokens: micro-batches weigh equally
 
     @classmethod
     def resolve(cls, plan) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llmctl.core.train.objectives import OBJECTIVES, Batch, Objective
+from llmctl.core.train.objectives import OBJECTIVES, Batch, Objective, labelled
 from llmctl.errors import ConfigError, DataError
 
 
@@ -62,6 +62,7 @@ class SFT(Objective):
     """Next-token loss on the learned tokens of SFT examples (completions, assistant turns)."""
 
     command = "finetune"
+    targets = staticmethod(labelled)  # a step's loss is the mean over all its learned tokens
 
     @classmethod
     def resolve(cls, plan) -> None:
