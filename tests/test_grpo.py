@@ -90,6 +90,11 @@ def test_group_advantages_follow_trl(scale):
     assert torch.allclose(adv, want, atol=1e-6) and torch.allclose(nanstd(rewards), trl_nanstd(rewards))
     assert adv[9] == 0  # unscored: no signal
     assert zero.tolist()[4:8] == ([True] * 4 if scale != "batch" else [False] * 4)
+    if scale == "batch":  # the all-reduced form (ranks' counts, sums, squares) of one process is TRL's std
+        from llmctl.core.rl.grpo import batch_nanstd
+        from llmctl.core.train.distributed import Dist
+
+        torch.testing.assert_close(batch_nanstd(rewards, Dist(), torch.device("cpu")), trl_nanstd(rewards))
 
 
 def test_rollout_positions_predict_each_completion_token():

@@ -130,14 +130,15 @@ def test_dapo_with_grad_accum_equals_the_doubled_batch(base, prompts, tmp_path, 
 
 def test_dapo_under_ddp_and_fsdp_equals_one_process_with_the_global_batch(base, prompts, tmp_path, monkeypatch):  # noqa: F811
     """Two ranks × 2 prompts against one process × 4, with μ = 2: the DDP run stops inside a
-    round and resumes from every rank's saved round, under FSDP (a checkpoint is unsharded)."""
+    round and resumes from every rank's saved round, under FSDP (a checkpoint is unsharded).
+    Rewards are scaled by the std of the whole batch, every rank's (`scale_rewards=batch`)."""
     from test_train import curve
     from test_train_distributed import _free_port, assert_close
 
     from llmctl.cli import main
 
     args = [base, *FAST, "--data", prompts, "adapter=lora", "objective_args.loss_type=dapo", DIGITS, "lr=0.05",
-            "objective_args.num_iterations=2", "objective_args.epsilon=0.05"]
+            "objective_args.num_iterations=2", "objective_args.epsilon=0.05", "objective_args.scale_rewards=batch"]
     monkeypatch.setattr(GRPO, "rollout", fixed_rollout)
     assert main(["--quiet", "finetune", *map(str, args), "batch_size=4", "max_steps=4", "save_every=0",
                  "-o", str(tmp_path / "single")]) == 0

@@ -73,13 +73,28 @@ def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.sqrt(variance if dim is None else variance.squeeze(dim)).reshape(() if dim is None else -1)
 
 
-def advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_nanstd(rewards: torch.Tensor, d, device) -> torch.Tensor:
+    """`nanstd` of the rewards of every rank together (TRL gathers the whole batch's rewards
+    before scaling by the batch's std): from the ranks' summed counts, sums and squares."""
+    from llmctl.core.train.distributed import all_reduce_sum
+
+    known = rewards[~torch.isnan(rewards)].double()
+    n, total, squares = all_reduce_sum([float(known.numel()), float(known.sum()), float((known * known).sum())],
+                                       d, device)
+    variance = (squares - total * total / n) / (n - 1) if n > 1 else 0.0
+    return torch.tensor(max(variance, 0.0) ** 0.5, dtype=rewards.dtype)
+
+
+def advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group",
+               batch_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, whether each reward's std is zero) of rewards [N] in consecutive groups;
-    a NaN reward (no verifier had an opinion) is left out of its group's baseline and gets 0."""
+    a NaN reward (no verifier had an opinion) is left out of its group's baseline and gets 0.
+    `batch_std`: the std `scale_rewards="batch"` divides by (default: these rewards')."""
     groups = rewards.view(-1, num_generations)
     mean = torch.nanmean(groups, dim=1).repeat_interleave(num_generations)
-    if scale_rewards == "batch":
+    if scale_rewards == "batch" and batch_std is not None:
+        std = batch_std.expand_as(rewards)
+    elif scale_rewards == "batch":
         std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
     elif num_generations > 1:
         std = nanstd(groups, dim=1).repeat_interleave(num_generations)
@@ -230,7 +245,9 @@ class GRPO(SFT):
         everything = [r for part in records for r in part]  # each prompt's group together
         rollout = self.rollout([r["prompt"] for r in everything], number)
         rewards, per_verifier = self.rewards(rollout, everything)
-        adv, std_zero = advantages(rewards, G, s.scale_rewards)
+        batch_std = batch_nanstd(rewards, self.dist, self.device) \
+            if s.scale_rewards == "batch" and self.dist.enabled else None  # the global batch's, under DDP/FSDP
+        adv, std_zero = advantages(rewards, G, s.scale_rewards, batch_std)
         parts = []
         for i, rows in enumerate(rollout.split(len(records))):
             mask = rows.mask * ~rows.truncated[:, None] if s.mask_truncated_completions else rows.mask
