@@ -10,6 +10,9 @@ module's `weight`, `absmax`…): LoRA turns it into a subclass of its own type (
 `scaling · B(A(dropout(x)))` to the base output. `scaling` is alpha / r, or alpha / √r with
 rsLoRA. DoRA (PEFT's formulation) rescales each output row of W + scaling·BA to a learned
 magnitude m: y = m/‖W + scaling·BA‖ · (xWᵀ + scaling·B(A(x))) + bias, the norm detached.
+LoRA on a frozen `nn.Linear` is one autograd node (`_LoraLinear`: the input cast once under
+autocast, no weight-gradient work, the adapter added into the base output and its share of the
+input gradient into the base's in place); DoRA and quantized bases compose their base's forward.
 
 A base layer takes part through one protocol: `dense_weight(module)` (its weight as a float
 matrix: `dequantize()` when it has one) and, to merge into a quantized layer, a class
@@ -64,6 +67,8 @@ class LoraLayer(nn.Module):
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_active and fusable(self, x):
+            return lora_linear(self, x)
         result = super().forward(x)
         if not self.adapter_active:
             return result
@@ -89,6 +94,63 @@ class LoraLayer(nn.Module):
         if self.lora_magnitude_vector is not None:
             weight = weight * (self.lora_magnitude_vector.detach().float() / torch.linalg.norm(weight, dim=1))[:, None]
         return weight
+
+
+def fusable(module: LoraLayer, x: torch.Tensor) -> bool:
+    """Whether `lora_linear` computes this call: LoRA (not DoRA) on a frozen plain `nn.Linear`, in
+    the adapter's dtype or under autocast."""
+    weight, bias = module.weight, module.bias
+    return (module.lora_magnitude_vector is None and module.base_class is nn.Linear and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and (weight.dtype == module.lora_A.weight.dtype or torch.is_autocast_enabled(x.device.type)))
+
+
+def lora_linear(module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+    """A frozen dense layer plus its LoRA in one autograd node (`_LoraLinear`), in autocast's dtype
+    when it is on (x cast once for both paths), else in the adapter's."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.lora_A.weight.dtype
+    dropout = module.lora_dropout  # drawn over the input as it comes, as PEFT's (and only when it drops)
+    dropped = dropout(x).to(dtype) if isinstance(dropout, nn.Dropout) and dropout.training else None
+    x = x.to(dtype)
+    bias = None if module.bias is None else module.bias.to(dtype)
+    return _LoraLinear.apply(x, module.weight.to(dtype), bias, module.lora_A.weight.to(dtype),
+                             module.lora_B.weight.to(dtype), module.scaling, dropped)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x Wᵀ + bias + s · (x' Aᵀ) Bᵀ, with x' = dropout(x) (`dropped`) or x itself, for a frozen W.
+
+    Saves x' and h = x' Aᵀ only (W is a parameter) and does no work for W in backward: five
+    GEMMs (g B, its products with x' and A, gᵀ h, g W), the adapter's share of grad x added in
+    place — with dropout it is x' 's gradient, which autograd takes back through the dropout."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropped):
+        x_lora = x if dropped is None else dropped
+        h = F.linear(x_lora, lora_a)
+        out = F.linear(x, weight, bias)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), lora_b.t(), alpha=scaling)
+        ctx.scaling, ctx.dropout = scaling, dropped is not None
+        ctx.save_for_backward(x_lora, weight, lora_a, lora_b, h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_lora, weight, lora_a, lora_b, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_h = torch.mm(g, lora_b).mul_(ctx.scaling)  # [N, r]: the rank-r gradient, scaled once
+        grad_a = torch.mm(grad_h.t(), x_lora.reshape(-1, x_lora.shape[-1])) if ctx.needs_input_grad[3] else None
+        grad_b = torch.mm(g.t(), h.reshape(-1, h.shape[-1])).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+        grad_x = grad_dropped = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight)
+            if not ctx.dropout:
+                grad_x.addmm_(grad_h, lora_a)
+            grad_x = grad_x.view(x_lora.shape)
+        if ctx.dropout and ctx.needs_input_grad[6]:
+            grad_dropped = torch.mm(grad_h, lora_a).view(x_lora.shape)
+        return grad_x, None, None, grad_a, grad_b, None, grad_dropped
 
 
 def dense_device(module: nn.Module) -> torch.device:
