@@ -6,8 +6,10 @@ seq 256, AdamW over the adapter; llmctl's step is `Trainer.train_step` of `llmct
 (same config resolution), PEFT's is `get_peft_model(LlamaForCausalLM)` + `torch.optim.AdamW`
 + clipping. Steps alternate between contenders. PEFT's QLoRA needs bitsandbytes, which has no
 CPU build here: llmctl's QLoRA (NF4 base, bf16 compute) is compared with PEFT's bf16 LoRA on
-the dense base. `--compile` adds llmctl with `compile=true` (the trainer's torch.compile of the
-model) as a third contender. `--rss`: peak RSS of `llmctl finetune --config finetune/{lora,qlora}` (the
+the dense base, both without gradient checkpointing (the qlora recipe's default is on: the row passes
+`gradient_checkpointing=false`); `qlora-ckpt` (only with `--only bf16:qlora-ckpt`) checkpoints on both
+sides (transformers' `activation_checkpointing_enable`). `--compile` adds llmctl with `compile=true` (the
+trainer's torch.compile of the model) as a third contender. `--rss`: peak RSS of `llmctl finetune --config finetune/{lora,qlora}` (the
 recipes' settings: QLoRA checkpoints, LoRA does not) on the `llama` preset (~125M parameters) at seq 512 ×
 batch 4, each case (`RSS_CASES`) in its own process.
 
@@ -33,6 +35,7 @@ import torch
 from benchmarks.train import ARCH, BATCH, SEQ, interleaved
 
 R, ALPHA, LR = 16, 32, 2e-4
+DEFAULT_ROWS = ("fp32:lora", "fp32:dora", "bf16:lora", "bf16:dora", "bf16:qlora")
 WORDS = 4096
 
 
@@ -91,7 +94,7 @@ def llmctl_step(base: Path, data: Path, root: Path, method: str, precision: str,
     return trainer.train_step
 
 
-def peft_step(base: Path, method: str, precision: str):
+def peft_step(base: Path, method: str, precision: str, checkpointing: bool = False):
     import peft
     from transformers import AutoModelForCausalLM
 
@@ -100,6 +103,8 @@ def peft_step(base: Path, method: str, precision: str):
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0,
                              use_dora=method == "dora")
     model = peft.get_peft_model(model, config).train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
@@ -130,19 +135,19 @@ def throughput(args) -> list[str]:
         base = make_base(root)
         data = make_records(root / "data.jsonl", SEQ)
         n = args.steps + args.warmup
-        for precision, methods in (("fp32", ("lora", "dora")), ("bf16", ("lora", "dora", "qlora"))):
-            for method in (m for m in methods if not args.only or f"{precision}:{m}" in args.only):
-                steps = {"llmctl": llmctl_step(base, data, root, method, precision, n),
-                         "PEFT": peft_step(base, "lora" if method == "qlora" else method, precision)}
+        for precision, methods in (("fp32", ("lora", "dora")), ("bf16", ("lora", "dora", "qlora", "qlora-ckpt"))):
+            for row in (m for m in methods if f"{precision}:{m}" in (args.only or DEFAULT_ROWS)):
+                method, checkpointing = row.removesuffix("-ckpt"), row.endswith("-ckpt")
+                extra = [f"gradient_checkpointing={str(checkpointing).lower()}"]
+                steps = {"llmctl": llmctl_step(base, data, root, method, precision, n, extra),
+                         "PEFT": peft_step(base, "lora" if method == "qlora" else method, precision, checkpointing)}
                 if args.compile:
-                    steps["compiled"] = llmctl_step(base, data, root, method, precision, n, ["compile=true"])
+                    steps["compiled"] = llmctl_step(base, data, root, method, precision, n, [*extra, "compile=true"])
                     steps["compiled"]()  # compiles (minutes), before anything is timed
                 runs = interleaved(steps, args.steps, args.warmup)
-                row = f"| {precision} | {method} | {max(runs['PEFT']):,.0f} |" + _vs_peft(runs, "llmctl")
-                if args.compile:
-                    row += _vs_peft(runs, "compiled")
-                row += f" {Path('/proc/loadavg').read_text().split()[0]} |"
-                rows.append(row)
+                cells = f"| {precision} | {method} | {'on' if checkpointing else 'off'} | {max(runs['PEFT']):,.0f} |"
+                cells += _vs_peft(runs, "llmctl") + (_vs_peft(runs, "compiled") if args.compile else "")
+                rows.append(cells + f" {Path('/proc/loadavg').read_text().split()[0]} |")
                 print(rows[-1], flush=True)
     import peft
     import transformers
@@ -158,11 +163,12 @@ def throughput(args) -> list[str]:
         f"transformers {transformers.__version__}, peft {peft.__version__}. Best of {args.steps} steps after "
         f"{args.warmup} warm-up steps, contenders alternating step by step; ratios best / best (medians' ratio in "
         "brackets); the load average (1 min) as the row ended. QLoRA: llmctl's NF4 base vs PEFT's bf16 LoRA on the "
-        "dense base (PEFT's QLoRA needs bitsandbytes, not available on this CPU).",
+        "dense base (PEFT's QLoRA needs bitsandbytes, not available on this CPU); gradient checkpointing as the "
+        "row says, on both sides.",
         "",
-        "| precision | method | PEFT tokens/s | llmctl tokens/s | llmctl / PEFT |"
+        "| precision | method | gradient checkpointing (both) | PEFT tokens/s | llmctl tokens/s | llmctl / PEFT |"
         + (" llmctl compile=true tokens/s | compiled / PEFT |" if args.compile else "") + " load |",
-        "|---|---|---|---|---|" + ("---|---|" if args.compile else "") + "---|",
+        "|---|---|---|---|---|---|" + ("---|---|" if args.compile else "") + "---|",
         *rows, ""]
 
 
@@ -241,7 +247,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", type=lambda v: v.split(","), default=None,
-                        help="throughput rows to time, e.g. fp32:lora,bf16:qlora (default: all five)")
+                        help="throughput rows to time, e.g. fp32:lora,bf16:qlora (default: DEFAULT_ROWS; also bf16:qlora-ckpt)")
     parser.add_argument("--compile", action="store_true", help="also time llmctl with compile=true")
     parser.add_argument("--rss", action="store_true", help="measure peak RSS instead of throughput")
     parser.add_argument("--rss-steps", type=int, default=2)
