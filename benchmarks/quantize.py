@@ -16,9 +16,10 @@ format used) × tokens/s ÷ the read bandwidth measured in the same run (a 1 GiB
 time: `llmctl quantize` on the `llama` preset's shape (125M, random weights) as a subprocess:
 RTN int8, RTN int4 and GPTQ int4 g128 (once per --micro-batch) — wall time and peak RSS.
 quality: held-out perplexity (`llmctl eval --task perplexity`) of the briefly trained model of
-benchmarks/trained.py and of its int8, int4 RTN, GPTQ, AWQ (groups of 128) and NF4 versions, each
-one's change from the float model and KL divergence from it (on 16 held-out windows), and
-GPTQ's and AWQ's change and KL as a share of RTN's; writes
+benchmarks/trained.py and of its int8, int4 RTN, GPTQ, AWQ (groups of 128; RTN and AWQ on the
+asymmetric grid too) and NF4 versions, each one's change from the float model and KL divergence
+from it (on 16 held-out windows), and GPTQ's and AWQ's change and KL as a share of RTN's on the
+same grid; writes
 benchmarks/results/quantize-quality-d<width>.md.
 """
 
@@ -289,7 +290,8 @@ def quality(args) -> None:
     variants = {"float": None, "int8": ["-m", "int8"], "int4 RTN g128": ["-m", "int4"],
                 "int4 GPTQ g128": ["-m", "gptq", *calib],
                 "int4 GPTQ g128 act-order": ["-m", "gptq", *calib, "gptq.act_order=true"],
-                "int4 AWQ g128": ["-m", "awq", *calib], "NF4": ["-m", "nf4"]}
+                "int4 AWQ g128": ["-m", "awq", *calib], "int4 RTN g128 asym": ["-m", "int4", "--asym"],
+                "int4 AWQ g128 asym": ["-m", "awq", "--asym", *calib], "NF4": ["-m", "nf4"]}
     lines = [f"Model: {t.settings.describe()}; perplexity on the held-out last 10 %; calibration "
              f"{args.samples} windows of {seq_len} tokens from the training text.", "",
              "| model | perplexity | change | KL to float (nats/token) | rel. output error at quantize time "
@@ -309,11 +311,12 @@ def quality(args) -> None:
         lines.append(f"| {name} | {value:.3f} | {100 * change[name]:+.2f} % | {kl[name]:.2e} | {err} | "
                      f"{q.get('seconds', '')} |")
     for what, values, unit in (("perplexity change", change, " %"), ("KL to float", kl, "")):
-        rtn = values["int4 RTN g128"]
-        shares = [f"{name.removeprefix('int4 ')} {values[name] / rtn:.0%}" for name in variants
-                  if name.startswith(("int4 GPTQ", "int4 AWQ"))]
-        rtn = f"{100 * rtn:+.2f} %" if unit else f"{rtn:.2e}"
-        lines += ["", f"{what} as a share of int4 RTN's ({rtn}; goal ≤ 60 %): " + ", ".join(shares)]
+        for grid in ("", " asym"):  # each method against round-to-nearest on the same grid
+            rtn = values[f"int4 RTN g128{grid}"]
+            shares = [f"{name.removeprefix('int4 ')} {values[name] / rtn:.0%}" for name in variants
+                      if name.startswith(("int4 GPTQ", "int4 AWQ")) and name.endswith(" asym") == bool(grid)]
+            rtn = f"{100 * rtn:+.2f} %" if unit else f"{rtn:.2e}"
+            lines += ["", f"{what} as a share of int4 RTN{grid}'s ({rtn}; goal ≤ 60 %): " + ", ".join(shares)]
     out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -3,17 +3,21 @@ scale into the operation that produces those inputs, then search each group's cl
 
 For a set of linears sharing an input X (q/k/v after the attention norm, gate/up after the
 feed-forward norm, o after v, down after up) the per-channel scale is
-s = mean|x|^α / mean|ŵ|^(1−α) (ŵ: weights normalised per group), with α on a grid chosen to
-minimise Σ‖X Wᵀ − (X/s) Q(W·s)ᵀ‖² over the set's outputs (AutoAWQ evaluates the whole
-attention or MLP; the linears' outputs are what this measures). The producer is divided by s
-(a norm's weight, or the output rows of v_proj / up_proj), so the float model is unchanged.
+s = mean|x|^α / (mean|ŵ|^(1−α) + 1e-4) (ŵ: weights normalised per group), normalised so that
+max(s)·min(s) = 1, with α ∈ {0, 1/grid, …} chosen, as AutoAWQ and llm-compressor do, by the mean
+squared error at the output of the module the set feeds — the attention for q/k/v, the MLP for
+gate/up, the linear itself for o and down — run on the block's calibration inputs with every
+linear of the set replaced by Q(W·s)/s (the rest of the block in float). The producer is divided
+by s (a norm's weight, or the output rows of v_proj / up_proj), so the float model is unchanged.
 Clipping then shrinks each group's range by up to `max_shrink`, keeping the shrink with the
-least output error per group (q and k are left unclipped, as AutoAWQ does).
+least error on the group's share of the linear's output (q and k are left unclipped, as AutoAWQ does).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -23,7 +27,7 @@ from llmctl.core.model.norm import LayerNorm, RMSNorm, pre_norm
 from llmctl.core.quant.config import AWQConfig
 from llmctl.core.quant.scheme import Scheme
 
-SEARCH_ROWS = 4096  # input rows the scale search evaluates
+SAMPLE_ROWS = 4096  # input rows (sampled) the clipping search and the error report use
 
 
 def _groups(block: nn.Module, linears: list[str]) -> list[tuple[nn.Module | None, list[str]]]:
@@ -64,22 +68,54 @@ def _fold(producer: nn.Module, s: torch.Tensor) -> None:
         producer.bias.div_(s.to(producer.bias.dtype))
 
 
-def search_scale(x: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, cfg: AWQConfig,
-                 x_mean: torch.Tensor) -> torch.Tensor | None:
-    """The per-input-channel scale with the least output error, or None when α = 0 (no scaling) wins."""
-    w = torch.cat(weights).float()
-    width = scheme.width(w.shape[1])
-    g = w.reshape(-1, width).abs()
-    w_mean = (g / g.amax(1, keepdim=True).clamp(min=1e-8)).reshape(w.shape).mean(0)
-    refs = [x @ wi.float().T for wi in weights]
+def scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float, duo: bool = True) -> torch.Tensor:
+    """s = mean|x|^α / (mean|ŵ|^(1−α) + 1e-4) (duo) or mean|x|^α, normalised to max·min = 1."""
+    s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if duo else x_mean.pow(alpha)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(s.isfinite(), s, torch.ones_like(s))
+
+
+@contextmanager
+def _swapped(linears: list[nn.Module], weights: list[torch.Tensor]) -> Iterator[None]:
+    """The linears hold `weights` inside the block, their own weights again after."""
+    saved = [m.weight.data for m in linears]
+    try:
+        for m, w in zip(linears, weights):
+            m.weight.data = w.to(m.weight.dtype)
+        yield
+    finally:
+        for m, w in zip(linears, saved):
+            m.weight.data = w
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def module_error(module: nn.Module, calls: list[tuple], linears: list[nn.Module], weights: list[torch.Tensor]) -> float:
+    """Mean squared difference of `module`'s output over its recorded (args, kwargs, output)
+    calls when `linears` hold `weights` instead of their own."""
+    total, count = 0.0, 0
+    with _swapped(linears, weights):
+        for args, kwargs, ref in calls:
+            total += (_output(module(*args, **kwargs)).float() - ref).pow(2).sum().item()
+            count += ref.numel()
+    return total / max(count, 1)
+
+
+def search_scale(module: nn.Module, calls: list[tuple], linears: list[nn.Module], x_mean: torch.Tensor,
+                 scheme: Scheme, cfg: AWQConfig) -> torch.Tensor | None:
+    """The per-input-channel scale whose rounded weights Q(W·s)/s, all of `linears` at once, give
+    the least error at the output of `module` (the attention, the MLP, or the linear itself),
+    or None when α = 0 (no scaling) wins."""
+    weights = [m.weight.float() for m in linears]
+    w = torch.cat(weights)
+    g = w.reshape(-1, scheme.width(w.shape[1])).abs()
+    w_mean = (g / (g.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
     best, best_loss = None, float("inf")
     for r in range(cfg.grid):
-        alpha = r / cfg.grid
-        s = x_mean.pow(alpha) / w_mean.pow(1 - alpha) if cfg.duo_scaling else x_mean.pow(alpha)
-        s = s.clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        loss = sum(((x / s) @ scheme.fake(wi.float() * s).T - ref).pow(2).sum().item()
-                   for wi, ref in zip(weights, refs))
+        s = scales(x_mean, w_mean, r / cfg.grid, cfg.duo_scaling)
+        loss = module_error(module, calls, linears, [scheme.fake(wi * s) / s for wi in weights])
         if loss < best_loss:
             best, best_loss = (None if r == 0 else s), loss
     return best
@@ -107,26 +143,45 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: Scheme, cfg: AWQConfig
     return torch.maximum(torch.minimum(wg, best), -best).reshape(out, cols).to(w.dtype)
 
 
+def _parent(block: nn.Module, group: list[str]) -> nn.Module:
+    """The module whose output a group's error is measured at: the linears' lowest common parent
+    (self_attn for q/k/v, mlp for gate/up), the linear itself when it is alone."""
+    if len(group) == 1:
+        return block.get_submodule(group[0])
+    return block.get_submodule(os.path.commonprefix([p.rsplit(".", 1)[0] + "." for p in group]).rstrip("."))
+
+
 def awq_block(block: nn.Module, linears: list[str], forward: Callable[[], None], put, scheme: Scheme,
               cfg: AWQConfig) -> None:
+    groups = _groups(block, linears)
+    parents = {i: _parent(block, group) for i, (producer, group) in enumerate(groups) if producer is not None}
+    calls: dict[nn.Module, list[tuple]] = {m: [] for m in parents.values()}  # (args, kwargs, float output)
     inputs: dict[str, list[torch.Tensor]] = {}
     with capture_inputs(block, lambda p, x: p in linears and inputs.setdefault(p, []).append(
             x.detach().reshape(-1, x.shape[-1]))):
-        forward()
-    xs = {p: torch.cat(v).float() for p, v in inputs.items()}
+        hooks = [m.register_forward_hook(lambda mod, a, k, out: calls[mod].append((a, k, _output(out).detach().float())),
+                                         with_kwargs=True) for m in calls]
+        try:
+            forward()
+        finally:
+            for h in hooks:
+                h.remove()
     g = torch.Generator().manual_seed(0)
-    scaled: dict[str, torch.Tensor] = {}  # the inputs as the scaled weights see them
-    for producer, group in _groups(block, [p for p in linears if p in xs]):
-        x = xs[group[0]]
-        rows = x[torch.randperm(len(x), generator=g)[:SEARCH_ROWS]]
+    scaled: dict[str, torch.Tensor] = {}  # sampled inputs as the scaled weights see them
+    for i, (producer, group) in enumerate(groups):
+        group = [p for p in group if p in inputs]  # MoE experts no token reached
+        if not group:
+            continue
+        x = torch.cat(inputs[group[0]]).float()
+        rows = x[torch.randperm(len(x), generator=g)[:SAMPLE_ROWS]]
         s = None
         if producer is not None:
-            weights = [block.get_submodule(p).weight for p in group]
-            s = search_scale(rows, weights, scheme, cfg, x.abs().mean(0))
+            modules = [block.get_submodule(p) for p in group]
+            s = search_scale(parents[i], calls[parents[i]], modules, x.abs().mean(0), scheme, cfg)
         if s is not None:
             _fold(producer, s)
-            for p in group:
-                block.get_submodule(p).weight.mul_(s.to(block.get_submodule(p).weight.dtype))
+            for m in modules:
+                m.weight.mul_(s.to(m.weight.dtype))
         for p in group:
             scaled[p] = rows if s is None else rows / s
     for p, x in scaled.items():
