@@ -112,9 +112,11 @@ def main() -> None:
     spread = input_spread(t, args.samples)
 
     r = t.record
-    lines = [f"Model: {t.settings.describe()} ({r['seconds'] / 60:.1f} min on {r['threads']} thread(s), load average "
-             f"{r['loadavg'][0]}–{r['loadavg'][1]}). Calibration: {args.samples} windows of {SEQ_LEN} tokens "
-             "from the training text; perplexity on the held-out last 10 % (`llmctl eval --task perplexity`).", "",
+    resumed = "; resumed from a checkpoint: the time is the resumed part's" if r.get("resumed") else ""
+    lines = [f"Model: {t.settings.describe()} ({r['seconds'] / 60:.1f} min on {r['threads']} thread(s), "
+             f"load average {r['loadavg'][0]}–{r['loadavg'][1]}{resumed}). Calibration: {args.samples} windows of "
+             f"{SEQ_LEN} tokens from the training text; perplexity on the held-out last 10 % (`llmctl eval --task "
+             "perplexity`).", "",
              "| model | val perplexity | vs dense | prune time (s) | peak RSS (MiB) | note |",
              "|---|---:|---:|---:|---:|---|"]
     for label, ppl, seconds, rss, note in rows:

@@ -157,10 +157,13 @@ def awq_block(block: nn.Module, linears: list[str], forward: Callable[[], None],
     parents = {i: _parent(block, group) for i, (producer, group) in enumerate(groups) if producer is not None}
     calls: dict[nn.Module, list[tuple]] = {m: [] for m in parents.values()}  # (args, kwargs, float output)
     inputs: dict[str, list[torch.Tensor]] = {}
+
+    def record(module, args, kwargs, out):
+        calls[module].append((args, kwargs, _output(out).detach().float()))
+
     with capture_inputs(block, lambda p, x: p in linears and inputs.setdefault(p, []).append(
             x.detach().reshape(-1, x.shape[-1]))):
-        hooks = [m.register_forward_hook(lambda mod, a, k, out: calls[mod].append((a, k, _output(out).detach().float())),
-                                         with_kwargs=True) for m in calls]
+        hooks = [m.register_forward_hook(record, with_kwargs=True) for m in calls]
         try:
             forward()
         finally:
