@@ -145,7 +145,11 @@ def test_awq_grid_is_the_set_of_exponents_searched():
     x, w = torch.randn(256, 32, generator=g), torch.randn(16, 32, generator=g)
     x[:, :4] *= 30
     x_mean = x.abs().mean(0)
-    s = search_scale(x, [w], Scheme(bits=4, group_size=16), AWQConfig(grid=2, duo_scaling=False), x_mean)
+    linear = torch.nn.Linear(32, 16, bias=False)
+    linear.weight.data = w
+    with torch.no_grad():  # the linear alone is the module whose output is measured
+        s = search_scale(linear, [((x,), {}, x @ w.T)], [linear], x_mean, Scheme(bits=4, group_size=16),
+                         AWQConfig(grid=2, duo_scaling=False))
     expected = x_mean.sqrt() / (x_mean.sqrt().max() * x_mean.sqrt().min()).sqrt()
     assert s is not None and torch.allclose(s, expected, rtol=1e-5)
 
