@@ -58,10 +58,8 @@ class PromptLookupProposer:
         for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
             tail = tokens[-n:]
             for start in range(len(tokens) - n - 1, -1, -1):
-                if tokens[start : start + n] == tail:
-                    follow = tokens[start + n : start + n + k]
-                    if follow:
-                        return follow, None
+                if tokens[start : start + n] == tail:  # at most len - n - 1: a token follows
+                    return tokens[start + n : start + n + k], None
         return [], None
 
     def rollback(self, length: int) -> None:

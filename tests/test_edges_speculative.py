@@ -1,0 +1,99 @@
+"""Edges of speculative decoding that output-equality tests cannot see (found by mutation testing).
+
+Speculation is lossless whatever the proposer guesses, so a proposer that guesses badly, or a
+verifier that ignores the draft's distribution, still gives the target's tokens: only the
+proposals, the acceptance rate and the timings show it. These tests look at those directly."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmctl.core.generate import GenerationConfig
+from llmctl.core.generate import speculative as S
+from test_generate import PROMPTS, _ours, ckpts, one_thread, tokdir  # noqa: F401  (fixtures)
+
+
+@pytest.mark.parametrize("tokens,max_ngram,k,expected", [
+    ([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3, 2, [7, 5]),  # the latest earlier occurrence
+    ([1, 2, 3, 6, 0, 2, 3, 8, 1, 2, 3], 3, 2, [6, 0]),  # the longest n-gram first, though [2, 3] is later
+    ([1, 2, 3, 6, 0, 2, 3, 8, 1, 2, 3], 2, 2, [8, 1]),  # at most max_ngram
+    ([5, 6, 5], 2, 3, [6, 5]),  # fewer than k tokens follow
+    ([4, 8, 1, 2, 9], 3, 2, []),  # no match
+    ([7, 7], 5, 4, [7]),
+])
+def test_prompt_lookup_proposals(tokens, max_ngram, k, expected):
+    assert S.PromptLookupProposer(max_ngram).propose(tokens, None, k) == (expected, None)
+
+
+def _job(sampling: bool, seed: int = 0):
+    return SimpleNamespace(processors=[], sampling=sampling, process=lambda scores, history: scores,
+                           generator=torch.Generator().manual_seed(seed))
+
+
+def test_greedy_verification_keeps_drafts_up_to_the_first_mismatch():
+    out = torch.full((3, 10), -1.0)
+    out[0, 3] = out[1, 4] = out[2, 5] = 1.0  # the target's choices: 3, 4, then 5
+    for drafts, expected in [([3, 4], [3, 4, 5]), ([3, 9], [3, 4]), ([7, 4], [3]), ([], [3])]:
+        assert S._verify(_job(False), out[: len(drafts) + 1], drafts, None, [0], lambda rows: None) == expected
+
+
+def test_sampled_verification_keeps_the_targets_distribution():
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(2, 4, generator=g) * 2
+    q = torch.tensor([[0.1, 0.6, 0.1, 0.2]])
+    job, counts, n = _job(True, 2), torch.zeros(4), 4000
+    for _ in range(n):
+        d = int(torch.multinomial(q[0], 1, generator=g))
+        counts[S._verify(job, out, [d], q, [0], lambda rows: None)[0]] += 1
+    assert torch.allclose(counts / n, out[0].softmax(-1), atol=0.03)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])  # 1.0: no processor at all
+def test_the_target_as_its_own_sampling_draft_has_every_draft_accepted(ckpts, one_thread, temperature):  # noqa: F811
+    target = ckpts("llama")
+    cfg = GenerationConfig(max_new_tokens=10, eos_ids=[], temperature=temperature, seed=3, speculate_k=3)
+    result = _ours(target, PROMPTS[:1], cfg, draft=target)[0]
+    assert len(result.tokens) == 10 and result.acceptance_rate == 1.0  # q = p: min(1, p/q) = 1
+
+
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.5, no_repeat_ngram_size=2),
+                                       dict(frequency_penalty=3.0)])  # counts the generated tokens only
+def test_accepted_drafts_reach_the_processors(ckpts, one_thread, penalties):  # noqa: F811
+    """The target as its own draft (every draft accepted) with penalties that read the history."""
+    target = ckpts("llama")
+    cfg = dict(max_new_tokens=12, eos_ids=[], **penalties)
+    plain = _ours(target, PROMPTS, GenerationConfig(**cfg))
+    spec = _ours(target, PROMPTS, GenerationConfig(**cfg, speculate_k=3), draft=target)
+    assert [r.tokens for r in spec] == [r.tokens for r in plain]
+    assert all(r.acceptance_rate == 1.0 for r in spec)
+
+
+def test_the_first_token_is_drawn_as_plain_sampling_draws_it(ckpts, one_thread):  # noqa: F811
+    target, draft = ckpts("llama"), ckpts("llama", seed=5, num_hidden_layers=1)
+    for seed in range(6):
+        cfg = dict(max_new_tokens=1, eos_ids=[], temperature=1.0, seed=seed)
+        plain = _ours(target, PROMPTS[:1], GenerationConfig(**cfg))[0].tokens
+        assert _ours(target, PROMPTS[:1], GenerationConfig(**cfg), draft=draft)[0].tokens == plain
+
+
+def test_drafts_never_run_past_max_new_tokens(ckpts, one_thread, monkeypatch):  # noqa: F811
+    target = ckpts("llama")
+    asked = []
+    propose = S.DraftProposer.propose
+    monkeypatch.setattr(S.DraftProposer, "propose", lambda self, t, h, k: asked.append(k) or propose(self, t, h, k))
+    result = _ours(target, PROMPTS[:1], GenerationConfig(max_new_tokens=4, eos_ids=[], speculate_k=5), draft=target)[0]
+    assert len(result.tokens) == 4 and asked == [3]  # one token from the prefill, three to go
+
+
+def test_prefill_and_decode_times_are_measured_once_each(ckpts, one_thread, monkeypatch):  # noqa: F811
+    """A clock that advances by 1 per reading: a prompt's prefill and its decoding take one tick each
+    (the target as its own draft: the last accepted draft ends the row)."""
+    monkeypatch.setattr(S, "time", SimpleNamespace(perf_counter=itertools.count().__next__))
+    target = ckpts("llama")
+    results = _ours(target, PROMPTS[:2], GenerationConfig(max_new_tokens=4, eos_ids=[], speculate_k=3), draft=target)
+    assert [r.prefill_tokens_per_s for r in results] == [float(r.prompt_tokens) for r in results]
+    assert [r.decode_tokens_per_s for r in results] == [4.0, 4.0]
