@@ -97,3 +97,19 @@ def test_prefill_and_decode_times_are_measured_once_each(ckpts, one_thread, monk
     results = _ours(target, PROMPTS[:2], GenerationConfig(max_new_tokens=4, eos_ids=[], speculate_k=3), draft=target)
     assert [r.prefill_tokens_per_s for r in results] == [float(r.prompt_tokens) for r in results]
     assert [r.decode_tokens_per_s for r in results] == [4.0, 4.0]
+
+
+def test_the_draft_runs_with_the_jobs_compile_and_cuda_graph_settings(monkeypatch):
+    made = []
+
+    class Runner:
+        def __init__(self, *args):
+            made.append(args)
+
+        def prefill(self):
+            pass
+
+    monkeypatch.setattr(S, "Runner", Runner)
+    job = SimpleNamespace(device=torch.device("cpu"), cfg=SimpleNamespace(compile=True, cuda_graph=True))
+    S.DraftProposer("draft", job, [1, 2], 10)
+    assert made == [("draft", [[1, 2]], 10, job.device, True, True)]
