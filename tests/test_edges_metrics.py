@@ -19,6 +19,7 @@ ODD = [
 
 def test_exact_match_options_one_at_a_time():
     em = metrics.exact_match
+    assert em("42.", ["42"]) == 0.0 and em("Answer", ["answer"]) == 0.0  # nothing ignored by default
     assert em("ANSWER", ["answer"], ignore_case=True) == 1.0
     assert em("answer", ["ANSWER"], ignore_case=True) == 1.0  # the references are normalised too
     assert em("Straße", ["STRASSE"], ignore_case=True) == 0.0  # lower-cased (as lm-eval), not upper-cased
