@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_edges_model import TINY
+from test_prefix_prompt import _adapted, base  # noqa: F401  (fixture)
 
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.errors import LlmctlError
-from test_edges_model import TINY
-from test_prefix_prompt import _adapted, base  # noqa: F401  (fixture)
 
 IDS = torch.tensor([[5, 17, 42, 7, 90, 3], [9, 8, 7, 6, 5, 4]])
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import mpmath
 import pytest
 import torch
+from test_preference_losses import B, _fake_model, _tokens, _trainer
 
 from llmctl.core.distill import losses as D
 from llmctl.core.train import preference_losses as L
-from test_preference_losses import B, _fake_model, _tokens, _trainer
 
 
 def _logged(trainer) -> dict:

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_generate import PROMPTS, _ours, ckpts, one_thread, tokdir  # noqa: F401  (fixtures)
 
 from llmctl.core.generate import GenerationConfig
 from llmctl.core.generate import speculative as S
-from test_generate import PROMPTS, _ours, ckpts, one_thread, tokdir  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("tokens,max_ngram,k,expected", [
@@ -60,8 +60,8 @@ def test_the_target_as_its_own_sampling_draft_has_every_draft_accepted(ckpts, on
     assert len(result.tokens) == 10 and result.acceptance_rate == 1.0  # q = p: min(1, p/q) = 1
 
 
-@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.5, no_repeat_ngram_size=2),
-                                       dict(frequency_penalty=3.0)])  # counts the generated tokens only
+@pytest.mark.parametrize("penalties", [{"repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
+                                       {"frequency_penalty": 3.0}])  # counts the generated tokens only
 def test_accepted_drafts_reach_the_processors(ckpts, one_thread, penalties):  # noqa: F811
     """The target as its own draft (every draft accepted) with penalties that read the history."""
     target = ckpts("llama")
@@ -75,7 +75,7 @@ def test_accepted_drafts_reach_the_processors(ckpts, one_thread, penalties):  # 
 def test_the_first_token_is_drawn_as_plain_sampling_draws_it(ckpts, one_thread):  # noqa: F811
     target, draft = ckpts("llama"), ckpts("llama", seed=5, num_hidden_layers=1)
     for seed in range(6):
-        cfg = dict(max_new_tokens=1, eos_ids=[], temperature=1.0, seed=seed)
+        cfg = {"max_new_tokens": 1, "eos_ids": [], "temperature": 1.0, "seed": seed}
         plain = _ours(target, PROMPTS[:1], GenerationConfig(**cfg))[0].tokens
         assert _ours(target, PROMPTS[:1], GenerationConfig(**cfg), draft=draft)[0].tokens == plain
 
