@@ -88,3 +88,40 @@ def test_attention_dropout_acts_in_training_only(T):
     assert torch.equal(run(True, 0), run(True, 0))  # seeded
     assert not torch.allclose(run(True, 0), run(True, 1))  # training: attention probabilities dropped
     assert not torch.allclose(run(True, 0), run(False, 0))
+
+
+# -- norms (mutation round: core/model/norm.py) -------------------------------------------------
+
+@pytest.mark.parametrize("name, reference", [("rmsnorm", "llama.modeling_llama.LlamaRMSNorm"),
+                                             ("gemma_rmsnorm", "gemma.modeling_gemma.GemmaRMSNorm")])
+def test_fresh_norms_equal_transformers_fresh_ones_in_float32_and_bfloat16(name, reference):
+    """A freshly built norm scales by one (Llama stores 1, Gemma stores scale − 1 = 0), and in
+    bfloat16 returns bfloat16 equal to transformers' module."""
+    import importlib
+
+    from llmctl.core.model.norm import NORMS
+
+    module, cls = reference.rsplit(".", 1)
+    theirs = getattr(importlib.import_module(f"transformers.models.{module}"), cls)(48, eps=1e-6)
+    ours = NORMS.get(name)(48, eps=1e-6)
+    x = torch.randn(2, 5, 48) * 3
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(-0.5, 0.5, 48))
+    xb = x.bfloat16()
+    out = ours.bfloat16()(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, theirs.bfloat16()(xb), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm, bias", [("layernorm", True), ("layernorm", False), ("rmsnorm", False)])
+def test_norm_bias_follows_the_config(norm, bias):
+    from types import SimpleNamespace
+
+    from llmctl.core.model.norm import make_norm
+
+    module = make_norm(SimpleNamespace(norm=norm, norm_eps=1e-5, norm_bias=bias, hidden_size=16))
+    assert (getattr(module, "bias", None) is not None) == bias
+    assert module.weight.shape == (16,)
