@@ -135,3 +135,89 @@ def test_compiled_fused_layer_equals_eager(base):
         results.append({"y": y.detach(), "x": xg.grad, "A": layer.lora_A.weight.grad, "B": layer.lora_B.weight.grad})
         layer.zero_grad(set_to_none=True)
     _close(results[1], results[0], 1e-5)
+
+
+@pytest.mark.parametrize("dropout, autocast", [(0.0, False), (0.3, False), (0.0, True)])
+def test_one_node_layer_keeps_the_base_bias(monkeypatch, dropout, autocast):
+    """A LoRA layer over a linear with a bias (GPT-2's, Qwen2's q/k/v): the one-node path (taken:
+    its backward is `_LoraLinear`'s) equals the composed one in output and every gradient —
+    the input's, A's and B's."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 16, bias=True))
+    LoRA(r=4, alpha=8, dropout=dropout, target_modules=["0"]).apply(base)
+    layer = base[0]
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+        layer.bias.normal_()
+    mark_trainable(base)
+    x0 = torch.randn(3, 5, 24)
+    fusable = lora.fusable
+
+    def run(fused: bool):
+        monkeypatch.setattr(lora, "fusable", lambda m, x: fused and fusable(m, x))
+        torch.manual_seed(1)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = base(x)
+        assert ("_LoraLinear" in type(y.grad_fn).__name__) == fused
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        grads = [x.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()]
+        base.zero_grad(set_to_none=True)
+        return y.detach().float(), grads
+
+    (y1, g1), (y0, g0) = run(True), run(False)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y1, y0, **tol)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_fresh_adapters_start_as_peft_does():
+    """A Kaiming-uniform with a = √5 (bound 1/√fan_in), B zero: the adapter starts as no change."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(256, 64))
+    LoRA(r=32, alpha=8, target_modules=["0"]).apply(base)
+    a, b = base[0].lora_A.weight, base[0].lora_B.weight
+    bound = 1 / 256 ** 0.5
+    assert 0.98 * bound < float(a.detach().abs().max()) <= bound
+    assert not b.any()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_on_a_biased_linear_equals_peft(dropout):
+    """DoRA over a linear with a bias (the base output without its bias is what the magnitude
+    rescales): output and adapter gradients equal PEFT's, dropout in training included."""
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(24, 16, bias=True))
+    with torch.no_grad():
+        plain[0].bias.normal_()
+    theirs = peft.get_peft_model(copy.deepcopy(plain), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                                        target_modules=["0"], use_dora=True))
+    LoRA(r=4, alpha=8, dropout=dropout, target_modules=["0"], dora=True).apply(plain)
+    ours = plain
+    layer, their = ours[0], theirs.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+        their.lora_B["default"].weight.copy_(layer.lora_B.weight)
+        their.lora_A["default"].weight.copy_(layer.lora_A.weight)
+        their.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
+    mark_trainable(ours)
+    ours.train(), theirs.train()
+    x = torch.randn(3, 5, 24)
+    outs = []
+    for model, a, b in ((ours, layer.lora_A.weight, layer.lora_B.weight),
+                        (theirs, their.lora_A["default"].weight, their.lora_B["default"].weight)):
+        torch.manual_seed(1)
+        y = model(x)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        outs.append((y.detach(), a.grad.clone(), b.grad.clone()))
+    for mine, reference in zip(*outs):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5)
