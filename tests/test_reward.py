@@ -14,18 +14,24 @@ from conftest import run_process  # noqa: E402
 from llmctl.core.model.io import load_model  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A reward model trained on grammatical-over-shuffled sentence pairs, and held-out pairs."""
+def train_reward(tmp_path_factory, name: str, *overrides: str):
+    """(base, reward model, folder): 30 steps of `--method reward` on grammatical-over-shuffled
+    sentence pairs (held-out pairs in the folder), with `overrides`."""
     from test_preference import word_order_data
 
-    folder = tmp_path_factory.mktemp("reward")
+    folder = tmp_path_factory.mktemp(name)
     base = word_order_data(folder)
     out = folder / "rm"
     result = run_process("finetune", base, "--config", "tiny", "--method", "reward", "--data", folder / "train.jsonl",
-                         "adapter=full", "max_steps=30", "batch_size=8", "lr=3e-3", "save_every=0", "-o", out)
+                         *overrides, "max_steps=30", "batch_size=8", "lr=3e-3", "save_every=0", "-o", out)
     assert result.code == 0, result.stderr
     return base, out, folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A reward model trained on grammatical-over-shuffled sentence pairs, and held-out pairs."""
+    return train_reward(tmp_path_factory, "reward", "adapter=full")
 
 
 def test_the_reward_model_is_a_transformers_sequence_classifier_with_equal_scores(trained):

@@ -12,7 +12,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from conftest import run_process  # noqa: E402
 
 from llmctl.core.model.io import load_model  # noqa: E402
 from llmctl.core.model.reward import sequence_scores  # noqa: E402
@@ -23,16 +22,9 @@ IDS = torch.tensor([[0, 40, 41, 42, 43, 1, 2, 2], [0, 50, 51, 52, 53, 54, 55, 1]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A LoRA reward model (merged too) trained on grammatical-over-shuffled pairs, and held-out pairs."""
-    from test_preference import word_order_data
+    from test_reward import train_reward
 
-    folder = tmp_path_factory.mktemp("reward_adapter")
-    base = word_order_data(folder)
-    out = folder / "rm"
-    result = run_process("finetune", base, "--config", "tiny", "--method", "reward", "--data", folder / "train.jsonl",
-                         "adapter=lora", "max_steps=30", "batch_size=8", "lr=3e-3", "save_every=0",
-                         "merge_adapter=true", "-o", out)
-    assert result.code == 0, result.stderr
-    return base, out, folder
+    return train_reward(tmp_path_factory, "reward_adapter", "adapter=lora", "merge_adapter=true")
 
 
 def hf_classifier(base):
