@@ -9,7 +9,8 @@ CPU build here: llmctl's QLoRA (NF4 base, bf16 compute) is compared with PEFT's 
 the dense base, both without gradient checkpointing (the qlora recipe's default is on: the row passes
 `gradient_checkpointing=false`); `qlora-ckpt` (only with `--only bf16:qlora-ckpt`) checkpoints on both
 sides (transformers' `activation_checkpointing_enable`). `--compile` adds llmctl with `compile=true` (the
-trainer's torch.compile of the model) as a third contender. `--rss`: peak RSS of `llmctl finetune --config finetune/{lora,qlora}` (the
+trainer's torch.compile of the model) as a third contender. bf16 rows also time PEFT on transformers' eager
+attention (16-bit products, like llmctl's CPU kernel under 1,024 keys); ratios are to the faster PEFT. `--rss`: peak RSS of `llmctl finetune --config finetune/{lora,qlora}` (the
 recipes' settings: QLoRA checkpoints, LoRA does not) on the `llama` preset (~125M parameters) at seq 512 ×
 batch 4, each case (`RSS_CASES`) in its own process.
 
@@ -94,12 +95,12 @@ def llmctl_step(base: Path, data: Path, root: Path, method: str, precision: str,
     return trainer.train_step
 
 
-def peft_step(base: Path, method: str, precision: str, checkpointing: bool = False):
+def peft_step(base: Path, method: str, precision: str, checkpointing: bool = False, attention: str = "sdpa"):
     import peft
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=attention)
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0,
                              use_dora=method == "dora")
     model = peft.get_peft_model(model, config).train()
@@ -123,9 +124,12 @@ def peft_step(base: Path, method: str, precision: str, checkpointing: bool = Fal
 
 
 def _vs_peft(runs: dict[str, list[float]], name: str) -> str:
-    """Table cells: best tokens/s of `name`, its ratio to PEFT's best (and the medians' ratio)."""
+    """Table cells: best tokens/s of `name`, its ratio to PEFT's best, whichever its attention
+    (and the medians' ratio)."""
+    peft = [runs[k] for k in ("PEFT", "PEFT eager") if k in runs]
     best, median = max(runs[name]), statistics.median(runs[name])
-    return f" {best:,.0f} | {best / max(runs['PEFT']):.2f}× ({median / statistics.median(runs['PEFT']):.2f}×) |"
+    ratio, medians = best / max(map(max, peft)), median / max(map(statistics.median, peft))
+    return f" {best:,.0f} | {ratio:.2f}× ({medians:.2f}×) |"
 
 
 def throughput(args) -> list[str]:
@@ -141,11 +145,15 @@ def throughput(args) -> list[str]:
                 extra = [f"gradient_checkpointing={str(checkpointing).lower()}"]
                 steps = {"llmctl": llmctl_step(base, data, root, method, precision, n, extra),
                          "PEFT": peft_step(base, "lora" if method == "qlora" else method, precision, checkpointing)}
+                if precision == "bf16":  # transformers' eager attention: 16-bit products, as llmctl's on CPU
+                    steps["PEFT eager"] = peft_step(base, "lora" if method == "qlora" else method, precision,
+                                                    checkpointing, attention="eager")
                 if args.compile:
                     steps["compiled"] = llmctl_step(base, data, root, method, precision, n, [*extra, "compile=true"])
                     steps["compiled"]()  # compiles (minutes), before anything is timed
                 runs = interleaved(steps, args.steps, args.warmup)
-                cells = f"| {precision} | {method} | {'on' if checkpointing else 'off'} | {max(runs['PEFT']):,.0f} |"
+                eager = f"{max(runs['PEFT eager']):,.0f}" if "PEFT eager" in runs else "—"
+                cells = f"| {precision} | {method} | {'on' if checkpointing else 'off'} | {max(runs['PEFT']):,.0f} | {eager} |"
                 cells += _vs_peft(runs, "llmctl") + (_vs_peft(runs, "compiled") if args.compile else "")
                 rows.append(cells + f" {Path('/proc/loadavg').read_text().split()[0]} |")
                 print(rows[-1], flush=True)
@@ -164,11 +172,12 @@ def throughput(args) -> list[str]:
         f"{args.warmup} warm-up steps, contenders alternating step by step; ratios best / best (medians' ratio in "
         "brackets); the load average (1 min) as the row ended. QLoRA: llmctl's NF4 base vs PEFT's bf16 LoRA on the "
         "dense base (PEFT's QLoRA needs bitsandbytes, not available on this CPU); gradient checkpointing as the "
-        "row says, on both sides.",
+        "row says, on both sides. bf16 rows also time PEFT on transformers' eager attention (16-bit products, as "
+        "llmctl's CPU kernel under 1,024 keys); ratios are to the faster PEFT.",
         "",
-        "| precision | method | gradient checkpointing (both) | PEFT tokens/s | llmctl tokens/s | llmctl / PEFT |"
-        + (" llmctl compile=true tokens/s | compiled / PEFT |" if args.compile else "") + " load |",
-        "|---|---|---|---|---|---|" + ("---|---|" if args.compile else "") + "---|",
+        "| precision | method | gradient checkpointing (both) | PEFT tokens/s | PEFT eager attention | llmctl tokens/s "
+        "| llmctl / PEFT |" + (" llmctl compile=true tokens/s | compiled / PEFT |" if args.compile else "") + " load |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else "") + "---|",
         *rows, ""]
 
 

@@ -14,6 +14,9 @@ Model: the `llama` preset at vocabulary 4096 (d=768, 12 layers, 12 heads / 4 KV 
     prefill on both sides: (N − 1) / (time(N tokens) − time(1 token)).
   - eval: strided perplexity (max_length 1024, stride 512) of llmctl's scorer against the
     transformers perplexity-guide loop; results must agree.
+  - finetune: LoRA (r 16, alpha 32, every linear but the head), batch 8 × 1024 random words, bf16
+    autocast, AdamW over the adapter: `llmctl finetune`'s `Trainer.train_step` (eager and
+    compile=true) against PEFT + transformers (SDPA), steps alternating; median tokens/s.
 Writes DIR/gpu-report.md and DIR/gpu-report.json.
 """
 
@@ -119,6 +122,89 @@ def hf_train_step(arch: dict, shards: Path, batch: int, seq: int, device):
         return loss.item()
 
     return step
+
+
+# -- finetune ------------------------------------------------------------------------------------------
+
+
+def finetune_inputs(path: Path, root: Path, vocab: int, seq: int) -> Path:
+    """A word-level tokenizer for the checkpoint at `path` (w0 … w{vocab-1}, one token a word,
+    w0 = EOS) and 64 `text` records of `seq` random words (one packed row each)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w0", "unk_token": "w1"}))
+    rng = np.random.default_rng(0)
+    data = root / "sft.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in rng.integers(2, vocab, seq))}) + "\n"
+                            for _ in range(64)))
+    return data
+
+
+def llmctl_lora_step(path: Path, data: Path, root: Path, batch: int, seq: int, compile: bool, device):
+    from llmctl.config import load_config
+    from llmctl.core.train import distributed
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.finetune_config import FinetuneConfig
+    from llmctl.core.train.loop import Trainer
+
+    args = ["method=lora", "adapter.r=16", "adapter.alpha=32", "adapter.target_modules=all-linear", "max_steps=1000",
+            f"batch_size={batch}", f"seq_len={seq}", "lr=2e-4", "warmup_steps=0", "eval_every=0", "save_every=0",
+            "val_fraction=0", "precision=bf16", f"compile={str(compile).lower()}", "tensorboard=false"]
+    cfg = load_config(FinetuneConfig, None, args, kind="finetune")
+    cfg.model, cfg.data = str(path), [str(data)]
+    out = root / f"lora-{compile}"
+    out.mkdir()
+    return Trainer(make_plan(cfg, device.type), out, device, distributed.Dist(), {}).train_step
+
+
+def peft_lora_step(path: Path, vocab: int, batch: int, seq: int, device):
+    import peft
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                       lora_dropout=0.0)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> float:
+        x = torch.randint(2, vocab, (batch, seq), generator=gen).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def bench_finetune(path: Path, root: Path, vocab: int, batch: int, seq: int, warmup: int, steps: int, device,
+                   compile: bool) -> dict:
+    data = finetune_inputs(path, root, vocab, seq)
+    steps_fn = {"llmctl eager": llmctl_lora_step(path, data, root, batch, seq, False, device)}
+    result: dict = {"batch": batch, "seq": seq}
+    if compile:
+        steps_fn["llmctl compile=true"] = llmctl_lora_step(path, data, root, batch, seq, True, device)
+        result["compile_s"] = timed(steps_fn["llmctl compile=true"])  # the first step compiles
+    steps_fn["PEFT + transformers"] = peft_lora_step(path, vocab, batch, seq, device)
+    for fn in steps_fn.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps_fn}
+    for _ in range(steps):
+        for name, fn in steps_fn.items():
+            times[name].append(timed(fn))
+    peft_rate = batch * seq / statistics.median(times["PEFT + transformers"])
+    for name, t in times.items():
+        rate = batch * seq / statistics.median(t)
+        result[name] = {"tokens_per_s": rate, "vs_peft": rate / peft_rate}
+    return result
 
 
 def profile(step, steps: int = 3) -> dict:
@@ -357,6 +443,15 @@ def report(results: dict) -> str:
                   f"{e['tokens']:,} tokens: llmctl {e['llmctl tok/s']:,.0f} tok/s, transformers loop "
                   f"{e['transformers tok/s']:,.0f} tok/s → **{e['vs_hf']:.2f}×**; perplexity {e['perplexity llmctl']:.5f} "
                   f"vs {e['perplexity transformers']:.5f} (relative difference {e['relative difference']:.1e})."]
+    if "finetune" in results:
+        f = results["finetune"]
+        lines += ["", f"## Finetune: LoRA r 16, all linears, batch {f['batch']} × {f['seq']}, bf16 autocast", "",
+                  "| loop | tokens/s | vs PEFT |", "|---|---:|---:|"]
+        for name in ("llmctl eager", "llmctl compile=true", "PEFT + transformers"):
+            if name in f:
+                lines.append(f"| {name} | {f[name]['tokens_per_s']:,.0f} | {f[name]['vs_peft']:.2f}× |")
+        if "compile_s" in f:
+            lines += ["", f"compile=true: first step (compilation) {f['compile_s']:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -366,15 +461,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test of this script, CPU too)")
-    ap.add_argument("--only", default="train,decode,eval")
+    ap.add_argument("--only", default="train,decode,eval,finetune")
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = QUICK if args.quick else LLAMA
     compile = not args.no_compile
-    sizes = dict(batch=2, seq=64, warmup=2, steps=3, new_tokens=8, dbatch=3, words=3000, max_length=128,
-                 stride=64) if args.quick else dict(batch=16, seq=1024, warmup=5, steps=15, new_tokens=128, dbatch=16,
-                                                    words=100_000, max_length=1024, stride=512)
+    sizes = dict(batch=2, fbatch=2, seq=64, warmup=2, steps=3, new_tokens=8, dbatch=3, words=3000, max_length=128,
+                 stride=64) if args.quick else dict(batch=16, fbatch=8, seq=1024, warmup=5, steps=15, new_tokens=128,
+                                                    dbatch=16, words=100_000, max_length=1024, stride=512)
     results = {"env": {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
@@ -398,6 +493,9 @@ def main() -> None:
                                                    sizes["steps"], device, compile)
                 elif part == "decode":
                     results["decode"] = bench_decode(path, arch, sizes["new_tokens"], sizes["dbatch"], device, compile)
+                elif part == "finetune":
+                    results["finetune"] = bench_finetune(path, root, arch["vocab_size"], sizes["fbatch"], sizes["seq"],
+                                                         sizes["warmup"], sizes["steps"], device, compile)
                 elif part == "eval":
                     results["eval"] = bench_eval(path, root, arch["vocab_size"], device, sizes["max_length"],
                                                  sizes["stride"], sizes["words"])

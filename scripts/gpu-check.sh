@@ -3,11 +3,11 @@
 # transformers and the other dependencies installed and no network:
 #
 #   pip wheel --no-deps --no-build-isolation -w dist .     # beforehand, anywhere
-#   bash scripts/gpu-check.sh OUTDIR                       # about 6 minutes on an H200
+#   bash scripts/gpu-check.sh OUTDIR                       # about 8 minutes on an H200
 #
 # It installs llmctl from the newest dist/llmctl-*.whl into a scratch directory (no
 # dependencies fetched), runs the CUDA tests (`pytest -m cuda`) against that install and the GPU
-# benchmarks (benchmarks/gpu.py: train, decode, eval against transformers on the same GPU), and
+# benchmarks (benchmarks/gpu.py: train, decode, eval against transformers, LoRA finetuning against PEFT, on the same GPU), and
 # leaves OUTDIR/{env.txt,cuda-tests.txt,gpu-report.md,gpu-report.json}. Exit status: the tests'.
 # GPU_CHECK_BENCH_ARGS passes options to the benchmark (e.g. "--only decode,eval").
 set -uo pipefail
@@ -30,5 +30,5 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" python3 -P -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs 2>&1 \
   | tee "$out/cuda-tests.txt"
 status=${PIPESTATUS[0]}
-timeout "${GPU_CHECK_BENCH_TIMEOUT:-300}" python3 -P benchmarks/gpu.py --out "$out" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tail -n 80
+timeout "${GPU_CHECK_BENCH_TIMEOUT:-420}" python3 -P benchmarks/gpu.py --out "$out" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tail -n 80
 exit "$status"
