@@ -204,7 +204,9 @@ def speed(args) -> None:
         runs.update({"llmctl float32 --compile": (ours(base, torch.float32, True), streamed_bytes(base)),
                      "llmctl bf16 --compile": (ours(base, torch.bfloat16, True), streamed_bytes(base) // 2),
                      "llmctl int8, bf16 activations, --compile": (ours(tmp / "int8", torch.bfloat16, True),
-                                                                   streamed_bytes(tmp / "int8"))})
+                                                                   streamed_bytes(tmp / "int8")),
+                     "llmctl int4 g128, bf16 activations, --compile": (ours(tmp / "int4", torch.bfloat16, True),
+                                                                        streamed_bytes(tmp / "int4"))})
     if args.only:
         runs = {name: run for name, run in runs.items() if name == "llmctl float32" or any(w in name for w in args.only)}
     try:
