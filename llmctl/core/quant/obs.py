@@ -25,7 +25,7 @@ from llmctl.errors import LlmctlError
 
 
 class Hessian:
-    """H = 2/N Σ xxᵀ over every row x seen by `add` (float32, a running mean)."""
+    """H = 2/N Σ xxᵀ over every row x seen by `add` (float32, a running mean, on the inputs' device)."""
 
     def __init__(self, columns: int, device: torch.device | str | None = None):
         self.matrix = torch.zeros(columns, columns, dtype=torch.float32, device=device)
@@ -37,6 +37,8 @@ class Hessian:
         n = x.shape[0]
         if n == 0:
             return
+        if self.count == 0:
+            self.matrix = self.matrix.to(x.device)
         self.matrix *= self.count / (self.count + n)
         self.count += n
         x = x * (2 / self.count) ** 0.5
