@@ -72,7 +72,7 @@ class ColumnRule:
 def inverse_cholesky(hessian: torch.Tensor, damp: float = 0.01, tries: int = 4) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp × mean(diag H); λ grows tenfold on
     failure (a nearly singular H from too little calibration data)."""
-    mean = hessian.diagonal().mean().clamp(min=1e-8)
+    mean = hessian.diagonal().mean()
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for attempt in range(tries):
         try:
