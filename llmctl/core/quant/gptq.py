@@ -43,6 +43,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, block_s
     dynamic = scheme.group_size is not None and not act_order
     if dynamic:  # a group must lie inside one block, where the weights are up to date
         block_size = -(-block_size // width) * width
+    if scheme.group_size is not None:  # groups are fitted without the dead columns, as the reference's
+        weight = weight.detach().masked_fill(hessian.diagonal() == 0, 0)
     rule = RoundToGrid(scheme, weight, dynamic)
     new, _ = solve(weight, hessian, rule, block_size=block_size, damp=damp, act_order=act_order)
     return rule.scale, rule.zero, scheme.quantize(new, rule.scale, rule.zero)
