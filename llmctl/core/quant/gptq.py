@@ -4,8 +4,8 @@
 
 Without act-order a group's scales are fitted when its first column is reached, on the weights
 the earlier columns' updates left (the reference's default); with act-order (columns by
-decreasing Hessian diagonal) they are fitted up front on the original weights ("static
-groups"), so the stored layout needs no column permutation or group index.
+decreasing Hessian diagonal) they are fitted up front on the original weights, dead columns
+zeroed ("static groups"), so the stored layout needs no column permutation or group index.
 """
 
 from __future__ import annotations
