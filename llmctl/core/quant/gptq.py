@@ -6,6 +6,8 @@ Without act-order a group's scales are fitted when its first column is reached, 
 the earlier columns' updates left (the reference's default); with act-order (columns by
 decreasing Hessian diagonal) they are fitted up front on the original weights, dead columns
 zeroed ("static groups"), so the stored layout needs no column permutation or group index.
+A linear no calibration input reached is rounded to nearest (GPTQModel's fallback), where the
+reference would zero it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, *, block_s
          damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scale, zero, integers) of `weight` [out, in] quantized by GPTQ against `hessian` [in, in]."""
     width = scheme.width(weight.shape[1])
+    if not hessian.any():  # no input reached it (an unrouted expert): round to nearest, not to zero
+        hessian = torch.eye(len(hessian), device=hessian.device)
     dynamic = scheme.group_size is not None and not act_order
     if dynamic:  # a group must lie inside one block, where the weights are up to date
         block_size = -(-block_size // width) * width
