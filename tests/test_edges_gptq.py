@@ -160,3 +160,36 @@ def test_hessian_ignores_empty_inputs_and_follows_its_inputs_device():
     meta = Hessian(8)
     meta.add(torch.randn(4, 8, device="meta"))
     assert meta.matrix.is_meta and meta.matrix.dtype == torch.float32 and meta.count == 4
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_linear_no_input_reached_is_rounded_to_nearest(act_order):
+    """An all-zero Hessian made every column dead, so the weight was zeroed whole."""
+    w = torch.randn(8, 32)
+    scheme = Scheme(4, 16, True)
+    scale, zero, q = gptq(w, torch.zeros(32, 32), scheme, block_size=16, act_order=act_order)
+    assert torch.equal(scheme.dequantize(q, scale, zero), scheme.fake(w))
+
+
+def test_gptq_rounds_an_unrouted_expert_to_nearest():
+    from torch import nn
+
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+    from llmctl.core.quant.config import QuantizeConfig
+    from llmctl.core.quant.methods import quantize_model
+
+    class FirstExpert(nn.Module):  # the router always picks expert 0
+        def forward(self, h):
+            return torch.tensor([10.0, 0.0, 0.0, 0.0]).expand(h.shape[0], 4)
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                                    num_experts=4, experts_per_token=1))
+    model.model.layers[0].mlp.gate = FirstExpert()
+    experts = model.model.layers[0].mlp.experts
+    dense = {e: experts[e].up_proj.weight.detach().clone() for e in (0, 3)}
+    quantize_model(model, QuantizeConfig(method="gptq", bits=4, group_size=16), torch.randint(0, 50, (4, 16)))
+    scheme = Scheme(4, 16, True)
+    assert torch.equal(experts[3].up_proj.dequantize(torch.float32), scheme.fake(dense[3]))
+    assert not torch.equal(experts[0].up_proj.dequantize(torch.float32), scheme.fake(dense[0]))  # calibrated
