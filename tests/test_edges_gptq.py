@@ -70,10 +70,11 @@ def reference_gptq(weight, hessian, scheme, blocksize, percdamp=0.01, actorder=F
 
 
 def _layer(dead=(5,), rows=24, cols=64, seed=0):
-    """A weight and its Hessian; the `dead` inputs no token reaches, their weights the largest."""
+    """A weight of a trained model's scale and its Hessian; the `dead` inputs no token reaches,
+    their weights the largest."""
     x = correlated_inputs(cols=cols, seed=seed)
     x[:, list(dead)] = 0
-    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 1))
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 1)) * 0.05
     w[:, list(dead)] *= 4
     return w, 2 * x.T @ x / len(x)
 
@@ -156,6 +157,7 @@ def test_hessian_ignores_empty_inputs_and_follows_its_inputs_device():
     h.add(x[:0])
     assert h.count == 15
     torch.testing.assert_close(h.matrix, 2 * x.reshape(15, 8).T @ x.reshape(15, 8) / 15)
+    assert Hessian(8, device="meta").matrix.is_meta  # until an input arrives, where it was made
     # GPTQ's Hessians are made without a device: they live where the activations are (a GPU's)
     meta = Hessian(8)
     meta.add(torch.randn(4, 8, device="meta"))
