@@ -161,8 +161,8 @@ def awq_block(block: nn.Module, linears: list[str], forward: Callable[[], None],
     def record(module, args, kwargs, out):
         calls[module].append((args, kwargs, _output(out).detach().float()))
 
-    with capture_inputs(block, lambda p, x: p in linears and inputs.setdefault(p, []).append(
-            x.detach().reshape(-1, x.shape[-1]))):
+    with capture_inputs(block, lambda p, x: p in linears and x.numel() and inputs.setdefault(p, []).append(
+            x.detach().reshape(-1, x.shape[-1]))):  # (an unrouted expert's empty calls: none)
         hooks = [m.register_forward_hook(record, with_kwargs=True) for m in calls]
         try:
             forward()

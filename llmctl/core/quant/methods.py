@@ -169,7 +169,9 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Ten
         new = method.replace(full, linear, solution)
         w_hat = new.dequantize(torch.float32)
         errors[full] = {"weight": relative_error(linear.weight, w_hat, None)}
-        if hessian is not None:
+        if hessian is not None and not hessian.any():
+            report.warn(f"{full} saw no calibration tokens: rounded to nearest")
+        elif hessian is not None:
             errors[full]["output"] = relative_error(linear.weight, w_hat, hessian)
         replace_module(model, full, new)
 
@@ -208,8 +210,10 @@ def _calibrated(model, method: Method, paths: list[str], ids: torch.Tensor, put,
                 method.block(block, linears, forward, lambda p, s, h, prefix=prefix: put(prefix, p, s, h))
             forward()  # the quantized block's output is the next block's input
             bar.advance()
-    for p in paths:  # linears outside the blocks (an untied head someone chose to quantize): nearest
-        if isinstance(model.get_submodule(p), nn.Linear):
+    for p in paths:  # linears outside the blocks (an untied head someone chose to quantize), or that no
+        if isinstance(model.get_submodule(p), nn.Linear):  # token reached (an unrouted expert): nearest
+            if p.startswith("model.layers."):
+                report.warn(f"{p} saw no calibration tokens: rounded to nearest")
             put("", p, None, None)
 
 
