@@ -113,7 +113,7 @@ def della_magprune(delta: np.ndarray, density: float, epsilon: float = 0.15,
 
     if density <= 0:
         return np.zeros(delta.shape, dtype=bool)
-    if not 0 < density - epsilon and density + epsilon < 1:
+    if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"della: density ± epsilon must lie in (0, 1), got {density} ± {epsilon}")
     generator = generator or np.random.default_rng()
     rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)

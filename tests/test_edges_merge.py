@@ -1,0 +1,189 @@
+"""Edges of the merge methods and sparsifiers that the checkpoint-level mergekit parity tests
+miss (found by mutation testing): each compared with mergekit's own function on small arrays —
+the declared parameters against mergekit's specs, SLERP of a zero or nearly collinear tensor,
+NuSLERP column-wise and with collinear vectors, task arithmetic's divisor (normalised without a
+consensus, weights that cancel, a single task vector), bfloat16 rescaling, DELLA's ε."""
+
+# No `from __future__ import annotations`: the plugin below declares its parameters with real types.
+import dataclasses
+import typing
+
+import numpy as np
+import pytest
+import torch
+
+from llmctl.core.merge import METHODS
+from llmctl.core.merge.methods import REQUIRED, Inputs, nuslerp_tensors, slerp_arrays
+from llmctl.core.merge.sparsify import sparsify
+
+BUILT_IN = ["linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+            "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough"]
+
+
+def _their_params(name: str) -> dict:
+    """mergekit's parameter spec of `name`: {name: (type, per model, default or REQUIRED)}."""
+    from mergekit.merge_methods import ParameterScope, get
+
+    spec = {}
+    for p in get(name).spec.parameters:
+        kind = next((t for t in typing.get_args(p.value_type) if t is not type(None)), p.value_type)
+        spec[p.name] = (kind, p.scope is not ParameterScope.SHARED, REQUIRED if type(p.default) is object else p.default)
+    return spec
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_declared_parameters_equal_mergekits_spec(name):
+    declared = dataclasses.replace(METHODS.get(name))  # declared anew: its signature read under the test
+    assert {p.name: (p.type, p.per_model, p.default) for p in declared.params} == _their_params(name)
+
+
+Weights = list[float]  # a name only the plugin's module knows
+
+
+def test_register_reads_a_plugins_signature(monkeypatch):
+    """A third-party method: real or string annotations (evaluated in its own module), `X | None`,
+    a keyword's trailing underscore, keyword-only arguments bound, defaulted or left out."""
+    from llmctl.core.merge import methods
+    from llmctl.core.registry import Registry
+
+    monkeypatch.setattr(methods, "METHODS", Registry("merge method"))
+
+    def scaled(inputs: Inputs, weight: list[float], lambda_: float = 2.0, shift: int | None = None, *,
+               mode: str = "add", extra: int = 0, hidden: bool = False) -> np.ndarray:
+        return sum(w * x for w, x in zip(weight, inputs.others)) * lambda_ + (shift or 0) + extra * (mode == "add")
+
+    def aliased(inputs: "Inputs", weight: "Weights", flag: "bool" = False):
+        return inputs.others[0]
+
+    assert methods.register("scaled", base="optional", inputs=(1, 2), fixed={"mode": "add"},
+                            defaults={"extra": 5})(scaled) is scaled
+    methods.register("aliased")(aliased)
+    method = methods.METHODS.get("scaled")
+    assert (method.fn, method.base, method.inputs) == (scaled, "optional", (1, 2))
+    assert [(p.name, p.type, p.per_model, p.default) for p in method.params] == [
+        ("weight", float, True, REQUIRED), ("lambda", float, False, 2.0), ("shift", int, False, None),
+        ("extra", int, False, 5)]
+    assert method(Inputs(None, [np.ones(2), np.full(2, 3.0)]), weight=[1.0, 2.0], extra=1, shift=1,
+                  **{"lambda": 0.5}).tolist() == [5.5, 5.5]
+    assert [(p.name, p.type, p.per_model, p.default) for p in methods.METHODS.get("aliased").params] == [
+        ("weight", float, True, REQUIRED), ("flag", bool, False, False)]
+
+
+def _their_slerp(t: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from mergekit.merge_methods.slerp import slerp
+
+    return slerp(torch.tensor(t), torch.from_numpy(a)[None], torch.from_numpy(b)[None])[0].numpy()
+
+
+@pytest.mark.parametrize("case", ["nearly_collinear", "antipodal", "zero_base", "zero_other", "both_zero", "apart"])
+def test_slerp_equals_mergekits(case):
+    g = np.random.default_rng(0)
+    a = g.standard_normal((8, 16)).astype(np.float32)
+    b = {"nearly_collinear": a + 0.02 * g.standard_normal((8, 16)).astype(np.float32),  # cos ≈ 0.9998: linear
+         "antipodal": -a, "zero_base": a, "zero_other": np.zeros_like(a), "both_zero": np.zeros_like(a),
+         "apart": g.standard_normal((8, 16)).astype(np.float32)}[case]
+    if case in ("zero_base", "both_zero"):  # a zero-initialised bias
+        a = np.zeros_like(a)
+    theirs = _their_slerp(0.3, a, b)
+    np.testing.assert_allclose(slerp_arrays(0.3, a.copy(), b.copy()), theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("row_wise, flatten", [(False, False), (True, False), (False, True), (True, True)])
+def test_nuslerp_with_collinear_vectors_equals_mergekits(row_wise, flatten):
+    """Each vector (a row, a column, or the flattened tensor) on its own sphere; collinear and
+    antipodal ones interpolated linearly."""
+    from mergekit.merge_methods.nuslerp import nuslerp
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    b[1], b[:, 2] = -2 * a[1], 3 * a[:, 2]  # row 1 antipodal, column 2 collinear
+    for y in (b, 0.5 * a):  # 0.5·a: the flattened tensors collinear too
+        ours = nuslerp_tensors(0.3, a, y, row_wise, flatten)
+        theirs = nuslerp(0.3, a, y, dim=0 if row_wise else -1, flatten=flatten)
+        assert ours.isfinite().all()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def _both(name: str, base: np.ndarray, others: list[np.ndarray], narrow=None, **params):
+    """(ours, mergekit's) merge of one tensor by the task-arithmetic family member `name`;
+    per-model parameters as lists, the rest defaulted from the declared parameters."""
+    from mergekit.merge_methods import TensorGroup, get
+
+    declared = {p.name: p for p in METHODS.get(name).params}
+    params = {k: [p.default] * len(others) if p.per_model else p.default
+              for k, p in declared.items() if not p.required} | params
+    inputs = Inputs(base.copy(), [o.copy() for o in others], np.random.default_rng(0))
+    if narrow is not None:
+        inputs.narrow = narrow
+    ours = METHODS.get(name)(inputs, **params)
+    dtype = torch.float32 if narrow is None else torch.bfloat16
+    group = TensorGroup.from_tensors([torch.from_numpy(x).to(dtype) for x in [base, *others]], base_index=0)
+    theirs = get(name).merge_group(group, **{k: {i + 1: x for i, x in enumerate(v)} if declared[k].per_model else v
+                                               for k, v in params.items()})
+    return ours, theirs.float().numpy()
+
+
+@pytest.mark.parametrize("name, weight, extra", [
+    ("task_arithmetic", [0.5, -0.8], {"normalize": True}),  # the sum of the weights divides
+    ("task_arithmetic", [0.3, -0.3], {"normalize": True}),  # weights that cancel: not divided
+    ("task_arithmetic", [1e-9, 0.0], {"normalize": True}),  # |Σ weights| < 1e-8: not divided
+    ("task_arithmetic", [1e-8, 0.0], {"normalize": True}),  # at the bound (in float32): divided
+    ("task_arithmetic", [0.5, 0.8], {"lambda": 2.0}),
+    ("ties", [0.5, -0.5], {}),  # agreeing weighted deltas whose weights cancel: not divided
+    ("ties", [0.0], {}),  # one task vector, weight 0: the base
+    ("ties", [1e-9], {}),  # one task vector: its tiny weight divides (a consensus keeps only exact 0 out)
+    ("breadcrumbs_ties", [0.4, 0.7], {"normalize": True, "density": [0.8, 0.6]}),
+])
+def test_task_arithmetic_divisor_equals_mergekits(name, weight, extra):
+    g = np.random.default_rng(1)
+    base = g.standard_normal((16, 8)).astype(np.float32)
+    others = [base + g.standard_normal((16, 8)).astype(np.float32) for _ in weight]
+    ours, theirs = _both(name, base, others, weight=weight, **extra)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(ours, base) or weight == [0.0]
+
+
+def test_bfloat16_rescaled_ties_rounds_as_mergekit():
+    """TIES with `rescale` in bfloat16: the L1 norms and the factor rounded at each step.
+    Distinct magnitudes, so that no tie at the k-th value is broken differently."""
+    from llmctl.core.merge.arrays import narrowed
+
+    g = torch.Generator().manual_seed(0)
+    base = np.zeros(64, dtype=np.float32)
+    others = [((torch.randperm(64, generator=g) + 64) / 128 * torch.randn(64, generator=g).sign()).numpy()
+              for _ in range(2)]  # bfloat16 values
+    ours, theirs = _both("ties", base, others, narrow=lambda x: narrowed(x, "bfloat16"), weight=[0.6, 0.7],
+                         density=[0.3, 0.5], rescale=True)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_della_keeps_by_rank_with_the_recipes_epsilon():
+    """DELLA's MagPrune: an entry of rank r (of n, by magnitude in its row) is kept with probability
+    density - ε + 2ε·r/(n - 1); ε given per model reaches the sparsifier."""
+    g = np.random.default_rng(2)
+    delta = g.standard_normal((400, 250)).astype(np.float32)
+    base = np.zeros_like(delta)
+    merged = METHODS.get("della_linear")(Inputs(base, [delta.copy()], g), weight=[1.0], density=[0.5],
+                                         epsilon=[0.05], rescale=False, normalize=False, lambda_=1.0,
+                                         int8_mask=False)
+    kept = merged != 0
+    assert np.array_equal(merged[kept], delta[kept])
+    ranks = np.abs(delta).argsort(axis=1).argsort(axis=1)
+    for low in range(0, 250, 50):  # by fifths of the ranks, 20,000 draws each
+        band = (ranks >= low) & (ranks < low + 50)
+        expected = 0.45 + 0.1 * ranks[band].mean() / 249
+        assert abs(kept[band].mean() - expected) < 0.015, (low, kept[band].mean(), expected)
+
+
+@pytest.mark.parametrize("density, epsilon", [(0.9, 0.15), (0.1, 0.15), (0.5, 0.6), (0.5, 0.5), (0.4, 0.1)])
+def test_della_refuses_probabilities_outside_0_1_as_mergekit(density, epsilon):
+    from mergekit.sparsify import della_magprune
+
+    delta = np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)
+    try:
+        della_magprune(torch.from_numpy(delta), density, epsilon)
+    except ValueError:
+        with pytest.raises(ValueError, match=r"density ± epsilon must lie in \(0, 1\)"):
+            sparsify("della_magprune", delta, density=density, epsilon=epsilon, generator=np.random.default_rng(0))
+    else:
+        sparsify("della_magprune", delta, density=density, epsilon=epsilon, generator=np.random.default_rng(0))
