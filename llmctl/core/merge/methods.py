@@ -138,8 +138,7 @@ def slerp_arrays(t: float, a: np.ndarray, b: np.ndarray, dot_threshold: float = 
     x, y = a.reshape(-1), b.reshape(-1)
     norm_x, norm_y = math.sqrt(x @ x), math.sqrt(y @ y)
     dot = float(x @ y) / ((norm_x if norm_x > eps else 1) * (norm_y if norm_y > eps else 1))
-    dot = min(max(dot, -1.0), 1.0)
-    if abs(dot) > dot_threshold:
+    if abs(dot) > dot_threshold:  # also |dot| > 1 from rounding: acos never sees it
         s0, s1 = 1 - t, t
     else:
         theta = math.acos(dot)
@@ -167,8 +166,8 @@ def nuslerp_tensors(t: float, a: Tensor, b: Tensor, row_wise: bool, flatten: boo
         a, b = a.transpose(0, -1), b.transpose(0, -1)
     unit_a = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
     unit_b = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = (unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1, 1)
-    collinear = (1 - cos.square()) <= eps**2
+    cos = (unit_a * unit_b).sum(dim=-1, keepdim=True)
+    collinear = (1 - cos.square()) <= eps**2  # also |cos| > 1 from rounding: acos never sees it
     theta = torch.acos(torch.where(collinear, 0, cos))
     out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
     out = torch.where(collinear, (1 - t) * a + t * b, out)
@@ -228,8 +227,8 @@ def task_arithmetic(inputs: Inputs, weight: list[float], density: list[float] = 
                     lambda_: float = 1.0, *, gamma: list[float] = 0.01, epsilon: list[float] = 0.15,
                     sparsifier: str | None = None, consensus: str | None = None) -> np.ndarray:
     """Generalised task arithmetic: base + λ · Σ wᵢ · sparsify(modelᵢ − base), summed over the
-    entries that agree with the majority sign when `consensus` ("sum" of the weighted deltas,
-    or "count" of signs), divided by the weights that contributed when `normalize`.
+    entries that agree with the majority sign when `consensus` ("sum": the sign of the weighted
+    deltas' sum, the only consensus mergekit's table uses), divided by the weights that contributed when `normalize`.
     (`int8_mask` is accepted for mergekit recipes; masks here are boolean.) Each task vector
     is made in its model's own buffer and the sum in the first one; each step is rounded to the
     merge's precision (`Inputs.narrow`), as mergekit computes. Work space: a sparsifier's mask,
@@ -249,7 +248,7 @@ def task_arithmetic(inputs: Inputs, weight: list[float], density: list[float] = 
             sparsify(sparsifier, delta, density=density[i], rescale=rescale, narrow=r, **extra)
         r(np.multiply(delta, weights[i], out=delta))
     if consensus is not None and len(deltas) > 1:  # entries against the majority sign (>= 0: positive) dropped
-        total = sum(deltas[1:], deltas[0].copy()) if consensus == "sum" else sum(np.sign(d) for d in deltas)
+        total = sum(deltas[1:], deltas[0].copy())
         positive = total >= 0
         del total
         divisor = np.zeros(base.shape, dtype=np.float32) if normalize else None  # Σ of the agreeing weights
