@@ -187,3 +187,42 @@ def test_della_refuses_probabilities_outside_0_1_as_mergekit(density, epsilon):
             sparsify("della_magprune", delta, density=density, epsilon=epsilon, generator=np.random.default_rng(0))
     else:
         sparsify("della_magprune", delta, density=density, epsilon=epsilon, generator=np.random.default_rng(0))
+
+
+def _distinct(shape, scale: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Values of distinct magnitudes (no tie at any k-th value), random signs, times `scale`."""
+    g = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    return ((g.permutation(n) + 1) / n * g.choice([-1.0, 1.0], n) * scale).astype(np.float32).reshape(shape)
+
+
+@pytest.mark.parametrize("method, density, options, delta", [
+    ("magnitude", 0.3, {}, _distinct((16, 8))),
+    ("magnitude", 0.0, {}, _distinct((16, 8))),
+    ("magnitude", 0.5, {}, _distinct((1,))),  # a one-element tensor: its entry kept
+    ("magnitude", 0.3, {"rescale": True}, _distinct((16, 8), 1e-4)),  # a fine-tuning delta: L1 norm < 1
+    ("magnitude_outliers", 0.7, {"gamma": 0.05}, _distinct((16, 8))),
+    ("magnitude_outliers", 0.97, {"gamma": 0.1}, _distinct((16, 8))),  # density + gamma > 1: fewer outliers
+    ("magnitude_outliers", 0.5, {"gamma": 0.1, "rescale": True}, _distinct((16, 8), 1e-3)),
+    ("della_magprune", 1.0, {"epsilon": 0.15}, _distinct((16, 8))),  # density 1 (the default): no-op
+    ("random", 1.0, {}, _distinct((16, 8))),
+])
+def test_sparsifiers_equal_mergekits(method, density, options, delta):
+    from mergekit.sparsify import RescaleNorm
+    from mergekit.sparsify import sparsify as their_sparsify
+
+    options = dict(options)
+    rescale = options.pop("rescale", False)
+    theirs = their_sparsify(torch.from_numpy(delta.copy()), density, method, rescale_norm=RescaleNorm.l1 if rescale else None,
+                            **options)
+    if method in ("random", "della_magprune"):
+        options["generator"] = np.random.default_rng(0)
+    ours = sparsify(method, delta.copy(), density=density, **({"rescale": True} if rescale else {}), **options)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("delta", [np.zeros((16, 8), np.float32), _distinct((16, 8))])
+def test_rescaling_nothing_left_gives_zeros(delta):
+    """DARE that drops every entry, or a tensor fine-tuning left unchanged: zeros, not 0/0."""
+    out = sparsify("random", delta.copy(), density=1e-9, rescale=True, generator=np.random.default_rng(0))
+    assert not out.any()
