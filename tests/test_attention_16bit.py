@@ -63,7 +63,7 @@ def test_dropout_drops_probabilities():
 
 @pytest.mark.parametrize("dtype,tq,k,taken", [
     (torch.bfloat16, 64, 64, True), (torch.float16, 64, 64, True), (torch.bfloat16, 8, 300, True),
-    (torch.bfloat16, 1, 64, False),  # one query: SDPA's kernel
+    (torch.bfloat16, 1, 64, False),  # one query (decoding): SDPA, as the compiled step
     (torch.bfloat16, 64, attention.EXPLICIT_16BIT_UP_TO + 1, False),  # the probabilities would not fit
     (torch.float32, 64, 64, False),
 ])
