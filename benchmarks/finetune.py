@@ -96,31 +96,10 @@ def llmctl_step(base: Path, data: Path, root: Path, method: str, precision: str,
 
 
 def peft_step(base: Path, method: str, precision: str, checkpointing: bool = False, attention: str = "sdpa"):
-    import peft
-    from transformers import AutoModelForCausalLM
+    from benchmarks.gpu import peft_lora_step
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=attention)
-    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0,
-                             use_dora=method == "dora")
-    model = peft.get_peft_model(model, config).train()
-    if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-
-    def step() -> float:
-        x = torch.randint(2, WORDS, (BATCH, SEQ), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    return peft_lora_step(base, WORDS, BATCH, SEQ, torch.device("cpu"), dora=method == "dora", precision=precision,
+                          checkpointing=checkpointing, attention=attention)
 
 
 def _vs_peft(runs: dict[str, list[float]], name: str) -> str:

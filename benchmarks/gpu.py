@@ -160,20 +160,26 @@ def llmctl_lora_step(path: Path, data: Path, root: Path, batch: int, seq: int, c
     return Trainer(make_plan(cfg, device.type), out, device, distributed.Dist(), {}).train_step
 
 
-def peft_lora_step(path: Path, vocab: int, batch: int, seq: int, device):
+def peft_lora_step(path: Path, vocab: int, batch: int, seq: int, device, *, dora: bool = False,
+                   precision: str = "bf16", checkpointing: bool = False, attention: str = "sdpa"):
+    """A PEFT + transformers training step (r 16, alpha 32, every linear but the head, AdamW lr
+    2e-4 over the adapter, clip 1.0) on random tokens; benchmarks/finetune.py's contender too."""
     import peft
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                              attn_implementation=attention).to(device)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                       lora_dropout=0.0)).train()
+                                                       lora_dropout=0.0, use_dora=dora)).train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> float:
         x = torch.randint(2, vocab, (batch, seq), generator=gen).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
