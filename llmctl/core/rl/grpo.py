@@ -70,7 +70,7 @@ def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
     count = torch.sum(~torch.isnan(x), dim=dim, keepdim=True)
     variance = variance * count / (count - 1)
-    return torch.sqrt(variance if dim is None else variance.squeeze(dim)).reshape(() if dim is None else -1)
+    return torch.sqrt(variance).reshape(() if dim is None else -1)
 
 
 def batch_nanstd(rewards: torch.Tensor, d, device) -> torch.Tensor:
