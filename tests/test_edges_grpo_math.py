@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from llmctl.core.rl import grpo as G
 from llmctl.core.rl.grpo import GRPO, Part, Rollout, Round, advantages, batch_nanstd, grpo_loss, nanstd
 from llmctl.core.train.distributed import Dist
 from llmctl.errors import ConfigError
@@ -148,7 +149,7 @@ def test_round_state_round_trips_every_tensor_and_dapos_count():
     ref, old = -torch.rand(2, 2), -torch.rand(2, 2)
     parts = [Part(r, torch.tensor([0.5, -0.5]), r.mask * torch.tensor([[1.0], [0.0]]), ref, old),
              Part(r, torch.tensor([1.0, -1.0]), r.mask, None, None)]
-    for num_items in (2.5, None):
+    for num_items in (10 / 3, None):  # dapo's count kept to float64: a resumed step divides by the same
         back = Round.from_state(Round(7, parts, num_items).state(), "cpu")
         assert (back.number, back.num_items, len(back.parts)) == (7, num_items, 2)
         for ours, theirs in zip(back.parts, parts):
@@ -205,7 +206,8 @@ def test_settings_are_refused_exactly_past_their_bounds():
         assert _resolve(**bad) == f"objective_args.{message}", bad
     full = "objective_args.beta > 0 with full finetuning needs a base checkpoint as the reference"
     assert _resolve(beta=0.1, adapter_method="full", chat_template=None) == full
-    unknown = _resolve(beta=0.1, chat_template=None, verifiers={"regex": {"patern": "x"}})  # lora: the adapter off is the reference
+    # lora: the adapter switched off is the reference, so beta passes and the verifiers speak
+    unknown = _resolve(beta=0.1, chat_template=None, verifiers={"regex": {"patern": "x"}})
     assert "patern" in unknown and unknown != full
 
 
@@ -219,3 +221,62 @@ def test_the_training_state_holds_the_round_only_when_later_steps_reuse_it():
     assert int(obj.state()["number"]) == 3
     obj.round = None
     assert obj.state() == {}
+
+
+def test_reference_log_probs_come_from_the_frozen_copy_or_the_policy_with_its_adapter_off(tmp_path):
+    from conftest import tiny_llama
+
+    from llmctl.core.adapters import adapters_disabled
+    from llmctl.core.model.io import load_model, save_model
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.finetune_config import FinetuneConfig
+    from llmctl.core.train.objectives import OBJECTIVES
+
+    base = tiny_llama(tmp_path, ["3 + 4 = 7\n" * 20], vocab=120, context=32, scale=2.0)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "3 + 4 =", "answer": "7"}\n')
+
+    def objective(method, beta, model=base):
+        cfg = FinetuneConfig(model=str(model), tokenizer=str(base), data=[str(tmp_path / "p.jsonl")], method="grpo",
+                             objective="grpo", seq_len=32, objective_args={"beta": beta, "verifiers": {"number": {}}})
+        cfg.adapter.method = method
+        return OBJECTIVES.get("grpo")(make_plan(cfg, "cpu"), torch.device("cpu"))
+
+    full, lora = objective("full", 0.1), objective("lora", 0.1)
+    model = load_model(base)[0]
+    lora.prepare(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # an adapter that changes the outputs
+    rollout = Rollout.build([[0, 5, 6], [0, 7]], [[8, 9, 1], [10]], ["", ""], [False, False], "cpu", pad_id=2)
+    with torch.no_grad():
+        assert torch.equal(full._reference(rollout), full.logprobs(full.reference, full.reference.head, rollout))
+        with adapters_disabled(model):
+            off = lora.logprobs(model, model.head, rollout)
+        assert torch.equal(lora._reference(rollout), off)
+        assert not torch.allclose(lora.logprobs(model, model.head, rollout), off, atol=1e-3)
+    assert objective("lora", 0.0)._reference(rollout) is None
+    bf16 = save_model(load_model(base, dtype=torch.bfloat16)[0], tmp_path / "bf16")
+    assert {p.dtype for p in objective("full", 0.1, bf16).reference.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("pad_id,eos_id,pad", [(3, 7, 3), (None, 7, 7), (None, None, 0)])
+def test_a_rollout_marks_completions_cut_at_the_length_and_pads_with_pad_else_eos(monkeypatch, pad_id, eos_id, pad):
+    import llmctl.core.generate as generation
+
+    seen = []
+
+    def generate(model, tok, prompts, gen):
+        seen.append(gen)
+        return [SimpleNamespace(tokens=[9] * (1 + i), text="x", finish_reason=reason)
+                for i, reason in enumerate(["length", "stop", "eos"])]
+
+    monkeypatch.setattr(generation, "generate", generate)
+    obj = object.__new__(GRPO)
+    obj.settings = G.settings(SimpleNamespace(config=SimpleNamespace(objective_args={})))
+    obj.plan = SimpleNamespace(tokenizer=SimpleNamespace(pad_id=pad_id, eos_id=eos_id, encode=lambda p, **k: [1, 2]))
+    obj.cfg, obj.policy, obj.device = SimpleNamespace(seed=3), torch.nn.Linear(1, 1), torch.device("cpu")
+    r = obj.rollout(["a", "b", "c"], 0)
+    assert r.truncated.tolist() == [True, False, False]
+    assert r.ids[0].tolist() == [1, 2, 9, pad, pad] and r.targets[0].tolist() == [9, pad, pad]
+    assert seen[0].batch_size == 3  # the round's completions in one batch
