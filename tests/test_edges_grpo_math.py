@@ -280,3 +280,13 @@ def test_a_rollout_marks_completions_cut_at_the_length_and_pads_with_pad_else_eo
     assert r.truncated.tolist() == [True, False, False]
     assert r.ids[0].tolist() == [1, 2, 9, pad, pad] and r.targets[0].tolist() == [9, pad, pad]
     assert seen[0].batch_size == 3  # the round's completions in one batch
+
+
+def test_encode_reads_the_prompt_records_and_says_what_a_step_samples(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "1 + 1 =", "answer": "2"}\n{"prompt": "2 + 2 =", "answer": "4"}\n')
+    said = []
+    plan = SimpleNamespace(text_files=[path], report=SimpleNamespace(info=said.append),
+                           config=SimpleNamespace(objective_args={"num_generations": 4}, batch_size=2))
+    assert [r["prompt"] for r in GRPO.encode(plan)["records"]] == ["1 + 1 =", "2 + 2 ="]
+    assert said == ["GRPO data: 2 prompts, 4 completions each, 2 prompts per micro-batch"]
