@@ -9,13 +9,22 @@ import pytest
 import torch
 
 from llmctl.core.rl import grpo as G
-from llmctl.core.rl.grpo import GRPO, Part, Rollout, Round, advantages, batch_nanstd, grpo_loss, nanstd
+from llmctl.core.rl.grpo import (
+    GRPO,
+    Part,
+    Rollout,
+    Round,
+    advantages,
+    batch_nanstd,
+    grpo_loss,
+    nanstd,
+)
 from llmctl.core.train.distributed import Dist
 from llmctl.errors import ConfigError
 
 trl = pytest.importorskip("trl")
 
-from test_grpo import _trl_trainer  # noqa: E402
+from test_grpo import _trl_trainer
 
 
 def _trl_advantages(rewards, G, scale):
@@ -221,43 +230,6 @@ def test_the_training_state_holds_the_round_only_when_later_steps_reuse_it():
     assert int(obj.state()["number"]) == 3
     obj.round = None
     assert obj.state() == {}
-
-
-def test_reference_log_probs_come_from_the_frozen_copy_or_the_policy_with_its_adapter_off(tmp_path):
-    from conftest import tiny_llama
-
-    from llmctl.core.adapters import adapters_disabled
-    from llmctl.core.model.io import load_model, save_model
-    from llmctl.core.train.build import make_plan
-    from llmctl.core.train.finetune_config import FinetuneConfig
-    from llmctl.core.train.objectives import OBJECTIVES
-
-    base = tiny_llama(tmp_path, ["3 + 4 = 7\n" * 20], vocab=120, context=32, scale=2.0)
-    (tmp_path / "p.jsonl").write_text('{"prompt": "3 + 4 =", "answer": "7"}\n')
-
-    def objective(method, beta, model=base):
-        cfg = FinetuneConfig(model=str(model), tokenizer=str(base), data=[str(tmp_path / "p.jsonl")], method="grpo",
-                             objective="grpo", seq_len=32, objective_args={"beta": beta, "verifiers": {"number": {}}})
-        cfg.adapter.method = method
-        return OBJECTIVES.get("grpo")(make_plan(cfg, "cpu"), torch.device("cpu"))
-
-    full, lora = objective("full", 0.1), objective("lora", 0.1)
-    model = load_model(base)[0]
-    lora.prepare(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_()  # an adapter that changes the outputs
-    rollout = Rollout.build([[0, 5, 6], [0, 7]], [[8, 9, 1], [10]], ["", ""], [False, False], "cpu", pad_id=2)
-    with torch.no_grad():
-        assert torch.equal(full._reference(rollout), full.logprobs(full.reference, full.reference.head, rollout))
-        with adapters_disabled(model):
-            off = lora.logprobs(model, model.head, rollout)
-        assert torch.equal(lora._reference(rollout), off)
-        assert not torch.allclose(lora.logprobs(model, model.head, rollout), off, atol=1e-3)
-    assert objective("lora", 0.0)._reference(rollout) is None
-    bf16 = save_model(load_model(base, dtype=torch.bfloat16)[0], tmp_path / "bf16")
-    assert {p.dtype for p in objective("full", 0.1, bf16).reference.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("pad_id,eos_id,pad", [(3, 7, 3), (None, 7, 7), (None, None, 0)])

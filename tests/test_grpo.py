@@ -168,15 +168,16 @@ def test_grpo_run_writes_trl_metrics_and_resumes_exactly(llmctl, base, prompts, 
         (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
 
 
-def test_reference_log_probs_adapter_off_equal_a_frozen_base_and_beta_zero_needs_none(base, prompts):
+def test_reference_log_probs_adapter_off_equal_a_frozen_base_and_beta_zero_needs_none(base, prompts, tmp_path):
     from llmctl.core.adapters import adapters_disabled
-    from llmctl.core.model.io import load_model
+    from llmctl.core.model.io import load_model, save_model
     from llmctl.core.train.build import make_plan
     from llmctl.core.train.finetune_config import FinetuneConfig
     from llmctl.core.train.objectives import OBJECTIVES
 
-    def objective(method, beta):
-        cfg = FinetuneConfig(model=str(base), data=[str(prompts)], method="grpo", objective="grpo", seq_len=64,
+    def objective(method, beta, model=base):
+        cfg = FinetuneConfig(model=str(model), tokenizer=str(base), data=[str(prompts)], method="grpo",
+                             objective="grpo", seq_len=64,
                              objective_args={"beta": beta, "temperature": 0.7, "verifiers": {"number": {}}})
         cfg.adapter.method = method
         return OBJECTIVES.get("grpo")(make_plan(cfg, "cpu"), torch.device("cpu"))
@@ -198,7 +199,11 @@ def test_reference_log_probs_adapter_off_equal_a_frozen_base_and_beta_zero_needs
         with adapters_disabled(model):
             switched_off = lora.logprobs(model, model.head, rollout)
         frozen = full.logprobs(full.reference, full.reference.head, rollout)
+        assert torch.equal(full._reference(rollout), frozen) and torch.equal(lora._reference(rollout), switched_off)
     assert torch.allclose(switched_off, frozen, atol=1e-6) and not torch.allclose(adapted, frozen, atol=1e-3)
+    assert objective("lora", 0.0)._reference(rollout) is None
+    bf16 = save_model(load_model(base, dtype=torch.bfloat16)[0], tmp_path / "bf16")  # the frozen copy in float32
+    assert {p.dtype for p in objective("full", 0.1, bf16).reference.parameters()} == {torch.float32}
     with torch.no_grad():  # log-probs at the sampling temperature, as TRL takes them
         logits = full.reference(rollout.ids).logits / 0.7
     manual = torch.log_softmax(logits[:, :-1], -1).gather(-1, rollout.ids[:, 1:, None])[..., 0]
