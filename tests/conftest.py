@@ -90,3 +90,36 @@ def tiny_llama(out: Path, texts: list[str], *, vocab: int, context: int, scale: 
             p.mul_(scale)
     model.save_pretrained(out)
     return out
+
+
+def unrouted_moe():
+    """A one-block, 4-expert llmctl model whose router always picks expert 0: experts 1-3 see no token."""
+    import torch
+    from torch import nn
+
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+
+    class FirstExpert(nn.Module):
+        def forward(self, h):
+            return torch.tensor([10.0, 0.0, 0.0, 0.0]).expand(h.shape[0], 4)
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                                    num_experts=4, experts_per_token=1))
+    model.model.layers[0].mlp.gate = FirstExpert()
+    return model
+
+
+def recording_reporter():
+    """A silent Reporter that keeps its warnings in `.seen`."""
+    from llmctl.core.report import Silent
+
+    class Warnings(Silent):
+        def __init__(self):
+            self.seen: list[str] = []
+
+        def warn(self, message: str) -> None:
+            self.seen.append(message)
+
+    return Warnings()

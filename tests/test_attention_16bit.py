@@ -135,7 +135,6 @@ def test_bfloat16_architectures_equal_transformers_eager(case, tmp_path):
     """Every mask kind through the 16-bit path (causal, sliding windows, GQA/MQA, learned
     positions, bidirectional, left padding): bfloat16 logits as transformers' eager bfloat16
     attention gives them, within bfloat16 rounding of the whole model."""
-    import transformers
     from test_hf_parity import CASES, build_hf
 
     from llmctl.core.model.io import load_model

@@ -174,21 +174,12 @@ def test_a_linear_no_input_reached_is_rounded_to_nearest(act_order):
 
 
 def test_gptq_rounds_an_unrouted_expert_to_nearest():
-    from torch import nn
+    from conftest import unrouted_moe
 
-    from llmctl.core.model import ModelConfig
-    from llmctl.core.model.build import build_model
     from llmctl.core.quant.config import QuantizeConfig
     from llmctl.core.quant.methods import quantize_model
 
-    class FirstExpert(nn.Module):  # the router always picks expert 0
-        def forward(self, h):
-            return torch.tensor([10.0, 0.0, 0.0, 0.0]).expand(h.shape[0], 4)
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
-                                    num_experts=4, experts_per_token=1))
-    model.model.layers[0].mlp.gate = FirstExpert()
+    model = unrouted_moe()
     experts = model.model.layers[0].mlp.experts
     dense = {e: experts[e].up_proj.weight.detach().clone() for e in (0, 3)}
     quantize_model(model, QuantizeConfig(method="gptq", bits=4, group_size=16), torch.randint(0, 50, (4, 16)))
@@ -201,39 +192,14 @@ def test_gptq_rounds_an_unrouted_expert_to_nearest():
 def test_unrouted_experts_are_reported(method):
     """The run says which linears no calibration token reached (rounded to nearest), as prune does,
     and their empty inputs do not turn the reported output error into NaN (AWQ's did)."""
-    from torch import nn
+    from conftest import recording_reporter, unrouted_moe
 
-    from llmctl.core.model import ModelConfig
-    from llmctl.core.model.build import build_model
     from llmctl.core.quant.config import QuantizeConfig
     from llmctl.core.quant.methods import quantize_model
 
-    class FirstExpert(nn.Module):  # the router always picks expert 0
-        def forward(self, h):
-            return torch.tensor([10.0, 0.0, 0.0, 0.0]).expand(h.shape[0], 4)
-
-    class Warnings:
-        def __init__(self):
-            self.seen = []
-
-        def progress(self, *args, **kwargs):
-            from llmctl.core.report import SILENT
-
-            return SILENT.progress(*args, **kwargs)
-
-        def info(self, message):
-            pass
-
-        def warn(self, message):
-            self.seen.append(message)
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
-                                    num_experts=4, experts_per_token=1))
-    model.model.layers[0].mlp.gate = FirstExpert()
-    report = Warnings()
-    errors = quantize_model(model, QuantizeConfig(method=method, bits=4, group_size=16), torch.randint(0, 50, (4, 16)),
-                            report)
+    report = recording_reporter()
+    errors = quantize_model(unrouted_moe(), QuantizeConfig(method=method, bits=4, group_size=16),
+                            torch.randint(0, 50, (4, 16)), report)
     assert errors["linears"] == 16 and torch.isfinite(torch.tensor(errors["output_error"]))  # (AWQ's was NaN)
     unrouted = {f"model.layers.0.mlp.experts.{e}.{p}_proj" for e in (1, 2, 3) for p in ("gate", "up", "down")}
     assert set(report.seen) == {f"{p} saw no calibration tokens: rounded to nearest" for p in unrouted}

@@ -455,26 +455,9 @@ def test_recovery_recipe_finetunes_a_pruned_model(llmctl, base, tmp_path):
 
 def test_an_expert_without_calibration_tokens_is_pruned_by_magnitude():
     """SparseGPT on an expert no token reaches would zero it whole (an all-zero Hessian)."""
-    from llmctl.core.model import ModelConfig
-    from llmctl.core.model.build import build_model
-    from llmctl.core.report import Silent
+    from conftest import recording_reporter, unrouted_moe
 
-    class Warnings(Silent):
-        def __init__(self):
-            self.seen = []
-
-        def warn(self, message):
-            self.seen.append(message)
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
-                                    num_experts=4, experts_per_token=1))
-    class FirstExpert(nn.Module):  # the router always picks expert 0
-        def forward(self, h):
-            return torch.tensor([10.0, 0.0, 0.0, 0.0]).expand(h.shape[0], 4)
-
-    model.model.layers[0].mlp.gate = FirstExpert()
-    report = Warnings()
+    model, report = unrouted_moe(), recording_reporter()
     pruner = PRUNERS.get("sparsegpt")(PruneConfig(method="sparsegpt", sparsity=0.5, block_size=16))
     pruner.prune(model, torch.randint(0, 50, (4, 16)), report)
     for name in ("gate_proj", "up_proj", "down_proj"):
