@@ -60,7 +60,8 @@ def llmctl_proc():
     return run_process
 
 
-def tiny_llama(out: Path, texts: list[str], *, vocab: int, context: int, scale: float = 8.0) -> Path:
+def tiny_llama(out: Path, texts: list[str], *, vocab: int, context: int, scale: float = 8.0, hidden: int = 32,
+               intermediate: int = 64) -> Path:
     """A tiny HF Llama checkpoint in `out` with a byte-level BPE tokenizer (BOS/EOS/PAD = 0/1/2)
     trained on `texts`; weights scaled by `scale` so the distribution is peaked, not near ties."""
     import json
@@ -80,7 +81,7 @@ def tiny_llama(out: Path, texts: list[str], *, vocab: int, context: int, scale: 
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
         "pad_token": "<|pad|>", "model_max_length": context}))
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=context, bos_token_id=0, eos_token_id=1,
                                       pad_token_id=2, tie_word_embeddings=False)

@@ -1,10 +1,17 @@
-"""The batch-1 decode back end: matrix-vector products rewritten as streaming reductions."""
+"""The batch-1 decode back end: matrix-vector products rewritten as streaming reductions (the
+native kernels, which take them first where they are built, are tested in test_native.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from llmctl.core import native
 from llmctl.core.generate import matvec
+
+
+@pytest.fixture(autouse=True)
+def without_native_kernels(monkeypatch):
+    monkeypatch.setattr(native, "has", lambda capability: False)
 
 
 def test_rewrites_only_single_row_float32_products():

@@ -20,10 +20,9 @@ import torch
 aten = torch.ops.aten
 
 
-def _streams(x: torch.Tensor, w_t: torch.Tensor) -> bool:
-    """One input row of float32 against a float32 matrix, on CPU (shapes are static when compiled)."""
-    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] == 1 and w_t.dim() == 2
-            and x.dtype == w_t.dtype == torch.float32)
+def _one_row(x: torch.Tensor, w_t: torch.Tensor) -> bool:
+    """One input row against a matrix of its dtype, on CPU (shapes are static when compiled)."""
+    return x.device.type == "cpu" and x.dim() == 2 and x.shape[0] == 1 and w_t.dim() == 2 and x.dtype == w_t.dtype
 
 
 def _rows_dot(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
@@ -31,16 +30,26 @@ def _rows_dot(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(1) * w_t.t().unsqueeze(0)).sum(-1)
 
 
+def _product(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor | None:
+    """x · w_t by llmctl's native kernel where it takes the dtype, else float32's rewrite, else None."""
+    from llmctl.core import native
+
+    if not _one_row(x, w_t):
+        return None
+    need = {torch.float32: native.F32, torch.bfloat16: native.BF16}.get(x.dtype)
+    if need is not None and x.shape[1] % 32 == 0 and native.has(need):
+        return native.ops().mv_float(x, w_t.t().contiguous())
+    return _rows_dot(x, w_t) if x.dtype == torch.float32 else None
+
+
 def mm(x: torch.Tensor, w_t: torch.Tensor, out_dtype=None):
-    if out_dtype is not None or not _streams(x, w_t):
-        return NotImplemented
-    return _rows_dot(x, w_t)
+    y = None if out_dtype is not None else _product(x, w_t)
+    return NotImplemented if y is None else y
 
 
 def addmm(bias: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, *, beta=1, alpha=1):
-    if beta != 1 or alpha != 1 or not _streams(x, w_t):
-        return NotImplemented
-    return bias + _rows_dot(x, w_t)
+    y = None if beta != 1 or alpha != 1 else _product(x, w_t)
+    return NotImplemented if y is None else bias + y
 
 
 DECOMPOSITIONS = {aten.mm.default: mm, aten.addmm.default: addmm}

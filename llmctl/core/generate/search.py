@@ -98,7 +98,8 @@ class Runner:
         dummy = torch.zeros(self.cache.batch_size, 1, dtype=torch.long, device=self.ids.device)
         if self.graphed:
             self.step_fn = GraphedStep(self.step_fn, *self._step_inputs(dummy))
-        else:
+        else:  # eagerly first, so that layers make their kernels' weight layouts outside the graph
+            self.model.decode_step(*self._step_inputs(dummy))
             self._static_step(dummy)
         self.cache.truncate(0)
         self.length, self.next_pos = 0, next_pos

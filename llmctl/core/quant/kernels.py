@@ -1,6 +1,9 @@
-"""How a `PackedLinear` multiplies: torch's fused weight-only kernels where one fits, else the
-weight dequantized.
+"""How a `PackedLinear` multiplies: llmctl's or torch's fused weight-only kernels where one fits,
+else the weight dequantized.
 
+    int8/int4, one input row, CPU  llmctl::mv_quant (core/native, AVX512-VNNI): integer dot
+    (decoding)                     products against the input quantized per 64 values, as
+                                   llama.cpp's q8_0/q4_0; groups a multiple of 64
     int8, symmetric, per channel   aten._weight_int8pack_mm (CPU, CUDA), 16-bit inputs
     int4, CPU, bf16/f16 inputs     aten._weight_int4pack_mm_for_cpu: tiles from
                                    _convert_weight_to_int4pack_for_cpu, groups of 32–256
@@ -11,13 +14,15 @@ weight dequantized.
 
 torch 2.13's CPU int8/int4 kernels are fast only for 16-bit inputs: with float32 inputs they
 take a reference path 60–200× slower than the float32 matrix-vector product (measured on a
-768×2048 layer), so float32 runs on a dequantized copy (exact, float32's memory) and the fused
-kernels serve `--dtype bfloat16`/`float16`.
+768×2048 layer), so float32 batches (prefill) run on a dequantized copy (exact, float32's memory)
+and the fused kernels serve `--dtype bfloat16`/`float16`. The native kernel takes one row of
+either dtype; its input rounding (about 0.4 % of each block's largest value) is what a bf16
+input already costs.
 
 The kernels compute w = (u − 8) · s + z on unsigned nibbles u = q + 8, so our (q − zero) · scale
 becomes s = scale, z = −zero · scale. A per-channel int4 scale is repeated over groups of the
 largest size the kernel takes. A kernel's weight layout is made on first use and kept on the
-module (`module.kernel`), per device and dtype; `.to()` drops it. KERNELS is in preference order;
+module (`module.kernels`), per device, dtype and whether the input is one row; `.to()` drops them. KERNELS is in preference order;
 a kernel that raises on first use (an op this build lacks) passes to the next. Inputs that need a
 gradient take the dequantizing path (the fused ops have no backward).
 """
@@ -100,11 +105,36 @@ def _dense(module, x: torch.Tensor) -> Kernel | None:
     return lambda x: F.linear(x, weight, module.bias)
 
 
+def _native(module, x: torch.Tensor) -> Kernel | None:
+    """One input row on CPU: llmctl's VNNI kernel (`core/native`), the input quantized per 64 values."""
+    from llmctl.core import native
+
+    s, K = module.scheme, module.in_features
+    group = s.group_size or K
+    if x.device.type != "cpu" or x.numel() != K or s.bits not in (4, 8) or K % (native.QBLOCK * 8 // s.bits) \
+            or module.out_features % 4 \
+            or group % native.QBLOCK or not native.has(native.VNNI):
+        return None
+    scale, zero, q = module.integers()
+    low = -(1 << (s.bits - 1))
+    u = (q.to(torch.int16) - low).to(torch.uint8)
+    if s.bits == 4:  # each 128 inputs as 64 bytes: input j in the low nibble, 64 + j in the high
+        u = u.reshape(-1, K // 128, 2, 64)
+        u = (u[:, :, 0] | u[:, :, 1] << 4).reshape(-1, K // 2)
+    n, width = u.shape  # four rows' 64-byte pieces interleaved: [N / 4, width / 64, 4, 64]
+    w = u.reshape(n // 4, 4, width // 64, 64).transpose(1, 2).contiguous().reshape(n, width)
+    zero = (zero - low).contiguous()
+    bias = None if module.bias is None else module.bias.detach().float()
+    op, bits = native.ops().mv_quant, s.bits
+    scale = scale.contiguous()
+    return lambda x: op(x, w, scale, zero, bias, bits)
+
+
 def _dequantize(module, x: torch.Tensor) -> Kernel:
     return lambda x: F.linear(x, module.dequantize(x.dtype), module.bias)
 
 
-KERNELS: dict[str, Callable] = {"int8pack": _int8, "int4pack_cpu": _int4_cpu, "int4pack_cuda": _int4_cuda,
+KERNELS: dict[str, Callable] = {"native": _native, "int8pack": _int8, "int4pack_cpu": _int4_cpu, "int4pack_cuda": _int4_cuda,
                                 "dense": _dense, "dequantize": _dequantize}
 
 
@@ -114,11 +144,10 @@ def choose(module, x: torch.Tensor, allowed=None) -> tuple[str, Kernel, torch.Te
     for name, make in KERNELS.items():
         if allowed is not None and name not in allowed:
             continue
-        kernel = make(module, x)
-        if kernel is None:
-            continue
-        try:
-            return name, kernel, kernel(x)
+        try:  # making a kernel's layout can raise too (a shape the op refuses)
+            kernel = make(module, x)
+            if kernel is not None:
+                return name, kernel, kernel(x)
         except (RuntimeError, NotImplementedError):
             if name == "dequantize":
                 raise
@@ -128,9 +157,9 @@ def choose(module, x: torch.Tensor, allowed=None) -> tuple[str, Kernel, torch.Te
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled():  # the fused ops have no backward
         return _dequantize(module, x)(x)
-    key = (x.device, x.dtype)
-    if module.kernel is None or module.kernel[0] != key:
+    key = (x.device, x.dtype, x.numel() == x.shape[-1])  # one row (decoding) may take another kernel
+    if key not in module.kernels:
         name, kernel, y = choose(module, x)
-        module.kernel = (key, name, kernel)
+        module.kernels[key] = (name, kernel)
         return y
-    return module.kernel[2](x)
+    return module.kernels[key][1](x)

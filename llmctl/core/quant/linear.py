@@ -48,7 +48,7 @@ class PackedLinear(nn.Module):
                                                                   dtype=torch.int32))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features]))
         self.bias = bias
-        self.kernel = None  # set on first use by kernels.linear (a kernel's own weight layout)
+        self.kernels = {}  # filled on first use by kernels.linear (each kernel's own weight layout)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: Scheme, solution: tuple | None = None) -> PackedLinear:
@@ -67,7 +67,7 @@ class PackedLinear(nn.Module):
         self.weight_packed = pack(q, self.scheme.bits)
         if not self.scheme.symmetric:
             self.weight_zero_point = pack(zero.to(torch.int8), self.scheme.bits, dim=0)
-        self.kernel = None
+        self.kernels = {}
 
     def integers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scale [out, groups] float32, zero [out, groups] float32, integers int8 [out, in])."""
@@ -88,8 +88,8 @@ class PackedLinear(nn.Module):
         from llmctl.core.quant.kernels import linear
         return linear(self, x)
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate the kernel's copy
-        self.kernel = None
+    def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate the kernels' copies
+        self.kernels = {}
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,93 @@
+"""Hand-written AVX-512 kernels for batch-1 decoding on CPU (`matvec.cpp`), built once on this machine.
+
+torch's CPU matrix-vector products read the weights at 40–55 % of this machine's bandwidth and its
+int8/int4 kernels at less; at batch 1 decoding is nothing but those products. The kernels here
+stream each weight once: float32 with FMA, bfloat16 with vdpbf16ps, and int8/int4 as integer dot
+products (vpdpbusd) against the input quantized per 64 values — what llama.cpp's q8_0/q4_0 do.
+
+`ops()` compiles `matvec.cpp` with the local C++ compiler and `-march=native` into
+`~/.cache/llmctl/native/<key>` the first time it is needed (10–30 s; the key covers the source,
+torch's version and the CPU), then loads it: `torch.ops.llmctl.mv_float`, `mv_quant`. It returns
+None — and callers keep torch's kernels — without a compiler, on a CPU without AVX-512, or when
+`LLMCTL_NATIVE=0`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("matvec.cpp")
+F32, BF16, VNNI = 1, 2, 4  # llmctl::capabilities bits
+QBLOCK = 64  # inputs per activation scale in mv_quant
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llmctl" / "native"
+
+
+@functools.cache
+def ops():
+    """`torch.ops.llmctl` with the kernels loaded, or None where they cannot be built or are disabled."""
+    flags = _cpu_flags()
+    if os.environ.get("LLMCTL_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64") \
+            or " avx512f" not in f" {flags} ":
+        return None
+    import torch
+    from torch.utils import cpp_extension
+
+    if _loaded(torch):  # a library loads once per process (TORCH_LIBRARY aborts on a second)
+        return torch.ops.llmctl
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
+    build = cache_dir() / key
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        from llmctl.console import info
+        if not any(build.glob("*.so")):
+            info("building llmctl's native CPU kernels (once per machine and torch version)…")
+        cpp_extension.load(name=f"llmctl_native_{key}", sources=[str(SOURCE)], build_directory=str(build),
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False,
+                           verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels serve instead
+        from llmctl.console import warn
+        warn(f"native CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             "using torch's")
+        return None
+    _register_fakes(torch)
+    return torch.ops.llmctl
+
+
+def _loaded(torch) -> bool:
+    try:
+        return torch.ops.llmctl.capabilities is not None
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _register_fakes(torch) -> None:
+    """Shapes for torch.compile's tracing."""
+    @torch.library.register_fake("llmctl::mv_float")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("llmctl::mv_quant")
+    def _(x, w, scale, zero, bias, bits):
+        return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def has(capability: int) -> bool:
+    """Whether the built kernels include `capability` (F32, BF16 or VNNI); builds them if needed."""
+    lib = ops()
+    return lib is not None and bool(lib.capabilities() & capability)

@@ -1,0 +1,264 @@
+// Batch-1 matrix-vector products for CPU decoding: y[1, N] = x[1, K] · W[N, K]ᵀ, streaming W once.
+//
+// llmctl::mv_float   float32 or bfloat16 W and x (AVX-512 FMA / AVX512-BF16 vdpbf16ps), float32 sums
+// llmctl::mv_quant   int8 or int4 W as unsigned integers u with per-group scale s and offset z
+//                    (w = s · (u − z)); x is quantized per block of 64 inputs to int8 with its
+//                    own scale d, and u · q(x) runs as AVX512-VNNI integer dot products (vpdpbusd)
+//
+// Each thread takes a contiguous range of rows, four rows at a time so every load of x feeds four
+// products. Threads come from ATen's pool (at::parallel_for), so torch.set_num_threads holds.
+// Built by llmctl/core/native/__init__.py with -march=native; `llmctl::capabilities` says which
+// kernels this build has (AVX-512 F / BF16 / VNNI), and Python routes everything else to torch.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QBLOCK = 64;  // inputs per activation scale; one 512-bit vpdpbusd
+constexpr int64_t ROWS = 4;     // rows per step
+
+enum Capability : int64_t { F32 = 1, BF16 = 2, VNNI = 4 };
+
+int64_t capabilities() {
+  int64_t caps = 0;
+#if defined(__AVX512F__)
+  caps |= F32;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  caps |= BF16;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  caps |= VNNI;
+#endif
+  return caps;
+}
+
+// Runs rows(first, count) over [0, N) in steps of ROWS (the tail one row at a time), in parallel.
+template <typename Rows>
+void over_rows(int64_t N, const Rows& rows) {
+  at::parallel_for(0, (N + ROWS - 1) / ROWS, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t step = begin; step < end; ++step) {
+      int64_t n = step * ROWS;
+      if (n + ROWS <= N) {
+        rows.template operator()<ROWS>(n);
+      } else {
+        for (; n < N; ++n) rows.template operator()<1>(n);
+      }
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+struct FloatRows {
+  const float* W; const float* x; float* y; int64_t K;
+  template <int R> void operator()(int64_t n) const {
+    __m512 a[R], b[R];
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+      for (int r = 0; r < R; ++r) {
+        const float* w = W + (n + r) * K + k;
+        a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w), x0, a[r]);
+        b[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + 16), x1, b[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+  }
+};
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+struct Bf16Rows {
+  const uint16_t* W; const uint16_t* x; float* y; int64_t K;
+  template <int R> void operator()(int64_t n) const {
+    __m512 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+      for (int r = 0; r < R; ++r)
+        a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(W + (n + r) * K + k), xv);
+    }
+    for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(a[r]);
+  }
+};
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// Unsigned BITS-bit weights, `group` inputs per (scale, offset). int8: one byte per input.
+// int4: each 128 inputs are 64 bytes, byte j holding input j (low nibble) and 64 + j (high).
+// Rows come in fours, their 64-byte pieces interleaved ([N / 4, K·bits / 512, 4, 64]), so that
+// each step reads one sequential stream.
+struct QuantArgs {
+  const uint8_t* W; const int8_t* qx; const float* d; const float* xsum;
+  const int32_t* ends;  // per block of 64 inputs: the group it ends, or -1
+  const float* scale; const float* zero; const float* bias; float* y;
+  int64_t K, groups;
+};
+
+template <int BITS>
+struct QuantRows : QuantArgs {  // N % ROWS == 0 (checked): never a tail of single rows
+  template <int R> void operator()(int64_t n) const {
+    const int64_t row_bytes = K * BITS / 8;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[R], group_acc[R];
+    float correction[R];
+    for (int r = 0; r < R; ++r) { acc[r] = group_acc[r] = _mm512_setzero_ps(); correction[r] = 0.f; }
+    // one block of 64 inputs: integer dots, scaled by the block's d; at a group's end, its s and z
+    auto block = [&](int64_t b, const __m512i* wv) {
+      const __m512i xv = _mm512_loadu_si512(qx + b * QBLOCK);
+      const __m512 db = _mm512_set1_ps(d[b]);
+      for (int r = 0; r < R; ++r) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv);
+        group_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), db, group_acc[r]);
+      }
+      const int64_t g = ends[b];
+      if (g >= 0) {  // Σ s·(u − z)·x = s·(Σ u·x − z·Σ x)
+        for (int r = 0; r < R; ++r) {
+          const float s = scale[(n + r) * groups + g];
+          acc[r] = _mm512_fmadd_ps(group_acc[r], _mm512_set1_ps(s), acc[r]);
+          correction[r] += s * zero[(n + r) * groups + g] * xsum[g];
+          group_acc[r] = _mm512_setzero_ps();
+        }
+      }
+    };
+    const uint8_t* rows = W + n * row_bytes;  // ROWS rows interleaved per 64 bytes: one stream
+    for (int64_t c = 0; c < row_bytes; c += 64) {  // 64 bytes of each row: one block (int8) or two (int4)
+      __m512i wv[R];
+      _mm_prefetch(reinterpret_cast<const char*>(rows + (c + 1024) * ROWS), _MM_HINT_T0);
+      for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(rows + c * ROWS + r * 64);
+      if constexpr (BITS == 8) {
+        block(c / QBLOCK, wv);
+      } else {
+        __m512i lo[R], hi[R];
+        for (int r = 0; r < R; ++r) {
+          lo[r] = _mm512_and_si512(wv[r], low);
+          hi[r] = _mm512_and_si512(_mm512_srli_epi16(wv[r], 4), low);
+        }
+        block(2 * c / QBLOCK, lo);
+        block(2 * c / QBLOCK + 1, hi);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      y[n + r] = _mm512_reduce_add_ps(acc[r]) - correction[r] + (bias ? bias[n + r] : 0.f);
+  }
+};
+#endif
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "llmctl native matvec: ", what); }
+
+at::Tensor mv_float(const at::Tensor& x, const at::Tensor& w) {
+  check(x.dim() == 2 && x.size(0) == 1 && w.dim() == 2 && x.size(1) == w.size(1), "x must be [1, K], w [N, K]");
+  check(x.scalar_type() == w.scalar_type() && w.is_contiguous() && w.size(1) % 32 == 0, "same dtype, K % 32 == 0");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({1, N}, x.options().dtype(at::kFloat));
+  if (w.scalar_type() == at::kFloat) {
+#if defined(__AVX512F__)
+    over_rows(N, FloatRows{w.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), K});
+#else
+    check(false, "this build has no AVX-512");
+#endif
+  } else {
+    check(w.scalar_type() == at::kBFloat16, "float32 or bfloat16 weights");
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    over_rows(N, Bf16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+                          reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), y.data_ptr<float>(), K});
+#else
+    check(false, "this build has no AVX512-BF16");
+#endif
+  }
+  return y.to(x.scalar_type());
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {  // bf16 → float32: the 16 bits on top
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// x quantized per block of 64: q = round(x / d), d = max|x| / 127 (all-zero blocks: d = 0, q = 0);
+// sums[b] = Σ q over the block
+template <typename T>
+void quantize_input(const T* x, int64_t K, int8_t* q, float* d, int32_t* sums) {
+  for (int64_t b = 0; b < K / QBLOCK; ++b) {
+    __m512 v[QBLOCK / 16], amax = _mm512_setzero_ps();
+    for (int i = 0; i < QBLOCK / 16; ++i) {
+      v[i] = load16(x + b * QBLOCK + 16 * i);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+    }
+    const float db = _mm512_reduce_max_ps(amax) / 127.f;
+    d[b] = db;
+    sums[b] = 0;
+    for (int i = 0; i < QBLOCK / 16; ++i) {
+      const __m512i qi = db > 0.f ? _mm512_cvtps_epi32(_mm512_div_ps(v[i], _mm512_set1_ps(db)))  // nearest even
+                                  : _mm512_setzero_si512();
+      sums[b] += _mm512_reduce_add_epi32(qi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * QBLOCK + 16 * i), _mm512_cvtsepi32_epi8(qi));
+    }
+  }
+}
+#endif
+
+// y[..., N] = x[..., K] · Wᵀ for one row x (float32 or bfloat16) and the interleaved integer W
+at::Tensor mv_quant(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                    const std::optional<at::Tensor>& bias, int64_t bits) {
+  check(bits == 8 || bits == 4, "bits must be 8 or 4");
+  const int64_t N = w.size(0), K = x.size(-1), groups = scale.size(1);
+  check(x.numel() == K && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+        "x must be one contiguous float32 or bfloat16 row");
+  check(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be uint8 [N, K·bits/8]");
+  check(w.size(1) * 8 == K * bits && K % (bits == 4 ? 2 * QBLOCK : QBLOCK) == 0 && N % ROWS == 0,
+        "K and N must fit the packing");
+  check(K % groups == 0 && (K / groups) % QBLOCK == 0, "group size must be a multiple of 64");
+  check(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kFloat && scale.is_contiguous()
+        && zero.is_contiguous() && scale.size(0) == N && zero.sizes() == scale.sizes(), "float32 scale/zero [N, G]");
+  check(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+        "bias must be float32 [N]");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  const int64_t blocks = K / QBLOCK, per_group = K / groups / QBLOCK;
+  std::vector<int8_t> qx(K);
+  std::vector<float> d(blocks), xsum(groups, 0.f), y(x.scalar_type() == at::kFloat ? 0 : N);
+  std::vector<int32_t> sums(blocks), ends(blocks, -1);
+  if (x.scalar_type() == at::kFloat) quantize_input(x.data_ptr<float>(), K, qx.data(), d.data(), sums.data());
+  else quantize_input(x.data_ptr<at::BFloat16>(), K, qx.data(), d.data(), sums.data());
+  for (int64_t b = 0; b < blocks; ++b) {  // xsum[g] = Σ over the group of d · q; ends: where groups end
+    xsum[b / per_group] += d[b] * static_cast<float>(sums[b]);
+    if ((b + 1) % per_group == 0) ends[b] = static_cast<int32_t>(b / per_group);
+  }
+  float* yp = y.empty() ? out.data_ptr<float>() : y.data();
+  const QuantArgs args{w.data_ptr<uint8_t>(), qx.data(), d.data(), xsum.data(), ends.data(), scale.data_ptr<float>(),
+                       zero.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr, yp, K, groups};
+  if (bits == 8) over_rows(N, QuantRows<8>{args});
+  else over_rows(N, QuantRows<4>{args});
+  if (!y.empty()) {
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
+    for (int64_t n = 0; n < N; ++n) o[n] = at::BFloat16(y[n]);  // round to nearest even
+  }
+#else
+  check(false, "this build has no AVX512-VNNI");
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmctl, m) {
+  m.def("capabilities() -> int", &capabilities);
+  m.def("mv_float(Tensor x, Tensor w) -> Tensor");
+  m.def("mv_quant(Tensor x, Tensor w, Tensor scale, Tensor zero, Tensor? bias, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmctl, CPU, m) {
+  m.impl("mv_float", &mv_float);
+  m.impl("mv_quant", &mv_quant);
+}

@@ -1,0 +1,153 @@
+"""llmctl's native batch-1 kernels (`llmctl/core/native`): equal to references, used where they fit,
+and torch's kernels wherever they cannot be built."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_llama
+from llmctl.core import native
+from llmctl.core.generate import GenerationConfig, generate, matvec
+from llmctl.core.model.io import load_model, save_model
+from llmctl.core.quant.config import QuantizeConfig
+from llmctl.core.quant.methods import quantize_model
+from llmctl.core.tokenizer import load_tokenizer
+from llmctl.core.quant import kernels
+from llmctl.core.quant.linear import PackedLinear
+from llmctl.core.quant.scheme import Scheme
+
+needs = pytest.mark.skipif(native.ops() is None or not native.has(native.VNNI | native.BF16 | native.F32),
+                           reason="no C++ compiler or no AVX-512 (F, BF16, VNNI) here")
+
+
+def quantized_input(x: torch.Tensor) -> torch.Tensor:
+    """x as mv_quant sees it: int8 per block of 64 values, scale max|x| / 127, back to float."""
+    blocks = x.float().reshape(-1, native.QBLOCK)
+    d = blocks.abs().amax(1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(d > 0, d, 1)) * d).reshape(x.shape)
+
+
+@needs
+@pytest.mark.parametrize("n", [1, 3, 4, 130])  # tails of fewer than four rows
+def test_float32_product(n):
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 96), torch.randn(n, 96)
+    torch.testing.assert_close(native.ops().mv_float(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@needs
+def test_bfloat16_product_sums_in_float32():
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 2048).bfloat16(), torch.randn(131, 2048).bfloat16()
+    y = native.ops().mv_float(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, (x.float() @ w.float().T).bfloat16(), rtol=8e-3, atol=0)  # one bf16 rounding
+
+
+@needs
+@pytest.mark.parametrize("scheme", [Scheme(8), Scheme(8, 128, symmetric=False), Scheme(4, 128),
+                                    Scheme(4, 64, symmetric=False), Scheme(4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_product_equals_the_dequantized_one_on_the_rounded_input(scheme, dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 132)
+    module = PackedLinear.from_linear(linear, scheme)
+    x = (torch.randn(1, 1, 256) * torch.linspace(0.1, 3, 256)).to(dtype)  # blocks of different scales
+    x[..., 64:128] = 0  # an all-zero block
+    with torch.no_grad():
+        y = module(x)
+    assert [name for name, _ in module.kernels.values()] == ["native"] and y.shape == (1, 1, 132)
+    expected = F.linear(quantized_input(x), module.dequantize(torch.float32), linear.bias.detach())
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    exact = F.linear(x.float(), module.dequantize(torch.float32), linear.bias.detach())
+    assert (y.float() - exact).norm() < 0.02 * exact.norm()  # the input's rounding costs little
+
+
+@needs
+def test_decoding_rows_and_batches_keep_their_own_kernels():
+    module = PackedLinear.from_linear(torch.nn.Linear(128, 64), Scheme(4, 64))
+    with torch.no_grad():
+        for _ in range(2):
+            module(torch.randn(3, 128, dtype=torch.bfloat16))  # prefill: torch's int4 kernel
+            module(torch.randn(1, 1, 128, dtype=torch.bfloat16))  # decoding: one row
+    assert [name for name, _ in module.kernels.values()] == ["int4pack_cpu", "native"]
+
+
+@pytest.mark.parametrize("in_features,out_features,scheme", [(96, 8, Scheme(8)), (192, 8, Scheme(4)),
+                                                             (256, 8, Scheme(4, 32)), (128, 6, Scheme(8))])
+def test_shapes_the_kernel_does_not_take_go_to_torch(in_features, out_features, scheme):
+    module = PackedLinear.from_linear(torch.nn.Linear(in_features, out_features), scheme)
+    with torch.no_grad():
+        module(torch.randn(1, in_features))
+    assert "native" not in [name for name, _ in module.kernels.values()]
+
+
+@needs
+def test_bad_shapes_are_refused_by_the_op():
+    with pytest.raises(RuntimeError, match="K and N must fit the packing"):
+        native.ops().mv_quant(torch.randn(1, 96), torch.zeros(4, 96, dtype=torch.uint8), torch.ones(4, 1),
+                              torch.zeros(4, 1), None, 8)
+    with pytest.raises(RuntimeError, match="K % 32"):
+        native.ops().mv_float(torch.randn(1, 40), torch.randn(4, 40))
+
+
+@needs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_one_row_products_take_the_native_kernel(monkeypatch, dtype):
+    ops, calls = native.ops(), []
+    monkeypatch.setattr(native, "ops", lambda: SimpleNamespace(
+        capabilities=ops.capabilities, mv_float=lambda x, w: calls.append(tuple(w.shape)) or ops.mv_float(x, w)))
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 64, dtype=dtype), torch.randn(48, dtype=dtype)
+    f = torch.compile(lambda x: F.linear(torch.tanh(x), w, b), backend=matvec.backend, dynamic=False)
+    x = torch.randn(1, 64, dtype=dtype)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(f(x), F.linear(torch.tanh(x), w, b), rtol=tol, atol=tol)
+    assert calls == [(48, 64)]  # traced once, into the native op
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    text = "The quick brown fox jumps over the lazy dog. A cat sat on the mat and looked at the birds.\n\n"
+    return tiny_llama(tmp_path_factory.mktemp("base"), [text] * 20, vocab=300, context=128, hidden=128,
+                      intermediate=256)
+
+
+@needs
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 64)])
+def test_native_decoding_compiled_equals_eager(base, tmp_path, bits, group):
+    model, _ = load_model(base)
+    quantize_model(model, QuantizeConfig(method=f"int{bits}", bits=bits, group_size=group))
+    save_model(model, tmp_path / "q", tokenizer_dir=base)
+    # float32 activations: in bf16 this tiny model's logits move by up to 3 between eager and
+    # compiled steps (inductor rounds fewer intermediates) with or without these kernels
+    model, tok = load_model(tmp_path / "q")[0], load_tokenizer(tmp_path / "q")
+    cfg = dict(max_new_tokens=12, eos_ids=[])
+    eager = generate(model, tok, ["the cat"], GenerationConfig(**cfg))
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 14 and all("native" in [n for n, _ in m.kernels.values()] for m in layers)
+    compiled = generate(model, tok, ["the cat"], GenerationConfig(**cfg, compile=True))
+    assert compiled[0].tokens == eager[0].tokens
+
+
+def test_disabled_or_unbuildable_kernels_leave_torch_in_charge(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("LLMCTL_NATIVE", "0")
+    native.ops.cache_clear()
+    try:
+        assert native.ops() is None and not native.has(native.F32)
+        w = torch.randn(6, 64)
+        assert matvec.mm(torch.randn(1, 64).bfloat16(), w.t().bfloat16()) is NotImplemented  # oneDNN's bf16
+        torch.testing.assert_close(matvec.mm(torch.ones(1, 64), w.t()), w.sum(1)[None], rtol=1e-5, atol=1e-5)
+
+        monkeypatch.setenv("LLMCTL_NATIVE", "1")
+        monkeypatch.setattr(native, "_loaded", lambda torch: False)  # as in a process that has not built them
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+        native.ops.cache_clear()
+        assert native.ops() is None  # the build directory cannot be made: a warning, torch's kernels
+        assert "native CPU kernels unavailable" in capsys.readouterr().err
+    finally:
+        native.ops.cache_clear()
