@@ -106,3 +106,109 @@ def test_wanda_prunes_an_unreached_expert_by_magnitude_per_row():
         assert torch.equal(getattr(experts[e], n).weight != 0, keep), (e, n)
     assert len(report.seen) == 9 and all("saw no calibration tokens: pruned by magnitude" in m for m in report.seen)
     assert "experts.0" not in " ".join(report.seen)
+
+
+# ------------------------------------------------------------------------------------------ structured
+
+
+def _model(**overrides):
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    return build_model(ModelConfig(**{**cfg, **overrides})).eval()
+
+
+def test_structured_refusals_with_their_messages():
+    from llmctl.core.model.transforms import TRANSFORMS
+
+    with pytest.raises(UsageError) as e:
+        _pruner(method="heads", unit="queries", uniform=False)
+    assert str(e.value) == "unit=queries removes the same share of every group: it needs uniform=true"
+    _pruner(method="heads", unit="queries")  # uniform: accepted
+    _pruner(method="heads", uniform=False)  # groups: accepted
+    quantized = TRANSFORMS.get("nf4")(target_modules=["q_proj"]).apply(_model())
+    refused = [("heads", _model(position="alibi"),
+                "heads pruning of an ALiBi model is not supported (its slopes follow the head index)"),
+               ("layers", _model(num_mtp_heads=1),
+                "structured pruning of a model with multi-token-prediction heads is not supported"),
+               ("channels", unrouted_moe(), "channels pruning of a mixture-of-experts model is not supported"),
+               ("layers", quantized, "the model has module transforms (nf4); prune a dense checkpoint")]
+    for method, model, message in refused:
+        with pytest.raises(UsageError) as e:
+            _pruner(method=method).check_model(model)
+        assert str(e.value) == message, method
+    for method in ("heads", "channels", "layers"):
+        _pruner(method=method).check_model(_model(position="rope"))
+
+
+def test_a_layer_always_keeps_one_unit():
+    """round(n · sparsity) may be all n units (2 · 0.9 → 2): one stays."""
+    pruner = _pruner(method="layers", sparsity=0.9)
+    assert [pruner.removed(n) for n in (1, 2, 4, 10)] == [0, 1, 3, 9]
+    small = pruner.prune(_model(), torch.randint(0, 50, (2, 8)))
+    assert small.cfg.num_layers == 1
+
+
+def test_units_ranked_across_layers_by_their_share_of_the_layer():
+    """uniform=false, by hand: shares [.2 .8] and [.1 .4 .5] — a layer's energies need not sum to
+    1 (nor be above it) for the shares to compare across layers; the weakest go first, but a layer's
+    last unit stays."""
+    pruner = _pruner(method="channels", uniform=False, sparsity=0.2)
+    kept = pruner.keep([torch.tensor([0.02, 0.08]), torch.tensor([1.0, 4.0, 5.0])])
+    assert [k.tolist() for k in kept] == [[0, 1], [1, 2]]
+    # shares [.25 .75] and i/55: the nine weakest of layer 1 go, then one of layer 0; 12 were asked for
+    pruner = _pruner(method="channels", uniform=False, sparsity=0.99)
+    kept = pruner.keep([torch.tensor([1.0, 3.0]), torch.arange(1.0, 11.0)])
+    assert [k.tolist() for k in kept] == [[1], [9]]
+
+
+def _silence(model, heads=(), channels=(), layers=()):
+    d = model.cfg.head_dim
+    with torch.no_grad():
+        for layer, head in heads:
+            model.model.layers[layer].self_attn.o_proj.weight[:, head * d:(head + 1) * d] = 0
+        for layer, channel in channels:
+            model.model.layers[layer].mlp.down_proj.weight[:, channel] = 0
+        for layer in layers:
+            model.model.layers[layer].self_attn.o_proj.weight.zero_()
+            model.model.layers[layer].mlp.down_proj.weight.zero_()
+
+
+@torch.no_grad()
+def test_biases_of_the_kept_rows_stay_with_them():
+    """q/k/v and gate/up biases (Qwen2's, `mlp_bias`) are cut with their rows: silent units
+    removed, the logits do not change."""
+    model = _model(qkv_bias=True, mlp_bias=True)
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.1)
+    channels = [(i, c) for i in range(2) for c in range(0, 64, 4)]
+    _silence(model, heads=[(0, 2), (0, 3), (1, 0), (1, 1)], channels=channels)
+    ids, tokens = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (4, 16))
+    want = model(ids).logits
+    q_bias = model.model.layers[0].self_attn.q_proj.bias[:16].clone()
+    model = _pruner(method="heads", sparsity=0.5).prune(model, tokens)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.bias, q_bias)
+    model = _pruner(method="channels", sparsity=0.25).prune(model, tokens)
+    assert model.cfg.intermediate_size == 48 and model.model.layers[0].mlp.up_proj.bias.shape == (48,)
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_layers_pruned_from_a_model_with_per_layer_sizes():
+    """A model with per-layer heads and widths (uniform=false) loses a layer: the kept one keeps
+    its own sizes and the logits stay when the removed layer was silent."""
+    model = _model()
+    _silence(model, heads=[(0, 0), (0, 1)], channels=[(1, c) for c in range(0, 64, 2)])
+    tokens = torch.randint(0, 50, (4, 16))
+    model = _pruner(method="heads", sparsity=0.25, uniform=False).prune(model, tokens)
+    model = _pruner(method="channels", sparsity=0.25, uniform=False).prune(model, tokens)
+    assert model.cfg.layer_num_heads == [2, 4] and model.cfg.layer_intermediate_sizes == [64, 32]
+    _silence(model, layers=[0])
+    ids = torch.randint(0, 50, (2, 12))
+    want = model(ids).logits
+    small = _pruner(method="layers", sparsity=0.5).prune(model, tokens)
+    layer = small.cfg.layer(0)
+    assert (small.cfg.num_layers, layer.num_heads, layer.num_kv_heads, layer.intermediate_size) == (1, 4, 2, 32)
+    torch.testing.assert_close(small(ids).logits, want, rtol=1e-4, atol=1e-4)

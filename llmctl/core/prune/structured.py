@@ -56,17 +56,16 @@ class Structured(Pruner):
 
 
 def _rows(linear: nn.Linear, index: torch.Tensor) -> None:
-    """Keep output features `index` of `linear` (weight rows and bias)."""
+    """Keep output features `index` of `linear` (weight rows and bias); its sizes are left
+    as they were, for `resized` rebuilds the model around the tensors."""
     linear.weight = nn.Parameter(linear.weight.detach()[index].clone())
     if linear.bias is not None:
         linear.bias = nn.Parameter(linear.bias.detach()[index].clone())
-    linear.out_features = len(index)
 
 
 def _columns(linear: nn.Linear, index: torch.Tensor) -> None:
     """Keep input features `index` of `linear`."""
     linear.weight = nn.Parameter(linear.weight.detach()[:, index].clone())
-    linear.in_features = len(index)
 
 
 def _expand(units: torch.Tensor, size: int) -> torch.Tensor:
@@ -100,10 +99,6 @@ def resized(model: nn.Module, layers: list[int] | None = None, **sizes: list[int
     new.load_state_dict(state, strict=True, assign=True)
     new.tie_weights()
     return new.eval()
-
-
-def _layer_sizes(model: nn.Module, field: str) -> list[int]:
-    return [getattr(model.cfg.layer(i), field) for i in range(model.cfg.num_layers)]
 
 
 @PRUNERS.register("heads")
