@@ -6,8 +6,8 @@
 
 speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
 at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128)
-— the int8/int4 kernels with bf16 activations (float32 ones multiply a dequantized copy, see
-core/quant/kernels.py) —
+— int8/int4 with bf16 activations, and int8 with float32 ones (decoding takes llmctl's native
+VNNI kernel for either where it is built; see core/quant/kernels.py) —
 by transformers in float32 and, when llama-cpp-python is installed, by llama.cpp in f32, f16,
 q8_0 and q4_0 (a GGUF of the same weights written here with the `gguf` package). Decode tokens/s
 = (N − 1) / (time(N tokens) − time(1 token)), best of --repeats, contenders interleaved. The
@@ -198,7 +198,7 @@ def speed(args) -> None:
             "llmctl bf16": (ours(base, torch.bfloat16), streamed_bytes(base) // 2),
             "llmctl int8, bf16 activations": (ours(tmp / "int8", torch.bfloat16), streamed_bytes(tmp / "int8")),
             "llmctl int4 g128, bf16 activations": (ours(tmp / "int4", torch.bfloat16), streamed_bytes(tmp / "int4")),
-            "llmctl int8, float32 (dequantized copy)": (ours(tmp / "int8", torch.float32), streamed_bytes(base)),
+            "llmctl int8, float32 activations": (ours(tmp / "int8", torch.float32), streamed_bytes(tmp / "int8")),
             "transformers float32": (run_hf, streamed_bytes(base))}
     if args.compile:
         runs.update({"llmctl float32 --compile": (ours(base, torch.float32, True), streamed_bytes(base)),
