@@ -45,7 +45,7 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
         scale, low = np.where(ok, new_scale, scale), np.where(ok, new_low, low)
         q = np.clip(np.rint(_ratio(b - low[..., None], scale[..., None])), 0, 15)
     d = _f16(scale.max(-1) / 63)
-    dmin = _f16((-low).max(-1) / 63)
+    dmin = _f16(np.abs(low).max(-1) / 63)  # low ≤ 0; abs: +0, not -0, for a zero block
     sc = np.clip(np.rint(_ratio(scale, d.astype(np.float32)[:, None])), 0, 63).astype(np.uint8)
     m = np.clip(np.rint(_ratio(-low, dmin.astype(np.float32)[:, None])), 0, 63).astype(np.uint8)
     step = d.astype(np.float32)[:, None] * sc
