@@ -1,16 +1,28 @@
-"""Edges of the GGUF k-quants (Q4_K, Q6_K) that the export tests miss (found by mutation testing),
-each decoded with gguf-py's reference dequantizer: exactly representable blocks come back bit for
-bit, every value takes the nearest of its sub-block's levels, the least-squares refit beats plain
-min-max, zero / constant / tiny sub-blocks, inputs of any rank and float dtype, the chunked runner."""
+"""Edges that the export and merge tests miss (found by mutation testing).
 
+GGUF k-quants (Q4_K, Q6_K), each decoded with gguf-py's reference dequantizer: exactly
+representable blocks come back bit for bit, every value takes the nearest of its sub-block's
+levels (also with subnormal float16 scales), the least-squares refit beats plain min-max, zero /
+constant / tiny sub-blocks, inputs of any rank and float dtype, the chunked runner.
+
+Merge array back ends, against torch and safetensors: every float cast and narrowing (float8
+included), the reused read buffers, the torch back end's fall-backs (float8, pickle `.bin`),
+integer buffers that must agree, which back end a plan gets."""
+
+import json
+import types
 import warnings
 
+import gguf
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+from llmctl.core.checkpoint import open_checkpoint
 from llmctl.core.export import kquants
+from llmctl.core.merge import arrays
 
-gguf = pytest.importorskip("gguf")
 Q4_K, Q6_K = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K
 F16_STEP = np.float32(2.0 ** -10)  # a float16-exact scale unit
 
@@ -186,3 +198,136 @@ def test_chunked_runner_equals_one_call(name):
     tall = np.random.default_rng(8).standard_normal((2, 140, 256)).astype(np.float32)
     expected = fn(tall)  # held, so the runner's output buffer cannot be its memory
     np.testing.assert_array_equal(kquants._in_chunks(fn, size)(tall), expected)
+
+
+# --- merge array back ends ---------------------------------------------------------------------
+
+FLOATS = ["float16", "bfloat16", "float32", "float64"]
+
+
+def _checkpoint(path, tensors: dict, *, bin: bool = False):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    if bin:
+        torch.save(tensors, path / "pytorch_model.bin")
+    else:
+        save_file(tensors, path / "model.safetensors")
+    return open_checkpoint(path)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """What the numpy back end holds for `t`: its values, bfloat16 as uint16 bit patterns."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # to float16: ∞, as torch
+@pytest.mark.parametrize("source", FLOATS)
+def test_numpy_casts_equal_torchs_for_every_pair(source):
+    """`Numpy.cast` between any two float dtypes gives torch's values, bit for bit (NaN aside:
+    any quiet NaN; torch's own bfloat16 NaN bits vary), and casting to its own dtype is a no-op."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-9, 9, (4000,), generator=g)
+    x = torch.cat([x, torch.tensor([0.0, -0.0, float("inf"), float("nan"), 1 + 2**-8, 70000.0, 1e-7])]).to(getattr(torch, source))
+    xp = arrays.Numpy()
+    for to in FLOATS:
+        got = xp.cast(_as_numpy(x), source, to)
+        want = _as_numpy(x.to(getattr(torch, to)))
+        assert got.dtype == want.dtype and got.shape == want.shape, (source, to)
+        nan = x.isnan().numpy()
+        np.testing.assert_array_equal(got[~nan], want[~nan])
+        back = xp.cast(got, to, "float32")
+        assert np.isnan(back[nan]).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_narrowed_rounds_in_place_as_torch(dtype):
+    """`narrowed` (float32 work arrays of a 16-bit or float8 merge) rounds in place to torch's values."""
+    x = (torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 3).numpy()
+    want = torch.from_numpy(x.copy()).to(getattr(torch, dtype)).float().numpy()
+    y = arrays.narrowed(x, dtype)
+    assert y is x and x.dtype == np.float32
+    np.testing.assert_array_equal(x, want)
+
+
+def test_read_buffers_are_reused_per_slot_and_grown(tmp_path):
+    """A slot's buffer is reused for a tensor of the same or smaller size and replaced by a larger
+    one; slots are separate; every read gives safetensors' values (bfloat16 as its bits)."""
+    g = torch.Generator().manual_seed(2)
+    tensors = {"big": torch.randn(8, 16, generator=g), "same": torch.randn(16, 8, generator=g),
+               "small": torch.randn(3, generator=g).to(torch.bfloat16), "bigger": torch.randn(300, generator=g)}
+    ck = _checkpoint(tmp_path / "ck", tensors)
+    dtypes = {n: str(t.dtype).removeprefix("torch.") for n, t in tensors.items()}
+    xp = arrays.Numpy()
+    first = xp.read(ck, "big", "float32")
+    buffer = xp.slots[0]
+    other = xp.read(ck, "small", dtypes["small"], 1)
+    for name in ("same", "small"):
+        got = xp.read(ck, name, dtypes[name])
+        assert xp.slots[0] is buffer and np.shares_memory(got, buffer)
+        np.testing.assert_array_equal(got, _as_numpy(tensors[name]))
+    np.testing.assert_array_equal(other, _as_numpy(tensors["small"]))
+    assert not np.shares_memory(first, xp.slots[1])
+    got = xp.read(ck, "bigger", "float32")
+    assert xp.slots[0] is not buffer and xp.slots[0].nbytes == 1200
+    np.testing.assert_array_equal(got, tensors["bigger"].numpy())
+
+
+def test_torch_reads_float8_and_bin_checkpoints_whole(tmp_path):
+    """The torch back end reads a safetensors tensor into its slot's buffer; float8 (no numpy
+    dtype) and a weights-only pickle `.bin` are read whole, with the file's values."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {"w": torch.randn(4, 8, generator=g).to(torch.bfloat16),
+               "f8": torch.randn(4, 8, generator=g).to(torch.float8_e4m3fn)}
+    xp = arrays.Torch()
+    safe = _checkpoint(tmp_path / "safe", tensors)
+    w = xp.read(safe, "w", "bfloat16")
+    assert w.dtype == torch.bfloat16 and torch.equal(w, tensors["w"])
+    assert np.shares_memory(w.view(torch.int16).numpy(), xp.slots[0])
+    f8 = xp.read(safe, "f8", "float8_e4m3fn")
+    assert f8.dtype == torch.float8_e4m3fn and torch.equal(f8.view(torch.uint8), tensors["f8"].view(torch.uint8))
+    pickled = _checkpoint(tmp_path / "bin", {"w": tensors["w"].float()}, bin=True)
+    assert torch.equal(xp.read(pickled, "w", "float32"), tensors["w"].float())
+    assert list(xp.slots) == [0]
+
+
+@pytest.mark.parametrize("backend", ["Numpy", "Torch"])
+def test_integer_tensors_must_agree_between_inputs(backend, tmp_path, monkeypatch):
+    """A non-float tensor is copied when the inputs agree and refused when they differ, on either
+    back end (`equal`); float tensors are merged."""
+    from llmctl.core.merge import merge, parse_recipe, run
+    from llmctl.errors import CheckpointError
+
+    monkeypatch.setattr(run, "backend_for", lambda plan: getattr(arrays, backend)())
+    monkeypatch.chdir(tmp_path)
+    ones = torch.ones(4, dtype=torch.bfloat16)
+    for name, scale, ids in (("a", 1, [1, 2, 3]), ("b", 2, [1, 2, 3]), ("c", 1, [1, 2, 4])):
+        _checkpoint(tmp_path / name, {"model.norm.weight": ones * scale, "model.ids": torch.tensor(ids)})
+
+    def recipe(*names):
+        return parse_recipe({"merge_method": "linear", "models": [{"model": n, "parameters": {"weight": 1}} for n in names]})
+
+    merge(recipe("a", "b"), "out")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["model.ids"], torch.tensor([1, 2, 3]))
+    assert torch.equal(out["model.norm.weight"], ones * 1.5)
+    with pytest.raises(CheckpointError, match="'model.ids': a non-floating tensor differs between inputs"):
+        merge(recipe("a", "c"), "out2")
+    xp = getattr(arrays, backend)()
+    a, b = np.arange(6).reshape(2, 3), np.arange(6).reshape(2, 3)
+    if backend == "Torch":
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+    assert xp.equal(a, b) is True
+    b[1, 2] = 7
+    assert xp.equal(a, b) is False and xp.equal(b, a) is False
+
+
+def test_a_float8_job_runs_on_torch():
+    """numpy has no float8: a plan with a float8 input or output gets the torch back end."""
+    def plan(*dtypes):
+        job = types.SimpleNamespace(dtype=dtypes[0], input_dtypes=dtypes[1:])
+        return types.SimpleNamespace(method=types.SimpleNamespace(arrays=True), vocabulary=None, jobs=[job],
+                                     checkpoints={"a": types.SimpleNamespace(weights_format="safetensors")})
+
+    assert isinstance(arrays.backend_for(plan("bfloat16", "float16", "float32")), arrays.Numpy)
+    assert isinstance(arrays.backend_for(plan("float8_e4m3fn", "float32", "float32")), arrays.Torch)
+    assert isinstance(arrays.backend_for(plan("float32", "float32", "float8_e5m2")), arrays.Torch)
