@@ -331,3 +331,26 @@ def test_a_float8_job_runs_on_torch():
     assert isinstance(arrays.backend_for(plan("bfloat16", "float16", "float32")), arrays.Numpy)
     assert isinstance(arrays.backend_for(plan("float8_e4m3fn", "float32", "float32")), arrays.Torch)
     assert isinstance(arrays.backend_for(plan("float32", "float32", "float8_e5m2")), arrays.Torch)
+
+
+@pytest.mark.parametrize("backend", ["Numpy", "Torch"])
+def test_writes_survive_partial_pwrites(backend, tmp_path, monkeypatch):
+    """Each back end hands the writer a byte view: when `pwrite` writes only part of a buffer
+    (as Linux does past 2 GiB), the rest resumes at the right byte."""
+    import os
+
+    from llmctl.core.checkpoint import CheckpointWriter
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {"w": torch.randn(3, 5, 7, generator=g), "h": torch.randn(6, 9, generator=g).to(torch.bfloat16)}
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: pwrite(fd, bytes(memoryview(data).cast("B")[:5]), offset))
+    xp = getattr(arrays, backend)()
+    layout = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors.items()}
+    with CheckpointWriter(tmp_path / "out", layout) as writer:
+        for name, (_, dtype) in layout.items():
+            xp.write(writer, name, tensors[name] if backend == "Torch" else _as_numpy(tensors[name]), dtype)
+        writer.finish({"model_type": "llama"})
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
