@@ -354,3 +354,196 @@ def test_writes_survive_partial_pwrites(backend, tmp_path, monkeypatch):
     got = load_file(tmp_path / "out" / "model.safetensors")
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+# --- AWQ ---------------------------------------------------------------------------------------
+
+ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+LINEARS = [*ATTN, "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def _awq_model(**kw):
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, **kw))
+
+
+def _producers(block, linears):
+    from llmctl.core.quant import awq
+
+    names = {id(m): n for n, m in block.named_modules()}
+    return [(None if p is None else names[id(p)], g) for p, g in awq._groups(block, linears)]
+
+
+@pytest.mark.parametrize("kw, mlp, producers", [
+    ({}, ["mlp.gate_proj", "mlp.up_proj"], ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"]),
+    ({"norm_placement": "post"}, ["mlp.gate_proj", "mlp.up_proj"], [None, "self_attn.v_proj", None, "mlp.up_proj"]),
+    ({"num_kv_heads": 2}, ["mlp.gate_proj", "mlp.up_proj"], ["input_layernorm", None, "post_attention_layernorm", "mlp.up_proj"]),
+    ({"mlp": "gelu", "norm": "layernorm"}, ["mlp.up_proj"], ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", None]),
+])
+def test_awq_groups_are_autoawqs_llama_mapping(kw, mlp, producers):
+    """AutoAWQ's mapping: the attention norm scales q/k/v, v scales o when their shapes match (not
+    under GQA), the feed-forward norm scales gate/up, up scales down in a gated MLP (without a
+    gate, up's output goes through the activation, which 1/s does not pass); a post-norm block's
+    norms come after the sublayer, so nothing folds into them. An ignored linear is neither scaled nor
+    folded into (it stays bit for bit); MoE experts stand alone."""
+    model = _awq_model(**kw)
+    block = model.model.layers[0]
+    linears = [*ATTN, "self_attn.o_proj", *mlp, "mlp.down_proj"]
+    groups = [ATTN, ["self_attn.o_proj"], mlp, ["mlp.down_proj"]]
+    assert _producers(block, linears) == list(zip(producers, groups))
+    some = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]  # k, o and up ignored
+    assert _producers(block, some) == [(producers[0], ["self_attn.q_proj", "self_attn.v_proj"]), (None, ["mlp.down_proj"])]
+    moe = _awq_model(num_experts=2, experts_per_token=1).model.layers[0]
+    experts = [n for n, m in moe.named_modules() if isinstance(m, torch.nn.Linear) and ".experts." in n]
+    assert _producers(moe, [*ATTN, *experts]) == [("input_layernorm", ATTN), *((None, [e]) for e in experts)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"norm": "gemma_rmsnorm", "qkv_bias": True, "mlp_bias": True},
+                                {"mlp": "gelu", "norm": "layernorm", "qkv_bias": True}, {"num_kv_heads": 2}])
+def test_awq_fold_keeps_the_float_model(kw):
+    """Folding 1/s into each producer (a norm's weight — Gemma's stored as scale − 1 — its bias, a
+    linear's rows and bias) and s into the group's columns leaves the model's logits unchanged."""
+    from llmctl.core.quant import awq
+
+    model = _awq_model(**kw)
+    block = model.model.layers[0]
+    linears = [n for n in LINEARS if n in dict(block.named_modules())]
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in block.modules():  # non-trivial norm weights and biases
+            for name in ("weight", "bias"):
+                if isinstance(m, torch.nn.Module) and not isinstance(m, torch.nn.Linear) and getattr(m, name, None) is not None:
+                    getattr(m, name).normal_(0.5, 0.2, generator=g)
+        before = model(ids).logits
+        folded = 0
+        for producer, group in awq._groups(block, linears):
+            if producer is None:
+                continue
+            s = torch.rand(block.get_submodule(group[0]).in_features, generator=g) + 0.5
+            awq._fold(producer, s)
+            for p in group:
+                block.get_submodule(p).weight.mul_(s)
+            folded += 1
+        after = model(ids).logits
+    assert folded >= 3
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_scales_are_autoawqs():
+    """`scales` is AutoAWQ's / llm-compressor's formula (transcribed): duo and activation-only."""
+    from llmctl.core.quant import awq
+
+    g = torch.Generator().manual_seed(7)
+    x_mean, w_mean = torch.rand(32, generator=g) * 3, torch.rand(32, generator=g)
+    x_mean[3] = 0.0
+    for alpha in (0.0, 0.25, 0.5, 0.9):
+        duo = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+        plain = x_mean.pow(alpha).clamp(min=1e-4)
+        for ours, theirs in ((awq.scales(x_mean, w_mean, alpha), duo), (awq.scales(x_mean, w_mean, alpha, duo=False), plain)):
+            torch.testing.assert_close(ours, theirs / (theirs.max() * theirs.min()).sqrt(), rtol=1e-6, atol=0)
+
+
+def test_awq_applies_the_winning_scale_even_at_alpha_0():
+    """With duo scaling α = 0 gives s ∝ 1/(mean|ŵ| + 1e-4), not 1: when it wins (grid=1: the only
+    point), AutoAWQ and llm-compressor apply it; without duo, α = 0 is s = 1 (None: no scaling)."""
+    from llmctl.core.quant import awq
+    from llmctl.core.quant.config import AWQConfig
+    from llmctl.core.quant.scheme import Scheme
+
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g)
+    linear = torch.nn.Linear(32, 16, bias=False)
+    linear.weight.data = w
+    scheme, x_mean = Scheme(bits=4, group_size=16), x.abs().mean(0)
+    calls = [((x,), {}, x @ w.T)]
+    with torch.no_grad():
+        s = awq.search_scale(linear, calls, [linear], x_mean, scheme, AWQConfig(grid=1))
+        g_abs = w.reshape(-1, 16).abs()
+        w_mean = (g_abs / (g_abs.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+        assert s is not None and torch.equal(s, awq.scales(x_mean, w_mean, 0.0))
+        assert awq.search_scale(linear, calls, [linear], x_mean, scheme, AWQConfig(grid=1, duo_scaling=False)) is None
+
+
+def test_awq_module_error_is_the_mean_squared_output_difference():
+    """Summed over calls of different sizes, divided by all their elements; the call's keyword
+    arguments reach the module; a module returning a tensor (not a tuple) is read whole."""
+    from llmctl.core.quant import awq
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3, bias=False)
+
+        def forward(self, x, *, gain=1.0):
+            return self.proj(x) * gain
+
+    m = Scaled()
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(2, 4, generator=g), torch.randn(5, 4, generator=g)]
+    with torch.no_grad():
+        calls = [((x,), {"gain": 3.0}, m(x, gain=3.0)) for x in xs]
+        other = torch.randn(3, 4, generator=g)
+        got = awq.module_error(m, calls, [m.proj], [other])
+        want = sum(((x @ other.T) * 3 - ref).pow(2).sum() for (x,), _, ref in calls) / 21
+    assert got == pytest.approx(want.item(), rel=1e-5)
+    assert awq.module_error(m, [], [m.proj], [other]) == 0.0
+
+
+def test_awq_parent_is_the_lowest_common_module():
+    from llmctl.core.quant import awq
+
+    block = _awq_model().model.layers[0]
+    moe = _awq_model(num_experts=2, experts_per_token=1).model.layers[0]
+    assert awq._parent(block, ATTN) is block.self_attn
+    assert awq._parent(block, ["mlp.gate_proj", "mlp.up_proj"]) is block.mlp
+    assert awq._parent(block, ["mlp.down_proj"]) is block.mlp.down_proj
+    assert awq._parent(moe, ["mlp.experts.1.gate_proj", "mlp.experts.1.up_proj"]) is moe.mlp.experts[1]
+
+
+def test_awq_block_hands_over_the_inputs_the_folded_model_gives():
+    """After `awq_block` the float model is unchanged and scaled (its norms folded); each linear is
+    handed its round-to-nearest weight and the Hessian 2XᵀX/n of the inputs the folded model now
+    gives it. An MoE expert no token reached is skipped, the routed one after it is not."""
+    from conftest import unrouted_moe
+
+    from llmctl.core.quant import awq
+    from llmctl.core.quant.config import AWQConfig
+    from llmctl.core.quant.scheme import Scheme
+
+    model = _awq_model()
+    block = model.model.layers[0]
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(10))
+    scheme, got = Scheme(bits=4, group_size=16), {}
+    with torch.no_grad():
+        before, norm = model(ids).logits, block.input_layernorm.weight.clone()
+        awq.awq_block(block, LINEARS, lambda: model(ids), lambda p, q, h: got.__setitem__(p, (q, h)), scheme,
+                      AWQConfig(grid=4, clip=False))
+        seen = {}
+        hooks = [block.get_submodule(p).register_forward_pre_hook(
+            lambda m, a, p=p: seen.__setitem__(p, a[0].reshape(-1, a[0].shape[-1]).float())) for p in LINEARS]
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+        for h in hooks:
+            h.remove()
+    assert not torch.equal(block.input_layernorm.weight, norm) and sorted(got) == sorted(LINEARS)
+    for p, (q, h) in got.items():
+        x = seen[p]
+        torch.testing.assert_close(h, 2 * x.T @ x / len(x), rtol=1e-4, atol=1e-5)
+        for a, b in zip(q, scheme.nearest(block.get_submodule(p).weight)):
+            assert torch.equal(a, b), p
+
+    class LastExpert(torch.nn.Module):
+        def forward(self, h):
+            return torch.tensor([0.0, 0.0, 0.0, 10.0]).expand(*h.shape[:-1], 4)
+
+    moe = unrouted_moe()
+    layer = moe.model.layers[0]
+    layer.mlp.gate = LastExpert()
+    names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    put = []
+    with torch.no_grad():
+        awq.awq_block(layer, names, lambda: moe(ids), lambda p, q, h: put.append(p), scheme, AWQConfig(grid=2))
+    assert sorted(put) == sorted([*ATTN, "self_attn.o_proj", *(f"mlp.experts.3.{n}" for n in ("gate_proj", "up_proj", "down_proj"))])

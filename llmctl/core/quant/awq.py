@@ -2,7 +2,7 @@
 scale into the operation that produces those inputs, then search each group's clipping range.
 
 For a set of linears sharing an input X (q/k/v after the attention norm, gate/up after the
-feed-forward norm, o after v, down after up) the per-channel scale is
+feed-forward norm, o after v, down after a gated MLP's up) the per-channel scale is
 s = mean|x|^α / (mean|ŵ|^(1−α) + 1e-4) (ŵ: weights normalised per group), normalised so that
 max(s)·min(s) = 1, with α ∈ {0, 1/grid, …} chosen, as AutoAWQ and llm-compressor do, by the mean
 squared error at the output of the module the set feeds — the attention for q/k/v, the MLP for
@@ -48,8 +48,9 @@ def _groups(block: nn.Module, linears: list[str]) -> list[tuple[nn.Module | None
         norm = block.post_attention_layernorm
         out.append((norm if pre and scalable(norm) else None, mlp))
     up, down = get("mlp.up_proj"), get("mlp.down_proj")
-    if down is not None:
-        out.append((up if isinstance(up, nn.Linear) else None, ["mlp.down_proj"]))
+    if down is not None:  # up's output reaches down linearly only through a gate's product
+        gated = isinstance(up, nn.Linear) and getattr(block.mlp, "gated", False)
+        out.append((up if gated else None, ["mlp.down_proj"]))
     grouped = {p for _, ps in out for p in ps}
     return out + [(None, [p]) for p in linears if p not in grouped]  # MoE experts, other layouts
 
@@ -107,7 +108,8 @@ def search_scale(module: nn.Module, calls: list[tuple], linears: list[nn.Module]
                  scheme: Scheme, cfg: AWQConfig) -> torch.Tensor | None:
     """The per-input-channel scale whose rounded weights Q(W·s)/s, all of `linears` at once, give
     the least error at the output of `module` (the attention, the MLP, or the linear itself),
-    or None when α = 0 (no scaling) wins."""
+    or None when α = 0 wins without duo scaling (s = 1). With it, α = 0 gives s ∝ 1/mean|ŵ|, which
+    is applied when it wins, as AutoAWQ and llm-compressor do."""
     weights = [m.weight.float() for m in linears]
     w = torch.cat(weights)
     g = w.reshape(-1, scheme.width(w.shape[1])).abs()
@@ -117,7 +119,7 @@ def search_scale(module: nn.Module, calls: list[tuple], linears: list[nn.Module]
         s = scales(x_mean, w_mean, r / cfg.grid, cfg.duo_scaling)
         loss = module_error(module, calls, linears, [scheme.fake(wi * s) / s for wi in weights])
         if loss < best_loss:
-            best, best_loss = (None if r == 0 else s), loss
+            best, best_loss = (None if r == 0 and not cfg.duo_scaling else s), loss  # s = 1 there
     return best
 
 
