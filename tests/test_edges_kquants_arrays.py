@@ -547,3 +547,57 @@ def test_awq_block_hands_over_the_inputs_the_folded_model_gives():
     with torch.no_grad():
         awq.awq_block(layer, names, lambda: moe(ids), lambda p, q, h: put.append(p), scheme, AWQConfig(grid=2))
     assert sorted(put) == sorted([*ATTN, "self_attn.o_proj", *(f"mlp.experts.3.{n}" for n in ("gate_proj", "up_proj", "down_proj"))])
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_awq_clip_search_is_autoawqs(sym):
+    """`search_clip` equals AutoAWQ's `_search_best_clip` (transcribed: per output row and group,
+    the shrink of the group's max |w| with the least mean squared error of x_g·Q(w_g)), strict `<`."""
+    from llmctl.core.quant import awq
+    from llmctl.core.quant.config import AWQConfig
+    from llmctl.core.quant.scheme import Scheme
+
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(40, 64, generator=g), torch.randn(12, 64, generator=g)
+    w[:, 5] *= 6  # an outlier column worth clipping around
+    scheme, cfg = Scheme(bits=4, group_size=16, symmetric=sym), AWQConfig(clip_grid=8, max_shrink=0.5)
+    got = awq.search_clip(x, w, scheme, cfg)
+    # AutoAWQ: w [O, 1, G, k], input [1, n, G, k]
+    wg, xg = w.reshape(12, 1, 4, 16), x.reshape(1, 40, 4, 16)
+    org_out = (xg * wg).sum(-1)                                  # [O, n, G]
+    org_max = wg.abs().amax(-1, keepdim=True)                     # [O, 1, G, 1]
+    best_max, min_errs = org_max.clone(), torch.full_like(org_max, float("inf"))
+    for i_s in range(int(cfg.max_shrink * cfg.clip_grid)):
+        max_val = org_max * (1 - i_s / cfg.clip_grid)
+        q_w = scheme.fake(torch.clamp(wg, -max_val, max_val).reshape(12, 64)).reshape(wg.shape)
+        err = ((xg * q_w).sum(-1) - org_out).pow(2).mean(1).view(min_errs.shape)
+        better = err < min_errs
+        min_errs[better], best_max[better] = err[better], max_val[better]
+    want = torch.clamp(wg, -best_max, best_max).reshape(12, 64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert not torch.equal(got, w)
+
+
+def test_awq_block_clips_all_but_q_and_k_and_ignores_the_global_rng():
+    """With clipping on, q_proj and k_proj are handed their unclipped rounding (AutoAWQ leaves them),
+    the others a clipped one; the rows the clip search samples come from awq_block's own seeded
+    generator, so the result does not depend on torch's global random state."""
+    from llmctl.core.quant import awq
+    from llmctl.core.quant.config import AWQConfig
+    from llmctl.core.quant.scheme import Scheme
+
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(12))
+    scheme, runs = Scheme(bits=4, group_size=16), []
+    for seed in (1, 2):
+        model = _awq_model()
+        block, got = model.model.layers[0], {}
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            awq.awq_block(block, LINEARS, lambda: model(ids), lambda p, q, h: got.__setitem__(p, q), scheme,
+                          AWQConfig(grid=2, clip_grid=8, clip_tokens=8))
+        unclipped = {p: scheme.nearest(block.get_submodule(p).weight) for p in LINEARS}
+        same = {p for p in LINEARS if all(torch.equal(a, b) for a, b in zip(got[p], unclipped[p]))}
+        assert {"self_attn.q_proj", "self_attn.k_proj"} <= same and len(same) < len(LINEARS)
+        runs.append(got)
+    for p in LINEARS:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][p], runs[1][p])), p
