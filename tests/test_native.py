@@ -22,9 +22,9 @@ needs = pytest.mark.skipif(native.ops() is None or not native.has(native.VNNI | 
                            reason="no C++ compiler or no AVX-512 (F, BF16, VNNI) here")
 
 
-def quantized_input(x: torch.Tensor) -> torch.Tensor:
-    """x as mv_quant sees it: int8 per block of 64 values, scale max|x| / 127, back to float."""
-    blocks = x.float().reshape(-1, native.QBLOCK)
+def quantized_input(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x as mv_quant sees it: int8 per block of 512 / bits values, scale max|x| / 127, back to float."""
+    blocks = x.float().reshape(-1, native.block_of(bits))
     d = blocks.abs().amax(1, keepdim=True) / 127
     return (torch.round(blocks / torch.where(d > 0, d, 1)) * d).reshape(x.shape)
 
@@ -48,7 +48,7 @@ def test_bfloat16_product_sums_in_float32():
 
 @needs
 @pytest.mark.parametrize("scheme", [Scheme(8), Scheme(8, 128, symmetric=False), Scheme(4, 128),
-                                    Scheme(4, 64, symmetric=False), Scheme(4)])
+                                    Scheme(4, 256, symmetric=False), Scheme(4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_product_equals_the_dequantized_one_on_the_rounded_input(scheme, dtype):
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def test_quantized_product_equals_the_dequantized_one_on_the_rounded_input(schem
     with torch.no_grad():
         y = module(x)
     assert [name for name, _ in module.kernels.values()] == ["native"] and y.shape == (1, 1, 132)
-    expected = F.linear(quantized_input(x), module.dequantize(torch.float32), linear.bias.detach())
+    expected = F.linear(quantized_input(x, scheme.bits), module.dequantize(torch.float32), linear.bias.detach())
     tol = 8e-3 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(y.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     exact = F.linear(x.float(), module.dequantize(torch.float32), linear.bias.detach())
@@ -68,7 +68,7 @@ def test_quantized_product_equals_the_dequantized_one_on_the_rounded_input(schem
 
 @needs
 def test_decoding_rows_and_batches_keep_their_own_kernels():
-    module = PackedLinear.from_linear(torch.nn.Linear(128, 64), Scheme(4, 64))
+    module = PackedLinear.from_linear(torch.nn.Linear(128, 64), Scheme(4, 128))
     with torch.no_grad():
         for _ in range(2):
             module(torch.randn(3, 128, dtype=torch.bfloat16))  # prefill: torch's int4 kernel
@@ -77,7 +77,7 @@ def test_decoding_rows_and_batches_keep_their_own_kernels():
 
 
 @pytest.mark.parametrize("in_features,out_features,scheme", [(96, 8, Scheme(8)), (192, 8, Scheme(4)),
-                                                             (256, 8, Scheme(4, 32)), (128, 6, Scheme(8))])
+                                                             (256, 8, Scheme(4, 64)), (128, 6, Scheme(8))])
 def test_shapes_the_kernel_does_not_take_go_to_torch(in_features, out_features, scheme):
     module = PackedLinear.from_linear(torch.nn.Linear(in_features, out_features), scheme)
     with torch.no_grad():
@@ -117,7 +117,7 @@ def base(tmp_path_factory):
 
 
 @needs
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 64)])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 128)])
 def test_native_decoding_compiled_equals_eager(base, tmp_path, bits, group):
     model, _ = load_model(base)
     quantize_model(model, QuantizeConfig(method=f"int{bits}", bits=bits, group_size=group))

@@ -3,7 +3,8 @@
 torch's CPU matrix-vector products read the weights at 40–55 % of this machine's bandwidth and its
 int8/int4 kernels at less; at batch 1 decoding is nothing but those products. The kernels here
 stream each weight once: float32 with FMA, bfloat16 with vdpbf16ps, and int8/int4 as integer dot
-products (vpdpbusd) against the input quantized per 64 values — what llama.cpp's q8_0/q4_0 do.
+products (vpdpbusd) against the input quantized per block of 64 (int8) or 128 (int4) values —
+what llama.cpp's q8_0/q4_0 do with blocks of 32.
 
 `ops()` compiles `matvec.cpp` with the local C++ compiler and `-march=native` into
 `~/.cache/llmctl/native/<key>` the first time it is needed (10–30 s; the key covers the source,
@@ -22,7 +23,11 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("matvec.cpp")
 F32, BF16, VNNI = 1, 2, 4  # llmctl::capabilities bits
-QBLOCK = 64  # inputs per activation scale in mv_quant
+
+
+def block_of(bits: int) -> int:
+    """Inputs per activation scale in mv_quant: those whose weights fill 64 bytes (int8 64, int4 128)."""
+    return 512 // bits
 
 
 def _cpu_flags() -> str:

@@ -2,8 +2,9 @@
 //
 // llmctl::mv_float   float32 or bfloat16 W and x (AVX-512 FMA / AVX512-BF16 vdpbf16ps), float32 sums
 // llmctl::mv_quant   int8 or int4 W as unsigned integers u with per-group scale s and offset z
-//                    (w = s · (u − z)); x is quantized per block of 64 inputs to int8 with its
-//                    own scale d, and u · q(x) runs as AVX512-VNNI integer dot products (vpdpbusd)
+//                    (w = s · (u − z)); x is quantized per block (64 inputs for int8, 128 for
+//                    int4: one 64-byte load of weights) to int8 with its own scale d, and u · q(x)
+//                    runs as AVX512-VNNI integer dot products (vpdpbusd)
 //
 // Each thread takes a contiguous range of rows, four rows at a time so every load of x feeds four
 // products. Threads come from ATen's pool (at::parallel_for), so torch.set_num_threads holds.
@@ -21,7 +22,8 @@
 
 namespace {
 
-constexpr int64_t QBLOCK = 64;  // inputs per activation scale; one 512-bit vpdpbusd
+// inputs per activation scale: those whose weights fill 64 bytes (one 512-bit load)
+constexpr int64_t block_of(int64_t bits) { return 512 / bits; }
 constexpr int64_t ROWS = 4;     // rows per step
 
 enum Capability : int64_t { F32 = 1, BF16 = 2, VNNI = 4 };
@@ -92,12 +94,12 @@ struct Bf16Rows {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 // Unsigned BITS-bit weights, `group` inputs per (scale, offset). int8: one byte per input.
-// int4: each 128 inputs are 64 bytes, byte j holding input j (low nibble) and 64 + j (high).
+// int4: each block of 128 inputs is 64 bytes, byte j holding input j (low nibble) and 64 + j (high).
 // Rows come in fours, their 64-byte pieces interleaved ([N / 4, K·bits / 512, 4, 64]), so that
 // each step reads one sequential stream.
 struct QuantArgs {
   const uint8_t* W; const int8_t* qx; const float* d; const float* xsum;
-  const int32_t* ends;  // per block of 64 inputs: the group it ends, or -1
+  const int32_t* ends;  // per block: the group it ends, or -1
   const float* scale; const float* zero; const float* bias; float* y;
   int64_t K, groups;
 };
@@ -110,14 +112,24 @@ struct QuantRows : QuantArgs {  // N % ROWS == 0 (checked): never a tail of sing
     __m512 acc[R], group_acc[R];
     float correction[R];
     for (int r = 0; r < R; ++r) { acc[r] = group_acc[r] = _mm512_setzero_ps(); correction[r] = 0.f; }
-    // one block of 64 inputs: integer dots, scaled by the block's d; at a group's end, its s and z
-    auto block = [&](int64_t b, const __m512i* wv) {
-      const __m512i xv = _mm512_loadu_si512(qx + b * QBLOCK);
-      const __m512 db = _mm512_set1_ps(d[b]);
-      for (int r = 0; r < R; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv);
-        group_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), db, group_acc[r]);
+    const uint8_t* rows = W + n * row_bytes;  // ROWS rows interleaved per 64 bytes: one stream
+    for (int64_t b = 0; b < row_bytes / 64; ++b) {  // 64 bytes of each row: one block of inputs
+      _mm_prefetch(reinterpret_cast<const char*>(rows + (b + 16) * 64 * ROWS), _MM_HINT_T0);
+      __m512i dot[R];  // Σ u · q(x) over the block, 16 partial sums
+      if constexpr (BITS == 8) {
+        const __m512i xv = _mm512_loadu_si512(qx + b * 64);
+        for (int r = 0; r < R; ++r)
+          dot[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(rows + (b * ROWS + r) * 64), xv);
+      } else {  // low nibbles: inputs 0–63 of the block, high nibbles: 64–127
+        const __m512i xlo = _mm512_loadu_si512(qx + b * 128), xhi = _mm512_loadu_si512(qx + b * 128 + 64);
+        for (int r = 0; r < R; ++r) {
+          const __m512i wv = _mm512_loadu_si512(rows + (b * ROWS + r) * 64);
+          dot[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(wv, low), xlo),
+                                       _mm512_and_si512(_mm512_srli_epi16(wv, 4), low), xhi);
+        }
       }
+      const __m512 db = _mm512_set1_ps(d[b]);
+      for (int r = 0; r < R; ++r) group_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), db, group_acc[r]);
       const int64_t g = ends[b];
       if (g >= 0) {  // Σ s·(u − z)·x = s·(Σ u·x − z·Σ x)
         for (int r = 0; r < R; ++r) {
@@ -126,23 +138,6 @@ struct QuantRows : QuantArgs {  // N % ROWS == 0 (checked): never a tail of sing
           correction[r] += s * zero[(n + r) * groups + g] * xsum[g];
           group_acc[r] = _mm512_setzero_ps();
         }
-      }
-    };
-    const uint8_t* rows = W + n * row_bytes;  // ROWS rows interleaved per 64 bytes: one stream
-    for (int64_t c = 0; c < row_bytes; c += 64) {  // 64 bytes of each row: one block (int8) or two (int4)
-      __m512i wv[R];
-      _mm_prefetch(reinterpret_cast<const char*>(rows + (c + 1024) * ROWS), _MM_HINT_T0);
-      for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(rows + c * ROWS + r * 64);
-      if constexpr (BITS == 8) {
-        block(c / QBLOCK, wv);
-      } else {
-        __m512i lo[R], hi[R];
-        for (int r = 0; r < R; ++r) {
-          lo[r] = _mm512_and_si512(wv[r], low);
-          hi[r] = _mm512_and_si512(_mm512_srli_epi16(wv[r], 4), low);
-        }
-        block(2 * c / QBLOCK, lo);
-        block(2 * c / QBLOCK + 1, hi);
       }
     }
     for (int r = 0; r < R; ++r)
@@ -183,24 +178,24 @@ inline __m512 load16(const at::BFloat16* p) {  // bf16 → float32: the 16 bits 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// x quantized per block of 64: q = round(x / d), d = max|x| / 127 (all-zero blocks: d = 0, q = 0);
+// x quantized per BLOCK inputs: q = round(x / d), d = max|x| / 127 (all-zero blocks: d = 0, q = 0);
 // sums[b] = Σ q over the block
-template <typename T>
+template <int64_t BLOCK, typename T>
 void quantize_input(const T* x, int64_t K, int8_t* q, float* d, int32_t* sums) {
-  for (int64_t b = 0; b < K / QBLOCK; ++b) {
-    __m512 v[QBLOCK / 16], amax = _mm512_setzero_ps();
-    for (int i = 0; i < QBLOCK / 16; ++i) {
-      v[i] = load16(x + b * QBLOCK + 16 * i);
+  for (int64_t b = 0; b < K / BLOCK; ++b) {
+    __m512 v[BLOCK / 16], amax = _mm512_setzero_ps();
+    for (int i = 0; i < BLOCK / 16; ++i) {
+      v[i] = load16(x + b * BLOCK + 16 * i);
       amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
     }
     const float db = _mm512_reduce_max_ps(amax) / 127.f;
     d[b] = db;
     sums[b] = 0;
-    for (int i = 0; i < QBLOCK / 16; ++i) {
+    for (int i = 0; i < BLOCK / 16; ++i) {
       const __m512i qi = db > 0.f ? _mm512_cvtps_epi32(_mm512_div_ps(v[i], _mm512_set1_ps(db)))  // nearest even
                                   : _mm512_setzero_si512();
       sums[b] += _mm512_reduce_add_epi32(qi);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * QBLOCK + 16 * i), _mm512_cvtsepi32_epi8(qi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * BLOCK + 16 * i), _mm512_cvtsepi32_epi8(qi));
     }
   }
 }
@@ -214,9 +209,9 @@ at::Tensor mv_quant(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   check(x.numel() == K && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
         "x must be one contiguous float32 or bfloat16 row");
   check(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be uint8 [N, K·bits/8]");
-  check(w.size(1) * 8 == K * bits && K % (bits == 4 ? 2 * QBLOCK : QBLOCK) == 0 && N % ROWS == 0,
-        "K and N must fit the packing");
-  check(K % groups == 0 && (K / groups) % QBLOCK == 0, "group size must be a multiple of 64");
+  const int64_t block = block_of(bits);
+  check(w.size(1) * 8 == K * bits && K % block == 0 && N % ROWS == 0, "K and N must fit the packing");
+  check(K % groups == 0 && (K / groups) % block == 0, "group size must be a multiple of the block");
   check(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kFloat && scale.is_contiguous()
         && zero.is_contiguous() && scale.size(0) == N && zero.sizes() == scale.sizes(), "float32 scale/zero [N, G]");
   check(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
@@ -225,12 +220,16 @@ at::Tensor mv_quant(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  const int64_t blocks = K / QBLOCK, per_group = K / groups / QBLOCK;
+  const int64_t blocks = K / block, per_group = K / groups / block;
   std::vector<int8_t> qx(K);
   std::vector<float> d(blocks), xsum(groups, 0.f), y(x.scalar_type() == at::kFloat ? 0 : N);
   std::vector<int32_t> sums(blocks), ends(blocks, -1);
-  if (x.scalar_type() == at::kFloat) quantize_input(x.data_ptr<float>(), K, qx.data(), d.data(), sums.data());
-  else quantize_input(x.data_ptr<at::BFloat16>(), K, qx.data(), d.data(), sums.data());
+  auto quantize = [&](auto* xp) {
+    if (bits == 8) quantize_input<block_of(8)>(xp, K, qx.data(), d.data(), sums.data());
+    else quantize_input<block_of(4)>(xp, K, qx.data(), d.data(), sums.data());
+  };
+  if (x.scalar_type() == at::kFloat) quantize(x.data_ptr<float>());
+  else quantize(x.data_ptr<at::BFloat16>());
   for (int64_t b = 0; b < blocks; ++b) {  // xsum[g] = Σ over the group of d · q; ends: where groups end
     xsum[b / per_group] += d[b] * static_cast<float>(sums[b]);
     if ((b + 1) % per_group == 0) ends[b] = static_cast<int32_t>(b / per_group);

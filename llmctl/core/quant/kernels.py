@@ -2,8 +2,9 @@
 else the weight dequantized.
 
     int8/int4, one input row, CPU  llmctl::mv_quant (core/native, AVX512-VNNI): integer dot
-    (decoding)                     products against the input quantized per 64 values, as
-                                   llama.cpp's q8_0/q4_0; groups a multiple of 64
+    (decoding)                     products against the input quantized per 64 (int8) or 128
+                                   (int4) values, as llama.cpp's q8_0/q4_0 per 32; groups a
+                                   multiple of that block
     int8, symmetric, per channel   aten._weight_int8pack_mm (CPU, CUDA), 16-bit inputs
     int4, CPU, bf16/f16 inputs     aten._weight_int4pack_mm_for_cpu: tiles from
                                    _convert_weight_to_int4pack_for_cpu, groups of 32–256
@@ -16,8 +17,8 @@ torch 2.13's CPU int8/int4 kernels are fast only for 16-bit inputs: with float32
 take a reference path 60–200× slower than the float32 matrix-vector product (measured on a
 768×2048 layer), so float32 batches (prefill) run on a dequantized copy (exact, float32's memory)
 and the fused kernels serve `--dtype bfloat16`/`float16`. The native kernel takes one row of
-either dtype; its input rounding (about 0.4 % of each block's largest value) is what a bf16
-input already costs.
+either dtype; its input rounding (at most 0.4 % of each block's largest value) is about what a
+bf16 input already costs.
 
 The kernels compute w = (u − 8) · s + z on unsigned nibbles u = q + 8, so our (q − zero) · scale
 becomes s = scale, z = −zero · scale. A per-channel int4 scale is repeated over groups of the
@@ -106,14 +107,12 @@ def _dense(module, x: torch.Tensor) -> Kernel | None:
 
 
 def _native(module, x: torch.Tensor) -> Kernel | None:
-    """One input row on CPU: llmctl's VNNI kernel (`core/native`), the input quantized per 64 values."""
+    """One input row on CPU: llmctl's VNNI kernel (`core/native`), the input quantized per block."""
     from llmctl.core import native
 
     s, K = module.scheme, module.in_features
-    group = s.group_size or K
-    if x.device.type != "cpu" or x.numel() != K or s.bits not in (4, 8) or K % (native.QBLOCK * 8 // s.bits) \
-            or module.out_features % 4 \
-            or group % native.QBLOCK or not native.has(native.VNNI):
+    if x.device.type != "cpu" or x.numel() != K or s.bits not in (4, 8) or module.out_features % 4 \
+            or (s.group_size or K) % native.block_of(s.bits) or not native.has(native.VNNI):
         return None
     scale, zero, q = module.integers()
     low = -(1 << (s.bits - 1))
