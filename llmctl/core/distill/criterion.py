@@ -97,10 +97,8 @@ def default_layer_map(student_layers: int, teacher_layers: int) -> list[tuple[in
 
 
 class Projections(nn.ModuleList):
-    """One linear map per layer-map pair from the student's width to the teacher's (identity
-    when they are equal): trained with the student, kept in the training state, never exported."""
+    """One linear map per layer-map pair from the student's width to the teacher's (only when they
+    differ): trained with the student, kept in the training state, never exported."""
 
     def __init__(self, pairs: int, student_width: int, teacher_width: int):
-        make = (lambda: nn.Linear(student_width, teacher_width, bias=False)) if student_width != teacher_width \
-            else nn.Identity
-        super().__init__(make() for _ in range(pairs))
+        super().__init__(nn.Linear(student_width, teacher_width, bias=False) for _ in range(pairs))
