@@ -77,3 +77,50 @@ def test_criterion_refusals_name_what_is_missing():
     ids = torch.zeros(2, 4, 2, dtype=torch.long)
     with pytest.raises(ValueError, match=r"^a hidden-state loss needs the teacher online \(not stored top-k outputs\)$"):
         Criterion({"hidden_mse": 1.0}, layer_map=[(0, 0)])(student, out, labels, topk=(ids, torch.zeros(2, 4, 2)))
+
+
+# -- fused_chunks ---------------------------------------------------------------------------------
+
+
+def _chunked_ce(rows: int, n: int = 5, scale: float = 1.0):
+    """`fused_chunks` over a linear head's cross-entropy (mean over `n` rows, `rows` at a time), scaled
+    by `scale` before the backward pass (as gradient accumulation does): (value, grads, chunks seen)."""
+    from llmctl.core.distill.chunked import fused_chunks
+
+    torch.manual_seed(3)
+    features, head = torch.randn(n, H, requires_grad=True), nn.Linear(H, V, bias=False)
+    targets, seen = torch.randint(0, V, (n,)), []
+
+    def compute(chunk, start, stop):
+        seen.append((start, min(stop, n)))
+        loss = F.cross_entropy(head(chunk), targets[start:stop], reduction="sum") / n
+        return loss, loss.detach()[None]
+
+    total, parts = fused_chunks(compute, features, list(head.parameters()), rows)
+    (total * scale).backward()
+    direct = F.cross_entropy(head(features.detach()), targets) * scale
+    expected = torch.autograd.grad(direct, head.weight)[0]
+    return total, parts, (features.grad, head.weight.grad), (direct, expected), seen
+
+
+def test_fused_chunks_gradient_is_scaled_by_the_upstream_gradient():
+    """A loss scaled after the chunks (1/grad_accum, a loss weight) scales the stored gradients."""
+    total, parts, (_, head_grad), (direct, expected), _ = _chunked_ce(2, scale=0.25)
+    assert (total * 0.25).item() == pytest.approx(direct.item(), rel=1e-6) and parts.item() == pytest.approx(total.item())
+    assert torch.allclose(head_grad, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_fused_chunks_of_one_row_and_one_position(rows):
+    """`rows` 0 or 1 makes one row at a time (no larger chunk); a single position is a batch like any other."""
+    assert _chunked_ce(rows)[-1] == [(i, i + 1) for i in range(5)]
+    total, _, (feature_grad, head_grad), (direct, expected), seen = _chunked_ce(rows, n=1)
+    assert seen == [(0, 1)] and total.item() == pytest.approx(direct.item(), rel=1e-6)
+    assert torch.allclose(head_grad, expected, atol=1e-7) and feature_grad.shape == (1, H)
+
+
+def test_fused_chunks_refuses_no_positions():
+    from llmctl.core.distill.chunked import fused_chunks
+
+    with pytest.raises(ValueError, match="^no positions to compute a loss over$"):
+        fused_chunks(lambda *a: None, torch.zeros(0, H), [], 4)
