@@ -4,6 +4,9 @@ its refusals, and the chunked gradient's edges."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -124,3 +127,136 @@ def test_fused_chunks_refuses_no_positions():
 
     with pytest.raises(ValueError, match="^no positions to compute a loss over$"):
         fused_chunks(lambda *a: None, torch.zeros(0, H), [], 4)
+
+
+# -- strided perplexity ---------------------------------------------------------------------------
+
+from test_eval import TEXT, hf_dir, hf_model, hf_strided_nll, lm, tok  # noqa: E402, F401  (the tiny HF Llama)
+
+
+def _text(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_bytes(text.encode())
+    return path
+
+
+def test_perplexity_defaults_are_the_context_and_half_of_it(lm, hf_model, tok, tmp_path):  # noqa: F811
+    """No --max-length: the model's context (64); no --stride: half the window, at least 1 (the
+    transformers perplexity-guide loop with those windows)."""
+    from llmctl.core.evaluate.perplexity import perplexity
+
+    for text, kwargs, (max_length, stride) in [(TEXT[:300], {}, (64, 32)), (TEXT[:300], {"max_length": 40}, (40, 20)),
+                                               (TEXT[:40], {"max_length": 2}, (2, 1))]:
+        data = _text(tmp_path, "t.txt", text)
+        nll, count = hf_strided_nll(hf_model, tok.encode(text), max_length, stride)
+        result = perplexity(lm, [data], **kwargs)
+        assert result["tokens"] == count and result["nll"] == pytest.approx(nll / count, rel=1e-4), kwargs
+
+
+def test_perplexity_of_several_files_sums_their_windows(lm, hf_model, tok, tmp_path):  # noqa: F811
+    """Each file is windowed on its own (no window spans two files); the NLL, tokens, bytes and words add
+    up, and a batch left over from one file is scored before the next."""
+    from llmctl.core.evaluate.perplexity import perplexity
+
+    texts = [TEXT[:170], "Zürich — naïve café.\r\n" * 3, TEXT[200:260]]
+    paths = [_text(tmp_path, f"{i}.txt", t) for i, t in enumerate(texts)]
+    runs = [hf_strided_nll(hf_model, tok.encode(t), 32, 12) for t in texts]
+    nll, count = sum(n for n, _ in runs), sum(c for _, c in runs)
+    result = perplexity(lm, paths, max_length=32, stride=12)
+    n_bytes, words = sum(len(t.encode()) for t in texts), sum(len(t.split()) for t in texts)
+    assert result["tokens"] == count
+    assert result["nll"] == pytest.approx(nll / count, rel=1e-4)
+    assert result["bits_per_byte"] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-4)
+    assert result["word_perplexity"] == pytest.approx(math.exp(nll / words), rel=1e-4)
+
+
+def test_perplexity_windows_and_files_are_checked_with_their_messages(lm, tmp_path):  # noqa: F811
+    from llmctl.core.evaluate.perplexity import perplexity
+    from llmctl.errors import DataError, UsageError
+
+    data = _text(tmp_path, "t.txt", TEXT[:80])
+    for max_length, stride in [(2, 1), (2, 2), (64, 64), (64, 1)]:  # the bounds allowed
+        assert perplexity(lm, [data], max_length=max_length, stride=stride)["tokens"] > 0
+    for max_length, message in [(1, "--max-length 1: expected 2 … 64 (the model's context)"),
+                                (65, "--max-length 65: expected 2 … 64 (the model's context)")]:
+        with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
+            perplexity(lm, [data], max_length=max_length)
+    for stride in (33, -1):
+        with pytest.raises(UsageError, match=f"^--stride {stride}: expected 1 … --max-length \\(32\\)$"):
+            perplexity(lm, [data], max_length=32, stride=stride)
+    with pytest.raises(UsageError, match="^the perplexity task needs --data FILE$"):
+        perplexity(lm, [])
+    with pytest.raises(DataError, match=f"^data file {re.escape(str(tmp_path / 'no.txt'))}: no such file$"):
+        perplexity(lm, [data, tmp_path / "no.txt"])
+    empty = _text(tmp_path, "e.txt", "")
+    with pytest.raises(DataError, match=f"^no tokens to score in {re.escape(f'{empty}, {empty}')} "
+                                        r"\(empty or a single token\)$"):
+        perplexity(lm, [empty, empty])
+
+
+def test_read_chunks_cuts_before_unindented_lines_once_a_chunk_is_full(tmp_path):
+    """A chunk ends once it holds `chunk_chars` or more, and only before a line that starts with a
+    non-space; the text, CR LF included, comes back unchanged; bytes are UTF-8 bytes; an invalid byte
+    is replaced, not an error."""
+    from llmctl.core.evaluate.perplexity import TextStats, read_chunks
+
+    def chunks(text: str | bytes, size: int):
+        path = tmp_path / "c.txt"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        stats = TextStats()
+        return list(read_chunks(path, stats, size)), (stats.bytes, stats.words)
+
+    assert chunks("abc\nd\n", 4) == (["abc\n", "d\n"], (6, 2))  # full at exactly 4
+    assert chunks("ab\nc\nd\n", 4) == (["ab\nc\n", "d\n"], (7, 3))
+    assert chunks("aaaa\n\n b\n\tc\nd\n", 4) == (["aaaa\n\n b\n\tc\n", "d\n"], (14, 4))
+    assert chunks("é a\r\nb c\r\n", 2) == (["é a\r\n", "b c\r\n"], (11, 4))
+    assert chunks(b"ok \xff bad\n", 100) == (["ok \ufffd bad\n"], (11, 3))
+
+
+def test_exp_saturates_where_float_exp_would_overflow():
+    from llmctl.core.evaluate.perplexity import _exp
+
+    assert _exp(708.9) == math.exp(708.9) and _exp(709.9) == math.inf and _exp(1e6) == math.inf
+    assert _exp(-1.0) == math.exp(-1.0)
+
+
+def test_perplexity_task_reads_data_from_the_working_directory_else_the_task_folder(lm, tmp_path,  # noqa: F811
+                                                                                   monkeypatch):
+    from llmctl.core.evaluate.perplexity import perplexity
+    from llmctl.core.evaluate.tasks import load_task
+
+    (tmp_path / "task").mkdir()
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "task" / "ppl.yaml").write_text("type: perplexity\ndata: [a.txt, b.txt]\nmax_length: 32\n")
+    a, b = _text(tmp_path / "task", "a.txt", TEXT[:90]), _text(tmp_path / "task", "b.txt", TEXT[90:200])
+    cwd_b = _text(tmp_path / "cwd", "b.txt", TEXT[300:330])
+    monkeypatch.chdir(tmp_path / "cwd")
+    result = load_task(str(tmp_path / "task" / "ppl.yaml")).run(lm)
+    assert result == perplexity(lm, [a, cwd_b], max_length=32)  # b.txt: the working directory's
+    assert result != perplexity(lm, [a, b], max_length=32)
+
+
+def test_rolling_task_metrics_are_lm_evals_aggregations(lm, tmp_path):  # noqa: F811
+    """lm-eval's wikitext metrics: `weighted_perplexity` over (log-likelihood, words) and (…, bytes),
+    `bits_per_byte` over (…, bytes); the token perplexity over the documents' tokens."""
+    from lm_eval.api.metrics import bits_per_byte, weighted_perplexity
+
+    from llmctl.core.evaluate.tasks import load_task
+    from llmctl.errors import DataError
+
+    docs = [TEXT[:150], "Zürich — naïve café.", TEXT[150:170]]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    (tmp_path / "wiki.yaml").write_text("type: loglikelihood_rolling\ndataset: {path: docs.jsonl}\n")
+    result = load_task(str(tmp_path / "wiki.yaml")).run(lm)
+    scores = [s.logprob for s in lm.loglikelihood_rolling([lm.encode(d) for d in docs])]
+    tokens = sum(len(lm.encode(d)) for d in docs)
+    words = list(zip(scores, [len(d.split()) for d in docs]))
+    n_bytes = list(zip(scores, [len(d.encode()) for d in docs]))
+    assert result == pytest.approx({
+        "word_perplexity": weighted_perplexity(words), "byte_perplexity": weighted_perplexity(n_bytes),
+        "bits_per_byte": bits_per_byte(n_bytes), "token_perplexity": math.exp(-sum(scores) / tokens),
+        "tokens": tokens, "examples": 3}, rel=1e-6)
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": ""}))
+    (tmp_path / "empty.yaml").write_text("type: loglikelihood_rolling\nname: wiki\ndataset: {path: docs.jsonl}\n")
+    with pytest.raises(DataError, match="^task wiki: the documents are empty$"):
+        load_task(str(tmp_path / "empty.yaml")).run(lm)
