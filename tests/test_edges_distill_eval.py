@@ -78,7 +78,8 @@ def test_criterion_refusals_name_what_is_missing():
     with pytest.raises(ValueError, match="^a logit loss needs the teacher's outputs or its stored top-k$"):
         Criterion({"forward_kl": 1.0})(student, out, labels)
     ids = torch.zeros(2, 4, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"^a hidden-state loss needs the teacher online \(not stored top-k outputs\)$"):
+    hidden = r"^a hidden-state loss needs the teacher online \(not stored top-k outputs\)$"
+    with pytest.raises(ValueError, match=hidden):
         Criterion({"hidden_mse": 1.0}, layer_map=[(0, 0)])(student, out, labels, topk=(ids, torch.zeros(2, 4, 2)))
 
 
@@ -109,7 +110,8 @@ def _chunked_ce(rows: int, n: int = 5, scale: float = 1.0):
 def test_fused_chunks_gradient_is_scaled_by_the_upstream_gradient():
     """A loss scaled after the chunks (1/grad_accum, a loss weight) scales the stored gradients."""
     total, parts, (_, head_grad), (direct, expected), _ = _chunked_ce(2, scale=0.25)
-    assert (total * 0.25).item() == pytest.approx(direct.item(), rel=1e-6) and parts.item() == pytest.approx(total.item())
+    assert (total * 0.25).item() == pytest.approx(direct.item(), rel=1e-6)
+    assert parts.item() == pytest.approx(total.item())
     assert torch.allclose(head_grad, expected, atol=1e-7)
 
 
