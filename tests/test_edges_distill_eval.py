@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -211,6 +212,7 @@ def test_read_chunks_cuts_before_unindented_lines_once_a_chunk_is_full(tmp_path)
     assert chunks("abc\nd\n", 4) == (["abc\n", "d\n"], (6, 2))  # full at exactly 4
     assert chunks("ab\nc\nd\n", 4) == (["ab\nc\n", "d\n"], (7, 3))
     assert chunks("aaaa\n\n b\n\tc\nd\n", 4) == (["aaaa\n\n b\n\tc\n", "d\n"], (14, 4))
+    assert chunks("abc\nde\nf\n", 4) == (["abc\n", "de\nf\n"], (9, 3))  # a new chunk counts from 0
     assert chunks("é a\r\nb c\r\n", 2) == (["é a\r\n", "b c\r\n"], (11, 4))
     assert chunks(b"ok \xff bad\n", 100) == (["ok \ufffd bad\n"], (11, 3))
 
@@ -262,3 +264,94 @@ def test_rolling_task_metrics_are_lm_evals_aggregations(lm, tmp_path):  # noqa: 
     (tmp_path / "empty.yaml").write_text("type: loglikelihood_rolling\nname: wiki\ndataset: {path: docs.jsonl}\n")
     with pytest.raises(DataError, match="^task wiki: the documents are empty$"):
         load_task(str(tmp_path / "empty.yaml")).run(lm)
+
+
+def test_strided_windows_come_as_soon_as_a_window_is_full():
+    """Streaming: a window is yielded once its last token has arrived, not at the end of the stream."""
+    from llmctl.core.evaluate.perplexity import strided_windows
+
+    arrived = []
+
+    def chunks():
+        for i in range(0, 20, 4):
+            arrived.append(i + 4)
+            yield list(range(i, i + 4))
+
+    windows = []
+    for row, n in strided_windows(chunks(), 8, 4):
+        windows.append(row)
+        assert arrived[-1] == row[-1] + 1, (row, arrived)  # no chunk read beyond the window's end
+    assert windows == [list(range(i, i + 8)) for i in range(0, 13, 4)]
+
+
+def test_one_word_and_one_token_documents(lm, hf_model, tok, tmp_path):  # noqa: F811
+    """A file of one word: word perplexity over 1 word; a rolling document of one token is scored."""
+    from lm_eval.api.metrics import bits_per_byte, weighted_perplexity
+
+    from llmctl.core.evaluate.perplexity import perplexity
+    from llmctl.core.evaluate.tasks import load_task
+
+    text = "Sentence:"
+    nll, count = hf_strided_nll(hf_model, tok.encode(text), 64, 32)
+    assert count >= 1
+    result = perplexity(lm, [_text(tmp_path, "w.txt", text)])
+    assert result["word_perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
+    assert len(lm.encode("a")) == 1
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "a"}))
+    (tmp_path / "one.yaml").write_text("type: loglikelihood_rolling\ndataset: {path: docs.jsonl}\n")
+    result = load_task(str(tmp_path / "one.yaml")).run(lm)
+    (score,) = lm.loglikelihood_rolling([lm.encode("a")])
+    assert result["tokens"] == 1
+    for key in ("word_perplexity", "byte_perplexity"):  # one word, one byte
+        assert result[key] == pytest.approx(weighted_perplexity([(score.logprob, 1)]))
+    assert result["bits_per_byte"] == pytest.approx(bits_per_byte([(score.logprob, 1)]))
+
+
+class _Recorder:
+    """A reporter that records its progress tasks and their updates."""
+
+    def __init__(self):
+        self.calls = []
+
+    @contextmanager
+    def progress(self, description, total=None, unit="it"):
+        self.calls.append(("progress", description, total, unit))
+        yield SimpleNamespace(update=lambda **kw: self.calls.append(("update", kw)),
+                              advance=lambda n=1: self.calls.append(("advance", n)))
+
+    def info(self, message):
+        pass
+
+    def warn(self, message):
+        pass
+
+
+def test_progress_counts_the_bytes_read_and_the_windows_scored(lm, tmp_path, monkeypatch):  # noqa: F811
+    """Perplexity: one bar in bytes over all files, moved after each chunk read and at each file's end,
+    with the tokens scored so far; the rolling task: a bar of windows, advanced to its total."""
+    from llmctl.core.evaluate import perplexity as ppl
+    from llmctl.core.evaluate.tasks import Task, load_task
+
+    monkeypatch.setattr(ppl, "CHUNK_CHARS", 50)
+    paths = [_text(tmp_path, "a.txt", TEXT[:170]), _text(tmp_path, "b.txt", TEXT[170:300])]
+    sizes = [p.stat().st_size for p in paths]
+    chunks = [list(ppl.read_chunks(p, ppl.TextStats(), 50)) for p in paths]
+    report = _Recorder()
+    result = ppl.perplexity(lm, paths, max_length=32, report=report)
+    assert report.calls[0] == ("progress", "perplexity", sum(sizes), "B")
+    updates = [c[1] for c in report.calls[1:]]
+    assert all(set(u) == {"completed", "tokens"} and isinstance(u["tokens"], int) for u in updates)
+    read = [sum(sizes[:i]) + sum(len(c) for c in chunks[i][:k + 1]) for i in range(2) for k in range(len(chunks[i]))]
+    ends = [sizes[0], sum(sizes)]
+    assert [u["completed"] for u in updates] == read[:len(chunks[0])] + ends[:1] + read[len(chunks[0]):] + ends[1:]
+    assert updates[-1]["tokens"] == result["tokens"] and 0 < updates[len(chunks[0])]["tokens"] < result["tokens"]
+
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": TEXT[:300]}))
+    (tmp_path / "wiki.yaml").write_text("type: loglikelihood_rolling\nname: wiki\ndataset: {path: docs.jsonl}\n")
+    task = load_task(str(tmp_path / "wiki.yaml"))
+    monkeypatch.setattr(Task, "report", report)
+    report.calls.clear()
+    task.run(lm)
+    assert report.calls[0] == ("progress", "wiki", None, "window")
+    (total,) = [c[1]["total"] for c in report.calls if c[0] == "update"]
+    assert total > 1 and sum(c[1] for c in report.calls if c[0] == "advance") == total
