@@ -143,6 +143,25 @@ def _text(tmp_path, name: str, text: str):
     return path
 
 
+class _Recorder:
+    """A reporter that records its progress tasks and their updates."""
+
+    def __init__(self):
+        self.calls = []
+
+    @contextmanager
+    def progress(self, description, total=None, unit="it"):
+        self.calls.append(("progress", description, total, unit))
+        yield SimpleNamespace(update=lambda **kw: self.calls.append(("update", kw)),
+                              advance=lambda n=1: self.calls.append(("advance", n)))
+
+    def info(self, message):
+        pass
+
+    def warn(self, message):
+        pass
+
+
 def test_perplexity_defaults_are_the_context_and_half_of_it(lm, hf_model, tok, tmp_path):  # noqa: F811
     """No --max-length: the model's context (64); no --stride: half the window, at least 1 (the
     transformers perplexity-guide loop with those windows)."""
@@ -227,17 +246,20 @@ def test_exp_saturates_where_float_exp_would_overflow():
 def test_perplexity_task_reads_data_from_the_working_directory_else_the_task_folder(lm, tmp_path,  # noqa: F811
                                                                                    monkeypatch):
     from llmctl.core.evaluate.perplexity import perplexity
-    from llmctl.core.evaluate.tasks import load_task
+    from llmctl.core.evaluate.tasks import Task, load_task
 
     (tmp_path / "task").mkdir()
     (tmp_path / "cwd").mkdir()
-    (tmp_path / "task" / "ppl.yaml").write_text("type: perplexity\ndata: [a.txt, b.txt]\nmax_length: 32\n")
+    (tmp_path / "task" / "ppl.yaml").write_text("type: perplexity\ndata: [a.txt, b.txt]\nmax_length: 32\nstride: 5\n")
     a, b = _text(tmp_path / "task", "a.txt", TEXT[:90]), _text(tmp_path / "task", "b.txt", TEXT[90:200])
     cwd_b = _text(tmp_path / "cwd", "b.txt", TEXT[300:330])
     monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(Task, "report", _Recorder())
     result = load_task(str(tmp_path / "task" / "ppl.yaml")).run(lm)
-    assert result == perplexity(lm, [a, cwd_b], max_length=32)  # b.txt: the working directory's
-    assert result != perplexity(lm, [a, b], max_length=32)
+    assert result == perplexity(lm, [a, cwd_b], max_length=32, stride=5)  # b.txt: the working directory's
+    assert result != perplexity(lm, [a, b], max_length=32, stride=5)
+    assert result != perplexity(lm, [a, cwd_b], max_length=32)
+    assert Task.report.calls[0][:2] == ("progress", "perplexity")  # the runner's reporter reaches it
 
 
 def test_rolling_task_metrics_are_lm_evals_aggregations(lm, tmp_path):  # noqa: F811
@@ -305,25 +327,6 @@ def test_one_word_and_one_token_documents(lm, hf_model, tok, tmp_path):  # noqa:
     for key in ("word_perplexity", "byte_perplexity"):  # one word, one byte
         assert result[key] == pytest.approx(weighted_perplexity([(score.logprob, 1)]))
     assert result["bits_per_byte"] == pytest.approx(bits_per_byte([(score.logprob, 1)]))
-
-
-class _Recorder:
-    """A reporter that records its progress tasks and their updates."""
-
-    def __init__(self):
-        self.calls = []
-
-    @contextmanager
-    def progress(self, description, total=None, unit="it"):
-        self.calls.append(("progress", description, total, unit))
-        yield SimpleNamespace(update=lambda **kw: self.calls.append(("update", kw)),
-                              advance=lambda n=1: self.calls.append(("advance", n)))
-
-    def info(self, message):
-        pass
-
-    def warn(self, message):
-        pass
 
 
 def test_progress_counts_the_bytes_read_and_the_windows_scored(lm, tmp_path, monkeypatch):  # noqa: F811
