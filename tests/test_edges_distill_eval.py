@@ -281,7 +281,7 @@ def test_rolling_task_metrics_are_lm_evals_aggregations(lm, tmp_path):  # noqa: 
     assert result == pytest.approx({
         "word_perplexity": weighted_perplexity(words), "byte_perplexity": weighted_perplexity(n_bytes),
         "bits_per_byte": bits_per_byte(n_bytes), "token_perplexity": math.exp(-sum(scores) / tokens),
-        "tokens": tokens, "examples": 3}, rel=1e-6)
+        "tokens": tokens, "examples": 3}, rel=1e-5, nan_ok=True)
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": ""}))
     (tmp_path / "empty.yaml").write_text("type: loglikelihood_rolling\nname: wiki\ndataset: {path: docs.jsonl}\n")
     with pytest.raises(DataError, match="^task wiki: the documents are empty$"):
@@ -358,3 +358,101 @@ def test_progress_counts_the_bytes_read_and_the_windows_scored(lm, tmp_path, mon
     assert report.calls[0] == ("progress", "wiki", None, "window")
     (total,) = [c[1]["total"] for c in report.calls if c[0] == "update"]
     assert total > 1 and sum(c[1] for c in report.calls if c[0] == "advance") == total
+
+
+# -- multiple choice ------------------------------------------------------------------------------
+
+
+def _mc_task(tmp_path, rows, extra: str = "", name: str = "mc"):
+    from llmctl.core.evaluate.tasks import load_task
+
+    (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / f"{name}.yaml").write_text(f"type: multiple_choice\nname: {name}\ndataset: {{path: {name}.jsonl}}\n"
+                                           f"prompt: \"Q: {{{{ q }}}}\\nA:\"\nchoices: options\ngold: label\n{extra}")
+    return load_task(str(tmp_path / f"{name}.yaml"))
+
+
+def test_multiple_choice_scores_logs_and_groups_each_document(lm, tmp_path, monkeypatch):  # noqa: F811
+    """Documents of 2, 3 and 2 choices: each document's log-likelihoods are its own requests' (lm-eval's
+    `context + " " + choice`), the sample log holds them, TruthfulQA's mc2 is lm-eval's
+    `process_results_mc2`, groups are macro-averaged, and the bar counts the requests."""
+    from lm_eval.tasks.truthfulqa.utils import process_results_mc2
+
+    from llmctl.core.evaluate.metrics import aggregate
+    from llmctl.core.evaluate.tasks import Task
+
+    rows = [{"q": "The quick brown", "options": ["fox", "sea"], "label": 0, "labels": [1, 0], "s": "a"},
+            {"q": "To be, or not to", "options": ["be", "question", "nine"], "label": 2, "labels": [0, 1, 1], "s": "b"},
+            {"q": "A stitch in time saves", "options": ["nine", "the dog"], "label": 1, "labels": [1, 1], "s": "a"}]
+    task = _mc_task(tmp_path, rows, "metrics: [acc, acc_norm, mc2]\ngroup_by: s\n")
+    task.samples_log = []
+    monkeypatch.setattr(Task, "report", _Recorder())
+    result = task.run(lm)
+    expected, scores = [], {"acc": [], "acc_norm": [], "mc2": []}
+    for line, row in enumerate(rows, start=1):
+        requests = [(f"Q: {row['q']}\nA:", f" {c}") for c in row["options"]]
+        lls = [s.logprob for s in lm.loglikelihood([lm.encode_pair(*r) for r in requests])]
+        norm = [ll / len(c) for ll, c in zip(lls, row["options"])]
+        values = {"acc": float(lls.index(max(lls)) == row["label"]),
+                  "acc_norm": float(norm.index(max(norm)) == row["label"]),
+                  "mc2": float(process_results_mc2({"mc2_targets": {"labels": row["labels"]}},
+                                                   [(ll, False) for ll in lls])["acc"])}
+        expected.append({"doc": f"{tmp_path / 'mc.jsonl'}:{line}", "requests": requests, "loglikelihoods": lls,
+                         "gold": row["label"], **values})
+        for k, v in values.items():
+            scores[k].append(v)
+    assert len(task.samples_log) == 3
+    for logged, e in zip(task.samples_log, expected):
+        assert logged.pop("loglikelihoods") == pytest.approx(e.pop("loglikelihoods"), rel=1e-5)
+        assert logged.pop("mc2") == pytest.approx(e.pop("mc2"), rel=1e-5) and logged == e
+    assert result == pytest.approx({**aggregate(scores, ["a", "b", "a"]), "examples": 3}, rel=1e-5, nan_ok=True)
+    assert Task.report.calls[0] == ("progress", "mc", 7, "req")
+    assert sum(c[1] for c in Task.report.calls if c[0] == "advance") == 7
+
+
+def test_multiple_choice_gold_answers_and_their_refusals(tmp_path):
+    """A gold index as a number or a numeric string, a gold text (its first occurrence, as lm-eval's
+    `choices.index`); everything else refused with the document's line."""
+    from llmctl.core.evaluate.choice import choice_metrics
+    from llmctl.errors import ConfigError, DataError
+
+    task = _mc_task(tmp_path, [{"q": "x", "options": ["a", "b"], "label": 0}])
+    where = "f.jsonl:3"
+
+    def options(choices, gold):
+        return task.options((where, {"options": choices, "label": gold}))
+
+    assert options(["a", "b"], "1") == (["a", "b"], 1) and options(["a", "b"], 1) == (["a", "b"], 1)
+    assert options(["a", "b", "a"], "a") == (["a", "b", "a"], 0) and options(["X1", "b"], "X1")[1] == 0
+    assert options(["a", "b"], "b")[1] == 1
+    for gold in ("-1", 2, True, 1.5, None):
+        message = f"^{where}: gold index {re.escape(repr(gold))} out of range for 2 choices$"
+        with pytest.raises(DataError, match=message):
+            options(["a", "b"], gold)
+    with pytest.raises(DataError, match=f"^{where}: gold answer 'c' is not one of the choices$"):
+        options(["a", "b"], "c")
+    for choices in ([], "ab", ["a", 1]):
+        with pytest.raises(DataError, match=f"^{where}: field 'options' must be a non-empty list of strings$"):
+            options(choices, 0)
+    with pytest.raises(ConfigError, match="^task bad: config key 'metrics': unknown metric 'f1'; "
+                                          "choose from: acc, acc_norm, mc2$"):
+        _mc_task(tmp_path, [], "metrics: [acc, f1]\n", name="bad")
+    with pytest.raises(ValueError):  # one log-likelihood list per document, one choice list, one gold
+        choice_metrics([[0.0, -1.0]], [["a", "b"], ["c", "d"]], [0, 1])
+
+
+def test_partial_choice_scores_the_shared_continuation_after_each_context(tmp_path):
+    """WinoGrande's partial scoring: one request per context — description + the sentence up to the
+    blank filled by an option — with the shared continuation after the delimiter."""
+    from llmctl.core.evaluate.tasks import load_task
+
+    rows = [{"contexts": ["Ann gave Bo", "Bo gave Ann"], "continuation": "a book.", "gold": 1},
+            {"contexts": ["It was", "It is"], "continuation": "late.", "gold": 0}]
+    (tmp_path / "w.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "w.yaml").write_text("type: partial_choice\ndataset: {path: w.jsonl}\ndescription: 'D. '\n")
+    task = load_task(str(tmp_path / "w.yaml"))
+    docs = task.documents()
+    options = [task.options(d) for d in docs]
+    assert task.requests(docs, options) == [("D. Ann gave Bo", " a book."), ("D. Bo gave Ann", " a book."),
+                                            ("D. It was", " late."), ("D. It is", " late.")]
+    assert [task.example_target(d) for d in docs] == ["a book.", "late."]
