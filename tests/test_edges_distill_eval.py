@@ -1,6 +1,7 @@
-"""Edges of the distillation criterion and of strided perplexity that the parity tests miss (found
-by mutation testing): the criterion against TRL's GKD loss (weights, one labelled position, none),
-its refusals, and the chunked gradient's edges."""
+"""Edges of the distillation criterion, the chunked loss, strided perplexity and multiple choice
+that the parity tests miss (found by mutation testing): the criterion against TRL's GKD loss, the
+chunked gradient under a scaled loss, perplexity's defaults, bounds, files and progress against the
+transformers perplexity loop, the rolling task and multiple choice against lm-eval's own metrics."""
 
 from __future__ import annotations
 
