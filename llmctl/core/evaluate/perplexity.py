@@ -67,12 +67,10 @@ def strided_windows(token_chunks: Iterable[Sequence[int]], max_length: int, stri
             del buf[: begin - buf_start]
             buf_start = begin
     total = buf_start + len(buf)
-    while prev_end < total:
-        end = min(begin + max_length, total)
-        row, n = window(end)
+    if prev_end < total:  # the last window, shorter than max_length: it ends the stream
+        row, n = window(total)
         if n > 0:
             yield row, n
-        prev_end, begin = end, begin + stride
 
 
 def perplexity(lm: ScoringModel, paths: Sequence[str | Path], *, max_length: int | None = None,
