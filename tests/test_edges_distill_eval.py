@@ -90,7 +90,8 @@ def test_criterion_refusals_name_what_is_missing():
 
 def _chunked_ce(rows: int, n: int = 5, scale: float = 1.0):
     """`fused_chunks` over a linear head's cross-entropy (mean over `n` rows, `rows` at a time), scaled
-    by `scale` before the backward pass (as gradient accumulation does): (value, grads, chunks seen)."""
+    by `scale` before the backward pass (as gradient accumulation does): (total, parts, (feature and head
+    gradients), (the unchunked loss, its head gradient), the chunks computed)."""
     from llmctl.core.distill.chunked import fused_chunks
 
     torch.manual_seed(3)
