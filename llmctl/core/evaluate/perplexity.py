@@ -66,11 +66,9 @@ def strided_windows(token_chunks: Iterable[Sequence[int]], max_length: int, stri
             prev_end, begin = end, begin + stride
             del buf[: begin - buf_start]
             buf_start = begin
-    total = buf_start + len(buf)
-    if prev_end < total:  # the last window, shorter than max_length: it ends the stream
-        row, n = window(total)
-        if n > 0:
-            yield row, n
+    row, n = window(buf_start + len(buf))  # the last window, shorter: it ends the stream
+    if n > 0:  # (none when the last full window ended it)
+        yield row, n
 
 
 def perplexity(lm: ScoringModel, paths: Sequence[str | Path], *, max_length: int | None = None,
