@@ -49,7 +49,7 @@ def quantized(bits: int, group: int | None, x: dict) -> dict[str, float]:
         made = [kernels.KERNELS[name](m, x[m.in_features]) for m in modules]
         if all(k is not None for k in made):
             run = dict(zip(map(id, modules), made))
-            out[name] = sweep(lambda m: run[id(m)](x[m.in_features]), modules, nbytes)
+            out[name] = sweep(lambda m, run=run: run[id(m)](x[m.in_features]), modules, nbytes)
     return out
 
 
@@ -70,13 +70,13 @@ def main() -> None:
         ws = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
         xd = {k: v.to(dtype) for k, v in x.items()}
         col = "float32" if dtype == torch.float32 else "bf16"
-        rows[("F.linear", col)] = sweep(lambda w: F.linear(xd[w.shape[1]], w), ws)
-        rows[("inductor (x·W).sum(-1)", col)] = sweep(lambda w: rows_dot(xd[w.shape[1]], w), ws)
+        rows[("F.linear", col)] = sweep(lambda w, xd=xd: F.linear(xd[w.shape[1]], w), ws)
+        rows[("inductor (x·W).sum(-1)", col)] = sweep(lambda w, xd=xd: rows_dot(xd[w.shape[1]], w), ws)
         if ops is not None:
             w = ws[4]
             torch.testing.assert_close(ops.mv_float(xd[768], w).float(), F.linear(xd[768].float(), w.float()),
                                        rtol=2e-2, atol=0.5)
-            rows[("llmctl native", col)] = sweep(lambda w: ops.mv_float(xd[w.shape[1]], w), ws)
+            rows[("llmctl native", col)] = sweep(lambda w, xd=xd: ops.mv_float(xd[w.shape[1]], w), ws)
     xb = {k: v.bfloat16() for k, v in x.items()}
     names = {"int8pack": "_weight_int8pack_mm", "int4pack_cpu": "_weight_int4pack_mm_for_cpu",
              "native": "llmctl native"}

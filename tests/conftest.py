@@ -124,3 +124,19 @@ def recording_reporter():
             self.seen.append(message)
 
     return Warnings()
+
+
+def silence(model, heads=(), channels=(), layers=()):
+    """Make units contribute nothing: o_proj columns of (layer, head), down_proj columns of
+    (layer, channel), and both output projections of whole layers."""
+    import torch
+
+    d = model.cfg.head_dim
+    with torch.no_grad():
+        for layer, head in heads:
+            model.model.layers[layer].self_attn.o_proj.weight[:, head * d:(head + 1) * d] = 0
+        for layer, channel in channels:
+            model.model.layers[layer].mlp.down_proj.weight[:, channel] = 0
+        for layer in layers:
+            model.model.layers[layer].self_attn.o_proj.weight.zero_()
+            model.model.layers[layer].mlp.down_proj.weight.zero_()

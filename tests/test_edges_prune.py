@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import recording_reporter, unrouted_moe  # noqa: E402
+from conftest import recording_reporter, silence, unrouted_moe  # noqa: E402
 
 from llmctl.core.prune import PRUNERS, PruneConfig  # noqa: E402
 from llmctl.core.prune.unstructured import InputNorms  # noqa: E402
@@ -164,18 +164,6 @@ def test_units_ranked_across_layers_by_their_share_of_the_layer():
     assert [k.tolist() for k in kept] == [[1], [9]]
 
 
-def _silence(model, heads=(), channels=(), layers=()):
-    d = model.cfg.head_dim
-    with torch.no_grad():
-        for layer, head in heads:
-            model.model.layers[layer].self_attn.o_proj.weight[:, head * d:(head + 1) * d] = 0
-        for layer, channel in channels:
-            model.model.layers[layer].mlp.down_proj.weight[:, channel] = 0
-        for layer in layers:
-            model.model.layers[layer].self_attn.o_proj.weight.zero_()
-            model.model.layers[layer].mlp.down_proj.weight.zero_()
-
-
 @torch.no_grad()
 def test_biases_of_the_kept_rows_stay_with_them():
     """q/k/v and gate/up biases (Qwen2's, `mlp_bias`) are cut with their rows: silent units
@@ -184,7 +172,7 @@ def test_biases_of_the_kept_rows_stay_with_them():
     for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.1)
     channels = [(i, c) for i in range(2) for c in range(0, 64, 4)]
-    _silence(model, heads=[(0, 2), (0, 3), (1, 0), (1, 1)], channels=channels)
+    silence(model, heads=[(0, 2), (0, 3), (1, 0), (1, 1)], channels=channels)
     ids, tokens = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (4, 16))
     want = model(ids).logits
     q_bias = model.model.layers[0].self_attn.q_proj.bias[:16].clone()
@@ -200,12 +188,12 @@ def test_layers_pruned_from_a_model_with_per_layer_sizes():
     """A model with per-layer heads and widths (uniform=false) loses a layer: the kept one keeps
     its own sizes and the logits stay when the removed layer was silent."""
     model = _model()
-    _silence(model, heads=[(0, 0), (0, 1)], channels=[(1, c) for c in range(0, 64, 2)])
+    silence(model, heads=[(0, 0), (0, 1)], channels=[(1, c) for c in range(0, 64, 2)])
     tokens = torch.randint(0, 50, (4, 16))
     model = _pruner(method="heads", sparsity=0.25, uniform=False).prune(model, tokens)
     model = _pruner(method="channels", sparsity=0.25, uniform=False).prune(model, tokens)
     assert model.cfg.layer_num_heads == [2, 4] and model.cfg.layer_intermediate_sizes == [64, 32]
-    _silence(model, layers=[0])
+    silence(model, layers=[0])
     ids = torch.randint(0, 50, (2, 12))
     want = model(ids).logits
     small = _pruner(method="layers", sparsity=0.5).prune(model, tokens)

@@ -6,17 +6,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_llama
+
 from llmctl.core import native
 from llmctl.core.generate import GenerationConfig, generate, matvec
 from llmctl.core.model.io import load_model, save_model
 from llmctl.core.quant.config import QuantizeConfig
-from llmctl.core.quant.methods import quantize_model
-from llmctl.core.tokenizer import load_tokenizer
-from llmctl.core.quant import kernels
 from llmctl.core.quant.linear import PackedLinear
+from llmctl.core.quant.methods import quantize_model
 from llmctl.core.quant.scheme import Scheme
+from llmctl.core.tokenizer import load_tokenizer
 
 needs = pytest.mark.skipif(native.ops() is None or not native.has(native.VNNI | native.BF16 | native.F32),
                            reason="no C++ compiler or no AVX-512 (F, BF16, VNNI) here")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_llama  # noqa: E402
+from conftest import silence, tiny_llama  # noqa: E402
 
 from llmctl.core.prune import PRUNERS, PruneConfig  # noqa: E402
 from llmctl.core.prune.masks import nm_mask, parse_pattern, topk_mask  # noqa: E402
@@ -339,20 +339,6 @@ def test_uniform_structured_pruning_is_a_smaller_hf_model(llmctl, base, tmp_path
     _logits_equal_transformers(out)
 
 
-def _silence(model, heads=(), channels=(), layers=()):
-    """Make units contribute nothing: o_proj columns of (layer, head), down_proj columns of
-    (layer, channel), and both output projections of whole layers."""
-    d = model.cfg.head_dim
-    with torch.no_grad():
-        for layer, head in heads:
-            model.model.layers[layer].self_attn.o_proj.weight[:, head * d:(head + 1) * d] = 0
-        for layer, channel in channels:
-            model.model.layers[layer].mlp.down_proj.weight[:, channel] = 0
-        for layer in layers:
-            model.model.layers[layer].self_attn.o_proj.weight.zero_()
-            model.model.layers[layer].mlp.down_proj.weight.zero_()
-
-
 @pytest.mark.parametrize("method,settings,silent", [
     ("heads", {"sparsity": 0.5}, {"heads": [(0, 2), (0, 3), (1, 0), (1, 1)]}),  # a whole KV group per layer
     ("heads", {"sparsity": 0.5, "unit": "queries"}, {"heads": [(0, 0), (0, 3), (1, 1), (1, 2)]}),
@@ -371,7 +357,7 @@ def test_structured_pruning_removes_silent_units_exactly(base, method, settings,
 
     ckpt, text = base
     model = load_model(ckpt, dtype=torch.float32)[0]
-    _silence(model, **silent)
+    silence(model, **silent)
     ids = torch.randint(3, 200, (2, 20))
     want, size = model(ids).logits, model.num_parameters()
     tokens = calibration_tokens([str(text)], load_tokenizer(ckpt), samples=8, seq_len=32)

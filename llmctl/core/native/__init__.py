@@ -65,7 +65,7 @@ def ops():
         cpp_extension.load(name=f"llmctl_native_{key}", sources=[str(SOURCE)], build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False,
                            verbose=False)
-    except Exception as e:  # no compiler, no ninja, a failed build: torch's kernels serve instead
+    except Exception as e:  # noqa: BLE001 — no compiler, no ninja, a failed build: torch's kernels serve
         from llmctl.console import warn
         warn(f"native CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
              "using torch's")
