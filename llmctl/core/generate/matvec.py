@@ -7,10 +7,11 @@ after inductor freezing) reads them at ~40 % of this machine's read bandwidth. W
 vectorised dot product over a contiguous row of W, rows spread over the threads, nothing
 materialised, and it reads the weights 1.5–1.7× faster (BENCHMARKS.md, Quantize → Speed).
 
-`DECOMPOSITIONS` rewrites aten's `mm` / `addmm` with one input row and float32 operands into that
-form before inductor lowers the graph; every other product (prefill, batches, 16-bit weights, for
-which oneDNN's packed bf16 kernels stay faster here) keeps aten's. The sum runs in float32 like
-sgemv's, in a different order, so logits agree to float32 rounding, not bit for bit.
+`DECOMPOSITIONS` replaces aten's `mm` / `addmm` with one input row before inductor lowers the
+graph: by llmctl's native kernel (`core/native`, float32 or bf16, faster still) where it is built,
+else, for float32, by that reduction; every other product (prefill, batches; bf16 without the
+native kernel, where oneDNN's packed kernels are faster than the reduction) keeps aten's. Sums
+run in float32 in another order than sgemv's, so logits agree to rounding, not bit for bit.
 """
 
 from __future__ import annotations

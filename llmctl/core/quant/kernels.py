@@ -23,9 +23,10 @@ bf16 input already costs.
 The kernels compute w = (u − 8) · s + z on unsigned nibbles u = q + 8, so our (q − zero) · scale
 becomes s = scale, z = −zero · scale. A per-channel int4 scale is repeated over groups of the
 largest size the kernel takes. A kernel's weight layout is made on first use and kept on the
-module (`module.kernels`), per device, dtype and whether the input is one row; `.to()` drops them. KERNELS is in preference order;
-a kernel that raises on first use (an op this build lacks) passes to the next. Inputs that need a
-gradient take the dequantizing path (the fused ops have no backward).
+module (`module.kernels`), per device, dtype and whether the input is one row; `.to()` drops
+them. KERNELS is in preference order; a kernel that raises when made or first run (an op this
+build lacks, a shape it refuses) passes to the next. Inputs that need a gradient take the
+dequantizing path (the fused ops have no backward).
 """
 
 from __future__ import annotations
