@@ -17,8 +17,17 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#if defined(__AVX512F__)  // which kernels this build has
+#define LLMCTL_F32 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define LLMCTL_BF16 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LLMCTL_VNNI 1
+#endif
 
 namespace {
 
@@ -30,19 +39,20 @@ enum Capability : int64_t { F32 = 1, BF16 = 2, VNNI = 4 };
 
 int64_t capabilities() {
   int64_t caps = 0;
-#if defined(__AVX512F__)
+#ifdef LLMCTL_F32
   caps |= F32;
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef LLMCTL_BF16
   caps |= BF16;
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#ifdef LLMCTL_VNNI
   caps |= VNNI;
 #endif
   return caps;
 }
 
-// Runs rows(first, count) over [0, N) in steps of ROWS (the tail one row at a time), in parallel.
+// Calls rows.operator()<R>(n) — rows n … n + R − 1 — over [0, N): R = ROWS, the tail one row at a
+// time; steps spread over ATen's threads.
 template <typename Rows>
 void over_rows(int64_t N, const Rows& rows) {
   at::parallel_for(0, (N + ROWS - 1) / ROWS, 16, [&](int64_t begin, int64_t end) {
@@ -57,7 +67,7 @@ void over_rows(int64_t N, const Rows& rows) {
   });
 }
 
-#if defined(__AVX512F__)
+#ifdef LLMCTL_F32
 struct FloatRows {
   const float* W; const float* x; float* y; int64_t K;
   template <int R> void operator()(int64_t n) const {
@@ -76,7 +86,7 @@ struct FloatRows {
 };
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef LLMCTL_BF16
 struct Bf16Rows {
   const uint16_t* W; const uint16_t* x; float* y; int64_t K;
   template <int R> void operator()(int64_t n) const {
@@ -92,7 +102,7 @@ struct Bf16Rows {
 };
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#ifdef LLMCTL_VNNI
 // Unsigned BITS-bit weights, `group` inputs per (scale, offset). int8: one byte per input.
 // int4: each block of 128 inputs is 64 bytes, byte j holding input j (low nibble) and 64 + j (high).
 // Rows come in fours, their 64-byte pieces interleaved ([N / 4, K·bits / 512, 4, 64]), so that
@@ -105,8 +115,16 @@ struct QuantArgs {
 };
 
 template <int BITS>
-struct QuantRows : QuantArgs {  // N % ROWS == 0 (checked): never a tail of single rows
+struct QuantRows : QuantArgs {
   template <int R> void operator()(int64_t n) const {
+    if constexpr (R != ROWS) {  // the layout interleaves four rows; mv_quant checks N % ROWS == 0
+      TORCH_CHECK(false, "llmctl native matvec: rows come in fours");
+    } else {
+      rows4(n);
+    }
+  }
+  void rows4(int64_t n) const {
+    constexpr int R = ROWS;
     const int64_t row_bytes = K * BITS / 8;
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[R], group_acc[R];
@@ -155,14 +173,14 @@ at::Tensor mv_float(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({1, N}, x.options().dtype(at::kFloat));
   if (w.scalar_type() == at::kFloat) {
-#if defined(__AVX512F__)
+#ifdef LLMCTL_F32
     over_rows(N, FloatRows{w.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), K});
 #else
     check(false, "this build has no AVX-512");
 #endif
   } else {
     check(w.scalar_type() == at::kBFloat16, "float32 or bfloat16 weights");
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef LLMCTL_BF16
     over_rows(N, Bf16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
                           reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), y.data_ptr<float>(), K});
 #else
@@ -172,7 +190,7 @@ at::Tensor mv_float(const at::Tensor& x, const at::Tensor& w) {
   return y.to(x.scalar_type());
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#ifdef LLMCTL_VNNI
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {  // bf16 → float32: the 16 bits on top
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -219,7 +237,7 @@ at::Tensor mv_quant(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#ifdef LLMCTL_VNNI
   const int64_t blocks = K / block, per_group = K / groups / block;
   std::vector<int8_t> qx(K);
   std::vector<float> d(blocks), xsum(groups, 0.f), y(x.scalar_type() == at::kFloat ? 0 : N);
