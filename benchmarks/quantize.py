@@ -26,8 +26,10 @@ benchmarks/results/quantize-quality-d<width>.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -161,6 +163,13 @@ def llama_cpp_runner(path: Path, threads: int):
 
 # -- parts -------------------------------------------------------------------------------------
 
+def scratch(prefix: str) -> Path:
+    """A temporary directory removed at exit (the speed run's models and GGUFs take ~3 GB)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, tmp, True)
+    return tmp
+
+
 def speed(args) -> None:
     import transformers
 
@@ -169,7 +178,7 @@ def speed(args) -> None:
 
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth()
-    tmp = Path(tempfile.mkdtemp(prefix="llmctl-bench-quant-"))
+    tmp = scratch("llmctl-bench-quant-")
     base = build(tmp / "f32", SHAPE)
     llmctl("quantize", base, "-o", tmp / "int8", "-m", "int8")
     llmctl("quantize", base, "-o", tmp / "int4", "-m", "int4", "--group-size", "128")
@@ -241,7 +250,7 @@ def speed(args) -> None:
 
 
 def quantize_time(args) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="llmctl-bench-qtime-"))
+    tmp = scratch("llmctl-bench-qtime-")
     base = build(tmp / "llama", LLAMA_PRESET)
     text = tmp / "calibration.txt"
     g = torch.Generator().manual_seed(0)  # random words: timing does not depend on the text
