@@ -60,7 +60,9 @@ class Runner:
     Unpadded batches pass neither mask nor positions (the model derives them from the cache
     offset); padded ones keep a [B, max_len] mask buffer and per-row next positions.
     One-token steps go through `Transformer.decode_step` (fixed shapes) when it is compiled
-    (`compile`) or replayed from a CUDA graph (`cuda_graph`, on CUDA where the model allows).
+    (`compile`) or replayed from a CUDA graph (`cuda_graph`, on CUDA where the model allows);
+    else, for one row on CPU, through the native plan (`core/native/decode.py`) where it takes
+    the model.
     """
 
     def __init__(self, model, prompts: list[list[int]], max_len: int, device: torch.device, compile: bool = False,
@@ -70,6 +72,10 @@ class Runner:
         self.model = model
         self.graphed = cuda_graph and device.type == "cuda" and graphable(model)
         self.step_fn = compiled_decode_step(model) if compile else model.decode_step if self.graphed else None
+        if self.step_fn is None and device.type == "cpu" and len(prompts) == 1:
+            from llmctl.core.native.decode import native_step
+
+            self.step_fn = native_step(model)  # None where the native plan does not take the model
         width = max(len(p) for p in prompts)
         if compile:  # one compiled graph per (batch, cache size): round the size up
             max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
@@ -85,7 +91,7 @@ class Runner:
             self.mask = torch.ones(len(prompts), max_len, dtype=torch.long, device=device)
             self.mask[:, :width] = torch.arange(width)[None, :] >= (width - lengths)[:, None]
             self.next_pos = lengths.to(device)[:, None]
-        if self.step_fn is not None:
+        if compile or self.graphed:
             self._prepare_step()
 
     def _prepare_step(self) -> None:

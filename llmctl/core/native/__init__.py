@@ -6,9 +6,9 @@ stream each weight once: float32 with FMA, bfloat16 with vdpbf16ps, and int8/int
 products (vpdpbusd) against the input quantized per block of 64 (int8) or 128 (int4) values —
 what llama.cpp's q8_0/q4_0 do with blocks of 32.
 
-`ops()` compiles `matvec.cpp` with the local C++ compiler and `-march=native` into
+`ops()` compiles `matvec.cpp` and `decode.cpp` (`decode.py`: a whole decode step per call) with the local C++ compiler and `-march=native` into
 `~/.cache/llmctl/native/<key>` the first time it is needed (10–30 s; the key covers the source,
-torch's version and the CPU), then loads it: `torch.ops.llmctl.mv_float`, `mv_quant`. It returns
+torch's version and the CPU), then loads it: `torch.ops.llmctl.mv_float`, `mv_quant`, `torch.classes.llmctl.DecodePlan`. It returns
 None — and callers keep torch's kernels — without a compiler, on a CPU without AVX-512, or when
 `LLMCTL_NATIVE=0`.
 """
@@ -21,7 +21,8 @@ import os
 import platform
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("matvec.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "matvec.cpp", HERE / "decode.cpp"]  # and kernels.h, which they share
 F32, BF16, VNNI = 1, 2, 4  # llmctl::capabilities bits
 
 
@@ -55,14 +56,15 @@ def ops():
 
     if _loaded(torch):  # a library loads once per process (TORCH_LIBRARY aborts on a second)
         return torch.ops.llmctl
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
+    code = b"".join(f.read_bytes() for f in [*SOURCES, HERE / "kernels.h"])
+    key = hashlib.sha256(code + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
     build = cache_dir() / key
     try:
         build.mkdir(parents=True, exist_ok=True)
         from llmctl.console import info
         if not any(build.glob("*.so")):
             info("building llmctl's native CPU kernels (once per machine and torch version)…")
-        cpp_extension.load(name=f"llmctl_native_{key}", sources=[str(SOURCE)], build_directory=str(build),
+        cpp_extension.load(name=f"llmctl_native_{key}", sources=[str(f) for f in SOURCES], build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False,
                            verbose=False)
     except Exception as e:  # noqa: BLE001 — no compiler, no ninja, a failed build: torch's kernels serve

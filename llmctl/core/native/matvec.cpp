@@ -10,6 +10,8 @@
 // products. Threads come from ATen's pool (at::parallel_for), so torch.set_num_threads holds.
 // Built by llmctl/core/native/__init__.py with -march=native; `llmctl::capabilities` says which
 // kernels this build has (AVX-512 F / BF16 / VNNI), and Python routes everything else to torch.
+#include "kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,23 +21,14 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX512F__)  // which kernels this build has
-#define LLMCTL_F32 1
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define LLMCTL_BF16 1
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define LLMCTL_VNNI 1
-#endif
-
+namespace llmctl {
 namespace {
 
 // inputs per activation scale: those whose weights fill 64 bytes (one 512-bit load)
 constexpr int64_t block_of(int64_t bits) { return 512 / bits; }
 constexpr int64_t ROWS = 4;     // rows per step
 
-enum Capability : int64_t { F32 = 1, BF16 = 2, VNNI = 4 };
+}  // namespace
 
 int64_t capabilities() {
   int64_t caps = 0;
@@ -50,6 +43,8 @@ int64_t capabilities() {
 #endif
   return caps;
 }
+
+namespace {
 
 // Calls rows.operator()<R>(n) — rows n … n + R − 1 — over [0, N): R = ROWS, the tail one row at a
 // time; steps spread over ATen's threads.
@@ -164,46 +159,15 @@ struct QuantRows : QuantArgs {
 };
 #endif
 
-void check(bool ok, const char* what) { TORCH_CHECK(ok, "llmctl native matvec: ", what); }
-
-at::Tensor mv_float(const at::Tensor& x, const at::Tensor& w) {
-  check(x.dim() == 2 && x.size(0) == 1 && w.dim() == 2 && x.size(1) == w.size(1), "x must be [1, K], w [N, K]");
-  check(x.scalar_type() == w.scalar_type() && w.is_contiguous() && w.size(1) % 32 == 0, "same dtype, K % 32 == 0");
-  const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({1, N}, x.options().dtype(at::kFloat));
-  if (w.scalar_type() == at::kFloat) {
-#ifdef LLMCTL_F32
-    over_rows(N, FloatRows{w.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), K});
-#else
-    check(false, "this build has no AVX-512");
-#endif
-  } else {
-    check(w.scalar_type() == at::kBFloat16, "float32 or bfloat16 weights");
-#ifdef LLMCTL_BF16
-    over_rows(N, Bf16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
-                          reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), y.data_ptr<float>(), K});
-#else
-    check(false, "this build has no AVX512-BF16");
-#endif
-  }
-  return y.to(x.scalar_type());
-}
-
 #ifdef LLMCTL_VNNI
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {  // bf16 → float32: the 16 bits on top
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 // x quantized per BLOCK inputs: q = round(x / d), d = max|x| / 127 (all-zero blocks: d = 0, q = 0);
 // sums[b] = Σ q over the block
-template <int64_t BLOCK, typename T>
-void quantize_input(const T* x, int64_t K, int8_t* q, float* d, int32_t* sums) {
+template <int64_t BLOCK>
+void quantize_input(const float* x, int64_t K, int8_t* q, float* d, int32_t* sums) {
   for (int64_t b = 0; b < K / BLOCK; ++b) {
     __m512 v[BLOCK / 16], amax = _mm512_setzero_ps();
     for (int i = 0; i < BLOCK / 16; ++i) {
-      v[i] = load16(x + b * BLOCK + 16 * i);
+      v[i] = _mm512_loadu_ps(x + b * BLOCK + 16 * i);
       amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
     }
     const float db = _mm512_reduce_max_ps(amax) / 127.f;
@@ -218,6 +182,64 @@ void quantize_input(const T* x, int64_t K, int8_t* q, float* d, int32_t* sums) {
   }
 }
 #endif
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "llmctl native matvec: ", what); }
+
+}  // namespace
+
+void product_f32(const float* W, const float* x, float* y, int64_t N, int64_t K) {
+#ifdef LLMCTL_F32
+  over_rows(N, FloatRows{W, x, y, K});
+#else
+  check(false, "this build has no AVX-512");
+#endif
+}
+
+void product_bf16(const uint16_t* W, const uint16_t* x, float* y, int64_t N, int64_t K) {
+#ifdef LLMCTL_BF16
+  over_rows(N, Bf16Rows{W, x, y, K});
+#else
+  check(false, "this build has no AVX512-BF16");
+#endif
+}
+
+void product_quant(const QuantWeights& W, const float* x, float* y) {
+#ifdef LLMCTL_VNNI
+  const int64_t K = W.K, groups = W.groups, blocks = K / block_of(W.bits), per_group = blocks / groups;
+  std::vector<int8_t> qx(K);
+  std::vector<float> d(blocks), xsum(groups, 0.f);
+  std::vector<int32_t> sums(blocks), ends(blocks, -1);
+  if (W.bits == 8) quantize_input<block_of(8)>(x, K, qx.data(), d.data(), sums.data());
+  else quantize_input<block_of(4)>(x, K, qx.data(), d.data(), sums.data());
+  for (int64_t b = 0; b < blocks; ++b) {  // xsum[g] = Σ over the group of d · q; ends: where groups end
+    xsum[b / per_group] += d[b] * static_cast<float>(sums[b]);
+    if ((b + 1) % per_group == 0) ends[b] = static_cast<int32_t>(b / per_group);
+  }
+  const QuantArgs args{W.w, qx.data(), d.data(), xsum.data(), ends.data(), W.scale, W.zero, W.bias, y, K, groups};
+  if (W.bits == 8) over_rows(W.N, QuantRows<8>{args});
+  else over_rows(W.N, QuantRows<4>{args});
+#else
+  check(false, "this build has no AVX512-VNNI");
+#endif
+}
+
+namespace {
+
+at::Tensor mv_float(const at::Tensor& x, const at::Tensor& w) {
+  check(x.dim() == 2 && x.size(0) == 1 && w.dim() == 2 && x.size(1) == w.size(1), "x must be [1, K], w [N, K]");
+  check(x.scalar_type() == w.scalar_type() && w.is_contiguous() && w.size(1) % 32 == 0, "same dtype, K % 32 == 0");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({1, N}, x.options().dtype(at::kFloat));
+  if (w.scalar_type() == at::kFloat) {
+    product_f32(w.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), N, K);
+  } else {
+    check(w.scalar_type() == at::kBFloat16, "float32 or bfloat16 weights");
+    product_bf16(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+                 reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), y.data_ptr<float>(), N, K);
+  }
+  return y.to(x.scalar_type());
+}
 
 // y[..., N] = x[..., K] · Wᵀ for one row x (float32 or bfloat16) and the interleaved integer W
 at::Tensor mv_quant(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
@@ -236,46 +258,23 @@ at::Tensor mv_quant(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
         "bias must be float32 [N]");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  at::Tensor out = at::empty(shape, x.options());
-#ifdef LLMCTL_VNNI
-  const int64_t blocks = K / block, per_group = K / groups / block;
-  std::vector<int8_t> qx(K);
-  std::vector<float> d(blocks), xsum(groups, 0.f), y(x.scalar_type() == at::kFloat ? 0 : N);
-  std::vector<int32_t> sums(blocks), ends(blocks, -1);
-  auto quantize = [&](auto* xp) {
-    if (bits == 8) quantize_input<block_of(8)>(xp, K, qx.data(), d.data(), sums.data());
-    else quantize_input<block_of(4)>(xp, K, qx.data(), d.data(), sums.data());
-  };
-  if (x.scalar_type() == at::kFloat) quantize(x.data_ptr<float>());
-  else quantize(x.data_ptr<at::BFloat16>());
-  for (int64_t b = 0; b < blocks; ++b) {  // xsum[g] = Σ over the group of d · q; ends: where groups end
-    xsum[b / per_group] += d[b] * static_cast<float>(sums[b]);
-    if ((b + 1) % per_group == 0) ends[b] = static_cast<int32_t>(b / per_group);
-  }
-  float* yp = y.empty() ? out.data_ptr<float>() : y.data();
-  const QuantArgs args{w.data_ptr<uint8_t>(), qx.data(), d.data(), xsum.data(), ends.data(), scale.data_ptr<float>(),
-                       zero.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr, yp, K, groups};
-  if (bits == 8) over_rows(N, QuantRows<8>{args});
-  else over_rows(N, QuantRows<4>{args});
-  if (!y.empty()) {
-    at::BFloat16* o = out.data_ptr<at::BFloat16>();
-    for (int64_t n = 0; n < N; ++n) o[n] = at::BFloat16(y[n]);  // round to nearest even
-  }
-#else
-  check(false, "this build has no AVX512-VNNI");
-#endif
-  return out;
+  at::Tensor xf = x.to(at::kFloat), y = at::empty(shape, x.options().dtype(at::kFloat));  // bf16 → float32 exactly
+  product_quant({w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
+                 bias.has_value() ? bias->data_ptr<float>() : nullptr, N, K, groups, bits},
+                xf.data_ptr<float>(), y.data_ptr<float>());
+  return y.to(x.scalar_type());  // round to nearest even
 }
 
 }  // namespace
+}  // namespace llmctl
 
 TORCH_LIBRARY(llmctl, m) {
-  m.def("capabilities() -> int", &capabilities);
+  m.def("capabilities() -> int", &llmctl::capabilities);
   m.def("mv_float(Tensor x, Tensor w) -> Tensor");
   m.def("mv_quant(Tensor x, Tensor w, Tensor scale, Tensor zero, Tensor? bias, int bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmctl, CPU, m) {
-  m.impl("mv_float", &mv_float);
-  m.impl("mv_quant", &mv_quant);
+  m.impl("mv_float", &llmctl::mv_float);
+  m.impl("mv_quant", &llmctl::mv_quant);
 }

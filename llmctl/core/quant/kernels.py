@@ -107,27 +107,45 @@ def _dense(module, x: torch.Tensor) -> Kernel | None:
     return lambda x: F.linear(x, weight, module.bias)
 
 
+class NativeQuant:
+    """A PackedLinear's weights as `llmctl::mv_quant` reads them (`core/native`): unsigned
+    integers, four rows' 64-byte pieces interleaved; float32 scale, offset and bias. Callable on
+    one input row; `core/native/decode.py` hands the same tensors to its whole-step plan."""
+
+    def __init__(self, module):
+        from llmctl.core import native
+
+        s, K = module.scheme, module.in_features
+        scale, zero, q = module.integers()
+        low = -(1 << (s.bits - 1))
+        u = (q.to(torch.int16) - low).to(torch.uint8)
+        if s.bits == 4:  # each 128 inputs as 64 bytes: input j in the low nibble, 64 + j in the high
+            u = u.reshape(-1, K // 128, 2, 64)
+            u = (u[:, :, 0] | u[:, :, 1] << 4).reshape(-1, K // 2)
+        n, width = u.shape  # four rows' 64-byte pieces interleaved: [N / 4, width / 64, 4, 64]
+        self.weight = u.reshape(n // 4, 4, width // 64, 64).transpose(1, 2).contiguous().reshape(n, width)
+        self.scale, self.zero = scale.contiguous(), (zero - low).contiguous()
+        self.bias = None if module.bias is None else module.bias.detach().float()
+        self.bits = s.bits
+        self.op = native.ops().mv_quant  # looked up here, not in a compiled graph
+
+    @staticmethod
+    def takes(module, device: torch.device) -> bool:
+        from llmctl.core import native
+
+        s, K = module.scheme, module.in_features
+        return device.type == "cpu" and s.bits in (4, 8) and not module.out_features % 4 \
+            and not (s.group_size or K) % native.block_of(s.bits) and native.has(native.VNNI)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.weight, self.scale, self.zero, self.bias, self.bits)
+
+
 def _native(module, x: torch.Tensor) -> Kernel | None:
     """One input row on CPU: llmctl's VNNI kernel (`core/native`), the input quantized per block."""
-    from llmctl.core import native
-
-    s, K = module.scheme, module.in_features
-    if x.device.type != "cpu" or x.numel() != K or s.bits not in (4, 8) or module.out_features % 4 \
-            or (s.group_size or K) % native.block_of(s.bits) or not native.has(native.VNNI):
+    if x.numel() != module.in_features or not NativeQuant.takes(module, x.device):
         return None
-    scale, zero, q = module.integers()
-    low = -(1 << (s.bits - 1))
-    u = (q.to(torch.int16) - low).to(torch.uint8)
-    if s.bits == 4:  # each 128 inputs as 64 bytes: input j in the low nibble, 64 + j in the high
-        u = u.reshape(-1, K // 128, 2, 64)
-        u = (u[:, :, 0] | u[:, :, 1] << 4).reshape(-1, K // 2)
-    n, width = u.shape  # four rows' 64-byte pieces interleaved: [N / 4, width / 64, 4, 64]
-    w = u.reshape(n // 4, 4, width // 64, 64).transpose(1, 2).contiguous().reshape(n, width)
-    zero = (zero - low).contiguous()
-    bias = None if module.bias is None else module.bias.detach().float()
-    op, bits = native.ops().mv_quant, s.bits
-    scale = scale.contiguous()
-    return lambda x: op(x, w, scale, zero, bias, bits)
+    return NativeQuant(module)
 
 
 def _dequantize(module, x: torch.Tensor) -> Kernel:
@@ -152,6 +170,18 @@ def choose(module, x: torch.Tensor, allowed=None) -> tuple[str, Kernel, torch.Te
             if name == "dequantize":
                 raise
     raise ValueError(f"no kernel among {allowed} takes this module")
+
+
+def native_layout(module, dtype: torch.dtype) -> NativeQuant | None:
+    """The `native` one-row kernel of a PackedLinear on CPU for inputs of `dtype` (made once and
+    kept with the module's other kernels), or None where it does not take the module."""
+    key = (torch.device("cpu"), dtype, True)
+    if key not in module.kernels:
+        if not NativeQuant.takes(module, torch.device("cpu")):
+            return None
+        module.kernels[key] = ("native", NativeQuant(module))
+    name, kernel = module.kernels[key]
+    return kernel if name == "native" else None
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:

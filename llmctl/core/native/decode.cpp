@@ -1,0 +1,279 @@
+// One batch-1 decode step of a plain pre-norm decoder, every layer in one call (llmctl::DecodePlan).
+//
+// Per layer: norm → q, k, v products → rotary (cos/sin given per step) → the new key/value into
+// the cache → attention over the cached positions (sliding window) → o product → residual →
+// norm → gate/up products → activation → down product → residual. The residual stream, norms,
+// rotations and attention run in float32; products take the weights as stored (float32, bf16,
+// or the int8/int4 layout of mv_quant); the cache keeps its dtype (float32 or bf16).
+//
+// What Python's eager step spends between the products — a hundred small torch calls per layer,
+// or a compiled graph's guards and wrapper — this does in a few microseconds; each product and
+// the attention spread over ATen's threads. `llmctl/core/native/decode.py` builds the plan from
+// a model and decides which models it takes.
+#include "kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace llmctl {
+namespace {
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "llmctl native decode: ", what); }
+
+enum Weights : int64_t { ABSENT = 0, FLOAT32 = 1, BFLOAT16 = 2, INT4 = 4, INT8 = 8 };
+enum Norm : int64_t { RMS = 0, LAYER = 1 };
+enum Activation : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3, RELU2 = 4 };
+
+// y[N] = W · x + bias; x float32 [K]
+struct Product {
+  int64_t kind = ABSENT, N = 0, K = 0;
+  at::Tensor w, scale, zero, bias;  // scale/zero: integer kinds; bias float32 or undefined
+
+  Product() = default;
+  Product(int64_t kind_, at::Tensor w_, at::Tensor scale_, at::Tensor zero_, at::Tensor bias_)
+      : kind(kind_), w(std::move(w_)), scale(std::move(scale_)), zero(std::move(zero_)), bias(std::move(bias_)) {
+    if (kind == ABSENT) return;
+    check(w.dim() == 2 && w.is_contiguous(), "weights must be contiguous [N, ·]");
+    N = w.size(0);
+    K = kind == FLOAT32 || kind == BFLOAT16 ? w.size(1) : w.size(1) * 8 / kind;
+    check(kind != FLOAT32 || w.scalar_type() == at::kFloat, "float32 weights");
+    check(kind != BFLOAT16 || w.scalar_type() == at::kBFloat16, "bfloat16 weights");
+    check(kind == FLOAT32 || kind == BFLOAT16 || (w.scalar_type() == at::kByte && scale.size(0) == N
+          && scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kFloat), "integer weights");
+    check(!bias.defined() || (bias.scalar_type() == at::kFloat && bias.numel() == N), "float32 bias [N]");
+    check(K % 32 == 0, "K % 32 == 0");
+  }
+
+  void operator()(const float* x, float* y, std::vector<uint16_t>& scratch) const {
+    const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    if (kind == FLOAT32) {
+      product_f32(w.data_ptr<float>(), x, y, N, K);
+    } else if (kind == BFLOAT16) {
+      scratch.resize(K);
+      for (int64_t i = 0; i < K; ++i) scratch[i] = c10::BFloat16(x[i]).x;  // round to nearest even
+      product_bf16(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), scratch.data(), y, N, K);
+    } else {
+      product_quant({w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(), b, N, K,
+                     scale.size(1), kind}, x, y);
+      return;  // the bias is in
+    }
+    if (b) for (int64_t n = 0; n < N; ++n) y[n] += b[n];
+  }
+};
+
+struct LayerNormParams {
+  int64_t kind = RMS;
+  at::Tensor weight, bias;  // float32 [hidden]; the effective scale (Gemma's 1 + w folded in)
+
+  void operator()(const float* x, float* y, int64_t n, double eps) const {
+    const float* w = weight.data_ptr<float>();
+    float mean = 0.f, sq = 0.f;
+    if (kind == LAYER) {
+#pragma omp simd reduction(+ : mean)
+      for (int64_t i = 0; i < n; ++i) mean += x[i];
+      mean /= n;
+    }
+#pragma omp simd reduction(+ : sq)
+    for (int64_t i = 0; i < n; ++i) sq += (x[i] - mean) * (x[i] - mean);
+    const float r = 1.f / std::sqrt(sq / n + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * r * w[i];
+    if (bias.defined()) {
+      const float* b = bias.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) y[i] += b[i];
+    }
+  }
+};
+
+struct Layer {
+  int64_t heads, kv_heads, head_dim, window;  // window 0: every cached position
+  LayerNormParams attn_norm, mlp_norm;
+  Product q, k, v, o, gate, up, down;  // gate ABSENT: a plain (ungated) feed-forward
+};
+
+template <typename T> inline float as_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * as_float(b[i]);
+  return s;
+}
+
+// x [heads, D] rotated in place: x·cos + rotate_half(x)·sin (Hugging Face's halves, not pairs)
+void rotate(float* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* r = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = r[i], b = r[i + half];
+      r[i] = a * cos[i] - b * sin[i];
+      r[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+template <typename T>
+void store(const at::Tensor& cache, const float* x, int64_t kv_heads, int64_t D, int64_t pos) {
+  T* c = cache.data_ptr<T>();
+  const int64_t len = cache.size(2);
+  for (int64_t g = 0; g < kv_heads; ++g)
+    for (int64_t i = 0; i < D; ++i) c[(g * len + pos) * D + i] = static_cast<T>(x[g * D + i]);
+}
+
+// out[h] = softmax(q[h] · K[g]ᵀ / √D) · V[g] over positions first … pos, g = h's key/value head
+template <typename T>
+void attend(const Layer& L, const float* q, const at::Tensor& keys, const at::Tensor& values, int64_t first,
+            int64_t pos, float* out) {
+  const int64_t H = L.heads, D = L.head_dim, group = H / L.kv_heads, len = keys.size(2), n = pos - first + 1;
+  const T* K = keys.data_ptr<T>();
+  const T* V = values.data_ptr<T>();
+  at::Tensor scores = at::empty({H, n}, at::kFloat);
+  float* s = scores.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      const T* k = K + ((h / group) * len + first) * D;
+      for (int64_t t = 0; t < n; ++t) s[h * n + t] = dot(q + h * D, k + t * D, D) * scale;
+    }
+  });
+  scores = at::softmax(scores, -1);  // torch's vectorised exp
+  const float* p = scores.data_ptr<float>();
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      float* o = out + h * D;
+      std::fill(o, o + D, 0.f);
+      const T* v = V + ((h / group) * len + first) * D;
+      for (int64_t t = 0; t < n; ++t) {
+        const float w = p[h * n + t];
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) o[i] += w * as_float(v[t * D + i]);
+      }
+    }
+  });
+}
+
+void activate(float* x, int64_t n, int64_t act) {
+  at::Tensor t = at::from_blob(x, {n}, at::kFloat);
+  switch (act) {
+    case SILU: at::silu_(t); break;
+    case GELU: at::gelu_(t, "none"); break;
+    case GELU_TANH: at::gelu_(t, "tanh"); break;
+    case RELU: at::relu_(t); break;
+    case RELU2: at::relu_(t).mul_(t); break;
+    default: check(false, "unknown activation");
+  }
+}
+
+}  // namespace
+
+// Built once per generation from `decode.py`'s flat description of the model:
+//   meta   hidden, activation, then per layer heads, kv_heads, head_dim, window, norm kind,
+//          and the kind of each of its seven products (q, k, v, o, gate, up, down)
+//   tensors per layer: attention norm weight, bias; feed-forward norm weight, bias; then per
+//          product its weights, scale, zero, bias (undefined tensors where absent)
+struct DecodePlan : torch::CustomClassHolder {
+  int64_t hidden, act;
+  double eps;
+  std::vector<Layer> layers;
+
+  DecodePlan(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, double eps_) : eps(eps_) {
+    check(meta.size() >= 2 && (meta.size() - 2) % 12 == 0 && tensors.size() == (meta.size() - 2) / 12 * 32,
+          "malformed plan");
+    hidden = meta[0];
+    act = meta[1];
+    auto t = tensors.begin();
+    auto m = meta.begin() + 2;
+    auto defined = [](const at::Tensor& x) { return x.defined() && x.numel() > 0 ? x : at::Tensor(); };
+    while (m != meta.end()) {
+      Layer L;
+      L.heads = m[0]; L.kv_heads = m[1]; L.head_dim = m[2]; L.window = m[3];
+      L.attn_norm = {m[4], t[0], defined(t[1])};
+      L.mlp_norm = {m[4], t[2], defined(t[3])};
+      Product* products[] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+      for (int i = 0; i < 7; ++i) {
+        auto p = t + 4 + 4 * i;
+        *products[i] = Product(m[5 + i], p[0], defined(p[1]), defined(p[2]), defined(p[3]));
+      }
+      check(L.heads % L.kv_heads == 0 && L.q.N == L.heads * L.head_dim && L.k.N == L.kv_heads * L.head_dim
+            && L.v.N == L.k.N && L.o.K == L.q.N && L.o.N == hidden && L.down.N == hidden, "inconsistent shapes");
+      layers.push_back(std::move(L));
+      t += 32;
+      m += 12;
+    }
+  }
+
+  // The hidden state after every layer for one token: x float32 [hidden] at position `pos`
+  // (its rotary cos/sin float32 [head_dim], or empty for no rotation); its keys and values go
+  // into slot `pos` of each layer's cache [1, kv_heads, length, head_dim].
+  at::Tensor step(at::Tensor x_in, int64_t pos, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> keys,
+                  std::vector<at::Tensor> values) {
+    check(x_in.numel() == hidden && keys.size() == layers.size() && values.size() == layers.size(), "bad inputs");
+    at::Tensor x = x_in.to(at::kFloat).contiguous().clone();
+    float* xp = x.data_ptr<float>();
+    const bool rotary = cos.numel() > 0;
+    at::Tensor cf = rotary ? cos.to(at::kFloat).contiguous() : cos, sf = rotary ? sin.to(at::kFloat).contiguous() : sin;
+    std::vector<float> h(hidden), r(hidden), q, k, v, att, a, b;
+    std::vector<uint16_t> scratch;
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const Layer& L = layers[l];
+      const at::Tensor& kc = keys[l];
+      const at::Tensor& vc = values[l];
+      check(kc.dim() == 4 && kc.size(0) == 1 && kc.size(1) == L.kv_heads && kc.size(3) == L.head_dim
+            && kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.is_contiguous()
+            && vc.scalar_type() == kc.scalar_type() && pos < kc.size(2), "cache must be [1, kv_heads, length, head_dim]");
+      q.resize(L.q.N); k.resize(L.k.N); v.resize(L.v.N); att.resize(L.q.N);
+      L.attn_norm(xp, h.data(), hidden, eps);
+      L.q(h.data(), q.data(), scratch);
+      L.k(h.data(), k.data(), scratch);
+      L.v(h.data(), v.data(), scratch);
+      if (rotary) {
+        check(cf.numel() == L.head_dim, "cos/sin must be [head_dim]");
+        rotate(q.data(), L.heads, L.head_dim, cf.data_ptr<float>(), sf.data_ptr<float>());
+        rotate(k.data(), L.kv_heads, L.head_dim, cf.data_ptr<float>(), sf.data_ptr<float>());
+      }
+      const int64_t first = L.window ? std::max<int64_t>(0, pos - L.window + 1) : 0;
+      if (kc.scalar_type() == at::kFloat) {
+        store<float>(kc, k.data(), L.kv_heads, L.head_dim, pos);
+        store<float>(vc, v.data(), L.kv_heads, L.head_dim, pos);
+        attend<float>(L, q.data(), kc, vc, first, pos, att.data());
+      } else {
+        check(kc.scalar_type() == at::kBFloat16, "the cache must be float32 or bfloat16");
+        store<c10::BFloat16>(kc, k.data(), L.kv_heads, L.head_dim, pos);
+        store<c10::BFloat16>(vc, v.data(), L.kv_heads, L.head_dim, pos);
+        attend<c10::BFloat16>(L, q.data(), kc, vc, first, pos, att.data());
+      }
+      L.o(att.data(), r.data(), scratch);
+      for (int64_t i = 0; i < hidden; ++i) xp[i] += r[i];
+
+      L.mlp_norm(xp, h.data(), hidden, eps);
+      a.resize(L.up.N);
+      L.up(h.data(), a.data(), scratch);
+      if (L.gate.kind != ABSENT) {
+        b.resize(L.gate.N);
+        L.gate(h.data(), b.data(), scratch);
+        activate(b.data(), L.gate.N, act);
+        for (int64_t i = 0; i < L.up.N; ++i) a[i] *= b[i];
+      } else {
+        activate(a.data(), L.up.N, act);
+      }
+      L.down(a.data(), r.data(), scratch);
+      for (int64_t i = 0; i < hidden; ++i) xp[i] += r[i];
+    }
+    return x;
+  }
+};
+
+}  // namespace llmctl
+
+TORCH_LIBRARY_FRAGMENT(llmctl, m) {
+  m.class_<llmctl::DecodePlan>("DecodePlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
+      .def("step", &llmctl::DecodePlan::step);
+}
