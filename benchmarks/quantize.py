@@ -6,8 +6,9 @@
 
 speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
 at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128)
-— int8/int4 with bf16 activations, and int8 with float32 ones (decoding takes llmctl's native
-VNNI kernel for either where it is built; see core/quant/kernels.py) —
+— int8/int4 with bf16 activations, and int8 with float32 ones — through the native decode plan
+(core/native/decode.py, where it is built) and, for comparison, through the Python eager step
+(each product still by the native kernels; see core/quant/kernels.py) —
 by transformers in float32 and, when llama-cpp-python is installed, by llama.cpp in f32, f16,
 q8_0 and q4_0 (a GGUF of the same weights written here with the `gguf` package). Decode tokens/s
 = (N − 1) / (time(N tokens) − time(1 token)), best of --repeats, contenders interleaved. The
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -170,6 +172,18 @@ def scratch(prefix: str) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def python_step():
+    """llmctl's eager decode step in Python: the native whole-step plan switched off."""
+    from llmctl.core.native import decode
+
+    saved, decode.native_step = decode.native_step, lambda model: None
+    try:
+        yield
+    finally:
+        decode.native_step = saved
+
+
 def speed(args) -> None:
     import transformers
 
@@ -186,12 +200,13 @@ def speed(args) -> None:
     prompt = torch.randint(3, SHAPE["vocab_size"], (PROMPT_LEN,), generator=g).tolist()
     tok = IdTok({"p": prompt})
 
-    def ours(path: Path, dtype: torch.dtype, compile: bool = False):
+    def ours(path: Path, dtype: torch.dtype, compile: bool = False, plan: bool = True):
         model, _ = load_model(path, dtype=dtype)
 
         def run(p, n):
             cfg = GenerationConfig(max_new_tokens=n, eos_ids=[], batch_size=1, compile=compile)
-            return generate(model, tok, ["p"], cfg)[0].tokens
+            with contextlib.nullcontext() if plan else python_step():
+                return generate(model, tok, ["p"], cfg)[0].tokens
         return run
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
@@ -208,6 +223,12 @@ def speed(args) -> None:
             "llmctl int8, bf16 activations": (ours(tmp / "int8", torch.bfloat16), streamed_bytes(tmp / "int8")),
             "llmctl int4 g128, bf16 activations": (ours(tmp / "int4", torch.bfloat16), streamed_bytes(tmp / "int4")),
             "llmctl int8, float32 activations": (ours(tmp / "int8", torch.float32), streamed_bytes(tmp / "int8")),
+            "llmctl float32, Python step": (ours(base, torch.float32, plan=False), streamed_bytes(base)),
+            "llmctl bf16, Python step": (ours(base, torch.bfloat16, plan=False), streamed_bytes(base) // 2),
+            "llmctl int8, bf16 activations, Python step": (ours(tmp / "int8", torch.bfloat16, plan=False),
+                                                           streamed_bytes(tmp / "int8")),
+            "llmctl int4 g128, bf16 activations, Python step": (ours(tmp / "int4", torch.bfloat16, plan=False),
+                                                                streamed_bytes(tmp / "int4")),
             "transformers float32": (run_hf, streamed_bytes(base))}
     if args.compile:
         runs.update({"llmctl float32 --compile": (ours(base, torch.float32, True), streamed_bytes(base)),
