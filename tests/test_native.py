@@ -37,9 +37,10 @@ def test_float32_product(n):
 
 
 @needs
-def test_bfloat16_product_sums_in_float32():
+@pytest.mark.parametrize("k", [2048, 96])  # steps of 64 inputs, and a tail of 32
+def test_bfloat16_product_sums_in_float32(k):
     torch.manual_seed(0)
-    x, w = torch.randn(1, 2048).bfloat16(), torch.randn(131, 2048).bfloat16()
+    x, w = torch.randn(1, k).bfloat16(), torch.randn(131, k).bfloat16()
     y = native.ops().mv_float(x, w)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, (x.float() @ w.float().T).bfloat16(), rtol=8e-3, atol=0)  # one bf16 rounding
