@@ -135,6 +135,7 @@ def test_hooks_adapters_and_float16_keep_the_eager_step():
     replace_module(model, "model.layers.1.self_attn.v_proj", torch.nn.Sequential(torch.nn.Linear(128, 64)))
     assert why_not(model) == "layer 1.v_proj: Sequential the native kernels do not take"
     assert why_not(build({}, torch.float16)) == "torch.float16 weights"
+    assert why_not(build({}).train()) == "training mode (dropout)"
 
 
 @needs

@@ -44,6 +44,7 @@ def why_not(model) -> str | None:
     if native.ops() is None or not native.has(native.F32):
         return "native kernels unavailable"
     checks = {
+        "training mode (dropout)": model.training,
         "an encoder": not cfg.is_causal,
         "post-norm": cfg.norm_placement != "pre",
         "mixture of experts": bool(cfg.num_experts),
