@@ -215,7 +215,7 @@ struct DecodePlan : torch::CustomClassHolder {
   at::Tensor step(at::Tensor x_in, int64_t pos, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> keys,
                   std::vector<at::Tensor> values) {
     check(x_in.numel() == hidden && keys.size() == layers.size() && values.size() == layers.size(), "bad inputs");
-    at::Tensor x = x_in.to(at::kFloat).contiguous().clone();
+    at::Tensor x = x_in.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();  // ours to update
     float* xp = x.data_ptr<float>();
     const bool rotary = cos.numel() > 0;
     at::Tensor cf = rotary ? cos.to(at::kFloat).contiguous() : cos, sf = rotary ? sin.to(at::kFloat).contiguous() : sin;
