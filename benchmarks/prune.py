@@ -5,7 +5,9 @@ and peak RSS) and measures held-out perplexity. The layer-pruned model is then r
 the same step budget twice: full training (`llmctl train model=PRUNED`) and LoRA (`llmctl
 finetune PRUNED --config finetune/prune-recovery`). Also measured: the spread of the input
 feature norms ‖X_j‖ (max / median per linear, on the calibration windows), which is what
-Wanda's |W|·‖X_j‖ score adds to magnitude's |W|. Writes benchmarks/results/prune-d<width>.md.
+Wanda's |W|·‖X_j‖ score adds to magnitude's |W|. Writes benchmarks/results/prune-d<width>.md
+(`--outliers C`: on the model with LLM-style activation outliers of benchmarks/outliers.py,
+prune-d<width>-outliers<C>.md).
 
     python -m benchmarks.prune [--width 128 --layers 8 --steps 1200] [--recovery-steps 100] [--dir DIR]
 """
@@ -17,6 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
+from benchmarks import outliers
 from benchmarks.trained import Trained, add_arguments, from_arguments, llmctl, perplexity
 
 RUNS = [  # (label, prune arguments)
@@ -114,7 +117,7 @@ def main() -> None:
     r = t.record
     resumed = "; resumed from a checkpoint: the time is the resumed part's" if r.get("resumed") else ""
     lines = [f"Model: {t.settings.describe()} ({r['seconds'] / 60:.1f} min on {r['threads']} thread(s), "
-             f"load average {r['loadavg'][0]}–{r['loadavg'][1]}{resumed}). Calibration: {args.samples} windows of "
+             f"load average {r['loadavg'][0]}–{r['loadavg'][1]}{resumed}){outliers.describe(r)}. Calibration: {args.samples} windows of "
              f"{SEQ_LEN} tokens from the training text; perplexity on the held-out last 10 % (`llmctl eval --task "
              "perplexity`).", "",
              "| model | val perplexity | vs dense | prune time (s) | peak RSS (MiB) | note |",
@@ -130,7 +133,7 @@ def main() -> None:
     for kind, values in spread.items():
         lines.append(f"| {kind} | {statistics.median(values):.1f} | {max(values):.1f} | "
                      f"{' '.join(f'{v:.1f}' for v in values)} |")
-    out = args.out or Path(__file__).parent / "results" / f"prune-d{t.settings.hidden_size}.md"
+    out = args.out or Path(__file__).parent / "results" / f"prune-d{t.settings.hidden_size}{outliers.suffix(r)}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

@@ -21,7 +21,8 @@ benchmarks/trained.py and of its int8, int4 RTN, GPTQ, AWQ (groups of 128; RTN a
 asymmetric grid too) and NF4 versions, each one's change from the float model and KL divergence
 from it (on 16 held-out windows), and GPTQ's and AWQ's change and KL as a share of RTN's on the
 same grid; writes
-benchmarks/results/quantize-quality-d<width>.md.
+benchmarks/results/quantize-quality-d<width>.md (`--outliers C`: on the model with LLM-style
+activation outliers of benchmarks/outliers.py, …-outliers<C>.md).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import trained
+from benchmarks import outliers, trained
 from benchmarks.generate import PROMPT_LEN, IdTok, _time
 
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -324,7 +325,7 @@ def quality(args) -> None:
                 "int4 GPTQ g128 act-order": ["-m", "gptq", *calib, "gptq.act_order=true"],
                 "int4 AWQ g128": ["-m", "awq", *calib], "int4 RTN g128 asym": ["-m", "int4", "--asym"],
                 "int4 AWQ g128 asym": ["-m", "awq", "--asym", *calib], "NF4": ["-m", "nf4"]}
-    lines = [f"Model: {t.settings.describe()}; perplexity on the held-out last 10 %; calibration "
+    lines = [f"Model: {t.settings.describe()}{outliers.describe(t.record)}; perplexity on the held-out last 10 %; calibration "
              f"{args.samples} windows of {seq_len} tokens from the training text.", "",
              "| model | perplexity | change | KL to float (nats/token) | rel. output error at quantize time "
              "| quantize s |", "|---|---:|---:|---:|---:|---:|"]
@@ -349,7 +350,7 @@ def quality(args) -> None:
                       if name.startswith(("int4 GPTQ", "int4 AWQ")) and name.endswith(" asym") == bool(grid)]
             rtn = f"{100 * rtn:+.2f} %" if unit else f"{rtn:.2e}"
             lines += ["", f"{what} as a share of int4 RTN{grid}'s ({rtn}; goal ≤ 60 %): " + ", ".join(shares)]
-    out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}.md"
+    out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}{outliers.suffix(t.record)}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

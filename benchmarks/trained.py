@@ -134,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=int, default=d.num_kv_heads)
     parser.add_argument("--intermediate", type=int, help="SwiGLU width (default: 3 × width)")
     parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--outliers", type=float, default=0, metavar="FACTOR",
+                        help="make 2 %% of every block linear's input channels FACTOR× larger, the function unchanged "
+                             "(benchmarks/outliers.py)")
 
 
 def from_arguments(args: argparse.Namespace) -> Trained:
@@ -141,7 +144,11 @@ def from_arguments(args: argparse.Namespace) -> Trained:
     settings = Settings(hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
                         num_kv_heads=args.kv_heads, intermediate_size=args.intermediate or 3 * args.width,
                         steps=args.steps)
-    return trained(args.dir, settings)
+    t = trained(args.dir, settings)
+    if args.outliers:
+        from benchmarks.outliers import with_outliers
+        t = with_outliers(t, args.outliers)
+    return t
 
 
 def main() -> None:
