@@ -88,11 +88,10 @@ class NativeStep:
     def __init__(self, model):
         from llmctl.core.model.norm import LayerNorm
 
-        cfg = model.cfg
-        tensors, meta = [], [cfg.hidden_size, None]
-        for block in model.model.layers:
-            attn, mlp = block.self_attn, block.mlp
-            meta[1] = ACTIVATION_CODES[_activation(mlp)]
+        cfg, layers = model.cfg, model.model.layers
+        tensors, meta = [], [cfg.hidden_size, ACTIVATION_CODES[_activation(layers[0].mlp)]]
+        for block in layers:
+            attn = block.self_attn
             meta += [attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.sliding_window or 0,
                      int(isinstance(block.input_layernorm, LayerNorm))]  # decode.cpp's Norm
             tensors += [*_norm(block.input_layernorm), *_norm(block.post_attention_layernorm)]
@@ -102,12 +101,10 @@ class NativeStep:
                 tensors += weights
         self.model = model
         self.plan = torch.classes.llmctl.DecodePlan(tensors, meta, float(cfg.norm_eps))
-        head = model.lm_head
-        product = _product(head) if type(head) is nn.Linear else None
-        self.projection = None
-        if product is not None and product[0] in (1, 2):  # the head by mv_float (+ bias)
-            weight, bias = head.weight, head.bias
-            self.projection = lambda h: _plus(native.ops().mv_float(h.reshape(1, -1), weight), bias).view(*h.shape[:-1], -1)
+        head, self.projection = model.lm_head, None
+        if type(head) is nn.Linear and _product(head) is not None:  # the head by mv_float (+ bias)
+            weight, bias, product = head.weight.detach(), head.bias, native.ops().mv_float
+            self.projection = lambda h: _plus(product(h.reshape(1, -1), weight), bias).view(*h.shape[:-1], -1)
 
     def __call__(self, ids, positions, padding, keys, values, slot) -> torch.Tensor:
         if ids.shape != (1, 1) or padding is not None:
