@@ -1,0 +1,230 @@
+"""Edges of `core/model/transformer.py` the parity tests did not reach (found by mutation
+testing, docs/testing.md): given position ids and hidden states against transformers, the
+last layer trimmed to the kept positions, blocks run one by one, the KV cache `make_cache`
+builds, `decode_step` in bfloat16 and without padding, and GPT-2's initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import transformers
+transformers.logging.set_verbosity_error()
+
+from llmctl.core.model import ModelConfig, Transformer  # noqa: E402
+from llmctl.core.model.io import load_model  # noqa: E402
+
+TINY = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
+            max_seq_len=64)
+
+
+def make(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**TINY, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(transformers' tiny Llama, llmctl's load of it), weights moved off their init."""
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("llama")
+    theirs.save_pretrained(path)
+    return theirs, load_model(path)[0]
+
+
+def test_given_position_ids_equal_transformers(llama):
+    """Position ids passed to forward are used (not recounted from 0): a shifted and a gapped row."""
+    theirs, ours = llama
+    ids = torch.randint(0, 96, (2, 6))
+    positions = torch.tensor([[7, 8, 9, 10, 11, 12], [0, 1, 2, 20, 21, 22]])
+    with torch.no_grad():
+        expected = theirs(ids, position_ids=positions).logits
+        got = ours(ids, position_ids=positions).logits
+        assert (got - expected).abs().max() < 1e-4
+        assert (ours(ids).logits - expected).abs().max() > 1e-2  # the positions matter here
+
+
+def test_hidden_states_equal_transformers(llama):
+    """The embeddings, then each layer's output; transformers' last one is after the final norm."""
+    theirs, ours = llama
+    ids = torch.randint(0, 96, (2, 6))
+    with torch.no_grad():
+        expected = theirs(ids, output_hidden_states=True).hidden_states
+        out = ours(ids, output_hidden_states=True)
+        assert ours(ids).hidden_states == []  # only when asked
+    assert len(out.hidden_states) == len(expected) == 4
+    for got, want in zip(out.hidden_states[:-1], expected[:-1]):
+        assert (got - want).abs().max() < 1e-5
+    assert (ours.model.norm(out.hidden_states[-1]) - expected[-1]).abs().max() < 1e-5
+
+
+def test_only_the_last_layer_is_trimmed_and_only_when_no_position_is_needed():
+    """logits_to_keep: the last block's MLP sees the kept positions only, earlier blocks all;
+    with hidden states or labels asked for, every position runs every layer."""
+    model = make(num_layers=3)
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        assert seen == [10, 10, 10]
+        seen.clear()
+        kept = model(ids, logits_to_keep=2).logits
+        assert seen == [10, 10, 2] and (kept - full[:, -2:]).abs().max() < 1e-5
+        seen.clear()
+        out = model(ids, logits_to_keep=2, output_hidden_states=True)
+        assert seen == [10, 10, 10]
+        assert [h.shape[1] for h in out.hidden_states] == [10] * 4
+        assert (out.logits - full[:, -2:]).abs().max() < 1e-5
+        seen.clear()
+        labels = torch.randint(0, 97, (2, 10))
+        loss = model(ids, labels=labels, logits_to_keep=0).loss
+        assert seen == [10, 10, 10]
+        assert abs(loss.item() - torch.nn.functional.cross_entropy(full.flatten(0, 1), labels.flatten()).item()) < 1e-5
+
+
+def test_blocks_run_one_by_one_equal_forward():
+    """embed → each block as `block(x, ctx)` → head (layerwise.py's protocol) gives forward's logits."""
+    model = make()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        x, ctx = model.embed(ids)
+        for block in model.model.layers:
+            x, _ = block(x, ctx)
+        assert x.shape == (2, 9, 32)
+        assert (model.head(x) - model(ids).logits).abs().max() < 1e-5
+
+
+def test_make_cache_follows_the_model_and_its_layers():
+    """dtype and device from the embeddings unless given, one [B, kv_heads_i, S, D] pair per layer
+    with each layer's own kv heads, and the sliding window; a cached run equals the full one."""
+    model = make(num_layers=3, layer_num_heads=[4, 2, 4], layer_num_kv_heads=[2, 1, 4], sliding_window=4)
+    cache = model.make_cache(2, 12)
+    assert [k.shape for k in cache.keys] == [(2, h, 12, 8) for h in (2, 1, 4)]
+    assert [v.shape for v in cache.values] == [(2, h, 12, 8) for h in (2, 1, 4)]
+    assert cache.sliding_window == 4 and cache.keys[0].dtype == torch.float32
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        model(ids[:, :7], cache=cache)
+        assert (model(ids[:, 7:], cache=cache).logits - full[:, 7:]).abs().max() < 1e-5
+    assert model.make_cache(1, 4, dtype=torch.float16).keys[0].dtype == torch.float16
+    assert model.make_cache(1, 4, device="meta").keys[0].is_meta
+    half = make().to(torch.bfloat16)
+    assert {t.dtype for t in half.make_cache(1, 4).keys + half.make_cache(1, 4).values} == {torch.bfloat16}
+    with torch.device("meta"):
+        on_meta = make()
+    assert on_meta.make_cache(1, 4).values[1].is_meta
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_decode_step_in_bfloat16_without_padding_equals_cached_forward(position):
+    """decode_step with `padding=None` (the batch's rows all full) in a bfloat16 model: the
+    rotary tables and ALiBi's bias in the model's dtype, positions for every row: bit for bit."""
+    model = make(position=position).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 9))
+    eager, static = model.make_cache(2, 12), model.make_cache(2, 12)
+    with torch.no_grad():
+        for cache in (eager, static):
+            model(ids[:, :6], cache=cache)
+        for t in range(6, 9):
+            step = ids[:, t : t + 1]
+            expected = model(step, cache=eager).logits[:, -1]
+            got = model.decode_step(step, torch.full((2, 1), t), None, static.keys, static.values,
+                                    torch.tensor([static.length]))
+            static.advance(1)
+            assert got.shape == (2, 97) and torch.equal(got, expected)
+
+
+def test_aux_loss_is_float32_in_a_bfloat16_model():
+    """The auxiliary loss accumulates in float32 (bfloat16 activations or not)."""
+    for overrides in ({}, dict(num_experts=4, experts_per_token=2, moe_intermediate_size=16)):
+        model = make(**overrides).to(torch.bfloat16)
+        with torch.no_grad():
+            out = model(torch.randint(0, 97, (2, 5)))
+        assert out.aux_loss.dtype == torch.float32
+
+
+def test_initialisation_is_gpt2s():
+    """transformers' GPT2PreTrainedModel._init_weights: linears and embeddings (learned positions
+    too) N(0, initializer_range²), biases 0, norms 1, and the residual projections (o_proj,
+    down_proj) N(0, (initializer_range / sqrt(2 · num_layers))²)."""
+    std, layers = 0.05, 3
+    model = make(num_layers=layers, hidden_size=128, num_heads=4, num_kv_heads=4, intermediate_size=256,
+                 initializer_range=std, position="learned", norm="layernorm", qkv_bias=True, o_bias=True,
+                 mlp_bias=True, tie_embeddings=False, lm_head_bias=True)
+    shrunk = std / math.sqrt(2 * layers)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        elif "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            want = shrunk if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            assert abs(p.std().item() / want - 1) < 0.1 and abs(p.mean().item()) < want / 10, name
+
+
+def test_tying_refuses_a_replaced_head_or_embedding():
+    """tie_weights shares one tensor when the config ties, and refuses a replaced module."""
+    tied, untied = make(tie_embeddings=True), make(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    for path in ("lm_head", "model.embed_tokens"):
+        model = make(tie_embeddings=True)
+        old = model.get_submodule(path)
+        model.set_submodule(path, type("Replaced", (type(old),), {})(*old.weight.shape[::-1 if path == "lm_head" else 1]))
+        with pytest.raises(ValueError, match="cannot tie a replaced output head or embedding; replace_module unties"):
+            model.tie_weights()
+
+
+def test_skip_head_returns_what_head_turns_into_the_logits():
+    """skip_head: no logits but the kept positions' final hidden states; the aux loss and the
+    hidden states as forward's."""
+    model = make(num_experts=4, experts_per_token=2, moe_intermediate_size=16)
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        full = model(ids, output_hidden_states=True)
+        for keep, hidden in ((0, False), (3, False), (3, True)):
+            out = model(ids, skip_head=True, logits_to_keep=keep, output_hidden_states=hidden)
+            assert out.logits is None and out.features.shape == (2, keep or 8, 32)
+            assert (model.head(out.features) - full.logits[:, -keep if keep else 0 :]).abs().max() < 1e-5
+            assert out.aux_loss > 0  # (trimmed, the last layer's balance loss counts the kept positions only)
+            assert (out.aux_loss - full.aux_loss).abs() < 1e-6 or keep and not hidden
+            assert len(out.hidden_states) == (3 if hidden else 0)
+
+
+def test_embed_takes_input_embeddings_in_place_of_the_tokens():
+    """inputs_embeds stands in for embed_tokens(input_ids), with or without the ids."""
+    model = make()
+    ids = torch.randint(0, 97, (2, 7))
+    embeds = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        for given in (None, ids):
+            x, _ = model.embed(given, inputs_embeds=embeds)
+            assert torch.equal(x, embeds)
+        x, ctx = model.embed(None, inputs_embeds=model.model.embed_tokens(ids))
+        for block in model.model.layers:
+            x, _ = block(x, ctx)
+        assert (model.head(x) - model(ids).logits).abs().max() < 1e-5
+
+
+def test_embed_refuses_a_mask_of_the_wrong_length_and_documents_with_a_mask_or_cache():
+    model = make()
+    cache = model.make_cache(2, 12)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 3)), cache=cache)
+        with pytest.raises(ValueError, match=r"^attention_mask must be \[B, 7\] \(cached \+ new\), got \[2, 4\]$"):
+            model(torch.randint(0, 97, (2, 4)), attention_mask=torch.ones(2, 4), cache=cache)
+        docs = torch.zeros(2, 4, dtype=torch.long)
+        for kwargs in (dict(attention_mask=torch.ones(2, 4)), dict(cache=model.make_cache(2, 8))):
+            with pytest.raises(ValueError, match="^document_ids cannot be combined with a KV cache or an attention mask$"):
+                model(torch.randint(0, 97, (2, 4)), document_ids=docs, **kwargs)
