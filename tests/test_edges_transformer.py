@@ -129,14 +129,15 @@ def test_make_cache_follows_the_model_and_its_layers():
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 def test_decode_step_in_bfloat16_without_padding_equals_cached_forward(position):
     """decode_step with `padding=None` (the batch's rows all full) in a bfloat16 model: the
-    rotary tables and ALiBi's bias in the model's dtype, positions for every row: bit for bit."""
-    model = make(position=position).to(torch.bfloat16)
-    ids = torch.randint(0, 97, (2, 9))
-    eager, static = model.make_cache(2, 12), model.make_cache(2, 12)
+    rotary tables and ALiBi's bias in the model's dtype, positions for every row: bit for bit.
+    (Past 256 positions ALiBi's distance × slope is no longer exact in bfloat16.)"""
+    model = make(position=position, max_seq_len=512).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 303))
+    eager, static = model.make_cache(2, 304), model.make_cache(2, 304)
     with torch.no_grad():
         for cache in (eager, static):
-            model(ids[:, :6], cache=cache)
-        for t in range(6, 9):
+            model(ids[:, :300], cache=cache)
+        for t in range(300, 303):
             step = ids[:, t : t + 1]
             expected = model(step, cache=eager).logits[:, -1]
             got = model.decode_step(step, torch.full((2, 1), t), None, static.keys, static.values,
@@ -228,3 +229,57 @@ def test_embed_refuses_a_mask_of_the_wrong_length_and_documents_with_a_mask_or_c
         for kwargs in (dict(attention_mask=torch.ones(2, 4)), dict(cache=model.make_cache(2, 8))):
             with pytest.raises(ValueError, match="^document_ids cannot be combined with a KV cache or an attention mask$"):
                 model(torch.randint(0, 97, (2, 4)), document_ids=docs, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """(transformers' tiny LlamaForSequenceClassification with 3 labels and pad 2, llmctl's load of it)."""
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+                                      num_labels=3, pad_token_id=2)
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForSequenceClassification(config).eval()
+    path = tmp_path_factory.mktemp("classifier")
+    theirs.save_pretrained(path)
+    return theirs, load_model(path)[0]
+
+
+def test_sequence_scores_equal_transformers_classifier(classifier):
+    """The score at each row's last non-pad token: right and left padding, a pad inside the row,
+    no padding, only padding; without a pad token, the last position (transformers: batch 1)."""
+    from llmctl.core.model.reward import last_tokens, sequence_scores
+
+    theirs, ours = classifier
+    ids = torch.tensor([[5, 6, 7, 2, 2, 2], [2, 2, 9, 10, 11, 12], [5, 2, 7, 8, 2, 2], [4, 5, 6, 7, 8, 9],
+                        [2, 2, 2, 2, 2, 2]])
+    assert last_tokens(ids, 2).tolist() == [2, 5, 3, 5, 0]
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        got = sequence_scores(ours, ids, 2)
+        assert got.shape == (5, 3) and (got - expected).abs().max() < 1e-5
+        theirs.config.pad_token_id = None
+        try:
+            alone = torch.cat([theirs(row[None]).logits for row in ids])
+        finally:
+            theirs.config.pad_token_id = 2
+        assert (sequence_scores(ours, ids, None) - alone).abs().max() < 1e-5
+    assert last_tokens(ids, None).tolist() == [5] * 5
+
+
+def test_score_head_is_a_fresh_normal_head_in_the_models_dtype_and_device():
+    """transformers' `score`: Linear(hidden, num_labels, bias=False) drawn N(0, initializer_range²)."""
+    import dataclasses
+
+    from llmctl.core.model.reward import add_score_head
+
+    model = make(hidden_size=128, num_heads=4, num_kv_heads=4, tie_embeddings=False).to(torch.bfloat16)
+    cfg = dataclasses.replace(model.cfg, num_labels=64, initializer_range=0.05)
+    add_score_head(model, cfg)
+    head = model.lm_head
+    assert model.cfg is cfg and head.bias is None and head.weight.shape == (64, 128)
+    assert head.weight.dtype == torch.bfloat16 and head.weight is not model.model.embed_tokens.weight
+    assert abs(head.weight.float().std().item() / 0.05 - 1) < 0.05
+    with torch.device("meta"):
+        on_meta = make(tie_embeddings=False)
+    add_score_head(on_meta, dataclasses.replace(on_meta.cfg, num_labels=2))
+    assert on_meta.lm_head.weight.is_meta
