@@ -283,3 +283,35 @@ def test_score_head_is_a_fresh_normal_head_in_the_models_dtype_and_device():
         on_meta = make(tie_embeddings=False)
     add_score_head(on_meta, dataclasses.replace(on_meta.cfg, num_labels=2))
     assert on_meta.lm_head.weight.is_meta
+
+
+def test_a_prefix_adapters_keys_are_made_once_per_cache():
+    """With a KV cache, the prefix encoder runs on the first step only; later steps reuse cache.prefix."""
+    from llmctl.core.adapters.prompt import Prefix
+
+    model = Prefix(num_virtual_tokens=3).apply(make())
+    calls = []
+    model.prompt_encoder.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, 97, (2, 8))
+    cache = model.make_cache(2, 8)
+    with torch.no_grad():
+        full = model(ids).logits
+        assert len(calls) == 1
+        model(ids[:, :5], cache=cache)
+        prefix = cache.prefix
+        steps = [model(ids[:, t : t + 1], cache=cache).logits for t in range(5, 8)]
+    assert len(calls) == 2 and cache.prefix is prefix and len(prefix) == 2
+    assert (torch.cat(steps, 1) - full[:, 5:]).abs().max() < 1e-5
+
+
+def test_rotary_tables_cover_long_inputs_and_long_cached_steps():
+    """Past the 1024 positions the rotary tables start with: one 1300-token forward, and a
+    700-token step after 600 cached ones (the tables then hold 1200), equal the full forward."""
+    model = make(max_seq_len=2048)
+    ids = torch.randint(0, 97, (1, 1300))
+    with torch.no_grad():
+        full = model(ids).logits
+        fresh = make(max_seq_len=2048)
+        cache = fresh.make_cache(1, 1300)
+        fresh(ids[:, :600], cache=cache)
+        assert (fresh(ids[:, 600:], cache=cache).logits - full[:, 600:]).abs().max() < 1e-4
