@@ -143,7 +143,7 @@ def test_decode_step_in_bfloat16_without_padding_equals_cached_forward(position)
             got = model.decode_step(step, torch.full((2, 1), t), None, static.keys, static.values,
                                     torch.tensor([static.length]))
             static.advance(1)
-            assert got.shape == (2, 97) and torch.equal(got, expected)
+            assert got.shape == (2, 97) and got.dtype == torch.float32 and torch.equal(got, expected)
 
 
 def test_aux_loss_is_float32_in_a_bfloat16_model():
@@ -164,6 +164,7 @@ def test_initialisation_is_gpt2s():
                  initializer_range=std, position="learned", norm="layernorm", qkv_bias=True, o_bias=True,
                  mlp_bias=True, tie_embeddings=False, lm_head_bias=True)
     shrunk = std / math.sqrt(2 * layers)
+    assert model.lm_head.bias is not None
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             assert torch.equal(p, torch.zeros_like(p)), name
@@ -315,3 +316,50 @@ def test_rotary_tables_cover_long_inputs_and_long_cached_steps():
         cache = fresh.make_cache(1, 1300)
         fresh(ids[:, :600], cache=cache)
         assert (fresh(ids[:, 600:], cache=cache).logits - full[:, 600:]).abs().max() < 1e-4
+
+
+def test_each_dropout_acts_where_its_config_says():
+    """embedding_dropout on the embeddings (zeros, the rest scaled by 1/(1-p)); residual_dropout
+    on each sublayer's output before the residual add; none of it in eval."""
+    ids = torch.randint(0, 97, (2, 8))
+    model = make(embedding_dropout=0.5).train()
+    x, _ = model.embed(ids)
+    clean = model.model.embed_tokens(ids)
+    dropped = x == 0
+    assert 0.3 < dropped.float().mean() < 0.7
+    assert torch.allclose(x[~dropped], 2 * clean[~dropped])
+    model = make(residual_dropout=0.5).train()
+    block = model.model.layers[0]
+    h = torch.randn(2, 8, 32)
+    _, ctx = model.embed(ids)
+    torch.manual_seed(1)
+    out, _ = block(h, ctx)
+    block.eval()
+    assert not torch.allclose(out, block(h, ctx)[0])
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_gradient_checkpointing_recomputes_each_layer_in_training_only():
+    """Checkpointed blocks run their forward again during backward (activations not kept)."""
+    ids = torch.randint(0, 97, (2, 8))
+    for flag, training, runs in ((True, True, 2), (True, False, 1), (False, True, 1)):
+        model = make(gradient_checkpointing=flag).train(training)
+        calls = []
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        model(ids, labels=ids).loss.backward()
+        assert len(calls) == runs, (flag, training)
+
+
+def test_bfloat16_embeddings_and_logits_dtypes():
+    """In a bfloat16 model: sinusoidal positions added in bfloat16, Gemma's sqrt(hidden) rounded
+    to bfloat16 before the product (as transformers' normalizer), float32 logits."""
+    ids = torch.randint(0, 97, (2, 6))
+    sinusoidal = make(position="sinusoidal").to(torch.bfloat16)
+    assert sinusoidal.embed(ids)[0].dtype == torch.bfloat16
+    gemma = make(norm="gemma_rmsnorm", scale_embeddings=True).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = gemma.model.embed_tokens(ids) * torch.tensor(32**0.5, dtype=torch.bfloat16)
+        assert torch.equal(gemma.embed(ids)[0], expected)
+        assert not torch.equal(expected, gemma.model.embed_tokens(ids) * torch.tensor(32**0.5))
+        assert gemma(ids).logits.dtype == torch.float32
