@@ -341,7 +341,8 @@ def test_each_dropout_acts_where_its_config_says():
 
 
 def test_gradient_checkpointing_recomputes_each_layer_in_training_only():
-    """Checkpointed blocks run their forward again during backward (activations not kept)."""
+    """Checkpointed blocks run their forward again during backward (activations not kept);
+    the last one still runs only the kept positions."""
     ids = torch.randint(0, 97, (2, 8))
     for flag, training, runs in ((True, True, 2), (True, False, 1), (False, True, 1)):
         model = make(gradient_checkpointing=flag).train(training)
@@ -349,6 +350,35 @@ def test_gradient_checkpointing_recomputes_each_layer_in_training_only():
         model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         model(ids, labels=ids).loss.backward()
         assert len(calls) == runs, (flag, training)
+    model, seen = make(gradient_checkpointing=True).train(), []
+    model.model.layers[-1].mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    model(ids, logits_to_keep=2)
+    assert seen == [2]
+
+
+def test_gradient_checkpointing_trains_blocks_behind_frozen_embeddings():
+    """Frozen embeddings (an adapter's base): the blocks' inputs need no gradient, and their
+    weights still get the gradients computed without checkpointing (a reentrant checkpoint gives none)."""
+    ids = torch.randint(0, 97, (2, 8))
+    grads = []
+    for flag in (False, True):
+        model = make(gradient_checkpointing=flag, tie_embeddings=False).train()
+        model.model.embed_tokens.weight.requires_grad_(False)
+        model(ids, labels=ids).loss.backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
+    assert grads[1] is not None and torch.allclose(*grads, atol=1e-6)
+
+
+def test_an_all_ones_attention_mask_keeps_the_causal_fast_path():
+    """No padding in the mask: no explicit mask, the kernel's causal pattern (SDPA's fast path)."""
+    model = make()
+    ids = torch.randint(0, 97, (2, 6))
+    _, ctx = model.embed(ids, attention_mask=torch.ones(2, 6, dtype=torch.long))
+    assert ctx.mask is None and ctx.is_causal
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 0] = 0
+    _, ctx = model.embed(ids, attention_mask=mask)
+    assert ctx.mask is not None and not ctx.is_causal
 
 
 def test_bfloat16_embeddings_and_logits_dtypes():

@@ -359,11 +359,12 @@ def prefix_length(prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> int
 
 
 def with_prefix(mask: torch.Tensor | None, prefix) -> torch.Tensor | None:
-    """`mask` [.., T, K] with the prefix's key columns first, every query allowed to see them.
-    (None stays None: the bottom-right causal pattern over P + K keys already sees them.)"""
+    """Bool `mask` [.., T, K] with the prefix's key columns first, every query allowed to see them.
+    (None stays None: the bottom-right causal pattern over P + K keys already sees them. The
+    mask is never ALiBi's additive one: prefix and prompt adapters refuse ALiBi.)"""
     if mask is None or not prefix:
         return mask
-    return F.pad(mask, (prefix_length(prefix), 0), value=True if mask.dtype == torch.bool else 0.0)
+    return F.pad(mask, (prefix_length(prefix), 0), value=True)
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
