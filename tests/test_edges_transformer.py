@@ -393,3 +393,112 @@ def test_bfloat16_embeddings_and_logits_dtypes():
         assert torch.equal(gemma.embed(ids)[0], expected)
         assert not torch.equal(expected, gemma.model.embed_tokens(ids) * torch.tensor(32**0.5))
         assert gemma(ids).logits.dtype == torch.float32
+
+
+# -- module transforms (core/model/transforms.py) ----------------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from llmctl.core.model import transforms as tf  # noqa: E402
+from llmctl.errors import CheckpointError  # noqa: E402
+
+
+class _Quantized(nn.Module):
+    """A replaced linear: no nn.Linear, but in_features and out_features (and buffers only)."""
+
+    def __init__(self, n: int, m: int):
+        super().__init__()
+        self.in_features, self.out_features = n, m
+        self.register_buffer("qweight", torch.zeros(m, n, dtype=torch.int8))
+
+
+class _InOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.in_features = 4
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense, self.quantized, self.in_only, self.empty = nn.Linear(4, 4), _Quantized(4, 4), _InOnly(), nn.Identity()
+        self.lm_head = nn.Linear(4, 8)
+
+
+@tf.TRANSFORMS.register("edges_to_linear")
+@dataclass(kw_only=True)
+class _ToLinear(tf.Transform):
+    """Each selected module becomes nn.Linear(4, 4), made without a device; records the paths it is handed."""
+
+    bits: int = 8
+    seen: list | None = None
+
+    def replace(self, path, module):
+        self.seen.append(path)
+        return nn.Linear(4, 4)
+
+
+@tf.TRANSFORMS.register("edges_quantized")
+class _QuantFormat(_ToLinear):
+    quant_method = "edges-format"
+
+
+def test_all_linear_picks_replaced_linears_by_their_features_not_the_head():
+    assert tf.select_modules(_Toy(), "all-linear") == ["dense", "quantized"]
+
+
+def test_transform_selection_and_replacement_on_the_replaced_modules_device():
+    """select() passes exclude_modules and layers_to_transform; replace() gets each path; new
+    tensors land on the device of the module they replace (parameters or buffers), the default
+    device for a module without tensors; a model without `transforms` gets the list."""
+    model = make(num_layers=3)
+    t = _ToLinear(target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.2.self_attn.v_proj"],
+                  layers_to_transform=[0, 2], seen=[])
+    assert t.select(model) == tf.select_modules(model, ["q_proj", "v_proj"], ["model.layers.2.self_attn.v_proj"],
+                                                [0, 2])
+    assert t.select(model) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                               "model.layers.2.self_attn.q_proj"]
+    with torch.device("meta"):
+        toy = _Toy()
+    t = _ToLinear(target_modules=["dense", "quantized", "empty"], seen=[])
+    assert t.apply(toy) is toy and toy.transforms == [t] and t.seen == ["dense", "quantized", "empty"]
+    assert toy.dense.weight.is_meta and toy.quantized.weight.is_meta and not toy.empty.weight.is_meta
+
+
+def test_replacing_only_the_head_or_embeddings_unties_them():
+    for path, untied in (("lm_head", True), ("model.embed_tokens", True), ("model.layers.0.mlp.up_proj", False)):
+        model = make(tie_embeddings=True)
+        tf.replace_module(model, path, nn.Linear(1, 1))
+        assert model.cfg.tie_embeddings is not untied, path
+    toy = _Toy()  # no cfg at all
+    tf.replace_module(toy, "lm_head", nn.Linear(4, 2))
+    assert toy.lm_head.out_features == 2
+
+
+def test_transform_records_and_their_refusals():
+    """record(): a leading Hugging Face format to config.json, every other spec to llmctl.json;
+    each refusal's whole message."""
+    first, second, third = _QuantFormat(seen=[]), _ToLinear(bits=4, seen=[]), _ToLinear(bits=2, seen=[])
+    config, specs = tf.record([first, second, third])
+    assert config["quant_method"] == "edges-format" and [s["bits"] for s in specs] == [4, 2]
+    assert tf.record([second, first])[0] is None
+    with pytest.raises(CheckpointError, match=r"^llmctl\.json: transform record \{'bits': 4\} has no 'type'$"):
+        tf.from_spec({"bits": 4})
+    with pytest.raises(CheckpointError, match=r"has no 'type'$"):
+        tf.from_spec(["type"])
+    known = ", ".join(tf.TRANSFORMS.names())
+    with pytest.raises(CheckpointError) as error:
+        tf.from_spec({"type": "edges_missing"})
+    assert str(error.value) == f"llmctl.json: transform 'edges_missing' is not installed; known: {known}"
+    with pytest.raises(CheckpointError, match=r"^llmctl\.json: transform edges_to_linear has no parameter 'alpha'$"):
+        tf.from_spec({"type": "edges_to_linear", "zeta": 1, "alpha": 2})
+    with pytest.raises(CheckpointError,
+                       match=r"^quantization_config: transform edges_quantized has no parameter 'alpha'$"):
+        tf.from_quantization_config({"quant_method": "edges-format", "alpha": 1})
+    formats = sorted(cls.quant_method for _, cls in tf.TRANSFORMS.items() if cls.quant_method)
+    with pytest.raises(CheckpointError) as error:
+        tf.from_quantization_config({"quant_method": "gptq"})
+    assert str(error.value) == (f"config.json: quantization_config quant_method 'gptq' is not supported; "
+                                f"supported: {', '.join(formats)}")
