@@ -172,9 +172,9 @@ def from_quantization_config(config: Mapping[str, Any]) -> Transform:
     """The transform registered for config.json's `quantization_config.quant_method`."""
     method = config.get("quant_method")
     known = {cls.quant_method: cls for _, cls in TRANSFORMS.items() if cls.quant_method}
-    if method not in known:
-        raise CheckpointError(f"config.json: quantization_config quant_method {method!r} is not supported"
-                              f"{'; supported: ' + ', '.join(sorted(known)) if known else ''}")
+    if method not in known:  # never empty: the built-in NF4 and compressed-tensors formats
+        raise CheckpointError(f"config.json: quantization_config quant_method {method!r} is not supported; "
+                              f"supported: {', '.join(sorted(known))}")
     return known[method].from_quantization_config(config)
 
 
