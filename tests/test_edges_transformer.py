@@ -1,20 +1,30 @@
-"""Edges of `core/model/transformer.py` the parity tests did not reach (found by mutation
-testing, docs/testing.md): given position ids and hidden states against transformers, the
-last layer trimmed to the kept positions, blocks run one by one, the KV cache `make_cache`
-builds, `decode_step` in bfloat16 and without padding, and GPT-2's initialisation."""
+"""Edges of the model core the parity tests did not reach (found by mutation testing,
+docs/testing.md). `transformer.py`: given position ids and hidden states against transformers,
+the last layer trimmed to the kept positions, blocks run one by one, the KV cache `make_cache`
+builds, `decode_step` in bfloat16 and without padding, GPT-2's initialisation, skip_head,
+input embeddings, dropout sites, gradient checkpointing. `reward.py`: scores against
+transformers' sequence classifier, the fresh score head. `transforms.py`: replaced linears in
+"all-linear", the device of replacements, untying, records and every refusal's message."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 
 import transformers
 transformers.logging.set_verbosity_error()
 
+from llmctl.core.adapters.prompt import Prefix  # noqa: E402
 from llmctl.core.model import ModelConfig, Transformer  # noqa: E402
+from llmctl.core.model import transforms as tf  # noqa: E402
 from llmctl.core.model.io import load_model  # noqa: E402
+from llmctl.core.model.reward import add_score_head, last_tokens, sequence_scores  # noqa: E402
+from llmctl.errors import CheckpointError  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
             max_seq_len=64)
@@ -248,8 +258,6 @@ def classifier(tmp_path_factory):
 def test_sequence_scores_equal_transformers_classifier(classifier):
     """The score at each row's last non-pad token: right and left padding, a pad inside the row,
     no padding, only padding; without a pad token, the last position (transformers: batch 1)."""
-    from llmctl.core.model.reward import last_tokens, sequence_scores
-
     theirs, ours = classifier
     ids = torch.tensor([[5, 6, 7, 2, 2, 2], [2, 2, 9, 10, 11, 12], [5, 2, 7, 8, 2, 2], [4, 5, 6, 7, 8, 9],
                         [2, 2, 2, 2, 2, 2]])
@@ -269,10 +277,6 @@ def test_sequence_scores_equal_transformers_classifier(classifier):
 
 def test_score_head_is_a_fresh_normal_head_in_the_models_dtype_and_device():
     """transformers' `score`: Linear(hidden, num_labels, bias=False) drawn N(0, initializer_range²)."""
-    import dataclasses
-
-    from llmctl.core.model.reward import add_score_head
-
     model = make(hidden_size=128, num_heads=4, num_kv_heads=4, tie_embeddings=False).to(torch.bfloat16)
     cfg = dataclasses.replace(model.cfg, num_labels=64, initializer_range=0.05)
     add_score_head(model, cfg)
@@ -288,8 +292,6 @@ def test_score_head_is_a_fresh_normal_head_in_the_models_dtype_and_device():
 
 def test_a_prefix_adapters_keys_are_made_once_per_cache():
     """With a KV cache, the prefix encoder runs on the first step only; later steps reuse cache.prefix."""
-    from llmctl.core.adapters.prompt import Prefix
-
     model = Prefix(num_virtual_tokens=3).apply(make())
     calls = []
     model.prompt_encoder.register_forward_hook(lambda *_: calls.append(1))
@@ -396,14 +398,6 @@ def test_bfloat16_embeddings_and_logits_dtypes():
 
 
 # -- module transforms (core/model/transforms.py) ----------------------------------------------------
-
-from dataclasses import dataclass  # noqa: E402
-
-from torch import nn  # noqa: E402
-
-from llmctl.core.model import transforms as tf  # noqa: E402
-from llmctl.errors import CheckpointError  # noqa: E402
-
 
 class _Quantized(nn.Module):
     """A replaced linear: no nn.Linear, but in_features and out_features (and buffers only)."""
