@@ -113,3 +113,22 @@ def test_validation_scores_each_document_alone(corpus, tmp_path):  # noqa: F811
         total = sum(float(F.cross_entropy(model(inputs[:, a:b]).logits[0], labels[0, a:b], reduction="sum"))
                     for a, b in ((0, 10), (10, 21), (21, 32)))
     assert loss == pytest.approx(total / labels.numel(), rel=1e-5)
+
+
+def test_adamw_is_fused_on_cpu_and_cuda_only_and_gets_its_settings():
+    """The fused AdamW kernel where torch has one for llmctl's devices (CPU here), not elsewhere
+    (a model still on the meta device); the settings reach every group."""
+    from llmctl.core.model import ModelConfig, Transformer
+    from llmctl.core.train.optim import build_optimizer
+
+    def build(model):
+        return build_optimizer(model, lr=3e-4, weight_decay=0.1, no_decay=["norm", "embed"], betas=(0.8, 0.9),
+                               eps=1e-7)
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2)
+    optimizer = build(Transformer(config))
+    assert optimizer.defaults["fused"] is True
+    assert [(g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        (3e-4, (0.8, 0.9), 1e-7, 0.1), (3e-4, (0.8, 0.9), 1e-7, 0.0)]
+    with torch.device("meta"):
+        assert build(Transformer(config)).defaults["fused"] is False
