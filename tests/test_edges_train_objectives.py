@@ -91,7 +91,8 @@ def test_masked_batch_is_bert_corruption_of_the_window(corpus, tmp_path):  # noq
 def test_the_auxiliary_losses_are_added_to_the_minimised_loss(corpus, tmp_path):  # noqa: F811
     """MoE balance and multi-token losses are minimised with the LM loss (added, not subtracted)."""
     trainer = _trainer(corpus, tmp_path, f"model={corpus['moe']}")
-    inputs, labels, extra = trainer._inputs(torch.randint(0, 320, (2, 33), generator=torch.Generator().manual_seed(1)), 0)
+    rows = torch.randint(0, 320, (2, 33), generator=torch.Generator().manual_seed(1))
+    inputs, labels, extra = trainer._inputs(rows, 0)
     with torch.no_grad():
         total, lm = trainer.objective.loss(trainer.forward, inputs, labels, extra)
         out = trainer.model(inputs, labels=labels)
@@ -132,3 +133,348 @@ def test_adamw_is_fused_on_cpu_and_cuda_only_and_gets_its_settings():
         (3e-4, (0.8, 0.9), 1e-7, 0.1), (3e-4, (0.8, 0.9), 1e-7, 0.0)]
     with torch.device("meta"):
         assert build(Transformer(config)).defaults["fused"] is False
+
+
+# -- SFT (`core/train/sft.py`) ----------------------------------------------------------------
+
+
+def _sft_batches(rows: int = 10, val=None, **options):
+    from llmctl.core.train.sft import SFTBatches
+
+    train = torch.arange(rows)[:, None].repeat(1, 4)  # row i holds i
+    return SFTBatches(train, val, **{"batch_size": 3, "rank": 0, "world": 1, "seed": 7, "eval_batches": 100,
+                                     **options})
+
+
+def test_sft_batches_visit_every_row_once_an_epoch_reshuffled_and_split_by_rank():
+    """Batches of 3 over 10 rows cross epochs: each epoch is a permutation of the rows, seeded
+    by (seed, epoch); batch i is the same whatever was asked before (resume); rank r of w gets
+    the r-th slice of the batch a single process gets with w times the batch size."""
+    one = _sft_batches()
+    order = torch.cat([one.batch(i)[:, 0] for i in range(10)]).tolist()  # 30 positions: 3 epochs
+    epochs = [order[e * 10:(e + 1) * 10] for e in range(3)]
+    assert all(sorted(e) == list(range(10)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+    assert [_sft_batches().batch(i)[:, 0].tolist() for i in (8, 1, 5)] == [order[24:27], order[3:6], order[15:18]]
+    assert _sft_batches(seed=8).batch(0)[:, 0].tolist() != order[:3]
+    assert torch.equal(one.batch(2), torch.arange(10)[order[6:9]][:, None].repeat(1, 4))  # whole rows
+
+    whole = _sft_batches(batch_size=6)
+    for i in range(4):
+        ranks = [_sft_batches(rank=r, world=2).batch(i) for r in range(2)]
+        assert torch.equal(torch.cat(ranks), whole.batch(i))
+
+
+def test_sft_validation_batches_per_rank():
+    """Validation: the rows in batches of `batch_size`, at most `eval_batches`; rank r of w scores
+    rows r, r + w, …, and every rank all of them when there are fewer rows than ranks."""
+    val = torch.arange(7)[:, None]
+    got = lambda **o: [b[:, 0].tolist() for b in _sft_batches(val=val, **o).val_batches()]  # noqa: E731
+    assert got() == [[0, 1, 2], [3, 4, 5], [6]]
+    assert got(eval_batches=2) == [[0, 1, 2], [3, 4, 5]]
+    assert got(rank=1, world=2, batch_size=2) == [[1, 3], [5]]
+    assert got(rank=1, world=7) == [[1]]
+    assert got(rank=1, world=8) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert _sft_batches(val=None).val_batches() == [] and _sft_batches(val=val[:0]).val_batches() == []
+
+
+def test_sft_batches_refuse_other_data_on_resume():
+    from llmctl.errors import DataError
+
+    batches = _sft_batches()
+    assert batches.state() == {"rows": 10}
+    batches.load_state({"rows": 10})
+    for state, then in (({"rows": 9}, 9), ({}, None)):
+        with pytest.raises(DataError, match=re.escape(f"the training data changed since the checkpoint ({then} rows "
+                                                      "then, 10 now); resume with the same data")):
+            batches.load_state(state)
+
+
+def test_sft_hold_out_pad_and_summary():
+    """`hold_out`: floor(n · val_fraction) items of a seeded shuffle (none of a single item), both
+    parts in their order; `pad_id`: the tokenizer's pad, else its EOS, else 0; the data summary."""
+    import random
+    from types import SimpleNamespace
+
+    from llmctl.core.data.sft import Stats
+    from llmctl.core.train.sft import _describe, hold_out, pad_id
+
+    cfg = SimpleNamespace(seed=3, val_fraction=0.25)
+    items = list(range(10, 21))  # 11 items: 2 held
+    shuffled = list(range(11))
+    random.Random(3).shuffle(shuffled)
+    train, val = hold_out(items, cfg)
+    assert val == [items[i] for i in sorted(shuffled[:2])] and train == [x for x in items if x not in val]
+    assert hold_out(items, SimpleNamespace(seed=4, val_fraction=0.25))[1] != val
+    assert hold_out(items[:4], cfg)[1] != [] and hold_out(items[:3], cfg) == (items[:3], [])
+    assert hold_out(["a"], SimpleNamespace(seed=3, val_fraction=1.0)) == (["a"], [])
+    assert sorted(sum(hold_out(["a", "b"], SimpleNamespace(seed=3, val_fraction=0.5)), [])) == ["a", "b"]
+    assert [len(part) for part in hold_out(["a", "b"], SimpleNamespace(seed=3, val_fraction=0.5))] == [1, 1]
+
+    tok = lambda pad, eos: SimpleNamespace(pad_id=pad, eos_id=eos)  # noqa: E731
+    assert (pad_id(tok(5, 2)), pad_id(tok(0, 2)), pad_id(tok(None, 2)), pad_id(tok(None, None))) == (5, 0, 2, 0)
+
+    stats = Stats(examples=3, tokens=[4, 6, 9], loss_tokens=5, rows=2, fill=0.755)
+    assert _describe(stats, None) == ("SFT data: 3 examples, 4/6.3/9 tokens per example (min/mean/max), 5 learned "
+                                      "tokens in 2 rows (76% filled)")
+    stats.truncated = 1
+    assert _describe(stats, Stats(examples=2, rows=1)).endswith(
+        "(76% filled); 1 cut to seq_len, 0 dropped (nothing left to learn); validation: 2 examples in 1 rows")
+    stats.truncated, stats.dropped = 0, 4
+    assert _describe(stats, None).endswith("filled); 0 cut to seq_len, 4 dropped (nothing left to learn)")
+
+
+def test_sft_batch_learns_the_masked_tokens_and_separates_packed_documents():
+    """Inputs are the ids but the last; a label is the next id where that token carries loss, else
+    -100; `document_ids` (the row's document of each input) only when packing put several
+    documents in a row of the batch."""
+    from types import SimpleNamespace
+
+    from llmctl.core.train.sft import SFT
+
+    ids = torch.arange(10, 26).reshape(2, 8)
+    mask = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1, 0, 0]])
+    docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]])
+    rows = torch.stack([ids, mask, docs], 1)
+    batch = lambda rows, packing: SFT(SimpleNamespace(config=SimpleNamespace(packing=packing)),  # noqa: E731
+                                      torch.device("cpu")).batch(rows, 0)
+    inputs, labels, extra = batch(rows, True)
+    assert torch.equal(inputs, ids[:, :-1]) and torch.equal(extra["document_ids"], docs[:, :-1])
+    assert labels.tolist() == [[-100, 12, 13, -100, 15, 16, 17], [19, 20, 21, 22, 23, -100, -100]]
+    assert batch(rows, False)[2] == {}
+    one_each = rows.clone()
+    one_each[:, 2] = 0
+    assert batch(one_each, True)[2] == {}
+    one_each[1, 2, -1] = 1  # a document starting at the last token: no input belongs to it
+    assert batch(one_each, True)[2] == {}
+    one_each[1, 2, -2:] = 1
+    assert torch.equal(batch(one_each, True)[2]["document_ids"], one_each[:, 2, :-1])
+
+
+class _Report:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+    warn = info
+
+
+@pytest.fixture(scope="module")
+def sft_base(tmp_path_factory):
+    """A tiny Llama checkpoint and 12 prompt/completion records."""
+    from conftest import tiny_llama
+
+    root = tmp_path_factory.mktemp("sft")
+    (root / "base").mkdir()
+    base = tiny_llama(root / "base", ["question: what is two plus three? answer: five. " * 20], vocab=200,
+                      context=128, scale=2.0)
+    records = root / "sums.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"what is {a} plus {a}?", "completion": f" {a + a}."}) + "\n"
+                               for a in range(12)))
+    return base, records
+
+
+def _finetune_plan(sft_base, *overrides, model=None, data=None, report=None):
+    from llmctl.config import load_config
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.finetune_config import FinetuneConfig
+
+    base, records = sft_base
+    cfg = load_config(FinetuneConfig, "tiny", list(overrides), kind="finetune")
+    cfg.model, cfg.data = str(model or base), [str(data or records)]
+    cfg.objective = cfg.training_objective
+    return make_plan(cfg, "cpu", report or _Report())
+
+
+def test_sft_refusals_and_qlora_defaults(sft_base, corpus):  # noqa: F811
+    def refused(message, *overrides, **where):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            _finetune_plan(sft_base, *overrides, **where)
+
+    refused(f"config key 'model': {corpus['bert']} is encoder-only; finetuning is for causal models", "method=full",
+            f"tokenizer={sft_base[0]}", model=corpus["bert"])
+    refused("config key 'merge_adapter': method prefix has no weights to merge into the base; its adapter directory "
+            "loads as it is", "method=prefix", "merge_adapter=true")
+    refused("method lora: adapters need a base checkpoint, not the preset nano", f"tokenizer={sft_base[0]}",
+            model="nano")
+    refused("config key 'data': SFT reads JSONL/JSON records, not token shards", "method=full", "seq_len=16",
+            model="nano", data=corpus["shards"])
+    assert _finetune_plan(sft_base, "merge_adapter=true").objective == "sft"  # LoRA merges
+
+    lora, qlora = _finetune_plan(sft_base, "precision=auto"), _finetune_plan(sft_base, "method=qlora", "precision=auto")
+    assert (lora.precision, lora.model_config.gradient_checkpointing) == ("float32", False)
+    assert (qlora.precision, qlora.model_config.gradient_checkpointing) == ("bfloat16", True)  # PEFT's k-bit defaults
+    chosen = _finetune_plan(sft_base, "method=qlora", "precision=float32", "gradient_checkpointing=false")
+    assert (chosen.precision, chosen.model_config.gradient_checkpointing) == ("float32", False)
+
+
+def test_sft_data_summary_and_batches_of_a_plan(sft_base):
+    """The summary names the validation split; the batch source gets the validation rows and
+    `eval_batches`."""
+    from types import SimpleNamespace
+
+    from llmctl.core.train.sft import SFT
+
+    report = _Report()
+    plan = _finetune_plan(sft_base, "val_fraction=0.5", "packing=false", "eval_batches=2", "batch_size=2",
+                          report=report)
+    assert report.lines == [report.lines[0]] and report.lines[0].endswith("; validation: 6 examples in 6 rows")
+    batches = SFT(plan, torch.device("cpu")).data(SimpleNamespace(rank=0, world=1))
+    assert [len(b) for b in batches.val_batches()] == [2, 2]
+    assert torch.equal(torch.cat(batches.val_batches()), plan.prepared["val"][:4])
+
+
+def _sft(**config):
+    from types import SimpleNamespace
+
+    from llmctl.core.train.sft import SFT
+
+    objective = object.__new__(SFT)  # `prepare`, `loss` and `save` read only these
+    objective.cfg = SimpleNamespace(**config)
+    objective.plan = SimpleNamespace(init_from=config.get("base"))
+    return objective
+
+
+def test_sft_prepare_adds_the_adapter_once_and_trains_modules_to_save(sft_base):
+    from llmctl.core.adapters import LoRA, lora_modules
+    from llmctl.core.train.finetune_config import AdapterOptions
+    from llmctl.core.model.io import load_model
+
+    options = AdapterOptions(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    fresh, _ = load_model(sft_base[0])
+    resumed, _ = load_model(sft_base[0], transforms=[LoRA(r=2, target_modules=["q_proj"])])  # as a resumed run's
+    for model in (fresh, resumed):
+        objective = _sft(adapter_method="lora", adapter=options)
+        objective.prepare(model)
+        assert [t.name for t in model.transforms] == ["lora"] and len(lora_modules(model)) == 2
+        assert objective._model is model
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert "lm_head.weight" in trainable and all("lora_" in n for n in trainable - {"lm_head.weight"})
+
+
+def test_sft_loss_takes_the_model_loss_where_the_chunked_one_would_be_wrong():
+    """The chunked loss (frozen head: logits only at learned positions) leaves out a trained
+    head's gradient and the multi-token heads' loss, so those take the model's loss; either way
+    `loss` equals the model's (value and gradients), packed documents and MoE balance loss
+    included; a batch with nothing to learn gives the model's NaN, as cross-entropy does."""
+    from llmctl.core.adapters import LoRA, mark_trainable
+    from llmctl.core.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = torch.where(torch.rand(2, 12, generator=torch.Generator().manual_seed(1)) < 0.5, ids, -100)
+    extra = {"document_ids": torch.tensor([[0] * 5 + [1] * 7, [0] * 12])}
+    for mtp, experts, adapter in ((0, 0, False), (1, 0, True), (0, 4, True)):
+        model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_mtp_heads=mtp,
+                                        num_experts=experts, experts_per_token=2, tie_embeddings=False))
+        if adapter:
+            LoRA(r=2, target_modules="all-linear").apply(model)
+            mark_trainable(model)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(std=0.5)
+        skipped = []
+
+        def forward(*args, **kwargs):
+            skipped.append(kwargs.get("skip_head", False))
+            return model(*args, **kwargs)
+
+        results = []
+        objective = _sft(adapter_method="lora")
+        objective._model = model
+        for run in (lambda: objective.loss(forward, ids, labels, extra),
+                    lambda: (lambda out: (out.loss + out.aux_loss, out.loss))(model(ids, labels=labels, **extra))):
+            model.zero_grad()
+            total, lm = run()
+            total.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            results.append((float(total.detach()), float(lm.detach()), grads))
+        (ours, ours_lm, ours_grads), (want, want_lm, want_grads) = results
+        assert skipped == [mtp == 0 and adapter]
+        assert ours == pytest.approx(want, rel=1e-5) and ours_lm == pytest.approx(want_lm, rel=1e-5)
+        assert (want > want_lm) == bool(mtp or experts)
+        assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(ours_grads, want_grads))
+    with torch.no_grad():
+        total, lm = objective.loss(forward, ids, torch.full_like(labels, -100), extra)
+    assert lm.isnan() and total.isnan()
+
+
+def test_sft_saves_a_checkpoint_for_full_finetuning_and_an_adapter_otherwise(sft_base, tmp_path):
+    from llmctl.core.adapters import LoRA, mark_trainable
+    from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.model.io import load_model
+
+    base = sft_base[0]
+    full, _ = load_model(base)
+    _sft(adapter_method="full", base=base).save(full, tmp_path / "full", tokenizer_dir=base)
+    again, _ = load_model(tmp_path / "full")
+    assert all(torch.equal(p, again.state_dict()[n]) for n, p in full.state_dict().items())
+    assert open_checkpoint(tmp_path / "full").has_tokenizer
+
+    adapted, _ = load_model(base, transforms=[LoRA(r=2, target_modules=["q_proj"])])
+    mark_trainable(adapted)
+    _sft(adapter_method="lora", base=base).save(adapted, tmp_path / "lora", tokenizer_dir=base)
+    written = {p.name for p in (tmp_path / "lora").iterdir()}
+    assert {"adapter_config.json", "tokenizer.json"} <= written and "model.safetensors" not in written
+
+
+def test_sft_chat_template_is_checked_against_the_vocabulary():
+    from types import SimpleNamespace
+
+    from llmctl.core.chat_templates import CHAT_TEMPLATES
+    from llmctl.core.train.sft import chat_template
+
+    def plan(name, vocabulary):
+        return SimpleNamespace(config=SimpleNamespace(chat_template=name),
+                               tokenizer=SimpleNamespace(inner=SimpleNamespace(token_to_id=vocabulary.get)))
+
+    assert chat_template(plan(None, {})) is None and chat_template(plan("", {})) is None
+    assert chat_template(plan("chatml", {"<|im_start|>": 5, "<|im_end|>": 6})) == CHAT_TEMPLATES.get("chatml").source
+    with pytest.raises(ConfigError, match=re.escape("config key 'chat_template': the tokenizer lacks <|im_start|>, "
+                                                    "<|im_end|>; give a template its vocabulary has") + "$"):
+        chat_template(plan("chatml", {}))
+    with pytest.raises(ConfigError, match="lacks <\\|im_end\\|>;"):
+        chat_template(plan("chatml", {"<|im_start|>": 0}))  # an id of 0 is there
+
+
+def test_sft_encode_uses_the_template_the_validation_files_and_the_window(sft_base, tmp_path):
+    """`_encode`: rows of seq_len + 1 tokens (the shift), validation records from `val_data`
+    (nothing held out of the training records then) packed as the training rows, and chats
+    rendered with the `chat_template` key's template."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from llmctl.core.tokenizer import load_tokenizer
+    from llmctl.core.train.finetune_config import FinetuneConfig
+    from llmctl.core.train.sft import _encode
+
+    base, records = sft_base
+    inner = Tokenizer.from_file(str(base / "tokenizer.json"))
+    inner.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    (tmp_path / "tok").mkdir()
+    inner.save(str(tmp_path / "tok" / "tokenizer.json"))
+    shutil.copy(base / "tokenizer_config.json", tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {a}?"},
+                                                      {"role": "assistant", "content": f"{a + a}."}]}) + "\n"
+                             for a in range(5)))
+
+    def encode(files, val_files=(), **keys):
+        cfg = FinetuneConfig(model=str(base), **{"seq_len": 40, **keys})
+        return _encode(SimpleNamespace(config=cfg, tokenizer=tok, text_files=[str(f) for f in files],
+                                       val_files=[str(f) for f in val_files]))
+
+    both = encode([records], [chats], packing=False, chat_template="chatml")
+    assert both["stats"].examples == 12 and both["val_stats"].examples == 5 == len(both["val"])  # one per row
+    assert both["train"].shape[-1] == both["val"].shape[-1] == 41
+    start = tok.inner.token_to_id("<|im_start|>")
+    assert (both["val"][:, 0] == start).sum(1).tolist() == [2] * 5  # a user and an assistant turn each
+    assert (both["val"][:, 0, -1] == tok.pad_id).all() and (both["val"][:, 1, -1] == 0).all()
+    packed = encode([records], [chats], chat_template="chatml", seq_len=120)
+    assert len(packed["val"]) < 5 and packed["val_stats"].rows == len(packed["val"])
+    with pytest.raises(Exception, match="chat template"):  # without the key: the tokenizer's, which it has not
+        encode([chats])

@@ -104,7 +104,7 @@ class SFT(Objective):
         labels = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
         extra = {}
         docs = docs[:, :-1]
-        if getattr(self.cfg, "packing", False) and bool((docs != docs[:, :1]).any()):  # else one document a row:
+        if self.cfg.packing and bool((docs != docs[:, :1]).any()):  # else one document a row:
             [extra["document_ids"]] = self._to_device(docs)  # no mask needed, SDPA's causal kernel (rows on CPU)
         return *self._to_device(inputs, labels), extra
 
@@ -115,7 +115,7 @@ class SFT(Objective):
         options = self.adapter_options()
         transforms = METHODS.get(self.cfg.adapter_method)(options)
         names = [t.name for t in transforms]
-        if names and [t.name for t in getattr(model, "transforms", [])][-len(names):] != names:  # not a resumed one
+        if names and [t.name for t in model.transforms][-len(names):] != names:  # not a resumed one
             for transform in transforms:
                 transform.apply(model)
         if names:
