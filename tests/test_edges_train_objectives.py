@@ -478,3 +478,93 @@ def test_sft_encode_uses_the_template_the_validation_files_and_the_window(sft_ba
     assert len(packed["val"]) < 5 and packed["val_stats"].rows == len(packed["val"])
     with pytest.raises(Exception, match="chat template"):  # without the key: the tokenizer's, which it has not
         encode([chats])
+
+
+# -- preference objectives (`core/train/preference.py`) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"what is {a} plus {a}?", "chosen": f" {a + a}.",
+                                        "rejected": f" {a + a + 1}."}) + "\n" for a in range(8)))
+    return path
+
+
+def test_preference_refusals_name_the_setting(sft_base, pairs):
+    def refused(message, *overrides, **where):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            _finetune_plan(sft_base, *overrides, data=pairs, **where)
+
+    for args, values in ((["objective_args.beta=0"], "0.0, 0.0"), (["objective_args.label_smoothing=0.5"], "0.1, 0.5"),
+                         (["objective_args.label_smoothing=-0.1"], "0.1, -0.1")):
+        refused(f"objective_args: beta must be > 0 and label_smoothing in [0, 0.5), got {values}", "method=dpo", *args)
+    refused("method dpo: the reference model is the base; give a base checkpoint", "method=dpo", "adapter.method=full",
+            f"tokenizer={sft_base[0]}", model="nano")
+    assert _finetune_plan(sft_base, "method=dpo", "objective_args.label_smoothing=0.49", data=pairs).objective == "dpo"
+    assert _finetune_plan(sft_base, "method=simpo", "adapter.method=full", f"tokenizer={sft_base[0]}", "seq_len=32",
+                          model="nano", data=pairs).objective == "simpo"  # no reference: no base needed
+    refused("method reward with adapter=prefix: use lora, dora, qlora or full", "method=reward", "adapter.method=prefix")
+    reward = _finetune_plan(sft_base, "method=reward", "adapter.method=lora", data=pairs)
+    tok = reward.tokenizer
+    assert (reward.model_config.num_labels, reward.model_config.tie_embeddings) == (1, False)
+    assert reward.model_config.pad_token_id == tok.pad_id is not None
+
+
+def _preference(cls, **config):
+    from types import SimpleNamespace
+
+    objective = object.__new__(cls)
+    objective.cfg, objective.device = SimpleNamespace(**config), torch.device("cpu")
+    return objective
+
+
+def test_preference_batches_put_every_first_sequence_before_every_second():
+    """Rows [B, 2, C, L] → 2B sequences cut after the last completion token of any: labels the
+    next ids where learned, `kind` each sequence's mask value (KTO's label), and channel 2's
+    first slot read back as the precomputed reference log-prob (a float64 stored in int64)."""
+    from llmctl.core.data.preference import UNDESIRABLE
+
+    ids = torch.arange(100, 132).reshape(2, 2, 8)
+    mask = torch.zeros(2, 2, 8, dtype=torch.long)
+    mask[0, 0, 2:4] = 1
+    mask[0, 1, 2:6] = 1
+    mask[1, 0, 3:5] = UNDESIRABLE
+    mask[1, 1, 1:3] = 1
+    reference = torch.tensor([[-1.5, -2.25], [-3.0, -0.5]], dtype=torch.float64)
+    channel = torch.zeros(2, 2, 8, dtype=torch.long)
+    channel[:, :, 0] = reference.view(torch.int64)
+    rows = torch.stack([ids, mask, channel], 2)  # [2 records, 2 sequences, 3 channels, 8]
+
+    from llmctl.core.train.preference import DPO, Reward, sequences
+
+    seqs = sequences(rows)
+    order = [(0, 0), (1, 0), (0, 1), (1, 1)]  # record, sequence
+    assert seqs.shape == (4, 3, 6) and all(torch.equal(seqs[i], rows[r, s, :, :6]) for i, (r, s) in enumerate(order))
+    inputs, labels, extra = _preference(DPO).batch(rows, 0)
+    assert torch.equal(inputs, seqs[:, 0, :5])
+    want = [[-100, 102, 103, -100, -100], [-100, -100, 119, 120, -100], [-100, 110, 111, 112, 113],
+            [125, 126, -100, -100, -100]]
+    assert labels.tolist() == want
+    assert extra["kind"].tolist() == [1, UNDESIRABLE, 1, 1]
+    assert extra["reference"].dtype == torch.float32 and extra["reference"].tolist() == [-1.5, -3.0, -2.25, -0.5]
+    assert "reference" not in _preference(DPO).batch(rows[:, :, :2], 0)[2]
+    chosen_rejected = _preference(Reward).batch(rows[:, :, :2], 0)
+    assert torch.equal(chosen_rejected[0], seqs[:, 0]) and torch.equal(chosen_rejected[1], seqs[:, 1])
+    assert chosen_rejected[2] == {}
+
+
+def test_preference_metrics_and_the_chosen_nll_by_hand():
+    """TRL's names and formulas: rewards' means, margin, accuracy (a tie is not a win); log-probs'
+    means; the chosen completions' NLL per token (`Logps.means` of an empty sequence is 0)."""
+    from llmctl.core.train.preference import Logps, chosen_nll, pair_metrics
+
+    chosen, rejected = torch.tensor([1.0, 2.0, -1.0]), torch.tensor([0.5, 2.0, 1.0])
+    metrics = pair_metrics(chosen, rejected, torch.tensor([-3.0, -5.0]), torch.tensor([-7.0, -1.0]))
+    assert {k: round(float(v), 6) for k, v in metrics.items()} == {
+        "rewards/chosen": round(2 / 3, 6), "rewards/rejected": round(3.5 / 3, 6), "rewards/margins": -0.5,
+        "rewards/accuracies": round(1 / 3, 6), "logps/chosen": -4.0, "logps/rejected": -4.0}
+    logps = Logps(torch.tensor([-6.0, -3.0, -2.0, -9.0]), torch.tensor([3, 0, 4, 4]))
+    assert logps.means().tolist() == [-2.0, -3.0, -0.5, -2.25]
+    assert float(chosen_nll(logps)) == 3.0  # (6 + 3) / (3 + 0)
+    assert float(chosen_nll(Logps(torch.zeros(2), torch.zeros(2, dtype=torch.long)))) == 0.0
