@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from llmctl.core.report import Silent
 from llmctl.errors import ConfigError
 from test_blindspots_train import _trainer
 from test_train import FAST, corpus  # noqa: F401  (fixture)
@@ -250,7 +251,7 @@ def test_sft_batch_learns_the_masked_tokens_and_separates_packed_documents():
     assert torch.equal(batch(one_each, True)[2]["document_ids"], one_each[:, 2, :-1])
 
 
-class _Report:
+class _Report(Silent):
     def __init__(self):
         self.lines = []
 
@@ -439,25 +440,32 @@ def test_sft_chat_template_is_checked_against_the_vocabulary():
         chat_template(plan("chatml", {"<|im_start|>": 0}))  # an id of 0 is there
 
 
-def test_sft_encode_uses_the_template_the_validation_files_and_the_window(sft_base, tmp_path):
+@pytest.fixture(scope="module")
+def chatml_tok(sft_base, tmp_path_factory):
+    """The tiny base's tokenizer with ChatML's two special tokens added."""
+    from tokenizers import Tokenizer
+
+    from llmctl.core.tokenizer import load_tokenizer
+
+    base, path = sft_base[0], tmp_path_factory.mktemp("tok")
+    inner = Tokenizer.from_file(str(base / "tokenizer.json"))
+    inner.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    inner.save(str(path / "tokenizer.json"))
+    shutil.copy(base / "tokenizer_config.json", path)
+    return load_tokenizer(path)
+
+
+def test_sft_encode_uses_the_template_the_validation_files_and_the_window(sft_base, chatml_tok, tmp_path):
     """`_encode`: rows of seq_len + 1 tokens (the shift), validation records from `val_data`
     (nothing held out of the training records then) packed as the training rows, and chats
     rendered with the `chat_template` key's template."""
     from types import SimpleNamespace
 
-    from tokenizers import Tokenizer
-
-    from llmctl.core.tokenizer import load_tokenizer
     from llmctl.core.train.finetune_config import FinetuneConfig
     from llmctl.core.train.sft import _encode
 
     base, records = sft_base
-    inner = Tokenizer.from_file(str(base / "tokenizer.json"))
-    inner.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    (tmp_path / "tok").mkdir()
-    inner.save(str(tmp_path / "tok" / "tokenizer.json"))
-    shutil.copy(base / "tokenizer_config.json", tmp_path / "tok")
-    tok = load_tokenizer(tmp_path / "tok")
+    tok = chatml_tok
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {a}?"},
                                                       {"role": "assistant", "content": f"{a + a}."}]}) + "\n"
@@ -491,7 +499,7 @@ def pairs(tmp_path_factory):
     return path
 
 
-def test_preference_refusals_name_the_setting(sft_base, pairs):
+def test_preference_refusals_name_the_setting(sft_base, pairs, tmp_path):
     def refused(message, *overrides, **where):
         with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
             _finetune_plan(sft_base, *overrides, data=pairs, **where)
@@ -504,11 +512,16 @@ def test_preference_refusals_name_the_setting(sft_base, pairs):
     assert _finetune_plan(sft_base, "method=dpo", "objective_args.label_smoothing=0.49", data=pairs).objective == "dpo"
     assert _finetune_plan(sft_base, "method=simpo", "adapter.method=full", f"tokenizer={sft_base[0]}", "seq_len=32",
                           model="nano", data=pairs).objective == "simpo"  # no reference: no base needed
-    refused("method reward with adapter=prefix: use lora, dora, qlora or full", "method=reward", "adapter.method=prefix")
-    reward = _finetune_plan(sft_base, "method=reward", "adapter.method=lora", data=pairs)
-    tok = reward.tokenizer
+    for method in ("prefix", "prompt"):
+        refused(f"method reward with adapter={method}: use lora, dora, qlora or full", "method=reward",
+                f"adapter.method={method}")
+    tied = tmp_path / "tied"  # a base whose config has tied embeddings and no pad id (as many HF ones)
+    shutil.copytree(sft_base[0], tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "pad_token_id": None, "tie_word_embeddings": True}))
+    reward = _finetune_plan(sft_base, "method=reward", "adapter.method=lora", model=tied, data=pairs)
     assert (reward.model_config.num_labels, reward.model_config.tie_embeddings) == (1, False)
-    assert reward.model_config.pad_token_id == tok.pad_id is not None
+    assert reward.model_config.pad_token_id == reward.tokenizer.pad_id is not None
 
 
 def _preference(cls, **config):
@@ -564,7 +577,185 @@ def test_preference_metrics_and_the_chosen_nll_by_hand():
     assert {k: round(float(v), 6) for k, v in metrics.items()} == {
         "rewards/chosen": round(2 / 3, 6), "rewards/rejected": round(3.5 / 3, 6), "rewards/margins": -0.5,
         "rewards/accuracies": round(1 / 3, 6), "logps/chosen": -4.0, "logps/rejected": -4.0}
-    logps = Logps(torch.tensor([-6.0, -3.0, -2.0, -9.0]), torch.tensor([3, 0, 4, 4]))
-    assert logps.means().tolist() == [-2.0, -3.0, -0.5, -2.25]
-    assert float(chosen_nll(logps)) == 3.0  # (6 + 3) / (3 + 0)
+    logps = Logps(torch.tensor([-6.0, -3.0, -4.0, -2.0, -9.0, -1.0]), torch.tensor([3, 0, 2, 4, 4, 1]))
+    assert logps.means().tolist() == [-2.0, -3.0, -2.0, -0.5, -2.25, -1.0]
+    assert float(chosen_nll(logps)) == pytest.approx(13 / 5)  # the first three: (6 + 3 + 4) / (3 + 0 + 2)
     assert float(chosen_nll(Logps(torch.zeros(2), torch.zeros(2, dtype=torch.long)))) == 0.0
+    assert float(chosen_nll(Logps(torch.tensor([-3.0, -1.0]), torch.tensor([1, 2])))) == 3.0  # one token
+
+
+def test_reward_objective_scores_each_sequences_last_token_as_transformers(sft_base, pairs, tmp_path):
+    """The reward objective's loss and metrics from the scores transformers'
+    *ForSequenceClassification gives the saved model (each row's last non-pad token); the
+    metrics are recorded in training only; with an adapter, the score head is one of the modules
+    to save (once)."""
+    import transformers
+    from torch.nn import functional as F
+
+    from llmctl.core.model.io import load_model
+    from llmctl.core.train.distributed import Dist
+    from llmctl.core.train.objectives import OBJECTIVES
+
+    plan = _finetune_plan(sft_base, "method=reward", "adapter.method=full", "batch_size=4", data=pairs)
+    objective = OBJECTIVES.get("reward")(plan, torch.device("cpu"))
+    model = load_model(plan.init_from, dtype=torch.float32, config=plan.model_config)[0]
+    objective.prepare(model)
+    model.train()
+    inputs, labels, extra = objective.batch(objective.data(Dist()).batch(0), 0)
+    pad = plan.model_config.pad_token_id
+    assert (inputs == pad).any(1).sum() >= 2  # rows of different lengths
+    inputs[len(inputs) // 2] = inputs[0]  # the first pair tied: not a win for the accuracy
+    loss, reported = objective.loss(model, inputs, labels, extra)
+    objective.save(model, tmp_path / "rm")
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        chosen, rejected = reference(inputs, attention_mask=(inputs != pad).long()).logits[:, 0].chunk(2)
+    scores = torch.cat([chosen, rejected])
+    assert float(loss.detach()) == pytest.approx(float(-F.logsigmoid(chosen - rejected).mean()), rel=1e-5)
+    assert float(reported) == float(loss.detach())
+    want = {"accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean()),
+            "mean_reward": float(scores.mean()), "min_reward": float(scores.min()), "max_reward": float(scores.max())}
+    assert objective.recorded_metrics() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    model.eval()
+    objective.loss(model, inputs, labels, extra)
+    assert objective.recorded_metrics() == {}
+
+    from llmctl.core.train.finetune_config import AdapterOptions
+
+    def saved(modules):
+        objective.cfg.adapter = AdapterOptions(modules_to_save=modules)
+        return objective.adapter_options().modules_to_save
+
+    assert (saved(None), saved(["lm_head"]), saved(["embed_tokens"])) == (
+        ["lm_head"], ["lm_head"], ["embed_tokens", "lm_head"])
+
+
+def test_orpo_and_kto_metrics_by_hand():
+    """ORPO logs the chosen NLL and the mean log-odds ratio; KTO splits the examples by their
+    label (the first half's `kind`: the second half holds their KL counterparts), logs the
+    clamped KL estimate and each side's reward and log-prob means, and averages the losses."""
+    from types import SimpleNamespace
+
+    from llmctl.core.data.preference import DESIRABLE, UNDESIRABLE
+    from llmctl.core.train import preference as P
+    from llmctl.core.train import preference_losses as L
+
+    def objective(cls, **args):
+        obj = object.__new__(cls)
+        obj.settings = P.settings(SimpleNamespace(config=SimpleNamespace(objective_args=args)))
+        return obj
+
+    policy = P.Logps(torch.tensor([-4.0, -6.0, -9.0, -8.0]), torch.tensor([2, 3, 3, 2]))
+    reference = P.Logps(torch.tensor([-5.0, -6.5, -8.0, -9.5]), torch.tensor([2, 3, 3, 2]))
+    loss, metrics = objective(P.ORPO, beta=0.3).criterion(policy, None, {})
+    (pc, pr), nll = policy.means().chunk(2), torch.tensor(10 / 5)
+    losses, _, _, ratio = L.orpo_loss(pc, pr, beta=0.3)
+    assert float(metrics["nll_loss"]) == float(nll) and float(metrics["log_odds_ratio"]) == float(ratio.mean())
+    assert torch.allclose(loss, nll + losses.mean())
+
+    kind = torch.tensor([DESIRABLE, UNDESIRABLE, UNDESIRABLE, DESIRABLE])  # the KL half's kinds differ
+    loss, metrics = objective(P.KTO, beta=0.5).criterion(policy, reference, {"kind": kind})
+    kl = torch.tensor((-9.0 + 8.0 - 8.0 + 9.5) / 2)  # mean policy − reference over the KL half: 0.25
+    assert float(metrics["kl"]) == float(kl)
+    assert metrics["rewards/chosen"] == 0.5 and metrics["rewards/rejected"] == 0.25  # β (policy − reference)
+    assert (float(metrics["logps/chosen"]), float(metrics["logps/rejected"])) == (-4.0, -6.0)
+    want = L.kto_loss(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([-5.0]), torch.tensor([-6.5]), kl,
+                      beta=0.5)[0].mean()
+    assert torch.allclose(loss, want)
+    _, metrics = objective(P.KTO).criterion(policy, reference, {"kind": torch.full((4,), UNDESIRABLE)})
+    assert "rewards/chosen" not in metrics and "logps/chosen" not in metrics and "rewards/rejected" in metrics
+
+
+def test_preference_loss_reads_the_precomputed_reference_and_adds_the_aux_loss(sft_base, pairs, tmp_path):
+    """Through `loss`: the precomputed reference log-probs (from the batch) give the loss the
+    online reference gives, the model's auxiliary loss is added, and metrics are recorded in
+    training only."""
+    from llmctl.core.model.io import load_model
+    from llmctl.core.train.distributed import Dist
+    from llmctl.core.train.objectives import OBJECTIVES
+
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(pairs, data)
+    losses = []
+    for precompute in ("true", "false"):
+        plan = _finetune_plan(sft_base, "method=dpo", "batch_size=4", f"objective_args.precompute_ref={precompute}",
+                              "val_fraction=0.25", data=data)
+        objective = OBJECTIVES.get("dpo")(plan, torch.device("cpu"))
+        model = load_model(plan.init_from, dtype=torch.float32, config=plan.model_config)[0]
+        objective.prepare(model)
+        batches = objective.data(Dist())
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5)
+        model.train()
+        batch = objective.batch(batches.batch(0), 0)
+        assert ("reference" in batch[2]) == (precompute == "true")
+        assert [v.shape[2] for v in batches.val_batches()] == [3 if precompute == "true" else 2]  # 2 pairs
+        losses.append(objective.loss(model, *batch)[0].detach())
+    assert float(losses[0]) == pytest.approx(float(losses[1]), abs=1e-5) and float(losses[0]) != pytest.approx(0.6931)
+    assert set(objective.recorded_metrics()) >= {"rewards/chosen", "rewards/margins", "logps/rejected"}
+
+    def with_aux(*args, **kwargs):
+        out = model(*args, **kwargs)
+        out.aux_loss = torch.tensor(0.25)
+        return out
+
+    model.eval()
+    assert float(objective.loss(with_aux, *batch)[0].detach()) == pytest.approx(float(losses[1]) + 0.25, abs=1e-5)
+    assert float(objective.val_loss(model, *batch).detach()) == pytest.approx(float(losses[1]), abs=1e-5)
+    assert objective.recorded_metrics() == {}
+
+
+def test_the_reference_copy_is_float32_with_the_runs_context(sft_base, pairs, tmp_path):
+    """Full finetuning's frozen reference: the base loaded in float32 (as the policy), whatever
+    its stored dtype, with the run's context settings (a longer context, RoPE scaling)."""
+    from llmctl.core.model.io import load_model, save_model
+    from llmctl.core.train.objectives import OBJECTIVES
+
+    base = sft_base[0]
+    save_model(load_model(base)[0].to(torch.bfloat16), tmp_path / "bf16", tokenizer_dir=base)
+    plan = _finetune_plan(sft_base, "method=dpo", "adapter.method=full", "max_seq_len=256",
+                          "rope_scaling={type: linear, factor: 2.0}", model=tmp_path / "bf16", data=pairs)
+    reference = OBJECTIVES.get("dpo")(plan, torch.device("cpu")).reference_model
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    assert reference.cfg == plan.model_config and reference.cfg.max_seq_len == 256
+
+
+def test_preference_encode_reports_the_split_and_renders_chats(sft_base, chatml_tok, pairs, tmp_path):
+    """`encode`: rows of seq_len + 1 tokens; validation pairs from `val_data`, else held out
+    (none: no validation rows, and the summary says nothing of them); conversational pairs
+    rendered with the `chat_template` key's template; the summary line."""
+    from types import SimpleNamespace
+
+    from llmctl.core.train.finetune_config import FinetuneConfig
+    from llmctl.core.train.objectives import OBJECTIVES
+    from llmctl.core.train.preference import DPO
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"what is {a} plus {a}?"}],
+                                         "chosen": [{"role": "assistant", "content": f"{a + a}."}],
+                                         "rejected": [{"role": "assistant", "content": f"{a}."}]}) + "\n"
+                             for a in range(3)))
+
+    def encode(files, val_files=(), **keys):
+        report = _Report()
+        cfg = FinetuneConfig(model=str(sft_base[0]), **{"seq_len": 48, **keys})
+        prepared = DPO.encode(SimpleNamespace(config=cfg, tokenizer=chatml_tok, text_files=[str(f) for f in files],
+                                              val_files=[str(f) for f in val_files], objective="dpo", report=report))
+        return prepared, report.lines
+
+    prepared, lines = encode([pairs], [chats], chat_template="chatml")
+    longest = prepared["stats"].longest
+    assert lines == [f"dpo data: 8 pairs, longest sequence {longest} tokens; validation: 3"]
+    assert prepared["train"].shape == (8, 2, 2, 49) and prepared["val"].shape == (3, 2, 2, 49)
+    start = chatml_tok.inner.token_to_id("<|im_start|>")
+    assert ((prepared["val"][:, :, 0] == start).sum(-1) == 2).all()  # a user and an assistant turn
+    prepared, lines = encode([pairs])  # 5% of 8 pairs: none held out
+    assert prepared["val"] is None and lines == [f"dpo data: 8 pairs, longest sequence {longest} tokens"]
+    assert len(encode([pairs], val_fraction=0.25)[0]["val"]) == 2
+
+    plan = _finetune_plan(sft_base, "method=dpo", "val_fraction=0.5", "batch_size=1", "eval_batches=3", data=pairs)
+    assert len(OBJECTIVES.get("dpo")(plan, torch.device("cpu")).data(SimpleNamespace(rank=0, world=1))
+               .val_batches()) == 3  # of 4
