@@ -55,11 +55,10 @@ class PackedLinear(nn.Module):
         """`linear` quantized: round-to-nearest, or `solution` = (scale, zero, integers) from a
         calibrated method. On the meta device only the shapes are made."""
         w = linear.weight
-        dtype = w.dtype if w.is_floating_point() else torch.float32
-        new = cls(linear.in_features, linear.out_features, scheme, linear.bias, dtype)
+        new = cls(linear.in_features, linear.out_features, scheme, linear.bias, w.dtype)
         if w.device.type == "meta":
             return new
-        new.store(*(solution or scheme.nearest(w.detach(), dtype)))
+        new.store(*(solution or scheme.nearest(w.detach(), w.dtype)))
         return new
 
     def store(self, scale: torch.Tensor, zero: torch.Tensor, q: torch.Tensor) -> None:

@@ -1,0 +1,157 @@
+"""Edges of the packed int8/int4 linears the mutation runs found untested (docs/testing.md):
+`PackedLinear`'s buffers and dtypes, the `pack-quantized` config both ways (compressed-tensors
+as the reference), target/ignore rules, odd widths."""
+
+import pytest
+import torch
+from torch import nn
+
+from llmctl.core.model.transforms import from_spec
+from llmctl.core.quant.linear import PackedLinear, PackQuantized
+from llmctl.core.quant.scheme import Scheme
+from llmctl.errors import CheckpointError
+
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
+from compressed_tensors.utils import match_named_modules  # noqa: E402
+
+
+def _ct_weight(module: PackedLinear, scheme: Scheme) -> torch.Tensor:
+    """The weight compressed-tensors decompresses from the module's tensors."""
+    args = QuantizationArgs(num_bits=scheme.bits, symmetric=scheme.symmetric,
+                            strategy="group" if scheme.group_size else "channel", group_size=scheme.group_size)
+    state = {k: v for k, v in module.state_dict().items() if k != "bias"}
+    return PackedQuantizationCompressor.decompress(state, QuantizationScheme(targets=["Linear"], weights=args))["weight"]
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 32, symmetric=False), Scheme(8), Scheme(4)])
+def test_a_module_built_on_meta_has_the_tensors_a_checkpoint_assigns(scheme):
+    """load_model builds on meta and assigns strictly: names, shapes and dtypes must be those stored."""
+    torch.manual_seed(0)
+    real = PackedLinear.from_linear(nn.Linear(64, 24).bfloat16(), scheme)
+    with torch.device("meta"):  # as Transform.apply makes it
+        meta = PackedLinear.from_linear(nn.Linear(64, 24, dtype=torch.bfloat16), scheme)
+    want = {k: (tuple(v.shape), v.dtype) for k, v in real.state_dict().items()}
+    assert {k: (tuple(v.shape), v.dtype) for k, v in meta.state_dict().items()} == want
+    assert want["weight_scale"][1] == torch.bfloat16 and want["weight_packed"][1] == torch.int32
+    assert meta.weight_packed.device.type == "meta"
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 32, symmetric=False), Scheme(4, 32), Scheme(8, symmetric=False)])
+def test_bfloat16_modules_store_bfloat16_scales_and_round_on_that_grid(scheme):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40).bfloat16()
+    module = PackedLinear.from_linear(linear, scheme)
+    assert module.weight_scale.dtype == torch.bfloat16
+    scale, zero, q = module.integers()  # the documented dtypes, whatever the scheme
+    assert (scale.dtype, zero.dtype, q.dtype) == (torch.float32, torch.float32, torch.int8)
+    w = linear.weight.detach().float()
+    # the integers are nearest on the grid of the stored (bf16-rounded) scale
+    assert torch.equal(q, scheme.quantize(w, scale, zero))
+    assert torch.equal(module.dequantize(), _ct_weight(module, scheme))  # bit for bit, in bfloat16
+
+
+def test_odd_input_widths_unpack_to_the_input_width():
+    """37 int4 values fill 5 words (40 nibbles): the padding must not reach the weight."""
+    torch.manual_seed(0)
+    scheme = Scheme(4)
+    linear = nn.Linear(37, 8)
+    module = PackedLinear.from_linear(linear, scheme)
+    assert module.integers()[2].shape == (8, 37)
+    assert torch.equal(module.dequantize(), _ct_weight(module, scheme))
+    x = torch.randn(2, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), nn.functional.linear(x, module.dequantize(), linear.bias))
+
+
+def test_calibrated_solutions_are_stored_for_their_path_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 8), nn.Linear(8, 8)).bfloat16()
+    t = PackQuantized(bits=4, group_size=None, ignore=[])
+    q = torch.randint(-8, 8, (8, 32), dtype=torch.int8)
+    scale, zero = torch.rand(8, 1) + 0.1, torch.zeros(8, 1)  # float32, as the methods give them
+    t.solutions["0"] = (scale, zero, q)
+    t.apply(model)
+    assert torch.equal(model[0].integers()[2], q) and model[0].weight_scale.dtype == torch.bfloat16
+    torch.testing.assert_close(model[0].weight_scale.float(), scale, rtol=4e-3, atol=0)
+    assert not t.solutions  # consumed
+    rtn = PackedLinear.from_linear(nn.Linear(8, 8).bfloat16(), t.scheme)  # the other one: round-to-nearest
+    assert model[1].weight_scale.dtype == rtn.weight_scale.dtype
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.gate_proj, self.up_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("targets,ignore", [
+    (["Linear"], ["re:.*gate_proj"]),
+    (["re:.*q_proj", "re:layers\\.1\\."], []),
+    (["layers.0.up_proj"], ["layers.0.q_proj"]),
+    (["re:layers\\.0\\..*"], ["re:layers\\.0\\.up", "lm_head"]),
+    (["Linear"], ["re:proj"]),  # re: matches from the start, so nothing is ignored
+])
+def test_targets_and_ignore_select_as_compressed_tensors_does(targets, ignore):
+    model = nn.Module()
+    model.layers = nn.ModuleList([_Block(), _Block()])
+    model.lm_head = nn.Linear(8, 8)
+    expected = [n for n, m in match_named_modules(model, targets, ignore) if isinstance(m, nn.Linear)]
+    assert PackQuantized(targets=targets, ignore=ignore).select(model) == expected and expected
+
+
+def test_config_is_compressed_tensors_own_and_reads_back():
+    ours = PackQuantized(bits=4, group_size=32, symmetric=False, targets=["re:.*proj"], ignore=["lm_head"])
+    config = ours.quantization_config()
+    args = QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32)
+    theirs = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["re:.*proj"], weights=args,
+                                                                             format="pack-quantized")},
+                                format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
+    dumped = theirs.model_dump(mode="json")
+    assert set(config) <= set(dumped) and all(config[k] == dumped[k] for k in config if k != "config_groups")
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert QuantizationArgs.model_validate(weights) == QuantizationArgs.model_validate(
+        {**args.model_dump(), "observer": "minmax"})  # llm-compressor's static weight observer
+    again = PackQuantized.from_quantization_config(dumped)
+    assert again.spec() == ours.spec() and from_spec(ours.spec()).spec() == ours.spec()
+    assert ours.spec() == {"type": "pack-quantized", "bits": 4, "group_size": 32, "symmetric": False,
+                           "targets": ["re:.*proj"], "ignore": ["lm_head"]}
+
+
+def test_llm_compressors_defaults_and_act_order_are_read():
+    """What llm-compressor may leave out: symmetric (true), targets (all linears), ignore (none); and
+    its act-order "weight" (a calibration order that changes nothing at load) is accepted."""
+    config = {"format": "pack-quantized", "config_groups": {"g": {"weights": {
+        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 64, "actorder": "weight"}}}}
+    t = PackQuantized.from_quantization_config(config)
+    assert (t.bits, t.group_size, t.symmetric, t.targets, t.ignore) == (4, 64, True, ["Linear"], [])
+    config["config_groups"]["g"]["weights"]["symmetric"] = False
+    assert PackQuantized.from_quantization_config(config).symmetric is False
+
+
+def _config(**weights):
+    w = {"num_bits": 8, "type": "int", "strategy": "channel", **weights}
+    return {"format": "pack-quantized", "config_groups": {"g": {"weights": w}}}
+
+
+@pytest.mark.parametrize("config,message", [
+    (_config(strategy="tensor"), "weight-only int quantization per channel or group"),
+    (_config(actorder="group"), "weight-only int quantization per channel or group"),
+    (_config(dynamic=True), "weight-only int quantization per channel or group"),
+    ({**_config(), "config_groups": {"g": {"weights": _config()["config_groups"]["g"]["weights"],
+                                           "input_activations": {"num_bits": 8}}}}, "weight-only"),
+    ({"format": "int-quantized", "config_groups": {"a": {}, "b": {}}},
+     "format with one config group is supported \\(got format 'int-quantized', 2 groups\\)"),
+    (_config(num_bits=3), "^config.json quantization_config: bits must be 4 or 8, not 3$"),
+])
+def test_unsupported_configs_name_what_is_wrong(config, message):
+    with pytest.raises(CheckpointError, match=message) as e:
+        PackQuantized.from_quantization_config(config)
+    assert str(e.value).startswith("config.json quantization_config: ")
+
+
+def test_repr_names_the_scheme():
+    module = PackedLinear.from_linear(nn.Linear(64, 16), Scheme(4, 32, symmetric=False))
+    assert module.extra_repr() == ("in_features=64, out_features=16, bits=4, group_size=32, symmetric=False, "
+                                   "bias=True")
