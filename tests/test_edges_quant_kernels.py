@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from llmctl.core import native
 from llmctl.core.model.transforms import from_spec
+from llmctl.core.quant import kernels
 from llmctl.core.quant.linear import PackedLinear, PackQuantized
 from llmctl.core.quant.scheme import Scheme
 from llmctl.errors import CheckpointError
@@ -155,3 +157,65 @@ def test_repr_names_the_scheme():
     module = PackedLinear.from_linear(nn.Linear(64, 16), Scheme(4, 32, symmetric=False))
     assert module.extra_repr() == ("in_features=64, out_features=16, bits=4, group_size=32, symmetric=False, "
                                    "bias=True")
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+def _kernel_names(module) -> list[str]:
+    return [name for name, _ in module.kernels.values()]
+
+
+CPU_KERNELS = [  # (scheme, input shape, input dtype, the kernel that must serve it)
+    (Scheme(8), (3, 256), torch.bfloat16, "int8pack"),
+    (Scheme(4, 64), (3, 256), torch.bfloat16, "int4pack_cpu"),
+    (Scheme(8), (3, 256), torch.float32, "dense"),
+    (Scheme(8, symmetric=False), (3, 256), torch.bfloat16, "dequantize"),  # int8pack has no zero points
+    (Scheme(4), (3, 48), torch.bfloat16, "dequantize"),  # no int4 group size divides 48
+    (Scheme(8, 64), (3, 256), torch.float16, "dequantize"),
+]
+if native.has(native.VNNI):
+    CPU_KERNELS += [(Scheme(8), (1, 256), torch.bfloat16, "native"), (Scheme(4, 128), (1, 256), torch.float32, "native")]
+
+
+@pytest.mark.parametrize("module_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme,shape,dtype,kernel", CPU_KERNELS)
+def test_bias_free_modules_take_their_kernel_in_any_input_dtype(scheme, shape, dtype, kernel, module_dtype):
+    """Llama's linears have no bias; a module's scales may be in another dtype than its inputs."""
+    torch.manual_seed(0)
+    module = PackedLinear.from_linear(nn.Linear(shape[-1], 48, bias=False).to(module_dtype), scheme)
+    x = torch.randn(*shape, dtype=dtype)
+    with torch.no_grad():
+        y = module(x)
+    assert _kernel_names(module) == [kernel] and y.dtype == dtype
+    expected = nn.functional.linear(x.float(), module.dequantize(torch.float32))
+    tol = 1e-5 if dtype == torch.float32 and kernel != "native" else 2e-2
+    torch.testing.assert_close(y.float(), expected, rtol=0, atol=tol * expected.abs().max().item())
+
+
+def test_inputs_without_gradients_take_the_fused_kernels_with_autograd_on():
+    module = PackedLinear.from_linear(nn.Linear(256, 48).bfloat16(), Scheme(8))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    module(x)  # not under no_grad: an evaluation loop that forgot it
+    assert _kernel_names(module) == ["int8pack"]
+    xg = torch.randn(3, 256, requires_grad=True)  # a gradient to the input: dequantized, outside the cache
+    bias_free = PackedLinear.from_linear(nn.Linear(256, 48, bias=False).bfloat16(), Scheme(8))
+    bias_free(xg).sum().backward()
+    assert not bias_free.kernels
+    torch.testing.assert_close(xg.grad, bias_free.dequantize(torch.float32).sum(0).expand(3, -1))
+
+
+def test_a_kernel_that_fails_passes_to_the_next_but_the_last_one_raises(monkeypatch):
+    module = PackedLinear.from_linear(nn.Linear(256, 48).bfloat16(), Scheme(8))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+
+    def broken(module, x):
+        raise NotImplementedError("this build lacks the op")
+    monkeypatch.setitem(kernels.KERNELS, "int8pack", broken)
+    assert kernels.choose(module, x)[0] == "dequantize"
+    monkeypatch.setitem(kernels.KERNELS, "int8pack", lambda module, x: lambda x: torch.ones(1) @ torch.ones(2))
+    assert kernels.choose(module, x)[0] == "dequantize"  # a kernel that fails when first run
+    monkeypatch.setitem(kernels.KERNELS, "dequantize", broken)
+    with pytest.raises(NotImplementedError):
+        kernels.choose(module, x)
+    with pytest.raises(ValueError, match=r"no kernel among \['int4pack_cuda'\] takes this module"):
+        kernels.choose(module, x, allowed=["int4pack_cuda"])
