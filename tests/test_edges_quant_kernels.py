@@ -11,7 +11,7 @@ from llmctl.core.model.transforms import from_spec
 from llmctl.core.quant import kernels
 from llmctl.core.quant.linear import PackedLinear, PackQuantized
 from llmctl.core.quant.scheme import Scheme
-from llmctl.errors import CheckpointError
+from llmctl.errors import CheckpointError, UsageError
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
@@ -219,3 +219,128 @@ def test_a_kernel_that_fails_passes_to_the_next_but_the_last_one_raises(monkeypa
         kernels.choose(module, x)
     with pytest.raises(ValueError, match=r"no kernel among \['int4pack_cuda'\] takes this module"):
         kernels.choose(module, x, allowed=["int4pack_cuda"])
+
+
+# ---------------------------------------------------------------------------------------- GGUF export
+
+@pytest.mark.parametrize("scaling", [
+    {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    {"factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0, "original_max_position_embeddings": 256},
+    {"factor": 32.0, "low_freq_factor": 0.5, "high_freq_factor": 3.0, "original_max_position_embeddings": 8192},
+])
+def test_llama3_rope_factors_are_transformers_divisors(scaling):
+    """rope_freqs (llama.cpp divides each rotary frequency by it) against transformers' llama3 rope,
+    over head sizes whose frequencies fall in all three bands."""
+    import transformers as tr
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llmctl.core.export.gguf import _llama3_factors
+    from llmctl.core.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=128, num_layers=1, num_heads=2, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", **scaling})
+    config = tr.LlamaConfig(hidden_size=128, num_attention_heads=2, num_hidden_layers=1,
+                            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **scaling})
+    scaled = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0].double()
+    default = 1.0 / 500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    factors = _llama3_factors(cfg)
+    assert factors.dtype == "float32" and factors.shape == (32,)
+    torch.testing.assert_close(torch.from_numpy(factors).double(), default / scaled, rtol=1e-6, atol=0)
+    assert {1.0, scaling["factor"]} <= set(factors.tolist())  # the short and long bands both present
+
+
+def test_llama3_rope_factors_default_as_llama_cpp_does():
+    """llama.cpp's converter: low_freq_factor 1, high_freq_factor 4, original context 8192 when absent."""
+    from llmctl.core.export.gguf import _llama3_factors
+    from llmctl.core.model import ModelConfig
+
+    def factors(**scaling):
+        return _llama3_factors(ModelConfig(vocab_size=64, hidden_size=128, num_layers=1, num_heads=2,
+                                           rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **scaling}))
+
+    explicit = factors(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    assert (factors(factor=8.0) == explicit).all()
+    assert not (factors(factor=8.0, low_freq_factor=2.0) == explicit).all()  # the keys are read
+    assert not (factors(factor=8.0, high_freq_factor=8.0) == explicit).all()
+    assert not (factors(factor=8.0, original_max_position_embeddings=4096) == explicit).all()
+
+
+def _hf_config(kind: str, **changes):
+    """llmctl's ModelConfig of a tiny transformers config of `kind`."""
+    import transformers as tr
+
+    from llmctl.core.hf import config_from_hf
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    config = {"llama": lambda: tr.LlamaConfig(**common),
+              "qwen2": lambda: tr.Qwen2Config(**common),
+              "qwen2_moe": lambda: tr.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=48),
+              "qwen3_moe": lambda: tr.Qwen3MoeConfig(**common, **moe, head_dim=16)}[kind]()
+    return config_from_hf({**config.to_dict(), **changes})
+
+
+def test_gguf_refusals_name_the_reason(monkeypatch):
+    """Each refusal of `family_of`, with the message that says why (transformers' configs as input)."""
+    import dataclasses
+
+    from llmctl.core.export import gguf as export_gguf
+    from llmctl.core.model import ModelConfig
+
+    family_of = export_gguf.family_of
+    with pytest.raises(UsageError) as e:
+        family_of(ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, position="alibi"))
+    assert str(e.value) == ("this model matches no Hugging Face architecture (its config is llmctl's own), and "
+                            "llama.cpp runs only known ones: llama, mistral, mixtral, qwen2, qwen3, gemma, gpt2, "
+                            "qwen2_moe, qwen3_moe")
+    llama = _hf_config("llama")
+    with pytest.raises(UsageError, match="^cannot export this llama model to GGUF: its MLP is geglu/gelu_tanh, "
+                                         "llama.cpp's llama computes swiglu/silu$"):
+        family_of(_hf_config("llama", hidden_act="gelu_pytorch_tanh"))
+    with pytest.raises(UsageError, match="llama.cpp's qwen3moe always renormalizes the top-k routing weights$"):
+        family_of(_hf_config("qwen3_moe", norm_topk_prob=False))
+    with pytest.raises(UsageError, match="llama.cpp's qwen2moe never renormalizes the top-k routing weights$"):
+        family_of(_hf_config("qwen2_moe", norm_topk_prob=True))
+    assert family_of(_hf_config("qwen3_moe", norm_topk_prob=True))[0] == "qwen3_moe"
+    for kind, scaling, ok in [("llama", "linear", True), ("qwen2", "yarn", True), ("qwen2", "linear", True),
+                              ("llama", "llama3", True), ("qwen2", "llama3", False), ("llama", "dynamic", False)]:
+        cfg = dataclasses.replace(_hf_config(kind), rope_scaling={"rope_type": scaling, "factor": 2.0})
+        if ok:
+            assert family_of(cfg)[0] == kind
+        else:
+            with pytest.raises(UsageError, match=f"^cannot export rope scaling '{scaling}' on {kind} to GGUF"):
+                family_of(cfg)
+    monkeypatch.delitem(export_gguf.FAMILIES, "llama")  # an architecture llmctl reads and llama.cpp does not
+    with pytest.raises(UsageError, match="^cannot export a llama model to GGUF: llama.cpp has no such architecture$"):
+        family_of(llama)
+
+
+def test_gguf_missing_says_how_to_install(monkeypatch):
+    import sys
+
+    from llmctl.core.export.gguf import need_gguf
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(UsageError) as e:
+        need_gguf()
+    assert str(e.value) == "GGUF export needs the gguf package: pip install 'llmctl[gguf]'"
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's `use_more_bits` (llama-quant.cpp), C integer arithmetic."""
+    c_div = int(n / 8)
+    diff = i - c_div
+    c_mod = diff - 3 * int(diff / 3)  # C's % truncates towards zero
+    return i < c_div or i >= int(7 * n / 8) or c_mod == 2
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 12, 22, 26, 28, 30, 32, 40, 60, 80])
+def test_q4_k_m_layers_with_more_bits_are_llama_cpps(n):
+    from llmctl.core.export.gguf import Item, _q4_k_m
+
+    for i in range(n):
+        want = "Q6_K" if _use_more_bits(i, n) else "Q4_K"
+        for name in (f"blk.{i}.attn_v.weight", f"blk.{i}.ffn_down.weight", f"blk.{i}.ffn_down_exps.weight"):
+            assert _q4_k_m(Item(name, (32, 256), [], "one", i), n) == want, (name, n)
+        assert _q4_k_m(Item(f"blk.{i}.ffn_up.weight", (32, 256), [], "one", i), n) == "Q4_K"
