@@ -309,8 +309,11 @@ def test_gguf_refusals_name_the_reason(monkeypatch):
         if ok:
             assert family_of(cfg)[0] == kind
         else:
-            with pytest.raises(UsageError, match=f"^cannot export rope scaling '{scaling}' on {kind} to GGUF"):
+            with pytest.raises(UsageError) as e:
                 family_of(cfg)
+            supported = "linear and yarn, llama3" if kind == "llama" else "linear and yarn"
+            assert str(e.value) == (f"cannot export rope scaling '{scaling}' on {kind} to GGUF: llama.cpp's {kind} "
+                                    f"supports {supported}")
     monkeypatch.delitem(export_gguf.FAMILIES, "llama")  # an architecture llmctl reads and llama.cpp does not
     with pytest.raises(UsageError, match="^cannot export a llama model to GGUF: llama.cpp has no such architecture$"):
         family_of(llama)
@@ -344,3 +347,12 @@ def test_q4_k_m_layers_with_more_bits_are_llama_cpps(n):
         for name in (f"blk.{i}.attn_v.weight", f"blk.{i}.ffn_down.weight", f"blk.{i}.ffn_down_exps.weight"):
             assert _q4_k_m(Item(name, (32, 256), [], "one", i), n) == want, (name, n)
         assert _q4_k_m(Item(f"blk.{i}.ffn_up.weight", (32, 256), [], "one", i), n) == "Q4_K"
+
+
+def test_a_tensor_without_a_gguf_name_is_named():
+    from llmctl.core.export.gguf import gguf_name
+
+    assert gguf_name("model.layers.3.mlp.experts.7.down_proj.weight") == "blk.3.ffn_down_exps.weight"
+    with pytest.raises(CheckpointError) as e:
+        gguf_name("model.layers.0.mlp.extra.weight")
+    assert str(e.value) == "tensor 'model.layers.0.mlp.extra.weight' has no GGUF counterpart"
