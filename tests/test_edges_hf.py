@@ -260,3 +260,31 @@ def test_a_tensor_without_a_place_falls_back_to_llmctl():
     tensors, written = to_checkpoint(plain)
     assert written["model_type"] == "gpt2" and "lm_head.weight" not in tensors
     assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+
+
+def test_transformed_tensors_keep_their_suffix_under_the_hf_module(tmp_path):
+    """A LoRA on q_proj and on the output head is written under Llama's names, and loads back."""
+    from test_transforms import Lora
+
+    from llmctl.core.hf import tensors_to_hf
+
+    base = ModelConfig.from_dict(config_from_hf({"model_type": "llama", **SIZES, "num_key_value_heads": 2}).to_dict())
+    torch.manual_seed(0)
+    model, _ = load_model(save_model(Transformer(base), tmp_path / "base", lineage={"command": "test"}),
+                          transforms=[Lora(target_modules=["q_proj", "lm_head"])])
+    tensors = tensors_to_hf(model)
+    assert {"lm_head.lora_A.weight", "model.layers.1.self_attn.q_proj.lora_B.weight"} <= set(tensors)
+    out = save_model(model, tmp_path / "lora", lineage={"command": "test"})
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    again, _ = load_model(out)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert torch.equal(ours_logits(again, ids), ours_logits(model, ids))
+    gpt2 = config_from_hf({"model_type": "gpt2", **sizes("gpt2")})
+    fused = Transformer(gpt2)
+    fused = load_model(save_model(fused, tmp_path / "gpt2", lineage={"command": "test"}),
+                       transforms=[Lora(target_modules=["q_proj"])])[0]
+    with pytest.raises(CheckpointError, match=r"^tensor 'model.layers.0.self_attn.q_proj.lora_A.weight' has no "
+                                              r"place in a gpt2 checkpoint: transformer.h.0.attn.c_attn fuses "
+                                              r".*, which cannot carry 'lora_A.weight' \(such a model is saved as "
+                                              r"model_type 'llmctl'\)$"):
+        tensors_to_hf(fused)
