@@ -524,10 +524,8 @@ def _tensors_from_hf(arch: Arch, cfg: ModelConfig, ck, shapes: dict) -> dict[str
     ignore = re.compile(arch.ignore)
     extra = sorted(n for n in available - used if not ignore.fullmatch(n) and not (cfg.tie_embeddings and n == head))
     canonical = {stored: theirs for theirs, stored in aliases.items()}
-    theirs_modules: dict[str, tuple[str, str | None]] = {}
-    for ours, (theirs, why) in _modules(arch, cfg).items():
-        clash = theirs in theirs_modules and theirs_modules[theirs][0] != ours
-        theirs_modules[theirs] = (ours, why or (f"{theirs} holds several of our modules" if clash else None))
+    # an HF module holding several of ours is a fused rule, which `_modules` already marks
+    theirs_modules = {theirs: (ours, why) for ours, (theirs, why) in _modules(arch, cfg).items()}
     for n in extra:  # a transformed module's own tensors, by module prefix
         try:
             out[_by_module(canonical.get(n, n), theirs_modules, arch)] = ck.get_tensor(n)
