@@ -196,6 +196,7 @@ def test_sequence_classifier_equals_transformers(tmp_path):
     assert (hf_logits(theirs, ids) - ours_logits(ours, ids)[:, -1]).abs().max().item() <= TOL
     tensors, written = to_checkpoint(ours)
     assert written["architectures"] == ["LlamaForSequenceClassification"] and "score.weight" in tensors
+    assert written["dtype"] == "float32" and "lm_head.weight" not in tensors
     assert written["id2label"] == {str(i): f"LABEL_{i}" for i in range(3)}
     assert written["label2id"] == {f"LABEL_{i}": i for i in range(3)}
     save_model(ours, tmp_path / "ours", lineage={"command": "test"})
@@ -288,3 +289,25 @@ def test_transformed_tensors_keep_their_suffix_under_the_hf_module(tmp_path):
                                               r".*, which cannot carry 'lora_A.weight' \(such a model is saved as "
                                               r"model_type 'llmctl'\)$"):
         tensors_to_hf(fused)
+
+
+def test_a_tied_head_may_be_stored_and_nothing_else_extra(tmp_path):
+    """A tied checkpoint that also stores lm_head.weight loads; any other extra tensor is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    theirs = build_hf(*CASES["qwen2-mha-tied"])
+    theirs.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, tmp_path / "model.safetensors")
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert (hf_logits(theirs, ids) - ours_logits(load_model(tmp_path)[0], ids)).abs().max().item() <= TOL
+    save_file(dict(weights, **{"model.norm.extra": torch.zeros(2)}), tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.norm.extra'"):
+        load_model(tmp_path)
+    weights["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(32, 31)  # the rows right, not the columns
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}: tensor 'model.layers.0.self_attn.q_proj.weight' "
+                                              r"has shape \[32, 31\], expected \[32, 32\]$"):
+        load_model(tmp_path)
