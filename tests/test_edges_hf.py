@@ -311,3 +311,45 @@ def test_a_tied_head_may_be_stored_and_nothing_else_extra(tmp_path):
     with pytest.raises(CheckpointError, match=rf"^{tmp_path}: tensor 'model.layers.0.self_attn.q_proj.weight' "
                                               r"has shape \[32, 31\], expected \[32, 32\]$"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("model_type,target,why", [
+    ("gpt2", "o_proj", r"transformer.h.0.attn.c_proj is stored transposed, which cannot carry 'lora_A.weight'"),
+    ("bert", "lm_head", r"lm_head is split across cls.predictions.decoder and cls.predictions, which cannot carry"),
+])
+def test_transposed_and_split_modules_cannot_carry_extra_tensors(model_type, target, why):
+    from test_transforms import Lora
+
+    from llmctl.core.hf import tensors_to_hf
+    from llmctl.core.model.build import build_model
+
+    cfg = config_from_hf({"model_type": model_type, **sizes(model_type), "tie_word_embeddings": False})
+    with pytest.raises(CheckpointError, match=why):
+        tensors_to_hf(build_model(cfg, [Lora(target_modules=[target])], device="meta"))
+
+
+def test_transformed_bert_without_its_base_prefix_loads(tmp_path):
+    """Old BERT files omit `bert.`; a transformed module's tensors are found under the short names too."""
+    from safetensors.torch import load_file, save_file
+    from test_transforms import Lora
+
+    theirs = build_hf(*CASES["bert"])
+    theirs.save_pretrained(tmp_path / "hf")
+    model, _ = load_model(tmp_path / "hf", transforms=[Lora(target_modules=["q_proj"])])
+    out = save_model(model, tmp_path / "lora", lineage={"command": "test"})
+    weights = load_file(out / "model.safetensors")
+    assert "bert.encoder.layer.1.attention.self.query.lora_B.weight" in weights
+    save_file({k.removeprefix("bert."): v for k, v in weights.items()}, out / "model.safetensors")
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert torch.equal(ours_logits(load_model(out)[0], ids), ours_logits(model, ids))
+
+
+def test_one_unexpected_tensor_is_named_alone(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build_hf(*CASES["llama-gqa-untied"]).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file(dict(weights, **{"model.extra.weight": torch.zeros(2)}), tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.extra.weight' has no place in a llama "
+                                              r"checkpoint$"):
+        load_model(tmp_path)
