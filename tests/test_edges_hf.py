@@ -85,6 +85,7 @@ def test_written_keys_are_the_ones_transformers_reads(model_type):
         assert getattr(reread, key) == getattr(original, key), key
     if model_type not in ("gpt2", "bert"):
         assert reread.rope_parameters["rope_theta"] == 321.0
+        assert written["rope_parameters"] == full["rope_parameters"]
 
 
 def test_v4_mixtral_expert_count_and_rope_keys():
@@ -103,6 +104,10 @@ def test_v4_mixtral_expert_count_and_rope_keys():
     assert config_from_hf(dict(base, rope_theta=7.0, rope_parameters={"rope_theta": 9.0})).rope_theta == 9.0
     linear = config_from_hf(dict(base, rope_scaling={"type": "linear", "factor": 2.0}))
     assert linear.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    v5 = {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 1.0, "rope_theta": 5.0}
+    assert config_from_hf(dict(base, rope_parameters=v5)).rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    biased = config_from_hf(dict(base, attention_bias=True))
+    assert (biased.qkv_bias, biased.o_bias, biased.mlp_bias) == (True, True, False)
     assert config_from_hf(dict(base, rope_parameters={"rope_type": "default", "partial_rotary_factor": 1.0})
                           ).rope_scaling is None
     with pytest.raises(CheckpointError, match="partial_rotary_factor is not supported"):
