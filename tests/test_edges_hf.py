@@ -124,12 +124,16 @@ def test_qwen_sliding_window_keys_as_transformers_reads_them(model_type):
         legacy = {k: v for k, v in full.items() if k != "layer_types"}
         if len(kinds) > 1:
             for config in (full, legacy):
-                with pytest.raises(CheckpointError, match="sliding window on only some layers"):
+                with pytest.raises(CheckpointError, match="^config.json: sliding window on only some layers is "
+                                                          "not supported$"):
                     config_from_hf(config)
             continue
         want = 5 if kinds == {"sliding_attention"} else None
         assert config_from_hf(full).sliding_window == want
         assert config_from_hf(legacy).sliding_window == want, (use, start)
+    full_layers = transformers_config(model_type, **base, use_sliding_window=True, max_window_layers=0,
+                                      layer_types=["full_attention"] * 3)
+    assert config_from_hf(full_layers).sliding_window is None  # layer_types decide, as in transformers
     cfg = config_from_hf(transformers_config(model_type, **base, use_sliding_window=True, max_window_layers=0))
     written = config_to_hf(cfg)
     assert written["layer_types"] == ["sliding_attention"] * 3 and written["use_sliding_window"] is True
@@ -167,6 +171,8 @@ def test_activation_names():
     gpt2 = config_from_hf({"model_type": "gpt2", **sizes("gpt2")})
     assert (gpt2.mlp, gpt2.activation) == ("gelu", "gelu_tanh")
     assert config_to_hf(gpt2)["activation_function"] == "gelu_new"
+    gemma = {"model_type": "gemma", **SIZES}
+    assert config_from_hf(dict(gemma, hidden_act="gelu")).activation == "gelu_tanh"  # as transformers reads Gemma
     bert = config_from_hf({"model_type": "bert", **SIZES})
     assert (bert.mlp, bert.activation) == ("gelu", None)
     with pytest.raises(CheckpointError, match=r"config.json: hidden_act='tanh' is not supported \(silu, swish"):
