@@ -364,3 +364,18 @@ def test_one_unexpected_tensor_is_named_alone(tmp_path):
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.extra.weight' has no place in a llama "
                                               r"checkpoint$"):
         load_model(tmp_path)
+
+
+def test_an_llmctl_checkpoint_names_itself_in_shape_errors(tmp_path):
+    """model_type "llmctl": our own names, checked against the model with the checkpoint's path."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=48,
+                      position="alibi")
+    out = save_model(Transformer(cfg), tmp_path / "alibi", lineage={"command": "test"})
+    weights = load_file(out / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.weight" in weights
+    weights["model.norm.weight"] = torch.ones(31)
+    save_file(weights, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^{out}: tensor 'model.norm.weight' has shape \[31\], expected "):
+        load_model(out)
