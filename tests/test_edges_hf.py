@@ -29,16 +29,13 @@ EXPLICIT = {"max_position_embeddings": 64, "head_dim": 8, "bos_token_id": 1, "eo
 
 
 def sizes(model_type: str) -> dict:
+    """Small sizes, and those of EXPLICIT that the architecture has."""
     if model_type == "gpt2":
         return dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
-    keys = [k for k in EXPLICIT if k != "num_key_value_heads" or model_type != "bert"]
-    if "moe" not in model_type:
-        keys = [k for k in keys if "expert" not in k and not k.startswith("moe")]
-    if model_type != "qwen2_moe":
-        keys = [k for k in keys if not k.startswith("shared")]
-    if model_type not in ("qwen3", "qwen3_moe", "gemma", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe"):
-        keys = [k for k in keys if k != "head_dim"]
-    return dict(SIZES, **{k: EXPLICIT[k] for k in keys})
+    skip = ("num_key_value_heads", "head_dim") if model_type == "bert" else ()
+    return dict(SIZES, **{k: v for k, v in EXPLICIT.items() if k not in skip
+                          and ("moe" in model_type or not ("expert" in k or k.startswith("moe")))
+                          and (model_type == "qwen2_moe" or not k.startswith("shared"))})
 
 
 def transformers_config(model_type: str, **kwargs) -> dict:
