@@ -215,27 +215,27 @@ def test_sequence_classifier_equals_transformers(tmp_path):
     assert config_from_hf(dict(causal, architectures=None)).num_labels == 3
 
 
-def test_tensor_of_the_wrong_size_is_named(tmp_path):
+def saved_with(tmp_path, case: str, edit) -> None:
+    """transformers' `case` model saved in tmp_path, its model.safetensors then edited by `edit(weights)`."""
     from safetensors.torch import load_file, save_file
 
-    theirs = build_hf(*CASES["gpt2-tied"])
-    theirs.save_pretrained(tmp_path)
+    build_hf(*CASES[case]).save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    weights["transformer.h.1.attn.c_attn.weight"] = weights["transformer.h.1.attn.c_attn.weight"][:, :90].clone()
+    edit(weights)
     save_file(weights, tmp_path / "model.safetensors")
+
+
+def test_tensor_of_the_wrong_size_is_named(tmp_path):
+    name = "transformer.h.1.attn.c_attn.weight"
+    saved_with(tmp_path, "gpt2-tied", lambda w: w.update({name: w[name][:, :90].clone()}))
     with pytest.raises(CheckpointError, match=r"tensor 'transformer.h.1.attn.c_attn.weight' has shape \[90, 32\], "
                                               r"expected 96 rows for model.layers.1.self_attn.q_proj.weight, "):
         load_model(tmp_path)
 
 
 def test_unexpected_tensors_are_counted(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    theirs = build_hf(*CASES["llama-gqa-untied"])
-    theirs.save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    weights.update({"model.extra.weight": torch.zeros(2), "model.layers.0.other": torch.zeros(2)})
-    save_file(weights, tmp_path / "model.safetensors")
+    saved_with(tmp_path, "llama-gqa-untied",
+               lambda w: w.update({"model.extra.weight": torch.zeros(2), "model.layers.0.other": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.extra.weight' has no place in a llama "
                                               r"checkpoint \(and 1 more\)$"):
         load_model(tmp_path)
@@ -353,11 +353,7 @@ def test_transformed_bert_without_its_base_prefix_loads(tmp_path):
 
 
 def test_one_unexpected_tensor_is_named_alone(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    build_hf(*CASES["llama-gqa-untied"]).save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    save_file(dict(weights, **{"model.extra.weight": torch.zeros(2)}), tmp_path / "model.safetensors")
+    saved_with(tmp_path, "llama-gqa-untied", lambda w: w.update({"model.extra.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.extra.weight' has no place in a llama "
                                               r"checkpoint$"):
         load_model(tmp_path)
