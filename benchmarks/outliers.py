@@ -75,10 +75,13 @@ def with_outliers(t, factor: float, share: float = 0.02):
 
 
 def describe(record: dict) -> str:
+    """The rescaling, as a clause for a results file's model line ('' without outliers)."""
     o = record.get("outliers")
-    return "" if not o else (f"; then {o['share']:.0%} of every block linear's input channels made {o['factor']:g}× larger "
-                             f"(weights reading them {o['factor']:g}× smaller: the same function, largest logit change "
-                             f"{o['max_logit_change']:.1e}; benchmarks/outliers.py)")
+    if not o:
+        return ""
+    return (f"; then {o['share']:.0%} of every block linear's input channels made {o['factor']:g}× larger (weights "
+            f"reading them {o['factor']:g}× smaller: the same function, largest logit change "
+            f"{o['max_logit_change']:.1e}; benchmarks/outliers.py)")
 
 
 def suffix(record: dict) -> str:
