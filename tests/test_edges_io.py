@@ -1,0 +1,110 @@
+"""Atomic writes' edges (`core/io.py`): what recovery leaves to live writers, removals that
+cannot fail a finished write, the exact JSON written, and names that must stay inside a folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import llmctl.core.io as io
+from llmctl.core.io import check_output, inside, recover, replace_dir, write_json
+from llmctl.errors import CheckpointError, OutputExistsError
+
+
+def test_check_output_refuses_an_existing_path_by_default(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError, match=r"^output .*out already exists \(use --force to overwrite\)$"):
+        check_output(tmp_path / "out")
+    assert check_output(tmp_path / "out", force=True) == tmp_path / "out"
+
+
+def test_recovery_leaves_live_writers_alone(tmp_path):
+    """Leftovers of this process and of a running one stay; a dead writer's go."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "out").mkdir()
+        ours = tmp_path / f".out.old-{os.getpid()}"
+        running = tmp_path / f".out.tmp-{sleeper.pid}-k2j8x"
+        dead = tmp_path / ".out.tmp-999999999-abc"
+        for p in (ours, running, dead):
+            p.mkdir()
+        recover(tmp_path / "out")
+        assert ours.is_dir() and running.is_dir() and not dead.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_process_we_may_not_signal_is_alive(monkeypatch):
+    assert io._alive(os.getpid())
+
+    def refused(pid, sig):
+        raise PermissionError
+
+    monkeypatch.setattr(io.os, "kill", refused)
+    assert io._alive(1)
+
+
+def test_removing_what_is_already_gone_is_not_an_error(tmp_path):
+    io._remove(tmp_path / "gone")
+    io._remove(tmp_path / "gone-dir")
+
+
+def test_a_finished_swap_survives_an_old_copy_that_cannot_be_removed(tmp_path, monkeypatch):
+    out, new = tmp_path / "out", tmp_path / "new"
+    for d, text in ((out, "old"), (new, "new")):
+        d.mkdir()
+        (d / "f.txt").write_text(text)
+
+    def refused(*args, **kw):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(io.os, "rmdir", refused)
+    replace_dir(new, out)
+    assert (out / "f.txt").read_text() == "new"
+
+
+def test_write_json_is_indented_utf8_with_a_final_newline(tmp_path):
+    write_json(tmp_path / "x.json", {"a": [1], "name": "ü"})
+    assert (tmp_path / "x.json").read_bytes() == '{\n  "a": [\n    1\n  ],\n  "name": "ü"\n}\n'.encode()
+
+
+def test_write_json_is_utf8_under_an_ascii_locale(tmp_path):
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    code = ("import sys\nfrom llmctl.core.io import write_json\n"
+            "write_json(sys.argv[1], {'name': '\\u00fc'})")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.json")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "x.json").read_bytes() == '{\n  "name": "ü"\n}\n'.encode()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "lineage.json: '' is not a file name"),
+    (5, "lineage.json: 5 is not a file name"),
+    (None, "lineage.json: None is not a file name"),
+])
+def test_inside_refuses_what_is_not_a_file_name(tmp_path, name, message):
+    with pytest.raises(CheckpointError) as caught:
+        inside(tmp_path, name, "lineage.json")
+    assert str(caught.value) == message
+    with pytest.raises(ValueError, match="points outside"):
+        inside(tmp_path, "../x", "lineage.json", ValueError)
+
+
+def test_recovery_restores_the_newest_hidden_output_only_where_nothing_is(tmp_path):
+    out = tmp_path / "out"
+    copies = {pid: tmp_path / f".out.old-{pid}" for pid in (999999991, 999999997, 999999993)}
+    for age, (pid, copy) in enumerate(copies.items()):
+        copy.mkdir()
+        (copy / "pid").write_text(str(pid))
+        os.utime(copy, (1_000_000 + age * 10,) * 2)  # 999999993's copy is the newest
+    recover(out)
+    assert (out / "pid").read_text() == "999999993" and sorted(os.listdir(tmp_path)) == ["out"]
+
+    (tmp_path / ".out.old-999999995").mkdir()  # a dead writer's copy beside an output that exists
+    recover(out)
+    assert (out / "pid").read_text() == "999999993" and sorted(os.listdir(tmp_path)) == ["out"]
