@@ -71,6 +71,10 @@ DTYPES = {
 _CODES = {name: code for code, (name, _) in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # the safetensors limit
 _HASH_WINDOW = 4096
+# the order safetensors writes tensors in: by its Dtype enum, descending (sizes never grow
+# along it, so every tensor stays aligned), then by name
+_WRITE_ORDER = {code: i for i, code in enumerate(
+    ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"))}
 
 
 class Lineage(TypedDict, total=False):
@@ -466,15 +470,15 @@ class CheckpointWriter:
         self.tmp: Path | None = None
 
     def _header(self, file: str, names: list[str], sizes: dict[str, int]) -> bytes:
-        """The shard's safetensors header; largest dtypes first, so every tensor stays aligned."""
-        order = sorted(names, key=lambda n: (-DTYPES[_CODES[self.layout[n][1]]][1], n))
+        """The shard's safetensors header, laid out as safetensors lays it out (`_WRITE_ORDER`)."""
+        order = sorted(names, key=lambda n: (_WRITE_ORDER[_CODES[self.layout[n][1]]], n))
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name in order:
             shape, dtype = self.layout[name]
             header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
             offset += sizes[name]
-        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # as safetensors writes it
         raw += b" " * (-len(raw) % 8)
         for name in order:
             begin, end = header[name]["data_offsets"]
