@@ -117,13 +117,8 @@ class Runner:
     def prefill(self, keep: int = 1) -> torch.Tensor:
         """Run the prompts; returns the logits of the last `keep` positions (0 = all) [B, keep, V]."""
         width = self.ids.shape[1]
-        if self.mask is None:
-            out = self.model(self.ids, cache=self.cache, logits_to_keep=keep)
-        else:
-            mask = self.mask[:, :width]
-            positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-            out = self.model(self.ids, attention_mask=mask, position_ids=positions, cache=self.cache,
-                             logits_to_keep=keep)
+        mask = None if self.mask is None else self.mask[:, :width]  # the model counts positions from it
+        out = self.model(self.ids, attention_mask=mask, cache=self.cache, logits_to_keep=keep)
         self.length = width
         return out.logits
 
@@ -132,12 +127,9 @@ class Runner:
         n = ids.shape[1]
         if n == 1 and self.step_fn is not None:
             return self._static_step(ids)
-        if self.mask is None:
-            out = self.model(ids, cache=self.cache)
-        else:
-            positions = self.next_pos + torch.arange(n, device=ids.device)
-            out = self.model(ids, attention_mask=self.mask[:, : self.length + n], position_ids=positions,
-                             cache=self.cache)
+        mask = None if self.mask is None else self.mask[:, : self.length + n]
+        out = self.model(ids, attention_mask=mask, cache=self.cache)
+        if self.next_pos is not None:
             self.next_pos = self.next_pos + n
         self.length += n
         return out.logits
@@ -315,12 +307,10 @@ def beam_search(model, job: Job) -> None:
 
 
 def _output_hidden(model) -> torch.nn.Module:
-    """The module whose output is the last hidden state: the final norm of a pre-norm model,
-    else the last block."""
-    cfg = getattr(model, "cfg", None)
-    if getattr(cfg, "norm_placement", "pre") == "pre" and hasattr(model.model, "norm"):
-        return model.model.norm
-    return model.model.layers[-1]
+    """The module whose output is the last hidden state: the final norm (only pre-norm models
+    have one), else the last block."""
+    inner = model.model
+    return inner.norm if hasattr(inner, "norm") else inner.layers[-1]
 
 
 @SEARCHES.register("contrastive")
