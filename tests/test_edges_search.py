@@ -25,32 +25,42 @@ BATCHES = {"padded": [[5, 6, 7, 8, 9], [11, 12]], "unpadded": [[5, 6, 7], [11, 1
 @pytest.mark.parametrize("batch", BATCHES)
 def test_fixed_shape_step_equals_each_row_run_alone(position, batch):
     """One-token steps through `decode_step` over the whole cache (as the compiled and graphed
-    steps run), mixed with multi-token feeds, give each row's logits of an uncached run of that
-    row alone; the Runner's length and next positions follow what was fed."""
+    steps run), mixed with multi-token feeds, a rollback and a reordering of the rows (as beam
+    search and speculative decoding do), give each row's logits of an uncached run of that row
+    alone; the Runner's length and next positions follow what was fed."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**TINY, position=position)).eval()
     prompts = BATCHES[batch]
+    width = max(map(len, prompts))
     feeds = [torch.tensor([[1], [2]]), torch.tensor([[3, 4], [5, 6]]), torch.tensor([[7], [8]]),
              torch.tensor([[9], [10]])]
+
+    def alone(row: list[int], last: int) -> torch.Tensor:
+        return model(torch.tensor([row])).logits[0, -last:]
+
     with torch.no_grad():
-        assert Runner(model, prompts, 32, torch.device("cpu")).prefill(keep=0).shape == (2, max(map(len, prompts)), 97)
+        assert Runner(model, prompts, 32, torch.device("cpu")).prefill(keep=0).shape == (2, width, 97)
         runner = Runner(model, prompts, 32, torch.device("cpu"))
         runner.step_fn = model.decode_step
-        got = [runner.prefill(keep=1)]
+        got = [runner.prefill()]
         assert got[0].shape == (2, 1, 97)
-        for ids in feeds:
-            got.append(runner.forward(ids))
-        got = torch.cat(got, 1)
-        fed = torch.cat(feeds, 1)
-        width = max(map(len, prompts))
-        assert runner.length == width + fed.shape[1] == runner.cache.length
+        got += [runner.forward(ids) for ids in feeds]
+        got, fed = torch.cat(got, 1), torch.cat(feeds, 1).tolist()
+        assert runner.length == width + 5 == runner.cache.length
         assert runner.padded == (batch == "padded")
         if runner.padded:
-            assert runner.next_pos[:, 0].tolist() == [len(p) + fed.shape[1] for p in prompts]
+            assert runner.next_pos[:, 0].tolist() == [len(p) + 5 for p in prompts]
         for i, prompt in enumerate(prompts):
-            row = torch.tensor([prompt + fed[i].tolist()])
-            want = model(row).logits[0, len(prompt) - 1 :]
-            assert torch.allclose(got[i], want, atol=1e-5), i
+            assert torch.allclose(got[i], alone(prompt + fed[i], 6), atol=1e-5), i
+
+        runner.truncate(runner.length - 2)  # drop the last two steps, take another
+        after_rollback = runner.forward(torch.tensor([[11], [12]]))[:, 0]
+        runner.reorder(torch.tensor([1, 0]))  # the rows swap places
+        after_reorder = runner.forward(torch.tensor([[13], [14]]))[:, 0]
+        for i, prompt in enumerate(prompts):
+            row = prompt + fed[i][:3] + [11 + i]
+            assert torch.allclose(after_rollback[i], alone(row, 1)[0], atol=1e-5), i
+            assert torch.allclose(after_reorder[1 - i], alone(row + [14 - i], 1)[0], atol=1e-5), i
 
 
 def test_batched_beam_search_with_penalties_equals_transformers(ckpts):
