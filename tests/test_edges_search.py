@@ -88,3 +88,129 @@ def test_timings_are_the_clocks_differences(ckpts, monkeypatch, strategy):
     for r in results:
         assert r.prefill_tokens_per_s == round(prompt_total / 2.0, 2)
         assert r.decode_tokens_per_s == round(len(r.tokens) / 4.0, 2) == 1.5
+
+
+# -- the native decode plan's Python side (`core/native/decode.py`) ----------------------------
+
+from llmctl.core import native  # noqa: E402
+from llmctl.core.model.attention import Attention  # noqa: E402
+from llmctl.core.model.norm import RMSNorm  # noqa: E402
+from llmctl.core.native.decode import native_step, why_not  # noqa: E402
+from llmctl.core.quant.linear import PackQuantized  # noqa: E402
+from test_native_decode import BASE, build, decode_both, needs  # noqa: E402
+
+
+class _Attention(Attention):
+    """A replaced attention module (a plugin's)."""
+
+
+class _Norm(RMSNorm):
+    def forward(self, x):  # another computation than RMSNorm's
+        return super().forward(x) * 2
+
+
+@needs
+def test_why_not_names_each_reason(monkeypatch):
+    """Each model the plan cannot run, alone, with the reason it gives."""
+    from llmctl.core.adapters.prompt import Prefix
+    from llmctl.core.model.transforms import replace_module
+
+    assert why_not(torch.nn.Linear(4, 4)) == why_not(types.SimpleNamespace(cfg=build({}).cfg)) \
+        == "not an llmctl Transformer"
+    for variant, reason in [(dict(is_causal=False), "an encoder"), (dict(norm_placement="post"), "post-norm"),
+                            (dict(num_experts=4), "mixture of experts"), (dict(qk_norm=True), "qk-norm"),
+                            (dict(position="alibi"), "ALiBi")]:
+        assert why_not(build(variant)) == reason
+    assert why_not(build(dict(attention_kernel="eager"))) is None
+    model = build({})
+    model.cfg.attention_kernel = "a plugin's"
+    assert why_not(model) == "attention kernel \"a plugin's\""
+    assert why_not(Prefix(num_virtual_tokens=2).apply(build({}))) == "a prefix or prompt adapter"
+    assert why_not(build({}).to("meta")) == "not on CPU"
+    for name in ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]:
+        model = build({})
+        part = "self_attn" if name[0] in "qkvo" else "mlp"
+        replace_module(model, f"model.layers.0.{part}.{name}", torch.nn.Sequential(torch.nn.Identity()))
+        assert why_not(model) == f"layer 0.{name}: Sequential the native kernels do not take"
+    model = build({})
+    linear = model.model.layers[1].self_attn.k_proj
+    linear.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous().t())  # same values, transposed strides
+    assert why_not(model) == "layer 1.k_proj: Linear the native kernels do not take"
+    model = build({})
+    model.model.layers[1].self_attn.__class__ = _Attention
+    assert why_not(model) == "layer 1: a replaced block"
+    model = build({})
+    model.model.layers[1].mlp.act = torch.tanh  # an activation the plan has no code for
+    assert why_not(model) == "layer 1: feed-forward swiglu"
+    model = build({})
+    model.model.layers[1].post_attention_layernorm.__class__ = _Norm
+    assert why_not(model) == "layer 1: norm _Norm"
+    monkeypatch.setattr(native, "has", lambda capability: False)  # kernels built without float32 products
+    assert why_not(build({})) == "native kernels unavailable"
+
+
+@needs
+@pytest.mark.parametrize("variant, quantize", [
+    (dict(num_layers=1), None),
+    (dict(lm_head_bias=True), None),
+    (dict(num_kv_heads=4, norm="layernorm", mlp="gelu", activation="gelu_tanh", position="learned", qkv_bias=True,
+          o_bias=True, mlp_bias=True), dict(bits=8, group_size=64)),
+    ({}, dict(bits=8, ignore=[])),
+], ids=["one layer", "head bias", "quantized with biases", "quantized head"])
+def test_native_step_equals_the_eager_step_at_the_edges(variant, quantize):
+    """One layer, a biased head (through `mv_float` plus the bias), quantized linears with biases
+    and a quantized head (the eager head): the eager step's logits."""
+    model = build(variant)
+    if quantize:
+        PackQuantized(**quantize).apply(model)
+    step = native_step(model)
+    float_head = type(model.lm_head) is torch.nn.Linear
+    assert (step.projection is not None) == float_head
+    if float_head:  # the step takes its head's product through the projection
+        calls, projection = [], step.projection
+        step.projection = lambda h: calls.append(1) or projection(h)
+        step(torch.tensor([[3]]), torch.tensor([[0]]), None, *(lambda c: (c.keys, c.values))(model.make_cache(1, 4)),
+             torch.tensor([0]))
+        assert calls == [1]
+    eager, ours, *_ = decode_both(model)
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
+
+
+@needs
+def test_native_step_past_the_rotary_tables_built_so_far():
+    """A step at position 1024, after a prompt built tables of 1024 rows, grows them."""
+    model = build(dict(max_seq_len=2048))
+    step = native_step(model)
+    ids = torch.tensor([[5, 6, 7]])
+    eager_cache, native_cache = model.make_cache(1, 1025), model.make_cache(1, 1025)
+    with torch.inference_mode():
+        model(ids, cache=eager_cache), model(ids, cache=native_cache)  # tables of 1024 positions
+        eager_cache.length = native_cache.length = 1024
+        slot, token = torch.tensor([1024]), torch.tensor([[9]])
+        eager = model.decode_step(token, slot[None], None, eager_cache.keys, eager_cache.values, slot)
+        ours = step(token, slot[None], None, native_cache.keys, native_cache.values, slot)
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
+
+
+@needs
+def test_native_step_refuses_batches_and_padding():
+    step = native_step(build({}))
+    cache = build({}).make_cache(2, 4)
+    slot = torch.tensor([0])
+    with pytest.raises(ValueError, match="^the native decode step takes one unpadded row$"):
+        step(torch.tensor([[3], [4]]), torch.zeros(2, 1, dtype=torch.long), None, cache.keys, cache.values, slot)
+    with pytest.raises(ValueError, match="^the native decode step takes one unpadded row$"):
+        step(torch.tensor([[3]]), slot[None], torch.ones(1, 4, dtype=torch.bool), cache.keys, cache.values, slot)
+
+
+@needs
+def test_the_plan_shares_the_quantized_linears_native_layout():
+    """The plan takes each quantized linear's native layout from the module, where eager
+    one-row products keep theirs: one copy of the weights, not two."""
+    model = build({}, bits=8)
+    with torch.inference_mode():
+        model(torch.tensor([[3]]))  # an eager one-row pass makes each linear's layout
+        native_step(model)
+    for module in model.modules():
+        if hasattr(module, "kernels"):
+            assert len(module.kernels) == 1, module.kernels.keys()
