@@ -214,3 +214,36 @@ def test_the_plan_shares_the_quantized_linears_native_layout():
     for module in model.modules():
         if hasattr(module, "kernels"):
             assert len(module.kernels) == 1, module.kernels.keys()
+
+
+# -- the compiled CPU step's products (`core/generate/matvec.py`) ------------------------------
+
+from llmctl.core.generate import matvec  # noqa: E402
+
+
+@needs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_products_go_to_the_native_kernel_where_it_takes_them(monkeypatch, dtype):
+    """With the kernels built: one row whose length is a multiple of 32 goes to `mv_float` (with
+    W's rows contiguous), float32 rows of other lengths to the reduction, bf16 ones to aten;
+    `mm` with an output dtype always to aten. aten's product is the reference."""
+    ops, calls = native.ops(), []
+    monkeypatch.setattr(native, "ops", lambda: types.SimpleNamespace(
+        capabilities=ops.capabilities, mv_float=lambda x, w: calls.append((x.shape, w.shape, w.is_contiguous()))
+        or ops.mv_float(x, w)))
+    torch.manual_seed(0)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    w, b, x = torch.randn(48, 64, dtype=dtype), torch.randn(48, dtype=dtype), torch.randn(1, 64, dtype=dtype)
+    torch.testing.assert_close(matvec.mm(x, w.t()), x @ w.t(), **tol)
+    torch.testing.assert_close(matvec.addmm(b, x, w.t()), b + x @ w.t(), **tol)
+    assert calls == [((1, 64), (48, 64), True)] * 2
+    calls.clear()
+    w40, x40 = w[:, :40], x[:, :40]
+    got = matvec.mm(x40, w40.t())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, x40 @ w40.t(), **tol)
+    else:
+        assert got is NotImplemented
+    assert calls == []
+    assert matvec.mm(x, w.t(), out_dtype=torch.float32) is NotImplemented
+    assert calls == []
