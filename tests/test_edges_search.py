@@ -247,3 +247,61 @@ def test_one_row_products_go_to_the_native_kernel_where_it_takes_them(monkeypatc
     assert calls == []
     assert matvec.mm(x, w.t(), out_dtype=torch.float32) is NotImplemented
     assert calls == []
+
+
+# -- streamed text and stop strings (`core/generate/stream.py`) --------------------------------
+
+from llmctl.core.generate.stream import Sequence, StopMatcher  # noqa: E402
+
+PIECES = {1: b"Hello", 2: b" world", 3: b"", 4: b"!", 5: b"x\xc3", 6: b"\xa9", 7: b"\n\n"}
+
+
+def _pieces_decode(ids: list[int]) -> str:
+    """A byte-level decoder whose tokens hold several bytes, one of them none (a special token
+    decoded as nothing), and an `é` split across two tokens."""
+    return b"".join(PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def _sentencepiece_decode(ids: list[int]) -> str:
+    """As sentencepiece decodes: the leading space of the first piece is dropped."""
+    return _pieces_decode(ids).lstrip(" ")
+
+
+@pytest.mark.parametrize("decode", [_pieces_decode, _sentencepiece_decode])
+@pytest.mark.parametrize("tokens", [[2, 3, 2, 4], [2, 5, 6, 4], [2, 2, 5]])
+def test_streamed_text_is_the_decoded_continuation(decode, tokens):
+    """The pieces a sequence streams join to the text the decoder gives the whole continuation
+    after the prompt's: spacing from the prompt, an empty token, a character split across
+    tokens, one cut off by the length limit (U+FFFD, as decoding gives it)."""
+    seen = []
+    seq = Sequence(decode, [1], max_new_tokens=len(tokens), on_text=seen.append)
+    done = [seq.push(t) for t in tokens]
+    assert done == [False] * (len(tokens) - 1) + [True] and seq.finish_reason == "length"
+    assert "".join(seen) == seq.text == decode([1] + tokens)[len(decode([1])):]
+
+
+def test_sequences_say_when_they_are_finished():
+    """A push returns True at EOS, at a stop string and at the length limit, and after that
+    changes nothing; `close` ends an undecided sequence for its length."""
+    for tokens, kwargs, reason in [([2, 4], dict(eos_ids=[4]), "eos"), ([2, 4], dict(stops=["!"]), "stop"),
+                                   ([2, 2], {}, "length")]:
+        seq = Sequence(_pieces_decode, [1], max_new_tokens=2, **kwargs)
+        assert [seq.push(t) for t in tokens] == [False, True] and seq.finish_reason == reason
+        assert seq.push(2) is True and seq.tokens == tokens
+    seq = Sequence(_pieces_decode, [1], max_new_tokens=5)
+    seq.push(2), seq.close()
+    assert (seq.finish_reason, seq.text) == ("length", " world")
+
+
+def test_a_stop_string_completed_by_the_final_flush():
+    """`x` arrives in a token that also starts a character, so it is held back until the length
+    limit flushes it: the stop string still cuts the text and names the reason."""
+    seq = Sequence(_pieces_decode, [1], max_new_tokens=2, stops=["x"])
+    assert [seq.push(2), seq.push(5)] == [False, True]
+    assert (seq.text, seq.finish_reason) == (" world", "stop")
+
+
+def test_stop_matcher_cuts_at_the_first_of_repeated_stops_and_holds_every_prefix():
+    assert StopMatcher(["\n"]).push("a\nb\n") == ("a", True)
+    for held in ["<", "</", "</s"]:
+        assert StopMatcher(["</s>"]).push(f"hi {held}") == ("hi ", False)

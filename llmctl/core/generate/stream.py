@@ -91,7 +91,6 @@ class Sequence:
         stops: list[str] = (),
         on_text: Callable[[str], None] | None = None,
     ):
-        self.prompt_ids = prompt_ids
         self.max_new_tokens = max_new_tokens
         self.eos_ids = set(eos_ids)
         self.tokens: list[int] = []
