@@ -305,3 +305,98 @@ def test_stop_matcher_cuts_at_the_first_of_repeated_stops_and_holds_every_prefix
     assert StopMatcher(["\n"]).push("a\nb\n") == ("a", True)
     for held in ["<", "</", "</s"]:
         assert StopMatcher(["</s>"]).push(f"hi {held}") == ("hi ", False)
+
+
+# -- generation tasks (`core/evaluate/generation.py`) ------------------------------------------
+
+import json  # noqa: E402
+
+from llmctl.core.evaluate.metrics import METRICS  # noqa: E402
+from llmctl.core.evaluate.tasks import load_task  # noqa: E402
+from llmctl.errors import ConfigError, DataError, UsageError  # noqa: E402
+
+
+def _generation_task(tmp_path, rows, **config):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "t.yaml").write_text(json.dumps({"type": "generate", "dataset": {"path": "d.jsonl"},
+                                                 "prompt": "Q: {{ q }}", "target": "a", **config}))
+    return load_task(str(tmp_path / "t.yaml"))
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(metrics=["exact_match", "nope"]),
+     "task t: config key 'metrics': unknown metric 'nope'; choose from: " + ", ".join(METRICS.names())),
+    (dict(samples=0), "task t: 'samples' and 'max_new_tokens' must be ≥ 1"),
+    (dict(max_new_tokens=0), "task t: 'samples' and 'max_new_tokens' must be ≥ 1"),
+    (dict(answer_regex="(a"), "task t: config key 'answer_regex': missing ), unterminated subpattern at position 0"),
+])
+def test_generation_task_config_errors(tmp_path, config, message):
+    with pytest.raises(ConfigError) as error:
+        _generation_task(tmp_path, [{"q": "x", "a": "y"}], **config)
+    assert str(error.value) == message
+    assert _generation_task(tmp_path, [{"q": "x", "a": "y"}], samples=1, max_new_tokens=1).max_new_tokens == 1
+
+
+def test_generation_task_answers_and_references(tmp_path):
+    """`answer_match` picks a match, out of range the last one; a regex without groups gives the
+    whole match, one whose groups are all empty ""; an empty target list is a data error."""
+    task = _generation_task(tmp_path, [{"q": "x", "a": []}], answer_regex=r"(\d+)")
+    assert task.extract("no number") == ""
+    for index, answer in [(0, "1"), (1, "2"), (-3, "1"), (-1, "3"), (3, "3"), (-4, "3")]:
+        task.answer_match = index
+        assert task.extract("1 then 2 then 3") == answer, index
+    [doc] = task.documents()
+    with pytest.raises(DataError) as error:
+        task.references(doc)
+    assert str(error.value) == f"{doc[0]}: field 'a' must be a string or a list of strings"
+    assert _generation_task(tmp_path, [{"q": "x", "a": 7}], answer_regex=r"\d+").extract("is 42.") == "42"
+    assert _generation_task(tmp_path, [{"q": "x", "a": 7}], answer_regex=r"(x)?=").extract("a = b") == ""
+
+
+class _Recorder:
+    """A reporter that keeps its progress bars' arguments and advances."""
+
+    def __init__(self):
+        self.bars, self.advances = [], []
+
+    def progress(self, description, total=None, unit="it"):
+        import contextlib
+
+        self.bars.append((description, total, unit))
+        return contextlib.nullcontext(types.SimpleNamespace(advance=self.advances.append))
+
+
+def test_generation_task_run_samples_votes_logs_and_scores(tmp_path, monkeypatch):
+    """Self-consistency over batches: the sampling settings and context reach `generate`, each
+    prompt's answers are voted on, logged as samples, and scored with the task's normalisation."""
+    import llmctl.core.generate as gen
+
+    rows = [{"q": "one", "a": "ABC"}, {"q": "two", "a": ["x", "Seven"]}, {"q": "three", "a": "z"}]
+    task = _generation_task(tmp_path, rows, samples=2, normalize={"ignore_case": True}, metrics=["exact_match"])
+    task.report, task.samples_log = _Recorder(), []
+    texts = iter(["abc", "abc", "seven", "eight", "q", "q"])
+    calls = []
+
+    def fake_generate(model, tok, prompts, cfg, context=None, report=None):
+        calls.append((prompts, cfg, context, report))
+        return [types.SimpleNamespace(text=next(texts)) for _ in prompts]
+
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    lm = types.SimpleNamespace(model=None, tokenizer=None, seed=11, batch_size=2, max_length=77)
+    result = task.run(lm)
+    assert [c[0] for c in calls] == [["Q: one", "Q: one", "Q: two", "Q: two"], ["Q: three", "Q: three"]]
+    for _, cfg, context, report in calls:
+        assert (cfg.temperature, cfg.seed, cfg.truncate, cfg.batch_size, context, report) == (0.7, 11, "left", 2, 77,
+                                                                                              task.report)
+    assert task.report.bars == [("t", 3, "ex")] and task.report.advances == [2, 1]
+    assert result["exact_match"] == pytest.approx(2 / 3) and result["examples"] == 3
+    where = [d[0] for d in task.documents()]
+    assert task.samples_log == [
+        dict(doc=where[0], prompt="Q: one", generations=["abc", "abc"], answer="abc", references=["ABC"]),
+        dict(doc=where[1], prompt="Q: two", generations=["seven", "eight"], answer="seven", references=["x", "Seven"]),
+        dict(doc=where[2], prompt="Q: three", generations=["q", "q"], answer="q", references=["z"]),
+    ]
+    lm.can_generate = False
+    with pytest.raises(UsageError) as error:
+        task.run(lm)
+    assert str(error.value) == "task t generates text: it needs a causal language model, not an encoder"
