@@ -400,3 +400,21 @@ def test_generation_task_run_samples_votes_logs_and_scores(tmp_path, monkeypatch
     with pytest.raises(UsageError) as error:
         task.run(lm)
     assert str(error.value) == "task t generates text: it needs a causal language model, not an encoder"
+
+
+def test_a_graph_lowered_without_the_rewrite_is_not_reused(monkeypatch):
+    """The same graph compiled by plain inductor first: AOTAutograd's cache, keyed before
+    decomposition, must not hand that lowering to the matvec back end (a real bug: the rewrite
+    silently skipped, or a graph calling the native op served with the kernels off)."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(native, "has", lambda capability: False)
+    calls, rows_dot = [], matvec._rows_dot
+    monkeypatch.setattr(matvec, "_rows_dot", lambda *a: calls.append(a[1].shape) or rows_dot(*a))
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 32), torch.randn(1, 32)
+    plain = torch.compile(lambda x: F.linear(torch.sigmoid(x), w), dynamic=False)
+    ours = torch.compile(lambda x: F.linear(torch.sigmoid(x), w), backend=matvec.backend, dynamic=False)
+    torch.testing.assert_close(plain(x), F.linear(torch.sigmoid(x), w))
+    torch.testing.assert_close(ours(x), F.linear(torch.sigmoid(x), w), rtol=1e-5, atol=1e-5)
+    assert calls == [torch.Size([32, 24])]

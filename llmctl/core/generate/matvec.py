@@ -57,8 +57,13 @@ DECOMPOSITIONS = {aten.mm.default: mm, aten.addmm.default: addmm}
 
 
 def backend(graph, example_inputs):
-    """inductor, with `DECOMPOSITIONS` ahead of its own table."""
+    """inductor, with `DECOMPOSITIONS` ahead of its own table. AOTAutograd's on-disk cache is keyed
+    on the graph before decomposition, so it would hand back a graph lowered without them (by
+    another back end, or with the native kernels off): it is bypassed; inductor's own cache, keyed
+    on the decomposed graph, still applies."""
+    import torch._functorch.config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
-    return compile_fx(graph, example_inputs, decompositions={**select_decomp_table(), **DECOMPOSITIONS})
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(graph, example_inputs, decompositions={**select_decomp_table(), **DECOMPOSITIONS})
