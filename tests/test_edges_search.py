@@ -1,7 +1,7 @@
-"""Edges of `core/generate/search.py` that the end-to-end comparisons do not reach (found by
-mutation testing, docs/testing.md): the fixed-shape one-token step (what `--compile` and CUDA
-graphs run) on padded and unpadded batches, beam search over a batch with penalties, and the
-prefill / decode timings."""
+"""Edges of decoding that the end-to-end comparisons do not reach (found by mutation testing,
+docs/testing.md): `search.py`'s fixed-shape one-token step (what `--compile` and CUDA graphs run),
+batched beams with penalties and timings; the native decode plan's refusals and edges; matvec's
+one-row products; streamed text and stop strings; generation tasks around `generate`."""
 
 from __future__ import annotations
 
