@@ -1,0 +1,252 @@
+"""Edges of the evaluation wrappers and the data encoders that the parity tests miss (found by
+mutation testing): the scoring model's windows, truncation, batching, shared contexts, greedy
+flags and progress against transformers and lm-eval's own window functions."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+
+from conftest import tiny_llama
+from llmctl.core.evaluate.lm import ScoringModel, rolling_windows
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine.\n"
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer\n"
+) * 3
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), [TEXT] * 3, vocab=300, context=64)
+
+
+@pytest.fixture(scope="module")
+def hf_model(hf_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(hf_dir):
+    from llmctl.core.model.io import load_model
+
+    return load_model(hf_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def tok(hf_dir):
+    from llmctl.core.tokenizer import load_tokenizer
+
+    return load_tokenizer(hf_dir)
+
+
+class _Bar:
+    """A progress bar that records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def advance(self, amount=1):
+        self.calls.append(("advance", amount))
+
+    def update(self, **fields):
+        self.calls.append(("update", fields))
+
+    def advanced(self) -> float:
+        return sum(c[1] for c in self.calls if c[0] == "advance")
+
+
+def _hf_span(model, row: list[int], n: int) -> tuple[float, bool]:
+    """log P and all-argmax of the last `n` tokens of `row`, by the HF model over the whole row."""
+    ids = torch.tensor([row])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    targets = ids[0, 1:]
+    picked = logprobs[torch.arange(len(targets)), targets][-n:]
+    return picked.sum().item(), bool((logprobs.argmax(-1) == targets)[-n:].all())
+
+
+def _greedy_tokens(model, start: list[int], n: int) -> list[int]:
+    ids = torch.tensor([start])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(start):].tolist()
+
+
+# -- core/evaluate/lm.py ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_length", [1, 2, 5, 64])
+def test_rolling_windows_equal_lm_evals(max_length):
+    """lm-eval's `get_rolling_token_windows(context_len=1)` + `make_disjoint_window`, every length
+    around the window's edges."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    for length in [0, 1, 2, max_length - 1, max_length, max_length + 1, 2 * max_length, 2 * max_length + 3, 150]:
+        tokens = list(range(100, 100 + max(length, 0)))
+        expected = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, 7, max_length, 1)]
+        assert [tuple(map(list, w)) for w in rolling_windows(tokens, 7, max_length)] == \
+               [tuple(map(list, w)) for w in expected]
+
+
+@pytest.mark.parametrize("model_name", ["hf_model", "ours"])
+def test_rolling_loglikelihood_greedy_flags_and_progress(request, hf_model, tok, model_name):
+    """A document is greedy when every window is (HF's argmax per window): a greedy continuation of
+    BOS is, one whose second window is not is not, an empty one is; the bar's total is the
+    windows, advanced to it."""
+    lm = ScoringModel(request.getfixturevalue(model_name), tok, max_length=16, batch_size=4)
+    greedy = _greedy_tokens(hf_model, [tok.bos_id], 20)
+    docs = [greedy[:12], greedy[:18] + [(greedy[0] + 1) % 300] * 3, []]
+    bar = _Bar()
+    scores = lm.loglikelihood_rolling(docs, bar)
+    windows = [rolling_windows(d, tok.bos_id, 16) for d in docs]
+    assert bar.calls[0] == ("update", {"total": 3}) and bar.advanced() == 3
+    flags = [[_hf_span(hf_model, ctx + cont, len(cont)) for ctx, cont in w] for w in windows]
+    assert [[f[1] for f in fs] for fs in flags] == [[True], [True, False], []]
+    for doc, fs, score in zip(docs, flags, scores):
+        assert score.tokens == len(doc)
+        assert score.logprob == pytest.approx(sum(f[0] for f in fs), rel=1e-5, abs=1e-6)
+    assert [s.greedy for s in scores] == [True, False, True]
+
+
+def test_prefix_token_is_bos_else_eos_else_refused():
+    from llmctl.errors import CheckpointError
+
+    def lm(bos, eos):
+        return ScoringModel(torch.nn.Identity(), SimpleNamespace(bos_id=bos, eos_id=eos), max_length=8)
+
+    assert lm(5, 6).prefix_token == 5 and lm(0, 6).prefix_token == 0 and lm(None, 6).prefix_token == 6
+    with pytest.raises(CheckpointError, match="^the tokenizer has neither a BOS nor an EOS token to condition"):
+        lm(None, None).prefix_token
+
+
+def test_batch_defaults_and_what_a_model_offers(hf_model, ours, tok):
+    """16 rows / 1,024 tokens per pass on CPU, 128 / 65,536 elsewhere; an llmctl decoder shares
+    contexts and runs its head through oneDNN, an HF model or an encoder does not."""
+    from llmctl.core.evaluate.lm import OneDNNLinear
+
+    cpu = ScoringModel(torch.nn.Identity(), tok, max_length=8)
+    assert (cpu.batch_size, cpu.max_batch_tokens, cpu.device) == (16, 1024, torch.device("cpu"))
+    other = ScoringModel(torch.nn.Identity(), tok, max_length=8, device="meta")
+    assert (other.batch_size, other.max_batch_tokens) == (128, 65536)
+    given = ScoringModel(torch.nn.Identity(), tok, max_length=8, batch_size=3, max_batch_tokens=50)
+    assert (given.batch_size, given.max_batch_tokens, given.max_length) == (3, 50, 8)
+    lm = ScoringModel(ours, tok, max_length=8)
+    assert lm.can_share and lm.has_head and isinstance(lm.projection, OneDNNLinear)
+    hf = ScoringModel(hf_model, tok, max_length=8)
+    assert not hf.can_share and not hf.has_head and hf.projection is None
+    encoder = SimpleNamespace(eval=lambda: encoder, make_cache=None, head=None, cfg=SimpleNamespace(is_causal=False))
+    assert not ScoringModel(encoder, tok, max_length=8).can_share
+    no_cfg = SimpleNamespace(eval=lambda: no_cfg, make_cache=None, head=None)
+    assert not ScoringModel(no_cfg, tok, max_length=8).has_head
+
+
+def test_onednn_head_with_bias_and_the_cases_it_leaves_to_torch():
+    from llmctl.core.evaluate.lm import OneDNNLinear, onednn_projection
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 5)
+    x = torch.randn(2, 3, 8)
+    for lin in (linear, torch.nn.Linear(8, 5, bias=False)):
+        projection = onednn_projection(lin, torch.device("cpu"))
+        assert isinstance(projection, OneDNNLinear)
+        assert torch.allclose(projection(x), lin(x), atol=1e-6) and projection(x).shape == (2, 3, 5)
+
+    class Sub(torch.nn.Linear):
+        pass
+
+    assert onednn_projection(linear, torch.device("meta")) is None
+    assert onednn_projection(Sub(8, 5), torch.device("cpu")) is None
+    assert onednn_projection(torch.nn.Linear(8, 5).double(), torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("model_name", ["hf_model", "ours"])
+def test_loglikelihood_prefix_truncation_and_refusals(request, hf_model, tok, model_name):
+    """An empty context is the prefix token; rows are cut on the left to max_length + 1 tokens
+    and a continuation longer than that is scored in part; an empty continuation is refused."""
+    from llmctl.errors import DataError
+
+    lm = ScoringModel(request.getfixturevalue(model_name), tok, max_length=32, batch_size=4)
+    ids = tok.encode(TEXT)
+    assert len(ids) > 80
+    requests = [([], ids[:5]), (ids[:80], ids[80:85]), (ids[:10], ids[10:50]), (ids[:27], ids[27:33]),
+                (ids[:28], ids[28:34])]
+    rows = [[tok.bos_id] + ids[:5], ids[52:85], ids[17:50], ids[:33], ids[1:34]]
+    n = [5, 5, 32, 6, 6]
+    bar = _Bar()
+    scores = lm.loglikelihood(requests, bar)
+    assert bar.advanced() == len(requests)
+    for row, k, score in zip(rows, n, scores):
+        logprob, greedy = _hf_span(hf_model, row, k)
+        assert (score.tokens, score.greedy) == (k, greedy)
+        assert score.logprob == pytest.approx(logprob, rel=1e-5)
+    with pytest.raises(DataError, match=r"^a continuation \(choice\) encodes to no tokens$"):
+        lm.loglikelihood([(ids[:3], [])])
+
+
+@pytest.mark.parametrize("model_name", ["hf_model", "ours"])
+def test_score_rows_greedy_flags_spans_and_bounds(request, hf_model, tok, model_name):
+    """Rows of one span (a view) and of different spans (gathered): HF's sums and argmax flags;
+    `greedy=False` gives None; a row of max_length + 2 tokens is refused, max_length + 1 is not."""
+    lm = ScoringModel(request.getfixturevalue(model_name), tok, max_length=24, batch_size=8)
+    greedy = _greedy_tokens(hf_model, [tok.bos_id], 24)
+    ids = tok.encode(TEXT)
+    same = [[tok.bos_id] + greedy[:11], ids[:12], [tok.bos_id] + greedy[:5] + ids[:6]]
+    mixed = [[tok.bos_id] + greedy[:24], ids[:7], [tok.bos_id] + greedy[:3] + ids[40:45], ids[3:20]]
+    for rows, n in [(same, [4, 4, 4]), (same, [11, 5, 1]), (mixed, [24, 3, 2, 16]), (mixed, [1, 1, 1, 1])]:
+        bar = _Bar()
+        scores = lm.score_rows(rows, n, bar)
+        assert bar.advanced() == len(rows)
+        expected = [_hf_span(hf_model, row, k) for row, k in zip(rows, n)]
+        assert [s.greedy for s in scores] == [e[1] for e in expected]
+        assert [s.tokens for s in scores] == n
+        assert [s.logprob for s in scores] == pytest.approx([e[0] for e in expected], rel=1e-5)
+        assert [s.greedy for s in lm.score_rows(rows, n, greedy=False)] == [None] * len(rows)
+    assert {e[1] for e in [_hf_span(hf_model, row, 4) for row in same]} == {True, False}
+    with pytest.raises(ValueError, match=r"^row of 26 tokens exceeds max_length \+ 1 = 25$"):
+        lm.score_rows([ids[:26]], [3])
+
+
+def test_share_batches_keep_contexts_and_continuations_within_the_token_budget(tok):
+    """Groups are taken longest context first; a chunk ends when one more context or the padded
+    continuations (rows x longest) would pass `max_batch_tokens` (40 here; equal is allowed)."""
+    lm = ScoringModel(torch.nn.Identity(), tok, max_length=64, max_batch_tokens=40)
+
+    def chunks(groups, n_scored):
+        return [[len(prefix) for prefix, _ in chunk] for chunk in lm._share_batches(groups, n_scored)]
+
+    a, b, c, d, e = [0] * 10, [0] * 12, [0] * 8, [0] * 3, [1] * 3
+    n_scored = [3, 5, 2, 2, 2, 9, 1, 1, 20]
+    groups = [(a, [0, 1]), (b, [2, 3, 4]), (c, [5]), (d, [6, 7]), (e, [8])]
+    assert chunks(groups, n_scored) == [[12, 10], [8, 3], [3]]
+    # at the budget exactly: two contexts of 20 (2 x 20), ten rows of 4 (10 x 4)
+    assert chunks([([0] * 20, [0]), ([1] * 20, list(range(1, 10))), ([2], [10])], [4] * 11) == [[20, 20], [1]]
+    assert chunks([([0] * 20, [0]), ([1] * 21, [1])], [1, 1]) == [[21], [20]]
+    # the next chunk counts only its own rows and longest continuation
+    assert chunks([([0] * 9, [0]), ([1] * 8, [1]), ([2] * 7, [2, 3, 4]), ([3] * 6, [5])],
+                  [30, 1, 4, 4, 4, 10]) == [[9], [8, 7], [6]]
+    assert list(lm._share_batches([], [])) == []
+
+
+def test_contexts_are_shared_from_the_threshold_of_saved_positions(ours, hf_model, tok):
+    """(choices − 1) × context length ≥ `share_min_tokens` shares the context's KV cache (scores equal
+    HF's); one token fewer saved runs whole rows; an HF model never shares."""
+    ids = tok.encode(TEXT)
+    context = ids[:10]
+    requests = [(context, ids[10:13]), (context, ids[20:22]), (context, [ids[40]]), (ids[:4], ids[4:6])]
+    for model, threshold, shared in [(ours, 20, [3]), (ours, 21, []), (ours, 0, [3, 1]), (hf_model, 0, [])]:
+        lm = ScoringModel(model, tok, max_length=64)
+        calls = []
+        score_shared = lm._score_shared
+        lm._score_shared = lambda prefixes, conts: calls.extend(map(len, conts)) or score_shared(prefixes, conts)
+        bar = _Bar()
+        scores = lm.loglikelihood(requests, bar, share_min_tokens=threshold)
+        assert sorted(calls, reverse=True) == shared and bar.advanced() == len(requests)
+        for (ctx, cont), score in zip(requests, scores):
+            logprob, greedy = _hf_span(hf_model, ctx + cont, len(cont))
+            assert (score.tokens, score.greedy) == (len(cont), greedy)
+            assert score.logprob == pytest.approx(logprob, rel=1e-5)
