@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from conftest import tiny_llama
+from test_masked_eval import bert_dir, hf_bert  # noqa: F401  (the tiny BERT checkpoint)
 from llmctl.core.evaluate.lm import ScoringModel, rolling_windows
 
 TEXT = (
@@ -250,3 +251,241 @@ def test_contexts_are_shared_from_the_threshold_of_saved_positions(ours, hf_mode
             logprob, greedy = _hf_span(hf_model, ctx + cont, len(cont))
             assert (score.tokens, score.greedy) == (len(cont), greedy)
             assert score.logprob == pytest.approx(logprob, rel=1e-5)
+
+
+# -- core/evaluate/masked.py -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert_tok(bert_dir):  # noqa: F811
+    from llmctl.core.tokenizer import load_tokenizer
+
+    return load_tokenizer(bert_dir)
+
+
+@pytest.fixture(scope="module")
+def bert_ours(bert_dir):  # noqa: F811
+    from llmctl.core.model.io import load_model
+
+    return load_model(bert_dir)[0]
+
+
+def _hf_masked(model, framed: list[int], positions: list[int], mask_id: int) -> list[tuple[float, bool]]:
+    """(log P, is argmax) of framed[p] with framed[p] masked, one transformers pass each."""
+    out = []
+    for p in positions:
+        ids = torch.tensor([framed])
+        ids[0, p] = mask_id
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, p], -1)
+        out.append((logprobs[framed[p]].item(), int(logprobs.argmax()) == framed[p]))
+    return out
+
+
+def _masked_argmax(model, framed: list[int], p: int, mask_id: int) -> int:
+    ids = torch.tensor([framed])
+    ids[0, p] = mask_id
+    with torch.no_grad():
+        return int(model(input_ids=ids).logits[0, p].argmax())
+
+
+def _check(lm, hf, rows, n, scores):
+    for row, k, score in zip(rows, n, scores):
+        framed = [*lm.prefix, *row, *lm.suffix]
+        expected = _hf_masked(hf, framed, [len(lm.prefix) + len(row) - k + j for j in range(k)], lm.mask_id)
+        assert (score.tokens, score.greedy) == (k, all(e[1] for e in expected))
+        assert score.logprob == pytest.approx(sum(e[0] for e in expected), rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["hf_bert", "bert_ours"])
+def test_masked_rows_batched_across_rows_with_progress_and_greedy_flags(request, hf_bert, bert_tok,  # noqa: F811
+                                                                         model_name):
+    """Masked copies batched 4 at a time across rows: HF's masking loop, argmax flags (a token
+    set to the model's prediction is greedy), a bar advanced by the rows each batch finishes."""
+    from llmctl.core.evaluate.masked import MaskedScoringModel
+
+    lm = MaskedScoringModel(request.getfixturevalue(model_name), bert_tok, max_length=12, batch_size=4)
+    cls, sep = bert_tok.inner.token_to_id("[CLS]"), bert_tok.inner.token_to_id("[SEP]")
+    assert (lm.prefix, lm.suffix, lm.max_length, lm.mask_id) == ([cls], [sep], 9, bert_tok.mask_id)
+    assert lm.has_head is (model_name == "bert_ours")
+    dog = lm.encode("over the lazy dog")
+    dog[-1] = _masked_argmax(hf_bert, [cls, *dog, sep], len(dog), lm.mask_id)
+    rows = [lm.encode("the quick brown fox jumps"), dog, lm.encode("a stitch in time saves nine .")]
+    n = [3, 1, 7]
+    bar = _Bar()
+    scores = lm.score_rows(rows, n, bar)
+    assert bar.calls == [("advance", 2), ("advance", 0), ("advance", 1)]
+    _check(lm, hf_bert, rows, n, scores)
+    assert [s.greedy for s in scores] == [False, True, False]
+    assert [s.greedy for s in lm.score_rows(rows, n, greedy=False)] == [None] * 3
+
+
+@pytest.mark.parametrize("model_name", ["hf_bert", "bert_ours"])
+def test_masked_loglikelihood_cuts_rows_on_the_left_and_rolls_windows(request, hf_bert, bert_tok,  # noqa: F811
+                                                                      model_name):
+    """Rows of at most max_length + 1 tokens (10 here), a continuation longer than that scored in
+    part, no prefix token for an empty context; rolling windows of max_length tokens, each
+    document greedy only when every window is."""
+    from llmctl.core.evaluate.masked import MaskedScoringModel
+    from llmctl.errors import DataError
+
+    lm = MaskedScoringModel(request.getfixturevalue(model_name), bert_tok, max_length=12, batch_size=5)
+    ids = lm.encode("the quick brown fox jumps over the lazy dog . a stitch in time saves nine .")
+    assert len(ids) > 14
+    requests = [(ids[:8], ids[8:11]), ([], ids[:4]), (ids[:2], ids[2:14]), (ids[:6], ids[6:7])]
+    bar = _Bar()
+    scores = lm.loglikelihood(requests, bar)
+    assert bar.advanced() == 4
+    _check(lm, hf_bert, [ids[1:11], ids[:4], ids[4:14], ids[:7]], [3, 4, 10, 1], scores)
+    with pytest.raises(DataError, match=r"^a continuation \(choice\) encodes to no tokens$"):
+        lm.loglikelihood([(ids[:3], [])])
+
+    cls, sep = lm.prefix[0], lm.suffix[0]
+    alone = [_masked_argmax(hf_bert, [cls, 0, sep], 1, lm.mask_id)]  # a one-token window, greedy
+    docs = [ids[:9] + alone, alone, ids[:14], []]
+    bar = _Bar()
+    scores = lm.loglikelihood_rolling(docs, bar)
+    assert bar.calls[0] == ("update", {"total": 5}) and bar.advanced() == 5
+    windows = [[d[i:i + 9] for i in range(0, len(d), 9)] for d in docs]
+    for doc, w, score in zip(docs, windows, scores):
+        flags = [f for row in w for f in _hf_masked(hf_bert, [cls, *row, sep], range(1, len(row) + 1), lm.mask_id)]
+        assert score.tokens == len(doc)
+        assert score.logprob == pytest.approx(sum(f[0] for f in flags), rel=1e-4, abs=1e-4)
+        assert score.greedy is all(f[1] for f in flags)
+    assert [s.greedy for s in scores] == [False, True, False, True]
+
+
+def test_masked_defaults_and_refusals(hf_bert, bert_tok):  # noqa: F811
+    """16 masked copies per pass on CPU, 128 elsewhere; a tokenizer without a mask token is refused;
+    one without special tokens frames nothing."""
+    from llmctl.core.evaluate.masked import MaskedScoringModel
+    from llmctl.errors import CheckpointError
+
+    assert MaskedScoringModel(hf_bert, bert_tok, max_length=12).batch_size == 16
+    assert MaskedScoringModel(hf_bert, bert_tok, max_length=12, device="meta").batch_size == 128
+    assert MaskedScoringModel(hf_bert, bert_tok, max_length=12, batch_size=3).batch_size == 3
+    assert not MaskedScoringModel(hf_bert, bert_tok, max_length=12).has_head
+    bare = SimpleNamespace(mask_id=4, encode=lambda text, add_special_tokens=False: [7, 8])
+    lm = MaskedScoringModel(hf_bert, bare, max_length=12)
+    assert (lm.prefix, lm.suffix, lm.max_length) == ([], [], 11)
+    framed = SimpleNamespace(mask_id=4, encode=lambda text, add_special_tokens=False:
+                             [1, 1, 7, 8, 2, 2, 2] if add_special_tokens else [7, 8])
+    lm = MaskedScoringModel(hf_bert, framed, max_length=12)
+    assert (lm.prefix, lm.suffix, lm.max_length) == ([1, 1], [2, 2, 2], 6)
+    with pytest.raises(CheckpointError, match="^an encoder-only model needs a tokenizer with a mask token to be"):
+        MaskedScoringModel(hf_bert, SimpleNamespace(mask_id=None), max_length=12)
+
+
+# -- core/evaluate/pairwise.py ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_dir(hf_dir, tmp_path_factory):
+    """A transformers LlamaForSequenceClassification (one score) with the tiny Llama's tokenizer."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny-reward")
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    config.num_labels = 1
+    torch.manual_seed(1)
+    model = transformers.LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_dir / name, out / name)
+    return out
+
+
+class _Report:
+    def __init__(self):
+        self.bars = []
+
+    @contextmanager
+    def progress(self, description, total=None, unit="it"):
+        bar = _Bar()
+        self.bars.append((description, total, unit, bar))
+        yield bar
+
+    def info(self, message):
+        pass
+
+    def warn(self, message):
+        pass
+
+
+PAIRS = [
+    {"prompt": "The quick brown", "chosen": " fox jumps", "rejected": " dog sat"},
+    {"prompt": "To be, or not to be, that is", "chosen": " the question", "rejected": " the question"},  # a tie
+    {"prompt": "A stitch in time " * 12, "chosen": " saves nine.", "rejected": " nine saves."},  # cut on the left
+    {"prompt": "whether 'tis nobler", "chosen": " in the mind", "rejected": " to suffer the slings"},
+    {"prompt": "The lazy", "chosen": " dog.", "rejected": " fox."},
+    {"prompt": "Over the", "chosen": " lazy dog", "rejected": " quick brown fox jumps"},
+]
+
+
+def _pairwise_task(tmp_path, pairs, extra=""):
+    import json
+
+    from llmctl.core.evaluate.tasks import load_task
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "pairs.yaml").write_text(f"type: pairwise\nname: pairs\ndataset: {{path: pairs.jsonl}}\n{extra}")
+    task = load_task(str(tmp_path / "pairs.yaml"))
+    task.report, task.samples_log = _Report(), []
+    return task
+
+
+def test_pairwise_reward_model_scores_equal_transformers_classifier(reward_dir, tok, tmp_path):
+    """The reward model reads prompt (with special tokens) + answer + EOS, its last 64 tokens,
+    batched 4 rows at a time with right padding: HF's sequence scores row by row; a tie is no win."""
+    from llmctl.core.evaluate.runner import load_scorer
+
+    lm = load_scorer(reward_dir, device="cpu", dtype=torch.float32, batch_size=4)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, dtype=torch.float32).eval()
+    task = _pairwise_task(tmp_path, PAIRS)
+    result = task.run(lm)
+
+    def score(prompt, answer):
+        row = (tok.encode(prompt, add_special_tokens=True) + tok.encode(answer) + [tok.eos_id])[-64:]
+        with torch.no_grad():
+            return hf(torch.tensor([row])).logits[0, 0].item()
+
+    assert len(tok.encode(PAIRS[2]["prompt"])) > 64
+    expected = [(score(p["prompt"], p["chosen"]), score(p["prompt"], p["rejected"])) for p in PAIRS]
+    wins = [float(c > r) for c, r in expected]
+    assert 0 < sum(wins) < len(wins) - 1 and wins[1] == 0.0
+    assert result["acc"] == pytest.approx(sum(wins) / len(wins)) and result["examples"] == len(PAIRS)
+    for record, p, (c, r), win in zip(task.samples_log, PAIRS, expected, wins):
+        assert record["chosen_score"] == pytest.approx(c, rel=1e-4, abs=1e-4)
+        assert record["rejected_score"] == pytest.approx(r, rel=1e-4, abs=1e-4)
+        assert record["acc"] == win and record["doc"].endswith(f":{PAIRS.index(p) + 1}")
+    ((name, total, unit, bar),) = task.report.bars
+    assert (name, total, unit, bar.calls) == ("pairs", 12, "req", [("advance", 4)] * 3)
+
+
+def test_pairwise_language_model_compares_log_likelihoods(ours, hf_model, tok, tmp_path):
+    """A language model: log P(answer | prompt) of each answer (HF's sums), with a one-shot example
+    showing the chosen answer; a field that is not a string is refused with its line."""
+    from llmctl.errors import DataError
+
+    lm = ScoringModel(ours, tok, max_length=64, batch_size=4)
+    task = _pairwise_task(tmp_path, PAIRS, "num_fewshot: 1\nfewshot_sampler: first_n\n")
+    result = task.run(lm)
+    shot = PAIRS[0]["prompt"] + PAIRS[0]["chosen"] + "\n\n"
+    contexts = [PAIRS[1]["prompt"] + PAIRS[1]["chosen"] + "\n\n" if i == 0 else shot for i in range(len(PAIRS))]
+    wins = []
+    for record, p, before in zip(task.samples_log, PAIRS, contexts):
+        scores = []
+        for key in ("chosen", "rejected"):
+            context, continuation = lm.encode_pair(before + p["prompt"], p[key])
+            row = (context + continuation)[-65:]
+            scores.append(_hf_span(hf_model, row, len(continuation))[0])
+        assert (record["chosen_score"], record["rejected_score"]) == pytest.approx(scores, rel=1e-5)
+        wins.append(float(scores[0] > scores[1]))
+    assert result["acc"] == pytest.approx(sum(wins) / len(wins)) and 0 < sum(wins) < len(wins)
+    assert task.report.bars[0][1:3] == (12, "req") and task.report.bars[0][3].advanced() == 12
+
+    task = _pairwise_task(tmp_path, PAIRS[:1] + [{"prompt": "x", "chosen": "y", "rejected": 3}])
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: field 'rejected' must be a string$"):
+        task.run(lm)
