@@ -131,7 +131,8 @@ def test_batch_defaults_and_what_a_model_offers(hf_model, ours, tok):
     from llmctl.core.evaluate.lm import OneDNNLinear
 
     cpu = ScoringModel(torch.nn.Identity(), tok, max_length=8)
-    assert (cpu.batch_size, cpu.max_batch_tokens, cpu.device) == (16, 1024, torch.device("cpu"))
+    assert (cpu.batch_size, cpu.max_batch_tokens, cpu.device, cpu.seed) == (16, 1024, torch.device("cpu"), 1234)
+    assert ScoringModel(torch.nn.Identity(), tok, max_length=8, seed=7).seed == 7
     other = ScoringModel(torch.nn.Identity(), tok, max_length=8, device="meta")
     assert (other.batch_size, other.max_batch_tokens) == (128, 65536)
     given = ScoringModel(torch.nn.Identity(), tok, max_length=8, batch_size=3, max_batch_tokens=50)
@@ -141,7 +142,7 @@ def test_batch_defaults_and_what_a_model_offers(hf_model, ours, tok):
     hf = ScoringModel(hf_model, tok, max_length=8)
     assert not hf.can_share and not hf.has_head and hf.projection is None
     encoder = SimpleNamespace(eval=lambda: encoder, make_cache=None, head=None, cfg=SimpleNamespace(is_causal=False))
-    assert not ScoringModel(encoder, tok, max_length=8).can_share
+    assert not ScoringModel(encoder, tok, max_length=8).can_share and not ScoringModel(encoder, tok, max_length=8).has_head
     no_cfg = SimpleNamespace(eval=lambda: no_cfg, make_cache=None, head=None)
     assert not ScoringModel(no_cfg, tok, max_length=8).has_head
 
@@ -163,6 +164,23 @@ def test_onednn_head_with_bias_and_the_cases_it_leaves_to_torch():
     assert onednn_projection(linear, torch.device("meta")) is None
     assert onednn_projection(Sub(8, 5), torch.device("cpu")) is None
     assert onednn_projection(torch.nn.Linear(8, 5).double(), torch.device("cpu")) is None
+    assert onednn_projection(torch.nn.Linear(8, 5).to(torch.bfloat16), torch.device("cpu")) is None
+
+
+def test_only_the_scored_positions_reach_the_head_and_it_runs_through_onednn(ours, hf_model, tok):
+    """`logits_to_keep`: the last (width − length + n) positions of a batch, the most any row needs;
+    an llmctl model's head through the oneDNN copy; same scores as HF."""
+    lm = ScoringModel(ours, tok, max_length=32, batch_size=8)
+    ids = tok.encode(TEXT)
+    rows, n = [ids[:20], ids[5:15], ids[30:42]], [3, 6, 2]
+    calls, projected = [], []
+    features, projection = lm.features, lm.projection
+    lm.features = lambda input_ids, keep=0: calls.append((input_ids.shape[1], keep)) or features(input_ids, keep)
+    lm.projection = lambda x: projected.append(x.shape[0]) or projection(x)
+    scores = lm.score_rows(rows, n)
+    assert calls == [(19, 20 - 10 + 6)] and projected == [3 * 6]  # every row padded to the longest span
+    for row, k, score in zip(rows, n, scores):
+        assert score.logprob == pytest.approx(_hf_span(hf_model, row, k)[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("model_name", ["hf_model", "ours"])
@@ -230,6 +248,7 @@ def test_share_batches_keep_contexts_and_continuations_within_the_token_budget(t
     # the next chunk counts only its own rows and longest continuation
     assert chunks([([0] * 9, [0]), ([1] * 8, [1]), ([2] * 7, [2, 3, 4]), ([3] * 6, [5])],
                   [30, 1, 4, 4, 4, 10]) == [[9], [8, 7], [6]]
+    assert chunks([([0] * 5, [0]), ([1] * 4, [1, 2])], [20, 1, 1]) == [[5], [4]]  # 3 rows x 20 > 40
     assert list(lm._share_batches([], [])) == []
 
 
@@ -489,3 +508,12 @@ def test_pairwise_language_model_compares_log_likelihoods(ours, hf_model, tok, t
     task = _pairwise_task(tmp_path, PAIRS[:1] + [{"prompt": "x", "chosen": "y", "rejected": 3}])
     with pytest.raises(DataError, match=r"pairs.jsonl:2: field 'rejected' must be a string$"):
         task.run(lm)
+
+
+def test_documents_are_encoded_without_special_tokens(bert_tok):
+    """A tokenizer that frames text ([CLS] … [SEP], or a BOS) does not frame contexts and choices."""
+    lm = ScoringModel(torch.nn.Identity(), bert_tok, max_length=8)
+    assert lm.encode("the lazy dog") == bert_tok.encode("the lazy dog", add_special_tokens=False)
+    assert lm.encode("the lazy dog") != bert_tok.encode("the lazy dog", add_special_tokens=True)
+    framing = SimpleNamespace(encode=lambda text, add_special_tokens=True: [0] * add_special_tokens + [ord(text)])
+    assert ScoringModel(torch.nn.Identity(), framing, max_length=8).encode("a") == [97]
