@@ -517,3 +517,20 @@ def test_documents_are_encoded_without_special_tokens(bert_tok):
     assert lm.encode("the lazy dog") != bert_tok.encode("the lazy dog", add_special_tokens=True)
     framing = SimpleNamespace(encode=lambda text, add_special_tokens=True: [0] * add_special_tokens + [ord(text)])
     assert ScoringModel(torch.nn.Identity(), framing, max_length=8).encode("a") == [97]
+
+
+@pytest.mark.parametrize("chunk, rows", [(3 * 300, 2), (300, 2)])
+def test_head_makes_at_most_a_chunk_of_logits_at_a_time(ours, tok, monkeypatch, chunk, rows):
+    """HEAD_CHUNK logits per head call (vocabulary 300 wide, not the hidden size), at least
+    HEAD_CHUNK_ROWS rows: 3 rows, then 2, at a time."""
+    import llmctl.core.evaluate.lm as lm_module
+
+    monkeypatch.setattr(lm_module, "HEAD_CHUNK", chunk)
+    monkeypatch.setattr(lm_module, "HEAD_CHUNK_ROWS", rows)
+    lm = ScoringModel(ours, tok, max_length=32)
+    ids = tok.encode(TEXT)
+    projection, sizes = lm.projection, []
+    lm.projection = lambda x: sizes.append(x.shape[0]) or projection(x)
+    lm.score_rows([ids[:12], ids[4:14]], [5, 6])
+    step = max(rows, chunk // 300)
+    assert sizes == [step] * (12 // step) + [12 % step] * bool(12 % step)
