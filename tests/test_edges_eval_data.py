@@ -328,14 +328,16 @@ def test_masked_rows_batched_across_rows_with_progress_and_greedy_flags(request,
     assert lm.has_head is (model_name == "bert_ours")
     dog = lm.encode("over the lazy dog")
     dog[-1] = _masked_argmax(hf_bert, [cls, *dog, sep], len(dog), lm.mask_id)
-    rows = [lm.encode("the quick brown fox jumps"), dog, lm.encode("a stitch in time saves nine .")]
-    n = [3, 1, 7]
+    rows = [lm.encode("the quick brown fox jumps"), dog, lm.encode("a stitch in time saves nine ."), dog]
+    n = [3, 1, 6, 2]  # 12 masked copies: rows 0 and 1 end in the first batch, none in the second
     bar = _Bar()
     scores = lm.score_rows(rows, n, bar)
-    assert bar.calls == [("advance", 2), ("advance", 0), ("advance", 1)]
+    assert bar.calls == [("advance", 2), ("advance", 0), ("advance", 2)]
     _check(lm, hf_bert, rows, n, scores)
-    assert [s.greedy for s in scores] == [False, True, False]
-    assert [s.greedy for s in lm.score_rows(rows, n, greedy=False)] == [None] * 3
+    hits = [h for _, h in _hf_masked(hf_bert, [cls, *dog, sep], [len(dog) - 1, len(dog)], lm.mask_id)]
+    assert hits == [False, True]  # the last row: one greedy token of two is not greedy
+    assert [s.greedy for s in scores] == [False, True, False, False]
+    assert [s.greedy for s in lm.score_rows(rows, n, greedy=False)] == [None] * 4
 
 
 @pytest.mark.parametrize("model_name", ["hf_bert", "bert_ours"])
@@ -382,14 +384,18 @@ def test_masked_defaults_and_refusals(hf_bert, bert_tok):  # noqa: F811
     assert MaskedScoringModel(hf_bert, bert_tok, max_length=12).batch_size == 16
     assert MaskedScoringModel(hf_bert, bert_tok, max_length=12, device="meta").batch_size == 128
     assert MaskedScoringModel(hf_bert, bert_tok, max_length=12, batch_size=3).batch_size == 3
-    assert not MaskedScoringModel(hf_bert, bert_tok, max_length=12).has_head
-    bare = SimpleNamespace(mask_id=4, encode=lambda text, add_special_tokens=False: [7, 8])
+    lm = MaskedScoringModel(hf_bert, bert_tok, max_length=12)
+    assert lm.encode("the lazy dog") == bert_tok.encode("the lazy dog", add_special_tokens=False) != \
+           bert_tok.encode("the lazy dog", add_special_tokens=True)
+    head_only = SimpleNamespace(eval=lambda: head_only, head=None)
+    assert not lm.has_head and not MaskedScoringModel(head_only, bert_tok, max_length=12).has_head
+    bare = SimpleNamespace(mask_id=4, encode=lambda text, add_special_tokens=True: [7, 8])
     lm = MaskedScoringModel(hf_bert, bare, max_length=12)
     assert (lm.prefix, lm.suffix, lm.max_length) == ([], [], 11)
-    framed = SimpleNamespace(mask_id=4, encode=lambda text, add_special_tokens=False:
+    framed = SimpleNamespace(mask_id=4, encode=lambda text, add_special_tokens=True:  # HF's default: framed
                              [1, 1, 7, 8, 2, 2, 2] if add_special_tokens else [7, 8])
     lm = MaskedScoringModel(hf_bert, framed, max_length=12)
-    assert (lm.prefix, lm.suffix, lm.max_length) == ([1, 1], [2, 2, 2], 6)
+    assert (lm.prefix, lm.suffix, lm.max_length, lm.encode("a")) == ([1, 1], [2, 2, 2], 6, [7, 8])
     with pytest.raises(CheckpointError, match="^an encoder-only model needs a tokenizer with a mask token to be"):
         MaskedScoringModel(hf_bert, SimpleNamespace(mask_id=None), max_length=12)
 
