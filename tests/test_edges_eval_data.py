@@ -540,3 +540,142 @@ def test_head_makes_at_most_a_chunk_of_logits_at_a_time(ours, tok, monkeypatch, 
     lm.score_rows([ids[:12], ids[4:14]], [5, 6])
     step = max(rows, chunk // 300)
     assert sizes == [step] * (12 // step) + [12 % step] * bool(12 % step)
+
+
+# -- core/data/encode.py ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bytelevel():
+    from llmctl.core.tokenizer import TrainSpec, train_tokenizer
+
+    return train_tokenizer(TrainSpec(algo="bytelevel", vocab_size=300), [[TEXT]])
+
+
+def _corpus_file(tmp_path):
+    long = "".join(f"line {i} of a long document\n" for i in range(12))
+    docs = ["short one", long.rstrip("\n"), "naïve ✓ two", "three"] + [f"doc {i} " * (i % 5 + 1) for i in range(20)]
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def test_encode_corpus_equals_encoding_each_document(bytelevel, tmp_path):
+    """Shards hold every document's ids (EOS after a whole document, not after a piece of a
+    long one), in order, each document — all its pieces — in the split its first piece's
+    content and the seed choose; the manifest records it all; each batch is reported."""
+    import json
+
+    import numpy as np
+
+    from llmctl.core.data import Corpus, TokenShards, encode_corpus, in_val
+    from llmctl.core.data.split import Continued
+    from llmctl.core.tokenizer import load_tokenizer
+
+    tok, path = bytelevel, _corpus_file(tmp_path)
+    pieces = list(Corpus([str(path)], max_doc_chars=100).documents())
+    assert any(type(p) is Continued for p in pieces)
+    expected, route, continues = {False: [], True: []}, False, False
+    counts = {False: 0, True: 0}
+    for piece in pieces:
+        route = route if continues else in_val(piece, 0.3, 11)
+        continues = type(piece) is Continued
+        expected[route] += tok.encode(piece) + ([] if continues else [tok.eos_id])
+        counts[route] += not continues
+    assert counts[True] and counts[False]
+    corpus = Corpus([str(path)], max_doc_chars=100)
+    reported = []
+    out = tmp_path / "out"
+    out.mkdir()
+    result = encode_corpus(corpus, tok, out, val_fraction=0.3, seed=11, shard_tokens=64, batch_chars=120,
+                           on_batch=reported.append)
+    shards = TokenShards(out)
+    for split, wanted in (("train", False), ("val", True)):
+        assert np.concatenate(shards.split(split)).tolist() == expected[wanted]
+        assert result.manifest["splits"][split]["documents"] == counts[wanted]
+        assert result.manifest["splits"][split]["tokens"] == len(expected[wanted])
+    assert len(result.manifest["splits"]["train"]["shards"]) > 2
+    assert reported == [corpus.stats] * len(list(Corpus([str(path)], max_doc_chars=100).batches(120)))
+    stats = corpus.stats
+    manifest = {k: v for k, v in result.manifest.items() if k != "splits"}
+    assert manifest == {
+        "format": "llmctl-tokens", "version": 1, "dtype": "uint16", "tokenizer_hash": tok.hash, "vocab_size": 300,
+        "eos_id": tok.eos_id, "bos_id": tok.bos_id, "append_eos": True, "val_fraction": 0.3, "seed": 11,
+        "doc_split": "blank", "sources": [str(path)], "bytes": path.stat().st_size,
+        "text_bytes": stats.text_bytes, "invalid_utf8": 0, "tokenizer": "tokenizer"}
+    assert stats.bytes == path.stat().st_size and result.stats is stats and result.seconds > 0
+    assert json.loads((out / "manifest.json").read_text()) == result.manifest
+    assert load_tokenizer(out / "tokenizer").hash == tok.hash
+
+    out = tmp_path / "plain"
+    out.mkdir()
+    plain = encode_corpus(Corpus([str(path)], max_doc_chars=100), tok, out, append_eos=False, batch_chars=1)
+    assert np.concatenate(TokenShards(out).split("train")).tolist() == [i for p in pieces for i in tok.encode(p)]
+    assert plain.manifest["splits"]["train"]["documents"] == sum(counts.values())
+    assert plain.manifest["splits"]["val"] == {"tokens": 0, "documents": 0, "shards": []}
+    assert (plain.manifest["append_eos"], plain.manifest["val_fraction"], plain.manifest["seed"]) == (False, 0.0, 0)
+
+
+def test_encode_corpus_refusals(bytelevel, tmp_path):
+    from llmctl.core.data import Corpus, encode_corpus
+    from llmctl.errors import DataError, UsageError
+
+    path = _corpus_file(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n\n")
+
+    def run(source=path, **kw):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        return encode_corpus(Corpus([str(source)]), kw.pop("tok", bytelevel), out, **kw)
+
+    for fraction in (-0.01, 1.0):
+        with pytest.raises(UsageError, match=rf"^--val-fraction {fraction}: must be in \[0, 1\)$"):
+            run(val_fraction=fraction)
+    assert run(val_fraction=0.0).manifest["splits"]["val"]["documents"] == 0
+    no_eos = SimpleNamespace(eos_id=None)
+    with pytest.raises(UsageError, match="^the tokenizer has no eos token; use --no-append-eos or set eos_token$"):
+        run(tok=no_eos)
+    with pytest.raises(DataError, match=rf"^empty corpus: no text in {tmp_path / 'empty.txt'}$"):
+        run(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match=r"^--val-fraction 0.9999999 left no training documents$"):
+        run(val_fraction=0.9999999)
+
+
+def test_val_membership_is_crc32_of_the_content_below_the_fraction():
+    """`zlib.crc32(utf-8 bytes, seed mod 2**32) < fraction · 2**32`; lone surrogates are hashed, not refused."""
+    import zlib
+
+    from llmctl.core.data import in_val
+
+    docs = [f"document {i} ✓" for i in range(200)] + ["a\ud800b"]
+    for seed in (0, 7, -1, 2**32 + 7):
+        for fraction in (0.0, 0.1, 0.5, 1.0):
+            for doc in docs:
+                crc = zlib.crc32(doc.encode("utf-8", "surrogatepass"), seed % 2**32)
+                assert in_val(doc, fraction, seed) == (fraction > 0 and crc < fraction * 2**32)
+    assert in_val("x", 1.0, 0) and not in_val("x", 0.0, 0)
+    crc = zlib.crc32(b"x")
+    assert in_val("x", (crc + 1) / 2**32, 0) and not in_val("x", crc / 2**32, 0)
+
+
+def test_count_tokens_per_file(bytelevel, tmp_path):
+    """Tokens, documents, bytes and text bytes of each file (not cumulative), a report per batch."""
+    import json
+
+    from llmctl.core.data import Corpus
+    from llmctl.core.data.encode import count_tokens
+
+    a = _corpus_file(tmp_path)
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["naïve ✓", "one more", "x"]))
+    reported = []
+    corpus = Corpus([str(a), str(b)])
+    rows = count_tokens(corpus, bytelevel, on_batch=reported.append, batch_chars=50)
+    expected = []
+    for path in (a, b):
+        alone = Corpus([str(path)])
+        docs = list(alone.documents())
+        expected.append({"file": str(path), "documents": len(docs), "bytes": path.stat().st_size,
+                         "text_bytes": alone.stats.text_bytes,
+                         "tokens": sum(len(bytelevel.encode(d)) for d in docs)})
+    assert rows == expected and reported == [corpus.stats] * len(reported) and len(reported) >= 3
