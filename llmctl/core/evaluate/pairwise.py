@@ -61,13 +61,14 @@ def _reward_scores(lm, requests: list[tuple[str, str]], bar) -> list[float]:
 
     encoder = SFTEncoder(lm.tokenizer)
     pad = lm.model.cfg.pad_token_id
+    step = lm.batch_size if pad is not None else 1  # no pad token: a row's score is read at its last position
     rows = [encoder({"prompt": c, "completion": x}, "pairwise").ids[-lm.max_length:] for c, x in requests]
     out: list[float] = []
     with torch.no_grad():
-        for start in range(0, len(rows), lm.batch_size):
-            batch = rows[start:start + lm.batch_size]
+        for start in range(0, len(rows), step):
+            batch = rows[start:start + step]
             width = max(map(len, batch))
-            ids = torch.tensor([r + [pad if pad is not None else 0] * (width - len(r)) for r in batch], device=lm.device)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=lm.device)
             out += sequence_scores(lm.model, ids, pad)[:, 0].float().tolist()
             bar.advance(len(batch))
     return out
