@@ -468,7 +468,7 @@ def test_pairwise_reward_model_scores_equal_transformers_classifier(reward_dir, 
 
     lm = load_scorer(reward_dir, device="cpu", dtype=torch.float32, batch_size=4)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, dtype=torch.float32).eval()
-    task = _pairwise_task(tmp_path, PAIRS)
+    task = _pairwise_task(tmp_path, [{**p, "group": "ab"[i % 2]} for i, p in enumerate(PAIRS)], "group_by: group\n")
     result = task.run(lm)
 
     def score(prompt, answer):
@@ -481,12 +481,33 @@ def test_pairwise_reward_model_scores_equal_transformers_classifier(reward_dir, 
     wins = [float(c > r) for c, r in expected]
     assert 0 < sum(wins) < len(wins) - 1 and wins[1] == 0.0
     assert result["acc"] == pytest.approx(sum(wins) / len(wins)) and result["examples"] == len(PAIRS)
+    by_group = [sum(wins[g::2]) / len(wins[g::2]) for g in (0, 1)]
+    assert (result["acc/a"], result["acc/b"]) == pytest.approx(by_group)
+    assert result["acc_macro"] == pytest.approx(sum(by_group) / 2)
     for record, p, (c, r), win in zip(task.samples_log, PAIRS, expected, wins):
         assert record["chosen_score"] == pytest.approx(c, rel=1e-4, abs=1e-4)
         assert record["rejected_score"] == pytest.approx(r, rel=1e-4, abs=1e-4)
         assert record["acc"] == win and record["doc"].endswith(f":{PAIRS.index(p) + 1}")
     ((name, total, unit, bar),) = task.report.bars
     assert (name, total, unit, bar.calls) == ("pairs", 12, "req", [("advance", 4)] * 3)
+
+
+def test_pairwise_reward_model_without_a_pad_token_scores_each_row_at_its_own_end(reward_dir, tok, tmp_path):
+    """No pad token: a batch cannot be right-padded (the score is read at the last position), so
+    rows of different lengths are scored apart — transformers' scores, which refuse a batch."""
+    from llmctl.core.evaluate.runner import load_scorer
+
+    lm = load_scorer(reward_dir, device="cpu", dtype=torch.float32, batch_size=4)
+    lm.model.cfg.pad_token_id = None
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(reward_dir, dtype=torch.float32).eval()
+    task = _pairwise_task(tmp_path, PAIRS[:2])
+    task.run(lm)
+    for record, p in zip(task.samples_log, PAIRS):
+        for key in ("chosen", "rejected"):
+            row = tok.encode(p["prompt"], add_special_tokens=True) + tok.encode(p[key]) + [tok.eos_id]
+            with torch.no_grad():
+                expected = hf(torch.tensor([row])).logits[0, 0].item()
+            assert record[f"{key}_score"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
 def test_pairwise_language_model_compares_log_likelihoods(ours, hf_model, tok, tmp_path):
