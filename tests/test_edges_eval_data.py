@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from conftest import tiny_llama
+from test_finetune_data import tokdir  # noqa: F401  (a byte-level BPE with a chat template)
 from test_masked_eval import bert_dir, hf_bert  # noqa: F401  (the tiny BERT checkpoint)
 from llmctl.core.evaluate.lm import ScoringModel, rolling_windows
 
@@ -700,3 +701,105 @@ def test_count_tokens_per_file(bytelevel, tmp_path):
                          "text_bytes": alone.stats.text_bytes,
                          "tokens": sum(len(bytelevel.encode(d)) for d in docs)})
     assert rows == expected and reported == [corpus.stats] * len(reported) and len(reported) >= 3
+
+
+# -- core/data/sft.py, core/data/preference.py -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tokdir):  # noqa: F811
+    from llmctl.core.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokdir)
+
+
+def test_sft_records_their_masks_and_refusals(chat_tok, tmp_path):
+    """Each record form's ids and loss mask by hand, `train_on=all`, no EOS without one; every
+    refusal's message with its place."""
+    import json
+
+    from llmctl.core.data.sft import SFTEncoder, encode_files, read_records
+    from llmctl.errors import DataError
+
+    tok = chat_tok
+    prompt, answer = tok.encode("two plus two?", add_special_tokens=True), tok.encode(" four")
+    pair = {"prompt": "two plus two?", "completion": " four"}
+    everything = SFTEncoder(tok, train_on="all")(pair, "x")
+    assert everything.ids == prompt + answer + [tok.eos_id]
+    assert everything.mask == [False] + [True] * (len(everything.ids) - 1)
+    no_eos = SimpleNamespace(eos_id=None, chat_template=None, encode=tok.encode)
+    example = SFTEncoder(no_eos)(pair, "x")
+    assert example.ids == prompt + answer and example.mask == [False] * len(prompt) + [True] * len(answer)
+    text = SFTEncoder(no_eos)({"text": "three plus five"}, "x")
+    assert text.ids == tok.encode("three plus five", add_special_tokens=True)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "four"}]
+    assert SFTEncoder(tok, train_on="all")({"messages": chat[:1]}, "x").mask[0] is False
+
+    def refused(record, message, **kw):
+        with pytest.raises(DataError, match=message):
+            SFTEncoder(kw.pop("tokenizer", tok), **kw)(record, "f.jsonl:3")
+
+    with pytest.raises(DataError, match=r"^train_on must be one of completion, all, not 'prompt'$"):
+        SFTEncoder(tok, train_on="prompt")
+    refused({}, r"^f.jsonl:3: a record needs 'text', 'prompt' and 'completion', or 'messages' \(it has no fields\)$")
+    refused({"b": 1, "a": 2}, r"\(it has a, b\)$")
+    refused({"prompt": chat[:1], "completion": "four"},
+            r"^f.jsonl:3: field 'completion' must be a non-empty list of messages$")
+    refused({"prompt": "hi", "completion": chat[1:]}, r"^f.jsonl:3: field 'prompt' must be a non-empty list")
+    refused({"messages": []}, r"^f.jsonl:3: field 'messages' must be a non-empty list of messages$")
+    refused({"messages": [{"role": 1, "content": "x"}]}, r"messages\[0\] must be an object with string 'role'")
+    refused({"messages": [chat[0], {"role": "assistant", "content": 2}]},
+            r"^f.jsonl:3: messages\[1\] must be an object with string 'role' and 'content'$")
+    refused({"messages": chat[:1]}, r"^f.jsonl:3: no assistant message to learn$")
+    refused({"messages": chat}, r"^f.jsonl:3: chat records need a chat template: the tokenizer has none "
+            r"\(give chat_template=NAME\|FILE\)$", tokenizer=no_eos)
+    refused({"messages": chat}, r"^f.jsonl:3: chat template: ", template="{% for m in messages %}{{ m.x.y }}{% endfor %}")
+    refused({"messages": chat}, r"^f.jsonl:3: the chat template does not render this conversation turn by turn "
+            r"\(turn 2 changes what precedes it\)", template="{{ messages | length }}{% for m in messages %}"
+            "{{ m.content }}{% endfor %}")
+    refused({"prompt": 3, "completion": "x"}, r"^f.jsonl:3: field 'prompt' is int, not text$")
+
+    (tmp_path / "bad.json").write_text("[{")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'bad.json'}: not a JSON array of records \("):
+        list(read_records(tmp_path / "bad.json"))
+    (tmp_path / "obj.json").write_text(json.dumps({"text": "a"}))
+    with pytest.raises(DataError, match=r"obj.json: expected a JSON array of records$"):
+        list(read_records(tmp_path / "obj.json"))
+    (tmp_path / "list.json").write_text(json.dumps([{"text": "a"}, ["b"]]))
+    with pytest.raises(DataError, match=r"list.json\[1\]: expected a JSON object$"):
+        list(read_records(tmp_path / "list.json"))
+    (tmp_path / "latin.json").write_bytes(b"[\xff]")
+    with pytest.raises(DataError, match=r"latin.json: not a JSON array of records"):
+        list(read_records(tmp_path / "latin.json"))
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.json").write_text("[]")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'a.jsonl'}, {tmp_path / 'b.json'}: no records$"):
+        encode_files([tmp_path / "a.jsonl", tmp_path / "b.json"], SFTEncoder(tok))
+
+
+def test_sft_fit_and_pack_by_hand():
+    """Rows of `length`: packed while the next example fits (a full row is allowed), padding a
+    document of its own with `pad_id` and no loss; cut examples counted, loss-less ones dropped;
+    the summary's figures."""
+    from llmctl.core.data.sft import Example, Stats, pack
+
+    def ex(n, learn):
+        return Example(list(range(10, 10 + n)), [False] * (n - learn) + [True] * learn)
+
+    examples = [ex(3, 1), ex(5, 2), ex(4, 4), ex(9, 1), ex(6, 6), ex(2, 0)]
+    rows, stats = pack(examples, 8, pad_id=99)
+    ids, mask, docs = (rows[:, i].tolist() for i in range(3))
+    assert ids == [[10, 11, 12, 10, 11, 12, 13, 14], [10, 11, 12, 13, 99, 99, 99, 99],
+                   [10, 11, 12, 13, 14, 15, 99, 99]]
+    assert mask == [[0, 0, 1, 0, 0, 0, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]]
+    assert docs == [[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]]
+    assert (stats.examples, stats.tokens, stats.truncated, stats.dropped) == (6, [3, 5, 4, 9, 6, 2], 1, 2)
+    assert (stats.loss_tokens, stats.rows, stats.fill) == (13, 3, 18 / 24)
+    assert stats.summary() == {"examples": 6, "tokens": 29, "tokens_per_example": {"min": 2, "mean": 4.8, "max": 9},
+                               "loss_tokens": 13, "truncated": 1, "dropped": 2, "rows": 3, "fill": 0.75}
+    rows, stats = pack(examples[:3], 8, pad_id=0, packing=False)
+    assert rows[:, 0].tolist() == [[10, 11, 12, 0, 0, 0, 0, 0], [10, 11, 12, 13, 14, 0, 0, 0],
+                                   [10, 11, 12, 13, 0, 0, 0, 0]]
+    assert rows[:, 2].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 5 + [1] * 3, [0] * 4 + [1] * 4]
+    assert (stats.rows, stats.fill) == (3, 12 / 24)
+    assert Stats(fill=2 / 3).summary()["fill"] == 0.667 and Stats().summary()["tokens_per_example"] is None
