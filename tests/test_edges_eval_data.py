@@ -803,3 +803,70 @@ def test_sft_fit_and_pack_by_hand():
     assert rows[:, 2].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 5 + [1] * 3, [0] * 4 + [1] * 4]
     assert (stats.rows, stats.fill) == (3, 12 / 24)
     assert Stats(fill=2 / 3).summary()["fill"] == 0.667 and Stats().summary()["tokens_per_example"] is None
+
+
+def test_preference_rows_stats_and_refusals_by_hand(chat_tok, tmp_path):
+    """Pairs: chosen then rejected, ids right-padded with `pad_id`, masks on the completions, a
+    sequence cut at `length` (counted), a record whose completion is cut away dropped. KTO: the
+    example (mask × 2 when undesirable) and the prompt with the previous record's completion (the
+    first takes the last one's). Every refusal's message."""
+    import json
+
+    from llmctl.core.data.preference import PreferenceEncoder, encode_preferences
+    from llmctl.errors import DataError
+
+    tok = chat_tok
+
+    def seq(prompt, completion):
+        p, c = tok.encode(prompt, add_special_tokens=True), tok.encode(completion) + [tok.eos_id]
+        return p + c, [0] * len(p) + [1] * len(c)
+
+    def write(name, records):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+        return tmp_path / name
+
+    pairs = [{"prompt": "two plus two?", "chosen": " four", "rejected": " five"},
+             {"prompt": "three?", "chosen": " three plus five", "rejected": " eight" * 12},
+             {"prompt": "add " * 20, "chosen": " four", "rejected": " five"}]
+    length = 16
+    rows, stats = encode_preferences([write("p.jsonl", pairs)], PreferenceEncoder(tok), length, pad_id=7)
+    assert rows.shape == (2, 2, 2, length) and rows.dtype == torch.long
+    for r, record in enumerate(pairs[:2]):
+        for k, key in enumerate(("chosen", "rejected")):
+            ids, mask = seq(record["prompt"], record[key])
+            n = min(len(ids), length)
+            assert rows[r, k, 0].tolist() == ids[:n] + [7] * (length - n)
+            assert rows[r, k, 1].tolist() == mask[:n] + [0] * (length - n)
+    longest = max(len(seq(p["prompt"], p[k])[0]) for p in pairs for k in ("chosen", "rejected"))
+    assert (stats.records, stats.truncated, stats.dropped, stats.longest, stats.desirable) == (3, 1, 1, longest, 0)
+    assert stats.describe(True) == (f"3 pairs, longest sequence {longest} tokens; 1 sequences cut to seq_len, "
+                                    "1 records dropped (completion cut away)")
+
+    kto = [{"prompt": "two plus two?", "completion": " four", "label": True},
+           {"prompt": "three?", "completion": " eight", "label": False},
+           {"prompt": "five?", "completion": " five plus", "label": False}]
+    rows, stats = encode_preferences([write("k.jsonl", kto)], PreferenceEncoder(tok, paired=False), length, 0)
+    for r, record in enumerate(kto):
+        ids, mask = seq(record["prompt"], record["completion"])
+        label = 1 if record["label"] else 2
+        assert rows[r, 0, 0].tolist() == ids + [0] * (length - len(ids))
+        assert rows[r, 0, 1].tolist() == [m * label for m in mask] + [0] * (length - len(ids))
+        previous = kto[r - 1]["completion"]
+        kl_ids, kl_mask = seq(record["prompt"], previous)
+        assert rows[r, 1, 0].tolist() == kl_ids + [0] * (length - len(kl_ids))
+        assert rows[r, 1, 1].tolist() == kl_mask + [0] * (length - len(kl_ids))
+    assert (stats.records, stats.desirable, stats.dropped, stats.truncated) == (3, 1, 0, 0)
+    assert stats.describe(False) == f"3 examples, longest sequence {stats.longest} tokens, 1 desirable / 2 undesirable"
+
+    def refused(records, message, paired=True, length=16):
+        with pytest.raises(DataError, match=message):
+            encode_preferences([write("bad.jsonl", records)], PreferenceEncoder(tok, paired=paired), length, 0)
+
+    refused([{"prompt": "p"}], r"bad.jsonl:1: a preference pair record needs 'prompt', 'chosen', 'rejected' "
+            r"\(missing chosen, rejected\)$")
+    refused([kto[0], {"prompt": "p", "completion": "c"}], r"bad.jsonl:2: a KTO record needs 'prompt', 'completion', "
+            r"'label' \(missing label\)$", paired=False)
+    refused([{**kto[0], "label": 1}], r"bad.jsonl:1: field 'label' must be true or false, not 1$", paired=False)
+    refused([{"prompt": "p", "chosen": "c", "rejected": 3}], r"bad.jsonl:1 \(rejected\): field 'completion' is int")
+    refused([], r"bad.jsonl: no records$")
+    refused(pairs[2:], r"^every record's completion is cut away by seq_len=15; raise seq_len$")
