@@ -75,7 +75,7 @@ def encode_corpus(
         for split, wanted in (("train", False), ("val", True)):
             picked = routes == wanted
             if picked.any():
-                writers[split].write(*_flatten(ids, lengths, picked, complete, eos if append_eos else None, dtype))
+                writers[split].write(*_flatten(ids, lengths, picked, complete, eos if append_eos else None))
         if on_batch is not None:
             on_batch(corpus.stats)
 
@@ -102,9 +102,9 @@ def encode_corpus(
     return EncodeResult(manifest, stats, seconds)
 
 
-def _flatten(ids, lengths, picked, complete, eos: int | None, dtype: str):
-    """The ids of the `picked` documents of a batch concatenated, `eos` after each complete one
-    (a `Continued` piece's document goes on), and the offsets where documents end."""
+def _flatten(ids, lengths, picked, complete, eos: int | None):
+    """The ids of the `picked` (at least one) documents of a batch concatenated, `eos` after each
+    complete one (a `Continued` piece's document goes on), and the offsets where documents end."""
     import numpy as np
 
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
@@ -117,8 +117,7 @@ def _flatten(ids, lengths, picked, complete, eos: int | None, dtype: str):
                 pieces.append(np.array([eos], dtype=ids.dtype))
                 size += 1
             ends.append(size)
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=ids.dtype)
-    return flat.astype(dtype, copy=False), ends
+    return np.concatenate(pieces), ends  # the shard writer stores them in its dtype
 
 
 # -- parallel encoding: `tokenizers` parallelises poorly on small machines, so each worker
