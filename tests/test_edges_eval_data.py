@@ -582,14 +582,16 @@ def _corpus_file(tmp_path):
     return path
 
 
-def test_encode_corpus_equals_encoding_each_document(bytelevel, tmp_path):
+def test_encode_corpus_equals_encoding_each_document(bytelevel, tmp_path, monkeypatch):
     """Shards hold every document's ids (EOS after a whole document, not after a piece of a
     long one), in order, each document — all its pieces — in the split its first piece's
-    content and the seed choose; the manifest records it all; each batch is reported."""
+    content and the seed choose (the first document's too), each counted in the shard where it
+    ends; the manifest records it all; each batch is reported, encoded in this process."""
     import json
 
     import numpy as np
 
+    import llmctl.core.data.encode as encode_module
     from llmctl.core.data import Corpus, TokenShards, encode_corpus, in_val
     from llmctl.core.data.split import Continued
     from llmctl.core.tokenizer import load_tokenizer
@@ -597,32 +599,40 @@ def test_encode_corpus_equals_encoding_each_document(bytelevel, tmp_path):
     tok, path = bytelevel, _corpus_file(tmp_path)
     pieces = list(Corpus([str(path)], max_doc_chars=100).documents())
     assert any(type(p) is Continued for p in pieces)
+    seed = next(s for s in range(100) if in_val(pieces[0], 0.3, s))
     expected, route, continues = {False: [], True: []}, False, False
-    counts = {False: 0, True: 0}
+    ends = {False: [], True: []}
     for piece in pieces:
-        route = route if continues else in_val(piece, 0.3, 11)
+        route = route if continues else in_val(piece, 0.3, seed)
         continues = type(piece) is Continued
         expected[route] += tok.encode(piece) + ([] if continues else [tok.eos_id])
-        counts[route] += not continues
-    assert counts[True] and counts[False]
+        ends[route] += [] if continues else [len(expected[route])]
+    assert ends[True] and ends[False]
     corpus = Corpus([str(path)], max_doc_chars=100)
-    reported = []
+    reported, encoded = [], []
+    ids_of = encode_module._ids_of
+    monkeypatch.setattr(encode_module, "_ids_of", lambda tokenizer, batch: encoded.append(1) or ids_of(tokenizer, batch))
     out = tmp_path / "out"
     out.mkdir()
-    result = encode_corpus(corpus, tok, out, val_fraction=0.3, seed=11, shard_tokens=64, batch_chars=120,
+    result = encode_corpus(corpus, tok, out, val_fraction=0.3, seed=seed, shard_tokens=64, batch_chars=120,
                            on_batch=reported.append)
     shards = TokenShards(out)
     for split, wanted in (("train", False), ("val", True)):
         assert np.concatenate(shards.split(split)).tolist() == expected[wanted]
-        assert result.manifest["splits"][split]["documents"] == counts[wanted]
-        assert result.manifest["splits"][split]["tokens"] == len(expected[wanted])
+        summary = result.manifest["splits"][split]
+        assert summary["documents"] == len(ends[wanted]) and summary["tokens"] == len(expected[wanted])
+        starts = np.cumsum([0] + [s["tokens"] for s in summary["shards"]])
+        assert [s["documents"] for s in summary["shards"]] == [
+            sum(a < e <= b for e in ends[wanted]) for a, b in zip(starts, starts[1:])]
+        assert all(s["tokens"] == 64 for s in summary["shards"][:-1])
     assert len(result.manifest["splits"]["train"]["shards"]) > 2
+    assert len(encoded) == len(reported)
     assert reported == [corpus.stats] * len(list(Corpus([str(path)], max_doc_chars=100).batches(120)))
     stats = corpus.stats
     manifest = {k: v for k, v in result.manifest.items() if k != "splits"}
     assert manifest == {
         "format": "llmctl-tokens", "version": 1, "dtype": "uint16", "tokenizer_hash": tok.hash, "vocab_size": 300,
-        "eos_id": tok.eos_id, "bos_id": tok.bos_id, "append_eos": True, "val_fraction": 0.3, "seed": 11,
+        "eos_id": tok.eos_id, "bos_id": tok.bos_id, "append_eos": True, "val_fraction": 0.3, "seed": seed,
         "doc_split": "blank", "sources": [str(path)], "bytes": path.stat().st_size,
         "text_bytes": stats.text_bytes, "invalid_utf8": 0, "tokenizer": "tokenizer"}
     assert stats.bytes == path.stat().st_size and result.stats is stats and result.seconds > 0
@@ -633,9 +643,26 @@ def test_encode_corpus_equals_encoding_each_document(bytelevel, tmp_path):
     out.mkdir()
     plain = encode_corpus(Corpus([str(path)], max_doc_chars=100), tok, out, append_eos=False, batch_chars=1)
     assert np.concatenate(TokenShards(out).split("train")).tolist() == [i for p in pieces for i in tok.encode(p)]
-    assert plain.manifest["splits"]["train"]["documents"] == sum(counts.values())
+    assert plain.manifest["splits"]["train"]["documents"] == len(ends[False]) + len(ends[True])
     assert plain.manifest["splits"]["val"] == {"tokens": 0, "documents": 0, "shards": []}
     assert (plain.manifest["append_eos"], plain.manifest["val_fraction"], plain.manifest["seed"]) == (False, 0.0, 0)
+
+
+def test_corpus_is_encoded_without_the_tokenizers_special_tokens(bert_tok, tmp_path):
+    """A tokenizer whose template frames text ([CLS] … [SEP]): documents and counts without the frame."""
+    import numpy as np
+
+    from llmctl.core.data import Corpus, TokenShards, encode_corpus
+    from llmctl.core.data.encode import count_tokens
+
+    path = tmp_path / "c.txt"
+    docs = ["the quick brown fox", "a stitch in time saves nine"]
+    path.write_text("\n\n".join(docs) + "\n")
+    (tmp_path / "out").mkdir()
+    encode_corpus(Corpus([str(path)]), bert_tok, tmp_path / "out", append_eos=False)
+    plain = [i for d in docs for i in bert_tok.encode(d, add_special_tokens=False)]
+    assert np.concatenate(TokenShards(tmp_path / "out").split("train")).tolist() == plain
+    assert count_tokens(Corpus([str(path)]), bert_tok)[0]["tokens"] == len(plain)
 
 
 def test_encode_corpus_refusals(bytelevel, tmp_path):
