@@ -648,6 +648,31 @@ def test_encode_corpus_equals_encoding_each_document(bytelevel, tmp_path, monkey
     assert (plain.manifest["append_eos"], plain.manifest["val_fraction"], plain.manifest["seed"]) == (False, 0.0, 0)
 
 
+def test_worker_processes_keep_many_batches_in_order(bytelevel, tmp_path, monkeypatch):
+    """Two workers over 16 batches (more than the 2 × workers in flight): the same shards as one
+    process, and this process encodes nothing itself."""
+    import numpy as np
+
+    import llmctl.core.data.encode as encode_module
+    from llmctl.core.data import Corpus, TokenShards, encode_corpus
+
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.txt")
+        paths[-1].write_text(f"file {i} first document\n\nfile {i} second " + "word " * i + "\n")
+    splits = {}
+    for workers in (1, 2):
+        encoded = []
+        ids_of = encode_module._ids_of
+        monkeypatch.setattr(encode_module, "_ids_of", lambda tok, batch: encoded.append(1) or ids_of(tok, batch))
+        out = tmp_path / f"w{workers}"
+        out.mkdir()
+        encode_corpus(Corpus([str(p) for p in paths]), bytelevel, out, val_fraction=0.3, batch_chars=1, workers=workers)
+        assert len(encoded) == (16 if workers == 1 else 0)
+        splits[workers] = [np.concatenate(TokenShards(out).split(s)).tolist() for s in ("train", "val")]
+    assert splits[1] == splits[2] and all(splits[1])
+
+
 def test_corpus_is_encoded_without_the_tokenizers_special_tokens(bert_tok, tmp_path):
     """A tokenizer whose template frames text ([CLS] … [SEP]): documents and counts without the frame."""
     import numpy as np
