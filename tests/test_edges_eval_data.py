@@ -588,6 +588,7 @@ def test_encode_corpus_equals_encoding_each_document(bytelevel, tmp_path, monkey
     content and the seed choose (the first document's too), each counted in the shard where it
     ends; the manifest records it all; each batch is reported, encoded in this process."""
     import json
+    import time
 
     import numpy as np
 
@@ -614,8 +615,10 @@ def test_encode_corpus_equals_encoding_each_document(bytelevel, tmp_path, monkey
     monkeypatch.setattr(encode_module, "_ids_of", lambda tokenizer, batch: encoded.append(1) or ids_of(tokenizer, batch))
     out = tmp_path / "out"
     out.mkdir()
+    began = time.perf_counter()
     result = encode_corpus(corpus, tok, out, val_fraction=0.3, seed=seed, shard_tokens=64, batch_chars=120,
                            on_batch=reported.append)
+    assert 0 < result.seconds <= time.perf_counter() - began
     shards = TokenShards(out)
     for split, wanted in (("train", False), ("val", True)):
         assert np.concatenate(shards.split(split)).tolist() == expected[wanted]
@@ -696,11 +699,13 @@ def test_encode_corpus_refusals(bytelevel, tmp_path):
 
     path = _corpus_file(tmp_path)
     (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "blank.txt").write_text("")
+    (tmp_path / "one.txt").write_text("one document\n")
 
-    def run(source=path, **kw):
+    def run(*sources, **kw):
         out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
         out.mkdir()
-        return encode_corpus(Corpus([str(source)]), kw.pop("tok", bytelevel), out, **kw)
+        return encode_corpus(Corpus([str(s) for s in sources or [path]]), kw.pop("tok", bytelevel), out, **kw)
 
     for fraction in (-0.01, 1.0):
         with pytest.raises(UsageError, match=rf"^--val-fraction {fraction}: must be in \[0, 1\)$"):
@@ -709,8 +714,9 @@ def test_encode_corpus_refusals(bytelevel, tmp_path):
     no_eos = SimpleNamespace(eos_id=None)
     with pytest.raises(UsageError, match="^the tokenizer has no eos token; use --no-append-eos or set eos_token$"):
         run(tok=no_eos)
-    with pytest.raises(DataError, match=rf"^empty corpus: no text in {tmp_path / 'empty.txt'}$"):
-        run(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match=rf"^empty corpus: no text in {tmp_path / 'empty.txt'}, {tmp_path / 'blank.txt'}$"):
+        run(tmp_path / "empty.txt", tmp_path / "blank.txt")
+    assert run(tmp_path / "one.txt").manifest["splits"]["train"]["documents"] == 1
     with pytest.raises(DataError, match=r"^--val-fraction 0.9999999 left no training documents$"):
         run(val_fraction=0.9999999)
 
