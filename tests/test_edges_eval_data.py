@@ -813,9 +813,10 @@ def test_sft_records_their_masks_and_refusals(chat_tok, tmp_path):
             r"\(give chat_template=NAME\|FILE\)$", tokenizer=no_eos)
     refused({"messages": chat}, r"^f.jsonl:3: chat template: ", template="{% for m in messages %}{{ m.x.y }}{% endfor %}")
     refused({"messages": chat}, r"^f.jsonl:3: the chat template does not render this conversation turn by turn "
-            r"\(turn 2 changes what precedes it\)", template="{{ messages | length }}{% for m in messages %}"
+            r"\(turn 2 changes what precedes it\), so assistant turns cannot be masked; use train_on=all$", template="{{ messages | length }}{% for m in messages %}"
             "{{ m.content }}{% endfor %}")
     refused({"prompt": 3, "completion": "x"}, r"^f.jsonl:3: field 'prompt' is int, not text$")
+    refused({"prompt": "x", "completion": 3}, r"^f.jsonl:3: field 'completion' is int, not text$")
 
     (tmp_path / "bad.json").write_text("[{")
     with pytest.raises(DataError, match=rf"^{tmp_path / 'bad.json'}: not a JSON array of records \("):
@@ -835,11 +836,27 @@ def test_sft_records_their_masks_and_refusals(chat_tok, tmp_path):
         encode_files([tmp_path / "a.jsonl", tmp_path / "b.json"], SFTEncoder(tok))
 
 
+def test_sft_frames_prompts_and_texts_but_not_completions_or_chats(bert_tok):
+    """The tokenizer's special tokens ([CLS] … [SEP]) around a text and a prompt, not around the
+    completion or a rendered chat (the template writes its own)."""
+    from llmctl.core.data.sft import SFTEncoder
+
+    tok = bert_tok
+    text = SFTEncoder(tok)({"text": "the lazy dog"}, "x")
+    assert text.ids == tok.encode("the lazy dog", add_special_tokens=True) != tok.encode("the lazy dog")
+    pair = SFTEncoder(tok)({"prompt": "the quick", "completion": " brown fox"}, "x")
+    assert pair.ids == tok.encode("the quick", add_special_tokens=True) + tok.encode(" brown fox")
+    chat = SFTEncoder(tok, train_on="all", template="{% for m in messages %}{{ m.content }} {% endfor %}")
+    rendered = chat({"messages": [{"role": "user", "content": "the"}, {"role": "assistant", "content": "dog"}]}, "x")
+    assert rendered.ids == tok.encode("the dog ")
+
+
 def test_sft_fit_and_pack_by_hand():
     """Rows of `length`: packed while the next example fits (a full row is allowed), padding a
     document of its own with `pad_id` and no loss; cut examples counted, loss-less ones dropped;
     the summary's figures."""
     from llmctl.core.data.sft import Example, Stats, pack
+    from llmctl.errors import DataError
 
     def ex(n, learn):
         return Example(list(range(10, 10 + n)), [False] * (n - learn) + [True] * learn)
@@ -855,6 +872,11 @@ def test_sft_fit_and_pack_by_hand():
     assert (stats.loss_tokens, stats.rows, stats.fill) == (13, 3, 18 / 24)
     assert stats.summary() == {"examples": 6, "tokens": 29, "tokens_per_example": {"min": 2, "mean": 4.8, "max": 9},
                                "loss_tokens": 13, "truncated": 1, "dropped": 2, "rows": 3, "fill": 0.75}
+    rows, stats = pack([ex(8, 1), ex(4, 1), ex(4, 1), ex(9, 1), ex(10, 8)], 8, pad_id=0)
+    assert rows[:, 2].tolist() == [[0] * 8, [0] * 4 + [1] * 4, [0] * 8]  # 8 fits; 4 + 4 fills a row
+    assert (stats.truncated, stats.dropped, stats.rows) == (2, 1, 3)
+    with pytest.raises(DataError, match=r"^no example has a token to learn \(all prompt, or cut away by seq_len\)$"):
+        pack([ex(9, 1)], 8, pad_id=0)
     rows, stats = pack(examples[:3], 8, pad_id=0, packing=False)
     assert rows[:, 0].tolist() == [[10, 11, 12, 0, 0, 0, 0, 0], [10, 11, 12, 13, 14, 0, 0, 0],
                                    [10, 11, 12, 13, 0, 0, 0, 0]]
