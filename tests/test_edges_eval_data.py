@@ -809,6 +809,7 @@ def test_sft_records_their_masks_and_refusals(chat_tok, tmp_path):
     refused({"messages": [chat[0], {"role": "assistant", "content": 2}]},
             r"^f.jsonl:3: messages\[1\] must be an object with string 'role' and 'content'$")
     refused({"messages": chat[:1]}, r"^f.jsonl:3: no assistant message to learn$")
+    refused({"prompt": chat[:1], "completion": chat[:1]}, r"^f.jsonl:3: no assistant message to learn$")
     refused({"messages": chat}, r"^f.jsonl:3: chat records need a chat template: the tokenizer has none "
             r"\(give chat_template=NAME\|FILE\)$", tokenizer=no_eos)
     refused({"messages": chat}, r"^f.jsonl:3: chat template: ", template="{% for m in messages %}{{ m.x.y }}{% endfor %}")
