@@ -950,4 +950,14 @@ def test_preference_rows_stats_and_refusals_by_hand(chat_tok, tmp_path):
     refused([{**kto[0], "label": 1}], r"bad.jsonl:1: field 'label' must be true or false, not 1$", paired=False)
     refused([{"prompt": "p", "chosen": "c", "rejected": 3}], r"bad.jsonl:1 \(rejected\): field 'completion' is int")
     refused([], r"bad.jsonl: no records$")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'empty.jsonl'}, {tmp_path / 'empty.jsonl'}: no records$"):
+        encode_preferences([tmp_path / "empty.jsonl"] * 2, PreferenceEncoder(tok), 16, 0)
+    exact = len(seq(pairs[0]["prompt"], pairs[0]["chosen"])[0])  # a sequence of exactly `length` is not cut
+    _, stats = encode_preferences([write("d.jsonl", [pairs[2], pairs[0], pairs[2], pairs[0]])], PreferenceEncoder(tok),
+                                  exact, 0)
+    assert (stats.records, stats.dropped, stats.truncated) == (4, 2, 0)
+    assert stats.describe(True).endswith(" tokens; 0 sequences cut to seq_len, 2 records dropped (completion cut away)")
+    stats.dropped = 0
+    assert stats.describe(True) == f"4 pairs, longest sequence {stats.longest} tokens"
     refused(pairs[2:], r"^every record's completion is cut away by seq_len=15; raise seq_len$")
