@@ -89,7 +89,7 @@ def test_rolling_windows_equal_lm_evals(max_length):
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     for length in [0, 1, 2, max_length - 1, max_length, max_length + 1, 2 * max_length, 2 * max_length + 3, 150]:
-        tokens = list(range(100, 100 + max(length, 0)))
+        tokens = list(range(100, 100 + length))
         expected = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, 7, max_length, 1)]
         assert [tuple(map(list, w)) for w in rolling_windows(tokens, 7, max_length)] == \
                [tuple(map(list, w)) for w in expected]
