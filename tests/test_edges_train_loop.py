@@ -1,0 +1,268 @@
+"""The training loop's edges, in process (mutation testing of `core/train/loop.py`): resuming
+a run that died after its last checkpoint, the resume checks, the `max_time` refit by hand,
+the cadence of logs, evaluations and checkpoints, the validation mean and a non-finite step."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from test_blindspots_train import _params, _rows, _trainer
+from test_train import FAST, corpus, curve, records  # noqa: F401  (fixture)
+
+
+def _config(corpus, *overrides):
+    from llmctl.config import load_config
+    from llmctl.core.train.config import TrainConfig
+
+    return load_config(TrainConfig, None, [f"data={corpus['shards']}", "model=nano", *FAST, *overrides], kind="train")
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+def test_resume_after_a_death_past_the_last_checkpoint_equals_the_whole_run(corpus, tmp_path):
+    """A run that died at step 6 with its newest checkpoint at step 2 (records of steps 3–6 already
+    written): resuming drops those records and continues with the same weights, Adam moments,
+    dropout RNG and data position, so curve and weights equal the uninterrupted run's bit for bit."""
+    from llmctl.core.train.loop import run_training
+
+    cfg = _config(corpus, "max_steps=6", "save_every=2", "eval_every=3", "keep_last=5", "dropout=0.2")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_training(cfg, whole).exit_code == 0
+    shutil.copytree(whole, cut)
+    for name in ("step-000004", "step-000006"):
+        shutil.rmtree(cut / "checkpoints" / name)
+    for f in cut.iterdir():
+        if f.is_file() and f.name not in ("metrics.jsonl", "train_config.yaml"):
+            f.unlink()
+    assert max(r["step"] for r in records(cut)) == 6  # the dead run's records are still there
+    result = run_training(cfg, cut, resume=True)
+    assert (result.step, result.exit_code, result.checkpoint.name) == (6, 0, "step-000006")
+    assert curve(cut) == curve(whole)
+    assert (cut / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert result.val_loss == records(whole)[-1]["val_loss"]
+
+
+def test_resume_keeps_a_fixed_time_budget_horizon(corpus, tmp_path):
+    """A checkpoint whose `max_time` horizon was fixed restores that max_steps (the schedule's
+    length); with the horizon still open, or without `max_time`, the recipe's max_steps stands."""
+    trainer = _trainer(corpus, tmp_path, "max_steps=50")
+    trainer.step, trainer.max_steps = 1, 7
+    for fixed in (True, False):
+        trainer.horizon_fixed = fixed
+        trainer.save()
+        timed = _resumed(corpus, trainer.outdir, "max_steps=50", "max_time=60")
+        assert (timed.step, timed.max_steps, timed.horizon_fixed) == ((1, 7, True) if fixed else (1, 50, False))
+        assert _resumed(corpus, trainer.outdir, "max_steps=50").max_steps == 50
+        shutil.rmtree(trainer.outdir / "checkpoints")
+
+
+def _resumed(corpus, outdir, *overrides):
+    from llmctl.core.train import distributed
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.loop import Trainer
+
+    return Trainer(make_plan(_config(corpus, *overrides), "cpu"), outdir, torch.device("cpu"), distributed.Dist(), {})
+
+
+def test_check_resume_refuses_a_shorter_run_and_another_architecture(corpus, tmp_path):
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.loop import _check_resume
+    from llmctl.errors import CheckpointError, UsageError
+
+    trainer = _trainer(corpus, tmp_path, "max_steps=5")
+    _check_resume(trainer.outdir, make_plan(_config(corpus, "max_steps=1"), "cpu"))  # no checkpoint yet
+    trainer.step = 3
+    trainer.save()
+    for steps in (3, 4):  # as long as the checkpoint's step, or longer: fine
+        _check_resume(trainer.outdir, make_plan(_config(corpus, f"max_steps={steps}"), "cpu"))
+    with pytest.raises(UsageError, match=r"^max_steps=2 is below step 3 of .*out0's newest checkpoint; "
+                                         r"give a larger max_steps to continue it$"):
+        _check_resume(trainer.outdir, make_plan(_config(corpus, "max_steps=2"), "cpu"))
+    with pytest.raises(CheckpointError, match=r"step-000003 has another architecture than this run's model; resume "
+                                              r"with the run's own config \(no model overrides\), or train into a "
+                                              r"new OUTDIR$"):
+        _check_resume(trainer.outdir, make_plan(_config(corpus, "max_steps=5", "model=micro"), "cpu"))
+
+
+# -- the time budget ----------------------------------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self):
+        from llmctl.core.report import SILENT
+
+        self.progress, self.lines = SILENT.progress, []
+
+    def info(self, message):
+        self.lines.append(("info", message))
+
+    def warn(self, message):
+        self.lines.append(("warn", message))
+
+
+def test_fit_time_budget_by_hand(corpus, tmp_path):
+    """max_steps = step + ⌊0.9 · (budget − elapsed) · rate⌋, within [step, the recipe's max_steps];
+    the horizon is fixed once half the budget is spent (or nothing more fits), and announced."""
+    trainer = _trainer(corpus, tmp_path, "max_steps=1000", "max_time=10", "warmup_steps=300")
+    trainer.report = _Recorder()
+    trainer.step = 20
+    trainer._fit_time_budget(120.0, 0.5)  # 20 + ⌊0.9 · 480 · 0.5⌋ = 236
+    assert (trainer.max_steps, trainer.horizon_fixed, trainer.report.lines) == (236, False, [])
+    trainer._fit_time_budget(299.0, 2.0)  # 20 + ⌊0.9 · 301 · 2⌋ = 561: still under half the budget
+    assert (trainer.max_steps, trainer.horizon_fixed) == (561, False)
+    trainer._fit_time_budget(300.0, 1.0)  # 20 + ⌊0.9 · 300⌋ = 290: half spent, fixed
+    assert (trainer.max_steps, trainer.horizon_fixed) == (290, True)
+    assert trainer.report.lines == [
+        ("info", "max_time 10 min: training 290 steps"),
+        ("warn", "warmup_steps=300 is longer than the 290 steps that fit in max_time: lr never reaches 0.0003")]
+    trainer.report.lines.clear()
+    trainer._fit_time_budget(10.0, 100.0)  # more than the recipe's max_steps fits
+    assert (trainer.max_steps, trainer.horizon_fixed, trainer.report.lines) == (1000, False, [])
+    trainer._fit_time_budget(700.0, 1.0)  # past the budget: nothing more fits
+    assert (trainer.max_steps, trainer.horizon_fixed) == (20, True)
+    trainer.cfg.warmup_steps = 20  # as long as the run: no warning
+    trainer.report.lines.clear()
+    trainer._fit_time_budget(590.0, 0.1)
+    assert trainer.report.lines == [("info", "max_time 10 min: training 20 steps")]
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def test_logs_evaluations_and_checkpoints_follow_their_cadence(corpus, tmp_path):
+    """log_every=3, eval_every=3, save_every=3, keep_last=2 over 7 steps: losses at 3, 6 and the
+    last step; evaluations at 3, 6 and once at the end (not twice at 6 or 7); checkpoints 6 and 7
+    kept; OUTDIR holds step 7's model files, linked; the final val loss in its llmctl.json."""
+    trainer = _trainer(corpus, tmp_path, "max_steps=7", "log_every=3", "eval_every=3", "save_every=3", "keep_last=2")
+    result = trainer.run()
+    out = trainer.outdir
+    rows = records(out)
+    assert [r["step"] for r in rows if "loss" in r] == [3, 6, 7]
+    assert [r["step"] for r in rows if "val_loss" in r and "task" not in r] == [3, 6, 7]
+    assert all("aux_loss" not in r for r in rows)  # a dense model: no auxiliary loss
+    assert result.val_loss == rows[-1]["val_loss"]
+    [final] = json.loads((out / "llmctl.json").read_text())["metrics"]  # the published checkpoint's
+    assert {k: v for k, v in final.items() if k != "time"} == {
+        "task": "val_loss", "step": 7, "val_loss": result.val_loss, "val_ppl": pytest.approx(math.exp(result.val_loss))}
+    assert json.loads((result.checkpoint / "llmctl.json").read_text())["metrics"] == []  # not the linked file
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000007"]
+    assert (result.step, result.exit_code, result.checkpoint) == (7, 0, out / "checkpoints" / "step-000007")
+    for f in result.checkpoint.iterdir():
+        if f.is_file() and f.name != "llmctl.json":  # rewritten with the final val loss
+            assert (out / f.name).samefile(f)
+    loss = [r for r in rows if "loss" in r]
+    assert all(r["lr"] > 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in loss)
+
+
+def test_evaluate_is_the_mean_loss_in_eval_mode(corpus, tmp_path):
+    """The validation loss is the mean of the model's loss over the fixed validation batches,
+    with dropout off; the model trains again afterwards."""
+    trainer = _trainer(corpus, tmp_path, "dropout=0.5", "eval_batches=3")
+    model = trainer.model
+    assert len(trainer.val) == 3 and model.training
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(inputs, labels=labels).loss)
+                  for inputs, labels, _ in (trainer._inputs(rows, i) for i, rows in enumerate(trainer.val))]
+    model.train()
+    assert trainer.evaluate() == pytest.approx(sum(losses) / 3, rel=1e-6)
+    assert model.training and trainer.trained.training
+    trainer.val = []
+    assert trainer.evaluate() is None
+
+
+def test_a_non_finite_loss_skips_the_update(corpus, tmp_path):
+    """A NaN loss: no optimizer step, no gradients kept, the step not counted; the loss returned."""
+    trainer = _trainer(corpus, tmp_path, rows=_rows(2))
+    before = _params(trainer)
+    real = trainer.objective.loss
+    trainer.objective.loss = lambda *a: tuple(x * float("nan") for x in real(*a))
+    loss, aux, norm, lr = trainer.train_step()
+    assert math.isnan(loss) and aux == 0.0 and math.isnan(norm) and lr > 0
+    assert trainer.step == 0 and all(p.grad is None for p in trainer.model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in _params(trainer).items())
+    assert not trainer.optimizer.state  # Adam never stepped
+
+
+def test_val_record_and_generation_config():
+    from types import SimpleNamespace
+
+    from llmctl.core.train.loop import Trainer, generation_config
+
+    lm = SimpleNamespace(objective=SimpleNamespace(perplexity=True))
+    assert Trainer._val_record(lm, 2.0) == {"val_loss": 2.0, "val_ppl": math.exp(2.0)}
+    assert Trainer._val_record(lm, 80.0) == {"val_loss": 80.0, "val_ppl": math.exp(50.0)}  # capped, not inf
+    other = SimpleNamespace(objective=SimpleNamespace(perplexity=False))
+    assert Trainer._val_record(other, 2.0) == {"val_loss": 2.0}
+    cfg = SimpleNamespace(bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    assert generation_config(cfg) == {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1}
+    assert generation_config(SimpleNamespace()) == {"_from_model_config": True}
+
+
+# -- OUTDIR -------------------------------------------------------------------------------------
+
+
+def test_latest_checkpoint_publish_and_leftovers(tmp_path, monkeypatch):
+    """The newest complete checkpoint (a directory without its training state is not one);
+    publishing links its files into OUTDIR, config.json last, and again is a no-op; a dead
+    writer's temporary files and checkpoints are removed, nothing else."""
+    import os
+
+    from llmctl.core.train import loop
+
+    out = tmp_path / "run"
+    assert loop.latest_checkpoint(out) is None
+    for step in (2, 10, 4, 12):
+        ckpt = out / "checkpoints" / f"step-{step:06d}"
+        (ckpt / "trainer_state").mkdir(parents=True)
+        if step != 12:
+            (ckpt / "trainer_state" / "state.json").write_text("{}")
+    assert loop.latest_checkpoint(out) == out / "checkpoints" / "step-000010"
+    newest = out / "checkpoints" / "step-000010"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (newest / name).write_text(name)
+    order = []
+    real = os.replace
+    monkeypatch.setattr(loop.os, "replace", lambda src, dst: (order.append(os.path.basename(dst)), real(src, dst)))
+    loop.publish(newest, out)
+    assert order[-1] == "config.json" and sorted(order) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert all((out / name).samefile(newest / name) for name in order)
+    order.clear()
+    loop.publish(newest, out)  # already published: nothing renamed
+    assert order == []
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "model.safetensors",
+                                                     "tokenizer.json"]
+    (out / ".model.safetensors.tmp-99").write_text("x")
+    (out / "checkpoints" / ".step-000014.tmp-99").mkdir()
+    (out / "keep.tmp-99").write_text("x")
+    loop._remove_leftovers(out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "keep.tmp-99",
+                                                     "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-000002", "step-000004", "step-000010", "step-000012"]
+
+
+def test_check_outdir(tmp_path):
+    from llmctl.core.train.loop import check_outdir
+    from llmctl.errors import OutputExistsError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_outdir(empty, resume=True, force=False)  # an empty directory resumes (as a fresh run)
+    check_outdir(tmp_path / "new", resume=True, force=False)
+    check_outdir(tmp_path / "new", resume=False, force=False)
+    with pytest.raises(OutputExistsError, match="already exists"):
+        check_outdir(empty, resume=False, force=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"--resume: .*other exists but is not an llmctl train output"):
+        check_outdir(other, resume=True, force=False)
+    with pytest.raises(OutputExistsError, match="--resume"):
+        check_outdir(other / "notes.txt", resume=True, force=False)
