@@ -62,12 +62,47 @@ def test_resume_keeps_a_fixed_time_budget_horizon(corpus, tmp_path):
         shutil.rmtree(trainer.outdir / "checkpoints")
 
 
-def _resumed(corpus, outdir, *overrides):
+def _resumed(corpus, outdir, *overrides, report=None):
+    from llmctl.core.report import SILENT
     from llmctl.core.train import distributed
     from llmctl.core.train.build import make_plan
     from llmctl.core.train.loop import Trainer
 
-    return Trainer(make_plan(_config(corpus, *overrides), "cpu"), outdir, torch.device("cpu"), distributed.Dist(), {})
+    return Trainer(make_plan(_config(corpus, *overrides), "cpu"), outdir, torch.device("cpu"), distributed.Dist(), {},
+                   report=report or SILENT)
+
+
+def test_resume_restores_the_objectives_state_from_as_many_processes(corpus, tmp_path, monkeypatch):
+    """An objective's per-process state (GRPO's round) comes back to its rank; a checkpoint
+    holding it from another number of processes is refused. Without such state the number of
+    processes may change."""
+    from llmctl.core.train.state import META, STATE_DIR
+    from llmctl.errors import CheckpointError
+
+    trainer = _trainer(corpus, tmp_path, "max_steps=50")
+    trainer.step = 2
+    trainer.save()
+    meta_file = trainer.outdir / "checkpoints" / "step-000002" / STATE_DIR / META
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "world_size": 2}))
+    report = _Recorder()
+    assert _resumed(corpus, trainer.outdir, "max_steps=50", report=report).step == 2  # no objective state
+    assert report.lines == [("info", f"resuming from {trainer.outdir / 'checkpoints' / 'step-000002'} (step 2)")]
+
+    kind = type(trainer.objective)
+    loaded = []
+    monkeypatch.setattr(kind, "state", lambda self: {"round": torch.tensor([7, 8])})
+    monkeypatch.setattr(kind, "load_state", lambda self, tensors: loaded.append(tensors))
+    trainer.step = 3
+    trainer.save()
+    assert set(_resumed(corpus, trainer.outdir, "max_steps=50").objective.state()) == {"round"}
+    [tensors] = loaded
+    assert list(tensors) == ["round"] and torch.equal(tensors["round"], torch.tensor([7, 8]))
+    meta_file = trainer.outdir / "checkpoints" / "step-000003" / STATE_DIR / META
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "world_size": 2}))
+    with pytest.raises(CheckpointError, match=r"step-000003 holds per-process causal state of 2 processes; "
+                                              r"resume it with as many$"):
+        _resumed(corpus, trainer.outdir, "max_steps=50")
 
 
 def test_check_resume_refuses_a_shorter_run_and_another_architecture(corpus, tmp_path):
@@ -158,6 +193,52 @@ def test_logs_evaluations_and_checkpoints_follow_their_cadence(corpus, tmp_path)
             assert (out / f.name).samefile(f)
     loss = [r for r in rows if "loss" in r]
     assert all(r["lr"] > 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in loss)
+
+
+class _Clock:
+    """perf_counter for the loop: each call one second later."""
+
+    def __init__(self):
+        self.now = -1.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_throughput_and_mfu_from_the_step_time(corpus, tmp_path, monkeypatch):
+    """Each step's tokens/s is the step's tokens over its time (one second here), and MFU the
+    model's FLOPs at that rate over the peak (peak_tflops=1): 6·N + 12·layers·d·seq per token."""
+    from llmctl.core.train import loop
+
+    monkeypatch.setattr(loop, "time", _Clock())
+    trainer = _trainer(corpus, tmp_path, "max_steps=2", "batch_size=3", "grad_accum=2", "eval_every=0")
+    cfg, model = trainer.model.cfg, trainer.model
+    n = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
+    flops = 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 32
+    trainer.run()
+    for r in [r for r in records(trainer.outdir) if "loss" in r]:
+        assert r["tokens_per_s"] == 3 * 32 * 2 and r["mfu"] == pytest.approx(flops * 3 * 32 * 2 / 1e12, rel=1e-12)
+
+
+def test_max_time_refits_every_ten_timed_steps_or_sooner_when_slow(corpus, tmp_path, monkeypatch):
+    """With `max_time`, the first step is not timed; the horizon is refitted every TIMED_STEPS
+    timed steps from the elapsed time and the timed steps' rate, or as soon as a twentieth of
+    the budget has passed since the last fit."""
+    from llmctl.core.train import loop
+
+    def fits(*overrides):
+        clock, calls = _Clock(), []
+        monkeypatch.setattr(loop, "time", clock)
+        trainer = _trainer(corpus, tmp_path, "max_steps=22", "eval_every=0", "save_every=0", *overrides)
+        monkeypatch.setattr(trainer, "_fit_time_budget", lambda elapsed, rate: calls.append((elapsed, rate)))
+        trainer.run()
+        return calls
+
+    # three clock reads a step (start, end, now), one before the loop: step k ends at 3k
+    assert fits("max_time=10") == [(33.0, 10 / 30), (63.0, 20 / 60)]  # steps 11 and 21
+    assert fits("max_time=0.1")[:3] == [(6.0, 1 / 3), (9.0, 2 / 6), (12.0, 3 / 9)]  # 6 s each: every step
+    assert fits() == []  # no budget, no refit
 
 
 def test_evaluate_is_the_mean_loss_in_eval_mode(corpus, tmp_path):
