@@ -347,3 +347,102 @@ def test_check_outdir(tmp_path):
         check_outdir(other, resume=True, force=False)
     with pytest.raises(OutputExistsError, match="--resume"):
         check_outdir(other / "notes.txt", resume=True, force=False)
+
+
+# -- metrics (`core/train/metrics.py`) ----------------------------------------------------------
+
+
+def test_metrics_log_truncate_and_read(tmp_path, monkeypatch):
+    """Records are appended and flushed line by line, numbers mirrored to TensorBoard (when
+    installed) at their step; truncating keeps the records up to a step (and those without one),
+    dropping blank and torn lines; reading skips a torn line."""
+    import sys
+    import types
+
+    from llmctl.core.train import metrics
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, logdir):
+            scalars.append(("dir", logdir))
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    log = metrics.MetricsLog(tmp_path, tensorboard=True)
+    log.log({"step": 1, "loss": 2.5, "lr": 1e-3, "note": "x", "flag": True})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.5, "lr": 1e-3, "note": "x",
+                                                                   "flag": True}  # flushed before closing
+    log.log({"step": 3, "val_loss": 2.0})
+    log.close()
+    assert scalars == [("dir", str(tmp_path / "tensorboard")), ("loss", 2.5, 1), ("lr", 1e-3, 1), ("flag", True, 1),
+                       ("val_loss", 2.0, 3), "closed"]
+    plain = metrics.MetricsLog(tmp_path, tensorboard=False)
+    assert plain._tb is None
+    plain.log({"step": 4, "loss": 1.0})
+    plain.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('\n{"task": "note"}\n{"step": 5, "loss": 0.5}\n{"step": 6, "lo')  # a blank line, no step, torn
+    assert [r.get("step") for r in metrics.read_metrics(tmp_path)] == [1, 3, 4, None, 5]
+    metrics.truncate_metrics(tmp_path, 3)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [
+        '{"step": 1, "loss": 2.5, "lr": 0.001, "note": "x", "flag": true}', '{"step": 3, "val_loss": 2.0}',
+        '{"task": "note"}']
+    metrics.truncate_metrics(tmp_path / "nothing", 0)  # no metrics file: nothing written
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_flops_per_token_is_palms_count():
+    """6·N + 12·L·H·Dh·T, N without an untied input embedding table (its lookup is not a matmul)."""
+    from llmctl.core.model.build import build_model
+    from llmctl.core.model.config import ModelConfig
+    from llmctl.core.train.metrics import flops_per_token
+
+    for tied in (True, False):
+        cfg = ModelConfig(vocab_size=100, hidden_size=24, num_layers=2, num_heads=3, max_seq_len=16,
+                          tie_embeddings=tied)
+        model = build_model(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        matmul = n if tied else n - 100 * 24
+        assert flops_per_token(model, 16) == 6 * matmul + 12 * 2 * 3 * 8 * 16
+
+
+def test_peak_flops_measured_where_no_datasheet(monkeypatch):
+    """A CPU, or a GPU missing from the table, gets a timed matmul probe (larger and longer on a
+    GPU); the probe counts 2·size³ FLOPs a product over the time it ran, and draws no random numbers."""
+    from llmctl.core.train import metrics
+
+    calls = []
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype, device, **kw: calls.append((dtype, kw)) or 5.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Mystery 9000")
+    assert metrics.peak_flops(torch.bfloat16, torch.device("cuda")) == 5.0
+    assert metrics.peak_flops(torch.float32, torch.device("cpu")) == 5.0
+    assert calls == [(torch.bfloat16, {"size": 8192, "seconds": 1.0}), (torch.float32, {})]
+    monkeypatch.undo()
+
+    class Clock:  # a quarter of a second per read: reads at 0.25, 0.5, 0.75 run a product each, 1.0 stops
+        t = -0.25
+
+        def perf_counter(self):
+            Clock.t += 0.25
+            return Clock.t
+
+    monkeypatch.setattr(metrics, "time", Clock())
+    rng = torch.get_rng_state()
+    assert metrics.measure_matmul_peak(torch.float32, torch.device("cpu"), size=8, seconds=1.0) == 2 * 8**3 * 3 / 1.25
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_gpu_peak_table_is_most_specific_first():
+    """A GPU whose name holds two keys of the table (an H100 PCIe also says H100) matches the
+    more specific one, listed first."""
+    from llmctl.core.train.metrics import GPU_PEAK_TFLOPS
+
+    keys = [key for key, _ in GPU_PEAK_TFLOPS]
+    for i, key in enumerate(keys):
+        assert not any(other in key for other in keys[:i]), key
