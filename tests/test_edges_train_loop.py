@@ -446,3 +446,41 @@ def test_gpu_peak_table_is_most_specific_first():
     keys = [key for key, _ in GPU_PEAK_TFLOPS]
     for i, key in enumerate(keys):
         assert not any(other in key for other in keys[:i]), key
+
+
+# -- keep_sparsity (`core/train/sparsity.py`) ---------------------------------------------------
+
+
+def test_sparsity_masks_keep_the_blocks_trainable_matrices_zeros():
+    """Masks are the zeros of the trainable 2-D weights inside blocks (not the embeddings, not a
+    norm's vector, not a frozen weight, not a dense matrix); `apply` zeroes those entries again
+    and leaves every other value as the optimizer left it."""
+    from llmctl.core.model.build import build_model
+    from llmctl.core.model.config import ModelConfig
+    from llmctl.core.train.sparsity import SparsityMasks
+
+    model = build_model(ModelConfig(vocab_size=100, hidden_size=24, num_layers=2, num_heads=3, max_seq_len=16))
+    layers = model.model.layers
+    with torch.no_grad():
+        layers[0].self_attn.q_proj.weight[:3, :4] = 0  # 12 zeros: kept
+        layers[1].mlp.down_proj.weight[5] = 0  # 96 zeros: kept
+        layers[1].self_attn.v_proj.weight[0, 0] = 0  # frozen below: not kept
+        layers[0].input_layernorm.weight[0] = 0  # a vector: not kept
+        model.model.embed_tokens.weight[0] = 0  # outside the blocks: not kept
+    layers[1].self_attn.v_proj.weight.requires_grad_(False)
+    assert not SparsityMasks(build_model(ModelConfig(vocab_size=100, hidden_size=24, num_layers=2, num_heads=3,
+                                                     max_seq_len=16)))  # a dense model: no masks
+    masks = SparsityMasks(model)
+    assert len(masks) == 2 and masks.zeros == 12 + 96
+    assert [p is w for (p, _), w in zip(masks.masks, (layers[0].self_attn.q_proj.weight,
+                                                      layers[1].mlp.down_proj.weight))] == [True, True]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # an optimizer step that moved everything
+    masks.apply()
+    for name, p in model.named_parameters():
+        moved = before[name] + 1.0
+        if name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+            moved = moved.masked_fill(before[name] == 0, 0.0)
+        assert torch.equal(p.detach(), moved), name
