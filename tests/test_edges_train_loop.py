@@ -241,6 +241,19 @@ def test_max_time_refits_every_ten_timed_steps_or_sooner_when_slow(corpus, tmp_p
     assert fits() == []  # no budget, no refit
 
 
+def test_a_run_without_validation_data(corpus, tmp_path):
+    """Raw text with val_fraction=0: nothing to validate, so no val records, no final val loss."""
+    from llmctl.core.train.loop import run_training
+
+    cfg = _config(corpus, f"data={corpus['text']}", f"tokenizer={corpus['tok']}", "val_fraction=0", "max_steps=2",
+                  "eval_every=1")
+    out = tmp_path / "out"
+    result = run_training(cfg, out)
+    assert (result.step, result.val_loss) == (2, None)
+    assert [r["step"] for r in records(out)] == [1, 2] and all("val_loss" not in r for r in records(out))
+    assert json.loads((out / "llmctl.json").read_text())["metrics"] == []
+
+
 def test_evaluate_is_the_mean_loss_in_eval_mode(corpus, tmp_path):
     """The validation loss is the mean of the model's loss over the fixed validation batches,
     with dropout off; the model trains again afterwards."""
@@ -319,6 +332,19 @@ def test_latest_checkpoint_publish_and_leftovers(tmp_path, monkeypatch):
     assert order == []
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "model.safetensors",
                                                      "tokenizer.json"]
+    (out / "config.json").unlink()  # a publish that died before its last file
+    loop.publish(newest, out)
+    assert order == ["config.json"] and (out / "config.json").samefile(newest / "config.json")
+
+    def cross_device(src, dst):
+        raise OSError("Invalid cross-device link")
+
+    monkeypatch.setattr(loop.os, "link", cross_device)  # no hard links: copies
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    loop.publish(newest, copy)
+    assert sorted(p.name for p in copy.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert all((copy / n).read_text() == n and not (copy / n).samefile(newest / n) for n in order[1:])
     (out / ".model.safetensors.tmp-99").write_text("x")
     (out / "checkpoints" / ".step-000014.tmp-99").mkdir()
     (out / "keep.tmp-99").write_text("x")
