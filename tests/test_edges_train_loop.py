@@ -254,6 +254,33 @@ def test_a_run_without_validation_data(corpus, tmp_path):
     assert json.loads((out / "llmctl.json").read_text())["metrics"] == []
 
 
+def _windows(ids: list[int], count: int, seq: int = 32) -> torch.Tensor:
+    """The first `count` rows a text stream cuts: seq + 1 tokens every seq tokens."""
+    return torch.tensor([ids[i * seq:i * seq + seq + 1] for i in range(count)])
+
+
+def test_text_data_train_and_validation_rows(corpus, tmp_path):
+    """On raw text the rows are the encoded text (+ EOS) in windows of seq_len + 1; validation
+    comes from val_data's files when given, else from the text's last val_fraction (cut after a
+    newline). (Only the first validation batch is compared: a text stream under one block long
+    ends its first pass when it loads, so it yields one batch whatever eval_batches says.)"""
+    text = corpus["text"].read_bytes()
+    val = tmp_path / "val.txt"
+    val.write_text(corpus["text"].read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    given = _trainer(corpus, tmp_path, f"data={corpus['text']}", f"tokenizer={corpus['tok']}", f"val_data={val}",
+                     "eval_batches=3", "batch_size=2")
+    tok = given.plan.tokenizer
+    encode = lambda data: tok.encode(data.decode("utf-8")) + [tok.eos_id]  # noqa: E731
+    assert torch.equal(given.val[0], _windows(encode(val.read_bytes()), 2))
+    assert torch.equal(torch.cat([given.data.batch(0), given.data.batch(1)]), _windows(encode(text), 4))
+
+    held = _trainer(corpus, tmp_path, f"data={corpus['text']}", f"tokenizer={corpus['tok']}", "val_fraction=0.25",
+                    "eval_batches=2", "batch_size=2")
+    cut = text.index(b"\n", int(len(text) * 0.75)) + 1
+    assert torch.equal(held.val[0], _windows(encode(text[cut:]), 2))
+    assert torch.equal(held.data.batch(0), _windows(encode(text[:cut]), 2))
+
+
 def test_evaluate_is_the_mean_loss_in_eval_mode(corpus, tmp_path):
     """The validation loss is the mean of the model's loss over the fixed validation batches,
     with dropout off; the model trains again afterwards."""
