@@ -105,6 +105,37 @@ def test_resume_restores_the_objectives_state_from_as_many_processes(corpus, tmp
         _resumed(corpus, trainer.outdir, "max_steps=50")
 
 
+def test_force_replaces_a_run_only_once_the_new_one_has_a_checkpoint(corpus, tmp_path, monkeypatch):
+    """--force over a finished run trains in `.OUTDIR.new`: a run that fails before its first
+    checkpoint leaves the old run as it was (and no `.new`); one that checkpoints replaces it."""
+    from llmctl.core.train import loop
+
+    out = tmp_path / "out"
+    assert loop.run_training(_config(corpus, "max_steps=2", "seed=1"), out).exit_code == 0
+    old_curve, old_model = curve(out), (out / "model.safetensors").read_bytes()
+    new_cfg = _config(corpus, "max_steps=3", "seed=2", "save_every=1")
+    real = loop.Trainer.train_step
+
+    def failing(self):
+        if self.step == 0:
+            assert self.outdir == tmp_path / ".out.new"  # where the new run is built
+            raise RuntimeError("boom")
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        loop.run_training(new_cfg, out, force=True)
+    assert curve(out) == old_curve and (out / "model.safetensors").read_bytes() == old_model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.undo()
+    result = loop.run_training(new_cfg, out, force=True)
+    assert result.checkpoint == out / "checkpoints" / "step-000003" and result.checkpoint.is_dir()
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]
+    assert (out / "model.safetensors").read_bytes() != old_model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
+
+
 def test_check_resume_refuses_a_shorter_run_and_another_architecture(corpus, tmp_path):
     from llmctl.core.train.build import make_plan
     from llmctl.core.train.loop import _check_resume
