@@ -263,6 +263,12 @@ def test_max_time_refits_every_ten_timed_steps_or_sooner_when_slow(corpus, tmp_p
         monkeypatch.setattr(loop, "time", clock)
         trainer = _trainer(corpus, tmp_path, "max_steps=22", "eval_every=0", "save_every=0", *overrides)
         monkeypatch.setattr(trainer, "_fit_time_budget", lambda elapsed, rate: calls.append((elapsed, rate)))
+
+        def step():  # the timing, not the training, is under test
+            trainer.step += 1
+            return 1.0, 0.0, 1.0, 1e-3
+
+        monkeypatch.setattr(trainer, "train_step", step)
         trainer.run()
         return calls
 
