@@ -136,6 +136,43 @@ def test_force_replaces_a_run_only_once_the_new_one_has_a_checkpoint(corpus, tmp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
 
 
+def test_an_objectives_extra_modules_train_and_resume_beside_the_model(corpus, tmp_path, monkeypatch):
+    """Extra parameters of an objective (distill's projections) are optimised with the model,
+    saved in the training state (not in the exported model) and loaded on resume."""
+    from safetensors.torch import load_file
+
+    extras = []
+
+    def extra(self):
+        if not extras:
+            torch.manual_seed(len(extras))
+            extras.append(torch.nn.Linear(32, 4))
+        return extras[-1]
+
+    trainer = _trainer(corpus, tmp_path, "max_steps=50")
+    kind = type(trainer.objective)
+    monkeypatch.setattr(kind, "extra", extra)
+    trainer = _trainer(corpus, tmp_path, "max_steps=50")
+    real = trainer.objective.loss
+    trainer.objective.loss = lambda forward, *a: (lambda o, lm: (o + sum(p.square().sum() for p in extras[0].parameters()), lm))(
+        *real(forward, *a))
+    assert {id(p) for p in extras[0].parameters()} <= {id(p) for g in trainer.optimizer.param_groups
+                                                       for p in g["params"]}
+    first = extras[0].weight.detach().clone()
+    trainer.train_step()
+    assert not torch.equal(extras[0].weight, first)  # it trained
+    trainer.save()
+    saved = extras[0].state_dict()
+    ckpt = trainer.outdir / "checkpoints" / "step-000001"
+    assert not any(k.startswith("extra") for k in load_file(ckpt / "model.safetensors"))
+    extras.clear()
+    extras.append(torch.nn.Linear(32, 4))  # a fresh one, to be loaded
+    resumed = _resumed(corpus, trainer.outdir, "max_steps=50")
+    assert resumed.step == 1
+    for key, value in saved.items():
+        assert torch.equal(extras[0].state_dict()[key], value), key
+
+
 def test_check_resume_refuses_a_shorter_run_and_another_architecture(corpus, tmp_path):
     from llmctl.core.train.build import make_plan
     from llmctl.core.train.loop import _check_resume
@@ -216,7 +253,8 @@ def test_logs_evaluations_and_checkpoints_follow_their_cadence(corpus, tmp_path)
     [final] = json.loads((out / "llmctl.json").read_text())["metrics"]  # the published checkpoint's
     assert {k: v for k, v in final.items() if k != "time"} == {
         "task": "val_loss", "step": 7, "val_loss": result.val_loss, "val_ppl": pytest.approx(math.exp(result.val_loss))}
-    assert json.loads((result.checkpoint / "llmctl.json").read_text())["metrics"] == []  # not the linked file
+    lineage = json.loads((result.checkpoint / "llmctl.json").read_text())
+    assert lineage["metrics"] == [] and lineage["step"] == 7  # not the linked file
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000007"]
     assert (result.step, result.exit_code, result.checkpoint) == (7, 0, out / "checkpoints" / "step-000007")
     for f in result.checkpoint.iterdir():
