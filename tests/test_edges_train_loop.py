@@ -612,3 +612,55 @@ def test_sparsity_masks_keep_the_blocks_trainable_matrices_zeros():
         if name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
             moved = moved.masked_fill(before[name] == 0, 0.0)
         assert torch.equal(p.detach(), moved), name
+
+
+# -- precomputed reference log-probs (`core/train/reference.py`) --------------------------------
+
+
+def test_reference_cache_key_read_and_write(tmp_path, monkeypatch):
+    """The cache beside the first data file is keyed by the base checkpoint, the precision and
+    each part's name and rows (sha256, 16 hex digits); a damaged cache, or one missing a part or
+    of other shapes, reads as absent; a cache that cannot be written is a warning."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    import llmctl.core.checkpoint
+    from llmctl.core.train import reference
+
+    monkeypatch.setattr(llmctl.core.checkpoint, "checkpoint_hash", lambda path: f"hash-of-{path}")
+    data = tmp_path / "pairs.jsonl"
+    train, val = torch.arange(24).reshape(3, 2, 2, 2), torch.arange(8).reshape(1, 2, 2, 2)
+    plan = SimpleNamespace(init_from="BASE", precision="float32", text_files=[data, tmp_path / "more.jsonl"])
+    digest = hashlib.sha256(b"hash-of-BASE float32")
+    for name, rows in (("train", train), ("val", val)):
+        digest.update(name.encode())
+        digest.update(rows.numpy().tobytes())
+    path = reference._cache_path(plan, {"train": train, "val": val})
+    assert path == tmp_path / f".pairs.jsonl.ref-{digest.hexdigest()[:16]}.safetensors"
+    others = [reference._cache_path(SimpleNamespace(**{**vars(plan), key: value}), {"train": train, "val": val})
+              for key, value in (("init_from", "OTHER"), ("precision", "bfloat16"))]
+    others += [reference._cache_path(plan, parts) for parts in ({"train": train}, {"val": train, "train": val},
+                                                                  {"train": train + 1, "val": val})]
+    assert len({path, *others}) == 6
+
+    parts = {"train": train, "val": val}
+    logps = {"train": torch.randn(3, 2, dtype=torch.float64), "val": torch.randn(1, 2, dtype=torch.float64)}
+    warnings = []
+    report = SimpleNamespace(warn=warnings.append)
+    reference._write(path, logps, report)
+    read = reference._read(path, parts)
+    assert read.keys() == logps.keys() and all(torch.equal(read[k], logps[k]) for k in logps)
+    reference._write(path, {"train": logps["train"]}, report)  # replaced (force): a part missing
+    assert reference._read(path, parts) is None
+    save_file({"train": torch.zeros(3, 3), "val": torch.zeros(1, 2)}, str(path))  # another shape
+    assert reference._read(path, parts) is None
+    path.write_bytes(b"not safetensors")
+    assert reference._read(path, parts) is None
+    assert warnings == []
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    reference._write(blocked / "cache.safetensors", logps, report)  # its directory is a file
+    [warning] = warnings
+    assert warning.startswith("precompute_ref: could not cache the reference log-probs beside the data (")
