@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from test_blindspots_train import _params, _rows, _trainer
+from test_preference import _objective, base, pairs  # noqa: F401  (fixtures)
 from test_train import FAST, corpus, curve, records  # noqa: F401  (fixture)
 
 
@@ -664,3 +665,26 @@ def test_reference_cache_key_read_and_write(tmp_path, monkeypatch):
     reference._write(blocked / "cache.safetensors", logps, report)  # its directory is a file
     [warning] = warnings
     assert warning.startswith("precompute_ref: could not cache the reference log-probs beside the data (")
+
+
+def test_reference_logps_are_each_pairs_base_model_sums_in_any_chunks(base, pairs, tmp_path):
+    """`_compute` scores every pair with the base checkpoint, batch_size pairs at a time (5 here,
+    not dividing the training pairs): column 0 the chosen, column 1 the rejected completion's log-prob
+    sum, as the base model gives for that pair alone."""
+    from llmctl.core.model.io import load_model
+    from llmctl.core.train import reference
+    from llmctl.core.train.preference import sequence_logps
+
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(pairs / "pairs.jsonl", data)
+    objective, _, _ = _objective(base, data, "dpo", "adapter.method=full", "batch_size=5")
+    rows = objective.plan.prepared["train"]
+    assert len(rows) % 5
+    sums = reference._compute(objective, {"train": rows})["train"]
+    model = load_model(base, dtype=torch.float32)[0].eval()
+    with torch.no_grad():
+        for i in range(len(rows)):
+            inputs, labels, _ = objective.batch(rows[i:i + 1], 0)
+            chosen, rejected = sequence_logps(model, model, inputs, labels)[0].sums
+            assert sums[i].tolist() == pytest.approx([float(chosen), float(rejected)], abs=1e-4)
+    assert sums[:, 0].ne(sums[:, 1]).all()
