@@ -254,6 +254,11 @@ def test_logs_evaluations_and_checkpoints_follow_their_cadence(corpus, tmp_path)
     [final] = json.loads((out / "llmctl.json").read_text())["metrics"]  # the published checkpoint's
     assert {k: v for k, v in final.items() if k != "time"} == {
         "task": "val_loss", "step": 7, "val_loss": result.val_loss, "val_ppl": pytest.approx(math.exp(result.val_loss))}
+    ids = trainer.plan.model_config  # the special tokens of the shards' tokenizer
+    assert (ids.eos_token_id, ids.pad_token_id) == (trainer.plan.shards.manifest["eos_id"], 1)
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "_from_model_config": True, "bos_token_id": ids.bos_token_id, "eos_token_id": ids.eos_token_id,
+        "pad_token_id": 1}
     lineage = json.loads((result.checkpoint / "llmctl.json").read_text())
     assert lineage["metrics"] == [] and lineage["step"] == 7  # not the linked file
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000007"]
