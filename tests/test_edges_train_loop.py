@@ -520,13 +520,15 @@ def test_metrics_log_truncate_and_read(tmp_path, monkeypatch):
     assert plain._tb is None
     plain.log({"step": 4, "loss": 1.0})
     plain.close()
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('\n{"task": "note"}\n{"step": 5, "loss": 0.5}\n{"step": 6, "lo')  # a blank line, no step, torn
-    assert [r.get("step") for r in metrics.read_metrics(tmp_path)] == [1, 3, 4, None, 5]
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a blank line, no step, a torn line, then more
+        f.write('\n{"task": "note"}\n{"step": 5, "loss": 0.5}\n{"step": 6, "lo\n{"step": 6, "loss": 0.25}\n')
+    assert [r.get("step") for r in metrics.read_metrics(tmp_path)] == [1, 3, 4, None, 5, 6]
     metrics.truncate_metrics(tmp_path, 3)
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [
         '{"step": 1, "loss": 2.5, "lr": 0.001, "note": "x", "flag": true}', '{"step": 3, "val_loss": 2.0}',
         '{"task": "note"}']
+    metrics.truncate_metrics(tmp_path, 0)  # a fresh run's: records without a step stay
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"task": "note"}\n'
     metrics.truncate_metrics(tmp_path / "nothing", 0)  # no metrics file: nothing written
     assert not (tmp_path / "nothing").exists()
 
@@ -552,11 +554,13 @@ def test_peak_flops_measured_where_no_datasheet(monkeypatch):
     from llmctl.core.train import metrics
 
     calls = []
-    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype, device, **kw: calls.append((dtype, kw)) or 5.0)
+    monkeypatch.setattr(metrics, "measure_matmul_peak",
+                        lambda dtype, device, **kw: calls.append((dtype, device, kw)) or 5.0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Mystery 9000")
-    assert metrics.peak_flops(torch.bfloat16, torch.device("cuda")) == 5.0
-    assert metrics.peak_flops(torch.float32, torch.device("cpu")) == 5.0
-    assert calls == [(torch.bfloat16, {"size": 8192, "seconds": 1.0}), (torch.float32, {})]
+    gpu, cpu = torch.device("cuda", 1), torch.device("cpu")
+    assert metrics.peak_flops(torch.bfloat16, gpu) == 5.0
+    assert metrics.peak_flops(torch.float32, cpu) == 5.0
+    assert calls == [(torch.bfloat16, gpu, {"size": 8192, "seconds": 1.0}), (torch.float32, cpu, {})]
     monkeypatch.undo()
 
     class Clock:  # a quarter of a second per read: reads at 0.25, 0.5, 0.75 run a product each, 1.0 stops
