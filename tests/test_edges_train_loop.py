@@ -236,6 +236,17 @@ def test_fit_time_budget_by_hand(corpus, tmp_path):
     assert trainer.report.lines == [("info", "max_time 10 min: training 20 steps")]
 
 
+def test_fit_time_budget_takes_the_mean_rate_of_the_ranks(corpus, tmp_path, monkeypatch):
+    """Under DDP every rank times the same steps: the summed rates over the ranks are one rate."""
+    from llmctl.core.train import distributed, loop
+
+    trainer = _trainer(corpus, tmp_path, "max_steps=1000", "max_time=10")
+    trainer.step, trainer.d = 20, distributed.Dist(rank=0, world=2)
+    monkeypatch.setattr(loop.dist_, "all_reduce_sum", lambda values, d, device: [2 * v for v in values])
+    trainer._fit_time_budget(120.0, 0.5)  # both ranks at 0.5 steps/s: 20 + ⌊0.9 · 480 · 0.5⌋
+    assert trainer.max_steps == 236
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -432,7 +443,12 @@ def test_latest_checkpoint_publish_and_leftovers(tmp_path, monkeypatch):
     order = []
     real = os.replace
     monkeypatch.setattr(loop.os, "replace", lambda src, dst: (order.append(os.path.basename(dst)), real(src, dst)))
-    loop.publish(newest, out)
+
+    class Listed(type(newest)):  # lists config.json first: publishing must still link it last
+        def iterdir(self):
+            return iter(sorted(super().iterdir()))
+
+    loop.publish(Listed(newest), out)
     assert order[-1] == "config.json" and sorted(order) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert all((out / name).samefile(newest / name) for name in order)
     order.clear()
