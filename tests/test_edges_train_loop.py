@@ -713,3 +713,31 @@ def test_reference_logps_are_each_pairs_base_model_sums_in_any_chunks(base, pair
             chosen, rejected = sequence_logps(model, model, inputs, labels)[0].sums
             assert sums[i].tolist() == pytest.approx([float(chosen), float(rejected)], abs=1e-4)
     assert sums[:, 0].ne(sums[:, 1]).all()
+
+
+def test_reference_logps_travel_as_float64_bits_without_a_validation_split(base, pairs, tmp_path, monkeypatch):
+    """Without validation rows the training rows alone get a third channel whose column 0 holds each
+    sequence's log-prob sum as float64 bits; a cache that cannot be written is the run's warning."""
+    from types import SimpleNamespace
+
+    import llmctl.core.io
+    from llmctl.core.train import reference
+
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(pairs / "pairs.jsonl", data)
+    objective, _, _ = _objective(base, data, "dpo", "adapter.method=full", "batch_size=8")
+    warnings = []
+    objective.plan.report = SimpleNamespace(warn=warnings.append, progress=objective.plan.report.progress)
+
+    def unwritable(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(llmctl.core.io, "atomic_file", unwritable)
+    rows = objective.plan.prepared["train"][:5]
+    train, val = reference.with_reference_logps(objective, rows, None)
+    assert val is None and train.shape == (5, 2, 3, rows.shape[-1])
+    assert torch.equal(train[:, :, :2], rows) and not train[:, :, 2, 1:].any()
+    sums = reference._compute(objective, {"train": rows})["train"]
+    assert torch.equal(train[:, :, 2, 0].view(torch.float64), sums.double())
+    assert warnings == ["precompute_ref: could not cache the reference log-probs beside the data "
+                        "(read-only file system)"]
