@@ -579,8 +579,8 @@ def test_peak_flops_measured_where_no_datasheet(monkeypatch):
     assert calls == [(torch.bfloat16, gpu, {"size": 8192, "seconds": 1.0}), (torch.float32, cpu, {})]
     monkeypatch.undo()
 
-    class Clock:  # a quarter of a second per read: reads at 0.25, 0.5, 0.75 run a product each, 1.0 stops
-        t = -0.25
+    class Clock:  # a quarter of a second per read from 10 s: 10.25, 10.5, 10.75 run a product each, 11 stops
+        t = 9.75
 
         def perf_counter(self):
             Clock.t += 0.25
