@@ -1,6 +1,8 @@
 """The training loop's edges, in process (mutation testing of `core/train/loop.py`): resuming
-a run that died after its last checkpoint, the resume checks, the `max_time` refit by hand,
-the cadence of logs, evaluations and checkpoints, the validation mean and a non-finite step."""
+a run that died after its last checkpoint, the resume checks, `--force`, the `max_time` refit by
+hand, the cadence of logs, evaluations and checkpoints, the validation mean and a non-finite step;
+and its helpers: the metrics log and FLOP counts (`metrics.py`), keep_sparsity's masks
+(`sparsity.py`) and the precomputed reference log-probs (`reference.py`)."""
 
 from __future__ import annotations
 
