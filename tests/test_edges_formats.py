@@ -1,0 +1,191 @@
+"""Edges that the quantize, adapter, export and merge tests miss (found by mutation testing).
+
+Quantization methods: GPTQ over a model equals the reference's sequential procedure (IST-DASLab
+gptq, `llama_sequential`: each group's Hessian from the inputs the quantized groups before it give),
+the reported errors are ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² and ‖W − Ŵ‖² / ‖W‖² computed by hand, NF4's ignore list."""
+
+import copy
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from llmctl.core.model import ModelConfig
+from llmctl.core.model.build import build_model
+from llmctl.core.quant.config import QuantizeConfig
+from llmctl.core.quant.methods import quantize_model, relative_error, summarize
+
+# --- quantization methods -----------------------------------------------------------------------
+
+SEQUENTIAL = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]  # the reference's `sequential` for Llama
+
+
+def _model(scale: float = 1.0):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model.eval()
+
+
+def _dense(model) -> dict[str, torch.Tensor]:
+    from llmctl.core.quant.linear import PackedLinear
+
+    return {p: m.dequantize(torch.float32) for p, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+class _Recorder:
+    """A reporter that records its progress bars, their steps and the warnings."""
+
+    def __init__(self):
+        self.calls = []
+
+    @contextmanager
+    def progress(self, description, total=None, unit="it"):
+        self.calls.append(("progress", description, total, unit))
+        yield SimpleNamespace(advance=lambda n=1: self.calls.append(("advance", n)), update=lambda **kw: None)
+
+    def info(self, message):
+        pass
+
+    def warn(self, message):
+        self.calls.append(("warn", message))
+
+
+def _add_batch(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The reference's `GPTQ.add_batch`: H = 2/N Σ xxᵀ as a running mean over the batches."""
+    x = x.reshape(-1, x.shape[-1]).T
+    h = h * (n / (n + x.shape[1]))
+    n += x.shape[1]
+    x = (2 / n) ** 0.5 * x
+    return h + x @ x.T, n
+
+
+def test_gptq_is_the_reference_sequential_procedure():
+    """Transcribed from `llama_sequential` (true sequential, no act order; the windows in batches
+    of 3): per block, per group of linears that share an input, the Hessian of the
+    inputs the block gets *with the groups before it quantized*, GPTQ on it; the quantized block's
+    outputs are the next block's inputs. The weights, the reported output errors and the bar."""
+    from llmctl.core.model.transforms import replace_module
+    from llmctl.core.quant.gptq import gptq
+    from llmctl.core.quant.linear import PackedLinear
+    from llmctl.core.quant.scheme import Scheme
+
+    ids = torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(1))
+    model = _model()
+    reference = copy.deepcopy(model)
+    report = _Recorder()
+    errors = quantize_model(model, QuantizeConfig(method="gptq", bits=4, group_size=16, micro_batch=3),
+                            ids, report)
+    scheme = Scheme(4, 16, True)
+    expected, output_errors = {}, {}
+    with torch.no_grad():
+        inps = [reference.embed(chunk) for chunk in ids.split(3)]
+        for i, layer in enumerate(reference.model.layers):
+            for group in SEQUENTIAL:
+                stats = {p: (torch.zeros(layer.get_submodule(p).in_features, layer.get_submodule(p).in_features), 0)
+                         for p in group}
+                seen = {p: [] for p in group}
+
+                def add(module, args, p):
+                    stats[p] = _add_batch(*stats[p], args[0])
+                    seen[p].append(args[0].reshape(-1, args[0].shape[-1]))
+
+                hooks = [layer.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: add(m, a, p))
+                         for p in group]
+                for x, ctx in inps:
+                    layer(x, ctx)
+                for h in hooks:
+                    h.remove()
+                for p in group:
+                    linear, xs = layer.get_submodule(p), torch.cat(seen[p])
+                    packed = PackedLinear.from_linear(linear, scheme, gptq(linear.weight, stats[p][0], scheme))
+                    w_hat = packed.dequantize(torch.float32)
+                    d, w = linear.weight - w_hat, linear.weight
+                    output_errors[f"model.layers.{i}.{p}"] = ((d @ xs.T).pow(2).sum() / (w @ xs.T).pow(2).sum()).item()
+                    replace_module(layer, p, packed)
+                    expected[f"model.layers.{i}.{p}"] = w_hat
+            inps = [(layer(x, ctx)[0], ctx) for x, ctx in inps]
+    got = _dense(model)
+    assert got.keys() == expected.keys() and len(got) == 14
+    for path in got:
+        torch.testing.assert_close(got[path], expected[path], rtol=0, atol=1e-6, msg=path)
+    assert errors["output_error"] == pytest.approx(sum(output_errors.values()) / 14, rel=1e-4)
+    worst = max(output_errors, key=output_errors.get)
+    assert errors["worst_output_error"] == {"linear": worst, "error": pytest.approx(output_errors[worst], rel=1e-4)}
+    steps = [c for c in report.calls if c[0] != "warn"]
+    assert steps == [("progress", "gptq layer by layer", 2, "layer"), ("advance", 1), ("advance", 1)]
+
+
+def test_reported_weight_errors_are_computed_by_hand_for_small_weights():
+    """‖W − Ŵ‖² / ‖W‖² per linear, their mean and the worst, on weights whose ‖W‖² is far below 1
+    (a floor on the denominator must only guard against 0)."""
+    model = _model(scale=0.01)
+    dense = {p: m.weight.detach().clone() for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+    report = _Recorder()
+    errors = quantize_model(model, QuantizeConfig(method="int4", bits=4, group_size=16), report=report)
+    got = _dense(model)
+    assert all(dense[p].pow(2).sum() < 1e-2 for p in got)
+    by_hand = {p: ((dense[p] - w).pow(2).sum() / dense[p].pow(2).sum()).item() for p, w in got.items()}
+    assert errors["linears"] == 14 and "output_error" not in errors
+    assert errors["weight_error"] == pytest.approx(sum(by_hand.values()) / 14, rel=1e-5)
+    worst = max(by_hand, key=by_hand.get)
+    assert errors["worst_weight_error"] == {"linear": worst, "error": pytest.approx(by_hand[worst], rel=1e-5)}
+    assert report.calls[0] == ("progress", "quantize int4", 14, "linear") and report.calls[1:] == [("advance", 1)] * 14
+
+
+def test_relative_errors_by_hand():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 8, generator=g) * 1e-3
+    w_hat = w + torch.randn(6, 8, generator=g) * 1e-4
+    x = torch.randn(20, 8, generator=g)
+    d = w - w_hat
+    assert relative_error(w, w_hat, None) == pytest.approx((d.pow(2).sum() / w.pow(2).sum()).item(), rel=1e-5)
+    assert relative_error(w, w_hat, x.T @ x) == pytest.approx(
+        ((d @ x.T).pow(2).sum() / (w @ x.T).pow(2).sum()).item(), rel=1e-4)
+    assert relative_error(torch.zeros(2, 2), torch.zeros(2, 2), None) == 0  # 0/0 guarded
+    assert summarize({"a": {"weight": 0.1}, "b": {"weight": 0.3, "output": 0.2}, "c": {"weight": 0.2}}) == {
+        "linears": 3, "weight_error": pytest.approx(0.2), "worst_weight_error": {"linear": "b", "error": 0.3},
+        "output_error": 0.2, "worst_output_error": {"linear": "b", "error": 0.2}}
+
+
+def test_nf4_keeps_the_ignored_linears_in_float():
+    """`ignore` reaches NF4 as `exclude_modules` (less the head, which NF4 leaves alone anyway)."""
+    from llmctl.core.quant.nf4 import NF4, NF4Linear
+
+    model = _model()
+    quantize_model(model, QuantizeConfig(method="nf4", ignore=["lm_head", "down_proj"]))
+    kinds = {p: type(m) for p, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))}
+    assert {p for p, k in kinds.items() if k is nn.Linear} == {"lm_head", "model.layers.0.mlp.down_proj",
+                                                               "model.layers.1.mlp.down_proj"}
+    assert model.transforms[-1].spec() == NF4(exclude_modules=["down_proj"]).spec()
+    plain = _model()
+    quantize_model(plain, QuantizeConfig(method="nf4"))
+    assert plain.transforms[-1].spec() == NF4().spec() and isinstance(plain.model.layers[0].mlp.down_proj, NF4Linear)
+
+
+def test_a_second_method_keeps_the_transforms_before_it():
+    """NF4 but the down projections, then int8 on those: both transforms recorded, in order."""
+    from llmctl.core.quant.linear import PackedLinear
+    from llmctl.core.quant.nf4 import NF4Linear
+
+    model = _model()
+    quantize_model(model, QuantizeConfig(method="nf4", ignore=["lm_head", "down_proj"]))
+    quantize_model(model, QuantizeConfig(method="int8"))
+    assert [t.name for t in model.transforms] == ["nf4", "pack-quantized"]
+    assert isinstance(model.model.layers[1].mlp.down_proj, PackedLinear)
+    assert isinstance(model.model.layers[1].mlp.up_proj, NF4Linear)
+
+
+def test_quantize_model_refusals_say_why():
+    from llmctl.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^ignore=\['re:\.\*'\] leaves no linear to quantize$"):
+        quantize_model(_model(), QuantizeConfig(method="int8", ignore=["re:.*"]))
+    with pytest.raises(UsageError, match="^--method awq needs --calibration text$"):
+        quantize_model(_model(), QuantizeConfig(method="awq", bits=4, group_size=16))
