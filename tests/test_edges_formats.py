@@ -2,15 +2,24 @@
 
 Quantization methods: GPTQ over a model equals the reference's sequential procedure (IST-DASLab
 gptq, `llama_sequential`: each group's Hessian from the inputs the quantized groups before it give),
-the reported errors are ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² and ‖W − Ŵ‖² / ‖W‖² computed by hand, NF4's ignore list."""
+the reported errors are ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² and ‖W − Ŵ‖² / ‖W‖² computed by hand, NF4's ignore list.
+
+PEFT's adapter files, against PEFT: an adapter merged into a checkpoint equals `merge_and_unload`
+(and takes the adapter's tokenizer, else the base's), a SEQ_CLS adapter made by PEFT loads with its
+head's label count and is written back as PEFT reads it."""
 
 import copy
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+import json
+import shutil
+
 import pytest
 import torch
 from torch import nn
+
+from conftest import tiny_llama
 
 from llmctl.core.model import ModelConfig
 from llmctl.core.model.build import build_model
@@ -189,3 +198,132 @@ def test_quantize_model_refusals_say_why():
         quantize_model(_model(), QuantizeConfig(method="int8", ignore=["re:.*"]))
     with pytest.raises(UsageError, match="^--method awq needs --calibration text$"):
         quantize_model(_model(), QuantizeConfig(method="awq", bits=4, group_size=16))
+
+
+# --- PEFT's adapter files -----------------------------------------------------------------------
+
+IDS = torch.tensor([[0, 40, 41, 42, 43, 1, 2, 2], [0, 50, 51, 52, 53, 54, 55, 1], [0, 60, 61, 1, 2, 2, 2, 2]])
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("llama"), ["the quick brown fox jumps over the lazy dog. " * 20],
+                      vocab=120, context=64, scale=2.0)
+
+
+def _lora(base, seed=0, **kw):
+    from llmctl.core.adapters import LoRA, lora_modules
+    from llmctl.core.model.io import load_model
+
+    model, _ = load_model(base, transforms=[LoRA(r=2, **kw)])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=g) * 0.3)
+    return model
+
+
+def test_merged_checkpoint_is_peft_merge_and_unload(llama, tmp_path):
+    """`merge_to_checkpoint` writes PEFT's `merge_and_unload` weights with the adapter's tokenizer
+    (else the base's), a `finetune` lineage naming both, and refuses to overwrite without force."""
+    import peft
+    import transformers
+
+    from llmctl.core.adapters import merge_to_checkpoint, save_adapter
+    from llmctl.errors import UsageError
+
+    adapter = save_adapter(_lora(llama, target_modules=["q_proj", "down_proj"], dora=True), tmp_path / "a", base=llama)
+    out = merge_to_checkpoint(adapter, tmp_path / "m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    want = peft.PeftModel.from_pretrained(hf, adapter).merge_and_unload().state_dict()
+    got = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    lineage = json.loads((out / "llmctl.json").read_text())
+    assert lineage["command"] == "finetune" and lineage["merged_adapter"] == str(adapter.resolve())
+    assert [p["path"] for p in lineage["parents"]] == [str(llama.resolve())]
+    assert (out / "tokenizer.json").read_bytes() == (llama / "tokenizer.json").read_bytes()
+    with pytest.raises(UsageError, match="already exists"):
+        merge_to_checkpoint(adapter, out)
+    tokenizer = json.loads((llama / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({**tokenizer["added_tokens"][0], "id": 119, "content": "<extra>"})
+    (adapter / "tokenizer.json").write_text(json.dumps(tokenizer))
+    merge_to_checkpoint(adapter, out, force=True)
+    assert (out / "tokenizer.json").read_text() == json.dumps(tokenizer)  # the adapter's own
+
+
+def test_merged_checkpoint_of_a_base_without_tokenizer_has_none(llama, tmp_path):
+    from llmctl.core.adapters import merge_to_checkpoint, save_adapter
+
+    bare = tmp_path / "bare"
+    shutil.copytree(llama, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    assert not (bare / "tokenizer.json").exists()
+    out = merge_to_checkpoint(save_adapter(_lora(bare, target_modules=["v_proj"]), tmp_path / "a", base=bare),
+                              tmp_path / "m")
+    assert (out / "config.json").is_file() and not (out / "tokenizer.json").exists()
+
+
+def _hf_classifier(base, labels):
+    import transformers
+
+    return transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels, pad_token_id=2,
+                                                                           dtype=torch.float32)
+
+
+def test_a_seq_cls_adapter_made_by_peft_loads_and_is_written_back(llama, tmp_path):
+    """PEFT's SEQ_CLS adapter with 3 labels: llmctl reads the label count from `score.weight` (an
+    untied head, the base's pad token), scores as PEFT, and writes it back as PEFT reads it
+    (`task_type`, PEFT's `modules_to_save`, the classifier fields beside the base's)."""
+    import peft
+
+    from llmctl.core.adapters import save_adapter
+    from llmctl.core.adapters.peft_format import model_config
+    from llmctl.core.model.io import load_model
+    from llmctl.core.model.reward import sequence_scores
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(_hf_classifier(llama, 3), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                                          target_modules=["q_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "score" in name:
+                p.normal_(0, 0.5)
+    theirs.save_pretrained(tmp_path / "peft")
+    cfg = model_config(tmp_path / "peft")
+    assert (cfg.num_labels, cfg.tie_embeddings, cfg.pad_token_id) == (3, False, 2)
+    ours, cfg = load_model(tmp_path / "peft")
+    with torch.no_grad():
+        expected = theirs.eval()(IDS).logits
+        torch.testing.assert_close(sequence_scores(ours, IDS, cfg.pad_token_id), expected, rtol=0, atol=1e-5)
+    out = save_adapter(ours, tmp_path / "ours", base=llama)
+    config = json.loads((out / "adapter_config.json").read_text())
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["task_type"], config["modules_to_save"]) == ("SEQ_CLS", peft_config["modules_to_save"])
+    assert json.loads((out / "llmctl.json").read_text())["base_context"] == {"num_labels": 3}  # the rest as the base
+    again = peft.PeftModel.from_pretrained(_hf_classifier(llama, 3), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, expected, rtol=0, atol=1e-5)
+    reloaded, rcfg = load_model(out)
+    assert rcfg.num_labels == 3
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_scores(reloaded, IDS, rcfg.pad_token_id), expected, rtol=0, atol=1e-5)
+
+
+def test_a_seq_cls_adapter_without_its_head_is_refused(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmctl.core.adapters import save_adapter
+    from llmctl.core.model.io import load_model
+    from llmctl.errors import CheckpointError
+
+    out = save_adapter(_lora(llama, target_modules=["q_proj"]), tmp_path / "a", base=llama)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS", "modules_to_save": ["score"]}))
+    with pytest.raises(CheckpointError, match=rf"^{out / 'adapter_model.safetensors'}: a SEQ_CLS adapter without "
+                                              r"base_model\.model\.score\.weight \(its head\)$"):
+        load_model(out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    save_file({**tensors, "base_model.model.score.weight": torch.randn(5, 32)}, out / "adapter_model.safetensors")
+    model, cfg = load_model(out)
+    assert cfg.num_labels == 5 and cfg.tie_embeddings is False and model.lm_head.weight.shape == (5, 32)
