@@ -327,3 +327,39 @@ def test_a_seq_cls_adapter_without_its_head_is_refused(llama, tmp_path):
     save_file({**tensors, "base_model.model.score.weight": torch.randn(5, 32)}, out / "adapter_model.safetensors")
     model, cfg = load_model(out)
     assert cfg.num_labels == 5 and cfg.tie_embeddings is False and model.lm_head.weight.shape == (5, 32)
+
+
+def test_bert_adapters_use_its_module_names_both_ways(tmp_path):
+    """Where our module names are not the architecture's (BERT), an adapter is written with the
+    HF paths it targets, and a PEFT config's targets, exclusions and layers are matched on them."""
+    import peft
+    import transformers
+    from test_hf_parity import CASES, VOCAB, build_hf
+
+    from llmctl.core.adapters import LoRA, lora_modules, save_adapter
+    from llmctl.core.model.io import load_model
+
+    build_hf(*CASES["bert"]).save_pretrained(tmp_path / "bert")
+    base, ids = tmp_path / "bert", torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = _lora(base, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    out = save_adapter(model, tmp_path / "ours", base=base)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["bert.encoder.layer.1.attention.self.query",
+                                        "bert.encoder.layer.1.attention.self.value"]
+    assert config["exclude_modules"] is None and config["layers_to_transform"] is None
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(hf, out).eval()(ids).logits, expected,
+                                   rtol=0, atol=1e-5)
+    theirs = peft.get_peft_model(transformers.AutoModelForMaskedLM.from_pretrained(base, dtype=torch.float32),
+                                 peft.LoraConfig(r=2, target_modules=["query", "key", "output.dense"],
+                                                 exclude_modules=["key"], layers_to_transform=[0],
+                                                 init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours, _ = load_model(tmp_path / "peft")
+    assert sorted(lora_modules(ours)) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj",
+                                          "model.layers.0.self_attn.q_proj"]
+    assert isinstance(ours.transforms[-1], LoRA)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=1e-5)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch import nn
 from llmctl.core.adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, base_path, read_config
 from llmctl.core.adapters.lora import ADAPTER_TENSORS, LoRA, lora_modules, saved_modules
 from llmctl.core.model.config import CONTEXT_FIELDS
-from llmctl.core.model.transforms import _LAYER, ALL_LINEAR, matches
+from llmctl.core.model.transforms import ALL_LINEAR, matches
 from llmctl.errors import CheckpointError
 
 _FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "dora",
@@ -92,7 +93,9 @@ def transform_from_config(config: dict, model: nn.Module, where: str = ADAPTER_C
 
 
 def _in_layers(path: str, layers: list[int] | None) -> bool:
-    found = _LAYER.search(path)
+    """PEFT's `layers_to_transform` on an HF path: the layer is its first numbered segment (BERT's
+    `encoder.layer.N`, Llama's `layers.N`)."""
+    found = re.match(r".*?\.[^.]*\.(\d+)\.", path)
     return layers is None or (found is not None and int(found.group(1)) in layers)
 
 
@@ -110,9 +113,10 @@ def adapter_config(transform: LoRA, model: nn.Module) -> dict[str, Any]:
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
 
 
-def task_type(model: nn.Module) -> str:
-    """PEFT's task type of an adapter on `model`: SEQ_CLS for a classifier (reward model), else CAUSAL_LM."""
-    return "SEQ_CLS" if model.cfg.num_labels else "CAUSAL_LM"
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task type of an adapter on `model`: SEQ_CLS for a classifier (reward model), CAUSAL_LM for a
+    decoder, none for an encoder's masked LM (PEFT has no task type for it; CAUSAL_LM fails to load)."""
+    return "SEQ_CLS" if model.cfg.num_labels else "CAUSAL_LM" if model.cfg.is_causal else None
 
 
 def adapter_tensors(model: nn.Module, transform: LoRA) -> dict[str, torch.Tensor]:
