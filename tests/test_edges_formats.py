@@ -6,7 +6,10 @@ the reported errors are ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² and ‖W − Ŵ�
 
 PEFT's adapter files, against PEFT: an adapter merged into a checkpoint equals `merge_and_unload`
 (and takes the adapter's tokenizer, else the base's), a SEQ_CLS adapter made by PEFT loads with its
-head's label count and is written back as PEFT reads it."""
+head's label count and is written back as PEFT reads it; BERT's module names both ways.
+
+Prefix and prompt tuning on a grouped-query model, both ways against PEFT (the config fields PEFT
+writes for the same model), and what they refuse."""
 
 import copy
 from contextlib import contextmanager
@@ -363,3 +366,157 @@ def test_bert_adapters_use_its_module_names_both_ways(tmp_path):
     assert isinstance(ours.transforms[-1], LoRA)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_adapter_files_that_cannot_be_read_are_refused_with_the_reason(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmctl.core.adapters import save_adapter
+    from llmctl.core.model.io import load_model
+    from llmctl.errors import CheckpointError
+
+    out = save_adapter(_lora(llama, target_modules=["q_proj"]), tmp_path / "a", base=llama)
+    config_file, weights = out / "adapter_config.json", out / "adapter_model.safetensors"
+    config, tensors = json.loads(config_file.read_text()), load_file(weights)
+    where = str(config_file)
+    for change, message in [({"peft_type": "IA3"}, f"{where}: peft_type 'IA3' is not supported; supported: LORA, "
+                                                   "PREFIX_TUNING, PROMPT_TUNING"),
+                            ({"bias": "all"}, f"{where}: bias='all' is not supported"),
+                            ({"fan_in_fan_out": True}, f"{where}: fan_in_fan_out=True is not supported"),
+                            ({"rank_pattern": {"q_proj": 4}}, f"{where}: rank_pattern={{'q_proj': 4}} is not supported")]:
+        config_file.write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError) as caught:
+            load_model(out)
+        assert str(caught.value) == message
+    config_file.write_text(json.dumps({**config, "bias": None, "rank_pattern": None}))  # None: PEFT's default
+    load_model(out)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    for stored, message in [({**tensors, "base_model.model.model.norm.lora_A.weight": torch.zeros(2, 32)},
+                             f"{weights}: tensor 'base_model.model.model.norm.lora_A.weight' has no place in the model"),
+                            ({**tensors, key: torch.zeros(3, 32)},
+                             f"{weights}: tensor '{key}' has shape [3, 32], the model's is [2, 32]")]:
+        save_file(stored, weights)
+        with pytest.raises(CheckpointError) as caught:
+            load_model(out)
+        assert str(caught.value) == message
+    # PEFT saves a targeted embedding's base weight beside its adapter: ours is the base's, skipped
+    save_file({**tensors, "base_model.model.model.embed_tokens.base_layer.weight": torch.zeros(1)}, weights)
+    model, _ = load_model(out)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.lora_A.weight, tensors[key])
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=rf"^{out}: no adapter_model\.safetensors$"):
+        load_model(out)
+
+
+def test_saving_an_adapter_checks_the_model(llama, tmp_path):
+    from llmctl.core.adapters import save_adapter
+    from llmctl.core.model.io import load_model
+    from llmctl.core.quant.nf4 import NF4
+    from llmctl.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"^the model has no adapter to save \(its last transform is not lora, "
+                                              r"prefix or prompt\)$"):
+        save_adapter(load_model(llama, transforms=[NF4()])[0], tmp_path / "a", base=llama)
+    nf4 = load_model(llama, transforms=[NF4()])[0]
+    from llmctl.core.model.io import save_model
+
+    quantized = save_model(nf4, tmp_path / "nf4")
+    with pytest.raises(CheckpointError, match=rf"^the model's transforms do not start with those of its base "
+                                              rf"{quantized}$"):
+        save_adapter(_lora(llama, target_modules=["q_proj"]), tmp_path / "b", base=quantized)
+
+
+# --- prefix and prompt tuning -------------------------------------------------------------------
+
+P = 3  # virtual tokens
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    """A Llama with 4 query and 2 key/value heads (the kv width is not the hidden size)."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=64))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = tmp_path_factory.mktemp("gqa")
+    hf.save_pretrained(out)
+    return out
+
+
+def _peft_prompt(method):
+    import peft
+
+    return {"prefix": peft.PrefixTuningConfig, "prompt": peft.PromptTuningConfig}[method](
+        task_type="CAUSAL_LM", num_virtual_tokens=P)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_on_grouped_query_attention_equals_peft_both_ways(gqa, tmp_path, method):
+    import peft
+    import transformers
+
+    from llmctl.core.adapters import save_adapter
+    from llmctl.core.adapters.prompt import Prefix, Prompt
+    from llmctl.core.model.io import load_model
+
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    hf = lambda: transformers.AutoModelForCausalLM.from_pretrained(gqa, dtype=torch.float32).eval()  # noqa: E731
+    real = (lambda logits: logits[:, P:]) if method == "prompt" else (lambda logits: logits)  # noqa: E731
+    torch.manual_seed(1)
+    model, _ = load_model(gqa, transforms=[{"prefix": Prefix, "prompt": Prompt}[method](num_virtual_tokens=P)])
+    with torch.no_grad():
+        model.prompt_encoder.embedding.weight.mul_(0.5)
+    out = save_adapter(model, tmp_path / "ours", base=gqa)
+    theirs = peft.get_peft_model(hf(), _peft_prompt(method)).eval()
+    with torch.no_grad():
+        theirs.prompt_encoder.default.embedding.weight.mul_(0.5)
+        theirs.save_pretrained(tmp_path / "peft")
+        ours_cfg = json.loads((out / "adapter_config.json").read_text())
+        peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+        written = {k: v for k, v in ours_cfg.items() if k != "base_model_name_or_path"}
+        assert written == {k: peft_cfg[k] for k in written}  # every field we write has PEFT's value
+        torch.testing.assert_close(model(ids).logits, real(peft.PeftModel.from_pretrained(hf(), out)(ids).logits),
+                                   rtol=0, atol=1e-5)
+        loaded, _ = load_model(tmp_path / "peft")
+        torch.testing.assert_close(loaded(ids).logits, real(theirs(ids).logits), rtol=0, atol=1e-5)
+
+
+def test_prompt_learning_refusals_name_the_reason(gqa, llama, tmp_path):
+    from llmctl.core.adapters import save_adapter
+    from llmctl.core.adapters.prompt import Prefix, Prompt
+    from llmctl.core.model.io import load_model
+    from llmctl.errors import CheckpointError, UsageError
+
+    for kw, reason in [(dict(is_causal=False), "an encoder-only model"), (dict(sliding_window=4), "a sliding window"),
+                       (dict(position="alibi"), "ALiBi"), (dict(num_mtp_heads=1), "multi-token prediction heads"),
+                       (dict(layer_num_kv_heads=[2, 1]), "per-layer kv heads")]:
+        cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, **kw)
+        with pytest.raises(UsageError, match=f"^prompt tuning does not support {reason}$"):
+            build_model(cfg, [Prompt(num_virtual_tokens=2)])
+    with pytest.raises(UsageError, match="^prefix tuning does not support another prefix/prompt adapter$"):
+        build_model(ModelConfig(vocab_size=64, hidden_size=32), [Prompt(num_virtual_tokens=2), Prefix()])
+    with pytest.raises(UsageError, match="^prefix: num_virtual_tokens must be >= 1, got 0$"):
+        Prefix(num_virtual_tokens=0)
+    assert Prompt(num_virtual_tokens=1).num_virtual_tokens == 1
+    out = save_adapter(load_model(gqa, transforms=[Prefix(num_virtual_tokens=P)])[0], tmp_path / "a", base=gqa)
+    config_file = out / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    for change, message in [({"num_transformer_submodules": 2}, "num_transformer_submodules=2 (encoder-decoder) is not "
+                                                                "supported"),
+                            ({"prefix_projection": True}, "prefix_projection=true is not supported (only plain prefixes)"),
+                            ({"num_layers": 3}, "num_layers=3 does not fit the base model (2)"),
+                            ({"num_attention_heads": 4}, "num_attention_heads=4 does not fit the base model (2)"),
+                            ({"token_dim": 32}, "token_dim=32 does not fit the base model (16)")]:
+        config_file.write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError) as caught:
+            load_model(out)
+        assert str(caught.value) == f"{config_file}: {message}"
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if k not in ("num_layers", "token_dim",
+                                                                                     "num_attention_heads",
+                                                                                     "num_transformer_submodules")}))
+    assert load_model(out)[0].prompt_encoder.num_virtual_tokens == P  # PEFT's defaults fit any base
