@@ -332,6 +332,49 @@ def test_a_seq_cls_adapter_without_its_head_is_refused(llama, tmp_path):
     assert cfg.num_labels == 5 and cfg.tie_embeddings is False and model.lm_head.weight.shape == (5, 32)
 
 
+def _same_fields(ours: dict, theirs: dict) -> None:
+    """Every field of our adapter_config.json has PEFT's value (lists in any order: PEFT saves sets)."""
+    for key, value in ours.items():
+        if key != "base_model_name_or_path":
+            other = theirs[key]
+            assert (sorted(value) == sorted(other)) if isinstance(value, list) else value == other, key
+
+
+def test_lora_config_fields_are_pefts(llama, tmp_path):
+    """adapter_config.json for a LoRA equals what PEFT writes for the same LoraConfig, field by field."""
+    import peft
+    import transformers
+
+    from llmctl.core.adapters import save_adapter
+
+    out = save_adapter(_lora(llama, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], alpha=8,
+                             dropout=0.1, rslora=True), tmp_path / "ours", base=llama)
+    config = peft.LoraConfig(r=2, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"],
+                             modules_to_save=["lm_head"], lora_alpha=8, lora_dropout=0.1, use_rslora=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    peft.get_peft_model(hf, config).save_pretrained(tmp_path / "peft")
+    _same_fields(json.loads((out / "adapter_config.json").read_text()),
+                 json.loads((tmp_path / "peft" / "adapter_config.json").read_text()))
+
+
+def test_all_linear_in_some_layers_is_written_as_the_modules_it_picks(llama, tmp_path):
+    """PEFT refuses `layers_to_transform` with a string target ("all-linear", a regex): such an
+    adapter is written with the module paths it adapts, which PEFT loads with our logits."""
+    import peft
+    import transformers
+
+    from llmctl.core.adapters import lora_modules, save_adapter
+
+    model = _lora(llama, target_modules="all-linear", exclude_modules=["o_proj"], layers_to_transform=[1], dora=True)
+    out = save_adapter(model, tmp_path / "ours", base=llama)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == list(lora_modules(model)) and len(config["target_modules"]) == 6
+    assert config["exclude_modules"] is None and config["layers_to_transform"] is None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(hf, out).eval()(IDS).logits, model(IDS).logits,
+                                   rtol=0, atol=1e-5)
+
 def test_bert_adapters_use_its_module_names_both_ways(tmp_path):
     """Where our module names are not the architecture's (BERT), an adapter is written with the
     HF paths it targets, and a PEFT config's targets, exclusions and layers are matched on them."""

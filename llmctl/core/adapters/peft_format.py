@@ -103,8 +103,9 @@ def adapter_config(transform: LoRA, model: nn.Module) -> dict[str, Any]:
     """adapter_config.json for `transform` on `model`, in PEFT's fields (but the base)."""
     names = _hf_names(model)
     spec = {theirs: getattr(transform, ours) for theirs, ours in _FIELDS.items()}
-    if not _identity(names) and transform.target_modules != ALL_LINEAR:
-        spec.update(target_modules=[names.get(p, p) for p in transform.select(model)],
+    if (not _identity(names) and transform.target_modules != ALL_LINEAR) or \
+            (isinstance(transform.target_modules, str) and transform.layers_to_transform is not None):  # PEFT refuses
+        spec.update(target_modules=[names.get(p, p) for p in lora_modules(model)],
                     exclude_modules=None, layers_to_transform=None)
     if transform.modules_to_save:
         spec["modules_to_save"] = [names.get(m, m) for m in transform.modules_to_save]
