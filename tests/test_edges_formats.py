@@ -563,3 +563,30 @@ def test_prompt_learning_refusals_name_the_reason(gqa, llama, tmp_path):
                                                                                      "num_attention_heads",
                                                                                      "num_transformer_submodules")}))
     assert load_model(out)[0].prompt_encoder.num_virtual_tokens == P  # PEFT's defaults fit any base
+
+
+def test_saved_adapter_files_and_the_context_they_record(llama, tmp_path):
+    """PEFT's safetensors metadata, the generation config, force, and `base_context`: only the
+    context fields that differ from the base's (none: no key), which a reload applies."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from llmctl.core.adapters import save_adapter
+    from llmctl.core.model.io import load_model
+    from llmctl.errors import UsageError
+
+    model = _lora(llama, target_modules=["q_proj"])
+    out = save_adapter(model, tmp_path / "a", base=llama, generation_config={"max_new_tokens": 7})
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert json.loads((out / "generation_config.json").read_text()) == {"max_new_tokens": 7}
+    assert "base_context" not in json.loads((out / "llmctl.json").read_text())
+    with pytest.raises(UsageError, match="already exists"):
+        save_adapter(model, out, base=llama)
+    model.cfg = dataclasses.replace(model.cfg, max_seq_len=128, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    save_adapter(model, out, base=llama, force=True)
+    assert not (out / "generation_config.json").exists()
+    assert json.loads((out / "llmctl.json").read_text())["base_context"] == {
+        "max_seq_len": 128, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    assert load_model(out)[1].max_seq_len == 128
