@@ -9,7 +9,10 @@ PEFT's adapter files, against PEFT: an adapter merged into a checkpoint equals `
 head's label count and is written back as PEFT reads it; BERT's module names both ways.
 
 Prefix and prompt tuning on a grouped-query model, both ways against PEFT (the config fields PEFT
-writes for the same model), and what they refuse."""
+writes for the same model), and what they refuse.
+
+GGUF export's dense tensors: LoRA folded as W + (α/r)·BA (biases kept), quantized layers dequantized,
+QLoRA both."""
 
 import copy
 from contextlib import contextmanager
@@ -590,3 +593,69 @@ def test_saved_adapter_files_and_the_context_they_record(llama, tmp_path):
     assert json.loads((out / "llmctl.json").read_text())["base_context"] == {
         "max_seq_len": 128, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
     assert load_model(out)[1].max_seq_len == 128
+
+
+# --- GGUF export: dense tensors and the vocabulary ----------------------------------------------
+
+
+def test_dense_tensors_fold_adapters_and_dequantize():
+    from llmctl.core.adapters import LoRA, lora_modules
+    from llmctl.core.export.dense import dense_tensors
+    from llmctl.core.quant.linear import PackQuantized
+    from llmctl.core.quant.nf4 import NF4
+
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                    qkv_bias=True, tie_embeddings=False))
+    want = {k: v.clone() for k, v in plain.state_dict().items()}
+
+    def check(model, kinds, expected):
+        tensors, got_kinds = dense_tensors(model)
+        assert got_kinds == kinds and tensors.keys() == want.keys()
+        for name, t in tensors.items():
+            value = expected.get(name, want[name])
+            assert t.shape == tuple(value.shape), name
+            torch.testing.assert_close(t.get().float(), value.float(), rtol=0, atol=1e-5, msg=name)
+
+    def adapt(model):
+        LoRA(r=2, alpha=6, target_modules=["q_proj", "lm_head"]).apply(model)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g))
+        return {f"{p}.weight": m.lora_B.weight @ m.lora_A.weight * 3 for p, m in lora_modules(model).items()}
+
+    adapted = copy.deepcopy(plain)
+    deltas = adapt(adapted)
+    check(adapted, {"adapted"}, {k: want[k] + d for k, d in deltas.items()})
+    quantized = PackQuantized(bits=4, group_size=16).apply(copy.deepcopy(plain))
+    dequantized = {f"{p}.weight": m.dequantize(torch.float32) for p, m in quantized.named_modules()
+                   if hasattr(m, "dequantize")}
+    assert len(dequantized) == 14
+    check(quantized, {"quantized"}, dequantized)
+    qlora = NF4().apply(copy.deepcopy(plain))
+    base = {f"{p}.weight": m.dequantize(torch.float32) for p, m in qlora.named_modules() if hasattr(m, "dequantize")}
+    deltas = adapt(qlora)
+    check(qlora, {"adapted", "quantized"}, {k: base[k] + deltas.get(k, 0) for k in base} | {
+        "lm_head.weight": want["lm_head.weight"] + deltas["lm_head.weight"]})
+
+
+def test_an_int8_checkpoint_exports_every_tensor_dequantized(llama, llmctl, tmp_path):
+    """A compressed-tensors layer stores `weight_packed`, not `weight`: its dequantized weight is
+    exported all the same (it was dropped, and the GGUF file had only the norms and embeddings)."""
+    import gguf
+    import numpy as np
+
+    from llmctl.core.model.io import load_model, save_model
+
+    model, _ = load_model(llama)
+    quantize_model(model, QuantizeConfig(method="int8"))
+    save_model(model, tmp_path / "q8", tokenizer_dir=llama)
+    for source, out in ((llama, "f.gguf"), (tmp_path / "q8", "q.gguf")):
+        r = llmctl("export", source, "-o", tmp_path / out, "--type", "f32")
+        assert r.code == 0, r.stderr
+    dense = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "f.gguf").tensors}
+    got = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    assert got.keys() == dense.keys() and len(got) == 21
+    v = model.get_submodule("model.layers.1.self_attn.v_proj")
+    np.testing.assert_array_equal(got["blk.1.attn_v.weight"], v.dequantize(torch.float32).numpy())

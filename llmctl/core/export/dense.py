@@ -38,7 +38,8 @@ def _special(model: nn.Module) -> dict[str, tuple[str, Callable[[], torch.Tensor
 
 def dense_tensors(model: nn.Module) -> tuple[dict[str, DenseTensor], set[str]]:
     """(`model`'s dense tensors by our parameter name, the kinds of layer folded: "adapted",
-    "quantized"). An adapted or quantized layer contributes its `weight` and `bias` only."""
+    "quantized"). An adapted or quantized layer contributes its `weight` and `bias` only (its
+    weight where its first stored tensor is: a packed layer stores no `weight`)."""
     special = _special(model)
     tensors: dict[str, DenseTensor] = {}
     for name, t in model.state_dict().items():
@@ -46,7 +47,7 @@ def dense_tensors(model: nn.Module) -> tuple[dict[str, DenseTensor], set[str]]:
         owner = next((p for p in special if path == p or path.startswith(p + ".")), None)
         if owner is None or (path == owner and leaf == "bias"):
             tensors[name] = DenseTensor(tuple(t.shape), lambda t=t: t.detach())
-        elif path == owner and leaf == "weight":
+        elif f"{owner}.weight" not in tensors:
             module = model.get_submodule(owner)
-            tensors[name] = DenseTensor((module.out_features, module.in_features), special[owner][1])
+            tensors[f"{owner}.weight"] = DenseTensor((module.out_features, module.in_features), special[owner][1])
     return tensors, {kind for kind, _ in special.values()}
