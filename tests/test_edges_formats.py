@@ -412,6 +412,13 @@ def test_bert_adapters_use_its_module_names_both_ways(tmp_path):
     assert isinstance(ours.transforms[-1], LoRA)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=1e-5)
+    every = peft.get_peft_model(transformers.AutoModelForMaskedLM.from_pretrained(base, dtype=torch.float32),
+                                peft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)).eval()
+    every.save_pretrained(tmp_path / "every")
+    ours, _ = load_model(tmp_path / "every")
+    assert len(lora_modules(ours)) == 2 * 6 + 1  # q, k, v, o, up, down per layer, and the MLM head's dense
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, every(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_adapter_files_that_cannot_be_read_are_refused_with_the_reason(llama, tmp_path):
