@@ -11,8 +11,10 @@ head's label count and is written back as PEFT reads it; BERT's module names bot
 Prefix and prompt tuning on a grouped-query model, both ways against PEFT (the config fields PEFT
 writes for the same model), and what they refuse.
 
-GGUF export's dense tensors: LoRA folded as W + (α/r)·BA (biases kept), quantized layers dequantized,
-QLoRA both."""
+GGUF export's dense tensors: LoRA folded as W + (α/r)·BA (biases kept), quantized layers dequantized
+(int8 ones were dropped), QLoRA both. Its vocabulary metadata against gguf-py's `SpecialVocab` and
+llama.cpp's conversion rules (`convert_hf_to_gguf.py`: token types, padding, pre-tokenizer names,
+SentencePiece-style scores)."""
 
 import copy
 from contextlib import contextmanager
@@ -666,3 +668,190 @@ def test_an_int8_checkpoint_exports_every_tensor_dequantized(llama, llmctl, tmp_
     assert got.keys() == dense.keys() and len(got) == 21
     v = model.get_submodule("model.layers.1.self_attn.v_proj")
     np.testing.assert_array_equal(got["blk.1.attn_v.weight"], v.dequantize(torch.float32).numpy())
+
+
+class _Writer:
+    """Records what `add_vocab` writes: {key: value} from each `add_KEY(value)`."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def __getattr__(self, name):
+        if not name.startswith("add_"):
+            raise AttributeError(name)
+        return lambda value: self.kv.__setitem__(name[4:], value)
+
+
+def _tokenizer_dir(path, model, pre, *, specials=("<s>", "</s>", "<pad>"), config=None, post=None, normalizer=None):
+    """A tokenizer directory: `model` (a tokenizers model, trained on a few words when it is a BPE)."""
+    from tokenizers import Tokenizer, decoders, trainers
+
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    if type(model).__name__ == "BPE":
+        from tokenizers import pre_tokenizers
+
+        byte_level = "ByteLevel" in repr(pre)
+        tok.decoder = decoders.ByteLevel() if byte_level else decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=300 if byte_level else 60, special_tokens=list(specials),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [])
+        tok.train_from_iterator(["the cat sat on the mat, the cat ate the rat", "a bat and a hat"] * 20, trainer)
+    if post is not None:
+        tok.post_processor = post(tok)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(config or {}))
+    return path
+
+
+def _vocab(path, n_vocab):
+    from conftest import recording_reporter
+
+    from llmctl.core.export.vocab import add_vocab
+
+    writer, report = _Writer(), recording_reporter()
+    described = add_vocab(writer, path, n_vocab, report)
+    return writer.kv, report.seen, described
+
+
+def test_byte_level_vocab_is_llama_cpps(tmp_path):
+    """Tokens in id order, padded with `[PAD{id}]` (unused); added special tokens control, other added
+    tokens user-defined; merges, special ids, BOS added and EOS not (as the post-processor does), the
+    chat template: as gguf-py's SpecialVocab reads the same directory."""
+    import gguf
+    from tokenizers import AddedToken, models, pre_tokenizers, processors
+
+    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": "{{ messages }}"}
+    post = lambda tok: processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])  # noqa: E731
+    path = _tokenizer_dir(tmp_path / "t", models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=True), config=config,
+                          post=post)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_tokens([AddedToken("<tool>", special=False)])
+    tok.save(str(path / "tokenizer.json"))
+    vocab = tok.get_vocab(with_added_tokens=True)
+    n = len(vocab)
+    kv, warnings, described = _vocab(path, n + 3)
+    assert described == f"gpt2 (byte-level BPE), {n} tokens"
+    assert warnings == ["the tokenizer adds a prefix space, llama.cpp's gpt2 tokenizer does not: the first word may "
+                        "tokenize differently"]
+    assert (kv["tokenizer_model"], kv["tokenizer_pre"]) == ("gpt2", "gpt-2")
+    assert kv["token_list"] == sorted(vocab, key=vocab.get) + [f"[PAD{i}]" for i in range(n, n + 3)]
+    specials = {vocab[t] for t in ("<s>", "</s>", "<pad>")}
+    assert kv["token_types"] == [3 if i in specials else 4 if i == vocab["<tool>"] else 5 if i >= n else 1
+                                 for i in range(n + 3)]
+    ref = gguf.SpecialVocab(path, load_merges=True, n_vocab=n + 3)
+    assert kv["token_merges"] == ref.merges
+    assert {r: kv[f"{r}_token_id"] for r in ("bos", "eos", "pad")} == {r: ref.special_token_ids[r]
+                                                                      for r in ("bos", "eos", "pad")}
+    assert "unk_token_id" not in kv
+    assert (kv["add_bos_token"], kv["add_eos_token"]) == (True, False) == (ref.add_special_token["bos"],
+                                                                           ref.add_special_token.get("eos", False))
+    assert kv["chat_template"] == ref.chat_template == "{{ messages }}"
+
+
+def test_eos_appended_by_the_post_processor_is_recorded(tmp_path):
+    from tokenizers import models, pre_tokenizers, processors
+
+    post = lambda tok: processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])  # noqa: E731
+    path = _tokenizer_dir(tmp_path / "t", models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=False),
+                          config={"bos_token": "<s>", "eos_token": "</s>"}, post=post)
+    kv, warnings, _ = _vocab(path, 400)
+    assert (kv["add_bos_token"], kv["add_eos_token"]) == (False, True) and warnings == []
+    assert "chat_template" not in kv and "pad_token_id" not in kv
+
+
+@pytest.mark.parametrize("pre, name", [
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "LLAMA3"}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "llama-bpe"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "QWEN2"}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "qwen2"),
+    ({"type": "ByteLevel"}, "gpt-2"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "ByteLevel", "use_regex": True}]}, "gpt-2"),
+    ({"type": "ByteLevel", "use_regex": False}, "default"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "\\s+"}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "default"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "LLAMA3"}},
+                                            {"type": "Split", "pattern": {"Regex": "LLAMA3"}}]}, "default"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"String": " "}}]}, "default"),
+])
+def test_pre_tokenizer_names_are_llama_cpps(pre, name):
+    """The split patterns of Llama 3 (`llama-bpe`) and Qwen2 (`\\p{N}` one digit at a time) by name;
+    plain ByteLevel is GPT-2's; anything else llama.cpp's default, with a warning."""
+    from conftest import recording_reporter
+
+    from llmctl.core.export.vocab import _LLAMA3, PRE_TOKENIZERS, _byte_level_pre
+
+    regex = {"LLAMA3": _LLAMA3, "QWEN2": _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")}
+    pre = json.loads(json.dumps(pre).replace('"LLAMA3"', json.dumps(regex["LLAMA3"])).replace(
+        '"QWEN2"', json.dumps(regex["QWEN2"])))
+    report = recording_reporter()
+    assert _byte_level_pre(pre, report) == name
+    assert report.seen == ([] if name != "default" else [
+        "llama.cpp does not know this tokenizer's pre-tokenizer; it will split text with its default pattern, so "
+        "some texts may tokenize differently"])
+    # llama.cpp's own patterns (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_LLAMA3 / QWEN2)
+    assert _LLAMA3 == ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                       "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+    assert PRE_TOKENIZERS[regex["QWEN2"]] == "qwen2" and "\\p{N}|" in regex["QWEN2"]
+
+
+def test_sentencepiece_style_bpe_scores_are_minus_the_first_merge_rank(tmp_path):
+    """llama.cpp merges the best-scoring pair first: a token made by merge r scores −(r + 1), by its
+    first merge when several make it; tokens no merge makes score 0; `<0xNN>` are byte tokens
+    only with byte fallback; an `<unk>` is the unknown token; the space prefix is added."""
+    from tokenizers import models, pre_tokenizers
+
+    from llmctl.core.export.vocab import _types_and_tokens  # noqa: F401  (the path under test)
+
+    config = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+    path = _tokenizer_dir(tmp_path / "t", models.BPE(unk_token="<unk>"), pre_tokenizers.Metaspace(),
+                          specials=("<unk>", "<s>", "</s>"), config=config)
+    data = json.loads((path / "tokenizer.json").read_text())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    vocab = data["model"]["vocab"]
+    again = next(f"{t[:k]} {t[k:]}" for m in merges for t in ["".join(m.split(" "))] for k in range(1, len(t))
+                 if k != len(m.split(" ")[0]) and t[:k] in vocab and t[k:] in vocab and f"{t[:k]} {t[k:]}" not in merges)
+    merges.append(again)  # a later merge that makes a token an earlier one made
+    data["model"]["merges"] = merges
+    data["model"]["vocab"]["<0x41>"] = len(vocab)
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    n = len(data["model"]["vocab"])
+    kv, warnings, described = _vocab(path, n + 1)
+    expected = [0.0] * (n + 1)
+    for rank, m in reversed(list(enumerate(merges))):
+        expected[vocab["".join(m.split(" "))]] = -float(rank + 1)
+    assert kv["token_scores"] == expected and described == f"llama (SentencePiece-style BPE), {n} tokens"
+    assert (kv["tokenizer_model"], kv["tokenizer_pre"], kv["add_space_prefix"]) == ("llama", "default", True)
+    types = kv["token_types"]
+    assert types[vocab["<unk>"]] == 2 and types[vocab["<0x41>"]] == 1 and types[n] == 5 and kv["unk_token_id"] == 0
+    data["model"]["byte_fallback"] = True
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    assert _vocab(path, n + 1)[0]["token_types"][vocab["<0x41>"]] == 6
+
+
+def test_vocab_refusals_and_warnings(tmp_path):
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    from llmctl.errors import UsageError
+
+    byte_level = _tokenizer_dir(tmp_path / "b", models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                normalizer=normalizers.NFKC())
+    kv, warnings, _ = _vocab(byte_level, 400)
+    assert warnings == ["llama.cpp does not apply the tokenizer's normalizer (NFKC); unnormalized text may tokenize "
+                        "differently"]
+    n = len(kv["token_list"]) - kv["token_types"].count(5)
+    with pytest.raises(UsageError, match=rf"^the tokenizer has {n} tokens but the model only {n - 1} embedding rows$"):
+        _vocab(byte_level, n - 1)
+    assert len(_vocab(byte_level, n)[0]["token_list"]) == n
+    word_level = _tokenizer_dir(tmp_path / "w", models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"),
+                                pre_tokenizers.Whitespace())
+    with pytest.raises(UsageError, match=r"^cannot export a WordLevel tokenizer with a Whitespace pre-tokenizer to "
+                                         r"GGUF: llama\.cpp reads byte-level BPE, or Metaspace BPE and Unigram$"):
+        _vocab(word_level, 10)
+    (tmp_path / "none").mkdir()
+    assert _vocab(tmp_path / "none", 10) == ({"tokenizer_model": "no_vocab"}, [
+        "the checkpoint has no tokenizer: the GGUF file carries none (llama.cpp can then only run token ids)"], None)
