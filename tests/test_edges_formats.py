@@ -402,7 +402,7 @@ def test_bert_adapters_use_its_module_names_both_ways(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits
         torch.testing.assert_close(peft.PeftModel.from_pretrained(hf, out).eval()(ids).logits, expected,
-                                   rtol=0, atol=1e-5)
+                                   rtol=0, atol=1e-4)
     theirs = peft.get_peft_model(transformers.AutoModelForMaskedLM.from_pretrained(base, dtype=torch.float32),
                                  peft.LoraConfig(r=2, target_modules=["query", "key", "output.dense"],
                                                  exclude_modules=["key"], layers_to_transform=[0],
@@ -421,6 +421,16 @@ def test_bert_adapters_use_its_module_names_both_ways(tmp_path):
     assert len(lora_modules(ours)) == 2 * 6 + 1  # q, k, v, o, up, down per layer, and the MLM head's dense
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, every(ids).logits, rtol=0, atol=1e-5)
+    # ours on all linears: written as "all-linear" (PEFT's rule is ours), read back and by PEFT alike
+    model = _lora(base, target_modules="all-linear")
+    out = save_adapter(model, tmp_path / "ours-all", base=base)
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == "all-linear"
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(load_model(out)[0](ids).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(hf, out).eval()(ids).logits, expected,
+                                   rtol=0, atol=1e-4)
 
 
 def test_adapter_files_that_cannot_be_read_are_refused_with_the_reason(llama, tmp_path):
