@@ -612,6 +612,17 @@ def test_saved_adapter_files_and_the_context_they_record(llama, tmp_path):
     assert json.loads((out / "llmctl.json").read_text())["base_context"] == {
         "max_seq_len": 128, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
     assert load_model(out)[1].max_seq_len == 128
+    other = tmp_path / "other"  # another base given explicitly (merge's BASE+ADAPTER) is the one loaded
+    shutil.copytree(llama, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v * 1.5 for k, v in weights.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    from llmctl.core.adapters import load_adapter
+
+    q = load_adapter(out, base=other)[0].model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q.weight, 1.5 * weights["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(q.lora_B.weight, model.model.layers[0].self_attn.q_proj.lora_B.weight)
 
 
 # --- GGUF export: dense tensors and the vocabulary ----------------------------------------------
