@@ -465,7 +465,11 @@ def test_adapter_files_that_cannot_be_read_are_refused_with_the_reason(llama, tm
             load_model(out)
         assert str(caught.value) == message
     # PEFT saves a targeted embedding's base weight beside its adapter: ours is the base's, skipped
-    save_file({**tensors, "base_model.model.model.embed_tokens.base_layer.weight": torch.zeros(1)}, weights)
+    base_layer = {"base_model.model.model.embed_tokens.base_layer.weight": torch.zeros(1)}
+    save_file({**tensors, **base_layer, "base_model.model.model.norm.lora_A.weight": torch.zeros(2, 32)}, weights)
+    with pytest.raises(CheckpointError, match="'base_model.model.model.norm.lora_A.weight' has no place"):
+        load_model(out)  # (the tensors after a skipped one are still checked)
+    save_file({**tensors, **base_layer}, weights)
     model, _ = load_model(out)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.lora_A.weight, tensors[key])
     weights.unlink()
@@ -618,9 +622,14 @@ def test_saved_adapter_files_and_the_context_they_record(llama, tmp_path):
 
     weights = load_file(other / "model.safetensors")
     save_file({k: v * 1.5 for k, v in weights.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "default",
+                                                                                  "rope_theta": 5000.0}}))
     from llmctl.core.adapters import load_adapter
 
-    q = load_adapter(out, base=other)[0].model.layers[0].self_attn.q_proj
+    loaded, cfg = load_adapter(out, base=other)
+    assert (cfg.rope_theta, cfg.max_seq_len) == (5000.0, 128)  # its config, with the adapter's context
+    q = loaded.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(q.weight, 1.5 * weights["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(q.lora_B.weight, model.model.layers[0].self_attn.q_proj.lora_B.weight)
 
