@@ -890,10 +890,14 @@ def test_vocab_refusals_and_warnings(tmp_path):
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_virtual_tokens_are_made_where_the_model_is(method):
     """On a model built on the meta device (as `load_model` builds, then assigns), the encoder is
-    meta too: nothing allocated, and a checkpoint's tensors assigned later."""
+    meta too: nothing allocated, and a checkpoint's tensors assigned later; recorded after the
+    transforms before it (QLoRA's NF4 base)."""
     from llmctl.core.adapters.prompt import Prefix, Prompt
 
-    model = build_model(ModelConfig(vocab_size=64, hidden_size=32, num_kv_heads=2), device="meta")
+    from llmctl.core.quant.nf4 import NF4
+
+    model = build_model(ModelConfig(vocab_size=64, hidden_size=32, num_kv_heads=2), [NF4()], device="meta")
     {"prefix": Prefix, "prompt": Prompt}[method](num_virtual_tokens=P).apply(model)
     weight = model.prompt_encoder.embedding.weight
     assert weight.is_meta and weight.shape == ((P, 2 * 2 * 2 * 8) if method == "prefix" else (P, 32))
+    assert [t.name for t in model.transforms] == ["nf4", method]  # after the base's own
