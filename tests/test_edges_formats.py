@@ -1,4 +1,4 @@
-"""Edges that the quantize, adapter, export and merge tests miss (found by mutation testing).
+"""Edges that the quantize, adapter and export tests miss (found by mutation testing).
 
 Quantization methods: GPTQ over a model equals the reference's sequential procedure (IST-DASLab
 gptq, `llama_sequential`: each group's Hessian from the inputs the quantized groups before it give),
@@ -17,11 +17,10 @@ llama.cpp's conversion rules (`convert_hf_to_gguf.py`: token types, padding, pre
 SentencePiece-style scores)."""
 
 import copy
-from contextlib import contextmanager
-from types import SimpleNamespace
-
 import json
 import shutil
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -327,7 +326,8 @@ def test_a_seq_cls_adapter_without_its_head_is_refused(llama, tmp_path):
 
     out = save_adapter(_lora(llama, target_modules=["q_proj"]), tmp_path / "a", base=llama)
     config = json.loads((out / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS", "modules_to_save": ["score"]}))
+    seq_cls = {**config, "task_type": "SEQ_CLS", "modules_to_save": ["score"]}
+    (out / "adapter_config.json").write_text(json.dumps(seq_cls))
     with pytest.raises(CheckpointError, match=rf"^{out / 'adapter_model.safetensors'}: a SEQ_CLS adapter without "
                                               r"base_model\.model\.score\.weight \(its head\)$"):
         load_model(out)
@@ -448,7 +448,8 @@ def test_adapter_files_that_cannot_be_read_are_refused_with_the_reason(llama, tm
                                                    "PREFIX_TUNING, PROMPT_TUNING"),
                             ({"bias": "all"}, f"{where}: bias='all' is not supported"),
                             ({"fan_in_fan_out": True}, f"{where}: fan_in_fan_out=True is not supported"),
-                            ({"rank_pattern": {"q_proj": 4}}, f"{where}: rank_pattern={{'q_proj': 4}} is not supported")]:
+                            ({"rank_pattern": {"q_proj": 4}},
+                             f"{where}: rank_pattern={{'q_proj': 4}} is not supported")]:
         config_file.write_text(json.dumps({**config, **change}))
         with pytest.raises(CheckpointError) as caught:
             load_model(out)
@@ -457,7 +458,8 @@ def test_adapter_files_that_cannot_be_read_are_refused_with_the_reason(llama, tm
     load_model(out)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     for stored, message in [({**tensors, "base_model.model.model.norm.lora_A.weight": torch.zeros(2, 32)},
-                             f"{weights}: tensor 'base_model.model.model.norm.lora_A.weight' has no place in the model"),
+                             f"{weights}: tensor 'base_model.model.model.norm.lora_A.weight' has no place in the "
+                             "model"),
                             ({**tensors, key: torch.zeros(3, 32)},
                              f"{weights}: tensor '{key}' has shape [3, 32], the model's is [2, 32]")]:
         save_file(stored, weights)
@@ -577,7 +579,8 @@ def test_prompt_learning_refusals_name_the_reason(gqa, llama, tmp_path):
     config = json.loads(config_file.read_text())
     for change, message in [({"num_transformer_submodules": 2}, "num_transformer_submodules=2 (encoder-decoder) is not "
                                                                 "supported"),
-                            ({"prefix_projection": True}, "prefix_projection=true is not supported (only plain prefixes)"),
+                            ({"prefix_projection": True},
+                             "prefix_projection=true is not supported (only plain prefixes)"),
                             ({"num_layers": 3}, "num_layers=3 does not fit the base model (2)"),
                             ({"num_attention_heads": 4}, "num_attention_heads=4 does not fit the base model (2)"),
                             ({"token_dim": 32}, "token_dim=32 does not fit the base model (16)")]:
@@ -751,13 +754,14 @@ def test_byte_level_vocab_is_llama_cpps(tmp_path):
     tokens user-defined; merges, special ids, BOS added and EOS not (as the post-processor does), the
     chat template: as gguf-py's SpecialVocab reads the same directory."""
     import gguf
-    from tokenizers import AddedToken, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    def post(tok):
+        return processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
 
     config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": "{{ messages }}"}
-    post = lambda tok: processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])  # noqa: E731
     path = _tokenizer_dir(tmp_path / "t", models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=True), config=config,
                           post=post)
-    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok.add_tokens([AddedToken("<tool>", special=False)])
@@ -786,7 +790,9 @@ def test_byte_level_vocab_is_llama_cpps(tmp_path):
 def test_eos_appended_by_the_post_processor_is_recorded(tmp_path):
     from tokenizers import models, pre_tokenizers, processors
 
-    post = lambda tok: processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])  # noqa: E731
+    def post(tok):
+        return processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+
     path = _tokenizer_dir(tmp_path / "t", models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=False),
                           config={"bos_token": "<s>", "eos_token": "</s>"}, post=post)
     kv, warnings, _ = _vocab(path, 400)
@@ -824,7 +830,8 @@ def test_pre_tokenizer_names_are_llama_cpps(pre, name):
         "llama.cpp does not know this tokenizer's pre-tokenizer; it will split text with its default pattern, so "
         "some texts may tokenize differently"])
     # llama.cpp's own patterns (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_LLAMA3 / QWEN2)
-    assert _LLAMA3 == ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    assert _LLAMA3 == ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+                       "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                        "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
     assert PRE_TOKENIZERS[regex["QWEN2"]] == "qwen2" and "\\p{N}|" in regex["QWEN2"]
 
@@ -835,8 +842,6 @@ def test_sentencepiece_style_bpe_scores_are_minus_the_first_merge_rank(tmp_path)
     only with byte fallback; an `<unk>` is the unknown token; the space prefix is added."""
     from tokenizers import models, pre_tokenizers
 
-    from llmctl.core.export.vocab import _types_and_tokens  # noqa: F401  (the path under test)
-
     config = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
     path = _tokenizer_dir(tmp_path / "t", models.BPE(unk_token="<unk>"), pre_tokenizers.Metaspace(),
                           specials=("<unk>", "<s>", "</s>"), config=config)
@@ -844,7 +849,8 @@ def test_sentencepiece_style_bpe_scores_are_minus_the_first_merge_rank(tmp_path)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     vocab = data["model"]["vocab"]
     again = next(f"{t[:k]} {t[k:]}" for m in merges for t in ["".join(m.split(" "))] for k in range(1, len(t))
-                 if k != len(m.split(" ")[0]) and t[:k] in vocab and t[k:] in vocab and f"{t[:k]} {t[k:]}" not in merges)
+                 if k != len(m.split(" ")[0]) and t[:k] in vocab and t[k:] in vocab
+                 and f"{t[:k]} {t[k:]}" not in merges)
     merges.append(again)  # a later merge that makes a token an earlier one made
     data["model"]["merges"] = merges
     data["model"]["vocab"]["<0x41>"] = len(vocab)
