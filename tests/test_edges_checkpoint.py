@@ -245,7 +245,8 @@ def test_safetensors_header_refusals(tmp_path):
     entry = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     length = len(json.dumps(entry))
     _raw_safetensors(f, entry, b"\0" * 7)
-    assert _corrupt_message(f) == bad + f"data of 'w' ends at byte {8 + length + 8}, past the end ({8 + length + 7} bytes)"
+    assert _corrupt_message(f) == \
+        bad + f"data of 'w' ends at byte {8 + length + 8}, past the end ({8 + length + 7} bytes)"
     _raw_safetensors(f, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8)
     assert _corrupt_message(f) == bad + "data offsets of 'w' do not match its shape [2] and dtype F32"
     _raw_safetensors(f, {"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}}, b"\0")
@@ -318,7 +319,8 @@ def test_a_bad_shard_index_is_named(tmp_path, weight_map, message):
 
 
 def test_an_adapter_directory_is_named_when_weights_are_missing(tmp_path):
-    for hint, files in (("", ["config.json"]), (" (this is a PEFT adapter directory)", ["config.json", "adapter_config.json"])):
+    adapter = ["config.json", "adapter_config.json"]
+    for hint, files in (("", ["config.json"]), (" (this is a PEFT adapter directory)", adapter)):
         ck = tmp_path / f"ck{len(files)}"
         ck.mkdir()
         for name in files:
@@ -337,8 +339,9 @@ def test_read_tensor_reads_safetensors_files_directly(tmp_path, monkeypatch):
     opened = open_checkpoint(ck)
     assert len(opened.shards) == 2
     read, real = [], Checkpoint.read_into
-    monkeypatch.setattr(Checkpoint, "read_into", lambda self, name, buffer: read.append(name) or real(self, name, buffer))
-    assert torch.equal(opened.read_tensor("a"), torch.arange(4.0)) and torch.equal(opened.read_tensor("b"), torch.arange(3))
+    monkeypatch.setattr(Checkpoint, "read_into", lambda self, name, buf: read.append(name) or real(self, name, buf))
+    assert torch.equal(opened.read_tensor("a"), torch.arange(4.0))
+    assert torch.equal(opened.read_tensor("b"), torch.arange(3))
     assert read == ["a", "b"]
 
 

@@ -356,8 +356,7 @@ def _windows(ids: list[int], count: int, seq: int = 32) -> torch.Tensor:
 def test_text_data_train_and_validation_rows(corpus, tmp_path):
     """On raw text the rows are the encoded text (+ EOS) in windows of seq_len + 1; validation
     comes from val_data's files when given, else from the text's last val_fraction (cut after a
-    newline). (Only the first validation batch is compared: a text stream under one block long
-    ends its first pass when it loads, so it yields one batch whatever eval_batches says.)"""
+    newline); validation takes eval_batches batches from one pass over its text."""
     text = corpus["text"].read_bytes()
     val = tmp_path / "val.txt"
     val.write_text(corpus["text"].read_text(encoding="utf-8")[:3000], encoding="utf-8")
@@ -365,13 +364,13 @@ def test_text_data_train_and_validation_rows(corpus, tmp_path):
                      "eval_batches=3", "batch_size=2")
     tok = given.plan.tokenizer
     encode = lambda data: tok.encode(data.decode("utf-8")) + [tok.eos_id]  # noqa: E731
-    assert torch.equal(given.val[0], _windows(encode(val.read_bytes()), 2))
+    assert torch.equal(torch.cat(given.val), _windows(encode(val.read_bytes()), 6))
     assert torch.equal(torch.cat([given.data.batch(0), given.data.batch(1)]), _windows(encode(text), 4))
 
     held = _trainer(corpus, tmp_path, f"data={corpus['text']}", f"tokenizer={corpus['tok']}", "val_fraction=0.25",
                     "eval_batches=2", "batch_size=2")
     cut = text.index(b"\n", int(len(text) * 0.75)) + 1
-    assert torch.equal(held.val[0], _windows(encode(text[cut:]), 2))
+    assert torch.equal(torch.cat(held.val), _windows(encode(text[cut:]), 4))
     assert torch.equal(held.data.batch(0), _windows(encode(text[:cut]), 2))
 
 

@@ -199,7 +199,9 @@ class TextBatches:
         stream, self.val_stream = self.val_stream, None  # the set is fixed once drawn; the caller keeps it
         out = []
         try:
-            while stream is not None and len(out) < self.eval_batches and stream.epoch == 0:
+            # batches that start within the first pass (the stream's `epoch` is the next block's:
+            # a text shorter than a block has moved on as soon as it is loaded)
+            while stream is not None and len(out) < self.eval_batches and (not out or stream.position()["epoch"] == 0):
                 out.append(self._global(stream))
         except DataError:  # less validation text than one row: no evaluation
             return []
