@@ -75,6 +75,13 @@ def test_the_hash_of_a_pickle_file_samples_64_even_windows(tmp_path):
     assert not _changes_hash(ck, file, first + 4 * KIB) and not _changes_hash(ck, file, first + step - 1)
 
 
+def _refused(ck: Path) -> str:
+    """The one-line error `open_checkpoint` raises for `ck`."""
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(ck)
+    return str(caught.value)
+
+
 def _bin_checkpoint(root: Path, content) -> Path:
     root.mkdir()
     (root / "config.json").write_text("{}")
@@ -92,9 +99,7 @@ def _bin_checkpoint(root: Path, content) -> Path:
 ])
 def test_pickle_files_that_are_not_plain_tensors_are_refused(tmp_path, content, message):
     ck = _bin_checkpoint(tmp_path / "ck", content)
-    with pytest.raises(CheckpointError) as caught:
-        open_checkpoint(ck)
-    assert str(caught.value) == f"{ck / 'pytorch_model.bin'}: {message}"
+    assert _refused(ck) == f"{ck / 'pytorch_model.bin'}: {message}"
 
 
 def test_an_unreadable_pickle_file_names_the_first_line_of_the_error(tmp_path):
@@ -313,9 +318,7 @@ def _sharded(root: Path, weight_map) -> Path:
 ])
 def test_a_bad_shard_index_is_named(tmp_path, weight_map, message):
     ck = _sharded(tmp_path / "ck", weight_map)
-    with pytest.raises(CheckpointError) as caught:
-        open_checkpoint(ck)
-    assert str(caught.value) == f"{ck / 'model.safetensors.index.json'}: {message.format(ck=ck)}"
+    assert _refused(ck) == f"{ck / 'model.safetensors.index.json'}: {message.format(ck=ck)}"
 
 
 def test_an_adapter_directory_is_named_when_weights_are_missing(tmp_path):
@@ -325,10 +328,8 @@ def test_an_adapter_directory_is_named_when_weights_are_missing(tmp_path):
         ck.mkdir()
         for name in files:
             (ck / name).write_text("{}")
-        with pytest.raises(CheckpointError) as caught:
-            open_checkpoint(ck)
-        assert str(caught.value) == (f"{ck}: no weights{hint} (expected model.safetensors, "
-                                     "model.safetensors.index.json or pytorch_model.bin)")
+        assert _refused(ck) == (f"{ck}: no weights{hint} (expected model.safetensors, "
+                                "model.safetensors.index.json or pytorch_model.bin)")
 
 
 def test_read_tensor_reads_safetensors_files_directly(tmp_path, monkeypatch):
@@ -373,9 +374,7 @@ def test_an_error_inside_the_writer_propagates_unchanged(tmp_path):
 def test_non_object_json_files_are_named(tmp_path):
     ck = save_checkpoint(tmp_path / "ck", {"w": torch.ones(2)}, {"model_type": "llmctl"})
     (ck / "generation_config.json").write_text("[1, 2]")
-    with pytest.raises(CheckpointError) as caught:
-        open_checkpoint(ck)
-    assert str(caught.value) == f"{ck / 'generation_config.json'}: expected a JSON object, found list"
+    assert _refused(ck) == f"{ck / 'generation_config.json'}: expected a JSON object, found list"
 
 
 def test_shards_split_where_huggingface_hub_splits(tmp_path):

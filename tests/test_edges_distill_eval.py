@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from _recorder import Recorder
 from llmctl.core.distill.criterion import Criterion
 
 V, H = 11, 6
@@ -145,25 +145,6 @@ def _text(tmp_path, name: str, text: str):
     return path
 
 
-class _Recorder:
-    """A reporter that records its progress tasks and their updates."""
-
-    def __init__(self):
-        self.calls = []
-
-    @contextmanager
-    def progress(self, description, total=None, unit="it"):
-        self.calls.append(("progress", description, total, unit))
-        yield SimpleNamespace(update=lambda **kw: self.calls.append(("update", kw)),
-                              advance=lambda n=1: self.calls.append(("advance", n)))
-
-    def info(self, message):
-        pass
-
-    def warn(self, message):
-        pass
-
-
 def test_perplexity_defaults_are_the_context_and_half_of_it(lm, hf_model, tok, tmp_path):  # noqa: F811
     """No --max-length: the model's context (64); no --stride: half the window, at least 1 (the
     transformers perplexity-guide loop with those windows)."""
@@ -256,7 +237,7 @@ def test_perplexity_task_reads_data_from_the_working_directory_else_the_task_fol
     a, b = _text(tmp_path / "task", "a.txt", TEXT[:90]), _text(tmp_path / "task", "b.txt", TEXT[90:200])
     cwd_b = _text(tmp_path / "cwd", "b.txt", TEXT[300:330])
     monkeypatch.chdir(tmp_path / "cwd")
-    monkeypatch.setattr(Task, "report", _Recorder())
+    monkeypatch.setattr(Task, "report", Recorder())
     result = load_task(str(tmp_path / "task" / "ppl.yaml")).run(lm)
     assert result == perplexity(lm, [a, cwd_b], max_length=32, stride=5)  # b.txt: the working directory's
     assert result != perplexity(lm, [a, b], max_length=32, stride=5)
@@ -341,7 +322,7 @@ def test_progress_counts_the_bytes_read_and_the_windows_scored(lm, tmp_path, mon
     paths = [_text(tmp_path, "a.txt", TEXT[:170]), _text(tmp_path, "b.txt", TEXT[170:300])]
     sizes = [p.stat().st_size for p in paths]
     chunks = [list(ppl.read_chunks(p, ppl.TextStats(), 50)) for p in paths]
-    report = _Recorder()
+    report = Recorder()
     result = ppl.perplexity(lm, paths, max_length=32, report=report)
     assert report.calls[0] == ("progress", "perplexity", sum(sizes), "B")
     updates = [c[1] for c in report.calls[1:]]
@@ -388,7 +369,7 @@ def test_multiple_choice_scores_logs_and_groups_each_document(lm, tmp_path, monk
             {"q": "A stitch in time saves", "options": ["nine", "the dog"], "label": 1, "labels": [1, 1], "s": "a"}]
     task = _mc_task(tmp_path, rows, "metrics: [acc, acc_norm, mc2]\ngroup_by: s\n")
     task.samples_log = []
-    monkeypatch.setattr(Task, "report", _Recorder())
+    monkeypatch.setattr(Task, "report", Recorder())
     result = task.run(lm)
     expected, scores = [], {"acc": [], "acc_norm": [], "mc2": []}
     for line, row in enumerate(rows, start=1):

@@ -19,13 +19,12 @@ SentencePiece-style scores)."""
 import copy
 import json
 import shutil
-from contextlib import contextmanager
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from _recorder import Recorder
 from conftest import tiny_llama
 
 from llmctl.core.model import ModelConfig
@@ -55,24 +54,6 @@ def _dense(model) -> dict[str, torch.Tensor]:
     return {p: m.dequantize(torch.float32) for p, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-class _Recorder:
-    """A reporter that records its progress bars, their steps and the warnings."""
-
-    def __init__(self):
-        self.calls = []
-
-    @contextmanager
-    def progress(self, description, total=None, unit="it"):
-        self.calls.append(("progress", description, total, unit))
-        yield SimpleNamespace(advance=lambda n=1: self.calls.append(("advance", n)), update=lambda **kw: None)
-
-    def info(self, message):
-        pass
-
-    def warn(self, message):
-        self.calls.append(("warn", message))
-
-
 def _add_batch(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The reference's `GPTQ.add_batch`: H = 2/N Σ xxᵀ as a running mean over the batches."""
     x = x.reshape(-1, x.shape[-1]).T
@@ -95,7 +76,7 @@ def test_gptq_is_the_reference_sequential_procedure():
     ids = torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(1))
     model = _model()
     reference = copy.deepcopy(model)
-    report = _Recorder()
+    report = Recorder()
     errors = quantize_model(model, QuantizeConfig(method="gptq", bits=4, group_size=16, micro_batch=3),
                             ids, report)
     scheme = Scheme(4, 16, True)
@@ -134,8 +115,7 @@ def test_gptq_is_the_reference_sequential_procedure():
     assert errors["output_error"] == pytest.approx(sum(output_errors.values()) / 14, rel=1e-4)
     worst = max(output_errors, key=output_errors.get)
     assert errors["worst_output_error"] == {"linear": worst, "error": pytest.approx(output_errors[worst], rel=1e-4)}
-    steps = [c for c in report.calls if c[0] != "warn"]
-    assert steps == [("progress", "gptq layer by layer", 2, "layer"), ("advance", 1), ("advance", 1)]
+    assert report.steps() == [("progress", "gptq layer by layer", 2, "layer"), ("advance", 1), ("advance", 1)]
 
 
 def test_reported_weight_errors_are_computed_by_hand_for_small_weights():
@@ -143,7 +123,7 @@ def test_reported_weight_errors_are_computed_by_hand_for_small_weights():
     (a floor on the denominator must only guard against 0)."""
     model = _model(scale=0.01)
     dense = {p: m.weight.detach().clone() for p, m in model.named_modules() if isinstance(m, nn.Linear)}
-    report = _Recorder()
+    report = Recorder()
     errors = quantize_model(model, QuantizeConfig(method="int4", bits=4, group_size=16), report=report)
     got = _dense(model)
     assert all(dense[p].pow(2).sum() < 1e-2 for p in got)
@@ -152,7 +132,7 @@ def test_reported_weight_errors_are_computed_by_hand_for_small_weights():
     assert errors["weight_error"] == pytest.approx(sum(by_hand.values()) / 14, rel=1e-5)
     worst = max(by_hand, key=by_hand.get)
     assert errors["worst_weight_error"] == {"linear": worst, "error": pytest.approx(by_hand[worst], rel=1e-5)}
-    assert report.calls[0] == ("progress", "quantize int4", 14, "linear") and report.calls[1:] == [("advance", 1)] * 14
+    assert report.steps() == [("progress", "quantize int4", 14, "linear")] + [("advance", 1)] * 14
 
 
 def test_relative_errors_by_hand():
