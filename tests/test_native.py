@@ -151,3 +151,21 @@ def test_disabled_or_unbuildable_kernels_leave_torch_in_charge(monkeypatch, caps
         assert "native CPU kernels unavailable" in capsys.readouterr().err
     finally:
         native.ops.cache_clear()
+
+
+@pytest.mark.skipif(native.ops() is None, reason="native kernels unavailable")
+def test_a_build_killed_midway_does_not_block_the_next_load():
+    """torch's build lock outlives a killed build (its file stays); the next process takes
+    llmctl's own lock, which died with the killed one, and goes on."""
+    import subprocess
+    import sys
+
+    stale = native.build_dir() / "lock"
+    stale.write_text("")
+    try:
+        done = subprocess.run([sys.executable, "-c", "from llmctl.core import native; print(native.ops() is not None)"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip() == "True", done.stderr[-500:]
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)

@@ -19,7 +19,9 @@ import functools
 import hashlib
 import os
 import platform
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "matvec.cpp", HERE / "decode.cpp"]  # and kernels.h, which they share
@@ -56,17 +58,16 @@ def ops():
 
     if _loaded(torch):  # a library loads once per process (TORCH_LIBRARY aborts on a second)
         return torch.ops.llmctl
-    code = b"".join(f.read_bytes() for f in [*SOURCES, HERE / "kernels.h"])
-    key = hashlib.sha256(code + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
-    build = cache_dir() / key
+    build = build_dir(flags)
     try:
         build.mkdir(parents=True, exist_ok=True)
         from llmctl.console import info
         if not any(build.glob("*.so")):
             info("building llmctl's native CPU kernels (once per machine and torch version)…")
-        cpp_extension.load(name=f"llmctl_native_{key}", sources=[str(f) for f in SOURCES], build_directory=str(build),
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], is_python_module=False,
-                           verbose=False)
+        with _build_lock(build):
+            cpp_extension.load(name=f"llmctl_native_{build.name}", sources=[str(f) for f in SOURCES],
+                               build_directory=str(build), extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                               is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 — no compiler, no ninja, a failed build: torch's kernels serve
         from llmctl.console import warn
         warn(f"native CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -74,6 +75,28 @@ def ops():
         return None
     _register_fakes(torch)
     return torch.ops.llmctl
+
+
+def build_dir(flags: str | None = None) -> Path:
+    """Where the kernels for these sources, this torch and this CPU are built and cached."""
+    import torch
+
+    code = b"".join(f.read_bytes() for f in [*SOURCES, HERE / "kernels.h"])
+    key = hashlib.sha256(code + torch.__version__.encode() + (flags or _cpu_flags()).encode()).hexdigest()[:16]
+    return cache_dir() / key
+
+
+@contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold an flock on the build directory, which the kernel drops if this process dies. torch's
+    own `lock` file there outlives a build killed midway and would make every later load wait for
+    ever; under our lock no other llmctl process is building, so such a file is stale."""
+    import fcntl
+
+    with open(build / ".llmctl-build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        yield
 
 
 def _loaded(torch) -> bool:
