@@ -58,8 +58,10 @@ def test_hooks_capture_linear_inputs_and_a_block_can_rerun():
         nn.init.zeros_(run.blocks[1].mlp.down_proj.weight)
         run.index = 1
         changed = run.step(block_input)
-        assert not torch.equal(changed, out)
-        with pytest.raises(RuntimeError, match="have not run"):
-            LayerwiseRun(model, ids).logits()
+        assert torch.equal(changed, run.blocks[1](block_input, run.ctx)[0]) and not torch.equal(changed, out)
+        partial = LayerwiseRun(model, ids)
+        partial.step()
+        with pytest.raises(RuntimeError, match=r"^1 block\(s\) have not run yet$"):
+            partial.logits()
     block = model.model.layers[1]  # the hooks are gone: only the test's own remains
     assert len(block.mlp.down_proj._forward_pre_hooks) == 1 and not block.self_attn.q_proj._forward_pre_hooks
