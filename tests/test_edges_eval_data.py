@@ -4,13 +4,13 @@ flags and progress against transformers and lm-eval's own window functions."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
 
+from _recorder import Recorder
 from conftest import tiny_llama
 from test_finetune_data import tokdir  # noqa: F401  (a byte-level BPE with a chat template)
 from test_masked_eval import bert_dir, hf_bert  # noqa: F401  (the tiny BERT checkpoint)
@@ -423,23 +423,6 @@ def reward_dir(hf_dir, tmp_path_factory):
     return out
 
 
-class _Report:
-    def __init__(self):
-        self.bars = []
-
-    @contextmanager
-    def progress(self, description, total=None, unit="it"):
-        bar = _Bar()
-        self.bars.append((description, total, unit, bar))
-        yield bar
-
-    def info(self, message):
-        pass
-
-    def warn(self, message):
-        pass
-
-
 PAIRS = [
     {"prompt": "The quick brown", "chosen": " fox jumps", "rejected": " dog sat"},
     {"prompt": "To be, or not to be, that is", "chosen": " the question", "rejected": " the question"},  # a tie
@@ -458,7 +441,7 @@ def _pairwise_task(tmp_path, pairs, extra=""):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     (tmp_path / "pairs.yaml").write_text(f"type: pairwise\nname: pairs\ndataset: {{path: pairs.jsonl}}\n{extra}")
     task = load_task(str(tmp_path / "pairs.yaml"))
-    task.report, task.samples_log = _Report(), []
+    task.report, task.samples_log = Recorder(), []
     return task
 
 
@@ -489,8 +472,7 @@ def test_pairwise_reward_model_scores_equal_transformers_classifier(reward_dir, 
         assert record["chosen_score"] == pytest.approx(c, rel=1e-4, abs=1e-4)
         assert record["rejected_score"] == pytest.approx(r, rel=1e-4, abs=1e-4)
         assert record["acc"] == win and record["doc"].endswith(f":{PAIRS.index(p) + 1}")
-    ((name, total, unit, bar),) = task.report.bars
-    assert (name, total, unit, bar.calls) == ("pairs", 12, "req", [("advance", 4)] * 3)
+    assert task.report.calls == [("progress", "pairs", 12, "req")] + [("advance", 4)] * 3
 
 
 def test_pairwise_reward_model_without_a_pad_token_scores_each_row_at_its_own_end(reward_dir, tok, tmp_path):
@@ -531,7 +513,8 @@ def test_pairwise_language_model_compares_log_likelihoods(ours, hf_model, tok, t
         assert (record["chosen_score"], record["rejected_score"]) == pytest.approx(scores, rel=1e-5)
         wins.append(float(scores[0] > scores[1]))
     assert result["acc"] == pytest.approx(sum(wins) / len(wins)) and 0 < sum(wins) < len(wins)
-    assert task.report.bars[0][1:3] == (12, "req") and task.report.bars[0][3].advanced() == 12
+    (bar, *steps) = task.report.steps()  # one bar, advanced by each batch
+    assert bar[2:] == (12, "req") and all(kind == "advance" for kind, _ in steps) and sum(n for _, n in steps) == 12
 
     task = _pairwise_task(tmp_path, PAIRS[:1] + [{"prompt": "x", "chosen": "y", "rejected": 3}])
     with pytest.raises(DataError, match=r"pairs.jsonl:2: field 'rejected' must be a string$"):
