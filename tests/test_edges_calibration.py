@@ -21,14 +21,16 @@ WORDS = [f"w{i}" for i in range(40)]
 
 
 def word_tok(eos: bool = True):
-    """A `Tok` whose ids are the word numbers + 1 (0 is <eos>, when there is one)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A `Tok` whose ids are the word numbers + 1 (0 is <eos>, when there is one); like Llama's,
+    it adds a BOS (id 42) when asked for special tokens, which calibration must not ask for."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     from llmctl.core.tokenizer import Tok
 
-    vocab = {"<eos>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}, "<unk>": len(WORDS) + 1}
+    vocab = {"<eos>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}, "<unk>": len(WORDS) + 1, "<bos>": len(WORDS) + 2}
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", len(WORDS) + 2)])
     return Tok(inner, {"eos_token": "<eos>" if eos else None})
 
 
@@ -69,6 +71,8 @@ def test_windows_are_seeded_offsets_into_the_eos_joined_stream(tmp_path):
                       "sha256": hashlib.sha256(want.numpy().tobytes()).hexdigest()}
     other, other_record = calibration_windows([path], word_tok(), samples=6, seq_len=4, seed=4)
     assert not torch.equal(other, ids) and other_record["sha256"] != record["sha256"]
+    default, default_record = calibration_windows([path], word_tok(), samples=6, seq_len=4)
+    assert default_record["seed"] == 0 and torch.equal(default, calibration_windows([path], word_tok(), 6, 4, 0)[0])
 
 
 def test_a_window_as_long_as_the_stream_is_the_whole_stream(tmp_path):
@@ -128,6 +132,8 @@ def test_prune_windows_are_distinct_seeded_offsets(tmp_path):
     assert torch.equal(ids, torch.tensor([stream[s:s + 3] for s in starts.tolist()]))
     assert len({is_window(row, stream) for row in ids}) == 5  # (no two share an offset)
     assert not torch.equal(calibration_tokens([path], word_tok(), samples=5, seq_len=3, seed=5), ids)
+    assert torch.equal(calibration_tokens([path], word_tok(), samples=5, seq_len=3),
+                       calibration_tokens([path], word_tok(), samples=5, seq_len=3, seed=0))
 
 
 def test_prune_gives_every_window_once_when_the_text_holds_fewer_than_asked(tmp_path):
@@ -139,7 +145,8 @@ def test_prune_gives_every_window_once_when_the_text_holds_fewer_than_asked(tmp_
     assert sorted(is_window(row, stream) for row in ids) == [0, 1, 2, 3]
     whole = calibration_tokens([path], word_tok(eos=False), samples=2, seq_len=len(stream_of(DOCS, eos=False)))
     assert whole.tolist() == [stream_of(DOCS, eos=False)]
-    with pytest.raises(DataError, match=rf"holds {len(stream)} tokens, fewer than one window of seq_len={len(stream) + 1}"):
+    with pytest.raises(DataError, match=rf"holds {len(stream)} tokens, fewer than one window of seq_len={len(stream) + 1} "
+                       r"\(give more text or a smaller seq_len\)$"):
         calibration_tokens([path], word_tok(), samples=1, seq_len=len(stream) + 1)
 
 
