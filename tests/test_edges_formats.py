@@ -873,6 +873,89 @@ def test_vocab_refusals_and_warnings(tmp_path):
         "the checkpoint has no tokenizer: the GGUF file carries none (llama.cpp can then only run token ids)"], None)
 
 
+def test_unigram_vocab_keeps_the_models_scores(tmp_path):
+    """A Unigram (SentencePiece) tokenizer: llama.cpp's scores are the model's log-probabilities."""
+    from tokenizers import models, pre_tokenizers
+
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("\u2581the", -1.5), ("\u2581cat", -2.25), ("a", -3.0),
+              ("t", -3.5), ("\u2581", -4.0), ("c", -4.5), ("h", -5.0), ("e", -5.5)]
+    path = _tokenizer_dir(tmp_path / "u", models.Unigram(pieces, unk_id=0, byte_fallback=False),
+                          pre_tokenizers.Metaspace(), config={"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"})
+    kv, warnings, described = _vocab(path, len(pieces) + 2)
+    assert kv["token_scores"] == [score for _, score in pieces] + [0.0, 0.0] and warnings == []
+    assert kv["token_list"][:len(pieces)] == [p for p, _ in pieces] and kv["token_types"][0] == 2
+    assert (kv["tokenizer_model"], kv["tokenizer_pre"]) == ("llama", "default")
+    assert described == f"llama (SentencePiece-style Unigram), {len(pieces)} tokens"
+
+
+def test_bos_and_eos_both_added_are_both_recorded(tmp_path):
+    from tokenizers import models, pre_tokenizers, processors
+
+    def post(tok):
+        ids = [("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))]
+        return processors.TemplateProcessing(single="<s> $A </s>", special_tokens=ids)
+
+    path = _tokenizer_dir(tmp_path / "t", models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=False),
+                          config={"bos_token": "<s>", "eos_token": "</s>"}, post=post)
+    assert (_vocab(path, 400)[0]["add_bos_token"], _vocab(path, 400)[0]["add_eos_token"]) == (True, True)
+
+
+def test_merges_serialized_as_strings_read_as_pairs(tmp_path, monkeypatch):
+    """tokenizers < 0.20 (the declared range starts at 0.19) serializes a merge as "a b", not
+    ["a", "b"]: both forms give the same GGUF merges and SentencePiece scores."""
+    from tokenizers import models, pre_tokenizers
+
+    from llmctl.core import tokenizer as tokenizer_module
+
+    load = tokenizer_module.load_tokenizer
+
+    class OldSerialization:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def to_str(self):
+            data = json.loads(self.inner.to_str())
+            data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+            return json.dumps(data)
+
+    def old_load(path):
+        tok = load(path)
+        tok.inner = OldSerialization(tok.inner)
+        return tok
+
+    byte_level = _tokenizer_dir(tmp_path / "b", models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=False))
+    metaspace = _tokenizer_dir(tmp_path / "m", models.BPE(unk_token="<unk>"), pre_tokenizers.Metaspace(),
+                               specials=("<unk>", "<s>", "</s>"), config={"unk_token": "<unk>"})
+    new = [_vocab(byte_level, 400)[0], _vocab(metaspace, 100)[0]]
+    monkeypatch.setattr(tokenizer_module, "load_tokenizer", old_load)
+    old = [_vocab(byte_level, 400)[0], _vocab(metaspace, 100)[0]]
+    assert old[0]["token_merges"] == new[0]["token_merges"] and all(" " in m for m in old[0]["token_merges"])
+    assert old[1]["token_scores"] == new[1]["token_scores"] and min(new[1]["token_scores"]) < -10
+
+
+def test_tokenizers_llama_cpp_cannot_read_are_refused_naming_their_parts(tmp_path):
+    from tokenizers import models, pre_tokenizers
+
+    from llmctl.errors import UsageError
+
+    def refusal(name, model, pre):
+        with pytest.raises(UsageError) as caught:
+            _vocab(_tokenizer_dir(tmp_path / name, model, pre), 10)
+        return str(caught.value).split(" to GGUF")[0]
+
+    word_level = lambda: models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")  # noqa: E731
+    assert refusal("m", word_level(), pre_tokenizers.Metaspace()) == \
+        "cannot export a WordLevel tokenizer with a Metaspace pre-tokenizer"
+    assert refusal("s", word_level(), pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits()])) \
+        == "cannot export a WordLevel tokenizer with a Digits/Whitespace pre-tokenizer"
+    assert refusal("n", word_level(), None) == "cannot export a WordLevel tokenizer with a missing pre-tokenizer"
+    assert refusal("e", models.WordLevel({}, unk_token="[UNK]"), pre_tokenizers.Whitespace()) == \
+        "cannot export a WordLevel tokenizer with a Whitespace pre-tokenizer"
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_virtual_tokens_are_made_where_the_model_is(method):
     """On a model built on the meta device (as `load_model` builds, then assigns), the encoder is
