@@ -118,6 +118,15 @@ def test_prompt_logits_and_greedy_ids_equal_transformers_on_cuda(llama, dtype):
         assert _generate(ours, prompts) == [out[0, 12:].tolist()]
 
 
+def test_an_adapter_loads_onto_the_device_asked(llama, tmp_path):
+    from llmctl.core.adapters import LoRA, load_adapter, save_adapter
+
+    model, _ = load_model(llama, transforms=[LoRA(r=2, target_modules=["q_proj"])])
+    out = save_adapter(model, tmp_path / "a", base=llama)
+    loaded, _ = load_adapter(out, device="cuda")
+    assert all(p.is_cuda for p in loaded.parameters())
+
+
 def test_perplexity_on_cuda_equals_cpu(tmp_path):
     from llmctl.core.evaluate.lm import ScoringModel
     from llmctl.core.evaluate.perplexity import perplexity

@@ -617,6 +617,75 @@ def test_saved_adapter_files_and_the_context_they_record(llama, tmp_path):
     assert torch.equal(q.lora_B.weight, model.model.layers[0].self_attn.q_proj.lora_B.weight)
 
 
+def test_an_adapter_over_a_base_that_records_transforms_records_none_of_them(llama, tmp_path):
+    """A base whose transforms are recorded in both its config.json (NF4) and its llmctl.json (an
+    unmerged LoRA): an adapter on it records no `base_transforms` of its own, and loads back."""
+    from llmctl.core.adapters import LoRA, load_adapter, lora_modules, save_adapter
+    from llmctl.core.adapters.prompt import Prompt
+    from llmctl.core.model.io import load_model, save_model
+    from llmctl.core.quant.nf4 import NF4
+
+    model, _ = load_model(llama, transforms=[NF4(), LoRA(r=2, target_modules=["q_proj"])])
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    base = save_model(model, tmp_path / "base")
+    assert json.loads((base / "llmctl.json").read_text())["transforms"][0]["type"] == "lora"
+    model = load_model(base)[0]
+    Prompt(num_virtual_tokens=2).apply(model)
+    with torch.no_grad():
+        model.prompt_encoder.embedding.weight.normal_(generator=torch.Generator().manual_seed(1))
+    out = save_adapter(model, tmp_path / "a", base=base)
+    assert json.loads((out / "llmctl.json").read_text())["base_transforms"] == []
+    loaded, _ = load_adapter(out)
+    assert [t.name for t in loaded.transforms] == ["nf4", "lora", "prompt"]
+    ids = torch.randint(3, 100, (1, 6))
+    torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits)
+
+
+def test_load_adapter_takes_the_dtype_config_and_transforms_it_is_given(llama, tmp_path):
+    import dataclasses
+
+    from llmctl.core.adapters import load_adapter, save_adapter
+    from llmctl.core.model.io import load_model
+
+    model = _lora(llama, target_modules=["q_proj"])
+    model.cfg = dataclasses.replace(model.cfg, max_seq_len=128)
+    out = save_adapter(model, tmp_path / "a", base=llama)  # base_context: max_seq_len 128
+    loaded, cfg = load_adapter(out, dtype=torch.bfloat16)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16 and cfg.max_seq_len == 128
+    given = dataclasses.replace(load_model(llama)[1], max_seq_len=96)
+    assert load_adapter(out, config=given)[1].max_seq_len == 96
+    seen = []
+
+    class Seen:
+        def apply(self, model):
+            seen.append(model)
+            return model
+
+    loaded, _ = load_adapter(out, transforms=[Seen()])
+    assert seen == [loaded]
+
+
+def test_a_peft_classifier_head_unties_a_tied_base(tmp_path):
+    """AutoModelForSequenceClassification's score head is its own tensor, whatever the base ties."""
+    from safetensors.torch import save_file
+
+    from llmctl.core.adapters.peft_format import _classifier
+
+    save_file({"base_model.model.score.weight": torch.zeros(3, 32)}, tmp_path / "adapter_model.safetensors")
+    cfg = _classifier(ModelConfig(vocab_size=64, hidden_size=32, tie_embeddings=True), tmp_path)
+    assert (cfg.num_labels, cfg.tie_embeddings) == (3, False)
+
+
+def test_a_module_without_transforms_has_no_adapter_to_save(tmp_path):
+    from llmctl.core.adapters import save_adapter
+    from llmctl.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"^the model has no adapter to save \(its last transform is not lora"):
+        save_adapter(nn.Linear(2, 2), tmp_path / "a", base=tmp_path)
+
+
 # --- GGUF export: dense tensors and the vocabulary ----------------------------------------------
 
 
