@@ -138,8 +138,8 @@ class Number:
 @dataclass
 class Function:
     """A Python reward function named `module:attr`, called as TRL calls its reward functions:
-    `fn(prompts=…, completions=…, **columns)` (each record field a list) → a float or None per
-    completion (None: no opinion, left out of the sum)."""
+    `fn(prompts=…, completions=…, **columns)` (each record field but prompt, completion and
+    completion_ids a list) → a float or None per completion (None: no opinion, left out of the sum)."""
 
     entry_point: str = ""
 
@@ -160,8 +160,8 @@ class Function:
         self._fn: Callable = fn
 
     def verify(self, prompts, completions, records) -> list[Verdict]:
-        columns = {key: [r.get(key) for r in records] for key in {k for r in records for k in r}}
-        columns.pop("prompt", None)
+        keys = {k for r in records for k in r} - {"prompt", "completion", "completion_ids"}  # as TRL
+        columns = {key: [r.get(key) for r in records] for key in keys}
         values = list(self._fn(prompts=list(prompts), completions=list(completions), **columns))
         if len(values) != len(completions):
             raise DataError(f"verifier function {self.entry_point}: {len(values)} rewards for "
