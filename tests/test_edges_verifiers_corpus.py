@@ -85,8 +85,8 @@ def test_function_gets_trls_keyword_arguments():
     """TRL (GRPOTrainer._calculate_rewards) passes every record key but prompt, completion and
     completion_ids as a list beside `prompts` and `completions`."""
     CALLS.clear()
-    records = [{"prompt": "p1", "completion": "ref", "answer": "4", "tag": "a"},
-               {"prompt": "p2", "completion": "ref", "answer": "5", "tag": "b"}]
+    records = [{"prompt": "p1", "completion": "ref", "completion_ids": [7], "answer": "4", "tag": "a"},
+               {"prompt": "p2", "completion": "ref", "completion_ids": [8], "answer": "5", "tag": "b"}]
     got = _verify("function", ["4", "skip"], records, prompts=["p1", "p2"],
                   entry_point="test_edges_verifiers_corpus:strict_reward")
     assert got[0] == Verdict(1.0, "scored") and got[1].reason == "none" and got[1].reward != got[1].reward
