@@ -1,15 +1,25 @@
 """Verifiers and corpora at their edges: each verifier's verdicts, reasons and whole error
 lines; regexes without groups and matches out of range; tolerances met exactly; reward
 functions called with TRL's keyword arguments; the sandboxed program and its limits as
-given; reward models without a pad id or with pad id 0, against transformers."""
+given; reward models without a pad id or with pad id 0, against transformers. Corpora: which
+files a directory or a recursive glob holds, `.jsonl.gz`, gzip on stdin, JSONL in lists of 1024,
+the byte count as reading goes (streamed, not read whole), invalid UTF-8 summed over files, files
+closed and stdin left open, and every refusal's whole line; `iter_jsonl` and `read_stdin`."""
 
 import dataclasses
+import errno
+import gzip
+import io
+import json
 import shutil
+import sys
 
 import pytest
 
+import llmctl.core.data.corpus as corpus_module
+from llmctl.core.data.corpus import Corpus, expand_sources, iter_jsonl, read_stdin
 from llmctl.core.rl.verifiers import VERIFIERS, Verdict, build_verifiers, score
-from llmctl.errors import ConfigError, DataError
+from llmctl.errors import ConfigError, DataError, UsageError
 
 
 def _verify(name, completions, records, prompts=None, **settings):
@@ -228,3 +238,124 @@ def test_reward_model_refuses_a_directory_without_config_and_a_model_without_a_s
     with pytest.raises(ConfigError) as e:
         bound.verifier.verify(["p"], ["c"], [{}])
     assert str(e.value) == f"verifier reward_model: {base} has no score head (not a reward model)"
+
+
+# -- corpora -------------------------------------------------------------------------------------
+def _error(fn, *args, kind=DataError) -> str:
+    with pytest.raises(kind) as e:
+        fn(*args)
+    return str(e.value)
+
+
+def test_a_directory_holds_corpus_files_by_their_last_suffix_and_globs_recurse(tmp_path):
+    for name in ("notes.v2.txt", "data.2024.jsonl", "x.v2.txt.gz", "plain.md", ".hidden.txt", "skip.txt.bak",
+                 "s/b.txt", "s/t/c.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert expand_sources([str(tmp_path)]) == [str(tmp_path / n) for n in (
+        "data.2024.jsonl", "notes.v2.txt", "plain.md", "s/b.txt", "s/t/c.txt", "x.v2.txt.gz")]
+    assert expand_sources([f"{tmp_path}/s/**/*.txt"]) == [str(tmp_path / "s/b.txt"), str(tmp_path / "s/t/c.txt")]
+    assert _error(expand_sources, [str(tmp_path / "nope-X.txt")]) == f"{tmp_path}/nope-X.txt: no such file or directory"
+    assert _error(expand_sources, [], kind=UsageError) == "no corpus given (a file, directory, glob or - for stdin)"
+
+
+def test_jsonl_gz_records_come_in_lists_of_1024_with_the_bytes_read_so_far(tmp_path):
+    path = tmp_path / "a.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(2500))
+    corpus = Corpus([str(path)])
+    assert corpus.total_bytes == path.stat().st_size
+    lists = [docs for _, doc_lists in corpus.files() for docs in doc_lists]
+    assert [len(d) for d in lists] == [1024, 1024, 452] and lists[2][-1] == "doc 2499"
+    assert corpus.stats.documents == 2500 and corpus.stats.bytes == path.stat().st_size
+
+
+def test_bytes_are_counted_as_files_are_read_and_text_is_streamed(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("one\n\ntwo\n")
+    b.write_text("three\n")
+    corpus = Corpus([str(a), str(b)])
+    assert corpus.total_bytes == a.stat().st_size + b.stat().st_size
+    seen = [corpus.stats.bytes for _, doc_lists in corpus.files() for _ in doc_lists]
+    assert seen == [a.stat().st_size] * 2 + [a.stat().st_size + b.stat().st_size]  # a's last paragraph at its end
+    big = tmp_path / "big.txt"
+    big.write_text("paragraph of text\n\n" * 20000)
+    monkeypatch.setattr(corpus_module, "CHUNK_CHARS", 1000)
+    corpus = Corpus([str(big)])
+    _, doc_lists = next(corpus.files())
+    first = next(doc_lists)  # the paragraphs of the first 1000 characters, the file not read whole
+    assert first == ["paragraph of text"] * 52 and 0 < corpus.stats.bytes < big.stat().st_size / 2
+    doc_lists.close()
+
+
+def test_invalid_utf8_is_summed_over_files_and_lone_surrogates_at_both_ends(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"a\xff\n")
+    (tmp_path / "b.txt").write_bytes(b"b\xfe\xfe\n")
+    corpus = Corpus([str(tmp_path)])
+    assert list(corpus.documents()) == ["a\ufffd", "b\ufffd\ufffd"] and corpus.stats.invalid_utf8 == 3
+    (tmp_path / "s.jsonl").write_text(json.dumps({"text": "a\udfff\ue000\ud800b"}) + "\n")
+    corpus = Corpus([str(tmp_path / "s.jsonl")])
+    assert list(corpus.documents()) == ["a\ufffd\ue000\ufffdb"] and corpus.stats.invalid_utf8 == 2
+
+
+def test_gzip_on_stdin_is_read_and_named_stdin(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(gzip.compress(b"six\n\nseven\n"))))
+    corpus = Corpus(["-"])
+    assert [(name, [d for docs in lists for d in docs]) for name, lists in corpus.files()] == \
+        [("<stdin>", ["six", "seven"])]
+    assert not sys.stdin.buffer.closed  # stdin is not ours to close
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(gzip.compress(b"hello world" * 99)[:-30])))
+    assert _error(lambda: list(Corpus(["-"]).documents())) == \
+        "<stdin>: cannot read (Compressed file ended before the end-of-stream marker was reached)"
+
+
+def test_files_are_closed_and_read_errors_are_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "a.txt"
+    path.write_text("one\n")
+    opened = []
+
+    def tracking_open(name, mode="r"):
+        opened.append(open(name, mode))
+        return opened[-1]
+
+    monkeypatch.setattr(corpus_module, "open", tracking_open, raising=False)
+    assert list(Corpus([str(path)]).documents()) == ["one"] and opened[0].closed
+
+    class Failing(io.RawIOBase):
+        def readinto(self, buffer):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(corpus_module, "open", lambda name, mode="r": Failing(), raising=False)
+    assert _error(lambda: list(Corpus([str(path)]).documents())) == f"{path}: cannot read (Input/output error)"
+    corpus = Corpus([str(path)])
+    monkeypatch.setattr(corpus_module, "open", lambda name, mode="r": open(tmp_path / "gone.txt", mode),
+                        raising=False)
+    assert _error(lambda: list(corpus.documents())) == f"{path}: cannot read (No such file or directory)"
+
+
+def test_jsonl_refusals_are_whole_lines(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "a"}\n{"text": 1}\n')
+    assert _error(lambda: list(Corpus([str(path)]).documents())) == f"{path}:2: field 'text' is int, not text"
+    path.write_bytes(b'{"a": 1}\n\n[1]\n')
+    assert _error(lambda: list(iter_jsonl(path))) == f"{path}:3: expected a JSON object per line"
+    path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+    assert _error(lambda: list(iter_jsonl(path))) == \
+        f"{path}:2: not UTF-8 text (byte 0xff at offset 7); convert it first, e.g. iconv -t UTF-8"
+    path.write_bytes(b'{"a": 1}\n{oops\n')
+    assert _error(lambda: list(iter_jsonl(path))) == f"{path}:2: invalid JSON (Expecting property name enclosed " \
+        "in double quotes)"
+    path.write_bytes(b'{"a": 1}\n\n{"a": "\xc3\xa9"}\n')
+    assert list(iter_jsonl(path)) == [(1, {"a": 1}), (3, {"a": "\u00e9"})]
+
+
+def test_read_stdin_checks_utf8_from_bytes_or_from_a_text_only_stdin(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("h\u00e9llo".encode())))
+    assert read_stdin() == "h\u00e9llo"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\xffc")))
+    message = "stdin: not UTF-8 text (byte 0xff at offset 2); convert it first, e.g. iconv -t UTF-8"
+    assert _error(read_stdin) == message
+    monkeypatch.setattr(sys, "stdin", io.StringIO("h\u00e9llo"))  # no .buffer
+    assert read_stdin() == "h\u00e9llo"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("ab\udcffc"))  # a byte 0xff kept by surrogateescape
+    assert _error(read_stdin) == message
