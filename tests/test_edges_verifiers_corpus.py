@@ -4,19 +4,25 @@ functions called with TRL's keyword arguments; the sandboxed program and its lim
 given; reward models without a pad id or with pad id 0, against transformers. Corpora: which
 files a directory or a recursive glob holds, `.jsonl.gz`, gzip on stdin, JSONL in lists of 1024,
 the byte count as reading goes (streamed, not read whole), invalid UTF-8 summed over files, files
-closed and stdin left open, and every refusal's whole line; `iter_jsonl` and `read_stdin`."""
+closed and stdin left open, and every refusal's whole line; `iter_jsonl` and `read_stdin`.
+Merge searches: the objective's parsing, orientation and calls, the recipe paths, and the (1+λ)
+evolution strategy and greedy soup against transcriptions of their rules, with the merges and
+evals replaced by a recorder (their own tests run them for real)."""
 
 import dataclasses
 import errno
 import gzip
 import io
 import json
+import random
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
 import llmctl.core.data.corpus as corpus_module
+import llmctl.core.merge.search as search
 from llmctl.core.data.corpus import Corpus, expand_sources, iter_jsonl, read_stdin
 from llmctl.core.rl.verifiers import VERIFIERS, Verdict, build_verifiers, score
 from llmctl.errors import ConfigError, DataError, UsageError
@@ -359,3 +365,155 @@ def test_read_stdin_checks_utf8_from_bytes_or_from_a_text_only_stdin(monkeypatch
     assert read_stdin() == "h\u00e9llo"
     monkeypatch.setattr(sys, "stdin", io.StringIO("ab\udcffc"))  # a byte 0xff kept by surrogateescape
     assert _error(read_stdin) == message
+
+
+# -- merge searches ------------------------------------------------------------------------------
+def test_objective_is_parsed_whole_and_scores_oriented(tmp_path, monkeypatch):
+    import llmctl.core.evaluate.runner as runner
+    import llmctl.core.evaluate.tasks as tasks
+
+    (tmp_path / "val.txt").write_text("x")
+    spec = {"task": "perplexity", "data": "val.txt", "metric": "nll", "limit": 3}
+    got = search.Objective.parse(spec, "s.yaml", relative_to=tmp_path, device="cpu", dtype="float32")
+    assert got == search.Objective("perplexity", [str(tmp_path / "val.txt")], "nll", 3, "cpu", "float32")
+    assert search.Objective.parse({"task": "t", "data": ["a", "b"]}, "s").data == ["a", "b"]
+    refusals = [({"task": "t", "zeta": 1, "beta": 2}, "s.yaml: evaluation: unknown key 'beta'"),
+                ({"task": "t", "data": [5]}, "s.yaml: evaluation.data: a model must be a checkpoint path, found 5"),
+                ({"data": "x"}, "s.yaml: evaluation: expected a mapping with a 'task'")]
+    for bad, message in refusals:
+        assert _error(search.Objective.parse, bad, "s.yaml", kind=ConfigError) == message
+
+    calls = []
+    monkeypatch.setattr(tasks, "load_tasks", lambda names, overrides: calls.append((names, overrides)) or ["T"])
+
+    def evaluate(checkpoints, task_list, **kw):
+        calls.append((checkpoints, task_list, kw))
+        return {str(checkpoints[0]): {"T": {"perplexity": 5.0, "acc": 0.25, "bits_per_byte": 2.0}}}
+
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    objective = search.Objective("t", ["d"], None, 3, "cpu", "bfloat16")
+    assert objective.score("ck") == -5.0 and calls == [
+        (["t"], {"data": ["d"], "limit": 3}), (["ck"], ["T"], {"device": "cpu", "dtype": "bfloat16", "record": False})]
+    for metric, want in (("acc", 0.25), ("bits_per_byte", -2.0)):
+        objective.metric = metric
+        assert objective.score("ck") == want
+    objective.metric = "f1"
+    assert _error(objective.score, "ck", kind=ConfigError) == \
+        "evaluation: task t has no metric 'f1' (it reports perplexity, acc, bits_per_byte)"
+    assert objective.evaluations == 3
+
+
+def test_search_paths_start_from_the_recipes_value_in_range_and_set_through_lists(tmp_path):
+    recipe = {"models": [{"model": "a"}, {"model": "b", "parameters": {"weight": 0.25}}], "parameters": {"t": 2}}
+    start = search._start
+    assert start(recipe, "models.1.parameters.weight", 0.0, 1.0) == 0.25
+    assert start(recipe, "models.1.parameters.weight", 0.25, 0.5) == 0.25  # both bounds are in range
+    assert start(recipe, "models.1.parameters.weight", 0.0, 0.25) == 0.25
+    assert start(recipe, "parameters.t", 0.0, 1.0) == 0.5 and type(start(recipe, "parameters.t", 0, 4)) is float
+    assert start(recipe, "parameters.t", 3.0, 4.0) == 3.5 and start(recipe, "models.0.model", 1.0, 2.0) == 1.5
+    assert start(recipe, "models.0.parameters.weight", -1.0, 2.0) == 0.5
+    search._set(recipe, "models.0.parameters.weight", 0.5, "s")  # a missing mapping is made
+    search._set(recipe, "models.1", 0.75, "s")
+    assert recipe == {"models": [{"model": "a", "parameters": {"weight": 0.5}}, 0.75], "parameters": {"t": 2}}
+    assert _error(search._set, recipe, "models.7.weight", 0.0, "s", kind=ConfigError) == \
+        "s: search path 'models.7.weight' does not name a place in the recipe"
+
+
+@pytest.fixture
+def recorded_merges(monkeypatch):
+    """`merge` replaced by writing the recipe (and its keywords) to the output directory."""
+    merges = []
+
+    def merge(recipe, out, **kw):
+        Path(out).mkdir()
+        (Path(out) / "recipe.json").write_text(json.dumps(recipe))
+        merges.append((recipe, kw))
+        return {"out": str(out)}
+
+    monkeypatch.setattr(search, "merge", merge)
+    monkeypatch.setattr(search, "parse_recipe", lambda raw, where, relative_to=None: raw)
+    return merges
+
+
+class RecipeObjective:
+    """Scores a recorded merge by a function of its recipe (or a candidate by name)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def score(self, checkpoint):
+        path = Path(checkpoint) / "recipe.json"
+        value = self.fn(json.loads(path.read_text()) if path.exists() else str(checkpoint))
+        self.calls.append(value)
+        return value
+
+
+def _es_by_hand(f, start, bounds, budget, population, sigma, seed):
+    """The (1+λ) evolution strategy of `evolve`'s docstring, written out: the points scored in order."""
+    rng, best = random.Random(seed), dict(start)
+    best_score, scored = f(best), [dict(start)]
+    while len(scored) < budget:
+        children = []
+        for _ in range(min(population, budget - len(scored))):
+            child = {p: min(hi, max(lo, best[p] + rng.gauss(0, sigma) * (hi - lo))) for p, (lo, hi) in bounds.items()}
+            children.append(child)
+            scored.append(child)
+        top = max(children, key=f)
+        if f(top) > best_score:
+            best, best_score, sigma = top, f(top), sigma * 1.5
+        else:
+            sigma *= 0.7
+    return scored, best
+
+
+def _target(point):
+    return -(point["models.1.parameters.weight"] - 0.3) ** 2 - (point["parameters.t"] - 1.9) ** 2
+
+
+@pytest.mark.parametrize("f, budget, population, sigma, seed", [
+    (_target, 9, 3, 0.5, 5),  # the last generation cut to the budget; a clamp is hit
+    (_target, 13, 4, 0.1, 1),
+    (lambda point: 0.0, 7, 2, 0.25, 0),  # a flat objective: a tie is no improvement
+])
+def test_evolve_is_the_one_plus_lambda_strategy_written_out(recorded_merges, tmp_path, f, budget, population, sigma,
+                                                            seed):
+    recipe = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}},
+                                                   {"model": "b", "parameters": {"weight": 0.9}}]}
+    bounds = {"models.1.parameters.weight": (0.0, 1.0), "parameters.t": (-2.0, 2.0)}
+
+    def of_recipe(r):
+        return f({"models.1.parameters.weight": r["models"][1]["parameters"]["weight"], "parameters.t": r["parameters"]["t"]})
+
+    spec = {"recipe": recipe, "search": {k: list(v) for k, v in bounds.items()}, "evaluation": {"task": "x"},
+            "budget": budget, "population": population, "sigma": sigma, "seed": seed}
+    result = search.evolve(spec, RecipeObjective(of_recipe), tmp_path / "out")
+    start = {"models.1.parameters.weight": 0.9, "parameters.t": 0.0}
+    points, best = _es_by_hand(f, start, bounds, budget, population, sigma, seed)
+    history = recorded_merges[-1][1]["record"]["history"]
+    assert [h["point"] for h in history] == points and result["best"] == best and result["evaluations"] == budget
+    assert result["score"] == f(best) == max(h["score"] for h in history)
+    assert recorded_merges[-1][0] == result["recipe"] and result["recipe"]["parameters"]["t"] == best["parameters.t"]
+    assert [kw["seed"] for _, kw in recorded_merges] == [seed] * (budget + 1)
+    assert not list(tmp_path.glob(".out.merge-*"))
+    if budget == 9:
+        assert any(v in (lo, hi) for p in points for k, (lo, hi) in bounds.items() for v in [p[k]])
+
+
+def test_greedy_soup_keeps_a_candidate_only_when_the_soup_strictly_improves(recorded_merges, tmp_path):
+    alone = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 0.5}
+    soups = {("b", "c"): 3.0, ("a", "b"): 3.5, ("a", "b", "d"): 4.0}  # c ties the soup: not kept
+
+    def fn(r):
+        if isinstance(r, str):
+            return alone[r]
+        return soups[tuple(sorted(m["model"] for m in r["models"]))]
+
+    raw = {"merge_method": "greedy_soup", "models": ["a", "b", "c", "d"], "evaluation": {"task": "x"}, "dtype": "float32"}
+    result = search.greedy_soup(raw, RecipeObjective(fn), tmp_path / "out")
+    assert result["kept"] == ["b", "a", "d"] and result["score"] == 4.0
+    assert result["trials"] == [{"model": "c", "score": 3.0, "kept": False}, {"model": "a", "score": 3.5, "kept": True},
+                                {"model": "d", "score": 4.0, "kept": True}]
+    final, kw = recorded_merges[-1]
+    assert final == {"merge_method": "linear", "dtype": "float32",
+                     "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("b", "a", "d")]}
+    assert kw["record"]["individual_scores"] == alone and kw["record"]["search"] == "greedy_soup"
