@@ -186,7 +186,8 @@ def test_build_verifiers_plugins_and_whole_refusals(monkeypatch):
                                         "it takes none (and weight)"),
         ({"number": {"feild": 1, "b": 2}}, "objective_args.verifiers.number: unknown setting(s) b, feild; "
                                           "it takes field, tolerance (and weight)"),
-        ({"regex": {"pattern": 5}}, "objective_args.verifiers.regex: first argument must be string or compiled pattern"),
+        ({"regex": {"pattern": 5}},
+         "objective_args.verifiers.regex: first argument must be string or compiled pattern"),
     ]
     for spec, message in refusals:
         with pytest.raises(ConfigError) as e:
@@ -482,7 +483,8 @@ def test_evolve_is_the_one_plus_lambda_strategy_written_out(recorded_merges, tmp
     bounds = {"models.1.parameters.weight": (0.0, 1.0), "parameters.t": (-2.0, 2.0)}
 
     def of_recipe(r):
-        return f({"models.1.parameters.weight": r["models"][1]["parameters"]["weight"], "parameters.t": r["parameters"]["t"]})
+        return f({"models.1.parameters.weight": r["models"][1]["parameters"]["weight"],
+                  "parameters.t": r["parameters"]["t"]})
 
     spec = {"recipe": recipe, "search": {k: list(v) for k, v in bounds.items()}, "evaluation": {"task": "x"},
             "budget": budget, "population": population, "sigma": sigma, "seed": seed}
@@ -508,7 +510,8 @@ def test_greedy_soup_keeps_a_candidate_only_when_the_soup_strictly_improves(reco
             return alone[r]
         return soups[tuple(sorted(m["model"] for m in r["models"]))]
 
-    raw = {"merge_method": "greedy_soup", "models": ["a", "b", "c", "d"], "evaluation": {"task": "x"}, "dtype": "float32"}
+    raw = {"merge_method": "greedy_soup", "models": ["a", "b", "c", "d"], "evaluation": {"task": "x"},
+           "dtype": "float32"}
     result = search.greedy_soup(raw, RecipeObjective(fn), tmp_path / "out")
     assert result["kept"] == ["b", "a", "d"] and result["score"] == 4.0
     assert result["trials"] == [{"model": "c", "score": 3.0, "kept": False}, {"model": "a", "score": 3.5, "kept": True},
