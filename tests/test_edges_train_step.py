@@ -157,3 +157,126 @@ def test_a_float32_step_asks_for_no_autocast(corpus, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer.train_step()
+
+
+# -- the run around the steps --------------------------------------------------------------------
+
+
+class _Clock:
+    """perf_counter for the loop: each call `tick` seconds later, from `start`."""
+
+    def __init__(self, start: float = 100.0, tick: float = 1.0):
+        self.now, self.tick = start - tick, tick
+
+    def perf_counter(self):
+        self.now += self.tick
+        return self.now
+
+
+def _fake_steps(trainer, monkeypatch, losses=None, on_step=None):
+    """Replace the step by a counter (the run around it is under test): loss `losses[step]`, aux
+    0.5; as the real step, one with a non-finite loss is not counted."""
+    import math
+
+    def step():
+        loss = losses[trainer.step] if losses else 1.0
+        if math.isfinite(loss):
+            trainer.step += 1
+        if on_step:
+            on_step(trainer.step)
+        return loss, 0.5, 1.0, 1e-3
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    monkeypatch.setattr(trainer, "evaluate", lambda: 2.0)
+
+
+def test_throughput_is_tokens_over_the_step_time(corpus, tmp_path, monkeypatch):
+    """A quarter of a second a clock read: 4× the step's tokens a second; MFU in proportion."""
+    from test_train import records
+
+    from llmctl.core.train import loop
+
+    monkeypatch.setattr(loop, "time", _Clock(tick=0.25))
+    trainer = _trainer(corpus, tmp_path, "max_steps=2", "batch_size=3", "eval_every=0")
+    _fake_steps(trainer, monkeypatch)
+    trainer.run()
+    rows = [r for r in records(trainer.outdir) if "loss" in r]
+    assert [r["tokens_per_s"] for r in rows] == [4 * 3 * 32] * 2
+    assert rows[0]["mfu"] == pytest.approx(trainer.flops_per_token * 4 * 3 * 32 / trainer.peak, rel=1e-12)
+    assert [r["aux_loss"] for r in rows] == [0.5, 0.5]
+
+
+def test_the_last_step_is_evaluated_and_saved_once(corpus, tmp_path, monkeypatch):
+    """eval_every and save_every dividing max_steps: evaluations at 2 and 4 (the last once, after
+    the loop), checkpoints at 2 and 4 only."""
+    trainer = _trainer(corpus, tmp_path, "max_steps=4", "eval_every=2", "save_every=2", "keep_last=5")
+    _fake_steps(trainer, monkeypatch)
+    evaluated, saved, save = [], [], trainer.save
+    monkeypatch.setattr(trainer, "evaluate", lambda: evaluated.append(trainer.step) or 2.0)
+    monkeypatch.setattr(trainer, "save", lambda: saved.append(trainer.step) or save())
+    result = trainer.run()
+    assert (evaluated, saved, result.val_loss) == ([2, 4], [2, 4], 2.0)
+
+
+def test_a_non_finite_loss_names_its_step_and_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    from llmctl.core.train.loop import NonFiniteLoss
+
+    trainer = _trainer(corpus, tmp_path, "max_steps=4", "save_every=2", "eval_every=0")
+    _fake_steps(trainer, monkeypatch, losses=[1.0, 1.0, float("nan"), 1.0])
+    with pytest.raises(NonFiniteLoss) as caught:
+        trainer.run()
+    assert str(caught.value) == (f"non-finite loss (nan) at step 3; the last good checkpoint is "
+                                 f"{trainer.outdir / 'checkpoints' / 'step-000002'}")
+    resumed = _trainer(corpus, tmp_path, "max_steps=4", "eval_every=0")
+    resumed.resume_from = tmp_path / "resumed-from"
+    _fake_steps(resumed, monkeypatch, losses=[float("inf")])
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite loss \(inf\) at step 1; the last good checkpoint is "
+                                             rf"{resumed.resume_from}$"):
+        resumed.run()
+    fresh = _trainer(corpus, tmp_path, "max_steps=4", "eval_every=0")
+    _fake_steps(fresh, monkeypatch, losses=[float("nan")])
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite loss \(nan\) at step 1$"):
+        fresh.run()
+
+
+def test_sigterm_saves_reports_and_exits_143(corpus, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from _recorder import Recorder
+
+    trainer = _trainer(corpus, tmp_path, "max_steps=6", "save_every=0", "eval_every=0")
+    trainer.report = report = Recorder()
+    report.info = lambda message: report.calls.append(("info", message))
+    _fake_steps(trainer, monkeypatch, on_step=lambda step: step == 2 and os.kill(os.getpid(), signal.SIGTERM))
+    result = trainer.run()
+    checkpoint = trainer.outdir / "checkpoints" / "step-000002"
+    assert (result.step, result.exit_code, result.checkpoint) == (2, 143, checkpoint)
+    assert ("info", f"stopped by SIGTERM after step 2; checkpoint {checkpoint}") in report.calls
+    assert not (trainer.outdir / "model.safetensors").exists()  # not published: the run is not over
+    assert report.steps()[0] == ("progress", "train", 6, "step")
+    updates = [kw for name, *rest in report.calls if name == "update" for kw in rest]
+    assert updates[0] == {"completed": 0} and updates[1] == {"completed": 1, "loss": 1.0, "tok_s": updates[1]["tok_s"]}
+    assert updates[2]["completed"] == 2 and isinstance(updates[1]["tok_s"], int) and updates[1]["tok_s"] > 0
+
+
+def test_max_time_refits_on_its_own_clock_from_a_resumed_step(corpus, tmp_path, monkeypatch):
+    """Refits every TIMED_STEPS timed steps counted from where the run (re)started, or when a
+    twentieth of the budget has passed since the last fit (at exactly that time too); the elapsed
+    time is measured from the loop's start, not from the clock's zero."""
+    from llmctl.core.train import loop
+
+    def fits(*overrides, start_step=0):
+        calls = []
+        monkeypatch.setattr(loop, "time", _Clock(start=100.0))
+        trainer = _trainer(corpus, tmp_path, "max_steps=40", "eval_every=0", "save_every=0", *overrides)
+        trainer.step = start_step
+        monkeypatch.setattr(trainer, "_fit_time_budget", lambda elapsed, rate: calls.append((elapsed, rate)))
+        _fake_steps(trainer, monkeypatch)
+        trainer.run()
+        return calls
+
+    # three clock reads a step, one before the loop: the k-th step of the run ends at 3k after the start
+    assert fits("max_time=20") == [(33.0, 10 / 30), (63.0, 20 / 60), (93.0, 30 / 90)]  # the count alone
+    assert fits("max_time=20", start_step=25) == [(33.0, 10 / 30)]  # 15 steps left: one refit at the 11th
+    assert fits("max_time=1")[:2] == [(6.0, 1 / 3), (9.0, 2 / 6)]  # 3 s = a twentieth of a minute: every step
