@@ -243,3 +243,14 @@ def test_stored_outputs_need_token_shards_and_give_a_preset_their_vocabulary(cor
                      "on the shards they were made from with sampling=sequential",
              "model=nano", f"tokenizer={corpus['tok']}", f"objective_args.teacher_outputs={store}",
              "sampling=sequential", data=corpus["text"])
+
+
+def test_shards_without_their_tokenizer_are_refused_against_the_teachers(corpus, models, tmp_path):  # noqa: F811
+    """Shards whose tokenizer copy is gone give the plan no tokenizer: the teacher's cannot match."""
+    from llmctl.core.tokenizer import load_tokenizer
+
+    shards = shutil.copytree(corpus["shards"], tmp_path / "shards")
+    shutil.rmtree(shards / "tokenizer")
+    _refused(corpus, f"the teacher's tokenizer ({load_tokenizer(models['teacher']).hash}) is not the student's "
+                     "(None): distillation needs the same token ids; encode the data with the teacher's tokenizer",
+             "model=nano", f"objective_args.teacher={models['teacher']}", data=shards)
