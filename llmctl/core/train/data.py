@@ -231,9 +231,8 @@ def split_text(files: list[Path], val_fraction: float) -> tuple[list, list]:
         elif offset >= cut:
             val.append((path, 0, size))
         else:
-            local = _next_newline(path, cut - offset)
-            if local > 0:
-                train.append((path, 0, local))
+            local = _next_newline(path, cut - offset)  # > 0: the cut is inside this file
+            train.append((path, 0, local))
             if local < size:
                 val.append((path, local, size))
         offset += size
