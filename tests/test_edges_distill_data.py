@@ -423,7 +423,7 @@ def test_text_stream_fills_a_row_from_two_passes_at_most(tmp_path):
 
 def test_text_stream_reads_only_its_segment_and_decodes_bad_bytes_as_replacements(texts, tmp_path):
     """A train part that ends inside a file stops there, and the held-out part starts there (each
-    equal to the windows of its own text); bytes that are not UTF-8 become U+FFFD; a block that the
+    equal to the windows of its own text), as does a byte range that ends inside a line; bytes that are not UTF-8 become U+FFFD; a block that the
     tokenizer encodes to nothing leaves the rows int64."""
     import numpy as np
 
@@ -433,10 +433,12 @@ def test_text_stream_reads_only_its_segment_and_decodes_bad_bytes_as_replacement
     train, val = split_text([a], 0.5)
     (_, _, cut), = train
     assert 0 < cut < len(A_TEXT) and A_TEXT[cut - 1] == "\n" and val == [(a, cut, len(A_TEXT))]
-    for segments, text in ((train, A_TEXT[:cut]), (val, A_TEXT[cut:])):
+    mid_line = [(a, 0, 40)]  # ends 7 bytes into a line, after a first block of 33 bytes
+    for segments, text in ((train, A_TEXT[:cut]), (val, A_TEXT[cut:]), (mid_line, A_TEXT[:40])):  # two passes
         stream = TextStream(segments, encode, EOS, 8)
         reference = _ids(text) + [EOS]
-        assert [stream.next_row().tolist() for _ in range(12)] == _text_windows(reference, 0, 12)
+        count = 2 * len(reference) // 8
+        assert [stream.next_row().tolist() for _ in range(count)] == _text_windows(reference, 0, count)
 
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok \xff\xfe then text\n")
@@ -501,10 +503,11 @@ def test_text_validation_too_short_for_a_row_gives_no_batches(texts, tmp_path):
     assert data.val_batches() == []
 
 
-def test_split_text_holds_out_the_last_fraction_cut_after_a_newline(tmp_path):
+def test_split_text_holds_out_the_last_fraction_cut_after_a_newline(tmp_path, monkeypatch):
     """Files a (120 B), an empty one, b (80 B): a quarter held out cuts b after the newline at or
     past byte 150; holding out everything leaves no training text; a line without a newline in the
     64 KiB after the cut is cut there; empty data is refused."""
+    from llmctl.core.train import data
     from llmctl.core.train.data import TextStream, split_text
     from llmctl.errors import DataError
 
@@ -525,9 +528,11 @@ def test_split_text_holds_out_the_last_fraction_cut_after_a_newline(tmp_path):
     cut = 100_000 + (1 << 16)
     assert split_text([long], 0.5) == ([(long, 0, cut)], [(long, cut, 200_001)])
     assert split_text([long], 0.2) == ([(long, 0, 180_001)], [(long, 180_001, 200_001)])
-    # the train part ends inside the long line: a block grows to the next newline, but not past the part
-    stream = TextStream([(long, 0, cut)], lambda s: [len(s)], EOS, 2)
-    assert stream.next_row().tolist() == [cut, EOS, cut]
+    # the train part ends inside the long line: a 32-byte block grows towards the next newline, in
+    # reads of 4 kB, but not past the part
+    monkeypatch.setattr(data, "BLOCK_BYTES", 32)
+    stream = TextStream([(long, 10, cut)], lambda s: [len(s)], EOS, 2)
+    assert stream.next_row().tolist() == [cut - 10, EOS, cut - 10]
 
     one = tmp_path / "one.txt"
     one.write_bytes(b"x")
