@@ -520,6 +520,7 @@ def test_split_text_holds_out_the_last_fraction_cut_after_a_newline(tmp_path, mo
     assert split_text([a, empty, b], 0.0) == ([(a, 0, 120), (b, 0, 80)], [])
     assert split_text([a, b], 0.45) == ([(a, 0, 120)], [(b, 0, 80)])  # 110 → a's end
     assert split_text([a, b], 0.75) == ([(a, 0, 60)], [(a, 60, 120), (b, 0, 80)])  # 50 → 60
+    assert split_text([a, b, a], 0.25) == ([(a, 0, 120), (b, 0, 80), (a, 0, 60)], [(a, 60, 120)])  # 240 → 260
     with pytest.raises(DataError, match=r"^no training text left after holding out the validation part$"):
         split_text([a, b], 1.0)
 
