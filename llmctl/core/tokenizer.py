@@ -28,6 +28,7 @@ from llmctl.errors import CheckpointError, DataError, UsageError
 ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 EOT, PAD, MASK, UNK = "<|endoftext|>", "<|pad|>", "<|mask|>", "<unk>"
 NORMALIZATIONS = ("none", "nfc", "nfkc", "nfd", "nfkd")
+JINJA = "chat_template.jinja"  # where transformers 5's save_pretrained puts the template
 
 ALGORITHMS: Registry[type["Algorithm"]] = Registry("tokenizer algorithm")
 
@@ -218,8 +219,6 @@ def train_tokenizer(spec: TrainSpec, batches: Iterable[list[str]]) -> "Tok":
     except Exception as exc:  # the Rust trainer reports e.g. a vocab too small for unigram
         if isinstance(exc, (DataError, UsageError)):
             raise
-        if documents == 0:
-            raise DataError("empty corpus: no text to train on") from None
         if "not large enough" in str(exc):
             raise UsageError(f"--vocab-size {spec.vocab_size} is smaller than the alphabet: the corpus has more "
                              f"distinct characters than fit with {len(specials)} special tokens") from None
@@ -358,10 +357,9 @@ class Tok:
         from llmctl.core.io import atomic_file, write_json
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         with atomic_file(directory / "tokenizer.json", "w", force=True, encoding="utf-8") as f:
             f.write(self.inner.to_str(pretty=True))
-        write_json(directory / "tokenizer_config.json", self.config)
+        _write_config(directory, self.config)
         write_json(directory / "special_tokens_map.json", self.special_tokens)
 
 
@@ -389,14 +387,13 @@ def load_tokenizer(path: str | Path) -> Tok:
         why = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise CheckpointError(f"{file}: not a valid tokenizers file ({why})") from None
     config = _read_json(directory / "tokenizer_config.json")
-    jinja = directory / "chat_template.jinja"  # where recent transformers' save_pretrained puts it
-    if config.get("chat_template") is None and jinja.is_file():
+    jinja = directory / JINJA
+    if jinja.is_file():  # transformers reads it before the config's template
         config["chat_template"] = jinja.read_text(encoding="utf-8")
     special_map = _read_json(directory / "special_tokens_map.json")
-    for role in ROLES:  # older directories keep the roles only in special_tokens_map.json
-        key = f"{role}_token"
-        if config.get(key) is None and (value := special_map.get(key)) is not None:
-            config[key] = value
+    for role in ROLES:  # its roles override the config's, as in transformers (older directories have only it)
+        if (value := special_map.get(f"{role}_token")) is not None:
+            config[f"{role}_token"] = value
     return Tok(inner, config, directory)
 
 
@@ -417,10 +414,18 @@ def set_template_in_dir(target: str | Path, name_or_file: str) -> list[str]:
     if added:
         tok.save(tok.path)
     else:
-        from llmctl.core.io import write_json
-
-        write_json(tok.path / "tokenizer_config.json", tok.config)
+        _write_config(tok.path, tok.config)
     return added
+
+
+def _write_config(directory: Path, config: dict[str, Any]) -> None:
+    """tokenizer_config.json, and the template into a chat_template.jinja already there (it takes precedence)."""
+    from llmctl.core.io import atomic_file, write_json
+
+    write_json(directory / "tokenizer_config.json", config)
+    if (directory / JINJA).is_file() and isinstance(config.get("chat_template"), str):
+        with atomic_file(directory / JINJA, "w", force=True, encoding="utf-8") as f:
+            f.write(config["chat_template"])
 
 
 def _read_json(path: Path) -> dict[str, Any]:

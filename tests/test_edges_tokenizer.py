@@ -1,0 +1,320 @@
+"""Edges of `core/tokenizer.py`, `core/data/split.py` and `core/data/shards.py`.
+
+The trained pipelines are compared with transformers' own GPT-2, Llama and BERT tokenizers built
+from the same vocabulary and merges; BPE's first merges and `min_frequency` with merges worked
+out by hand; the files with what transformers reads from them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import transformers
+from test_tokenize import CORPUS, MESSAGES, MULTILINGUAL, UNSEEN
+
+from llmctl.core.tokenizer import ALGORITHMS, Algorithm, TrainSpec, load_tokenizer, set_template_in_dir, train_tokenizer
+from llmctl.errors import CheckpointError, DataError, UsageError
+
+#: spaces before punctuation and contractions: what `clean_up_tokenization_spaces` would remove
+SPACED = "Hello , world . I 'm here ! Don 't go ?"
+
+
+def _train(algo, vocab_size=400, min_frequency=1, corpus=CORPUS, **kw):
+    return train_tokenizer(TrainSpec(algo=algo, vocab_size=vocab_size, min_frequency=min_frequency, **kw), [corpus])
+
+
+def _model(tok) -> dict:
+    return json.loads(tok.inner.to_str())["model"]
+
+
+def _reference(algo, tok):
+    """transformers' tokenizer of the family `algo` follows, from our vocabulary and merges."""
+    model = _model(tok)
+    if algo == "wordpiece":
+        return transformers.BertTokenizer(vocab=model["vocab"], do_lower_case=False, strip_accents=False)
+    cls = transformers.GPT2Tokenizer if algo == "bytelevel" else transformers.LlamaTokenizer
+    return cls(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+
+
+@pytest.mark.parametrize("algo", ["bytelevel", "bpe", "bpe_bytes", "wordpiece"])
+def test_trained_pipelines_encode_as_transformers_builds_them(algo):
+    """GPT-2 (byte-level BPE), Llama (metaspace BPE, byte fallback) and BERT (WordPiece) from our
+    vocabulary: the same ids, frames ([CLS] a [SEP] b [SEP], type ids) and decoded text."""
+    tok = _train(algo)
+    ref = _reference(algo, tok)
+    texts = list(MULTILINGUAL)
+    if algo != "bpe":  # plain BPE has <unk> where Llama's (byte fallback) has bytes
+        texts += [SPACED, "ÀÉÎ Straße ÅNGSTRÖM 中文ab", UNSEEN]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert tok.encode(text, add_special_tokens=True) == ref.encode(text), text
+        if algo != "bpe" and algo != "bpe_bytes":  # Llama's decoder strips the first space; ours keeps text as is
+            assert tok.decode(ids) == ref.decode(ids, clean_up_tokenization_spaces=False), text
+    assert tok.encode_batch(texts) == [ref.encode(t, add_special_tokens=False) for t in texts]
+    assert tok.encode_batch(texts, add_special_tokens=True) == [ref.encode(t) for t in texts]
+    if algo == "wordpiece":
+        pair = tok.inner.encode("Hi there", "Bye now")
+        expected = ref("Hi there", "Bye now")
+        assert pair.ids == expected["input_ids"] and pair.type_ids == expected["token_type_ids"]
+        assert tok.encode(UNSEEN).count(tok.unk_id) == len(UNSEEN.split()) - 1  # \x00 is dropped, as BERT cleans it
+    mine = json.loads(tok.inner.to_str())
+    theirs = json.loads(ref.backend_tokenizer.to_str())
+    if algo in ("bytelevel", "wordpiece"):  # the very same normalizer, pre-tokenizer and decoder
+        assert [mine[k] for k in ("normalizer", "pre_tokenizer", "decoder")] == \
+               [theirs[k] for k in ("normalizer", "pre_tokenizer", "decoder")]
+    else:
+        assert mine["normalizer"] is None and theirs["normalizer"] is None
+
+
+def test_byte_fallback_layout_and_merges_are_plain_bpes():
+    """bpe_bytes at V: the merges of bpe at V - 256, the trainer's ids shifted past the 256 byte
+    tokens, every id in 0 … V-1 exactly once, `<unk>` kept, and decoding bytes back to text."""
+    bytes_tok, plain = _train("bpe_bytes", 400), _train("bpe", 400 - 256)
+    model, base = _model(bytes_tok), _model(plain)
+    assert model["merges"] == base["merges"] and model["byte_fallback"] and model["unk_token"] == "<unk>"
+    first = len(plain.inner.get_added_tokens_decoder())
+    assert {t: (i if i < first else i + 256) for t, i in base["vocab"].items()} == \
+           {t: i for t, i in model["vocab"].items() if not t.startswith("<0x")}
+    assert sorted(model["vocab"].values()) == list(range(400)) == sorted(bytes_tok.inner.get_vocab().values())
+    assert [model["vocab"][f"<0x{b:02X}>"] for b in range(256)] == list(range(first, first + 256))
+    ids = bytes_tok.encode("ქ")
+    assert ids == [bytes_tok.inner.token_to_id("▁"), *(first + b for b in "ქ".encode())]
+    assert bytes_tok.decode(ids) == "ქ"
+    assert bytes_tok.decode(bytes_tok.encode("a ქ b")) == "a ქ b"
+
+
+def test_byte_fallback_reads_merges_saved_as_strings():
+    """tokenizers before 0.20 saved each merge as "a b": post-processing reads that form too."""
+    from tokenizers import Tokenizer
+
+    class Saved:  # a trained tokenizer as tokenizers 0.19 serialized it
+        def __init__(self, tok):
+            self.tok, data = tok, json.loads(tok.to_str())
+            data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+            self.text = json.dumps(data)
+
+        def to_str(self):
+            return self.text
+
+        def get_added_tokens_decoder(self):
+            return self.tok.get_added_tokens_decoder()
+
+    old = Saved(_train("bpe", 400 - 256).inner)
+    ALGORITHMS.get("bpe_bytes")().post_process(old)
+    assert json.loads(Tokenizer(old.model).to_str())["model"] == _model(_train("bpe_bytes", 400))
+
+
+@pytest.mark.parametrize("algo", ["bytelevel", "bpe", "wordpiece"])
+def test_min_frequency_by_hand(algo):
+    """"ab ab ab cd": the pair (a, b) occurs 3 times, (▁/Ġ, a) 2 or 3, the rest once. At
+    min_frequency 4 nothing is merged; at 3 "ab" is; at 2 (byte-level) also "Ġab"."""
+    corpus = ["ab ab ab cd"]
+    word_start = {"bytelevel": "Ġ", "bpe": "▁", "wordpiece": "##"}[algo]
+
+    def learned(min_frequency):
+        tok = _train(algo, 300 if algo == "bytelevel" else 60, min_frequency, corpus)
+        return {t for t in tok.inner.get_vocab() if len(t.replace(word_start, "")) > 1 and not t.startswith("<")
+                and not t.startswith("[")}
+
+    assert learned(4) == set()
+    if algo == "bytelevel":  # words "ab", "Ġab", "Ġab", "Ġcd": (a,b) 3, then (Ġ,ab) 2
+        assert learned(3) == {"ab"} and learned(2) == {"ab", "Ġab"}
+    elif algo == "bpe":  # "▁ab" ×3: (▁,a) and (a,b) tie at 3, the two merges make ▁ab either way
+        assert "▁ab" in learned(3) and len(learned(3)) == 2
+    else:  # "a ##b" ×3, "c ##d" once
+        assert learned(3) == {"ab"} and learned(1) == {"ab", "cd"}
+
+
+@pytest.mark.parametrize("algo", ["bpe", "bytelevel", "wordpiece", "unigram"])
+def test_vocab_size_is_the_target_and_bpe_merges_are_greedy(algo):
+    """A corpus with more to learn than the target: exactly `vocab_size` tokens; BPE's merges at a
+    smaller target are the first merges of a larger one (the algorithm is greedy)."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 8))) for _ in range(300)]
+    corpus = [" ".join(rng.choice(words) for _ in range(30)) for _ in range(200)]
+    sizes = (400,) if algo == "unigram" else (280, 400)
+    toks = [_train(algo, size, corpus=corpus) for size in sizes]
+    assert [t.vocab_size for t in toks] == list(sizes)
+    if algo in ("bpe", "bytelevel"):
+        small, large = (_model(t)["merges"] for t in toks)
+        assert small == large[:len(small)] and len(large) - len(small) == 120
+
+
+@pytest.mark.parametrize("algo", ["bpe", "char", "unigram"])
+def test_unknown_characters_become_the_unk_token(algo):
+    tok = _train(algo)
+    assert tok.unk_id == tok.inner.token_to_id("<unk>") is not None
+    ids = tok.encode("ab ქ")
+    assert tok.unk_id in ids and tok.decode(ids).startswith("ab")
+    if algo == "char":  # the alphabet alone, special tokens first
+        assert all(len(t) == 1 for t in tok.inner.get_vocab() if not t.startswith("<"))
+        assert tok.inner.token_to_id("<|endoftext|>") == 0 and tok.inner.token_to_id("<|im_end|>") is not None
+    if algo == "unigram":
+        assert _model(tok)["unk_id"] == tok.unk_id
+
+
+def test_vocab_size_limits_and_messages():
+    with pytest.raises(UsageError, match=r"^--vocab-size 0: must be positive$"):
+        _train("bpe", 0)
+    with pytest.raises(UsageError, match=r"^--vocab-size 1 is smaller than the alphabet: the corpus has 83 distinct "
+                                         r"symbols \+ 6 special tokens; use at least 89$"):
+        _train("bpe", 1)
+    needed = 256 + 6  # bytes + bos/eos, pad, mask, <|im_start|>, <|im_end|>, <|x|>
+    tok = _train("bytelevel", needed, special_tokens=["<|x|>"])  # the alphabet alone fits exactly
+    assert tok.vocab_size == needed and _model(tok)["merges"] == []
+    with pytest.raises(UsageError, match=rf"^--vocab-size {needed - 1} is smaller than the alphabet: bytelevel needs "
+                                         rf"at least {needed} \(256 bytes \+ 6 special tokens\)$"):
+        _train("bytelevel", needed - 1, special_tokens=["<|x|>"])
+    with pytest.raises(UsageError, match=r"^--normalize nfx: expected one of none, nfc, nfkc, nfd, nfkd$"):
+        _train("bpe", normalize="nfx")
+
+
+def test_empty_corpus_and_empty_batches():
+    for batches in ([], [[]], [[], []]):
+        with pytest.raises(DataError, match="^empty corpus: no text to train on$"):
+            train_tokenizer(TrainSpec(algo="bpe", vocab_size=300), iter(batches))
+    tok = train_tokenizer(TrainSpec(algo="bpe", vocab_size=300, min_frequency=1), iter([CORPUS, []]))
+    assert tok.vocab_size > 100  # a last empty batch is not an empty corpus
+
+
+def test_a_failing_trainer_is_one_usage_error(monkeypatch):
+    class Failing(Algorithm):
+        def build(self, vocab_size, min_frequency, specials):
+            tok, trainer = ALGORITHMS.get("bpe")().build(vocab_size, min_frequency, specials)
+            return tok, "not a trainer"
+
+    monkeypatch.setitem(ALGORITHMS._items, "failing-test", Failing)
+    with pytest.raises(UsageError, match=r"^tokenizer training failed \(failing-test, --vocab-size 300\): "):
+        train_tokenizer(TrainSpec(algo="failing-test", vocab_size=300), [CORPUS])
+
+
+@pytest.mark.parametrize("lowercase, normalize, text, expected", [
+    (False, "none", "ＡＢ Ab", "ＡＢ Ab"), (True, "none", "ＡＢ Ab", "ａｂ ab"), (False, "nfkc", "ＡＢ Ab", "AB Ab"),
+    (True, "nfkc", "ＡＢ Ab", "ab ab"), (False, "nfd", "é", "e\u0301"),
+])
+def test_normalizers_as_tokenizers_applies_them(lowercase, normalize, text, expected):
+    """The normalizer is absent (null, as GPT-2's) without options, the single step itself with one,
+    and a sequence in order with two; WordPiece keeps BERT's normalizer first."""
+    tok = _train("bpe", lowercase=lowercase, normalize=normalize)
+    data = json.loads(tok.inner.to_str())["normalizer"]
+    steps = int(lowercase) + (normalize != "none")
+    assert (data is None) == (steps == 0) and (data is None or (data["type"] == "Sequence") == (steps == 2))
+    if steps:
+        assert tok.inner.normalizer.normalize_str(text) == expected
+    wp = json.loads(_train("wordpiece", lowercase=lowercase, normalize=normalize).inner.to_str())["normalizer"]
+    assert (wp["normalizers"][0] if steps else wp)["type"] == "BertNormalizer"
+
+
+def test_files_and_what_transformers_reads(tmp_path):
+    """The config transformers reads: its fast class, no clean-up of spaces (decode is the
+    tokenizer's), no length limit; the roles also in special_tokens_map.json."""
+    tok = _train("bytelevel")
+    assert tok.config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tok.save(tmp_path / "a" / "b")  # parents made
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "a" / "b"))
+    ids = tok.encode(SPACED)
+    assert hf.decode(ids) == tok.decode(ids) == SPACED
+    assert hf.model_max_length == transformers.tokenization_utils_base.VERY_LARGE_INTEGER
+    assert json.loads((tmp_path / "a" / "b" / "special_tokens_map.json").read_text()) == tok.special_tokens == {
+        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>"}
+
+
+def test_roles_as_added_tokens_and_from_the_special_tokens_map(tmp_path):
+    """Roles may be serialized AddedTokens; special_tokens_map.json's override the config's, as
+    transformers reads them (older directories have them only there)."""
+    tok = _train("bpe")
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["bos_token"] = {"__type": "AddedToken", "content": "<|pad|>", "special": True}
+    for role in ("eos", "mask", "unk"):
+        config.pop(f"{role}_token")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<unk>", "eos_token": {"content": "<|mask|>"}, "mask_token": "<|endoftext|>"}))
+    loaded = load_tokenizer(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (loaded.bos_id, loaded.eos_id, loaded.mask_id) == (hf.bos_token_id, hf.eos_token_id, hf.mask_token_id)
+    assert (loaded.token("bos"), loaded.token("eos"), loaded.token("mask"), loaded.unk_id) == (
+        "<unk>", "<|mask|>", "<|endoftext|>", None)
+    (tmp_path / "special_tokens_map.json").unlink()
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.token("bos") == "<|pad|>" and loaded.bos_id == tok.pad_id and loaded.eos_id is None
+
+
+def test_chat_template_jinja_takes_precedence_as_in_transformers(tmp_path):
+    """transformers 5 reads chat_template.jinja before the config's template; set-template writes
+    both, so the two keep agreeing."""
+    tok = _train("bytelevel", 300)
+    tok.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    expected = hf.apply_chat_template(MESSAGES[:2], tokenize=False)
+    assert load_tokenizer(tmp_path).apply_chat_template(MESSAGES[:2]) == expected == "[You are terse.][Hi there]"
+    assert set_template_in_dir(tmp_path, "chatml") == []
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert load_tokenizer(tmp_path).apply_chat_template(MESSAGES) == \
+           hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) != expected
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"] == \
+           (tmp_path / "chat_template.jinja").read_text()
+
+
+def test_chat_template_kwargs_and_missing_template(tmp_path):
+    tok = _train("bytelevel", 300)
+    tok.config["chat_template"] = "{{ greeting }}{% for m in messages %} {{ m.content }}{% endfor %}"
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    mine = load_tokenizer(tmp_path).apply_chat_template(MESSAGES[:2], greeting="Hey")
+    assert mine == hf.apply_chat_template(MESSAGES[:2], tokenize=False, greeting="Hey") == "Hey You are terse. Hi there"
+    tok.config.pop("chat_template")
+    with pytest.raises(UsageError, match=r"^tokenizer has no chat template \(set one: llmctl tokenize set-template\)$"):
+        tok.apply_chat_template(MESSAGES)
+    tok.save(tmp_path / "plain")
+    with pytest.raises(UsageError, match=rf"^tokenizer in {tmp_path / 'plain'} has no chat template \(set one: "):
+        load_tokenizer(tmp_path / "plain").apply_chat_template(MESSAGES)
+
+
+def test_set_template_updates_the_hash_and_fits_exactly(tmp_path):
+    tok = _train("bpe", 300, chat_template="llama3")
+    before = tok.hash  # cached
+    assert tok.set_chat_template("chatml") == ["<|im_start|>", "<|im_end|>"]
+    tok.save(tmp_path / "t")
+    assert tok.hash != before and tok.hash == load_tokenizer(tmp_path / "t").hash
+
+    tok = _train("bpe", 300, chat_template="llama3")
+    tok.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"vocab_size": tok.vocab_size + 1}))
+    with pytest.raises(UsageError, match=rf"^template chatml needs 2 new special token\(s\) \(<\|im_start\|> "
+                                         rf"<\|im_end\|>\), which would make the vocabulary {tok.vocab_size + 2} but"):
+        set_template_in_dir(tmp_path / "ckpt", "chatml")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"vocab_size": tok.vocab_size + 2}))
+    assert set_template_in_dir(tmp_path / "ckpt", "chatml") == ["<|im_start|>", "<|im_end|>"]
+
+
+def test_pieces_and_load_errors(tmp_path):
+    wp = _train("wordpiece")
+    assert [p[0] for p in wp.pieces("Hi there")] == wp.encode("Hi there")  # no [CLS] / [SEP]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text('{"model": 3}')
+    from tokenizers import Tokenizer
+    with pytest.raises(Exception) as raised:
+        Tokenizer.from_file(str(tmp_path / "bad" / "tokenizer.json"))
+    why = str(raised.value).splitlines()[0]
+    with pytest.raises(CheckpointError, match=r"^") as err:
+        load_tokenizer(tmp_path / "bad")
+    assert str(err.value) == f"{tmp_path / 'bad' / 'tokenizer.json'}: not a valid tokenizers file ({why})"
+    (tmp_path / "none").mkdir()
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path / "none")
+    assert str(err.value) == f"{tmp_path / 'none'} has no tokenizer.json (train one: llmctl tokenize train … -o DIR)"
+
+
+def test_an_adapter_directory_uses_its_bases_tokenizer(tmp_path):
+    tok = _train("bpe", 300)
+    tok.save(tmp_path / "base")
+    (tmp_path / "base" / "config.json").write_text("{}")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../base"}))
+    assert load_tokenizer(tmp_path / "adapter").hash == tok.hash
