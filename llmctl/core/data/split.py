@@ -48,34 +48,45 @@ def _pieces(doc: str, limit: int) -> list[str]:
     return [*pieces, rest]
 
 
-def _split_on(split: Callable[[str], list[str]], keep: Callable[[list[str]], list[str]],
-              chunks: Iterator[str], limit: int) -> Iterator[list[str]]:
-    """Split the text of `chunks` into documents; `keep` cleans and filters whole ones."""
-    carry = ""
+def _split_on(split: Callable[[str], list[str]], strip: bool, chunks: Iterator[str],
+              limit: int) -> Iterator[list[str]]:
+    """Split the text of `chunks` into documents, whitespace-trimmed if `strip`, blank ones dropped.
+
+    A document cut into pieces while streamed is trimmed at its two ends only, so its pieces
+    join to the document the whole text gives.
+    """
+    def keep(parts: list[str]) -> list[str]:
+        return [d.strip() if strip else d for d in parts if d and not d.isspace()]
+
+    carry, cut = "", False  # cut: pieces of the document in `carry` were yielded
     for chunk in chunks:
         parts = split(carry + chunk)
         carry = parts.pop()
-        docs = keep(parts)
+        if cut and parts:  # the cut document ends: only its tail is trimmed
+            docs = [parts[0].rstrip() if strip else parts[0], *keep(parts[1:])]
+            cut = False
+        else:
+            docs = keep(parts)
         if docs and max(map(len, docs)) > limit:
             docs = [piece for doc in docs for piece in _pieces(doc, limit)]
         if len(carry) > limit:
-            pieces, carry = _cut(carry, limit)
+            pieces, carry = _cut(carry.lstrip() if strip and not cut else carry, limit)
             docs += pieces
+            cut = cut or bool(pieces)
         yield docs
-    yield keep([carry])
+    yield [carry.rstrip() if strip else carry] if cut else keep([carry])
 
 
 @DOC_SPLITS.register("blank")
 def split_paragraphs(chunks: Iterator[str], limit: int = MAX_DOC_CHARS) -> Iterator[list[str]]:
     """Paragraphs separated by blank lines, trimmed; empty ones dropped."""
-    return _split_on(_BLANK.split, lambda parts: [d for d in map(str.strip, parts) if d], chunks, limit)
+    return _split_on(_BLANK.split, True, chunks, limit)
 
 
 @DOC_SPLITS.register("line")
 def split_lines(chunks: Iterator[str], limit: int = MAX_DOC_CHARS) -> Iterator[list[str]]:
     """Every non-blank line (without its newline)."""
-    return _split_on(lambda s: s.split("\n"), lambda parts: [d for d in parts if d and not d.isspace()],
-                     chunks, limit)
+    return _split_on(lambda s: s.split("\n"), False, chunks, limit)
 
 
 @DOC_SPLITS.register("file")
