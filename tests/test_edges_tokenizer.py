@@ -146,6 +146,8 @@ def test_vocab_size_is_the_target_and_bpe_merges_are_greedy(algo):
 @pytest.mark.parametrize("algo", ["bpe", "char", "unigram"])
 def test_unknown_characters_become_the_unk_token(algo):
     tok = _train(algo)
+    specials = ["<|endoftext|>", "<unk>", "<|pad|>", "<|mask|>", "<|im_start|>", "<|im_end|>"]
+    assert [tok.inner.token_to_id(t) for t in specials] == list(range(6))  # the roles', then the template's
     assert tok.unk_id == tok.inner.token_to_id("<unk>") is not None
     ids = tok.encode("ab ქ")
     assert tok.unk_id in ids and tok.decode(ids).startswith("ab")
@@ -220,6 +222,13 @@ def test_files_and_what_transformers_reads(tmp_path):
     assert hf.model_max_length == transformers.tokenization_utils_base.VERY_LARGE_INTEGER
     assert json.loads((tmp_path / "a" / "b" / "special_tokens_map.json").read_text()) == tok.special_tokens == {
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>"}
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == [
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    unigram = _train("unigram")  # not BPE, so transformers would clean up its spaces if asked to
+    unigram.save(tmp_path / "u")
+    ids = unigram.encode("The fox , the dog . Как дела ? мир !")
+    decoded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "u")).decode(ids)
+    assert decoded == unigram.decode(ids) == "The fox , the dog . Как дела ? мир !"
 
 
 def test_roles_as_added_tokens_and_from_the_special_tokens_map(tmp_path):
@@ -293,7 +302,7 @@ def test_set_template_updates_the_hash_and_fits_exactly(tmp_path):
     assert set_template_in_dir(tmp_path / "ckpt", "chatml") == ["<|im_start|>", "<|im_end|>"]
 
 
-def test_pieces_and_load_errors(tmp_path):
+def test_pieces_and_load_errors(tmp_path, monkeypatch):
     wp = _train("wordpiece")
     assert [p[0] for p in wp.pieces("Hi there")] == wp.encode("Hi there")  # no [CLS] / [SEP]
     (tmp_path / "bad").mkdir()
@@ -305,6 +314,15 @@ def test_pieces_and_load_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"^") as err:
         load_tokenizer(tmp_path / "bad")
     assert str(err.value) == f"{tmp_path / 'bad' / 'tokenizer.json'}: not a valid tokenizers file ({why})"
+    import tokenizers
+
+    def panics(path):  # a Rust panic may carry no message
+        raise RuntimeError()
+
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", panics)
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path / "bad")
+    assert str(err.value) == f"{tmp_path / 'bad' / 'tokenizer.json'}: not a valid tokenizers file (RuntimeError())"
     (tmp_path / "none").mkdir()
     with pytest.raises(CheckpointError) as err:
         load_tokenizer(tmp_path / "none")
@@ -318,3 +336,88 @@ def test_an_adapter_directory_uses_its_bases_tokenizer(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../base"}))
     assert load_tokenizer(tmp_path / "adapter").hash == tok.hash
+
+
+# -- document splits (core/data/split.py) ----------------------------------------------------
+def _random_text(rng, size=600):
+    """Words, single newlines, blank lines (some holding spaces, tabs, \\r) and runs of them."""
+    parts = ["word", "x", "ünï", "語", " ", " ", "\n", "\n\n", "\n \t\n", "\n\r\n\n", "  \n\n\n  "]
+    return "".join(rng.choice(parts) for _ in range(size))
+
+
+def _chunks(rng, text):
+    out, at = [], 0
+    while at < len(text):
+        step = rng.choice([1, 2, 3, 7, 50, 400])
+        out.append(text[at:at + step])
+        at += step
+    return out
+
+
+def _flat(doc_lists):
+    return [doc for docs in doc_lists for doc in docs]
+
+
+def test_splits_equal_the_plain_definitions_over_any_chunking():
+    """Paragraphs (separated by lines of spaces/tabs only, stripped), non-blank lines and the whole
+    file, as `re.split` / `str.split` define them on the whole text, whatever the chunks."""
+    import re
+
+    from llmctl.core.data import DOC_SPLITS
+
+    rng = random.Random(0)
+    for _ in range(20):
+        text = _random_text(rng)
+        expected = {
+            "blank": [p.strip() for p in re.split(r"\n[ \t\r\f\v]*\n", text) if p.strip()],
+            "line": [line for line in text.split("\n") if line.strip()],
+            "file": [text] if text.strip() else [],
+        }
+        for name, docs in expected.items():
+            assert _flat(DOC_SPLITS.get(name)(iter(_chunks(rng, text)))) == docs, name
+    assert _flat(DOC_SPLITS.get("file")(iter([" \n", "\t"]))) == []
+
+
+@pytest.mark.parametrize("name", ["blank", "line", "file"])
+def test_long_documents_are_cut_at_the_last_line_break_within_the_limit(name):
+    """A document's pieces join to it; each but the last is `Continued`, and ends at the last
+    newline of the next `limit` characters (after `limit` characters where there is none); the
+    last is never whitespace alone, and longer than `limit` only when its tail past such a cut is
+    whitespace."""
+    from llmctl.core.data import DOC_SPLITS, Continued
+
+    rng = random.Random(1)
+    words = ["abc", "defghij", "x" * 30, "y"]
+    paragraphs = ["".join(rng.choice(words) + rng.choice([" ", "\n", "  ", "\n  "]) for _ in range(rng.randint(1, 30)))
+                  + rng.choice(["z", "z\n  \n"]) for _ in range(40)]
+    text = "".join(p + rng.choice(["\n\n", "\n \t\n", "\n\n\n"]) for p in paragraphs)
+
+    def cut(rest, limit):
+        return rest.rfind("\n", 0, limit) + 1 or limit
+
+    for limit in (5, 16, 40):
+        whole = _flat(DOC_SPLITS.get(name)(iter([text]), 10 ** 9))
+        pieces = _flat(DOC_SPLITS.get(name)(iter(_chunks(rng, text)), limit))
+        assert sum(type(p) is not Continued for p in pieces) == len(whole)
+        docs, rest = iter(whole), None
+        for piece in pieces:
+            rest = next(docs) if rest is None else rest
+            assert rest.startswith(piece)
+            if type(piece) is Continued:
+                assert piece == rest[:cut(rest, limit)] and len(rest) > limit
+                rest = rest[len(piece):]
+            else:
+                assert piece == rest and not piece.isspace()
+                assert len(piece) <= limit or piece[cut(piece, limit):].isspace()
+                rest = None
+        assert rest is None and next(docs, None) is None
+
+
+def test_batches_close_when_they_reach_max_chars():
+    from llmctl.core.data import batched
+
+    lists = [["aa", "bbb"], ["c"], [], ["dddd"], ["e"]]
+    assert list(batched(lists, 5)) == [["aa", "bbb"], ["c", "dddd"], ["e"]]
+    assert list(batched(lists, 6)) == [["aa", "bbb", "c"], ["dddd", "e"]]
+    assert list(batched(lists, 100)) == [["aa", "bbb", "c", "dddd", "e"]]
+    assert list(batched([[], []], 1)) == []
