@@ -40,13 +40,11 @@ class ShardWriter:
 
         tokens = tokens.astype(np.dtype(self.dtype).newbyteorder("<"), copy=False)
         ends = np.asarray(ends)
+        if tokens.size == 0:  # documents of no tokens (no EOS appended) count where the next token goes
+            self._shard()["documents"] += int(ends.size)
         pos = 0
         while pos < tokens.size:
-            if self._file is None:
-                name = f"{self.split}-{len(self.shards):05d}.bin"
-                self._file = open(self.directory / name, "wb")
-                self.shards.append({"file": name, "tokens": 0, "documents": 0})
-            shard = self.shards[-1]
+            shard = self._shard()
             end = pos + min(tokens.size - pos, self.shard_tokens - shard["tokens"])
             self._file.write(tokens[pos:end].tobytes())
             shard["tokens"] += end - pos
@@ -55,6 +53,14 @@ class ShardWriter:
             pos = end
             if shard["tokens"] >= self.shard_tokens:
                 self.close()
+
+    def _shard(self) -> dict[str, Any]:
+        """The shard being written, opened if none is."""
+        if self._file is None:
+            name = f"{self.split}-{len(self.shards):05d}.bin"
+            self._file = open(self.directory / name, "wb")
+            self.shards.append({"file": name, "tokens": 0, "documents": 0})
+        return self.shards[-1]
 
     def close(self) -> None:
         if self._file is not None:
