@@ -421,3 +421,145 @@ def test_batches_close_when_they_reach_max_chars():
     assert list(batched(lists, 6)) == [["aa", "bbb", "c"], ["dddd", "e"]]
     assert list(batched(lists, 100)) == [["aa", "bbb", "c", "dddd", "e"]]
     assert list(batched([[], []], 1)) == []
+
+
+# -- token shards (core/data/shards.py) ------------------------------------------------------
+def _manifest(path, splits, dtype="uint16", **extra):
+    manifest = {"format": "llmctl-tokens", "version": 1, "dtype": dtype, "tokenizer_hash": "h", "vocab_size": 500,
+                "splits": splits, **extra}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_shard_writer_against_a_token_by_token_reference(tmp_path, dtype):
+    """Random writes (empty documents, documents across shards, ends on shard boundaries): the
+    bytes are the little-endian tokens in order, each shard full but the last, and a document
+    counted in the shard of its last token (an empty one where it stands)."""
+    import numpy as np
+
+    from llmctl.core.data import ShardWriter, TokenShards
+
+    rng = random.Random(2)
+    high = 60000 if dtype == "uint16" else 4_000_000_000
+    for case in range(6):
+        shard_tokens = rng.choice([1, 3, 4, 7, 16])
+        out = tmp_path / str(case)
+        out.mkdir()
+        writer = ShardWriter(out, "train", dtype, shard_tokens)
+        tokens, ends = [], []  # the reference: every token, every document's global end
+        for _ in range(rng.randint(1, 5)):
+            lengths = [rng.choice([0, 1, 2, 3, 4, 8]) for _ in range(rng.randint(1, 6))]
+            array = np.array([rng.randrange(high) for _ in range(sum(lengths))], dtype=np.int64)
+            local = np.cumsum(lengths).tolist()
+            writer.write(array, local)
+            ends += [len(tokens) + e for e in local]
+            tokens += array.tolist()
+        summary = writer.summary()
+        sizes = [len(tokens[i:i + shard_tokens]) for i in range(0, len(tokens), shard_tokens)]
+        assert [s["tokens"] for s in summary["shards"]] == sizes
+        assert [s["file"] for s in summary["shards"]] == [f"train-{i:05d}.bin" for i in range(len(sizes))]
+        counts = [s["documents"] for s in summary["shards"]]
+        starts = [0, *ends[:-1]]
+        last = [(e - 1) // shard_tokens for s, e in zip(starts, ends) if e > s]  # the shard of each last token
+        empty = [e for s, e in zip(starts, ends) if e == s]  # at a boundary: the shard before or after
+        for i, count in enumerate(counts):
+            assert last.count(i) <= count <= last.count(i) + sum((e - 1) // shard_tokens <= i <= e // shard_tokens
+                                                                 for e in empty)
+        assert summary["tokens"] == len(tokens) and summary["documents"] == len(ends) == sum(counts)
+        data = b"".join((out / s["file"]).read_bytes() for s in summary["shards"])
+        assert data == np.array(tokens, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+        _manifest(out, {"train": summary, "val": {"tokens": 0, "documents": 0, "shards": []}}, dtype)
+        maps = TokenShards(out).split("train")
+        assert all(m.dtype == np.dtype(dtype).newbyteorder("<") for m in maps)
+        assert np.concatenate(maps).tolist() == tokens
+
+
+def test_documents_without_tokens_are_counted(tmp_path):
+    """With no EOS appended, documents that encode to nothing still count, where the next token goes."""
+    import numpy as np
+
+    from llmctl.core.data import ShardWriter
+
+    writer = ShardWriter(tmp_path, "val", "uint16", 4)
+    writer.write(np.zeros(0), [0, 0])  # before any token: a shard is opened for them
+    writer.write(np.arange(4), [0, 4])
+    writer.write(np.zeros(0), [0])  # after a full shard: the next one
+    assert writer.summary()["shards"] == [{"file": "val-00000.bin", "tokens": 4, "documents": 4},
+                                          {"file": "val-00001.bin", "tokens": 0, "documents": 1}]
+    assert (tmp_path / "val-00001.bin").read_bytes() == b""
+
+
+def test_token_dtype_boundary():
+    from llmctl.core.data import token_dtype
+
+    assert [token_dtype(v) for v in (1, 65535, 65536, 65537, 1 << 20)] == ["uint16"] * 3 + ["uint32"] * 2
+
+
+def test_token_shards_refusals_by_their_whole_text(tmp_path):
+    from llmctl.core.data import TokenShards
+
+    def refused(message):
+        with pytest.raises(DataError) as err:
+            TokenShards(tmp_path)
+        assert str(err.value) == message.format(m=tmp_path / "manifest.json", d=tmp_path)
+
+    shard = {"file": "train-00000.bin", "tokens": 3, "documents": 1}
+    (tmp_path / "train-00000.bin").write_bytes(b"\1\0\2\0\3\0")
+    refused("{d}: not a token-shard directory (no manifest.json; make one with llmctl tokenize encode)")
+    (tmp_path / "manifest.json").write_text("{oops")
+    with pytest.raises(DataError, match=r"manifest.json: unreadable manifest \("):
+        TokenShards(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1]")
+    refused("{m}: expected format llmctl-tokens version 1, found list version None")
+    _manifest(tmp_path, {}, version=2)
+    refused("{m}: expected format llmctl-tokens version 1, found llmctl-tokens version 2")
+    _manifest(tmp_path, {"train": {"tokens": 3, "shards": [shard]}}, dtype="int32")
+    refused("{m}: unsupported dtype int32")
+    _manifest(tmp_path, {"train": {"tokens": 3, "shards": [{**shard, "file": "../x.bin"}]}})
+    refused("{m}: '../x.bin' points outside {d}; refusing to read it")
+    _manifest(tmp_path, {"train": {"tokens": 3, "shards": [shard]}}, tokenizer="../tok")
+    refused("{m}: '../tok' points outside {d}; refusing to read it")
+    _manifest(tmp_path, {"train": {"tokens": 3, "shards": [{**shard, "file": "gone.bin"}]}})
+    refused(f"{tmp_path / 'gone.bin'}: shard listed in the manifest is missing")
+    _manifest(tmp_path, {"train": {"tokens": 3, "shards": [{**shard, "tokens": 2}]}})
+    refused(f"{tmp_path / 'train-00000.bin'}: 6 bytes, the manifest says 2 uint16 tokens (4 bytes)")
+    _manifest(tmp_path, {"train": {"tokens": 3, "shards": [shard]}}, dtype="uint32")
+    refused(f"{tmp_path / 'train-00000.bin'}: 6 bytes, the manifest says 3 uint32 tokens (12 bytes)")
+    _manifest(tmp_path, {"train": {"tokens": 3, "shards": [{"tokens": 3}]}})
+    refused("{m}: malformed manifest (KeyError: 'file')")
+    _manifest(tmp_path, {"train": {"tokens": 3, "shards": [shard]}})
+    assert TokenShards(tmp_path).split("train")[0].tolist() == [1, 2, 3]
+
+
+def test_token_shards_properties(tmp_path):
+    from llmctl.core.data import TokenShards
+
+    (tmp_path / "train-00000.bin").write_bytes(b"\1\0\2\0")
+    (tmp_path / "train-00001.bin").write_bytes(b"")
+    shards = [{"file": "train-00000.bin", "tokens": 2, "documents": 1},
+              {"file": "train-00001.bin", "tokens": 0, "documents": 0}]
+    _manifest(tmp_path, {"train": {"tokens": 2, "documents": 1, "shards": shards},
+                         "val": {"tokens": 0, "documents": 0, "shards": []}}, tokenizer="tokenizer")
+    data = TokenShards(tmp_path)
+    assert data.splits == ["train"] and data.num_tokens() == 2 and data.num_tokens("val") == 0
+    assert data.num_tokens("test") == 0 and data.vocab_size == 500 and data.tokenizer_hash == "h"
+    assert [m.tolist() for m in data.split("train")] == [[1, 2]]  # the empty shard is left out
+    assert data.split("val") == []
+    with pytest.raises(UsageError) as err:
+        data.split("test")
+    assert str(err.value) == f"{tmp_path}: no 'test' split (have: train, val)"
+    assert data.tokenizer_dir is None  # named, but no tokenizer.json there
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert data.tokenizer_dir == tmp_path / "tokenizer"
+    data.check_tokenizer(None, 500)  # no hash to compare; a vocabulary exactly as large
+    with pytest.raises(UsageError) as err:
+        data.check_tokenizer("other", 500)
+    assert str(err.value) == (f"{tmp_path} was encoded with tokenizer h, but the tokenizer in use is other; "
+                              "re-encode with llmctl tokenize encode --tokenizer …")
+    with pytest.raises(UsageError) as err:
+        data.check_tokenizer("h", 499)
+    assert str(err.value) == f"{tmp_path} holds ids of a 500-token vocabulary; the model has only 499"
+    _manifest(tmp_path, {"train": {"tokens": 2, "documents": 1, "shards": shards[:1]}})
+    assert TokenShards(tmp_path).tokenizer_dir is None
