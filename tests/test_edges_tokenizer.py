@@ -492,9 +492,11 @@ def test_documents_without_tokens_are_counted(tmp_path):
 
     writer = ShardWriter(tmp_path, "val", "uint16", 4)
     writer.write(np.zeros(0), [0, 0])  # before any token: a shard is opened for them
-    writer.write(np.arange(4), [0, 4])
+    writer.write(np.arange(2), [0, 2])
+    writer.write(np.zeros(0), [0])  # the open shard, which already counts 4
+    writer.write(np.arange(2), [2])
     writer.write(np.zeros(0), [0])  # after a full shard: the next one
-    assert writer.summary()["shards"] == [{"file": "val-00000.bin", "tokens": 4, "documents": 4},
+    assert writer.summary()["shards"] == [{"file": "val-00000.bin", "tokens": 4, "documents": 6},
                                           {"file": "val-00001.bin", "tokens": 0, "documents": 1}]
     assert (tmp_path / "val-00001.bin").read_bytes() == b""
 
