@@ -239,7 +239,8 @@ def test_a_non_finite_loss_names_its_step_and_the_last_good_checkpoint(corpus, t
         fresh.run()
 
 
-def test_sigterm_saves_reports_and_exits_143(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_saves_reports_and_exits_with_its_code(corpus, tmp_path, monkeypatch, signame, code):
     import os
     import signal
 
@@ -248,11 +249,12 @@ def test_sigterm_saves_reports_and_exits_143(corpus, tmp_path, monkeypatch):
     trainer = _trainer(corpus, tmp_path, "max_steps=6", "save_every=0", "eval_every=0")
     trainer.report = report = Recorder()
     report.info = lambda message: report.calls.append(("info", message))
-    _fake_steps(trainer, monkeypatch, on_step=lambda step: step == 2 and os.kill(os.getpid(), signal.SIGTERM))
+    sig = getattr(signal, signame)
+    _fake_steps(trainer, monkeypatch, on_step=lambda step: step == 2 and os.kill(os.getpid(), sig))
     result = trainer.run()
     checkpoint = trainer.outdir / "checkpoints" / "step-000002"
-    assert (result.step, result.exit_code, result.checkpoint) == (2, 143, checkpoint)
-    assert ("info", f"stopped by SIGTERM after step 2; checkpoint {checkpoint}") in report.calls
+    assert (result.step, result.exit_code, result.checkpoint, result.val_loss) == (2, code, checkpoint, None)
+    assert ("info", f"stopped by {signame} after step 2; checkpoint {checkpoint}") in report.calls
     assert not (trainer.outdir / "model.safetensors").exists()  # not published: the run is not over
     assert report.steps()[0] == ("progress", "train", 6, "step")
     updates = [kw for name, *rest in report.calls if name == "update" for kw in rest]
@@ -267,16 +269,21 @@ def test_max_time_refits_on_its_own_clock_from_a_resumed_step(corpus, tmp_path, 
     from llmctl.core.train import loop
 
     def fits(*overrides, start_step=0):
+        from _recorder import Recorder
+
         calls = []
         monkeypatch.setattr(loop, "time", _Clock(start=100.0))
         trainer = _trainer(corpus, tmp_path, "max_steps=40", "eval_every=0", "save_every=0", *overrides)
-        trainer.step = start_step
+        trainer.step, trainer.report = start_step, Recorder()
         monkeypatch.setattr(trainer, "_fit_time_budget", lambda elapsed, rate: calls.append((elapsed, rate)))
         _fake_steps(trainer, monkeypatch)
         trainer.run()
+        totals = [kw["total"] for name, *rest in trainer.report.calls if name == "update" for kw in rest if "total" in kw]
+        assert totals == [40] * len(calls)  # the bar's length follows each refit
         return calls
 
     # three clock reads a step, one before the loop: the k-th step of the run ends at 3k after the start
     assert fits("max_time=20") == [(33.0, 10 / 30), (63.0, 20 / 60), (93.0, 30 / 90)]  # the count alone
     assert fits("max_time=20", start_step=25) == [(33.0, 10 / 30)]  # 15 steps left: one refit at the 11th
     assert fits("max_time=1")[:2] == [(6.0, 1 / 3), (9.0, 2 / 6)]  # 3 s = a twentieth of a minute: every step
+    assert fits("max_time=1.05")[:2] == [(9.0, 2 / 6), (15.0, 4 / 12)]  # 3.15 s: every other step
