@@ -57,3 +57,66 @@ def test_losses_reduce_the_last_dimension_whatever_leads(name):
     torch.testing.assert_close(fn(student, teacher, **settings), rows.reshape(2, 3))
     if fn.kind == "logits":
         torch.testing.assert_close(fn(student, teacher), fn(student, teacher, temperature=1.0, beta=0.5))
+
+
+# -- merge sparsifiers ----------------------------------------------------------------------------------
+
+
+def _della_by_hand(delta, density, epsilon, seed):
+    """DELLA's MagPrune written out: per row (a 1-D delta is one row; more dimensions are rows of
+    the first), keep probability density − ε + rank/(n − 1) · 2ε by ascending magnitude rank."""
+    import numpy as np
+
+    rows = delta.reshape(1, -1) if delta.ndim == 1 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    probs = np.empty(rows.shape, dtype=np.float64)
+    for i, row in enumerate(rows):
+        for rank, j in enumerate(sorted(range(n), key=lambda j: abs(row[j]))):
+            probs[i, j] = density - epsilon + (rank / (n - 1) if n > 1 else 0.0) * 2 * epsilon
+    draws = np.random.default_rng(seed).random(rows.shape, dtype=np.float32)
+    return (draws < probs.astype(np.float32)).reshape(delta.shape)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 2), (4, 1), (2, 2, 3)])
+def test_della_keeps_by_rank_in_each_row(shape):
+    import numpy as np
+
+    from llmctl.core.merge.sparsify import SPARSIFIERS
+
+    della = SPARSIFIERS.get("della_magprune")
+    delta = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    for seed in range(5):
+        got = della(delta, 0.5, 0.3, np.random.default_rng(seed))
+        assert got.dtype == bool and np.array_equal(got, _della_by_hand(delta, 0.5, 0.3, seed))
+    defaults = della(delta, 0.5, generator=np.random.default_rng(0))
+    assert np.array_equal(defaults, _della_by_hand(delta, 0.5, 0.15, 0))  # ε = 0.15 by default
+
+
+def test_della_bounds_and_empty_masks():
+    import numpy as np
+
+    from llmctl.core.merge.sparsify import SPARSIFIERS
+
+    della, delta = SPARSIFIERS.get("della_magprune"), np.ones((2, 3), dtype=np.float32)
+    none = della(delta, 0.0, 0.15)
+    assert none.dtype == bool and none.shape == (2, 3) and not none.any()
+    for density, epsilon in ((0.15, 0.15), (0.85, 0.15)):  # an end at 0 or 1
+        with pytest.raises(ValueError, match=r"^della: density ± epsilon must lie in \(0, 1\)"):
+            della(delta, density, epsilon)
+
+
+def test_magnitude_masks_are_boolean_and_keep_at_least_one():
+    import numpy as np
+
+    from llmctl.core.merge.sparsify import SPARSIFIERS
+
+    delta = np.array([0.1, -3.0, 0.2, 2.0, -0.05], dtype=np.float32)
+    keep = SPARSIFIERS.get("magnitude")
+    assert keep(delta, 0.0).dtype == bool and not keep(delta, 0.0).any()
+    assert keep(delta, 0.1).tolist() == [False, True, False, False, False]  # 0.5 of an entry: the largest
+    random = SPARSIFIERS.get("random")(delta, 0.5, np.random.default_rng(0))
+    assert random.dtype == bool and random.shape == delta.shape
+    outliers = SPARSIFIERS.get("magnitude_outliers")
+    big = np.arange(1, 201, dtype=np.float32)
+    assert np.array_equal(outliers(big, 0.5), outliers(big, 0.5, gamma=0.01))  # γ = 0.01 by default
+    assert outliers(big, 0.5).sum() == 100 and not outliers(big, 0.5)[-2:].any()
