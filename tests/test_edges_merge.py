@@ -6,6 +6,7 @@ consensus, weights that cancel, a single task vector), bfloat16 rescaling, DELLA
 
 # No `from __future__ import annotations`: the plugin below declares its parameters with real types.
 import dataclasses
+import re
 import typing
 
 import numpy as np
@@ -226,3 +227,178 @@ def test_rescaling_nothing_left_gives_zeros(delta):
     """DARE that drops every entry, or a tensor fine-tuning left unchanged: zeros, not 0/0."""
     out = sparsify("random", delta.copy(), density=1e-9, rescale=True, generator=np.random.default_rng(0))
     assert not out.any()
+
+
+# ------------------------------------------------------------------ tokenizer_source (vocab.py)
+# Small word-level vocabularies, each checked against mergekit's own `build_tokenizer` (the output
+# vocabulary, every model's row of each token, the added tokens' settings) and `PermutedVocabulary`
+# (the aligned embedding rows), without checkpoints: `build_vocabulary` reads only a model's
+# directory and its config.
+
+def _model_dir(path, vocab: list[str], special=(), size: int | None = None, tokenizer: bool = True):
+    """A model directory: config.json (`size` rows; None: no vocab_size) and, with `tokenizer`, a
+    word-level tokenizer of `vocab` whose `special` tokens are added (those not in `vocab` last)."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    path.mkdir()
+    if tokenizer:
+        tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=vocab[0]))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        tok.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8,
+              "num_attention_heads": 2, "num_key_value_heads": 2}
+    (path / "config.json").write_text(json.dumps(config | ({"vocab_size": size} if size else {})))
+    return str(path)
+
+
+@dataclasses.dataclass
+class _Ck:
+    """What `build_vocabulary` reads of a Checkpoint."""
+
+    path: str
+    config: dict
+
+
+def _vocabulary(recipe: dict, opened: dict | None = None):
+    import json
+    from pathlib import Path
+
+    from llmctl.core.merge.recipe import parse_recipe
+    from llmctl.core.merge.vocab import build_vocabulary
+
+    recipe = parse_recipe(recipe)
+    opened = opened or {m: m for m in recipe.models()}
+    return build_vocabulary(recipe, {m: _Ck(p, json.loads((Path(p) / "config.json").read_text()))
+                                     for m, p in opened.items()})
+
+
+@pytest.fixture(scope="module")
+def vocab_dirs(tmp_path_factory) -> dict[str, str]:
+    """a: padded (9 rows, 7 tokens); b: 7 rows, its `yy`, `zz` and added `<t2>` past them, its
+    plain tokens `f`, `e` in that id order; c: no tokenizer (a's vocabulary, as mergekit assumes)."""
+    root = tmp_path_factory.mktemp("vocab")
+    return {"a": _model_dir(root / "a", ["<s>", "</s>", "a", "b", "c", "d", "yy"], ["<s>", "</s>"], size=9),
+            "b": _model_dir(root / "b", ["<s>", "</s>", "c", "a", "f", "e", "<t1>", "yy", "zz"],
+                            ["<s>", "</s>", "<t1>", "<t2>"], size=7),
+            "c": _model_dir(root / "c", [], tokenizer=False, size=9)}
+
+
+def _vocab_recipe(case: str, d: dict[str, str]) -> dict:
+    a, b, c = d["a"], d["b"], d["c"]
+    tokens = {"<new>": {"source": {"kind": "zero"}},
+              "c": {"source": b, "force": True},
+              "<t1>": {"source": {"kind": "model_token", "model": a, "token": "a"}},
+              "e": {"source": {"kind": "model_token", "model": b, "token_id": 0}}}
+    models = [{"model": m, "parameters": {"weight": 1.0}} for m in (a, b, c)]
+    return {"union_base": {"base_model": a, "models": models, "tokenizer_source": "union"},
+            "union_tokens_padded": {"models": models, "tokenizer": {"source": "union", "tokens": tokens,
+                                                                    "pad_to_multiple_of": 8}},
+            "base": {"base_model": a, "models": models[:2], "tokenizer_source": "base"},
+            "one_model_onto_another": {"models": models[:1], "tokenizer_source": b}}[case] | {"merge_method": "linear"}
+
+
+def _their_vocabulary(recipe: dict, tensors: dict[str, torch.Tensor]):
+    """mergekit's output tokenizer info and aligned tensors for `recipe` (as its MergePlanner builds
+    them), the models in `tensors`' order (mergekit's is a set's: its "first model" is arbitrary)."""
+    from mergekit.common import ImmutableMap
+    from mergekit.config import MergeConfiguration
+    from mergekit.tokenizer.build import build_tokenizer
+    from mergekit.tokenizer.embed import PermutedVocabulary
+
+    config = MergeConfiguration.model_validate(recipe)
+    block = config.tokenizer
+    tokens = (block.tokens or {}) if block else {}
+    refs = {str(r.model.path): r for r in config.referenced_models()}
+    info = build_tokenizer(config.base_model, [refs[m] for m in tensors],
+                           block.source if block else config.tokenizer_source, False, add_tokens=tuple(tokens))
+    for p in info.permutations.values():  # an id past a model's vocab_size: mergekit leaves the entry out
+        for i in info.tokenizer.get_vocab().values():
+            p.setdefault(i, -1)
+    aligned = PermutedVocabulary.model_construct(
+        tokens=ImmutableMap(tokens), pad_to_multiple_of=block.pad_to_multiple_of if block else None,
+        base_model=config.base_model, vocabulary_axis=0).execute(info, {refs[m]: t for m, t in tensors.items()})
+    return info, {str(r.model.path): t for r, t in aligned.items()}
+
+
+@pytest.mark.parametrize("case", ["union_base", "union_tokens_padded", "base", "one_model_onto_another"])
+def test_vocabulary_and_aligned_rows_equal_mergekits(vocab_dirs, case):
+    recipe = _vocab_recipe(case, vocab_dirs)
+    ours = _vocabulary(recipe)
+    g = torch.Generator().manual_seed(0)
+    tensors = {m: torch.randn(ours.sizes[m], 3, generator=g) for m in ours.rows}
+    info, theirs = _their_vocabulary(recipe, tensors)
+    their_vocab = info.tokenizer.get_vocab()
+    assert sorted(ours.order) == sorted(their_vocab)
+    assert ours.size == next(iter(theirs.values())).shape[0]
+    for m, rows in ours.rows.items():  # each model's row of each output token (-1: it lacks it)
+        assert rows == [info.permutations[ref][their_vocab[t]] for ref in info.permutations
+                        if str(ref.model.path) == m for t in ours.order], m
+    assert {t.content: repr(t) for t in ours.tok.inner.get_added_tokens_decoder().values()} == \
+        {t.content: repr(t) for t in info.tokenizer.added_tokens_decoder.values()}
+    n = len(ours.order)
+    index = torch.tensor([their_vocab[t] for t in ours.order])
+    for m, aligned in zip(tensors, ours.align(list(tensors.items()))):
+        torch.testing.assert_close(aligned[:n], theirs[m][index], rtol=0, atol=1e-6, msg=m)
+        torch.testing.assert_close(aligned[n:], theirs[m][n:], rtol=0, atol=1e-6, msg=m)
+    if case.startswith("union"):  # the new tokens numbered in model order, then id order (mergekit: hash order)
+        assert ours.order[7:] == ["f", "e", "<t1>"] + (["<new>"] if case == "union_tokens_padded" else [])
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ({"<t1>": {"source": "a"}}, "tokenizer.tokens['<t1>']: a has no token '<t1>'"),
+    ({"e": {"source": {"kind": "model_token", "model": "a", "token": "qq"}}}, "tokenizer.tokens['e']: a has no token 'qq'"),
+    ({"e": {"source": {"kind": "model_token", "model": "b", "token": "yy"}}}, "b has no token 'yy'"),  # past b's rows
+    ({"e": {"source": {"kind": "model_token", "model": "b", "token_id": 7}}}, "tokenizer.tokens['e']: b has no token id 7"),
+])
+def test_token_sources_a_model_cannot_give_are_refused(vocab_dirs, tokens, message):
+    """mergekit asserts the same (`Token ... not found in model`, `Token ID ... out of range`)."""
+    from llmctl.errors import ConfigError
+
+    tokens = {t: {**e, "source": vocab_dirs.get(e["source"], e["source"]) if isinstance(e["source"], str)
+                  else {**e["source"], "model": vocab_dirs[e["source"]["model"]]}} for t, e in tokens.items()}
+    vocab = _vocabulary({"merge_method": "linear", "models": [vocab_dirs["a"], vocab_dirs["b"]],
+                         "tokenizer": {"source": "union", "tokens": tokens}})
+    tensors = [(m, torch.zeros(vocab.sizes[m], 2)) for m in vocab.rows]
+    with pytest.raises(ConfigError, match=re.escape(message.replace(" a ", f" {vocab_dirs['a']} ")
+                                                    .replace(" b ", f" {vocab_dirs['b']} "))):
+        vocab.align(tensors)
+
+
+def test_a_token_source_outside_a_tensors_inputs_is_refused(vocab_dirs):
+    from llmctl.errors import ConfigError
+
+    a, b = vocab_dirs["a"], vocab_dirs["b"]
+    vocab = _vocabulary({"merge_method": "linear", "models": [a, b],
+                         "tokenizer": {"source": "union", "tokens": {"<new>": {"source": b}}}})
+    with pytest.raises(ConfigError, match=re.escape(f"tokenizer.tokens['<new>']: {b} is not an input of every "
+                                                    "vocabulary tensor")):
+        vocab.align([(a, torch.zeros(9, 2))])
+
+
+@pytest.mark.parametrize("base, message", [
+    ("c", "tokenizer_source: the base model {c} has no tokenizer.json"),
+    ("b", "tokenizer_source: {b}'s tokenizer has 3 token(s) beyond its vocab_size 7 (e.g. 'yy'); not supported"),
+])
+def test_a_base_without_a_usable_tokenizer_is_refused(vocab_dirs, base, message):
+    from llmctl.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(message.format(**vocab_dirs))):
+        _vocabulary({"merge_method": "linear", "base_model": vocab_dirs[base], "tokenizer_source": "union",
+                     "models": list(vocab_dirs.values())})
+
+
+def test_rows_without_vocab_size_and_a_source_opened_elsewhere(vocab_dirs, tmp_path):
+    """A config without `vocab_size`: the model's own tokenizer's size, else the base's. A
+    `tokenizer_source` naming an input by reference (an adapter merged into a scratch directory)
+    reads that input's directory."""
+    b = _model_dir(tmp_path / "b", ["<s>", "</s>", "c", "g"], ["<s>", "</s>", "<t1>"])
+    c = _model_dir(tmp_path / "c", [], tokenizer=False)
+    vocab = _vocabulary({"merge_method": "linear", "models": ["a", "b+lora", "c"], "tokenizer_source": "b+lora"},
+                        {"a": vocab_dirs["a"], "b+lora": b, "c": c})
+    assert vocab.sizes == {"a": 9, "b+lora": 5, "c": 7}
+    assert vocab.order == ["<s>", "</s>", "c", "g", "<t1>"]
+    assert vocab.rows == {"a": [0, 1, 4, -1, -1], "b+lora": [0, 1, 2, 3, 4], "c": [0, 1, 4, -1, -1]}

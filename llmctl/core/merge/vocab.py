@@ -28,7 +28,7 @@ class Vocabulary:
     size: int  # output rows (the vocabulary, padded)
     order: list[str]  # the output tokens by id
     rows: dict[str, list[int]]  # model → its row of each output token (-1: it lacks the token)
-    vocabs: dict[str, dict[str, int]]  # each model's own vocabulary (ids below its vocab_size)
+    vocabs: dict[str, dict[str, int]]  # each model's own vocabulary (token → id)
     sizes: dict[str, int]  # each model's vocab_size (its embedding rows)
     tokens: dict[str, TokenSource]  # the recipe's `tokenizer.tokens`
     base: str | None  # the recipe's base model
@@ -91,7 +91,7 @@ def build_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Voca
         raise UsageError(f"tokenizer_source: the base model {base} has no tokenizer.json")
     sizes = {m: ck.config.get("vocab_size") or toks.get(m, toks[base]).vocab_size for m, ck in checkpoints.items()}
     vocabs = {m: toks.get(m, toks[base]).inner.get_vocab(with_added_tokens=True) for m in checkpoints}
-    beyond = [t for t, i in vocabs[base].items() if i >= sizes[base]]
+    beyond = sorted((t for t, i in vocabs[base].items() if i >= sizes[base]), key=vocabs[base].get)
     if beyond:  # mergekit strips them from a BPE tokenizer: not done here
         raise UsageError(f"tokenizer_source: {base}'s tokenizer has {len(beyond)} token(s) beyond its vocab_size "
                          f"{sizes[base]} (e.g. {beyond[0]!r}); not supported")
@@ -113,7 +113,6 @@ def build_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Voca
     size = -(-n // pad) * pad if pad else n
     order = sorted(vocab, key=vocab.get)
     rows = {m: [(i if (i := vocabs[m].get(t, -1)) < sizes[m] else -1) for t in order] for m in checkpoints}
-    vocabs = {m: {t: i for t, i in v.items() if i < sizes[m]} for m, v in vocabs.items()}
     for token, spec in recipe.tokens.items():
         if spec.model is not None and spec.model not in checkpoints:
             raise ConfigError(f"tokenizer.tokens[{token!r}]: {spec.model} is not one of the merged models")
