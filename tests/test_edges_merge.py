@@ -279,22 +279,26 @@ def _vocabulary(recipe: dict, opened: dict | None = None):
 @pytest.fixture(scope="module")
 def vocab_dirs(tmp_path_factory) -> dict[str, str]:
     """a: padded (9 rows, 7 tokens); b: 7 rows, its `yy`, `zz` and added `<t2>` past them, its
-    plain tokens `f`, `e` in that id order; c: no tokenizer (a's vocabulary, as mergekit assumes)."""
+    plain tokens `f`, `e` in that id order; c: no tokenizer (a's vocabulary, as mergekit assumes);
+    d, e: 2 rows, a plain and an added token at id 2."""
     root = tmp_path_factory.mktemp("vocab")
     return {"a": _model_dir(root / "a", ["<s>", "</s>", "a", "b", "c", "d", "yy"], ["<s>", "</s>"], size=9),
             "b": _model_dir(root / "b", ["<s>", "</s>", "c", "a", "f", "e", "<t1>", "yy", "zz"],
                             ["<s>", "</s>", "<t1>", "<t2>"], size=7),
-            "c": _model_dir(root / "c", [], tokenizer=False, size=9)}
+            "c": _model_dir(root / "c", [], tokenizer=False, size=9),
+            "d": _model_dir(root / "d", ["<s>", "</s>", "h"], ["<s>", "</s>"], size=2),  # `h` just past its rows
+            "e": _model_dir(root / "e", ["<s>", "</s>"], ["<s>", "</s>", "<t3>"], size=2)}  # and an added token
 
 
 def _vocab_recipe(case: str, d: dict[str, str]) -> dict:
     a, b, c = d["a"], d["b"], d["c"]
+    extra = [{"model": d[m], "parameters": {"weight": 1.0}} for m in "de"]
     tokens = {"<new>": {"source": {"kind": "zero"}},
               "c": {"source": b, "force": True},
               "<t1>": {"source": {"kind": "model_token", "model": a, "token": "a"}},
               "e": {"source": {"kind": "model_token", "model": b, "token_id": 0}}}
     models = [{"model": m, "parameters": {"weight": 1.0}} for m in (a, b, c)]
-    return {"union_base": {"base_model": a, "models": models, "tokenizer_source": "union"},
+    return {"union_base": {"base_model": a, "models": models + extra, "tokenizer_source": "union"},
             "union_tokens_padded": {"models": models, "tokenizer": {"source": "union", "tokens": tokens,
                                                                     "pad_to_multiple_of": 8}},
             "base": {"base_model": a, "models": models[:2], "tokenizer_source": "base"},
@@ -388,7 +392,7 @@ def test_a_base_without_a_usable_tokenizer_is_refused(vocab_dirs, base, message)
 
     with pytest.raises(UsageError, match=re.escape(message.format(**vocab_dirs))):
         _vocabulary({"merge_method": "linear", "base_model": vocab_dirs[base], "tokenizer_source": "union",
-                     "models": list(vocab_dirs.values())})
+                     "models": [vocab_dirs[m] for m in "abc"]})
 
 
 def test_rows_without_vocab_size_and_a_source_opened_elsewhere(vocab_dirs, tmp_path):
