@@ -15,6 +15,7 @@ import torch
 
 from llmctl.core.merge import METHODS
 from llmctl.core.merge.methods import REQUIRED, Inputs, nuslerp_tensors, slerp_arrays
+from llmctl.core.merge.plan import promote
 from llmctl.core.merge.sparsify import sparsify
 
 BUILT_IN = ["linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
@@ -257,10 +258,14 @@ def _model_dir(path, vocab: list[str], special=(), size: int | None = None, toke
 
 @dataclasses.dataclass
 class _Ck:
-    """What `build_vocabulary` reads of a Checkpoint."""
+    """What `build_vocabulary` and `plan` read of a Checkpoint."""
 
     path: str
     config: dict
+    shapes: dict = dataclasses.field(default_factory=dict)  # {name: (shape, dtype)}
+
+    def tensor_shapes(self) -> dict:
+        return self.shapes
 
 
 def _vocabulary(recipe: dict, opened: dict | None = None):
@@ -406,3 +411,404 @@ def test_rows_without_vocab_size_and_a_source_opened_elsewhere(vocab_dirs, tmp_p
     assert vocab.sizes == {"a": 9, "b+lora": 5, "c": 7}
     assert vocab.order == ["<s>", "</s>", "c", "g", "<t1>"]
     assert vocab.rows == {"a": [0, 1, 4, -1, -1], "b+lora": [0, 1, 2, 3, 4], "c": [0, 1, 4, -1, -1]}
+
+
+# ------------------------------------------------------------------ the plan (plan.py)
+# Each recipe planned by llmctl and by mergekit's own MergePlanner (tasks built, none run): the
+# same output tensors, each from the same input tensors of the same models, with the same base
+# and the same resolved parameters (filters, gradients across a slice, per-model over slice over
+# recipe settings).
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory) -> dict[str, str]:
+    """Four-layer llamas (hidden size 8): p, q, r; `s` with float16 weights."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("plan")
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=4,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    paths = {}
+    for i, name in enumerate("pqrs"):
+        torch.manual_seed(i)
+        model = transformers.LlamaForCausalLM(config)
+        model.to(torch.float16 if name == "s" else torch.float32).save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+def _their_plan(recipe: dict) -> dict:
+    """{output tensor: (inputs [(model, tensor)], base model, shared parameters, per-input parameters)}."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.config import MergeConfiguration
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+
+    config, options = MergeConfiguration.model_validate(recipe), MergeOptions(quiet=True)
+    arch = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    planner = MergePlanner(config, arch, options, _model_out_config(config, arch))
+    planner._plan()
+    path = lambda ref: str(ref.model.path) if ref is not None else None  # noqa: E731
+    return {w.name: ([(path(m), i.name) for m, i in task.gather_tensors.weight_info.items()], path(task.base_model),
+                     dict(task.parameters), {path(m): dict(p) for m, p in task.input_parameters.items()})
+            for w, task in planner._tensors}
+
+
+def _plan_recipe(case: str, d: dict[str, str]) -> dict:
+    p, q, r = d["p"], d["q"], d["r"]
+    t = [{"filter": "self_attn", "value": [0.1, 0.9]}, {"filter": "mlp", "value": [1.0, 0.5, 0.0]}, {"value": 0.3}]
+    return {
+        "slices": {"merge_method": "ties", "base_model": p,
+                   "parameters": {"weight": 0.5, "density": t, "normalize": False},
+                   "slices": [{"sources": [{"model": p, "layer_range": [0, 3]},
+                                           {"model": q, "layer_range": [1, 4], "parameters": {"weight": [2.0, 1.0]}},
+                                           {"model": r, "layer_range": [0, 3]}],
+                               "parameters": {"density": {"filter": "down_proj", "value": 0.8}}},
+                              {"sources": [{"model": q, "layer_range": [3, 4]},  # one layer: t = 1
+                                           {"model": r, "layer_range": [2, 3], "parameters": {"density": [0.2, 0.4]}}],
+                               "base_model": q}]},
+        "models_base_added": {"merge_method": "task_arithmetic", "base_model": r, "parameters": {"lambda": [1.0, 2.0]},
+                              "models": [{"model": p, "parameters": {"weight": t}}, {"model": q, "parameters": {"weight": 0.7}}]},
+        "slerp_gradient": {"merge_method": "slerp", "base_model": q, "parameters": {"t": [0.0, 0.25, 1.0]},
+                           "slices": [{"sources": [{"model": p, "layer_range": [0, 4]}, {"model": q, "layer_range": [0, 4]}]}]},
+        "passthrough_stack": {"merge_method": "passthrough",
+                              "slices": [{"sources": [{"model": p, "layer_range": [0, 2]}]},
+                                         {"sources": [{"model": q, "layer_range": [1, 4]}]}]},
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["slices", "models_base_added", "slerp_gradient", "passthrough_stack"])
+def test_plan_equals_mergekits(llamas, case):
+    from llmctl.core.merge import parse_recipe, plan
+
+    recipe = _plan_recipe(case, llamas)
+    theirs = _their_plan(recipe)
+    ours = plan(parse_recipe(recipe))
+    assert sorted(j.name for j in ours.jobs) == sorted(theirs)
+    for job in ours.jobs:
+        inputs, base, shared, per_input = theirs[job.name]
+        assert job.inputs == inputs, job.name
+        assert (inputs[job.base][0] if job.base is not None else None) == base, job.name
+        declared = {p.name: p for p in ours.method.params}
+        assert {k: v for k, v in job.params.items() if not declared[k].per_model} == \
+            {k: v for k, v in shared.items() if k in declared}, job.name
+        others = [m for i, (m, _) in enumerate(inputs) if i != job.base]
+        for k, values in job.params.items():
+            if declared[k].per_model:
+                assert values == pytest.approx([per_input[m][k] for m in others]), (job.name, k)
+
+
+def _stack(layers: int = 4, dtype: str = "float32", **extra) -> dict:
+    """A llama-like checkpoint's tensor shapes: embeddings, `layers` blocks, a final norm and head."""
+    shapes = {"model.embed_tokens.weight": ((16, 8), dtype), "model.norm.weight": ((8,), dtype),
+              "lm_head.weight": ((16, 8), dtype)}
+    for i in range(layers):
+        shapes |= {f"model.layers.{i}.mlp.weight": ((8, 8), dtype), f"model.layers.{i}.norm.weight": ((8,), dtype)}
+    return shapes | extra
+
+
+def _plan(recipe: dict, **shapes):
+    from llmctl.core.merge import parse_recipe, plan
+
+    return plan(parse_recipe(recipe), opened={m: _Ck(m, {}, s) for m, s in shapes.items()})
+
+
+def _src(model: str, start: int, end: int, **params) -> dict:
+    return {"model": model, "layer_range": [start, end]} | ({"parameters": params} if params else {})
+
+
+@pytest.mark.parametrize("recipe, shapes, message", [
+    ({"merge_method": "linear", "slices": [{"sources": [_src("p", 0, 2), _src("q", 0, 3)]}]}, {},
+     "slices[0]: all sources must span the same number of layers, found [2, 3]"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [_src("p", 0, 2)]}, {"sources": [_src("q", 3, 5)]}]}, {},
+     "slices[1]: layer_range [3, 5] of q goes past its 4 layers"),
+    ({"merge_method": "ties", "base_model": "r", "parameters": {"weight": 1},
+      "slices": [{"sources": [_src("p", 0, 4), _src("q", 0, 4)]}]}, {},
+     "slices[0]: merge method 'ties' needs a base_model among its input models"),
+    ({"merge_method": "slerp", "base_model": "p", "models": ["p", "q", "r"], "parameters": {"t": 0.5}}, {},
+     "slices[0]: merge method 'slerp' takes exactly 2 input models (base included), got 3"),
+    ({"merge_method": "model_stock", "base_model": "p", "models": ["p", "q"]}, {},
+     "slices[0]: merge method 'model_stock' takes at least 3 input models (base included), got 2"),
+    ({"merge_method": "nuslerp", "models": ["p", "q", "r", "s"], "parameters": {"weight": 1}}, {},
+     "slices[0]: merge method 'nuslerp' takes 2 to 3 input models (base included), got 4"),
+    ({"merge_method": "nuslerp", "models": ["p"], "parameters": {"weight": 1}}, {},
+     "slices[0]: merge method 'nuslerp' takes 2 to 3 input models (base included), got 1"),
+    ({"merge_method": "linear", "parameters": {"weight": 1},
+      "slices": [{"sources": [_src("p", 0, 2), _src("q", 1, 3)]}]}, {"q": {k: v for k, v in _stack().items() if k != "model.layers.2.mlp.weight"}},
+     "q: no tensor 'model.layers.2.mlp.weight' (needed for the merged 'model.layers.1.mlp.weight')"),
+    ({"merge_method": "linear", "models": ["p", "q"], "parameters": {"weight": 1}},
+     {"q": _stack(**{"model.norm.weight": ((9,), "float32")})},
+     "cannot merge 'model.norm.weight': p has model.norm.weight of shape [8], q has model.norm.weight of shape [9]"),
+    ({"merge_method": "slerp", "base_model": "p", "models": ["p", "q"]}, {},
+     "merge: missing required parameter 't' for model.embed_tokens.weight"),
+    ({"merge_method": "linear", "slices": [{"sources": [_src("p", 0, 2, weight=1), _src("q", 1, 3)]}]}, {},
+     "merge: missing required parameter 'weight' for q: model.embed_tokens.weight"),
+])
+def test_plan_refusals_name_the_slice_model_and_tensor(recipe, shapes, message):
+    from llmctl.errors import CheckpointError, ConfigError
+
+    shapes = {m: _stack() for m in "pqrs"} | shapes
+    with pytest.raises((CheckpointError, ConfigError), match=re.escape(message)):
+        _plan(recipe, **shapes)
+
+
+@pytest.mark.parametrize("dtype, out_dtype, expected", [
+    (None, None, {"model.embed_tokens.weight": "float32", "model.layers.0.mlp.weight": "float16",
+                  "model.norm.weight": "float32", "lm_head.weight": "bfloat16", "model.position_ids": "int64"}),
+    ("bfloat16", None, {"model.embed_tokens.weight": "bfloat16", "model.layers.0.mlp.weight": "bfloat16",
+                        "model.norm.weight": "bfloat16", "lm_head.weight": "bfloat16", "model.position_ids": "int64"}),
+    ("bfloat16", "float64", {"model.embed_tokens.weight": "float64", "model.layers.0.mlp.weight": "float64",
+                             "model.norm.weight": "float64", "lm_head.weight": "float64", "model.position_ids": "int64"}),
+])
+def test_output_dtypes_promote_as_torch(dtype, out_dtype, expected):
+    """Inputs of different dtypes give torch's promotion (float16 with bfloat16: float32); the
+    recipe's `dtype`, then `out_dtype`, override it for floating tensors only."""
+    p = _stack(1, "float16") | {"model.norm.weight": ((8,), "float32"), "lm_head.weight": ((16, 8), "bfloat16"),
+                                "model.position_ids": ((1, 8), "int64")}
+    q = p | {"model.embed_tokens.weight": ((16, 8), "bfloat16"), "model.norm.weight": ((8,), "float16")}
+    recipe = {"merge_method": "linear", "models": ["p", "q"], "parameters": {"weight": 1.0}, "dtype": dtype,
+              "out_dtype": out_dtype}
+    jobs = _plan(recipe, p=p, q=q).jobs
+    assert {j.name: j.dtype for j in jobs if "layers.0.norm" not in j.name} == expected
+    assert {j.name: j.input_dtypes for j in jobs}["model.embed_tokens.weight"] == ("float16", "bfloat16")
+    every = {m: {"w": ((2,), d)} for m, d in zip("pqrs", ["float16", "bfloat16", "float32", "float64"])}
+    assert _plan({"merge_method": "linear", "models": list("pqrs"), "parameters": {"weight": 1}}, **every).jobs[0].dtype \
+        == "float64"
+    for a, b in [("float16", "float32"), ("bfloat16", "float64"), ("float16", "bfloat16")]:
+        assert promote([a, b]) == str(torch.promote_types(getattr(torch, a), getattr(torch, b))).removeprefix("torch.")
+
+
+def test_layers_found_by_name_renumbered_and_ordered():
+    """The first numbered stack is the layers (a `.N.` deeper in the name stays in the suffix); a
+    second stack, and every other tensor, is copied whole: embeddings before the layers, the rest
+    after; the config comes from the base model, else the first."""
+    extra = {"model.layers.0.experts.3.weight": ((2, 2), "float32"), "vision.layers.0.weight": ((2,), "float32"),
+             "model.wpe.weight": ((4, 8), "float32")}
+    p, q = _stack(3, **extra), _stack(3, **extra)
+    recipe = {"merge_method": "passthrough", "slices": [{"sources": [_src("q", 2, 3)]}, {"sources": [_src("p", 0, 2)]}]}
+    out = _plan(recipe, p=p, q=q)
+    names = [j.name for j in out.jobs]
+    assert names[:2] == ["model.embed_tokens.weight", "model.wpe.weight"]
+    assert set(names[-3:]) == {"model.norm.weight", "lm_head.weight", "vision.layers.0.weight"}
+    assert out.layers == [("q", 2), ("p", 0), ("p", 1)]
+    by_name = {j.name: j.inputs for j in out.jobs}
+    assert by_name["model.layers.0.mlp.weight"] == [("q", "model.layers.2.mlp.weight")]
+    assert by_name["model.layers.1.experts.3.weight"] == [("p", "model.layers.0.experts.3.weight")]
+    assert by_name["model.norm.weight"] == [("p", "model.norm.weight")]  # the last slice's model
+    assert by_name["model.wpe.weight"] == [("q", "model.wpe.weight")]  # the first slice's
+    assert out.config_source == "q"
+    assert _plan({"merge_method": "linear", "base_model": "q", "models": ["p", "q"], "parameters": {"weight": 1}},
+                 p=p, q=q).config_source == "q"
+
+
+def test_vocabulary_tensors_are_those_with_a_row_per_token(vocab_dirs):
+    """With `tokenizer_source`, a non-layer tensor with a row per token of every input (`vocab_size`
+    rows, whatever the tokenizer's size) is aligned to the output vocabulary; a layer's tensor or a
+    position table never is, whatever its size."""
+    from llmctl.core.merge import parse_recipe, plan
+    from llmctl.errors import CheckpointError
+
+    a, b = vocab_dirs["a"], vocab_dirs["b"]
+    recipe = parse_recipe({"merge_method": "linear", "models": [a, b], "parameters": {"weight": 1.0},
+                           "tokenizer_source": "union"})
+
+    def opened(name: str = "model.layers.0.w", shape=None):
+        return {m: _Ck(m, {"vocab_size": n}, {"model.embed_tokens.weight": ((n, 4), "float32"),
+                                              "lm_head.weight": ((n, 4), "float32"), "lm_head.bias": ((n,), "float32"),
+                                              name: (shape or (n, 4), "float32")})
+                for m, n in ((a, 9), (b, 7))}
+
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot merge 'model.layers.0.w': {a} has model.layers.0.w "
+                                                        f"of shape [9, 4], {b} has model.layers.0.w of shape [7, 4]")):
+        plan(recipe, opened=opened())
+    with pytest.raises(CheckpointError, match="cannot merge 'model.position_embeddings.weight'"):
+        plan(recipe, opened=opened("model.position_embeddings.weight"))
+    jobs = plan(recipe, opened=opened("model.layers.0.w", (4,))).jobs
+    assert {j.name: (j.vocabulary, j.shape) for j in jobs if "layers" not in j.name} == {
+        "model.embed_tokens.weight": (True, (10, 4)), "lm_head.weight": (True, (10, 4)), "lm_head.bias": (True, (10,))}
+    other = parse_recipe({"merge_method": "linear", "models": [a, b], "parameters": {"weight": 1.0}})
+    with pytest.raises(CheckpointError, match="cannot merge 'model.embed_tokens.weight'"):  # no tokenizer_source
+        plan(other, opened=opened("model.layers.0.w", (4,)))
+
+
+# ------------------------------------------------------------------ recipes (recipe.py)
+
+SETTINGS = [0.5, 2, True, False, "0.25", "1e-3", "true", "False", [0.0, 1.0], [1, 0.5, 0], [0.2], [], [0, 3, 4],
+            [1, 2, 4, 8], ["1e-3", "2e-3"], [False, True, True], [True, False],
+            {"filter": "mlp", "value": 0.7}, {"value": [0, 1]}, {"filter": "*", "value": 2},
+            [{"filter": "self_attn", "value": [0.1, 0.9]}, {"filter": "mlp", "value": 0.4}],
+            [{"filter": "self_attn", "value": 0.1}, {"value": 0.3}],
+            [{"filter": "lm_head", "value": True}, {"filter": "mlp", "value": [False, True]}]]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=[repr(s) for s in SETTINGS])
+def test_parameter_values_equal_mergekits(setting):
+    """A scalar, a gradient (interpolated across the slice, or stepped for booleans) or filtered
+    conditions, for float and bool parameters, at five points of a slice, for three tensors:
+    mergekit's `evaluate_setting`. mergekit's pydantic also reads a bool as a float (1.0) and a
+    number as a bool; llmctl refuses both, the only difference."""
+    from mergekit.config import ParameterSetting, evaluate_setting
+    from pydantic import TypeAdapter, ValidationError
+
+    from llmctl.core.merge.recipe import evaluate
+    from llmctl.errors import ConfigError
+
+    parsed = TypeAdapter(ParameterSetting).validate_python(setting)
+    for kind in (float, bool):
+        for tensor in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"):
+            for t in (0, 0.2, 0.5, 0.75, 1):
+                try:
+                    theirs = evaluate_setting(tensor, parsed, t, validate=TypeAdapter(kind).validate_python)
+                except ValidationError:
+                    with pytest.raises(ConfigError, match=f"^p: expected {kind.__name__}, found "):
+                        evaluate(setting, tensor, t, kind, "p")
+                    continue
+                try:
+                    ours = evaluate(setting, tensor, t, kind, "p")
+                except ConfigError:  # the one difference: a bool for a float, a number for a bool
+                    assert any(isinstance(v, bool) != (kind is bool) for v in _scalars(setting)), (tensor, t, kind)
+                    continue
+                assert ours == pytest.approx(theirs) and type(ours) is type(theirs), (tensor, t, kind, ours, theirs)
+
+
+def _scalars(setting) -> list:
+    if isinstance(setting, dict):
+        return _scalars(setting["value"])
+    return [v for s in setting for v in _scalars(s)] if isinstance(setting, list) else [setting]
+
+
+_LINEAR = {"merge_method": "linear", "models": ["p"]}
+_TOKENS = {**_LINEAR, "tokenizer": {"tokens": {"<x>": {"source": "p"}}}}
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], "recipe: expected a mapping of merge settings, found list"),
+    ({**_LINEAR, "model": "p"}, "recipe: unknown key 'model' (did you mean 'models'?)"),
+    ({**_LINEAR, "modules": {"text": {}}}, "recipe: modules: multi-module recipes are not supported"),
+    ({**_LINEAR, "chat_template": "chatml"},
+     "recipe: chat_template: not supported here; set it after merging with `llmctl tokenize set-template`"),
+    ({"models": ["p"]}, "recipe: missing key 'merge_method'"),
+    ({"merge_method": "linear"}, "recipe: give exactly one of 'models' or 'slices'"),
+    ({**_LINEAR, "slices": [{"sources": [{"model": "p", "layer_range": [0, 1]}]}]},
+     "recipe: give exactly one of 'models' or 'slices'"),
+    ({"merge_method": "linear", "models": []}, "recipe: models: expected a non-empty list"),
+    ({"merge_method": "linear", "slices": {"sources": []}}, "recipe: slices: expected a non-empty list"),
+    ({"merge_method": "linear", "slices": ["p"]}, "recipe: slices[0]: expected a mapping, found str"),
+    ({"merge_method": "linear", "slices": [{"source": []}]}, "recipe: slices[0]: unknown key 'source' (did you mean 'sources'?)"),
+    ({"merge_method": "linear", "slices": [{"sources": []}]}, "recipe: slices[0].sources: expected a non-empty list"),
+    ({"merge_method": "linear", "slices": [{"sources": ["p"]}]}, "recipe: slices[0].sources[0]: expected a mapping, found str"),
+    ({"merge_method": "linear", "models": [{"model": "p", "layer_range": [0, 1]}]},
+     "recipe: models[0]: unknown key 'layer_range'"),
+    ({"merge_method": "linear", "models": [{"parameters": {}}]}, "recipe: models[0]: missing key 'model'"),
+    ({"merge_method": "linear", "models": [{"model": "p", "parameters": [1]}]},
+     "recipe: models[0]: parameters: expected a mapping, found list"),
+    ({"merge_method": "linear", "slices": [{"sources": [{"model": "p", "layer_range": [0, 1]}], "parameters": 2}]},
+     "recipe: slices[0]: parameters: expected a mapping, found int"),
+    ({**_LINEAR, "parameters": "weight"}, "recipe: parameters: expected a mapping, found str"),
+    ({"merge_method": "linear", "models": [3]}, "recipe: models[0]: expected a mapping, found int"),
+    ({"merge_method": "linear", "models": [{"model": ""}]}, "recipe: a model must be a checkpoint path, found ''"),
+    ({**_LINEAR, "base_model": 3}, "recipe: a model must be a checkpoint path, found 3"),
+    ({**_LINEAR, "dtype": "int8"}, "recipe: dtype: expected one of float32, float16, bfloat16, float64, found 'int8'"),
+    ({**_LINEAR, "out_dtype": "fp8"}, "recipe: out_dtype: expected one of float32, float16, bfloat16, float64, found 'fp8'"),
+    ({**_LINEAR, "tokenizer_source": "union", "tokenizer": {}}, "recipe: give tokenizer_source or tokenizer, not both"),
+    ({**_LINEAR, "tokenizer": {"sources": "union"}}, "recipe: tokenizer: unknown key 'sources' (did you mean 'source'?)"),
+    ({**_LINEAR, "tokenizer": {"pad_to_multiple_of": 0}},
+     "recipe: tokenizer.pad_to_multiple_of: expected a positive integer, found 0"),
+    ({**_LINEAR, "tokenizer": {"pad_to_multiple_of": True}},
+     "recipe: tokenizer.pad_to_multiple_of: expected a positive integer, found True"),
+    ({**_LINEAR, "tokenizer": {"pad_to_multiple_of": "8"}},
+     "recipe: tokenizer.pad_to_multiple_of: expected a positive integer, found '8'"),
+    ({**_LINEAR, "tokenizer": {"tokens": {"<x>": {"sauce": "p"}}}},
+     "recipe: tokenizer.tokens['<x>']: unknown key 'sauce' (did you mean 'source'?)"),
+    ({**_LINEAR, "tokenizer": {"tokens": {"<x>": {"force": True}}}},
+     "recipe: tokenizer.tokens['<x>']: missing key 'source' (a model, or kind zero / model_token)"),
+    ({**_LINEAR, "tokenizer": {"tokens": {"<x>": {"source": {"kind": "zero", "modle": "p"}}}}},
+     "recipe: tokenizer.tokens['<x>'].source: unknown key 'modle' (did you mean 'model'?)"),
+    *[({**_LINEAR, "tokenizer": {"tokens": {"<x>": {"source": source}}}},
+       "recipe: tokenizer.tokens['<x>'].source: expected kind zero, or kind model_token with a model and one of "
+       "token / token_id")
+      for source in ({"kind": "ones"}, {"kind": "model_token", "model": "p"},
+                     {"kind": "model_token", "model": "p", "token": "a", "token_id": 1})],
+])
+def test_recipe_refusals_name_the_key(data, message):
+    from llmctl.core.merge.recipe import parse_recipe
+    from llmctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        parse_recipe(data)
+
+
+@pytest.mark.parametrize("layers", [[1, 1], [2, 1], [-1, 2], [0], [0, 1, 2], [0, 1.5], "0-2", None])
+def test_layer_ranges_are_start_end_with_0_le_start_lt_end(layers):
+    from llmctl.core.merge.recipe import parse_recipe
+    from llmctl.errors import ConfigError
+
+    source = {"model": "p"} | ({"layer_range": layers} if layers is not None else {})
+    with pytest.raises(ConfigError, match=re.escape(f"recipe: slices[0].sources[0].layer_range: expected [start, end) "
+                                                    f"with 0 <= start < end, found {layers!r}")):
+        parse_recipe({"merge_method": "linear", "slices": [{"sources": [source]}]})
+
+
+def test_a_recipe_is_read_into_its_fields(tmp_path):
+    from llmctl.core.merge.recipe import Slice, Source, TokenSource, load_recipe, parse_recipe
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r.yaml").write_text(
+        "merge_method: ties\nbase_model: {model: p}\ndtype: bf16\nout_dtype: half\nparameters: {normalize: true}\n"
+        "slices:\n  - sources: [{model: p, layer_range: [0, 2], parameters: {weight: 0.5}}, {model: q, layer_range: [1, 3]}]\n"
+        "    base_model: q\n    parameters: {density: 0.5}\n"
+        "tokenizer:\n  pad_to_multiple_of: 8\n  tokens:\n    <x>: {source: p, force: true}\n"
+        "    <y>: {source: {kind: zero}}\n    7: {source: {kind: model_token, model: q, token_id: 3}}\n")
+    recipe = load_recipe(tmp_path / "r.yaml")
+    p = str(tmp_path / "p")  # found beside the recipe; q is not, so it stays as written
+    assert (recipe.merge_method, recipe.base_model, recipe.dtype, recipe.out_dtype) == ("ties", p, "bfloat16", "float16")
+    assert recipe.slices == [Slice([Source(p, (0, 2), {"weight": 0.5}), Source("q", (1, 3))], "q", {"density": 0.5})]
+    assert (recipe.parameters, recipe.tokenizer_source, recipe.pad_to_multiple_of, recipe.from_models) == \
+        ({"normalize": True}, "union", 8, False)
+    assert recipe.tokens == {"<x>": TokenSource(p, force=True), "<y>": TokenSource(None),
+                             "7": TokenSource("q", None, 3)}
+    assert recipe.models() == [p, "q"]
+    models = parse_recipe({"merge_method": "linear", "models": ["q", {"model": "p"}], "base_model": "p",
+                           "dtype": "fp32", "out_dtype": "float", "tokenizer_source": "q"})
+    assert (models.slices, models.from_models, models.models()) == ([Slice([Source("q"), Source("p")])], True, ["p", "q"])
+    assert (models.dtype, models.out_dtype, models.tokenizer_source, models.tokens) == ("float32", "float32", "q", {})
+    assert parse_recipe({**_LINEAR, "dtype": "fp16", "tokenizer_source": "base"}).dtype == "float16"
+
+
+def test_a_missing_or_invalid_recipe_file_is_one_line(tmp_path):
+    from llmctl.core.merge.recipe import load_recipe
+    from llmctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^merge recipe {re.escape(str(tmp_path / 'no.yaml'))} does not exist$"):
+        load_recipe(tmp_path / "no.yaml")
+    (tmp_path / "bad.yaml").write_text("merge_method: [linear\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path / 'bad.yaml'))}: invalid YAML \\(while parsing"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("models, method, kw, expected", [
+    (["a", "b", "c"], "ties", {"weights": [0.3, 0.7], "params": {"density": 0.5}, "per_model": {"density": 0.4}},
+     {"merge_method": "ties", "base_model": "a", "parameters": {"density": 0.5},
+      "models": [{"model": "a"}, {"model": "b", "parameters": {"density": 0.4, "weight": 0.3}},
+                 {"model": "c", "parameters": {"density": 0.4, "weight": 0.7}}]}),
+    (["a", "b", "c"], "linear", {"weights": [2.0], "base": "b"},
+     {"merge_method": "linear", "base_model": "b", "parameters": {},
+      "models": [{"model": "b"}, {"model": "a", "parameters": {"weight": 2.0}}, {"model": "c", "parameters": {"weight": 2.0}}]}),
+    (["a", "b"], "linear", {}, {"merge_method": "linear", "parameters": {},
+                                "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 1.0}}]}),
+    (["a", "b"], "slerp", {"params": {"t": 0.4}},
+     {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.4}, "models": [{"model": "a"}, {"model": "b"}]}),
+])
+def test_short_form_recipes(models, method, kw, expected):
+    """`llmctl merge A B --method M …`: the base (given, or the first model when the method needs one),
+    `--weight` once for all or once per other model (only where the method takes weights)."""
+    from llmctl.core.merge.recipe import short_recipe
+    from llmctl.errors import ConfigError
+
+    assert short_recipe(models, method, **kw) == expected
+    if "weights" in kw:
+        with pytest.raises(ConfigError, match=re.escape(f"--weight: give one value or one per non-base model "
+                                                        f"({len(models) - 1}), got 3")):
+            short_recipe(models, method, **{**kw, "weights": [1.0, 2.0, 3.0]})

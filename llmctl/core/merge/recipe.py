@@ -278,7 +278,7 @@ def _scalar(value: Any, kind: type, where: str) -> Any:
         if kind is bool:
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 return value.lower() == "true"
-            if not isinstance(value, (bool, int)):
+            if not isinstance(value, (bool, int)) or value not in (0, 1):  # mergekit's (pydantic's) rule
                 raise ValueError
             return bool(value)
         if isinstance(value, bool):
