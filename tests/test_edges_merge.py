@@ -545,6 +545,8 @@ def _src(model: str, start: int, end: int, **params) -> dict:
      "merge: missing required parameter 't' for model.embed_tokens.weight"),
     ({"merge_method": "linear", "slices": [{"sources": [_src("p", 0, 2, weight=1), _src("q", 1, 3)]}]}, {},
      "merge: missing required parameter 'weight' for q: model.embed_tokens.weight"),
+    ({"merge_method": "linear", "models": ["p"], "parameters": {"weight": "heavy"}}, {},
+     "parameter 'weight': expected float, found 'heavy'"),
 ])
 def test_plan_refusals_name_the_slice_model_and_tensor(recipe, shapes, message):
     from llmctl.errors import CheckpointError, ConfigError
@@ -574,8 +576,8 @@ def test_output_dtypes_promote_as_torch(dtype, out_dtype, expected):
     assert {j.name: j.dtype for j in jobs if "layers.0.norm" not in j.name} == expected
     assert {j.name: j.input_dtypes for j in jobs}["model.embed_tokens.weight"] == ("float16", "bfloat16")
     every = {m: {"w": ((2,), d)} for m, d in zip("pqrs", ["float16", "bfloat16", "float32", "float64"])}
-    assert _plan({"merge_method": "linear", "models": list("pqrs"), "parameters": {"weight": 1}}, **every).jobs[0].dtype \
-        == "float64"
+    out = _plan({"merge_method": "linear", "models": list("pqrs"), "parameters": {"weight": 1}}, **every)
+    assert ([j.dtype for j in out.jobs], out.layers) == (["float64"], [])  # no layers: none in the output
     for a, b in [("float16", "float32"), ("bfloat16", "float64"), ("float16", "bfloat16")]:
         assert promote([a, b]) == str(torch.promote_types(getattr(torch, a), getattr(torch, b))).removeprefix("torch.")
 
@@ -603,7 +605,7 @@ def test_layers_found_by_name_renumbered_and_ordered():
                  p=p, q=q).config_source == "q"
 
 
-def test_vocabulary_tensors_are_those_with_a_row_per_token(vocab_dirs):
+def test_vocabulary_tensors_are_those_with_a_row_per_token(vocab_dirs, tmp_path):
     """With `tokenizer_source`, a non-layer tensor with a row per token of every input (`vocab_size`
     rows, whatever the tokenizer's size) is aligned to the output vocabulary; a layer's tensor or a
     position table never is, whatever its size."""
@@ -628,6 +630,11 @@ def test_vocabulary_tensors_are_those_with_a_row_per_token(vocab_dirs):
     jobs = plan(recipe, opened=opened("model.layers.0.w", (4,))).jobs
     assert {j.name: (j.vocabulary, j.shape) for j in jobs if "layers" not in j.name} == {
         "model.embed_tokens.weight": (True, (10, 4)), "lm_head.weight": (True, (10, 4)), "lm_head.bias": (True, (10,))}
+    same = {m: _model_dir(tmp_path / m, ["<s>", "a", "b"], ["<s>"], size=3) for m in "xy"}  # one vocabulary
+    recipe = parse_recipe({"merge_method": "linear", "models": list(same.values()), "parameters": {"weight": 1.0},
+                           "tokenizer_source": "union"})
+    shapes = {"model.embed_tokens.weight": ((3, 4), "float32")}
+    assert plan(recipe, opened={p: _Ck(p, {"vocab_size": 3}, shapes) for p in same.values()}).vocabulary is None
     other = parse_recipe({"merge_method": "linear", "models": [a, b], "parameters": {"weight": 1.0}})
     with pytest.raises(CheckpointError, match="cannot merge 'model.embed_tokens.weight'"):  # no tokenizer_source
         plan(other, opened=opened("model.layers.0.w", (4,)))

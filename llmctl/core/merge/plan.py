@@ -65,7 +65,6 @@ def _split(names) -> tuple[list[str], dict[int, list[str]], str | None]:
 
 class _Model:
     def __init__(self, ck: Checkpoint):
-        self.ck = ck
         self.shapes = ck.tensor_shapes()
         self.plain, self.layers, self.prefix = _split(self.shapes)
         self.num_layers = max(self.layers) + 1 if self.layers else 0
@@ -115,7 +114,7 @@ def _normalise(recipe: Recipe, models: dict[str, _Model], method: Method) -> lis
         if recipe.base_model and recipe.base_model not in [s.model for s in sources]:
             sources.append(Source(recipe.base_model))
         sources = [Source(s.model, (0, models[s.model].num_layers), s.parameters) for s in sources]
-        slices = [Slice(sources, slices[0].base_model, slices[0].parameters)]
+        slices = [Slice(sources)]  # a `models:` recipe has no slice-level base or parameters
     name = recipe.merge_method
     for i, s in enumerate(slices):
         where = f"slices[{i}]"
