@@ -541,6 +541,10 @@ def _src(model: str, start: int, end: int, **params) -> dict:
     ({"merge_method": "linear", "models": ["p", "q"], "parameters": {"weight": 1}},
      {"q": _stack(**{"model.norm.weight": ((9,), "float32")})},
      "cannot merge 'model.norm.weight': p has model.norm.weight of shape [8], q has model.norm.weight of shape [9]"),
+    ({"merge_method": "linear", "parameters": {"weight": 1},
+      "slices": [{"sources": [_src("p", 0, 2), _src("q", 1, 3)]}]}, {"q": _stack(**{"model.layers.1.mlp.weight": ((8, 9), "float32")})},
+     "cannot merge 'model.layers.0.mlp.weight': p has model.layers.0.mlp.weight of shape [8, 8], "
+     "q has model.layers.1.mlp.weight of shape [8, 9]"),
     ({"merge_method": "slerp", "base_model": "p", "models": ["p", "q"]}, {},
      "merge: missing required parameter 't' for model.embed_tokens.weight"),
     ({"merge_method": "linear", "slices": [{"sources": [_src("p", 0, 2, weight=1), _src("q", 1, 3)]}]}, {},
