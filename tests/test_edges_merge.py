@@ -823,3 +823,22 @@ def test_short_form_recipes(models, method, kw, expected):
         with pytest.raises(ConfigError, match=re.escape(f"--weight: give one value or one per non-base model "
                                                         f"({len(models) - 1}), got 3")):
             short_recipe(models, method, **{**kw, "weights": [1.0, 2.0, 3.0]})
+
+
+def test_a_model_reference_with_a_lora_is_base_plus_adapter(tmp_path):
+    """mergekit's `{model: BASE, lora: ADAPTER}` is its `BASE+ADAPTER` (the adapter was dropped); each
+    part found beside the recipe as a plain path is."""
+    from mergekit.common import ModelReference
+
+    from llmctl.core.merge.recipe import load_recipe, parse_recipe
+    from llmctl.errors import ConfigError
+
+    reference = {"model": "base", "lora": "adapter"}
+    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": reference}], "base_model": {"model": "base"}})
+    assert recipe.models() == ["base", str(ModelReference.model_validate(reference))] == ["base", "base+adapter"]
+    for name in ("base", "adapter"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "r.yaml").write_text("merge_method: linear\nmodels:\n  - model: {model: base, lora: adapter}\n")
+    assert load_recipe(tmp_path / "r.yaml").models() == [f"{tmp_path / 'base'}+{tmp_path / 'adapter'}"]
+    with pytest.raises(ConfigError, match=re.escape("recipe: a model must be a checkpoint path, found None")):
+        parse_recipe({"merge_method": "linear", "models": [{"model": {"lora": "adapter"}}]})

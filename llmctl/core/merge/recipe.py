@@ -150,8 +150,10 @@ def model_resolver(where: str, relative_to=None) -> Callable[[Any], str | None]:
     def model(value):
         if value is None:
             return None
-        if isinstance(value, dict):  # mergekit's {model: …, lora: …} reference form
-            value = value.get("model")
+        if isinstance(value, dict):  # mergekit's {model: …, lora: …} reference form; with a lora, BASE+ADAPTER
+            lora, value = value.get("lora"), value.get("model")
+            if lora is not None and value is not None:
+                return f"{model(value)}+{model(lora)}"
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: a model must be a checkpoint path, found {value!r}")
         if relative_to is not None and not Path(value).exists() and (Path(relative_to) / value).exists():
