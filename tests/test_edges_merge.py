@@ -651,7 +651,8 @@ SETTINGS = [0.5, 2, True, False, "0.25", "1e-3", "true", "False", [0.0, 1.0], [1
             {"filter": "mlp", "value": 0.7}, {"value": [0, 1]}, {"filter": "*", "value": 2},
             [{"filter": "self_attn", "value": [0.1, 0.9]}, {"filter": "mlp", "value": 0.4}],
             [{"filter": "self_attn", "value": 0.1}, {"value": 0.3}],
-            [{"filter": "lm_head", "value": True}, {"filter": "mlp", "value": [False, True]}]]
+            [{"filter": "lm_head", "value": True}, {"filter": "mlp", "value": [False, True]}],
+            {"filter": "mlp", "value": "x"}, [0.5, "x"], [{"filter": "lm_head", "value": [1, "x"]}]]
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=[repr(s) for s in SETTINGS])
@@ -682,6 +683,23 @@ def test_parameter_values_equal_mergekits(setting):
                     assert any(isinstance(v, bool) != (kind is bool) for v in _scalars(setting)), (tensor, t, kind)
                     continue
                 assert ours == pytest.approx(theirs) and type(ours) is type(theirs), (tensor, t, kind, ours, theirs)
+
+
+@pytest.mark.parametrize("setting, t", [("3", 0.0), (2.0, 0.0), ([0, 4], 0.5), ([0, 1, 2], 1.0), ([1, 2], 0.0)])
+def test_int_parameter_values_equal_mergekits(setting, t):
+    """No built-in method takes an int; a plugin's does (values that mergekit accepts)."""
+    from mergekit.config import ParameterSetting, evaluate_setting
+    from pydantic import TypeAdapter
+
+    from llmctl.core.merge.recipe import evaluate
+    from llmctl.errors import ConfigError
+
+    theirs = evaluate_setting("w", TypeAdapter(ParameterSetting).validate_python(setting), t,
+                              validate=TypeAdapter(int).validate_python)
+    ours = evaluate(setting, "w", t, int, "p")
+    assert ours == theirs and type(ours) is int
+    with pytest.raises(ConfigError, match="^p: expected int, found True$"):
+        evaluate(True, "w", t, int, "p")
 
 
 def _scalars(setting) -> list:
@@ -718,6 +736,8 @@ _TOKENS = {**_LINEAR, "tokenizer": {"tokens": {"<x>": {"source": "p"}}}}
     ({"merge_method": "linear", "slices": [{"sources": [{"model": "p", "layer_range": [0, 1]}], "parameters": 2}]},
      "recipe: slices[0]: parameters: expected a mapping, found int"),
     ({**_LINEAR, "parameters": "weight"}, "recipe: parameters: expected a mapping, found str"),
+    ({"merge_method": "linear", "slices": [{"sources": [{"model": "p", "layer_range": [0, 1], "parameters": 1}]}]},
+     "recipe: slices[0].sources[0]: parameters: expected a mapping, found int"),
     ({"merge_method": "linear", "models": [3]}, "recipe: models[0]: expected a mapping, found int"),
     ({"merge_method": "linear", "models": [{"model": ""}]}, "recipe: a model must be a checkpoint path, found ''"),
     ({**_LINEAR, "base_model": 3}, "recipe: a model must be a checkpoint path, found 3"),
@@ -764,6 +784,7 @@ def test_layer_ranges_are_start_end_with_0_le_start_lt_end(layers):
 
 def test_a_recipe_is_read_into_its_fields(tmp_path):
     from llmctl.core.merge.recipe import Slice, Source, TokenSource, load_recipe, parse_recipe
+    from llmctl.errors import ConfigError
 
     (tmp_path / "p").mkdir()
     (tmp_path / "r.yaml").write_text(
@@ -786,6 +807,12 @@ def test_a_recipe_is_read_into_its_fields(tmp_path):
     assert (models.slices, models.from_models, models.models()) == ([Slice([Source("q"), Source("p")])], True, ["p", "q"])
     assert (models.dtype, models.out_dtype, models.tokenizer_source, models.tokens) == ("float32", "float32", "q", {})
     assert parse_recipe({**_LINEAR, "dtype": "fp16", "tokenizer_source": "base"}).dtype == "float16"
+    for source in ("tokenizer_source: p", "tokenizer: {source: p}"):  # a model's path found beside the recipe too
+        (tmp_path / "s.yaml").write_text(f"merge_method: linear\nmodels: [p]\n{source}\n")
+        assert load_recipe(tmp_path / "s.yaml").tokenizer_source == p
+    (tmp_path / "bad.yaml").write_text("merge_method: linear\nmodels: [{model: p, weight: 1}]\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path / 'bad.yaml'))}: models\\[0\\]: unknown key 'weight'"):
+        load_recipe(tmp_path / "bad.yaml")
 
 
 def test_a_missing_or_invalid_recipe_file_is_one_line(tmp_path):
