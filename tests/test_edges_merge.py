@@ -680,7 +680,8 @@ def test_parameter_values_equal_mergekits(setting):
                 try:
                     ours = evaluate(setting, tensor, t, kind, "p")
                 except ConfigError:  # the one difference: a bool for a float, a number for a bool
-                    assert any(isinstance(v, bool) != (kind is bool) for v in _scalars(setting)), (tensor, t, kind)
+                    assert any(isinstance(v, bool) != (kind is bool) and not isinstance(v, str)
+                               for v in _scalars(setting)), (tensor, t, kind)
                     continue
                 assert ours == pytest.approx(theirs) and type(ours) is type(theirs), (tensor, t, kind, ours, theirs)
 
@@ -700,6 +701,7 @@ def test_int_parameter_values_equal_mergekits(setting, t):
     assert ours == theirs and type(ours) is int
     with pytest.raises(ConfigError, match="^p: expected int, found True$"):
         evaluate(True, "w", t, int, "p")
+    assert evaluate("1e3", "w", t, int, "p") == 1000  # YAML reads 1e3 as a string; mergekit refuses it
 
 
 def _scalars(setting) -> list:
@@ -790,7 +792,7 @@ def test_a_recipe_is_read_into_its_fields(tmp_path):
     (tmp_path / "r.yaml").write_text(
         "merge_method: ties\nbase_model: {model: p}\ndtype: bf16\nout_dtype: half\nparameters: {normalize: true}\n"
         "slices:\n  - sources: [{model: p, layer_range: [0, 2], parameters: {weight: 0.5}}, {model: q, layer_range: [1, 3]}]\n"
-        "    base_model: q\n    parameters: {density: 0.5}\n"
+        "    base_model: q\n    parameters: {density: 0.5}\n    residual_weight: 0.1\n"
         "tokenizer:\n  pad_to_multiple_of: 8\n  tokens:\n    <x>: {source: p, force: true}\n"
         "    <y>: {source: {kind: zero}}\n    7: {source: {kind: model_token, model: q, token_id: 3}}\n")
     recipe = load_recipe(tmp_path / "r.yaml")
@@ -807,9 +809,16 @@ def test_a_recipe_is_read_into_its_fields(tmp_path):
     assert (models.slices, models.from_models, models.models()) == ([Slice([Source("q"), Source("p")])], True, ["p", "q"])
     assert (models.dtype, models.out_dtype, models.tokenizer_source, models.tokens) == ("float32", "float32", "q", {})
     assert parse_recipe({**_LINEAR, "dtype": "fp16", "tokenizer_source": "base"}).dtype == "float16"
-    for source in ("tokenizer_source: p", "tokenizer: {source: p}"):  # a model's path found beside the recipe too
+    for name in ("base", "union"):  # directories of those names beside the recipe: the keywords still win
+        (tmp_path / name).mkdir()
+    for source, expected in [("tokenizer_source: p", p), ("tokenizer: {source: p}", p), ("tokenizer_source: base", "base"),
+                             ("tokenizer_source: union", "union"), ("tokenizer: {source: base}", "base"),
+                             ("tokenizer: {source: union, pad_to_multiple_of: 1}", "union")]:
         (tmp_path / "s.yaml").write_text(f"merge_method: linear\nmodels: [p]\n{source}\n")
-        assert load_recipe(tmp_path / "s.yaml").tokenizer_source == p
+        assert load_recipe(tmp_path / "s.yaml").tokenizer_source == expected, source
+    assert load_recipe(tmp_path / "s.yaml").pad_to_multiple_of == 1
+    data = {**_LINEAR, "parameters": {"weight": 1}}
+    assert parse_recipe(data).raw is data  # written beside the output as mergekit_config.yml
     (tmp_path / "bad.yaml").write_text("merge_method: linear\nmodels: [{model: p, weight: 1}]\n")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path / 'bad.yaml'))}: models\\[0\\]: unknown key 'weight'"):
         load_recipe(tmp_path / "bad.yaml")
