@@ -2,7 +2,9 @@
 miss (found by mutation testing): each compared with mergekit's own function on small arrays —
 the declared parameters against mergekit's specs, SLERP of a zero or nearly collinear tensor,
 NuSLERP column-wise and with collinear vectors, task arithmetic's divisor (normalised without a
-consensus, weights that cancel, a single task vector), bfloat16 rescaling, DELLA's ε."""
+consensus, weights that cancel, a single task vector), bfloat16 rescaling, DELLA's ε. Then the
+vocabulary (mergekit's `build_tokenizer` and `PermutedVocabulary`), the plan (its `MergePlanner`)
+and the recipe (its `evaluate_setting`; every refusal by its message)."""
 
 # No `from __future__ import annotations`: the plugin below declares its parameters with real types.
 import dataclasses
