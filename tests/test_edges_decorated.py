@@ -120,3 +120,45 @@ def test_magnitude_masks_are_boolean_and_keep_at_least_one():
     big = np.arange(1, 201, dtype=np.float32)
     assert np.array_equal(outliers(big, 0.5), outliers(big, 0.5, gamma=0.01))  # γ = 0.01 by default
     assert outliers(big, 0.5).sum() == 100 and not outliers(big, 0.5)[-2:].any()
+
+
+# -- RoPE scalings ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, params, seq_len", [
+    ("linear", {"factor": 4.0}, 64),
+    ("dynamic", {"factor": 2.0}, 40),  # within the context: the base unchanged
+    ("dynamic", {"factor": 2.0}, 300),
+    ("dynamic", {"factor": 3.5}, 1000),
+    ("yarn", {"factor": 4.0}, 64),
+    ("yarn", {"factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2}, 64),
+    ("yarn", {"factor": 4.0, "attention_factor": 1.3, "truncate": False}, 64),
+    ("yarn", {"factor": 16.0, "original_max_position_embeddings": 4096, "beta_fast": 64, "beta_slow": 0.5}, 64),
+    ("yarn", {"factor": 1.0}, 64),
+    ("yarn", {"factor": 0.5}, 64),
+    ("yarn", {"factor": 1.5}, 64),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 4096, "truncate": False}, 64),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 4, "beta_slow": 4}, 64),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 10**6, "beta_fast": 10**4, "beta_slow": 0.1,
+              "theta": 500.0}, 64),  # the ramp ends past the last dimension
+])
+def test_rope_scalings_are_transformers(kind, params, seq_len):
+    """Each registered scaling's inverse frequencies and attention factor against transformers'
+    ROPE_INIT_FUNCTIONS for the same config (dynamic NTK at the sequence length reached)."""
+    import transformers as tr
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.position import ROPE_SCALINGS
+
+    params = dict(params)
+    theta = params.pop("theta", 10000.0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=256, num_layers=1, num_heads=4, max_seq_len=128, rope_theta=theta)
+    config = tr.LlamaConfig(hidden_size=256, num_attention_heads=4, num_hidden_layers=1, max_position_embeddings=128,
+                            rope_parameters={"rope_type": kind, "rope_theta": theta, **params})
+    want, want_factor = ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=seq_len)
+    got, factor = ROPE_SCALINGS.get(kind)(cfg, params, torch.arange(seq_len), torch.device("cpu"))
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(want_factor, rel=1e-12)
+    default, unit = ROPE_SCALINGS.get("default")(cfg, {}, torch.arange(4), torch.device("cpu"))
+    assert unit == 1.0 and torch.equal(default, 1.0 / theta ** (torch.arange(0, 64, 2).float() / 64))
