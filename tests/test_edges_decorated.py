@@ -162,3 +162,27 @@ def test_rope_scalings_are_transformers(kind, params, seq_len):
     assert factor == pytest.approx(want_factor, rel=1e-12)
     default, unit = ROPE_SCALINGS.get("default")(cfg, {}, torch.arange(4), torch.device("cpu"))
     assert unit == 1.0 and torch.equal(default, 1.0 / theta ** (torch.arange(0, 64, 2).float() / 64))
+
+
+# -- merge methods ----------------------------------------------------------------------------------------------
+
+
+def test_model_stock_of_opposite_task_vectors_is_the_base():
+    """Two task vectors at 180°: 1 + (n − 1)·cos = 0, so t = 0 — the base (not their average, nor a
+    division by zero)."""
+    from llmctl.core.merge.methods import Inputs, model_stock
+
+    base = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    delta = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    for filter_wise in (False, True):
+        got = model_stock(Inputs(base.clone(), [base + delta, base - 3 * delta]), filter_wise=filter_wise)
+        torch.testing.assert_close(got, base)
+
+
+def test_nuslerp_with_weights_summing_to_zero_is_the_midpoint():
+    from llmctl.core.merge.methods import Inputs, nuslerp
+
+    a, b = torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.0, 1.0, -1.0]])
+    half = nuslerp(Inputs(None, [a, b]), [1.0, 1.0])
+    torch.testing.assert_close(nuslerp(Inputs(None, [a, b]), [0.0, 0.0]), half)
+    torch.testing.assert_close(nuslerp(Inputs(None, [a, b]), [1e-7, -2e-7]), half)  # |Σ| below 1e-6: still
