@@ -186,3 +186,39 @@ def test_nuslerp_with_weights_summing_to_zero_is_the_midpoint():
     half = nuslerp(Inputs(None, [a, b]), [1.0, 1.0])
     torch.testing.assert_close(nuslerp(Inputs(None, [a, b]), [0.0, 0.0]), half)
     torch.testing.assert_close(nuslerp(Inputs(None, [a, b]), [1e-7, -2e-7]), half)  # |Σ| below 1e-6: still
+
+
+# -- attention kernels ----------------------------------------------------------------------------------------
+
+
+def test_sdpa_in_16_bits_on_cpu_keeps_the_mask_and_the_dropout():
+    """The explicit 16-bit CPU path (several queries, up to 1024 keys): a padding mask hides its
+    keys (changing a hidden value changes nothing), the result is eager attention's within bf16
+    rounding, and dropout is applied."""
+    from llmctl.core.model.attention import eager_attention, sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g).bfloat16() for _ in range(3))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., -1] = False  # the last key is padding
+    got = sdpa_attention(q, k, v, mask, False, 0.0)
+    want = eager_attention(q.float(), k.float(), v.float(), mask, False, 0.0)
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+    v2 = v.clone()
+    v2[..., -1, :] = 100.0
+    assert got.dtype == torch.bfloat16 and torch.equal(sdpa_attention(q, k, v2, mask, False, 0.0), got)
+    eager = eager_attention(q, k, v, mask, False, 0.0)  # in 16 bits too: the probabilities in v's dtype
+    assert eager.dtype == torch.bfloat16 and torch.allclose(eager.float(), want, atol=3e-2, rtol=3e-2)
+    torch.manual_seed(0)
+    assert not torch.equal(sdpa_attention(q, k, v, None, False, 0.5), sdpa_attention(q, k, v, None, False, 0.0))
+
+
+def test_acc_norm_divides_by_each_choices_characters():
+    """lm-evaluation-harness's acc_norm: log-likelihood over the choice's length in characters (a
+    one-character choice divides by 1)."""
+    from llmctl.core.evaluate.choice import CHOICE_METRICS
+
+    acc, acc_norm = CHOICE_METRICS.get("acc"), CHOICE_METRICS.get("acc_norm")
+    lls, texts = [-1.0, -2.5], ["a", "bcd"]  # per character: -1.0 and -0.83
+    assert (acc(lls, texts, 0, {}), acc_norm(lls, texts, 1, {}), acc_norm(lls, texts, 0, {})) == (1.0, 1.0, 0.0)
+    assert acc_norm([-1.0, -2.5], ["", "bcd"], 1, {}) == 1.0  # an empty choice divides by 1, not 0
