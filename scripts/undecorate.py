@@ -41,7 +41,7 @@ def undecorate(source: str) -> str:
 
     visit(ast.parse(source).body)
     for node in sorted(found, key=lambda n: n.lineno, reverse=True):
-        indent = lines[node.lineno - 1][: len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())]
+        indent = " " * node.col_offset
         applied = node.name
         for decorator in reversed(node.decorator_list):
             applied = f"({ast.get_source_segment(source, decorator)})({applied})"

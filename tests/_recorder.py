@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 class Recorder:
     """Stands in for `llmctl.console.Reporter`; `calls` holds ("progress", description, total,
-    unit), ("update", fields), ("advance", n) and ("warn", message) in order."""
+    unit), ("update", fields), ("advance", n), ("info", message) and ("warn", message) in order."""
 
     def __init__(self):
         self.calls = []
@@ -24,7 +24,7 @@ class Recorder:
         return [c for c in self.calls if c[0] in ("progress", "advance")]
 
     def info(self, message):
-        pass
+        self.calls.append(("info", message))
 
     def warn(self, message):
         self.calls.append(("warn", message))

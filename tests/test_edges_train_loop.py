@@ -284,13 +284,13 @@ def test_logs_evaluations_and_checkpoints_follow_their_cadence(corpus, tmp_path)
 
 
 class _Clock:
-    """perf_counter for the loop: each call one second later."""
+    """perf_counter for the loop: each call `tick` seconds later, from `start`."""
 
-    def __init__(self):
-        self.now = -1.0
+    def __init__(self, start: float = 0.0, tick: float = 1.0):
+        self.now, self.tick = start - tick, tick
 
     def perf_counter(self):
-        self.now += 1.0
+        self.now += self.tick
         return self.now
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from test_blindspots_train import _trainer
-from test_edges_train_loop import _windows
+from test_edges_train_loop import _Clock, _windows
 from test_train import corpus  # noqa: F401  (fixture)
 
 
@@ -162,17 +162,6 @@ def test_a_float32_step_asks_for_no_autocast(corpus, tmp_path):
 # -- the run around the steps --------------------------------------------------------------------
 
 
-class _Clock:
-    """perf_counter for the loop: each call `tick` seconds later, from `start`."""
-
-    def __init__(self, start: float = 100.0, tick: float = 1.0):
-        self.now, self.tick = start - tick, tick
-
-    def perf_counter(self):
-        self.now += self.tick
-        return self.now
-
-
 def _fake_steps(trainer, monkeypatch, losses=None, on_step=None):
     """Replace the step by a counter (the run around it is under test): loss `losses[step]`, aux
     0.5; as the real step, one with a non-finite loss is not counted."""
@@ -248,7 +237,6 @@ def test_a_signal_saves_reports_and_exits_with_its_code(corpus, tmp_path, monkey
 
     trainer = _trainer(corpus, tmp_path, "max_steps=6", "save_every=0", "eval_every=0")
     trainer.report = report = Recorder()
-    report.info = lambda message: report.calls.append(("info", message))
     sig = getattr(signal, signame)
     _fake_steps(trainer, monkeypatch, on_step=lambda step: step == 2 and os.kill(os.getpid(), sig))
     result = trainer.run()
