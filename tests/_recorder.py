@@ -23,6 +23,10 @@ class Recorder:
         """The progress bars and their steps, without updates and warnings."""
         return [c for c in self.calls if c[0] in ("progress", "advance")]
 
+    def messages(self) -> list:
+        """The info and warning lines, in order."""
+        return [c for c in self.calls if c[0] in ("info", "warn")]
+
     def info(self, message):
         self.calls.append(("info", message))
 

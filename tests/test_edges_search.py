@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from _recorder import Recorder
 
 from llmctl.core.generate import GenerationConfig, search
 from llmctl.core.generate.search import Runner
@@ -353,19 +354,6 @@ def test_generation_task_answers_and_references(tmp_path):
     assert _generation_task(tmp_path, [{"q": "x", "a": 7}], answer_regex=r"(x)?=").extract("a = b") == ""
 
 
-class _Recorder:
-    """A reporter that keeps its progress bars' arguments and advances."""
-
-    def __init__(self):
-        self.bars, self.advances = [], []
-
-    def progress(self, description, total=None, unit="it"):
-        import contextlib
-
-        self.bars.append((description, total, unit))
-        return contextlib.nullcontext(types.SimpleNamespace(advance=self.advances.append))
-
-
 def test_generation_task_run_samples_votes_logs_and_scores(tmp_path, monkeypatch):
     """Self-consistency over batches: the sampling settings and context reach `generate`, each
     prompt's answers are voted on, logged as samples, and scored with the task's normalisation."""
@@ -373,7 +361,7 @@ def test_generation_task_run_samples_votes_logs_and_scores(tmp_path, monkeypatch
 
     rows = [{"q": "one", "a": "ABC"}, {"q": "two", "a": ["x", "Seven"]}, {"q": "three", "a": "z"}]
     task = _generation_task(tmp_path, rows, samples=2, normalize={"ignore_case": True}, metrics=["exact_match"])
-    task.report, task.samples_log = _Recorder(), []
+    task.report, task.samples_log = Recorder(), []
     texts = iter(["abc", "abc", "seven", "eight", "q", "q"])
     calls = []
 
@@ -388,7 +376,7 @@ def test_generation_task_run_samples_votes_logs_and_scores(tmp_path, monkeypatch
     for _, cfg, context, report in calls:
         assert (cfg.temperature, cfg.seed, cfg.truncate, cfg.batch_size, context, report) == (0.7, 11, "left", 2, 77,
                                                                                               task.report)
-    assert task.report.bars == [("t", 3, "ex")] and task.report.advances == [2, 1]
+    assert task.report.steps() == [("progress", "t", 3, "ex"), ("advance", 2), ("advance", 1)]
     assert result["exact_match"] == pytest.approx(2 / 3) and result["examples"] == 3
     where = [d[0] for d in task.documents()]
     assert task.samples_log == [

@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from _recorder import Recorder
 from test_blindspots_train import _params, _rows, _trainer
 from test_preference import _objective, base, pairs  # noqa: F401  (fixtures)
 from test_train import FAST, corpus, curve, records  # noqa: F401  (fixture)
@@ -88,9 +89,9 @@ def test_resume_restores_the_objectives_state_from_as_many_processes(corpus, tmp
     meta_file = trainer.outdir / "checkpoints" / "step-000002" / STATE_DIR / META
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({**meta, "world_size": 2}))
-    report = _Recorder()
+    report = Recorder()
     assert _resumed(corpus, trainer.outdir, "max_steps=50", report=report).step == 2  # no objective state
-    assert report.lines == [("info", f"resuming from {trainer.outdir / 'checkpoints' / 'step-000002'} (step 2)")]
+    assert report.messages() == [("info", f"resuming from {trainer.outdir / 'checkpoints' / 'step-000002'} (step 2)")]
 
     kind = type(trainer.objective)
     loaded = []
@@ -199,43 +200,30 @@ def test_check_resume_refuses_a_shorter_run_and_another_architecture(corpus, tmp
 # -- the time budget ----------------------------------------------------------------------------
 
 
-class _Recorder:
-    def __init__(self):
-        from llmctl.core.report import SILENT
-
-        self.progress, self.lines = SILENT.progress, []
-
-    def info(self, message):
-        self.lines.append(("info", message))
-
-    def warn(self, message):
-        self.lines.append(("warn", message))
-
-
 def test_fit_time_budget_by_hand(corpus, tmp_path):
     """max_steps = step + ⌊0.9 · (budget − elapsed) · rate⌋, within [step, the recipe's max_steps];
     the horizon is fixed once half the budget is spent (or nothing more fits), and announced."""
     trainer = _trainer(corpus, tmp_path, "max_steps=1000", "max_time=10", "warmup_steps=300")
-    trainer.report = _Recorder()
+    trainer.report = Recorder()
     trainer.step = 20
     trainer._fit_time_budget(120.0, 0.5)  # 20 + ⌊0.9 · 480 · 0.5⌋ = 236
-    assert (trainer.max_steps, trainer.horizon_fixed, trainer.report.lines) == (236, False, [])
+    assert (trainer.max_steps, trainer.horizon_fixed, trainer.report.messages()) == (236, False, [])
     trainer._fit_time_budget(299.0, 2.0)  # 20 + ⌊0.9 · 301 · 2⌋ = 561: still under half the budget
     assert (trainer.max_steps, trainer.horizon_fixed) == (561, False)
     trainer._fit_time_budget(300.0, 1.0)  # 20 + ⌊0.9 · 300⌋ = 290: half spent, fixed
     assert (trainer.max_steps, trainer.horizon_fixed) == (290, True)
-    assert trainer.report.lines == [
+    assert trainer.report.messages() == [
         ("info", "max_time 10 min: training 290 steps"),
         ("warn", "warmup_steps=300 is longer than the 290 steps that fit in max_time: lr never reaches 0.0003")]
-    trainer.report.lines.clear()
+    trainer.report.calls.clear()
     trainer._fit_time_budget(10.0, 100.0)  # more than the recipe's max_steps fits
-    assert (trainer.max_steps, trainer.horizon_fixed, trainer.report.lines) == (1000, False, [])
+    assert (trainer.max_steps, trainer.horizon_fixed, trainer.report.messages()) == (1000, False, [])
     trainer._fit_time_budget(700.0, 1.0)  # past the budget: nothing more fits
     assert (trainer.max_steps, trainer.horizon_fixed) == (20, True)
     trainer.cfg.warmup_steps = 20  # as long as the run: no warning
-    trainer.report.lines.clear()
+    trainer.report.calls.clear()
     trainer._fit_time_budget(590.0, 0.1)
-    assert trainer.report.lines == [("info", "max_time 10 min: training 20 steps")]
+    assert trainer.report.messages() == [("info", "max_time 10 min: training 20 steps")]
 
 
 def test_fit_time_budget_takes_the_mean_rate_of_the_ranks(corpus, tmp_path, monkeypatch):
