@@ -1,0 +1,118 @@
+"""Round 10 edges: the registries every strategy goes through (`core/registry.py`)."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+import llmctl.console
+from llmctl.core.registry import Registry, did_you_mean
+from llmctl.errors import UsageError
+
+
+def test_register_get_and_name_of():
+    reg = Registry("widget")
+
+    @reg.register("b")
+    def b():
+        pass
+
+    a = object()
+    assert reg.register("a")(a) is a  # the decorator returns what it registers
+    assert reg.register("a")(a) is a  # the same item again is harmless
+    assert reg.get("a") is a and reg.get("b") is b
+    assert reg.name_of(b) == "b" and reg.name_of(a) == "a"
+    assert reg.names() == ["a", "b"] and reg.items() == [("a", a), ("b", b)]
+    assert "a" in reg and "c" not in reg and ["a"] not in reg and None not in reg
+    with pytest.raises(ValueError, match="^widget 'a' is registered twice$"):
+        reg.register("a")(object())
+    with pytest.raises(KeyError, match="is not a registered widget"):
+        reg.name_of(object())
+
+
+def test_an_unknown_name_suggests_the_closest_and_lists_the_choices():
+    reg = Registry("LR schedule")
+    for name in ("cosine", "linear", "constant"):
+        reg.register(name)(name)
+    with pytest.raises(UsageError) as e:
+        reg.get("cosin")
+    assert str(e.value) == "unknown LR schedule 'cosin' (did you mean 'cosine'?); choose from: constant, cosine, linear"
+    with pytest.raises(UsageError) as e:
+        reg.get("zzz")
+    assert str(e.value) == "unknown LR schedule 'zzz'; choose from: constant, cosine, linear"
+    with pytest.raises(UsageError, match=r"^unknown LR schedule '\['cosine'\]'"):
+        reg.get(["cosine"])  # a list where a name belongs (unhashable)
+    assert did_you_mean(12, [11, 120]) == " (did you mean '120'?)"  # names compared as strings
+    assert did_you_mean("abc", ["xyz"]) == ""
+
+
+def _entry_point(name, value, loaded=None, error=None):
+    def load():
+        if error:
+            raise error
+        return loaded
+    return SimpleNamespace(name=name, value=value, load=load)
+
+
+def test_plugins_and_builtin_modules_load_once_on_first_use(monkeypatch, tmp_path):
+    """Entry points of the group are loaded on the first query (not at import), after the
+    built-in modules; one may not replace a built-in, and a broken one is a warning."""
+    reg = Registry("kernel", entry_point_group="test.kernels", modules=("_llmctl_test_builtins",))
+    (tmp_path / "_llmctl_test_builtins.py").write_text(
+        "import sys\nsys.modules['_llmctl_registry_under_test'].register('builtin')('B')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "_llmctl_registry_under_test", reg)
+    monkeypatch.delitem(sys.modules, "_llmctl_test_builtins", raising=False)
+    groups = []
+    points = [_entry_point("fast", "pkg:fast", loaded="F"), _entry_point("builtin", "pkg:evil", loaded="E"),
+              _entry_point("broken", "pkg:broken", error=ImportError("no module named pkg"))]
+
+    def entry_points(group):
+        groups.append(group)
+        return points
+
+    monkeypatch.setattr("importlib.metadata.entry_points", entry_points)
+    warnings = []
+    monkeypatch.setattr(llmctl.console, "warn", warnings.append)
+    assert not groups and "_llmctl_test_builtins" not in sys.modules  # nothing at construction
+    assert reg.names() == ["builtin", "fast"]
+    assert reg.get("fast") == "F" and reg.get("builtin") == "B" and "broken" not in reg
+    assert groups == ["test.kernels"] and "_llmctl_test_builtins" in sys.modules  # once
+    assert warnings == ["plugin pkg:evil may not replace built-in kernel 'builtin'; ignored",
+                        "kernel plugin 'broken' (pkg:broken) failed to load: no module named pkg"]
+
+
+@pytest.mark.parametrize("query", ["get", "name_of", "items", "names", "contains"])
+def test_every_query_loads_the_plugins_first(monkeypatch, query):
+    reg = Registry("kernel", entry_point_group="test.kernels")
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [_entry_point("p", "pkg:p", loaded="P")])
+    result = {"get": lambda: reg.get("p"), "name_of": lambda: reg.name_of("P"), "items": reg.items,
+              "names": reg.names, "contains": lambda: "p" in reg}[query]()
+    assert result in ("P", "p", [("p", "P")], ["p"], True)
+
+
+def test_a_registry_without_plugins_never_looks_for_them(monkeypatch):
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: pytest.fail("looked for plugins"))
+    reg = Registry("thing")
+    reg.register("x")(1)
+    assert reg.get("x") == 1 and reg.names() == ["x"]
+    only_modules = Registry("thing", modules=())
+    assert only_modules.names() == []
+    group_only = Registry("thing", entry_point_group=None, modules=("_llmctl_missing_module",))
+    with pytest.raises(ModuleNotFoundError):
+        group_only.names()  # a built-in module is imported, not guarded like a plugin
+
+
+def test_the_silent_reporter_takes_every_call_and_prints_nothing(capsys):
+    """`core/report.py`: library code reports through `SILENT` by default."""
+    from llmctl.core.report import SILENT
+
+    with SILENT.progress("train", total=3, unit="step") as bar:
+        bar.advance()
+        bar.advance(2)
+        bar.update(total=4, completed=3, loss=0.5)
+    SILENT.info("resuming")
+    SILENT.warn("careful")
+    assert capsys.readouterr() == ("", "")
