@@ -708,6 +708,51 @@ def test_preference_loss_reads_the_precomputed_reference_and_adds_the_aux_loss(s
     assert objective.recorded_metrics() == {}
 
 
+@pytest.mark.parametrize("method, adapter, precompute", [("dpo", "full", "false"), ("dpo", "full", "true"),
+                                                       ("ipo", "lora", "true"), ("ipo", "full", "true")])
+def test_the_reference_stays_the_base_while_the_policy_moves(sft_base, pairs, tmp_path, method, adapter, precompute):
+    """Each reference source (a frozen copy, precomputed log-probs; an adapter switched off is
+    the default of the other tests) gives the base model's log-probs after the policy moved:
+    the loss is DPO's / IPO's formula (TRL's) by hand on log-probs gathered from the policy's and
+    a fresh base's logits (IPO on per-token means, so the precomputed counts matter)."""
+    import torch.nn.functional as F
+
+    from llmctl.core.model.io import load_model
+    from llmctl.core.train.distributed import Dist
+    from llmctl.core.train.objectives import OBJECTIVES
+
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(pairs, data)
+    plan = _finetune_plan(sft_base, f"method={method}", f"adapter.method={adapter}", "batch_size=4",
+                          f"objective_args.precompute_ref={precompute}", "objective_args.beta=0.5", data=data)
+    objective = OBJECTIVES.get(method)(plan, torch.device("cpu"))
+    model = load_model(plan.init_from, dtype=torch.float32, config=plan.model_config)[0]
+    objective.prepare(model)
+    batch = objective.batch(objective.data(Dist()).batch(0), 0)
+    inputs, labels, _ = batch
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if adapter == "full" or "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05) if adapter == "full" else p.normal_(std=0.5)
+    model.eval()
+    base = load_model(plan.init_from, dtype=torch.float32, config=plan.model_config)[0].eval()
+
+    def values(m):
+        with torch.no_grad():
+            logp = F.log_softmax(m(inputs).logits.float(), -1)
+        keep = labels != -100
+        tokens = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * keep
+        sums = tokens.sum(1)
+        return (sums / keep.sum(1) if method == "ipo" else sums).chunk(2)
+
+    (pc, pr), (rc, rr) = values(model), values(base)
+    assert not torch.allclose(pc, rc, atol=1e-3)  # the policy moved
+    logits = (pc - pr) - (rc - rr)
+    expected = (logits - 1 / (2 * 0.5)) ** 2 if method == "ipo" else -F.logsigmoid(0.5 * logits)
+    assert float(objective.loss(model, *batch)[0].detach()) == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
 def test_the_reference_copy_is_float32_with_the_runs_context(sft_base, pairs, tmp_path):
     """Full finetuning's frozen reference: the base loaded in float32 (as the policy), whatever
     its stored dtype, with the run's context settings (a longer context, RoPE scaling)."""
