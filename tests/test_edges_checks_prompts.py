@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -130,6 +131,7 @@ def test_workers_share_the_threads_out(threads, items, workers, each):
         seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled()))
         if i < workers:
             barrier.wait()
+        time.sleep(0.05)  # a free thread would take the next item meanwhile
         return i * i
 
     try:
@@ -151,3 +153,28 @@ def test_off_cpu_it_is_a_plain_map():
     finally:
         torch.set_num_threads(before)
     assert out == [(caller, 0), (caller, 1), (caller, 2)]
+
+
+def test_an_error_cancels_the_queued_items_and_waits_for_the_running_ones():
+    """After the error reaches the caller nothing runs any more: items not started are
+    cancelled, the one running on the other worker has finished."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    done = []
+
+    def fn(i):
+        if i == 0:
+            raise ValueError("item 0")
+        time.sleep(0.1)
+        done.append(i)
+        return i
+
+    try:
+        with pytest.raises(ValueError, match="item 0"):
+            list(parallel_map(fn, range(8), torch.device("cpu")))
+        finished = list(done)
+        time.sleep(0.3)
+    finally:
+        torch.set_num_threads(before)
+    assert finished == done  # nothing still running after the error came back
+    assert 1 <= len(done) < 7  # the running item finished; the queued ones never started

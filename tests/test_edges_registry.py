@@ -46,6 +46,7 @@ def test_an_unknown_name_suggests_the_closest_and_lists_the_choices():
         reg.get(["cosine"])  # a list where a name belongs (unhashable)
     assert did_you_mean(12, [11, 120]) == " (did you mean '120'?)"  # names compared as strings
     assert did_you_mean("abc", ["xyz"]) == ""
+    assert did_you_mean("abcd", ["abxy"]) == " (did you mean 'abxy'?)"  # similarity 0.5 is close enough
 
 
 def _entry_point(name, value, loaded=None, error=None):
