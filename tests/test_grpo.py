@@ -153,7 +153,8 @@ def test_grpo_run_writes_trl_metrics_and_resumes_exactly(llmctl, base, prompts, 
                 "completions/clipped_ratio", "clip_ratio/region_mean", "frac_reward_zero_std"):
         assert all(key in r for r in records), key
     assert records[0]["kl"] == 0.0 and records[-1]["kl"] > 0  # the adapter starts as the base, then moves
-    assert all(1 <= r["completions/mean_length"] <= 6 for r in records)
+    assert all(1 <= r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 6
+               for r in records)
     assert (tmp_path / "whole" / "adapter_config.json").is_file()
     curve = llmctl("--json", "plot", tmp_path / "whole", "--metric", "reward")
     assert curve.code == 0 and [p[1] for p in curve.json()["reward"]] == [r["reward"] for r in records]
