@@ -1,0 +1,83 @@
+"""Round 10 edges: training curves (`core/train/plot.py`): which records make a curve, the
+character chart cell by cell, and the PNG's series."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmctl.core.train.plot import load_curves, render_png, render_terminal
+from llmctl.errors import DataError, UsageError
+
+
+def _metrics(tmp_path, records, tail=""):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    return tmp_path
+
+
+def test_curves_keep_finite_numeric_points_of_metrics_records(tmp_path):
+    out = _metrics(tmp_path, [
+        {"step": 1, "loss": 3.0, "lr": 1e-3},
+        {"step": 2, "loss": float("nan"), "lr": 2e-3, "val_loss": 2.5},
+        {"step": 3, "loss": True, "val_loss": "x"},  # a bool and a string are not values
+        {"step": True, "loss": 9.0}, {"step": float("inf"), "loss": 9.0}, {"step": "4", "loss": 9.0},
+        {"loss": 9.0}, [1, 2], {"step": 4.0, "loss": 1, "reward": 0.5, "lr": 3e-3},
+    ], tail='{"step": 5, "loss": 0.')  # a torn last line
+    assert load_curves(out) == {"loss": [[1, 3.0], [4.0, 1]], "val_loss": [[2, 2.5]],
+                                "lr": [[1, 1e-3], [2, 2e-3], [4.0, 3e-3]]}
+    assert load_curves(out, "reward") == {"reward": [[4.0, 0.5]], "lr": [[1, 1e-3], [2, 2e-3], [4.0, 3e-3]]}
+    assert list(load_curves(out, "reward")) == ["reward", "lr"]  # the chosen metric first
+    with pytest.raises(DataError) as e:
+        load_curves(out, "kl")
+    assert str(e.value) == f"{out}/metrics.jsonl has no kl records yet"
+    with pytest.raises(UsageError) as e:
+        load_curves(tmp_path / "nothing")
+    assert str(e.value) == f"{tmp_path / 'nothing'}: no metrics.jsonl (is it an llmctl train output?)"
+
+
+def test_the_terminal_chart_cell_by_cell():
+    curves = {"loss": [[0, 4.0], [2, 2.0], [4, 1.0], [4, 1.0]], "val_loss": [[4, 1.5], [0, 4.0]],
+              "lr": [[0, 1e-3], [4, 5e-4]]}
+    # x: steps 0…4 on columns 0…4; y: 4.0…1.0 on rows 0…3 (row = round((4 - y) / 3 · 3));
+    # a val point ('o') takes the cell of a train point ('·'), never the other way round
+    assert render_terminal(curves, width=5, height=4).split("\n") == [
+        "   4.000 ┤o    ",
+        "         │     ",
+        "         │  · o",
+        "   1.000 ┤    ·",
+        "         └─────",
+        "          step 0step 4",
+        "          · train loss (last 1.0000)   o val loss (last 4.0000)",
+        "          lr 5.00e-04 … 1.00e-03",
+    ]
+
+
+def test_a_flat_single_metric_chart_with_labels_every_third_row():
+    chart = render_terminal({"reward": [[10, 0.5], [30, 0.5]], "lr": []}, width=40, height=7).split("\n")
+    assert [line[:10] for line in chart[:7]] == ["   0.500 ┤", "         │", "         │", "   0.500 ┤",
+                                                 "         │", "         │", "   0.500 ┤"]
+    assert chart[6][10:] == "·" + " " * 38 + "·"  # flat: on the bottom row (y1 = y0 + 1e-9)
+    assert chart[7] == "         └" + "─" * 40
+    assert chart[8] == "          step 10" + "step 30".rjust(40 - len("step 10") - 5)
+    assert chart[9] == "          · reward (last 0.5000)" and len(chart) == 10  # no val loss, no lr line
+
+
+def test_the_png_plots_each_series(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig) or close(fig))
+    curves = {"loss": [[1, 3.0], [2, 2.0]], "val_loss": [[2, 2.5]], "lr": [[1, 1e-3], [2, 2e-3]]}
+    render_png(curves, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    ax, lr_ax = figures[0].axes
+    assert [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()] == [
+        ("train loss", [1, 2], [3.0, 2.0]), ("val loss", [2], [2.5])]
+    assert [(line.get_label(), list(line.get_ydata())) for line in lr_ax.get_lines()] == [("lr", [1e-3, 2e-3])]
+    assert (ax.get_xlabel(), ax.get_ylabel(), lr_ax.get_ylabel()) == ("step", "loss", "learning rate")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train loss", "val loss", "lr"]
+    render_png({"reward": [[1, 0.5]], "lr": []}, tmp_path / "r.png")
+    [ax] = figures[1].axes
+    assert [line.get_label() for line in ax.get_lines()] == ["reward"] and ax.get_ylabel() == "reward"
