@@ -4,6 +4,7 @@ character chart cell by cell, and the PNG's series."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -37,20 +38,29 @@ def test_curves_keep_finite_numeric_points_of_metrics_records(tmp_path):
 
 
 def test_the_terminal_chart_cell_by_cell():
-    curves = {"loss": [[0, 4.0], [2, 2.0], [4, 1.0], [4, 1.0]], "val_loss": [[4, 1.5], [0, 4.0]],
+    curves = {"loss": [[0, 4.0], [2, 2.0], [4, 1.0], [4, 1.1]], "val_loss": [[4, 1.5], [0, 4.0], [1, 3.9]],
               "lr": [[0, 1e-3], [4, 5e-4]]}
     # x: steps 0…4 on columns 0…4; y: 4.0…1.0 on rows 0…3 (row = round((4 - y) / 3 · 3));
     # a val point ('o') takes the cell of a train point ('·'), never the other way round
     assert render_terminal(curves, width=5, height=4).split("\n") == [
-        "   4.000 ┤o    ",
+        "   4.000 ┤oo   ",
         "         │     ",
         "         │  · o",
         "   1.000 ┤    ·",
         "         └─────",
         "          step 0step 4",
-        "          · train loss (last 1.0000)   o val loss (last 4.0000)",
+        "          · train loss (last 1.1000)   o val loss (last 3.9000)",
         "          lr 5.00e-04 … 1.00e-03",
     ]
+
+
+def test_chart_columns_rows_and_labels_on_other_sizes():
+    chart = render_terminal({"loss": [[1, 2.0], [2, 1.0]], "lr": []}, width=11, height=6).split("\n")
+    assert chart[:6] == ["   2.000 ┤·          ", "         │           ", "         │           ",
+                         "   1.400 ┤           ", "         │           ", "   1.000 ┤          ·"]  # the last row labelled
+    default = render_terminal({"loss": [[0, 1.0], [100, 0.5]], "lr": [[0, 1.0]]}).split("\n")
+    assert len(default) == 14 + 4 and {len(line) for line in default[:14]} == {10 + 72}  # 72 x 14 by default
+    assert default[0].endswith("·" + " " * 71) and default[13].endswith(" " * 71 + "·")
 
 
 def test_a_flat_single_metric_chart_with_labels_every_third_row():
@@ -77,7 +87,23 @@ def test_the_png_plots_each_series(tmp_path, monkeypatch):
         ("train loss", [1, 2], [3.0, 2.0]), ("val loss", [2], [2.5])]
     assert [(line.get_label(), list(line.get_ydata())) for line in lr_ax.get_lines()] == [("lr", [1e-3, 2e-3])]
     assert (ax.get_xlabel(), ax.get_ylabel(), lr_ax.get_ylabel()) == ("step", "loss", "learning rate")
+    assert tuple(figures[0].get_size_inches()) == (8, 4.5) and figures[0].dpi == 120  # 960 x 540 pixels
+    train, val = ax.get_lines()
+    assert (train.get_marker(), val.get_marker(), val.get_linestyle()) == ("None", "o", "-")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train loss", "val loss", "lr"]
     render_png({"reward": [[1, 0.5]], "lr": []}, tmp_path / "r.png")
     [ax] = figures[1].axes
     assert [line.get_label() for line in ax.get_lines()] == ["reward"] and ax.get_ylabel() == "reward"
+
+
+def test_the_png_needs_matplotlib_and_replaces_an_earlier_png(tmp_path, monkeypatch):
+    curves = {"loss": [[1, 3.0], [2, 2.0]], "lr": []}
+    png = tmp_path / "c.png"
+    png.write_bytes(b"old")
+    render_png(curves, png)  # the command decided it may be written
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UsageError) as e:
+        render_png(curves, tmp_path / "again.png")
+    assert str(e.value) == "-o PNG needs matplotlib: pip install 'llmctl[plot]' (or omit -o for a terminal chart)"
+    assert not (tmp_path / "again.png").exists()
