@@ -1,0 +1,151 @@
+"""Round 10 edges: the rank helpers of `core/train/distributed.py` in a real two-process gloo
+group (spawned here, no torchrun): joining the group, gathering tensors of different shapes per
+rank, the reductions, wrapping for DDP and FSDP, and leaving the group."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from llmctl.core.train import distributed as D
+
+CPU = torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return {"dtype": str(value.dtype), "shape": list(value.shape), "values": value.flatten().tolist()}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    d = D.init("auto", CPU)
+    again = D.init("gloo", CPU)  # already in the group: the same answer
+    r = {"dist": [d.rank, d.world, d.local_rank, d.enabled, d.is_main], "again": [again.rank, again.world],
+         "backend": torch.distributed.get_backend()}
+    mine = {"b": torch.arange(rank + 2, dtype=torch.float32) + 10 * rank,
+            "a": torch.full((2, rank + 1), float(rank + 1), dtype=torch.float64)}
+    r["gather"] = D.gather_tensors(mine, d, CPU)
+    r["any"] = [D.any_rank(rank == 1, d, CPU), D.any_rank(False, d, CPU)]
+    r["fewest"] = D.fewest(5 - 2 * rank, d, CPU)
+    r["sum"] = D.all_reduce_sum([1.0, float(rank), 0.5], d, CPU)
+    t = torch.tensor([float(rank + 1), 2.0])
+    r["sum_"] = D.all_reduce_sum_(t, d)
+    model = torch.nn.Linear(3, 2)
+    ddp = D.wrap(model, "ddp", d, CPU)
+    r["ddp"] = [type(ddp).__name__, D.unwrap(ddp) is model, ddp.device_ids]
+    D.set_grad_sync(ddp, False)
+    r["ddp_sync"] = ddp.require_backward_grad_sync
+    D.set_grad_sync(ddp, True)
+    r["ddp_sync"] = [r["ddp_sync"], ddp.require_backward_grad_sync]
+    from llmctl.core.model.build import build_model
+    from llmctl.core.model.config import ModelConfig
+
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        m = build_model(ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, max_seq_len=8))
+        ids = torch.tensor([[1, 2, 3]])
+        with torch.no_grad():
+            plain = m(ids).logits
+        shapes = {name: list(p.shape) for name, p in m.named_parameters()}
+        sharded = D.wrap(m, "fsdp", d, CPU, dtype)
+        with torch.no_grad():
+            logits = sharded(ids).logits
+            hidden = torch.randn(1, 2, 16, dtype=dtype)
+            head = m.head(hidden)  # outside forward: gathers its shard too
+        local = {name: list(p.to_local().shape) for name, p in m.named_parameters() if ".layers." in name}
+        with D.gathered(m) as whole:
+            inside = {name: list(p.shape) for name, p in whole.named_parameters()}
+        r[f"fsdp_{dtype}"] = [sharded is m, str(logits.dtype), float((logits.float() - plain).abs().max()),
+                              all(local[n] != shapes[n] for n in local) and len(local) > 4, inside == shapes,
+                              list(head.shape)]
+    D.barrier(d)
+    D.settle(d)
+    D.shutdown(d)
+    r["after"] = torch.distributed.is_initialized()
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(_plain(r), f)
+
+
+def test_rank_helpers_in_a_two_process_gloo_group(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert (r0["dist"], r1["dist"]) == ([0, 2, 0, True, True], [1, 2, 1, True, False])
+    assert r0["again"] == [0, 2] and r0["backend"] == "gloo"  # auto on CPU
+    a = [{"dtype": "torch.float64", "shape": [2, n], "values": [float(n)] * (2 * n)} for n in (1, 2)]
+    b = [{"dtype": "torch.float32", "shape": [2], "values": [0.0, 1.0]},
+         {"dtype": "torch.float32", "shape": [3], "values": [10.0, 11.0, 12.0]}]
+    expected = [{"a": a[0], "b": b[0]}, {"a": a[1], "b": b[1]}]  # each rank's own shapes, in rank order
+    assert r0["gather"] == r1["gather"] == expected
+    assert r0["any"] == r1["any"] == [True, False]
+    assert r0["fewest"] == r1["fewest"] == 3
+    assert r0["sum"] == r1["sum"] == [2.0, 1.0, 1.0]
+    assert r0["sum_"]["values"] == r1["sum_"]["values"] == [3.0, 4.0]
+    assert r0["ddp"] == ["DistributedDataParallel", True, None]  # CPU: no device ids
+    assert r0["ddp_sync"] == [False, True]
+    assert r0["after"] is False and r1["after"] is False
+    same, dtype, err, sharded, whole, head = r0["fsdp_torch.float32"]
+    assert same and dtype == "torch.float32" and err < 1e-5 and sharded and whole and head == [1, 2, 32]
+    same, dtype, err, sharded, whole, head = r1["fsdp_torch.bfloat16"]  # computed in 16 bits (logits upcast)
+    assert same and dtype == "torch.float32" and 1e-5 < err < 0.1 and sharded and whole and head == [1, 2, 32]
+
+
+def test_a_single_process_is_its_own_world(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = D.init("nccl", CPU)
+    assert (d.rank, d.world, d.local_rank, d.enabled, d.is_main) == (0, 1, 0, False, True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert D.init("gloo", CPU) == D.Dist()
+    assert not D.torch.distributed.is_initialized()
+    assert (D.Dist(rank=1, world=2).is_main, D.Dist(world=2).enabled) == (False, True)
+    model = torch.nn.Linear(2, 2)
+    assert D.wrap(model, "fsdp", d, CPU) is model and D.unwrap(model) is model
+    mine = {"x": torch.ones(2)}
+    [gathered] = D.gather_tensors(mine, d, CPU)
+    assert torch.equal(gathered["x"], mine["x"]) and gathered["x"].data_ptr() != mine["x"].data_ptr()  # a copy
+    assert (D.any_rank(True, d, CPU), D.any_rank(False, d, CPU), D.fewest(4, d, CPU)) == (True, False, 4)
+    assert D.all_reduce_sum([1.5], d, CPU) == [1.5]
+    D.barrier(d), D.settle(d), D.shutdown(d)  # nothing to wait for or leave
+
+
+def test_grad_sync_switch_on_fsdp_style_and_plain_modules():
+    calls = []
+
+    class FSDPLike(torch.nn.Module):
+        def set_requires_gradient_sync(self, enabled):
+            calls.append(enabled)
+
+    D.set_grad_sync(FSDPLike(), False)
+    assert calls == [False]
+    plain = torch.nn.Linear(2, 2)
+    D.set_grad_sync(plain, False)  # neither DDP nor FSDP: nothing to switch
+    assert not hasattr(plain, "require_backward_grad_sync")
+
+
+def test_shard_units_are_the_transformer_blocks():
+    from llmctl.core.model.build import build_model
+    from llmctl.core.model.config import ModelConfig
+    from llmctl.core.model.transformer import Block
+
+    model = build_model(ModelConfig(vocab_size=32, hidden_size=16, num_layers=3, num_heads=2, max_seq_len=8))
+    units = D.shard_units(model)
+    assert len(units) == 3 and all(isinstance(u, Block) for u in units)
+    assert units == list(model.model.layers)
