@@ -15,7 +15,8 @@ from llmctl.core.summary import count_parameters, describe, positional_encoding
 
 def _ck(tmp_path, config, tensors=None, **kwargs):
     tensors = tensors or {"h.0.attn.c_attn.weight": torch.zeros(3, 4), "wte.weight": torch.zeros(8, 4,
-                                                                                              dtype=torch.float16)}
+                                                                                              dtype=torch.float16),
+                          "transformer.wpe.weight": torch.zeros(2, 4)}
     return open_checkpoint(save_checkpoint(tmp_path / "ck", tensors, config, **kwargs))
 
 
@@ -25,14 +26,21 @@ def test_gpt2_style_keys_and_derived_heads(tmp_path):
                                    "multi_query": True, "vocab_size": 8, "num_layers": None}))
     assert (data["layers"], data["hidden_size"], data["intermediate_size"], data["heads"]) == (3, 12, 48, 6)
     assert (data["kv_heads"], data["head_dim"], data["context_length"]) == (1, 2, 256)  # MQA; 12 / 6
+    assert type(data["head_dim"]) is int
     assert data["architecture"] == "GPTBigCodeForCausalLM" and data["model_type"] == "gpt_bigcode"
-    assert data["dtypes"] == {"float32": 12, "float16": 32} and data["tensors"] == 2
-    assert data["parameters"] == {"total": 44, "active": None}
+    assert data["dtypes"] == {"float32": 12 + 8, "float16": 32} and data["tensors"] == 3
+    assert data["parameters"] == {"total": 52, "active": None}
+    assert data["position"] == {"type": "learned"}  # from the tensor names
     assert data["num_experts"] is None and data["experts_per_token"] is None
     assert (data["quantization"], data["transforms"], data["sparsity"]) == (None, [], None)
+    import llmctl
+
+    assert data["lineage"]["llmctl_version"] == llmctl.__version__
     assert data["lineage"]["command"] is None and data["lineage"]["created"]  # save_checkpoint's own record
     (tmp_path / "ck" / "llmctl.json").unlink()
     assert describe(open_checkpoint(tmp_path / "ck"))["lineage"] is None  # a foreign checkpoint
+    (tmp_path / "ck" / "llmctl.json").write_text('{"command": "train"}')
+    assert describe(open_checkpoint(tmp_path / "ck"))["lineage"]["parents"] == []
 
 
 def test_explicit_heads_head_dim_and_per_layer_sizes(tmp_path):
@@ -49,8 +57,24 @@ def test_explicit_heads_head_dim_and_per_layer_sizes(tmp_path):
     assert data["lineage"]["merge_method"] is None and data["metrics"] == 0
 
 
+def test_heads_without_kv_heads_mean_multi_head_attention(tmp_path):
+    data = describe(_ck(tmp_path, {"model_type": "gpt2", "n_head": 4, "n_embd": 16, "multi_query": False}))
+    assert (data["heads"], data["kv_heads"], data["head_dim"]) == (4, 4, 4)
+
+
+def test_a_mixture_of_experts_counts_its_active_parameters(tmp_path):
+    tensors = {"model.embed_tokens.weight": torch.zeros(8, 4), "model.layers.0.mlp.experts.0.w1.weight": torch.zeros(4, 4),
+               "model.layers.0.mlp.experts.1.w1.weight": torch.zeros(4, 4),
+               "model.layers.0.mlp.experts.2.w1.weight": torch.zeros(4, 4),
+               "model.layers.0.mlp.experts.3.w1.weight": torch.zeros(4, 4)}
+    data = describe(_ck(tmp_path, {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2},
+                        tensors))
+    assert data["parameters"] == {"total": 32 + 64, "active": 32 + 32}
+    assert (data["num_experts"], data["experts_per_token"]) == (4, 2)
+
+
 def test_no_heads_means_no_derived_dimensions(tmp_path):
-    data = describe(_ck(tmp_path, {"model_type": "mamba", "hidden_size": 16}))
+    data = describe(_ck(tmp_path, {"model_type": "mamba", "hidden_size": 16}, {"w": torch.zeros(2)}))
     assert (data["heads"], data["kv_heads"], data["head_dim"]) == (None, None, None)
     assert data["position"] == {"type": "unknown"}
 
@@ -97,3 +121,11 @@ def test_rope_details_from_the_nested_parameters_and_older_keys():
     assert positional_encoding({"model_type": "x", "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}}) \
         == {"type": "rope", "theta": 5.0, "scaling": None}
     assert positional_encoding({"model_type": "x", "position": 3, "alibi": True}) == {"type": "alibi"}
+    assert positional_encoding({"model_type": "x", "rope_parameters": {"rope_theta": 7.0}}) == {
+        "type": "rope", "theta": 7.0, "scaling": None}  # no rope_type: the default, not a scaling
+    assert positional_encoding({"model_type": "x", "rope_theta": 7.0, "partial_rotary_factor": 0.5}) == {
+        "type": "rope", "theta": 7.0, "scaling": None, "partial_rotary_factor": 0.5}
+    for key, value in (("rope_theta", 3.0), ("rope_scaling", {"type": "linear", "factor": 2.0}),
+                       ("rotary_emb_base", 3.0), ("rotary_pct", 0.5)):  # a family we do not know, with rope keys
+        assert positional_encoding({"model_type": "custom", key: value})["type"] == "rope", key
+    assert positional_encoding({"model_type": "custom"}) == {"type": "unknown"}
