@@ -117,6 +117,8 @@ def test_template_files_are_checked_before_use(tmp_path, monkeypatch):
     refused(binary, f"chat template {binary}: not UTF-8 text, so not a Jinja chat template")
     refused(tmp_path / "missing.jinja", f"chat template {tmp_path / 'missing.jinja'}: cannot read (No such file or "
                                         "directory)")
+    refused(tmp_path / "missing.j2", f"chat template {tmp_path / 'missing.j2'}: cannot read (No such file or "
+                                     "directory)")  # a template's suffix: a file, not a name
     folder = tmp_path / "dir.jinja"
     folder.mkdir()
     refused(folder, f"chat template {folder}: cannot read (Is a directory)")
