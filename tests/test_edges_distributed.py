@@ -33,7 +33,7 @@ def _plain(value):
     return value
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, wrapping: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -49,6 +49,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     r["sum"] = D.all_reduce_sum([1.0, float(rank), 0.5], d, CPU)
     t = torch.tensor([float(rank + 1), 2.0])
     r["sum_"] = D.all_reduce_sum_(t, d)
+    if wrapping:
+        _wrap(r, d)
+    D.barrier(d)
+    D.settle(d)
+    D.shutdown(d)
+    r["after"] = torch.distributed.is_initialized()
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(_plain(r), f)
+
+
+def _wrap(r: dict, d: D.Dist) -> None:
     model = torch.nn.Linear(3, 2)
     ddp = D.wrap(model, "ddp", d, CPU)
     r["ddp"] = [type(ddp).__name__, D.unwrap(ddp) is model, ddp.device_ids]
@@ -77,17 +88,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         r[f"fsdp_{dtype}"] = [sharded is m, str(logits.dtype), float((logits.float() - plain).abs().max()),
                               all(local[n] != shapes[n] for n in local) and len(local) > 4, inside == shapes,
                               list(head.shape)]
-    D.barrier(d)
-    D.settle(d)
-    D.shutdown(d)
-    r["after"] = torch.distributed.is_initialized()
-    with open(os.path.join(out, f"{rank}.json"), "w") as f:
-        json.dump(_plain(r), f)
+
+
+def _spawn(tmp_path, wrapping: bool) -> tuple[dict, dict]:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), wrapping), nprocs=2, join=True)
+    return tuple(json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
 
 
 def test_rank_helpers_in_a_two_process_gloo_group(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    r0, r1 = _spawn(tmp_path, wrapping=False)
     assert (r0["dist"], r1["dist"]) == ([0, 2, 0, True, True], [1, 2, 1, True, False])
     assert r0["again"] == [0, 2] and r0["backend"] == "gloo"  # auto on CPU
     a = [{"dtype": "torch.float64", "shape": [2, n], "values": [float(n)] * (2 * n)} for n in (1, 2)]
@@ -99,6 +108,11 @@ def test_rank_helpers_in_a_two_process_gloo_group(tmp_path):
     assert r0["fewest"] == r1["fewest"] == 3
     assert r0["sum"] == r1["sum"] == [2.0, 1.0, 1.0]
     assert r0["sum_"]["values"] == r1["sum_"]["values"] == [3.0, 4.0]
+    assert r0["after"] is False and r1["after"] is False
+
+
+def test_wrapping_for_ddp_and_fsdp_in_a_two_process_gloo_group(tmp_path):
+    r0, r1 = _spawn(tmp_path, wrapping=True)
     assert r0["ddp"] == ["DistributedDataParallel", True, None]  # CPU: no device ids
     assert r0["ddp_sync"] == [False, True]
     assert r0["after"] is False and r1["after"] is False
