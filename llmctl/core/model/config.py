@@ -139,10 +139,11 @@ class ModelConfig:
             sizes = getattr(self, key)
             if sizes is not None and (len(sizes) != self.num_layers or not all(0 < n < 1 << 31 for n in sizes)):
                 raise ConfigError(f"{key} must hold {self.num_layers} sizes (one per layer) in 1 … 2^31, got {sizes}")
-        for heads, kv in zip(self.layer_num_heads or [self.num_heads] * self.num_layers,
-                             self.layer_num_kv_heads or [self.num_kv_heads] * self.num_layers):
-            if heads % kv:
-                raise ConfigError(f"a layer's {heads} heads are not a multiple of its {kv} kv heads")
+        if self.layer_num_heads is not None or self.layer_num_kv_heads is not None:  # (no list of num_layers else)
+            for heads, kv in zip(self.layer_num_heads or [self.num_heads] * self.num_layers,
+                                 self.layer_num_kv_heads or [self.num_kv_heads] * self.num_layers):
+                if heads % kv:
+                    raise ConfigError(f"a layer's {heads} heads are not a multiple of its {kv} kv heads")
 
     def layer(self, i: int) -> ModelConfig:
         """The config of block `i`: its own head counts and MLP width when they are per-layer."""
