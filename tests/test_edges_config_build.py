@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llmctl.core.model.config import ModelConfig
-from llmctl.errors import ConfigError
+from llmctl.errors import ConfigError, UsageError
 
 
 def _refused(message: str, **fields) -> None:
@@ -174,3 +174,213 @@ def test_build_model_applies_transforms_in_order_on_the_device_asked():
     again = build_model(cfg, device="cpu")
     assert {p.device.type for p in plain.parameters()} == {"cpu"} and plain.cfg == cfg
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), again.state_dict().values()))
+
+
+# --- training plans (core/train/build.py) ----------------------------------------------------------
+
+TEXT = " ".join(f"word{i % 50} and some more text, number {i}." for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A character tokenizer (EOS/BOS 0, PAD 2), the text it was trained on and its token shards."""
+    from llmctl.core.data import Corpus, encode_corpus
+    from llmctl.core.tokenizer import TrainSpec, train_tokenizer
+
+    root = tmp_path_factory.mktemp("plan")
+    tok = train_tokenizer(TrainSpec(algo="char", vocab_size=80, special_tokens=["<|endoftext|>", "<|bos|>", "<|pad|>"]),
+                          iter([[TEXT]]))
+    tok.save(root / "tok")
+    (root / "text.txt").write_text(TEXT, encoding="utf-8")
+    (root / "shards").mkdir()
+    encode_corpus(Corpus([str(root / "text.txt")]), tok, root / "shards", val_fraction=0.1)
+    return {"root": root, "tok": root / "tok", "text": root / "text.txt", "shards": root / "shards",
+            "vocab": tok.vocab_size}
+
+
+def _cfg(data, /, **fields):
+    from llmctl.core.train.config import TrainConfig
+
+    context = {k: fields.pop(k) for k in ("max_seq_len", "rope_scaling") if k in fields}  # finetune's keys
+    cfg = TrainConfig(**{"data": [str(data["shards"])], "seq_len": 32, "max_steps": 8, "warmup_steps": 2, **fields})
+    for key, value in context.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _plan(data, /, device="cpu", report=None, **fields):
+    from llmctl.core.train.build import make_plan
+
+    return make_plan(_cfg(data, **fields), device, *([report] if report else []))
+
+
+def _refused_plan(message, data, /, **fields):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        _plan(data, **fields)
+
+
+def test_plan_numbers_are_checked_with_their_key(data):
+    for key in ("batch_size", "seq_len", "grad_accum"):
+        _refused_plan(f"config key '{key}': must be >= 1, got 0", data, **{key: 0})
+    assert _plan(data, batch_size=1, seq_len=1, grad_accum=1).config.seq_len == 1
+    _refused_plan("config key 'max_time': must be > 0 minutes, got 0", data, max_time=0)
+    assert _plan(data, max_time=0.5).config.max_time == 0.5
+    for key in ("max_steps", "warmup_steps", "save_every", "eval_every", "eval_batches", "grad_clip", "weight_decay"):
+        _refused_plan(f"config key '{key}': must be >= 0, got -1", data, **{key: -1})
+        assert getattr(_plan(data, **{key: 0}).config, key) == 0
+    _refused_plan("config key 'lr': must be > 0, got 0", data, lr=0)
+    _refused_plan("config key 'keep_last': must be >= 1, got 0", data, keep_last=0)
+    assert _plan(data, keep_last=1).config.keep_last == 1
+    for bad in (1, -0.1):
+        _refused_plan(f"config key 'val_fraction': must be in [0, 1), got {bad}", data, val_fraction=bad)
+    assert _plan(data, val_fraction=0).config.val_fraction == 0
+    with pytest.raises(UsageError, match=r"^unknown LR schedule 'cosin' \(did you mean 'cosine'\?\); choose from: "):
+        _plan(data, schedule="cosin")
+
+
+def test_precision_names_and_auto(data, monkeypatch):
+    assert _plan(data).precision == "float32"  # auto on CPU
+    for name, want in (("fp32", "float32"), ("float32", "float32"), ("bf16", "bfloat16"), ("bfloat16", "bfloat16")):
+        assert _plan(data, precision=name).precision == want
+    for name in ("fp16", "float16"):
+        _refused_plan("config key 'precision': fp16 needs CUDA (it trains with a grad scaler); use bf16 on CPU", data,
+                      precision=name)
+        assert _plan(data, "cuda", precision=name).precision == "float16"
+    for supported, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert _plan(data, "cuda").precision == want
+        assert _plan(data, "cpu").precision == "float32"
+
+
+def test_a_preset_takes_the_datas_vocabulary_and_special_ids(data):
+    from llmctl.core.data.shards import TokenShards
+
+    manifest = TokenShards(data["shards"]).manifest
+    plan = _plan(data)
+    mc = plan.model_config
+    assert (mc.vocab_size, mc.eos_token_id, mc.bos_token_id) == (manifest["vocab_size"], manifest.get("eos_id"),
+                                                                 manifest.get("bos_id"))
+    assert mc.vocab_size == data["vocab"] and mc.pad_token_id == 2 and mc.hidden_size == 64  # nano
+    assert plan.tokenizer_dir is not None and plan.tokenizer.vocab_size == data["vocab"]  # the shards' own
+    assert plan.init_from is None and plan.parents == [] and plan.objective == "causal"
+    text = _plan(data, data=[str(data["text"])], tokenizer=str(data["tok"]))
+    assert (text.model_config.vocab_size, text.model_config.pad_token_id) == (data["vocab"], 2)
+    assert text.text_files == [data["text"]] and text.shards is None and text.tokenizer_dir == data["tok"]
+    assert _plan(data, model_args={"vocab_size": 100, "num_layers": 3}).model_config.num_layers == 3
+    assert _plan(data, model_args={"vocab_size": data["vocab"]}).model_config.vocab_size == data["vocab"]
+    assert _plan(data, model_args={"vocab_size": 100}).model_config.vocab_size == 100
+    _refused_plan(f"config key 'model_args.vocab_size': {data['vocab'] - 1} is smaller than the data's tokenizer "
+                  f"({data['vocab']} tokens); leave it out to use the tokenizer's size", data,
+                  model_args={"vocab_size": data["vocab"] - 1})
+    assert _plan(data, model_args={"num_mtp_heads": 1}).objective == "mtp"  # auto: by the model's kind
+    assert _plan(data, model_args={"num_mtp_heads": 1}, objective="causal").objective == "causal"
+
+
+def test_a_checkpoint_starts_the_run_with_its_own_tokenizer(data, tmp_path):
+    from llmctl.core.model.build import build_model
+    from llmctl.core.model.io import save_model
+
+    cfg = ModelConfig(vocab_size=data["vocab"] + 5, hidden_size=16, num_layers=1, num_heads=2, max_seq_len=64)
+    ckpt = save_model(build_model(cfg), tmp_path / "ckpt", tokenizer_dir=data["tok"]) or tmp_path / "ckpt"
+    plan = _plan(data, model=str(ckpt), data=[str(data["text"])])
+    assert plan.init_from == ckpt and plan.parents == [str(ckpt)] and plan.tokenizer_dir == ckpt
+    assert plan.model_config.vocab_size == data["vocab"] + 5 and plan.model_config.hidden_size == 16
+    _refused_plan(f"config key 'model_args': applies to presets only, not to checkpoint {ckpt}", data, model=str(ckpt),
+                  model_args={"num_layers": 2})
+    small = ModelConfig(vocab_size=data["vocab"] - 1, hidden_size=16, num_layers=1, num_heads=2, max_seq_len=64)
+    save_model(build_model(small), tmp_path / "small")
+    _refused_plan(f"config key 'data': its tokenizer has {data['vocab']} tokens but model {tmp_path / 'small'} has "
+                  f"vocab_size {data['vocab'] - 1}; tokenize with the model's tokenizer", data, model=str(tmp_path / "small"))
+    _refused_plan("config key 'tokenizer': raw text data needs a tokenizer (tokenizer=DIR)", data,
+                  model=str(tmp_path / "small"), data=[str(data["text"])])  # a checkpoint without one
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="^config key 'model': "):
+        _plan(data, model=str(tmp_path / "empty"))
+
+
+def test_tokenizer_and_data_refusals(data, tmp_path):
+    missing = tmp_path / "nothing"
+    _refused_plan(f"config key 'tokenizer': {missing} does not exist", data, tokenizer=str(missing))
+    (tmp_path / "notatok").mkdir()
+    with pytest.raises(ConfigError, match="^config key 'tokenizer': "):
+        _plan(data, tokenizer=str(tmp_path / "notatok"))
+    _refused_plan("config key 'data': no training data given (a token-shard directory or text files)", data, data=[])
+    _refused_plan(f"config key 'data': {missing} does not exist", data, data=[str(data["text"]), str(missing)])
+    from llmctl.core.data.shards import TokenShards
+
+    longest = max(s["tokens"] for s in TokenShards(data["shards"]).manifest["splits"]["train"]["shards"])
+    _refused_plan(f"config key 'data': {data['shards']} has no train shard longer than seq_len={longest} tokens "
+                  f"(longest: {longest})", data, seq_len=longest)
+    (tmp_path / "docs" / "deep").mkdir(parents=True)
+    for name in ("b.txt", "a.md", "deep/c.text", "skip.json", "deep/skip.bin"):
+        (tmp_path / "docs" / name).write_text(TEXT[:500])
+    plan = _plan(data, data=[str(tmp_path / "docs")], tokenizer=str(data["tok"]), val_data=[str(data["text"])])
+    assert plan.text_files == [tmp_path / "docs" / n for n in ("a.md", "b.txt", "deep/c.text")]
+    assert plan.val_files == [data["text"]]
+    assert _plan(data, data=[str(data["text"])], tokenizer=str(data["tok"])).val_files == []
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "x.json").write_text("{}")
+    _refused_plan(f"config key 'data': {tmp_path / 'none'} has no manifest.json and no .txt/.md files", data,
+                  data=[str(tmp_path / "none")], tokenizer=str(data["tok"]))
+    (tmp_path / "e1.txt").write_text("")
+    (tmp_path / "e2.txt").write_text("")
+    _refused_plan(f"config key 'data': {tmp_path / 'e1.txt'}, {tmp_path / 'e2.txt'} is empty", data,
+                  data=[str(tmp_path / "e1.txt"), str(tmp_path / "e2.txt")], tokenizer=str(data["tok"]))
+    assert _plan(data, data=[str(tmp_path / "e1.txt"), str(data["text"])], tokenizer=str(data["tok"])).text_files
+
+
+def test_shards_with_ids_past_their_stated_vocabulary_are_refused(data, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(data["shards"], tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["vocab_size"] = 3
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"^config key 'data': .* holds token id \d+, outside the model's vocabulary "
+                                          r"of 3; re-encode it with the model's tokenizer$"):
+        _plan(data, data=[str(tmp_path / "s")])
+    manifest["splits"]["train"]["tokens"] = 0
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    _refused_plan(f"config key 'data': {tmp_path / 's'} has an empty train split", data, data=[str(tmp_path / "s")])
+
+
+def test_a_rotary_models_context_is_set_by_the_finetune_keys(data):
+    plan = _plan(data, max_seq_len=512, seq_len=300)
+    assert plan.model_config.max_seq_len == 512 and plan.model_config.rope_scaling is None
+    _refused_plan("config key 'seq_len': 300 exceeds the context of model nano (max_seq_len 256)", data, seq_len=300)
+    assert _plan(data, seq_len=256).model_config.max_seq_len == 256  # the whole context is allowed
+    scaled = _plan(data, rope_scaling={"type": "linear", "factor": 2.0}).model_config
+    assert scaled.rope_scaling == {"factor": 2.0, "rope_type": "linear"} and scaled.max_seq_len == 256
+    yarn = _plan(data, rope_scaling={"rope_type": "yarn", "factor": 4.0}).model_config
+    assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(UsageError, match="^unknown .*'linea'"):
+        _plan(data, rope_scaling={"type": "linea", "factor": 2.0})
+    for key, value in (("max_seq_len", 512), ("rope_scaling", {"type": "linear", "factor": 2.0})):
+        _refused_plan(f"config key '{key}': only a rotary (rope) model's context can be changed, not learned", data,
+                      model_args={"position": "learned"}, **{key: value})
+    assert _plan(data, model_args={"position": "learned"}).model_config.max_seq_len == 256
+
+
+def test_training_settings_reach_the_model_config(data):
+    mc = _plan(data).model_config
+    assert (mc.gradient_checkpointing, mc.embedding_dropout, mc.attention_dropout, mc.residual_dropout,
+            mc.mtp_loss_weight) == (False, 0.0, 0.0, 0.0, 0.3)
+    mc = _plan(data, gradient_checkpointing=True, dropout=0.25, mtp_weight=0.5).model_config
+    assert (mc.gradient_checkpointing, mc.embedding_dropout, mc.attention_dropout, mc.residual_dropout,
+            mc.mtp_loss_weight) == (True, 0.25, 0.25, 0.25, 0.5)
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(data):
+    from _recorder import Recorder
+
+    def warnings(**fields):
+        report = Recorder()
+        _plan(data, report=report, **fields)
+        return report.messages()
+
+    assert warnings(max_steps=5, warmup_steps=10) == [
+        ("warn", "warmup_steps=10 is longer than max_steps=5: lr never reaches 0.0003")]
+    assert warnings(max_steps=10, warmup_steps=10) == []
+    assert warnings(max_steps=0, warmup_steps=10) == []
+    assert warnings(max_steps=5, warmup_steps=10, max_time=1.0) == []
