@@ -384,3 +384,202 @@ def test_a_warmup_longer_than_the_run_is_warned_about(data):
     assert warnings(max_steps=10, warmup_steps=10) == []
     assert warnings(max_steps=0, warmup_steps=10) == []
     assert warnings(max_steps=5, warmup_steps=10, max_time=1.0) == []
+
+
+# --- the quantize and prune runs (core/quant/run.py, core/prune/run.py, core/prune/base.py) -------
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven cats sleep under warm red roofs".split()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Hugging Face Llama (2 blocks, 4 heads in 2 KV groups, context 64) with its tokenizer and
+    generation config, and text to calibrate on."""
+    import random
+
+    from conftest import tiny_llama
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(60)]
+    root = tmp_path_factory.mktemp("runs")
+    (root / "base").mkdir()
+    tiny_llama(root / "base", texts, vocab=200, context=64, scale=1.0)
+    (root / "text.txt").write_text("\n\n".join(texts))
+    return root / "base", root / "text.txt"
+
+
+def _numels(path, prefix=""):
+    from safetensors import safe_open
+
+    counts = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                if name.startswith(prefix):
+                    counts[name] = f.get_tensor(name)
+    return counts
+
+
+def test_quantize_records_what_it_did_and_copies_the_checkpoints_files(llama, tmp_path):
+    import json
+
+    import transformers
+
+    from _recorder import Recorder
+    from llmctl.core.quant.config import QuantizeConfig
+    from llmctl.core.quant.run import run_quantize
+
+    base, text = llama
+    report = Recorder()
+    result = run_quantize(base, tmp_path / "q", QuantizeConfig(method="int4", bits=4, group_size=16), [str(text)],
+                          report=report)
+    assert report.messages() == [("warn", "--method int4 is round-to-nearest: --calibration is not used")]
+    q = result["quantization"]
+    norms = sum(isinstance(m, transformers.models.llama.modeling_llama.LlamaRMSNorm)
+                for m in transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(base)).modules())
+    assert q["unquantized"] == ["model.embed_tokens", "lm_head", f"{norms} norm/other modules"] and norms == 5
+    hf = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert q["format"] == f"{hf['quant_method']} {hf['config_groups']['group_0']['format']}"
+    assert (q["method"], q["bits"], q["group_size"], q["symmetric"]) == ("int4", 4, 16, True) and "calibration" not in q
+    lineage = json.loads((tmp_path / "q" / "llmctl.json").read_text())
+    assert lineage["command"] == "quantize" and lineage["config"]["group_size"] == 16
+    assert lineage["quantization"]["unquantized"] == q["unquantized"] and lineage["quantization"]["bits"] == 4
+    assert json.loads((tmp_path / "q" / "generation_config.json").read_text())["eos_token_id"] == \
+        json.loads((base / "generation_config.json").read_text())["eos_token_id"]
+    assert (tmp_path / "q" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    size = sum(f.stat().st_size for f in (tmp_path / "q").iterdir() if f.suffix in (".safetensors", ".bin"))
+    assert result["size_mb"] == size / 1e6 and result["input_size_mb"] == (base / "model.safetensors").stat().st_size / 1e6
+    assert result["output"] == str(tmp_path / "q") and result["peak_rss_mb"] > 10
+    assert (tmp_path / "q" / "model.safetensors").is_file()
+
+
+def test_quantize_refusals_and_its_outputs(llama, tmp_path):
+    import json
+    import shutil
+
+    from llmctl.core.outputs import OUTPUT_KINDS
+    from llmctl.core.quant.config import QuantizeConfig
+    from llmctl.core.quant.run import run_quantize
+
+    base, text = llama
+    with pytest.raises(UsageError, match=r"^--method gptq needs --calibration text \(a .txt/.jsonl file, a directory or "
+                                         r"a glob\)$"):
+        run_quantize(base, tmp_path / "g", QuantizeConfig(method="gptq", bits=4), [])
+    with pytest.raises(UsageError, match="^--seq-len 65 exceeds the model's context of 64$"):
+        run_quantize(base, tmp_path / "g", QuantizeConfig(method="gptq", bits=4, seq_len=65), [str(text)])
+    shutil.copytree(base, tmp_path / "adapted")
+    (tmp_path / "adapted" / "llmctl.json").write_text(json.dumps({"command": "finetune", "transforms": [{"name": "x"}]}))
+    with pytest.raises(UsageError, match=r"is already transformed \(quantized or adapted\); quantize its float base$"):
+        run_quantize(tmp_path / "adapted", tmp_path / "a", QuantizeConfig(), [])
+    assert not (tmp_path / "g").exists() and not (tmp_path / "a").exists()
+    shutil.copytree(base, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
+    run_quantize(tmp_path / "bare", tmp_path / "q", QuantizeConfig(), [])
+    assert not (tmp_path / "q" / "tokenizer.json").exists()
+    is_quantized = OUTPUT_KINDS.get("quantized")
+    assert is_quantized(tmp_path / "q") and not is_quantized(base)
+    run_quantize(tmp_path / "bare", tmp_path / "q", QuantizeConfig(bits=8), [], force=True)  # replaces its own kind
+    for lineage in ('{"command": "prune"}', '["quantize"]', "{", None):
+        other = tmp_path / f"other{len(str(lineage))}"
+        shutil.copytree(tmp_path / "q", other)
+        if lineage is None:
+            (other / "config.json").unlink()
+        else:
+            (other / "llmctl.json").write_text(lineage)
+        assert not is_quantized(other), lineage
+
+
+def test_quantize_seed_draws_the_calibration_windows(llama, tmp_path):
+    from llmctl.core.quant.config import QuantizeConfig
+    from llmctl.core.quant.run import run_quantize
+
+    base, text = llama
+    cfg = QuantizeConfig(method="gptq", bits=4, group_size=16, samples=2, seq_len=16)
+    drawn = {seed: run_quantize(base, tmp_path / str(seed), cfg, [str(text)], seed=seed)["quantization"]["calibration"]
+             for seed in (None, 0, 3)}
+    assert drawn[None]["sha256"] == drawn[0]["sha256"] != drawn[3]["sha256"]
+    assert (drawn[3]["samples"], drawn[3]["seq_len"], drawn[3]["seed"]) == (2, 16, 3)
+
+
+def test_prune_measures_its_sparsity_and_records_the_run(llama, tmp_path):
+    import json
+
+    from llmctl.core.prune.config import PruneConfig
+    from llmctl.core.prune.run import prune_checkpoint
+
+    base, text = llama
+    settings = PruneConfig(method="wanda", sparsity=0.3, calibration=[str(text)], samples=3, seq_len=100)
+    result = prune_checkpoint(base, settings, tmp_path / "w")
+    out = _numels(tmp_path / "w", "model.layers.")
+    linear = [t for n, t in out.items() if n.endswith("proj.weight")]
+    zeros = sum(int((t == 0).sum()) for t in linear) / sum(t.numel() for t in linear)
+    assert result["sparsity"]["achieved"] == pytest.approx(zeros) and zeros == pytest.approx(0.3, abs=0.02)
+    assert (result["sparsity"]["method"], result["sparsity"]["sparsity"], result["sparsity"]["pattern"]) == \
+        ("wanda", 0.3, None)
+    calibration = {"files": [str(text.resolve())], "samples": 3, "seq_len": 64}  # the model's context, at most
+    assert result["calibration"] == calibration and result["model_type"] == "llama"
+    lineage = json.loads((tmp_path / "w" / "llmctl.json").read_text())
+    assert lineage["calibration"] == calibration and lineage["config"]["seq_len"] == 100
+    assert lineage["sparsity"] == {"method": "wanda", "sparsity": 0.3, "achieved": pytest.approx(zeros)}
+    assert lineage["parents"][0]["path"] == str(base)
+    assert (tmp_path / "w" / "tokenizer.json").is_file() and (tmp_path / "w" / "generation_config.json").is_file()
+    for i, row in enumerate(result["layers"]["after"]):
+        block = {n: t for n, t in out.items() if n.startswith(f"model.layers.{i}.")}
+        weights = [t for n, t in block.items() if n.endswith("proj.weight")]
+        assert row == {"layer": i, "parameters": sum(t.numel() for t in block.values()), "heads": 4, "kv_heads": 2,
+                       "intermediate_size": 64,
+                       "sparsity": pytest.approx(sum(int((t == 0).sum()) for t in weights) /
+                                                 sum(t.numel() for t in weights))}
+    assert [r["sparsity"] for r in result["layers"]["before"]] == [0.0, 0.0]
+    nm = prune_checkpoint(base, PruneConfig(method="magnitude", pattern="2:4"), tmp_path / "nm")
+    assert nm["sparsity"]["sparsity"] is None and nm["sparsity"]["pattern"] == "2:4" and nm["calibration"] is None
+    assert "sparsity" not in json.loads((tmp_path / "nm" / "llmctl.json").read_text())["sparsity"]
+
+
+def test_structured_prune_reports_the_parameters_removed(llama, tmp_path):
+    from llmctl.core.prune.config import PruneConfig
+    from llmctl.core.prune.run import prune_checkpoint
+
+    base, text = llama
+    result = prune_checkpoint(base, PruneConfig(method="heads", sparsity=0.5, calibration=[str(text)], samples=2,
+                                                seq_len=16, eval_data=[str(text)]), tmp_path / "h")
+    before, after = _numels(base), _numels(tmp_path / "h")
+    total = sum(t.numel() for t in before.values())
+    assert result["parameters"] == {"before": total, "after": sum(t.numel() for t in after.values())}
+    assert result["sparsity"]["parameters_removed"] == pytest.approx(1 - result["parameters"]["after"] / total)
+    assert "achieved" not in result["sparsity"] and result["sparsity"]["parameters_removed"] > 0
+    assert [(r["heads"], r["kv_heads"]) for r in result["layers"]["after"]] == [(2, 1), (2, 1)]
+    ppl = result["perplexity"]
+    assert ppl["before"] > 1 and ppl["after"] > 1 and ppl["before"] != ppl["after"]
+    layers = PruneConfig(method="layers", sparsity=0.5, calibration=[str(text)], samples=2, seq_len=16)
+    assert prune_checkpoint(base, layers, tmp_path / "l")["perplexity"] is None
+
+
+def test_prune_refusals(llama, tmp_path):
+    import shutil
+
+    from llmctl.core.prune.config import PruneConfig
+    from llmctl.core.prune.run import prune_checkpoint
+
+    base, text = llama
+
+    def refused(message, **settings):
+        with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
+            prune_checkpoint(base, PruneConfig(**settings), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+    refused("--method sparsegpt needs calibration text (--calibration FILE)", method="sparsegpt")
+    refused("samples and seq_len must be >= 1 and >= 2, got 0 and 16", samples=0, seq_len=16)
+    refused("samples and seq_len must be >= 1 and >= 2, got 1 and 1", samples=1, seq_len=1)
+    for bad in (-0.1, 1.0):
+        refused(f"--sparsity must be in [0, 1), got {bad}", sparsity=bad)
+    refused("--pattern is for unstructured methods, not channels", method="channels", pattern="2:4",
+            calibration=[str(text)])
+    assert prune_checkpoint(base, PruneConfig(sparsity=0.0, samples=1, seq_len=2), tmp_path / "z")["sparsity"][
+        "achieved"] == 0.0
+    from llmctl.core.quant.config import QuantizeConfig
+    from llmctl.core.quant.run import run_quantize
+
+    run_quantize(base, tmp_path / "q", QuantizeConfig(), [])
+    with pytest.raises(UsageError, match=r"^the model has module transforms \(pack-quantized\); prune a dense checkpoint$"):
+        prune_checkpoint(tmp_path / "q", PruneConfig(), tmp_path / "out")
+    shutil.rmtree(tmp_path / "q")
