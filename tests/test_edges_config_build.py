@@ -317,6 +317,8 @@ def test_tokenizer_and_data_refusals(data, tmp_path):
     plan = _plan(data, data=[str(tmp_path / "docs")], tokenizer=str(data["tok"]), val_data=[str(data["text"])])
     assert plan.text_files == [tmp_path / "docs" / n for n in ("a.md", "b.txt", "deep/c.text")]
     assert plan.val_files == [data["text"]]
+    both = _plan(data, data=[str(tmp_path / "docs" / "deep"), str(tmp_path / "docs")], tokenizer=str(data["tok"]))
+    assert both.text_files == [tmp_path / "docs" / n for n in ("deep/c.text", "a.md", "b.txt", "deep/c.text")]
     assert _plan(data, data=[str(data["text"])], tokenizer=str(data["tok"])).val_files == []
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "x.json").write_text("{}")
@@ -343,6 +345,13 @@ def test_shards_with_ids_past_their_stated_vocabulary_are_refused(data, tmp_path
     manifest["splits"]["train"]["tokens"] = 0
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
     _refused_plan(f"config key 'data': {tmp_path / 's'} has an empty train split", data, data=[str(tmp_path / "s")])
+    del manifest["splits"]["train"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    _refused_plan(f"config key 'data': {tmp_path / 's'} has an empty train split", data, data=[str(tmp_path / "s")])
+    (tmp_path / "s" / "manifest.json").write_text("{")
+    with pytest.raises(ConfigError, match=f"^config key 'data': {re.escape(str(tmp_path / 's' / 'manifest.json'))}: "
+                                          "unreadable manifest"):
+        _plan(data, data=[str(tmp_path / "s")])
 
 
 def test_a_rotary_models_context_is_set_by_the_finetune_keys(data):
@@ -574,6 +583,13 @@ def test_prune_refusals(llama, tmp_path):
         refused(f"--sparsity must be in [0, 1), got {bad}", sparsity=bad)
     refused("--pattern is for unstructured methods, not channels", method="channels", pattern="2:4",
             calibration=[str(text)])
+    from llmctl.core.prune import PRUNERS
+
+    for method in ("heads", "channels", "layers"):  # the structured methods' own range: Pruner.check
+        for bad in (-0.1, 1.0, 1.5):
+            with pytest.raises(UsageError, match=rf"^--sparsity must be in \[0, 1\), got {bad}$"):
+                PRUNERS.get(method)(PruneConfig(method=method, sparsity=bad))
+        assert PRUNERS.get(method)(PruneConfig(method=method, sparsity=0.0)).settings.sparsity == 0.0
     assert prune_checkpoint(base, PruneConfig(sparsity=0.0, samples=1, seq_len=2), tmp_path / "z")["sparsity"][
         "achieved"] == 0.0
     from llmctl.core.quant.config import QuantizeConfig
