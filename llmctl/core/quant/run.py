@@ -49,7 +49,8 @@ def unquantized(model: nn.Module) -> list[str]:
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    """The bytes of the weights llmctl reads: safetensors (a `.bin` beside them is never loaded)."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
 
 
 def run_quantize(checkpoint: str | os.PathLike, output: str | os.PathLike, cfg: QuantizeConfig,
