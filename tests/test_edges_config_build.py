@@ -460,6 +460,53 @@ def test_quantize_records_what_it_did_and_copies_the_checkpoints_files(llama, tm
     assert result["size_mb"] == size / 1e6 and result["input_size_mb"] == (base / "model.safetensors").stat().st_size / 1e6
     assert result["output"] == str(tmp_path / "q") and result["peak_rss_mb"] > 10
     assert (tmp_path / "q" / "model.safetensors").is_file()
+    quiet = Recorder()
+    run_quantize(base, tmp_path / "q8", QuantizeConfig(), [], report=quiet)
+    assert quiet.messages() == []
+
+
+def test_quantize_sizes_count_only_the_weights_it_reads(llama, tmp_path):
+    """A Hugging Face repository often ships `pytorch_model.bin` beside the safetensors; llmctl
+    never loads (unpickles) it, so it is not part of the input's size."""
+    import shutil
+
+    from llmctl.core.quant.config import QuantizeConfig
+    from llmctl.core.quant.run import run_quantize
+
+    base, _ = llama
+    shutil.copytree(base, tmp_path / "both")
+    (tmp_path / "both" / "pytorch_model.bin").write_bytes(b"\0" * 100_000)
+    result = run_quantize(tmp_path / "both", tmp_path / "q", QuantizeConfig(), [])
+    assert result["input_size_mb"] == (base / "model.safetensors").stat().st_size / 1e6
+
+
+def test_quantize_loads_on_the_device_asked_after_checking_the_output(llama, tmp_path, monkeypatch):
+    import shutil
+
+    import llmctl.core.model.io as io
+    from llmctl.core.quant.config import QuantizeConfig
+    from llmctl.core.quant.run import run_quantize
+    from llmctl.runtime import options
+
+    base, text = llama
+    devices, load = [], io.load_model
+
+    def recording(path, **kwargs):
+        devices.append(kwargs.get("device", "absent"))
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(io, "load_model", recording)
+    monkeypatch.setattr(options, "device", "cuda:7")  # what a missing --device would resolve
+    run_quantize(base, tmp_path / "q", QuantizeConfig(), [], device="cpu")
+    assert devices == [torch.device("cpu")]
+    shutil.copy(text, tmp_path / "q" / "calib.txt")  # an input inside the quantized output
+    with pytest.raises(UsageError, match=r"^--force will not replace .*: it holds the input .*calib.txt; choose another "
+                                         r"output path$"):
+        run_quantize(base, tmp_path / "q", QuantizeConfig(method="gptq", bits=4), [str(tmp_path / "q" / "calib.txt")],
+                     force=True, device="cpu")
+    assert devices == [torch.device("cpu")]  # refused before the model was loaded
+    with pytest.raises(UsageError, match=r"already exists \(use --force to replace it\)$"):
+        run_quantize(base, tmp_path / "q", QuantizeConfig(), [], device="cpu")  # force is off by default
 
 
 def test_quantize_refusals_and_its_outputs(llama, tmp_path):
@@ -484,6 +531,9 @@ def test_quantize_refusals_and_its_outputs(llama, tmp_path):
     shutil.copytree(base, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
     run_quantize(tmp_path / "bare", tmp_path / "q", QuantizeConfig(), [])
     assert not (tmp_path / "q" / "tokenizer.json").exists()
+    from llmctl.core.quant.run import unquantized
+
+    assert unquantized(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())) == ["0"]  # no "0 norm/other"
     is_quantized = OUTPUT_KINDS.get("quantized")
     assert is_quantized(tmp_path / "q") and not is_quantized(base)
     run_quantize(tmp_path / "bare", tmp_path / "q", QuantizeConfig(bits=8), [], force=True)  # replaces its own kind
@@ -502,11 +552,11 @@ def test_quantize_seed_draws_the_calibration_windows(llama, tmp_path):
     from llmctl.core.quant.run import run_quantize
 
     base, text = llama
-    cfg = QuantizeConfig(method="gptq", bits=4, group_size=16, samples=2, seq_len=16)
+    cfg = QuantizeConfig(method="gptq", bits=4, group_size=16, samples=2, seq_len=64)  # the whole context
     drawn = {seed: run_quantize(base, tmp_path / str(seed), cfg, [str(text)], seed=seed)["quantization"]["calibration"]
              for seed in (None, 0, 3)}
     assert drawn[None]["sha256"] == drawn[0]["sha256"] != drawn[3]["sha256"]
-    assert (drawn[3]["samples"], drawn[3]["seq_len"], drawn[3]["seed"]) == (2, 16, 3)
+    assert (drawn[3]["samples"], drawn[3]["seq_len"], drawn[3]["seed"]) == (2, 64, 3)
 
 
 def test_prune_measures_its_sparsity_and_records_the_run(llama, tmp_path):
