@@ -339,7 +339,8 @@ def test_shards_with_ids_past_their_stated_vocabulary_are_refused(data, tmp_path
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     manifest["vocab_size"] = 3
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError, match=r"^config key 'data': .* holds token id \d+, outside the model's vocabulary "
+    with pytest.raises(ConfigError, match=rf"^config key 'data': {re.escape(str(tmp_path / 's'))} holds token id \d+, "
+                                          r"outside the model's vocabulary "
                                           r"of 3; re-encode it with the model's tokenizer$"):
         _plan(data, data=[str(tmp_path / "s")])
     manifest["splits"]["train"]["tokens"] = 0
@@ -439,10 +440,18 @@ def test_quantize_records_what_it_did_and_copies_the_checkpoints_files(llama, tm
     from llmctl.core.quant.run import run_quantize
 
     base, text = llama
+    import time
+
     report = Recorder()
+    start = time.perf_counter()
     result = run_quantize(base, tmp_path / "q", QuantizeConfig(method="int4", bits=4, group_size=16), [str(text)],
                           report=report)
+    took = time.perf_counter() - start
     assert report.messages() == [("warn", "--method int4 is round-to-nearest: --calibration is not used")]
+    blocks = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(base)).model.layers
+    linears = sum(isinstance(m, torch.nn.Linear) for m in blocks.modules())
+    assert ("progress", "quantize int4", linears, "linear") in report.steps() and linears == 14  # the method's bar
+    assert 0 < result["seconds"] <= took and result["quantization"]["seconds"] == round(result["seconds"], 2)
     q = result["quantization"]
     norms = sum(isinstance(m, transformers.models.llama.modeling_llama.LlamaRMSNorm)
                 for m in transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(base)).modules())
@@ -556,6 +565,7 @@ def test_quantize_seed_draws_the_calibration_windows(llama, tmp_path):
     drawn = {seed: run_quantize(base, tmp_path / str(seed), cfg, [str(text)], seed=seed)["quantization"]["calibration"]
              for seed in (None, 0, 3)}
     assert drawn[None]["sha256"] == drawn[0]["sha256"] != drawn[3]["sha256"]
+    assert drawn[None]["seed"] == drawn[0]["seed"] == 0  # no --seed: seed 0
     assert (drawn[3]["samples"], drawn[3]["seq_len"], drawn[3]["seed"]) == (2, 64, 3)
 
 
