@@ -386,11 +386,13 @@ def test_a_warmup_longer_than_the_run_is_warned_about(data):
 
     def warnings(**fields):
         report = Recorder()
-        _plan(data, report=report, **fields)
+        assert _plan(data, report=report, **fields).report is report  # where the run reports, later too
         return report.messages()
 
     assert warnings(max_steps=5, warmup_steps=10) == [
         ("warn", "warmup_steps=10 is longer than max_steps=5: lr never reaches 0.0003")]
+    assert warnings(max_steps=1, warmup_steps=2) == [
+        ("warn", "warmup_steps=2 is longer than max_steps=1: lr never reaches 0.0003")]
     assert warnings(max_steps=10, warmup_steps=10) == []
     assert warnings(max_steps=0, warmup_steps=10) == []
     assert warnings(max_steps=5, warmup_steps=10, max_time=1.0) == []
