@@ -463,6 +463,7 @@ def test_quantize_records_what_it_did_and_copies_the_checkpoints_files(llama, tm
     assert (q["method"], q["bits"], q["group_size"], q["symmetric"]) == ("int4", 4, 16, True) and "calibration" not in q
     lineage = json.loads((tmp_path / "q" / "llmctl.json").read_text())
     assert lineage["command"] == "quantize" and lineage["config"]["group_size"] == 16
+    assert lineage["parents"][0]["path"] == str(base) and q["error"]["linears"] == linears
     assert lineage["quantization"]["unquantized"] == q["unquantized"] and lineage["quantization"]["bits"] == 4
     assert json.loads((tmp_path / "q" / "generation_config.json").read_text())["eos_token_id"] == \
         json.loads((base / "generation_config.json").read_text())["eos_token_id"]
@@ -548,6 +549,9 @@ def test_quantize_refusals_and_its_outputs(llama, tmp_path):
     is_quantized = OUTPUT_KINDS.get("quantized")
     assert is_quantized(tmp_path / "q") and not is_quantized(base)
     run_quantize(tmp_path / "bare", tmp_path / "q", QuantizeConfig(bits=8), [], force=True)  # replaces its own kind
+    shutil.copytree(tmp_path / "q", tmp_path / "hf", ignore=shutil.ignore_patterns("llmctl.json"))  # as HF writes it
+    with pytest.raises(UsageError, match=r"is already transformed \(quantized or adapted\); quantize its float base$"):
+        run_quantize(tmp_path / "hf", tmp_path / "a", QuantizeConfig(), [])
     for lineage in ('{"command": "prune"}', '["quantize"]', "{", None):
         other = tmp_path / f"other{len(str(lineage))}"
         shutil.copytree(tmp_path / "q", other)
@@ -604,6 +608,38 @@ def test_prune_measures_its_sparsity_and_records_the_run(llama, tmp_path):
     nm = prune_checkpoint(base, PruneConfig(method="magnitude", pattern="2:4"), tmp_path / "nm")
     assert nm["sparsity"]["sparsity"] is None and nm["sparsity"]["pattern"] == "2:4" and nm["calibration"] is None
     assert "sparsity" not in json.loads((tmp_path / "nm" / "llmctl.json").read_text())["sparsity"]
+    with pytest.raises(UsageError, match="already exists"):  # force is off by default
+        prune_checkpoint(base, PruneConfig(method="magnitude", pattern="2:4"), tmp_path / "nm")
+
+
+def test_prune_loads_on_the_device_asked_and_reports_its_progress(llama, tmp_path, monkeypatch):
+    import resource
+    import shutil
+    import time
+
+    import llmctl.core.model.io as io
+    from _recorder import Recorder
+    from llmctl.core.prune.config import PruneConfig
+    from llmctl.core.prune.run import prune_checkpoint
+
+    base, _ = llama
+    shutil.copytree(base, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))  # magnitude needs none
+    devices, load = [], io.load_model
+
+    def recording(path, **kwargs):
+        devices.append(kwargs.get("device", "absent"))
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(io, "load_model", recording)
+    report = Recorder()
+    low = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    result = prune_checkpoint(tmp_path / "bare", PruneConfig(sparsity=0.5), tmp_path / "m", report=report)
+    took = time.perf_counter() - start
+    high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+    assert devices == ["cpu"] and ("progress", "prune", 14, "module") in report.steps()  # 7 linears × 2 blocks
+    assert 0 < result["seconds"] <= took and low <= result["peak_rss_bytes"] <= high
+    assert not (tmp_path / "m" / "tokenizer.json").exists()
 
 
 def test_structured_prune_reports_the_parameters_removed(llama, tmp_path):
@@ -623,6 +659,11 @@ def test_structured_prune_reports_the_parameters_removed(llama, tmp_path):
     assert ppl["before"] > 1 and ppl["after"] > 1 and ppl["before"] != ppl["after"]
     layers = PruneConfig(method="layers", sparsity=0.5, calibration=[str(text)], samples=2, seq_len=16)
     assert prune_checkpoint(base, layers, tmp_path / "l")["perplexity"] is None
+    ranked = PruneConfig(method="channels", sparsity=0.25, uniform=False, calibration=[str(text)], samples=2, seq_len=16)
+    rows = prune_checkpoint(base, ranked, tmp_path / "c")["layers"]["after"]
+    widths = _numels(tmp_path / "c")
+    assert [r["intermediate_size"] for r in rows] == [widths[f"model.layers.{i}.mlp.up_proj.weight"].shape[0]
+                                                      for i in range(2)]
 
 
 def test_prune_refusals(llama, tmp_path):
@@ -660,4 +701,9 @@ def test_prune_refusals(llama, tmp_path):
     run_quantize(base, tmp_path / "q", QuantizeConfig(), [])
     with pytest.raises(UsageError, match=r"^the model has module transforms \(pack-quantized\); prune a dense checkpoint$"):
         prune_checkpoint(tmp_path / "q", PruneConfig(), tmp_path / "out")
+    from types import SimpleNamespace
+
+    two = SimpleNamespace(transforms=[SimpleNamespace(name="lora"), SimpleNamespace(name="nf4")])
+    with pytest.raises(UsageError, match=r"^the model has module transforms \(lora, nf4\); prune a dense checkpoint$"):
+        PRUNERS.get("magnitude")(PruneConfig()).check_model(two)
     shutil.rmtree(tmp_path / "q")
