@@ -444,11 +444,15 @@ def test_quantize_records_what_it_did_and_copies_the_checkpoints_files(llama, tm
     base, text = llama
     import time
 
+    import resource
+
     report = Recorder()
+    low = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB
     start = time.perf_counter()
     result = run_quantize(base, tmp_path / "q", QuantizeConfig(method="int4", bits=4, group_size=16), [str(text)],
                           report=report)
     took = time.perf_counter() - start
+    assert low <= result["peak_rss_mb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert report.messages() == [("warn", "--method int4 is round-to-nearest: --calibration is not used")]
     blocks = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(base)).model.layers
     linears = sum(isinstance(m, torch.nn.Linear) for m in blocks.modules())
@@ -470,7 +474,7 @@ def test_quantize_records_what_it_did_and_copies_the_checkpoints_files(llama, tm
     assert (tmp_path / "q" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     size = sum(f.stat().st_size for f in (tmp_path / "q").iterdir() if f.suffix in (".safetensors", ".bin"))
     assert result["size_mb"] == size / 1e6 and result["input_size_mb"] == (base / "model.safetensors").stat().st_size / 1e6
-    assert result["output"] == str(tmp_path / "q") and result["peak_rss_mb"] > 10
+    assert result["output"] == str(tmp_path / "q")
     assert (tmp_path / "q" / "model.safetensors").is_file()
     quiet = Recorder()
     run_quantize(base, tmp_path / "q8", QuantizeConfig(), [], report=quiet)
