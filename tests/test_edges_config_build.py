@@ -611,7 +611,9 @@ def test_prune_measures_its_sparsity_and_records_the_run(llama, tmp_path):
     assert [r["sparsity"] for r in result["layers"]["before"]] == [0.0, 0.0]
     nm = prune_checkpoint(base, PruneConfig(method="magnitude", pattern="2:4"), tmp_path / "nm")
     assert nm["sparsity"]["sparsity"] is None and nm["sparsity"]["pattern"] == "2:4" and nm["calibration"] is None
-    assert "sparsity" not in json.loads((tmp_path / "nm" / "llmctl.json").read_text())["sparsity"]
+    nm_lineage = json.loads((tmp_path / "nm" / "llmctl.json").read_text())
+    assert "sparsity" not in nm_lineage["sparsity"] and "calibration" not in nm_lineage
+    assert result["output"] == str(tmp_path / "w") and nm["output"] == str(tmp_path / "nm")
     with pytest.raises(UsageError, match="already exists"):  # force is off by default
         prune_checkpoint(base, PruneConfig(method="magnitude", pattern="2:4"), tmp_path / "nm")
 
