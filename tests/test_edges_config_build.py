@@ -53,7 +53,7 @@ def test_every_size_is_bounded_to_1_through_2_to_the_31(key):
 
 def test_a_deep_config_builds_no_list_per_layer():
     """Without per-layer sizes nothing is checked layer by layer: a config with 2^31 − 1 layers is
-    made at once (it built two lists of num_layers entries: 16 GiB there, 80 MB for 10^7)."""
+    made at once (it built two lists of num_layers entries: 16 GiB each there, 80 MB each for 10^7)."""
     import tracemalloc
 
     tracemalloc.start()
