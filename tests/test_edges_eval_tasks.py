@@ -61,8 +61,9 @@ def test_code_task_runs_each_sample_in_the_sandbox_and_averages_pass_at_k(tmp_pa
     from llmctl.core.evaluate.lm import ScoringModel
     from llmctl.core.evaluate.tasks import Task
 
-    rows = [{"head": "def f():\n", "check": "assert f() == 1"}, {"head": "def g():\n", "check": "assert g() == 2"}]
-    task = _code_task(tmp_path, rows, "samples: 3\nk: [1, 2]\ntimeout: 3.5\nmemory_mb: 256\n")
+    rows = [{"head": "def f():\n", "check": "assert f() == 1", "lang": "a"},
+            {"head": "def g():\n", "check": "assert g() == 2", "lang": "b"}]
+    task = _code_task(tmp_path, rows, "samples: 3\nk: [1, 2]\ntimeout: 3.5\nmemory_mb: 256\nreport_by: [lang]\n")
     completions = {"def f():\n": ["    return 1", "    return 0", "    return 1"],
                    "def g():\n": ["    return 0", "    return 3", "    return 2"]}
 
@@ -88,8 +89,9 @@ def test_code_task_runs_each_sample_in_the_sandbox_and_averages_pass_at_k(tmp_pa
     assert ("progress", "code tests", 6, "prog") in Task.report.calls
     # f: 2 of 3 right, g: 1 of 3 right
     per_problem = {"pass@1": [2 / 3, 1 / 3], "pass@2": [1.0, 1 - 1 / 3]}
-    assert result == pytest.approx({"pass@1": 0.5, "pass@1_stderr": 1 / 6, "pass@2": 5 / 6,
-                                    "pass@2_stderr": 1 / 6, "examples": 2})
+    assert {k: v for k, v in result.items() if "/" not in k} == pytest.approx(
+        {"pass@1": 0.5, "pass@1_stderr": 1 / 6, "pass@2": 5 / 6, "pass@2_stderr": 1 / 6, "examples": 2})
+    assert [result[f"pass@{k}/{g}"] for k in (1, 2) for g in "ab"] == pytest.approx([2 / 3, 1 / 3, 1.0, 2 / 3])
     assert [r.pop("pass@1") for r in task.samples_log] == pytest.approx(per_problem["pass@1"])
     assert [r.pop("pass@2") for r in task.samples_log] == pytest.approx(per_problem["pass@2"])
     assert task.samples_log == [
