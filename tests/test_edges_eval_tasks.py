@@ -119,3 +119,164 @@ def test_code_task_defaults_and_refusals(tmp_path):
     assert _code_task(tmp_path, rows, "samples: 4\nk: [1, 4]\n").k == [1, 4]
     with pytest.raises(ConfigError, match="config key 'program': invalid template"):
         _code_task(tmp_path, rows, "program: \"{{ head \"\n")
+
+
+# -- core/evaluate/builtin.py ----------------------------------------------------------------------
+
+
+def test_builtin_arithmetic_spans_two_digit_operands_and_both_operations():
+    from llmctl.core.evaluate.builtin import generate
+
+    docs = generate("arithmetic", 3000, 5)
+    assert all(set(d) == {"a", "op", "b", "answer"} for d in docs)
+    assert {d["op"] for d in docs} == {"+", "-"}
+    for key in ("a", "b"):
+        assert {d[key] for d in docs} == set(range(100))  # 0 … 99, both ends
+    assert all(d["answer"] == str(d["a"] + d["b"] if d["op"] == "+" else d["a"] - d["b"]) for d in docs)
+
+
+@pytest.mark.parametrize("name", ["copy", "reverse"])
+def test_builtin_letter_tasks_are_three_to_eight_lowercase_letters(name):
+    from llmctl.core.evaluate.builtin import generate
+
+    docs = generate(name, 2000, 3)
+    assert all(set(d) == {"input", "target"} for d in docs)
+    letters = [d["input"].split(" ") for d in docs]
+    assert {len(s) for s in letters} == set(range(3, 9))
+    assert all(len(c) == 1 and "a" <= c <= "z" for s in letters for c in s)
+    assert len({c for s in letters for c in s}) == 26
+    for d, s in zip(docs, letters):
+        assert d["target"] == " ".join(s if name == "copy" else s[::-1])
+
+
+def test_builtin_word_order_has_four_orders_of_one_sentence_and_any_gold():
+    from llmctl.core.evaluate.builtin import ADJECTIVES, DETERMINERS, NOUNS, VERBS, generate
+
+    docs = generate("word_order", 400, 0)
+    assert {d["gold"] for d in docs} == {0, 1, 2, 3}
+    for d in docs:
+        assert set(d) == {"choices", "gold"} and len(d["choices"]) == len(set(d["choices"])) == 4
+        words = d["choices"][d["gold"]].split(" ")
+        assert [w in pool for w, pool in zip(words, [DETERMINERS, ADJECTIVES, NOUNS, VERBS, DETERMINERS, NOUNS])] == \
+               [True] * 6
+        assert all(sorted(c.split(" ")) == sorted(words) for c in d["choices"])
+
+
+# -- core/evaluate/sources.py ----------------------------------------------------------------------
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_hellaswag_rows_are_lm_evals_processed_docs(tmp_path):
+    from datasets import Dataset
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    from llmctl.core.evaluate.sources import BENCHMARKS
+
+    rows = [{"activity_label": "Home and Garden", "ctx_a": "[header] How to plant a tree  [title] Dig a hole.",
+             "ctx_b": "then you", "endings": ["[step] water it.  ", " Dig  [substeps] deeper [title] Done", "x"],
+             "label": "2"},
+            {"activity_label": "Removing ice", "ctx_a": "A man is outside.", "ctx_b": "he", "endings": ["a", "b"],
+             "label": 0}]
+    docs = BENCHMARKS.get("hellaswag").documents("hellaswag", [str(_jsonl(tmp_path / "hellaswag_val.jsonl", rows))])
+    expected = process_docs(Dataset.from_list([{**r, "label": str(r["label"])} for r in rows]))
+    assert [d for _, d in docs] == [{k: e[k] for k in ("query", "choices", "gold")} for e in expected]
+
+
+def test_winogrande_rows_are_lm_evals_partial_scoring(tmp_path):
+    from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice, doc_to_target, doc_to_text
+
+    from llmctl.core.evaluate.sources import BENCHMARKS
+
+    rows = [{"sentence": "Sarah was a much better surgeon than Maria so _'s cases were easier.", "option1": "Sarah",
+             "option2": "Maria", "answer": "2"},
+            {"sentence": "The _ was renamed to snake_case in the code.", "option1": "file", "option2": "variable",
+             "answer": "1"}]
+    docs = BENCHMARKS.get("winogrande").documents("winogrande", [str(_jsonl(tmp_path / "dev.jsonl", rows))])
+    assert [d for _, d in docs] == [{"contexts": doc_to_choice(r), "continuation": doc_to_target(r),
+                                     "gold": doc_to_text(r)} for r in rows]
+
+
+def test_arc_rows_of_both_layouts_and_numeric_labels(tmp_path):
+    from llmctl.core.evaluate.sources import BENCHMARKS
+
+    hf = [{"id": "1", "question": "Which?", "answerKey": "3",
+           "choices": {"text": ["one", "two", "three", "four"], "label": ["1", "2", "3", "4"]}},
+          {"id": "2", "question": "What?", "answerKey": "A", "choices": {"text": ["yes", "no"], "label": ["A", "B"]}}]
+    _jsonl(tmp_path / "challenge" / "test.jsonl", hf) if (tmp_path / "challenge").mkdir() is None else None
+    docs = BENCHMARKS.get("arc_challenge").documents("arc_challenge", [str(tmp_path)])
+    assert [d for _, d in docs] == [{"question": "Which?", "choices": ["one", "two", "three", "four"], "gold": 2},
+                                    {"question": "What?", "choices": ["yes", "no"], "gold": 0}]
+
+
+def test_mmlu_rows_of_both_layouts_and_lm_evals_categories(tmp_path):
+    """The original CSVs (no header; the subject from the file name, `_test`/`_dev`/`_val` cut; a
+    letter answer, spaces around it allowed) and cais/mmlu's rows (choices and an index); every
+    subject in lm-eval's category of its `mmlu_*` group, others `uncategorized`."""
+    import csv
+
+    from lm_eval.tasks.mmlu._generate_configs import SUBJECTS
+
+    from llmctl.core.evaluate.sources import BENCHMARKS, MMLU_CATEGORIES
+
+    assert MMLU_CATEGORIES == SUBJECTS
+    bench = BENCHMARKS.get("mmlu")
+    (tmp_path / "test").mkdir()
+    with open(tmp_path / "test" / "college_physics_test.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Q1?", "a", "b", "c", "d", "C"], ["Q2?", "w", "x", "y", "z", " A "]])
+    with open(tmp_path / "test" / "my_own_topic_val.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Q3?", "a", "b", "c", "d", "D"]])
+    docs = [d for _, d in bench.documents("mmlu", [str(tmp_path)])]
+    assert docs == [{"subject": "college_physics", "category": "stem", "question": "Q1?",
+                     "choices": ["a", "b", "c", "d"], "answer": 2},
+                    {"subject": "college_physics", "category": "stem", "question": "Q2?",
+                     "choices": ["w", "x", "y", "z"], "answer": 0},
+                    {"subject": "my_own_topic", "category": "uncategorized", "question": "Q3?",
+                     "choices": ["a", "b", "c", "d"], "answer": 3}]
+    rows = [{"question": "Q?", "subject": "philosophy", "choices": ["p", "q", "r", "s"], "answer": 1},
+            {"question": "R?", "subject": "virology", "choices": ("p", "q", "r", "s"), "answer": "B"}]
+    (tmp_path / "hf").mkdir()
+    docs = [d for _, d in bench.documents("mmlu", [str(_jsonl(tmp_path / "hf" / "mmlu_test.jsonl", rows))])]
+    assert docs == [{"subject": "philosophy", "category": "humanities", "question": "Q?",
+                     "choices": ["p", "q", "r", "s"], "answer": 1},
+                    {"subject": "virology", "category": "other", "question": "R?",
+                     "choices": ["p", "q", "r", "s"], "answer": 1}]
+    (tmp_path / "dev").mkdir()
+    with open(tmp_path / "dev" / "econometrics_dev.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Q4?", "a", "b", "c", "d", "B"]])
+    [(_, shot)] = bench.documents("mmlu", [str(tmp_path)], fewshot=True)
+    assert (shot["subject"], shot["category"], shot["answer"]) == ("econometrics", "social_sciences", 1)
+
+
+def test_humaneval_rows_keep_the_fields_the_preset_uses(tmp_path):
+    from llmctl.core.evaluate.sources import BENCHMARKS
+
+    row = {"task_id": "HumanEval/7", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+           "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
+    [(where, doc)] = BENCHMARKS.get("humaneval").documents("humaneval", [str(_jsonl(tmp_path / "x.jsonl", [row]))])
+    assert where == f"{tmp_path / 'x.jsonl'}:1"
+    assert doc == {k: row[k] for k in ("task_id", "prompt", "test", "entry_point")}
+
+
+# -- core/evaluate/runner.py -----------------------------------------------------------------------
+
+
+def test_samples_are_written_as_jsonl_keeping_unicode(tmp_path):
+    from llmctl.core.evaluate.runner import write_samples
+    from llmctl.errors import UsageError
+
+    path = tmp_path / "out" / "samples.jsonl"
+    samples = [{"task": "t", "prompt": "Größe? ☃", "scores": [1.5, None]}, {"task": "u", "answer": ""}]
+    write_samples(path, samples)
+    text = path.read_text(encoding="utf-8")
+    assert text.splitlines() == [json.dumps(s, ensure_ascii=False) for s in samples] and text.endswith("\n")
+    assert "Größe? ☃" in text
+    with pytest.raises(UsageError):
+        write_samples(path, samples[:1])  # an existing file only with force
+    write_samples(path, samples[:1], force=True)
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == samples[:1]
+    write_samples(tmp_path / "empty.jsonl", [])
+    assert (tmp_path / "empty.jsonl").read_text() == ""
