@@ -46,18 +46,17 @@ def test_mc2_refuses_a_missing_or_mismatched_labels_field(fields):
 
 
 class Bigram(nn.Module):
-    """A causal model that returns its logits as a plain tensor (no `.logits`): each position's
-    logits are a row of a table, indexed by the token there; `logits_to_keep` as transformers'."""
+    """A causal model that returns its logits as a plain tensor (no `.logits`) and takes no
+    `logits_to_keep`: each position's logits are a row of a table, indexed by the token there."""
 
     def __init__(self, vocab: int = 11, seed: int = 0):
         super().__init__()
         self.table = nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 3)
         self.calls = []
 
-    def forward(self, ids, logits_to_keep=0):
-        self.calls.append((tuple(ids.shape), logits_to_keep))
-        out = self.table[ids]
-        return out[:, -logits_to_keep:] if logits_to_keep else out
+    def forward(self, ids):
+        self.calls.append(tuple(ids.shape))
+        return self.table[ids]
 
 
 def _bigram_score(model: Bigram, row: list[int], n: int) -> tuple[float, bool]:
@@ -91,10 +90,15 @@ def test_features_are_every_position_or_the_last_keep(hf_model, ours, tok):  # n
 
 
 def test_a_model_that_returns_a_tensor_is_scored_by_log_softmax():
+    """Such a model takes no `logits_to_keep`, and is not given one when every position is needed: by
+    default, for `keep` 0 and for `keep` of the length or more."""
     model = Bigram()
     lm = ScoringModel(model, None, max_length=16)
-    rows, n = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 0, 1]], [2, 1, 3]
-    assert lm.features(torch.tensor([rows[0][:-1]])).shape == (1, 3, 11)
+    rows = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 0, 1]]
+    n = [len(r) - 1 for r in rows]
+    ids = torch.tensor([rows[0][:-1]])
+    for keep in [(), (0,), (3,), (4,)]:
+        torch.testing.assert_close(lm.features(ids, *keep), model.table[ids])
     for score, row, k in zip(lm.score_rows(rows, n), rows, n):
         logprob, greedy = _bigram_score(model, row, k)
         assert (score.tokens, score.greedy) == (k, greedy)
@@ -112,14 +116,14 @@ def test_score_rows_batches_the_longest_rows_first_within_both_limits():
         model = Bigram()
         lm = ScoringModel(model, None, max_length=32, batch_size=batch_size, max_batch_tokens=max_tokens)
         scores = lm.score_rows(rows, n)
-        widths = [shape[1] + 1 for shape, _ in model.calls]
+        widths = [shape[1] + 1 for shape in model.calls]
         assert widths == sorted(widths, reverse=True)  # longest rows first
-        assert sum(shape[0] for shape, _ in model.calls) == len(rows)
-        for (b, t), _ in model.calls:
+        assert sum(shape[0] for shape in model.calls) == len(rows)
+        for b, t in model.calls:
             assert b <= batch_size and (b == 1 or b * (t + 1) <= max_tokens)
         for score, row, k in zip(scores, rows, n):
             assert score.logprob == pytest.approx(_bigram_score(model, row, k)[0], rel=1e-5)
-    assert [shape[0] for shape, _ in model.calls][0] == 1  # the 25-token row alone past 12 tokens
+    assert [shape[0] for shape in model.calls][0] == 1  # the 25-token row alone past 12 tokens
 
 
 def test_shared_contexts_of_short_continuations_and_several_groups_equal_hf(hf_model, ours, tok):  # noqa: F811

@@ -280,3 +280,77 @@ def test_samples_are_written_as_jsonl_keeping_unicode(tmp_path):
     assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == samples[:1]
     write_samples(tmp_path / "empty.jsonl", [])
     assert (tmp_path / "empty.jsonl").read_text() == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from conftest import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("tiny"), ["the cat sees a dog. a dog likes the cat."] * 4, vocab=280,
+                      context=32)
+
+
+def test_evaluate_records_each_task_with_its_type_config_and_finite_metrics(tiny_ckpt, tmp_path):
+    """One checkpoint, a one-document task: the metrics-history entry is the command, the task, its
+    registered type, its config without name and base_dir, and the metrics (a NaN stderr as null);
+    the samples carry the checkpoint and task; a seed of None is 1234; the report names the model."""
+    import shutil
+
+    from llmctl.core.evaluate.runner import evaluate
+    from llmctl.core.evaluate.tasks import load_task
+
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    (tmp_path / "wo.yaml").write_text("type: multiple_choice\ndataset: {builtin: word_order, size: 1}\n"
+                                      "prompt: \"Sentence:\"\n")
+    task = load_task(str(tmp_path / "wo.yaml"))
+    samples, report = [], Recorder()
+    results = evaluate([str(ckpt)], [task], device="cpu", dtype=torch.float32, samples=samples, report=report)
+    metrics = results[str(ckpt)]["wo"]
+    assert metrics["acc_stderr"] is None and metrics["acc"] in (0.0, 1.0) and metrics["examples"] == 1
+    [entry] = json.loads((ckpt / "llmctl.json").read_text())["metrics"]
+    assert entry.pop("time")
+    config = entry.pop("config")
+    assert entry == {"command": "eval", "task": "wo", "type": "multiple_choice", "metrics": metrics}
+    assert "name" not in config and "base_dir" not in config and config["prompt"] == "Sentence:"
+    assert config["dataset"]["builtin"] == "word_order" and config["metrics"] == ["acc", "acc_norm"]
+    assert [(s["checkpoint"], s["task"]) for s in samples] == [(str(ckpt), "wo")]
+    n = sum(p.numel() for p in __import__("llmctl.core.model.io", fromlist=["load_model"]).load_model(ckpt)[0].parameters())
+    assert report.messages() == [("info", f"[bold]{ckpt}[/bold]: {n:,} parameters, context 32")]
+
+
+def test_results_that_cannot_be_recorded_say_why_and_suggest_no_record(tmp_path, monkeypatch):
+    import llmctl.core.checkpoint as checkpoint
+    from llmctl.core.evaluate.runner import record_results
+    from llmctl.core.evaluate.tasks import load_task
+    from llmctl.errors import CheckpointError, OutputLocked
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "wo.yaml").write_text("type: multiple_choice\ndataset: {builtin: word_order, size: 1}\n")
+    tasks = [load_task(str(tmp_path / "wo.yaml"))]
+    results = {str(tmp_path / "ckpt"): {"wo": {"acc": 1.0}}}
+    for exc, why in [(PermissionError(13, "Permission denied"), "Permission denied"), (OSError("disk gone"), "disk gone"),
+                     (OutputLocked("held by pid 7"), "held by pid 7")]:
+        def fail(path, record, exc=exc):
+            raise exc
+        monkeypatch.setattr(checkpoint, "append_metrics", fail)
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'ckpt'}: could not record the results in its "
+                                                  rf"llmctl\.json \({why}\); the results were printed; use --no-record "
+                                                  r"to skip recording$"):
+            record_results(results, tasks)
+
+
+def test_load_scorer_opens_the_checkpoint_first_and_needs_its_tokenizer(tiny_ckpt, tmp_path):
+    import shutil
+
+    from llmctl.core.evaluate.runner import load_scorer
+    from llmctl.errors import CheckpointError, UsageError
+
+    with pytest.raises(UsageError, match=r"^checkpoint \S+nowhere does not exist$"):
+        load_scorer(tmp_path / "nowhere", device="cpu", dtype=torch.float32)
+    ckpt = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
+    lm = load_scorer(ckpt, device="cpu", dtype=torch.bfloat16, batch_size=3, seed=9)
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    assert (lm.batch_size, lm.seed, lm.max_length) == (3, 9, 32)
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint has no tokenizer \(tokenizer\.json\); eval needs one"):
+        load_scorer(ckpt, device="cpu", dtype=torch.float32)
