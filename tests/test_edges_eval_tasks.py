@@ -261,6 +261,22 @@ def test_humaneval_rows_keep_the_fields_the_preset_uses(tmp_path):
     assert doc == {k: row[k] for k in ("task_id", "prompt", "test", "entry_point")}
 
 
+def test_mbpp_rows_of_the_full_file_and_of_a_test_split(tmp_path):
+    """The full mbpp.jsonl keeps task ids 11-510 (the paper's test split); a file named as the test
+    split (any case) keeps every row; `test_setup_code` is empty when absent."""
+    from llmctl.core.evaluate.sources import BENCHMARKS
+
+    rows = [{"task_id": i, "text": f"t{i}", "code": f"c{i}", "test_list": ("assert 1",)} for i in (10, 11, 510, 511)]
+    rows[1]["test_setup_code"] = "import math"
+    bench = BENCHMARKS.get("mbpp")
+    full = [d for _, d in bench.documents("mbpp", [str(_jsonl(tmp_path / "mbpp.jsonl", rows))])]
+    assert full == [{"task_id": 11, "text": "t11", "code": "c11", "test_list": ["assert 1"], "test_setup_code": "import math"},
+                    {"task_id": 510, "text": "t510", "code": "c510", "test_list": ["assert 1"], "test_setup_code": ""}]
+    (tmp_path / "hf").mkdir()
+    split = bench.documents("mbpp", [str(_jsonl(tmp_path / "hf" / "MBPP-Test.jsonl", rows))])
+    assert [d["task_id"] for _, d in split] == [10, 11, 510, 511]
+
+
 # -- core/evaluate/runner.py -----------------------------------------------------------------------
 
 
