@@ -370,3 +370,119 @@ def test_load_scorer_opens_the_checkpoint_first_and_needs_its_tokenizer(tiny_ckp
     (ckpt / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"checkpoint has no tokenizer \(tokenizer\.json\); eval needs one"):
         load_scorer(ckpt, device="cpu", dtype=torch.float32)
+
+
+# -- core/evaluate/tasks.py ------------------------------------------------------------------------
+
+
+def _task_file(tmp_path, text: str, name: str = "t.yaml"):
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def test_task_files_name_type_and_overrides(tmp_path, monkeypatch):
+    """The type is required and checked (with a suggestion), the name is the file's stem unless given,
+    relative paths are the file's folder's, overrides set only the keys the type has, a flag no task
+    uses and a task given twice are usage errors."""
+    from llmctl.core.evaluate.tasks import TASK_TYPES, load_task, load_tasks
+    from llmctl.errors import UsageError
+
+    load_task("copy")  # imports the modules that register the built-in types
+    types = ", ".join(TASK_TYPES.names())
+    with pytest.raises(ConfigError, match=rf"t\.yaml: missing config key 'type' \(one of: {types}\)$"):
+        load_task(_task_file(tmp_path, "dataset: {builtin: copy}\n"))
+    with pytest.raises(ConfigError, match=r"config key 'type': unknown task type 'generat' \(did you mean 'generate'\?\); "
+                                          rf"choose from: {types}$"):
+        load_task(_task_file(tmp_path, "type: generat\ndataset: {builtin: copy}\n"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "docs.jsonl").write_text('{"input": "a", "target": "b"}\n')
+    monkeypatch.chdir(tmp_path)
+    task = load_task(_task_file(tmp_path / "sub", "type: generate\ndataset: {path: docs.jsonl}\n", "copying.yaml"),
+                     {"max_new_tokens": 5, "num_fewshot": None, "choices": "x"})
+    assert (task.name, task.base_dir, task.max_new_tokens, task.num_fewshot) == ("copying", str(tmp_path / "sub"), 5, 0)
+    assert task.documents() == [(f"{tmp_path / 'sub' / 'docs.jsonl'}:1", {"input": "a", "target": "b"})]
+    named = load_task(_task_file(tmp_path, "type: generate\nname: mine\ndataset: {builtin: copy}\n"))
+    assert named.name == "mine"
+    with pytest.raises(UsageError, match=r"^--max-new-tokens does not apply to task mine$"):
+        load_tasks([_task_file(tmp_path, "type: perplexity\nname: mine\n")], {"max_new_tokens": 3})
+    with pytest.raises(UsageError, match=r"^--task: a task is given twice \(copy, copy\)$"):
+        load_tasks(["copy", "copy"])
+    assert [t.name for t in load_tasks(["copy", "reverse"], {"max_new_tokens": None})] == ["copy", "reverse"]
+
+
+def test_dataset_sources_and_their_refusals(tmp_path):
+    from llmctl.core.evaluate.builtin import generate
+    from llmctl.core.evaluate.tasks import load_task
+
+    head = "type: generate\n"
+    for dataset, match in [("{}", "needs exactly one of 'path', 'builtin' or 'benchmark'"),
+                           ("{path: a.jsonl, builtin: copy}", "needs exactly one of"),
+                           ("{benchmark: mmlux}", r"config key 'dataset.benchmark': unknown 'mmlux'; choose from: .*mmlu"),
+                           ("{builtin: copyy}", r"config key 'dataset.builtin': unknown 'copyy'; choose from: arithmetic, "
+                                                r"copy, reverse, word_order$")]:
+        with pytest.raises(ConfigError, match=match):
+            load_task(_task_file(tmp_path, head + f"dataset: {dataset}\n"))
+    for extra, match in [("fewshot_sampler: last\n", "'fewshot_sampler': expected 'random' or 'first_n'"),
+                         ("num_fewshot: -1\n", "'num_fewshot' must be ≥ 0 and 'limit' ≥ 1"),
+                         ("limit: 0\n", "'num_fewshot' must be ≥ 0 and 'limit' ≥ 1"),
+                         ("fewshot_target: '{{ x '\n", "config key 'fewshot_target': invalid template"),
+                         ("description: '{% if %}'\n", "config key 'description': invalid template")]:
+        with pytest.raises(ConfigError, match=match):
+            load_task(_task_file(tmp_path, head + "dataset: {builtin: copy}\n" + extra))
+    task = load_task(_task_file(tmp_path, head + "dataset: {builtin: copy, size: 7, seed: 3}\nlimit: 5\n"), {"data": ["x"]})
+    assert task.data == [] and not task.uses("data") and task.uses("limit") and not task.uses("choices")
+    assert task.documents() == [(f"builtin:copy:{i + 1}", d) for i, d in enumerate(generate("copy", 7, 3)[:5])]
+    bench = load_task("mmlu", {"data": ["somewhere"]})
+    assert bench.data == ["somewhere"] and bench.uses("data")
+    task = load_task(_task_file(tmp_path, head + "dataset: {path: nowhere.jsonl}\n"))
+    with pytest.raises(DataError, match=r"^task t: data file nowhere\.jsonl not found$"):
+        task.prepare()
+
+
+def test_fewshot_pools_and_samplers(tmp_path):
+    """Examples written in the task file (named by their index), a built-in's separate split (seed + 1,
+    at least 64 or 8 per shot), the first_n sampler's first examples, group_by's pools and the message
+    when a group has too few."""
+    from llmctl.core.evaluate.builtin import generate
+    from llmctl.core.evaluate.tasks import load_task
+
+    task = load_task(_task_file(tmp_path, "type: generate\ndataset: {builtin: copy, seed: 4}\n"), {"num_fewshot": 10})
+    assert task.fewshot_pool([]) == [(f"builtin:copy:fewshot:{i + 1}", d) for i, d in enumerate(generate("copy", 80, 5))]
+    task.num_fewshot = 2
+    assert [d for _, d in task.fewshot_pool([])] == generate("copy", 64, 5)
+    text = ("type: generate\ndataset: {builtin: copy, size: 2, fewshot_samples: [{input: p, target: P}, "
+            "{input: q, target: Q}, {input: r, target: R}]}\nfewshot_sampler: first_n\nprompt: 'In: {{ input }}'\n"
+            "fewshot_delimiter: ' | '\ndescription: 'D{{ target|length }}. '\n")
+    task = load_task(_task_file(tmp_path, text), {"num_fewshot": 2})
+    assert task.fewshot_pool([])[1] == ("task t: fewshot_samples[1]", {"input": "q", "target": "Q"})
+    docs = task.documents()
+    assert task.prefixes(docs) == [f"D{len(d['target'])}. In: p P | In: q Q | " for _, d in docs]
+    rows = [{"input": f"x{i}", "target": f"y{i}", "g": "ab"[i % 2]} for i in range(5)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(_task_file(tmp_path, "type: generate\ndataset: {path: g.jsonl}\ngroup_by: g\n"
+                                          "fewshot_sampler: first_n\n"), {"num_fewshot": 1})
+    docs = task.documents()
+    # the same split: one more drawn, the document itself dropped
+    assert task.prefixes(docs) == ["x2 y2\n\n", "x3 y3\n\n", "x0 y0\n\n", "x1 y1\n\n", "x0 y0\n\n"]
+    task.num_fewshot = 2
+    with pytest.raises(DataError, match=r"^task t: --num-fewshot 2 needs more few-shot examples than the 2 available "
+                                        r"for g 'b'$"):
+        task.prefixes(docs)
+
+
+def test_templates_name_the_document_or_the_unsafe_operation(tmp_path):
+    from llmctl.core.evaluate.tasks import field_value, load_task
+
+    task = load_task(_task_file(tmp_path, "type: generate\ndataset: {builtin: copy}\nprompt: '{{ question }}'\n"))
+    with pytest.raises(DataError, match=r"^here:3: template 'prompt': 'question' is undefined$"):
+        task.render("prompt", ("here:3", {"input": "a"}))
+    task.prompt = "{{ input.__class__.__mro__ }}"
+    with pytest.raises(ConfigError, match=r"^task t: config key 'prompt': the template tried an unsafe operation \(.*\); "
+                                          r"templates may only format the document's fields$"):
+        task.render("prompt", ("here:3", {"input": "a"}))
+    task.prompt = "{{ doc.input }}{{ extra }}"
+    assert task.render("prompt", ("here:3", {"input": "a"}), extra="!") == "a!"
+    with pytest.raises(DataError, match=r"^f:2: missing field 'b' \(have: a, c\)$"):
+        field_value(("f:2", {"a": 1, "c": 2}), "b")
+    with pytest.raises(DataError, match=r"^f:2: missing field 'b' \(have: none\)$"):
+        field_value(("f:2", {}), "b")
