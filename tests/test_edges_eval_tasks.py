@@ -251,6 +251,20 @@ def test_mmlu_rows_of_both_layouts_and_lm_evals_categories(tmp_path):
     assert (shot["subject"], shot["category"], shot["answer"]) == ("econometrics", "social_sciences", 1)
 
 
+@pytest.mark.parametrize("answer", ["", "  ", "AB", "BCD"])
+def test_mmlu_answers_that_are_not_one_letter_are_refused_with_the_row(tmp_path, answer):
+    """A blank answer is not A, nor "AB" the first of two letters: the row is refused, naming its line."""
+    import csv
+
+    from llmctl.core.evaluate.sources import BENCHMARKS
+
+    (tmp_path / "test").mkdir()
+    with open(tmp_path / "test" / "anatomy_test.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Q1?", "a", "b", "c", "d", "B"], ["Q2?", "a", "b", "c", "d", answer]])
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'test' / 'anatomy_test.csv'}:2: not a mmlu row \(ValueError: "):
+        BENCHMARKS.get("mmlu").documents("mmlu", [str(tmp_path)])
+
+
 def test_humaneval_rows_keep_the_fields_the_preset_uses(tmp_path):
     from llmctl.core.evaluate.sources import BENCHMARKS
 
@@ -306,14 +320,19 @@ def tiny_ckpt(tmp_path_factory):
                       context=32)
 
 
-def test_evaluate_records_each_task_with_its_type_config_and_finite_metrics(tiny_ckpt, tmp_path):
+def test_evaluate_records_each_task_with_its_type_config_and_finite_metrics(tiny_ckpt, tmp_path, monkeypatch):
     """One checkpoint, a one-document task: the metrics-history entry is the command, the task, its
     registered type, its config without name and base_dir, and the metrics (a NaN stderr as null);
     the samples carry the checkpoint and task; a seed of None is 1234; the report names the model."""
     import shutil
 
+    import llmctl.core.evaluate.runner as runner
     from llmctl.core.evaluate.runner import evaluate
     from llmctl.core.evaluate.tasks import load_task
+
+    loads = []
+    load_scorer = runner.load_scorer
+    monkeypatch.setattr(runner, "load_scorer", lambda path, **kw: loads.append(kw) or load_scorer(path, **kw))
 
     ckpt = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
     (tmp_path / "wo.yaml").write_text("type: multiple_choice\ndataset: {builtin: word_order, size: 1}\n"
@@ -330,6 +349,10 @@ def test_evaluate_records_each_task_with_its_type_config_and_finite_metrics(tiny
     assert "name" not in config and "base_dir" not in config and config["prompt"] == "Sentence:"
     assert config["dataset"]["builtin"] == "word_order" and config["metrics"] == ["acc", "acc_norm"]
     assert [(s["checkpoint"], s["task"]) for s in samples] == [(str(ckpt), "wo")]
+    assert loads == [{"device": "cpu", "dtype": torch.float32, "batch_size": None, "seed": 1234}]
+    evaluate([str(ckpt)], [task], device="cpu", dtype=torch.float32, batch_size=2, seed=7, record=False)
+    assert loads[1] == {"device": "cpu", "dtype": torch.float32, "batch_size": 2, "seed": 7}
+    assert len(json.loads((ckpt / "llmctl.json").read_text())["metrics"]) == 1  # record=False
     n = sum(p.numel() for p in __import__("llmctl.core.model.io", fromlist=["load_model"]).load_model(ckpt)[0].parameters())
     assert report.messages() == [("info", f"[bold]{ckpt}[/bold]: {n:,} parameters, context 32")]
 

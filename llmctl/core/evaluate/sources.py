@@ -154,7 +154,7 @@ def mmlu(row: dict, path: Path) -> dict:
         choices, answer = list(row["choices"]), row["answer"]
     else:
         choices, answer = [row[c] for c in LETTERS], row["answer"]
-    if isinstance(answer, str) and answer.strip() in LETTERS:
+    if isinstance(answer, str) and answer.strip() in tuple(LETTERS):  # one letter: "" and "AB" are in "ABCD" too
         answer = LETTERS.index(answer.strip())
     subject = row.get("subject") or re.sub(r"_(test|dev|val)$", "", path.name.split(".")[0])
     return {"subject": subject, "category": MMLU_CATEGORIES.get(subject, "uncategorized"), "question": row["question"],
