@@ -291,6 +291,76 @@ def test_mbpp_rows_of_the_full_file_and_of_a_test_split(tmp_path):
     assert [d["task_id"] for _, d in split] == [10, 11, 510, 511]
 
 
+def test_benchmark_files_of_every_format_name_their_rows(tmp_path):
+    """JSONL (also gzipped, any case of the name), a JSON list or {"data": list}, JSON Lines named .json,
+    CSV with a header (rows from line 2) or without (from line 1), parquet (from 1); the refusals."""
+    import csv
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmctl.core.evaluate.sources import read_records
+
+    rows = [{"q": "Größe?", "a": "1"}, {"q": "b", "a": "2"}]
+    with gzip.open(tmp_path / "X.JSONL.GZ", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    assert read_records(tmp_path / "X.JSONL.GZ") == [(f"{tmp_path / 'X.JSONL.GZ'}:{i + 1}", r) for i, r in enumerate(rows)]
+    for name, text in [("list.json", json.dumps(rows)), ("data.json", json.dumps({"data": rows}))]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert read_records(tmp_path / name) == [(f"{tmp_path / name}:[{i}]", r) for i, r in enumerate(rows)]
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert read_records(tmp_path / "lines.json") == [(f"{tmp_path / 'lines.json'}:{i + 1}", r) for i, r in enumerate(rows)]
+    with open(tmp_path / "h.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["q", "a"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert read_records(tmp_path / "h.csv") == [(f"{tmp_path / 'h.csv'}:{i + 2}", r) for i, r in enumerate(rows)]
+    assert read_records(tmp_path / "h.csv", ("x", "y")) == [(f"{tmp_path / 'h.csv'}:{i + 1}", r) for i, r in
+                                                           enumerate([{"x": "q", "y": "a"}, {"x": "Größe?", "y": "1"},
+                                                                      {"x": "b", "y": "2"}])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    assert read_records(tmp_path / "p.parquet") == [(f"{tmp_path / 'p.parquet'}:{i + 1}", r) for i, r in enumerate(rows)]
+    for name, text, match in [("bad.json", "[1, 2", r"bad\.json: invalid JSON \("),
+                              ("one.json", '{"q": 1}', r"one\.json: expected a JSON list of objects \(or \{\"data\": \[\.\.\.\]\}\)$"),
+                              ("mixed.json", '[{"q": 1}, 2]', r"mixed\.json: expected a JSON list of objects"),
+                              ("x.txt", "", r"x\.txt: unknown data format \(expected \.jsonl, \.jsonl\.gz, \.json, \.csv, "
+                                            r"\.parquet\)$")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=match):
+            read_records(tmp_path / name)
+
+
+def test_benchmark_splits_are_found_by_the_words_in_their_paths(tmp_path):
+    """One file given is the evaluated split whatever its name (not for few-shot); a folder is searched
+    for files whose path has a split's word and every required word; the message names what is missing."""
+    from llmctl.core.evaluate.sources import BENCHMARKS
+
+    bench = BENCHMARKS.get("arc_easy")
+    row = {"question": "Q?", "answerKey": "A", "choices": {"text": ["a", "b"], "label": ["A", "B"]}}
+    (tmp_path / "easy").mkdir()
+    (tmp_path / "challenge").mkdir()
+    for path in ["easy/test-0.jsonl", "easy/train.jsonl", "challenge/test.jsonl", "easy/notes.txt"]:
+        _jsonl(tmp_path / path, [row])
+    assert [w for w, _ in bench.documents("arc_easy", [str(tmp_path)])] == [f"{tmp_path / 'easy' / 'test-0.jsonl'}:1"]
+    assert [w for w, _ in bench.documents("arc_easy", [str(tmp_path)], fewshot=True)] == \
+           [f"{tmp_path / 'easy' / 'train.jsonl'}:1"]
+    anything = tmp_path / "easy" / "train.jsonl"
+    assert [w for w, _ in bench.documents("arc_easy", [str(anything)])] == [f"{anything}:1"]
+    with pytest.raises(DataError, match=r"^task arc_easy: no few-shot data in .*challenge.test\.jsonl; expected ARC-Easy"):
+        bench.documents("arc_easy", [str(tmp_path / "challenge" / "test.jsonl")], fewshot=True)
+    (tmp_path / "two").mkdir()
+    both = [str(_jsonl(tmp_path / "two" / f"ARC-{level}-Test.jsonl", [row])) for level in ("Easy", "Challenge")]
+    assert [w for w, _ in bench.documents("arc_easy", both)] == [f"{both[0]}:1"]  # two files: by their names
+    with pytest.raises(DataError, match=r"^task e: no evaluation data in nothing \(use --data DIR\|FILE\); expected ARC-Easy-Test"
+                                        r"\.jsonl .*\(published at https://allenai\.org/data/arc and .*; llmctl downloads "
+                                        r"nothing\)$"):
+        bench.documents("e", [])
+    with pytest.raises(DataError, match=r"^.*test-0\.jsonl:1: not a arc_easy row \(KeyError: 'answerKey'\)$"):
+        _jsonl(tmp_path / "easy" / "test-0.jsonl", [{"question": "Q?", "choices": row["choices"]}])
+        bench.documents("arc_easy", [str(tmp_path)])
+
+
 # -- core/evaluate/runner.py -----------------------------------------------------------------------
 
 
