@@ -575,6 +575,8 @@ def test_templates_name_the_document_or_the_unsafe_operation(tmp_path):
         task.render("prompt", ("here:3", {"input": "a"}))
     task.prompt = "{{ doc.input }}{{ extra }}"
     assert task.render("prompt", ("here:3", {"input": "a"}), extra="!") == "a!"
+    task.prompt = "{{ input }}\n"
+    assert task.render("prompt", ("here:3", {"input": "a"})) == "a\n"  # a trailing newline is kept
     with pytest.raises(DataError, match=r"^f:2: missing field 'b' \(have: a, c\)$"):
         field_value(("f:2", {"a": 1, "c": 2}), "b")
     with pytest.raises(DataError, match=r"^f:2: missing field 'b' \(have: none\)$"):
