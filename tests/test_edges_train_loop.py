@@ -140,6 +140,21 @@ def test_force_replaces_a_run_only_once_the_new_one_has_a_checkpoint(corpus, tmp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
 
 
+def test_force_with_a_single_checkpoint_publishes_it_from_the_replaced_directory(corpus, tmp_path):
+    """The first checkpoint of a --force run is also its last: it is published from OUTDIR, where
+    the replacement moved it."""
+    from llmctl.core.train import loop
+
+    out = tmp_path / "out"
+    assert loop.run_training(_config(corpus, "max_steps=2", "seed=1"), out).exit_code == 0
+    old_model = (out / "model.safetensors").read_bytes()
+    result = loop.run_training(_config(corpus, "max_steps=1", "seed=2"), out, force=True)
+    assert result.checkpoint == out / "checkpoints" / "step-000001"
+    assert (out / "model.safetensors").read_bytes() != old_model
+    assert (out / "model.safetensors").read_bytes() == (result.checkpoint / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_an_objectives_extra_modules_train_and_resume_beside_the_model(corpus, tmp_path, monkeypatch):
     """Extra parameters of an objective (distill's projections) are optimised with the model,
     saved in the training state (not in the exported model) and loaded on resume."""
