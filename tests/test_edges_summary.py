@@ -121,7 +121,7 @@ def test_rope_details_from_the_nested_parameters_and_older_keys():
     assert positional_encoding({"model_type": "x", "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}}) \
         == {"type": "rope", "theta": 5.0, "scaling": None}
     assert positional_encoding({"model_type": "x", "position": 3, "alibi": True}) == {"type": "alibi"}
-    assert positional_encoding({"model_type": "x", "rope_parameters": {"rope_theta": 7.0}}) == {
+    assert positional_encoding({"model_type": "x", "rope_parameters": {"rope_theta": 7.0, "extra": 1}}) == {
         "type": "rope", "theta": 7.0, "scaling": None}  # no rope_type: the default, not a scaling
     assert positional_encoding({"model_type": "x", "rope_theta": 7.0, "partial_rotary_factor": 0.5}) == {
         "type": "rope", "theta": 7.0, "scaling": None, "partial_rotary_factor": 0.5}
