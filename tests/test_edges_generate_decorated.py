@@ -11,8 +11,11 @@ import pytest
 import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
+from test_generate import PROMPTS, _hf_model, _ours, ckpts, one_thread, tokdir  # noqa: F401  (fixtures)
+
 from llmctl.core.generate import GenerationConfig, generate
 from llmctl.core.model import ModelConfig, Transformer
+from llmctl.core.tokenizer import load_tokenizer
 from llmctl.errors import UsageError
 
 TINY = dict(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
@@ -106,6 +109,62 @@ def test_contrastive_search_needs_two_candidates():
         two = generate(model, Tok(), ["5 6"], GenerationConfig(max_new_tokens=3, penalty_alpha=0.5, top_k=2,
                                                               eos_ids=[]))[0]
     assert two.tokens == _brute_contrastive(model, [5, 6], 2, 0.5, 3)
+
+
+# -- beam search --------------------------------------------------------------------------------
+
+
+def test_beam_sampling_with_one_end_id_draws_two_candidates_per_beam_like_transformers(ckpts):  # noqa: F811
+    """With one EOS id, 2 × beams candidates are drawn (transformers' max(2, 1 + len(eos)) × beams)."""
+    path = ckpts("llama", seed=1)
+    tok = load_tokenizer(path)
+    for seed, prompt in enumerate(PROMPTS[:2]):
+        ids = torch.tensor([tok.encode(prompt)])
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = _hf_model(path).generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, num_beams=3,
+                                           max_new_tokens=8, eos_token_id=[0], pad_token_id=0, top_k=0,
+                                           temperature=1.3)
+        expected = out[0, ids.shape[1]:].tolist()
+        expected = expected[: expected.index(0) + 1] if 0 in expected else expected
+        cfg = GenerationConfig(max_new_tokens=8, num_beams=3, eos_ids=[0], seed=seed, temperature=1.3)
+        assert _ours(path, [prompt], cfg)[0].tokens == expected, prompt
+
+
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping", [(2, 1.0, True), (3, 1.0, False),
+                                                                     (2, 2.0, "never")])
+def test_beam_search_runs_the_model_as_many_times_as_transformers(ckpts, num_beams, length_penalty,  # noqa: F811
+                                                                  early_stopping):
+    """Decoding stops once no running beam can beat the kept hypotheses, once `early_stopping`
+    has its hypotheses, and after the last token: no forward pass is wasted."""
+    from llmctl.core.model.io import load_model
+
+    path = ckpts("llama", seed=1)
+    tok = load_tokenizer(path)
+    model = load_model(path)[0]
+    eos = list(range(0, tok.vocab_size, 5))  # beams finish after a few steps
+    ours, theirs, runs = [], [], []
+    hooks = [model.register_forward_hook(lambda *a: ours.append(1)),
+             _hf_model(path).register_forward_hook(lambda *a: theirs.append(1))]
+    try:
+        for prompt in PROMPTS[:2]:
+            for ends in (eos, []):
+                ids = torch.tensor([tok.encode(prompt)])
+                theirs.clear(), ours.clear()
+                with torch.no_grad():
+                    _hf_model(path).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                             max_new_tokens=10, num_beams=num_beams, length_penalty=length_penalty,
+                                             early_stopping=early_stopping, eos_token_id=ends or None, pad_token_id=0)
+                    cfg = GenerationConfig(max_new_tokens=10, num_beams=num_beams, length_penalty=length_penalty,
+                                           early_stopping=early_stopping, eos_ids=ends)
+                    generate(model, tok, [prompt], cfg)
+                assert len(ours) == len(theirs), (prompt, ends)
+                runs.append(len(ours))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert max(runs) == 10  # those without an end ran to the last token
+    assert min(runs) < 10 or early_stopping == "never"  # and some with one stopped early
 
 
 # -- what the strategies pass to their Runner ----------------------------------------------------
