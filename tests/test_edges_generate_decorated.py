@@ -265,6 +265,7 @@ def test_strategies_that_cannot_be_combined_are_named(settings, draft, message):
 def test_warpers_keep_one_token_per_end_id_and_one_more_for_beams_only():
     """transformers' beam sampling keeps 1 + len(eos) tokens through its warpers; plain sampling one."""
     assert GenerationConfig(num_beams=3, eos_ids=[0, 5]).min_tokens_to_keep == 3
+    assert GenerationConfig(num_beams=2, eos_ids=[0]).min_tokens_to_keep == 2
     assert GenerationConfig(num_beams=2, eos_ids=None).min_tokens_to_keep == 1
     assert GenerationConfig(num_beams=1, eos_ids=[0, 5]).min_tokens_to_keep == 1
     assert not GenerationConfig(temperature=0.0).sampling and GenerationConfig(temperature=0.01).sampling
@@ -274,10 +275,19 @@ def test_warpers_keep_one_token_per_end_id_and_one_more_for_beams_only():
 
 
 class ChatTok(Tok):
-    """Adds a BOS (1) when asked to; renders a conversation as its contents."""
+    """A `tokenizers` word-level tokenizer whose post-processor adds a BOS (1); renders a
+    conversation as its contents."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+        super().__init__()
+        self.inner = Tokenizer(models.WordLevel({str(i): i for i in range(10)}, unk_token="0"))
+        self.inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        self.inner.post_processor = processors.TemplateProcessing(single="1 $A", special_tokens=[("1", 1)])
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return ([1] if add_special_tokens else []) + super().encode(text)
+        return self.inner.encode(text, add_special_tokens=add_special_tokens).ids
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
         return " ".join(m["content"] for m in messages) + (" 2" if add_generation_prompt else "")
@@ -287,7 +297,8 @@ def test_a_plain_prompt_gets_the_tokenizers_bos_and_a_chat_gets_its_template_and
     from llmctl.core.generate import encode_prompt
 
     assert encode_prompt(ChatTok(), "7 8") == [1, 7, 8]
-    assert encode_prompt(ChatTok(), [{"role": "user", "content": "1 7"}, {"role": "user", "content": "8"}]) == [1, 7, 8, 2]
+    chat = [{"role": "user", "content": "1 7"}, {"role": "user", "content": "8"}]  # the template writes the BOS
+    assert encode_prompt(ChatTok(), chat) == [1, 7, 8, 2]
 
 
 def test_fitting_prompts_to_the_context():
@@ -312,6 +323,8 @@ def test_fitting_prompts_to_the_context():
     with pytest.raises(UsageError) as error:
         fit_context([], cfg, 10, index=2)
     assert str(error.value) == "prompt 3 is empty (no tokens)"
+    with pytest.raises(UsageError, match="^prompt 1 is empty"):
+        fit_context([], cfg, 10)
 
 
 def test_generation_is_shortened_per_batch_to_what_the_context_leaves_with_a_warning():
@@ -322,11 +335,14 @@ def test_generation_is_shortened_per_batch_to_what_the_context_leaves_with_a_war
     cfg = GenerationConfig(max_new_tokens=8, eos_ids=[], batch_size=1)
     with torch.no_grad():
         results = generate(model, Tok(), prompts, cfg, context=20, report=report)
-        alone = generate(model, Tok(), prompts[1:], cfg, context=11, report=Recorder())[0]
+        quiet = Recorder()
+        alone = generate(model, Tok(), prompts[1:], cfg, context=11, report=quiet)[0]
     assert [len(r.tokens) for r in results] == [5, 8] and [r.finish_reason for r in results] == ["length"] * 2
     assert report.messages() == [("warn", "generating at most 5 tokens: a 15-token prompt fills the context of 20 "
                                           "otherwise")]
-    assert alone.tokens == results[1].tokens  # exactly fits: no warning needed
+    assert alone.tokens == results[1].tokens and quiet.messages() == []  # exactly fits: no warning
+    with pytest.raises(UsageError, match="^prompt 2 has 11 tokens, the model's context is 11 "):
+        generate(model, Tok(), ["5", " ".join(["5"] * 11)], cfg, context=11)
     # without `context`, the model's own: 96
     with torch.no_grad():
         long = generate(model, Tok(), [" ".join(["5"] * 90)], GenerationConfig(max_new_tokens=8, eos_ids=[]))[0]
@@ -367,6 +383,13 @@ def test_without_end_ids_the_tokenizers_stop_ids_end_a_row():
         kept = generate(model, Tok(stop_ids=[stop]), ["5 6 7"], GenerationConfig(max_new_tokens=8, eos_ids=[]))[0]
     assert result.tokens == free[: free.index(stop) + 1] and result.finish_reason == "eos"
     assert kept.tokens == free and kept.finish_reason == "length"
+
+
+def test_a_draft_makes_the_search_speculative():
+    model, cfg = make(), GenerationConfig(max_new_tokens=6, eos_ids=[])
+    with torch.no_grad():
+        result = generate(model, Tok(), ["5 6 7"], cfg, draft=make(seed=3))[0]
+    assert result.tokens == _greedy(model, [5, 6, 7], 6) and 0 <= result.acceptance_rate <= 1
 
 
 def test_a_draft_with_another_vocabulary_is_refused():
