@@ -244,6 +244,8 @@ def test_the_strategy_the_settings_ask_for(settings, draft, expected):
     from llmctl.core.generate import strategy_name
 
     assert strategy_name(GenerationConfig(**settings), draft) == expected
+    if not draft:
+        assert strategy_name(GenerationConfig(**settings)) == expected  # no draft unless one is given
 
 
 @pytest.mark.parametrize("settings, draft, message", [
@@ -389,7 +391,9 @@ def test_a_draft_makes_the_search_speculative():
     model, cfg = make(), GenerationConfig(max_new_tokens=6, eos_ids=[])
     with torch.no_grad():
         result = generate(model, Tok(), ["5 6 7"], cfg, draft=make(seed=3))[0]
-    assert result.tokens == _greedy(model, [5, 6, 7], 6) and 0 <= result.acceptance_rate <= 1
+        itself = generate(model, Tok(), ["5 6 7"], cfg, draft=model)[0]
+    assert result.tokens == itself.tokens == _greedy(model, [5, 6, 7], 6) and 0 <= result.acceptance_rate <= 1
+    assert itself.acceptance_rate == 1.0  # the target as its own draft: every guess is right
 
 
 def test_a_draft_with_another_vocabulary_is_refused():
