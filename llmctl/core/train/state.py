@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmctl.errors import CheckpointError
@@ -84,7 +85,7 @@ def load_state(directory: Path) -> tuple[dict, dict]:
     try:
         meta = json.loads((src / META).read_text(encoding="utf-8"))
         tensors = load_file(str(src / TENSORS))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a damaged file
         raise CheckpointError(f"cannot read training state in {src}: {exc}") from None
     state: dict[str, dict[str, Any]] = {fqn: dict(v) for fqn, v in meta["optimizer"]["scalars"].items()}
     for name, value in tensors.items():
