@@ -52,6 +52,8 @@ def fused_chunks(compute: Callable, features: torch.Tensor, params: list[torch.T
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the summed loss, differentiable in `features` and `params`; its summed parts, not)."""
     params = [p for p in params if p.requires_grad]
+    if not torch.is_grad_enabled():  # evaluation (torch.no_grad): no chunk gradients to take
+        features, params = features.detach(), []
     if features.shape[0] == 0:
         raise ValueError("no positions to compute a loss over")
     return _FusedChunks.apply(compute, max(1, rows), features, *params)
