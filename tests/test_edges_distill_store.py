@@ -2,7 +2,8 @@
 testing): the store's files byte for byte against transformers' log-softmax top-k of the windows
 read straight from the shards, its split into files, 16- and 32-bit ids at the 65,536-token
 boundary, the manifest, every refusal word for word; `copy_teacher_layers` block for block, the
-per-layer sizes of a pruned teacher, and the tokenizer check."""
+per-layer sizes of a pruned teacher, and the tokenizer check; the chunked loss's gradients against
+autograd through the whole loss."""
 
 from __future__ import annotations
 
@@ -415,3 +416,73 @@ def test_the_tokenizer_check_refuses_a_missing_or_different_teacher_tokenizer():
                                "same token ids; encode the data with the teacher's tokenizer")
     with pytest.raises(ConfigError):
         check_tokenizers("big", "abc", None)
+
+
+# -- the chunked loss's autograd function ---------------------------------------------------------
+
+
+def _chunked_and_direct(rows, *, features_grad=True, params_grad=True, scale=0.3):
+    """`fused_chunks` over a head's squared error (a shift used by rows 3… only, an unused tensor)
+    and the same loss by plain autograd over all rows: (chunked total, parts, its grads, direct
+    total, its grads, what each chunk saw: (start, grad enabled, chunk requires grad))."""
+    from llmctl.core.distill.chunked import fused_chunks
+
+    torch.manual_seed(0)
+    features = torch.randn(7, 4)
+    weight, shift, unused = torch.randn(3, 4), torch.randn(3), torch.randn(2)
+    targets = torch.randn(7, 3)
+    tensors = [features.requires_grad_(features_grad)] + [t.requires_grad_(params_grad) for t in (weight, shift, unused)]
+
+    def loss_of(x, start, stop):
+        out = x @ weight.t()
+        late = torch.arange(start, start + len(x)) >= 3
+        out = out + late[:, None] * shift
+        return ((out - targets[start:stop]) ** 2).sum() / 7
+
+    seen = []
+
+    def compute(chunk, start, stop):
+        seen.append((start, torch.is_grad_enabled(), chunk.requires_grad))
+        loss = loss_of(chunk, start, stop)
+        return loss, torch.stack([loss.detach(), torch.tensor(float(stop - start))])
+
+    total, parts = fused_chunks(compute, features, [weight, shift, unused], rows)
+    if total.requires_grad:
+        (total * scale).backward()
+    chunked = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    direct = loss_of(features, 0, 7)
+    if direct.requires_grad:
+        (direct * scale).backward()
+    return total, parts, chunked, direct, [t.grad for t in tensors], seen
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 100])
+def test_chunked_gradients_are_autograds_through_the_whole_loss(rows):
+    total, parts, grads, direct, reference, seen = _chunked_and_direct(rows)
+    assert total.item() == pytest.approx(direct.item(), rel=1e-6)
+    assert [s for s, _, _ in seen] == list(range(0, 7, rows))
+    assert all(enabled and needs for _, enabled, needs in seen)
+    assert parts[0].item() == pytest.approx(direct.item(), rel=1e-6) and parts[1].item() >= 7
+    assert not parts.requires_grad
+    for got, want in zip(grads[:3], reference[:3]):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert grads[3] is None and reference[3] is None  # a tensor the loss never reads gets no gradient
+
+
+def test_chunked_gradients_reach_the_features_alone_or_the_parameters_alone():
+    _, _, grads, _, reference, _ = _chunked_and_direct(2, params_grad=False)
+    assert torch.allclose(grads[0], reference[0], atol=1e-6) and grads[1:] == [None] * 3
+    _, _, grads, _, reference, seen = _chunked_and_direct(2, features_grad=False)
+    assert grads[0] is None and all(needs for _, _, needs in seen)
+    assert torch.allclose(grads[1], reference[1], atol=1e-6) and torch.allclose(grads[2], reference[2], atol=1e-6)
+
+
+def test_without_gradients_the_chunks_build_no_graph():
+    total, parts, grads, direct, _, seen = _chunked_and_direct(3, features_grad=False, params_grad=False)
+    assert total.item() == pytest.approx(direct.item(), rel=1e-6) and not total.requires_grad
+    assert seen == [(0, False, False), (3, False, False), (6, False, False)]
+    with torch.no_grad():
+        total, _, _, _, _, seen = _chunked_and_direct(3)
+    assert [enabled for _, enabled, _ in seen] == [False] * 3
