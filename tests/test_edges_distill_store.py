@@ -228,6 +228,51 @@ def test_an_existing_store_is_replaced_only_with_force(setup, tmp_path):
     assert not is_store(tmp_path / "empty")
 
 
+def test_windows_of_gives_one_sequential_window_a_batch_by_default(setup):
+    from llmctl.core.data.shards import TokenShards
+    from llmctl.core.distill.store import windows_of
+
+    rows = _windows(setup["shards"], SEQ)
+    source = windows_of(TokenShards(setup["shards"]), SEQ)
+    assert source.windows == len(rows)
+    for i in (0, 1, 2, len(rows) - 1):
+        assert torch.equal(source.batch(i)[:, :-1], rows[i:i + 1])
+
+
+def test_a_bfloat16_teacher_runs_in_float32(setup, tmp_path):
+    import transformers
+
+    from llmctl.core.distill.store import TeacherOutputs
+
+    half = tmp_path / "bf16"
+    transformers.LlamaForCausalLM.from_pretrained(setup["teacher"], dtype=torch.bfloat16).save_pretrained(half)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(setup["teacher"] / name, half / name)
+    rows = _windows(setup["few"], SEQ)
+    logprobs = _reference(half, rows)  # the bfloat16 weights, computed in float32
+    from llmctl.core.distill.store import save_teacher_outputs
+
+    save_teacher_outputs(half, setup["few"], tmp_path / "store", top_k=K, seq_len=SEQ)
+    ids, values = TeacherOutputs(tmp_path / "store").lookup(np.arange(len(rows)))
+    _assert_top_k(ids.numpy(), values.numpy(), logprobs)
+
+
+def test_shards_of_another_tokenizer_are_refused(setup, tmp_path):
+    from llmctl.errors import UsageError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(setup["shards"], shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    ours, manifest["tokenizer_hash"] = manifest["tokenizer_hash"], "0" * 16
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    from llmctl.core.distill.store import save_teacher_outputs
+
+    with pytest.raises(UsageError) as info:
+        save_teacher_outputs(setup["teacher"], shards, tmp_path / "store", top_k=K, seq_len=SEQ)
+    assert f"encoded with tokenizer {'0' * 16}, but the tokenizer in use is {ours}" in str(info.value)
+    assert not (tmp_path / "store").exists()
+
+
 @pytest.fixture(scope="module")
 def store(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("stored") / "store"

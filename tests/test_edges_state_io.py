@@ -125,10 +125,11 @@ def test_state_keeps_dotted_names_scalars_modules_and_each_ranks_objective_state
                                                                               "extra.0.weight"]}]}
     objective = [{"ref.mean": torch.tensor([1.0, 2.0])}, {}, {"count": torch.tensor(3)}] + [{}] * 8 + [
         {"x": torch.zeros(1)}]
-    save_state(tmp_path, step=12, optimizer=optimizer, data={"kind": "shards"}, scaler=None,
+    directory = tmp_path / "checkpoints" / "step-000012"  # made if missing
+    save_state(directory, step=12, optimizer=optimizer, data={"kind": "shards"}, scaler=None,
                modules={"0.weight": torch.eye(2).t()[:, :1], "1.bias": torch.ones(2, requires_grad=True)},
                objective=objective)
-    meta, state = load_state(tmp_path)
+    meta, state = load_state(directory)
     q = state["state"]["model.layers.0.self_attn.q_proj.weight"]
     assert sorted(state["state"]) == ["extra.0.weight", "model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(q["exp_avg"], moment.t()) and (q["step"], q["beta"]) == (4, 0.5)
@@ -143,11 +144,11 @@ def test_state_keeps_dotted_names_scalars_modules_and_each_ranks_objective_state
     assert (meta["step"], meta["scaler"]) == (12, None)
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / STATE_DIR / "state.safetensors"), "pt") as f:
+    with safe_open(str(directory / STATE_DIR / "state.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["module.0.weight", "module.1.bias", "objective.0.ref.mean", "objective.11.x",
                                     "objective.2.count", "optimizer.extra.0.weight.exp_avg_sq",
                                     "optimizer.model.layers.0.self_attn.q_proj.weight.exp_avg", "rng.torch"]
-    raw = json.loads((tmp_path / STATE_DIR / "state.json").read_text(encoding="utf-8"))
+    raw = json.loads((directory / STATE_DIR / "state.json").read_text(encoding="utf-8"))
     assert raw["optimizer"]["scalars"] == {"model.layers.0.self_attn.q_proj.weight": {"step": 4, "beta": 0.5}}
 
 
