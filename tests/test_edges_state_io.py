@@ -296,3 +296,24 @@ def test_save_model_records_a_quantization_in_config_json_and_other_transforms_i
     plain = save_model(load_model(base, transforms=[LoRA(r=2, target_modules=["q_proj"])])[0], tmp_path / "l")
     assert "quantization_config" not in json.loads((plain / "config.json").read_text())
     assert json.loads((plain / "llmctl.json").read_text())["transforms"] == [LoRA(r=2, target_modules=["q_proj"]).spec()]
+
+
+def test_an_adapter_directory_loads_as_its_base_with_the_adapter_and_the_settings_given(base, tmp_path):
+    from llmctl.core.adapters.lora import LoRA
+    from llmctl.core.adapters.peft_format import save_adapter
+    from llmctl.core.model.io import load_model
+
+    model, cfg = load_model(base, transforms=[LoRA(r=2, target_modules=["q_proj", "v_proj"])])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = save_adapter(model, tmp_path / "adapter", base=base)
+    again, _ = load_model(out)
+    assert torch.equal(_logits(again), _logits(model))
+    assert not torch.allclose(_logits(again), _logits(load_model(base)[0]), atol=1e-3)  # the adapter is there
+    dropped = dataclasses.replace(cfg, attention_dropout=0.5)
+    half, got = load_model(out, dtype=torch.bfloat16, config=dropped, transforms=[LoRA(r=2, target_modules=["k_proj"])])
+    assert got == dropped and half.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert [t.target_modules for t in half.transforms] == [["q_proj", "v_proj"], ["k_proj"]]
