@@ -141,6 +141,17 @@ def test_lookup_returns_each_windows_top_k_across_file_boundaries_in_the_order_a
     _assert_top_k(got_ids.numpy(), got_values.numpy(), logprobs[asked])
 
 
+def test_a_window_larger_than_a_file_gets_a_file_of_its_own(setup, tmp_path, monkeypatch):
+    from llmctl.core.distill import store as store_module
+
+    monkeypatch.setattr(store_module, "FILE_BYTES", SEQ * K * 4 - 1)  # under one window
+    from llmctl.core.distill.store import save_teacher_outputs
+
+    manifest = save_teacher_outputs(setup["teacher"], setup["few"], tmp_path / "store", top_k=K, seq_len=SEQ,
+                                    batch_size=4)
+    assert manifest["windows"] > 4 and [f["windows"] for f in manifest["files"]] == [1] * manifest["windows"]
+
+
 def test_the_default_batch_is_eight_windows(setup, tmp_path):
     report = Recorder()
     manifest = _save(setup, tmp_path / "store", report=report)
