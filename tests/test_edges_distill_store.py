@@ -141,7 +141,7 @@ def test_lookup_returns_each_windows_top_k_across_file_boundaries_in_the_order_a
     _assert_top_k(got_ids.numpy(), got_values.numpy(), logprobs[asked])
 
 
-def test_a_window_larger_than_a_file_gets_a_file_of_its_own(setup, tmp_path, monkeypatch):
+def test_a_window_larger_than_a_file_gets_a_file_of_its_own_and_a_batch_spans_files(setup, tmp_path, monkeypatch):
     from llmctl.core.distill import store as store_module
 
     monkeypatch.setattr(store_module, "FILE_BYTES", SEQ * K * 4 - 1)  # under one window
@@ -150,6 +150,11 @@ def test_a_window_larger_than_a_file_gets_a_file_of_its_own(setup, tmp_path, mon
     manifest = save_teacher_outputs(setup["teacher"], setup["few"], tmp_path / "store", top_k=K, seq_len=SEQ,
                                     batch_size=4)
     assert manifest["windows"] > 4 and [f["windows"] for f in manifest["files"]] == [1] * manifest["windows"]
+    monkeypatch.setattr(store_module, "FILE_BYTES", 7 * CONTEXT * K * 4)  # a batch of 16 spans three files
+    manifest = save_teacher_outputs(setup["teacher"], setup["shards"], tmp_path / "again", top_k=K, seq_len=CONTEXT,
+                                    batch_size=16)
+    total = manifest["windows"]
+    assert total > 40 and [f["windows"] for f in manifest["files"]] == [7] * (total // 7) + [total % 7] * (total % 7 > 0)
 
 
 def test_the_default_batch_is_eight_windows(setup, tmp_path):
