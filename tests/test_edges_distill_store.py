@@ -154,7 +154,8 @@ def test_a_window_larger_than_a_file_gets_a_file_of_its_own_and_a_batch_spans_fi
     manifest = save_teacher_outputs(setup["teacher"], setup["shards"], tmp_path / "again", top_k=K, seq_len=CONTEXT,
                                     batch_size=16)
     total = manifest["windows"]
-    assert total > 40 and [f["windows"] for f in manifest["files"]] == [7] * (total // 7) + [total % 7] * (total % 7 > 0)
+    sizes = [7] * (total // 7) + [total % 7] * (total % 7 > 0)
+    assert total > 40 and [f["windows"] for f in manifest["files"]] == sizes
 
 
 def test_the_default_batch_is_eight_windows(setup, tmp_path):
@@ -351,7 +352,8 @@ def test_a_missing_short_or_outside_file_is_refused(store, tmp_path):
     copy = _broken(store, tmp_path, lambda d, m: m.update(id_dtype="uint32"))  # 4-byte ids: the sizes disagree
     with pytest.raises(DataError) as info:
         TeacherOutputs(copy)
-    assert str(info.value) == f"{copy / 'ids-00000.bin'}: missing or not {windows * SEQ * K * 4} bytes as the manifest says"
+    size = windows * SEQ * K * 4
+    assert str(info.value) == f"{copy / 'ids-00000.bin'}: missing or not {size} bytes as the manifest says"
 
 
 def test_check_refuses_each_setting_a_run_cannot_read_and_passes_the_stores_own(setup, store):
@@ -492,7 +494,8 @@ def _chunked_and_direct(rows, *, features_grad=True, params_grad=True, scale=0.3
     features = torch.randn(7, 4)
     weight, shift, unused = torch.randn(3, 4), torch.randn(3), torch.randn(2)
     targets = torch.randn(7, 3)
-    tensors = [features.requires_grad_(features_grad)] + [t.requires_grad_(params_grad) for t in (weight, shift, unused)]
+    tensors = [features.requires_grad_(features_grad)]
+    tensors += [t.requires_grad_(params_grad) for t in (weight, shift, unused)]
 
     def loss_of(x, start, stop):
         out = x @ weight.t()

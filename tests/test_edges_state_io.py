@@ -295,7 +295,8 @@ def test_save_model_records_a_quantization_in_config_json_and_other_transforms_i
 
     plain = save_model(load_model(base, transforms=[LoRA(r=2, target_modules=["q_proj"])])[0], tmp_path / "l")
     assert "quantization_config" not in json.loads((plain / "config.json").read_text())
-    assert json.loads((plain / "llmctl.json").read_text())["transforms"] == [LoRA(r=2, target_modules=["q_proj"]).spec()]
+    lineage = json.loads((plain / "llmctl.json").read_text())
+    assert lineage["transforms"] == [LoRA(r=2, target_modules=["q_proj"]).spec()]
 
 
 def test_an_adapter_directory_loads_as_its_base_with_the_adapter_and_the_settings_given(base, tmp_path):
