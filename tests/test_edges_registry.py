@@ -117,3 +117,30 @@ def test_the_silent_reporter_takes_every_call_and_prints_nothing(capsys):
     SILENT.info("resuming")
     SILENT.warn("careful")
     assert capsys.readouterr() == ("", "")
+
+
+def test_the_adapters_package_resolves_its_names_lazily():
+    """`core/adapters/__init__.py`: each public name comes from its module on first use."""
+    import importlib
+
+    import llmctl.core.adapters as adapters
+
+    for name in adapters.__all__:
+        home = importlib.import_module(f"llmctl.core.adapters.{adapters._HOMES[name]}")
+        assert getattr(adapters, name) is getattr(home, name), name
+    assert adapters.__all__ == sorted(adapters._HOMES) and "LoRA" in adapters.__all__
+    with pytest.raises(AttributeError) as e:
+        adapters.nope
+    assert str(e.value) == "module 'llmctl.core.adapters' has no attribute 'nope'"
+
+
+def test_exporters_are_registered_strategies():
+    """`core/export/__init__.py`: the built-in GGUF exporter is registered; the base class
+    declares the interface only."""
+    from llmctl.core.export import EXPORTERS, Exporter
+    from llmctl.core.export.gguf import GGUFExporter
+
+    assert EXPORTERS.get("gguf") is GGUFExporter and issubclass(GGUFExporter, Exporter)
+    assert (Exporter.types, Exporter.kind) == ((), "")
+    with pytest.raises(NotImplementedError):
+        Exporter().export("ck", "out", type="f32")
