@@ -51,7 +51,7 @@ def ops():
     """`torch.ops.llmctl` with the kernels loaded, or None where they cannot be built or are disabled."""
     flags = _cpu_flags()
     if os.environ.get("LLMCTL_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64") \
-            or " avx512f" not in f" {flags} ":
+            or " avx512f " not in f" {flags} ":  # the whole flag
         return None
     import torch
     from torch.utils import cpp_extension
