@@ -1,0 +1,191 @@
+"""Adapter directories without torch (`core/adapters/files.py`), the finetuning methods' transforms
+(`methods.py`), switching adapters off (`switch.py`), and adapters as merge inputs
+(`core/merge/adapters.py`) — edges the mutation run (docs/testing.md, round 10) found untested."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llmctl.core.adapters.files import base_path, describe_adapter, is_adapter, method_name, read_config
+from llmctl.errors import CheckpointError, UsageError
+
+
+def _adapter(directory: Path, config: dict, tensors: dict | None = None, lineage: dict | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    if tensors is not None:
+        save_file(tensors, str(directory / "adapter_model.safetensors"))
+    if lineage is not None:
+        (directory / "llmctl.json").write_text(json.dumps(lineage))
+    return directory
+
+
+def _checkpoint(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def test_an_adapter_directory_has_an_adapter_config_and_no_model_config(tmp_path):
+    adapter = _adapter(tmp_path / "a", {"peft_type": "LORA"})
+    assert is_adapter(adapter) and is_adapter(str(adapter))
+    assert not is_adapter(_checkpoint(_adapter(tmp_path / "merged", {})))  # a full checkpoint beside its config
+    assert not is_adapter(_checkpoint(tmp_path / "model"))
+    (tmp_path / "odd" / "adapter_config.json").mkdir(parents=True)  # a directory by that name is no config
+    assert not is_adapter(tmp_path / "odd")
+    assert read_config(adapter) == {"peft_type": "LORA"}
+    with pytest.raises(CheckpointError) as e:
+        read_config(tmp_path / "model")
+    assert str(e.value) == f"{tmp_path / 'model'}: no adapter_config.json (not a model checkpoint directory)"
+
+
+def test_the_base_is_found_beside_the_adapter_first_then_from_the_working_directory(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    inside, outside = _checkpoint(tmp_path / "a" / "base"), _checkpoint(work / "base")
+    adapter = _adapter(tmp_path / "a", {"base_model_name_or_path": "base"})
+    monkeypatch.chdir(work)
+    assert base_path(adapter) == inside  # relative to the adapter wins
+    assert base_path(adapter, {"base_model_name_or_path": str(outside)}) == outside  # absolute; the config given
+    (inside / "config.json").unlink()  # no longer a checkpoint there: the working directory's
+    assert base_path(adapter) == Path("base") and (Path("base") / "config.json").is_file()
+    unnamed = _adapter(tmp_path / "unnamed", {"peft_type": "LORA"})
+    for path, config in ((unnamed, None), (adapter, {"base_model_name_or_path": ""}),
+                         (adapter, {"base_model_name_or_path": None})):
+        with pytest.raises(CheckpointError) as e:
+            base_path(path, config)
+        assert str(e.value) == f"{path / 'adapter_config.json'}: no base_model_name_or_path"
+    with pytest.raises(CheckpointError) as e:
+        base_path(adapter, {"base_model_name_or_path": "gone"})
+    assert str(e.value) == (f"{adapter / 'adapter_config.json'}: base model 'gone' not found (as a directory, "
+                            f"absolute or relative to {adapter} or the working directory)")
+
+
+@pytest.mark.parametrize("config,name", [
+    ({"peft_type": "LORA"}, "lora"), ({"peft_type": "lora"}, "lora"), ({"peft_type": "LORA", "use_rslora": True}, "rslora"),
+    ({"peft_type": "LORA", "use_dora": True}, "dora"), ({"peft_type": "LORA", "use_dora": True, "use_rslora": True}, "dora"),
+    ({"peft_type": "LORA", "use_dora": False, "use_rslora": False}, "lora"), ({"peft_type": "PREFIX_TUNING"}, "prefix"),
+    ({"peft_type": "PROMPT_TUNING"}, "prompt"), ({"peft_type": "IA3"}, "ia3"), ({}, ""),
+])
+def test_the_method_an_adapter_config_describes(config, name):
+    assert method_name(config) == name
+
+
+def test_an_adapter_is_described_by_its_config_tensors_and_lineage(tmp_path):
+    tensors = {f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight": torch.zeros(shape)
+               for i in range(2) for m in ("q_proj", "v_proj") for ab, shape in (("A", (4, 32)), ("B", (16, 4)))}
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(3, 5)  # a module saved in full
+    config = {"peft_type": "LORA", "use_dora": True, "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+              "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"], "base_model_name_or_path": "b"}
+    lineage = {"command": "finetune", "created": "2026-12-01", "llmctl_version": "0.1", "parents": ["b"],
+               "config": {"lr": 1}, "base_transforms": [{"type": "nf4"}], "metrics": [{"step": 1}, {"step": 2}]}
+    adapter = _adapter(tmp_path / "a", config, tensors, lineage)
+    parameters = 2 * 2 * (4 * 32 + 16 * 4) + 15
+    assert describe_adapter(adapter, 10 * parameters) == {
+        "method": "dora", "task_type": "CAUSAL_LM", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "modules": 4,
+        "modules_to_save": ["lm_head"], "num_virtual_tokens": None, "parameters": parameters, "trainable_share": 0.1,
+        "base": "b", "base_transforms": [{"type": "nf4"}],
+        "lineage": {"command": "finetune", "created": "2026-12-01", "llmctl_version": "0.1", "parents": ["b"]},
+        "metrics": 2}
+    (adapter / "llmctl.json").unlink()  # PEFT's own adapter: no lineage
+    prompt = _adapter(tmp_path / "p", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3},
+                      {"prompt_embeddings": torch.zeros(3, 8)})
+    for path, base, share in ((adapter, None, None), (adapter, 0, None), (prompt, 48, 0.5)):
+        described = describe_adapter(path, base)
+        assert described["trainable_share"] == share
+        assert (described["lineage"], described["base_transforms"], described["metrics"]) == (None, [], 0)
+    assert describe_adapter(prompt, None)["modules"] == 0 and describe_adapter(prompt, None)["num_virtual_tokens"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+def test_each_method_makes_its_transforms_from_the_options():
+    from llmctl.core.adapters.lora import LoRA
+    from llmctl.core.adapters.methods import METHODS
+    from llmctl.core.adapters.prompt import Prefix, Prompt
+    from llmctl.core.quant.nf4 import NF4
+
+    o = SimpleNamespace(r=3, alpha=5.0, dropout=0.25, target_modules=["q_proj"], exclude_modules=["k_proj"],
+                        rslora=True, modules_to_save=["lm_head"], num_virtual_tokens=7)
+    lora = dict(r=3, alpha=5.0, dropout=0.25, target_modules=["q_proj"], exclude_modules=["k_proj"], rslora=True,
+                modules_to_save=["lm_head"])
+    assert METHODS.get("full")(o) == []
+    assert METHODS.get("lora")(o) == [LoRA(**lora)]
+    assert METHODS.get("dora")(o) == [LoRA(**lora, dora=True)]
+    qlora = METHODS.get("qlora")(o)
+    assert qlora == [NF4(), LoRA(**lora)] and qlora[0].double_quant
+    assert METHODS.get("prefix")(o) == [Prefix(num_virtual_tokens=7)]
+    assert METHODS.get("prompt")(o) == [Prompt(num_virtual_tokens=7)]
+    assert type(METHODS.get("prefix")(o)[0]) is Prefix and type(METHODS.get("prompt")(o)[0]) is Prompt
+    assert sorted(METHODS.names()) == ["dora", "full", "lora", "prefix", "prompt", "qlora"]
+
+
+# ---------------------------------------------------------------------------------------------- switch
+
+
+def test_adapters_are_switched_off_inside_the_block_and_back_to_the_class_default_after():
+    from torch import nn
+
+    from llmctl.core.adapters import adapters_disabled
+    from llmctl.core.adapters.lora import LoRA, lora_modules
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3))
+    LoRA(r=2, target_modules=["0", "1"]).apply(model)
+    first, second = lora_modules(model).values()
+    with torch.no_grad():
+        for m in (first, second):
+            m.lora_B.weight.normal_()
+    second.adapter_active = False  # already off (set on the instance): stays off after the block
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        adapted = model(x)
+        with adapters_disabled(model) as same:
+            assert same is model
+            assert first.adapter_active is False and second.adapter_active is False
+            assert not hasattr(model[2], "adapter_active")  # only adapter modules are switched
+            base = model(x)
+        assert "adapter_active" not in vars(first) and first.adapter_active is True
+        assert second.adapter_active is False
+        torch.testing.assert_close(model(x), adapted)
+        assert not torch.allclose(base, adapted)
+        with pytest.raises(RuntimeError, match="inside"):
+            with adapters_disabled(model):
+                raise RuntimeError("inside")
+        assert first.adapter_active is True and "adapter_active" not in vars(first)
+
+
+# --------------------------------------------------------------------------------------- merge adapters
+
+
+def test_merge_refs_name_an_adapter_by_its_directory_or_base_plus_adapter(tmp_path, monkeypatch):
+    from llmctl.core.merge.adapters import split
+
+    base, adapter = _checkpoint(tmp_path / "base"), _adapter(tmp_path / "adapter", {"peft_type": "LORA"})
+    assert split(str(adapter)) == (None, str(adapter))
+    assert split(str(base)) is None
+    assert split(f"{base}+{adapter}") == (str(base), str(adapter))
+    assert split("org/model") is None  # neither a path nor BASE+ADAPTER: a model like any other
+    with pytest.raises(UsageError) as e:
+        split(f"{tmp_path / 'gone'}+{adapter}")
+    assert str(e.value) == (f"model '{tmp_path / 'gone'}+{adapter}': {tmp_path / 'gone'} does not exist "
+                            "(BASE+ADAPTER names two directories)")
+    with pytest.raises(UsageError) as e:
+        split(f"{base}+{tmp_path / 'gone'}")
+    assert str(e.value) == (f"model '{base}+{tmp_path / 'gone'}': {tmp_path / 'gone'} does not exist "
+                            "(BASE+ADAPTER names two directories)")
+    with pytest.raises(UsageError) as e:
+        split(f"{base}+{base}")
+    assert str(e.value) == (f"model '{base}+{base}': {base} is not a PEFT adapter directory "
+                            "(no adapter_config.json)")
+    monkeypatch.chdir(tmp_path)
+    assert split("base+adapter") == ("base", "adapter")

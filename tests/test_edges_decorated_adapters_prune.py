@@ -1,0 +1,274 @@
+"""Decorated functions the earlier mutation rounds never mutated (docs/testing.md, round 10): the
+pruners' `prune` methods against the papers' definitions worked out on tiny tensors, LoRA's
+one-node autograd function against torch's autograd of the unfused computation, `merge_adapter`
+against PEFT's `merge_and_unload`, NF4's autograd function and its release of the file pages."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from llmctl.core.adapters import lora as lora_module  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------- LoRA's autograd node
+
+
+def _unfused(x, weight, bias, a, b, scaling, mask):
+    """x Wᵀ + bias + s · (x' Aᵀ) Bᵀ, x' = x · mask (the dropout's draw) or x, by plain autograd."""
+    x_lora = x if mask is None else x * mask
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, a), b)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_lora_node_gives_autograds_output_and_every_gradient(dropout, with_bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, generator=gen)  # [batch, tokens, in]: the node flattens and restores the shape
+    weight, a, b = torch.randn(4, 5, generator=gen), torch.randn(2, 5, generator=gen), torch.randn(4, 2, generator=gen)
+    bias = torch.randn(4, generator=gen) if with_bias else None
+    mask = (torch.rand(2, 3, 5, generator=gen) > 0.4).float() / 0.6 if dropout else None
+    grad_out = torch.randn(2, 3, 4, generator=gen)
+
+    def leaves():
+        return [t.clone().requires_grad_(True) for t in (x, a, b)]
+
+    x1, a1, b1 = leaves()
+    dropped = None if mask is None else x1 * mask  # the dropout's output, taken back to x by autograd
+    out = lora_module._LoraLinear.apply(x1, weight, bias, a1, b1, 2.5, dropped)
+    out.backward(grad_out)
+    x2, a2, b2 = leaves()
+    want = _unfused(x2, weight, bias, a2, b2, 2.5, mask)
+    want.backward(grad_out)
+    assert out.shape == (2, 3, 4)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for ours, theirs in ((x1, x2), (a1, a2), (b1, b2)):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_lora_node_computes_only_the_gradients_asked_for():
+    """With only the input needing a gradient (a frozen adapter), the adapter gets none and the
+    input's is still W's share plus the adapter's."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, generator=gen, requires_grad=True)
+    weight, a, b = torch.randn(4, 5, generator=gen), torch.randn(2, 5, generator=gen), torch.randn(4, 2, generator=gen)
+    lora_module._LoraLinear.apply(x, weight, None, a, b, 0.5, None).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    _unfused(x2, weight, None, a, b, 0.5, None).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert a.grad is None and b.grad is None
+
+
+# --------------------------------------------------------------------------------- the pruners' prune
+
+
+def _pruner(**settings):
+    from llmctl.core.prune import PRUNERS, PruneConfig
+
+    return PRUNERS.get(settings.get("method", "magnitude"))(PruneConfig(**settings))
+
+
+def _model(seed: int = 0, **overrides):
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=24)
+    model = build_model(ModelConfig(**{**cfg, **overrides})).eval()
+    with torch.no_grad():  # weights of unequal scale, so no two units are near a tie
+        for p in model.parameters():
+            p.mul_(1 + torch.rand(p.shape))
+    return model
+
+
+def _inputs_of(model, tokens, name: str) -> list[torch.Tensor]:
+    """Per block, the [tokens, features] input of its module `name` in a plain forward."""
+    seen, hooks = [], []
+    for block in model.model.layers:
+        module = block.get_submodule(name)
+        hooks.append(module.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _head_energy(model, tokens) -> list[torch.Tensor]:
+    """Σ_t ‖W_o,h x_t,h‖² per query head: its contribution to the attention output, squared."""
+    d = model.cfg.head_dim
+    energies = []
+    for block, x in zip(model.model.layers, _inputs_of(model, tokens, "self_attn.o_proj")):
+        w = block.self_attn.o_proj.weight
+        heads = x.shape[1] // d
+        energies.append(torch.stack([(x[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].t()).square().sum()
+                                     for h in range(heads)]))
+    return energies
+
+
+def _rows_kept(before: torch.Tensor, after: torch.Tensor, size: int) -> list[int]:
+    """Which blocks of `size` rows of `before` make up `after`, in order."""
+    blocks = before.view(-1, size, before.shape[1])
+    return [next(i for i in range(len(blocks)) if torch.equal(blocks[i], part)) for part in after.view(-1, size, after.shape[1])]
+
+
+@pytest.mark.parametrize("layers", [None, ([4, 2, 4], [2, 1, 1])])
+def test_query_heads_kept_are_the_strongest_of_each_group(layers):
+    overrides = {} if layers is None else {"layer_num_heads": layers[0], "layer_num_kv_heads": layers[1]}
+    model = _model(**overrides)
+    tokens = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(1))
+    energy = _head_energy(model, tokens)
+    q = [b.self_attn.q_proj.weight.clone() for b in model.model.layers]
+    pruner = _pruner(method="heads", unit="queries", sparsity=0.5)
+    pruned = pruner.prune(model, tokens)
+    d = model.cfg.head_dim
+    for i, (e, block) in enumerate(zip(energy, pruned.model.layers)):
+        groups = e.view(model.cfg.layer(i).num_kv_heads, -1)
+        per_group = groups.shape[1]
+        n = per_group - min(round(per_group * 0.5), per_group - 1)
+        want = [g * per_group + j for g in range(len(groups)) for j in sorted(groups[g].topk(n).indices.tolist())]
+        assert _rows_kept(q[i], block.self_attn.q_proj.weight, d) == want, i
+    assert pruner.summary["kv_heads"] == [model.cfg.layer(i).num_kv_heads for i in range(3)]
+
+
+@pytest.mark.parametrize("layers", [None, ([4, 2, 4], [2, 1, 2])])
+def test_kv_groups_kept_are_the_strongest_by_their_heads_energy(layers):
+    overrides = {} if layers is None else {"layer_num_heads": layers[0], "layer_num_kv_heads": layers[1]}
+    model = _model(seed=2, **overrides)
+    tokens = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(3))
+    energy = _head_energy(model, tokens)
+    k = [b.self_attn.k_proj.weight.clone() for b in model.model.layers]
+    q = [b.self_attn.q_proj.weight.clone() for b in model.model.layers]
+    pruner = _pruner(method="heads", unit="groups", sparsity=0.5)
+    pruned = pruner.prune(model, tokens)
+    d, heads, kv_heads = model.cfg.head_dim, [], []
+    for i, (e, block) in enumerate(zip(energy, pruned.model.layers)):
+        cfg = model.cfg.layer(i)
+        per_group = cfg.num_heads // cfg.num_kv_heads
+        group = e.view(cfg.num_kv_heads, -1).sum(1)
+        n = cfg.num_kv_heads - min(round(cfg.num_kv_heads * 0.5), cfg.num_kv_heads - 1)
+        want = sorted(group.topk(n).indices.tolist())
+        assert _rows_kept(k[i], block.self_attn.k_proj.weight, d) == want, i
+        assert _rows_kept(q[i], block.self_attn.q_proj.weight, d) == [g * per_group + j for g in want
+                                                                      for j in range(per_group)], i
+        heads.append(n * per_group)
+        kv_heads.append(n)
+    assert pruner.summary == {"heads": heads, "kv_heads": kv_heads}
+
+
+def test_channels_kept_are_those_of_the_largest_contribution_energy():
+    """Σ_t x_t,c² · ‖W_down[:, c]‖², by hand from the down projection's inputs."""
+    model = _model(seed=4)
+    tokens = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(5))
+    xs = _inputs_of(model, tokens, "mlp.down_proj")
+    down = [b.mlp.down_proj.weight.clone() for b in model.model.layers]
+    pruner = _pruner(method="channels", sparsity=0.25)
+    pruned = pruner.prune(model, tokens)
+    for i, (x, w, block) in enumerate(zip(xs, down, pruned.model.layers)):
+        energy = x.square().sum(0) * w.square().sum(0)
+        want = sorted(energy.topk(24 - 6).indices.tolist())
+        kept = [next(c for c in range(24) if torch.equal(w[:, c], col)) for col in block.mlp.down_proj.weight.t()]
+        assert kept == want, i
+    assert pruner.summary == {"intermediate_sizes": [18, 18, 18]}
+
+
+def test_layers_removed_are_those_of_least_block_influence():
+    """ShortGPT: BI_i = 1 − mean over tokens of cos(block i's input, its output), by hand; the
+    summary has them to 6 decimals and the removed layers."""
+    model = _model(seed=6, num_layers=4)
+    tokens = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(7))
+    ins, outs, hooks = [], [], []
+    for block in model.model.layers:
+        hooks.append(block.register_forward_pre_hook(lambda m, args: ins.append(args[0])))
+        hooks.append(block.register_forward_hook(lambda m, args, out: outs.append(out[0])))
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    influence = [1 - F.cosine_similarity(a.reshape(-1, 32), b.reshape(-1, 32), dim=1).mean().item()
+                 for a, b in zip(ins, outs)]
+    pruner = _pruner(method="layers", sparsity=0.5)
+    pruner.prune(model, tokens)
+    got = pruner.summary["block_influence"]
+    assert got == pytest.approx(influence, abs=2e-6)
+    assert all(round(v, 6) == v for v in got)
+    assert pruner.summary["removed_layers"] == sorted(torch.tensor(influence).argsort()[:2].tolist())
+
+
+def test_the_pruners_report_their_progress():
+    from _recorder import Recorder
+
+    model, tokens = _model(), torch.randint(0, 50, (2, 8))
+    for settings, want in [({"method": "heads"}, ("score heads", 3, "layer")),
+                           ({"method": "channels"}, ("score channels", 3, "layer")),
+                           ({"method": "layers", "sparsity": 0.3}, ("score layers", 3, "layer")),
+                           ({"method": "wanda", "target_modules": ["q_proj"]}, ("prune", 3, "layer")),
+                           ({"method": "magnitude", "target_modules": ["q_proj", "lm_head"]}, ("prune", 4, "module"))]:
+        report = Recorder()
+        _pruner(**settings).prune(_model(), tokens, report)
+        assert report.steps() == [("progress", *want)] + [("advance", 1)] * want[1], settings
+
+
+def test_wanda_prunes_only_the_modules_asked_for_and_refuses_the_head():
+    model = _model()
+    tokens = torch.randint(0, 50, (2, 8))
+    dense = {n: p.clone() for n, p in model.named_parameters()}
+    _pruner(method="wanda", target_modules=["v_proj"], sparsity=0.5).prune(model, tokens)
+    for name, p in model.named_parameters():
+        assert (p == 0).float().mean() == (0.5 if name.endswith("v_proj.weight") else 0), name
+        if not name.endswith("v_proj.weight"):
+            assert torch.equal(p, dense[name]), name
+    from llmctl.errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        _pruner(method="sparsegpt", target_modules=["lm_head", "q_proj"]).prune(model, tokens)
+    assert str(e.value) == "sparsegpt prunes the blocks' modules only, not lm_head"
+
+
+# ------------------------------------------------------------------------------------------------- NF4
+
+
+def _tiny_checkpoint(tmp_path):
+    from conftest import tiny_llama
+
+    return tiny_llama(tmp_path, ["a stitch in time saves nine. " * 10], vocab=60, context=16)
+
+
+def test_nf4_leaves_no_tensor_on_the_checkpoints_memory_map(tmp_path):
+    """A checkpoint's tensors load memory-mapped (storages torch cannot resize); after NF4 every
+    tensor left — the head, the norms, the new codes — has its own memory, with the same values."""
+    from llmctl.core.model.io import load_model
+    from llmctl.core.quant.nf4 import NF4
+
+    base = _tiny_checkpoint(tmp_path)
+    plain, _ = load_model(base)
+    assert not plain.lm_head.weight.untyped_storage().resizable()  # what the release is for
+    model, _ = load_model(base, transforms=[NF4()])
+    state, dense = model.state_dict(), plain.state_dict()
+    assert all(t.untyped_storage().resizable() for t in state.values())
+    for name in ("lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        assert torch.equal(state[name], dense[name]), name
+
+
+def test_nf4_matmul_gradient_in_half_precision_is_the_dequantized_weights():
+    """x Wᵀ and grad W for a bfloat16 input: the weight dequantized in the gradient's dtype."""
+    from llmctl.core.quant.nf4 import NF4Linear
+
+    gen = torch.Generator().manual_seed(3)
+    q = NF4Linear(nn.Linear(64, 16, bias=False))
+    x = torch.randn(3, 64, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    g = torch.randn(3, 16, generator=gen).to(torch.bfloat16)
+    y = q(x)
+    y.backward(g)
+    w = q.dequantize(torch.bfloat16)
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y, x.detach() @ w.t())
+    torch.testing.assert_close(x.grad, g @ w)
