@@ -189,3 +189,57 @@ def test_merge_refs_name_an_adapter_by_its_directory_or_base_plus_adapter(tmp_pa
                             "(no adapter_config.json)")
     monkeypatch.chdir(tmp_path)
     assert split("base+adapter") == ("base", "adapter")
+
+
+def _base(directory: Path, seed: int) -> Path:
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+    from llmctl.core.model.io import save_model
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(vocab_size=40, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24))
+    return save_model(model, directory, generation_config={"max_new_tokens": 7 + seed})  # no tokenizer
+
+
+def test_adapters_are_materialised_on_the_base_they_are_given_without_a_tokenizer(tmp_path):
+    """Each adapter ref becomes its base's weights plus s·BA (by hand from the adapter file) on
+    the base its ref names — BASE+ADAPTER over the one the adapter records — with that base's
+    generation config, no tokenizer when the base has none, and both parents; other refs are skipped."""
+    from safetensors.torch import load_file
+
+    from llmctl.core.adapters import LoRA, lora_modules, save_adapter
+    from llmctl.core.merge.adapters import materialise
+    from llmctl.core.model.io import load_model
+
+    recorded, given = _base(tmp_path / "recorded", 1), _base(tmp_path / "given", 2)
+    model, _ = load_model(recorded, transforms=[LoRA(r=2, alpha=3, target_modules=["q_proj"])])
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_()
+    adapter = save_adapter(model, tmp_path / "adapter", base=recorded)
+    lora = load_file(adapter / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    delta = 1.5 * lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"]
+    refs = [str(recorded), str(adapter), f"{given}+{adapter}"]
+    paths, parents = materialise(refs, tmp_path / "scratch")
+    assert list(paths) == refs[1:]
+    assert parents == {refs[1]: [str(recorded), str(adapter)], refs[2]: [str(given), str(adapter)]}
+    for ref, base in ((refs[1], recorded), (refs[2], given)):
+        out, weights = paths[ref], load_file(base / "model.safetensors")
+        merged = load_file(out / "model.safetensors")
+        name = "model.layers.0.self_attn.q_proj.weight"
+        torch.testing.assert_close(merged[name], weights[name] + delta)
+        assert json.loads((out / "generation_config.json").read_text()) == \
+            json.loads((base / "generation_config.json").read_text())
+        assert not (out / "tokenizer.json").exists()
+
+
+def test_a_merges_scratch_directory_is_beside_its_output(tmp_path):
+    from llmctl.core.merge.run import scratch
+
+    out = tmp_path / "new" / "deeper" / "merged"
+    with scratch(out) as directory:
+        directory = Path(directory)
+        assert directory.parent == out.parent.resolve() and directory.is_dir()
+        assert directory.name.startswith(".merged.merge-")
+    assert not directory.exists()

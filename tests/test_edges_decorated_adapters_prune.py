@@ -54,17 +54,97 @@ def test_the_lora_node_gives_autograds_output_and_every_gradient(dropout, with_b
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_the_lora_node_computes_only_the_gradients_asked_for():
-    """With only the input needing a gradient (a frozen adapter), the adapter gets none and the
-    input's is still W's share plus the adapter's."""
+@pytest.mark.parametrize("trained", ["x", "a", "b"])
+def test_the_lora_node_gives_the_gradients_asked_for_and_only_those(trained):
+    """One of the input, A and B needs a gradient (a frozen adapter, or half of one): it gets
+    autograd's, the others none."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, generator=gen, requires_grad=True)
-    weight, a, b = torch.randn(4, 5, generator=gen), torch.randn(2, 5, generator=gen), torch.randn(4, 2, generator=gen)
-    lora_module._LoraLinear.apply(x, weight, None, a, b, 0.5, None).sum().backward()
-    x2 = x.detach().clone().requires_grad_(True)
-    _unfused(x2, weight, None, a, b, 0.5, None).sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad)
-    assert a.grad is None and b.grad is None
+    tensors = {"x": torch.randn(3, 5, generator=gen), "a": torch.randn(2, 5, generator=gen),
+               "b": torch.randn(4, 2, generator=gen)}
+    weight = torch.randn(4, 5, generator=gen)
+    ours = {k: v.clone().requires_grad_(k == trained) for k, v in tensors.items()}
+    theirs = {k: v.clone().requires_grad_(k == trained) for k, v in tensors.items()}
+    lora_module._LoraLinear.apply(ours["x"], weight, None, ours["a"], ours["b"], 0.5, None).sum().backward()
+    _unfused(theirs["x"], weight, None, theirs["a"], theirs["b"], 0.5, None).sum().backward()
+    torch.testing.assert_close(ours[trained].grad, theirs[trained].grad)
+    assert all(ours[k].grad is None for k in tensors if k != trained)
+
+
+def test_a_prompt_learning_model_is_refused_by_merge_adapter():
+    from llmctl.core.adapters import merge_adapter
+    from llmctl.core.adapters.prompt import Prompt
+    from llmctl.errors import UsageError
+
+    model = Prompt(num_virtual_tokens=2).apply(_model())
+    with pytest.raises(UsageError) as e:
+        merge_adapter(model)
+    assert str(e.value) == ("prefix and prompt adapters have no weights to merge into the base; use the adapter "
+                            "directory itself")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_adapter_is_peft_merge_and_unload_and_keeps_the_models_dtype(base, tmp_path, dora):
+    """Float32: PEFT's merged weights; the same model in bfloat16 merges into bfloat16 layers with
+    them rounded; the merged layers are frozen like the base; other transforms stay recorded."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from llmctl.core.adapters import LoRA, lora_modules, merge_adapter, save_adapter
+    from llmctl.core.model.io import load_model
+
+    model, _ = load_model(base, transforms=[LoRA(r=2, alpha=6, target_modules=["q_proj", "down_proj"], dora=dora)])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            for w in (m.lora_A.weight, m.lora_B.weight):
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
+    adapter = save_adapter(model, tmp_path / "adapter", base=base)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    want = peft.PeftModel.from_pretrained(hf, adapter).merge_and_unload().state_dict()
+    half, _ = load_model(adapter, dtype=torch.bfloat16)
+    merged = merge_adapter(model).state_dict()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(merged[name], want[name], rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "q_proj" in n or "down_proj" in n)
+    merge_adapter(half)
+    q = half.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and q.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(q.weight.float(), want["model.layers.0.self_attn.q_proj.weight"], rtol=1e-2, atol=1e-2)
+
+
+def test_merge_adapter_keeps_the_bias_and_the_other_transforms():
+    """A biased linear merges into W + s·BA with its bias; an NF4 base under LoRA stays NF4 (and
+    recorded); a model that records no transforms merges too."""
+    from llmctl.core.adapters import LoRA, lora_modules, merge_adapter
+    from llmctl.core.quant.nf4 import NF4, NF4Linear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    LoRA(r=2, alpha=4, target_modules=["0"]).replace("0", model[0])  # no `transforms` recorded on the model
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    want = layer.weight + 2.0 * layer.lora_B.weight @ layer.lora_A.weight
+    bias = layer.bias.detach().clone()
+    merge_adapter(model)
+    assert type(model[0]) is nn.Linear and model.transforms == []
+    torch.testing.assert_close(model[0].weight, want.detach())
+    assert torch.equal(model[0].bias, bias)
+    quantized = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 3))
+    nf4, lora = NF4(target_modules=["0"]), LoRA(r=2, target_modules=["0"])
+    nf4.apply(quantized)
+    lora.apply(quantized)
+    assert lora_modules(quantized)
+    merge_adapter(quantized)
+    assert type(quantized[0]) is NF4Linear and quantized.transforms == [nf4]
+
+
+def test_a_lora_config_names_the_file_it_came_from_in_its_errors():
+    from llmctl.core.adapters import LoRA
+    from llmctl.errors import CheckpointError
+
+    with pytest.raises(CheckpointError) as e:
+        LoRA.from_peft_config({"peft_type": "LORA", "bias": "all"}, nn.Linear(2, 2), "somewhere/adapter_config.json")
+    assert str(e.value) == "somewhere/adapter_config.json: bias='all' is not supported"
 
 
 # --------------------------------------------------------------------------------- the pruners' prune
@@ -120,10 +200,11 @@ def _rows_kept(before: torch.Tensor, after: torch.Tensor, size: int) -> list[int
     return [next(i for i in range(len(blocks)) if torch.equal(blocks[i], part)) for part in after.view(-1, size, after.shape[1])]
 
 
-@pytest.mark.parametrize("layers", [None, ([4, 2, 4], [2, 1, 1])])
+@pytest.mark.parametrize("layers", [None, ([8, 2, 4], [4, 1, 1])])
 def test_query_heads_kept_are_the_strongest_of_each_group(layers):
+    """Four groups of two (the kept heads' offsets are their group's), and per-layer counts."""
     overrides = {} if layers is None else {"layer_num_heads": layers[0], "layer_num_kv_heads": layers[1]}
-    model = _model(**overrides)
+    model = _model(num_heads=8, num_kv_heads=4, **overrides)
     tokens = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(1))
     energy = _head_energy(model, tokens)
     q = [b.self_attn.q_proj.weight.clone() for b in model.model.layers]
@@ -236,19 +317,19 @@ def test_wanda_prunes_only_the_modules_asked_for_and_refuses_the_head():
 # ------------------------------------------------------------------------------------------------- NF4
 
 
-def _tiny_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
     from conftest import tiny_llama
 
-    return tiny_llama(tmp_path, ["a stitch in time saves nine. " * 10], vocab=60, context=16)
+    return tiny_llama(tmp_path_factory.mktemp("base"), ["a stitch in time saves nine. " * 10], vocab=60, context=16)
 
 
-def test_nf4_leaves_no_tensor_on_the_checkpoints_memory_map(tmp_path):
+def test_nf4_leaves_no_tensor_on_the_checkpoints_memory_map(base):
     """A checkpoint's tensors load memory-mapped (storages torch cannot resize); after NF4 every
     tensor left — the head, the norms, the new codes — has its own memory, with the same values."""
     from llmctl.core.model.io import load_model
     from llmctl.core.quant.nf4 import NF4
 
-    base = _tiny_checkpoint(tmp_path)
     plain, _ = load_model(base)
     assert not plain.lm_head.weight.untyped_storage().resizable()  # what the release is for
     model, _ = load_model(base, transforms=[NF4()])
