@@ -243,3 +243,91 @@ def test_a_merges_scratch_directory_is_beside_its_output(tmp_path):
         assert directory.parent == out.parent.resolve() and directory.is_dir()
         assert directory.name.startswith(".merged.merge-")
     assert not directory.exists()
+
+
+def test_integer_tensors_are_copied_when_every_input_agrees_and_refused_otherwise(tmp_path):
+    from safetensors.torch import load_file
+
+    from llmctl.core.merge import merge, parse_recipe
+
+    def checkpoint(name, ids):
+        directory = tmp_path / name
+        directory.mkdir()
+        save_file({"w": torch.full((3,), float(len(name))), "ids": ids}, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text("{}")
+        return str(directory)
+
+    same, other = torch.arange(4, dtype=torch.int32), torch.tensor([0, 1, 2, 5], dtype=torch.int32)
+    p, q, r = checkpoint("p", same), checkpoint("qq", same.clone()), checkpoint("rrr", other)
+    recipe = {"merge_method": "linear", "parameters": {"weight": 1.0}}
+    merge(parse_recipe({**recipe, "models": [p, q]}), tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert merged["ids"].dtype == torch.int32 and torch.equal(merged["ids"], same)
+    assert torch.equal(merged["w"], torch.full((3,), 1.5))
+    for models in ([p, r], [r, p, p], [p, q, r]):
+        with pytest.raises(CheckpointError) as e:
+            merge(parse_recipe({**recipe, "models": models}), tmp_path / "refused")
+        assert str(e.value) == "cannot merge 'ids': a non-floating tensor differs between inputs"
+
+
+def _checkpoint_of(directory: Path, tensors: dict, config: dict | None = None) -> str:
+    directory.mkdir()
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config or {}))
+    return str(directory)
+
+
+def test_one_input_is_copied_and_the_summary_counts_the_output_bytes(tmp_path):
+    from safetensors.torch import load_file
+
+    from llmctl.core.merge import merge, parse_recipe
+
+    ids = torch.arange(4, dtype=torch.int16)
+    p = _checkpoint_of(tmp_path / "p", {"w": torch.ones(3, 2, dtype=torch.float64), "ids": ids})
+    summary = merge(parse_recipe({"merge_method": "linear", "models": [p], "parameters": {"weight": 2.0}}),
+                    tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert merged["ids"].dtype == torch.int16 and torch.equal(merged["ids"], ids)
+    assert summary["bytes"] == 6 * 8 + 4 * 2 and summary["tensors"] == 2
+
+
+def test_a_float64_merge_is_computed_in_float64(tmp_path):
+    """Array methods compute 16-bit merges in float32, but float64 ones in float64: by hand,
+    (a + 2b) / 3 to the last bit of a double."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from llmctl.core.merge import merge, parse_recipe
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(2))
+    p, q = _checkpoint_of(tmp_path / "p", {"w": a}), _checkpoint_of(tmp_path / "q", {"w": b})
+    merge(parse_recipe({"merge_method": "linear", "models": [{"model": p, "parameters": {"weight": 1.0}},
+                                                              {"model": q, "parameters": {"weight": 2.0}}]}),
+          tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")["w"]
+    want = (a.numpy() * np.float64(1 / 3) + b.numpy() * np.float64(2 / 3))
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-15, atol=0)
+
+
+def test_stacked_layers_keep_their_layer_types(tmp_path):
+    """A passthrough of layers from two models: `layer_types` (sliding or full attention per layer)
+    follows the layers taken; a source without the list leaves the config source's as it is."""
+    from llmctl.core.merge import merge, parse_recipe
+
+    def model(name, types):
+        tensors = {f"model.layers.{i}.w": torch.full((2,), float(i)) for i in range(2)}
+        config = {"num_hidden_layers": 2} | ({"layer_types": types} if types else {})
+        return _checkpoint_of(tmp_path / name, tensors, config)
+
+    p, q = model("p", ["full_p0", "sliding_p1"]), model("q", ["sliding_q0", "full_q1"])
+    plain = model("plain", None)
+    slices = [{"sources": [{"model": p, "layer_range": [1, 2]}]}, {"sources": [{"model": q, "layer_range": [0, 2]}]}]
+    merge(parse_recipe({"merge_method": "passthrough", "slices": slices}), tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["layer_types"] == ["sliding_p1", "sliding_q0", "full_q1"]
+    slices[1]["sources"][0]["model"] = plain
+    merge(parse_recipe({"merge_method": "passthrough", "slices": slices}), tmp_path / "mixed")
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["layer_types"] == ["full_p0", "sliding_p1"]
