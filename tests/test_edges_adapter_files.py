@@ -331,3 +331,21 @@ def test_stacked_layers_keep_their_layer_types(tmp_path):
     merge(parse_recipe({"merge_method": "passthrough", "slices": slices}), tmp_path / "mixed")
     config = json.loads((tmp_path / "mixed" / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["layer_types"] == ["full_p0", "sliding_p1"]
+
+
+def test_a_bfloat16_merge_widens_its_inputs_and_rounds_once(tmp_path):
+    """bfloat16 inputs on the array back end: widened exactly to float32, averaged there, and the
+    result rounded to bfloat16 (or kept in float32 when the recipe asks for it)."""
+    from safetensors.torch import load_file
+
+    from llmctl.core.merge import merge, parse_recipe
+
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(6, generator=gen).to(torch.bfloat16) for _ in range(2))
+    p, q = _checkpoint_of(tmp_path / "p", {"w": a}), _checkpoint_of(tmp_path / "q", {"w": b})
+    want = (a.float() + b.float()) / 2
+    for dtype, expected in ((None, want.to(torch.bfloat16)), ("float32", want)):
+        recipe = {"merge_method": "linear", "models": [p, q], "parameters": {"weight": 1.0}, "dtype": dtype}
+        merge(parse_recipe(recipe), tmp_path / f"out-{dtype}")
+        got = load_file(tmp_path / f"out-{dtype}" / "model.safetensors")["w"]
+        assert got.dtype == expected.dtype and torch.equal(got, expected), dtype
