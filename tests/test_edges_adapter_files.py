@@ -349,3 +349,20 @@ def test_a_bfloat16_merge_widens_its_inputs_and_rounds_once(tmp_path):
         merge(parse_recipe(recipe), tmp_path / f"out-{dtype}")
         got = load_file(tmp_path / f"out-{dtype}" / "model.safetensors")["w"]
         assert got.dtype == expected.dtype and torch.equal(got, expected), dtype
+
+
+def test_the_output_config_records_the_merges_dtype(tmp_path):
+    """`out_dtype`, else `dtype`, replaces the config's `dtype` and `torch_dtype` where it has them
+    (and adds neither); without either the config keeps its own."""
+    from llmctl.core.merge import merge, parse_recipe
+
+    both = _checkpoint_of(tmp_path / "both", {"w": torch.ones(2)}, {"dtype": "float32", "torch_dtype": "float32"})
+    old = _checkpoint_of(tmp_path / "old", {"w": torch.ones(2)}, {"torch_dtype": "float32"})
+    for source, settings, want in ((both, {"dtype": "bfloat16"}, {"dtype": "bfloat16", "torch_dtype": "bfloat16"}),
+                                   (both, {"dtype": "bfloat16", "out_dtype": "float16"},
+                                    {"dtype": "float16", "torch_dtype": "float16"}),
+                                   (both, {}, {"dtype": "float32", "torch_dtype": "float32"}),
+                                   (old, {"dtype": "float16"}, {"torch_dtype": "float16"})):
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        merge(parse_recipe({"merge_method": "linear", "models": [source], "parameters": {"weight": 1.0}, **settings}), out)
+        assert json.loads((out / "config.json").read_text()) == want, settings
