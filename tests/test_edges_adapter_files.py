@@ -366,3 +366,18 @@ def test_the_output_config_records_the_merges_dtype(tmp_path):
         out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
         merge(parse_recipe({"merge_method": "linear", "models": [source], "parameters": {"weight": 1.0}, **settings}), out)
         assert json.loads((out / "config.json").read_text()) == want, settings
+
+
+def test_a_tokenizer_source_without_tokenizer_files_is_named(tmp_path):
+    """No input has a tokenizer: `base` and `union` stand for the config source, whose directory
+    the refusal names (no tokenizer_source: no tokenizer, no refusal)."""
+    from llmctl.core.merge import merge, parse_recipe
+
+    p = _checkpoint_of(tmp_path / "p", {"w": torch.ones(2)})
+    recipe = {"merge_method": "linear", "models": [p], "parameters": {"weight": 1.0}}
+    for source in ("base", "union"):
+        with pytest.raises(UsageError) as e:
+            merge(parse_recipe({**recipe, "tokenizer_source": source}), tmp_path / f"out-{source}")
+        assert str(e.value) == f"tokenizer_source: {p} has no tokenizer files"
+    merge(parse_recipe(recipe), tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
