@@ -381,3 +381,23 @@ def test_a_tokenizer_source_without_tokenizer_files_is_named(tmp_path):
         assert str(e.value) == f"tokenizer_source: {p} has no tokenizer files"
     merge(parse_recipe(recipe), tmp_path / "out")
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_the_lineage_records_the_seed_of_a_random_method_only_and_the_recipe(tmp_path):
+    import yaml
+
+    from llmctl.core.merge import merge, parse_recipe
+
+    gen = torch.Generator().manual_seed(2)
+    p, q = (_checkpoint_of(tmp_path / n, {"w": torch.randn(8, generator=gen)}) for n in "pq")
+    recipes = {None: {"merge_method": "linear", "models": [p, q], "parameters": {"weight": 1.0}},
+               7: {"merge_method": "dare_linear", "base_model": p,
+                   "models": [{"model": q, "parameters": {"weight": 1.0, "density": 0.5}}]}}
+    for seed, raw in recipes.items():
+        out = tmp_path / f"out-{seed}"
+        merge(parse_recipe(raw), out, seed=7)
+        lineage = json.loads((out / "llmctl.json").read_text())
+        assert lineage["command"] == "merge" and lineage["merge_method"] == raw["merge_method"]
+        assert lineage["config"]["seed"] == seed and lineage["config"]["recipe"] == raw
+        assert [parent["path"] for parent in lineage["parents"]] == [str(Path(p).resolve()), str(Path(q).resolve())]
+        assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == raw
