@@ -70,8 +70,9 @@ def test_the_base_is_found_beside_the_adapter_first_then_from_the_working_direct
 
 
 @pytest.mark.parametrize("config,name", [
-    ({"peft_type": "LORA"}, "lora"), ({"peft_type": "lora"}, "lora"), ({"peft_type": "LORA", "use_rslora": True}, "rslora"),
-    ({"peft_type": "LORA", "use_dora": True}, "dora"), ({"peft_type": "LORA", "use_dora": True, "use_rslora": True}, "dora"),
+    ({"peft_type": "LORA"}, "lora"), ({"peft_type": "lora"}, "lora"),
+    ({"peft_type": "LORA", "use_rslora": True}, "rslora"), ({"peft_type": "LORA", "use_dora": True}, "dora"),
+    ({"peft_type": "LORA", "use_dora": True, "use_rslora": True}, "dora"),
     ({"peft_type": "LORA", "use_dora": False, "use_rslora": False}, "lora"), ({"peft_type": "PREFIX_TUNING"}, "prefix"),
     ({"peft_type": "PROMPT_TUNING"}, "prompt"), ({"peft_type": "IA3"}, "ia3"), ({}, ""),
 ])
@@ -364,7 +365,8 @@ def test_the_output_config_records_the_merges_dtype(tmp_path):
                                    (both, {}, {"dtype": "float32", "torch_dtype": "float32"}),
                                    (old, {"dtype": "float16"}, {"torch_dtype": "float16"})):
         out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
-        merge(parse_recipe({"merge_method": "linear", "models": [source], "parameters": {"weight": 1.0}, **settings}), out)
+        recipe = {"merge_method": "linear", "models": [source], "parameters": {"weight": 1.0}, **settings}
+        merge(parse_recipe(recipe), out)
         assert json.loads((out / "config.json").read_text()) == want, settings
 
 

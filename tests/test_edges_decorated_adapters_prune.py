@@ -5,7 +5,6 @@ against PEFT's `merge_and_unload`, NF4's autograd function and its release of th
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -174,7 +173,8 @@ def _inputs_of(model, tokens, name: str) -> list[torch.Tensor]:
     seen, hooks = [], []
     for block in model.model.layers:
         module = block.get_submodule(name)
-        hooks.append(module.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))))
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))))
     with torch.no_grad():
         model(tokens)
     for h in hooks:
@@ -197,7 +197,8 @@ def _head_energy(model, tokens) -> list[torch.Tensor]:
 def _rows_kept(before: torch.Tensor, after: torch.Tensor, size: int) -> list[int]:
     """Which blocks of `size` rows of `before` make up `after`, in order."""
     blocks = before.view(-1, size, before.shape[1])
-    return [next(i for i in range(len(blocks)) if torch.equal(blocks[i], part)) for part in after.view(-1, size, after.shape[1])]
+    return [next(i for i in range(len(blocks)) if torch.equal(blocks[i], part))
+            for part in after.view(-1, size, after.shape[1])]
 
 
 @pytest.mark.parametrize("layers", [None, ([8, 2, 4], [4, 1, 1])])
