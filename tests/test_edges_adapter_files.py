@@ -402,4 +402,5 @@ def test_the_lineage_records_the_seed_of_a_random_method_only_and_the_recipe(tmp
         assert lineage["command"] == "merge" and lineage["merge_method"] == raw["merge_method"]
         assert lineage["config"]["seed"] == seed and lineage["config"]["recipe"] == raw
         assert [parent["path"] for parent in lineage["parents"]] == [str(Path(p).resolve()), str(Path(q).resolve())]
-        assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == raw
+        written = yaml.safe_load((out / "mergekit_config.yml").read_text())
+        assert written == raw and list(written) == list(raw)  # the recipe's own order
