@@ -190,6 +190,8 @@ def test_merge_refs_name_an_adapter_by_its_directory_or_base_plus_adapter(tmp_pa
                             "(no adapter_config.json)")
     monkeypatch.chdir(tmp_path)
     assert split("base+adapter") == ("base", "adapter")
+    _adapter(tmp_path / "adapter+v2", {"peft_type": "LORA"})  # the first `+` separates: an adapter may have one
+    assert split("base+adapter+v2") == ("base", "adapter+v2")
 
 
 def _base(directory: Path, seed: int) -> Path:
