@@ -4,6 +4,7 @@ without building them: the cache key, the cache directory, the CPU check, the bu
 from __future__ import annotations
 
 import fcntl
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from llmctl.core import native
 
 
 def test_activation_blocks_fill_64_bytes_of_weights():
-    assert (native.block_of(8), native.block_of(4)) == (64, 128)
+    assert (native.block_of(8), native.block_of(4)) == (64, 128) and type(native.block_of(4)) is int
 
 
 def test_cache_dir_follows_xdg_or_home(monkeypatch, tmp_path):
@@ -76,7 +77,7 @@ def test_kernels_already_loaded_in_the_process_are_reused(monkeypatch):
     monkeypatch.setenv("LLMCTL_NATIVE", "1")
     monkeypatch.setattr(native.platform, "machine", lambda: "AMD64")
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : avx512f")
-    monkeypatch.setattr(native, "_loaded", lambda torch: True)
+    monkeypatch.setattr(native, "_loaded", lambda module: module is torch)
     monkeypatch.setattr(native, "build_dir", lambda flags=None: pytest.fail("built again"))
     native.ops.cache_clear()
     try:
@@ -92,7 +93,7 @@ def test_a_failed_build_warns_once_with_its_first_line(monkeypatch, tmp_path, ca
     monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : avx512f")
     monkeypatch.setattr(native, "_loaded", lambda torch: False)
-    monkeypatch.setattr(native, "build_dir", lambda flags=None: tmp_path / "build")
+    monkeypatch.setattr(native, "build_dir", lambda flags=None: tmp_path / "cache" / "build")
     calls = []
 
     def load(**kwargs):
@@ -106,21 +107,34 @@ def test_a_failed_build_warns_once_with_its_first_line(monkeypatch, tmp_path, ca
     finally:
         native.ops.cache_clear()
     err = capsys.readouterr().err
-    assert "building llmctl's native CPU kernels" in err
+    assert re.search(r"(^|\s)building llmctl's native CPU kernels \(once per machine and torch version\)…", err)
     assert "native CPU kernels unavailable (RuntimeError: no compiler found); using torch's" in err
     assert "second line" not in err and len(calls) == 1  # once per process
     [kwargs] = calls
-    assert kwargs["build_directory"] == str(tmp_path / "build") and kwargs["is_python_module"] is False
+    assert kwargs["build_directory"] == str(tmp_path / "cache" / "build") and kwargs["is_python_module"] is False
     assert kwargs["extra_cflags"] == ["-O3", "-march=native", "-fopenmp"]
     assert kwargs["sources"] == [str(native.HERE / "matvec.cpp"), str(native.HERE / "decode.cpp")]
     assert kwargs["name"] == "llmctl_native_build" and kwargs["verbose"] is False
-    (tmp_path / "build" / "x.so").write_text("")
+    (tmp_path / "cache" / "build" / "x.so").write_text("")
     native.ops.cache_clear()
     try:
         assert native.ops() is None
     finally:
         native.ops.cache_clear()
-    assert "building llmctl's native CPU kernels" not in capsys.readouterr().err  # built before: no notice
+    err = capsys.readouterr().err
+    assert "building llmctl's native CPU kernels" not in err  # built before: no notice
+    assert "unavailable (RuntimeError: no compiler found)" in err and len(calls) == 2  # the directory is reused
+
+    def silent(**kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(cpp_extension, "load", silent)
+    native.ops.cache_clear()
+    try:
+        assert native.ops() is None
+    finally:
+        native.ops.cache_clear()
+    assert "native CPU kernels unavailable (RuntimeError: ); using torch's" in capsys.readouterr().err
 
 
 def test_the_build_lock_is_held_and_clears_a_stale_torch_lock(tmp_path):
@@ -134,3 +148,25 @@ def test_the_build_lock_is_held_and_clears_a_stale_torch_lock(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
     with native._build_lock(tmp_path):  # no stale lock: fine too
         pass
+
+
+def test_loaded_and_has_read_the_librarys_capabilities(monkeypatch):
+    from types import SimpleNamespace
+
+    def fake(**llmctl):
+        return SimpleNamespace(ops=SimpleNamespace(**llmctl))
+
+    assert native._loaded(fake(llmctl=SimpleNamespace(capabilities=object()))) is True
+    assert native._loaded(fake(llmctl=SimpleNamespace(capabilities=None))) is False
+    assert native._loaded(fake()) is False  # no llmctl library yet
+
+    class Unregistered:
+        @property
+        def capabilities(self):
+            raise RuntimeError("no such operator llmctl::capabilities")
+
+    assert native._loaded(fake(llmctl=Unregistered())) is False
+    monkeypatch.setattr(native, "ops", lambda: SimpleNamespace(capabilities=lambda: native.F32 | native.BF16))
+    assert [native.has(c) for c in (native.F32, native.BF16, native.VNNI)] == [True, True, False]
+    monkeypatch.setattr(native, "ops", lambda: None)
+    assert native.has(native.F32) is False
