@@ -155,6 +155,27 @@ def test_force_with_a_single_checkpoint_publishes_it_from_the_replaced_directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_keep_sparsity_reports_what_it_keeps_or_that_there_is_nothing(corpus, tmp_path, monkeypatch):
+    from llmctl.core.train import distributed
+    from llmctl.core.train import sparsity
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.loop import Trainer
+
+    def trainer(report):
+        plan = make_plan(_config(corpus, "keep_sparsity=true"), "cpu")
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        return Trainer(plan, out, torch.device("cpu"), distributed.Dist(), {}, report=report)
+
+    dense = Recorder()
+    assert not trainer(dense).masks
+    assert dense.messages() == [("warn", "keep_sparsity: the model has no zero weights to keep")]
+    monkeypatch.setattr(sparsity, "SparsityMasks", lambda model: type("Masks", (), {
+        "zeros": 1234, "__len__": lambda self: 3})())
+    sparse = Recorder()
+    assert trainer(sparse).masks.zeros == 1234
+    assert sparse.messages() == [("info", "keep_sparsity: 1,234 zero weights in 3 tensors stay zero")]
+
+
 def test_an_objectives_extra_modules_train_and_resume_beside_the_model(corpus, tmp_path, monkeypatch):
     """Extra parameters of an objective (distill's projections) are optimised with the model,
     saved in the training state (not in the exported model) and loaded on resume."""
