@@ -108,3 +108,39 @@ def test_recovery_restores_the_newest_hidden_output_only_where_nothing_is(tmp_pa
     (tmp_path / ".out.old-999999995").mkdir()  # a dead writer's copy beside an output that exists
     recover(out)
     assert (out / "pid").read_text() == "999999993" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# -- the temporary siblings of atomic_dir and atomic_file (round 10) ------------------------------
+
+
+def test_atomic_outputs_build_as_hidden_siblings_and_make_missing_parents(tmp_path):
+    """The temporary directory or file is `.NAME.tmp-PID-…` beside the output (a rename, not a copy
+    across filesystems, and what `_remove_leftovers` finds), inside parents made as needed."""
+    target = tmp_path / "a" / "b" / "out"
+    with io.atomic_dir(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(f".out.tmp-{os.getpid()}-")
+        (tmp / "x").write_text("1")
+    assert (target / "x").read_text() == "1"
+    target = tmp_path / "c" / "d" / "f.txt"
+    with io.atomic_file(target) as f:  # text mode by default
+        assert os.path.dirname(f.name) == str(target.parent)
+        assert os.path.basename(f.name).startswith(f".f.txt.tmp-{os.getpid()}-")
+        f.write("hé")
+    assert target.read_text(encoding="utf-8") == "hé"
+    with io.atomic_file(tmp_path / "u16.txt", "w", encoding="utf-16") as f:  # open's arguments reach open
+        f.write("hé")
+    assert (tmp_path / "u16.txt").read_bytes() == "hé".encode("utf-16")
+
+
+def test_the_blocks_own_error_comes_back_even_if_the_temporary_is_gone(tmp_path):
+    import shutil
+
+    with pytest.raises(ValueError, match="mine"):
+        with io.atomic_dir(tmp_path / "out") as tmp:
+            shutil.rmtree(tmp)
+            raise ValueError("mine")
+    with pytest.raises(ValueError, match="mine"):
+        with io.atomic_file(tmp_path / "f.txt") as f:
+            os.unlink(f.name)
+            raise ValueError("mine")
+    assert sorted(os.listdir(tmp_path)) == []
