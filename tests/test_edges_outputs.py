@@ -131,3 +131,50 @@ def test_a_lock_file_removed_before_it_is_locked_is_opened_again(tmp_path, monke
     with output_lock(tmp_path / "run") as lock:
         assert vanished and [p for p in opened if p == lock] == [lock, lock]
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+# -- claim_output and the lock file (round 10) ----------------------------------------------------
+
+
+def test_claim_checks_before_and_again_under_the_lock_with_the_same_arguments(tmp_path, monkeypatch):
+    import llmctl.core.outputs as outputs
+
+    calls = []
+    real = outputs.check_output
+
+    def spy(path, kind, *, force, inputs=()):
+        calls.append((Path(path), kind, force, list(inputs)))
+        return real(path, kind, force=force, inputs=inputs)
+
+    monkeypatch.setattr(outputs, "check_output", spy)
+    out = tmp_path / "new" / "deeper" / "run"  # the lock's directory is made as needed
+    with claim_output(out, "train", force=True, inputs=[tmp_path / "data"]) as claimed:
+        assert claimed == out and lock_path(out).exists()
+    assert calls == [(out, "train", True, [tmp_path / "data"])] * 2
+    assert not lock_path(out).exists()
+
+
+def test_claim_refuses_what_check_output_refuses(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="already exists"), claim_output(data, "train", force=False):
+        pass
+    with pytest.raises(UsageError, match="it is the input"), claim_output(data, "train", force=True, inputs=[data]):
+        pass
+    with pytest.raises(OutputExistsError, match="not an llmctl train output"), \
+            claim_output(data, "train", force=True, inputs=[tmp_path / "other"]):
+        pass
+    assert (data / "x.txt").read_text() == "x" and not lock_path(data).exists()
+
+
+def test_the_lock_records_its_owner_over_a_stale_longer_record_and_may_vanish(tmp_path):
+    out = tmp_path / "out"
+    lock = lock_path(out)
+    lock.write_text(json.dumps({"pid": 1, "host": "x" * 500, "command": "old"}) + "\n")  # a dead owner's
+    with output_lock(out):
+        owner = json.loads(lock.read_text())
+        assert lock.read_text().count("\n") == 1 and owner["pid"] == os.getpid()
+        assert owner["host"] == socket.gethostname()
+        lock.unlink()  # removed by hand meanwhile: leaving the block is still fine
+    assert not lock.exists()
