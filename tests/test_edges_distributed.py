@@ -34,8 +34,11 @@ def _plain(value):
 
 
 def _worker(rank: int, world: int, port: int, out: str, wrapping: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    if rank == 0:  # a launcher that sets no LOCAL_RANK: 0
+        os.environ["LOCAL_RANK"] = "0"
+    else:
+        os.environ.pop("LOCAL_RANK", None)
     torch.set_num_threads(1)
     d = D.init("auto", CPU)
     again = D.init("gloo", CPU)  # already in the group: the same answer
@@ -46,7 +49,7 @@ def _worker(rank: int, world: int, port: int, out: str, wrapping: bool) -> None:
     r["gather"] = D.gather_tensors(mine, d, CPU)
     r["any"] = [D.any_rank(rank == 1, d, CPU), D.any_rank(False, d, CPU)]
     r["fewest"] = D.fewest(5 - 2 * rank, d, CPU)
-    r["sum"] = D.all_reduce_sum([1.0, float(rank), 0.5], d, CPU)
+    r["sum"] = D.all_reduce_sum([1.0, float(rank), 0.5, 2.0 ** 24 + 1], d, CPU)  # float64: exact beyond 2**24
     t = torch.tensor([float(rank + 1), 2.0])
     r["sum_"] = D.all_reduce_sum_(t, d)
     if wrapping:
@@ -97,7 +100,7 @@ def _spawn(tmp_path, wrapping: bool) -> tuple[dict, dict]:
 
 def test_rank_helpers_in_a_two_process_gloo_group(tmp_path):
     r0, r1 = _spawn(tmp_path, wrapping=False)
-    assert (r0["dist"], r1["dist"]) == ([0, 2, 0, True, True], [1, 2, 1, True, False])
+    assert (r0["dist"], r1["dist"]) == ([0, 2, 0, True, True], [1, 2, 0, True, False])
     assert r0["again"] == [0, 2] and r0["backend"] == "gloo"  # auto on CPU
     a = [{"dtype": "torch.float64", "shape": [2, n], "values": [float(n)] * (2 * n)} for n in (1, 2)]
     b = [{"dtype": "torch.float32", "shape": [2], "values": [0.0, 1.0]},
@@ -106,7 +109,7 @@ def test_rank_helpers_in_a_two_process_gloo_group(tmp_path):
     assert r0["gather"] == r1["gather"] == expected
     assert r0["any"] == r1["any"] == [True, False]
     assert r0["fewest"] == r1["fewest"] == 3
-    assert r0["sum"] == r1["sum"] == [2.0, 1.0, 1.0]
+    assert r0["sum"] == r1["sum"] == [2.0, 1.0, 1.0, 2.0 ** 25 + 2]
     assert r0["sum_"]["values"] == r1["sum_"]["values"] == [3.0, 4.0]
     assert r0["after"] is False and r1["after"] is False
 
@@ -163,3 +166,17 @@ def test_shard_units_are_the_transformer_blocks():
     units = D.shard_units(model)
     assert len(units) == 3 and all(isinstance(u, Block) for u in units)
     assert units == list(model.model.layers)
+
+
+def test_a_group_of_one_is_left_to_whoever_made_it(tmp_path):
+    """A single-process Dist neither waits on nor destroys a process group the caller set up
+    (the one-process FSDP checks do that)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        D.settle(D.Dist())
+        D.shutdown(D.Dist())
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
