@@ -574,3 +574,38 @@ def test_token_shards_properties(tmp_path):
     assert str(err.value) == f"{tmp_path} holds ids of a 500-token vocabulary; the model has only 499"
     _manifest(tmp_path, {"train": {"tokens": 2, "documents": 1, "shards": shards[:1]}})
     assert TokenShards(tmp_path).tokenizer_dir is None
+
+
+# -- round 10: the properties' edges ------------------------------------------------------------
+
+
+def test_the_hash_covers_the_normalizer_and_the_pre_tokenizer():
+    from tokenizers import Tokenizer
+
+    from llmctl.core.tokenizer import Tok
+
+    tok = _train("bytelevel", 300)
+    data = json.loads(tok.inner.to_str())
+    assert len(tok.hash) == 16 and tok.hash == Tok(Tokenizer.from_str(json.dumps(data)), {}).hash
+    hashes = {tok.hash}
+    for key, value in (("normalizer", {"type": "NFC"}), ("pre_tokenizer", {"type": "Whitespace"})):
+        changed = Tok(Tokenizer.from_str(json.dumps({**data, key: value})), tok.config)
+        hashes.add(changed.hash)
+    assert len(hashes) == 3
+
+
+def test_named_chat_templates_take_the_default_one():
+    from llmctl.core.tokenizer import Tok
+
+    tok = _train("bytelevel", 300)
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    assert Tok(tok.inner, {"chat_template": named}).chat_template == "D"
+    assert Tok(tok.inner, {"chat_template": named[:1]}).chat_template is None  # no default among them
+    assert Tok(tok.inner, {"chat_template": "S"}).chat_template == "S"
+
+
+def test_a_split_of_one_token_is_a_split(tmp_path):
+    from llmctl.core.data.shards import TokenShards
+
+    _manifest(tmp_path, {"train": {"tokens": 1, "shards": []}, "val": {"tokens": 0, "shards": []}})
+    assert TokenShards(tmp_path).splits == ["train"]
