@@ -294,6 +294,37 @@ def test_one_input_is_copied_and_the_summary_counts_the_output_bytes(tmp_path):
     assert summary["bytes"] == 6 * 8 + 4 * 2 and summary["tensors"] == 2
 
 
+def test_a_merge_reports_its_progress_summary_lineage_and_generation_config(tmp_path):
+    import re
+
+    from _recorder import Recorder
+    from safetensors.torch import load_file
+
+    from llmctl.core.merge import merge, parse_recipe
+
+    tensors = {f"model.layers.{i}.w": torch.full((4, 4), float(i)) for i in range(3)}
+    a = _checkpoint_of(tmp_path / "a", tensors, {"model_type": "llama", "num_hidden_layers": 3})
+    (tmp_path / "a" / "generation_config.json").write_text(json.dumps({"eos_token_id": 7, "temperature": 0.5}))
+    b = _checkpoint_of(tmp_path / "b", {k: v + 1 for k, v in tensors.items()}, {"model_type": "llama",
+                                                                                "num_hidden_layers": 3})
+    report, out = Recorder(), tmp_path / "out"
+    summary = merge(parse_recipe({"merge_method": "linear", "models": [a, b], "parameters": {"weight": 1.0}}), out,
+                    report=report, record={"cli": "merge a b"}, max_shard_bytes=100)
+    assert set(summary) == {"output", "method", "models", "tensors", "layers", "bytes", "seconds"}
+    assert (summary["output"], summary["method"], summary["tensors"], summary["bytes"]) == (str(out), "linear", 3, 192)
+    assert summary["models"] == [a, b] and summary["layers"] == 3
+    assert isinstance(summary["seconds"], float) and 0 <= summary["seconds"] < 60
+    assert re.fullmatch(r"\d+(\.\d{1,3})?", str(summary["seconds"]))
+    assert report.steps() == [("progress", "merge (linear)", 192, "B"), ("advance", 64), ("advance", 64),
+                              ("advance", 64)]
+    assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.5  # the config source's
+    assert json.loads((out / "llmctl.json").read_text())["config"]["cli"] == "merge a b"
+    assert (out / "model.safetensors.index.json").exists()  # shards of at most 100 bytes
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = {n: load_file(out / f)[n] for n, f in index.items()}
+    assert all(torch.equal(merged[n], tensors[n] + 0.5) for n in tensors)
+
+
 def test_a_float64_merge_is_computed_in_float64(tmp_path):
     """Array methods compute 16-bit merges in float32, but float64 ones in float64: by hand,
     (a + 2b) / 3 to the last bit of a double."""
