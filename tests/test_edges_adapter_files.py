@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmctl.core.adapters.files import base_path, describe_adapter, is_adapter, method_name, read_config
-from llmctl.errors import CheckpointError, UsageError
+from llmctl.errors import CheckpointError, OutputExistsError, UsageError
 
 
 def _adapter(directory: Path, config: dict, tensors: dict | None = None, lineage: dict | None = None) -> Path:
@@ -323,6 +323,8 @@ def test_a_merge_reports_its_progress_summary_lineage_and_generation_config(tmp_
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     merged = {n: load_file(out / f)[n] for n, f in index.items()}
     assert all(torch.equal(merged[n], tensors[n] + 0.5) for n in tensors)
+    with pytest.raises(OutputExistsError):  # not replaced without force
+        merge(parse_recipe({"merge_method": "linear", "models": [a, b]}), out)
 
 
 def test_a_float64_merge_is_computed_in_float64(tmp_path):
