@@ -324,7 +324,7 @@ def test_a_merge_reports_its_progress_summary_lineage_and_generation_config(tmp_
     merged = {n: load_file(out / f)[n] for n, f in index.items()}
     assert all(torch.equal(merged[n], tensors[n] + 0.5) for n in tensors)
     with pytest.raises(OutputExistsError):  # not replaced without force
-        merge(parse_recipe({"merge_method": "linear", "models": [a, b]}), out)
+        merge(parse_recipe({"merge_method": "linear", "models": [a, b], "parameters": {"weight": 1.0}}), out)
 
 
 def test_a_float64_merge_is_computed_in_float64(tmp_path):
