@@ -82,9 +82,9 @@ def _wrap(r: dict, d: D.Dist) -> None:
         shapes = {name: list(p.shape) for name, p in m.named_parameters()}
         sharded = D.wrap(m, "fsdp", d, CPU, dtype)
         with torch.no_grad():
-            logits = sharded(ids).logits
             hidden = torch.randn(1, 2, 16, dtype=dtype)
-            head = m.head(hidden)  # outside forward: gathers its shard too
+            head = m.head(hidden)  # before any forward, outside it: gathers its shard too
+            logits = sharded(ids).logits
         local = {name: list(p.to_local().shape) for name, p in m.named_parameters() if ".layers." in name}
         with D.gathered(m) as whole:
             inside = {name: list(p.shape) for name, p in whole.named_parameters()}
