@@ -139,7 +139,7 @@ class ModelConfig:
             sizes = getattr(self, key)
             if sizes is not None and (len(sizes) != self.num_layers or not all(0 < n < 1 << 31 for n in sizes)):
                 raise ConfigError(f"{key} must hold {self.num_layers} sizes (one per layer) in 1 … 2^31, got {sizes}")
-        if self.layer_num_heads is not None or self.layer_num_kv_heads is not None:  # (no list of num_layers else)
+        if self.layer_num_heads is not None or self.layer_num_kv_heads is not None:  # uniform: checked above
             for heads, kv in zip(self.layer_num_heads or [self.num_heads] * self.num_layers,
                                  self.layer_num_kv_heads or [self.num_kv_heads] * self.num_layers):
                 if heads % kv:
