@@ -105,9 +105,12 @@ def test_a_model_that_returns_a_tensor_is_scored_by_log_softmax():
         assert score.logprob == pytest.approx(logprob, rel=1e-5)
 
 
-def test_score_rows_batches_the_longest_rows_first_within_both_limits():
+def test_score_rows_batches_the_longest_rows_first_within_both_limits(monkeypatch):
     """Each pass holds at most `batch_size` rows and `max_batch_tokens` padded tokens (a row longer
-    than that alone); scores come back in the rows' order, equal to the log-softmax by hand."""
+    than that alone); scores come back in the rows' order, equal to the log-softmax by hand.
+    One torch thread, so the passes run one after another (with more, `parallel_map` runs them
+    side by side and the order of the calls is not theirs)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     rows = [[1, 2, 3], list(range(1, 10)), [4, 5, 6, 7, 8], [9, 10], list(range(10, 1, -1)), [3, 1, 4, 1],
             list(range(25)) * 1]
     rows[-1] = [t % 11 for t in rows[-1]]
