@@ -171,10 +171,10 @@ def test_an_error_cancels_the_queued_items_and_waits_for_the_running_ones():
 
     try:
         with pytest.raises(ValueError, match="item 0"):
-            list(parallel_map(fn, range(8), torch.device("cpu")))
+            list(parallel_map(fn, range(40), torch.device("cpu")))
         finished = list(done)
         time.sleep(0.3)
     finally:
         torch.set_num_threads(before)
     assert finished == done  # nothing still running after the error came back
-    assert 1 <= len(done) < 7  # the running item finished; the queued ones never started
+    assert 1 <= len(done) < 39  # the running item finished; the queued ones never started
