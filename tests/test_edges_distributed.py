@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from _ports import free_port
+
 from llmctl.core.train import distributed as D
 
 CPU = torch.device("cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _plain(value):
@@ -94,7 +89,7 @@ def _wrap(r: dict, d: D.Dist) -> None:
 
 
 def _spawn(tmp_path, wrapping: bool) -> tuple[dict, dict]:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), wrapping), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), wrapping), nprocs=2, join=True)
     return tuple(json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
 
 

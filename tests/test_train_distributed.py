@@ -5,22 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _ports import free_port as _free_port  # noqa: F401  (also imported by other distributed tests)
 from test_train import FAST, corpus, curve, records  # noqa: F401  (the shared corpus fixture)
 
 ARGS = [*FAST, "max_steps=6", "eval_every=3", "save_every=3", "sampling=sequential"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args) -> subprocess.CompletedProcess:
