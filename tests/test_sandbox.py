@@ -16,7 +16,10 @@ import time
 import pytest
 
 from llmctl.core.evaluate.code import pass_at_k
+from llmctl.core import sandbox
+from llmctl.core.report import Silent
 from llmctl.core.sandbox import Limits, network_isolated, processes_blocked, run_many, run_python
+from llmctl.errors import LlmctlError
 
 
 def live_processes() -> int:
@@ -99,6 +102,79 @@ def test_interrupt_ends_running_programs_at_once(tmp_path):
     start = time.perf_counter()
     _, err = proc.communicate(timeout=30)
     assert "KeyboardInterrupt" in err and time.perf_counter() - start < 10
+
+
+# ------------------------------------------------------------------------ when the namespace is refused
+
+REFUSING = sandbox._BOOTSTRAP.replace("libc.unshare(0x10000000 | 0x40000000)", "libc.unshare(-1)")
+# refuses the first time it runs, then runs the program as the real bootstrap would
+FLAKY = ("import os, sys\nflag = os.environ['LLMCTL_TEST_FLAG']\nif not os.path.exists(flag):\n"
+         "    open(flag, 'w').close()\n    sys.stderr.write('llmctl-sandbox: unshare: Busy\\n')\n    sys.exit(97)\n"
+         "os.execv(sys.executable, [sys.executable, '-I', '-B', sys.argv[-1]])\n")
+
+
+class Recorder(Silent):
+    def __init__(self):
+        self.warnings = []
+
+    def warn(self, message):
+        self.warnings.append(message)
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    """`network_isolated` probes afresh, and forgets what it found afterwards."""
+    sandbox.network_isolated.cache_clear()
+    yield monkeypatch
+    sandbox.network_isolated.cache_clear()
+
+
+def test_a_bootstrap_refused_its_namespace_says_why_and_exits_97():
+    done = subprocess.run([sys.executable, "-I", "-c", REFUSING, "10", "1024", "1", "512", "1", os.devnull],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (97, "llmctl-sandbox: unshare: Invalid argument\n")
+
+
+def test_the_probe_says_not_isolated_when_the_namespace_is_refused(probe):
+    probe.setattr(sandbox, "_BOOTSTRAP", REFUSING)
+    assert sandbox.network_isolated() is False
+
+
+def test_the_probe_tries_twice_before_switching_isolation_off(probe, tmp_path):
+    probe.setattr(sandbox, "_BOOTSTRAP", FLAKY)
+    probe.setenv("LLMCTL_TEST_FLAG", str(tmp_path / "flag"))
+    assert sandbox.network_isolated() is True
+
+
+def test_a_program_whose_namespace_is_refused_is_an_error_not_a_failed_verdict(monkeypatch):
+    monkeypatch.setattr(sandbox, "network_isolated", lambda: True)
+    monkeypatch.setattr(sandbox, "_BOOTSTRAP", REFUSING)
+    with pytest.raises(LlmctlError, match=r"^the sandbox could not give a program its own network namespace "
+                                          r"\(unshare: Invalid argument\)$"):
+        run_python("print(1)\n")
+
+
+def test_a_refusal_once_is_retried_and_the_program_runs(monkeypatch, tmp_path):
+    monkeypatch.setattr(sandbox, "network_isolated", lambda: True)
+    flag = repr(str(tmp_path / "flag"))  # a program's environment is emptied: the path goes in the source
+    monkeypatch.setattr(sandbox, "_BOOTSTRAP", FLAKY.replace("os.environ['LLMCTL_TEST_FLAG']", flag))
+    r = run_python("print(1)\n")
+    assert r.passed and r.stdout == "1\n"
+
+
+def test_a_program_that_exits_97_itself_is_a_failure(monkeypatch):
+    monkeypatch.setattr(sandbox, "network_isolated", lambda: True)
+    r = run_python("import sys\nsys.stderr.write('llmctl-sandbox: unshare: mine\\n')\nsys.exit(97)\n",
+                   Limits(network=True))
+    assert (r.status, r.returncode) == ("failed", 97)
+
+
+@pytest.mark.parametrize("isolated,network,warned", [(False, False, True), (True, False, False), (False, True, False)])
+def test_run_many_warns_when_programs_will_reach_the_network(monkeypatch, isolated, network, warned):
+    monkeypatch.setattr(sandbox, "network_isolated", lambda: isolated)
+    report = Recorder()
+    assert [r.stdout for r in run_many(["print(2)"], Limits(network=network), report=report)] == ["2\n"]
+    assert report.warnings == ([sandbox.NOT_ISOLATED] if warned else [])
 
 
 # ------------------------------------------------------------------------ pass@k
@@ -201,3 +277,21 @@ def test_pass_at_k_needs_enough_samples(tmp_path):
         load_tasks([str(task)], {"samples": 5})
     assert load_tasks(["humaneval"])[0].k == [1]
     assert load_tasks(["humaneval"], {"samples": 20})[0].k == [1, 10]
+
+
+def test_a_code_task_warns_on_its_report_when_programs_reach_the_network(monkeypatch, tmp_path):
+    import torch
+
+    import llmctl.core.generate as gen
+    from llmctl.core.evaluate.lm import ScoringModel
+    from llmctl.core.evaluate.tasks import load_tasks
+
+    monkeypatch.setattr(gen, "generate", lambda model, tok, prompts, cfg, context=None, report=None:
+                        [FakeResult("    return a + b\n") for _ in prompts])
+    monkeypatch.setattr(sandbox, "network_isolated", lambda: False)
+    with gzip.open(tmp_path / "HumanEval.jsonl.gz", "wt") as f:
+        f.write(json.dumps(HUMANEVAL[0]) + "\n")
+    task = load_tasks(["humaneval"], {"data": [str(tmp_path / "HumanEval.jsonl.gz")], "samples": 1})[0]
+    task.report = Recorder()
+    assert task.run(ScoringModel(torch.nn.Identity(), None, max_length=64, batch_size=8))["pass@1"] == 1.0
+    assert task.report.warnings == [sandbox.NOT_ISOLATED]

@@ -20,8 +20,8 @@ file writes, accidental network calls), not a security boundary against hostile 
 limits, plainly: the program runs as your user and can read, and outside its working
 directory write, every file your user can; other system calls are not filtered; on other
 architectures, or where seccomp is refused, there is no filter and a root user has no process limit; without user
-namespaces the network is reachable (`network_isolated()` is False). Run hostile code in a
-container or VM. The module is shared by eval's pass@k and unit-test rewards.
+namespaces the network is reachable (`network_isolated()` is False, and `run_many` warns on its
+report). Run hostile code in a container or VM. The module is shared by eval's pass@k and unit-test rewards.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
+
+from llmctl.core.report import SILENT, Reporter
+from llmctl.errors import LlmctlError
 
 OUTPUT_LIMIT = 1 << 16  # characters of stdout/stderr kept per program
 _live: set[subprocess.Popen] = set()  # programs running now (killed by run_many on an interrupt)
@@ -77,6 +80,7 @@ for which, value in ((resource.RLIMIT_CPU, int(float(timeout)) + 1), (resource.R
     resource.setrlimit(which, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
 libc = ctypes.CDLL(None, use_errno=True)
 if isolate == "1" and libc.unshare(0x10000000 | 0x40000000) != 0:  # CLONE_NEWUSER | CLONE_NEWNET
+    sys.stderr.write("llmctl-sandbox: unshare: " + os.strerror(ctypes.get_errno()) + "\\n")
     sys.exit(97)  # after the limits: a new user namespace inherits RLIMIT_NPROC as its ceiling
 # seccomp: fork, vfork and clone without CLONE_THREAD fail with EPERM, clone3 with ENOSYS (so
 # that threads fall back to clone); root ignores RLIMIT_NPROC, this stops fork bombs for all
@@ -106,20 +110,41 @@ def processes_blocked() -> bool:
     return run_python("import os\nos.fork()\n", Limits(timeout=10, network=True)).status == "failed"
 
 
+_UNSHARE_FAILED = "llmctl-sandbox: unshare: "  # the bootstrap's stderr when it cannot isolate the network
+NOT_ISOLATED = ("programs run with network access: this system refuses them an unprivileged network namespace "
+                "(see llmctl.core.sandbox)")
+
+
 @functools.lru_cache(maxsize=1)
 def network_isolated() -> bool:
-    """Whether programs get an empty network namespace here (checked once, in a child)."""
-    try:
-        done = subprocess.run([sys.executable, "-I", "-c", _BOOTSTRAP, "10", "1024", "1", "512", "1", os.devnull],
-                              capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+    """Whether programs get an empty network namespace here (checked once, in a child; a second
+    try before answering no, so that one failure under load does not switch isolation off)."""
+    for _ in range(2):
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", _BOOTSTRAP, "10", "1024", "1", "512", "1",
+                                   os.devnull], capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0:
+            return True
+    return False
 
 
 def run_python(source: str, limits: Limits = Limits()) -> Result:
-    """Run `source` as a Python program under `limits` (see the module docstring)."""
+    """Run `source` as a Python program under `limits` (see the module docstring).
+
+    Raises `LlmctlError` when the network namespace that `network_isolated()` promised cannot
+    be made twice in a row: the program never ran, and "failed" would be a wrong verdict."""
     isolate = not limits.network and network_isolated()
+    for _ in range(2):
+        result = _run(source, limits, isolate)
+        if not (isolate and result.returncode == 97 and result.stderr.startswith(_UNSHARE_FAILED)):
+            return result
+    reason = result.stderr.removeprefix(_UNSHARE_FAILED).strip()
+    raise LlmctlError(f"the sandbox could not give a program its own network namespace (unshare: {reason})")
+
+
+def _run(source: str, limits: Limits, isolate: bool) -> Result:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmctl-sandbox-") as work:
         program = os.path.join(work, "program.py")
@@ -164,8 +189,12 @@ def _kill(proc: subprocess.Popen) -> tuple[bytes, bytes]:
         return b"", b""
 
 
-def run_many(sources: Sequence[str], limits: Limits = Limits(), workers: int | None = None) -> list[Result]:
-    """`run_python` over many programs, `workers` at a time (default: the CPU count)."""
+def run_many(sources: Sequence[str], limits: Limits = Limits(), workers: int | None = None,
+             report: Reporter = SILENT) -> list[Result]:
+    """`run_python` over many programs, `workers` at a time (default: the CPU count); warns on
+    `report` when they will reach the network though `limits` asked for isolation."""
+    if not limits.network and not network_isolated():
+        report.warn(NOT_ISOLATED)
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:

@@ -61,7 +61,8 @@ class CodeGeneration(Generation):
         prompts, texts = self.generations(lm, docs)
         programs = [self.render("program", d, completion=t) for d, gen in zip(docs, texts) for t in gen]
         with self.report.progress(f"{self.name} tests", total=len(programs), unit="prog"):
-            results = run_many(programs, Limits(timeout=self.timeout, memory_mb=self.memory_mb))
+            results = run_many(programs, Limits(timeout=self.timeout, memory_mb=self.memory_mb),
+                               report=self.report)
         scores: dict[str, list[float]] = {f"pass@{k}": [] for k in self.k}
         for i, (doc, prompt, generated) in enumerate(zip(docs, prompts, texts)):
             verdicts = results[i * self.samples : (i + 1) * self.samples]
