@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, port: int, out: str, wrapping: bool) -> None:
     t = torch.tensor([float(rank + 1), 2.0])
     r["sum_"] = D.all_reduce_sum_(t, d)
     if wrapping:
-        _wrap(r, d)
+        _wrap(r, d, out)
     D.barrier(d)
     D.settle(d)
     D.shutdown(d)
@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, port: int, out: str, wrapping: bool) -> None:
         json.dump(_plain(r), f)
 
 
-def _wrap(r: dict, d: D.Dist) -> None:
+def _wrap(r: dict, d: D.Dist, out: str) -> None:
     model = torch.nn.Linear(3, 2)
     ddp = D.wrap(model, "ddp", d, CPU)
     r["ddp"] = [type(ddp).__name__, D.unwrap(ddp) is model, ddp.device_ids]
@@ -86,6 +86,49 @@ def _wrap(r: dict, d: D.Dist) -> None:
         r[f"fsdp_{dtype}"] = [sharded is m, str(logits.dtype), float((logits.float() - plain).abs().max()),
                               all(local[n] != shapes[n] for n in local) and len(local) > 4, inside == shapes,
                               list(head.shape)]
+        if dtype == torch.float32:
+            r["state_dicts"] = _state_dicts(m, d, out)
+
+
+def _state_dicts(m, d: D.Dist, out: str) -> dict:
+    """One AdamW step on the FSDP model against the same step on an unsharded copy in this process:
+    the full state dicts (made on rank 0 only), then the optimizer state, saved by rank 0 and read by
+    every rank as a resume does, loaded into a new optimizer."""
+    from llmctl.core.model.build import build_model
+    from llmctl.core.model.config import ModelConfig
+
+    torch.manual_seed(0)  # the weights `m` was built with
+    ref = build_model(ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, max_seq_len=8))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    opts = [torch.optim.AdamW(model.parameters(), lr=0.1) for model in (m, ref)]
+    for model, opt in zip((m, ref), opts):
+        model(ids).logits.square().mean().backward()  # the same batch on both ranks: the mean gradient is this one
+        opt.step()
+    want, ref_state = dict(ref.named_parameters()), opts[1].state
+
+    def check(model_state: dict, optim_state: dict) -> dict:
+        moments = {n: optim_state["state"][n]["exp_avg"] for n in want}
+        return {"keys": sorted(model_state) == sorted(ref.state_dict()),
+                "plain": all(type(v) is torch.Tensor and v.device == CPU
+                             for v in [*model_state.values(), *moments.values()]),
+                "weights": max(float((model_state[n] - p).abs().max()) for n, p in want.items()),
+                "moments": max(float((moments[n] - ref_state[p]["exp_avg"]).abs().max()) for n, p in want.items()),
+                "lr": [g["lr"] for g in optim_state["param_groups"]]}
+
+    msd, osd = D.full_state_dicts(m, opts[0])
+    r = {"first": check(msd, osd) if d.is_main else [msd, osd]}
+    if d.is_main:
+        torch.save(osd, os.path.join(out, "optim.pt"))
+    D.barrier(d)
+    m.zero_grad(set_to_none=True)  # as at a resume: torch builds the new optimizer's state with zero gradients
+    fresh = torch.optim.AdamW(m.parameters(), lr=0.5)
+    D.load_optimizer_state(m, fresh, torch.load(os.path.join(out, "optim.pt"), weights_only=True))
+    msd, again = D.full_state_dicts(m, fresh)
+    if d.is_main:
+        r["again"] = check(msd, again)
+        r["again"]["equal"] = all(torch.equal(again["state"][n][k], osd["state"][n][k])
+                                  for n in want for k in ("exp_avg", "exp_avg_sq", "step"))
+    return r
 
 
 def _spawn(tmp_path, wrapping: bool) -> tuple[dict, dict]:
@@ -118,6 +161,11 @@ def test_wrapping_for_ddp_and_fsdp_in_a_two_process_gloo_group(tmp_path):
     assert same and dtype == "torch.float32" and err < 1e-5 and sharded and whole and head == [1, 2, 32]
     same, dtype, err, sharded, whole, head = r1["fsdp_torch.bfloat16"]  # computed in 16 bits (logits upcast)
     assert same and dtype == "torch.float32" and 1e-5 < err < 0.1 and sharded and whole and head == [1, 2, 32]
+    s = r0["state_dicts"]  # full, on CPU, FQN-keyed, equal to one process's AdamW step; then the same after a reload
+    for check in (s["first"], s["again"]):
+        assert check["keys"] and check["plain"] and check["weights"] < 1e-6 and check["moments"] < 1e-6
+    assert s["first"]["lr"] == s["again"]["lr"] == [0.1] and s["again"]["equal"]
+    assert r1["state_dicts"] == {"first": [{}, {}]}  # a collective, but the copies are made on rank 0 only
 
 
 def test_a_single_process_is_its_own_world(monkeypatch):
@@ -135,6 +183,8 @@ def test_a_single_process_is_its_own_world(monkeypatch):
     assert torch.equal(gathered["x"], mine["x"]) and gathered["x"].data_ptr() != mine["x"].data_ptr()  # a copy
     assert (D.any_rank(True, d, CPU), D.any_rank(False, d, CPU), D.fewest(4, d, CPU)) == (True, False, 4)
     assert D.all_reduce_sum([1.5], d, CPU) == [1.5]
+    t = torch.tensor([2.5])
+    assert D.all_reduce_sum_(t, d) is t and t.item() == 2.5
     D.barrier(d), D.settle(d), D.shutdown(d)  # nothing to wait for or leave
 
 
