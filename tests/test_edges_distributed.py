@@ -65,6 +65,7 @@ def _wrap(r: dict, d: D.Dist, out: str) -> None:
     r["ddp_sync"] = ddp.require_backward_grad_sync
     D.set_grad_sync(ddp, True)
     r["ddp_sync"] = [r["ddp_sync"], ddp.require_backward_grad_sync]
+    r["root_bf16"] = _root_in_bf16(d)
     from llmctl.core.model.build import build_model
     from llmctl.core.model.config import ModelConfig
 
@@ -88,6 +89,20 @@ def _wrap(r: dict, d: D.Dist, out: str) -> None:
                               list(head.shape)]
         if dtype == torch.float32:
             r["state_dicts"] = _state_dicts(m, d, out)
+
+
+def _root_in_bf16(d: D.Dist) -> list:
+    """A model with no blocks (the root unit alone) under a bf16 FSDP: its weight 1 + 2**-10 computes
+    as 1 (bf16), and the ranks' gradients 1 and 2**-8 average to 0.501953125 only if reduced in
+    float32 (in bf16 their sum rounds to 1, to even)."""
+    lin = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1 + 2 ** -10)
+    D.wrap(lin, "fsdp", d, CPU, torch.bfloat16)
+    x = torch.full((1, 2), 1.0 if d.rank == 0 else 2 ** -8)
+    y = lin(x)
+    y.float().sum().backward()
+    return [str(y.dtype), y.float().tolist(), lin.weight.grad.full_tensor().unique().tolist()]
 
 
 def _state_dicts(m, d: D.Dist, out: str) -> dict:
@@ -161,6 +176,8 @@ def test_wrapping_for_ddp_and_fsdp_in_a_two_process_gloo_group(tmp_path):
     assert same and dtype == "torch.float32" and err < 1e-5 and sharded and whole and head == [1, 2, 32]
     same, dtype, err, sharded, whole, head = r1["fsdp_torch.bfloat16"]  # computed in 16 bits (logits upcast)
     assert same and dtype == "torch.float32" and 1e-5 < err < 0.1 and sharded and whole and head == [1, 2, 32]
+    dtype, out, grad = r0["root_bf16"]
+    assert dtype == "torch.bfloat16" and out == [[2.0, 2.0]] and grad == [0.501953125]
     s = r0["state_dicts"]  # full, on CPU, FQN-keyed, equal to one process's AdamW step; then the same after a reload
     for check in (s["first"], s["again"]):
         assert check["keys"] and check["plain"] and check["weights"] < 1e-6 and check["moments"] < 1e-6
