@@ -173,9 +173,6 @@ REFUSALS = [  # (arguments, the message); {teacher} etc. name the checkpoints of
      "config key 'objective_args.lora': set objective_args.adapter=lora to train adapters"),
     (["objective_args.teacher={teacher}", "objective_args.adapter=lora", "objective_args.lora={rank: 2}"],
      "config key 'objective_args.lora': LoRA.__init__() got an unexpected keyword argument 'rank'"),
-    (["objective_args.teacher={teacher}", "distributed.strategy=fsdp"],
-     "config key 'distributed.strategy': distill runs the student's head outside its forward, which FSDP does "
-     "not allow; use ddp"),
     (["objective_args.teacher={teacher}", "objective_args.losses={}"],
      "config key 'objective_args.losses': name: weight pairs, weights >= 0, one > 0; got {}"),
     (["objective_args.teacher={teacher}", "objective_args.losses={forward_kl: -1, ce: 1}"],

@@ -53,9 +53,6 @@ class Distill(Causal):
                 TRANSFORMS.get("lora")(**s.lora)
             except TypeError as exc:
                 raise ConfigError(f"config key 'objective_args.lora': {exc}") from None
-        if plan.config.distributed.strategy == "fsdp":
-            raise ConfigError("config key 'distributed.strategy': distill runs the student's head outside its "
-                              "forward, which FSDP does not allow; use ddp")
         if s.teacher is not None:
             _resolve_teacher(plan, s)
         else:
