@@ -143,6 +143,13 @@ def _state_dicts(m, d: D.Dist, out: str) -> dict:
         r["again"] = check(msd, again)
         r["again"]["equal"] = all(torch.equal(again["state"][n][k], osd["state"][n][k])
                                   for n in want for k in ("exp_avg", "exp_avg_sq", "step"))
+    ref.zero_grad(set_to_none=True)
+    for model, opt in zip((m, ref), (fresh, opts[1])):  # one more step each: the loaded state is the one used
+        model(ids).logits.square().mean().backward()
+        opt.step()
+    msd, _ = D.full_state_dicts(m, fresh)
+    if d.is_main:
+        r["second"] = max(float((msd[n] - p).abs().max()) for n, p in want.items())
     return r
 
 
@@ -181,7 +188,7 @@ def test_wrapping_for_ddp_and_fsdp_in_a_two_process_gloo_group(tmp_path):
     s = r0["state_dicts"]  # full, on CPU, FQN-keyed, equal to one process's AdamW step; then the same after a reload
     for check in (s["first"], s["again"]):
         assert check["keys"] and check["plain"] and check["weights"] < 1e-6 and check["moments"] < 1e-6
-    assert s["first"]["lr"] == s["again"]["lr"] == [0.1] and s["again"]["equal"]
+    assert s["first"]["lr"] == s["again"]["lr"] == [0.1] and s["again"]["equal"] and s["second"] < 1e-6
     assert r1["state_dicts"] == {"first": [{}, {}]}  # a collective, but the copies are made on rank 0 only
 
 
