@@ -127,3 +127,55 @@ def test_the_silent_reporters_progress_bar_takes_every_call_a_bar_gets_and_shows
         bar.advance(2)
         bar.update(total=5, completed=1, description="again")
     assert capsys.readouterr() == ("", "")
+
+
+def test_an_asymmetric_transform_stores_zero_points_compressed_tensors_decompresses():
+    """The transform's own scheme (not the default symmetric one) quantizes the linears it replaces."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from llmctl.core.quant.linear import PackQuantized
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(64, 8)
+    with torch.no_grad():  # all-positive weights: a symmetric grid would waste half its levels
+        model.proj.weight.copy_(torch.rand(8, 64, generator=g) * 0.5 + 0.25)
+    dense = model.proj.weight.detach().clone()
+    transform = PackQuantized(bits=4, group_size=32, symmetric=False, ignore=[])
+    transform.apply(model)
+    config = QuantizationConfig.model_validate(transform.quantization_config())
+    state = {k: v for k, v in model.proj.state_dict().items() if k != "bias"}
+    assert "weight_zero_point" in state and not model.proj.scheme.symmetric
+    weight = PackedQuantizationCompressor.decompress(state, config.config_groups["group_0"])["weight"]
+    step = (dense.view(8, 2, 32).amax(-1) - dense.view(8, 2, 32).amin(-1).clamp(max=0)) / 15
+    assert ((weight - dense).abs().view(8, 2, 32) <= step.unsqueeze(-1) * 0.5001 + 1e-6).all()
+
+
+def test_each_visited_block_gets_the_context_to_rerun_itself_and_a_default_description():
+    """Pruners rerun the block they visit (`block(inputs, ctx)`) to see its linears' inputs."""
+    from _recorder import Recorder
+
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+    from llmctl.core.prune.calibration import for_each_block
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                                    intermediate_size=32, max_seq_len=16)).eval()
+    tokens = torch.randint(0, 50, (2, 8))
+    inputs, outputs, report = [], [], Recorder()
+
+    def visit(i, block, hidden, ctx):
+        inputs.append(hidden.clone())
+        outputs.append(block(hidden, ctx)[0])
+
+    last = for_each_block(model, tokens, visit, report)
+    assert report.steps() == [("progress", "calibrate", 2, "layer"), ("advance", 1), ("advance", 1)]
+    torch.testing.assert_close(outputs[0], inputs[1])
+    torch.testing.assert_close(outputs[1], last)
+    seen = {}
+    model.model.norm.register_forward_pre_hook(lambda m, a: seen.setdefault("final", a[0]))
+    with torch.no_grad():
+        model(tokens)
+    torch.testing.assert_close(last, seen["final"])
