@@ -42,6 +42,8 @@ def test_positions_from_a_left_padded_mask_are_transformers_generation_positions
     assert torch.equal(bool_mask, expected)
     unpadded = GenerationMixin._prepare_position_ids_for_generation(None, torch.zeros(2, 4, dtype=torch.long), {})
     assert torch.equal(Transformer._positions(None, 2, 4, torch.device("cpu")), unpadded.expand(2, 4))
+    on_meta = Transformer._positions(None, 2, 4, torch.device("meta"))  # made on the inputs' device
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 4)
 
 
 def test_a_vocabulary_is_the_identity_only_when_every_input_row_already_is_the_output_row():
@@ -179,3 +181,17 @@ def test_each_visited_block_gets_the_context_to_rerun_itself_and_a_default_descr
     with torch.no_grad():
         model(tokens)
     torch.testing.assert_close(last, seen["final"])
+
+
+def test_calibration_tokens_follow_the_model_to_its_device():
+    """A model on the meta device stands in for one on an accelerator, given tokens on the CPU."""
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+    from llmctl.core.prune.calibration import for_each_block
+
+    model = build_model(ModelConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                                    intermediate_size=32, max_seq_len=16)).to("meta")
+    devices = []
+    tokens = torch.randint(0, 50, (2, 8))
+    last = for_each_block(model, tokens, lambda i, block, hidden, ctx: devices.append(hidden.device))
+    assert [d.type for d in devices] == ["meta", "meta"] and last.device.type == "meta" and last.shape == (2, 8, 16)
