@@ -109,7 +109,7 @@ def _head_size(got: dict, arch: str, embd: int, heads: int) -> tuple[int, int]:
     return k[0], v[0]
 
 
-def test_a_llama_gets_each_hyperparameter_under_llama_cpps_key_and_type(tmp_path):
+def test_a_llama_gets_each_hyperparameter_under_its_gguf_key_and_type(tmp_path):
     got = _metadata(tmp_path, tr.LlamaConfig(**COMMON))
     assert _head_size(got, "llama", 32, 4) == (8, 8)
     assert got == _want("llama")
@@ -171,7 +171,7 @@ ROPE = {
 
 
 @pytest.mark.parametrize("kind", ROPE)
-def test_rope_scaling_keys_as_llama_cpp_reads_them(kind, tmp_path):
+def test_rope_scaling_keys_as_gguf_names_them(kind, tmp_path):
     """linear and yarn: the scaling type, the factor (a float) and yarn's original context; llama3
     only a rope_freqs tensor, no scaling key."""
     scaling, want = ROPE[kind]
