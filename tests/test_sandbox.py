@@ -107,10 +107,20 @@ def test_interrupt_ends_running_programs_at_once(tmp_path):
 # ------------------------------------------------------------------------ when the namespace is refused
 
 REFUSING = sandbox._BOOTSTRAP.replace("libc.unshare(0x10000000 | 0x40000000)", "libc.unshare(-1)")
-# refuses the first time it runs, then runs the program as the real bootstrap would
-FLAKY = ("import os, sys\nflag = os.environ['LLMCTL_TEST_FLAG']\nif not os.path.exists(flag):\n"
-         "    open(flag, 'w').close()\n    sys.stderr.write('llmctl-sandbox: unshare: Busy\\n')\n    sys.exit(97)\n"
-         "os.execv(sys.executable, [sys.executable, '-I', '-B', sys.argv[-1]])\n")
+
+
+def flaky(log, refusals: int, hang: float = 0.0) -> str:
+    """A bootstrap that appends a line to `log` each time it runs, refuses the namespace its first
+    `refusals` times (after sleeping `hang` seconds), then runs the program as the real one would."""
+    return (f"import os, sys, time\nlog = {str(log)!r}\nruns = open(log).read().count('x') if os.path.exists(log) else 0\n"
+            "open(log, 'a').write('x')\n"
+            f"if runs < {refusals}:\n    time.sleep({hang})\n"
+            "    sys.stderr.write('llmctl-sandbox: unshare: Busy\\n')\n    sys.exit(97)\n"
+            "os.execv(sys.executable, [sys.executable, '-I', '-B', sys.argv[-1]])\n")
+
+
+def tries(log) -> int:
+    return log.read_text().count("x")
 
 
 class Recorder(Silent):
@@ -135,15 +145,33 @@ def test_a_bootstrap_refused_its_namespace_says_why_and_exits_97():
     assert (done.returncode, done.stderr) == (97, "llmctl-sandbox: unshare: Invalid argument\n")
 
 
-def test_the_probe_says_not_isolated_when_the_namespace_is_refused(probe):
+def test_the_probe_agrees_with_the_kernel(probe):
+    """The probe (the bootstrap with its limits) against a bare unshare of a user + network namespace."""
+    direct = subprocess.run([sys.executable, "-I", "-c", "import ctypes, sys\n"
+                             "sys.exit(ctypes.CDLL(None).unshare(0x10000000 | 0x40000000) != 0)"], timeout=60)
+    assert sandbox.network_isolated() is (direct.returncode == 0)
+
+
+def test_the_probe_says_not_isolated_when_the_namespace_is_refused_and_prints_nothing(probe, capfd):
     probe.setattr(sandbox, "_BOOTSTRAP", REFUSING)
     assert sandbox.network_isolated() is False
+    assert capfd.readouterr() == ("", "")
 
 
 def test_the_probe_tries_twice_before_switching_isolation_off(probe, tmp_path):
-    probe.setattr(sandbox, "_BOOTSTRAP", FLAKY)
-    probe.setenv("LLMCTL_TEST_FLAG", str(tmp_path / "flag"))
-    assert sandbox.network_isolated() is True
+    probe.setattr(sandbox, "_BOOTSTRAP", flaky(tmp_path / "once", refusals=1))
+    assert sandbox.network_isolated() is True and tries(tmp_path / "once") == 2
+    sandbox.network_isolated.cache_clear()
+    probe.setattr(sandbox, "_BOOTSTRAP", flaky(tmp_path / "twice", refusals=2))
+    assert sandbox.network_isolated() is False and tries(tmp_path / "twice") == 2
+
+
+def test_a_probe_that_hangs_counts_as_a_refusal_and_is_tried_again(probe, tmp_path):
+    probe.setattr(sandbox, "PROBE_TIMEOUT", 2.0)
+    probe.setattr(sandbox, "_BOOTSTRAP", flaky(tmp_path / "log", refusals=1, hang=60))
+    start = time.perf_counter()
+    assert sandbox.network_isolated() is True and tries(tmp_path / "log") == 2
+    assert time.perf_counter() - start < 30
 
 
 def test_a_program_whose_namespace_is_refused_is_an_error_not_a_failed_verdict(monkeypatch):
@@ -156,10 +184,13 @@ def test_a_program_whose_namespace_is_refused_is_an_error_not_a_failed_verdict(m
 
 def test_a_refusal_once_is_retried_and_the_program_runs(monkeypatch, tmp_path):
     monkeypatch.setattr(sandbox, "network_isolated", lambda: True)
-    flag = repr(str(tmp_path / "flag"))  # a program's environment is emptied: the path goes in the source
-    monkeypatch.setattr(sandbox, "_BOOTSTRAP", FLAKY.replace("os.environ['LLMCTL_TEST_FLAG']", flag))
+    monkeypatch.setattr(sandbox, "_BOOTSTRAP", flaky(tmp_path / "once", refusals=1))
     r = run_python("print(1)\n")
-    assert r.passed and r.stdout == "1\n"
+    assert r.passed and r.stdout == "1\n" and tries(tmp_path / "once") == 2
+    monkeypatch.setattr(sandbox, "_BOOTSTRAP", flaky(tmp_path / "twice", refusals=2))
+    with pytest.raises(LlmctlError, match=r"\(unshare: Busy\)$"):
+        run_python("print(1)\n")
+    assert tries(tmp_path / "twice") == 2
 
 
 def test_a_program_that_exits_97_itself_is_a_failure(monkeypatch):

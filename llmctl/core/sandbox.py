@@ -111,6 +111,7 @@ def processes_blocked() -> bool:
 
 
 _UNSHARE_FAILED = "llmctl-sandbox: unshare: "  # the bootstrap's stderr when it cannot isolate the network
+PROBE_TIMEOUT = 30.0  # seconds before one try of the network probe counts as a refusal
 NOT_ISOLATED = ("programs run with network access: this system refuses them an unprivileged network namespace "
                 "(see llmctl.core.sandbox)")
 
@@ -122,7 +123,7 @@ def network_isolated() -> bool:
     for _ in range(2):
         try:
             done = subprocess.run([sys.executable, "-I", "-c", _BOOTSTRAP, "10", "1024", "1", "512", "1",
-                                   os.devnull], capture_output=True, timeout=30)
+                                   os.devnull], capture_output=True, timeout=PROBE_TIMEOUT)
         except (OSError, subprocess.SubprocessError):
             continue
         if done.returncode == 0:
