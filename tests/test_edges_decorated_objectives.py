@@ -1,0 +1,162 @@
+"""Edges of decorated functions that mutmut reached only once `scripts/undecorate.py` rewrote
+them (round 11): the objectives' `resolve`/`encode` class methods, GRPO's rollouts and saved
+rounds, the criterion's `hidden`, the reference log-probs, the shards' window count, the
+validation loss and the prompt adapters' PEFT configs. Values are worked out by hand or taken
+from the reference implementation (transformers, PEFT)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """A byte-level BPE tokenizer (BOS/EOS/PAD = 0/1/2) of a few arithmetic questions."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llmctl.core.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    inner = Tokenizer(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    inner.train_from_iterator([f"what is {a} plus {a}? {a + a}." for a in range(10)], trainer)
+    inner.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+        "pad_token": "<|pad|>", "model_max_length": 64}))
+    return load_tokenizer(out)
+
+
+def test_the_criterion_asks_for_hidden_states_only_for_a_hidden_state_loss():
+    from llmctl.core.distill.criterion import Criterion
+
+    assert Criterion({"hidden_mse": 1.0}).hidden is True
+    assert Criterion({"forward_kl": 0.5, "hidden_cosine": 0.5}).hidden is True
+    assert Criterion({"forward_kl": 1.0, "ce": 0.5}).hidden is False
+
+
+def _shards(lengths: list[int], seq_len: int, **options):
+    from llmctl.core.train.data import ShardBatches
+
+    arrays = [np.arange(n, dtype=np.uint16) + 1000 * i for i, n in enumerate(lengths)]
+    options = {"batch_size": 1, "seed": 0, "sampling": "sequential", **options}
+    return arrays, ShardBatches(arrays, [], seq_len=seq_len, **options)
+
+
+def test_the_window_count_is_each_streams_full_windows_at_stride_seq_len():
+    """A window is seq_len + 1 tokens (inputs and the shifted labels), the next one starts
+    seq_len later: a stream of n tokens holds floor((n - 1) / seq_len) of them, and a stream
+    of seq_len tokens or fewer is left out."""
+    for lengths, want in [([33], 1), ([64], 1), ([65], 2), ([97], 3), ([96], 2),
+                          ([33, 10, 65, 32, 97], 1 + 2 + 3), ([200, 40], 6 + 1)]:
+        windows = _shards(lengths, 32)[1].windows
+        assert windows == want and type(windows) is int, (lengths, windows)
+    assert _shards([11, 4, 21], 5)[1].windows == 2 + 4
+
+
+def test_sequential_batches_visit_exactly_the_counted_windows_then_wrap():
+    arrays, batches = _shards([33, 10, 65], 32)
+    assert batches.windows == 3
+    rows = [batches.batch(i)[0] for i in range(batches.windows + 1)]
+    want = [arrays[0][0:33], arrays[2][0:33], arrays[2][32:65]]
+    for row, expected in zip(rows, want):
+        assert torch.equal(row, torch.from_numpy(expected.astype(np.int64)))
+    assert torch.equal(rows[-1], rows[0])  # window 3 is window 0 of the next epoch
+
+
+def test_a_rollout_is_prompt_plus_completion_rows_by_hand():
+    from llmctl.core.rl.grpo import Rollout
+
+    r = Rollout.build([[7, 8, 9], [5]], [[1, 2], []], ["ab", ""], [True, False], "cpu", pad_id=0)
+    assert r.ids.tolist() == [[7, 8, 9, 1, 2], [5, 0, 0, 0, 0]] and r.ids.dtype == torch.long
+    assert r.targets.tolist() == [[1, 2], [0, 0]] and r.targets.dtype == torch.long
+    assert r.mask.tolist() == [[1.0, 1.0], [0.0, 0.0]] and r.mask.dtype == torch.float32
+    assert r.positions.tolist() == [[2, 3], [0, 1]]  # the position before each completion token
+    assert r.truncated.tolist() == [True, False] and r.truncated.dtype == torch.bool
+    assert r.texts == ["ab", ""]
+    # a longer completion after a shorter prompt: positions stop at the last column
+    r = Rollout.build([[1, 2, 3], [4]], [[], [5, 6]], ["", "x"], [False, True], "cpu", pad_id=9)
+    assert r.ids.tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert r.targets.tolist() == [[9, 9], [5, 6]] and r.mask.tolist() == [[0.0, 0.0], [1.0, 1.0]]
+    assert r.positions.tolist() == [[2, 2], [0, 1]]
+    # no completion at all still has one (masked) column
+    r = Rollout.build([[3, 4]], [[]], [""], [False], "cpu", pad_id=0)
+    assert r.ids.tolist() == [[3, 4]] and r.targets.tolist() == [[0]] and r.mask.tolist() == [[0.0]]
+    assert r.positions.tolist() == [[1]]
+
+
+def _round(num_items, with_ref: bool):
+    from llmctl.core.rl.grpo import Part, Rollout, Round
+
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for i in range(3):
+        rollout = Rollout.build([[1, 2 + i], [3]], [[4, 5], [6 + i]], ["", ""], [i == 1, False], "cpu", pad_id=0)
+        ref = torch.randn(2, 2, generator=g) if with_ref else None
+        old = torch.randn(2, 2, generator=g) if with_ref else None
+        parts.append(Part(rollout, torch.randn(2, generator=g), rollout.mask * (i + 1), ref, old))
+    return Round(11, parts, num_items)
+
+
+@pytest.mark.parametrize("num_items, with_ref", [(12.5, True), (None, False)])
+def test_a_saved_round_loads_back_part_by_part(num_items, with_ref):
+    """What a resumed run trains on: every part's tensors, in order, the round's number and
+    dapo's normaliser (absent when none)."""
+    from llmctl.core.rl.grpo import Round
+
+    saved = _round(num_items, with_ref)
+    state = saved.state()
+    assert ("num_items" in state) == (num_items is not None)
+    loaded = Round.from_state(state, torch.device("cpu"))
+    assert loaded.number == 11 and type(loaded.number) is int
+    assert loaded.num_items == num_items and len(loaded.parts) == 3
+    for a, b in zip(saved.parts, loaded.parts):
+        for name in ("ids", "positions", "targets", "mask", "truncated"):
+            x, y = getattr(a.rollout, name), getattr(b.rollout, name)
+            assert torch.equal(x, y) and x.dtype == y.dtype, name
+        assert b.rollout.texts == []
+        assert torch.equal(a.advantages, b.advantages) and torch.equal(a.mask, b.mask)
+        for x, y in ((a.ref, b.ref), (a.old, b.old)):
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_kto_encodes_labelled_examples_as_trl_does(tok, tmp_path):
+    """KTO reads unpaired records (`prompt`, `completion`, `label`): each row is the example and,
+    for the KL term, its prompt with the previous example's completion (TRL's rotation; the first
+    takes the last's). The same tokens as DPO's pairs (chosen = the completion, rejected = the
+    previous one), the completion's mask doubled for an undesirable example."""
+    import json
+    from types import SimpleNamespace
+
+    from llmctl.core.train.finetune_config import FinetuneConfig
+    from llmctl.core.train.preference import DPO, KTO
+
+    examples = [("what is 1 plus 1?", " 2.", True), ("what is 2 plus 2?", " 5.", False),
+                ("what is 3 plus 3?", " 6.", True)]
+    kto, dpo = tmp_path / "kto.jsonl", tmp_path / "dpo.jsonl"
+    kto.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": y}) + "\n" for p, c, y in examples))
+    dpo.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": examples[i - 1][1]}) + "\n"
+                           for i, (p, c, _) in enumerate(examples)))
+
+    def encode(cls, path, objective):
+        lines = []
+        plan = SimpleNamespace(config=FinetuneConfig(model="base", seq_len=32), tokenizer=tok,
+                               text_files=[str(path)], val_files=[], objective=objective,
+                               report=SimpleNamespace(info=lines.append))
+        return cls.encode(plan), lines
+
+    (got, lines), (want, _) = encode(KTO, kto, "kto"), encode(DPO, dpo, "dpo")
+    assert lines == [f"kto data: 3 examples, longest sequence {got['stats'].longest} tokens, "
+                     "2 desirable / 1 undesirable"]
+    assert got["val"] is None and got["train"].shape == want["train"].shape == (3, 2, 2, 33)
+    rows, pairs = got["train"], want["train"]
+    assert torch.equal(rows[:, :, 0], pairs[:, :, 0])
+    assert torch.equal(rows[:, 1, 1], pairs[:, 1, 1])
+    assert torch.equal(rows[:, 0, 1], pairs[:, 0, 1] * torch.tensor([1, 2, 1])[:, None])
