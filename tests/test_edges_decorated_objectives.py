@@ -90,6 +90,8 @@ def test_a_rollout_is_prompt_plus_completion_rows_by_hand():
     r = Rollout.build([[3, 4]], [[]], [""], [False], "cpu", pad_id=0)
     assert r.ids.tolist() == [[3, 4]] and r.targets.tolist() == [[0]] and r.mask.tolist() == [[0.0]]
     assert r.positions.tolist() == [[1]]
+    moved = Rollout.build([[1, 2]], [[3]], ["c"], [True], torch.device("meta"), pad_id=0)  # onto the device given
+    assert {t.device.type for t in (moved.ids, moved.positions, moved.targets, moved.mask, moved.truncated)} == {"meta"}
 
 
 def _round(num_items, with_ref: bool):
@@ -125,6 +127,10 @@ def test_a_saved_round_loads_back_part_by_part(num_items, with_ref):
         assert torch.equal(a.advantages, b.advantages) and torch.equal(a.mask, b.mask)
         for x, y in ((a.ref, b.ref), (a.old, b.old)):
             assert (x is None and y is None) or torch.equal(x, y)
+    moved = Round.from_state(state, torch.device("meta"))  # onto the device given (meta: no data)
+    tensors = [t for p in moved.parts for t in (p.rollout.ids, p.rollout.truncated, p.advantages, p.mask, p.ref)
+               if t is not None]
+    assert len(tensors) == 3 * (5 if with_ref else 4) and all(t.device.type == "meta" for t in tensors)
 
 
 def test_kto_encodes_labelled_examples_as_trl_does(tok, tmp_path):
@@ -160,3 +166,99 @@ def test_kto_encodes_labelled_examples_as_trl_does(tok, tmp_path):
     assert torch.equal(rows[:, :, 0], pairs[:, :, 0])
     assert torch.equal(rows[:, 1, 1], pairs[:, 1, 1])
     assert torch.equal(rows[:, 0, 1], pairs[:, 0, 1] * torch.tensor([1, 2, 1])[:, None])
+
+
+@pytest.fixture(scope="module")
+def bf16_base(tmp_path_factory):
+    """A tiny HF Llama checkpoint stored in bfloat16 (its float32 load is exact)."""
+    import shutil
+
+    import transformers
+    from conftest import tiny_llama
+
+    root = tmp_path_factory.mktemp("reference")
+    (root / "f32").mkdir()
+    base = tiny_llama(root / "f32", ["question: what is two plus three? answer: five. " * 20], vocab=200,
+                      context=128, scale=2.0)
+    transformers.LlamaForCausalLM.from_pretrained(base).to(torch.bfloat16).save_pretrained(root / "bf16")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, root / "bf16")
+    return root / "bf16"
+
+
+def _dpo(base, tmp_path, *overrides):
+    import json
+
+    from _recorder import Recorder
+
+    from llmctl.config import load_config
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.finetune_config import FinetuneConfig
+    from llmctl.core.train.objectives import OBJECTIVES
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question: what is {a} plus {a}? answer:", "chosen": f" {a + a}.",
+                                        "rejected": f" {a + a + 1}."}) + "\n" for a in range(7)))
+    cfg = load_config(FinetuneConfig, "tiny", ["method=dpo", "batch_size=2", "val_fraction=0.3", *overrides],
+                      kind="finetune")
+    cfg.model, cfg.data, cfg.objective = str(base), [str(data)], cfg.training_objective
+    plan = make_plan(cfg, "cpu")
+    plan.report = Recorder()
+    return OBJECTIVES.get("dpo")(plan, torch.device("cpu"))
+
+
+def _sums(model, rows) -> torch.Tensor:
+    """[N, 2] log-prob sums of each sequence's learned tokens, one sequence at a time."""
+    from torch.nn import functional as F
+
+    out = torch.zeros(len(rows), 2, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(len(rows)):
+            for s in range(2):
+                ids, mask = rows[i, s, 0], rows[i, s, 1]
+                logp = F.log_softmax(model(ids[None, :-1]).logits[0].float(), -1)
+                token = logp.gather(-1, ids[1:, None])[:, 0]
+                out[i, s] = float(token[mask[1:] != 0].sum())
+    return out
+
+
+def test_reference_logps_are_the_bases_in_float32_with_the_runs_context(bf16_base, tmp_path):
+    """`precompute_ref`'s sums are transformers' Llama's for the base loaded in float32 (it is
+    stored in bfloat16) with the run's RoPE scaling, every pair of every split, scored
+    batch_size pairs at a time under one progress bar."""
+    import transformers
+
+    from llmctl.core.train import reference
+
+    objective = _dpo(bf16_base, tmp_path, "max_seq_len=256", "rope_scaling={type: linear, factor: 2.0}")
+    prepared = objective.plan.prepared
+    parts = {"train": prepared["train"], "val": prepared["val"]}
+    assert (len(parts["train"]), len(parts["val"])) == (5, 2)
+    sums = reference._compute(objective, parts)
+    config = transformers.AutoConfig.from_pretrained(bf16_base)
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": 2.0}
+    hf = transformers.LlamaForCausalLM.from_pretrained(bf16_base, config=config, dtype=torch.float32).eval()
+    plain = transformers.LlamaForCausalLM.from_pretrained(bf16_base, dtype=torch.float32).eval()
+    for name, rows in parts.items():
+        want = _sums(hf, rows)
+        assert sums[name].shape == (len(rows), 2)
+        torch.testing.assert_close(sums[name].double(), want, atol=1e-4, rtol=0)
+        assert not torch.allclose(_sums(plain, rows), want, atol=1e-2)  # the scaling matters here
+    assert objective.plan.report.steps() == [("progress", "reference log-probs", 7, "record"), ("advance", 2),
+                                             ("advance", 2), ("advance", 1), ("advance", 2)]
+
+
+def test_reference_logps_in_bfloat16_run_under_autocast(bf16_base, tmp_path):
+    """With precision=bfloat16 the base scores under bf16 autocast (as the policy does), which
+    moves the sums off the float32 ones."""
+    from llmctl.core.model.io import load_model
+    from llmctl.core.train import reference
+
+    objective = _dpo(bf16_base, tmp_path, "precision=bfloat16")
+    rows = objective.plan.prepared["train"]
+    sums = reference._compute(objective, {"train": rows})["train"].double()
+    model = load_model(bf16_base, dtype=torch.float32)[0].eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _sums(model, rows)
+    torch.testing.assert_close(sums, want, atol=1e-4, rtol=0)
+    assert (sums - _sums(model, rows)).abs().max() > 2e-3  # float32's sums are not these
