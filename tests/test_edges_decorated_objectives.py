@@ -250,13 +250,14 @@ def test_reference_logps_are_the_bases_in_float32_with_the_runs_context(bf16_bas
 
 def test_reference_logps_in_bfloat16_run_under_autocast(bf16_base, tmp_path):
     """With precision=bfloat16 the base scores under bf16 autocast (as the policy does), which
-    moves the sums off the float32 ones."""
+    moves the sums off the float32 ones; batch_size=1 scores one pair at a time."""
     from llmctl.core.model.io import load_model
     from llmctl.core.train import reference
 
-    objective = _dpo(bf16_base, tmp_path, "precision=bfloat16")
+    objective = _dpo(bf16_base, tmp_path, "precision=bfloat16", "batch_size=1")
     rows = objective.plan.prepared["train"]
     sums = reference._compute(objective, {"train": rows})["train"].double()
+    assert objective.plan.report.steps() == [("progress", "reference log-probs", 5, "record"), *[("advance", 1)] * 5]
     model = load_model(bf16_base, dtype=torch.float32)[0].eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = _sums(model, rows)
