@@ -1,8 +1,7 @@
 """Edges of decorated functions that mutmut reached only once `scripts/undecorate.py` rewrote
-them (round 11): the objectives' `resolve`/`encode` class methods, GRPO's rollouts and saved
-rounds, the criterion's `hidden`, the reference log-probs, the shards' window count, the
-validation loss and the prompt adapters' PEFT configs. Values are worked out by hand or taken
-from the reference implementation (transformers, PEFT)."""
+them (round 11): KTO's `encode`, GRPO's rollouts and saved rounds, the criterion's `hidden`, the
+reference log-probs, the shards' window count and the validation loss. Values are worked out by
+hand or taken from a reference (transformers' Llama, torch's cross-entropy, DPO's pair encoding)."""
 
 from __future__ import annotations
 
@@ -263,3 +262,44 @@ def test_reference_logps_in_bfloat16_run_under_autocast(bf16_base, tmp_path):
         want = _sums(model, rows)
     torch.testing.assert_close(sums, want, atol=1e-4, rtol=0)
     assert (sums - _sums(model, rows)).abs().max() > 2e-3  # float32's sums are not these
+
+
+def test_the_validation_loss_is_the_mean_cross_entropy_of_the_held_out_windows_in_eval_mode():
+    """`Trainer.evaluate` over three full validation batches: the next-token cross-entropy of all
+    their windows (torch's, on the model's logits with dropout off), and the model trains again
+    afterwards."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from torch.nn import functional as F
+
+    from llmctl.core.model import ModelConfig
+    from llmctl.core.model.build import build_model
+    from llmctl.core.train.distributed import Dist
+    from llmctl.core.train.loop import Trainer
+    from llmctl.core.train.objectives import Causal
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                    embedding_dropout=0.5, attention_dropout=0.5, residual_dropout=0.5)).train()
+    windows = torch.randint(0, 64, (6, 17), generator=torch.Generator().manual_seed(1))
+    objective = object.__new__(Causal)
+    objective.cfg, objective.device = SimpleNamespace(document_mask=False), torch.device("cpu")
+    trainer = object.__new__(Trainer)
+    trainer.val, trainer.d, trainer.cfg = list(windows.split(2)), Dist(), SimpleNamespace(seed=0)
+    trainer.device = torch.device("cpu")
+    trainer.trained = trainer.forward = model
+    trainer.objective, trainer._autocast = objective, nullcontext
+    with torch.no_grad():
+        logits = model.eval()(windows[:, :-1]).logits
+    model.train()
+    want = float(F.cross_entropy(logits.reshape(-1, 64), windows[:, 1:].reshape(-1)))
+    assert trainer.evaluate() == pytest.approx(want, rel=1e-5) and model.training
+    trainer.val = trainer.val[:1]
+    with torch.no_grad():
+        logits = model.eval()(windows[:2, :-1]).logits
+    model.train()
+    want = float(F.cross_entropy(logits.reshape(-1, 64), windows[:2, 1:].reshape(-1)))
+    assert trainer.evaluate() == pytest.approx(want, rel=1e-5) and model.training
+    trainer.val = []
+    assert trainer.evaluate() is None
