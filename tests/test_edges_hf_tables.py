@@ -74,3 +74,13 @@ def test_a_classifier_config_with_num_labels_and_no_label_names_has_that_many_la
     cfg = config_from_hf({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"], **given})
     assert cfg.num_labels == 3
 
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_a_legacy_qwen_config_that_slides_past_transformers_default_layer_is_refused(model_type):
+    """Without max_window_layers transformers slides from layer 28 on: with 29 layers, only the last slides."""
+    legacy = dict(sizes(model_type), num_hidden_layers=29, use_sliding_window=True, sliding_window=5)
+    theirs = getattr(transformers, FAMILIES[model_type] + "Config")(**legacy)
+    assert theirs.layer_types == ["full_attention"] * 28 + ["sliding_attention"]
+    with pytest.raises(CheckpointError, match="^config.json: sliding window on only some layers is not supported$"):
+        config_from_hf({"model_type": model_type, **legacy})

@@ -135,7 +135,8 @@ def qwen_window() -> Codec:
         n = hf.get("num_hidden_layers")
         types = hf.get("layer_types")
         if types is None:
-            start = hf.get("max_window_layers", n) if hf.get("use_sliding_window") else n
+            # transformers' default: the layers from 28 on slide
+            start = hf.get("max_window_layers", 28) if hf.get("use_sliding_window") else n
             types = ["full_attention"] * min(start, n) + ["sliding_attention"] * max(n - start, 0)
         sliding = {t == "sliding_attention" for t in types}
         if len(sliding) > 1:
