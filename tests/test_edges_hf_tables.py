@@ -7,12 +7,18 @@ refuses.
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 import transformers
 
 from test_edges_hf import FAMILIES, SIZES, sizes, transformers_config
+from test_hf_parity import VOCAB, ours_logits
 
 from llmctl.core.hf import config_from_hf, config_to_hf
+from llmctl.core.model import ModelConfig, Transformer
+from llmctl.core.model.io import load_model, save_model
 from llmctl.errors import CheckpointError
 
 DECODERS = [t for t in FAMILIES if t not in ("gpt2", "bert")]
@@ -84,3 +90,54 @@ def test_a_legacy_qwen_config_that_slides_past_transformers_default_layer_is_ref
     assert theirs.layer_types == ["full_attention"] * 28 + ["sliding_attention"]
     with pytest.raises(CheckpointError, match="^config.json: sliding window on only some layers is not supported$"):
         config_from_hf({"model_type": model_type, **legacy})
+
+
+def test_a_fused_module_names_the_modules_it_fuses():
+    from test_transforms import Lora
+
+    from llmctl.core.hf import tensors_to_hf
+    from llmctl.core.model.build import build_model
+
+    cfg = config_from_hf({"model_type": "gpt2", **sizes("gpt2")})
+    fused = ", ".join(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    with pytest.raises(CheckpointError, match=rf": transformer.h.0.attn.c_attn fuses {fused}, which cannot carry"):
+        tensors_to_hf(build_model(cfg, [Lora(target_modules=["q_proj"])], device="meta"))
+
+
+def test_an_llmctl_checkpoint_loads_back_bit_for_bit(tmp_path):
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=48,
+                      position="alibi")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    again, _ = load_model(save_model(model, tmp_path / "alibi", lineage={"command": "test"}))
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert torch.equal(ours_logits(again, ids), ours_logits(model, ids))
+
+
+def test_a_quantized_module_keeps_a_one_word_suffix_under_the_hf_module(tmp_path):
+    """An int8 q_proj's `weight_scale` sits beside its weight under Llama's name, and loads back."""
+    from safetensors import safe_open
+    from test_transforms import Int8
+
+    base = ModelConfig.from_dict(config_from_hf({"model_type": "llama", **SIZES}).to_dict())
+    torch.manual_seed(0)
+    model, _ = load_model(save_model(Transformer(base), tmp_path / "base", lineage={"command": "test"}),
+                          transforms=[Int8()])
+    out = save_model(model, tmp_path / "int8", lineage={"command": "test"})
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert "model.layers.1.self_attn.q_proj.weight_scale" in f.keys()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert torch.equal(ours_logits(load_model(out)[0], ids), ours_logits(model, ids))
+
+
+def test_a_transformed_bert_with_its_base_prefix_loads_back(tmp_path):
+    from test_transforms import Lora
+
+    model, _ = load_model(save_model(Transformer(config_from_hf({"model_type": "bert", **sizes("bert")})),
+                                     tmp_path / "bert", lineage={"command": "test"}),
+                          transforms=[Lora(target_modules=["q_proj"])])
+    out = save_model(model, tmp_path / "lora", lineage={"command": "test"})
+    assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert torch.equal(ours_logits(load_model(out)[0], ids), ours_logits(model, ids))
