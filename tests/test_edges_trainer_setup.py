@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from _recorder import Recorder
+from test_preference import base, pairs  # noqa: F401  (fixtures)
 from test_train import FAST, corpus, records  # noqa: F401  (fixture)
 
 
@@ -88,11 +89,16 @@ def test_a_run_from_a_checkpoint_names_it_as_its_parent_with_its_fingerprint(cor
     assert parents == [{"path": str(first.resolve()), "hash": checkpoint_hash(first)}]
     assert parents[0]["hash"] != checkpoint_hash(second) and len(parents[0]["hash"]) == 64
 
-    plan = make_plan(_config(corpus, f"model={first}", "dropout=0.3"), "cpu")
-    trainer = Trainer(plan, tmp_path / "third", torch.device("cpu"), distributed.Dist(), {})
-    from safetensors.torch import load_file
+    import shutil
 
-    stored = load_file(first / "model.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "half"  # the parent's weights stored in bfloat16: the run trains float32 weights
+    shutil.copytree(first, half, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
+    stored = {k: v.to(torch.bfloat16) for k, v in load_file(first / "model.safetensors").items()}
+    save_file(stored, half / "model.safetensors", metadata={"format": "pt"})
+    plan = make_plan(_config(corpus, f"model={half}", "dropout=0.3"), "cpu")
+    trainer = Trainer(plan, tmp_path / "third", torch.device("cpu"), distributed.Dist(), {})
     weights = trainer.model.state_dict()
     assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k], v.float()) for k, v in stored.items())
     cfg = trainer.model.cfg
@@ -212,3 +218,25 @@ def test_without_a_peak_in_the_recipe_the_devices_peak_for_the_precision_is_used
     plan = make_plan(_config(corpus, "peak_tflops=0", "precision=bf16"), "cpu")
     trainer = loop.Trainer(plan, tmp_path / "run", torch.device("cpu"), distributed.Dist(), {})
     assert trainer.peak == 123.0 and asked == [(torch.bfloat16, torch.device("cpu"))]
+
+
+def test_a_dpo_runs_reference_copy_is_frozen_and_in_eval_mode_through_a_step(base, pairs, tmp_path):  # noqa: F811
+    """The reference model (a copy of the base) takes no gradients and is not changed by a step,
+    while the policy is trained in train mode."""
+    from llmctl.config import load_config
+    from llmctl.core.train import distributed
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.finetune_config import FinetuneConfig
+    from llmctl.core.train.loop import Trainer
+
+    cfg = load_config(FinetuneConfig, "tiny", ["method=dpo", "adapter.method=full", "max_steps=1", "dropout=0.1"],
+                      kind="finetune")
+    cfg.model, cfg.data, cfg.objective = str(base), [str(pairs / "pairs.jsonl")], cfg.training_objective
+    trainer = Trainer(make_plan(cfg, "cpu"), tmp_path / "run", torch.device("cpu"), distributed.Dist(), {})
+    reference = trainer.objective.companions()["reference"]
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    assert not reference.training and trainer.model.training
+    trainer.train_step()
+    assert all(not p.requires_grad and p.grad is None for p in reference.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in reference.state_dict().items())
+    assert not reference.training and all(p.requires_grad for p in trainer.model.parameters())
