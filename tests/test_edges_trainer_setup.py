@@ -240,3 +240,12 @@ def test_a_dpo_runs_reference_copy_is_frozen_and_in_eval_mode_through_a_step(bas
     assert all(not p.requires_grad and p.grad is None for p in reference.parameters())
     assert all(torch.equal(v, before[k]) for k, v in reference.state_dict().items())
     assert not reference.training and all(p.requires_grad for p in trainer.model.parameters())
+
+
+def test_the_recipes_warnings_reach_the_runs_report(corpus, tmp_path):
+    from llmctl.core.train.loop import run_training
+
+    report = Recorder()
+    assert run_training(_config(corpus, "warmup_steps=3", "lr=0.004"), tmp_path / "run", report=report).exit_code == 0
+    assert [m for m in report.messages() if m[0] == "warn"] == [
+        ("warn", "warmup_steps=3 is longer than max_steps=1: lr never reaches 0.004")]
