@@ -249,3 +249,20 @@ def test_the_recipes_warnings_reach_the_runs_report(corpus, tmp_path):
     assert run_training(_config(corpus, "warmup_steps=3", "lr=0.004"), tmp_path / "run", report=report).exit_code == 0
     assert [m for m in report.messages() if m[0] == "warn"] == [
         ("warn", "warmup_steps=3 is longer than max_steps=1: lr never reaches 0.004")]
+
+
+def test_force_clears_what_a_killed_force_run_left_in_its_new_folder(corpus, tmp_path):
+    """A --force run killed before its first checkpoint leaves `.OUTDIR.new` (a partial checkpoint,
+    its records); the next --force run starts that folder over, so none of it reaches OUTDIR."""
+    from llmctl.core.train.loop import run_training
+
+    out = tmp_path / "out"
+    assert run_training(_config(corpus, "max_steps=2"), out).exit_code == 0
+    dead = tmp_path / ".out.new"
+    (dead / "checkpoints" / ".step-000001.tmp-99").mkdir(parents=True)
+    (dead / "checkpoints" / ".step-000001.tmp-99" / "model.safetensors").write_bytes(b"partial")
+    (dead / "notes.txt").write_text("left by the killed run", encoding="utf-8")
+    result = run_training(_config(corpus, "max_steps=1", "seed=5"), out, force=True)
+    assert result.checkpoint == out / "checkpoints" / "step-000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not (out / "notes.txt").exists() and [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
