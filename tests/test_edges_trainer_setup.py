@@ -266,3 +266,20 @@ def test_force_clears_what_a_killed_force_run_left_in_its_new_folder(corpus, tmp
     assert result.checkpoint == out / "checkpoints" / "step-000001"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert not (out / "notes.txt").exists() and [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_a_float32_or_bf16_run_on_the_cpu_has_no_loss_scaler_and_warns_nothing(corpus, tmp_path):
+    """Loss scaling is for float16 (CUDA) only; a CUDA scaler asked for on the CPU would warn and
+    disable itself at every run."""
+    import warnings
+
+    from llmctl.core.train import distributed
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.loop import Trainer
+
+    for precision in ("float32", "bf16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plan = make_plan(_config(corpus, f"precision={precision}", "warmup_steps=0"), "cpu")
+            trainer = Trainer(plan, tmp_path / precision, torch.device("cpu"), distributed.Dist(), {})
+        assert trainer.scaler is None
