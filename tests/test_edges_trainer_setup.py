@@ -283,3 +283,31 @@ def test_a_float32_or_bf16_run_on_the_cpu_has_no_loss_scaler_and_warns_nothing(c
             plan = make_plan(_config(corpus, f"precision={precision}", "warmup_steps=0"), "cpu")
             trainer = Trainer(plan, tmp_path / precision, torch.device("cpu"), distributed.Dist(), {})
         assert trainer.scaler is None
+
+
+def test_the_tokens_of_a_step_count_every_ranks_micro_batches(corpus, tmp_path, monkeypatch):
+    """Rank 0 of two (built in process, the model left unwrapped): a step's tokens are those its
+    micro-batches and rank 1's hold, which throughput and MFU are computed from."""
+    from llmctl.core.train import distributed, loop
+    from llmctl.core.train.build import make_plan
+
+    monkeypatch.setattr(distributed, "wrap", lambda model, *args, **kwargs: model)
+    plan = make_plan(_config(corpus, "grad_accum=2", "batch_size=2", "seq_len=16"), "cpu")
+    trainer = loop.Trainer(plan, tmp_path / "run", torch.device("cpu"), distributed.Dist(rank=0, world=2), {})
+    other = loop.make_data(plan, distributed.Dist(rank=1, world=2))
+    read = sum(source.batch(i)[:, 1:].numel() for source in (trainer.data, other) for i in range(2))
+    assert trainer.tokens_per_step == read == 2 * 16 * 2 * 2
+
+
+def test_the_model_is_wrapped_for_the_runs_strategy_device_and_precision(corpus, tmp_path, monkeypatch):
+    """What `distributed.wrap` (checked with torchrun in `test_train_distributed.py`) is asked for:
+    FSDP computing in bf16 for a bf16 run of two ranks."""
+    from llmctl.core.train import distributed, loop
+    from llmctl.core.train.build import make_plan
+
+    asked = []
+    monkeypatch.setattr(distributed, "wrap", lambda *args: asked.append(args) or args[0])
+    plan = make_plan(_config(corpus, "precision=bf16", "distributed.strategy=fsdp"), "cpu")
+    d = distributed.Dist(rank=0, world=2)
+    trainer = loop.Trainer(plan, tmp_path / "run", torch.device("cpu"), d, {})
+    assert asked == [(trainer.model, "fsdp", d, torch.device("cpu"), torch.bfloat16)]
