@@ -311,3 +311,19 @@ def test_the_model_is_wrapped_for_the_runs_strategy_device_and_precision(corpus,
     d = distributed.Dist(rank=0, world=2)
     trainer = loop.Trainer(plan, tmp_path / "run", torch.device("cpu"), d, {})
     assert asked == [(trainer.model, "fsdp", d, torch.device("cpu"), torch.bfloat16)]
+
+
+def test_only_the_first_rank_reports(corpus, tmp_path, monkeypatch):
+    """keep_sparsity's warning (a model without zeros) comes from rank 0 of two, not from rank 1."""
+    from llmctl.core.train import distributed, loop
+    from llmctl.core.train.build import make_plan
+
+    monkeypatch.setattr(distributed, "wrap", lambda model, *args, **kwargs: model)
+    plan = make_plan(_config(corpus, "keep_sparsity=true"), "cpu")
+    said = {}
+    for rank in (0, 1):
+        report = Recorder()
+        loop.Trainer(plan, tmp_path / f"rank{rank}", torch.device("cpu"), distributed.Dist(rank=rank, world=2), {},
+                     report=report)
+        said[rank] = report.messages()
+    assert said == {0: [("warn", "keep_sparsity: the model has no zero weights to keep")], 1: []}
