@@ -79,7 +79,8 @@ def test_too_few_few_shot_examples_without_a_group_say_only_how_many_there_are(t
 def test_a_bad_value_from_a_flag_names_the_flag_and_one_from_the_file_names_its_line(tmp_path):
     from llmctl.core.evaluate.tasks import load_task
 
-    with pytest.raises(ConfigError, match=r"config key 'max_new_tokens': expected int, got 'many' \(from --max-new-tokens\)$"):
+    flag = r"config key 'max_new_tokens': expected int, got 'many' \(from --max-new-tokens\)$"
+    with pytest.raises(ConfigError, match=flag):
         load_task("copy", {"max_new_tokens": "many"})
     path = _task_file(tmp_path, "type: generate\ndataset: {builtin: copy}\nnum_fewshot: some\n")
     with pytest.raises(ConfigError, match=re.escape(f"expected int, got 'some' (from {path}:3)") + "$"):
