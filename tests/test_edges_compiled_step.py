@@ -7,8 +7,11 @@ for the compiled one."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch._inductor.config
 
 from llmctl.core.generate import matvec, search
 from llmctl.core.generate.search import CACHE_BUCKET, Runner, compiled_decode_step
@@ -91,10 +94,40 @@ def test_a_compiled_runner_rounds_its_cache_up_to_the_bucket(asked, made):
         assert Runner(model, PADDED, asked, CPU, compile=True).cache.keys[0].shape[2] == made
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_step_asks_torch_compile_for_static_shapes_and_on_cpu_for_frozen_weights(monkeypatch, device):
+    """What `compiled_decode_step` asks of torch.compile (a stand-in records it): static shapes; on
+    CPU the matvec back end, with inductor's freezing and C++ wrapper on while a graph compiles
+    (speed only: no logits show them); elsewhere (the meta device standing in for CUDA) inductor
+    as it is, the CUDA graph being captured later by the Runner."""
+    asked = []
+
+    def compile(fn, **options):
+        asked.append((fn, options))
+        return lambda *args: (args, torch._inductor.config.freezing, torch._inductor.config.cpp_wrapper)
+
+    monkeypatch.setattr(torch, "compile", compile)
+    outside = (torch._inductor.config.freezing, torch._inductor.config.cpp_wrapper)
+    model = SimpleNamespace(model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=torch.empty(1, device=device))),
+                            decode_step=lambda *args: None)
+    with torch._dynamo.config.patch(cache_size_limit=8):
+        step = compiled_decode_step(model)
+        assert torch._dynamo.config.cache_size_limit >= 64  # the shapes beams make are not left to eager
+    assert compiled_decode_step(model) is step is model._llmctl_compiled_step and len(asked) == 1
+    assert asked[0][0] is model.decode_step
+    if device == "cpu":
+        assert asked[0][1] == {"dynamic": False, "backend": matvec.backend}
+        assert step(1, 2) == ((1, 2), True, True)
+    else:
+        assert asked[0][1] == {"dynamic": False}
+        assert step(1, 2) == ((1, 2), *outside)
+    assert (torch._inductor.config.freezing, torch._inductor.config.cpp_wrapper) == outside
+
+
 def test_the_compiled_step_gives_the_uncached_logits_and_is_made_once_per_model(monkeypatch):
     """A real `torch.compile` (static shapes, the matvec back end on CPU) of a padded batch and of
-    one row: each step's logits equal the rows run alone, one graph per batch shape, the step kept
-    on the model and reused, and dynamo's recompile limit raised for the shapes beams make."""
+    one row, then a longer cache: each step's logits equal the rows run alone, one static graph per
+    batch and cache size, the step kept on the model and reused, and dynamo's recompile limit raised for the shapes beams make."""
     from torch._dynamo.utils import counters
 
     model = _model(1)
@@ -106,9 +139,8 @@ def test_the_compiled_step_gives_the_uncached_logits_and_is_made_once_per_model(
         return inductor(graph, example_inputs)
 
     monkeypatch.setattr(matvec, "backend", backend)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
     counters.clear()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch._dynamo.config.patch(cache_size_limit=8):
         runner = Runner(model, PADDED, 20, CPU, compile=True)
         step = model._llmctl_compiled_step
         assert runner.step_fn is step and compiled_decode_step(model) is step
@@ -118,6 +150,7 @@ def test_the_compiled_step_gives_the_uncached_logits_and_is_made_once_per_model(
         assert alone.step_fn is step
         _greedy(alone, model, [[3, 1, 4, 1]], 4)
         other = [[7, 8], [9, 10, 11]]
-        _greedy(Runner(model, other, 30, CPU, compile=True), model, other, 2)  # the same shapes: no new graph
-    assert counters["stats"]["unique_graphs"] == 2 == len(lowered)  # one per batch shape, not one per step
-    assert sorted(shapes[0] for shapes in lowered) == [(1, 1), (2, 1)]  # the token ids, one per row
+        _greedy(Runner(model, other, CACHE_BUCKET + 1, CPU, compile=True), model, other, 2)  # a longer cache
+    assert counters["stats"]["unique_graphs"] == 3 == len(lowered)  # one per batch and cache size, not per step
+    assert sorted(shapes[0] for shapes in lowered) == [(1, 1), (2, 1), (2, 1)]  # the token ids, one per row
+    assert sorted({s[2] for shapes in lowered for s in shapes if len(s) == 4}) == [CACHE_BUCKET, 2 * CACHE_BUCKET]
