@@ -2,8 +2,8 @@
 `Runner.__init__`'s compile branches), found by mutation testing (docs/testing.md): the cache size
 rounded up to `CACHE_BUCKET`, the step made once per model and reused, the warm-up step's dummy
 token overwritten by the prefill, and the compiled step's logits equal to an uncached run of each
-row alone. One small model is compiled, for two shapes; the rest stands a recording eager step in
-for the compiled one."""
+row alone. One small model is compiled, for three shapes (a padded batch, one row, a longer cache);
+the rest stands a recording eager step, or a recording `torch.compile`, in for the compiler."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch._inductor.config
 
-from llmctl.core.generate import matvec, search
+from llmctl.core.generate import matvec
 from llmctl.core.generate.search import CACHE_BUCKET, Runner, compiled_decode_step
 from llmctl.core.model import ModelConfig, Transformer
 
@@ -127,7 +127,8 @@ def test_the_step_asks_torch_compile_for_static_shapes_and_on_cpu_for_frozen_wei
 def test_the_compiled_step_gives_the_uncached_logits_and_is_made_once_per_model(monkeypatch):
     """A real `torch.compile` (static shapes, the matvec back end on CPU) of a padded batch and of
     one row, then a longer cache: each step's logits equal the rows run alone, one static graph per
-    batch and cache size, the step kept on the model and reused, and dynamo's recompile limit raised for the shapes beams make."""
+    batch and cache size, the step kept on the model and reused, and dynamo's recompile limit
+    raised for the shapes beams make."""
     from torch._dynamo.utils import counters
 
     model = _model(1)
