@@ -2,7 +2,8 @@
 `Runner.__init__`'s compile branches), found by mutation testing (docs/testing.md): the cache size
 rounded up to `CACHE_BUCKET`, the step made once per model and reused, the warm-up step's dummy
 token overwritten by the prefill, and the compiled step's logits equal to an uncached run of each
-row alone. One small model is compiled, for one row (the matvec back end's case); the rest stands a recording eager step, or a recording `torch.compile`, in for the compiler."""
+row alone. One small model is compiled, for one row (the matvec back end's case); elsewhere a
+recording eager step, or a recording `torch.compile`, stands in for the compiler."""
 
 from __future__ import annotations
 
