@@ -73,7 +73,7 @@ def test_code_task_runs_each_sample_in_the_sandbox_and_averages_pass_at_k(tmp_pa
 
     ran = []
 
-    def fake_run_many(programs, limits):
+    def fake_run_many(programs, limits, report=None):
         ran.append((list(programs), limits))
         return [sandbox.Result("passed" if eval(p.split("return ")[1].split("\n")[0]) == int(p[-1]) else "failed",
                                0, "", "", 0.0) for p in programs]
