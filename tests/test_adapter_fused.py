@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import transformers  # noqa: E402
+import peft  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
 

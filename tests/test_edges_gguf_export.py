@@ -18,9 +18,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama  # noqa: E402
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
+import transformers as tr  # noqa: E402
 
 from llmctl.core.report import Silent  # noqa: E402
 

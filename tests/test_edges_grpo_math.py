@@ -22,7 +22,7 @@ from llmctl.core.rl.grpo import (
 from llmctl.core.train.distributed import Dist
 from llmctl.errors import ConfigError
 
-trl = pytest.importorskip("trl")
+import trl  # noqa: E402
 
 from test_grpo import _trl_trainer
 

@@ -13,7 +13,7 @@ from llmctl.core.quant.linear import PackedLinear, PackQuantized
 from llmctl.core.quant.scheme import Scheme
 from llmctl.errors import CheckpointError, UsageError
 
-ct = pytest.importorskip("compressed_tensors")
+import compressed_tensors as ct  # noqa: E402
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
 from compressed_tensors.utils import match_named_modules  # noqa: E402

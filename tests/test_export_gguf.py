@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_llama  # noqa: E402
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 torch = pytest.importorskip("torch")
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello llama", "one two three four five"] * 20

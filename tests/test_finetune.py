@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import transformers  # noqa: E402
+import peft  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
 

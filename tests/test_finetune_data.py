@@ -7,7 +7,7 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 from llmctl.core.data.sft import SFTEncoder, encode_files, pack, read_records  # noqa: E402
 from llmctl.errors import DataError  # noqa: E402

@@ -14,7 +14,7 @@ from llmctl.core.rl.grpo import Rollout, advantages, grpo_loss, nanstd
 
 from conftest import tiny_llama
 
-trl = pytest.importorskip("trl")
+import trl  # noqa: E402
 
 
 def _trl_trainer(*, beta, loss_type, epsilon, epsilon_high, max_completion_length, logps):

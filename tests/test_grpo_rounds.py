@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-trl = pytest.importorskip("trl")
+import trl  # noqa: E402
 
 from test_grpo import FAST, _records, _trl_trainer, base, prompts  # noqa: E402,F401  (fixtures)
 

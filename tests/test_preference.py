@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401
 
 from conftest import tiny_llama  # noqa: E402
 

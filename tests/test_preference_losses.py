@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 torch = pytest.importorskip("torch")
-trl = pytest.importorskip("trl")
+import trl  # noqa: E402
 
 from llmctl.core.train import preference_losses as L  # noqa: E402
 

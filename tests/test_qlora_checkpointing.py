@@ -8,7 +8,7 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401
 
 from conftest import tiny_llama  # noqa: E402
 

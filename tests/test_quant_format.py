@@ -13,7 +13,7 @@ from llmctl.core.quant.pack import pack, unpack
 from llmctl.core.quant.scheme import Scheme
 from llmctl.errors import CheckpointError
 
-ct = pytest.importorskip("compressed_tensors")
+import compressed_tensors as ct  # noqa: E402
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32  # noqa: E402
 from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize  # noqa: E402
@@ -63,7 +63,7 @@ SCHEMES = [dict(bits=8), dict(bits=4), dict(bits=4, group_size=32), dict(bits=4,
 
 @pytest.mark.parametrize("params", SCHEMES, ids=lambda p: f"int{p['bits']}-g{p.get('group_size')}")
 def test_transformers_loads_ours_and_we_load_theirs_with_equal_logits(base, tmp_path, params):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model, _ = load_model(base, transforms=[PackQuantized(**params)])
     save_model(model, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 from conftest import run_process  # noqa: E402
 

@@ -9,8 +9,8 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import transformers  # noqa: E402
+import peft  # noqa: E402
 
 
 from llmctl.core.model.io import load_model  # noqa: E402
