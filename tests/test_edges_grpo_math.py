@@ -262,3 +262,18 @@ def test_encode_reads_the_prompt_records_and_says_what_a_step_samples(tmp_path):
                            config=SimpleNamespace(objective_args={"num_generations": 4}, batch_size=2))
     assert [r["prompt"] for r in GRPO.encode(plan)["records"]] == ["1 + 1 =", "2 + 2 ="]
     assert said == ["GRPO data: 2 prompts, 4 completions each, 2 prompts per micro-batch"]
+
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_a_verifier_warning_reaches_the_report_before_training(monkeypatch, isolated):
+    """`unit_tests` warns when the sandbox cannot cut programs off the network; other verifiers have nothing to say."""
+    from llmctl.core import sandbox
+    from llmctl.core.train.sft import SFT
+
+    monkeypatch.setattr(sandbox, "network_isolated", lambda: isolated)
+    monkeypatch.setattr(SFT, "resolve", classmethod(lambda cls, plan: None))  # GRPO's own checks only
+    warned = []
+    config = SimpleNamespace(objective_args={"verifiers": {"number": {}, "unit_tests": {"timeout": 2}}},
+                             adapter_method="lora", chat_template=None)
+    GRPO.resolve(SimpleNamespace(config=config, init_from=None, report=SimpleNamespace(warn=warned.append)))
+    assert warned == ([] if isolated else [f"verifier unit_tests: {sandbox.NOT_ISOLATED}"])

@@ -172,7 +172,9 @@ class GRPO(SFT):
             raise ConfigError("config key 'chat_template': grpo renders chat prompts with the tokenizer's template")
         if s.beta and plan.config.adapter_method == "full" and plan.init_from is None:
             raise ConfigError("objective_args.beta > 0 with full finetuning needs a base checkpoint as the reference")
-        build_verifiers(s.verifiers)  # settings checked before anything is written
+        for bound in build_verifiers(s.verifiers):  # settings checked before anything is written
+            for message in getattr(bound.verifier, "warnings", list)():
+                plan.report.warn(f"verifier {bound.name}: {message}")
         super().resolve(plan)  # SFT's checks (causal model, adapter method), then `encode`
 
     @classmethod

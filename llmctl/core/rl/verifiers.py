@@ -4,7 +4,8 @@
     rewards, reasons = score(verifiers, prompts, completions, records)   # [N, V] floats, [N][V] reasons
 
 A verifier is a dataclass whose fields are its settings (`weight` is taken out for the sum)
-with `verify(prompts, completions, records) -> list[Verdict]`. Built in:
+with `verify(prompts, completions, records) -> list[Verdict]`, and optionally `warnings() -> list[str]`,
+told to the user before training (`unit_tests`: programs that will reach the network). Built in:
 
 | name          | reward 1 when                                                   | settings                 |
 | ------------- | --------------------------------------------------------------- | ------------------------ |
@@ -190,6 +191,12 @@ class UnitTests:
     memory_mb: int = 512
     include_prompt: bool = False
     workers: int = 0  # programs run at a time; 0: the CPU count
+
+    def warnings(self) -> list[str]:
+        """What to tell the user before training: where the sandbox cannot cut programs off the network."""
+        from llmctl.core.sandbox import NOT_ISOLATED, network_isolated
+
+        return [] if network_isolated() else [NOT_ISOLATED]
 
     def verify(self, prompts, completions, records) -> list[Verdict]:
         from llmctl.core.sandbox import Limits, run_many
