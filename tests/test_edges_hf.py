@@ -215,6 +215,26 @@ def test_sequence_classifier_equals_transformers(tmp_path):
     assert config_from_hf(dict(causal, architectures=None)).num_labels == 3
 
 
+def test_a_classifier_saved_without_its_labels_has_two_as_in_transformers(tmp_path):
+    """transformers' diff dict drops the default two labels; a `num_labels` beside an `id2label` of
+    another length wins over it. llmctl reads both cases as transformers does."""
+    config = transformers.LlamaConfig(**CASES["llama-gqa-untied"][1], num_labels=2)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    bare = {k: v for k, v in written.items() if k not in ("id2label", "label2id", "num_labels")}
+    (tmp_path / "config.json").write_text(json.dumps(bare))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert theirs.num_labels == 2 and load_model(tmp_path)[1].num_labels == 2
+    assert config_from_hf(dict(bare, num_labels=4)).num_labels == 4
+    assert config_from_hf(dict(bare, architectures=None)).num_labels is None
+    mismatched = dict(bare, num_labels=5, id2label={str(i): f"L{i}" for i in range(3)})
+    (tmp_path / "config.json").write_text(json.dumps(mismatched))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).num_labels == 5
+    assert config_from_hf(mismatched).num_labels == 5
+    assert config_from_hf(dict(mismatched, num_labels=None)).num_labels == 3
+
+
 def saved_with(tmp_path, case: str, edit) -> None:
     """transformers' `case` model saved in tmp_path, its model.safetensors then edited by `edit(weights)`."""
     from safetensors.torch import load_file, save_file

@@ -164,7 +164,12 @@ def classifier() -> Codec:
         archs = hf.get("architectures")
         if archs is not None and not any(str(a).endswith(CLASSIFIER) for a in archs):
             return {"num_labels": None}
-        return {"num_labels": len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels")}
+        if hf.get("num_labels") is not None:  # transformers: it wins over an `id2label` of another length
+            return {"num_labels": hf["num_labels"]}
+        if hf.get("id2label"):
+            return {"num_labels": len(hf["id2label"])}
+        # a classifier saved with the default two labels carries neither key (transformers' diff dict)
+        return {"num_labels": 2 if archs else None}
 
     def to_hf(cfg: ModelConfig) -> dict:
         n = cfg.num_labels
