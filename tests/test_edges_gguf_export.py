@@ -1,5 +1,5 @@
 """The GGUF exporter's file-level work (`core/export/gguf.py`: `add_model_metadata`, `ggml_type`,
-`_add_tensor_info`, `tensor_data`, `quantize`, `_stream`, `_tokenizer_source`, `GGUFExporter.export`),
+`_add_tensor_info`, `tensor_data`, `quantize`, `_stream`, `GGUFExporter.export`),
 checked against gguf-py: its key names (`gguf.Keys`) and value types, its reader (offsets, sizes,
 shapes, types), its quantizers and name map, with the expected values taken from the Hugging Face
 configs and tensors as llama.cpp's `convert_hf_to_gguf.py` maps them. Tiny models, built here."""

@@ -350,7 +350,7 @@ class GGUFExporter(Exporter):
             writer = gguf.GGUFWriter(f.name, family.arch)
             try:
                 add_model_metadata(writer, cfg, family, Path(checkpoint).resolve().name, report)
-                vocab = add_vocab(writer, _tokenizer_source(checkpoint), cfg.vocab_size, report)
+                vocab = add_vocab(writer, checkpoint, cfg.vocab_size, report)
                 writer.add_file_type(gguf.LlamaFileType[TYPES[type].file_type])
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
                 for item in items:
@@ -385,14 +385,6 @@ def _add_tensor_info(writer, item: Item, type_name: str) -> None:
     shape = gguf.quant_shape_to_byte_shape(item.shape, qtype) if raw else item.shape
     dtype = np.dtype("uint8" if raw else type_name.replace("F", "float"))
     writer.add_tensor_info(item.name, shape, dtype, math.prod(item.shape) // block * size, raw_dtype=qtype)
-
-
-def _tokenizer_source(checkpoint) -> Path:
-    """The checkpoint, or for an adapter directory without a tokenizer, its base."""
-    from llmctl.core.adapters import base_path, is_adapter
-
-    path = Path(checkpoint)
-    return base_path(path) if not (path / "tokenizer.json").is_file() and is_adapter(path) else path
 
 
 def _stream(tensors: dict, cfg, family: Family, items: list[Item], types: dict[str, str]) -> Iterator[Any]:
