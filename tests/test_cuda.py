@@ -169,10 +169,11 @@ def test_cuda_graph_decoding_equals_eager(llama, dtype, lengths):
     assert graphed == eager
 
 
-def test_cuda_graph_beam_search_equals_eager(llama):
+@pytest.mark.parametrize("settings", [dict(num_beams=3), dict(penalty_alpha=0.6, top_k=4)], ids=["beam", "contrastive"])
+def test_cuda_graph_beam_and_contrastive_search_equal_eager(llama, settings):
     model = load_model(llama, device=CUDA, dtype=torch.float32)[0]
     prompts = _prompts([10, 6])
-    settings = dict(num_beams=3, max_new_tokens=12)
+    settings = dict(settings, max_new_tokens=12)
     assert _generate(model, prompts, **settings) == _generate(model, prompts, cuda_graph=False, **settings)
 
 

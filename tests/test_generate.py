@@ -11,6 +11,7 @@ import transformers
 
 from llmctl.core.generate import GenerationConfig, generate  # noqa: E402
 from llmctl.core.generate.speculative import _accept  # noqa: E402
+from llmctl.core.generate import search  # noqa: E402
 from llmctl.core.model.io import load_model  # noqa: E402
 from llmctl.core.tokenizer import load_tokenizer  # noqa: E402
 
@@ -416,11 +417,18 @@ def test_compiled_decode_step_equals_eager(ckpts, arch):
     assert counters["stats"]["unique_graphs"] == 2  # one per batch shape, not one per step
 
 
-def test_compiled_step_in_beam_search_and_speculative_draft(ckpts):
+def test_compiled_step_in_beam_and_contrastive_search_and_speculative_draft(ckpts, monkeypatch):
     path, draft = ckpts("mistral"), ckpts("llama", seed=5, num_hidden_layers=1)
     beam = dict(max_new_tokens=12, num_beams=3, eos_ids=[])
     assert (_ours(path, PROMPTS[:1], GenerationConfig(**beam, compile=True))[0].tokens
             == _ours(path, PROMPTS[:1], GenerationConfig(**beam))[0].tokens)
+    contrastive = dict(max_new_tokens=10, penalty_alpha=0.6, top_k=3, eos_ids=[])  # a padded batch of 2
+    eager = _ours(path, PROMPTS[:2], GenerationConfig(**contrastive))
+    steps, static_step = [], search.Runner._static_step
+    monkeypatch.setattr(search.Runner, "_static_step", lambda self, ids: steps.append(ids.shape) or static_step(self, ids))
+    compiled = _ours(path, PROMPTS[:2], GenerationConfig(**contrastive, compile=True))
+    assert [r.tokens for r in compiled] == [r.tokens for r in eager]
+    assert steps == [(6, 1)] * 11  # the warm-up and 10 candidate steps: 2 prompts × 3 rows, compiled
     spec = dict(max_new_tokens=16, eos_ids=[], speculate_k=3)
     target = ckpts("llama")
     compiled = _ours(target, PROMPTS[:1], GenerationConfig(**spec, compile=True), draft=draft)[0]

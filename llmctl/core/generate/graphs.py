@@ -28,8 +28,8 @@ def graphable(model) -> bool:
 
 
 class GraphedStep:
-    """`step(ids, positions, padding, keys, values, slot) -> logits`, captured for the shapes
-    and cache tensors of its first call and replayed for every later one."""
+    """`step(ids, positions, padding, keys, values, slot) -> logits` (or a tuple of tensors),
+    captured for the shapes and cache tensors of its first call and replayed for every later one."""
 
     def __init__(self, step: Callable, ids: torch.Tensor, positions: torch.Tensor, padding: torch.Tensor | None,
                  keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor):
@@ -44,7 +44,7 @@ class GraphedStep:
         torch.cuda.current_stream(ids.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step(ids_, positions_, padding_, keys, values, slot_)
+            self.out = step(ids_, positions_, padding_, keys, values, slot_)
 
     def __call__(self, ids, positions, padding, keys, values, slot) -> torch.Tensor:
         if keys is not self.keys or values is not self.values:
@@ -52,5 +52,5 @@ class GraphedStep:
         for static, new in zip(self.inputs, (ids, positions, padding, slot)):
             if static is not None:
                 static.copy_(new, non_blocking=True)
-        self.graph.replay()
-        return self.logits.clone()  # the next replay overwrites the static output
+        self.graph.replay()  # the next replay overwrites the static output: hand out copies
+        return tuple(t.clone() for t in self.out) if isinstance(self.out, tuple) else self.out.clone()

@@ -7,6 +7,8 @@ in `job`. `Runner` owns one batch's pre-allocated KV cache, attention mask and p
 
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -62,17 +64,20 @@ class Runner:
     One-token steps go through `Transformer.decode_step` (fixed shapes) when it is compiled
     (`compile`) or replayed from a CUDA graph (`cuda_graph`, on CUDA where the model allows);
     else, for one row on CPU, through the native plan (`core/native/decode.py`) where it takes
-    the model.
+    the model. `hidden`: every call also leaves the new positions' `final_hidden` [B, T, hidden]
+    in `self.hidden` (contrastive search).
     """
 
     def __init__(self, model, prompts: list[list[int]], max_len: int, device: torch.device, compile: bool = False,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, hidden: bool = False):
         from llmctl.core.generate.graphs import graphable
 
-        self.model = model
+        self.model, self.keep_hidden, self.hidden = model, hidden, None
         self.graphed = cuda_graph and device.type == "cuda" and graphable(model)
         self.step_fn = compiled_decode_step(model) if compile else model.decode_step if self.graphed else None
-        if self.step_fn is None and device.type == "cpu" and len(prompts) == 1:
+        if self.step_fn is not None and hidden:
+            self.step_fn = functools.partial(self.step_fn, hidden=True)
+        if self.step_fn is None and device.type == "cpu" and len(prompts) == 1 and not hidden:
             from llmctl.core.native.decode import native_step
 
             self.step_fn = native_step(model)  # None where the native plan does not take the model
@@ -118,9 +123,9 @@ class Runner:
         """Run the prompts; returns the logits of the last `keep` positions (0 = all) [B, keep, V]."""
         width = self.ids.shape[1]
         mask = None if self.mask is None else self.mask[:, :width]  # the model counts positions from it
-        out = self.model(self.ids, attention_mask=mask, cache=self.cache, logits_to_keep=keep)
+        logits = self._run(self.ids, mask, keep)
         self.length = width
-        return out.logits
+        return logits
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Append `ids` [B, T] to every row; returns logits [B, T, V]."""
@@ -128,11 +133,19 @@ class Runner:
         if n == 1 and self.step_fn is not None:
             return self._static_step(ids)
         mask = None if self.mask is None else self.mask[:, : self.length + n]
-        out = self.model(ids, attention_mask=mask, cache=self.cache)
+        logits = self._run(ids, mask)
         if self.next_pos is not None:
             self.next_pos = self.next_pos + n
         self.length += n
-        return out.logits
+        return logits
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor | None, keep: int = 0) -> torch.Tensor:
+        """The model's forward over the cache; logits of the last `keep` positions (0: all)."""
+        out = self.model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=keep, skip_head=self.keep_hidden)
+        if not self.keep_hidden:
+            return out.logits
+        self.hidden = self.model.final_hidden(out.features)
+        return self.model.head(out.features)
 
     def _step_inputs(self, ids: torch.Tensor) -> tuple:
         """`decode_step`'s arguments for the next token `ids` [B, 1]."""
@@ -145,6 +158,9 @@ class Runner:
 
     def _static_step(self, ids: torch.Tensor) -> torch.Tensor:
         logits = self.step_fn(*self._step_inputs(ids))
+        if self.keep_hidden:
+            logits, hidden = logits
+            self.hidden = hidden[:, None]
         if self.mask is not None:
             self.next_pos = self.next_pos + 1
         self.cache.advance(1)
@@ -187,11 +203,11 @@ def compiled_decode_step(model) -> Callable:
 
             compiled = torch.compile(model.decode_step, dynamic=False, backend=matvec.backend)
 
-            def step(*args):
+            def step(*args, **kwargs):
                 # freezing (read when a graph is compiled): weights become constants that
                 # inductor pre-packs for its GEMM kernels; it applies under inference_mode only
                 with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
-                    return compiled(*args)
+                    return compiled(*args, **kwargs)
 
         model._llmctl_compiled_step = step
     return step
@@ -306,61 +322,48 @@ def beam_search(model, job: Job) -> None:
     job.decode_s = time.perf_counter() - start
 
 
-def _output_hidden(model) -> torch.nn.Module:
-    """The module whose output is the last hidden state: the final norm (only pre-norm models
-    have one), else the last block."""
-    inner = model.model
-    return inner.norm if hasattr(inner, "norm") else inner.layers[-1]
-
-
 @SEARCHES.register("contrastive")
 def contrastive_search(model, job: Job) -> None:
     """Contrastive search (Su et al., 2022): among the top-k tokens pick the one maximizing
     `(1-α)·p(v) − α·max cos(h_v, h_context)`. Each prompt occupies `k` cache rows so the k
-    candidates are scored in one forward pass; the chosen row is then copied to its siblings."""
+    candidates are scored in one forward pass (compiled or graphed as the other searches' steps);
+    the chosen row is then copied to its siblings."""
     cfg, k, alpha = job.cfg, job.cfg.top_k, job.cfg.penalty_alpha
     if k < 2:
         raise UsageError("contrastive search (--penalty-alpha) needs --top-k >= 2")
     B, dev = len(job.prompts), job.device
     rows = [p for p in job.prompts for _ in range(k)]
-    runner = Runner(model, rows, _max_len(job), dev)
-    captured: list[torch.Tensor] = []
-    hook = _output_hidden(model).register_forward_hook(
-        lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o)
-    )
-    try:
-        logits = _timed_prefill(runner, job, keep=0)[::k, -1]
-        start = time.perf_counter()
-        width = runner.ids.shape[1]
-        hidden = captured.pop()[::k].float()
-        context = torch.zeros(B, width + cfg.max_new_tokens, hidden.shape[-1], device=dev)
-        context[:, :width] = hidden / hidden.norm(dim=-1, keepdim=True)
-        valid = torch.zeros(B, context.shape[1], dtype=torch.bool, device=dev)
-        valid[:, :width] = True if runner.mask is None else runner.mask[::k, :width].bool()
-        history = job.history()
-        groups = torch.arange(B, device=dev) * k
-        for step in range(cfg.max_new_tokens):
-            probs = job.process(logits.float(), history).softmax(-1)
-            top_probs, top_ids = torch.topk(probs, k)
-            all_logits = runner.forward(top_ids.view(-1, 1))[:, -1]
-            cand = captured.pop()[:, -1].float().view(B, k, -1)
-            cand = cand / cand.norm(dim=-1, keepdim=True)
-            n = width + step
-            cosine = torch.einsum("bnh,bkh->bkn", context[:, :n], cand)
-            cosine = cosine.masked_fill(~valid[:, None, :n], -torch.finfo(cosine.dtype).max)
-            score = (1.0 - alpha) * top_probs - alpha * cosine.max(dim=-1)[0]
-            chosen = score.argmax(dim=-1)
-            next_ids = top_ids.gather(1, chosen[:, None]).squeeze(1)
-            context[:, n] = cand[torch.arange(B, device=dev), chosen]
-            valid[:, n] = True
-            ids = next_ids.tolist()
-            if history is not None:
-                history.append(ids, next_ids)
-            if all([seq.push(t) for seq, t in zip(job.seqs, ids)]):
-                break
-            rows_kept = groups + chosen
-            logits = all_logits[rows_kept]
-            runner.reorder(rows_kept.repeat_interleave(k))
-    finally:
-        hook.remove()
+    runner = Runner(model, rows, _max_len(job), dev, cfg.compile, cfg.cuda_graph, hidden=True)
+    logits = _timed_prefill(runner, job, keep=0)[::k, -1]
+    start = time.perf_counter()
+    width = runner.ids.shape[1]
+    hidden = runner.hidden[::k].float()
+    context = torch.zeros(B, width + cfg.max_new_tokens, hidden.shape[-1], device=dev)
+    context[:, :width] = hidden / hidden.norm(dim=-1, keepdim=True)
+    valid = torch.zeros(B, context.shape[1], dtype=torch.bool, device=dev)
+    valid[:, :width] = True if runner.mask is None else runner.mask[::k, :width].bool()
+    history = job.history()
+    groups = torch.arange(B, device=dev) * k
+    for step in range(cfg.max_new_tokens):
+        probs = job.process(logits.float(), history).softmax(-1)
+        top_probs, top_ids = torch.topk(probs, k)
+        all_logits = runner.forward(top_ids.view(-1, 1))[:, -1]
+        cand = runner.hidden[:, -1].float().view(B, k, -1)
+        cand = cand / cand.norm(dim=-1, keepdim=True)
+        n = width + step
+        cosine = torch.einsum("bnh,bkh->bkn", context[:, :n], cand)
+        cosine = cosine.masked_fill(~valid[:, None, :n], -torch.finfo(cosine.dtype).max)
+        score = (1.0 - alpha) * top_probs - alpha * cosine.max(dim=-1)[0]
+        chosen = score.argmax(dim=-1)
+        next_ids = top_ids.gather(1, chosen[:, None]).squeeze(1)
+        context[:, n] = cand[torch.arange(B, device=dev), chosen]
+        valid[:, n] = True
+        ids = next_ids.tolist()
+        if history is not None:
+            history.append(ids, next_ids)
+        if all([seq.push(t) for seq, t in zip(job.seqs, ids)]):
+            break
+        rows_kept = groups + chosen
+        logits = all_logits[rows_kept]
+        runner.reorder(rows_kept.repeat_interleave(k))
     job.decode_s = time.perf_counter() - start

@@ -263,8 +263,10 @@ class Transformer(nn.Module):
         return prefix
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor | None,
-                    keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] of one new token per row, written into cache slot `slot` (LongTensor [1]).
+                    keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor,
+                    hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, V] of one new token per row, written into cache slot `slot` (LongTensor [1]);
+        `hidden`: (logits, its `final_hidden` [B, hidden]), for contrastive search.
 
         Every shape is fixed by the cache (attention runs over all its slots, masked to the
         filled ones, the sliding window and `padding` [B, S] bool), so `torch.compile(...,
@@ -285,7 +287,8 @@ class Transformer(nn.Module):
         ctx = AttentionContext(rotary, with_prefix(mask, prefix), False, StaticSlot(keys, values, slot), prefix)
         for layer in self.model.layers:
             x, _ = layer(x, ctx)
-        return self._logits(x, 1)[:, -1]
+        logits = self._logits(x, 1)[:, -1]
+        return (logits, self.final_hidden(x[:, -1])) if hidden else logits
 
     def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids,
                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,11 +338,15 @@ class Transformer(nn.Module):
         # the class's method: under FSDP, `model.head` called from outside `forward` gathers (distributed.wrap)
         return Transformer.head(self, x[:, -keep:] if keep else x)
 
+    def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output x through the final norm (pre-norm models have one): what
+        transformers calls the last hidden state."""
+        return self.model.norm(x) if self.cfg.norm_placement == "pre" else x
+
     def head(self, x: torch.Tensor, projection=None) -> torch.Tensor:
-        """Float32 logits [..., vocab] of final hidden states x [..., hidden] (norm, head);
+        """Float32 logits [..., vocab] of the last block's outputs x [..., hidden] (norm, head);
         `projection` stands in for lm_head (the same product by another kernel)."""
-        if self.cfg.norm_placement == "pre":
-            x = self.model.norm(x)
+        x = self.final_hidden(x)
         if not self.cfg.is_causal:
             x = self.mlm_transform(x)
         return (projection or self.lm_head)(x).float()
