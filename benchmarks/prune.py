@@ -118,7 +118,7 @@ def main() -> None:
     resumed = "; resumed from a checkpoint: the time is the resumed part's" if r.get("resumed") else ""
     lines = [f"Model: {t.settings.describe()} ({r['seconds'] / 60:.1f} min on {r['threads']} thread(s), "
              f"load average {r['loadavg'][0]}–{r['loadavg'][1]}{resumed}){outliers.describe(r)}. Calibration: {args.samples} windows of "
-             f"{SEQ_LEN} tokens from the training text; perplexity on the held-out last 10 % (`llmctl eval --task "
+             f"{SEQ_LEN} tokens from the training text; perplexity on the held-out text (`llmctl eval --task "
              "perplexity`).", "",
              "| model | val perplexity | vs dense | prune time (s) | peak RSS (MiB) | note |",
              "|---|---:|---:|---:|---:|---|"]
@@ -133,7 +133,7 @@ def main() -> None:
     for kind, values in spread.items():
         lines.append(f"| {kind} | {statistics.median(values):.1f} | {max(values):.1f} | "
                      f"{' '.join(f'{v:.1f}' for v in values)} |")
-    out = args.out or Path(__file__).parent / "results" / f"prune-d{t.settings.hidden_size}{outliers.suffix(r)}.md"
+    out = args.out or Path(__file__).parent / "results" / f"prune-d{t.settings.hidden_size}{t.settings.suffix}{outliers.suffix(r)}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

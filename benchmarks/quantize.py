@@ -325,7 +325,7 @@ def quality(args) -> None:
                 "int4 GPTQ g128 act-order": ["-m", "gptq", *calib, "gptq.act_order=true"],
                 "int4 AWQ g128": ["-m", "awq", *calib], "int4 RTN g128 asym": ["-m", "int4", "--asym"],
                 "int4 AWQ g128 asym": ["-m", "awq", "--asym", *calib], "NF4": ["-m", "nf4"]}
-    lines = [f"Model: {t.settings.describe()}{outliers.describe(t.record)}; perplexity on the held-out last 10 %; calibration "
+    lines = [f"Model: {t.settings.describe()}{outliers.describe(t.record)}; perplexity on the held-out text; calibration "
              f"{args.samples} windows of {seq_len} tokens from the training text.", "",
              "| model | perplexity | change | KL to float (nats/token) | rel. output error at quantize time "
              "| quantize s |", "|---|---:|---:|---:|---:|---:|"]
@@ -350,7 +350,7 @@ def quality(args) -> None:
                       if name.startswith(("int4 GPTQ", "int4 AWQ")) and name.endswith(" asym") == bool(grid)]
             rtn = f"{100 * rtn:+.2f} %" if unit else f"{rtn:.2e}"
             lines += ["", f"{what} as a share of int4 RTN{grid}'s ({rtn}; goal ≤ 60 %): " + ", ".join(shares)]
-    out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}{outliers.suffix(t.record)}.md"
+    out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}{t.settings.suffix}{outliers.suffix(t.record)}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

@@ -1,5 +1,7 @@
 """The briefly trained `llama`-preset model the prune and quantize-quality benchmarks measure:
-trained once per settings on the first 90 % of Tiny Shakespeare, cached under --dir, reused.
+trained once per settings on the first 90 % of Tiny Shakespeare (or, `--corpus stdlib`, on
+CPython's own library source: 12× more text, for longer runs that do not repeat it), cached
+under --dir, reused.
 
 The `llama` preset's architecture (RMSNorm, rope, SwiGLU, grouped-query attention) at a smaller
 width, with a byte-level BPE of `vocab_size` trained on the same 90 %; the last 10 % (cut at a
@@ -22,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,16 +47,25 @@ class Settings:
     min_lr: float = 3e-4
     warmup_steps: int = 30
     seed: int = 0
+    corpus: str = "shakespeare"  # or "stdlib": CPython's own library source (CORPORA)
 
     @property
     def key(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
-        return f"llama-d{self.hidden_size}-l{self.num_layers}-s{self.steps}-{digest}"
+        fields = asdict(self)
+        if self.corpus == "shakespeare":  # the keys of models cached before the option existed stay valid
+            del fields["corpus"]
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        return f"llama-d{self.hidden_size}-l{self.num_layers}-s{self.steps}{self.suffix}-{digest}"
+
+    @property
+    def suffix(self) -> str:
+        """'' for Tiny Shakespeare, '-CORPUS' otherwise: for cache keys and results files."""
+        return "" if self.corpus == "shakespeare" else f"-{self.corpus}"
 
     def describe(self) -> str:
         return (f"`llama` preset at d={self.hidden_size}, {self.num_layers} layers, {self.num_heads} heads / "
                 f"{self.num_kv_heads} KV heads, SwiGLU {self.intermediate_size}, byte-level BPE {self.vocab_size}; "
-                f"{self.steps} steps of {self.batch_size} × {self.seq_len} tokens")
+                f"{self.steps} steps of {self.batch_size} × {self.seq_len} tokens of {CORPORA[self.corpus][0]}")
 
 
 @dataclass
@@ -83,22 +95,43 @@ def perplexity(ckpt: Path, val: Path) -> float:
     return next(iter(json.loads(out.stdout)["results"].values()))["perplexity"]["perplexity"]
 
 
-def split(root: Path) -> tuple[Path, Path]:
-    """Tiny Shakespeare's first 90 % and the rest, cut at a paragraph, as root/train.txt, root/val.txt."""
-    train, val = root / "train.txt", root / "val.txt"
+def shakespeare() -> tuple[str, str]:
+    """Tiny Shakespeare's first 90 % and the rest, cut at a paragraph."""
+    text = DATA.read_text(encoding="utf-8")
+    cut = text.rindex("\n\n", 0, int(len(text) * 0.9))
+    return text[:cut], text[cut:]
+
+
+def stdlib() -> tuple[str, str]:
+    """The running CPython's library source (no tests, no site-packages; ~12.6 MB for 3.11), files in
+    sorted order; every 40th file (~3 %) is held out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idle_test"}
+    files = sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
+    texts = [f.read_text(encoding="utf-8", errors="replace").strip() + "\n" for f in files]
+    return "\n\n".join(t for i, t in enumerate(texts) if i % 40), "\n\n".join(texts[::40])
+
+
+CORPORA = {"shakespeare": ("Tiny Shakespeare", shakespeare), "stdlib": ("CPython's library source", stdlib)}
+
+
+def split(root: Path, corpus: str = "shakespeare") -> tuple[Path, Path]:
+    """The corpus's training and held-out text as root/[CORPUS/]train.txt and val.txt."""
+    here = root if corpus == "shakespeare" else root / corpus
+    here.mkdir(parents=True, exist_ok=True)
+    train, val = here / "train.txt", here / "val.txt"
     if not (train.is_file() and val.is_file()):
-        text = DATA.read_text(encoding="utf-8")
-        cut = text.rindex("\n\n", 0, int(len(text) * 0.9))
-        train.write_text(text[:cut], encoding="utf-8")
-        val.write_text(text[cut:], encoding="utf-8")
+        texts = CORPORA[corpus][1]()
+        for path, text in zip((train, val), texts):
+            path.write_text(text, encoding="utf-8")
     return train, val
 
 
 def trained(root: Path, settings: Settings = Settings()) -> Trained:
     """The model for `settings` under `root`, trained first if it is not there."""
     root.mkdir(parents=True, exist_ok=True)
-    train, val = split(root)
-    tok = root / f"tok-{settings.vocab_size}"
+    train, val = split(root, settings.corpus)
+    tok = root / f"tok{settings.suffix}-{settings.vocab_size}"
     if not (tok / "tokenizer.json").is_file():
         llmctl("tokenize", "train", train, "--algo", "bytelevel", "--vocab-size", settings.vocab_size, "-o", tok)
     here = root / settings.key
@@ -134,6 +167,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=int, default=d.num_kv_heads)
     parser.add_argument("--intermediate", type=int, help="SwiGLU width (default: 3 × width)")
     parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default=d.corpus,
+                        help="training text (held out: the last 10 %% of Tiny Shakespeare; every 40th stdlib file)")
     parser.add_argument("--outliers", type=float, default=0, metavar="FACTOR",
                         help="make 2 %% of every block linear's input channels FACTOR× larger, the function unchanged "
                              "(benchmarks/outliers.py)")
@@ -143,7 +178,7 @@ def from_arguments(args: argparse.Namespace) -> Trained:
     """The model the parsed options describe, trained first if needed."""
     settings = Settings(hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
                         num_kv_heads=args.kv_heads, intermediate_size=args.intermediate or 3 * args.width,
-                        steps=args.steps)
+                        steps=args.steps, corpus=args.corpus)
     t = trained(args.dir, settings)
     if args.outliers:
         from benchmarks.outliers import with_outliers
