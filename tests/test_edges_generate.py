@@ -4,10 +4,12 @@ rolling a padded batch's cache back."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from llmctl.core.generate.search import Runner, _output_hidden
+from llmctl.core.generate.search import Runner
 from llmctl.core.model import ModelConfig, Transformer
 
 TINY = dict(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=48,
@@ -21,16 +23,21 @@ def make(**overrides) -> Transformer:
 
 @pytest.mark.parametrize("placement", [dict(), dict(norm_placement="post", norm="layernorm")])
 def test_contrastive_hidden_states_are_what_the_head_reads(placement):
-    """Contrastive search compares the last hidden states: the head's input after any final norm."""
+    """Contrastive search compares the last hidden states: the head's input after any final norm,
+    the same from the prefill, an eager forward and `decode_step(hidden=True)`."""
     model = make(**placement)
-    captured = []
-    hook = _output_hidden(model).register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple)
-                                                                                        else o))
-    ids = torch.randint(0, 97, (2, 7))
+    prompts, token = torch.randint(0, 97, (2, 7)).tolist(), torch.tensor([[3], [4]])
+    eager, stepped = (Runner(model, prompts, 32, torch.device("cpu"), hidden=True) for _ in range(2))
+    stepped.step_fn = functools.partial(model.decode_step, hidden=True)  # what --compile compiles
     with torch.no_grad():
-        logits = model(ids).logits
-    hook.remove()
-    assert torch.allclose(model.lm_head(captured[-1]).float(), logits, atol=1e-5)
+        logits = eager.prefill(keep=0)
+        assert eager.hidden.shape == (2, 7, 32)
+        assert torch.allclose(model.lm_head(eager.hidden).float(), logits, atol=1e-5)
+        stepped.prefill()
+        logits, step_logits = eager.forward(token), stepped.forward(token)
+    assert eager.hidden.shape == stepped.hidden.shape == (2, 1, 32)
+    assert torch.allclose(model.lm_head(eager.hidden).float(), logits, atol=1e-5)
+    assert torch.allclose(stepped.hidden, eager.hidden, atol=1e-5) and torch.allclose(step_logits, logits, atol=1e-5)
 
 
 def test_truncating_a_padded_batch_rewinds_its_positions():
