@@ -29,11 +29,13 @@ def quantized_input(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @needs
-@pytest.mark.parametrize("n", [1, 3, 4, 130])  # tails of fewer than four rows
-def test_float32_product(n):
+@pytest.mark.parametrize("n", [1, 3, 4, 130])  # one row, a few, and more than one thread's range of 64
+@pytest.mark.parametrize("k", [96, 2048])  # steps of 64 inputs with a tail of 32, and without
+def test_float32_product(n, k):
     torch.manual_seed(0)
-    x, w = torch.randn(1, 96), torch.randn(n, 96)
-    torch.testing.assert_close(native.ops().mv_float(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    x, w = torch.randn(1, k), torch.randn(n, k)
+    exact = (x.double() @ w.double().T).float()  # float32 sums in another order differ by about k·eps
+    torch.testing.assert_close(native.ops().mv_float(x, w), exact, rtol=1e-5, atol=1e-5 * k / 96)
 
 
 @needs

@@ -6,8 +6,11 @@
 //                    int4: one 64-byte load of weights) to int8 with its own scale d, and u · q(x)
 //                    runs as AVX512-VNNI integer dot products (vpdpbusd)
 //
-// Each thread takes a contiguous range of rows, four rows at a time so every load of x feeds four
-// products. Threads come from ATen's pool (at::parallel_for), so torch.set_num_threads holds.
+// Each thread takes a contiguous range of rows and reads them as one sequential stream: float rows
+// one after another (measured 3–7 % faster for float32 and 20–30 % for bfloat16 than four rows side
+// by side, whose four streams the prefetchers serve less well), integer rows four at a time from
+// their interleaved layout. Threads come from ATen's pool (at::parallel_for), so
+// torch.set_num_threads holds.
 // Built by llmctl/core/native/__init__.py with -march=native; `llmctl::capabilities` says which
 // kernels this build has (AVX-512 F / BF16 / VNNI), and Python routes everything else to torch.
 #include "kernels.h"
@@ -26,7 +29,7 @@ namespace {
 
 // inputs per activation scale: those whose weights fill 64 bytes (one 512-bit load)
 constexpr int64_t block_of(int64_t bits) { return 512 / bits; }
-constexpr int64_t ROWS = 4;     // rows per step
+constexpr int64_t ROWS = 4;     // integer rows per step
 
 }  // namespace
 
@@ -46,6 +49,14 @@ int64_t capabilities() {
 
 namespace {
 
+// Calls row(n) for every n in [0, N); contiguous ranges of rows spread over ATen's threads.
+template <typename Row>
+void each_row(int64_t N, const Row& row) {
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) row(n);
+  });
+}
+
 // Calls rows.operator()<R>(n) — rows n … n + R − 1 — over [0, N): R = ROWS, the tail one row at a
 // time; steps spread over ATen's threads.
 template <typename Rows>
@@ -63,44 +74,40 @@ void over_rows(int64_t N, const Rows& rows) {
 }
 
 #ifdef LLMCTL_F32
-struct FloatRows {
+struct FloatRow {  // 64 inputs a step (four loads, four sums), then a tail of 32
   const float* W; const float* x; float* y; int64_t K;
-  template <int R> void operator()(int64_t n) const {
-    __m512 a[R], b[R];
-    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-      for (int r = 0; r < R; ++r) {
-        const float* w = W + (n + r) * K + k;
-        a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w), x0, a[r]);
-        b[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + 16), x1, b[r]);
-      }
+  void operator()(int64_t n) const {
+    const float* w = W + n * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
     }
-    for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+    if (k < K) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    }
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   }
 };
 #endif
 
 #ifdef LLMCTL_BF16
-struct Bf16Rows {  // 64 inputs a step (two loads a row: 4–20 % faster than one here), then a tail of 32
+struct Bf16Row {  // 64 inputs a step (two loads: 4–20 % faster than one), then a tail of 32
   const uint16_t* W; const uint16_t* x; float* y; int64_t K;
-  template <int R> void operator()(int64_t n) const {
-    __m512 a[R], b[R];
-    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
+  void operator()(int64_t n) const {
+    const uint16_t* w = W + n * K;
+    __m512 a = _mm512_setzero_ps(), b = a;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
-      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + k), x1 = (__m512bh)_mm512_loadu_si512(x + k + 32);
-      for (int r = 0; r < R; ++r) {
-        const uint16_t* w = W + (n + r) * K + k;
-        a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(w), x0);
-        b[r] = _mm512_dpbf16_ps(b[r], (__m512bh)_mm512_loadu_si512(w + 32), x1);
-      }
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+      b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
     }
-    if (k < K) {
-      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + k);
-      for (int r = 0; r < R; ++r) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(W + (n + r) * K + k), x0);
-    }
-    for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+    if (k < K) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
   }
 };
 #endif
@@ -197,7 +204,7 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "llmctl native matvec: "
 
 void product_f32(const float* W, const float* x, float* y, int64_t N, int64_t K) {
 #ifdef LLMCTL_F32
-  over_rows(N, FloatRows{W, x, y, K});
+  each_row(N, FloatRow{W, x, y, K});
 #else
   check(false, "this build has no AVX-512");
 #endif
@@ -205,7 +212,7 @@ void product_f32(const float* W, const float* x, float* y, int64_t N, int64_t K)
 
 void product_bf16(const uint16_t* W, const uint16_t* x, float* y, int64_t N, int64_t K) {
 #ifdef LLMCTL_BF16
-  over_rows(N, Bf16Rows{W, x, y, K});
+  each_row(N, Bf16Row{W, x, y, K});
 #else
   check(false, "this build has no AVX512-BF16");
 #endif
