@@ -40,6 +40,19 @@ def test_contrastive_hidden_states_are_what_the_head_reads(placement):
     assert torch.allclose(stepped.hidden, eager.hidden, atol=1e-5) and torch.allclose(step_logits, logits, atol=1e-5)
 
 
+def test_a_runner_that_keeps_hidden_states_never_takes_the_native_plan():
+    """The native plan returns logits only: one CPU row that must keep its hidden states steps in Python."""
+    from llmctl.core.native.decode import native_step
+
+    model = make(intermediate_size=64)  # widths the native kernels take (multiples of 32)
+    plain, keeping = (Runner(model, [[5, 6, 7]], 32, torch.device("cpu"), hidden=h) for h in (False, True))
+    assert keeping.step_fn is None and (plain.step_fn is not None) == (native_step(model) is not None)
+    with torch.no_grad():
+        keeping.prefill()
+        logits = keeping.forward(torch.tensor([[3]]))
+    assert torch.allclose(model.lm_head(keeping.hidden).float(), logits, atol=1e-5)
+
+
 def test_truncating_a_padded_batch_rewinds_its_positions():
     """Rolling back n cached tokens of a left-padded batch, then feeding others, equals a run
     that was fed those tokens in the first place."""
