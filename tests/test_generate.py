@@ -423,9 +423,10 @@ def test_compiled_step_in_beam_and_contrastive_search_and_speculative_draft(ckpt
     assert (_ours(path, PROMPTS[:1], GenerationConfig(**beam, compile=True))[0].tokens
             == _ours(path, PROMPTS[:1], GenerationConfig(**beam))[0].tokens)
     contrastive = dict(max_new_tokens=10, penalty_alpha=0.6, top_k=3, eos_ids=[])  # a padded batch of 2
-    eager = _ours(path, PROMPTS[:2], GenerationConfig(**contrastive))
     steps, static_step = [], search.Runner._static_step
     monkeypatch.setattr(search.Runner, "_static_step", lambda self, ids: steps.append(ids.shape) or static_step(self, ids))
+    eager = _ours(path, PROMPTS[:2], GenerationConfig(**contrastive))
+    assert steps == []  # without --compile (and off CUDA) every step runs the model's forward
     compiled = _ours(path, PROMPTS[:2], GenerationConfig(**contrastive, compile=True))
     assert [r.tokens for r in compiled] == [r.tokens for r in eager]
     assert steps == [(6, 1)] * 11  # the warm-up and 10 candidate steps: 2 prompts × 3 rows, compiled
