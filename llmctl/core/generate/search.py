@@ -8,7 +8,6 @@ in `job`. `Runner` owns one batch's pre-allocated KV cache, attention mask and p
 from __future__ import annotations
 
 import functools
-
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
