@@ -151,30 +151,28 @@ def test_why_not_names_each_reason(monkeypatch):
 
 
 @needs
-@pytest.mark.parametrize("variant, quantize", [
-    (dict(num_layers=1), None),
-    (dict(lm_head_bias=True), None),
+@pytest.mark.parametrize("variant, quantize, head_in_plan", [
+    (dict(num_layers=1), None, True),
+    (dict(lm_head_bias=True), None, True),
     (dict(num_kv_heads=4, norm="layernorm", mlp="gelu", activation="gelu_tanh", position="learned", qkv_bias=True,
-          o_bias=True, mlp_bias=True), dict(bits=8, group_size=64)),
-    ({}, dict(bits=8, ignore=[])),
-], ids=["one layer", "head bias", "quantized with biases", "quantized head"])
-def test_native_step_equals_the_eager_step_at_the_edges(variant, quantize):
-    """One layer, a biased head (through `mv_float` plus the bias), quantized linears with biases
-    and a quantized head (the eager head): the eager step's logits."""
+          o_bias=True, mlp_bias=True), dict(bits=8, group_size=64), True),
+    ({}, dict(bits=8, ignore=[]), True),
+    ({}, None, False),
+], ids=["one layer", "head bias", "quantized with biases", "quantized head", "a head the kernels do not take"])
+def test_native_step_equals_the_eager_step_at_the_edges(variant, quantize, head_in_plan):
+    """One layer, a biased head, quantized linears with biases and a quantized head — the final
+    norm and the head in the plan — and a head the kernels do not take (Python's tail): the eager
+    step's logits."""
     model = build(variant)
     if quantize:
         PackQuantized(**quantize).apply(model)
+    if not head_in_plan:
+        model.lm_head = torch.nn.Sequential(model.lm_head)
     step = native_step(model)
-    float_head = type(model.lm_head) is torch.nn.Linear
-    assert (step.projection is not None) == float_head
-    if float_head:  # the step takes its head's product through the projection
-        calls, projection = [], step.projection
-        step.projection = lambda h: calls.append(1) or projection(h)
-        step(torch.tensor([[3]]), torch.tensor([[0]]), None, *(lambda c: (c.keys, c.values))(model.make_cache(1, 4)),
-             torch.tensor([0]))
-        assert calls == [1]
+    assert step.head_in_plan == head_in_plan
     eager, ours, *_ = decode_both(model)
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
+    assert ours.dtype == torch.float32
 
 
 @needs

@@ -2,7 +2,8 @@
 //
 // Per layer: norm → q, k, v products → rotary (cos/sin given per step) → the new key/value into
 // the cache → attention over the cached positions (sliding window) → o product → residual →
-// norm → gate/up products → activation → down product → residual. The residual stream, norms,
+// norm → gate/up products → activation → down product → residual; after the last layer the final
+// norm and the head, where decode.py hands them over. The residual stream, norms,
 // rotations and attention run in float32; products take the weights as stored (float32, bf16,
 // or the int8/int4 layout of mv_quant); the cache keeps its dtype (float32 or bf16).
 //
@@ -17,6 +18,8 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -29,6 +32,16 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "llmctl native decode: "
 enum Weights : int64_t { ABSENT = 0, FLOAT32 = 1, BFLOAT16 = 2, INT4 = 4, INT8 = 8 };
 enum Norm : int64_t { RMS = 0, LAYER = 1 };
 enum Activation : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3, RELU2 = 4 };
+
+// x float32 [n] to bf16 bits, rounded to nearest even (n % 32 == 0: every product's K)
+inline void to_bf16(const float* x, uint16_t* out, int64_t n) {
+#ifdef LLMCTL_BF16
+  for (int64_t i = 0; i < n; i += 32)
+    _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = c10::BFloat16(x[i]).x;
+#endif
+}
 
 // y[N] = W · x + bias; x float32 [K]
 struct Product {
@@ -56,7 +69,7 @@ struct Product {
       product_f32(w.data_ptr<float>(), x, y, N, K);
     } else if (kind == BFLOAT16) {
       scratch.resize(K);
-      for (int64_t i = 0; i < K; ++i) scratch[i] = c10::BFloat16(x[i]).x;  // round to nearest even
+      to_bf16(x, scratch.data(), K);
       product_bf16(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), scratch.data(), y, N, K);
     } else {
       product_quant({w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(), b, N, K,
@@ -98,12 +111,38 @@ struct Layer {
 
 template <typename T> inline float as_float(T v) { return static_cast<float>(v); }
 
+#ifdef LLMCTL_F32
+// 16 cached values as float32; a bf16's bits are the high half of its float32 (exact)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
+
+// Σ a[i]·b[i], float32 a, cached b (float32 or bf16)
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
   float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * as_float(b[i]);
+#ifdef LLMCTL_F32
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * as_float(b[i]);
   return s;
+}
+
+// y[i] += w·b[i], cached b (float32 or bf16)
+template <typename T>
+inline void axpy(float* y, float w, const T* b, int64_t n) {
+  int64_t i = 0;
+#ifdef LLMCTL_F32
+  const __m512 wv = _mm512_set1_ps(w);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, load16(b + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += w * as_float(b[i]);
 }
 
 // x [heads, D] rotated in place: x·cos + rotate_half(x)·sin (Hugging Face's halves, not pairs)
@@ -151,9 +190,7 @@ void attend(const Layer& L, const float* q, const at::Tensor& keys, const at::Te
       std::fill(o, o + D, 0.f);
       const T* v = V + ((h / group) * len + first) * D;
       for (int64_t t = 0; t < n; ++t) {
-        const float w = p[h * n + t];
-#pragma omp simd
-        for (int64_t i = 0; i < D; ++i) o[i] += w * as_float(v[t * D + i]);
+        axpy(o, p[h * n + t], v + t * D, D);
       }
     }
   });
@@ -174,23 +211,34 @@ void activate(float* x, int64_t n, int64_t act) {
 }  // namespace
 
 // Built once per generation from `decode.py`'s flat description of the model:
-//   meta   hidden, activation, then per layer heads, kv_heads, head_dim, window, norm kind,
-//          and the kind of each of its seven products (q, k, v, o, gate, up, down)
-//   tensors per layer: attention norm weight, bias; feed-forward norm weight, bias; then per
-//          product its weights, scale, zero, bias (undefined tensors where absent)
+//   meta   hidden, activation, the final norm's kind (-1: no tail — `step` returns the hidden
+//          state) and the head's product kind, then per layer heads, kv_heads, head_dim, window,
+//          norm kind, and the kind of each of its seven products (q, k, v, o, gate, up, down)
+//   tensors the final norm's weight, bias and the head's weights, scale, zero, bias (undefined
+//          without a tail); then per layer: attention norm weight, bias; feed-forward norm
+//          weight, bias; then per product its weights, scale, zero, bias (undefined where absent)
 struct DecodePlan : torch::CustomClassHolder {
   int64_t hidden, act;
   double eps;
   std::vector<Layer> layers;
+  bool tail = false;  // the final norm and the head run here too
+  LayerNormParams final_norm;
+  Product head;
 
   DecodePlan(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, double eps_) : eps(eps_) {
-    check(meta.size() >= 2 && (meta.size() - 2) % 12 == 0 && tensors.size() == (meta.size() - 2) / 12 * 32,
+    check(meta.size() >= 4 && (meta.size() - 4) % 12 == 0 && tensors.size() == 6 + (meta.size() - 4) / 12 * 32,
           "malformed plan");
     hidden = meta[0];
     act = meta[1];
-    auto t = tensors.begin();
-    auto m = meta.begin() + 2;
     auto defined = [](const at::Tensor& x) { return x.defined() && x.numel() > 0 ? x : at::Tensor(); };
+    if (meta[2] >= 0) {
+      tail = true;
+      final_norm = {meta[2], tensors[0], defined(tensors[1])};
+      head = Product(meta[3], tensors[2], defined(tensors[3]), defined(tensors[4]), defined(tensors[5]));
+      check(head.K == hidden && final_norm.weight.numel() == hidden, "inconsistent head");
+    }
+    auto t = tensors.begin() + 6;
+    auto m = meta.begin() + 4;
     while (m != meta.end()) {
       Layer L;
       L.heads = m[0]; L.kv_heads = m[1]; L.head_dim = m[2]; L.window = m[3];
@@ -209,9 +257,10 @@ struct DecodePlan : torch::CustomClassHolder {
     }
   }
 
-  // The hidden state after every layer for one token: x float32 [hidden] at position `pos`
-  // (its rotary cos/sin float32 [head_dim], or empty for no rotation); its keys and values go
-  // into slot `pos` of each layer's cache [1, kv_heads, length, head_dim].
+  // One token x [hidden] at position `pos` (its rotary cos/sin float32 [head_dim], or empty for
+  // no rotation) through every layer: float32 logits [vocab] with a tail, else the hidden state
+  // float32 [hidden]. Its keys and values go into slot `pos` of each layer's cache
+  // [1, kv_heads, length, head_dim].
   at::Tensor step(at::Tensor x_in, int64_t pos, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> keys,
                   std::vector<at::Tensor> values) {
     check(x_in.numel() == hidden && keys.size() == layers.size() && values.size() == layers.size(), "bad inputs");
@@ -266,7 +315,11 @@ struct DecodePlan : torch::CustomClassHolder {
       L.down(a.data(), r.data(), scratch);
       for (int64_t i = 0; i < hidden; ++i) xp[i] += r[i];
     }
-    return x;
+    if (!tail) return x;
+    final_norm(xp, h.data(), hidden, eps);
+    at::Tensor logits = at::empty({head.N}, at::kFloat);
+    head(h.data(), logits.data_ptr<float>(), scratch);
+    return logits;
   }
 };
 

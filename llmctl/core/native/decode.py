@@ -3,8 +3,10 @@
 At batch 1 a 100M-parameter model reads its weights in about 2 ms per token with the native
 products, while Python's eager step spends 3 ms more on a hundred small torch calls per layer and
 a compiled step 3 ms on its guards and graph (BENCHMARKS.md, Quantize → Speed). The plan runs
-every layer — norms, products, rotary, cache write, attention, activation, residuals — in C++,
-leaving Python the embedding, the final norm and the head.
+every layer — norms, products, rotary, cache write, attention, activation, residuals — and the
+final norm and the head in C++, leaving Python the embedding and the rotary table lookup. (Each
+torch op between plan calls runs on caches the weights have just swept: a final norm that takes
+25 µs alone took 210 µs there.)
 
     step = native_step(model)      # None where the plan does not take the model (`why_not`)
     logits = step(ids, positions, None, cache.keys, cache.values, slot)   # as Transformer.decode_step
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from llmctl.core import native
+from llmctl.core.native import arena
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}  # decode.cpp's Activation
 FLOAT_KINDS = {torch.float32: (1, native.F32), torch.bfloat16: (2, native.BF16)}  # (Weights kind, capability)
@@ -35,7 +38,6 @@ def why_not(model) -> str | None:
     """Why the native plan cannot run `model`'s decode step (None: it can)."""
     from llmctl.core.model.attention import Attention
     from llmctl.core.model.mlp import FeedForward
-    from llmctl.core.model.norm import LayerNorm, RMSNorm
     from llmctl.core.model.transformer import Block
 
     cfg = getattr(model, "cfg", None)
@@ -66,7 +68,7 @@ def why_not(model) -> str | None:
         if not isinstance(block.mlp, FeedForward) or _activation(block.mlp) is None:
             return f"{where}: feed-forward {type(block.mlp).__name__}"
         for norm in (block.input_layernorm, block.post_attention_layernorm):
-            if not isinstance(norm, (RMSNorm, LayerNorm)) or type(norm).forward not in (RMSNorm.forward, LayerNorm.forward):
+            if not _plain_norm(norm):
                 return f"{where}: norm {type(norm).__name__}"
         for name, linear in _linears(block):
             if _product(linear) is None:
@@ -83,17 +85,23 @@ def native_step(model) -> NativeStep | None:
 
 class NativeStep:
     """`step(ids [1, 1], positions [1, 1], None, keys, values, slot [1]) -> logits [1, V]`,
-    `Transformer.decode_step`'s signature, through one DecodePlan call."""
+    `Transformer.decode_step`'s signature, through one DecodePlan call (with the final norm and the
+    head where the kernels take them: `head_in_plan`)."""
 
     def __init__(self, model):
-        from llmctl.core.model.norm import LayerNorm
-
         cfg, layers = model.cfg, model.model.layers
-        tensors, meta = [], [cfg.hidden_size, ACTIVATION_CODES[_activation(layers[0].mlp)]]
+        self.head_in_plan = _plain_norm(model.model.norm) and _product(model.lm_head) is not None
+        streamed = [linear for block in layers for _, linear in _linears(block)]
+        arena.pack(model, [_weight_slot(m) for m in streamed + [model.lm_head] * self.head_in_plan])
+        meta, tensors = [cfg.hidden_size, ACTIVATION_CODES[_activation(layers[0].mlp)], -1, 0], [NONE] * 6
+        if self.head_in_plan:  # after the plan, Python runs nothing but the embedding
+            head_kind, head = _product(model.lm_head)
+            meta[2:] = [_norm_kind(model.model.norm), head_kind]
+            tensors = [*_norm(model.model.norm), *head]
         for block in layers:
             attn = block.self_attn
             meta += [attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.sliding_window or 0,
-                     int(isinstance(block.input_layernorm, LayerNorm))]  # decode.cpp's Norm
+                     _norm_kind(block.input_layernorm)]
             tensors += [*_norm(block.input_layernorm), *_norm(block.post_attention_layernorm)]
             for _, linear in _linears(block, with_absent=True):
                 kind, weights = _product(linear) if linear is not None else (0, [NONE] * 4)
@@ -101,10 +109,6 @@ class NativeStep:
                 tensors += weights
         self.model = model
         self.plan = torch.classes.llmctl.DecodePlan(tensors, meta, float(cfg.norm_eps))
-        head, self.projection = model.lm_head, None
-        if type(head) is nn.Linear and _product(head) is not None:  # the head by mv_float (+ bias)
-            weight, bias, product = head.weight.detach(), head.bias, native.ops().mv_float
-            self.projection = lambda h: _plus(product(h.reshape(1, -1), weight), bias).view(*h.shape[:-1], -1)
 
     def __call__(self, ids, positions, padding, keys, values, slot) -> torch.Tensor:
         if ids.shape != (1, 1) or padding is not None:
@@ -114,8 +118,10 @@ class NativeStep:
         pos = int(slot)
         rotary = model.model.embed_positions.rotary(positions, x.dtype, pos + 1)
         cos, sin = (t.reshape(-1) for t in rotary) if rotary is not None else (NONE, NONE)
-        h = self.plan.step(x.reshape(-1), pos, cos, sin, keys, values)
-        return model.head(h.to(x.dtype).view(1, 1, -1), self.projection)[:, -1]
+        out = self.plan.step(x.reshape(-1), pos, cos, sin, keys, values)
+        if self.head_in_plan:
+            return out.view(1, -1)
+        return model.head(out.to(x.dtype).view(1, 1, -1))[:, -1]
 
 
 def _activation(mlp) -> str | None:
@@ -153,12 +159,31 @@ def _product(linear) -> tuple[int, list[torch.Tensor]] | None:
     return None
 
 
+def _plain_norm(norm) -> bool:
+    """An RMSNorm (Gemma's too) or LayerNorm with its own forward: what decode.cpp's norms compute."""
+    from llmctl.core.model.norm import LayerNorm, RMSNorm
+
+    return isinstance(norm, (RMSNorm, LayerNorm)) and type(norm).forward in (RMSNorm.forward, LayerNorm.forward)
+
+
+def _norm_kind(norm) -> int:
+    """decode.cpp's Norm: 0 RMS, 1 LayerNorm."""
+    from llmctl.core.model.norm import LayerNorm
+
+    return int(isinstance(norm, LayerNorm))
+
+
+def _weight_slot(linear) -> tuple[object, str]:
+    """Where the weights the plan streams for `linear` are held: (holder, attribute)."""
+    if type(linear) is nn.Linear:
+        return linear.weight, "data"
+    from llmctl.core.quant.kernels import native_layout
+
+    return native_layout(linear, linear.weight_scale.dtype), "weight"
+
+
 def _norm(norm) -> list[torch.Tensor]:
     """[effective scale, bias] float32 of an RMSNorm (Gemma's offset added) or LayerNorm."""
     weight = norm.weight.detach().float() + getattr(norm, "offset", 0.0)
     bias = getattr(norm, "bias", None)
     return [weight.contiguous(), NONE if bias is None else bias.detach().float().contiguous()]
-
-
-def _plus(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return y if bias is None else y + bias
