@@ -6,14 +6,15 @@
 
 speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
 at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128)
-— int8/int4 with bf16 activations, and int8 with float32 ones — through the native decode plan
+— int8/int4 with bf16 activations, the head kept in bf16 (llm-compressor's default) or quantized
+too (as llama.cpp's q8_0/q4_0 files have it: the same bytes), and int8 with float32 ones — through the native decode plan
 (core/native/decode.py, where it is built) and, for comparison, through the Python eager step
 (each product still by the native kernels; see core/quant/kernels.py) —
 by transformers in float32 and, when llama-cpp-python is installed, by llama.cpp in f32, f16,
 q8_0 and q4_0 (a GGUF of the same weights written here with the `gguf` package). Decode tokens/s
 = (N − 1) / (time(N tokens) − time(1 token)), best of --repeats, contenders interleaved. The
 bandwidth share is the bytes a token reads (every weight but the embedding table, in the
-format used) × tokens/s ÷ the read bandwidth measured in the same run (a 1 GiB sum).
+format used) × tokens/s ÷ the read bandwidth measured in the same run (a 1 GiB sum over 2 MB pages).
 time: `llmctl quantize` on the `llama` preset's shape (125M, random weights) as a subprocess:
 RTN int8, RTN int4 and GPTQ int4 g128 (once per --micro-batch) — wall time and peak RSS.
 quality: held-out perplexity (`llmctl eval --task perplexity`) of the briefly trained model of
@@ -60,8 +61,11 @@ def llmctl(*args: str) -> dict:
 
 
 def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
-    """Bytes per second read by a sum over a large float32 tensor."""
-    x = torch.ones(mib * 2**20 // 4)
+    """Bytes per second read by a sum over a large float32 tensor in 2 MB pages (as the native
+    decode plan's weights are: core/native/arena.py; 4 KB pages read a fifth slower here)."""
+    from llmctl.core.native.arena import huge_buffer
+
+    x = huge_buffer(mib * 2**20).view(torch.float32).fill_(1.0)
     x.sum()
     return x.numel() * 4 / min(_time(x.sum) for _ in range(repeats))
 
@@ -197,6 +201,9 @@ def speed(args) -> None:
     base = build(tmp / "f32", SHAPE)
     llmctl("quantize", base, "-o", tmp / "int8", "-m", "int8")
     llmctl("quantize", base, "-o", tmp / "int4", "-m", "int4", "--group-size", "128")
+    # the head quantized too, as in llama.cpp's q8_0 / q4_0 files: the same bytes per token
+    llmctl("quantize", base, "-o", tmp / "int8-head", "-m", "int8", "ignore=[]")
+    llmctl("quantize", base, "-o", tmp / "int4-head", "-m", "int4", "--group-size", "128", "ignore=[]")
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, SHAPE["vocab_size"], (PROMPT_LEN,), generator=g).tolist()
     tok = IdTok({"p": prompt})
@@ -223,6 +230,10 @@ def speed(args) -> None:
             "llmctl bf16": (ours(base, torch.bfloat16), streamed_bytes(base) // 2),
             "llmctl int8, bf16 activations": (ours(tmp / "int8", torch.bfloat16), streamed_bytes(tmp / "int8")),
             "llmctl int4 g128, bf16 activations": (ours(tmp / "int4", torch.bfloat16), streamed_bytes(tmp / "int4")),
+            "llmctl int8 (head too), bf16 activations": (ours(tmp / "int8-head", torch.bfloat16),
+                                                          streamed_bytes(tmp / "int8-head")),
+            "llmctl int4 g128 (head too), bf16 activations": (ours(tmp / "int4-head", torch.bfloat16),
+                                                               streamed_bytes(tmp / "int4-head")),
             "llmctl int8, float32 activations": (ours(tmp / "int8", torch.float32), streamed_bytes(tmp / "int8")),
             "llmctl float32, Python step": (ours(base, torch.float32, plan=False), streamed_bytes(base)),
             "llmctl bf16, Python step": (ours(base, torch.bfloat16, plan=False), streamed_bytes(base) // 2),

@@ -158,11 +158,15 @@ def test_why_not_names_each_reason(monkeypatch):
           o_bias=True, mlp_bias=True), dict(bits=8, group_size=64), True),
     ({}, dict(bits=8, ignore=[]), True),
     ({}, None, False),
-], ids=["one layer", "head bias", "quantized with biases", "quantized head", "a head the kernels do not take"])
+    ({}, dict(bits=8, ignore=["lm_head", "re:.*k_proj", "re:.*up_proj"]), True),
+    (dict(mlp="gelu", activation="gelu_tanh"), dict(bits=4, group_size=128), True),
+], ids=["one layer", "head bias", "quantized with biases", "quantized head", "a head the kernels do not take",
+        "products of one input in different formats", "a plain MLP, quantized"])
 def test_native_step_equals_the_eager_step_at_the_edges(variant, quantize, head_in_plan):
     """One layer, a biased head, quantized linears with biases and a quantized head — the final
-    norm and the head in the plan — and a head the kernels do not take (Python's tail): the eager
-    step's logits."""
+    norm and the head in the plan —, a head the kernels do not take (Python's tail), q/k/v and
+    gate/up in different formats (run one after another, not in one region) and a plain MLP's
+    lone up product: the eager step's logits."""
     model = build(variant)
     if quantize:
         PackQuantized(**quantize).apply(model)

@@ -21,6 +21,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <utility>
 #include <cmath>
 #include <vector>
 
@@ -43,7 +45,7 @@ inline void to_bf16(const float* x, uint16_t* out, int64_t n) {
 #endif
 }
 
-// y[N] = W · x + bias; x float32 [K]
+// The weights of y[N] = W · x + bias, x float32 [K] (`products` runs it)
 struct Product {
   int64_t kind = ABSENT, N = 0, K = 0;
   at::Tensor w, scale, zero, bias;  // scale/zero: integer kinds; bias float32 or undefined
@@ -63,22 +65,58 @@ struct Product {
     check(K % 32 == 0, "K % 32 == 0");
   }
 
-  void operator()(const float* x, float* y, std::vector<uint16_t>& scratch) const {
-    const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    if (kind == FLOAT32) {
-      product_f32(w.data_ptr<float>(), x, y, N, K);
-    } else if (kind == BFLOAT16) {
-      scratch.resize(K);
-      to_bf16(x, scratch.data(), K);
-      product_bf16(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), scratch.data(), y, N, K);
-    } else {
-      product_quant({w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(), b, N, K,
-                     scale.size(1), kind}, x, y);
-      return;  // the bias is in
-    }
-    if (b) for (int64_t n = 0; n < N; ++n) y[n] += b[n];
+  QuantWeights quant() const {
+    return {w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(),
+            bias.defined() ? bias.data_ptr<float>() : nullptr, N, K, scale.size(1), kind};
+  }
+
+  // whether `other` can share this product's parallel region: the same kind and input width
+  bool shares_input(const Product& other) const {
+    return kind == other.kind && K == other.K
+           && (kind == FLOAT32 || kind == BFLOAT16 || scale.size(1) == other.scale.size(1));
   }
 };
+
+// y_i = P_i · x + bias_i for products that read the same x (q, k, v; gate, up): one parallel
+// region where they share a kind and width, else one after another. Absent products are skipped.
+void products(std::initializer_list<std::pair<const Product*, float*>> list, const float* x,
+              std::vector<uint16_t>& scratch) {
+  const Product* P[MAX_PRODUCTS];
+  float* y[MAX_PRODUCTS];
+  int count = 0;
+  for (auto [p, out] : list)
+    if (p->kind != ABSENT) { P[count] = p; y[count++] = out; }
+  if (count == 0) return;
+  for (int i = 1; i < count; ++i)
+    if (!P[0]->shares_input(*P[i])) {
+      for (int j = 0; j < count; ++j) products({{P[j], y[j]}}, x, scratch);
+      return;
+    }
+  const int64_t K = P[0]->K;
+  int64_t N[MAX_PRODUCTS];
+  for (int i = 0; i < count; ++i) N[i] = P[i]->N;
+  if (P[0]->kind == FLOAT32) {
+    const float* W[MAX_PRODUCTS];
+    for (int i = 0; i < count; ++i) W[i] = P[i]->w.data_ptr<float>();
+    product_f32(count, W, y, N, x, K);
+  } else if (P[0]->kind == BFLOAT16) {
+    scratch.resize(K);
+    to_bf16(x, scratch.data(), K);
+    const uint16_t* W[MAX_PRODUCTS];
+    for (int i = 0; i < count; ++i) W[i] = reinterpret_cast<const uint16_t*>(P[i]->w.data_ptr<at::BFloat16>());
+    product_bf16(count, W, y, N, scratch.data(), K);
+  } else {
+    QuantWeights W[MAX_PRODUCTS];
+    for (int i = 0; i < count; ++i) W[i] = P[i]->quant();
+    product_quant(count, W, x, y);
+    return;  // the biases are in
+  }
+  for (int i = 0; i < count; ++i)
+    if (P[i]->bias.defined()) {
+      const float* b = P[i]->bias.data_ptr<float>();
+      for (int64_t n = 0; n < N[i]; ++n) y[i][n] += b[n];
+    }
+}
 
 struct LayerNormParams {
   int64_t kind = RMS;
@@ -279,9 +317,7 @@ struct DecodePlan : torch::CustomClassHolder {
             && vc.scalar_type() == kc.scalar_type() && pos < kc.size(2), "cache must be [1, kv_heads, length, head_dim]");
       q.resize(L.q.N); k.resize(L.k.N); v.resize(L.v.N); att.resize(L.q.N);
       L.attn_norm(xp, h.data(), hidden, eps);
-      L.q(h.data(), q.data(), scratch);
-      L.k(h.data(), k.data(), scratch);
-      L.v(h.data(), v.data(), scratch);
+      products({{&L.q, q.data()}, {&L.k, k.data()}, {&L.v, v.data()}}, h.data(), scratch);
       if (rotary) {
         check(cf.numel() == L.head_dim, "cos/sin must be [head_dim]");
         rotate(q.data(), L.heads, L.head_dim, cf.data_ptr<float>(), sf.data_ptr<float>());
@@ -298,27 +334,26 @@ struct DecodePlan : torch::CustomClassHolder {
         store<c10::BFloat16>(vc, v.data(), L.kv_heads, L.head_dim, pos);
         attend<c10::BFloat16>(L, q.data(), kc, vc, first, pos, att.data());
       }
-      L.o(att.data(), r.data(), scratch);
+      products({{&L.o, r.data()}}, att.data(), scratch);
       for (int64_t i = 0; i < hidden; ++i) xp[i] += r[i];
 
       L.mlp_norm(xp, h.data(), hidden, eps);
       a.resize(L.up.N);
-      L.up(h.data(), a.data(), scratch);
+      b.resize(L.gate.N);
+      products({{&L.gate, b.data()}, {&L.up, a.data()}}, h.data(), scratch);  // the arena's order
       if (L.gate.kind != ABSENT) {
-        b.resize(L.gate.N);
-        L.gate(h.data(), b.data(), scratch);
         activate(b.data(), L.gate.N, act);
         for (int64_t i = 0; i < L.up.N; ++i) a[i] *= b[i];
       } else {
         activate(a.data(), L.up.N, act);
       }
-      L.down(a.data(), r.data(), scratch);
+      products({{&L.down, r.data()}}, a.data(), scratch);
       for (int64_t i = 0; i < hidden; ++i) xp[i] += r[i];
     }
     if (!tail) return x;
     final_norm(xp, h.data(), hidden, eps);
     at::Tensor logits = at::empty({head.N}, at::kFloat);
-    head(h.data(), logits.data_ptr<float>(), scratch);
+    products({{&head, logits.data_ptr<float>()}}, h.data(), scratch);
     return logits;
   }
 };

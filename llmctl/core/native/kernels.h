@@ -17,16 +17,20 @@ namespace llmctl {
 enum Capability : int64_t { F32 = 1, BF16 = 2, VNNI = 4 };
 int64_t capabilities();
 
-// y[N] = W[N, K] · x[K] with float32 sums; K % 32 == 0. bf16 is passed as its 16 bits.
-void product_f32(const float* W, const float* x, float* y, int64_t N, int64_t K);
-void product_bf16(const uint16_t* W, const uint16_t* x, float* y, int64_t N, int64_t K);
+// Products of one input x[K], all in one parallel region (count ≤ MAX_PRODUCTS): y[i][N[i]] =
+// W[i][N[i], K] · x with float32 sums; K % 32 == 0. bf16 is passed as its 16 bits.
+constexpr int MAX_PRODUCTS = 4;
+void product_f32(int count, const float* const W[], float* const y[], const int64_t N[], const float* x, int64_t K);
+void product_bf16(int count, const uint16_t* const W[], float* const y[], const int64_t N[], const uint16_t* x,
+                  int64_t K);
 
 // Unsigned `bits`-bit weights in mv_quant's interleaved layout, w = scale · (u − zero) per group.
 struct QuantWeights {
   const uint8_t* w; const float* scale; const float* zero; const float* bias;  // bias may be null
   int64_t N, K, groups, bits;
 };
-// y[N] = W · x + bias, x quantized per block to int8 (see matvec.cpp)
-void product_quant(const QuantWeights& W, const float* x, float* y);
+// y[i] = W[i] · x + bias for count ≤ MAX_PRODUCTS products of the same K, groups and bits, in one
+// parallel region; x quantized per block to int8 once (see matvec.cpp)
+void product_quant(int count, const QuantWeights W[], const float* x, float* const y[]);
 
 }  // namespace llmctl
