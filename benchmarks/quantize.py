@@ -12,9 +12,11 @@ too (as llama.cpp's q8_0/q4_0 files have it: the same bytes), and int8 with floa
 (each product still by the native kernels; see core/quant/kernels.py) —
 by transformers in float32 and, when llama-cpp-python is installed, by llama.cpp in f32, f16,
 q8_0 and q4_0 (a GGUF of the same weights written here with the `gguf` package). Decode tokens/s
-= (N − 1) / (time(N tokens) − time(1 token)), best of --repeats, contenders interleaved. The
+= (N − 1) / (time(N tokens) − time(1 token)), best of --repeats, contenders interleaved; then each
+round's llmctl / llama.cpp ratio at the same precision, median and range (the pairs ran seconds apart). The
 bandwidth share is the bytes a token reads (every weight but the embedding table, in the
-format used) × tokens/s ÷ the read bandwidth measured in the same run (a 1 GiB sum over 2 MB pages).
+format used) × tokens/s ÷ the read bandwidth measured in the same run (1 GiB in 2 MB pages read by
+a torch sum or the native product, the faster, before and after the decoders: the better).
 time: `llmctl quantize` on the `llama` preset's shape (125M, random weights) as a subprocess:
 RTN int8, RTN int4 and GPTQ int4 g128 (once per --micro-batch) — wall time and peak RSS.
 quality: held-out perplexity (`llmctl eval --task perplexity`) of the briefly trained model of
@@ -61,13 +63,20 @@ def llmctl(*args: str) -> dict:
 
 
 def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
-    """Bytes per second read by a sum over a large float32 tensor in 2 MB pages (as the native
-    decode plan's weights are: core/native/arena.py; 4 KB pages read a fifth slower here)."""
+    """Bytes per second read from 1 GiB in 2 MB pages (as the native decode plan's weights are:
+    core/native/arena.py; 4 KB pages read a fifth slower here): the faster of a torch sum and,
+    where it is built, the native float32 product streaming it as a [N, 1024] matrix."""
+    from llmctl.core import native
     from llmctl.core.native.arena import huge_buffer
 
     x = huge_buffer(mib * 2**20).view(torch.float32).fill_(1.0)
-    x.sum()
-    return x.numel() * 4 / min(_time(x.sum) for _ in range(repeats))
+    reads = [x.sum]
+    if native.has(native.F32):
+        w, v = x.view(-1, 1024), torch.ones(1, 1024)
+        reads.append(lambda: native.ops().mv_float(v, w))
+    for read in reads:
+        read()
+    return x.numel() * 4 / min(_time(read) for _ in range(repeats) for read in reads)
 
 
 def build(path: Path, shape: dict) -> Path:
@@ -266,10 +275,13 @@ def speed(args) -> None:
         run(prompt, 4)  # warm-up
     reference = runs["llmctl float32"][0](prompt, args.new_tokens)
     best = {name: [float("inf"), float("inf")] for name in runs}
+    rounds = {name: [] for name in runs}  # each round's tokens/s
     for _ in range(args.repeats):
         for name, (run, _) in runs.items():
-            best[name][0] = min(best[name][0], _time(lambda: run(prompt, args.new_tokens)))
-            best[name][1] = min(best[name][1], _time(lambda: run(prompt, 1)))
+            full, one = _time(lambda: run(prompt, args.new_tokens)), _time(lambda: run(prompt, 1))
+            best[name] = [min(best[name][0], full), min(best[name][1], one)]
+            rounds[name].append((args.new_tokens - 1) / (full - one))
+    bandwidth = max(bandwidth, read_bandwidth())  # the host's memory speed drifts: the better of before and after
     print(f"torch {torch.__version__}, {args.threads} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"load average {os.getloadavg()[0]:.1f}, {args.new_tokens} greedy tokens at batch 1\n")
     print("| decoder | tok/s | MB read per token | bandwidth share | tokens = llmctl float32 |")
@@ -278,8 +290,31 @@ def speed(args) -> None:
         rate = (args.new_tokens - 1) / (best[name][0] - best[name][1])
         same = run(prompt, args.new_tokens) == reference
         print(f"| {name} | {rate:.1f} | {nbytes / 1e6:.0f} | {nbytes * rate / bandwidth:.0%} | {same} |")
+    print_round_ratios(rounds)
     for run, _ in runs.values():
         getattr(run, "close", lambda: None)()  # llama.cpp frees its model before interpreter exit
+
+
+LLAMA_CPP_PEERS = {"float32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
+
+
+def print_round_ratios(rounds: dict[str, list[float]]) -> None:
+    """llmctl's tokens/s over llama.cpp's at the same precision, round by round (the two ran
+    seconds apart, so the host's drifting memory speed mostly cancels): median and range."""
+    import statistics
+
+    lines = []
+    for name, rates in rounds.items():
+        words = name.split()
+        if words[0] != "llmctl" or "Python step" in name or "--compile" in name or "float32 activations" in name:
+            continue
+        peer = f"llama.cpp {LLAMA_CPP_PEERS[words[1].rstrip(',')]}"
+        if peer in rounds:
+            ratios = [a / b for a, b in zip(rates, rounds[peer])]
+            lines.append(f"| {name} | {peer} | {statistics.median(ratios):.2f}× | {min(ratios):.2f}–{max(ratios):.2f}× |")
+    if lines:
+        print("\n| llmctl | llama.cpp | ratio, median of rounds | range |\n|---|---|---:|---:|")
+        print("\n".join(lines))
 
 
 def quantize_time(args) -> None:
