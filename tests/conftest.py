@@ -26,6 +26,15 @@ class Result:
         return json.loads(self.stdout)
 
 
+@pytest.fixture(autouse=True)
+def fresh_options():
+    """Every test starts from the global options of a fresh invocation: an in-process `llmctl -q …`
+    leaves `options.quiet` set, which silenced `info` in whichever test its worker ran next."""
+    from llmctl.runtime import options
+
+    options.__init__()
+
+
 @pytest.fixture
 def llmctl(capsys):
     """Run `llmctl ARGS…` in this process; returns Result(code, stdout, stderr)."""
