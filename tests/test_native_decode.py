@@ -12,7 +12,7 @@ from llmctl.core.generate.search import Runner
 from llmctl.core.model.config import ModelConfig
 from llmctl.core.model.io import load_model
 from llmctl.core.model.transformer import Transformer
-from llmctl.core.native.decode import NativeStep, native_step, why_not
+from llmctl.core.native.decode import NONE, NativeStep, native_step, why_not
 from llmctl.core.quant.linear import PackQuantized
 from llmctl.core.tokenizer import load_tokenizer
 
@@ -30,6 +30,7 @@ VARIANTS = {
     "nope relu2 plain": dict(position="nope", mlp="relu", activation="relu2", norm="layernorm", norm_bias=False),
     "pruned": dict(layer_num_heads=[4, 2], layer_num_kv_heads=[2, 1], layer_intermediate_sizes=[256, 128]),
     "rope scaling, exact gelu": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, mlp="geglu"),
+    "dynamic ntk": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_seq_len=8),
 }
 
 
@@ -91,6 +92,42 @@ def test_bfloat16_native_step_is_the_eager_step_to_bf16_rounding(bits):
     assert (ours - eager).abs().max().item() < 0.03 * scale
     assert native_cache.keys[0].dtype == torch.bfloat16
     assert (native_cache.keys[1].float() - eager_cache.keys[1].float()).abs().max() < 0.05
+
+
+@needs
+@pytest.mark.parametrize("variant,embeds,rotates", [
+    ("llama", True, True), ("gemma", True, True), ("nope relu2 plain", True, False),
+    ("gpt2", False, False), ("dynamic ntk", True, True)])  # dynamic NTK: embedded in Python, as gpt2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_plan_embeds_token_ids_as_python_does(variant, embeds, rotates, dtype):
+    model = build(VARIANTS[variant], dtype)
+    by_id, by_state = native_step(model), native_step(model)
+    assert (by_id.embeds, by_id.rope is not None) == (embeds, rotates)
+    by_state.embeds = False  # the hidden state from model._embed and the rotary rows from RoPE.rotary
+    caches = model.make_cache(1, 16), model.make_cache(1, 16)
+    with torch.inference_mode():
+        for pos in range(12):  # dynamic NTK's base grows past max_seq_len 8
+            slot, token = torch.full((1,), pos), torch.tensor([[(7 * pos + 3) % BASE["vocab_size"]]])
+            a, b = (step(token, slot[None], None, c.keys, c.values, slot) for step, c in zip((by_id, by_state), caches))
+            assert torch.equal(a, b)  # the same float32 hidden state and rotary rows: the same logits
+            caches[0].advance(1), caches[1].advance(1)
+        assert all(torch.equal(x, y) for x, y in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values))
+        if embeds:
+            with pytest.raises(RuntimeError, match="outside the embedding table"):
+                by_id.plan.step_token(BASE["vocab_size"], 0, 0, NONE, NONE, caches[0].keys, caches[0].values)
+
+
+@needs
+@pytest.mark.parametrize("variant,change", [
+    (dict(embedding_norm=True), None), (dict(type_vocab_size=2), None), ({}, "max_norm"), ({}, "subclass")])
+def test_embeddings_with_more_than_a_lookup_are_embedded_in_python(variant, change):
+    model = build(variant)
+    if change == "max_norm":
+        model.model.embed_tokens.max_norm = 1.0
+    if change == "subclass":
+        model.__class__ = type("Embeds", (Transformer,), {"_embed": lambda self, *a, **k: Transformer._embed(self, *a)})
+    step = native_step(model)
+    assert step is not None and not step.embeds
 
 
 @needs

@@ -111,14 +111,21 @@ class RoPE(PositionEncoding):
             return self._cos_sin(kind, params, position_ids, None, dtype)
         if length is None:
             length = int(position_ids.max()) + 1
-        key = (repr(self.cfg.rope_scaling), self.cfg.rope_theta, position_ids.device, dtype)
+        cos, sin = self.tables(length, position_ids.device, dtype)
+        return cos[position_ids], sin[position_ids]
+
+    def tables(self, length: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin [n ≥ length, head_dim] for positions 0..n-1 (None under dynamic NTK, whose
+        angles depend on the sequence length): the tables `rotary` indexes."""
+        kind, params = self._scaling()
+        if kind == "dynamic":
+            return None
+        key = (repr(self.cfg.rope_scaling), self.cfg.rope_theta, device, dtype)
         if self._tables is None or self._tables_key != key or len(self._tables[0]) < length:
             size = max(2 * length, 1024)  # room to grow: decoding rebuilds only on doubling
-            positions = torch.arange(size, device=position_ids.device)
-            self._tables = self._cos_sin(kind, params, positions, None, dtype)
+            self._tables = self._cos_sin(kind, params, torch.arange(size, device=device), None, dtype)
             self._tables_key = key
-        cos, sin = self._tables
-        return cos[position_ids], sin[position_ids]
+        return self._tables
 
     def _scaling(self) -> tuple[str, dict]:
         params = dict(self.cfg.rope_scaling or {})

@@ -1,6 +1,8 @@
 // One batch-1 decode step of a plain pre-norm decoder, every layer in one call (llmctl::DecodePlan).
 //
-// Per layer: norm → q, k, v products → rotary (cos/sin given per step) → the new key/value into
+// From a token id (`step_token`: its embedding row, scaled, and the rotary tables' row for its
+// position, where decode.py hands the embedding over) or a given hidden state (`step`); then
+// per layer: norm → q, k, v products → rotary → the new key/value into
 // the cache → attention over the cached positions (sliding window) → o product → residual →
 // norm → gate/up products → activation → down product → residual; after the last layer the final
 // norm and the head, where decode.py hands them over. The residual stream, norms,
@@ -295,14 +297,49 @@ struct DecodePlan : torch::CustomClassHolder {
     }
   }
 
-  // One token x [hidden] at position `pos` (its rotary cos/sin float32 [head_dim], or empty for
-  // no rotation) through every layer: float32 logits [vocab] with a tail, else the hidden state
+  // The token embedding table [vocab, hidden] (float32 or bf16) `step_token` reads, and the
+  // factor its rows are multiplied by (1: none) in the table's dtype, as the eager step does
+  void set_embedding(at::Tensor table, double scale) {
+    check(table.dim() == 2 && table.size(1) == hidden && table.is_contiguous()
+          && (table.scalar_type() == at::kFloat || table.scalar_type() == at::kBFloat16), "embedding [vocab, hidden]");
+    embedding = table;
+    embed_scale = scale;
+  }
+
+  // `step` for token `token` whose rotary angles are row `position` of the tables cos, sin
+  // [positions, head_dim] (empty: no rotation); its keys and values go into slot `pos`
+  at::Tensor step_token(int64_t token, int64_t pos, int64_t position, at::Tensor cos, at::Tensor sin,
+                        std::vector<at::Tensor> keys, std::vector<at::Tensor> values) {
+    check(embedding.defined() && token >= 0 && token < embedding.size(0), "token outside the embedding table");
+    at::Tensor x = embedding[token].to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+    if (embed_scale != 1.0) {  // in the table's dtype: bf16 × bf16 rounds to bf16
+      x.mul_(static_cast<float>(embed_scale));
+      if (embedding.scalar_type() == at::kBFloat16) x = x.to(at::kBFloat16).to(at::kFloat);
+    }
+    if (cos.numel() == 0) return run(x, pos, cos, sin, keys, values);
+    check(cos.dim() == 2 && sin.sizes() == cos.sizes() && position >= 0 && position < cos.size(0),
+          "rotary tables [positions, head_dim] past the position");
+    return run(x, pos, cos[position], sin[position], keys, values);
+  }
+
+  // One token x [hidden] at position `pos` (its rotary cos/sin [head_dim], or empty for no
+  // rotation) through every layer: float32 logits [vocab] with a tail, else the hidden state
   // float32 [hidden]. Its keys and values go into slot `pos` of each layer's cache
   // [1, kv_heads, length, head_dim].
   at::Tensor step(at::Tensor x_in, int64_t pos, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> keys,
                   std::vector<at::Tensor> values) {
-    check(x_in.numel() == hidden && keys.size() == layers.size() && values.size() == layers.size(), "bad inputs");
-    at::Tensor x = x_in.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();  // ours to update
+    check(x_in.numel() == hidden, "x must be [hidden]");
+    return run(x_in.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous(), pos, cos, sin, keys, values);
+  }
+
+ private:
+  at::Tensor embedding;  // undefined: `step` only
+  double embed_scale = 1.0;
+
+  // `step` on x float32 [hidden], ours to update
+  at::Tensor run(at::Tensor x, int64_t pos, const at::Tensor& cos, const at::Tensor& sin,
+                 const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values) {
+    check(keys.size() == layers.size() && values.size() == layers.size(), "one cache per layer");
     float* xp = x.data_ptr<float>();
     const bool rotary = cos.numel() > 0;
     at::Tensor cf = rotary ? cos.to(at::kFloat).contiguous() : cos, sf = rotary ? sin.to(at::kFloat).contiguous() : sin;
@@ -363,5 +400,7 @@ struct DecodePlan : torch::CustomClassHolder {
 TORCH_LIBRARY_FRAGMENT(llmctl, m) {
   m.class_<llmctl::DecodePlan>("DecodePlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
+      .def("set_embedding", &llmctl::DecodePlan::set_embedding)
+      .def("step_token", &llmctl::DecodePlan::step_token)
       .def("step", &llmctl::DecodePlan::step);
 }

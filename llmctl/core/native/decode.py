@@ -4,9 +4,10 @@ At batch 1 a 100M-parameter model reads its weights in about 2 ms per token with
 products, while Python's eager step spends 3 ms more on a hundred small torch calls per layer and
 a compiled step 3 ms on its guards and graph (BENCHMARKS.md, Quantize → Speed). The plan runs
 every layer — norms, products, rotary, cache write, attention, activation, residuals — and the
-final norm and the head in C++, leaving Python the embedding and the rotary table lookup. (Each
-torch op between plan calls runs on caches the weights have just swept: a final norm that takes
-25 µs alone took 210 µs there.)
+final norm and the head in C++, and, where the embedding is a plain lookup (scaled or not) and the
+rotary angles come from RoPE's tables, the embedding and the rotary lookup too: Python passes the
+token id. (Each torch op between plan calls runs on caches the weights have just swept: a final
+norm that takes 25 µs alone took 210 µs there.)
 
     step = native_step(model)      # None where the plan does not take the model (`why_not`)
     logits = step(ids, positions, None, cache.keys, cache.values, slot)   # as Transformer.decode_step
@@ -86,10 +87,12 @@ def native_step(model) -> NativeStep | None:
 class NativeStep:
     """`step(ids [1, 1], positions [1, 1], None, keys, values, slot [1]) -> logits [1, V]`,
     `Transformer.decode_step`'s signature, through one DecodePlan call (with the final norm and the
-    head where the kernels take them: `head_in_plan`)."""
+    head where the kernels take them: `head_in_plan`; from the token id where the plan can embed
+    it: `embeds`)."""
 
     def __init__(self, model):
         cfg, layers = model.cfg, model.model.layers
+        self.dtype = model.model.embed_tokens.weight.dtype
         self.head_in_plan = _plain_norm(model.model.norm) and _product(model.lm_head) is not None
         streamed = [linear for block in layers for _, linear in _linears(block)]
         arena.pack(model, [_weight_slot(m) for m in streamed + [model.lm_head] * self.head_in_plan])
@@ -109,19 +112,46 @@ class NativeStep:
                 tensors += weights
         self.model = model
         self.plan = torch.classes.llmctl.DecodePlan(tensors, meta, float(cfg.norm_eps))
+        self.embeds, self.rope = _token_input(model)
+        if self.embeds:  # after packing: a tied table is the head's arena copy
+            scale = torch.tensor(cfg.hidden_size**0.5, dtype=self.dtype).item() if cfg.scale_embeddings else 1.0
+            self.plan.set_embedding(model.model.embed_tokens.weight.detach(), scale)
 
     def __call__(self, ids, positions, padding, keys, values, slot) -> torch.Tensor:
         if ids.shape != (1, 1) or padding is not None:
             raise ValueError("the native decode step takes one unpadded row")
+        pos = int(slot)
+        if self.embeds:
+            position = int(positions)
+            tables = (NONE, NONE) if self.rope is None else self.rope.tables(position + 1, ids.device, self.dtype)
+            if tables is not None:  # None: dynamic NTK's angles, computed per call below
+                return self._logits(self.plan.step_token(int(ids), pos, position, *tables, keys, values))
         model = self.model
         x = model._embed(ids, positions, None)
-        pos = int(slot)
         rotary = model.model.embed_positions.rotary(positions, x.dtype, pos + 1)
         cos, sin = (t.reshape(-1) for t in rotary) if rotary is not None else (NONE, NONE)
-        out = self.plan.step(x.reshape(-1), pos, cos, sin, keys, values)
+        return self._logits(self.plan.step(x.reshape(-1), pos, cos, sin, keys, values))
+
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
         if self.head_in_plan:
             return out.view(1, -1)
-        return model.head(out.to(x.dtype).view(1, 1, -1))[:, -1]
+        return self.model.head(out.to(self.dtype).view(1, 1, -1))[:, -1]
+
+
+def _token_input(model) -> tuple[bool, object]:
+    """(whether the plan can embed a token id itself, the RoPE whose tables rotate it or None for
+    no rotation): a plain embedding lookup, scaled or not, with nothing added to it."""
+    from llmctl.core.model.position import PositionEncoding, RoPE
+    from llmctl.core.model.transformer import Transformer
+
+    cfg, embedding, positions = model.cfg, model.model.embed_tokens, model.model.embed_positions
+    plain = (type(model)._embed is Transformer._embed and type(embedding) is nn.Embedding
+             and embedding.max_norm is None and embedding.weight.is_contiguous()
+             and not cfg.type_vocab_size and not cfg.embedding_norm and type(positions).embed is PositionEncoding.embed)
+    rotary = type(positions).rotary
+    if not plain or rotary not in (PositionEncoding.rotary, RoPE.rotary):
+        return False, None
+    return True, positions if rotary is RoPE.rotary else None
 
 
 def _activation(mlp) -> str | None:
