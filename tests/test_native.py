@@ -50,7 +50,8 @@ def test_bfloat16_product_sums_in_float32(k):
 
 @needs
 @pytest.mark.parametrize("scheme", [Scheme(8), Scheme(8, 128, symmetric=False), Scheme(4, 128),
-                                    Scheme(4, 256, symmetric=False), Scheme(4)])
+                                    Scheme(4, 256, symmetric=False), Scheme(4),  # groups of several blocks
+                                    Scheme(4, 128, symmetric=False), Scheme(8, 64, symmetric=False)])  # of one
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_product_equals_the_dequantized_one_on_the_rounded_input(scheme, dtype):
     torch.manual_seed(0)

@@ -117,7 +117,10 @@ struct QuantArgs {
   int64_t K, groups;
 };
 
-template <int BITS>
+// ONE_BLOCK_GROUPS: every group is one block (int4 g128, int8 g64), so the block's activation
+// scale and the group's weight scale multiply its integer sums together: one FMA a row, no
+// per-group accumulator
+template <int BITS, bool ONE_BLOCK_GROUPS>
 struct QuantRows : QuantArgs {
   void operator()(int64_t n) const {  // rows n … n + 3
     constexpr int R = ROWS;
@@ -142,6 +145,14 @@ struct QuantRows : QuantArgs {
                                        _mm512_and_si512(_mm512_srli_epi16(wv, 4), low), xhi);
         }
       }
+      if constexpr (ONE_BLOCK_GROUPS) {  // Σ s·(u − z)·x = s·d·Σ u·q − s·z·Σ x
+        for (int r = 0; r < R; ++r) {
+          const float s = scale[(n + r) * groups + b];
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(s * d[b]), acc[r]);
+          correction[r] += s * zero[(n + r) * groups + b] * xsum[b];
+        }
+        continue;
+      }
       const __m512 db = _mm512_set1_ps(d[b]);
       for (int r = 0; r < R; ++r) group_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), db, group_acc[r]);
       const int64_t g = ends[b];
@@ -161,11 +172,17 @@ struct QuantRows : QuantArgs {
 #endif
 
 #ifdef LLMCTL_VNNI
-template <int BITS>
+template <int BITS, bool ONE_BLOCK_GROUPS>
 void quant_rows(int count, const int64_t N[], const QuantArgs args[]) {
-  QuantRows<BITS> rows[MAX_PRODUCTS];
-  for (int i = 0; i < count; ++i) rows[i] = QuantRows<BITS>{args[i]};
+  QuantRows<BITS, ONE_BLOCK_GROUPS> rows[MAX_PRODUCTS];
+  for (int i = 0; i < count; ++i) rows[i] = QuantRows<BITS, ONE_BLOCK_GROUPS>{args[i]};
   each_row(count, N, [&](int i, int64_t n) { rows[i](n); }, ROWS);
+}
+
+template <int BITS>
+void quant_rows(int count, const int64_t N[], const QuantArgs args[], bool one_block_groups) {
+  if (one_block_groups) quant_rows<BITS, true>(count, N, args);
+  else quant_rows<BITS, false>(count, N, args);
 }
 
 // x quantized per BLOCK inputs: q = round(x / d), d = max|x| / 127 (all-zero blocks: d = 0, q = 0);
@@ -238,8 +255,8 @@ void product_quant(int count, const QuantWeights W[], const float* x, float* con
   QuantArgs args[MAX_PRODUCTS];
   for (int i = 0; i < count; ++i)
     args[i] = {W[i].w, qx.data(), d.data(), xsum.data(), ends.data(), W[i].scale, W[i].zero, W[i].bias, y[i], K, groups};
-  if (bits == 8) quant_rows<8>(count, N, args);
-  else quant_rows<4>(count, N, args);
+  if (bits == 8) quant_rows<8>(count, N, args, per_group == 1);
+  else quant_rows<4>(count, N, args, per_group == 1);
 #else
   check(false, "this build has no AVX512-VNNI");
 #endif
