@@ -108,7 +108,8 @@ def test_the_plan_embeds_token_ids_as_python_does(variant, embeds, rotates, dtyp
     with torch.inference_mode():
         for pos in range(12):  # dynamic NTK's base grows past max_seq_len 8
             slot, token = torch.full((1,), pos), torch.tensor([[(7 * pos + 3) % BASE["vocab_size"]]])
-            a, b = (step(token, slot[None], None, c.keys, c.values, slot) for step, c in zip((by_id, by_state), caches))
+            positions = slot[None] + 3  # rotated at its position, stored at its slot: the two must not swap
+            a, b = (step(token, positions, None, c.keys, c.values, slot) for step, c in zip((by_id, by_state), caches))
             assert torch.equal(a, b)  # the same float32 hidden state and rotary rows: the same logits
             caches[0].advance(1), caches[1].advance(1)
         assert all(torch.equal(x, y) for x, y in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values))
