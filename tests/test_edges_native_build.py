@@ -59,9 +59,11 @@ def test_cpu_flags_come_from_cpuinfo_or_the_platform(monkeypatch, tmp_path):
     assert native._cpu_flags() == "arm64"  # no /proc: what the platform says
 
 
-@pytest.mark.parametrize("env, machine, flags", [("0", "x86_64", "flags : avx512f"), ("1", "aarch64", "flags : avx512f"),
-                                                 ("1", "x86_64", "flags : avx2 avx512fx"), ("1", "x86_64", "")])
-def test_no_kernels_where_disabled_or_without_avx512(monkeypatch, env, machine, flags):
+@pytest.mark.parametrize("env, machine, flags", [
+    ("0", "x86_64", "flags : avx2 fma avx512f"), ("1", "aarch64", "flags : avx2 fma"),
+    ("1", "x86_64", "flags : avx2 avx512f"), ("1", "x86_64", "flags : avx2x fma"), ("1", "x86_64", "flags : fma2 avx2"),
+    ("1", "x86_64", "")])
+def test_no_kernels_where_disabled_or_without_avx2_and_fma(monkeypatch, env, machine, flags):
     monkeypatch.setenv("LLMCTL_NATIVE", env)
     monkeypatch.setattr(native.platform, "machine", lambda: machine)
     monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
@@ -76,7 +78,7 @@ def test_no_kernels_where_disabled_or_without_avx512(monkeypatch, env, machine, 
 def test_kernels_already_loaded_in_the_process_are_reused(monkeypatch):
     monkeypatch.setenv("LLMCTL_NATIVE", "1")
     monkeypatch.setattr(native.platform, "machine", lambda: "AMD64")
-    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : avx512f")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : fma avx2")
     monkeypatch.setattr(native, "_loaded", lambda module: module is torch)
     monkeypatch.setattr(native, "build_dir", lambda flags=None: pytest.fail("built again"))
     native.ops.cache_clear()
@@ -91,7 +93,7 @@ def test_a_failed_build_warns_once_with_its_first_line(monkeypatch, tmp_path, ca
 
     monkeypatch.setenv("LLMCTL_NATIVE", "1")
     monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : avx512f")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : avx2 fma")
     monkeypatch.setattr(native, "_loaded", lambda torch: False)
     monkeypatch.setattr(native, "build_dir", lambda flags=None: tmp_path / "cache" / "build")
     calls = []
@@ -167,6 +169,6 @@ def test_loaded_and_has_read_the_librarys_capabilities(monkeypatch):
 
     assert native._loaded(fake(llmctl=Unregistered())) is False
     monkeypatch.setattr(native, "ops", lambda: SimpleNamespace(capabilities=lambda: native.F32 | native.BF16))
-    assert [native.has(c) for c in (native.F32, native.BF16, native.VNNI)] == [True, True, False]
+    assert [native.has(c) for c in (native.F32, native.BF16, native.QUANT)] == [True, True, False]
     monkeypatch.setattr(native, "ops", lambda: None)
     assert native.has(native.F32) is False

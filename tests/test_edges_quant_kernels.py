@@ -173,7 +173,7 @@ CPU_KERNELS = [  # (scheme, input shape, input dtype, the kernel that must serve
     (Scheme(4), (3, 48), torch.bfloat16, "dequantize"),  # no int4 group size divides 48
     (Scheme(8, 64), (3, 256), torch.float16, "dequantize"),
 ]
-if native.has(native.VNNI):
+if native.has(native.QUANT):
     CPU_KERNELS += [(Scheme(8), (1, 256), torch.bfloat16, "native"), (Scheme(4, 128), (1, 256), torch.float32, "native")]
 
 

@@ -17,8 +17,8 @@ from llmctl.core.quant.methods import quantize_model
 from llmctl.core.quant.scheme import Scheme
 from llmctl.core.tokenizer import load_tokenizer
 
-needs = pytest.mark.skipif(native.ops() is None or not native.has(native.VNNI | native.BF16 | native.F32),
-                           reason="no C++ compiler or no AVX-512 (F, BF16, VNNI) here")
+needs = pytest.mark.skipif(native.ops() is None or not native.has(native.QUANT | native.BF16 | native.F32),
+                           reason="no C++ compiler or no AVX2 + FMA here")
 
 
 def quantized_input(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -67,6 +67,25 @@ def test_quantized_product_equals_the_dequantized_one_on_the_rounded_input(schem
     torch.testing.assert_close(y.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     exact = F.linear(x.float(), module.dequantize(torch.float32), linear.bias.detach())
     assert (y.float() - exact).norm() < 0.02 * exact.norm()  # the input's rounding costs little
+
+
+@needs
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_sums_at_the_grid_ends_do_not_saturate(bits):
+    """Weights at the ends of the grid (int8: unsigned 0 and 255) against inputs at ±127: where a
+    kernel multiplies bytes pairwise into 16 bits (AVX2's vpmaddubsw), unsigned int8 weights would
+    overflow; read as signed u − 128 they do not."""
+    linear = torch.nn.Linear(256, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([1.0, -1.0, 0.5, -0.25]).repeat_interleave(2)[:, None].expand(8, 256))
+        linear.weight[1::2, ::2] *= -1  # odd rows alternate in sign
+    module = PackedLinear.from_linear(linear, Scheme(bits))
+    for sign in (1.0, -1.0):
+        x = torch.full((1, 256), sign)
+        with torch.no_grad():
+            y = module(x)
+        assert [name for name, _ in module.kernels.values()] == ["native"]
+        torch.testing.assert_close(y, F.linear(x, module.dequantize(torch.float32)), rtol=1e-6, atol=1e-4)
 
 
 @needs

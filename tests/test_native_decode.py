@@ -16,8 +16,8 @@ from llmctl.core.native.decode import NONE, NativeStep, native_step, why_not
 from llmctl.core.quant.linear import PackQuantized
 from llmctl.core.tokenizer import load_tokenizer
 
-needs = pytest.mark.skipif(native.ops() is None or not native.has(native.VNNI | native.BF16 | native.F32),
-                           reason="no C++ compiler or no AVX-512 (F, BF16, VNNI) here")
+needs = pytest.mark.skipif(native.ops() is None or not native.has(native.QUANT | native.BF16 | native.F32),
+                           reason="no C++ compiler or no AVX2 + FMA here")
 
 BASE = dict(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
             max_seq_len=128, tie_embeddings=False)

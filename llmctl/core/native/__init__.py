@@ -1,16 +1,17 @@
-"""Hand-written AVX-512 kernels for batch-1 decoding on CPU (`matvec.cpp`), built once on this machine.
+"""Hand-written x86 kernels for batch-1 decoding on CPU (`matvec.cpp`), built once on this machine.
 
 torch's CPU matrix-vector products read the weights at 40–55 % of this machine's bandwidth and its
 int8/int4 kernels at less; at batch 1 decoding is nothing but those products. The kernels here
-stream each weight once: float32 with FMA, bfloat16 with vdpbf16ps, and int8/int4 as integer dot
-products (vpdpbusd) against the input quantized per block of 64 (int8) or 128 (int4) values —
-what llama.cpp's q8_0/q4_0 do with blocks of 32.
+stream each weight once: float32 with FMA, bfloat16 with vdpbf16ps (or widened to float32), and
+int8/int4 as integer dot products (vpdpbusd, or vpmaddubsw on AVX2) against the input quantized
+per block of 64 (int8) or 128 (int4) values — what llama.cpp's q8_0/q4_0 do with blocks of 32.
+Each kernel has an AVX2 + FMA form and, where the CPU has AVX-512 (F, BF16, VNNI), a wider one.
 
 `ops()` compiles `matvec.cpp` and `decode.cpp` (`decode.py`: a whole decode step per call) with the local C++ compiler and `-march=native` into
 `~/.cache/llmctl/native/<key>` the first time it is needed (10–30 s; the key covers the source,
 torch's version and the CPU), then loads it: `torch.ops.llmctl.mv_float`, `mv_quant`, `torch.classes.llmctl.DecodePlan`. It returns
-None — and callers keep torch's kernels — without a compiler, on a CPU without AVX-512, or when
-`LLMCTL_NATIVE=0`.
+None — and callers keep torch's kernels — without a compiler, on a CPU without AVX2 and FMA, or
+when `LLMCTL_NATIVE=0`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Iterator
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "matvec.cpp", HERE / "decode.cpp"]  # and kernels.h, which they share
-F32, BF16, VNNI = 1, 2, 4  # llmctl::capabilities bits
+F32, BF16, QUANT = 1, 2, 4  # llmctl::capabilities bits (QUANT: int8/int4 products)
+NEEDS = {"avx2", "fma"}  # CPU flags without which nothing is built
 
 
 def block_of(bits: int) -> int:
@@ -51,7 +53,7 @@ def ops():
     """`torch.ops.llmctl` with the kernels loaded, or None where they cannot be built or are disabled."""
     flags = _cpu_flags()
     if os.environ.get("LLMCTL_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64") \
-            or " avx512f " not in f" {flags} ":  # the whole flag
+            or not NEEDS <= set(flags.split()):  # whole flags
         return None
     import torch
     from torch.utils import cpp_extension
@@ -118,6 +120,6 @@ def _register_fakes(torch) -> None:
 
 
 def has(capability: int) -> bool:
-    """Whether the built kernels include `capability` (F32, BF16 or VNNI); builds them if needed."""
+    """Whether the built kernels include `capability` (F32, BF16 or QUANT); builds them if needed."""
     lib = ops()
     return lib is not None and bool(lib.capabilities() & capability)

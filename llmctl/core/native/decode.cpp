@@ -39,7 +39,7 @@ enum Activation : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3, RELU2 =
 
 // x float32 [n] to bf16 bits, rounded to nearest even (n % 32 == 0: every product's K)
 inline void to_bf16(const float* x, uint16_t* out, int64_t n) {
-#ifdef LLMCTL_BF16
+#ifdef LLMCTL_AVX512_BF16
   for (int64_t i = 0; i < n; i += 32)
     _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
 #else
@@ -151,13 +151,32 @@ struct Layer {
 
 template <typename T> inline float as_float(T v) { return static_cast<float>(v); }
 
-#ifdef LLMCTL_F32
-// 16 cached values as float32; a bf16's bits are the high half of its float32 (exact)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
+#if defined(LLMCTL_AVX512)
+constexpr int64_t LANES = 16;
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset(float w) { return _mm512_set1_ps(w); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const c10::BFloat16* p) {  // a bf16's bits are the high half of its float32 (exact)
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(LLMCTL_F32)
+constexpr int64_t LANES = 8;
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset(float w) { return _mm256_set1_ps(w); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return hsum(v); }
 #endif
 
 // Σ a[i]·b[i], float32 a, cached b (float32 or bf16)
@@ -166,9 +185,9 @@ inline float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
 #ifdef LLMCTL_F32
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
-  s = _mm512_reduce_add_ps(acc);
+  Vec acc = vzero();
+  for (; i + LANES <= n; i += LANES) acc = vfma(vload(a + i), vload(b + i), acc);
+  s = vsum(acc);
 #endif
   for (; i < n; ++i) s += a[i] * as_float(b[i]);
   return s;
@@ -179,8 +198,8 @@ template <typename T>
 inline void axpy(float* y, float w, const T* b, int64_t n) {
   int64_t i = 0;
 #ifdef LLMCTL_F32
-  const __m512 wv = _mm512_set1_ps(w);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, load16(b + i), _mm512_loadu_ps(y + i)));
+  const Vec wv = vset(w);
+  for (; i + LANES <= n; i += LANES) vstore(y + i, vfma(wv, vload(b + i), vload(y + i)));
 #endif
   for (; i < n; ++i) y[i] += w * as_float(b[i]);
 }

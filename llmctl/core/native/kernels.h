@@ -2,20 +2,36 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__AVX512F__)  // which kernels this build has
+// Which kernels this build has. Every product has an AVX2 + FMA form; the AVX-512 forms replace
+// them where the CPU has AVX-512 F (float32), AVX512-BF16 (bf16) and AVX512-BW + VNNI (int8/int4).
+#if defined(__AVX2__) && defined(__FMA__)
 #define LLMCTL_F32 1
+#define LLMCTL_BF16 1
+#define LLMCTL_QUANT 1
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define LLMCTL_AVX512 1
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define LLMCTL_BF16 1
+#define LLMCTL_AVX512_BF16 1
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define LLMCTL_VNNI 1
+#define LLMCTL_AVX512_VNNI 1
 #endif
 
 namespace llmctl {
 
-enum Capability : int64_t { F32 = 1, BF16 = 2, VNNI = 4 };
+enum Capability : int64_t { F32 = 1, BF16 = 2, QUANT = 4 };
 int64_t capabilities();
+
+#ifdef LLMCTL_F32
+inline float hsum(__m256 v) {  // the sum of v's 8 lanes
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
 
 // Products of one input x[K], all in one parallel region (count ≤ MAX_PRODUCTS): y[i][N[i]] =
 // W[i][N[i], K] · x with float32 sums; K % 32 == 0. bf16 is passed as its 16 bits.

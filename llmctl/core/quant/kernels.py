@@ -1,7 +1,7 @@
 """How a `PackedLinear` multiplies: llmctl's or torch's fused weight-only kernels where one fits,
 else the weight dequantized.
 
-    int8/int4, one input row, CPU  llmctl::mv_quant (core/native, AVX512-VNNI): integer dot
+    int8/int4, one input row, CPU  llmctl::mv_quant (core/native, AVX512-VNNI or AVX2): integer dot
     (decoding)                     products against the input quantized per 64 (int8) or 128
                                    (int4) values, as llama.cpp's q8_0/q4_0 per 32; groups a
                                    multiple of that block
@@ -135,14 +135,14 @@ class NativeQuant:
 
         s, K = module.scheme, module.in_features
         return device.type == "cpu" and s.bits in (4, 8) and not module.out_features % 4 \
-            and not (s.group_size or K) % native.block_of(s.bits) and native.has(native.VNNI)
+            and not (s.group_size or K) % native.block_of(s.bits) and native.has(native.QUANT)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.weight, self.scale, self.zero, self.bias, self.bits)
 
 
 def _native(module, x: torch.Tensor) -> Kernel | None:
-    """One input row on CPU: llmctl's VNNI kernel (`core/native`), the input quantized per block."""
+    """One input row on CPU: llmctl's integer kernel (`core/native`), the input quantized per block."""
     if x.numel() != module.in_features or not NativeQuant.takes(module, x.device):
         return None
     return NativeQuant(module)
