@@ -33,6 +33,9 @@ def test_the_build_key_covers_the_sources_torch_and_the_cpu(monkeypatch, tmp_pat
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert native.build_dir("flags: avx512f").name != key  # another torch
     monkeypatch.undo()
+    monkeypatch.setattr(native, "CFLAGS", [*native.CFLAGS, "-g"])
+    assert native.build_dir("flags: avx512f").name != key  # other compiler flags
+    monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     header = tmp_path / "kernels.h"
     header.write_bytes((native.HERE / "kernels.h").read_bytes() + b"// changed\n")
@@ -88,6 +91,31 @@ def test_kernels_already_loaded_in_the_process_are_reused(monkeypatch):
         native.ops.cache_clear()
 
 
+def test_a_built_library_loads_without_asking_ninja(monkeypatch, tmp_path, capsys):
+    """A later process loads the library its key's directory holds: no build, no notice, no ninja (which
+    would rebuild for the same sources at another path)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("LLMCTL_NATIVE", "1")
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : avx2 fma")
+    monkeypatch.setattr(native, "_loaded", lambda torch: False)
+    monkeypatch.setattr(native, "_register_fakes", lambda torch: None)
+    build = tmp_path / "key"
+    monkeypatch.setattr(native, "build_dir", lambda flags=None: build)
+    build.mkdir()
+    (build / "llmctl_native_key.so").write_text("")
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("built again"))
+    native.ops.cache_clear()
+    try:
+        assert native.ops() is torch.ops.llmctl
+    finally:
+        native.ops.cache_clear()
+    assert loaded == [str(build / "llmctl_native_key.so")] and capsys.readouterr().err == ""
+
+
 def test_a_failed_build_warns_once_with_its_first_line(monkeypatch, tmp_path, capsys):
     from torch.utils import cpp_extension
 
@@ -117,7 +145,8 @@ def test_a_failed_build_warns_once_with_its_first_line(monkeypatch, tmp_path, ca
     assert kwargs["extra_cflags"] == ["-O3", "-march=native", "-fopenmp"]
     assert kwargs["sources"] == [str(native.HERE / "matvec.cpp"), str(native.HERE / "decode.cpp")]
     assert kwargs["name"] == "llmctl_native_build" and kwargs["verbose"] is False
-    (tmp_path / "cache" / "build" / "x.so").write_text("")
+    library = tmp_path / "cache" / "build" / "llmctl_native_build.so"
+    library.write_text("")  # a build killed while linking
     native.ops.cache_clear()
     try:
         assert native.ops() is None
@@ -126,6 +155,7 @@ def test_a_failed_build_warns_once_with_its_first_line(monkeypatch, tmp_path, ca
     err = capsys.readouterr().err
     assert "building llmctl's native CPU kernels" not in err  # built before: no notice
     assert "unavailable (RuntimeError: no compiler found)" in err and len(calls) == 2  # the directory is reused
+    assert not library.exists()  # it did not load: removed, so that the build relinks it
 
     def silent(**kwargs):
         raise RuntimeError()

@@ -8,8 +8,9 @@ per block of 64 (int8) or 128 (int4) values — what llama.cpp's q8_0/q4_0 do wi
 Each kernel has an AVX2 + FMA form and, where the CPU has AVX-512 (F, BF16, VNNI), a wider one.
 
 `ops()` compiles `matvec.cpp` and `decode.cpp` (`decode.py`: a whole decode step per call) with the local C++ compiler and `-march=native` into
-`~/.cache/llmctl/native/<key>` the first time it is needed (10–30 s; the key covers the source,
-torch's version and the CPU), then loads it: `torch.ops.llmctl.mv_float`, `mv_quant`, `torch.classes.llmctl.DecodePlan`. It returns
+`~/.cache/llmctl/native/<key>` the first time it is needed (10–70 s; the key covers the sources,
+torch's version, the CPU's flags and the compiler's), then loads it — later processes load the built
+library directly: `torch.ops.llmctl.mv_float`, `mv_quant`, `torch.classes.llmctl.DecodePlan`. It returns
 None — and callers keep torch's kernels — without a compiler, on a CPU without AVX2 and FMA, or
 when `LLMCTL_NATIVE=0`.
 """
@@ -28,6 +29,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / "matvec.cpp", HERE / "decode.cpp"]  # and kernels.h, which they share
 F32, BF16, QUANT = 1, 2, 4  # llmctl::capabilities bits (QUANT: int8/int4 products)
 NEEDS = {"avx2", "fma"}  # CPU flags without which nothing is built
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def block_of(bits: int) -> int:
@@ -61,15 +63,17 @@ def ops():
     if _loaded(torch):  # a library loads once per process (TORCH_LIBRARY aborts on a second)
         return torch.ops.llmctl
     build = build_dir(flags)
+    name = f"llmctl_native_{build.name}"
+    library = build / f"{name}.so"
     try:
         build.mkdir(parents=True, exist_ok=True)
         from llmctl.console import info
-        if not any(build.glob("*.so")):
+        if not library.exists():
             info("building llmctl's native CPU kernels (once per machine and torch version)…")
         with _build_lock(build):
-            cpp_extension.load(name=f"llmctl_native_{build.name}", sources=[str(f) for f in SOURCES],
-                               build_directory=str(build), extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                               is_python_module=False, verbose=False)
+            if not _load_built(torch, library):
+                cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], build_directory=str(build),
+                                   extra_cflags=CFLAGS, is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 — no compiler, no ninja, a failed build: torch's kernels serve
         from llmctl.console import warn
         warn(f"native CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -79,12 +83,28 @@ def ops():
     return torch.ops.llmctl
 
 
+def _load_built(torch, library: Path) -> bool:
+    """Load the library a build left, without asking ninja whether it is current: its directory's key
+    covers everything it was built from, and ninja would rebuild it for a checkout of the same sources at
+    another path (the object files name the sources by path and time). A library that does not load (a
+    build killed while linking) is removed, so that the build relinks it."""
+    if not library.exists():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError):
+        library.unlink(missing_ok=True)
+        return False
+    return True
+
+
 def build_dir(flags: str | None = None) -> Path:
     """Where the kernels for these sources, this torch and this CPU are built and cached."""
     import torch
 
     code = b"".join(f.read_bytes() for f in [*SOURCES, HERE / "kernels.h"])
-    key = hashlib.sha256(code + torch.__version__.encode() + (flags or _cpu_flags()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(code + torch.__version__.encode() + (flags or _cpu_flags()).encode()
+                         + " ".join(CFLAGS).encode()).hexdigest()[:16]
     return cache_dir() / key
 
 
