@@ -25,7 +25,7 @@ def test_cache_dir_follows_xdg_or_home(monkeypatch, tmp_path):
     assert native.cache_dir() == tmp_path / "home" / ".cache" / "llmctl" / "native"
 
 
-def test_the_build_key_covers_the_sources_torch_and_the_cpu(monkeypatch, tmp_path):
+def test_the_build_key_covers_the_sources_torch_python_and_the_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     key = native.build_dir("flags: avx512f").name
     assert len(key) == 16 and native.build_dir("flags: avx512f") == tmp_path / "llmctl" / "native" / key
@@ -35,6 +35,9 @@ def test_the_build_key_covers_the_sources_torch_and_the_cpu(monkeypatch, tmp_pat
     monkeypatch.undo()
     monkeypatch.setattr(native, "CFLAGS", [*native.CFLAGS, "-g"])
     assert native.build_dir("flags: avx512f").name != key  # other compiler flags
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "PYTHON_ABI", ".cpython-399-x86_64-linux-gnu.so")
+    assert native.build_dir("flags: avx512f").name != key  # another Python: torch's libraries differ
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     header = tmp_path / "kernels.h"

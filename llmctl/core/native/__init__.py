@@ -9,7 +9,7 @@ Each kernel has an AVX2 + FMA form and, where the CPU has AVX-512 (F, BF16, VNNI
 
 `ops()` compiles `matvec.cpp` and `decode.cpp` (`decode.py`: a whole decode step per call) with the local C++ compiler and `-march=native` into
 `~/.cache/llmctl/native/<key>` the first time it is needed (10–70 s; the key covers the sources,
-torch's version, the CPU's flags and the compiler's), then loads it — later processes load the built
+torch's version, Python's ABI, the CPU's flags and the compiler's), then loads it — later processes load the built
 library directly: `torch.ops.llmctl.mv_float`, `mv_quant`, `torch.classes.llmctl.DecodePlan`. It returns
 None — and callers keep torch's kernels — without a compiler, on a CPU without AVX2 and FMA, or
 when `LLMCTL_NATIVE=0`.
@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import sysconfig
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +31,7 @@ SOURCES = [HERE / "matvec.cpp", HERE / "decode.cpp"]  # and kernels.h, which the
 F32, BF16, QUANT = 1, 2, 4  # llmctl::capabilities bits (QUANT: int8/int4 products)
 NEEDS = {"avx2", "fma"}  # CPU flags without which nothing is built
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+PYTHON_ABI = sysconfig.get_config_var("EXT_SUFFIX") or ""  # e.g. .cpython-311-x86_64-linux-gnu.so
 
 
 def block_of(bits: int) -> int:
@@ -99,12 +101,12 @@ def _load_built(torch, library: Path) -> bool:
 
 
 def build_dir(flags: str | None = None) -> Path:
-    """Where the kernels for these sources, this torch and this CPU are built and cached."""
+    """Where the kernels for these sources, this torch, this Python and this CPU are built and cached."""
     import torch
 
     code = b"".join(f.read_bytes() for f in [*SOURCES, HERE / "kernels.h"])
     key = hashlib.sha256(code + torch.__version__.encode() + (flags or _cpu_flags()).encode()
-                         + " ".join(CFLAGS).encode()).hexdigest()[:16]
+                         + " ".join(CFLAGS).encode() + PYTHON_ABI.encode()).hexdigest()[:16]
     return cache_dir() / key
 
 
