@@ -2,7 +2,7 @@
 
     python -m benchmarks.quantize speed   [--threads 2] [--new-tokens 64] [--repeats 3] [--compile] [--only NAME…]
     python -m benchmarks.quantize time    [--samples 32] [--seq-len 512] [--micro-batch 32 4]
-    python -m benchmarks.quantize quality [--samples 128] [--width 128 --steps 1200] [--dir DIR]
+    python -m benchmarks.quantize quality [--samples 128] [--width 128 --steps 1200] [--dir DIR] [--llmcompressor PYTHON]
 
 speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
 at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128)
@@ -25,7 +25,10 @@ asymmetric grid too) and NF4 versions, each one's change from the float model an
 from it (on 16 held-out windows), and GPTQ's and AWQ's change and KL as a share of RTN's on the
 same grid; writes
 benchmarks/results/quantize-quality-d<width>.md (`--outliers C`: on the model with LLM-style
-activation outliers of benchmarks/outliers.py, …-outliers<C>.md).
+activation outliers of benchmarks/outliers.py, …-outliers<C>.md). `--llmcompressor PYTHON` adds
+llm-compressor's own int4 RTN and AWQ (W4A16, W4A16_ASYM) on the same model and calibration windows,
+run by that interpreter (benchmarks/llmcompressor_anchor.py), read and measured by llmctl
+(…-llmcompressor.md).
 """
 
 from __future__ import annotations
@@ -361,6 +364,43 @@ def held_out_kl(t, windows: int = 16, seq_len: int = 256):
     return lambda path: F.kl_div(logprobs(path), reference, log_target=True, reduction="batchmean").item()
 
 
+LLMCOMPRESSOR = {  # row: (benchmarks/llmcompressor_anchor.py --method, --scheme: llm-compressor's preset)
+    "llm-compressor int4 RTN g128": ("rtn", "W4A16"), "llm-compressor int4 AWQ g128": ("awq", "W4A16"),
+    "llm-compressor int4 RTN g128 asym": ("rtn", "W4A16_ASYM"), "llm-compressor int4 AWQ g128 asym": ("awq", "W4A16_ASYM")}
+
+
+def llmctl_windows(t, calib: list, out: Path, sha256: str) -> Path:
+    """The calibration windows `llmctl quantize {calib}` drew (its lineage's `sha256`), as `input_ids`
+    in a safetensors file."""
+    from safetensors.torch import save_file
+
+    from llmctl.core.quant.calibration import calibration_windows
+    from llmctl.core.tokenizer import load_tokenizer
+
+    samples, seq_len = (int(calib[calib.index(flag) + 1]) for flag in ("--samples", "--seq-len"))
+    ids, record = calibration_windows([str(t.train)], load_tokenizer(t.model), samples, seq_len, seed=0)
+    if record["sha256"] != sha256:
+        raise SystemExit("the calibration windows differ from those llmctl quantize used")
+    save_file({"input_ids": ids.contiguous()}, str(out))
+    return out
+
+
+def llmcompressor_rows(python: str, t, work: Path, calib: list, sha256: str, kl_to_float):
+    """(name, perplexity, KL, seconds) of llm-compressor's own RTN and AWQ on the same model and windows,
+    run by `python` (a venv with llmcompressor: `benchmarks/llmcompressor_anchor.py`) and read by llmctl."""
+    windows = llmctl_windows(t, calib, work / "calibration-windows.safetensors", sha256)
+    script = Path(__file__).with_name("llmcompressor_anchor.py")
+    for name, (method, scheme) in LLMCOMPRESSOR.items():
+        out = work / name.replace(" ", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([python, "-P", str(script), str(t.model), str(windows), str(out), "--method", method,
+                               "--scheme", scheme], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+        yield name, trained.perplexity(out, t.val), kl_to_float(out), seconds
+
+
 def quality(args) -> None:
     t = trained.from_arguments(args)
     work = t.model.parent / "quantize"
@@ -376,6 +416,7 @@ def quality(args) -> None:
              "| model | perplexity | change | KL to float (nats/token) | rel. output error at quantize time "
              "| quantize s |", "|---|---:|---:|---:|---:|---:|"]
     change, kl, base, kl_to_float = {}, {}, trained.perplexity(t.model, t.val), held_out_kl(t)
+    windows_sha256 = None  # of the calibration windows llmctl's calibrated methods drew
     for name, extra in variants.items():
         if extra is None:
             path, q = t.model, {}
@@ -383,20 +424,30 @@ def quality(args) -> None:
             path = work / name.replace(" ", "_")
             q = json.loads(trained.llmctl("quantize", t.model, "-o", path, *extra, "--force", "--json").stdout)
             q = q["quantization"]
+            windows_sha256 = q.get("calibration", {}).get("sha256", windows_sha256)
         value = base if extra is None else trained.perplexity(path, t.val)
         change[name], kl[name] = value / base - 1, kl_to_float(path)
         err = q.get("error", {}).get("output_error")
         err = "" if err is None else f"{err:.2e}"
         lines.append(f"| {name} | {value:.3f} | {100 * change[name]:+.2f} % | {kl[name]:.2e} | {err} | "
                      f"{q.get('seconds', '')} |")
+    if args.llmcompressor:
+        anchors = llmcompressor_rows(args.llmcompressor, t, work, calib, windows_sha256, kl_to_float)
+        for name, value, kl_value, seconds in anchors:
+            change[name], kl[name] = value / base - 1, kl_value
+            lines.append(f"| {name} | {value:.3f} | {100 * change[name]:+.2f} % | {kl_value:.2e} | | {seconds} |")
     for what, values, unit in (("perplexity change", change, " %"), ("KL to float", kl, "")):
-        for grid in ("", " asym"):  # each method against round-to-nearest on the same grid
-            rtn = values[f"int4 RTN g128{grid}"]
-            shares = [f"{name.removeprefix('int4 ')} {values[name] / rtn:.0%}" for name in variants
-                      if name.startswith(("int4 GPTQ", "int4 AWQ")) and name.endswith(" asym") == bool(grid)]
-            rtn = f"{100 * rtn:+.2f} %" if unit else f"{rtn:.2e}"
-            lines += ["", f"{what} as a share of int4 RTN{grid}'s ({rtn}; goal ≤ 60 %): " + ", ".join(shares)]
-    out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}{t.settings.suffix}{outliers.suffix(t.record)}.md"
+        for tool in ("", "llm-compressor "):
+            for grid in ("", " asym"):  # each method against round-to-nearest on the same grid, by the same tool
+                rtn = values.get(f"{tool}int4 RTN g128{grid}")
+                if rtn is None:
+                    continue
+                shares = [f"{name.removeprefix(tool).removeprefix('int4 ')} {values[name] / rtn:.0%}" for name in values
+                          if name.startswith((f"{tool}int4 GPTQ", f"{tool}int4 AWQ")) and name.endswith(" asym") == bool(grid)]
+                rtn = f"{100 * rtn:+.2f} %" if unit else f"{rtn:.2e}"
+                lines += ["", f"{what} as a share of {tool}int4 RTN{grid}'s ({rtn}; goal ≤ 60 %): " + ", ".join(shares)]
+    suffix = f"{t.settings.suffix}{outliers.suffix(t.record)}{'-llmcompressor' if args.llmcompressor else ''}"
+    out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}{suffix}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
@@ -412,6 +463,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="speed: also llmctl's --compile decode step")
     ap.add_argument("--only", nargs="+", help="speed: only the decoders whose names contain one of these "
                     "(llmctl float32, the reference, always runs)")
+    ap.add_argument("--llmcompressor", metavar="PYTHON", help="quality: also llm-compressor's own RTN and AWQ, run by "
+                    "this interpreter (a venv with llmcompressor; benchmarks/llmcompressor_anchor.py)")
     ap.add_argument("--micro-batch", type=int, nargs="+", default=[4],
                     help="time: calibration windows per forward pass, one GPTQ run each")
     trained.add_arguments(ap.add_argument_group("quality: the trained model (benchmarks/trained.py)"))
