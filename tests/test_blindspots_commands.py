@@ -154,6 +154,27 @@ def test_awq_grid_is_the_set_of_exponents_searched():
     assert s is not None and torch.allclose(s, expected, rtol=1e-5)
 
 
+def test_awq_identity_tries_no_scaling_beside_the_grid():
+    """Weights already on the int4 grid round without error at s = 1 and with some at every duo
+    scale: `identity` (llm-compressor's candidate) keeps them unscaled, AutoAWQ's grid cannot."""
+    from llmctl.core.quant.awq import search_scale
+    from llmctl.core.quant.config import AWQConfig
+    from llmctl.core.quant.scheme import Scheme
+
+    g = torch.Generator().manual_seed(3)
+    scheme = Scheme(bits=4, group_size=16, symmetric=False)
+    w = torch.randint(-8, 8, (16, 32), generator=g).float()
+    w[:, ::16], w[:, 1::16] = -8.0, 7.0  # every group spans −8…7: its scale is 1, its zero 0, w on the grid
+    assert torch.equal(scheme.fake(w), w)
+    x = torch.randn(256, 32, generator=g) * torch.linspace(0.5, 4, 32)
+    linear = torch.nn.Linear(32, 16, bias=False)
+    linear.weight.data = w
+    calls, x_mean = [((x,), {}, x @ w.T)], x.abs().mean(0)
+    with torch.no_grad():
+        assert search_scale(linear, calls, [linear], x_mean, scheme, AWQConfig(grid=4, identity=True)) is None
+        assert search_scale(linear, calls, [linear], x_mean, scheme, AWQConfig(grid=4)) is not None
+
+
 # --- finetune ------------------------------------------------------------------------------------
 
 def test_adapter_options_shape_the_adapter(base, tmp_path):

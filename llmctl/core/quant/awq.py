@@ -4,7 +4,8 @@ scale into the operation that produces those inputs, then search each group's cl
 For a set of linears sharing an input X (q/k/v after the attention norm, gate/up after the
 feed-forward norm, o after v, down after a gated MLP's up) the per-channel scale is
 s = mean|x|^α / (mean|ŵ|^(1−α) + 1e-4) (ŵ: weights normalised per group), normalised so that
-max(s)·min(s) = 1, with α ∈ {0, 1/grid, …} chosen, as AutoAWQ and llm-compressor do, by the mean
+max(s)·min(s) = 1, with α ∈ {0, 1/grid, …} (`identity`: s = 1 too, as llm-compressor tries) chosen, as
+AutoAWQ and llm-compressor do, by the mean
 squared error at the output of the module the set feeds — the attention for q/k/v, the MLP for
 gate/up, the linear itself for o and down — run on the block's calibration inputs with every
 linear of the set replaced by Q(W·s)/s (the rest of the block in float). The producer is divided
@@ -108,18 +109,21 @@ def search_scale(module: nn.Module, calls: list[tuple], linears: list[nn.Module]
                  scheme: Scheme, cfg: AWQConfig) -> torch.Tensor | None:
     """The per-input-channel scale whose rounded weights Q(W·s)/s, all of `linears` at once, give
     the least error at the output of `module` (the attention, the MLP, or the linear itself),
-    or None when α = 0 wins without duo scaling (s = 1). With it, α = 0 gives s ∝ 1/mean|ŵ|, which
-    is applied when it wins, as AutoAWQ and llm-compressor do."""
+    or None when s = 1 wins (α = 0 without duo scaling; with `identity`, s = 1 is tried beside the
+    grid, as llm-compressor does). With duo scaling, α = 0 gives s ∝ 1/mean|ŵ|, which is applied when
+    it wins, as AutoAWQ and llm-compressor do."""
     weights = [m.weight.float() for m in linears]
     w = torch.cat(weights)
     g = w.reshape(-1, scheme.width(w.shape[1])).abs()
     w_mean = (g / (g.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+    candidates = [scales(x_mean, w_mean, r / cfg.grid, cfg.duo_scaling) for r in range(cfg.grid)]
+    if cfg.identity and cfg.duo_scaling:  # (without duo, α = 0 is s = 1 already)
+        candidates.insert(0, torch.ones_like(x_mean))
     best, best_loss = None, float("inf")
-    for r in range(cfg.grid):
-        s = scales(x_mean, w_mean, r / cfg.grid, cfg.duo_scaling)
+    for s in candidates:
         loss = module_error(module, calls, linears, [scheme.fake(wi * s) / s for wi in weights])
         if loss < best_loss:
-            best, best_loss = (None if r == 0 and not cfg.duo_scaling else s), loss  # s = 1 there
+            best, best_loss = (None if bool((s == 1).all()) else s), loss
     return best
 
 

@@ -18,6 +18,7 @@ class GPTQConfig:
 class AWQConfig:
     grid: int = 20             # scale exponents α ∈ {0, 1/grid, …}: s = mean|x|^α / mean|w|^(1−α)
     duo_scaling: bool = True   # False: s = mean|x|^α
+    identity: bool = False     # also try s = 1 (no scaling), as llm-compressor does (raised the KL here: BENCHMARKS)
     clip: bool = True          # search each group's clipping range too
     clip_grid: int = 20        # shrink steps of the clipping search
     max_shrink: float = 0.5    # the clipping range shrinks to at most this fraction
