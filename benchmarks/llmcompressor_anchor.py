@@ -53,9 +53,10 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     modifier = {"awq": AWQModifier, "rtn": QuantizationModifier}[args.method]
     recipe = modifier(targets=["Linear"], scheme=args.scheme, ignore=["lm_head"])
-    start = time.perf_counter()
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(args.model / "tokenizer.json"))  # oneshot asks for one
-    oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=len(ids))
+    start = time.perf_counter()
+    oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe, max_seq_length=ids.shape[1],
+            num_calibration_samples=len(ids))
     seconds = time.perf_counter() - start
     model.save_pretrained(args.out, save_compressed=True)
     for name in TOKENIZER_FILES:
