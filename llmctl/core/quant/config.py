@@ -12,6 +12,7 @@ class GPTQConfig:
     act_order: bool = False       # columns by decreasing Hessian diagonal (static groups)
     true_sequential: bool = True  # quantize a block's linears in execution order, re-running it between
     block_size: int = 128         # columns per lazy update
+    keep_zeros: bool = True       # a pruned model's zero weights stay zero (its 2:4 pattern too)
 
 
 @dataclass

@@ -109,7 +109,7 @@ class GPTQ(Method):
             for p in group:
                 w = block.get_submodule(p).weight
                 solution = gptq(w, hessians[p].matrix, self.scheme, block_size=opts.block_size, damp=opts.damp,
-                                act_order=opts.act_order)
+                                act_order=opts.act_order, keep_zeros=opts.keep_zeros)
                 put(p, solution, hessians[p].matrix)
 
 
