@@ -81,6 +81,25 @@ def test_int4_gptq_and_awq_record_their_calibration(llmctl, base, calib, tmp_pat
         assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
 
 
+def test_a_pruned_model_stays_2_4_sparse_through_gptq(llmctl, base, calib, tmp_path):
+    assert llmctl("prune", base, "--method", "magnitude", "--pattern", "2:4", "-o", tmp_path / "p").code == 0
+    common = ["-m", "gptq", "--calibration", calib, "--samples", "4", "--seq-len", "32", "--group-size", "16", "--json"]
+    r = llmctl("quantize", tmp_path / "p", "-o", tmp_path / "q", *common)
+    assert r.code == 0, r.stderr
+    assert r.json()["sparsity"]["pattern"] == "2:4" and r.json()["sparsity"]["achieved"] >= 0.5
+    assert llmctl("info", tmp_path / "q", "--json").json()["sparsity"] == r.json()["sparsity"]
+    model, _ = load_model(tmp_path / "q")
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 14
+    for m in packed:  # at most 2 nonzero weights in every 4 consecutive inputs
+        assert ((m.dequantize() != 0).reshape(-1, 4).sum(-1) <= 2).all()
+    lost = llmctl("quantize", tmp_path / "p", "-o", tmp_path / "q2", *common, "gptq.keep_zeros=false")
+    assert lost.code == 0 and "2:4 sparsity pattern is lost" in lost.stderr
+    assert "pattern" not in lost.json()["sparsity"] and lost.json()["sparsity"]["achieved"] < 0.5
+    assert llmctl("quantize", base, "-o", tmp_path / "q3", *common).json()["sparsity"] is None  # a dense parent
+    assert llmctl("info", tmp_path / "q3", "--json").json()["sparsity"] is None
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["-m", "gptq"], 2, "needs --calibration"),
     (["-m", "int4", "--group-size", "48"], 2, "does not divide"),

@@ -60,6 +60,9 @@ def quantize(
                 ["weight error (rel. MSE)", f"{q['error']['weight_error']:.3g}"]]
         if "output_error" in q["error"]:
             rows.append(["output error (rel. MSE)", f"{q['error']['output_error']:.3g}"])
+        if result["sparsity"]:
+            sp = result["sparsity"]
+            rows.append(["sparsity kept", f"{sp['achieved']:.1%}" + (f", {sp['pattern']}" if sp.get("pattern") else "")])
         rows += [["size", f"{result['size_mb']:.1f} MB (from {result['input_size_mb']:.1f} MB)"],
                  ["time", f"{result['seconds']:.1f} s"], ["output", result["output"]]]
         console.print(table(f"quantized {checkpoint}", ["", ""], rows))

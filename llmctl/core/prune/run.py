@@ -34,10 +34,30 @@ def layer_report(model: nn.Module) -> list[dict]:
     return rows
 
 
-def model_sparsity(model: nn.Module) -> float:
-    """Zero weights over all weights of the blocks' Linear modules."""
-    weights = [m.weight for block in model.model.layers for m in block.modules() if isinstance(m, nn.Linear)]
-    return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
+def block_weights(model: nn.Module):
+    """The weight of every linear in the blocks, dense or quantized (dequantized one at a time)."""
+    for block in model.model.layers:
+        for m in block.modules():
+            if hasattr(m, "dequantize"):
+                yield m.dequantize()
+            elif isinstance(m, nn.Linear):
+                yield m.weight
+
+
+def model_sparsity(model: nn.Module, pattern: str | None = None) -> tuple[float, bool]:
+    """Zero weights over all weights of the blocks' linears, and whether every one of them has
+    the N:M `pattern` (True without one)."""
+    from llmctl.core.prune.masks import parse_pattern
+
+    n, m = parse_pattern(pattern) if pattern else (0, 0)
+    zeros = total = 0
+    holds = True
+    for w in block_weights(model):
+        nonzero = w != 0
+        zeros, total = zeros + int(nonzero.numel() - nonzero.sum()), total + w.numel()
+        if m:
+            holds &= w.shape[-1] % m == 0 and bool((nonzero.reshape(-1, m).sum(-1) <= n).all())
+    return zeros / max(total, 1), holds
 
 
 def held_out_perplexity(model: nn.Module, tokenizer, files: list[str]) -> float:
@@ -91,7 +111,7 @@ def prune_checkpoint(checkpoint: str | os.PathLike, settings: PruneConfig, outpu
         ppl["after"] = held_out_perplexity(model, tokenizer, settings.eval_data)
     after = model.num_parameters()
     measured = {"parameters_removed": 1 - after / before["parameters"]} if pruner.structured \
-        else {"achieved": model_sparsity(model)}  # zeros among the blocks' Linear weights
+        else {"achieved": model_sparsity(model)[0]}  # zeros among the blocks' Linear weights
     sparsity = {"method": settings.method, "sparsity": settings.sparsity if settings.pattern is None else None,
                 "pattern": settings.pattern, **measured, **pruner.summary}
     calibration = {"files": [str(Path(f).resolve()) for f in settings.calibration], "samples": len(tokens),

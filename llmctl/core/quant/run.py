@@ -48,6 +48,20 @@ def unquantized(model: nn.Module) -> list[str]:
     return named + ([f"{others} norm/other modules"] if others else [])
 
 
+def kept_sparsity(model: nn.Module, parent: dict | None, report: Reporter = SILENT) -> dict | None:
+    """A pruned parent's sparsity record (`llmctl prune`'s lineage), measured again on the quantized
+    blocks; its N:M pattern is kept only where every linear still has it (warned otherwise)."""
+    from llmctl.core.prune.run import model_sparsity
+
+    record = dict((parent or {}).get("sparsity") or {})
+    if "achieved" not in record:  # not pruned, or pruned structurally (the shapes carry that)
+        return None
+    record["achieved"], holds = model_sparsity(model, record.get("pattern"))
+    if not holds:
+        report.warn(f"the parent's {record.pop('pattern')} sparsity pattern is lost in the quantized weights")
+    return record
+
+
 def _size(path: Path) -> int:
     """The bytes of the weights llmctl reads: safetensors (a `.bin` beside them is never loaded)."""
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
@@ -91,12 +105,13 @@ def run_quantize(checkpoint: str | os.PathLike, output: str | os.PathLike, cfg: 
                     **({"calibration": record} if record else {}), "seconds": round(seconds, 2)}
     from llmctl.config import to_dict
 
+    sparsity = kept_sparsity(model, ck.lineage, report)
     lineage = {"command": "quantize", "parents": [str(checkpoint)], "config": to_dict(cfg),
-               "quantization": quantization}
+               "quantization": quantization, **({"sparsity": sparsity} if sparsity else {})}
     tokenizer = checkpoint if (checkpoint / "tokenizer.json").is_file() else None
     with claim_output(output, "quantized", force=force, inputs=[checkpoint, *calibration]):
         save_model(model, output, tokenizer_dir=tokenizer, lineage=lineage, generation_config=ck.generation_config,
                    force=force)
-    return {"output": str(output), "quantization": quantization, "seconds": seconds,
+    return {"output": str(output), "quantization": quantization, "sparsity": sparsity, "seconds": seconds,
             "size_mb": _size(output) / 1e6, "input_size_mb": _size(checkpoint) / 1e6,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
