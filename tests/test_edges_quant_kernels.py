@@ -121,11 +121,13 @@ def test_config_is_compressed_tensors_own_and_reads_back():
                            "targets": ["re:.*proj"], "ignore": ["lm_head"]}
 
 
-def test_llm_compressors_defaults_and_act_order_are_read():
+@pytest.mark.parametrize("actorder", ["weight", "static"])
+def test_llm_compressors_defaults_and_act_order_are_read(actorder):
     """What llm-compressor may leave out: symmetric (true), targets (all linears), ignore (none); and
-    its act-order "weight" (a calibration order that changes nothing at load) is accepted."""
+    its act-order "weight" or its alias "static" (0.14's GPTQ default: a calibration order that changes
+    nothing at load) is accepted."""
     config = {"format": "pack-quantized", "config_groups": {"g": {"weights": {
-        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 64, "actorder": "weight"}}}}
+        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 64, "actorder": actorder}}}}
     t = PackQuantized.from_quantization_config(config)
     assert (t.bits, t.group_size, t.symmetric, t.targets, t.ignore) == (4, 64, True, ["Linear"], [])
     config["config_groups"]["g"]["weights"]["symmetric"] = False
@@ -140,6 +142,7 @@ def _config(**weights):
 @pytest.mark.parametrize("config,message", [
     (_config(strategy="tensor"), "weight-only int quantization per channel or group"),
     (_config(actorder="group"), "weight-only int quantization per channel or group"),
+    (_config(actorder="dynamic"), "weight-only int quantization per channel or group"),  # group's alias
     (_config(dynamic=True), "weight-only int quantization per channel or group"),
     ({**_config(), "config_groups": {"g": {"weights": _config()["config_groups"]["g"]["weights"],
                                            "input_activations": {"num_bits": 8}}}}, "weight-only"),

@@ -157,7 +157,7 @@ class PackQuantized(Transform):
         group = next(iter(groups.values()))
         w = group.get("weights") or {}
         if (w.get("type") != "int" or w.get("strategy") not in ("channel", "group") or group.get("input_activations")
-                or w.get("actorder") not in (None, "weight") or w.get("dynamic")):
+                or w.get("actorder") not in (None, "weight", "static") or w.get("dynamic")):  # static: weight's alias
             raise CheckpointError(f"{where}: only static weight-only int quantization per channel or group "
                                   f"is supported (got {w})")
         try:
