@@ -1,5 +1,6 @@
-"""llm-compressor's own AWQ and round-to-nearest on a checkpoint: the anchor rows of
-`python -m benchmarks.quantize quality --llmcompressor PYTHON`.
+"""llm-compressor's own AWQ, GPTQ and round-to-nearest on a checkpoint: the anchor rows of
+`python -m benchmarks.quantize quality --llmcompressor PYTHON` (RTN, AWQ) and of
+`python -m benchmarks.prune --llmcompressor PYTHON` (RTN, GPTQ on the 2:4 model).
 
 llm-compressor pins transformers and torch to ranges of its own, so it lives in a venv of its own and
 this script runs under that venv's interpreter (with -P: benchmarks/tokenize.py would shadow the
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("model", type=Path)
     ap.add_argument("windows", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--method", choices=["awq", "rtn"], required=True)
+    ap.add_argument("--method", choices=["awq", "gptq", "rtn"], required=True)
     ap.add_argument("--scheme", default="W4A16", help="llm-compressor's preset: W4A16 (int4 g128, symmetric), "
                     "W4A16_ASYM")
     args = ap.parse_args()
@@ -41,7 +42,7 @@ def main() -> None:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.awq import AWQModifier
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.pipelines.cache import IntermediatesCache
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -51,7 +52,7 @@ def main() -> None:
     ids = load_file(str(args.windows))["input_ids"]
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    modifier = {"awq": AWQModifier, "rtn": QuantizationModifier}[args.method]
+    modifier = {"awq": AWQModifier, "gptq": GPTQModifier, "rtn": QuantizationModifier}[args.method]
     recipe = modifier(targets=["Linear"], scheme=args.scheme, ignore=["lm_head"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(args.model / "tokenizer.json"))  # oneshot asks for one
     start = time.perf_counter()

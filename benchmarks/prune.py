@@ -3,9 +3,11 @@
 Prunes the model with every method through `llmctl prune … --json` (one process each: its time
 and peak RSS) and measures held-out perplexity. The layer-pruned model is then recovered with
 the same step budget twice: full training (`llmctl train model=PRUNED`) and LoRA (`llmctl
-finetune PRUNED --config finetune/prune-recovery`). Also measured: the spread of the input
-feature norms ‖X_j‖ (max / median per linear, on the calibration windows), which is what
-Wanda's |W|·‖X_j‖ score adds to magnitude's |W|. Writes benchmarks/results/prune-d<width>.md
+finetune PRUNED --config finetune/prune-recovery`), and the SparseGPT 2:4 model quantized to int4
+g128 (RTN; GPTQ keeping its zeros, and with `gptq.keep_zeros=false`; `--llmcompressor PYTHON`: also
+llm-compressor's RTN and GPTQ on the same windows), with each one's KL divergence from the 2:4 model.
+Also measured: the spread of the input feature norms ‖X_j‖ (max / median per linear, on the
+calibration windows), which is what Wanda's |W|·‖X_j‖ score adds to magnitude's |W|. Writes benchmarks/results/prune-d<width>.md
 (`--outliers C`: on the model with LLM-style activation outliers of benchmarks/outliers.py,
 prune-d<width>-outliers<C>.md).
 
@@ -87,11 +89,59 @@ def recover(pruned: Path, t: Trained, steps: int, work: Path) -> list[tuple]:
              "recovery: `finetune --config prune-recovery`")]
 
 
+QUANTIZED = [  # (label, output name, quantize arguments): int4 g128 after SparseGPT 2:4
+    ("… + int4 g128 RTN", "rtn", ["-m", "int4"]),
+    ("… + GPTQ int4 g128", "gptq", ["-m", "gptq"]),
+    ("… + GPTQ int4 g128 act-order", "gptq-act-order", ["-m", "gptq", "gptq.act_order=true"]),
+    ("… + GPTQ int4 g128, gptq.keep_zeros=false", "gptq-free", ["-m", "gptq", "gptq.keep_zeros=false"]),
+]
+
+
+LLMCOMPRESSOR = {  # 0.14's GPTQModifier orders columns by activation ("static" act-order) by default
+    "… + llm-compressor's W4A16 RTN": ("rtn", "W4A16"), "… + llm-compressor's W4A16 GPTQ": ("gptq", "W4A16")}
+
+
+def quantized(pruned: Path, t: Trained, samples: int, work: Path, python: str | None) -> list[tuple]:
+    """Rows for the 2:4 model quantized to int4 g128 (RTN, GPTQ keeping its zeros or not; with `python`,
+    llm-compressor's RTN and GPTQ on the same windows too), each noting its KL divergence from the 2:4
+    model on held-out text and whether the 2:4 pattern survived."""
+    from dataclasses import replace
+
+    from benchmarks.quantize import held_out_kl, llmcompressor_rows
+    from llmctl.core.model.io import load_model
+    from llmctl.core.prune.run import model_sparsity
+
+    sparse = replace(t, model=pruned)
+    kl, rows, sha256 = held_out_kl(sparse), [], None
+    calibration = ["--calibration", t.train, "--samples", samples, "--seq-len", SEQ_LEN]
+
+    def note(path: Path, divergence: float) -> str:
+        zeros, holds = model_sparsity(load_model(path)[0], "2:4")
+        return f"KL {divergence:.2e}; {zeros:.1%} zeros, " + ("still 2:4" if holds else "2:4 lost")
+
+    for label, name, args in QUANTIZED:
+        out = work / f"{pruned.name}-{name}"
+        report = json.loads(llmctl("quantize", pruned, *args, "--bits", 4, "--group-size", 128, "-o", out, "--force",
+                                   "--json", *(calibration if args[1] == "gptq" else [])).stdout)
+        sha256 = report["quantization"].get("calibration", {}).get("sha256", sha256)
+        rows.append((label, perplexity(out, t.val), report["seconds"], report["peak_rss_mb"] * 2**20, note(out, kl(out))))
+    if python:
+        for name, ppl, divergence, seconds in llmcompressor_rows(python, sparse, work, calibration, sha256, kl,
+                                                                 LLMCOMPRESSOR):
+            rows.append((name, ppl, seconds, None, note(work / name.replace(" ", "_"), divergence)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--recovery-steps", type=int, default=100, help="0: no recovery rows")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows of 256 tokens")
+    parser.add_argument("--no-quantize", dest="quantize", action="store_false",
+                        help="no rows for the SparseGPT 2:4 model quantized to int4")
+    parser.add_argument("--llmcompressor", metavar="PYTHON",
+                        help="a venv's python with llmcompressor: its RTN and GPTQ on the 2:4 model too "
+                             "(benchmarks/llmcompressor_anchor.py)")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/prune-d<width>.md")
     args = parser.parse_args()
     t = from_arguments(args)
@@ -112,6 +162,8 @@ def main() -> None:
         rows.append((label, perplexity(out, t.val), report["seconds"], report["peak_rss_bytes"], note))
         if label.startswith("layers") and args.recovery_steps:
             rows += recover(out, t, args.recovery_steps, work)
+        if label == "sparsegpt 2:4" and args.quantize:
+            rows += quantized(out, t, args.samples, work, args.llmcompressor)
     spread = input_spread(t, args.samples)
 
     r = t.record

@@ -385,12 +385,13 @@ def llmctl_windows(t, calib: list, out: Path, sha256: str) -> Path:
     return out
 
 
-def llmcompressor_rows(python: str, t, work: Path, calib: list, sha256: str, kl_to_float):
-    """(name, perplexity, KL, seconds) of llm-compressor's own RTN and AWQ on the same model and windows,
-    run by `python` (a venv with llmcompressor: `benchmarks/llmcompressor_anchor.py`) and read by llmctl."""
+def llmcompressor_rows(python: str, t, work: Path, calib: list, sha256: str, kl_to_float, anchors=LLMCOMPRESSOR):
+    """(name, perplexity, KL, seconds) of llm-compressor's own `anchors` (default: RTN and AWQ) on the same
+    model and windows, run by `python` (a venv with llmcompressor: `benchmarks/llmcompressor_anchor.py`) and
+    read by llmctl."""
     windows = llmctl_windows(t, calib, work / "calibration-windows.safetensors", sha256)
     script = Path(__file__).with_name("llmcompressor_anchor.py")
-    for name, (method, scheme) in LLMCOMPRESSOR.items():
+    for name, (method, scheme) in anchors.items():
         out = work / name.replace(" ", "_")
         shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.run([python, "-P", str(script), str(t.model), str(windows), str(out), "--method", method,
