@@ -132,6 +132,8 @@ def test_llm_compressors_defaults_and_act_order_are_read(actorder):
     assert (t.bits, t.group_size, t.symmetric, t.targets, t.ignore) == (4, 64, True, ["Linear"], [])
     config["config_groups"]["g"]["weights"]["symmetric"] = False
     assert PackQuantized.from_quantization_config(config).symmetric is False
+    config.update(transform_config={}, sparsity_config={"format": "dense", "sparsity_structure": "2:4"})
+    assert PackQuantized.from_quantization_config(config).symmetric is False  # empty, or metadata only
 
 
 def _config(**weights):
@@ -149,6 +151,9 @@ def _config(**weights):
     ({"format": "int-quantized", "config_groups": {"a": {}, "b": {}}},
      "format with one config group is supported \\(got format 'int-quantized', 2 groups\\)"),
     (_config(num_bits=3), "^config.json quantization_config: bits must be 4 or 8, not 3$"),
+    ({**_config(), "transform_config": {"config_groups": {"u": {"type": "hadamard"}}}}, "transform_config"),
+    ({**_config(), "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
+     "sparsity_config format 'sparse-24-bitmask'"),
 ])
 def test_unsupported_configs_name_what_is_wrong(config, message):
     with pytest.raises(CheckpointError, match=message) as e:

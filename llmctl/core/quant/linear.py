@@ -154,6 +154,13 @@ class PackQuantized(Transform):
         if config.get("format") != FORMAT or len(groups) != 1:
             raise CheckpointError(f"{where}: only the {FORMAT!r} format with one config group is supported "
                                   f"(got format {config.get('format')!r}, {len(groups)} groups)")
+        if config.get("transform_config"):  # rotations (QuIP, SpinQuant) folded into the weights, applied online
+            raise CheckpointError(f"{where}: a transform_config (weights rotated by Hadamard or learned "
+                                  "transforms) is not supported")
+        sparse = (config.get("sparsity_config") or {}).get("format", "dense")
+        if sparse != "dense":  # older compressed-tensors stored 2:4 or bitmask-sparse weights compressed
+            raise CheckpointError(f"{where}: sparsity_config format {sparse!r} (compressed sparse weights) is not "
+                                  "supported; only 'dense'")
         group = next(iter(groups.values()))
         w = group.get("weights") or {}
         if (w.get("type") != "int" or w.get("strategy") not in ("channel", "group") or group.get("input_activations")
