@@ -152,6 +152,7 @@ def _config(**weights):
      "format with one config group is supported \\(got format 'int-quantized', 2 groups\\)"),
     (_config(num_bits=3), "^config.json quantization_config: bits must be 4 or 8, not 3$"),
     ({**_config(), "transform_config": {"config_groups": {"u": {"type": "hadamard"}}}}, "transform_config"),
+    ({**_config(), "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor"}}, "kv_cache_scheme"),
     ({**_config(), "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
      "sparsity_config format 'sparse-24-bitmask'"),
 ])

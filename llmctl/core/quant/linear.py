@@ -102,6 +102,11 @@ def _listed(path: str, names: list[str]) -> bool:
     return any(re.match(n[3:], path) if n.startswith("re:") else path == n for n in names)
 
 
+_NOT_READ = {  # compressed-tensors entries that change what the weights mean: refused, never ignored
+    "transform_config": "a transform_config (weights rotated by Hadamard or learned transforms, QuIP/SpinQuant)",
+    "kv_cache_scheme": "a kv_cache_scheme (a quantized key/value cache)"}
+
+
 @TRANSFORMS.register(FORMAT)
 @dataclass(kw_only=True)
 class PackQuantized(Transform):
@@ -154,9 +159,9 @@ class PackQuantized(Transform):
         if config.get("format") != FORMAT or len(groups) != 1:
             raise CheckpointError(f"{where}: only the {FORMAT!r} format with one config group is supported "
                                   f"(got format {config.get('format')!r}, {len(groups)} groups)")
-        if config.get("transform_config"):  # rotations (QuIP, SpinQuant) folded into the weights, applied online
-            raise CheckpointError(f"{where}: a transform_config (weights rotated by Hadamard or learned "
-                                  "transforms) is not supported")
+        for key, what in _NOT_READ.items():
+            if config.get(key):
+                raise CheckpointError(f"{where}: {what} is not supported")
         sparse = (config.get("sparsity_config") or {}).get("format", "dense")
         if sparse != "dense":  # older compressed-tensors stored 2:4 or bitmask-sparse weights compressed
             raise CheckpointError(f"{where}: sparsity_config format {sparse!r} (compressed sparse weights) is not "
