@@ -12,9 +12,9 @@ reference would zero it.
 A pruned weight keeps its zeros (`keep_zeros`, the default): they are fixed at zero as each column
 is rounded, as SparseGPT's joint sparse + quantized pass does, so the updates they receive are
 compensated on the columns left like any rounding error; a 2:4 model stays 2:4. (llm-compressor
-instead drops the updates to zero weights: on 2:4 layers of random weights and correlated inputs,
-5 seeds, the output error here was 3.6 % lower for symmetric int4 g16, 2.6 % for int8, and the
-same (+0.2 %) for asymmetric int4.)
+before 0.14 dropped the updates to zero weights instead — on 2:4 layers of random weights and
+correlated inputs, 5 seeds, the output error here was 3.6 % lower for symmetric int4 g16, 2.6 % for
+int8, and the same (+0.2 %) for asymmetric int4; 0.14 keeps no zeros.)
 """
 
 from __future__ import annotations
