@@ -181,6 +181,11 @@ CPU_KERNELS = [  # (scheme, input shape, input dtype, the kernel that must serve
     (Scheme(8, symmetric=False), (3, 256), torch.bfloat16, "dequantize"),  # int8pack has no zero points
     (Scheme(4), (3, 48), torch.bfloat16, "dequantize"),  # no int4 group size divides 48
     (Scheme(8, 64), (3, 256), torch.float16, "dequantize"),
+    (Scheme(8), (2, 32, 256), torch.bfloat16, "gemm"),  # 64 rows: a prefill
+    (Scheme(8), (63, 256), torch.bfloat16, "int8pack"),
+    (Scheme(4, 64, symmetric=False), (128, 256), torch.float16, "gemm"),
+    (Scheme(4, 64), (127, 256), torch.bfloat16, "int4pack_cpu"),
+    (Scheme(8), (64, 256), torch.float32, "dense"),
 ]
 if native.has(native.QUANT):
     CPU_KERNELS += [(Scheme(8), (1, 256), torch.bfloat16, "native"), (Scheme(4, 128), (1, 256), torch.float32, "native")]
@@ -199,6 +204,20 @@ def test_bias_free_modules_take_their_kernel_in_any_input_dtype(scheme, shape, d
     expected = nn.functional.linear(x.float(), module.dequantize(torch.float32))
     tol = 1e-5 if dtype == torch.float32 and kernel != "native" else 2e-2
     torch.testing.assert_close(y.float(), expected, rtol=0, atol=tol * expected.abs().max().item())
+
+
+def test_one_row_a_few_and_many_keep_a_kernel_each():
+    """Decoding, a short batch and a prompt's prefill through one module: each row count's kernel is
+    made once and kept beside the others."""
+    module = PackedLinear.from_linear(nn.Linear(256, 48).bfloat16(), Scheme(8))
+    weight, bias = module.dequantize(torch.float32), module.bias.float()
+    with torch.no_grad():
+        for n in (1, 3, 64, 2, 200):
+            x = torch.randn(n, 256, dtype=torch.bfloat16)
+            expected = nn.functional.linear(x.float(), weight, bias)
+            torch.testing.assert_close(module(x).float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+    names = {key[2]: name for key, (name, _) in module.kernels.items()}
+    assert names == {"one": "native" if native.has(native.QUANT) else "int8pack", "few": "int8pack", "many": "gemm"}
 
 
 def test_inputs_without_gradients_take_the_fused_kernels_with_autograd_on():

@@ -5,6 +5,10 @@ else the weight dequantized.
     (decoding)                     products against the input quantized per 64 (int8) or 128
                                    (int4) values, as llama.cpp's q8_0/q4_0 per 32; groups a
                                    multiple of that block
+    int8/int4, CPU, bf16/f16,      F.linear on the weight dequantized at the call (`gemm`): torch's
+    ≥ GEMM_ROWS rows (prefill)     fused CPU ops below cost about as much per row as a matrix-vector
+                                   product, so from 64 (int8) / 128 (int4) rows on the dequantization's
+                                   fixed cost plus one half-precision GEMM is less
     int8, symmetric, per channel   aten._weight_int8pack_mm (CPU, CUDA), 16-bit inputs
     int4, CPU, bf16/f16 inputs     aten._weight_int4pack_mm_for_cpu: tiles from
                                    _convert_weight_to_int4pack_for_cpu, groups of 32–256
@@ -23,8 +27,8 @@ bf16 input already costs.
 The kernels compute w = (u − 8) · s + z on unsigned nibbles u = q + 8, so our (q − zero) · scale
 becomes s = scale, z = −zero · scale. A per-channel int4 scale is repeated over groups of the
 largest size the kernel takes. A kernel's weight layout is made on first use and kept on the
-module (`module.kernels`), per device, dtype and whether the input is one row; `.to()` drops
-them. KERNELS is in preference order; a kernel that raises when made or first run (an op this
+module (`module.kernels`), per device, dtype and row count (one, a few, or GEMM_ROWS and more);
+`.to()` drops them. KERNELS is in preference order; a kernel that raises when made or first run (an op this
 build lacks, a shape it refuses) passes to the next. Inputs that need a gradient take the
 dequantizing path (the fused ops have no backward).
 """
@@ -39,6 +43,11 @@ import torch.nn.functional as F
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 INT4_GROUPS = (256, 128, 64, 32)
 HALF = (torch.bfloat16, torch.float16)
+GEMM_ROWS = {8: 64, 4: 128}  # bits → input rows from which `_gemm` beats torch's fused CPU kernels (BENCHMARKS.md)
+
+
+def rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
 
 
 def _int8(module, x: torch.Tensor) -> Kernel | None:
@@ -100,6 +109,15 @@ def _int4_cuda(module, x: torch.Tensor) -> Kernel | None:
     return _int4_run(torch.ops.aten._weight_int4pack_mm, w, group, sz, module.bias)
 
 
+def _gemm(module, x: torch.Tensor) -> Kernel | None:
+    """Many 16-bit rows on CPU (a prompt's prefill): the weight dequantized at each call, then one
+    half-precision GEMM. torch's fused CPU kernels above scale with the rows like matrix-vector
+    products; from GEMM_ROWS rows on, the dequantization's fixed cost is the smaller."""
+    if x.device.type != "cpu" or x.dtype not in HALF or rows(x) < GEMM_ROWS[module.scheme.bits]:
+        return None
+    return lambda x: F.linear(x, module.dequantize(x.dtype), module.bias)
+
+
 def _dense(module, x: torch.Tensor) -> Kernel | None:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
@@ -152,8 +170,8 @@ def _dequantize(module, x: torch.Tensor) -> Kernel:
     return lambda x: F.linear(x, module.dequantize(x.dtype), module.bias)
 
 
-KERNELS: dict[str, Callable] = {"native": _native, "int8pack": _int8, "int4pack_cpu": _int4_cpu, "int4pack_cuda": _int4_cuda,
-                                "dense": _dense, "dequantize": _dequantize}
+KERNELS: dict[str, Callable] = {"native": _native, "gemm": _gemm, "int8pack": _int8, "int4pack_cpu": _int4_cpu,
+                                "int4pack_cuda": _int4_cuda, "dense": _dense, "dequantize": _dequantize}
 
 
 def choose(module, x: torch.Tensor, allowed=None) -> tuple[str, Kernel, torch.Tensor]:
@@ -175,7 +193,7 @@ def choose(module, x: torch.Tensor, allowed=None) -> tuple[str, Kernel, torch.Te
 def native_layout(module, dtype: torch.dtype) -> NativeQuant | None:
     """The `native` one-row kernel of a PackedLinear on CPU for inputs of `dtype` (made once and
     kept with the module's other kernels), or None where it does not take the module."""
-    key = (torch.device("cpu"), dtype, True)
+    key = (torch.device("cpu"), dtype, "one")
     if key not in module.kernels:
         if not NativeQuant.takes(module, torch.device("cpu")):
             return None
@@ -187,7 +205,8 @@ def native_layout(module, dtype: torch.dtype) -> NativeQuant | None:
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled():  # the fused ops have no backward
         return _dequantize(module, x)(x)
-    key = (x.device, x.dtype, x.numel() == x.shape[-1])  # one row (decoding) may take another kernel
+    n = rows(x)  # one row (decoding) and many (prefill) may take other kernels than a few
+    key = (x.device, x.dtype, "one" if n == 1 else "many" if n >= GEMM_ROWS[module.scheme.bits] else "few")
     if key not in module.kernels:
         name, kernel, y = choose(module, x)
         module.kernels[key] = (name, kernel)

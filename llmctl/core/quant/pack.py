@@ -32,6 +32,8 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch.Tenso
     if dim == 0:
         return unpack(packed.T.contiguous(), bits, n).T.contiguous()
     u = packed.reshape(-1).view(torch.uint8).reshape(packed.shape[0], -1)
-    if bits == 4:
-        u = torch.stack((u & 0xF, u >> 4), dim=-1).flatten(-2)
-    return (u[:, :n].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    if bits == 4:  # nibbles 0..15 are the same bytes as int8: the offset comes off in place
+        q = torch.stack((u & 0xF, u >> 4), dim=-1).view(torch.int8).sub_(8).flatten(-2)
+    else:  # u − 128 in two's complement is u with its top bit flipped
+        q = torch.bitwise_xor(u, 0x80).view(torch.int8)
+    return q if q.shape[1] == n else q[:, :n].contiguous()

@@ -76,8 +76,10 @@ class Scheme:
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         rows, cols = q.shape
-        g = q.to(dtype).reshape(rows, scale.shape[1], -1)
-        return ((g - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(rows, cols)
+        g = q.to(dtype, copy=True).reshape(rows, scale.shape[1], -1)  # worked on in place: one tensor, two passes
+        if not self.symmetric:  # a symmetric grid's zero is 0
+            g.sub_(zero.to(dtype).unsqueeze(-1))
+        return g.mul_(scale.to(dtype).unsqueeze(-1)).reshape(rows, cols)
 
     def nearest(self, w: torch.Tensor, dtype: torch.dtype = torch.float32):
         """Round-to-nearest (scale, zero, integers), the scale first rounded to the `dtype` it is stored in."""
