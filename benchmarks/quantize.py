@@ -1,6 +1,7 @@
 """Quantized checkpoints: decode speed, quantize time and memory, and quality.
 
     python -m benchmarks.quantize speed   [--threads 2] [--new-tokens 64] [--repeats 3] [--compile] [--only NAME…]
+    python -m benchmarks.quantize prefill [--threads 2] [--prompt-tokens 512] [--repeats 3]
     python -m benchmarks.quantize time    [--samples 32] [--seq-len 512] [--micro-batch 32 4]
     python -m benchmarks.quantize quality [--samples 128] [--width 128 --steps 1200] [--dir DIR] [--llmcompressor PYTHON]
 
@@ -17,6 +18,8 @@ round's llmctl / llama.cpp ratio at the same precision, median and range (the pa
 bandwidth share is the bytes a token reads (every weight but the embedding table, in the
 format used) × tokens/s ÷ the read bandwidth measured in the same run (1 GiB in 2 MB pages read by
 a torch sum or the native product, the faster, before and after the decoders: the better).
+prefill: the same model and precisions, prompt tokens/s over a --prompt-tokens prompt (llama-bench's
+pp512) against llama.cpp evaluating it in one batch.
 time: `llmctl quantize` on the `llama` preset's shape (125M, random weights) as a subprocess:
 RTN int8, RTN int4 and GPTQ int4 g128 (once per --micro-batch) — wall time and peak RSS.
 quality: held-out perplexity (`llmctl eval --task perplexity`) of the briefly trained model of
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -162,11 +166,11 @@ def write_gguf(src: Path, out: Path, kind: str) -> Path:
     return out
 
 
-def llama_cpp_runner(path: Path, threads: int):
+def llama_cpp_runner(path: Path, threads: int, n_ctx: int = 256, n_batch: int = 64):
     from llama_cpp import Llama
 
-    llm = Llama(str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, n_batch=64, verbose=False,
-                logits_all=False)
+    llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_batch,
+                n_ubatch=n_batch, verbose=False, logits_all=False)
 
     def run(prompt: list[int], n: int) -> list[int]:
         llm.reset()
@@ -299,6 +303,52 @@ def speed(args) -> None:
 
 
 LLAMA_CPP_PEERS = {"float32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
+
+
+def prefill(args) -> None:
+    """Prompt tokens/s (llama-bench's pp): `generate` of one token after a --prompt-tokens prompt, llmctl
+    in float32, bf16 and int8 / int4 g128 with bf16 activations, against llama.cpp's f32, f16, q8_0 and
+    q4_0 evaluating the same prompt in one batch; best of --repeats, contenders interleaved."""
+    from llmctl.core.generate import GenerationConfig, generate
+    from llmctl.core.model.io import load_model
+
+    torch.set_num_threads(args.threads)
+    tmp = scratch("llmctl-bench-prefill-")
+    base = build(tmp / "f32", SHAPE)
+    llmctl("quantize", base, "-o", tmp / "int8", "-m", "int8")
+    llmctl("quantize", base, "-o", tmp / "int4", "-m", "int4", "--group-size", "128")
+    n = args.prompt_tokens
+    prompt = torch.randint(3, SHAPE["vocab_size"], (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    tok = IdTok({"p": prompt})
+
+    def ours(path: Path, dtype: torch.dtype):
+        model, _ = load_model(path, dtype=dtype)
+        cfg = GenerationConfig(max_new_tokens=1, eos_ids=[], batch_size=1)
+        return lambda: generate(model, tok, ["p"], cfg)
+
+    runs = {"llmctl float32": ours(base, torch.float32), "llmctl bf16": ours(base, torch.bfloat16),
+            "llmctl int8, bf16 activations": ours(tmp / "int8", torch.bfloat16),
+            "llmctl int4 g128, bf16 activations": ours(tmp / "int4", torch.bfloat16)}
+    try:
+        import llama_cpp  # noqa: F401
+        for kind in ("F32", "F16", "Q8_0", "Q4_0"):
+            run = llama_cpp_runner(write_gguf(base, tmp / f"{kind}.gguf", kind), args.threads, n_ctx=n + 8, n_batch=n)
+            runs[f"llama.cpp {kind.lower()}"] = functools.partial(run, prompt, 1)
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp rows", file=sys.stderr)
+    rounds = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up: kernels made, pages touched
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            rounds[name].append(n / _time(run))
+    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}, "
+          f"a {n}-token prompt and one new token at batch 1\n")
+    print("| prefill | prompt tokens/s |\n|---|---:|")
+    print("\n".join(f"| {name} | {max(rates):.0f} |" for name, rates in rounds.items()))
+    print_round_ratios(rounds)
+    for run in runs.values():
+        getattr(getattr(run, "func", run), "close", lambda: None)()
 
 
 def print_round_ratios(rounds: dict[str, list[float]]) -> None:
@@ -455,9 +505,10 @@ def quality(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["speed", "time", "quality"])
+    ap.add_argument("part", choices=["speed", "prefill", "time", "quality"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill: the prompt's length")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -470,7 +521,7 @@ def main() -> None:
                     help="time: calibration windows per forward pass, one GPTQ run each")
     trained.add_arguments(ap.add_argument_group("quality: the trained model (benchmarks/trained.py)"))
     args = ap.parse_args()
-    {"speed": speed, "time": quantize_time, "quality": quality}[args.part](args)
+    {"speed": speed, "prefill": prefill, "time": quantize_time, "quality": quality}[args.part](args)
 
 
 if __name__ == "__main__":
