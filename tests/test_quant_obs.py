@@ -138,14 +138,18 @@ def test_the_solver_also_prunes_with_a_mask_rule():
 def test_gptq_keeps_a_pruned_weights_zeros_and_its_2_4_pattern(scheme, act_order):
     from llmctl.core.prune.masks import nm_mask
 
-    x, w = correlated_inputs(cols=64), torch.randn(32, 64)
-    w = w * nm_mask(w.abs(), 2, 4)
-    h = Hessian(64)
-    h.add(x)
-    scale, zero, q = gptq(w, h.matrix, scheme, block_size=16, act_order=act_order)
-    kept = scheme.dequantize(q, scale, zero)
-    assert (kept[w == 0] == 0).all()
-    assert ((kept != 0).reshape(32, -1, 4).sum(-1) <= 2).all()
-    assert output_error(w, kept, x) < 0.95 * output_error(w, scheme.fake(w), x)  # measured 0.76-0.89; RTN keeps zeros too
-    scale, zero, q = gptq(w, h.matrix, scheme, block_size=16, act_order=act_order, keep_zeros=False)
-    assert ((scheme.dequantize(q, scale, zero) != 0).reshape(32, -1, 4).sum(-1) > 2).any()  # what keep_zeros prevents
+    ratios = []
+    for seed in range(4):  # one layer can be unlucky: asym int4 without act-order is ≥ 0.95 on 6 of 40 (≤ 1.01)
+        torch.manual_seed(seed)
+        x, w = correlated_inputs(cols=64, seed=seed), torch.randn(32, 64)
+        w = w * nm_mask(w.abs(), 2, 4)
+        h = Hessian(64)
+        h.add(x)
+        scale, zero, q = gptq(w, h.matrix, scheme, block_size=16, act_order=act_order)
+        kept = scheme.dequantize(q, scale, zero)
+        assert (kept[w == 0] == 0).all()
+        assert ((kept != 0).reshape(32, -1, 4).sum(-1) <= 2).all()
+        ratios.append(output_error(w, kept, x) / output_error(w, scheme.fake(w), x))  # RTN keeps zeros too
+        scale, zero, q = gptq(w, h.matrix, scheme, block_size=16, act_order=act_order, keep_zeros=False)
+        assert ((scheme.dequantize(q, scale, zero) != 0).reshape(32, -1, 4).sum(-1) > 2).any()  # what it prevents
+    assert sum(ratios) / len(ratios) < 0.95  # mean over 40 layers 0.74-0.89 by scheme and order
