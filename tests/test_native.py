@@ -93,9 +93,10 @@ def test_decoding_rows_and_batches_keep_their_own_kernels():
     module = PackedLinear.from_linear(torch.nn.Linear(128, 64), Scheme(4, 128))
     with torch.no_grad():
         for _ in range(2):
-            module(torch.randn(3, 128, dtype=torch.bfloat16))  # prefill: torch's int4 kernel
+            module(torch.randn(3, 128, dtype=torch.bfloat16))  # a short batch: torch's int4 kernel
             module(torch.randn(1, 1, 128, dtype=torch.bfloat16))  # decoding: one row
-    assert [name for name, _ in module.kernels.values()] == ["int4pack_cpu", "native"]
+            module(torch.randn(200, 128, dtype=torch.bfloat16))  # a prefill: dequantized for one GEMM
+    assert [name for name, _ in module.kernels.values()] == ["int4pack_cpu", "native", "gemm"]
 
 
 @pytest.mark.parametrize("in_features,out_features,scheme", [(96, 8, Scheme(8)), (192, 8, Scheme(4)),

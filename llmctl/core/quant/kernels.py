@@ -115,7 +115,8 @@ def _gemm(module, x: torch.Tensor) -> Kernel | None:
     products; from GEMM_ROWS rows on, the dequantization's fixed cost is the smaller."""
     if x.device.type != "cpu" or x.dtype not in HALF or rows(x) < GEMM_ROWS[module.scheme.bits]:
         return None
-    return lambda x: F.linear(x, module.dequantize(x.dtype), module.bias)
+    bias = None if module.bias is None else module.bias.to(x.dtype)  # a float32 module may take 16-bit inputs
+    return lambda x: F.linear(x, module.dequantize(x.dtype), bias)
 
 
 def _dense(module, x: torch.Tensor) -> Kernel | None:
