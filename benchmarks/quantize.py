@@ -1,6 +1,7 @@
 """Quantized checkpoints: decode speed, quantize time and memory, and quality.
 
-    python -m benchmarks.quantize speed   [--threads 2] [--new-tokens 64] [--repeats 3] [--compile] [--only NAME…]
+    python -m benchmarks.quantize speed   [--threads 2] [--new-tokens 64] [--repeats 3] [--prompt-tokens 32]
+                                          [--compile] [--only NAME…]
     python -m benchmarks.quantize prefill [--threads 2] [--prompt-tokens 512] [--repeats 3]
     python -m benchmarks.quantize time    [--samples 32] [--seq-len 512] [--micro-batch 32 4]
     python -m benchmarks.quantize quality [--samples 128] [--width 128 --steps 1200] [--dir DIR] [--llmcompressor PYTHON]
@@ -221,7 +222,7 @@ def speed(args) -> None:
     llmctl("quantize", base, "-o", tmp / "int8-head", "-m", "int8", "ignore=[]")
     llmctl("quantize", base, "-o", tmp / "int4-head", "-m", "int4", "--group-size", "128", "ignore=[]")
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, SHAPE["vocab_size"], (PROMPT_LEN,), generator=g).tolist()
+    prompt = torch.randint(3, SHAPE["vocab_size"], (args.prompt_tokens or PROMPT_LEN,), generator=g).tolist()
     tok = IdTok({"p": prompt})
 
     def ours(path: Path, dtype: torch.dtype, compile: bool = False, plan: bool = True):
@@ -240,7 +241,7 @@ def speed(args) -> None:
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                               min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-        return out[0, PROMPT_LEN:].tolist()
+        return out[0, len(p):].tolist()
 
     runs = {"llmctl float32": (ours(base, torch.float32), streamed_bytes(base)),
             "llmctl bf16": (ours(base, torch.bfloat16), streamed_bytes(base) // 2),
@@ -274,7 +275,8 @@ def speed(args) -> None:
                 continue
             path = write_gguf(base, tmp / f"{kind}.gguf", kind)
             size = path.stat().st_size - SHAPE["vocab_size"] * SHAPE["hidden_size"] * {"F32": 4, "F16": 2, "Q8_0": 34 / 32, "Q4_0": 18 / 32}[kind]
-            runs[f"llama.cpp {kind.lower()}"] = (llama_cpp_runner(path, args.threads), int(size))
+            runs[f"llama.cpp {kind.lower()}"] = (llama_cpp_runner(path, args.threads, len(prompt) + args.new_tokens + 8),
+                                                 int(size))
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp rows", file=sys.stderr)
 
@@ -290,7 +292,8 @@ def speed(args) -> None:
             rounds[name].append((args.new_tokens - 1) / (full - one))
     bandwidth = max(bandwidth, read_bandwidth())  # the host's memory speed drifts: the better of before and after
     print(f"torch {torch.__version__}, {args.threads} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
-          f"load average {os.getloadavg()[0]:.1f}, {args.new_tokens} greedy tokens at batch 1\n")
+          f"load average {os.getloadavg()[0]:.1f}, {args.new_tokens} greedy tokens after a {len(prompt)}-token prompt "
+          "at batch 1\n")
     print("| decoder | tok/s | MB read per token | bandwidth share | tokens = llmctl float32 |")
     print("|---|---:|---:|---:|---|")
     for name, (run, nbytes) in runs.items():
@@ -317,7 +320,7 @@ def prefill(args) -> None:
     base = build(tmp / "f32", SHAPE)
     llmctl("quantize", base, "-o", tmp / "int8", "-m", "int8")
     llmctl("quantize", base, "-o", tmp / "int4", "-m", "int4", "--group-size", "128")
-    n = args.prompt_tokens
+    n = args.prompt_tokens or 512
     prompt = torch.randint(3, SHAPE["vocab_size"], (n,), generator=torch.Generator().manual_seed(0)).tolist()
     tok = IdTok({"p": prompt})
 
@@ -508,7 +511,8 @@ def main() -> None:
     ap.add_argument("part", choices=["speed", "prefill", "time", "quality"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill: the prompt's length")
+    ap.add_argument("--prompt-tokens", type=int, help=f"the prompt's length (speed: {PROMPT_LEN}, decoding at a "
+                    "depth; prefill: 512)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
