@@ -206,6 +206,18 @@ def test_bias_free_modules_take_their_kernel_in_any_input_dtype(scheme, shape, d
     torch.testing.assert_close(y.float(), expected, rtol=0, atol=tol * expected.abs().max().item())
 
 
+def test_a_float32_modules_bias_meets_16_bit_inputs_on_the_dequantizing_paths():
+    module = PackedLinear.from_linear(nn.Linear(256, 48), Scheme(8, 64))  # no fused kernel: dequantized
+    weight, bias = module.dequantize(torch.float32), module.bias.detach()
+    with torch.no_grad():
+        for n, kernel in ((3, "dequantize"), (64, "gemm")):
+            x = torch.randn(n, 256, dtype=torch.float16)
+            y = module(x)
+            expected = nn.functional.linear(x.float(), weight, bias)
+            assert y.dtype == torch.float16 and module.kernels[(x.device, x.dtype, "few" if n < 64 else "many")][0] == kernel
+            torch.testing.assert_close(y.float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+
+
 def test_one_row_a_few_and_many_keep_a_kernel_each():
     """Decoding, a short batch and a prompt's prefill through one module: each row count's kernel is
     made once and kept beside the others."""

@@ -115,8 +115,7 @@ def _gemm(module, x: torch.Tensor) -> Kernel | None:
     products; from GEMM_ROWS rows on, the dequantization's fixed cost is the smaller."""
     if x.device.type != "cpu" or x.dtype not in HALF or rows(x) < GEMM_ROWS[module.scheme.bits]:
         return None
-    bias = None if module.bias is None else module.bias.to(x.dtype)  # a float32 module may take 16-bit inputs
-    return lambda x: F.linear(x, module.dequantize(x.dtype), bias)
+    return lambda x: F.linear(x, module.dequantize(x.dtype), _bias(module, x.dtype))
 
 
 def _dense(module, x: torch.Tensor) -> Kernel | None:
@@ -168,7 +167,12 @@ def _native(module, x: torch.Tensor) -> Kernel | None:
 
 
 def _dequantize(module, x: torch.Tensor) -> Kernel:
-    return lambda x: F.linear(x, module.dequantize(x.dtype), module.bias)
+    return lambda x: F.linear(x, module.dequantize(x.dtype), _bias(module, x.dtype))
+
+
+def _bias(module, dtype: torch.dtype) -> torch.Tensor | None:
+    """The bias in the input's dtype (F.linear takes one dtype; a float32 module may get 16-bit inputs)."""
+    return None if module.bias is None else module.bias.to(dtype)
 
 
 KERNELS: dict[str, Callable] = {"native": _native, "gemm": _gemm, "int8pack": _int8, "int4pack_cpu": _int4_cpu,
