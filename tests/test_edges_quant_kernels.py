@@ -180,8 +180,9 @@ CPU_KERNELS = [  # (scheme, input shape, input dtype, the kernel that must serve
     (Scheme(8), (3, 256), torch.float32, "dense"),
     (Scheme(8, symmetric=False), (3, 256), torch.bfloat16, "dequantize"),  # int8pack has no zero points
     (Scheme(4), (3, 48), torch.bfloat16, "dequantize"),  # no int4 group size divides 48
-    (Scheme(8, 64), (3, 256), torch.float16, "dequantize"),
-    (Scheme(8), (2, 32, 256), torch.bfloat16, "gemm"),  # 64 rows: a prefill
+    (Scheme(8, 64), (3, 256), torch.float16, "gemm"),  # torch's float16 ops: a reference path
+    (Scheme(8, 64), (3, 256), torch.bfloat16, "dequantize"),
+    (Scheme(8), (2, 32, 256), torch.bfloat16, "gemm"),  # 64 rows: a prefill (on a CPU with bf16 hardware)
     (Scheme(8), (63, 256), torch.bfloat16, "int8pack"),
     (Scheme(4, 64, symmetric=False), (128, 256), torch.float16, "gemm"),
     (Scheme(4, 64), (127, 256), torch.bfloat16, "int4pack_cpu"),
@@ -193,8 +194,10 @@ if native.has(native.QUANT):
 
 @pytest.mark.parametrize("module_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheme,shape,dtype,kernel", CPU_KERNELS)
-def test_bias_free_modules_take_their_kernel_in_any_input_dtype(scheme, shape, dtype, kernel, module_dtype):
+def test_bias_free_modules_take_their_kernel_in_any_input_dtype(scheme, shape, dtype, kernel, module_dtype,
+                                                                 monkeypatch):
     """Llama's linears have no bias; a module's scales may be in another dtype than its inputs."""
+    monkeypatch.setattr(kernels, "fast_bf16_matmul", lambda: True)
     torch.manual_seed(0)
     module = PackedLinear.from_linear(nn.Linear(shape[-1], 48, bias=False).to(module_dtype), scheme)
     x = torch.randn(*shape, dtype=dtype)
@@ -206,21 +209,23 @@ def test_bias_free_modules_take_their_kernel_in_any_input_dtype(scheme, shape, d
     torch.testing.assert_close(y.float(), expected, rtol=0, atol=tol * expected.abs().max().item())
 
 
-def test_a_float32_modules_bias_meets_16_bit_inputs_on_the_dequantizing_paths():
+def test_a_float32_modules_bias_meets_16_bit_inputs_on_the_dequantizing_paths(monkeypatch):
+    monkeypatch.setattr(kernels, "fast_bf16_matmul", lambda: True)
     module = PackedLinear.from_linear(nn.Linear(256, 48), Scheme(8, 64))  # no fused kernel: dequantized
     weight, bias = module.dequantize(torch.float32), module.bias.detach()
     with torch.no_grad():
         for n, kernel in ((3, "dequantize"), (64, "gemm")):
-            x = torch.randn(n, 256, dtype=torch.float16)
+            x = torch.randn(n, 256, dtype=torch.bfloat16)
             y = module(x)
             expected = nn.functional.linear(x.float(), weight, bias)
-            assert y.dtype == torch.float16 and module.kernels[(x.device, x.dtype, "few" if n < 64 else "many")][0] == kernel
+            assert y.dtype == torch.bfloat16 and module.kernels[(x.device, x.dtype, "few" if n < 64 else "many")][0] == kernel
             torch.testing.assert_close(y.float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
 
 
-def test_one_row_a_few_and_many_keep_a_kernel_each():
+def test_one_row_a_few_and_many_keep_a_kernel_each(monkeypatch):
     """Decoding, a short batch and a prompt's prefill through one module: each row count's kernel is
     made once and kept beside the others."""
+    monkeypatch.setattr(kernels, "fast_bf16_matmul", lambda: True)
     module = PackedLinear.from_linear(nn.Linear(256, 48).bfloat16(), Scheme(8))
     weight, bias = module.dequantize(torch.float32), module.bias.float()
     with torch.no_grad():
@@ -230,6 +235,29 @@ def test_one_row_a_few_and_many_keep_a_kernel_each():
             torch.testing.assert_close(module(x).float(), expected, rtol=0, atol=2e-2 * expected.abs().max().item())
     names = {key[2]: name for key, (name, _) in module.kernels.items()}
     assert names == {"one": "native" if native.has(native.QUANT) else "int8pack", "few": "int8pack", "many": "gemm"}
+
+
+@pytest.mark.parametrize("bf16_hardware", [True, False])
+def test_bf16_prefills_are_dequantized_for_a_gemm_only_where_the_cpu_has_bf16_hardware(bf16_hardware, monkeypatch):
+    """Without AVX512-BF16 or AMX, oneDNN's bf16 GEMM is 2–3× slower than torch's fused int8/int4 ops."""
+    monkeypatch.setattr(kernels, "fast_bf16_matmul", lambda: bf16_hardware)
+    for scheme, fused in ((Scheme(8), "int8pack"), (Scheme(4, 64), "int4pack_cpu")):
+        module = PackedLinear.from_linear(nn.Linear(256, 48, bias=False).bfloat16(), scheme)
+        with torch.no_grad():
+            module(torch.randn(200, 256, dtype=torch.bfloat16))
+            module(torch.randn(200, 256, dtype=torch.float16))  # float16: a GEMM on any CPU
+        assert _kernel_names(module) == ["gemm" if bf16_hardware else fused, "gemm"]
+
+
+def test_cpu_flags_decide_bf16_hardware(monkeypatch):
+    from llmctl.core import native
+
+    for flags, expected in (("flags : fpu avx2 avx512f avx512_bf16", True), ("flags : fpu avx2 amx_bf16", True),
+                            ("flags : fpu avx2 avx512f avx512_vnni", False), ("", False)):
+        monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: flags)
+        kernels.fast_bf16_matmul.cache_clear()
+        assert kernels.fast_bf16_matmul() is expected
+    kernels.fast_bf16_matmul.cache_clear()
 
 
 def test_inputs_without_gradients_take_the_fused_kernels_with_autograd_on():

@@ -5,10 +5,10 @@ else the weight dequantized.
     (decoding)                     products against the input quantized per 64 (int8) or 128
                                    (int4) values, as llama.cpp's q8_0/q4_0 per 32; groups a
                                    multiple of that block
-    int8/int4, CPU, bf16/f16,      F.linear on the weight dequantized at the call (`gemm`): torch's
-    ≥ GEMM_ROWS rows (prefill)     fused CPU ops below cost about as much per row as a matrix-vector
-                                   product, so from 64 (int8) / 128 (int4) rows on the dequantization's
-                                   fixed cost plus one half-precision GEMM is less
+    int8/int4, CPU, bf16 from 64   F.linear on the weight dequantized at the call (`gemm`): torch's
+    (int8) / 128 (int4) rows       fused CPU ops below cost about as much per row as a matrix-vector
+    (prefill) where the CPU has    product, so past those rows the dequantization's fixed cost plus
+    bf16 hardware; f16 always      one GEMM is less; for float16 they have only a reference path
     int8, symmetric, per channel   aten._weight_int8pack_mm (CPU, CUDA), 16-bit inputs
     int4, CPU, bf16/f16 inputs     aten._weight_int4pack_mm_for_cpu: tiles from
                                    _convert_weight_to_int4pack_for_cpu, groups of 32–256
@@ -17,17 +17,18 @@ else the weight dequantized.
     float32 inputs on CPU          F.linear on the weight dequantized once and kept (`dense`)
     anything else                  F.linear(x, (q − zero) · scale), dequantized at every call
 
-torch 2.13's CPU int8/int4 kernels are fast only for 16-bit inputs: with float32 inputs they
-take a reference path 60–200× slower than the float32 matrix-vector product (measured on a
-768×2048 layer), so float32 batches (prefill) run on a dequantized copy (exact, float32's memory)
-and the fused kernels serve `--dtype bfloat16`/`float16`. The native kernel takes one row of
-either dtype; its input rounding (at most 0.4 % of each block's largest value) is about what a
+torch 2.13's CPU int8/int4 kernels are fast only for bf16 inputs: with float32 inputs they take a
+reference path 60–200× slower than the float32 matrix-vector product (measured on a 768×2048
+layer), with float16 ones one 2–20× slower than dequantizing for a GEMM. So float32 batches
+(prefill) run on a dequantized copy (exact, float32's memory), float16 ones on `gemm`, and the
+fused kernels serve `--dtype bfloat16` batches. The native kernel takes one float32 or bf16 row;
+its input rounding (at most 0.4 % of each block's largest value) is about what a
 bf16 input already costs.
 
 The kernels compute w = (u − 8) · s + z on unsigned nibbles u = q + 8, so our (q − zero) · scale
 becomes s = scale, z = −zero · scale. A per-channel int4 scale is repeated over groups of the
 largest size the kernel takes. A kernel's weight layout is made on first use and kept on the
-module (`module.kernels`), per device, dtype and row count (one, a few, or GEMM_ROWS and more);
+module (`module.kernels`), per device, dtype and row count (one, a few, or `gemm_rows` and more);
 `.to()` drops them. KERNELS is in preference order; a kernel that raises when made or first run (an op this
 build lacks, a shape it refuses) passes to the next. Inputs that need a gradient take the
 dequantizing path (the fused ops have no backward).
@@ -35,6 +36,7 @@ dequantizing path (the fused ops have no backward).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -43,11 +45,31 @@ import torch.nn.functional as F
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 INT4_GROUPS = (256, 128, 64, 32)
 HALF = (torch.bfloat16, torch.float16)
-GEMM_ROWS = {8: 64, 4: 128}  # bits → input rows from which `_gemm` beats torch's fused CPU kernels (BENCHMARKS.md)
+GEMM_ROWS = {8: 64, 4: 128}  # bits → bf16 input rows from which `_gemm` beats torch's fused CPU kernels (BENCHMARKS.md)
 
 
 def rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
+
+
+@functools.cache
+def fast_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): without it oneDNN's bf16 GEMM
+    is 2–3× slower than torch's fused int8/int4 ops, with it 2× faster from GEMM_ROWS rows."""
+    from llmctl.core.native import _cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags().split()))
+
+
+def gemm_rows(module, x: torch.Tensor) -> int | None:
+    """The input rows from which `gemm` serves `module` on `x`'s device and dtype, or None (never).
+    float16: always — torch's fused CPU ops have only a reference path for it (1.1–44 ms a call where
+    the GEMM takes 0.5–3 on a 2048×768 layer); bf16: from GEMM_ROWS where the CPU has bf16 hardware."""
+    if x.device.type != "cpu" or x.dtype not in HALF:
+        return None
+    if x.dtype == torch.float16:
+        return 1
+    return GEMM_ROWS[module.scheme.bits] if fast_bf16_matmul() else None
 
 
 def _int8(module, x: torch.Tensor) -> Kernel | None:
@@ -110,10 +132,11 @@ def _int4_cuda(module, x: torch.Tensor) -> Kernel | None:
 
 
 def _gemm(module, x: torch.Tensor) -> Kernel | None:
-    """Many 16-bit rows on CPU (a prompt's prefill): the weight dequantized at each call, then one
-    half-precision GEMM. torch's fused CPU kernels above scale with the rows like matrix-vector
-    products; from GEMM_ROWS rows on, the dequantization's fixed cost is the smaller."""
-    if x.device.type != "cpu" or x.dtype not in HALF or rows(x) < GEMM_ROWS[module.scheme.bits]:
+    """16-bit rows on CPU from `gemm_rows` on (a prompt's prefill): the weight dequantized at each call,
+    then one half-precision GEMM. torch's fused CPU kernels below scale with the rows like
+    matrix-vector products; past the threshold the dequantization's fixed cost is the smaller."""
+    start = gemm_rows(module, x)
+    if start is None or rows(x) < start:
         return None
     return lambda x: F.linear(x, module.dequantize(x.dtype), _bias(module, x.dtype))
 
@@ -210,8 +233,8 @@ def native_layout(module, dtype: torch.dtype) -> NativeQuant | None:
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled():  # the fused ops have no backward
         return _dequantize(module, x)(x)
-    n = rows(x)  # one row (decoding) and many (prefill) may take other kernels than a few
-    key = (x.device, x.dtype, "one" if n == 1 else "many" if n >= GEMM_ROWS[module.scheme.bits] else "few")
+    n, start = rows(x), gemm_rows(module, x)  # one row (decoding) and many (prefill) may take other kernels
+    key = (x.device, x.dtype, "one" if n == 1 else "many" if start is not None and n >= start else "few")
     if key not in module.kernels:
         name, kernel, y = choose(module, x)
         module.kernels[key] = (name, kernel)
