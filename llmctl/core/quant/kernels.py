@@ -9,8 +9,8 @@ else the weight dequantized.
     (int8) / 128 (int4) rows       fused CPU ops below cost about as much per row as a matrix-vector
     (prefill) where the CPU has    product, so past those rows the dequantization's fixed cost plus
     bf16 hardware; f16 always      one GEMM is less; for float16 they have only a reference path
-    int8, symmetric, per channel   aten._weight_int8pack_mm (CPU, CUDA), 16-bit inputs
-    int4, CPU, bf16/f16 inputs     aten._weight_int4pack_mm_for_cpu: tiles from
+    int8, symmetric, per channel   aten._weight_int8pack_mm (CPU: bf16 inputs; CUDA: 16-bit)
+    int4, CPU, bf16 inputs         aten._weight_int4pack_mm_for_cpu: tiles from
                                    _convert_weight_to_int4pack_for_cpu, groups of 32–256
     int4, CUDA, bfloat16           aten._weight_int4pack_mm (tinygemm): _convert_weight_to_int4pack
                                    (in_features % 128 == 0, out_features % 8 == 0)
