@@ -98,7 +98,7 @@ from llmctl.core.model.attention import Attention  # noqa: E402
 from llmctl.core.model.norm import RMSNorm  # noqa: E402
 from llmctl.core.native.decode import native_step, why_not  # noqa: E402
 from llmctl.core.quant.linear import PackQuantized  # noqa: E402
-from test_native_decode import BASE, build, decode_both, needs  # noqa: E402
+from test_native_decode import BASE, assert_steps_equal, build, decode_both, needs  # noqa: E402
 
 
 class _Attention(Attention):
@@ -175,7 +175,7 @@ def test_native_step_equals_the_eager_step_at_the_edges(variant, quantize, head_
     step = native_step(model)
     assert step.head_in_plan == head_in_plan
     eager, ours, *_ = decode_both(model)
-    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
+    assert_steps_equal(ours, eager, quantized=quantize is not None)
     assert ours.dtype == torch.float32
 
 

@@ -65,6 +65,20 @@ def decode_both(model, steps: int = 10):
     return torch.stack(eager).float(), torch.stack(ours).float(), eager_cache, native_cache
 
 
+def assert_steps_equal(ours, eager, quantized: bool = False):
+    """Native and eager logits [steps, 1, V] equal up to float32 summation order. With quantized
+    products each input is rounded to int8 per block, and the two steps' attentions add in different
+    orders: a one-ulp difference can carry one input across a rounding boundary (seen at one step of
+    ten on an AVX2 build). One step may then differ by less than 2 % of the largest logit."""
+    scale = eager.abs().max().item()
+    if not quantized:
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5 * scale)
+        return
+    apart = [i for i, (o, e) in enumerate(zip(ours, eager)) if not torch.allclose(o, e, rtol=1e-5, atol=1e-5 * scale)]
+    assert len(apart) <= 1, f"steps {apart} differ"
+    assert (ours - eager).abs().max().item() < 0.02 * scale
+
+
 @needs
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_native_step_equals_the_eager_step(variant):
@@ -76,11 +90,26 @@ def test_native_step_equals_the_eager_step(variant):
 
 
 @needs
+@pytest.mark.parametrize("head_dim", [64, 144, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_over_many_positions_at_any_head_width(head_dim, dtype):
+    """26 cached positions (scores 8 at a time and the rest one by one) at head widths whose
+    weighted sums take four vectors, four twice then one, or one and a scalar tail (24 with AVX-512)."""
+    model = build(dict(head_dim=head_dim), dtype)
+    eager, ours, eager_cache, native_cache = decode_both(model, steps=20)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
+    else:
+        assert (ours - eager).abs().max().item() < 0.03 * eager.abs().max().item()
+    assert native_cache.length == 26
+
+
+@needs
 @pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (8, 64, False), (4, 128, True), (4, 128, False)])
 def test_quantized_native_step_equals_the_eager_step(bits, group, symmetric):
     # eager decoding takes the same mv_quant kernel per product: the same input rounding
     eager, ours, *_ = decode_both(build({}, bits=bits, group=group, symmetric=symmetric))
-    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
+    assert_steps_equal(ours, eager, quantized=True)
 
 
 @needs

@@ -225,6 +225,82 @@ void store(const at::Tensor& cache, const float* x, int64_t kv_heads, int64_t D,
     for (int64_t i = 0; i < D; ++i) c[(g * len + pos) * D + i] = static_cast<T>(x[g * D + i]);
 }
 
+#ifdef LLMCTL_F32
+// The sums of 8 vectors' lanes, [Σa[0], …, Σa[7]], each added in the order of GCC's
+// _mm512_reduce_add_ps after its first step (halves + halves, then lanes 0+2 and 1+3, then those
+// two): the same bits as `dot`'s one-at-a-time sums
+inline __m256 sums8(const __m256 a[8]) {
+  __m256 s[4];
+  for (int j = 0; j < 4; ++j) {  // [a[2j]'s 128-bit halves added | a[2j+1]'s], then lanes 0+2, 1+3
+    const __m256 x = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * j], a[2 * j + 1], 0x31),
+                                   _mm256_permute2f128_ps(a[2 * j], a[2 * j + 1], 0x20));
+    s[j] = _mm256_add_ps(x, _mm256_permute_ps(x, 0x4E));
+  }
+  // hadd: lane 0 + lane 1 of each half → [Σa0, ·, Σa2, · | Σa1, ·, Σa3, ·] and likewise for a4…a7
+  const __m256 lo = _mm256_hadd_ps(s[0], s[1]), hi = _mm256_hadd_ps(s[2], s[3]);
+  const __m256i order = _mm256_setr_epi32(0, 4, 2, 6, 0, 4, 2, 6);
+  return _mm256_blend_ps(_mm256_permutevar8x32_ps(lo, order), _mm256_permutevar8x32_ps(hi, order), 0xF0);
+}
+#ifdef LLMCTL_AVX512
+inline __m256 halves(__m512 v) {  // its two 256-bit halves added
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#else
+inline __m256 halves(__m256 v) { return v; }
+#endif
+
+// s[t] = scale · q · k[t] for 8 positions k[t] = k + t·D at once: eight sums kept apart, one reduction
+template <typename T>
+inline void dots8(const float* q, const T* k, int64_t D, float scale, float* s) {
+  Vec acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = vzero();
+  for (int64_t i = 0; i < D; i += LANES) {
+    const Vec qv = vload(q + i);
+    for (int j = 0; j < 8; ++j) acc[j] = vfma(qv, vload(k + j * D + i), acc[j]);
+  }
+  __m256 h[8];
+  for (int j = 0; j < 8; ++j) h[j] = halves(acc[j]);
+  _mm256_storeu_ps(s, _mm256_mul_ps(sums8(h), _mm256_set1_ps(scale)));
+}
+
+// o[C·LANES] = Σ_t p[t] · v[t][C·LANES], the rows v + t·stride: the sums stay in registers
+template <int C, typename T>
+inline void weighted_rows(float* o, const float* p, const T* v, int64_t n, int64_t stride) {
+  Vec acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = vzero();
+  for (int64_t t = 0; t < n; ++t) {
+    const Vec w = vset(p[t]);
+    for (int c = 0; c < C; ++c) acc[c] = vfma(w, vload(v + t * stride + c * LANES), acc[c]);
+  }
+  for (int c = 0; c < C; ++c) vstore(o + c * LANES, acc[c]);
+}
+#endif
+
+// s[t] = scale · q · k[t] for n rows of D (k + t·D)
+template <typename T>
+void scores(const float* q, const T* k, int64_t n, int64_t D, float scale, float* s) {
+  int64_t t = 0;
+#ifdef LLMCTL_F32
+  if (D % LANES == 0)
+    for (; t + 8 <= n; t += 8) dots8(q, k + t * D, D, scale, s + t);
+#endif
+  for (; t < n; ++t) s[t] = dot(q, k + t * D, D) * scale;
+}
+
+// o[D] = Σ_t p[t] · v[t] for n rows of D (v + t·D)
+template <typename T>
+void weighted_sum(float* o, const float* p, const T* v, int64_t n, int64_t D) {
+  int64_t i = 0;
+#ifdef LLMCTL_F32
+  constexpr int64_t WIDE = 4 * LANES;  // four vectors of sums at a time
+  for (; i + WIDE <= D; i += WIDE) weighted_rows<4>(o + i, p, v + i, n, D);
+  for (; i + LANES <= D; i += LANES) weighted_rows<1>(o + i, p, v + i, n, D);
+#endif
+  if (i == D) return;
+  std::fill(o + i, o + D, 0.f);
+  for (int64_t t = 0; t < n; ++t) axpy(o + i, p[t], v + t * D + i, D - i);
+}
+
 // out[h] = softmax(q[h] · K[g]ᵀ / √D) · V[g] over positions first … pos, g = h's key/value head
 template <typename T>
 void attend(const Layer& L, const float* q, const at::Tensor& keys, const at::Tensor& values, int64_t first,
@@ -232,26 +308,18 @@ void attend(const Layer& L, const float* q, const at::Tensor& keys, const at::Te
   const int64_t H = L.heads, D = L.head_dim, group = H / L.kv_heads, len = keys.size(2), n = pos - first + 1;
   const T* K = keys.data_ptr<T>();
   const T* V = values.data_ptr<T>();
-  at::Tensor scores = at::empty({H, n}, at::kFloat);
-  float* s = scores.data_ptr<float>();
+  at::Tensor probs = at::empty({H, n}, at::kFloat);
+  float* s = probs.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h) {
-      const T* k = K + ((h / group) * len + first) * D;
-      for (int64_t t = 0; t < n; ++t) s[h * n + t] = dot(q + h * D, k + t * D, D) * scale;
-    }
+    for (int64_t h = begin; h < end; ++h)
+      scores(q + h * D, K + ((h / group) * len + first) * D, n, D, scale, s + h * n);
   });
-  scores = at::softmax(scores, -1);  // torch's vectorised exp
-  const float* p = scores.data_ptr<float>();
+  probs = at::softmax(probs, -1);  // torch's vectorised exp
+  const float* p = probs.data_ptr<float>();
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h) {
-      float* o = out + h * D;
-      std::fill(o, o + D, 0.f);
-      const T* v = V + ((h / group) * len + first) * D;
-      for (int64_t t = 0; t < n; ++t) {
-        axpy(o, p[h * n + t], v + t * D, D);
-      }
-    }
+    for (int64_t h = begin; h < end; ++h)
+      weighted_sum(out + h * D, p + h * n, V + ((h / group) * len + first) * D, n, D);
   });
 }
 
