@@ -46,26 +46,36 @@ class Settings:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 30
+    weight_decay: float = 0.1  # `llmctl train`'s default
     seed: int = 0
     corpus: str = "shakespeare"  # or "stdlib": CPython's own library source (CORPORA)
 
     @property
     def key(self) -> str:
         fields = asdict(self)
-        if self.corpus == "shakespeare":  # the keys of models cached before the option existed stay valid
-            del fields["corpus"]
+        for name, default in NEWER_DEFAULTS.items():  # the keys of models cached before these options stay valid
+            if fields[name] == default:
+                del fields[name]
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"llama-d{self.hidden_size}-l{self.num_layers}-s{self.steps}{self.suffix}-{digest}"
 
     @property
     def suffix(self) -> str:
-        """'' for Tiny Shakespeare, '-CORPUS' otherwise: for cache keys and results files."""
-        return "" if self.corpus == "shakespeare" else f"-{self.corpus}"
+        """'' for Tiny Shakespeare at the default optimiser settings, else '-CORPUS', '-lrX', '-wdY': for cache
+        keys and results files."""
+        d = Settings.__dataclass_fields__
+        return ("" if self.corpus == "shakespeare" else f"-{self.corpus}") \
+            + ("" if self.lr == d["lr"].default else f"-lr{self.lr:g}") \
+            + ("" if self.weight_decay == d["weight_decay"].default else f"-wd{self.weight_decay:g}")
 
     def describe(self) -> str:
         return (f"`llama` preset at d={self.hidden_size}, {self.num_layers} layers, {self.num_heads} heads / "
                 f"{self.num_kv_heads} KV heads, SwiGLU {self.intermediate_size}, byte-level BPE {self.vocab_size}; "
-                f"{self.steps} steps of {self.batch_size} × {self.seq_len} tokens of {CORPORA[self.corpus][0]}")
+                f"{self.steps} steps of {self.batch_size} × {self.seq_len} tokens of {CORPORA[self.corpus][0]}, "
+                f"lr {self.lr:g} → {self.min_lr:g}, weight decay {self.weight_decay:g}")
+
+
+NEWER_DEFAULTS = {"corpus": "shakespeare", "weight_decay": 0.1}  # settings added after models were cached
 
 
 @dataclass
@@ -131,7 +141,7 @@ def trained(root: Path, settings: Settings = Settings()) -> Trained:
     """The model for `settings` under `root`, trained first if it is not there."""
     root.mkdir(parents=True, exist_ok=True)
     train, val = split(root, settings.corpus)
-    tok = root / f"tok{settings.suffix}-{settings.vocab_size}"
+    tok = root / f"tok{'' if settings.corpus == 'shakespeare' else '-' + settings.corpus}-{settings.vocab_size}"
     if not (tok / "tokenizer.json").is_file():
         llmctl("tokenize", "train", train, "--algo", "bytelevel", "--vocab-size", settings.vocab_size, "-o", tok)
     here = root / settings.key
@@ -148,6 +158,7 @@ def trained(root: Path, settings: Settings = Settings()) -> Trained:
         llmctl("train", "model=llama", f"model_args={model_args}", f"data={train}", f"val_data={val}",
                f"tokenizer={tok}", f"max_steps={s.steps}", f"batch_size={s.batch_size}", f"seq_len={s.seq_len}",
                f"lr={s.lr}", f"min_lr={s.min_lr}", f"warmup_steps={s.warmup_steps}", f"seed={s.seed}",
+               f"weight_decay={s.weight_decay}",
                "eval_every=0", "save_every=0", "tensorboard=false", "peak_tflops=1", "-o", model,
                "--resume" if resume else "--force")
         record = {"steps": json.loads((model / "llmctl.json").read_text())["step"],
@@ -167,6 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=int, default=d.num_kv_heads)
     parser.add_argument("--intermediate", type=int, help="SwiGLU width (default: 3 × width)")
     parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (the floor stays a tenth of it)")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--corpus", choices=sorted(CORPORA), default=d.corpus,
                         help="training text (held out: the last 10 %% of Tiny Shakespeare; every 40th stdlib file)")
     parser.add_argument("--outliers", type=float, default=0, metavar="FACTOR",
@@ -178,7 +191,8 @@ def from_arguments(args: argparse.Namespace) -> Trained:
     """The model the parsed options describe, trained first if needed."""
     settings = Settings(hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
                         num_kv_heads=args.kv_heads, intermediate_size=args.intermediate or 3 * args.width,
-                        steps=args.steps, corpus=args.corpus)
+                        steps=args.steps, corpus=args.corpus, lr=args.lr,
+                        min_lr=Settings.min_lr if args.lr == Settings.lr else args.lr / 10, weight_decay=args.weight_decay)
     t = trained(args.dir, settings)
     if args.outliers:
         from benchmarks.outliers import with_outliers
