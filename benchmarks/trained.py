@@ -191,8 +191,8 @@ def from_arguments(args: argparse.Namespace) -> Trained:
     """The model the parsed options describe, trained first if needed."""
     settings = Settings(hidden_size=args.width, num_layers=args.layers, num_heads=args.heads,
                         num_kv_heads=args.kv_heads, intermediate_size=args.intermediate or 3 * args.width,
-                        steps=args.steps, corpus=args.corpus, lr=args.lr,
-                        min_lr=Settings.min_lr if args.lr == Settings.lr else args.lr / 10, weight_decay=args.weight_decay)
+                        steps=args.steps, corpus=args.corpus, lr=args.lr, weight_decay=args.weight_decay,
+                        min_lr=Settings.min_lr if args.lr == Settings.lr else args.lr / 10)
     t = trained(args.dir, settings)
     if args.outliers:
         from benchmarks.outliers import with_outliers
