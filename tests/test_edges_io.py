@@ -144,3 +144,23 @@ def test_the_blocks_own_error_comes_back_even_if_the_temporary_is_gone(tmp_path)
             os.unlink(f.name)
             raise ValueError("mine")
     assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_atomic_outputs_take_the_umasks_modes_not_the_temporarys(tmp_path, mask, file_mode, dir_mode):
+    """mkstemp/mkdtemp create 0600/0700: a GGUF, adapter or merged model must still be readable by others
+    under the usual umask, and stay private under a strict one."""
+    import stat
+
+    old = os.umask(mask)
+    try:
+        with io.atomic_file(tmp_path / "model.gguf", "wb") as f:
+            f.write(b"GGUF")
+        with io.atomic_dir(tmp_path / "merged") as d:
+            (d / "config.json").write_text("{}")
+        assert os.umask(mask) == mask  # reading the umask set it straight back
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.gguf").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == dir_mode
+    assert stat.S_IMODE((tmp_path / "merged" / "config.json").stat().st_mode) == file_mode

@@ -126,6 +126,13 @@ def inside(directory: str | os.PathLike, name: str, what: str, error: type[Excep
     return Path(directory) / name
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `path` only if the block succeeds.
@@ -137,6 +144,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make every output private
         yield tmp
         _fsync_tree(tmp)
         _replace(tmp, path)
@@ -154,6 +162,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", force: bool = False, *
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 would make every output private
         with open(tmp, mode, **open_kwargs) as f:
             yield f
             f.flush()
