@@ -244,6 +244,26 @@ def test_each_tensor_gets_the_ggml_type_its_rows_can_hold(name, shape, type, lay
     assert shape[-1] % block == 0  # gguf's quantizer takes it
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_q4_k_m_gives_a_tied_embedding_the_outputs_q6_k(tied):
+    """llama.cpp's Q4_K_M: Q6_K for output.weight, or for token_embd.weight where there is no output.weight
+    (the embedding is also the LM head); an untied embedding stays Q4_K."""
+    import dataclasses
+
+    import torch
+
+    from llmctl.core.export.gguf import FAMILIES, ggml_type, plan
+    from llmctl.core.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=256, num_layers=8, num_heads=4, intermediate_size=512)
+    cfg = dataclasses.replace(cfg, tie_embeddings=tied)
+    tensors = {"model.embed_tokens.weight": torch.empty(300, 256), "lm_head.weight": torch.empty(300, 256),
+               "model.layers.0.self_attn.q_proj.weight": torch.empty(256, 256)}
+    types = {item.name: ggml_type(item, "q4_k_m", cfg.num_layers) for item in plan(tensors, cfg, FAMILIES["llama"])}
+    assert types == ({"token_embd.weight": "Q6_K", "blk.0.attn_q.weight": "Q4_K"} if tied else
+                     {"token_embd.weight": "Q4_K", "output.weight": "Q6_K", "blk.0.attn_q.weight": "Q4_K"})
+
+
 # ------------------------------------------------------------------------------------- the header
 
 

@@ -213,6 +213,11 @@ def test_sequence_classifier_equals_transformers(tmp_path):
     causal = dict(json.loads((tmp_path / "hf" / "config.json").read_text()), architectures=["LlamaForCausalLM"])
     assert config_from_hf(causal).num_labels is None
     assert config_from_hf(dict(causal, architectures=None)).num_labels == 3
+    # a causal LM's `config.to_dict()` dumped as config.json: no class named, transformers' default two labels
+    dumped = transformers.LlamaConfig(**CASES["llama-gqa-untied"][1]).to_dict()
+    assert dumped["architectures"] is None and len(dumped["id2label"]) == 2
+    assert config_from_hf(dumped).num_labels is None
+    assert config_from_hf(dict(dumped, num_labels=2)).num_labels == 2  # an explicit count still says classifier
 
 
 def test_a_classifier_saved_without_its_labels_has_two_as_in_transformers(tmp_path):

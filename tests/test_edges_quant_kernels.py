@@ -363,6 +363,12 @@ def test_gguf_refusals_name_the_reason(monkeypatch):
                             "llama.cpp runs only known ones: llama, mistral, mixtral, qwen2, qwen3, gemma, gpt2, "
                             "qwen2_moe, qwen3_moe")
     llama = _hf_config("llama")
+    with pytest.raises(UsageError) as e:  # a reward model's one-row score head is no LM head
+        family_of(dataclasses.replace(llama, num_labels=1))
+    assert str(e.value) == ("cannot export a sequence classifier (reward model, 1 score) to GGUF: llama.cpp runs "
+                            "language models")
+    with pytest.raises(UsageError, match=r"\(reward model, 3 scores\)"):
+        family_of(dataclasses.replace(llama, num_labels=3))
     with pytest.raises(UsageError, match="^cannot export this llama model to GGUF: its MLP is geglu/gelu_tanh, "
                                          "llama.cpp's llama computes swiglu/silu$"):
         family_of(_hf_config("llama", hidden_act="gelu_pytorch_tanh"))

@@ -166,8 +166,11 @@ def classifier() -> Codec:
             return {"num_labels": None}
         if hf.get("num_labels") is not None:  # transformers: it wins over an `id2label` of another length
             return {"num_labels": hf["num_labels"]}
-        if hf.get("id2label"):
-            return {"num_labels": len(hf["id2label"])}
+        labels = hf.get("id2label")
+        if not archs and labels and {str(k): v for k, v in labels.items()} == DEFAULT_LABELS:
+            return {"num_labels": None}  # every config's `to_dict()` has these, a causal LM's too: no class, no say
+        if labels:
+            return {"num_labels": len(labels)}
         # a classifier saved with the default two labels carries neither key (transformers' diff dict)
         return {"num_labels": 2 if archs else None}
 
@@ -180,6 +183,7 @@ def classifier() -> Codec:
 
 
 CLASSIFIER = "ForSequenceClassification"
+DEFAULT_LABELS = {"0": "LABEL_0", "1": "LABEL_1"}  # transformers' PretrainedConfig default
 
 
 def decoder(tie: bool = False, eps: float = 1e-6, theta: float = 10000.0) -> tuple[Codec, ...]:

@@ -77,6 +77,9 @@ def family_of(cfg) -> tuple[str, Family]:
     from llmctl.core.hf import arch_for
     from llmctl.core.model.mlp import MLPS
 
+    if cfg.num_labels:
+        raise UsageError(f"cannot export a sequence classifier (reward model, {cfg.num_labels} score"
+                         f"{'s' if cfg.num_labels > 1 else ''}) to GGUF: llama.cpp runs language models")
     arch = arch_for(cfg)
     if arch is None:
         raise UsageError("this model matches no Hugging Face architecture (its config is llmctl's own), "
@@ -137,6 +140,7 @@ class Item:
     sources: list[str]
     combine: str  # "one", "cat" (GPT-2's fused qkv) or "stack" (experts)
     layer: int | None
+    tied: bool = False  # the embedding, which is also the output
 
 
 def plan(tensors: dict, cfg, family: Family) -> list[Item]:
@@ -162,6 +166,8 @@ def plan(tensors: dict, cfg, family: Family) -> list[Item]:
             item.shape = (sum(state[s][0] for s in item.sources), *first[1:])
         elif item.name.endswith("ffn_gate_inp_shexp.weight"):
             item.shape = first[1:]
+    if cfg.tie_embeddings and "token_embd.weight" in items:
+        items["token_embd.weight"].tied = True
     if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
         items["rope_freqs.weight"] = Item("rope_freqs.weight", (cfg.head_dim // 2,), [], "rope_freqs", None)
     return list(items.values())
@@ -229,8 +235,9 @@ def _uniform(t: str) -> Callable[[Item, int], str]:
 
 
 def _q4_k_m(item: Item, n: int) -> str:
-    """llama.cpp's Q4_K_M mix: Q6_K for the output and for attn_v / ffn_down in some layers."""
-    if item.name == "output.weight":
+    """llama.cpp's Q4_K_M mix: Q6_K for the output (the embedding where it is tied: `plan` then writes no
+    output.weight) and for attn_v / ffn_down in some layers."""
+    if item.name == "output.weight" or item.name == "token_embd.weight" and item.tied:
         return "Q6_K"
     if re.search(r"\.(attn_v|ffn_down(_exps)?)\.", item.name):
         i = item.layer or 0
