@@ -47,6 +47,11 @@ def test_force_never_replaces_an_input(llmctl, ws, tmp_path):
     one_line_error(llmctl("tokenize", "encode", ws["text"], "-t", ws["tok"], "-o", ws["tok"], "--force"), 2, "input")
     assert (corpdir / "corpus.txt").is_file()
     assert snapshot(ws["shards"], ws["tok"]) == before
+    data = tmp_path / "data"  # an llmctl data output that holds the corpus, named by a glob
+    assert llmctl("tokenize", "encode", ws["text"], "-t", ws["tok"], "-o", data).code == 0
+    (data / "raw.txt").write_text(ws["text"].read_text())
+    one_line_error(llmctl("tokenize", "encode", f"{data}/*.txt", "-t", ws["tok"], "-o", data, "--force"), 2, "input")
+    assert (data / "raw.txt").read_text() == ws["text"].read_text()
 
 
 def test_force_replaces_only_the_same_kind(llmctl, ws, tmp_path):

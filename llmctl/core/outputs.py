@@ -13,6 +13,7 @@ and an `flock` that the kernel drops when the owner dies, so a stale lock never 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -87,7 +88,16 @@ def _is_empty(path: Path) -> bool:
 
 
 def _paths(inputs: Iterable[str | os.PathLike | None]) -> list[Path]:
-    return [Path(p).resolve() for p in inputs if p not in (None, "", "-") and Path(p).exists()]
+    """The inputs that exist, a glob pattern's matches included (`data/*.txt` names the files in data/)."""
+    found = []
+    for p in inputs:
+        if p in (None, "", "-"):
+            continue
+        if Path(p).exists():
+            found.append(Path(p).resolve())
+        elif any(c in str(p) for c in "*?["):
+            found.extend(Path(match).resolve() for match in glob.glob(str(p), recursive=True))
+    return found
 
 
 def check_output(path: str | os.PathLike, kind: str, *, force: bool, inputs: Iterable = ()) -> Path:
