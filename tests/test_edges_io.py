@@ -164,3 +164,14 @@ def test_atomic_outputs_take_the_umasks_modes_not_the_temporarys(tmp_path, mask,
     assert stat.S_IMODE((tmp_path / "model.gguf").stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == dir_mode
     assert stat.S_IMODE((tmp_path / "merged" / "config.json").stat().st_mode) == file_mode
+
+
+def test_a_file_rewritten_in_place_keeps_its_mode(tmp_path):
+    """`tokenize set-template` or eval's recording rewrite files the user had: their modes stay."""
+    import stat
+
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text("{}")
+    path.chmod(0o640)
+    write_json(path, {"chat_template": "x"})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and "chat_template" in path.read_text()

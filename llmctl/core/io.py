@@ -162,7 +162,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", force: bool = False, *
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 would make every output private
+        # mkstemp's 0600 would make every output private; a file rewritten in place keeps its mode
+        tmp.chmod(path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask())
         with open(tmp, mode, **open_kwargs) as f:
             yield f
             f.flush()
