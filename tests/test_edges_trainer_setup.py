@@ -72,6 +72,27 @@ def test_the_config_file_is_the_resolved_config_in_field_order_and_the_lineage_h
     assert _lineage(out)["config"] == saved
 
 
+def test_the_saved_recipe_names_relative_paths_absolutely_so_resume_reads_them_from_anywhere(corpus, tmp_path,
+                                                                                            monkeypatch):
+    """`data=data` typed in one directory must not mean another directory's `data` on `--resume`; preset
+    and template names, and paths that do not exist, stay as typed."""
+    import shutil
+
+    from llmctl.core.train.config import anchor_paths
+    from llmctl.core.train.loop import run_training
+
+    work = tmp_path / "work"
+    shutil.copytree(corpus["shards"], work / "data")
+    monkeypatch.chdir(work)
+    assert run_training(_config(corpus, data="data"), work / "run").exit_code == 0
+    saved = yaml.safe_load((work / "run" / "train_config.yaml").read_text(encoding="utf-8"))
+    assert saved["data"] == [str(work / "data")] and saved["model"] == "nano"
+    assert anchor_paths({"data": ["*.txt", "-"], "objective_args": {"teacher": "data", "temperature": "data"},
+                         "chat_template": "chatml", "tokenizer": "gone"}) == \
+        {"data": [str(work / "*.txt"), "-"], "objective_args": {"teacher": str(work / "data"), "temperature": "data"},
+         "chat_template": "chatml", "tokenizer": "gone"}
+
+
 def test_a_run_from_a_checkpoint_names_it_as_its_parent_with_its_fingerprint(corpus, tmp_path, monkeypatch):
     """The parent is the checkpoint's resolved path and `checkpoint_hash`, which differs from
     another checkpoint's; the trainer loads it in float32 with this run's settings."""

@@ -76,3 +76,23 @@ class TrainConfig:
     resume: Literal["never", "auto"] = "never"  # auto: like --resume, continue OUTDIR's newest checkpoint
 
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+PATH_KEYS = frozenset({"model", "data", "val_data", "tokenizer", "teacher", "teacher_outputs", "chat_template", "path"})
+
+
+def anchor_paths(value, key: str | None = None):
+    """A resolved recipe with its relative paths (keys in PATH_KEYS, at any depth) made absolute, so that the
+    `train_config.yaml` a run saves names the same files when `--resume` runs from another directory.
+    Preset and template names stay names: only what exists here, or a glob pattern, is a path."""
+    import os
+    from pathlib import Path
+
+    if isinstance(value, dict):
+        return {k: anchor_paths(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [anchor_paths(v, key) for v in value]
+    if key in PATH_KEYS and isinstance(value, str) and value not in ("", "-") and not os.path.isabs(value) \
+            and (Path(value).exists() or any(c in value for c in "*?[")):
+        return os.path.abspath(value)
+    return value

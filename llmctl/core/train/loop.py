@@ -509,6 +509,7 @@ def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str =
     from llmctl.config import to_dict
     from llmctl.core.outputs import output_lock
     from llmctl.core.train.build import make_plan
+    from llmctl.core.train.config import anchor_paths
 
     outdir = Path(outdir)
     inputs = [*cfg.data, *cfg.val_data, cfg.tokenizer, cfg.model]
@@ -526,7 +527,7 @@ def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str =
         outdir.resolve().parent.mkdir(parents=True, exist_ok=True)
     try:
         with output_lock(outdir) if d.is_main else nullcontext():
-            resolved = to_dict(cfg)
+            resolved = anchor_paths(to_dict(cfg))  # --resume may run from another directory
             if d.is_main:
                 check_outdir(outdir, resume=resume, force=force, inputs=inputs)  # again, under the lock
                 if replace:
