@@ -32,6 +32,8 @@ def quantize(
     from llmctl.runtime import options
 
     overrides = list(overrides or [])
+    given = {o.partition("=")[0].strip() for o in overrides}  # the grid keys the user set, to refuse for nf4
+    given |= {k for k, v in (("bits", bits), ("group_size", group_size), ("symmetric", symmetric)) if v is not None}
     for name, value in (("bits", bits), ("samples", samples), ("seq_len", seq_len)):
         if value is not None:
             overrides.append(f"{name}={value}")
@@ -45,6 +47,15 @@ def quantize(
     if not preset:  # a method without a preset (a plugin's): the defaults and this method
         overrides.insert(0, f"method={method}")
     cfg = load_config(QuantizeConfig, method if preset else None, overrides, kind="quantize")
+    from llmctl.core.quant.methods import QUANTIZERS
+
+    fixed = getattr(QUANTIZERS.get(cfg.method), "GRID", None)  # nf4: 4-bit NormalFloat in blocks of 64
+    refused = [k for k in ("bits", "group_size", "symmetric") if fixed and k in given and getattr(cfg, k) != fixed[k]]
+    if refused:
+        flags = {"bits": f"--bits {cfg.bits}", "group_size": f"--group-size {cfg.group_size or 0}",
+                 "symmetric": "--asym"}
+        raise UsageError(f"--method {cfg.method} has a fixed grid (4-bit NormalFloat levels, one absmax per 64 "
+                         f"weights, symmetric) and takes no {', '.join(flags[k] for k in refused)}")
     if cfg.samples < 1 or cfg.seq_len < 1 or cfg.micro_batch < 1:
         raise UsageError("--samples, --seq-len and micro_batch must be at least 1")
 

@@ -155,7 +155,11 @@ def _construct(cls: type[Transform], params: Mapping[str, Any], where: str) -> T
     unknown = sorted(set(params) - known)
     if unknown:
         raise CheckpointError(f"{where}: transform {TRANSFORMS.name_of(cls)} has no parameter {unknown[0]!r}")
-    return cls(**params)
+    try:
+        return cls(**params)
+    except (UsageError, TypeError, ValueError) as e:  # a value the transform refuses: the file is at fault
+        message = str(e).replace("--", "")  # a transform's check may name the CLI flag the value comes from
+        raise CheckpointError(f"{where}: transform {TRANSFORMS.name_of(cls)}: {message}") from None
 
 
 def from_spec(spec: Mapping[str, Any]) -> Transform:
@@ -170,6 +174,9 @@ def from_spec(spec: Mapping[str, Any]) -> Transform:
 
 def from_quantization_config(config: Mapping[str, Any]) -> Transform:
     """The transform registered for config.json's `quantization_config.quant_method`."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"config.json: quantization_config must be an object, not {type(config).__name__} "
+                              f"{config!r:.60}")
     method = config.get("quant_method")
     known = {cls.quant_method: cls for _, cls in TRANSFORMS.items() if cls.quant_method}
     if method not in known:  # never empty: the built-in NF4 and compressed-tensors formats
@@ -181,7 +188,10 @@ def from_quantization_config(config: Mapping[str, Any]) -> Transform:
 def recorded(config: Mapping[str, Any], lineage: Mapping[str, Any] | None) -> list[Transform]:
     """The transforms a checkpoint's config.json and llmctl.json record, in application order."""
     out = [from_quantization_config(config["quantization_config"])] if config.get("quantization_config") else []
-    return out + [from_spec(s) for s in (lineage or {}).get("transforms", [])]
+    specs = (lineage or {}).get("transforms", []) if isinstance(lineage, Mapping) else []
+    if not isinstance(specs, list):
+        raise CheckpointError(f"llmctl.json: transforms must be a list of transform records, not {specs!r:.60}")
+    return out + [from_spec(s) for s in specs]
 
 
 def record(transforms: list[Transform]) -> tuple[dict | None, list[dict]]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-BLOCK_LINEARS = r"model\.layers\.\d+\..*"  # every projection of the blocks: not embeddings, not the head
+# every projection of the blocks: not embeddings, not the head, not a mixture-of-experts router
+# (`mlp.gate`, Qwen2-MoE's `mlp.shared_expert_gate`: a few weights that decide every token's experts)
+BLOCK_LINEARS = r"model\.layers\.\d+\.(?!mlp\.(?:shared_expert_)?gate$).*"
 
 
 @dataclass

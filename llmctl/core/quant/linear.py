@@ -97,9 +97,64 @@ class PackedLinear(nn.Module):
                 f"group_size={s.group_size}, symmetric={s.symmetric}, bias={self.bias is not None}")
 
 
-def _listed(path: str, names: list[str]) -> bool:
-    """compressed-tensors' target rule: an exact module name, or `re:PATTERN` matched from the start."""
-    return any(re.match(n[3:], path) if n.startswith("re:") else path == n for n in names)
+def _listed(path: str, names: list[str], *aliases: str | None) -> bool:
+    """compressed-tensors' target rule: an exact module name, or `re:PATTERN` matched from the start,
+    tried on `path` and on its other names (`aliases`: the checkpoint's Hugging Face module path)."""
+    return any(_entry_matches(n, p) for p in (path, *aliases) if p for n in names)
+
+
+def _entry_matches(entry: str, path: str) -> bool:
+    return re.match(entry[3:], path) is not None if entry.startswith("re:") else path == entry
+
+
+def check_names(names: Any, key: str) -> list[str]:
+    """`names` as a list of module names / `re:` patterns; UsageError naming `key` and the bad entry."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{key} must be a list of module names or 're:' patterns, not {names!r}")
+    for n in names:
+        if n.startswith("re:"):
+            try:
+                re.compile(n[3:])
+            except re.error as e:
+                raise UsageError(f"{key} entry {n!r} is not a valid regular expression ({e})") from None
+    return list(names)
+
+
+def routers(model: nn.Module) -> list[str]:
+    """Paths of the mixture-of-experts routers (`gate`, Qwen2-MoE's `shared_expert_gate`): kept in
+    floating point by every method, as llm-compressor's MoE recipes keep them (transformers 5
+    loads a router as its own module type, which compressed-tensors never decompresses)."""
+    from llmctl.core.model.moe import MoE
+
+    return [f"{p}.{n}" if p else n for p, m in model.named_modules() if isinstance(m, MoE)
+            for n in ("gate", "shared_expert_gate") if isinstance(getattr(m, n, None), nn.Linear)]
+
+
+def hf_names(model: nn.Module) -> dict[str, str]:
+    """{our module path: the checkpoint's Hugging Face module path} where they differ (Mixtral's
+    `block_sparse_moe`); empty for a model without an HF architecture."""
+    from llmctl.core.hf import module_names
+
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return {}
+    return {ours: theirs for theirs, ours in module_names(cfg).items() if ours != theirs}
+
+
+def router_patterns(model: nn.Module, ignore: list[str]) -> list[str]:
+    """`re:` entries (our and the HF module name, e.g. `re:.*mlp\\.gate$`, `re:.*block_sparse_moe\\.gate$`)
+    for the routers `ignore` does not already keep in floating point."""
+    aliases = hf_names(model)
+    out: list[str] = []
+    for path in routers(model):
+        if _listed(path, ignore, aliases.get(path)):
+            continue
+        for name in (path, aliases.get(path)):
+            if name:
+                entry = "re:.*" + re.escape(re.sub(r"^.*?layers\.\d+\.", "", name)) + "$"
+                if entry not in out:
+                    out.append(entry)
+    return out
 
 
 _NOT_READ = {  # compressed-tensors entries that change what the weights mean: refused, never ignored
@@ -123,15 +178,21 @@ class PackQuantized(Transform):
 
     def __post_init__(self):
         self.solutions: dict[str, tuple] = {}  # path → (scale, zero, integers), consumed by replace
+        self.targets = check_names(self.targets, "targets")
+        self.ignore = check_names(self.ignore, "ignore")
+        self.scheme  # noqa: B018 (validates bits and group size)
 
     @property
     def scheme(self) -> Scheme:
         return Scheme(self.bits, self.group_size, self.symmetric)
 
     def select(self, model: nn.Module) -> list[str]:
+        """The linears `targets` picks and `ignore` leaves, by our module path or by the checkpoint's
+        Hugging Face one (llm-compressor writes `re:.*block_sparse_moe.gate` for Mixtral)."""
+        aliases = hf_names(model)
         return [p for p, m in model.named_modules()
-                if isinstance(m, nn.Linear) and not _listed(p, self.ignore)
-                and ("Linear" in self.targets or _listed(p, self.targets))]
+                if isinstance(m, nn.Linear) and not _listed(p, self.ignore, aliases.get(p))
+                and ("Linear" in self.targets or _listed(p, self.targets, aliases.get(p)))]
 
     def replace(self, path: str, module: nn.Module) -> nn.Module:
         return PackedLinear.from_linear(module, self.scheme, self.solutions.pop(path, None))
@@ -154,20 +215,25 @@ class PackQuantized(Transform):
     @classmethod
     def from_quantization_config(cls, config: Mapping[str, Any]) -> PackQuantized:
         """Ours or llm-compressor's: one config group of weight-only int quantization, packed."""
-        groups = config.get("config_groups") or {}
         where = "config.json quantization_config"
+        groups = config.get("config_groups") or {}
+        if not isinstance(groups, Mapping) or not all(isinstance(g, Mapping) for g in groups.values()):
+            raise CheckpointError(f"{where}: config_groups must be an object of objects, not {groups!r}")
         if config.get("format") != FORMAT or len(groups) != 1:
             raise CheckpointError(f"{where}: only the {FORMAT!r} format with one config group is supported "
                                   f"(got format {config.get('format')!r}, {len(groups)} groups)")
         for key, what in _NOT_READ.items():
             if config.get(key):
                 raise CheckpointError(f"{where}: {what} is not supported")
-        sparse = (config.get("sparsity_config") or {}).get("format", "dense")
+        sparsity = config.get("sparsity_config") or {}
+        sparse = sparsity.get("format", "dense") if isinstance(sparsity, Mapping) else sparsity
         if sparse != "dense":  # older compressed-tensors stored 2:4 or bitmask-sparse weights compressed
             raise CheckpointError(f"{where}: sparsity_config format {sparse!r} (compressed sparse weights) is not "
                                   "supported; only 'dense'")
         group = next(iter(groups.values()))
         w = group.get("weights") or {}
+        if not isinstance(w, Mapping):
+            raise CheckpointError(f"{where}: weights must be an object, not {w!r}")
         if (w.get("type") != "int" or w.get("strategy") not in ("channel", "group") or group.get("input_activations")
                 or w.get("actorder") not in (None, "weight", "static") or w.get("dynamic")):  # static: weight's alias
             raise CheckpointError(f"{where}: only static weight-only int quantization per channel or group "
@@ -175,8 +241,7 @@ class PackQuantized(Transform):
         try:
             out = cls(bits=int(w["num_bits"]), symmetric=bool(w.get("symmetric", True)),
                       group_size=int(w["group_size"]) if w.get("strategy") == "group" else None,
-                      targets=list(group.get("targets") or ["Linear"]), ignore=list(config.get("ignore") or []))
-            out.scheme  # noqa: B018 (validates bits and group size)
+                      targets=group.get("targets") or ["Linear"], ignore=config.get("ignore") or [])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: malformed weights entry {w}: {e}") from None
         except UsageError as e:

@@ -19,6 +19,8 @@ by its quantized form and measures its error.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Callable
 
 import torch
@@ -28,7 +30,7 @@ from llmctl.core.model.layerwise import LayerwiseRun, capture_inputs
 from llmctl.core.model.transforms import Transform, replace_module
 from llmctl.core.quant.config import QuantizeConfig
 from llmctl.core.quant.gptq import gptq
-from llmctl.core.quant.linear import PackedLinear, PackQuantized
+from llmctl.core.quant.linear import PackedLinear, PackQuantized, check_names, router_patterns
 from llmctl.core.quant.obs import Hessian
 from llmctl.core.registry import Registry
 from llmctl.core.report import SILENT, Reporter
@@ -45,8 +47,13 @@ class Method:
     calibrated = False
 
     def __init__(self, cfg: QuantizeConfig):
-        self.cfg = cfg
+        self.cfg = self.settle(cfg)
         self.recorded = self.transform()
+
+    @classmethod
+    def settle(cls, cfg: QuantizeConfig) -> QuantizeConfig:
+        """`cfg` as this method applies it (what the lineage records): the grid of a method with a fixed one."""
+        return cfg
 
     def transform(self) -> Transform:
         """The transform the checkpoint records (its `select` picks the linears to quantize)."""
@@ -80,10 +87,16 @@ class NormalFloat4(Method):
     """QLoRA's NF4 (core/quant/nf4.py): blocks of 64 on the 16 NormalFloat levels, absmax
     double-quantized; an llmctl format (transformers refuses it) that `finetune --method qlora` builds on."""
 
+    GRID = {"bits": 4, "group_size": 64, "symmetric": True}  # 16 NormalFloat levels, absmax per 64 weights
+
+    @classmethod
+    def settle(cls, cfg: QuantizeConfig) -> QuantizeConfig:
+        return dataclasses.replace(cfg, **cls.GRID)  # the grid NF4 applies, whatever else was asked
+
     def transform(self) -> Transform:
         from llmctl.core.quant.nf4 import NF4
 
-        return NF4(exclude_modules=[p for p in self.cfg.ignore if p != "lm_head"] or None)
+        return NF4(exclude_modules=nf4_exclusions([p for p in self.cfg.ignore if p != "lm_head"]))
 
     def check(self, linear: nn.Module) -> None:
         pass
@@ -125,6 +138,16 @@ class AWQ(Method):
         awq_block(block, linears, forward, put, self.scheme, self.cfg.awq)
 
 
+def nf4_exclusions(ignore: list[str]) -> str | list[str] | None:
+    """`ignore` as NF4's `exclude_modules` (PEFT's rule): a list of names (each also matching as a
+    `.suffix`, e.g. `down_proj`) while there is no `re:` entry, else one full-match regex with the
+    `re:` entries matched from the start of the path, as compressed-tensors matches them."""
+    ignore = check_names(ignore, "ignore")
+    if not any(n.startswith("re:") for n in ignore):
+        return ignore or None
+    return "|".join(f"(?:{n[3:]}).*" if n.startswith("re:") else f"(?:.*\\.)?{re.escape(n)}" for n in ignore)
+
+
 def _groups(block: nn.Module, linears: list[str], forward: Callable[[], None]) -> list[list[str]]:
     """`linears` grouped by shared input tensor, in the order the block calls them."""
     keys: dict[str, tuple] = {}
@@ -155,10 +178,12 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calibration: torch.Ten
                    report: Reporter = SILENT) -> dict:
     """Quantize `model`'s linears in place with `cfg.method`; the errors measured, per linear
     relative weight error and (calibrated methods) relative output error on the calibration data."""
+    user_ignore = check_names(cfg.ignore, "ignore")
+    cfg = dataclasses.replace(cfg, ignore=[*cfg.ignore, *router_patterns(model, cfg.ignore)])  # routers stay float
     method = QUANTIZERS.get(cfg.method)(cfg)
     paths = method.recorded.select(model)
     if not paths:
-        raise UsageError(f"ignore={cfg.ignore} leaves no linear to quantize")
+        raise UsageError(f"ignore={user_ignore} leaves no linear to quantize")
     for p in paths:
         method.check(model.get_submodule(p))
     errors: dict[str, dict] = {}

@@ -48,6 +48,14 @@ def unquantized(model: nn.Module) -> list[str]:
     return named + ([f"{others} norm/other modules"] if others else [])
 
 
+def has_tokenizer_files(path: Path) -> bool:
+    """Whether `path` holds any tokenizer file `copy_tokenizer` carries over (tokenizer.json, or
+    vocab.json + merges.txt, tokenizer.model, … with tokenizer_config.json)."""
+    from llmctl.core.checkpoint import CHAT_TEMPLATE_GLOB, TOKENIZER_FILES
+
+    return any((path / n).is_file() for n in TOKENIZER_FILES) or any(path.glob(CHAT_TEMPLATE_GLOB))
+
+
 def kept_sparsity(model: nn.Module, parent: dict | None, report: Reporter = SILENT) -> dict | None:
     """A pruned parent's sparsity record (`llmctl prune`'s lineage), measured again on the quantized
     blocks; its N:M pattern is kept only where every linear still has it (warned otherwise)."""
@@ -63,8 +71,13 @@ def kept_sparsity(model: nn.Module, parent: dict | None, report: Reporter = SILE
 
 
 def _size(path: Path) -> int:
-    """The bytes of the weights llmctl reads: safetensors (a `.bin` beside them is never loaded)."""
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+    """The bytes of the weights llmctl reads: safetensors, else PyTorch `.bin` files (a `.bin`
+    beside safetensors is never loaded)."""
+    files = [f for f in path.iterdir() if f.is_file()]
+    for suffix in (".safetensors", ".bin"):
+        if any(f.suffix == suffix for f in files):
+            return sum(f.stat().st_size for f in files if f.suffix == suffix)
+    return 0
 
 
 def run_quantize(checkpoint: str | os.PathLike, output: str | os.PathLike, cfg: QuantizeConfig,
@@ -77,6 +90,7 @@ def run_quantize(checkpoint: str | os.PathLike, output: str | os.PathLike, cfg: 
 
     checkpoint, output = Path(checkpoint), Path(output)
     method = QUANTIZERS.get(cfg.method)
+    cfg = method.settle(cfg)  # what the method applies is what the lineage and the report record
     check_output(output, "quantized", force=force, inputs=[checkpoint, *calibration])
     ck = open_checkpoint(checkpoint)
     if ck.config.get("quantization_config") or (ck.lineage or {}).get("transforms"):
@@ -108,7 +122,7 @@ def run_quantize(checkpoint: str | os.PathLike, output: str | os.PathLike, cfg: 
     sparsity = kept_sparsity(model, ck.lineage, report)
     lineage = {"command": "quantize", "parents": [str(checkpoint)], "config": to_dict(cfg),
                "quantization": quantization, **({"sparsity": sparsity} if sparsity else {})}
-    tokenizer = checkpoint if (checkpoint / "tokenizer.json").is_file() else None
+    tokenizer = checkpoint if has_tokenizer_files(checkpoint) else None
     with claim_output(output, "quantized", force=force, inputs=[checkpoint, *calibration]):
         save_model(model, output, tokenizer_dir=tokenizer, lineage=lineage, generation_config=ck.generation_config,
                    force=force)
