@@ -94,11 +94,33 @@ def _recipe(models, config, method, base, t, weight, density, param):
     if not models:
         raise UsageError("give a recipe (--config MERGE.yaml) or the models to merge (llmctl merge A B --method …)")
     params = dict(_pair(p) for p in param or [])
+    _check_params(method, params, t=t, weight=weight, density=density)
     if t is not None:
         params["t"] = t
     raw = short_recipe(models, method, base=base, weights=weight or [], params=params,
                        per_model={"density": density} if density is not None else None)
     return parse_recipe(raw, "short form")
+
+
+def _check_params(method: str, params: dict, *, t, weight, density) -> None:
+    """A short-form parameter the method does not declare is a usage error, not silently dropped
+    (a mergekit recipe keeps mergekit's rule: undeclared parameters are ignored)."""
+    from llmctl.core.merge.methods import METHODS
+    from llmctl.core.registry import did_you_mean
+    from llmctl.errors import UsageError
+
+    spec = METHODS.get(method)
+    declared = [p.name for p in spec.params]
+    takes = f"{method} takes " + (", ".join(declared) if declared else "no parameters")
+    for flag, name, value in (("--t", "t", t), ("--weight", "weight", weight), ("--density", "density", density)):
+        if value is not None and value != [] and name not in declared:
+            raise UsageError(f"{flag}: merge method {method} has no parameter '{name}' ({takes})")
+    for name in params:
+        if name == "weight" and name in declared:  # the per-model weights (default 1) would override it
+            raise UsageError("--param weight: give the weights as --weight / -w")
+        if name not in declared:
+            raise UsageError(f"--param {name}: merge method {method} has no parameter '{name}'"
+                             f"{did_you_mean(name, declared)} ({takes})")
 
 
 def _pair(text: str):

@@ -15,6 +15,7 @@ import importlib
 _HOMES = {
     "LoRA": "lora", "lora_modules": "lora", "mark_trainable": "lora", "merge_adapter": "lora",
     "is_adapter": "files", "base_path": "files", "read_config": "files", "describe_adapter": "files",
+    "lineage_hash": "files", "base_transforms": "files",
     "load_adapter": "peft_format", "save_adapter": "peft_format", "merge_to_checkpoint": "peft_format",
     "METHODS": "methods", "adapters_disabled": "switch",
 }

@@ -77,3 +77,35 @@ def describe_adapter(path: str | os.PathLike, base_parameters: int | None) -> di
         "lineage": {k: lineage.get(k) for k in ("command", "created", "llmctl_version", "parents")} if lineage else None,
         "metrics": len((lineage or {}).get("metrics", [])),
     }
+
+
+def base_transforms(path: str | os.PathLike) -> list[str]:
+    """The names of the transforms an adapter's base had under it (QLoRA's `nf4`), from llmctl.json."""
+    lineage_file = Path(path) / "llmctl.json"
+    try:
+        lineage = json.loads(lineage_file.read_text(encoding="utf-8")) if lineage_file.is_file() else {}
+    except (OSError, ValueError):
+        return []
+    specs = lineage.get("base_transforms", []) if isinstance(lineage, dict) else []
+    return [str(s.get("type", "?")) if isinstance(s, dict) else str(s) for s in specs if s] \
+        if isinstance(specs, list) else []
+
+
+def lineage_hash(path: str | os.PathLike) -> str:
+    """`checkpoint_hash` of a checkpoint; of an adapter directory, a sha256 of its config, its
+    weights and its base's `checkpoint_hash` (what a lineage's parent records)."""
+    import hashlib
+
+    from llmctl.core.checkpoint import checkpoint_hash
+
+    if not is_adapter(path):
+        return checkpoint_hash(path)
+    path = Path(path)
+    digest = hashlib.sha256((path / ADAPTER_CONFIG).read_bytes())
+    weights = path / ADAPTER_WEIGHTS
+    if weights.is_file():
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    digest.update(f"\0base\0{checkpoint_hash(base_path(path))}".encode())
+    return digest.hexdigest()

@@ -60,11 +60,9 @@ class Distill(Causal):
         super().resolve(plan)
 
     def __init__(self, plan, device):
-        from llmctl.core.model.io import load_model
-
         super().__init__(plan, device)
         s = self.settings = settings(plan)
-        self.teacher = load_model(s.teacher, device=device, dtype=torch.float32)[0] if s.teacher else None
+        self.teacher = load_teacher(s.teacher, device) if s.teacher else None
         self.store = None
         if s.teacher_outputs:
             from llmctl.core.distill.store import TeacherOutputs
@@ -133,6 +131,18 @@ class Distill(Causal):
         return total + out.aux_loss, parts["ce"]
 
 
+def load_teacher(path: str, device) -> nn.Module:
+    """The teacher as a plain model: a checkpoint, or a PEFT adapter directory loaded on its base
+    with its LoRA deltas folded in (a prefix or prompt adapter stays as it loads)."""
+    from llmctl.core.adapters import is_adapter, merge_adapter
+    from llmctl.core.model.io import load_model
+
+    model = load_model(path, device=device, dtype=torch.float32)[0]
+    if is_adapter(path) and getattr(model, "prompt_encoder", None) is None:
+        model = merge_adapter(model)
+    return model
+
+
 def _check_losses(s: DistillConfig) -> None:
     from llmctl.core.distill.losses import LOSSES
 
@@ -151,6 +161,7 @@ def _resolve_teacher(plan, s: DistillConfig) -> None:
     """Check the teacher against the student; `student_init=teacher` makes the student's config."""
     from pathlib import Path
 
+    from llmctl.core.adapters import base_path, is_adapter
     from llmctl.core.distill.student import check_tokenizers, student_config
     from llmctl.core.model.io import load_model
     from llmctl.core.tokenizer import load_tokenizer
@@ -159,7 +170,8 @@ def _resolve_teacher(plan, s: DistillConfig) -> None:
 
     try:
         teacher = load_model(s.teacher)[1]  # memory-mapped: checks the files, reads no weights
-        tok = load_tokenizer(s.teacher) if (Path(s.teacher) / "tokenizer.json").is_file() else None
+        tok = load_tokenizer(s.teacher) if (Path(s.teacher) / "tokenizer.json").is_file() or (
+            is_adapter(s.teacher) and (base_path(s.teacher) / "tokenizer.json").is_file()) else None  # an adapter's: its base's
     except (CheckpointError, DataError, OSError) as exc:
         raise ConfigError(f"config key 'objective_args.teacher': {exc}") from None
     check_tokenizers(s.teacher, tok.hash if tok else None, getattr(plan.tokenizer, "hash", None))

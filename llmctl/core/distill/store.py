@@ -50,7 +50,7 @@ def save_teacher_outputs(teacher_path: str | Path, shards_path: str | Path, out:
                          seq_len: int, batch_size: int = 8, device: torch.device | str = "cpu",
                          force: bool = False, report: Reporter = SILENT) -> dict:
     """Run the teacher over every sequential window of the shards' train split; write the store."""
-    from llmctl.core.checkpoint import checkpoint_hash
+    from llmctl.core.adapters.files import lineage_hash
     from llmctl.core.data.shards import TokenShards
     from llmctl.core.io import atomic_dir
     from llmctl.core.model.io import load_model
@@ -98,7 +98,7 @@ def save_teacher_outputs(teacher_path: str | Path, shards_path: str | Path, out:
         manifest = {"format": FORMAT, "version": VERSION, "top_k": top_k, "seq_len": seq_len,
                     "vocab_size": cfg.vocab_size, "id_dtype": np.dtype(id_dtype).name, "windows": total,
                     "tokenizer_hash": tok.hash, "teacher": {"path": str(Path(teacher_path).resolve()),
-                                                            "hash": checkpoint_hash(teacher_path)},
+                                                            "hash": lineage_hash(teacher_path)},
                     "data": {"path": str(shards.path.resolve()), "train_tokens": shards.num_tokens("train")},
                     "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

@@ -45,6 +45,7 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
     (and every check) is complete before the output is created."""
     started = time.perf_counter()
     METHODS.get(recipe.merge_method)  # an unknown method fails before adapters are materialised
+    check_dense(recipe.models())
     with contextlib.ExitStack() as stack:
         adapters = [ref for ref in recipe.models() if split(ref) is not None]
         merged, parents = materialise(adapters, Path(stack.enter_context(scratch(out)))) if adapters else ({}, {})
@@ -66,6 +67,34 @@ def merge(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, seed: 
     return {"output": str(out), "method": recipe.merge_method, "models": list(p.checkpoints),
             "tensors": len(p.jobs), "layers": len(p.layers), "bytes": total,
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def check_dense(refs: list[str]) -> None:
+    """UsageError, before anything is read or written, for an input whose tensors are not dense
+    weights: a quantized (or otherwise transformed) checkpoint, or an adapter trained on a
+    quantized base (QLoRA), whose merged weights would be quantized too."""
+    from llmctl.core.adapters.files import base_path, base_transforms
+
+    for ref in refs:
+        found = split(ref)
+        if found is not None:
+            base, adapter = found
+            under = base_transforms(adapter)
+            if under:
+                raise UsageError(f"{adapter} is an adapter on a quantized base ({', '.join(under)}: QLoRA); merge needs "
+                                 "dense checkpoints: merge it into its float base first (llmctl finetune … "
+                                 "method=lora), or merge checkpoints")
+            ref = base if base is not None else str(base_path(adapter))
+        if not (Path(ref) / "config.json").is_file():
+            continue  # not a checkpoint: the plan names the problem
+        ck = open_checkpoint(ref)
+        quant = ck.config.get("quantization_config")
+        specs = (ck.lineage or {}).get("transforms") if isinstance(ck.lineage, dict) else None
+        if quant or specs:
+            kinds = [str(quant.get("quant_method", "?")) if isinstance(quant, dict) else "quantized"] if quant else []
+            kinds += [str(s.get("type", "?")) if isinstance(s, dict) else str(s) for s in specs or []]
+            raise UsageError(f"{ref} is quantized or transformed ({', '.join(kinds)}); merge needs dense "
+                             "checkpoints: merge their float originals")
 
 
 def merged_tensor(p: Plan, job: Job, recipe: Recipe, seed: int, xp):

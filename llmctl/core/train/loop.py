@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from llmctl.core.checkpoint import append_metrics, checkpoint_hash
+from llmctl.core.adapters.files import lineage_hash
+from llmctl.core.checkpoint import append_metrics
 from llmctl.core.report import SILENT, Reporter
 from llmctl.core.train import distributed as dist_
 from llmctl.core.train.build import Plan
@@ -123,7 +124,7 @@ class Trainer:
         self.final_outdir = final_outdir  # --force: OUTDIR, replaced by `outdir` at the first checkpoint
         self.lineage = lineage  # the resolved config and the data it trains on
         self.report = report if d.is_main else SILENT
-        self.parents = [{"path": str(p.resolve()), "hash": checkpoint_hash(p)} for p in map(Path, plan.parents)]
+        self.parents = [{"path": str(p.resolve()), "hash": lineage_hash(p)} for p in map(Path, plan.parents)]
         cfg = self.cfg
         self.resume_from = latest_checkpoint(self.outdir)
         state = load_state(self.resume_from) if self.resume_from is not None else None
@@ -525,6 +526,7 @@ def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str =
     workdir = outdir.with_name(f".{outdir.resolve().name}.new") if replace else outdir
     if d.is_main:
         outdir.resolve().parent.mkdir(parents=True, exist_ok=True)
+    fresh = created = False  # set under the lock: whether this run starts OUTDIR (and made the directory)
     try:
         with output_lock(outdir) if d.is_main else nullcontext():
             resolved = anchor_paths(to_dict(cfg))  # --resume may run from another directory
@@ -534,23 +536,44 @@ def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str =
                     shutil.rmtree(workdir, ignore_errors=True)  # a dead run's
                 elif outdir.is_dir():
                     _remove_leftovers(outdir)
+                created = not workdir.exists()
+                fresh = not replace and (created or not any(workdir.iterdir()))
                 workdir.mkdir(parents=True, exist_ok=True)
                 if latest_checkpoint(workdir) is None:
                     truncate_metrics(workdir, 0)
-            dist_.barrier(d)
-            lineage = {"config": resolved, "data": describe_data(plan)}
-            trainer = Trainer(plan, workdir, device, d, lineage, final_outdir=outdir if replace else None,
-                              report=report)
-            if d.is_main:  # once the checkpoint to resume has loaded: a failed resume keeps the run's recipe
-                (workdir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-            result = trainer.run()
-            del trainer  # its DDP reducer holds the process group: freed by `settle`, not at exit
-            dist_.settle(d)
-            return result
+            try:
+                dist_.barrier(d)
+                lineage = {"config": resolved, "data": describe_data(plan)}
+                trainer = Trainer(plan, workdir, device, d, lineage, final_outdir=outdir if replace else None,
+                                  report=report)
+                if d.is_main:  # once the checkpoint to resume has loaded: a failed resume keeps the run's recipe
+                    (workdir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+                result = trainer.run()
+                del trainer  # its DDP reducer holds the process group: freed by `settle`, not at exit
+                dist_.settle(d)
+                return result
+            except BaseException:
+                if fresh:  # failed before its first checkpoint: nothing left behind that blocks the re-run
+                    _undo_fresh(workdir, created)
+                raise
     finally:
         if replace and d.is_main and workdir.exists():  # stopped before its first checkpoint: the old run stays
             shutil.rmtree(workdir, ignore_errors=True)
         dist_.shutdown(d)
+
+
+def _undo_fresh(outdir: Path, created: bool) -> None:
+    """Remove what a run that started in a new (or empty) OUTDIR wrote, when it ended without a
+    checkpoint: the directory itself if this run created it, else its contents. A run that
+    saved a checkpoint keeps everything (it can be resumed)."""
+    if not outdir.is_dir() or any((outdir / CHECKPOINTS).glob("step-*")):
+        return
+    if created:
+        shutil.rmtree(outdir, ignore_errors=True)
+        return
+    for child in outdir.iterdir():
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() \
+            else child.unlink(missing_ok=True)
 
 
 def describe_data(plan: Plan) -> dict:

@@ -102,7 +102,8 @@ class Preference(SFT):
         from llmctl.core.train.sft import chat_template, hold_out, pad_id
 
         cfg = plan.config
-        encoder = PreferenceEncoder(plan.tokenizer, paired=cls.paired, template=chat_template(plan))
+        template = chat_template(plan)
+        encoder = PreferenceEncoder(plan.tokenizer, paired=cls.paired, template=template)
         pad, length = pad_id(plan.tokenizer), cfg.seq_len + 1
         rows, stats = encode_preferences(plan.text_files, encoder, length, pad)
         if plan.val_files:
@@ -112,7 +113,7 @@ class Preference(SFT):
             rows, val = rows[keep], rows[held] if held else None
         text = f"{plan.objective} data: {stats.describe(cls.paired)}"
         plan.report.info(text + (f"; validation: {len(val)}" if val is not None else ""))
-        return {"train": rows, "val": val, "stats": stats}
+        return {"train": rows, "val": val, "stats": stats, "chat_template": template}
 
     def __init__(self, plan, device):
         super().__init__(plan, device)

@@ -156,10 +156,35 @@ class SFT(Objective):
 
     def save(self, model: nn.Module, directory, **kwargs) -> None:
         if self.cfg.adapter_method == "full":
-            return super().save(model, directory, **kwargs)
-        from llmctl.core.adapters import save_adapter
+            super().save(model, directory, **kwargs)
+        else:
+            from llmctl.core.adapters import save_adapter
 
-        save_adapter(model, directory, base=self.plan.init_from, **kwargs)
+            save_adapter(model, directory, base=self.plan.init_from, **kwargs)
+        template = (self.plan.prepared or {}).get("chat_template")
+        if template is not None and kwargs.get("tokenizer_dir") is not None:
+            save_template(directory, template)
+
+
+def save_template(directory, template: str) -> None:
+    """Make the tokenizer files in `directory` carry the chat template the run trained with (the
+    `chat_template` key), as TRL's SFTTrainer saves it: tokenizer_config.json's `chat_template`,
+    and chat_template.jinja when the tokenizer has one (it takes precedence)."""
+    from pathlib import Path
+
+    from llmctl.core.checkpoint import read_json_object
+    from llmctl.core.io import atomic_file, write_json
+    from llmctl.core.tokenizer import JINJA
+
+    directory = Path(directory)
+    if not (directory / "tokenizer.json").is_file():
+        return
+    config = read_json_object(directory / "tokenizer_config.json", required=False) or {}
+    config["chat_template"] = template
+    write_json(directory / "tokenizer_config.json", config)
+    if (directory / JINJA).is_file():
+        with atomic_file(directory / JINJA, "w", force=True, encoding="utf-8") as f:
+            f.write(template)
 
 
 def _encode(plan) -> dict:
@@ -167,7 +192,8 @@ def _encode(plan) -> dict:
     from llmctl.core.data.sft import SFTEncoder, encode_files, pack
 
     cfg, tok = plan.config, plan.tokenizer
-    encoder = SFTEncoder(tok, train_on=cfg.train_on, template=chat_template(plan))
+    template = chat_template(plan)
+    encoder = SFTEncoder(tok, train_on=cfg.train_on, template=template)
     examples = encode_files(plan.text_files, encoder)
     if plan.val_files:
         val = encode_files(plan.val_files, encoder)
@@ -177,7 +203,7 @@ def _encode(plan) -> dict:
     length = cfg.seq_len + 1
     train_rows, stats = pack(examples, length, pad, cfg.packing)
     val_rows, val_stats = pack(val, length, pad, cfg.packing) if val else (None, None)
-    return {"train": train_rows, "val": val_rows, "stats": stats, "val_stats": val_stats}
+    return {"train": train_rows, "val": val_rows, "stats": stats, "val_stats": val_stats, "chat_template": template}
 
 
 def chat_template(plan) -> str | None:
