@@ -234,6 +234,15 @@ def test_plan_numbers_are_checked_with_their_key(data):
     for bad in (1, -0.1):
         _refused_plan(f"config key 'val_fraction': must be in [0, 1), got {bad}", data, val_fraction=bad)
     assert _plan(data, val_fraction=0).config.val_fraction == 0
+    for key, bad, asks in [("log_every", 0, "must be >= 1"), ("dropout", 2.0, "must be in [0, 1)"),
+                           ("seed", -1, "must be >= 0"), ("beta1", 2.0, "must be in [0, 1)"),
+                           ("beta2", 1.0, "must be in [0, 1)"), ("eps", 0.0, "must be > 0"),
+                           ("lr", float("nan"), "must be > 0"), ("lr", float("inf"), "must be > 0"),
+                           ("weight_decay", float("nan"), "must be >= 0"), ("min_lr", float("nan"), "must be >= 0"),
+                           ("grad_clip", float("nan"), "must be >= 0"), ("max_time", float("nan"), "must be > 0 minutes"),
+                           ("mask_prob", 0.0, "must be in (0, 1)"), ("decay_fraction", 1.5, "must be in [0, 1]")]:
+        _refused_plan(f"config key '{key}': {asks}, got {bad}", data, **{key: bad})
+    assert _plan(data, dropout=0.0, seed=0, log_every=1).config.dropout == 0.0
     with pytest.raises(UsageError, match=r"^unknown LR schedule 'cosin' \(did you mean 'cosine'\?\); choose from: "):
         _plan(data, schedule="cosin")
 

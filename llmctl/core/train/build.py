@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llmctl.core.report import SILENT, Reporter
 from llmctl.core.train.config import TrainConfig
@@ -106,22 +106,28 @@ def make_plan(cfg: TrainConfig, device_type: str, report: Reporter = SILENT) -> 
     return plan
 
 
+NUMBER_RULES: list[tuple[tuple[str, ...], Callable[[float], bool], str]] = [  # keys, test, what it asks for
+    (("batch_size", "seq_len", "grad_accum", "keep_last", "log_every"), lambda v: v >= 1, "must be >= 1"),
+    (("max_time",), lambda v: v > 0, "must be > 0 minutes"),
+    (("max_steps", "warmup_steps", "save_every", "eval_every", "eval_batches", "grad_clip", "weight_decay",
+      "min_lr", "seed", "mtp_weight", "peak_tflops"), lambda v: v >= 0, "must be >= 0"),
+    (("lr", "eps"), lambda v: v > 0, "must be > 0"),
+    (("val_fraction", "beta1", "beta2", "dropout"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    (("mask_prob",), lambda v: 0 < v < 1, "must be in (0, 1)"),
+    (("decay_fraction",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+]
+
+
 def _check_numbers(cfg: TrainConfig) -> None:
-    positive = ("batch_size", "seq_len", "grad_accum")
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(cfg, key)}")
-    if cfg.max_time is not None and cfg.max_time <= 0:
-        raise ConfigError(f"config key 'max_time': must be > 0 minutes, got {cfg.max_time}")
-    for key in ("max_steps", "warmup_steps", "save_every", "eval_every", "eval_batches", "grad_clip", "weight_decay"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}': must be >= 0, got {getattr(cfg, key)}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"config key 'lr': must be > 0, got {cfg.lr}")
-    if cfg.keep_last < 1:
-        raise ConfigError(f"config key 'keep_last': must be >= 1, got {cfg.keep_last}")
-    if not 0 <= cfg.val_fraction < 1:
-        raise ConfigError(f"config key 'val_fraction': must be in [0, 1), got {cfg.val_fraction}")
+    """Every numeric key in its range, and finite (NaN and inf fail here, not at the optimiser's first
+    step); None, where a key allows it, means unset."""
+    import math
+
+    for keys, ok, asks in NUMBER_RULES:
+        for key in keys:
+            value = getattr(cfg, key)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise ConfigError(f"config key '{key}': {asks}, got {value}")
     from llmctl.core.train.schedule import SCHEDULES
 
     if cfg.schedule not in SCHEDULES:
