@@ -549,3 +549,21 @@ def test_rolling_task_reports_document_perplexity(lm, tmp_path):
     assert result["tokens"] == sum(len(lm.encode(d)) for d in docs) and result["examples"] == 2
     assert result["word_perplexity"] == pytest.approx(math.exp(nll / sum(len(d.split()) for d in docs)))
     assert result["bits_per_byte"] == pytest.approx(nll / sum(len(d.encode()) for d in docs) / math.log(2))
+
+
+def test_a_broken_later_checkpoint_fails_before_the_first_is_evaluated(hf_dir, tmp_path, monkeypatch):
+    """`eval A MISSING`: the error comes before A's (possibly hours of) evaluation, not after it."""
+    import llmctl.core.evaluate.runner as runner
+    from llmctl.core.evaluate.tasks import load_task
+    from llmctl.errors import CheckpointError, UsageError
+
+    loaded = []
+    monkeypatch.setattr(runner, "load_scorer", lambda path, **kw: loaded.append(path))
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    (notok / "config.json").write_text((hf_dir / "config.json").read_text())
+    for bad, says in ((tmp_path / "missing", "does not exist"), (notok, "no weights")):
+        with pytest.raises((CheckpointError, UsageError), match=says):
+            runner.evaluate([hf_dir, bad], [load_task("word_order", {"limit": 2})], device="cpu", dtype=None,
+                            record=False)
+    assert loaded == []

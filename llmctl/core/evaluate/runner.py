@@ -14,16 +14,11 @@ from llmctl.errors import CheckpointError
 
 def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = None, seed: int = 1234) -> ScoringModel:
     """A checkpoint (llmctl or HF directory, or an adapter directory) and its tokenizer, ready to score."""
-    from llmctl.core.adapters import is_adapter
-    from llmctl.core.checkpoint import open_checkpoint
     from llmctl.core.checks import check_finite, check_tokenizer_fits
     from llmctl.core.model.io import load_model
     from llmctl.core.tokenizer import load_tokenizer
 
-    if not is_adapter(path):
-        open_checkpoint(path)  # a missing or broken directory says so first
-    if not (Path(path) / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path}: checkpoint has no tokenizer (tokenizer.json); eval needs one to encode text")
+    check_scorable(path)
     model, cfg = load_model(path, device=device, dtype=dtype)
     tok = load_tokenizer(path)
     check_tokenizer_fits(tok, cfg.vocab_size, path)
@@ -33,6 +28,18 @@ def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = Non
 
         return MaskedScoringModel(model, tok, max_length=cfg.max_seq_len, batch_size=batch_size, device=device)
     return ScoringModel(model, tok, max_length=cfg.max_seq_len, batch_size=batch_size, device=device, seed=seed)
+
+
+def check_scorable(path: str | Path) -> None:
+    """What `load_scorer` can tell without loading weights: the directory opens as a checkpoint (or is an
+    adapter) and holds a tokenizer; CheckpointError otherwise."""
+    from llmctl.core.adapters import is_adapter
+    from llmctl.core.checkpoint import open_checkpoint
+
+    if not is_adapter(path):
+        open_checkpoint(path)  # a missing or broken directory says so first
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path}: checkpoint has no tokenizer (tokenizer.json); eval needs one to encode text")
 
 
 def task_record(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +102,8 @@ def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device
 
     for task in tasks:  # missing data fails before any model loads
         task.prepare()
+    for path in checkpoints:  # and so does a missing or broken checkpoint, however late in the list
+        check_scorable(path)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for path in checkpoints:
         lm = load_scorer(path, device=device, dtype=dtype, batch_size=batch_size,
