@@ -113,3 +113,23 @@ def test_the_draft_runs_with_the_jobs_compile_and_cuda_graph_settings(monkeypatc
     job = SimpleNamespace(device=torch.device("cpu"), cfg=SimpleNamespace(compile=True, cuda_graph=True))
     S.DraftProposer("draft", job, [1, 2], 10)
     assert made == [("draft", [[1, 2]], 10, job.device, True, True)]
+
+
+def test_a_draft_with_another_tokenizer_of_the_same_size_is_warned_about(llmctl, tmp_path):
+    """Same vocabulary size, other ids: speculation stays lossless but its guesses are useless; say so."""
+    import shutil
+
+    from conftest import tiny_llama
+
+    words = "the quick brown fox jumps over a lazy dog while seven wild cats sing loud songs".split()
+    texts = [" ".join(words[(i * k) % len(words)] for k in range(1, 12)) for i in range(200)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    target = tiny_llama(tmp_path / "a", texts, vocab=300, context=64)
+    other = tiny_llama(tmp_path / "b", [t.upper() for t in texts], vocab=300, context=64)  # same weights
+    same = tmp_path / "c"
+    shutil.copytree(target, same)
+    warned = llmctl("generate", target, "the quick", "-n", "3", "--draft", other)
+    assert warned.code == 0 and "the draft's tokenizer" in warned.stderr
+    quiet = llmctl("generate", target, "the quick", "-n", "3", "--draft", same)
+    assert quiet.code == 0 and "the draft's tokenizer" not in quiet.stderr

@@ -156,6 +156,9 @@ def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
         draft_model, draft_cfg = load_model(draft, device=device, dtype=dtype)
         check_tokenizer_fits(tok, draft_cfg.vocab_size, draft)
         check_finite(draft_model, draft)
+        if (draft / "tokenizer.json").is_file() and (theirs := load_tokenizer(draft).hash) != tok.hash:
+            warn(f"the draft's tokenizer ({theirs}) is not {checkpoint}'s ({tok.hash}): its guesses mean other "
+                 "tokens and will rarely be accepted (the output is still the checkpoint's own)")
     return model, tok, draft_model, context
 
 
