@@ -343,6 +343,22 @@ def test_cli_jsonl_batched_in_order_and_bad_line(llmctl, ckpts, tmp_path):
     r = llmctl("generate", path, "--input", bad, "-n", "3", "--quiet")
     assert r.code == 1 and "bad.jsonl:3" in r.stderr
     assert len(r.stdout.splitlines()) == 2  # the results before the bad line are kept
+    empty = tmp_path / "empty.jsonl"  # valid JSON, but a prompt the model cannot take, in a batch with good ones
+    empty.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [*PROMPTS[:2], "", PROMPTS[2]]))
+    r = llmctl("generate", path, "--input", empty, "-n", "3", "--batch-size", "4", "--quiet")
+    assert r.code == 2 and r.stderr.strip() == f"error: {empty}:3: the prompt is empty (no tokens)"
+    assert [json.loads(x)["line"] for x in r.stdout.splitlines()] == [1, 2]
+
+
+def test_cli_jsonl_from_stdin(llmctl, ckpts, monkeypatch):
+    import io
+
+    path = ckpts("llama")
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS)))
+    r = llmctl("generate", path, "--input", "-", "-n", "4", "--quiet")
+    assert r.code == 0, r.stderr
+    alone = _ours(path, PROMPTS, GenerationConfig(max_new_tokens=4))
+    assert [json.loads(x)["tokens"] for x in r.stdout.splitlines()] == [a.tokens for a in alone]
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -2,6 +2,7 @@
 of prompts (batched), or an interactive chat. Decoding logic lives in `llmctl.core.generate`."""
 
 import json
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -75,7 +76,7 @@ def generate(
         raise UsageError("--rope-scaling and --rope-factor go together")
     if rope_factor is not None and rope_factor <= 1:
         raise UsageError("--rope-factor must be > 1")
-    if input is not None and not input.is_file():
+    if input is not None and str(input) != "-" and (not input.exists() or input.is_dir()):  # a pipe is no is_file()
         raise UsageError(f"--input {input}: no such file")
     if early_stopping not in ("true", "false", "never"):
         raise UsageError(f"--early-stopping must be true, false or never, got '{early_stopping}'")
@@ -243,7 +244,20 @@ def _jsonl(model, tok, cfg, draft, context, path: Path) -> None:
     def flush(bar) -> None:
         if not batch:
             return
-        for (number, _, record), result in zip(batch, _run(model, tok, cfg, draft, context, [p for _, p, _ in batch])):
+        try:
+            results = _run(model, tok, cfg, draft, context, [p for _, p, _ in batch])
+        except (UsageError, DataError) as error:  # a prompt the model cannot take (empty, too long)
+            if len(batch) == 1:
+                where = "stdin" if str(path) == "-" else path
+                message = re.sub(r"^prompt \d+ ", "the prompt ", str(error))
+                raise type(error)(f"{where}:{batch[0][0]}: {message}") from None
+            pending = batch[:]  # one at a time: the lines before the bad one are kept, the error names its line
+            batch.clear()
+            for item in pending:
+                batch.append(item)
+                flush(bar)
+            return
+        for (number, _, record), result in zip(batch, results):
             out = {"line": number, **({"id": record["id"]} if "id" in record else {}), **result.to_dict()}
             print_json(out)
             bar.advance(1)

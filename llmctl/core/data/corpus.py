@@ -231,7 +231,12 @@ def _utf8(raw: bytes, where: str) -> str:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """`parse_jsonl` over a file, streamed; DataError naming the line if it is not UTF-8."""
+    """`parse_jsonl` over a file (`-`: stdin), streamed; DataError naming the line if it is not UTF-8."""
+    if str(path) == "-":
+        stream = getattr(sys.stdin, "buffer", None)  # a text-only stdin (tests, embedding): its lines re-encoded
+        lines = stream if stream is not None else (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
+        yield from parse_jsonl((_utf8(raw, f"stdin:{number}") for number, raw in enumerate(lines, 1)), "stdin")
+        return
     with open(path, "rb") as f:
         yield from parse_jsonl((_utf8(raw, f"{path}:{number}") for number, raw in enumerate(f, 1)), path)
 
