@@ -310,6 +310,16 @@ def test_cli_log_samples(llmctl, lm_eval_samples, hf_dir, tmp_path):
     before = Path(data["hellaswag"]).read_bytes()
     r = llmctl(*args, "--log-samples", data["hellaswag"])
     assert r.code == 2 and "input" in r.stderr and Path(data["hellaswag"]).read_bytes() == before
+    r = llmctl(*args, "--log-samples", "-")  # stdout: the records, the table on stderr
+    assert r.code == 0 and [json.loads(line)["task"] for line in r.stdout.splitlines()] == ["hellaswag"] * 2
+    r = llmctl(*args, "--log-samples", "-", "--json")
+    assert r.code == 2 and r.stderr.strip() == ("error: --log-samples - and --json both write to stdout; "
+                                                "give --log-samples a file")
+    text = tmp_path / "text.txt"  # perplexity logs no samples: no empty file for --force to refuse later
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    r = llmctl("eval", hf_dir, "--task", "perplexity", "--data", text, "--no-record", "--log-samples",
+               tmp_path / "none.jsonl")
+    assert r.code == 0 and "no samples to log" in r.stderr and not (tmp_path / "none.jsonl").exists()
 
 
 # ------------------------------------------------------------------------ GSM8K

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from llmctl.console import REPORTER, console, emit
+from llmctl.console import REPORTER, console, emit, print_json, warn
 from llmctl.options import option
 
 TASK = "Task options"
@@ -33,7 +33,7 @@ def eval_command(
     cot: Annotated[bool, _opt("--cot", help="Generation: wrap prompts in the task's chain-of-thought template.")] = False,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "-b", help="Sequences per forward pass (default 16 on CPU, at most 1,024 tokens; 128 on a GPU, at most 65,536 tokens).")] = None,
     no_record: Annotated[bool, _opt("--no-record", help="Do not append results to the checkpoints' llmctl.json.")] = False,
-    log_samples: Annotated[Optional[Path], _opt("--log-samples", help="Write every sample (prompt, answer, scores) to this JSONL file.")] = None,
+    log_samples: Annotated[Optional[Path], _opt("--log-samples", help="Write every sample (prompt, answer, scores) to this JSONL file (- for stdout).")] = None,
 ) -> None:
     """Evaluate checkpoints: perplexity, multiple choice (lm-eval semantics), generation and pass@k tasks; public benchmarks from local files."""
     from llmctl.core.evaluate.runner import evaluate, record_results, write_samples
@@ -52,12 +52,20 @@ def eval_command(
                  "num_fewshot": num_fewshot, "limit": limit, "samples": samples,
                  "chain_of_thought": True if cot else None}
     tasks = load_tasks(task, overrides)
-    if log_samples is not None:  # before the work, not after it
+    to_stdout = log_samples is not None and str(log_samples) == "-"
+    if to_stdout and options.json:
+        raise UsageError("--log-samples - and --json both write to stdout; give --log-samples a file")
+    if log_samples is not None and not to_stdout:  # before the work, not after it
         check_output(log_samples, "samples", force=options.force, inputs=[*checkpoints, *(data or [])])
     logged: list[dict] | None = [] if log_samples is not None else None
     results = evaluate(checkpoints, tasks, device=resolve_device(), dtype=resolve_dtype(),
                        batch_size=batch_size, record=False, seed=options.seed, samples=logged, report=REPORTER)
-    if log_samples is not None:
+    if to_stdout:
+        for record in logged:
+            print_json(record)
+    elif log_samples is not None and not logged:
+        warn(f"--log-samples {log_samples}: no samples to log (perplexity scores text, not samples); not written")
+    elif log_samples is not None:
         with claim_output(log_samples, "samples", force=options.force, inputs=[*checkpoints, *(data or [])]):
             write_samples(log_samples, logged, force=options.force)
     emit({"results": results}, lambda: console.print(_table(results)))
