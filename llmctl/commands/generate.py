@@ -44,7 +44,7 @@ def generate(
     top_p: Annotated[Optional[float], option("--top-p", help="Nucleus sampling mass.", panel=SAMPLING)] = None,
     min_p: Annotated[float, option("--min-p", help="Drop tokens below min-p × the top probability.", panel=SAMPLING)] = 0.0,
     typical_p: Annotated[float, option("--typical-p", help="Locally typical sampling mass.", panel=SAMPLING)] = 1.0,
-    repetition_penalty: Annotated[float, option("--repetition-penalty", help="CTRL repetition penalty (>1 discourages repeats).", panel=SAMPLING)] = 1.0,
+    repetition_penalty: Annotated[Optional[float], option("--repetition-penalty", help="CTRL repetition penalty (>1 discourages repeats; default: generation_config.json's, else 1).", panel=SAMPLING)] = None,
     frequency_penalty: Annotated[float, option("--frequency-penalty", help="Subtract α × count of each generated token.", panel=SAMPLING)] = 0.0,
     presence_penalty: Annotated[float, option("--presence-penalty", help="Subtract α from every generated token.", panel=SAMPLING)] = 0.0,
     no_repeat_ngram: Annotated[int, option("--no-repeat-ngram", help="Forbid repeating any n-gram of this size.", panel=SAMPLING)] = 0,
@@ -91,7 +91,7 @@ def generate(
         top_p=1.0 if top_p is None else top_p,
         min_p=min_p,
         typical_p=typical_p,
-        repetition_penalty=repetition_penalty,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
         no_repeat_ngram_size=no_repeat_ngram,
@@ -119,7 +119,8 @@ def generate(
     text = prompt
 
     model, tok, draft_model, context = _load(checkpoint, draft, rope_scaling, rope_factor)
-    _apply_checkpoint_defaults(cfg, checkpoint, tok, temperature, top_k, top_p, max_new_tokens, ignore_eos)
+    _apply_checkpoint_defaults(cfg, checkpoint, tok, temperature, top_k, top_p, max_new_tokens, ignore_eos,
+                               repetition_penalty)
     if chat:
         _chat(model, tok, cfg, draft_model, context, system)
     elif input is not None:
@@ -163,8 +164,10 @@ def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
     return model, tok, draft_model, context
 
 
-def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, top_p, max_new_tokens, ignore_eos) -> None:
-    """Sampling settings and EOS ids from generation_config.json where the flags are silent."""
+def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, top_p, max_new_tokens, ignore_eos,
+                               repetition_penalty=None) -> None:
+    """Sampling settings and EOS ids from generation_config.json where the flags are silent; a key the file
+    lacks means transformers' default (`GenerationConfig`: top_k 50, top_p 1, temperature 1), as there."""
     gen: dict = {}
     file = checkpoint / "generation_config.json"
     if file.is_file():
@@ -174,8 +177,10 @@ def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, t
             gen = {}
     if temperature is None and gen.get("do_sample"):
         cfg.temperature = float(gen.get("temperature") or 1.0)
-        cfg.top_k = int(gen.get("top_k") or 0) if top_k is None else cfg.top_k
+        cfg.top_k = int(gen.get("top_k", 50) or 0) if top_k is None else cfg.top_k  # null or 0: no top-k
         cfg.top_p = float(gen.get("top_p") or 1.0) if top_p is None else cfg.top_p
+    if repetition_penalty is None and gen.get("repetition_penalty") is not None:
+        cfg.repetition_penalty = float(gen["repetition_penalty"])
     if max_new_tokens is None and gen.get("max_new_tokens"):
         cfg.max_new_tokens = int(gen["max_new_tokens"])
     eos = gen.get("eos_token_id")
