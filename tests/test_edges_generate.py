@@ -99,3 +99,38 @@ def test_generation_config_json_means_what_it_means_to_transformers(tmp_path, fi
     _apply_checkpoint_defaults(cfg, tmp_path, Tok(), None, flags.get("top_k"), None, None, False,
                                flags.get("repetition_penalty"))
     assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty) == want
+
+
+@pytest.mark.parametrize("file", [{"do_sample": True, "top_k": "many"}, {"repetition_penalty": 0},
+                                  {"do_sample": True, "top_p": 2}, {"repetition_penalty": True}])
+def test_a_bad_generation_config_json_value_is_one_checkpoint_error(tmp_path, file):
+    """A value transformers would refuse is a CheckpointError naming the file and the key, not a raw
+    ValueError (or a repetition penalty of 0 that divides by zero)."""
+    import json
+
+    from llmctl.commands.generate import _apply_checkpoint_defaults
+    from llmctl.core.generate import GenerationConfig
+    from llmctl.errors import CheckpointError
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(file))
+
+    class Tok:
+        stop_ids = [1]
+
+    key = next(k for k in file if k != "do_sample")
+    with pytest.raises(CheckpointError, match=rf"generation_config.json: '{key}' is .*, not a valid {key}$"):
+        _apply_checkpoint_defaults(GenerationConfig(), tmp_path, Tok(), None, None, None, None, False, None)
+
+
+def test_a_generation_config_json_that_is_not_an_object_is_ignored(tmp_path):
+    from llmctl.commands.generate import _apply_checkpoint_defaults
+    from llmctl.core.generate import GenerationConfig
+
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+
+    class Tok:
+        stop_ids = [1]
+
+    cfg = GenerationConfig()
+    _apply_checkpoint_defaults(cfg, tmp_path, Tok(), None, None, None, None, False, None)
+    assert (cfg.temperature, cfg.top_k, cfg.repetition_penalty, cfg.eos_ids) == (0.0, 0, 1.0, [1])

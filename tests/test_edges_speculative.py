@@ -115,10 +115,13 @@ def test_the_draft_runs_with_the_jobs_compile_and_cuda_graph_settings(monkeypatc
     assert made == [("draft", [[1, 2]], 10, job.device, True, True)]
 
 
-def test_a_draft_with_another_tokenizer_of_the_same_size_is_warned_about(llmctl, tmp_path):
-    """Same vocabulary size, other ids: speculation stays lossless but its guesses are useless; say so."""
+def test_a_draft_with_another_tokenizer_of_the_same_size_is_refused(llmctl, tmp_path, monkeypatch):
+    """Same vocabulary size, other ids: the draft's guesses would be other tokens (acceptance 0); refused,
+    exit 2, before any weights load. The same vocabulary under another normalizer (another hash) is accepted."""
+    import json
     import shutil
 
+    import llmctl.core.model.io as model_io
     from conftest import tiny_llama
 
     words = "the quick brown fox jumps over a lazy dog while seven wild cats sing loud songs".split()
@@ -127,9 +130,16 @@ def test_a_draft_with_another_tokenizer_of_the_same_size_is_warned_about(llmctl,
     (tmp_path / "b").mkdir()
     target = tiny_llama(tmp_path / "a", texts, vocab=300, context=64)
     other = tiny_llama(tmp_path / "b", [t.upper() for t in texts], vocab=300, context=64)  # same weights
-    same = tmp_path / "c"
+    loaded = []
+    real = model_io.load_model
+    monkeypatch.setattr(model_io, "load_model", lambda *a, **kw: loaded.append(a[0]) or real(*a, **kw))
+    refused = llmctl("generate", target, "the quick", "-n", "3", "--draft", other)
+    assert refused.code == 2 and refused.stderr.startswith(f"error: --draft {other}: its tokenizer (")
+    assert len(refused.stderr.strip().splitlines()) == 1 and loaded == []
+    same = tmp_path / "c"  # the same vocabulary, another hash (a normalizer): ids mean the same tokens
     shutil.copytree(target, same)
-    warned = llmctl("generate", target, "the quick", "-n", "3", "--draft", other)
-    assert warned.code == 0 and "the draft's tokenizer" in warned.stderr
-    quiet = llmctl("generate", target, "the quick", "-n", "3", "--draft", same)
-    assert quiet.code == 0 and "the draft's tokenizer" not in quiet.stderr
+    data = json.loads((same / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "NFC"}
+    (same / "tokenizer.json").write_text(json.dumps(data))
+    accepted = llmctl("generate", target, "the quick", "-n", "3", "--draft", same)
+    assert accepted.code == 0 and "tokenizer" not in accepted.stderr

@@ -142,6 +142,8 @@ def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
         raise CheckpointError(f"{checkpoint} has no tokenizer.json; generation needs the checkpoint's tokenizer")
     device, dtype = resolve_device(), resolve_dtype()
     tok = load_tokenizer(checkpoint)
+    if draft is not None:  # before any weights load
+        _check_draft_tokenizer(draft, tok, checkpoint)
     model, mcfg = load_model(checkpoint, device=device, dtype=dtype)
     check_language_model(mcfg, checkpoint)
     check_tokenizer_fits(tok, mcfg.vocab_size, checkpoint)
@@ -158,10 +160,22 @@ def _load(checkpoint: Path, draft: Path | None, rope_scaling, rope_factor):
         draft_model, draft_cfg = load_model(draft, device=device, dtype=dtype)
         check_tokenizer_fits(tok, draft_cfg.vocab_size, draft)
         check_finite(draft_model, draft)
-        if (draft / "tokenizer.json").is_file() and (theirs := load_tokenizer(draft).hash) != tok.hash:
-            warn(f"the draft's tokenizer ({theirs}) is not {checkpoint}'s ({tok.hash}): its guesses mean other "
-                 "tokens and will rarely be accepted (the output is still the checkpoint's own)")
     return model, tok, draft_model, context
+
+
+def _check_draft_tokenizer(draft: Path, tok, checkpoint: Path) -> None:
+    """UsageError if the draft's tokenizer gives ids other meanings than the checkpoint's (same vocabulary
+    size or not): its guesses would be other tokens, never accepted. A draft without tokenizer.json is
+    taken on trust (its vocabulary size is still checked against the tokenizer's)."""
+    from llmctl.core.tokenizer import load_tokenizer
+
+    if not (draft / "tokenizer.json").is_file():
+        return
+    theirs = load_tokenizer(draft)
+    if theirs.hash == tok.hash or theirs.inner.get_vocab(True) == tok.inner.get_vocab(True):
+        return
+    raise UsageError(f"--draft {draft}: its tokenizer ({theirs.hash}) is not {checkpoint}'s ({tok.hash}); "
+                     "a draft must share the checkpoint's vocabulary")
 
 
 def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, top_p, max_new_tokens, ignore_eos,
@@ -175,14 +189,30 @@ def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, t
             gen = json.loads(file.read_text(encoding="utf-8"))
         except ValueError:
             gen = {}
+    if not isinstance(gen, dict):
+        gen = {}
+
+    def number(key, default, ok=lambda v: v >= 0):
+        """The file's `key` (absent or null: transformers' `default`); CheckpointError unless a number in range."""
+        value = gen.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            from llmctl.errors import CheckpointError
+
+            raise CheckpointError(f"{file}: '{key}' is {value!r}, not a valid {key}")
+        return value
+
     if temperature is None and gen.get("do_sample"):
-        cfg.temperature = float(gen.get("temperature") or 1.0)
-        cfg.top_k = int(gen.get("top_k", 50) or 0) if top_k is None else cfg.top_k  # null or 0: no top-k
-        cfg.top_p = float(gen.get("top_p") or 1.0) if top_p is None else cfg.top_p
-    if repetition_penalty is None and gen.get("repetition_penalty") is not None:
-        cfg.repetition_penalty = float(gen["repetition_penalty"])
+        cfg.temperature = float(number("temperature", 1.0)) or 1.0
+        if top_k is None:  # transformers' GenerationConfig: top_k 50 where the file has none (null or 0: no top-k)
+            cfg.top_k = 0 if "top_k" in gen and gen["top_k"] is None else int(number("top_k", 50))
+        if top_p is None:
+            cfg.top_p = float(number("top_p", 1.0, lambda v: 0 <= v <= 1)) or 1.0
+    if repetition_penalty is None:  # applied to greedy decoding too, as transformers does
+        cfg.repetition_penalty = float(number("repetition_penalty", 1.0, lambda v: v > 0))
     if max_new_tokens is None and gen.get("max_new_tokens"):
-        cfg.max_new_tokens = int(gen["max_new_tokens"])
+        cfg.max_new_tokens = int(number("max_new_tokens", cfg.max_new_tokens, lambda v: v >= 1))
     eos = gen.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     cfg.eos_ids = [] if ignore_eos else sorted(set(tok.stop_ids) | set(eos))
