@@ -11,13 +11,12 @@ import shutil
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("compressed_tensors")
+import compressed_tensors  # noqa: F401  (a dev requirement: transformers reads our files through it)
+import torch
+import transformers
+from torch import nn
 
-from torch import nn  # noqa: E402
-
-from conftest import tiny_llama  # noqa: E402
+from conftest import tiny_llama
 from llmctl.core.model.io import load_model  # noqa: E402
 from llmctl.core.quant.config import QuantizeConfig  # noqa: E402
 from llmctl.core.quant.linear import PackedLinear  # noqa: E402

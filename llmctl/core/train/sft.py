@@ -161,7 +161,7 @@ class SFT(Objective):
             from llmctl.core.adapters import save_adapter
 
             save_adapter(model, directory, base=self.plan.init_from, **kwargs)
-        template = (self.plan.prepared or {}).get("chat_template")
+        template = (getattr(self.plan, "prepared", None) or {}).get("chat_template")
         if template is not None and kwargs.get("tokenizer_dir") is not None:
             save_template(directory, template)
 
