@@ -82,8 +82,7 @@ def check_dense(refs: list[str]) -> None:
             under = base_transforms(adapter)
             if under:
                 raise UsageError(f"{adapter} is an adapter on a quantized base ({', '.join(under)}: QLoRA); merge needs "
-                                 "dense checkpoints: merge it into its float base first (llmctl finetune … "
-                                 "method=lora), or merge checkpoints")
+                                 "dense checkpoints, and folding it in would quantize its base again")
             ref = base if base is not None else str(base_path(adapter))
         if not (Path(ref) / "config.json").is_file():
             continue  # not a checkpoint: the plan names the problem
