@@ -575,6 +575,14 @@ def _plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> dict[str, li
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
+def tokenizer_files(src: str | os.PathLike) -> list[str]:
+    """The names of the tokenizer files in a directory that `copy_tokenizer` carries over (tokenizer.json,
+    or vocab.json + merges.txt, tokenizer.model, … with tokenizer_config.json; chat templates)."""
+    src = Path(src)
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    return names + sorted(p.name for p in src.glob(CHAT_TEMPLATE_GLOB) if p.is_file())
+
+
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Copy the tokenizer files of a tokenizer or checkpoint directory; returns their names."""
     import shutil
@@ -582,8 +590,7 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise UsageError(f"tokenizer {src} is not a directory")
-    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
-    names += sorted(p.name for p in src.glob(CHAT_TEMPLATE_GLOB) if p.is_file())
+    names = tokenizer_files(src)
     if not names:
         raise CheckpointError(f"{src}: no tokenizer files (expected tokenizer.json)")
     for name in names:

@@ -80,10 +80,9 @@ def prune_checkpoint(checkpoint: str | os.PathLike, settings: PruneConfig, outpu
                      device: torch.device | str = "cpu", force: bool = False, report: Reporter = SILENT) -> dict:
     """Prune `checkpoint` by `settings` into the checkpoint `output`; the report as JSON data."""
     from llmctl.config import to_dict
-    from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.checkpoint import open_checkpoint, tokenizer_files
     from llmctl.core.model.io import load_model, save_model
     from llmctl.core.prune.calibration import calibration_tokens
-    from llmctl.core.quant.run import has_tokenizer_files
     from llmctl.core.tokenizer import load_tokenizer
 
     pruner = PRUNERS.get(settings.method)(settings)
@@ -122,7 +121,7 @@ def prune_checkpoint(checkpoint: str | os.PathLike, settings: PruneConfig, outpu
                **({"calibration": calibration} if calibration else {})}
     generation = source.path / "generation_config.json"
     save_model(model.to("cpu", dtype=stored), output, lineage=lineage, force=force,
-               tokenizer_dir=source.path if has_tokenizer_files(source.path) else None,
+               tokenizer_dir=source.path if tokenizer_files(source.path) else None,
                generation_config=json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else None)
     return {"output": str(output), "method": settings.method, "sparsity": sparsity,
             "parameters": {"before": before["parameters"], "after": after},

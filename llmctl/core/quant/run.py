@@ -48,14 +48,6 @@ def unquantized(model: nn.Module) -> list[str]:
     return named + ([f"{others} norm/other modules"] if others else [])
 
 
-def has_tokenizer_files(path: Path) -> bool:
-    """Whether `path` holds any tokenizer file `copy_tokenizer` carries over (tokenizer.json, or
-    vocab.json + merges.txt, tokenizer.model, … with tokenizer_config.json)."""
-    from llmctl.core.checkpoint import CHAT_TEMPLATE_GLOB, TOKENIZER_FILES
-
-    return any((path / n).is_file() for n in TOKENIZER_FILES) or any(path.glob(CHAT_TEMPLATE_GLOB))
-
-
 def kept_sparsity(model: nn.Module, parent: dict | None, report: Reporter = SILENT) -> dict | None:
     """A pruned parent's sparsity record (`llmctl prune`'s lineage), measured again on the quantized
     blocks; its N:M pattern is kept only where every linear still has it (warned otherwise)."""
@@ -83,7 +75,7 @@ def _size(path: Path) -> int:
 def run_quantize(checkpoint: str | os.PathLike, output: str | os.PathLike, cfg: QuantizeConfig,
                  calibration: list[str], *, force: bool = False, device: str | None = None, seed: int | None = None,
                  report: Reporter = SILENT) -> dict:
-    from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.checkpoint import open_checkpoint, tokenizer_files
     from llmctl.core.model.io import load_model, save_model
     from llmctl.core.quant.methods import QUANTIZERS, quantize_model
     from llmctl.runtime import resolve_device
@@ -122,7 +114,7 @@ def run_quantize(checkpoint: str | os.PathLike, output: str | os.PathLike, cfg: 
     sparsity = kept_sparsity(model, ck.lineage, report)
     lineage = {"command": "quantize", "parents": [str(checkpoint)], "config": to_dict(cfg),
                "quantization": quantization, **({"sparsity": sparsity} if sparsity else {})}
-    tokenizer = checkpoint if has_tokenizer_files(checkpoint) else None
+    tokenizer = checkpoint if tokenizer_files(checkpoint) else None
     with claim_output(output, "quantized", force=force, inputs=[checkpoint, *calibration]):
         save_model(model, output, tokenizer_dir=tokenizer, lineage=lineage, generation_config=ck.generation_config,
                    force=force)
