@@ -80,23 +80,28 @@ def test_truncating_a_padded_batch_rewinds_its_positions():
     ({"do_sample": True, "top_k": 0, "repetition_penalty": 1.3}, {}, (1.0, 0, 1.0, 1.3)),
     ({"repetition_penalty": 1.3}, {}, (0.0, 0, 1.0, 1.3)),  # applied to greedy decoding too, as transformers does
     ({"do_sample": True, "repetition_penalty": 1.3}, {"top_k": 5, "repetition_penalty": 1.0}, (1.0, 5, 1.0, 1.0)),
+    # flags win key by key: a given temperature keeps the file's top_k/top_p, as transformers' generate() does
+    ({"do_sample": True, "top_k": 7, "top_p": 0.9, "temperature": 0.3}, {"temperature": 0.8}, (0.8, 7, 0.9, 1.0)),
+    ({"do_sample": True, "top_k": 7, "top_p": 0.9}, {"temperature": 0.8, "top_k": 2}, (0.8, 2, 0.9, 1.0)),
+    ({"do_sample": True, "top_k": 7, "top_p": 0.9}, {"temperature": 0.0}, (0.0, 0, 1.0, 1.0)),  # 0: greedy
+    ({"top_k": 7, "top_p": 0.9}, {"temperature": 0.8}, (0.8, 0, 1.0, 1.0)),  # not a sampling file: ours
 ])
 def test_generation_config_json_means_what_it_means_to_transformers(tmp_path, file, flags, want):
     """A key generation_config.json lacks takes transformers' default (top_k 50 when sampling); its
-    repetition_penalty is honoured; the command's flags win over the file."""
+    repetition_penalty is honoured; the command's flags win over the file, key by key."""
     import json
 
     from llmctl.commands.generate import _apply_checkpoint_defaults
     from llmctl.core.generate import GenerationConfig
 
     (tmp_path / "generation_config.json").write_text(json.dumps(file))
-    cfg = GenerationConfig(temperature=0.0, top_k=flags.get("top_k", 0),
+    cfg = GenerationConfig(temperature=flags.get("temperature", 0.0), top_k=flags.get("top_k", 0),
                            repetition_penalty=flags.get("repetition_penalty", 1.0))
 
     class Tok:
         stop_ids = [1]
 
-    _apply_checkpoint_defaults(cfg, tmp_path, Tok(), None, flags.get("top_k"), None, None, False,
+    _apply_checkpoint_defaults(cfg, tmp_path, Tok(), flags.get("temperature"), flags.get("top_k"), None, None, False,
                                flags.get("repetition_penalty"))
     assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty) == want
 

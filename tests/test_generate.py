@@ -367,6 +367,7 @@ def test_cli_jsonl_from_stdin(llmctl, ckpts, monkeypatch):
     (["hi", "--top-p", "1.5", "--temperature", "1"], 2, "--top-p"),
     ([], 2, "exactly one of"),
     (["hi", "--rope-scaling", "linear"], 2, "--rope-factor"),
+    (["hi", "--system", "be brief"], 2, "--system goes with --chat"),  # was ignored silently
 ])
 def test_cli_bad_flags(llmctl, ckpts, args, code, message):
     r = llmctl("generate", ckpts("llama"), *args)

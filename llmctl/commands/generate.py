@@ -72,6 +72,9 @@ def generate(
     sources = [s for s, on in (("PROMPT", prompt is not None), ("--input", input is not None), ("--chat", chat)) if on]
     if len(sources) != 1:
         raise UsageError("give exactly one of PROMPT (or '-'), --input FILE, --chat" + (f" (got {', '.join(sources)})" if sources else ""))
+    if system is not None and not chat:
+        raise UsageError("--system goes with --chat; for one-shot chat prompts give --input with "
+                         '{"messages": [{"role": "system", …}, …]} lines')
     if (rope_scaling is None) != (rope_factor is None):
         raise UsageError("--rope-scaling and --rope-factor go together")
     if rope_factor is not None and rope_factor <= 1:
@@ -180,8 +183,9 @@ def _check_draft_tokenizer(draft: Path, tok, checkpoint: Path) -> None:
 
 def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, top_p, max_new_tokens, ignore_eos,
                                repetition_penalty=None) -> None:
-    """Sampling settings and EOS ids from generation_config.json where the flags are silent; a key the file
-    lacks means transformers' default (`GenerationConfig`: top_k 50, top_p 1, temperature 1), as there."""
+    """Sampling settings and EOS ids from generation_config.json where the flags are silent, key by key (a
+    sampling file's top_k/top_p still apply under --temperature T > 0); a key the file lacks means
+    transformers' default (`GenerationConfig`: top_k 50, top_p 1, temperature 1), as there."""
     gen: dict = {}
     file = checkpoint / "generation_config.json"
     if file.is_file():
@@ -203,8 +207,9 @@ def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, t
             raise CheckpointError(f"{file}: '{key}' is {value!r}, not a valid {key}")
         return value
 
-    if temperature is None and gen.get("do_sample"):
-        cfg.temperature = float(number("temperature", 1.0)) or 1.0
+    if gen.get("do_sample") and (temperature is None or temperature > 0):  # flags win key by key, as in transformers
+        if temperature is None:
+            cfg.temperature = float(number("temperature", 1.0)) or 1.0
         if top_k is None:  # transformers' GenerationConfig: top_k 50 where the file has none (null or 0: no top-k)
             cfg.top_k = 0 if "top_k" in gen and gen["top_k"] is None else int(number("top_k", 50))
         if top_p is None:
