@@ -49,11 +49,31 @@ def _row_magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     ({"scope": "global", "pattern": "2:4"}, "scope=global does not combine with an N:M --pattern"),
     ({"method": "sparsegpt", "pattern": "2:4", "block_size": 6},
      "block_size=6 must be a multiple of the pattern's M=4"),
+    # the pattern sets the sparsity: another one is a contradiction (was dropped silently)
+    ({"method": "wanda", "pattern": "2:4", "sparsity": 0.3}, "--pattern 2:4 removes 0.5 of the weights by itself; "
+                                                             "drop --sparsity 0.3"),
+    ({"pattern": "1:4", "sparsity": 0.5}, "--pattern 1:4 removes 0.75 of the weights by itself; drop --sparsity 0.5"),
 ])
 def test_unstructured_recipes_refused_with_their_message(settings, message):
     with pytest.raises(UsageError) as e:
         _pruner(**settings)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("settings, want", [({}, 0.5), ({"pattern": "1:4"}, 0.75), ({"pattern": "2:4", "sparsity": 0.5}, 0.5),
+                                             ({"method": "heads"}, 0.5), ({"sparsity": 0.3}, 0.3)])
+def test_the_resolved_sparsity_is_the_patterns_or_the_default(settings, want):
+    assert _pruner(**settings).settings.sparsity == want
+
+
+def test_a_pattern_that_does_not_divide_a_width_is_refused_before_calibration():
+    """--pattern 2:6 on a model whose widths are multiples of 4 only: refused by check_model, naming
+    the first module, before any calibration window is read."""
+    pruner = _pruner(method="wanda", pattern="2:6")
+    with pytest.raises(UsageError) as e:
+        pruner.check_model(_tiny())
+    assert str(e.value) == "--pattern 2:6 needs input widths divisible by 6; model.layers.0.self_attn.q_proj takes 32"
+    _pruner(method="wanda", pattern="2:4").check_model(_tiny())  # 32 and 64: fine
 
 
 def test_sparsity_zero_keeps_every_weight():

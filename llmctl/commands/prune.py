@@ -17,7 +17,7 @@ def prune(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="A prune recipe: YAML file or preset under configs/prune.")] = None,
     method: Annotated[Optional[str], option("--method", "-m", help="magnitude, wanda, sparsegpt (unstructured or N:M); heads, channels, layers (structured).")] = None,
     sparsity: Annotated[Optional[float], option("--sparsity", "-s", help="Fraction removed: of weights, heads (KV groups), MLP channels or layers (default 0.5).")] = None,
-    pattern: Annotated[Optional[str], option("--pattern", help="N:M semi-structured sparsity, e.g. 2:4 or 4:8 (unstructured methods).")] = None,
+    pattern: Annotated[Optional[str], option("--pattern", help="N:M semi-structured sparsity, e.g. 2:4 or 4:8 (unstructured methods; sets the sparsity).")] = None,
     calibration: Annotated[Optional[list[Path]], option("--calibration", help="Calibration text (files, dirs, globs; repeatable).", panel=CALIBRATION)] = None,
     samples: Annotated[Optional[int], option("--samples", help="Calibration windows (default 64).", panel=CALIBRATION)] = None,
     eval_data: Annotated[Optional[list[Path]], option("--eval-data", help="Held-out text: perplexity before and after (repeatable).", panel=CALIBRATION)] = None,

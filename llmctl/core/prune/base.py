@@ -24,6 +24,7 @@ from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import UsageError
 
 PRUNERS: Registry[type["Pruner"]] = Registry("pruning method", "llmctl.pruners")
+DEFAULT_SPARSITY = 0.5
 
 
 class Pruner:
@@ -40,6 +41,8 @@ class Pruner:
 
     def check(self) -> None:
         """UsageError for settings this method cannot use (before anything is loaded)."""
+        if self.settings.sparsity is None:
+            self.settings.sparsity = DEFAULT_SPARSITY
         if not 0 <= self.settings.sparsity < 1:
             raise UsageError(f"--sparsity must be in [0, 1), got {self.settings.sparsity}")
         if self.settings.pattern is not None:

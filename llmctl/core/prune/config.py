@@ -13,8 +13,8 @@ BLOCK_LINEARS = r"model\.layers\.\d+\.(?!mlp\.(?:shared_expert_)?gate$).*"
 @dataclass
 class PruneConfig:
     method: str = "magnitude"  # a registered pruner: magnitude, wanda, sparsegpt, heads, channels, layers
-    sparsity: float = 0.5  # fraction of weights (unstructured), heads, channels or layers removed
-    pattern: str | None = None  # N:M semi-structured sparsity, e.g. "2:4" (replaces `sparsity`)
+    sparsity: float | None = None  # fraction of weights (unstructured), heads, channels or layers removed (0.5)
+    pattern: str | None = None  # N:M semi-structured sparsity, e.g. "2:4" (sets the sparsity: 2:4 removes 0.5)
     scope: Literal["layer", "global"] = "layer"  # magnitude: one threshold per module or one for all
 
     # which Linear modules unstructured methods prune (PEFT's target_modules rules)

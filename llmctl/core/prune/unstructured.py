@@ -12,12 +12,14 @@ inputs with the blocks before it already pruned (`for_each_block`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from llmctl.core.model.layerwise import capture_inputs
 from llmctl.core.model.transforms import select_modules
-from llmctl.core.prune.base import PRUNERS, Pruner
+from llmctl.core.prune.base import DEFAULT_SPARSITY, PRUNERS, Pruner
 from llmctl.core.prune.calibration import for_each_block
 from llmctl.core.prune.masks import nm_mask, parse_pattern, topk_mask
 from llmctl.core.quant.obs import ColumnRule, Hessian, solve
@@ -56,12 +58,31 @@ class Unstructured(Pruner):
 
     def check(self) -> None:
         s = self.settings
-        if s.pattern is None and not 0 <= s.sparsity < 1:
+        self.nm = parse_pattern(s.pattern) if s.pattern is not None else None
+        if self.nm is not None:  # the pattern sets the sparsity; a different one is a contradiction, not ignored
+            n, m = self.nm
+            if s.sparsity is not None and not math.isclose(s.sparsity, (m - n) / m):
+                raise UsageError(f"--pattern {s.pattern} removes {(m - n) / m:g} of the weights by itself; "
+                                 f"drop --sparsity {s.sparsity:g}")
+            s.sparsity = (m - n) / m
+        if s.sparsity is None:
+            s.sparsity = DEFAULT_SPARSITY
+        if not 0 <= s.sparsity < 1:
             raise UsageError(f"--sparsity must be in [0, 1), got {s.sparsity}")
         if s.scope not in self.scopes:
             raise UsageError(f"scope={s.scope} is not a choice of {PRUNERS.name_of(type(self))} "
                              f"(it has: {', '.join(self.scopes)})")
-        self.nm = parse_pattern(s.pattern) if s.pattern is not None else None
+
+    def check_model(self, model: nn.Module) -> None:
+        super().check_model(model)
+        if self.nm is None:
+            return
+        m = self.nm[1]
+        for path in target_linears(model, self.settings):
+            width = model.get_submodule(path).in_features
+            if width % m:  # found before calibration starts, not at the first such module
+                raise UsageError(f"--pattern {self.settings.pattern} needs input widths divisible by {m}; "
+                                 f"{path} takes {width}")
 
     def score(self, linear: nn.Linear, stats) -> torch.Tensor:
         raise NotImplementedError
