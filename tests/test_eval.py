@@ -567,3 +567,23 @@ def test_a_broken_later_checkpoint_fails_before_the_first_is_evaluated(hf_dir, t
             runner.evaluate([hf_dir, bad], [load_task("word_order", {"limit": 2})], device="cpu", dtype=None,
                             record=False)
     assert loaded == []
+
+
+def test_a_checkpoint_given_twice_is_refused_before_any_evaluation(hf_dir, monkeypatch):
+    """`eval X ./X` (or `eval X X`) evaluated X twice and showed one column; refused up front."""
+    import os
+
+    import llmctl.core.evaluate.runner as runner
+    from llmctl.core.evaluate.tasks import load_task
+    from llmctl.errors import UsageError
+
+    loaded = []
+    monkeypatch.setattr(runner, "load_scorer", lambda path, **kw: loaded.append(path))
+    monkeypatch.chdir(hf_dir.parent)
+    task = [load_task("word_order", {"limit": 2})]
+    for twice, says in (([hf_dir, hf_dir], f"checkpoint {hf_dir} is given twice$"),
+                        ([hf_dir.name, f".{os.sep}{hf_dir.name}{os.sep}"],
+                         rf"checkpoint \.{os.sep}{hf_dir.name}{os.sep} is given twice \(as {hf_dir.name}\)$")):
+        with pytest.raises(UsageError, match=says):
+            runner.evaluate(twice, task, device="cpu", dtype=None, record=False)
+    assert loaded == []

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from llmctl.core.evaluate.lm import ScoringModel
 from llmctl.core.evaluate.tasks import Task
 from llmctl.core.report import SILENT, Reporter
-from llmctl.errors import CheckpointError
+from llmctl.errors import CheckpointError, UsageError
 
 
 def load_scorer(path: str | Path, *, device, dtype, batch_size: int | None = None, seed: int = 1234) -> ScoringModel:
@@ -102,8 +102,14 @@ def evaluate(checkpoints: Sequence[str | Path], tasks: Sequence[Task], *, device
 
     for task in tasks:  # missing data fails before any model loads
         task.prepare()
+    seen: dict[Path, str | Path] = {}
     for path in checkpoints:  # and so does a missing or broken checkpoint, however late in the list
         check_scorable(path)
+        key = Path(path).resolve()
+        if key in seen:  # one column of results, but the work (and the lineage record) twice
+            also = "" if str(seen[key]) == str(path) else f" (as {seen[key]})"
+            raise UsageError(f"checkpoint {path} is given twice{also}")
+        seen[key] = path
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for path in checkpoints:
         lm = load_scorer(path, device=device, dtype=dtype, batch_size=batch_size,
