@@ -127,6 +127,14 @@ def _both(name: str, base: np.ndarray, others: list[np.ndarray], narrow=None, **
     return ours, theirs.float().numpy()
 
 
+def test_cancelling_linear_weights_merge_without_normalize():
+    """normalize: false keeps a zero-sum linear merge meaningful (a difference of models): planned."""
+    plan = _plan({"merge_method": "linear", "parameters": {"normalize": False},
+                  "models": [{"model": "p", "parameters": {"weight": 1}}, {"model": "q", "parameters": {"weight": -1}}]},
+                 p=_stack(), q=_stack())
+    assert plan.jobs and all(j.params["weight"] == [1.0, -1.0] for j in plan.jobs)
+
+
 @pytest.mark.parametrize("name, weight, extra", [
     ("task_arithmetic", [0.5, -0.8], {"normalize": True}),  # the sum of the weights divides
     ("task_arithmetic", [0.3, -0.3], {"normalize": True}),  # weights that cancel: not divided
@@ -553,6 +561,11 @@ def _src(model: str, start: int, end: int, **params) -> dict:
      "merge: missing required parameter 'weight' for q: model.embed_tokens.weight"),
     ({"merge_method": "linear", "models": ["p"], "parameters": {"weight": "heavy"}}, {},
      "parameter 'weight': expected float, found 'heavy'"),
+    # weights that cancel under normalize: mergekit writes NaNs; refused, naming the first tensor they reach
+    ({"merge_method": "linear", "models": [{"model": "p", "parameters": {"weight": [1, 1]}},
+                                           {"model": "q", "parameters": {"weight": [2, -1]}}]}, {},
+     "cannot merge 'model.layers.3.mlp.weight': the weights [1.0, -1.0] sum to 0, so normalize cannot divide "
+     "by them; give weights with a non-zero sum, or normalize: false"),
 ])
 def test_plan_refusals_name_the_slice_model_and_tensor(recipe, shapes, message):
     from llmctl.errors import CheckpointError, ConfigError

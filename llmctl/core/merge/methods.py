@@ -74,7 +74,9 @@ class Method:
     `arrays`: the function takes and returns numpy arrays, 16-bit inputs widened to float32, on
     either back end, so a merge made of such methods runs without importing torch (`arrays.py`).
     `fixed` binds keyword-only arguments (a family member's choices), `defaults` overrides
-    declared defaults; a keyword-only argument left unbound and undeclared is not a parameter."""
+    declared defaults; a keyword-only argument left unbound and undeclared is not a parameter.
+    `check(params)` returns what is wrong with one tensor's resolved parameters (None: nothing), so
+    the plan refuses them before any tensor is read."""
 
     fn: Callable[..., Tensor]
     base: str = "ignored"
@@ -83,6 +85,7 @@ class Method:
     arrays: bool = False
     fixed: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)
+    check: Callable[[dict], str | None] = lambda params: None
     params: tuple[Param, ...] = field(init=False)
 
     def __post_init__(self):
@@ -115,7 +118,14 @@ def register(name: str, **declared) -> Callable:
     return add
 
 
-@register("linear", arrays=True)
+def _normalizable(params: dict) -> str | None:
+    if params["normalize"] and sum(params["weight"]) == 0:
+        return (f"the weights {params['weight']} sum to 0, so normalize cannot divide by them; "
+                "give weights with a non-zero sum, or normalize: false")
+    return None
+
+
+@register("linear", arrays=True, check=_normalizable)  # mergekit writes NaNs instead
 def linear(inputs: Inputs, weight: list[float], normalize: bool = True) -> np.ndarray:
     """Weighted average (model soups); `normalize` divides by the sum of the weights.
     (In place, in the inputs' own buffers: no tensor is allocated.)"""

@@ -169,6 +169,9 @@ def _job(recipe: Recipe, method: Method, s: Slice, models: dict[str, _Model], ou
                               for i, (src, name) in enumerate(zip(sources, names)) if i != base]
     dtypes = [d for _, d in shapes]
     floating = set(dtypes) <= set(_RANK)
+    problem = method.check(params) if floating else None  # other tensors are copied, not merged
+    if problem:
+        raise ConfigError(f"cannot merge {out!r}: {problem}")
     out_dtype = (recipe.out_dtype or recipe.dtype or promote(dtypes)) if floating else dtype
     shape = (vocab.size, *shape[1:]) if vocabulary else shape
     return Job(out, inputs, base, params, shape, out_dtype, vocabulary, tuple(dtypes))
