@@ -67,7 +67,7 @@ def test_code_task_runs_each_sample_in_the_sandbox_and_averages_pass_at_k(tmp_pa
     completions = {"def f():\n": ["    return 1", "    return 0", "    return 1"],
                    "def g():\n": ["    return 0", "    return 3", "    return 2"]}
 
-    def fake_generate(model, tok, prompts, cfg, context=None, report=None):
+    def fake_generate(model, tok, prompts, cfg, context=None, report=None, first_index=0):
         assert cfg.temperature == 0.8  # the code task's default for sampled programs
         return [SimpleNamespace(text=completions[p][i % 3]) for i, p in enumerate(prompts)]
 

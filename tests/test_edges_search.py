@@ -367,7 +367,7 @@ def test_generation_task_run_samples_votes_logs_and_scores(tmp_path, monkeypatch
     texts = iter(["abc", "abc", "seven", "eight", "q", "q"])
     calls = []
 
-    def fake_generate(model, tok, prompts, cfg, context=None, report=None):
+    def fake_generate(model, tok, prompts, cfg, context=None, report=None, first_index=0):
         calls.append((prompts, cfg, context, report))
         return [types.SimpleNamespace(text=next(texts)) for _ in prompts]
 

@@ -31,7 +31,7 @@ def test_prompt_lookup_proposals(tokens, max_ngram, k, expected):
 
 def _job(sampling: bool, seed: int = 0):
     return SimpleNamespace(processors=[], sampling=sampling, process=lambda scores, history: scores,
-                           generator=torch.Generator().manual_seed(seed))
+                           generators=[torch.Generator().manual_seed(seed)])
 
 
 def test_greedy_verification_keeps_drafts_up_to_the_first_mismatch():

@@ -390,7 +390,7 @@ def test_generation_metrics_regex_and_self_consistency(monkeypatch, tmp_path):
     ])
     calls = []
 
-    def fake_generate(model, tok, prompts, cfg, context=None, report=None):
+    def fake_generate(model, tok, prompts, cfg, context=None, report=None, first_index=0):
         calls.append((prompts, cfg))
         return [FakeResult(next(outputs)) for _ in prompts]
 
@@ -440,6 +440,30 @@ def test_generation_task_with_llmctl_model(hf_dir, tok, tmp_path):
     references = [[t] for t in targets]
     for name in ("chrf", "bleu", "rougeL"):
         assert result[name] == pytest.approx(METRICS.get(name)(cut, references)[0]), name
+
+
+def test_sampled_generations_do_not_depend_on_the_batch_size(hf_dir, tok, tmp_path):
+    """A self-consistency task (3 samples a document): every sample is drawn by its own seeded
+    generator, so `--batch-size` changes the speed, not the generations or the scores."""
+    import json
+
+    from llmctl.core.evaluate.tasks import load_task
+    from llmctl.core.model.io import load_model
+
+    model, cfg = load_model(hf_dir)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"input": x, "target": "a"}) + "\n"
+                                              for x in ["a b c", "x y", "h a g a p"]))
+    (tmp_path / "t.yaml").write_text(json.dumps({
+        "type": "generate", "dataset": {"path": "d.jsonl"}, "prompt": "Copy: {{ input }}\nOutput:",
+        "max_new_tokens": 6, "temperature": 1.5, "metrics": ["exact_match"]}))
+    runs = []
+    for size in (1, 3):
+        task = load_task(str(tmp_path / "t.yaml"), {"samples": 3})
+        task.samples_log = []
+        task.run(ScoringModel(model, tok, max_length=cfg.max_seq_len, batch_size=size, seed=11))
+        runs.append([r["generations"] for r in task.samples_log])
+    assert runs[0] == runs[1]
+    assert any(len(set(g)) > 1 for g in runs[0])  # the samples of a document differ
 
 
 # ---------------------------------------------------------------- bad input

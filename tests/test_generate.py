@@ -2,6 +2,7 @@
 
 import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -348,6 +349,38 @@ def test_cli_jsonl_batched_in_order_and_bad_line(llmctl, ckpts, tmp_path):
     r = llmctl("generate", path, "--input", empty, "-n", "3", "--batch-size", "4", "--quiet")
     assert r.code == 2 and r.stderr.strip() == f"error: {empty}:3: the prompt is empty (no tokens)"
     assert [json.loads(x)["line"] for x in r.stdout.splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.3), dict(temperature=1.0, num_beams=2)])
+def test_a_prompts_sample_does_not_depend_on_its_batch(ckpts, settings):
+    """Each prompt draws from its own generator (seed + its index): batched or alone, at any batch
+    size, a prompt samples the same tokens; `first_index` continues the numbering."""
+    path = ckpts("llama")
+    cfg = GenerationConfig(max_new_tokens=12, seed=7, **settings)
+    alone = [_ours(path, [p], replace(cfg, seed=7 + i))[0].tokens for i, p in enumerate(PROMPTS)]
+    for size in (2, len(PROMPTS)):
+        assert [r.tokens for r in _ours(path, PROMPTS, replace(cfg, batch_size=size))] == alone, size
+    model, tok = _llmctl_model(path)
+    assert [r.tokens for r in generate(model, tok, PROMPTS[1:], cfg, first_index=1)] == alone[1:]
+    assert len(set(map(tuple, alone))) > 1  # the draws differ between prompts
+
+
+def test_cli_jsonl_keeps_each_lines_sample_when_a_line_is_refused(llmctl, ckpts, tmp_path):
+    """A refused line re-runs its batch one prompt at a time: the good lines still draw what they
+    draw in a batch without the bad line."""
+    path = ckpts("llama")
+    lines = [*PROMPTS[:2], "", PROMPTS[2]]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in lines))
+    flags = ["-n", "6", "--temperature", "1.3", "--seed", "5", "--quiet"]
+    r = llmctl("generate", path, "--input", empty, "--batch-size", "4", *flags)
+    assert r.code == 2
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]))
+    want = llmctl("generate", path, "--input", clean, "--batch-size", "2", *flags)
+    assert want.code == 0, want.stderr
+    assert [json.loads(x)["tokens"] for x in r.stdout.splitlines()] == \
+        [json.loads(x)["tokens"] for x in want.stdout.splitlines()]
 
 
 def test_cli_jsonl_from_stdin(llmctl, ckpts, monkeypatch):

@@ -251,7 +251,7 @@ def test_humaneval_pass_at_k_with_sampled_programs(monkeypatch, tmp_path):
                    "HumanEval/1": ["    return a\n", "    return 2 * a\n", "    return a + 1\n", "    raise ValueError\n"]}
     calls = []
 
-    def fake_generate(model, tok, prompts, cfg, context=None, report=None):
+    def fake_generate(model, tok, prompts, cfg, context=None, report=None, first_index=0):
         calls.append((prompts, cfg))
         return [FakeResult(completions[next(d["task_id"] for d in HUMANEVAL if d["prompt"] == p)][i % 4])
                 for i, p in enumerate(prompts)]
@@ -283,7 +283,7 @@ def test_mbpp_preset_three_shot_prompt_and_program(monkeypatch, tmp_path):
     (tmp_path / "mbpp.jsonl").write_text(json.dumps(rows[0]) + "\n")
     seen = []
 
-    def fake_generate(model, tok, prompts, cfg, context=None, report=None):
+    def fake_generate(model, tok, prompts, cfg, context=None, report=None, first_index=0):
         seen.extend(prompts)
         return [FakeResult("def double(x):\n    return x + x\n") for _ in prompts]
 
@@ -317,7 +317,7 @@ def test_a_code_task_warns_on_its_report_when_programs_reach_the_network(monkeyp
     from llmctl.core.evaluate.lm import ScoringModel
     from llmctl.core.evaluate.tasks import load_tasks
 
-    monkeypatch.setattr(gen, "generate", lambda model, tok, prompts, cfg, context=None, report=None:
+    monkeypatch.setattr(gen, "generate", lambda model, tok, prompts, cfg, context=None, report=None, first_index=0:
                         [FakeResult("    return a + b\n") for _ in prompts])
     monkeypatch.setattr(sandbox, "network_isolated", lambda: False)
     with gzip.open(tmp_path / "HumanEval.jsonl.gz", "wt") as f:

@@ -223,10 +223,11 @@ def _apply_checkpoint_defaults(cfg, checkpoint: Path, tok, temperature, top_k, t
     cfg.eos_ids = [] if ignore_eos else sorted(set(tok.stop_ids) | set(eos))
 
 
-def _run(model, tok, cfg, draft, context, prompts: list, on_text=None):
+def _run(model, tok, cfg, draft, context, prompts: list, on_text=None, first_index: int = 0):
     from llmctl.core.generate import generate as run
 
-    return run(model, tok, prompts, cfg, draft=draft, on_text=on_text, context=context, report=REPORTER)
+    return run(model, tok, prompts, cfg, draft=draft, on_text=on_text, context=context, report=REPORTER,
+               first_index=first_index)
 
 
 def _stream_stdout(_index: int, text: str) -> None:
@@ -279,32 +280,32 @@ def _jsonl(model, tok, cfg, draft, context, path: Path) -> None:
     so an error on a later line keeps everything printed before it."""
     from llmctl.console import progress
 
-    batch: list[tuple[int, Any, dict]] = []
+    batch: list[tuple[int, int, Any, dict]] = []  # (prompt's ordinal: its sampling seed's offset, line, prompt, record)
 
     def flush(bar) -> None:
         if not batch:
             return
         try:
-            results = _run(model, tok, cfg, draft, context, [p for _, p, _ in batch])
+            results = _run(model, tok, cfg, draft, context, [p for _, _, p, _ in batch], first_index=batch[0][0])
         except (UsageError, DataError) as error:  # a prompt the model cannot take (empty, too long)
             if len(batch) == 1:
                 where = "stdin" if str(path) == "-" else path
                 message = re.sub(r"^prompt \d+ ", "the prompt ", str(error))
-                raise type(error)(f"{where}:{batch[0][0]}: {message}") from None
+                raise type(error)(f"{where}:{batch[0][1]}: {message}") from None
             pending = batch[:]  # one at a time: the lines before the bad one are kept, the error names its line
             batch.clear()
             for item in pending:
                 batch.append(item)
                 flush(bar)
             return
-        for (number, _, record), result in zip(batch, results):
+        for (_, number, _, record), result in zip(batch, results):
             out = {"line": number, **({"id": record["id"]} if "id" in record else {}), **result.to_dict()}
             print_json(out)
             bar.advance(1)
         batch.clear()
 
     with progress("generating", unit="prompt") as bar:
-        lines = _read_jsonl(path)
+        lines = enumerate(_read_jsonl(path))
         while True:
             try:
                 item = next(lines, None)
@@ -313,7 +314,7 @@ def _jsonl(model, tok, cfg, draft, context, path: Path) -> None:
                 raise
             if item is None:
                 break
-            batch.append(item)
+            batch.append((item[0], *item[1]))
             if len(batch) >= cfg.batch_size:
                 flush(bar)
         flush(bar)

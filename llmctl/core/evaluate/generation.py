@@ -101,7 +101,8 @@ class Generation(DocumentTask):
         with self.report.progress(self.name, total=len(docs), unit="ex") as bar:
             for start in range(0, len(docs), lm.batch_size):
                 batch = [p for p in prompts[start : start + lm.batch_size] for _ in range(self.samples)]
-                results = generate(lm.model, lm.tokenizer, batch, cfg, context=lm.max_length, report=self.report)
+                results = generate(lm.model, lm.tokenizer, batch, cfg, context=lm.max_length, report=self.report,
+                                   first_index=start * self.samples)  # the same draws whatever the batch size
                 texts += [[r.text for r in results[i : i + self.samples]] for i in range(0, len(results), self.samples)]
                 bar.advance(len(batch) // self.samples)
         return prompts, texts

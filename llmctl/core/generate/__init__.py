@@ -144,11 +144,14 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     context: int | None = None,
     report: Reporter = SILENT,
+    first_index: int = 0,
 ) -> list[Result]:
     """Generate one continuation per prompt, in order (batched `cfg.batch_size` at a time).
 
     `draft` is a draft model for speculative decoding; `context` overrides the model's
     `cfg.max_seq_len` as the longest allowed prompt + generation; warnings go to `report`.
+    Sampling draws prompt i from its own generator seeded `cfg.seed + first_index + i`, so a
+    prompt's sample does not depend on the batch it is decoded in (nor on the batch size).
     """
     import torch
 
@@ -172,10 +175,10 @@ def generate(
     context = context if context is not None else getattr(model.cfg, "max_seq_len", None)
     ids = [fit_context(encode_prompt(tok, p), cfg, context, i) for i, p in enumerate(prompts)]
     processors = build_processors(cfg, sampling=cfg.sampling and name != "contrastive")
-    generator = None
+    generators = None
     if cfg.sampling:
-        generator = torch.Generator(device=param.device)
-        generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ()).item()))
+        seed = (cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ()).item())) + first_index
+        generators = [torch.Generator(device=param.device).manual_seed(seed + i) for i in range(len(ids))]
     step = 1 if name == "speculative" else cfg.batch_size
     results: list[Result] = []
     with torch.inference_mode(), inference_backends(param.device):
@@ -193,7 +196,8 @@ def generate(
                 )
                 for j, p in enumerate(chunk)
             ]
-            job = Job(chunk_cfg, chunk, seqs, processors, cfg.sampling, generator, vocab, param.device, draft=draft)
+            job = Job(chunk_cfg, chunk, seqs, processors, cfg.sampling, generators and generators[first : first + step],
+                      vocab, param.device, draft=draft)
             search(model, job)
             results.extend(_result(job, seq, p, name == "speculative") for seq, p in zip(seqs, chunk))
     return results

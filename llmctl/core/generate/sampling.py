@@ -333,8 +333,15 @@ def apply_processors(processors: list[Processor], scores: torch.Tensor, history:
     return scores
 
 
-def choose(scores: torch.Tensor, sampling: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row [B]: argmax, or a draw from softmax(scores)."""
+def choose(scores: torch.Tensor, sampling: bool, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Next token per row [B]: argmax, or a draw from softmax(scores) by each row's generator."""
     if not sampling:
         return scores.argmax(dim=-1)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return draw(scores.softmax(dim=-1), 1, generators).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, n: int, generators: list[torch.Generator]) -> torch.Tensor:
+    """`n` draws without replacement from each row of `probs` [B, V] → [B, n], row i by `generators[i]`."""
+    if len(generators) == 1:
+        return torch.multinomial(probs, n, generator=generators[0])
+    return torch.stack([torch.multinomial(row, n, generator=g) for row, g in zip(probs, generators)])

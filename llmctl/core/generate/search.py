@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from llmctl.core.generate.sampling import History, Processor, apply_processors, choose
+from llmctl.core.generate.sampling import History, Processor, apply_processors, choose, draw
 from llmctl.core.generate.stream import Sequence
 from llmctl.core.registry import Registry
 from llmctl.errors import UsageError
@@ -31,7 +31,7 @@ class Job:
     seqs: list[Sequence]
     processors: list[Processor]
     sampling: bool
-    generator: torch.Generator | None
+    generators: list[torch.Generator] | None  # one per prompt (sampling)
     vocab_size: int
     device: torch.device
     draft: Any = None  # draft model (speculative decoding)
@@ -225,7 +225,7 @@ def sample_search(model, job: Job) -> None:
     history = job.history()
     for _ in range(job.cfg.max_new_tokens):
         scores = job.process(logits.float(), history)
-        next_ids = choose(scores, job.sampling, job.generator)
+        next_ids = choose(scores, job.sampling, job.generators)
         ids = next_ids.tolist()
         if history is not None:
             history.append(ids, next_ids)
@@ -269,7 +269,7 @@ def beam_search(model, job: Job) -> None:
         log_probs = job.process(torch.log_softmax(logits.float(), dim=-1), history)
         flat = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
         if job.sampling:
-            index = torch.multinomial(flat.softmax(-1), keep, generator=job.generator)
+            index = draw(flat.softmax(-1), keep, job.generators)
             top_scores, order = flat.gather(1, index).sort(dim=-1, descending=True)  # best first, as topk
             index = index.gather(1, order)
         else:

@@ -34,7 +34,7 @@ class DraftProposer:
             scores = self.job.process(logits.float(), history)
             if self.job.sampling:
                 dists.append(scores.softmax(-1)[0])
-                token = int(torch.multinomial(dists[-1], 1, generator=self.job.generator))
+                token = int(torch.multinomial(dists[-1], 1, generator=self.job.generators[0]))
             else:
                 token = int(scores.argmax(-1))
             out.append(token)
@@ -136,7 +136,7 @@ def _pick(job: Job, logits: torch.Tensor, history: History | None) -> int:
     scores = job.process(logits.float(), history)
     if not job.sampling:
         return int(scores.argmax(-1))
-    return int(torch.multinomial(scores.softmax(-1)[0], 1, generator=job.generator))
+    return int(torch.multinomial(scores.softmax(-1)[0], 1, generator=job.generators[0]))
 
 
 def _verify(job: Job, out: torch.Tensor, drafts: list[int], q, tokens: list[int], history) -> list[int]:
@@ -158,7 +158,7 @@ def _verify(job: Job, out: torch.Tensor, drafts: list[int], q, tokens: list[int]
             if best != d:
                 return accepted + [best]
         else:
-            ok, replacement = _accept(scores.softmax(-1)[0], None if q is None else q[i], d, job.generator)
+            ok, replacement = _accept(scores.softmax(-1)[0], None if q is None else q[i], d, job.generators[0])
             if not ok:
                 return accepted + [replacement]
         accepted.append(d)
