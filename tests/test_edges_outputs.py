@@ -64,6 +64,28 @@ def test_force_takes_an_empty_directory_or_the_same_kind(tmp_path, monkeypatch):
     assert "not an llmctl shards output" in _refused(OutputExistsError, "shards", "shards", force=True)
 
 
+def test_an_adapter_input_also_names_its_base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    refuse = "--force will not replace base: it is the input"
+    assert _refused(UsageError, "base", force=True, inputs=[adapter]).startswith(refuse)  # read through the adapter
+    assert _refused(UsageError, "base", force=True, inputs=["base+adapter"]).startswith(refuse)  # merge's spelling
+    assert _refused(UsageError, "adapter", force=True, inputs=[f"{base}+adapter"]).startswith(
+        "--force will not replace adapter: it is the input")
+
+
+def test_dash_is_never_an_output_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "-" means stdout: no file or directory of that name is made
+    for kind in ("tokenizer", "png", "train"):
+        assert _refused(UsageError, "-", kind, force=False) == \
+            f"output -: a {kind} output is written to a path, not to stdout; give a path"
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("first, ours", [
     ({"checkpoint": "ckpt", "task": "arc"}, True),
     ({"checkpoint": "ckpt"}, False),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from llmctl.core.registry import Registry
-from llmctl.errors import OutputExistsError, OutputLocked, UsageError
+from llmctl.errors import LlmctlError, OutputExistsError, OutputLocked, UsageError
 
 OUTPUT_KINDS: Registry[Callable[[Path], bool]] = Registry("output kind")
 
@@ -88,16 +88,29 @@ def _is_empty(path: Path) -> bool:
 
 
 def _paths(inputs: Iterable[str | os.PathLike | None]) -> list[Path]:
-    """The inputs that exist, a glob pattern's matches included (`data/*.txt` names the files in data/)."""
+    """The inputs that exist, a glob pattern's matches included (`data/*.txt` names the files in data/),
+    and what an input reads besides: an adapter directory's base, both halves of merge's `BASE+ADAPTER`."""
     found = []
     for p in inputs:
         if p in (None, "", "-"):
             continue
         if Path(p).exists():
-            found.append(Path(p).resolve())
+            found += [Path(p).resolve(), *_base(Path(p))]
         elif any(c in str(p) for c in "*?["):
             found.extend(Path(match).resolve() for match in glob.glob(str(p), recursive=True))
+        elif "+" in str(p):
+            found.extend(_paths(str(p).partition("+")[::2]))
     return found
+
+
+def _base(path: Path) -> list[Path]:
+    """The base checkpoint an adapter directory is loaded on (none for anything else)."""
+    from llmctl.core.adapters.files import base_path, is_adapter
+
+    try:
+        return [base_path(path).resolve()] if is_adapter(path) else []
+    except LlmctlError:  # no readable base: the command that loads it says so
+        return []
 
 
 def check_output(path: str | os.PathLike, kind: str, *, force: bool, inputs: Iterable = ()) -> Path:
@@ -107,6 +120,8 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool, inputs: Ite
     output of the same kind, never the working directory or above, never an input.
     """
     path = Path(path)
+    if str(path) == "-":  # read as stdout by every other tool: never a file or directory named "-"
+        raise UsageError(f"output -: a {kind} output is written to a path, not to stdout; give a path")
     where = path.resolve()
     for parent in where.parents:
         if parent.exists():
