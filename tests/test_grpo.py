@@ -224,3 +224,23 @@ def test_grpo_config_errors_are_one_line_usage_errors(llmctl, base, prompts, tmp
     no_prompt.write_text('{"prompt": "1 + 1 =", "answer": "2"}\n{"question": "x"}\n')
     r = llmctl("finetune", base, *FAST, "--data", no_prompt, "-o", tmp_path / "out")
     assert r.code == 1 and f"{no_prompt}:2: an RL record needs a 'prompt'" in r.stderr
+
+
+def test_a_reward_model_is_a_parent_of_the_run(base, prompts, tmp_path):
+    """The reward model a run is trained against is in its lineage's parents, and so among the
+    inputs `--force` never replaces (the trainer protects every parent of its plan)."""
+    import shutil
+
+    import transformers
+
+    from llmctl.core.train.build import make_plan
+    from llmctl.core.train.finetune_config import FinetuneConfig
+
+    config = transformers.AutoConfig.from_pretrained(base)
+    config.num_labels, config.pad_token_id = 1, 2
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, tmp_path / "rm" / name)
+    cfg = FinetuneConfig(model=str(base), data=[str(prompts)], method="grpo", objective="grpo", seq_len=64,
+                         objective_args={"verifiers": {"number": {}, "reward_model": {"path": str(tmp_path / "rm")}}})
+    assert make_plan(cfg, "cpu").parents == [str(base), str(tmp_path / "rm")]

@@ -54,6 +54,17 @@ def test_force_never_replaces_an_input(llmctl, ws, tmp_path):
     assert (data / "raw.txt").read_text() == ws["text"].read_text()
 
 
+def test_force_never_replaces_the_distill_teacher(llmctl, ws, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "teacher"  # a train output, so of the kind train's --force replaces
+    shutil.copytree(ws["run"], teacher)
+    before = snapshot(teacher)
+    args = ["distill", "--teacher", teacher, "--student", "nano", "--data", ws["shards"], *FAST[1:], "max_steps=2"]
+    one_line_error(llmctl(*args, "-o", teacher, "--force"), 2, "input")
+    assert snapshot(teacher) == before
+
+
 def test_force_replaces_only_the_same_kind(llmctl, ws, tmp_path):
     other = tmp_path / "mine"
     other.mkdir()

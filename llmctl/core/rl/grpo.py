@@ -175,6 +175,8 @@ class GRPO(SFT):
         for bound in build_verifiers(s.verifiers):  # settings checked before anything is written
             for message in getattr(bound.verifier, "warnings", list)():
                 plan.report.warn(f"verifier {bound.name}: {message}")
+            if getattr(bound.verifier, "path", ""):  # a reward model: a parent (lineage; --force never replaces it)
+                plan.parents.append(bound.verifier.path)
         super().resolve(plan)  # SFT's checks (causal model, adapter method), then `encode`
 
     @classmethod

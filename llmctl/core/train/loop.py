@@ -517,6 +517,7 @@ def run_training(cfg, outdir: str | os.PathLike, *, device: torch.device | str =
     check_outdir(outdir, resume=resume, force=force, inputs=inputs)
     device = torch.device(device)
     plan = make_plan(cfg, device.type, report)
+    inputs += plan.parents  # what the objective reads too (distill's teacher), checked again under the lock
     if resume:
         _check_resume(outdir, plan)
     d = dist_.init(cfg.distributed.backend, device)
