@@ -96,3 +96,22 @@ def test_search_errors(pool, tmp_path, llmctl):
     result = llmctl("merge", "--config", pool / "no_eval.yaml", "-o", tmp_path / "x")
     assert result.code == 2 and "evaluation" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_search_never_replaces_one_of_its_candidates(pool, tmp_path, llmctl):
+    """`-o CANDIDATE --force`, where the candidate is an earlier merge (an output of ours): refused
+    before any scoring, by the greedy soup (the candidate would not be kept) and by evolve."""
+    earlier = pool / "earlier"
+    result = llmctl("merge", pool / "good", pool / "near", "--method", "linear", "-o", earlier)
+    assert result.code == 0, result.stderr
+    before = (earlier / "model.safetensors").read_bytes()
+    (pool / "soup2.yaml").write_text(yaml.safe_dump({"merge_method": "greedy_soup", "models": ["good", "bad", "earlier"],
+                                                     "evaluation": EVALUATION}))
+    (pool / "search2.yaml").write_text(yaml.safe_dump({
+        "recipe": {"merge_method": "linear", "models": [{"model": "good", "parameters": {"weight": 1.0}},
+                                                        {"model": "earlier", "parameters": {"weight": 0.5}}]},
+        "search": {"models.1.parameters.weight": [0.0, 1.0]}, "evaluation": EVALUATION, "budget": 2}))
+    for args in (["--config", pool / "soup2.yaml"], ["--evolve", pool / "search2.yaml"]):
+        result = llmctl("merge", *args, "-o", earlier, "--force")
+        assert result.code == 2 and "it is the input" in result.stderr, result.stderr
+        assert (earlier / "model.safetensors").read_bytes() == before

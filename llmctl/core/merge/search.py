@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from llmctl.core.merge.recipe import model_resolver, parse_recipe, read_yaml
 from llmctl.core.merge.run import merge, scratch
+from llmctl.core.outputs import check_output
 from llmctl.core.registry import Registry
 from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import ConfigError
@@ -86,6 +87,7 @@ def greedy_soup(raw: dict, objective: Objective, out: str | os.PathLike, *, forc
     candidates = [resolve(m) for m in raw.get("models") or []]
     if len(candidates) < 2:
         raise ConfigError(f"{where}: greedy_soup needs at least two models")
+    check_output(out, "merge", force=force, inputs=candidates)  # not only the kept ones: before any scoring
     extra = {k: v for k, v in raw.items() if k in ("dtype", "out_dtype", "tokenizer_source", "tokenizer")}
 
     def soup(members):
@@ -143,6 +145,7 @@ def evolve(spec: dict, objective: Objective, out: str | os.PathLike, *, force: b
     sigma, rng = float(spec.get("sigma", 0.25)), random.Random(spec.get("seed", 0))
     if budget < 1 or population < 1:
         raise ConfigError(f"{where}: budget and population must be >= 1")
+    check_output(out, "merge", force=force, inputs=parse_recipe(recipe, where, relative_to).models())
 
     def build(point):
         r = copy.deepcopy(recipe)
