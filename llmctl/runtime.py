@@ -6,6 +6,7 @@ Commands read `options`; device and dtype resolution import torch lazily.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -48,6 +49,8 @@ def resolve_device(name: str | None = None):
             name = "mps"
         else:
             name = "cpu"
+    if name not in DEVICES[1:] and not re.fullmatch(r"cuda:\d+", name):
+        raise UsageError(f"--device {name}: expected one of {', '.join(DEVICES)} (or cuda:N)")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

@@ -190,3 +190,15 @@ def test_tune_allocator_applies_on_glibc_unless_malloc_is_tuned(monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
     assert runtime.tune_allocator() is False
+
+
+def test_an_unknown_device_is_a_usage_error(llmctl, tmp_path):
+    from llmctl.errors import UsageError
+    from llmctl.runtime import resolve_device
+
+    assert str(resolve_device("cpu")) == "cpu"
+    for name in ("bogus", "CPU", "meta", "cuda:x"):
+        with pytest.raises(UsageError, match=f"--device {name}: expected one of auto, cpu, cuda, mps"):
+            resolve_device(name)
+    r = llmctl("--device", "bogus", "eval", tmp_path, "--task", "perplexity")
+    assert r.code == 2 and r.stderr.strip() == "error: --device bogus: expected one of auto, cpu, cuda, mps (or cuda:N)"
