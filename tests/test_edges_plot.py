@@ -107,3 +107,10 @@ def test_the_png_needs_matplotlib_and_replaces_an_earlier_png(tmp_path, monkeypa
         render_png(curves, tmp_path / "again.png")
     assert str(e.value) == "-o PNG needs matplotlib: pip install 'llmctl[plot]' (or omit -o for a terminal chart)"
     assert not (tmp_path / "again.png").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--width", "19"), ("--height", "3")])
+def test_a_too_small_chart_names_only_the_flag_given(llmctl, tmp_path, flag, value):
+    _metrics(tmp_path, [{"step": 1, "loss": 2.0}])
+    r = llmctl("plot", tmp_path, flag, value)
+    assert r.code == 2 and r.stderr.strip() == f"error: {flag} {value}: a chart needs at least 20 columns and 4 lines"

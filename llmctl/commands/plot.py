@@ -20,8 +20,9 @@ def plot(
     from llmctl.errors import UsageError
     from llmctl.runtime import options
 
-    if width is not None and width < 20 or height < 4:
-        raise UsageError(f"--width {width} / --height {height}: a chart needs at least 20 columns and 4 lines")
+    for flag, value, least in (("--width", width, 20), ("--height", height, 4)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} {value}: a chart needs at least 20 columns and 4 lines")
     curves = load_curves(outdir, metric)
     if output is not None:
         from llmctl.core.outputs import claim_output
