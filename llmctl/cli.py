@@ -105,7 +105,7 @@ def with_common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     def command(*args: Any, **kwargs: Any) -> Any:
         given = {k[len(_PARAM_PREFIX):]: kwargs.pop(k) for k in list(kwargs) if k.startswith(_PARAM_PREFIX)}
         options.update(**given)
-        return run_guarded(lambda: fn(*args, **kwargs))
+        run_guarded(lambda: fn(*args, **kwargs))  # what a command returns is not its exit code
 
     new_params = head + extra + tail
     command.__signature__ = sig.replace(parameters=new_params, return_annotation=None)  # type: ignore[attr-defined]
@@ -207,10 +207,24 @@ app = build_app()
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point. Exits with the command's code; returns it when given `argv`."""
+    try:  # the click typer runs on: its vendored copy (recent typer), else the click package
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="llmctl", standalone_mode=True)
-        code = 0
+        returned = command.main(args=argv, prog_name="llmctl", standalone_mode=False)
+        code = returned if isinstance(returned, int) else 0  # an exit code, from typer.Exit / --help
+    except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # bare `llmctl` or group: help shown, exit 2
+        code = exc.exit_code
+    except click_errors.ClickException as exc:  # click's usage errors: one line, as every other error
+        hint = f" (see '{exc.ctx.command_path} -h')" if getattr(exc, "ctx", None) is not None else ""
+        sys.stderr.write(f"error: {exc.format_message().rstrip('.')}{hint}\n")
+        code = exc.exit_code
+    except typer.Abort:
+        sys.stderr.write("interrupted\n")
+        code = 130
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:

@@ -81,9 +81,24 @@ def test_version(llmctl):
     assert r.code == 0 and r.stdout.strip() == f"llmctl {__version__}"
 
 
-def test_unknown_command_and_option_exit_2(llmctl):
-    assert llmctl("no-such-command").code == 2
-    assert llmctl("plugins", "--no-such-flag").code == 2
+@pytest.mark.parametrize("args, line", [
+    (["no-such-command"], "error: No such command 'no-such-command' (see 'llmctl -h')"),
+    (["plugins", "--no-such-flag"], "error: No such option: --no-such-flag (see 'llmctl plugins -h')"),
+    (["info"], "error: Missing argument 'checkpoint' (see 'llmctl info -h')"),
+    (["--seed", "many", "info", "x"], "error: Invalid value for '--seed': "),
+])
+def test_click_usage_errors_are_one_line_exit_2(llmctl, args, line):
+    """Click's own usage errors (unknown command or option, missing argument, bad value) are one
+    `error:` line like every other error, not a framed usage panel."""
+    r = llmctl(*args)
+    assert r.code == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(line), r.stderr
+
+
+def test_a_bare_group_shows_its_help_and_exits_2(llmctl):
+    for args in ([], ["tokenize"]):
+        r = llmctl(*args)
+        assert r.code == 2 and "Usage: llmctl" in r.stdout and r.stdout.count("Usage: llmctl") == 1
 
 
 def test_global_options_before_and_after_the_command(site):
