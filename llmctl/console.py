@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -34,9 +35,27 @@ def warn(message: str) -> None:
 
 
 def print_json(data: Any) -> None:
-    """One JSON document on stdout, newline-terminated and flushed."""
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, default=_json_default) + "\n")
+    """One strict JSON document on stdout, newline-terminated and flushed: NaN and ±inf become null
+    (Python's NaN / Infinity tokens are not JSON; jq and most parsers reject them)."""
+    try:
+        text = json.dumps(data, ensure_ascii=False, default=_json_default, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(data), ensure_ascii=False, default=_json_default, allow_nan=False)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (also inside arrays and tensors) replaced by None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def emit(data: Any, render: Callable[[], None] | None = None, *, report: bool = False) -> None:

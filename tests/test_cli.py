@@ -217,3 +217,20 @@ def test_an_unknown_device_is_a_usage_error(llmctl, tmp_path):
             resolve_device(name)
     r = llmctl("--device", "bogus", "eval", tmp_path, "--task", "perplexity")
     assert r.code == 2 and r.stderr.strip() == "error: --device bogus: expected one of auto, cpu, cuda, mps (or cuda:N)"
+
+
+def test_json_output_is_strict_json(capsys):
+    """NaN and ±inf (a diverged loss, an empty metric) print as null, which strict parsers read;
+    everything else prints as before, tensors and paths included."""
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from llmctl.console import print_json
+
+    print_json({"loss": math.nan, "ppl": [1.5, math.inf, -math.inf], "t": torch.tensor([0.5, math.nan]),
+                "path": Path("a/b"), "n": 3, "s": "NaN"})
+    line = capsys.readouterr().out
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}")) == \
+        {"loss": None, "ppl": [1.5, None, None], "t": [0.5, None], "path": "a/b", "n": 3, "s": "NaN"}
