@@ -114,3 +114,17 @@ def test_a_too_small_chart_names_only_the_flag_given(llmctl, tmp_path, flag, val
     _metrics(tmp_path, [{"step": 1, "loss": 2.0}])
     r = llmctl("plot", tmp_path, flag, value)
     assert r.code == 2 and r.stderr.strip() == f"error: {flag} {value}: a chart needs at least 20 columns and 4 lines"
+
+
+def test_charting_a_companion_curve_draws_it_once_with_readable_labels(tmp_path):
+    """--metric val_loss drew val loss twice (as the curve and again as 'o'); --metric lr labelled
+    its axis with three decimals, so every learning rate below 5e-4 read 0.000."""
+    out = _metrics(tmp_path, [{"step": s, "loss": 3.0 - s / 10, "val_loss": 3.1 - s / 10, "lr": 3e-4 - s * 2e-5}
+                              for s in range(1, 11)])
+    assert list(load_curves(out, "val_loss")) == ["val_loss", "lr"]
+    chart = render_terminal(load_curves(out, "val_loss"), width=30, height=8)
+    assert "o" not in "".join(line.split("┤")[-1].split("│")[-1] for line in chart.splitlines()[:8])
+    assert "o val loss" not in chart and chart.count("val_loss (last 2.1000)") == 1
+    lr = render_terminal(load_curves(out, "lr"), width=30, height=8)
+    labels = [line.split("┤")[0].strip() for line in lr.splitlines() if "┤" in line]
+    assert len(set(labels)) == len(labels) and "2.80e-04" in labels and "(last 1.00e-04)" in lr

@@ -15,8 +15,8 @@ def load_curves(outdir: Path, metric: str = "loss") -> dict[str, list[list[float
 
     if not (Path(outdir) / METRICS_FILE).is_file():
         raise UsageError(f"{outdir}: no {METRICS_FILE} (is it an llmctl train output?)")
-    curves: dict[str, list[list[float]]] = {metric: [], "val_loss": [], "lr": []} if metric == "loss" \
-        else {metric: [], "lr": []}
+    companions = ("val_loss", "lr") if metric == "loss" else ("lr",)
+    curves: dict[str, list[list[float]]] = {key: [] for key in (metric, *companions)}  # `metric` first, once
     for record in read_metrics(outdir):
         step = record.get("step") if isinstance(record, dict) else None
         if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
@@ -30,6 +30,11 @@ def load_curves(outdir: Path, metric: str = "loss") -> dict[str, list[list[float
     return curves
 
 
+def metric_has(curves: dict, companion: str) -> bool:
+    """Whether `curves` has points of `companion` (val_loss, lr) beside its first curve, not as it."""
+    return companion != next(iter(curves)) and bool(curves.get(companion))
+
+
 def render_png(curves: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -41,13 +46,13 @@ def render_png(curves: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     main = next(iter(curves))
     ax.plot(*zip(*curves[main]), label="train loss" if main == "loss" else main, linewidth=1)
-    if curves.get("val_loss"):
+    if metric_has(curves, "val_loss"):
         ax.plot(*zip(*curves["val_loss"]), "o-", label="val loss", linewidth=1.5, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel(main)
     ax.grid(alpha=0.3)
     handles = ax.get_lines()
-    if curves["lr"]:
+    if metric_has(curves, "lr"):
         lr_ax = ax.twinx()
         handles += lr_ax.plot(*zip(*curves["lr"]), color="gray", alpha=0.5, linewidth=1, label="lr")
         lr_ax.set_ylabel("learning rate")
@@ -64,11 +69,12 @@ def render_terminal(curves: dict, width: int = 72, height: int = 14) -> str:
     """Train loss (or the chosen metric) as '·', val loss as 'o' on one grid with a y axis; lr
     range in the footer."""
     main = next(iter(curves))
-    series = [(curves[main], "·"), (curves.get("val_loss", []), "o")]
+    series = [(curves[main], "·"), (curves["val_loss"] if metric_has(curves, "val_loss") else [], "o")]
     points = [p for s, _ in series for p in s]
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
     y1 = y1 if y1 > y0 else y0 + 1e-9
+    scale = max(abs(y0), abs(y1))
     grid = [[" "] * width for _ in range(height)]
     for data, mark in series:
         for x, y in data:
@@ -78,15 +84,23 @@ def render_terminal(curves: dict, width: int = 72, height: int = 14) -> str:
                 grid[row][col] = mark
     lines = []
     for i, row in enumerate(grid):
-        label = f"{y1 - (y1 - y0) * i / (height - 1):8.3f} ┤" if i % 3 == 0 or i == height - 1 else "         │"
+        label = f"{_number(y1 - (y1 - y0) * i / (height - 1), scale, 8)} ┤" if i % 3 == 0 or i == height - 1 else "         │"
         lines.append(label + "".join(row))
     lines.append("         └" + "─" * width)
     lines.append(f"          step {x0:g}" + f"step {x1:g}".rjust(width - len(f"step {x0:g}") - 5))
-    footer = f"          · {'train loss' if main == 'loss' else main} (last {curves[main][-1][1]:.4f})"
-    if curves.get("val_loss"):
-        footer += f"   o val loss (last {curves['val_loss'][-1][1]:.4f})"
+    footer = f"          · {'train loss' if main == 'loss' else main} (last {_number(curves[main][-1][1])})"
+    if metric_has(curves, "val_loss"):
+        footer += f"   o val loss (last {_number(curves['val_loss'][-1][1])})"
     lines.append(footer)
-    if curves["lr"]:
+    if metric_has(curves, "lr"):
         lrs = [v for _, v in curves["lr"]]
         lines.append(f"          lr {min(lrs):.2e} … {max(lrs):.2e}")
     return "\n".join(lines)
+
+
+def _number(value: float, scale: float | None = None, width: int = 0) -> str:
+    """Fixed-point for values of 0.01 and up (losses), scientific below (learning rates), so that
+    small values do not all read 0.000; `scale` (the axis's largest |value|) keeps one axis in one form."""
+    scale = abs(value) if scale is None else scale
+    fixed = scale >= 0.01 or scale == 0
+    return f"{value:{width}.{3 if width else 4}f}" if fixed else f"{value:{width}.2e}"
