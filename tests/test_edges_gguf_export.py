@@ -506,3 +506,17 @@ def test_a_checkpoint_without_a_tokenizer_says_so_and_records_no_vocabulary(llam
     assert fields["tokenizer.ggml.model"] == "no_vocab" and result["tokenizer"] is None
     assert report.warnings == ["the checkpoint has no tokenizer: the GGUF file carries none (llama.cpp can then "
                                "only run token ids)"]
+
+
+def test_starcoder2_without_biases_is_refused_by_name():
+    """llama.cpp's starcoder2 graph requires every projection bias (it fails to load a use_bias=false file)."""
+    from llmctl.core.export.gguf import family_of
+    from llmctl.core.hf import config_from_hf
+    from llmctl.errors import UsageError
+
+    base = {"model_type": "starcoder2", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48}
+    assert family_of(config_from_hf(base))[1].arch == "starcoder2"
+    with pytest.raises(UsageError, match=r"^cannot export this starcoder2 model to GGUF: llama.cpp's starcoder2 "
+                                         r"requires the attention and MLP biases"):
+        family_of(config_from_hf(dict(base, use_bias=False)))

@@ -20,7 +20,8 @@ from llmctl.core.model.io import load_model, save_model
 from llmctl.errors import CheckpointError
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-            "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe", "gpt2": "GPT2", "bert": "Bert"}
+            "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe", "phi3": "Phi3",
+            "starcoder2": "Starcoder2", "gpt2": "GPT2", "bert": "Bert"}
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 # keys whose llmctl default is not transformers' (noted in the mutation-testing notes): given explicitly
 EXPLICIT = {"max_position_embeddings": 64, "head_dim": 8, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
@@ -62,7 +63,12 @@ def test_written_keys_are_the_ones_transformers_reads(model_type):
         kwargs.update(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3, layer_norm_eps=1e-4,
                       type_vocab_size=3, tie_word_embeddings=False)
     else:
-        kwargs.update(rms_norm_eps=1e-4, attention_dropout=0.3, rope_theta=321.0, tie_word_embeddings=True)
+        eps = "norm_epsilon" if model_type == "starcoder2" else "rms_norm_eps"
+        kwargs.update({eps: 1e-4}, attention_dropout=0.3, rope_theta=321.0, tie_word_embeddings=True)
+        if model_type in ("phi3", "starcoder2"):
+            kwargs.update(sliding_window=7, tie_word_embeddings=model_type == "phi3")
+            kwargs.update(resid_pdrop=0.2) if model_type == "phi3" else kwargs.update(
+                residual_dropout=0.2, embedding_dropout=0.1, use_bias=False)
         if "moe" in model_type or model_type == "mixtral":
             kwargs.update(router_aux_loss_coef=0.25)
     full = transformers_config(model_type, **kwargs)

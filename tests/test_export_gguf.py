@@ -20,9 +20,11 @@ torch = pytest.importorskip("torch")
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello llama", "one two three four five"] * 20
 CONTEXT = 64
-ARCHES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"]
+ARCHES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "phi3",
+          "starcoder2"]
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "gemma": "gemma", "gpt2": "gpt2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+             "gemma": "gemma", "gpt2": "gpt2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "phi3": "llama",
+             "starcoder2": "starcoder2"}
 
 
 def _llama(path: Path) -> Path:
@@ -52,6 +54,10 @@ def _config(kind: str, vocab: int):
                                                          norm_topk_prob=False)
     if kind == "qwen3_moe":
         return tr.Qwen3MoeForCausalLM, tr.Qwen3MoeConfig(**common, **moe, head_dim=16, norm_topk_prob=True)
+    if kind == "phi3":
+        return tr.Phi3ForCausalLM, tr.Phi3Config(**common)
+    if kind == "starcoder2":
+        return tr.Starcoder2ForCausalLM, tr.Starcoder2Config(**common)
     if kind == "gpt2":
         return tr.GPT2LMHeadModel, tr.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4,
                                                  n_positions=CONTEXT, bos_token_id=0, eos_token_id=1)
@@ -72,10 +78,12 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
             for name, p in model.named_parameters():
                 if "norm" not in name and "ln_" not in name:
                     p.mul_(6.0)  # a peaked distribution: greedy decoding far from ties
-        model.save_pretrained(root / kind)
+        # llama.cpp reads a model *named* phi3 as Phi-3's chat vocabulary (it looks up `<|end|>`)
+        path = root / ("fused" if kind == "phi3" else kind)
+        model.save_pretrained(path)
         for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(out["llama"] / f, root / kind / f)
-        out[kind] = root / kind
+            shutil.copy(out["llama"] / f, path / f)
+        out[kind] = path
     return out
 
 
@@ -104,6 +112,14 @@ def _expected(kind: str, ckpt: Path) -> dict[str, np.ndarray]:
     """The GGUF tensors llama.cpp expects, from the HF tensors through gguf's own name map."""
     hf = _hf_tensors(ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
+    if kind == "phi3":  # written as a Llama: the fused q/k/v and gate/up rows apart
+        q, kv = (cfg[k] * cfg["hidden_size"] // cfg["num_attention_heads"]
+                 for k in ("num_attention_heads", "num_key_value_heads"))
+        for name in [n for n in hf if n.endswith(("qkv_proj.weight", "gate_up_proj.weight"))]:
+            fused = hf.pop(name)
+            parts = ("q", "k", "v") if "qkv" in name else ("gate", "up")
+            for p, t in zip(parts, np.split(fused, [q, q + kv] if len(parts) == 3 else 2)):
+                hf[name.replace("qkv_proj" if len(parts) == 3 else "gate_up_proj", f"{p}_proj")] = t
     layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[GGUF_ARCH[kind].upper()], layers)
     out: dict[str, list] = {}
@@ -156,7 +172,10 @@ def test_f32_round_trip(kind, checkpoints, llmctl, tmp_path):
         assert f["gpt2.attention.layer_norm_epsilon"] == pytest.approx(cfg["layer_norm_epsilon"])
     else:
         assert f[f"{arch}.attention.head_count_kv"] == 2
-        assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
+        if kind == "starcoder2":
+            assert f["starcoder2.attention.layer_norm_epsilon"] == pytest.approx(cfg["norm_epsilon"])
+        else:
+            assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
         theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
         assert f[f"{arch}.rope.freq_base"] == pytest.approx(theta)
     if kind == "qwen3":

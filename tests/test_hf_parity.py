@@ -23,6 +23,7 @@ VOCAB = 96
 DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
 MOE = dict(num_experts_per_tok=2)
+TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # Phi-3's and StarCoder2's defaults exceed VOCAB
 
 CASES = {
     "llama-gqa-untied": ("Llama", dict(DECODER, rope_theta=500.0)),
@@ -48,6 +49,12 @@ CASES = {
                                        **MOE)),
     "qwen2_moe-shared": ("Qwen2Moe", dict(DECODER, num_experts=4, moe_intermediate_size=16,
                                           shared_expert_intermediate_size=24, **MOE)),
+    "phi3": ("Phi3", dict(DECODER, **TOKENS)),
+    "phi3-window-tied": ("Phi3", dict(DECODER, sliding_window=5, tie_word_embeddings=True, rope_theta=500.0,
+                                      **TOKENS)),
+    "starcoder2-window": ("Starcoder2", dict(DECODER, sliding_window=4, rope_theta=1e5, **TOKENS)),
+    "starcoder2-nobias-untied": ("Starcoder2", dict(DECODER, use_bias=False, tie_word_embeddings=False, head_dim=16,
+                                                    hidden_act="gelu", **TOKENS)),
     "gpt2-tied": ("GPT2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                bos_token_id=0, eos_token_id=0)),
     "gpt2-untied-relu": ("GPT2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32, n_inner=40,
@@ -118,7 +125,8 @@ def test_parity_both_ways(case, tmp_path, record_property):
     print(f"{case}: load Δ={delta_load:.2e} save Δ={delta_save:.2e}")
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-untied", "mistral-window", "qwen3-headdim", "gpt2-tied", "mixtral"])
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "mistral-window", "qwen3-headdim", "gpt2-tied", "mixtral",
+                                  "phi3-window-tied", "starcoder2-window"])
 def test_parity_left_padded_batch(case, tmp_path):
     """Left padding with a mask and explicit positions matches transformers on real tokens."""
     theirs, ours = hf_and_ours(case, tmp_path)
@@ -135,7 +143,7 @@ def test_parity_left_padded_batch(case, tmp_path):
     assert (b[real] - ours_logits(ours, ids, mask)[real]).abs().max().item() == 0
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen3-headdim"])
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen3-headdim", "phi3", "starcoder2-nobias-untied"])
 def test_parity_packed_documents(case, tmp_path):
     """document_ids equal transformers' packed sequences (position_ids restarting at 0, no mask)."""
     from llmctl.core.model.transformer import document_positions
@@ -258,3 +266,60 @@ def test_gemma_legacy_gelu_means_tanh(tmp_path):
     reloaded = type(theirs).from_pretrained(tmp_path).eval()
     ids = torch.randint(0, VOCAB, (1, 8))
     assert (hf_logits(reloaded, ids) - ours_logits(ours, ids)).abs().max().item() <= TOL
+
+
+PHI3_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                 "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("edit,match", [
+    (dict(rope_parameters=dict(PHI3_LONGROPE, rope_theta=1e4)), r"rope_parameters type 'longrope' is not supported"),
+    (dict(rope_parameters=None, rope_scaling={"type": "su", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}),
+     r"rope_scaling type 'su' is not supported"),  # transformers reads su and yarn as longrope on Phi-3
+    (dict(rope_parameters=None, rope_scaling={"type": "yarn", "factor": 2.0}), r"type 'yarn' is not supported"),
+    (dict(rope_parameters=None, partial_rotary_factor=0.75), r"partial_rotary_factor is not supported"),  # Phi-4-mini
+])
+def test_phi3_rope_llmctl_cannot_express_is_refused(edit, match, tmp_path):
+    """Phi-3's long-context RoPE (longrope / su) and partial rotary dims: a one-line CheckpointError."""
+    theirs = build_hf(*CASES["phi3"])
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(CheckpointError, match=rf"^config.json: .*{match}"):
+        load_model(tmp_path)
+
+
+def test_phi3_longrope_checkpoint_from_transformers_is_refused(tmp_path):
+    family, kwargs = CASES["phi3"]
+    build_hf(family, dict(kwargs, rope_parameters=PHI3_LONGROPE)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="longrope"):
+        load_model(tmp_path)
+
+
+def test_phi3_with_a_rope_scaling_phi3_lacks_is_written_as_llama(tmp_path):
+    """transformers' Phi-3 takes no linear RoPE scaling: a finetuned Phi-3 with one is saved as the
+    Llama it computes as (unfused tensors), which transformers loads with equal logits."""
+    import dataclasses
+
+    _, ours = hf_and_ours("phi3", tmp_path / "hf")
+    assert ours.cfg.hf_model_type == "phi3"
+    scaled = dataclasses.replace(ours.cfg, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model, _ = load_model(tmp_path / "hf", config=scaled)
+    save_model(model, tmp_path / "ours", lineage={"command": "test"})
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "llama"
+    llama = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, VOCAB, (1, 20))
+    assert (hf_logits(llama, ids) - ours_logits(model, ids)).abs().max().item() <= TOL
+
+
+def test_starcoder2_lm_head_follows_tie_word_embeddings(tmp_path):
+    """StarCoder2 ties its head by default (no lm_head tensor); untied checkpoints carry one."""
+    from safetensors.torch import load_file
+
+    for case, tied in [("starcoder2-window", True), ("starcoder2-nobias-untied", False)]:
+        theirs, ours = hf_and_ours(case, tmp_path / case)
+        assert ours.cfg.tie_embeddings is tied and (ours.lm_head.weight is ours.model.embed_tokens.weight) is tied
+        save_model(ours, tmp_path / case / "ours", lineage={"command": "test"})
+        names = set(load_file(tmp_path / case / "ours" / "model.safetensors"))
+        assert ("lm_head.weight" in names) is not tied
+        assert names == set(load_file(tmp_path / case / "model.safetensors")) - ({"lm_head.weight"} if tied else set())

@@ -15,6 +15,7 @@ config exactly and whose names hold every tensor (the model's transforms are rec
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from itertools import product
@@ -26,6 +27,7 @@ from llmctl.core.checkpoint import check_tensors
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.model.build import build_model
 from llmctl.core.model.mlp import MLPS
+from llmctl.core.model.position import ROPE_SCALINGS
 from llmctl.errors import CheckpointError, ConfigError
 
 LLMCTL_TYPE = "llmctl"
@@ -66,14 +68,15 @@ def constant(key: str, value: Any) -> Codec:
     return Codec(check, lambda cfg: {key: value})
 
 
-def both_biases(theirs: str = "attention_bias") -> Codec:
-    """One HF flag for the q/k/v and o projection biases."""
+def both_biases(theirs: str = "attention_bias", mlp: bool = False, default: bool = False) -> Codec:
+    """One HF flag for the q/k/v and o projection biases (and the MLP's, when `mlp`)."""
+    fields = ("qkv_bias", "o_bias", "mlp_bias") if mlp else ("qkv_bias", "o_bias")
 
     def to_hf(cfg: ModelConfig) -> dict:
         # a mismatch (qkv_bias != o_bias) fails the round trip, so this arch is not chosen
         return {theirs: cfg.qkv_bias}
 
-    return Codec(lambda hf: {"qkv_bias": bool(hf.get(theirs, False)), "o_bias": bool(hf.get(theirs, False))}, to_hf)
+    return Codec(lambda hf: dict.fromkeys(fields, bool(hf.get(theirs, default))), to_hf)
 
 
 _FROM_HF_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -108,14 +111,19 @@ def activation(key: str, default: str, gated: bool, tanh_name: str = "gelu_pytor
     return Codec(to_ours, to_hf)
 
 
-def rope(default_theta: float = 10000.0) -> Codec:
-    """rope_parameters (transformers 5) or rope_theta + rope_scaling (older) <-> ours."""
+def rope(default_theta: float = 10000.0, kinds: tuple[str, ...] | None = None) -> Codec:
+    """rope_parameters (transformers 5) or rope_theta + rope_scaling (older) <-> ours; a scaling
+    type outside `kinds` (default: every one llmctl implements) is an unsupported checkpoint."""
 
     def to_ours(hf: dict) -> dict:
-        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        params = dict(hf.get(key) or {})
         theta = params.pop("rope_theta", hf.get("rope_theta", default_theta))
         kind = params.pop("rope_type", params.pop("type", "default"))
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
+        allowed = kinds or ROPE_SCALINGS.names()
+        if kind not in allowed:
+            raise CheckpointError(f"config.json: {key} type {kind!r} is not supported ({', '.join(allowed)})")
+        if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
             raise CheckpointError("config.json: partial_rotary_factor is not supported")
         params.pop("partial_rotary_factor", None)
         scaling = None if kind == "default" else {"rope_type": kind, **params}
@@ -186,22 +194,24 @@ CLASSIFIER = "ForSequenceClassification"
 DEFAULT_LABELS = {"0": "LABEL_0", "1": "LABEL_1"}  # transformers' PretrainedConfig default
 
 
-def decoder(tie: bool = False, eps: float = 1e-6, theta: float = 10000.0) -> tuple[Codec, ...]:
-    """The config keys shared by the Llama family."""
+def decoder(tie: bool = False, eps: float = 1e-6, theta: float = 10000.0, context: int = 2048,
+            eps_key: str = "rms_norm_eps", norm: str = "rmsnorm", rope_kinds: tuple[str, ...] | None = None,
+            ) -> tuple[Codec, ...]:
+    """The config keys shared by the Llama family (and the pre-norm RoPE decoders like it)."""
     return (
         *same("vocab_size", "hidden_size", "intermediate_size", "head_dim"),
         rename("num_layers", "num_hidden_layers"),
         rename("num_heads", "num_attention_heads"),
         rename("num_kv_heads", "num_key_value_heads"),
-        rename("max_seq_len", "max_position_embeddings", 2048),
-        rename("norm_eps", "rms_norm_eps", eps),
+        rename("max_seq_len", "max_position_embeddings", context),
+        rename("norm_eps", eps_key, eps),
         rename("tie_embeddings", "tie_word_embeddings", tie),
         rename("attention_dropout", "attention_dropout", 0.0),
         rename("initializer_range", "initializer_range", 0.02),
-        rope(theta),
+        rope(theta, rope_kinds),
         *TOKEN_IDS,
         classifier(),
-        fixed(position="rope", norm="rmsnorm", norm_placement="pre", is_causal=True),
+        fixed(position="rope", norm=norm, norm_placement="pre", is_causal=True),
     )
 
 
@@ -227,6 +237,10 @@ def linear(theirs: str, ours: str, transpose: bool = False) -> tuple[Rule, ...]:
 
 
 L = "model.layers.{i}"
+LLAMA_NORMS = (
+    rule(f"{L}.input_layernorm.weight", f"{L}.input_layernorm.weight"),
+    rule(f"{L}.post_attention_layernorm.weight", f"{L}.post_attention_layernorm.weight"),
+)
 LLAMA_ATTENTION = (
     *linear(f"{L}.self_attn.q_proj", f"{L}.self_attn.q_proj"),
     *linear(f"{L}.self_attn.k_proj", f"{L}.self_attn.k_proj"),
@@ -234,8 +248,7 @@ LLAMA_ATTENTION = (
     *linear(f"{L}.self_attn.o_proj", f"{L}.self_attn.o_proj"),
     rule(f"{L}.self_attn.q_norm.weight", f"{L}.self_attn.q_norm.weight"),
     rule(f"{L}.self_attn.k_norm.weight", f"{L}.self_attn.k_norm.weight"),
-    rule(f"{L}.input_layernorm.weight", f"{L}.input_layernorm.weight"),
-    rule(f"{L}.post_attention_layernorm.weight", f"{L}.post_attention_layernorm.weight"),
+    *LLAMA_NORMS,
 )
 LLAMA_OUTER = (
     rule("model.embed_tokens.weight", "model.embed_tokens.weight"),
@@ -259,6 +272,17 @@ QWEN2_MOE = QWEN_MOE + (
     *(rule(f"{L}.mlp.shared_expert.{p}.weight", f"{L}.mlp.shared_expert.{p}.weight")
       for p in ("gate_proj", "up_proj", "down_proj")),
     rule(f"{L}.mlp.shared_expert_gate.weight", f"{L}.mlp.shared_expert_gate.weight"),
+)
+PHI3 = LLAMA_OUTER + LLAMA_NORMS + (  # q, k, v rows and gate, up rows fused, in that order
+    rule(f"{L}.self_attn.qkv_proj.weight", *(f"{L}.self_attn.{p}_proj.weight" for p in "qkv")),
+    rule(f"{L}.self_attn.o_proj.weight", f"{L}.self_attn.o_proj.weight"),
+    rule(f"{L}.mlp.gate_up_proj.weight", f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight"),
+    rule(f"{L}.mlp.down_proj.weight", f"{L}.mlp.down_proj.weight"),
+)
+STARCODER2 = LLAMA_OUTER + LLAMA_ATTENTION + (
+    *(rule(f"{n}.bias", f"{n}.bias") for n in (f"{L}.input_layernorm", f"{L}.post_attention_layernorm", "model.norm")),
+    *linear(f"{L}.mlp.c_fc", f"{L}.mlp.up_proj"),
+    *linear(f"{L}.mlp.c_proj", f"{L}.mlp.down_proj"),
 )
 H = "transformer.h.{i}"
 GPT2 = (
@@ -361,6 +385,19 @@ ARCHES: dict[str, Arch] = {
             activation("hidden_act", "silu", gated=True), *QWEN_MOE_KEYS,
             rename("shared_expert_intermediate_size", "shared_expert_intermediate_size"),
         ), QWEN2_MOE),
+        Arch("phi3", "Phi3ForCausalLM", (  # a Llama with fused q/k/v and gate/up tensors
+            *decoder(eps=1e-5, context=4096, rope_kinds=("default",)), NO_BIAS, fixed(qk_norm=False),
+            rename("sliding_window", "sliding_window"), activation("hidden_act", "silu", gated=True),
+            rename("residual_dropout", "resid_pdrop", 0.0),  # its embd_pdrop is unused by transformers
+        ), PHI3),
+        Arch("starcoder2", "Starcoder2ForCausalLM", (
+            *decoder(tie=True, eps=1e-5, context=4096, eps_key="norm_epsilon", norm="layernorm"),
+            both_biases("use_bias", mlp=True, default=True), fixed(norm_bias=True, qk_norm=False),
+            rename("initializer_range", "initializer_range", 0.018042),
+            rename("sliding_window", "sliding_window"),
+            activation("hidden_act", "gelu_pytorch_tanh", gated=False),
+            *same("residual_dropout", "embedding_dropout", default=0.0),
+        ), STARCODER2),
         Arch("gpt2", "GPT2LMHeadModel", (
             rename("vocab_size", "vocab_size"), rename("hidden_size", "n_embd"), rename("num_layers", "n_layer"),
             rename("num_heads", "n_head"), rename("max_seq_len", "n_positions", 1024),
@@ -408,7 +445,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         if arch is None:
             return ModelConfig.from_dict({k: v for k, v in hf.items()
                                           if k not in ("model_type", "architectures", "dtype", "quantization_config")})
-        return _decode(arch, hf)
+        cfg = _decode(arch, hf)
+        # recorded only where saving would otherwise pick another type (a Phi-3 computes as a Llama)
+        return cfg if arch_for(cfg) is arch else dataclasses.replace(cfg, hf_model_type=arch.model_type)
     except (ConfigError, TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as exc:
         raise CheckpointError(f"config.json: malformed ({exc})") from None
 
@@ -440,9 +479,11 @@ def _config_to(cfg: ModelConfig, dtype: torch.dtype | None, arch: Arch | None) -
 
 
 def arch_for(cfg: ModelConfig) -> Arch | None:
-    """The first HF architecture whose config round trip reproduces `cfg`, or None."""
+    """The first HF architecture whose config round trip reproduces `cfg` (`cfg.hf_model_type`
+    first: a Phi-3 stays a Phi-3 rather than the Llama it computes as), or None."""
     want = cfg.architecture()
-    for arch in ARCHES.values():
+    first = ARCHES.get(cfg.hf_model_type)
+    for arch in [first] * (first is not None) + [a for a in ARCHES.values() if a is not first]:
         try:
             hf = {k: v for codec in arch.config for k, v in codec.to_hf(cfg).items()}
             if _decode(arch, hf).architecture() == want:

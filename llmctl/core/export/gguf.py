@@ -56,6 +56,7 @@ class Family:
     fuse_qkv: bool = False  # GPT-2: one attn_qkv tensor
     topk_norm: bool | None = None  # MoE: whether llama.cpp renormalizes the top-k routing weights
     expert_ffn: bool = False  # MoE width under its own key (expert_feed_forward_length)
+    needs_biases: bool = False  # llama.cpp's graph requires every projection's bias (StarCoder2)
 
 
 FAMILIES = {
@@ -68,6 +69,8 @@ FAMILIES = {
     "gpt2": Family("gpt2", ("gelu", "gelu_tanh"), fuse_qkv=True),
     "qwen2_moe": Family("qwen2moe", ("swiglu", "silu"), topk_norm=False, expert_ffn=True),
     "qwen3_moe": Family("qwen3moe", ("swiglu", "silu"), topk_norm=True, expert_ffn=True),
+    "phi3": Family("llama", ("swiglu", "silu"), permute_qk=True),  # a Llama with fused tensors: written unfused
+    "starcoder2": Family("starcoder2", ("gelu", "gelu_tanh"), needs_biases=True),
 }
 REFUSED = {"bert": "it is an encoder (masked LM); llama.cpp runs BERT only as an embedding model"}
 
@@ -92,6 +95,9 @@ def family_of(cfg) -> tuple[str, Family]:
     if (cfg.mlp, act) != family.mlp:
         raise UsageError(f"cannot export this {arch.model_type} model to GGUF: its MLP is {cfg.mlp}/{act}, "
                          f"llama.cpp's {family.arch} computes {'/'.join(family.mlp)}")
+    if family.needs_biases and not (cfg.qkv_bias and cfg.o_bias and cfg.mlp_bias):
+        raise UsageError(f"cannot export this {arch.model_type} model to GGUF: llama.cpp's {family.arch} "
+                         "requires the attention and MLP biases, and this model has none")
     if family.topk_norm is not None and cfg.moe_normalize_topk != family.topk_norm:
         raise UsageError(f"cannot export this {arch.model_type} model to GGUF: llama.cpp's {family.arch} "
                          f"{'always' if family.topk_norm else 'never'} renormalizes the top-k routing weights")

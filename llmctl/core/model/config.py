@@ -26,6 +26,7 @@ RUNTIME_FIELDS = frozenset(
         "initializer_range",
         "mtp_loss_weight",
         "router_aux_loss_coef",
+        "hf_model_type",
     }
 )
 
@@ -102,6 +103,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # the Hugging Face model_type to save as when several express this config (a Phi-3 computes
+    # as a Llama, with fused tensors); None: the first that does (`core/hf.py`)
+    hf_model_type: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "num_kv_heads", "head_dim",
