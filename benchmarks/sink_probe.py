@@ -46,16 +46,8 @@ def windows(data: np.ndarray, n: int, length: int, rng: np.random.Generator) -> 
 def residual_stats(model, tokens: torch.Tensor) -> list[dict]:
     """Per layer output: the largest per-dimension kurtosis and max/median dimension RMS over the
     tokens after position 0, position 0's norm over the median token norm, and the largest |h|."""
-    states: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: states.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.model.layers]
-    try:
-        model(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
     rows = []
-    for i, h in enumerate(states):
+    for i, h in enumerate(model(tokens, output_hidden_states=True).hidden_states[1:]):  # [0]: the embeddings
         rest = h[:, 1:].reshape(-1, h.shape[-1])
         z = (rest - rest.mean(0)) / rest.std(0)
         rms = rest.square().mean(0).sqrt()
