@@ -113,7 +113,8 @@ def test_the_architecture_leaves_out_the_run_time_knobs_and_a_rotary_context():
 
     cfg = ModelConfig(max_seq_len=128, rope_scaling={"rope_type": "linear", "factor": 2.0})
     runtime = {"attention_kernel", "embedding_dropout", "attention_dropout", "residual_dropout",
-               "gradient_checkpointing", "initializer_range", "mtp_loss_weight", "router_aux_loss_coef"}
+               "gradient_checkpointing", "initializer_range", "mtp_loss_weight", "router_aux_loss_coef",
+               "hf_model_type"}
     everything = {f.name for f in fields(ModelConfig)}
     assert set(cfg.architecture()) == everything - runtime
     assert cfg.architecture()["max_seq_len"] == 128 and cfg.architecture()["hidden_size"] == 64

@@ -422,7 +422,8 @@ def test_search_paths_start_from_the_recipes_value_in_range_and_set_through_list
 
 @pytest.fixture
 def recorded_merges(monkeypatch):
-    """`merge` replaced by writing the recipe (and its keywords) to the output directory."""
+    """`merge` replaced by writing the recipe (and its keywords) to the output directory; recipes
+    stay raw dicts (with the parsed recipe's `models()`, which the output check reads)."""
     merges = []
 
     def merge(recipe, out, **kw):
@@ -432,8 +433,13 @@ def recorded_merges(monkeypatch):
         return {"out": str(out)}
 
     monkeypatch.setattr(search, "merge", merge)
-    monkeypatch.setattr(search, "parse_recipe", lambda raw, where, relative_to=None: raw)
+    monkeypatch.setattr(search, "parse_recipe", lambda raw, where, relative_to=None: RawRecipe(raw))
     return merges
+
+
+class RawRecipe(dict):
+    def models(self) -> list[str]:
+        return [m["model"] if isinstance(m, dict) else m for m in self.get("models", [])]
 
 
 class RecipeObjective:
