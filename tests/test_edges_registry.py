@@ -144,3 +144,21 @@ def test_exporters_are_registered_strategies():
     assert (Exporter.types, Exporter.kind) == ((), "")
     with pytest.raises(NotImplementedError):
         Exporter().export("ck", "out", type="f32")
+
+
+def test_a_plugin_that_is_not_of_the_registry_base_is_a_warning(monkeypatch):
+    """`base=`: a plugin must be an instance or a subclass of it; anything else is skipped."""
+    class Base:
+        pass
+
+    class Good(Base):
+        pass
+
+    reg = Registry("widget", entry_point_group="test.widgets", base=Base)
+    points = [_entry_point("cls", "pkg:Good", loaded=Good), _entry_point("obj", "pkg:obj", loaded=Good()),
+              _entry_point("fn", "pkg:fn", loaded=len)]
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: points)
+    warnings = []
+    monkeypatch.setattr(llmctl.console, "warn", warnings.append)
+    assert reg.names() == ["cls", "obj"]
+    assert warnings == ["widget plugin 'fn' (pkg:fn) is not a Base; ignored"]

@@ -52,6 +52,7 @@ def generate(
     length_penalty: Annotated[float, option("--length-penalty", help="Beam score = logprob / length^penalty.", panel=SEARCH)] = 1.0,
     early_stopping: Annotated[str, option("--early-stopping", help="Beam search: true, false or never.", panel=SEARCH)] = "false",
     penalty_alpha: Annotated[float, option("--penalty-alpha", help="Contrastive search degeneration penalty (with --top-k).", panel=SEARCH)] = 0.0,
+    strategy: Annotated[Optional[str], option("--strategy", help="Decoding strategy by name, e.g. one a plugin adds (default: from the flags).", panel=SEARCH)] = None,
     stop: Annotated[Optional[list[str]], option("--stop", help="Stop string (repeatable); excluded from the text.", panel=SEARCH)] = None,
     ignore_eos: Annotated[bool, option("--ignore-eos", help="Keep generating past EOS.", panel=SEARCH)] = False,
     draft: Annotated[Optional[Path], option("--draft", help="Draft checkpoint for speculative decoding.", panel=SPECULATIVE)] = None,
@@ -110,9 +111,14 @@ def generate(
         truncate=truncate.value,
         compile=compile,
         cuda_graph=cuda_graph,
+        strategy=strategy,
     )
     validate(cfg)
     strategy_name(cfg, draft is not None)  # reject bad combinations before loading anything
+    if strategy is not None:
+        from llmctl.core.generate.search import SEARCHES
+
+        SEARCHES.get(strategy)  # an unknown name fails before loading, naming the installed ones
     if stop is not None and any(s == "" for s in stop):
         raise UsageError('--stop "": an empty stop string would end every generation at once; give some text')
     if prompt == "-":

@@ -10,7 +10,8 @@
 A registry may also name an entry-point group; third-party packages then add strategies by
 declaring entry points in that group, loaded the first time the registry is queried. Built-in
 strategies that live in modules of their own (`modules=`) are imported at that moment too, so
-those modules may import the registry's module without a cycle.
+those modules may import the registry's module without a cycle. With `base=`, a plugin must be
+an instance or subclass of it; one that is not is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def did_you_mean(name: str, choices) -> str:
 class Registry(Generic[T]):
     """A mapping name → strategy, filled by the `register` decorator."""
 
-    def __init__(self, kind: str, entry_point_group: str | None = None, modules: tuple[str, ...] = ()):
+    def __init__(self, kind: str, entry_point_group: str | None = None, modules: tuple[str, ...] = (),
+                 base: type | None = None):
         self.kind = kind
         self.entry_point_group = entry_point_group
         self.modules = modules  # built-in modules that register on import
+        self.base = base  # what a plugin must be an instance or subclass of
         self._items: dict[str, T] = {}
         self._plugins_loaded = entry_point_group is None and not modules
 
@@ -69,9 +72,15 @@ class Registry(Generic[T]):
                 warn(f"plugin {ep.value} may not replace built-in {self.kind} '{ep.name}'; ignored")
                 continue
             try:
-                self._items[ep.name] = ep.load()
+                item = ep.load()
             except Exception as exc:  # a broken plugin must not break the registry
                 warn(f"{self.kind} plugin '{ep.name}' ({ep.value}) failed to load: {exc}")
+                continue
+            if self.base is not None and not (isinstance(item, self.base) or
+                                              (isinstance(item, type) and issubclass(item, self.base))):
+                warn(f"{self.kind} plugin '{ep.name}' ({ep.value}) is not a {self.base.__name__}; ignored")
+                continue
+            self._items[ep.name] = item
 
     def get(self, name: str) -> T:
         """The strategy called `name`; UsageError naming the choices otherwise."""

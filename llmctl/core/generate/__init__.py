@@ -160,9 +160,6 @@ def generate(
     from llmctl.core.generate.search import SEARCHES, Job
     from llmctl.core.generate.stream import Sequence
 
-    # strategies register on import
-    import llmctl.core.generate.speculative  # noqa: F401
-
     validate(cfg)
     name = strategy_name(cfg, draft is not None)
     search = SEARCHES.get(name)

@@ -1,6 +1,6 @@
 """Logits processors: composable callables `(scores [B, V], history) -> scores`.
 
-Each processor is a registered class with `from_config(cfg)` returning an instance, or `None`
+Each processor is a registered `Processor` subclass with `from_config(cfg)` returning an instance, or `None`
 when the setting is inactive (so an inactive processor costs nothing per token). `order` fixes
 where it runs in the chain; `warper = True` marks processors that only shape a sampling
 distribution (temperature, top-k, …) and are skipped by greedy and beam search, as in
@@ -16,7 +16,6 @@ import torch
 from llmctl.core.registry import Registry
 from llmctl.errors import UsageError
 
-PROCESSORS: Registry[type] = Registry("logits processor", "llmctl.logits_processors")
 NEG_INF = -float("inf")
 
 
@@ -97,6 +96,9 @@ class Processor:
 
     def __call__(self, scores: torch.Tensor, history: History) -> torch.Tensor:
         raise NotImplementedError
+
+
+PROCESSORS: Registry[type[Processor]] = Registry("logits processor", "llmctl.logits_processors", base=Processor)
 
 
 @PROCESSORS.register("repetition_penalty")

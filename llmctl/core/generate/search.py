@@ -19,7 +19,8 @@ from llmctl.core.generate.stream import Sequence
 from llmctl.core.registry import Registry
 from llmctl.errors import UsageError
 
-SEARCHES: Registry[Callable] = Registry("decoding strategy", "llmctl.decoding_strategies")
+SEARCHES: Registry[Callable] = Registry("decoding strategy", "llmctl.decoding_strategies",
+                                    modules=("llmctl.core.generate.speculative",))
 
 
 @dataclass

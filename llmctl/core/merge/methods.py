@@ -1,6 +1,6 @@
 """Merge methods: each a registered tensor function with declared parameters.
 
-    @METHODS.register("linear")
+    @register("linear", arrays=True)   # METHODS["linear"] = Method(linear, arrays=True)
     def linear(inputs: Inputs, weight: list[float], normalize: bool = True) -> np.ndarray: ...
     METHODS.get("linear").params  # Param("weight", float, per_model=True), Param("normalize", …)
 
@@ -12,7 +12,8 @@ method is declared once. TIES, DARE, breadcrumbs and DELLA are one generalised t
 arithmetic (task vectors → sparsify → sign consensus → weighted sum), configured per name.
 Methods declared `arrays=True` (linear, slerp, passthrough, the task-arithmetic family) compute
 on numpy arrays, the others (nuslerp, model_stock) on torch tensors.
-Third-party methods register through the `llmctl.merge_methods` entry-point group.
+Third-party methods register through the `llmctl.merge_methods` entry-point group: the entry
+point names a `Method` instance (e.g. `MyMerge = Method(my_fn, base="optional")`).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class Method:
         return self.fn(inputs, **args, **self.fixed)
 
 
-METHODS: Registry[Method] = Registry("merge method", "llmctl.merge_methods")
+METHODS: Registry[Method] = Registry("merge method", "llmctl.merge_methods", base=Method)
 
 
 def register(name: str, **declared) -> Callable:

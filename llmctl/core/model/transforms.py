@@ -47,7 +47,6 @@ from torch import nn
 from llmctl.core.registry import Registry
 from llmctl.errors import CheckpointError, UsageError
 
-TRANSFORMS: Registry[type[Transform]] = Registry("model transform", "llmctl.transforms")
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"
 TIED = (OUTPUT_HEAD, "model.embed_tokens")  # replacing either unties them
@@ -143,6 +142,9 @@ class Transform:
     @classmethod
     def from_quantization_config(cls, config: Mapping[str, Any]) -> Transform:
         return _construct(cls, {k: v for k, v in config.items() if k != "quant_method"}, "quantization_config")
+
+
+TRANSFORMS: Registry[type[Transform]] = Registry("model transform", "llmctl.transforms", base=Transform)
 
 
 def _device_of(module: nn.Module):
