@@ -12,9 +12,9 @@ the next block's input. The windows go through a block `micro_batch` at a time, 
 is the model, every window's hidden states (twice) and one micro-batch's block activations.
 
 A method is a class in QUANTIZERS (plugins: entry-point group `llmctl.quantizers`) with
-`calibrated` and `block(block, forward, put)`: `forward()` runs the block on its calibration
-input, `put(path, solution, hessian)` replaces the linear at `path` (relative to the block)
-by its quantized form and measures its error.
+`calibrated` and `block(block, linears, forward, put)` (a `Method` subclass): `linears` are the
+paths (relative to the block) to quantize, `forward()` runs the block on its calibration input,
+`put(path, solution, hessian)` replaces the linear at `path` by its quantized form and measures its error.
 """
 
 from __future__ import annotations
