@@ -234,3 +234,22 @@ def test_json_output_is_strict_json(capsys):
     line = capsys.readouterr().out
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}")) == \
         {"loss": None, "ppl": [1.5, None, None], "t": [0.5, None], "path": "a/b", "n": 3, "s": "NaN"}
+
+
+def test_no_command_gives_one_flag_two_meanings():
+    """Every command's option names are its own (with the common options its host adds): `export -f`
+    meant both --format and --force, and Click silently let --force win."""
+    import typer
+
+    from llmctl.cli import app
+
+    def leaves(command, path):
+        subcommands = getattr(command, "commands", None)
+        if subcommands is None:
+            yield path, command
+        for name, sub in (subcommands or {}).items():
+            yield from leaves(sub, f"{path} {name}")
+
+    for path, command in leaves(typer.main.get_command(app), "llmctl"):
+        names = [n for p in command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")]
+        assert len(names) == len(set(names)), (path, sorted(n for n in names if names.count(n) > 1))

@@ -15,7 +15,7 @@ from llmctl.options import human_bytes, option
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (llmctl or Hugging Face).", show_default=False)],
     output: Annotated[Path, option("--output", "-o", help="The file to write (e.g. model.gguf).")],
-    format: Annotated[str, option("--format", "-f", help="Output format: gguf, or one a plugin adds.")] = "gguf",
+    format: Annotated[str, option("--format", help="Output format: gguf, or one a plugin adds.")] = "gguf",
     type: Annotated[Optional[str], option("--type", "-t", help="Tensor type; gguf: f16 (default), f32, bf16, q8_0, q4_0, q4_k_m.")] = None,
 ) -> None:
     """Export a checkpoint to another runtime's format (GGUF for llama.cpp), streamed tensor by tensor."""
