@@ -162,3 +162,20 @@ def test_a_plugin_that_is_not_of_the_registry_base_is_a_warning(monkeypatch):
     monkeypatch.setattr(llmctl.console, "warn", warnings.append)
     assert reg.names() == ["cls", "obj"]
     assert warnings == ["widget plugin 'fn' (pkg:fn) is not a Base; ignored"]
+
+
+@pytest.mark.parametrize("module, name, base", [
+    ("llmctl.core.prune", "PRUNERS", "Pruner"), ("llmctl.core.export", "EXPORTERS", "Exporter"),
+    ("llmctl.core.train.objectives", "OBJECTIVES", "Objective"), ("llmctl.core.quant.methods", "QUANTIZERS", "Method"),
+    ("llmctl.core.evaluate.tasks", "TASK_TYPES", "Task"), ("llmctl.core.generate.sampling", "PROCESSORS", "Processor"),
+    ("llmctl.core.merge.methods", "METHODS", "Method"), ("llmctl.core.model.transforms", "TRANSFORMS", "Transform"),
+])
+def test_every_class_based_registry_names_its_base(module, name, base):
+    """A plugin of the wrong kind is a warning, not an AttributeError when it is chosen (or, for
+    registries every command consults, in every command)."""
+    import importlib
+
+    registry = getattr(importlib.import_module(module), name)
+    assert registry.base is not None and registry.base.__name__ == base
+    assert all(isinstance(item, registry.base) or issubclass(item, registry.base)
+               for item in map(registry.get, registry.names()))  # the built-ins are of that kind

@@ -26,7 +26,6 @@ from llmctl.core.registry import Registry
 from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import ConfigError, DataError, UsageError
 
-TASK_TYPES: Registry[type] = Registry("eval task type", "llmctl.eval_tasks")
 _TASK_MODULES = ("choice", "generation", "perplexity", "code", "pairwise")  # modules that register the built-in types
 
 Doc = tuple[str, dict]  # (where it came from, e.g. "data.jsonl:12"; the fields)
@@ -70,6 +69,9 @@ class Task:
         log = getattr(self, "samples_log", None)
         if log is not None:
             log.append(record)
+
+
+TASK_TYPES: Registry[type] = Registry("eval task type", "llmctl.eval_tasks", base=Task)
 
 
 @dataclass

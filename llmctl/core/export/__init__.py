@@ -15,8 +15,6 @@ from typing import Any, ClassVar
 from llmctl.core.registry import Registry
 from llmctl.core.report import SILENT, Reporter
 
-EXPORTERS: Registry[type["Exporter"]] = Registry("export format", "llmctl.exporters")
-
 
 class Exporter:
     """One output format: the tensor types it offers and `export`, which writes one file or dir."""
@@ -30,6 +28,9 @@ class Exporter:
                force: bool = False, report: Reporter = SILENT) -> dict[str, Any]:
         """Write `checkpoint` to `output` (atomically); return a summary for the command to show."""
         raise NotImplementedError
+
+
+EXPORTERS: Registry[type["Exporter"]] = Registry("export format", "llmctl.exporters", base=Exporter)
 
 
 def _register_builtins() -> None:

@@ -23,7 +23,6 @@ from llmctl.core.registry import Registry
 from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import UsageError
 
-PRUNERS: Registry[type["Pruner"]] = Registry("pruning method", "llmctl.pruners")
 DEFAULT_SPARSITY = 0.5
 
 
@@ -56,3 +55,6 @@ class Pruner:
 
     def prune(self, model: nn.Module, tokens: torch.Tensor | None, report: Reporter = SILENT) -> nn.Module:
         raise NotImplementedError
+
+
+PRUNERS: Registry[type["Pruner"]] = Registry("pruning method", "llmctl.pruners", base=Pruner)

@@ -36,7 +36,6 @@ from llmctl.core.registry import Registry
 from llmctl.core.report import SILENT, Reporter
 from llmctl.errors import UsageError
 
-QUANTIZERS: Registry[type] = Registry("quantization method", "llmctl.quantizers")
 Put = Callable[[str, tuple, "torch.Tensor | None"], None]
 
 
@@ -74,6 +73,9 @@ class Method:
 
     def block(self, block: nn.Module, linears: list[str], forward: Callable[[], None], put: Put) -> None:
         raise NotImplementedError
+
+
+QUANTIZERS: Registry[type] = Registry("quantization method", "llmctl.quantizers", base=Method)
 
 
 @QUANTIZERS.register("int8")

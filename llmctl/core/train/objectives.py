@@ -43,9 +43,6 @@ from torch import nn
 from llmctl.core.registry import Registry
 from llmctl.errors import ConfigError
 
-OBJECTIVES: Registry[type[Objective]] = Registry(
-    "training objective", "llmctl.objectives",
-    modules=("llmctl.core.train.sft", "llmctl.core.train.preference", "llmctl.core.rl.grpo"))
 MASK_TOKENS = ("[MASK]", "<mask>", "<MASK>")
 
 Batch = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]  # (input_ids, labels aligned with them, model kwargs)
@@ -148,6 +145,11 @@ class Objective:
 
     def _to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         return [t.to(self.device, non_blocking=True) for t in tensors]
+
+
+OBJECTIVES: Registry[type[Objective]] = Registry(
+    "training objective", "llmctl.objectives",
+    modules=("llmctl.core.train.sft", "llmctl.core.train.preference", "llmctl.core.rl.grpo"), base=Objective)
 
 
 def labelled(batch: Batch) -> torch.Tensor:
