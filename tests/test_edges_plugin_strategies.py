@@ -23,6 +23,25 @@ SOURCE = """
 
     def plain_merge(inputs, weight: list[float]):  # a function, not a merge Method
         return inputs.others[0]
+
+    import torch
+    from llmctl.core.generate.sampling import Processor
+
+    class Force(Processor):  # configured by `--plugin-arg force_token=N`, off without it
+        order = 500
+
+        def __init__(self, token):
+            self.token = token
+
+        @classmethod
+        def from_config(cls, cfg):
+            token = cfg.plugin_args.get("force_token")
+            return None if token is None else cls(int(token))
+
+        def __call__(self, scores, history):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.token] = 0.0
+            return forced
 """
 ENTRY_POINTS = """
     [llmctl.decoding_strategies]
@@ -30,6 +49,7 @@ ENTRY_POINTS = """
 
     [llmctl.logits_processors]
     plain = strategy_plugin:plain_processor
+    force = strategy_plugin:Force
 
     [llmctl.merge_methods]
     plain = strategy_plugin:plain_merge
@@ -63,3 +83,15 @@ def test_merge_list_skips_a_plugin_that_is_not_a_method(env):
     assert r.code == 0, r.stderr
     assert "merge method plugin 'plain' (strategy_plugin:plain_merge) is not a Method; ignored" in r.stderr
     assert "linear" in json.loads(r.stdout) and "plain" not in json.loads(r.stdout)
+
+
+def test_a_plugin_processor_is_configured_by_plugin_args(env, tmp_path):
+    ck = tiny_llama(tmp_path, ["the cat sat on the mat"] * 10, vocab=280, context=32)
+    args = ["generate", ck, "the cat", "-n", "3", "--ignore-eos", "--json"]
+    forced = run_process(*args, "--plugin-arg", "force_token=7", env=env)
+    assert forced.code == 0, forced.stderr
+    assert json.loads(forced.stdout)["tokens"] == [7, 7, 7]
+    free = run_process(*args, env=env)
+    assert free.code == 0 and json.loads(free.stdout)["tokens"] != [7, 7, 7]  # off without its setting
+    bad = run_process(*args, "--plugin-arg", "force_token", env=env)
+    assert bad.code == 2 and "'force_token' is not of the form key=value" in bad.stderr

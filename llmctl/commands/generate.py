@@ -53,6 +53,7 @@ def generate(
     early_stopping: Annotated[str, option("--early-stopping", help="Beam search: true, false or never.", panel=SEARCH)] = "false",
     penalty_alpha: Annotated[float, option("--penalty-alpha", help="Contrastive search degeneration penalty (with --top-k).", panel=SEARCH)] = 0.0,
     strategy: Annotated[Optional[str], option("--strategy", help="Decoding strategy by name, e.g. one a plugin adds (default: from the flags).", panel=SEARCH)] = None,
+    plugin_arg: Annotated[Optional[list[str]], option("--plugin-arg", help="KEY=VALUE for a plugin's logits processor or decoding strategy (repeatable; its cfg.plugin_args).", panel=SEARCH)] = None,
     stop: Annotated[Optional[list[str]], option("--stop", help="Stop string (repeatable); excluded from the text.", panel=SEARCH)] = None,
     ignore_eos: Annotated[bool, option("--ignore-eos", help="Keep generating past EOS.", panel=SEARCH)] = False,
     draft: Annotated[Optional[Path], option("--draft", help="Draft checkpoint for speculative decoding.", panel=SPECULATIVE)] = None,
@@ -85,6 +86,7 @@ def generate(
     if early_stopping not in ("true", "false", "never"):
         raise UsageError(f"--early-stopping must be true, false or never, got '{early_stopping}'")
 
+    from llmctl.config import parse_override
     from llmctl.core.generate import GenerationConfig, strategy_name, validate
 
     cfg = GenerationConfig(
@@ -112,6 +114,7 @@ def generate(
         compile=compile,
         cuda_graph=cuda_graph,
         strategy=strategy,
+        plugin_args=dict(map(parse_override, plugin_arg or [])),
     )
     validate(cfg)
     strategy_name(cfg, draft is not None)  # reject bad combinations before loading anything

@@ -42,6 +42,7 @@ class GenerationConfig:
     compile: bool = False
     cuda_graph: bool = True  # on CUDA, replay one-token steps from a CUDA graph
     strategy: str | None = None  # explicit strategy name (default: from the settings above)
+    plugin_args: dict[str, Any] = field(default_factory=dict)  # settings of plugin processors and strategies
 
     @property
     def sampling(self) -> bool:
