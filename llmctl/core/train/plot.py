@@ -84,7 +84,8 @@ def render_terminal(curves: dict, width: int = 72, height: int = 14) -> str:
                 grid[row][col] = mark
     lines = []
     for i, row in enumerate(grid):
-        label = f"{_number(y1 - (y1 - y0) * i / (height - 1), scale, 8)} ┤" if i % 3 == 0 or i == height - 1 else "         │"
+        labelled = i % 3 == 0 or i == height - 1
+        label = f"{_number(y1 - (y1 - y0) * i / (height - 1), scale, 8)} ┤" if labelled else "         │"
         lines.append(label + "".join(row))
     lines.append("         └" + "─" * width)
     lines.append(f"          step {x0:g}" + f"step {x1:g}".rjust(width - len(f"step {x0:g}") - 5))
