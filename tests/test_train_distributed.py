@@ -108,6 +108,8 @@ for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):  
 if d.is_main:
     print("UNITS", sharded, json.dumps(units))
     print("DTYPES", json.dumps(seen))
+del model, m  # as the trainer ends: the sharded models freed while gloo is idle, not at interpreter exit
+dist_.settle(d)
 dist_.shutdown(d)
 """
 
