@@ -46,3 +46,59 @@ def test_truncating_past_the_cache_says_what_it_holds():
         model(IDS[:1, :3], cache=cache)
     with pytest.raises(LlmctlError, match="cannot truncate a KV cache of length 3 to 5"):
         cache.truncate(5)
+
+
+def test_per_layer_sliding_windows_cache_and_decode_step_equal_the_full_forward():
+    """Gemma 2's alternation: each layer masks (and the cache trims) by its own window, in the
+    cached forward and the fixed-shape `decode_step` alike; a window per layer changes the result."""
+    from llmctl.core.model.transformer import window_layers
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY, "num_layers": 3, "layer_sliding_windows": [2, None, 3]})
+    model = Transformer(cfg).eval()
+    assert model.make_cache(1, 8).windows == [2, None, 3] and window_layers(cfg) == {2: 0, 3: 2}
+    with torch.no_grad():
+        full = model(IDS).logits
+        cache = model.make_cache(2, 8)
+        model(IDS[:, :3], cache=cache)
+        steps = [model(IDS[:, t : t + 1], cache=cache).logits for t in (3, 4, 5)]
+        static = model.make_cache(2, 8)
+        model(IDS[:, :3], cache=static)
+        for t in (3, 4, 5):
+            slot = torch.tensor([t])
+            steps.append(model.decode_step(IDS[:, t : t + 1], slot.expand(2, 1), None, static.keys, static.values,
+                                           slot)[:, None])
+            static.advance(1)
+        uniform = Transformer(ModelConfig(**{**TINY, "num_layers": 3, "sliding_window": 2}))
+        uniform.load_state_dict(model.state_dict())
+        other = uniform.eval()(IDS).logits
+    for got in (torch.cat(steps[:3], 1), torch.cat(steps[3:], 1)):
+        assert torch.allclose(got, full[:, 3:], atol=1e-5)
+    assert (other - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(layer_sliding_windows=[2, None], sliding_window=4), "leave sliding_window unset"),
+    (dict(layer_sliding_windows=[2]), "must hold 2 sizes"),
+    (dict(layer_sliding_windows=[0, None]), "must hold 2 sizes"),
+    (dict(attention_softcap=0.0), "attention_softcap must be > 0"),
+])
+def test_per_layer_window_and_softcap_settings_are_checked(fields, match):
+    from llmctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**{**TINY, "num_layers": 2, **fields})
+    assert ModelConfig(**{**TINY, "num_layers": 2, "layer_sliding_windows": [4, 4]}).sliding_window == 4  # one for all
+
+
+def test_per_layer_windows_follow_their_layers_when_layers_are_dropped():
+    """Layer pruning and a `keep_every` student keep each kept layer's own window (one left: the config's)."""
+    from llmctl.core.distill.student import student_config
+    from llmctl.core.prune.structured import resized
+
+    cfg = ModelConfig(**{**TINY, "num_layers": 4, "layer_sliding_windows": [3, None, 3, None]})
+    model = Transformer(cfg).eval()
+    assert resized(model, layers=[0, 1, 3]).cfg.layer_sliding_windows == [3, None, None]
+    kept = resized(model, layers=[0, 2]).cfg
+    assert (kept.layer_sliding_windows, kept.sliding_window) == (None, 3)
+    assert student_config(cfg, 2) == kept

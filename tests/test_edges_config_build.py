@@ -723,3 +723,11 @@ def test_prune_refusals(llama, tmp_path):
     with pytest.raises(UsageError, match=r"^the model has module transforms \(lora, nf4\); prune a dense checkpoint$"):
         PRUNERS.get("magnitude")(PruneConfig()).check_model(two)
     shutil.rmtree(tmp_path / "q")
+
+
+def test_partial_rotary_and_parallel_residual_refusals():
+    _refused("partial_rotary_factor must be in (0, 1], got 0.0", partial_rotary_factor=0.0)
+    _refused("rope needs an even number of rotary dims, got 3 (head_dim 16 × partial_rotary_factor 0.2)",
+             hidden_size=64, num_heads=4, partial_rotary_factor=0.2)
+    _refused("residual 'parallel' needs norm_placement 'pre'", residual="parallel", norm_placement="post")
+    assert ModelConfig(hidden_size=64, num_heads=4, partial_rotary_factor=0.25).rotary_dim == 4

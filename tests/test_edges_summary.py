@@ -129,3 +129,14 @@ def test_rope_details_from_the_nested_parameters_and_older_keys():
                        ("rotary_emb_base", 3.0), ("rotary_pct", 0.5)):  # a family we do not know, with rope keys
         assert positional_encoding({"model_type": "custom", key: value})["type"] == "rope", key
     assert positional_encoding({"model_type": "custom"}) == {"type": "unknown"}
+
+
+def test_gemma3_rope_per_layer_type():
+    """Gemma 3's rope_parameters per layer type: the full layers' theta and scaling, the sliding layers' theta."""
+    full = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    config = {"model_type": "gemma3_text", "rope_parameters": {"full_attention": full,
+                                                               "sliding_attention": {"rope_theta": 1e4}}}
+    assert positional_encoding(config) == {"type": "rope", "theta": 1e6, "local_theta": 1e4,
+                                           "scaling": {"rope_type": "linear", "factor": 8.0}}
+    legacy = {"model_type": "gemma3_text", "rope_theta": 1e6, "rope_local_base_freq": 1e4}
+    assert positional_encoding(legacy) == {"type": "rope", "theta": 1e6, "scaling": None, "local_theta": 1e4}

@@ -5,6 +5,7 @@ llama-cpp-python is installed — llama.cpp's greedy tokens equal to llmctl's.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -20,11 +21,12 @@ torch = pytest.importorskip("torch")
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello llama", "one two three four five"] * 20
 CONTEXT = 64
-ARCHES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "phi3",
-          "starcoder2"]
+ARCHES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "phi3",
+          "starcoder2", "phi"]
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "gemma": "gemma", "gpt2": "gpt2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "phi3": "llama",
-             "starcoder2": "starcoder2"}
+             "gemma": "gemma", "gemma2": "gemma2",
+             "gpt2": "gpt2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "phi3": "llama",
+             "starcoder2": "starcoder2", "phi": "phi2"}
 
 
 def _llama(path: Path) -> Path:
@@ -46,6 +48,10 @@ def _config(kind: str, vocab: int):
         return tr.Qwen3ForCausalLM, tr.Qwen3Config(**common, head_dim=16)  # head_dim ≠ hidden / heads
     if kind == "gemma":
         return tr.GemmaForCausalLM, tr.GemmaConfig(**{**common, "tie_word_embeddings": True}, head_dim=8)
+    if kind == "gemma2":  # layer 0 slides over 4 tokens (llama.cpp: the even layers), scores scaled by head_dim
+        return tr.Gemma2ForCausalLM, tr.Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=8,
+                                                     query_pre_attn_scalar=8, sliding_window=4,
+                                                     attn_logit_softcapping=2.0, final_logit_softcapping=10.0)
     if kind == "mixtral":
         return tr.MixtralForCausalLM, tr.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
@@ -58,6 +64,8 @@ def _config(kind: str, vocab: int):
         return tr.Phi3ForCausalLM, tr.Phi3Config(**common)
     if kind == "starcoder2":
         return tr.Starcoder2ForCausalLM, tr.Starcoder2Config(**common)
+    if kind == "phi":  # Phi-2: one norm before attention and MLP in parallel, half of each head rotated
+        return tr.PhiForCausalLM, tr.PhiConfig(**common, partial_rotary_factor=0.5)
     if kind == "gpt2":
         return tr.GPT2LMHeadModel, tr.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4,
                                                  n_positions=CONTEXT, bos_token_id=0, eos_token_id=1)
@@ -137,7 +145,7 @@ def _expected(kind: str, ckpt: Path) -> dict[str, np.ndarray]:
         assert mapped is not None, name
         if kind == "gpt2" and t.ndim == 2 and any(k in name for k in ("c_attn", "c_proj", "c_fc")):
             t = t.T  # Conv1D stores [in, out]
-        if kind == "gemma" and name.endswith("norm.weight"):
+        if kind in ("gemma", "gemma2") and name.endswith("norm.weight"):
             t = t + 1
         if mapped.endswith("ffn_gate_inp_shexp.weight"):
             t = t.reshape(-1)  # llama.cpp reads the shared expert's one-row gate as a vector
@@ -172,14 +180,17 @@ def test_f32_round_trip(kind, checkpoints, llmctl, tmp_path):
         assert f["gpt2.attention.layer_norm_epsilon"] == pytest.approx(cfg["layer_norm_epsilon"])
     else:
         assert f[f"{arch}.attention.head_count_kv"] == 2
-        if kind == "starcoder2":
-            assert f["starcoder2.attention.layer_norm_epsilon"] == pytest.approx(cfg["norm_epsilon"])
+        if kind in ("starcoder2", "phi"):
+            eps = cfg["norm_epsilon" if kind == "starcoder2" else "layer_norm_eps"]
+            assert f[f"{arch}.attention.layer_norm_epsilon"] == pytest.approx(eps)
         else:
             assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
         theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
         assert f[f"{arch}.rope.freq_base"] == pytest.approx(theta)
     if kind == "qwen3":
         assert f["qwen3.attention.key_length"] == 16 and f["qwen3.rope.dimension_count"] == 16
+    if kind == "phi":
+        assert f["phi2.rope.dimension_count"] == 4  # half of head_dim 8
     if kind == "mixtral":
         assert f["llama.expert_count"] == 4 and f["llama.expert_used_count"] == 2
     if kind == "mistral":
@@ -583,3 +594,85 @@ def test_rope_scaling(scaling, checkpoints, llmctl, tmp_path):
         ours = model(torch.tensor([ids])).logits[0].numpy()
     theirs = _llama_cpp_logits(tmp_path / "m.gguf", ids)
     np.testing.assert_allclose(theirs, ours, atol=1e-4 * np.abs(ours).max())
+
+
+GEMMA = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 4,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "query_pre_attn_scalar": 8}
+
+
+@pytest.mark.parametrize("model_type,edit,match", [
+    ("gemma3_text", {}, "a gemma3_text model to GGUF: llmctl does not write llama.cpp's gemma3 layout"),
+    ("gemma2", {"query_pre_attn_scalar": 12}, "llama.cpp's gemma2 scales the attention scores by 8 \\*\\* -0.5"),
+    ("gemma2", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "gemma2 slides on the even layers"),
+    ("gemma2", {"layer_types": ["sliding_attention"] * 4}, "gemma2 slides on the even layers"),
+    ("gemma2", {"final_logit_softcapping": None}, "gemma2 always caps the attention scores and the logits"),
+    ("gemma2", {"tie_word_embeddings": False}, "gemma2 ties the output head to the embeddings"),
+])
+def test_gemma_configs_llama_cpp_cannot_run_are_refused_in_one_line(model_type, edit, match):
+    """What llama.cpp's gemma2 graph fixes (its window pattern, caps, score scale, tied head) and
+    Gemma 3 (not written) are refused naming why, not mistaken for llama.cpp lacking the architecture."""
+    from llmctl.core.export.gguf import family_of
+    from llmctl.core.hf import config_from_hf
+    from llmctl.errors import UsageError
+
+    cfg = config_from_hf({"model_type": model_type, **GEMMA, **edit})
+    assert cfg.norm_placement == "sandwich"
+    with pytest.raises(UsageError, match=rf"^cannot export [^\n]*{match}[^\n]*$"):
+        family_of(cfg)
+    if model_type == "gemma2":
+        assert family_of(config_from_hf({"model_type": model_type, **GEMMA}))[1].arch == "gemma2"
+
+
+@pytest.mark.parametrize("family,kwargs,match", [
+    ("GPTNeoX", {}, r"a gpt_neox model to GGUF: llmctl does not write llama.cpp's gptneox layout"),
+    ("Phi", dict(qk_layernorm=True), r"this phi model to GGUF: llama.cpp's phi2 has no qk-norm"),
+    ("Phi3", dict(partial_rotary_factor=0.5), r"this phi3 model to GGUF: llama.cpp's llama has no partial rotary"),
+])
+def test_what_llama_cpp_does_not_compute_is_refused(family, kwargs, match, llmctl, tmp_path):
+    """GPT-NeoX (Pythia), a Phi with qk-norm and a partial-rotary Phi-3: one error line, no file."""
+    import transformers as tr
+
+    config = getattr(tr, f"{family}Config")(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=32, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                                            **kwargs)
+    getattr(tr, f"{family}ForCausalLM")(config).save_pretrained(tmp_path / "m")
+    r = llmctl("export", tmp_path / "m", "-o", tmp_path / "m.gguf")
+    assert r.code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert re.search(match, r.stderr) and not (tmp_path / "m.gguf").exists()
+
+
+def test_phi2_logits_equal_llama_cpps(checkpoints, llmctl, tmp_path):
+    """Phi-2 as llama.cpp's phi2 (parallel attention and MLP under one norm, half of each head
+    rotated, the head's bias): every position's logits equal llmctl's (f32) to ggml's GELU, a float16
+    table of the tanh form (max |Δ| 1.0e-3 of 2.4 here; GPT-2's and StarCoder2's the same, Llama's 1.3e-4)."""
+    pytest.importorskip("llama_cpp")
+    from llmctl.core.model.io import load_model
+
+    _export(llmctl, checkpoints["phi"], tmp_path / "m.gguf")
+    ids = torch.randint(3, 250, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    model, _ = load_model(checkpoints["phi"])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(_llama_cpp_logits(tmp_path / "m.gguf", ids), ours, atol=1e-3 * np.abs(ours).max())
+
+
+def test_llama_cpp_gemma2_logits_equal_llmctl(checkpoints, llmctl, tmp_path):
+    """Gemma 2 in llama.cpp (f32): the same logits as llmctl's to 5e-3 over 37 tokens, past the
+    4-token window of layer 0, where dropping the window, either cap or the score scale moves them by 0.06+."""
+    pytest.importorskip("llama_cpp")
+    import dataclasses
+
+    from llmctl.core.model import Transformer
+    from llmctl.core.model.io import load_model
+
+    _export(llmctl, checkpoints["gemma2"], tmp_path / "m.gguf")
+    ids = list(range(3, 40))
+    theirs = _llama_cpp_logits(tmp_path / "m.gguf", ids)
+    ours, cfg = load_model(checkpoints["gemma2"])
+    for change in ({}, dict(logit_softcap=None), dict(attention_softcap=None), dict(layer_sliding_windows=None),
+                   dict(attention_scale_dim=12.0)):
+        model = Transformer(dataclasses.replace(cfg, **change)).eval()
+        model.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            delta = np.abs(theirs - model(torch.tensor([ids])).logits[0].numpy()).max()
+        assert delta < 5e-3 if not change else delta > 0.05, (change, delta)

@@ -179,7 +179,16 @@ def test_the_last_cache_slot_and_the_window_bound():
     (dict(num_experts=4), "mixture of experts"),
     (dict(qk_norm=True), "qk-norm"),
     (dict(norm_placement="post"), "post-norm"),
+    (dict(norm_placement="sandwich"), "sandwich norms"),  # Gemma 2's
+    (dict(layer_sliding_windows=[4, None]), "per-layer sliding windows"),
+    (dict(attention_softcap=50.0), "attention softcapping"),
+    (dict(logit_softcap=30.0), "logit softcapping"),
+    (dict(attention_scale_dim=24.0), "an attention scale"),
+    (dict(local_rope_theta=1e4, sliding_window=4), "a local RoPE theta"),  # Gemma 3's
     (dict(is_causal=False), "an encoder"),
+    (dict(residual="parallel"), "parallel residual"),  # GPT-NeoX's
+    (dict(residual="parallel_shared"), "parallel_shared residual"),  # Phi-2's
+    (dict(partial_rotary_factor=0.5), "partial rotary"),
     (dict(hidden_size=48), "q_proj"),  # K % 32
 ])
 def test_models_the_plan_does_not_take_keep_the_eager_step(variant, reason):

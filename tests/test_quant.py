@@ -263,3 +263,27 @@ def test_awq_scale_search_minimises_the_error_at_the_module_output(outlier_base)
     assert best > 0 and chosen is not None and torch.equal(chosen, errors[best][1])
     assert errors[best][0] < errors[0][0]
     assert all(torch.equal(m.weight, w0) for m, w0 in zip(linears, originals))  # the search left them as they were
+
+
+@pytest.mark.parametrize("residual", ["parallel", "parallel_shared"])
+def test_awq_scales_only_a_norm_that_feeds_one_group(residual):
+    """GPT-NeoX's parallel block has a norm per sublayer: AWQ folds into both. Phi-2's one norm feeds
+    attention and MLP alike, so scaling it for q/k/v would skew the MLP: it stays as it was."""
+    import copy
+
+    from llmctl.core.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=64, num_heads=4, intermediate_size=128, norm="layernorm",
+                                    mlp="gelu", residual=residual, partial_rotary_factor=0.5)).eval()
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    cfg = QuantizeConfig(method="awq", bits=4, group_size=32, symmetric=True)
+    cfg.awq.grid = cfg.awq.clip_grid = 5
+    quantize_model(model, cfg, ids)
+    for block, before in zip(model.model.layers, dense.model.layers):
+        kept = torch.equal(block.input_layernorm.weight, before.input_layernorm.weight)
+        assert kept == (residual == "parallel_shared")
+    with torch.no_grad():
+        a, b = model(ids).logits, dense(ids).logits
+    assert (a - b).pow(2).mean() < 0.05 * b.pow(2).mean()

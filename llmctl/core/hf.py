@@ -111,27 +111,38 @@ def activation(key: str, default: str, gated: bool, tanh_name: str = "gelu_pytor
     return Codec(to_ours, to_hf)
 
 
-def rope(default_theta: float = 10000.0, kinds: tuple[str, ...] | None = None) -> Codec:
+def rope(default_theta: float = 10000.0, kinds: tuple[str, ...] | None = None, partial: float | None = None,
+         legacy: tuple[str, str] | None = None) -> Codec:
     """rope_parameters (transformers 5) or rope_theta + rope_scaling (older) <-> ours; a scaling
-    type outside `kinds` (default: every one llmctl implements) is an unsupported checkpoint."""
+    type outside `kinds` (default: every one llmctl implements) is an unsupported checkpoint.
+    `partial`: the architecture rotates part of each head, by default this `partial_rotary_factor`
+    (elsewhere a factor other than 1 is refused); `legacy`: older names of the theta and the
+    factor (GPT-NeoX's rotary_emb_base, rotary_pct), read before the top-level new ones as
+    transformers does, and written."""
+    old_theta, old_factor = legacy or ("rope_theta", "partial_rotary_factor")
 
     def to_ours(hf: dict) -> dict:
         key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
         params = dict(hf.get(key) or {})
-        theta = params.pop("rope_theta", hf.get("rope_theta", default_theta))
+        theta = params.pop("rope_theta", hf.get(old_theta, hf.get("rope_theta", default_theta)))
         kind = params.pop("rope_type", params.pop("type", "default"))
         allowed = kinds or ROPE_SCALINGS.names()
         if kind not in allowed:
             raise CheckpointError(f"config.json: {key} type {kind!r} is not supported ({', '.join(allowed)})")
-        if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        factor = params.pop("partial_rotary_factor", hf.get(old_factor, hf.get("partial_rotary_factor", partial)))
+        if partial is None and factor not in (None, 1.0):
             raise CheckpointError("config.json: partial_rotary_factor is not supported")
-        params.pop("partial_rotary_factor", None)
         scaling = None if kind == "default" else {"rope_type": kind, **params}
-        return {"rope_theta": float(theta), "rope_scaling": scaling}
+        return {"rope_theta": float(theta), "rope_scaling": scaling,
+                "partial_rotary_factor": float(1.0 if factor is None else factor)}
 
     def to_hf(cfg: ModelConfig) -> dict:
         params = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
-        return {"rope_theta": cfg.rope_theta, "rope_parameters": params}
+        if partial is None:
+            return {"rope_theta": cfg.rope_theta, "rope_parameters": params}
+        factor = cfg.partial_rotary_factor
+        return {old_theta: cfg.rope_theta, old_factor: factor,
+                "rope_parameters": {**params, "partial_rotary_factor": factor}}
 
     return Codec(to_ours, to_hf)
 
@@ -161,6 +172,87 @@ def qwen_window() -> Codec:
         }
 
     return Codec(to_ours, to_hf)
+
+
+def layer_windows(default: int | None, slides: Callable[[dict, int], bool]) -> Codec:
+    """sliding_window + layer_types (Gemma 2, 3) <-> a window per layer, or one for all when every
+    layer agrees; without layer_types, layer i slides where `slides(hf, i)` (transformers' default)."""
+
+    def to_ours(hf: dict) -> dict:
+        n = hf.get("num_hidden_layers")
+        types = hf.get("layer_types") or ["sliding_attention" if slides(hf, i) else "full_attention" for i in range(n)]
+        if not set(types) <= {"sliding_attention", "full_attention"}:
+            raise CheckpointError(f"config.json: layer_types {sorted(set(types))} are not supported "
+                                  "(sliding_attention, full_attention)")
+        window = hf.get("sliding_window", default)
+        windows = [window if t == "sliding_attention" else None for t in types]
+        if len(set(windows)) == 1:
+            return {"sliding_window": windows[0], "layer_sliding_windows": None}
+        return {"sliding_window": None, "layer_sliding_windows": windows}
+
+    def to_hf(cfg: ModelConfig) -> dict:
+        windows = cfg.layer_sliding_windows or [cfg.sliding_window] * cfg.num_layers
+        # several window sizes: the largest, which fails the round trip, so this arch is not chosen
+        window = max((w for w in windows if w is not None), default=None)
+        return {"sliding_window": window,
+                "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows]}
+
+    return Codec(to_ours, to_hf)
+
+
+def attention_scale(default: int) -> Codec:
+    """query_pre_attn_scalar (Gemma 2): the scores' scale is its -0.5th power; ours is None at head_dim."""
+
+    def to_ours(hf: dict) -> dict:
+        scalar = hf.get("query_pre_attn_scalar", default)
+        return {"attention_scale_dim": None if scalar == hf.get("head_dim", default) else scalar}
+
+    def to_hf(cfg: ModelConfig) -> dict:
+        scalar = cfg.attention_scale_dim or cfg.head_dim
+        return {"query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar}  # an int in HF
+
+    return Codec(to_ours, to_hf)
+
+
+def local_rope(theta: float = 1e6, local_theta: float = 1e4) -> Codec:
+    """Gemma 3's RoPE per layer type: rope_parameters {"full_attention": …, "sliding_attention": …}
+    (transformers 5) or rope_theta + rope_scaling + rope_local_base_freq (older) <-> ours, the
+    sliding layers' as `local_rope_theta` (None when it is the full layers' own, unscaled)."""
+    full_rope = rope(theta)
+
+    def to_ours(hf: dict) -> dict:
+        params = hf.get("rope_parameters") or {}
+        if "full_attention" in params or "sliding_attention" in params:
+            full, local = params.get("full_attention") or {}, dict(params.get("sliding_attention") or {})
+        else:
+            full = {"rope_theta": hf.get("rope_theta", theta), **(params or hf.get("rope_scaling") or {})}
+            local = {"rope_theta": hf.get("rope_local_base_freq", local_theta)}
+        kind = local.get("rope_type", local.get("type", "default"))
+        if kind != "default" or set(local) - {"rope_type", "type", "rope_theta"}:
+            raise CheckpointError(f"config.json: the sliding layers' rope_parameters {local} are not supported "
+                                  "(only rope_theta)")
+        ours = full_rope.to_ours({"rope_parameters": full})
+        local_theta_ = float(local.get("rope_theta", local_theta))
+        same = local_theta_ == ours["rope_theta"] and ours["rope_scaling"] is None
+        return {**ours, "local_rope_theta": None if same else local_theta_}
+
+    def to_hf(cfg: ModelConfig) -> dict:
+        local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta or cfg.rope_theta}
+        return {"rope_parameters": {"full_attention": full_rope.to_hf(cfg)["rope_parameters"],
+                                    "sliding_attention": local}}
+
+    return Codec(to_ours, to_hf)
+
+
+def refused(key: str, what: str) -> Codec:
+    """An HF key llmctl cannot express when it is set (truthy): an unsupported checkpoint."""
+
+    def check(hf: dict) -> dict:
+        if hf.get(key):
+            raise CheckpointError(f"config.json: {key}={hf[key]!r} is not supported ({what})")
+        return {}
+
+    return Codec(check, lambda cfg: {})
 
 
 TOKEN_IDS = same("bos_token_id", "eos_token_id", "pad_token_id")
@@ -196,7 +288,7 @@ DEFAULT_LABELS = {"0": "LABEL_0", "1": "LABEL_1"}  # transformers' PretrainedCon
 
 def decoder(tie: bool = False, eps: float = 1e-6, theta: float = 10000.0, context: int = 2048,
             eps_key: str = "rms_norm_eps", norm: str = "rmsnorm", rope_kinds: tuple[str, ...] | None = None,
-            ) -> tuple[Codec, ...]:
+            rope_partial: float | None = None) -> tuple[Codec, ...]:
     """The config keys shared by the Llama family (and the pre-norm RoPE decoders like it)."""
     return (
         *same("vocab_size", "hidden_size", "intermediate_size", "head_dim"),
@@ -208,7 +300,7 @@ def decoder(tie: bool = False, eps: float = 1e-6, theta: float = 10000.0, contex
         rename("tie_embeddings", "tie_word_embeddings", tie),
         rename("attention_dropout", "attention_dropout", 0.0),
         rename("initializer_range", "initializer_range", 0.02),
-        rope(theta, rope_kinds),
+        rope(theta, rope_kinds, rope_partial),
         *TOKEN_IDS,
         classifier(),
         fixed(position="rope", norm=norm, norm_placement="pre", is_causal=True),
@@ -225,10 +317,11 @@ class Rule:
     theirs: str
     ours: tuple[str, ...]
     transpose: bool = False  # HF Conv1D stores [in, out]
+    per_head: bool = False  # the fused rows go head by head, [heads, len(ours), head_dim] (GPT-NeoX)
 
 
-def rule(theirs: str, *ours: str, transpose: bool = False) -> Rule:
-    return Rule(theirs, ours, transpose)
+def rule(theirs: str, *ours: str, transpose: bool = False, per_head: bool = False) -> Rule:
+    return Rule(theirs, ours, transpose, per_head)
 
 
 def linear(theirs: str, ours: str, transpose: bool = False) -> tuple[Rule, ...]:
@@ -283,6 +376,37 @@ STARCODER2 = LLAMA_OUTER + LLAMA_ATTENTION + (
     *(rule(f"{n}.bias", f"{n}.bias") for n in (f"{L}.input_layernorm", f"{L}.post_attention_layernorm", "model.norm")),
     *linear(f"{L}.mlp.c_fc", f"{L}.mlp.up_proj"),
     *linear(f"{L}.mlp.c_proj", f"{L}.mlp.down_proj"),
+)
+N = "gpt_neox.layers.{i}"
+GPT_NEOX = (
+    rule("gpt_neox.embed_in.weight", "model.embed_tokens.weight"),
+    *linear(f"{N}.input_layernorm", f"{L}.input_layernorm"),
+    *linear(f"{N}.post_attention_layernorm", f"{L}.post_attention_layernorm"),
+    *(rule(f"{N}.attention.query_key_value.{w}", *(f"{L}.self_attn.{p}_proj.{w}" for p in "qkv"), per_head=True)
+      for w in ("weight", "bias")),
+    *linear(f"{N}.attention.dense", f"{L}.self_attn.o_proj"),
+    *linear(f"{N}.mlp.dense_h_to_4h", f"{L}.mlp.up_proj"),
+    *linear(f"{N}.mlp.dense_4h_to_h", f"{L}.mlp.down_proj"),
+    *linear("gpt_neox.final_layer_norm", "model.norm"),
+    rule("embed_out.weight", "lm_head.weight"),
+)
+PHI = (
+    rule("model.embed_tokens.weight", "model.embed_tokens.weight"),
+    *linear(f"{L}.input_layernorm", f"{L}.input_layernorm"),
+    *(r for p in "qkv" for r in linear(f"{L}.self_attn.{p}_proj", f"{L}.self_attn.{p}_proj")),
+    *linear(f"{L}.self_attn.dense", f"{L}.self_attn.o_proj"),
+    *linear(f"{L}.self_attn.q_layernorm", f"{L}.self_attn.q_norm"),
+    *linear(f"{L}.self_attn.k_layernorm", f"{L}.self_attn.k_norm"),
+    *linear(f"{L}.mlp.fc1", f"{L}.mlp.up_proj"),
+    *linear(f"{L}.mlp.fc2", f"{L}.mlp.down_proj"),
+    *linear("model.final_layernorm", "model.norm"),
+    *linear("lm_head", "lm_head"),
+)
+GEMMA2 = LLAMA_OUTER + tuple(r for r in LLAMA_ATTENTION if r not in LLAMA_NORMS) + LLAMA_MLP + (
+    rule(f"{L}.input_layernorm.weight", f"{L}.input_layernorm.weight"),  # sandwich norms: HF's names, then ours
+    rule(f"{L}.post_attention_layernorm.weight", f"{L}.attn_out_norm.weight"),
+    rule(f"{L}.pre_feedforward_layernorm.weight", f"{L}.post_attention_layernorm.weight"),
+    rule(f"{L}.post_feedforward_layernorm.weight", f"{L}.mlp_out_norm.weight"),
 )
 H = "transformer.h.{i}"
 GPT2 = (
@@ -369,6 +493,28 @@ ARCHES: dict[str, Arch] = {
                        gelu_means_tanh=True),
             fixed(norm="gemma_rmsnorm", scale_embeddings=True),
         ), LLAMA),
+        Arch("gemma2", "Gemma2ForCausalLM", (
+            *decoder(tie=True, context=8192), rename("head_dim", "head_dim", 256), both_biases(),
+            fixed(mlp_bias=False, qk_norm=False, norm="gemma_rmsnorm", norm_placement="sandwich",
+                  scale_embeddings=True),
+            activation("hidden_activation", "gelu_pytorch_tanh", gated=True),
+            layer_windows(4096, lambda hf, i: i % 2 == 0),  # layers 0, 2, 4, … slide
+            attention_scale(default=256),
+            rename("attention_softcap", "attn_logit_softcapping", 50.0),
+            rename("logit_softcap", "final_logit_softcapping", 30.0),
+            refused("use_bidirectional_attention", "bidirectional attention"),
+        ), GEMMA2),
+        Arch("gemma3_text", "Gemma3ForCausalLM", (  # Gemma 2 with q/k norms, 5 local : 1 global, local RoPE
+            *decoder(tie=True, context=131072), rename("head_dim", "head_dim", 256), both_biases(), local_rope(),
+            fixed(mlp_bias=False, qk_norm=True, norm="gemma_rmsnorm", norm_placement="sandwich",
+                  scale_embeddings=True),
+            activation("hidden_activation", "gelu_pytorch_tanh", gated=True),
+            layer_windows(4096, lambda hf, i: bool((i + 1) % hf.get("sliding_window_pattern", 6))),
+            attention_scale(default=256),
+            rename("logit_softcap", "final_logit_softcapping"),
+            fixed(attention_softcap=None),  # transformers' Gemma 3 keeps attn_logit_softcapping but never applies it
+            refused("use_bidirectional_attention", "bidirectional attention"),
+        ), GEMMA2),
         Arch("mixtral", "MixtralForCausalLM", (
             *decoder(eps=1e-5, theta=1e6), NO_BIAS, fixed(qk_norm=False, moe_normalize_topk=True),
             rename("sliding_window", "sliding_window"), activation("hidden_act", "silu", gated=True),
@@ -386,7 +532,7 @@ ARCHES: dict[str, Arch] = {
             rename("shared_expert_intermediate_size", "shared_expert_intermediate_size"),
         ), QWEN2_MOE),
         Arch("phi3", "Phi3ForCausalLM", (  # a Llama with fused q/k/v and gate/up tensors
-            *decoder(eps=1e-5, context=4096, rope_kinds=("default",)), NO_BIAS, fixed(qk_norm=False),
+            *decoder(eps=1e-5, context=4096, rope_kinds=("default",), rope_partial=1.0), NO_BIAS, fixed(qk_norm=False),
             rename("sliding_window", "sliding_window"), activation("hidden_act", "silu", gated=True),
             rename("residual_dropout", "resid_pdrop", 0.0),  # its embd_pdrop is unused by transformers
         ), PHI3),
@@ -398,6 +544,34 @@ ARCHES: dict[str, Arch] = {
             activation("hidden_act", "gelu_pytorch_tanh", gated=False),
             *same("residual_dropout", "embedding_dropout", default=0.0),
         ), STARCODER2),
+        Arch("gpt_neox", "GPTNeoXForCausalLM", (  # Pythia
+            *same("vocab_size", "hidden_size", "intermediate_size"), rename("num_layers", "num_hidden_layers"),
+            rename("num_heads", "num_attention_heads"), rename("max_seq_len", "max_position_embeddings", 2048),
+            rename("norm_eps", "layer_norm_eps", 1e-5), rename("tie_embeddings", "tie_word_embeddings", False),
+            *same("attention_dropout", default=0.0), rename("initializer_range", "initializer_range", 0.02),
+            Codec(lambda hf: dict.fromkeys(("residual_dropout", "embedding_dropout"), hf.get("hidden_dropout", 0.0)),
+                  lambda cfg: {"hidden_dropout": cfg.residual_dropout}),
+            Codec(lambda hf: {"residual": "parallel" if hf.get("use_parallel_residual", True) else "sequential"},
+                  lambda cfg: {"use_parallel_residual": cfg.residual == "parallel"}),
+            rope(partial=0.25, legacy=("rotary_emb_base", "rotary_pct")), *TOKEN_IDS, classifier(),
+            both_biases("attention_bias", default=True), activation("hidden_act", "gelu", gated=False),
+            fixed(position="rope", norm="layernorm", norm_bias=True, norm_placement="pre", is_causal=True,
+                  mlp_bias=True),
+        ), GPT_NEOX, ignore=r".*\.attention\.(masked_bias|bias|rotary_emb\.inv_freq)", prefix="gpt_neox."),
+        Arch("phi", "PhiForCausalLM", (  # Phi-1, Phi-1.5, Phi-2
+            *same("vocab_size", "hidden_size", "intermediate_size"), rename("num_layers", "num_hidden_layers"),
+            rename("num_heads", "num_attention_heads"), rename("num_kv_heads", "num_key_value_heads"),
+            rename("max_seq_len", "max_position_embeddings", 2048), rename("norm_eps", "layer_norm_eps", 1e-5),
+            rename("tie_embeddings", "tie_word_embeddings", False), *same("attention_dropout", default=0.0),
+            rename("initializer_range", "initializer_range", 0.02), rename("residual_dropout", "resid_pdrop", 0.0),
+            rename("embedding_dropout", "embd_pdrop", 0.0), rename("qk_norm", "qk_layernorm", False),
+            rope(partial=0.5), *TOKEN_IDS, classifier(),
+            Codec(lambda hf: {"lm_head_bias": not classifier().to_ours(hf)["num_labels"]},  # a score has no bias
+                  lambda cfg: {}),
+            activation("hidden_act", "gelu_new", gated=False, tanh_name="gelu_new"),
+            fixed(position="rope", norm="layernorm", norm_bias=True, norm_placement="pre", is_causal=True,
+                  residual="parallel_shared", qkv_bias=True, o_bias=True, mlp_bias=True),
+        ), PHI),
         Arch("gpt2", "GPT2LMHeadModel", (
             rename("vocab_size", "vocab_size"), rename("hidden_size", "n_embd"), rename("num_layers", "n_layer"),
             rename("num_heads", "n_head"), rename("max_seq_len", "n_positions", 1024),
@@ -508,6 +682,25 @@ def _expand(arch: Arch, cfg: ModelConfig, ours: set[str] | None = None):
                 yield r, theirs, names
 
 
+def join_rows(r: Rule, tensors: list[torch.Tensor], head_dim: int | None = None) -> torch.Tensor:
+    """The HF tensor (before any transpose) of a rule's parts: their rows in the rule's order
+    (`r.per_head`: interleaved head by head, `head_dim` rows each — the caller's `cfg.head_dim`)."""
+    if r.per_head:
+        if head_dim is None:
+            raise ValueError(f"{r.theirs} interleaves its parts head by head: join_rows needs head_dim")
+        return torch.stack([t.unflatten(0, (-1, head_dim)) for t in tensors], 1).flatten(0, 2)
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+
+def split_rows(r: Rule, tensor: torch.Tensor, sizes: list[int], head_dim: int | None = None) -> list[torch.Tensor]:
+    """Inverse of `join_rows`: the parts of an HF tensor (transposed back), `sizes` rows each."""
+    if r.per_head:
+        if head_dim is None:
+            raise ValueError(f"{r.theirs} interleaves its parts head by head: split_rows needs head_dim")
+        return [t.flatten(0, 1) for t in tensor.unflatten(0, (-1, len(sizes), head_dim)).unbind(1)]
+    return list(tensor.split(sizes)) if len(sizes) > 1 else [tensor]
+
+
 def _modules(arch: Arch, cfg: ModelConfig) -> dict[str, tuple[str, str | None]]:
     """{our module path: (HF module path, why it cannot carry other tensors, or None)}.
 
@@ -570,7 +763,7 @@ def _tensors_from_hf(arch: Arch, cfg: ModelConfig, ck, shapes: dict) -> dict[str
         if sum(sizes) != tensor.shape[0]:
             raise CheckpointError(f"{ck.path}: tensor {theirs!r} has shape {list(tensor.shape)}, "
                                   f"expected {sum(sizes)} rows for {', '.join(names)}")
-        out.update(zip(names, tensor.split(sizes)) if len(names) > 1 else [(names[0], tensor)])
+        out.update(zip(names, split_rows(r, tensor, sizes, cfg.head_dim)))
     head = next((aliases.get(r.theirs, r.theirs) for r in arch.weights if r.ours == ("lm_head.weight",)), None)
     ignore = re.compile(arch.ignore)
     extra = sorted(n for n in available - used if not ignore.fullmatch(n) and not (cfg.tie_embeddings and n == head))
@@ -600,7 +793,7 @@ def _tensors_to(model: Transformer, arch: Arch | None) -> dict[str, torch.Tensor
         return {n: state[n] for n in shapes}
     out, used = {}, set()
     for r, theirs, names in _expand(arch, cfg, set(shapes)):
-        tensor = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
+        tensor = join_rows(r, [state[n] for n in names], cfg.head_dim)
         out[theirs] = tensor.t().contiguous() if r.transpose else tensor
         used.update(names)
     modules = _modules(arch, cfg)
@@ -621,6 +814,18 @@ def module_names(cfg: ModelConfig) -> dict[str, str]:
         for r, theirs, names in _expand(arch, cfg, ours)
         if len(names) == 1 and not r.transpose and theirs.endswith(".weight")
     }
+
+
+def module_groups(cfg: ModelConfig) -> dict[str, tuple[Rule, tuple[str, ...]]]:
+    """{HF module path: (its weight's rule, our module paths in the order of its rows)} for every
+    projection of cfg's architecture (several of ours where HF fuses them: Phi-3's `qkv_proj`;
+    `rule.transpose` where HF stores it transposed: GPT-2's Conv1D); {} for llmctl's own type."""
+    arch = arch_for(cfg)
+    if arch is None:
+        return {}
+    ours = set(_param_shapes(build_model(cfg, device="meta")))
+    return {theirs.removesuffix(".weight"): (r, tuple(n.removesuffix(".weight") for n in names))
+            for r, theirs, names in _expand(arch, cfg, ours) if theirs.endswith(".weight")}
 
 
 # ------------------------------------------------------------- what `core/model/io.py` reads and writes

@@ -47,11 +47,16 @@ def positional_encoding(config: Mapping, tensor_names=()) -> dict:
     if kind != "rope":
         return {"type": kind}
     rope = config.get("rope_parameters") or {}
+    local = (rope.get("sliding_attention") or {}).get("rope_theta", config.get("rope_local_base_freq",
+                                                                               config.get("local_rope_theta")))
+    rope = rope.get("full_attention", rope)  # Gemma 3: per layer type, the sliding layers' theta as `local_theta`
     theta = rope.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0)))
     scaling = config.get("rope_scaling")
     if not scaling and rope.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     out = {"type": "rope", "theta": float(theta), "scaling": scaling or None}
+    if local is not None:
+        out["local_theta"] = float(local)
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", config.get("rotary_pct")))
     if partial not in (None, 1, 1.0):
         out["partial_rotary_factor"] = partial

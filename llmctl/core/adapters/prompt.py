@@ -81,7 +81,7 @@ class _KVRecorder:
         self.kv[layer] = (k, v)
         return k, v
 
-    def window_start(self, new_tokens: int) -> int:
+    def window_start(self, new_tokens: int, layer: int | None = None) -> int:
         return 0
 
 
@@ -102,7 +102,8 @@ class PromptLearning(Transform):
 
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = model.cfg
-        reason = ("an encoder-only model" if not cfg.is_causal else "a sliding window" if cfg.sliding_window
+        reason = ("an encoder-only model" if not cfg.is_causal
+                  else "a sliding window" if cfg.sliding_window or cfg.layer_sliding_windows
                   else "ALiBi" if cfg.position == "alibi" else "multi-token prediction heads" if cfg.num_mtp_heads
                   else "per-layer kv heads" if cfg.layer_num_kv_heads else
                   "another prefix/prompt adapter" if getattr(model, "prompt_encoder", None) is not None else None)

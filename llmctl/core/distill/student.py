@@ -15,6 +15,7 @@ import re
 import torch
 from torch import nn
 
+from llmctl.core.model.config import PER_LAYER
 from llmctl.errors import ConfigError
 
 _BLOCK = re.compile(r"^model\.layers\.(\d+)\.")
@@ -30,9 +31,9 @@ def student_config(teacher_cfg, keep_every: int):
     if keep_every < 1:
         raise ConfigError(f"config key 'objective_args.keep_every': must be >= 1, got {keep_every}")
     kept = kept_layers(teacher_cfg.num_layers, keep_every)
-    per_layer = {key: [sizes[i] for i in kept] for key in ("layer_num_heads", "layer_num_kv_heads",
-                                                            "layer_intermediate_sizes")
-                 if (sizes := getattr(teacher_cfg, key, None)) is not None}  # a structurally pruned teacher
+    # a structurally pruned teacher's sizes, Gemma 2's windows: the kept layers' own
+    per_layer = {key: [sizes[i] for i in kept] for key in PER_LAYER if (sizes := getattr(teacher_cfg, key, None))
+                 is not None}
     return dataclasses.replace(teacher_cfg, num_layers=len(kept), **per_layer)
 
 

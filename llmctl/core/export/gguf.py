@@ -57,6 +57,24 @@ class Family:
     topk_norm: bool | None = None  # MoE: whether llama.cpp renormalizes the top-k routing weights
     expert_ffn: bool = False  # MoE width under its own key (expert_feed_forward_length)
     needs_biases: bool = False  # llama.cpp's graph requires every projection's bias (StarCoder2)
+    qk_norm: bool = False  # llama.cpp's graph normalizes queries and keys per head (Qwen3)
+    residual: str = "sequential"  # how its blocks join attention and feed-forward (`norm.RESIDUALS`)
+    partial_rotary: bool = False  # it turns the first rope.dimension_count dims of each head only
+    lacks: Callable[[Any], str | None] | None = None  # what else its graph fixes that a config differs from
+
+
+def _gemma2_lacks(cfg) -> str | None:
+    """What llama.cpp's gemma2 graph fixes and `cfg` does otherwise (None: nothing)."""
+    windows = cfg.layer_sliding_windows or [cfg.sliding_window] * cfg.num_layers
+    scale = cfg.hidden_size // cfg.num_heads if cfg.num_layers == 46 else cfg.head_dim  # its 27B, known by 46 layers
+    checks = {
+        "slides on the even layers, with one window, and only there": windows[0] is None
+        or len(set(windows[::2])) != 1 or any(w is not None for w in windows[1::2]),
+        "always caps the attention scores and the logits": cfg.attention_softcap is None or cfg.logit_softcap is None,
+        f"scales the attention scores by {scale} ** -0.5": (cfg.attention_scale_dim or cfg.head_dim) != scale,
+        "ties the output head to the embeddings": not cfg.tie_embeddings,
+    }
+    return next((why for why, failed in checks.items() if failed), None)
 
 
 FAMILIES = {
@@ -64,15 +82,20 @@ FAMILIES = {
     "mistral": Family("llama", ("swiglu", "silu"), permute_qk=True),
     "mixtral": Family("llama", ("swiglu", "silu"), permute_qk=True, topk_norm=True),
     "qwen2": Family("qwen2", ("swiglu", "silu")),
-    "qwen3": Family("qwen3", ("swiglu", "silu")),
+    "qwen3": Family("qwen3", ("swiglu", "silu"), qk_norm=True),
     "gemma": Family("gemma", ("geglu", "gelu_tanh"), norm_offset=1.0),
+    "gemma2": Family("gemma2", ("geglu", "gelu_tanh"), norm_offset=1.0, lacks=_gemma2_lacks),
     "gpt2": Family("gpt2", ("gelu", "gelu_tanh"), fuse_qkv=True),
     "qwen2_moe": Family("qwen2moe", ("swiglu", "silu"), topk_norm=False, expert_ffn=True),
-    "qwen3_moe": Family("qwen3moe", ("swiglu", "silu"), topk_norm=True, expert_ffn=True),
+    "qwen3_moe": Family("qwen3moe", ("swiglu", "silu"), topk_norm=True, expert_ffn=True, qk_norm=True),
     "phi3": Family("llama", ("swiglu", "silu"), permute_qk=True),  # a Llama with fused tensors: written unfused
     "starcoder2": Family("starcoder2", ("gelu", "gelu_tanh"), needs_biases=True),
+    "phi": Family("phi2", ("gelu", "gelu_tanh"), needs_biases=True, residual="parallel_shared", partial_rotary=True),
 }
-REFUSED = {"bert": "it is an encoder (masked LM); llama.cpp runs BERT only as an embedding model"}
+REFUSED = {"bert": "it is an encoder (masked LM); llama.cpp runs BERT only as an embedding model",
+           "gemma3_text": "llmctl does not write llama.cpp's gemma3 layout (sandwich norms, q/k norms, local RoPE)",
+           "gpt_neox": "llmctl does not write llama.cpp's gptneox layout (its GELU is the tanh approximation, "
+                       "Pythia's the exact one)"}
 
 
 def family_of(cfg) -> tuple[str, Family]:
@@ -91,6 +114,14 @@ def family_of(cfg) -> tuple[str, Family]:
         why = REFUSED.get(arch.model_type, "llama.cpp has no such architecture")
         raise UsageError(f"cannot export a {arch.model_type} model to GGUF: {why}")
     family = FAMILIES[arch.model_type]
+    lacks = {f"a {cfg.residual} residual": cfg.residual != family.residual,
+             "qk-norm": cfg.qk_norm and not family.qk_norm,
+             "partial rotary": cfg.rotary_dim != cfg.head_dim and cfg.position == "rope" and not family.partial_rotary}
+    if any(lacks.values()):
+        raise UsageError(f"cannot export this {arch.model_type} model to GGUF: llama.cpp's {family.arch} has no "
+                         f"{next(k for k, v in lacks.items() if v)}")
+    if family.lacks and (why := family.lacks(cfg)):
+        raise UsageError(f"cannot export this {arch.model_type} model to GGUF: llama.cpp's {family.arch} {why}")
     act = cfg.activation or MLPS.get(cfg.mlp).default_activation
     if (cfg.mlp, act) != family.mlp:
         raise UsageError(f"cannot export this {arch.model_type} model to GGUF: its MLP is {cfg.mlp}/{act}, "
@@ -116,8 +147,11 @@ NAMES: list[tuple[str, str]] = [  # our parameter name (regex) → GGUF tensor n
     (r"model\.embed_positions\.weight", "position_embd.weight"),
     (r"model\.norm\.(weight|bias)", r"output_norm.\1"),
     (r"lm_head\.weight", "output.weight"),
+    (r"lm_head\.bias", "output.bias"),
     (_L + r"input_layernorm\.(weight|bias)", r"blk.\1.attn_norm.\2"),
     (_L + r"post_attention_layernorm\.(weight|bias)", r"blk.\1.ffn_norm.\2"),
+    (_L + r"attn_out_norm\.weight", r"blk.\1.post_attention_norm.weight"),  # sandwich norms (Gemma 2)
+    (_L + r"mlp_out_norm\.weight", r"blk.\1.post_ffw_norm.weight"),
     (_L + r"self_attn\.([qkv])_proj\.(weight|bias)", r"blk.\1.attn_\2.\3"),
     (_L + r"self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
     (_L + r"self_attn\.([qk])_norm\.weight", r"blk.\1.attn_\2_norm.weight"),
@@ -311,7 +345,7 @@ def add_model_metadata(writer, cfg, family: Family, name: str, report: Reporter)
     else:
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
     if cfg.position == "rope":
-        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.rotary_dim)
         writer.add_rope_freq_base(cfg.rope_theta)
         scaling = cfg.rope_scaling or {}
         kind = scaling.get("rope_type")
@@ -323,6 +357,12 @@ def add_model_metadata(writer, cfg, family: Family, name: str, report: Reporter)
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.experts_per_token)
+    if cfg.attention_softcap is not None:  # Gemma 2
+        writer.add_attn_logit_softcapping(cfg.attention_softcap)
+    if cfg.logit_softcap is not None:
+        writer.add_final_logit_softcapping(cfg.logit_softcap)
+    if cfg.layer_sliding_windows is not None:  # the sliding layers' window (which ones: the family's graph)
+        writer.add_sliding_window(next(w for w in cfg.layer_sliding_windows if w is not None))
     if cfg.sliding_window is not None:
         writer.add_sliding_window(cfg.sliding_window)
         if cfg.sliding_window < cfg.max_seq_len:

@@ -10,6 +10,7 @@ readable reference) are built in; plugins add more through the `llmctl.attention
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -128,10 +129,14 @@ def inference_backends(device: torch.device):
 
 
 @ATTENTION_KERNELS.register("eager")
-def eager_attention(q, k, v, mask, is_causal: bool, dropout_p: float) -> torch.Tensor:
+def eager_attention(q, k, v, mask, is_causal: bool, dropout_p: float, softcap: float | None = None) -> torch.Tensor:
+    """Explicit float32 scores and softmax; `softcap` caps the scores at ±softcap by tanh before
+    the mask (Gemma 2's attn_logit_softcapping: `Attention` takes this kernel for it)."""
     repeat = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
     if mask is not None:
@@ -149,6 +154,10 @@ class AttentionContext:
     is_causal: bool  # the kernel applies the causal pattern itself (mask is None then)
     cache: KVCache | None
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, KV, P, D]: prefix/prompt tuning
+    # per-layer sliding windows (`ModelConfig.layer_sliding_windows`): {window: (mask, is_causal)} for
+    # the layers with that window, over the keys the cache gives them; the others take `mask`, `is_causal`
+    windows: dict[int, tuple[torch.Tensor | None, bool]] | None = None
+    local_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # the sliding layers' with `local_rope_theta`
 
 
 def build_mask(
@@ -216,7 +225,13 @@ class Attention(nn.Module):
             self.q_norm = make_norm(cfg, cfg.head_dim)
             self.k_norm = make_norm(cfg, cfg.head_dim)
         self.dropout = cfg.attention_dropout
+        self.window = cfg.sliding_window  # this layer's (`AttentionContext.windows`)
+        self.local_rope = cfg.local_rope_theta is not None and cfg.sliding_window is not None  # Gemma 3's local layers
+        # scores scaled by attention_scale_dim ** -0.5: the kernels' head_dim ** -0.5 on rescaled queries
+        self.q_scale = (cfg.head_dim / cfg.attention_scale_dim) ** 0.5 if cfg.attention_scale_dim else None
         self.kernel = ATTENTION_KERNELS.get(cfg.attention_kernel)
+        if cfg.attention_softcap is not None:  # SDPA cannot cap the scores
+            self.kernel = functools.partial(eager_attention, softcap=cfg.attention_softcap)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, keep: int = 0) -> tuple[torch.Tensor, None]:
         """Attention output [B, T, hidden]; keep > 0: only the last `keep` positions query
@@ -229,14 +244,18 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
-        if ctx.rotary is not None:
-            cos, sin = ctx.rotary
+        rotary = ctx.local_rotary if self.local_rope else ctx.rotary
+        if rotary is not None:
+            cos, sin = rotary
             q, k = apply_rotary(q, cos[:, T - Tq :], sin[:, T - Tq :]), apply_rotary(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)
         if ctx.prefix is not None:  # virtual tokens' keys/values, before the real ones (the mask allows them)
             pk, pv = (t.to(k.dtype).expand(B, -1, -1, -1) for t in ctx.prefix[self.layer_idx])
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-        mask = ctx.mask[..., -Tq:, :] if Tq < T and ctx.mask is not None else ctx.mask
-        out = self.kernel(q, k, v, mask, ctx.is_causal, self.dropout if self.training else 0.0)
+        if self.q_scale is not None:
+            q = q * self.q_scale
+        mask, is_causal = (ctx.windows or {}).get(self.window, (ctx.mask, ctx.is_causal))  # this layer's window
+        mask = mask[..., -Tq:, :] if Tq < T and mask is not None else mask
+        out = self.kernel(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, Tq, -1)), None

@@ -6,8 +6,8 @@
     cache.truncate(n); cache.reorder(beam_index)
 
 Storage is one [B, kv_heads, max_len, head_dim] tensor pair per layer, allocated once (a
-pruned model's layers may have different kv_heads). With a
-sliding window, `update` hands attention only the last window + T - 1 keys, so decoding cost
+pruned model's layers may have different kv_heads). With a sliding window (one for all layers
+or each layer's own), `update` hands attention only the last window + T - 1 keys, so decoding cost
 stays bounded by the window (the storage still spans max_len, which keeps `truncate` exact).
 """
 
@@ -31,14 +31,16 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        sliding_window: int | None = None,
+        sliding_window: int | None | list[int | None] = None,
     ):
         heads = [num_kv_heads] * num_layers if isinstance(num_kv_heads, int) else num_kv_heads
         shapes = [(batch_size, h, max_len, head_dim) for h in heads]
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.max_len = max_len
-        self.sliding_window = sliding_window
+        # a list: each layer's window (None: full attention); `sliding_window` is then None (the keys every layer sees)
+        self.windows = sliding_window if isinstance(sliding_window, list) else [sliding_window] * num_layers
+        self.sliding_window = None if isinstance(sliding_window, list) else sliding_window
         self.length = 0
         self.prefix = None  # a prefix/prompt adapter's keys/values, made once per cache (`Transformer.kv_prefix`)
 
@@ -46,11 +48,12 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
-    def window_start(self, new_tokens: int) -> int:
-        """First cached position any of the next `new_tokens` queries can see."""
-        if self.sliding_window is None:
+    def window_start(self, new_tokens: int, layer: int | None = None) -> int:
+        """First cached position any of the next `new_tokens` queries can see (in `layer`; None: in any)."""
+        window = self.sliding_window if layer is None else self.windows[layer]
+        if window is None:
             return 0
-        return max(0, self.length + new_tokens - (self.sliding_window + new_tokens - 1))
+        return max(0, self.length + new_tokens - (window + new_tokens - 1))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, H, T, D] after the cached positions; return the visible keys/values."""
@@ -59,7 +62,7 @@ class KVCache:
             raise LlmctlError(f"KV cache overflow: {end} positions needed, cache holds {self.max_len}")
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
-        first = self.window_start(k.shape[2])
+        first = self.window_start(k.shape[2], layer)
         return self.keys[layer][:, :, first:end], self.values[layer][:, :, first:end]
 
     def advance(self, new_tokens: int) -> None:

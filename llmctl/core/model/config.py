@@ -32,7 +32,8 @@ RUNTIME_FIELDS = frozenset(
 
 # per-layer size lists -> the field each one replaces in `ModelConfig.layer(i)`
 PER_LAYER = {"layer_num_heads": "num_heads", "layer_num_kv_heads": "num_kv_heads",
-             "layer_intermediate_sizes": "intermediate_size"}
+             "layer_intermediate_sizes": "intermediate_size", "layer_sliding_windows": "sliding_window"}
+NULLABLE_PER_LAYER = {"layer_sliding_windows"}  # None: that layer attends to every earlier token
 
 
 @dataclass
@@ -53,12 +54,16 @@ class ModelConfig:
     position: str = "rope"
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": linear|dynamic|yarn|llama3, "factor": …}
+    partial_rotary_factor: float = 1.0  # RoPE turns the first int(head_dim * this) dims of each head (GPT-NeoX, Phi)
 
-    # norms: 'rmsnorm', 'layernorm', 'gemma_rmsnorm' (x * (1 + w)); placement 'pre' or 'post'
+    # norms: 'rmsnorm', 'layernorm', 'gemma_rmsnorm' (x * (1 + w)); placement 'pre', 'post' or 'sandwich'
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     norm_bias: bool = True  # LayerNorm only
     norm_placement: str = "pre"
+    # how a block joins its sublayers (norm.py's RESIDUALS): 'sequential'; 'parallel', x + attn(ln1(x)) +
+    # mlp(ln2(x)) (GPT-NeoX); 'parallel_shared', one norm for both (Phi-2)
+    residual: str = "sequential"
     qk_norm: bool = False
     embedding_norm: bool = False  # a norm right after the embeddings (BERT)
 
@@ -76,6 +81,11 @@ class ModelConfig:
     type_vocab_size: int = 0  # token-type (segment) embeddings (BERT)
     num_labels: int | None = None  # a sequence classifier (reward model): lm_head gives this many scores
     sliding_window: int | None = None  # each query sees itself and window-1 earlier tokens
+    attention_scale_dim: float | None = None  # scores scaled by this ** -0.5 (None: head_dim; Gemma 2's
+    # query_pre_attn_scalar)
+    attention_softcap: float | None = None  # scores = cap * tanh(scores / cap) before the mask (Gemma 2; eager kernel)
+    logit_softcap: float | None = None  # an LM's logits = cap * tanh(logits / cap) (Gemma 2)
+    local_rope_theta: float | None = None  # the sliding-window layers' RoPE: this theta, unscaled (Gemma 3)
 
     embedding_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -99,6 +109,8 @@ class ModelConfig:
     layer_num_heads: list[int] | None = None
     layer_num_kv_heads: list[int] | None = None
     layer_intermediate_sizes: list[int] | None = None
+    # per-layer sliding windows, None for a full-attention layer (Gemma 2 alternates); sliding_window stays None
+    layer_sliding_windows: list[int | None] | None = None
 
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -130,10 +142,24 @@ class ModelConfig:
             raise ConfigError(
                 f"experts_per_token {self.experts_per_token} must be in 1..num_experts {self.num_experts}"
             )
-        if self.position == "rope" and self.head_dim % 2:
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.position == "rope" and self.partial_rotary_factor == 1 and self.head_dim % 2:
             raise ConfigError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.position == "rope" and (self.rotary_dim % 2 or not self.rotary_dim):
+            raise ConfigError(f"rope needs an even number of rotary dims, got {self.rotary_dim} (head_dim "
+                              f"{self.head_dim} × partial_rotary_factor {self.partial_rotary_factor})")
+        if self.residual != "sequential" and self.norm_placement != "pre":
+            raise ConfigError(f"residual {self.residual!r} needs norm_placement 'pre'")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.layer_sliding_windows is not None and self.sliding_window is not None:
+            raise ConfigError("layer_sliding_windows gives every layer's window: leave sliding_window unset (null)")
+        if self.local_rope_theta is not None and self.position != "rope":
+            raise ConfigError(f"local_rope_theta needs position 'rope', got {self.position!r}")
+        for key in ("attention_scale_dim", "attention_softcap", "logit_softcap", "local_rope_theta"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0 (or null), got {getattr(self, key)}")
         if self.num_labels is not None and (self.num_labels < 1 or self.tie_embeddings):
             raise ConfigError(f"num_labels {self.num_labels}: a classifier needs num_labels >= 1 and its own score "
                               "head (tie_embeddings false)")
@@ -141,16 +167,28 @@ class ModelConfig:
             raise ConfigError("multi-token-prediction heads need a causal model")
         for key in PER_LAYER:
             sizes = getattr(self, key)
-            if sizes is not None and (len(sizes) != self.num_layers or not all(0 < n < 1 << 31 for n in sizes)):
+            valid = (n is None and key in NULLABLE_PER_LAYER or n is not None and 0 < n < 1 << 31 for n in sizes or ())
+            if sizes is not None and (len(sizes) != self.num_layers or not all(valid)):
                 raise ConfigError(f"{key} must hold {self.num_layers} sizes (one per layer) in 1 … 2^31, got {sizes}")
+        if self.layer_sliding_windows is not None and len(set(self.layer_sliding_windows)) == 1:  # one for all
+            self.sliding_window, self.layer_sliding_windows = self.layer_sliding_windows[0], None
         if self.layer_num_heads is not None or self.layer_num_kv_heads is not None:  # uniform: checked above
             for heads, kv in zip(self.layer_num_heads or [self.num_heads] * self.num_layers,
                                  self.layer_num_kv_heads or [self.num_kv_heads] * self.num_layers):
                 if heads % kv:
                     raise ConfigError(f"a layer's {heads} heads are not a multiple of its {kv} kv heads")
 
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that RoPE rotates (all of them unless partial)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def local_rope(self) -> ModelConfig:
+        """The config the sliding-window layers' RoPE computes with when `local_rope_theta` is set."""
+        return dataclasses.replace(self, rope_theta=self.local_rope_theta, rope_scaling=None, local_rope_theta=None)
+
     def layer(self, i: int) -> ModelConfig:
-        """The config of block `i`: its own head counts and MLP width when they are per-layer."""
+        """The config of block `i`: its own head counts, MLP width and window when they are per-layer."""
         if not any(getattr(self, key) is not None for key in PER_LAYER):
             return self
         own = {field: getattr(self, key)[i] for key, field in PER_LAYER.items() if getattr(self, key) is not None}

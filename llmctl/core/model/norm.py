@@ -72,3 +72,46 @@ def post_norm(x: torch.Tensor, sublayer, norm: nn.Module, dropout: nn.Module, ke
     """norm(x + sublayer(x)) (original Transformer, BERT)."""
     out, aux = sublayer(x)
     return norm(tail(x, keep) + dropout(out)), aux
+
+
+@PLACEMENTS.register("sandwich")
+def sandwich_norm(x: torch.Tensor, sublayer, norm: nn.Module, dropout: nn.Module, keep: int = 0):
+    """x + out_norm(sublayer(norm(x))) (Gemma 2, Gemma 3): pre-norm whose sublayers end in their
+    own norm (`out_norms`: the block's `attn_out_norm` and `mlp_out_norm`)."""
+    return pre_norm(x, sublayer, norm, dropout, keep)
+
+
+sandwich_norm.out_norms = True
+
+
+# How a block joins attention and feed-forward: fn(block, x, attend, feed, keep) -> (output, aux_loss),
+# `attend` and `feed` being sublayers as above. `shared_norm`: one norm (`input_layernorm`) feeds both,
+# and the block has no `post_attention_layernorm`.
+RESIDUALS: Registry = Registry("residual")
+
+
+@RESIDUALS.register("sequential")
+def sequential(block: nn.Module, x: torch.Tensor, attend, feed, keep: int = 0):
+    """Attention then feed-forward, each wrapped by the block's norm placement (Llama, GPT-2, BERT)."""
+    x, _ = block.place(x, attend, block.input_layernorm, block.dropout, keep)
+    return block.place(x, feed, block.post_attention_layernorm, block.dropout)
+
+
+@RESIDUALS.register("parallel")
+def parallel(block: nn.Module, x: torch.Tensor, attend, feed, keep: int = 0):
+    """x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX's use_parallel_residual, GPT-J)."""
+    attn, _ = attend(block.input_layernorm(x))
+    mlp, aux = feed(block.post_attention_layernorm(tail(x, keep)))
+    return block.dropout(mlp) + block.dropout(attn) + tail(x, keep), aux  # transformers' order of sums
+
+
+@RESIDUALS.register("parallel_shared")
+def parallel_shared(block: nn.Module, x: torch.Tensor, attend, feed, keep: int = 0):
+    """x + attn(ln(x)) + mlp(ln(x)), one norm for both (Phi-2)."""
+    h = block.input_layernorm(x)
+    attn, _ = attend(h)
+    mlp, aux = feed(tail(h, keep))
+    return block.dropout(attn) + block.dropout(mlp) + tail(x, keep), aux
+
+
+parallel_shared.shared_norm = True

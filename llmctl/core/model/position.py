@@ -101,7 +101,7 @@ class RoPE(PositionEncoding):
     def rotary(
         self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None, cached: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, T, head_dim] for `position_ids`, all of which are below `length`
+        """cos, sin [B, T, rotary_dim] for `position_ids`, all of which are below `length`
         (default: computed from position_ids, which waits for the device). `cached=False`
         computes them without the tables (no module state: for compiled steps)."""
         kind, params = self._scaling()
@@ -115,12 +115,12 @@ class RoPE(PositionEncoding):
         return cos[position_ids], sin[position_ids]
 
     def tables(self, length: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """cos, sin [n ≥ length, head_dim] for positions 0..n-1 (None under dynamic NTK, whose
+        """cos, sin [n ≥ length, rotary_dim] for positions 0..n-1 (None under dynamic NTK, whose
         angles depend on the sequence length): the tables `rotary` indexes."""
         kind, params = self._scaling()
         if kind == "dynamic":
             return None
-        key = (repr(self.cfg.rope_scaling), self.cfg.rope_theta, device, dtype)
+        key = (repr(self.cfg.rope_scaling), self.cfg.rope_theta, self.cfg.rotary_dim, device, dtype)
         if self._tables is None or self._tables_key != key or len(self._tables[0]) < length:
             size = max(2 * length, 1024)  # room to grow: decoding rebuilds only on doubling
             self._tables = self._cos_sin(kind, params, torch.arange(size, device=device), None, dtype)
@@ -134,13 +134,17 @@ class RoPE(PositionEncoding):
     def _cos_sin(self, kind: str, params: dict, positions: torch.Tensor, position_ids, dtype: torch.dtype):
         inv_freq, factor = ROPE_SCALINGS.get(kind)(self.cfg, params, position_ids, positions.device)
         angles = positions.float()[..., None] * inv_freq
-        angles = torch.cat([angles, angles], dim=-1)  # [..., head_dim]
+        angles = torch.cat([angles, angles], dim=-1)  # [..., rotary_dim]
         return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by cos/sin [B, T, D]: x * cos + rotate_half(x) * sin, with the
-    rotated halves added in place (no concatenated copy of x)."""
+    """Rotate x [B, H, T, D] by cos/sin [B, T, R]: x * cos + rotate_half(x) * sin, with the
+    rotated halves added in place (no concatenated copy of x); with R < D (partial rotary) only
+    the first R dims of each head turn, as transformers' GPT-NeoX and Phi."""
+    if cos.shape[-1] < x.shape[-1]:
+        rot = cos.shape[-1]
+        return torch.cat([apply_rotary(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     out = x * cos
@@ -156,20 +160,20 @@ def _inv_freq(theta: float, dim: int, device) -> torch.Tensor:
 
 @ROPE_SCALINGS.register("default")
 def default_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
-    return _inv_freq(cfg.rope_theta, cfg.head_dim, device), 1.0
+    return _inv_freq(cfg.rope_theta, cfg.rotary_dim, device), 1.0
 
 
 @ROPE_SCALINGS.register("linear")
 def linear_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
     """Position interpolation: positions divided by `factor`."""
-    return _inv_freq(cfg.rope_theta, cfg.head_dim, device) / params["factor"], 1.0
+    return _inv_freq(cfg.rope_theta, cfg.rotary_dim, device) / params["factor"], 1.0
 
 
 @ROPE_SCALINGS.register("dynamic")
 def dynamic_ntk_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
     """Dynamic NTK: grow the base once the sequence passes max_seq_len."""
     seq_len = max(int(position_ids.max()) + 1, cfg.max_seq_len)
-    factor, dim = params["factor"], cfg.head_dim
+    factor, dim = params["factor"], cfg.rotary_dim
     base = cfg.rope_theta * ((factor * seq_len / cfg.max_seq_len) - (factor - 1)) ** (dim / (dim - 2))
     return _inv_freq(base, dim, device), 1.0
 
@@ -177,7 +181,7 @@ def dynamic_ntk_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> t
 @ROPE_SCALINGS.register("yarn")
 def yarn_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies, keep high ones, ramp between; scale attention."""
-    dim, base, factor = cfg.head_dim, cfg.rope_theta, params["factor"]
+    dim, base, factor = cfg.rotary_dim, cfg.rope_theta, params["factor"]
     original = params.get("original_max_position_embeddings") or cfg.max_seq_len
     attention_factor = params.get("attention_factor")
     if attention_factor is None:
@@ -200,7 +204,7 @@ def yarn_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[to
 @ROPE_SCALINGS.register("llama3")
 def llama3_rope(cfg, params: dict, position_ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
     """Llama 3.1: divide low frequencies by `factor`, keep high ones, smooth in between."""
-    inv_freq = _inv_freq(cfg.rope_theta, cfg.head_dim, device)
+    inv_freq = _inv_freq(cfg.rope_theta, cfg.rotary_dim, device)
     factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
     original = params["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq

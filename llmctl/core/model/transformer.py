@@ -25,7 +25,7 @@ from llmctl.core.model.cache import KVCache, StaticSlot
 from llmctl.core.model.config import ModelConfig
 from llmctl.core.model.mlp import ACTIVATIONS, make_mlp
 from llmctl.core.model.moe import MoE
-from llmctl.core.model.norm import PLACEMENTS, make_norm
+from llmctl.core.model.norm import PLACEMENTS, RESIDUALS, make_norm
 from llmctl.core.model.position import make_position
 
 IGNORE_INDEX = -100
@@ -41,25 +41,34 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """One transformer layer: attention then feed-forward, each wrapped by the norm placement."""
+    """One transformer layer: attention and feed-forward joined by `cfg.residual` (in turn, each
+    wrapped by the norm placement, or in parallel)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MoE(cfg) if cfg.num_experts else make_mlp(cfg)
         self.input_layernorm = make_norm(cfg)  # the norm around attention
-        self.post_attention_layernorm = make_norm(cfg)  # the norm around the feed-forward
+        self.residual = RESIDUALS.get(cfg.residual)
+        if not getattr(self.residual, "shared_norm", False):
+            self.post_attention_layernorm = make_norm(cfg)  # the norm around the feed-forward
         self.dropout = nn.Dropout(cfg.residual_dropout)
         self.place = PLACEMENTS.get(cfg.norm_placement)
+        if getattr(self.place, "out_norms", False):  # norms on the sublayers' outputs (Gemma 2's sandwich)
+            self.attn_out_norm, self.mlp_out_norm = make_norm(cfg), make_norm(cfg)
+
+    def _attend(self, h: torch.Tensor, ctx: AttentionContext, keep: int) -> tuple[torch.Tensor, None]:
+        out, aux = self.self_attn(h, ctx, keep)
+        return (self.attn_out_norm(out) if hasattr(self, "attn_out_norm") else out), aux
 
     def _feed_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.mlp(h)
-        return out if isinstance(out, tuple) else (out, None)
+        out, aux = out if isinstance(out, tuple) else (out, None)
+        return (self.mlp_out_norm(out) if hasattr(self, "mlp_out_norm") else out), aux
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, keep: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output, MoE balance loss or None); keep > 0: output the last `keep` positions only."""
-        x, _ = self.place(x, lambda h: self.self_attn(h, ctx, keep), self.input_layernorm, self.dropout, keep)
-        return self.place(x, self._feed_forward, self.post_attention_layernorm, self.dropout)
+        return self.residual(self, x, lambda h: self._attend(h, ctx, keep), self._feed_forward, keep)
 
 
 class Backbone(nn.Module):
@@ -69,13 +78,15 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_positions = make_position(cfg)
+        if cfg.local_rope_theta is not None:  # no weights: the sliding layers' rotary tables (Gemma 3)
+            self.local_positions = make_position(cfg.local_rope())
         if cfg.type_vocab_size:
             self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         if cfg.embedding_norm:
             self.embed_norm = make_norm(cfg)
         self.dropout = nn.Dropout(cfg.embedding_dropout)
         self.layers = nn.ModuleList(Block(cfg.layer(i), i) for i in range(cfg.num_layers))
-        if cfg.norm_placement == "pre":  # post-norm blocks already end normalized
+        if cfg.norm_placement != "post":  # post-norm blocks already end normalized
             self.norm = make_norm(cfg)
 
 
@@ -141,7 +152,7 @@ class Transformer(nn.Module):
             cfg.head_dim,
             device=device or ref.device,
             dtype=dtype or ref.dtype,
-            sliding_window=cfg.sliding_window,
+            sliding_window=cfg.sliding_window if cfg.layer_sliding_windows is None else cfg.layer_sliding_windows,
         )
 
     def num_parameters(self) -> int:
@@ -280,11 +291,15 @@ class Transformer(nn.Module):
         key_idx = torch.arange(keys[0].shape[2], device=x.device)
         positions = self.model.embed_positions
         bias = positions.attention_bias(position_ids, self._positions(padding, x.shape[0], len(key_idx), x.device))
-        mask = mask_at(cfg, slot, key_idx, padding, bias)  # the cache's filled slots, window, padding
-        if bias is not None:
-            mask = mask.to(x.dtype)
+
+        def masks(layer_cfg: ModelConfig) -> tuple[torch.Tensor, bool]:
+            mask = mask_at(layer_cfg, slot, key_idx, padding, bias)  # the cache's filled slots, window, padding
+            return with_prefix(mask if bias is None else mask.to(x.dtype), prefix), False
+
+        windows = {window: masks(cfg.layer(i)) for window, i in window_layers(cfg).items()}
         rotary = positions.rotary(position_ids, x.dtype, cached=False)  # a few fused ops once compiled
-        ctx = AttentionContext(rotary, with_prefix(mask, prefix), False, StaticSlot(keys, values, slot), prefix)
+        local = self._local_rotary(position_ids, x.dtype, cached=False)
+        ctx = AttentionContext(rotary, *masks(cfg), StaticSlot(keys, values, slot), prefix, windows or None, local)
         for layer in self.model.layers:
             x, _ = layer(x, ctx)
         logits = self._logits(x, 1)[:, -1]
@@ -307,20 +322,31 @@ class Transformer(nn.Module):
 
     def _context(self, x, position_ids, span, all_positions, attention_mask, cache, documents=None, prefix=None
                  ) -> AttentionContext:
-        """Rotary tables and the attention mask over the keys this step can see."""
+        """Rotary tables and the attention masks over the keys this step can see (per window, with
+        per-layer sliding windows)."""
         T, past = x.shape[1], all_positions.shape[1] - x.shape[1]
-        first = cache.window_start(T) if cache is not None else 0
-        padding = attention_mask[:, first:] if attention_mask is not None else None
-        if padding is not None and bool(padding.all()):  # no padding: keep SDPA's causal fast path
-            padding = None
         positions = self.model.embed_positions
-        bias = positions.attention_bias(position_ids, all_positions[:, first:])
-        mask, is_causal = build_mask(self.cfg, range(past, past + T), range(first, past + T), padding, bias, x.device,
-                                     documents)
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(x.dtype)
-        return AttentionContext(positions.rotary(position_ids, x.dtype, span), with_prefix(mask, prefix), is_causal,
-                                cache, prefix)
+
+        def masks(layer_cfg: ModelConfig, layer: int | None = None) -> tuple[torch.Tensor | None, bool]:
+            first = cache.window_start(T, layer) if cache is not None else 0
+            padding = attention_mask[:, first:] if attention_mask is not None else None
+            if padding is not None and bool(padding.all()):  # no padding: keep SDPA's causal fast path
+                padding = None
+            bias = positions.attention_bias(position_ids, all_positions[:, first:])
+            mask, is_causal = build_mask(layer_cfg, range(past, past + T), range(first, past + T), padding, bias,
+                                         x.device, documents)
+            if mask is not None and mask.dtype != torch.bool:
+                mask = mask.to(x.dtype)
+            return with_prefix(mask, prefix), is_causal
+
+        windows = {window: masks(self.cfg.layer(i), i) for window, i in window_layers(self.cfg).items()}
+        return AttentionContext(positions.rotary(position_ids, x.dtype, span), *masks(self.cfg), cache, prefix,
+                                windows or None, self._local_rotary(position_ids, x.dtype, span))
+
+    def _local_rotary(self, position_ids: torch.Tensor, dtype: torch.dtype, span: int | None = None, cached=True):
+        """The sliding layers' rotary cos, sin under `local_rope_theta` (Gemma 3), else None."""
+        local = getattr(self.model, "local_positions", None)
+        return None if local is None else local.rotary(position_ids, dtype, span, cached=cached)
 
     @staticmethod
     def _positions(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -341,15 +367,20 @@ class Transformer(nn.Module):
     def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's output x through the final norm (pre-norm models have one): what
         transformers calls the last hidden state."""
-        return self.model.norm(x) if self.cfg.norm_placement == "pre" else x
+        return self.model.norm(x) if self.cfg.norm_placement != "post" else x
 
     def head(self, x: torch.Tensor, projection=None) -> torch.Tensor:
         """Float32 logits [..., vocab] of the last block's outputs x [..., hidden] (norm, head);
-        `projection` stands in for lm_head (the same product by another kernel)."""
+        `projection` stands in for lm_head (the same product by another kernel); an LM's
+        `logit_softcap` (Gemma 2) caps them, in float32."""
+        cfg = self.cfg
         x = self.final_hidden(x)
-        if not self.cfg.is_causal:
+        if not cfg.is_causal:
             x = self.mlm_transform(x)
-        return (projection or self.lm_head)(x).float()
+        logits = (projection or self.lm_head)(x).float()
+        if cfg.logit_softcap is not None and not cfg.num_labels:  # (transformers' classifiers do not cap)
+            logits = torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap
+        return logits
 
     def _mtp_loss(self, x: torch.Tensor, ctx: AttentionContext, labels: torch.Tensor) -> torch.Tensor:
         """Mean loss of the chained extra heads; head k predicts labels k positions ahead."""
@@ -358,6 +389,11 @@ class Transformer(nn.Module):
             x, _ = self._run(head, x, ctx)
             losses.append(_cross_entropy(self._logits(x[:, :-k], 0), labels[:, k:]))
         return torch.stack(losses).mean()
+
+
+def window_layers(cfg: ModelConfig) -> dict[int, int]:
+    """{sliding window: a layer with it} under per-layer windows (`AttentionContext.windows`)."""
+    return {window: i for i, window in enumerate(cfg.layer_sliding_windows or ()) if window is not None}
 
 
 def prefix_length(prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> int:

@@ -15,8 +15,9 @@ norm that takes 25 µs alone took 210 µs there.)
 It takes plain pre-norm causal decoders — RMSNorm (Gemma's too) or LayerNorm, RoPE or position
 embeddings or none, gated or plain feed-forward, GQA, biases, a sliding window, per-layer sizes
 — whose linears are float32 / bf16 `nn.Linear`s or int8/int4 `PackedLinear`s the native kernels
-take, with a float32 or bf16 cache. Anything else (MoE, ALiBi, qk-norm, post-norm, adapters,
-hooks, padding, batches) keeps `Transformer.decode_step`. Results equal the eager step's to
+take, with a float32 or bf16 cache. Anything else (MoE, ALiBi, qk-norm, post-norm, sandwich norms, per-layer
+windows, softcapping, a custom attention scale (Gemma 2), local RoPE (Gemma 3), parallel residuals,
+partial rotary, adapters, hooks, padding, batches) keeps `Transformer.decode_step`. Results equal the eager step's to
 float rounding: the residual stream stays float32 where eager rounds it to the model's dtype,
 and int8/int4 products quantize their input per block, as `mv_quant` does in eager decoding.
 The plan holds the weights as they are when it is built; `Runner` builds one per generation.
@@ -49,7 +50,14 @@ def why_not(model) -> str | None:
     checks = {
         "training mode (dropout)": model.training,
         "an encoder": not cfg.is_causal,
-        "post-norm": cfg.norm_placement != "pre",
+        "post-norm" if cfg.norm_placement == "post" else f"{cfg.norm_placement} norms": cfg.norm_placement != "pre",
+        "per-layer sliding windows": cfg.layer_sliding_windows is not None,
+        "attention softcapping": cfg.attention_softcap is not None,
+        "logit softcapping": cfg.logit_softcap is not None,
+        "an attention scale other than head_dim ** -0.5": cfg.attention_scale_dim is not None,
+        "a local RoPE theta": cfg.local_rope_theta is not None,
+        f"{cfg.residual} residual": cfg.residual != "sequential",
+        "partial rotary": cfg.position == "rope" and cfg.rotary_dim != cfg.head_dim,
         "mixture of experts": bool(cfg.num_experts),
         "qk-norm": cfg.qk_norm,
         "ALiBi": cfg.position == "alibi",

@@ -35,19 +35,20 @@ def _groups(block: nn.Module, linears: list[str]) -> list[tuple[nn.Module | None
     """(producer to fold the inverse scale into, linears sharing its output); producer None: no scaling."""
     have = set(linears)
     pre = getattr(block, "place", None) is pre_norm
+    shared = not hasattr(block, "post_attention_layernorm")  # one norm feeds both sublayers (Phi-2): never scaled
     scalable = lambda m: isinstance(m, (RMSNorm, LayerNorm)) and getattr(m, "weight", None) is not None  # noqa: E731
     get = lambda p: block.get_submodule(p) if p in have else None  # noqa: E731
     out = []
     attn = [p for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if p in have]
     if attn:
-        out.append((block.input_layernorm if pre and scalable(block.input_layernorm) else None, attn))
+        out.append((block.input_layernorm if pre and not shared and scalable(block.input_layernorm) else None, attn))
     v, o = get("self_attn.v_proj"), get("self_attn.o_proj")
     if o is not None:
         out.append((v if isinstance(v, nn.Linear) and v.out_features == o.in_features else None, ["self_attn.o_proj"]))
     mlp = [p for p in ("mlp.gate_proj", "mlp.up_proj") if p in have]
     if mlp:
-        norm = block.post_attention_layernorm
-        out.append((norm if pre and scalable(norm) else None, mlp))
+        norm = getattr(block, "post_attention_layernorm", None)
+        out.append((norm if pre and not shared and scalable(norm) else None, mlp))
     up, down = get("mlp.up_proj"), get("mlp.down_proj")
     if down is not None:  # up's output reaches down linearly only through a gate's product
         gated = isinstance(up, nn.Linear) and getattr(block.mlp, "gated", False)
