@@ -91,7 +91,7 @@ def test_an_adapter_is_described_by_its_config_tensors_and_lineage(tmp_path):
     adapter = _adapter(tmp_path / "a", config, tensors, lineage)
     parameters = 2 * 2 * (4 * 32 + 16 * 4) + 15
     assert describe_adapter(adapter, 10 * parameters) == {
-        "method": "dora", "task_type": "CAUSAL_LM", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "modules": 4,
+        "method": "dora", "task_type": "CAUSAL_LM", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "modules": 4, "ranks": [4],
         "modules_to_save": ["lm_head"], "num_virtual_tokens": None, "parameters": parameters, "trainable_share": 0.1,
         "base": "b", "base_transforms": [{"type": "nf4"}],
         "lineage": {"command": "finetune", "created": "2026-12-01", "llmctl_version": "0.1", "parents": ["b"]},
@@ -116,9 +116,10 @@ def test_each_method_makes_its_transforms_from_the_options():
     from llmctl.core.quant.nf4 import NF4
 
     o = SimpleNamespace(r=3, alpha=5.0, dropout=0.25, target_modules=["q_proj"], exclude_modules=["k_proj"],
-                        rslora=True, modules_to_save=["lm_head"], num_virtual_tokens=7)
+                        rslora=True, modules_to_save=["lm_head"], num_virtual_tokens=7, rank_pattern={"v_proj": 2},
+                        alpha_pattern={"v_proj": 1.0})
     lora = dict(r=3, alpha=5.0, dropout=0.25, target_modules=["q_proj"], exclude_modules=["k_proj"], rslora=True,
-                modules_to_save=["lm_head"])
+                modules_to_save=["lm_head"], rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 1.0})
     assert METHODS.get("full")(o) == []
     assert METHODS.get("lora")(o) == [LoRA(**lora)]
     assert METHODS.get("dora")(o) == [LoRA(**lora, dora=True)]

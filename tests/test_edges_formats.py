@@ -427,9 +427,10 @@ def test_adapter_files_that_cannot_be_read_are_refused_with_the_reason(llama, tm
     for change, message in [({"peft_type": "IA3"}, f"{where}: peft_type 'IA3' is not supported; supported: LORA, "
                                                    "PREFIX_TUNING, PROMPT_TUNING"),
                             ({"bias": "all"}, f"{where}: bias='all' is not supported"),
-                            ({"fan_in_fan_out": True}, f"{where}: fan_in_fan_out=True is not supported"),
-                            ({"rank_pattern": {"q_proj": 4}},
-                             f"{where}: rank_pattern={{'q_proj': 4}} is not supported")]:
+                            ({"lora_bias": True}, f"{where}: lora_bias=True is not supported"),
+                            ({"rank_pattern": {"q_proj": 4}},  # read (PEFT's per-module ranks): the file is rank 2
+                             f"{weights}: tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' "
+                             "has shape [2, 32], the model's is [4, 32]")]:
         config_file.write_text(json.dumps({**config, **change}))
         with pytest.raises(CheckpointError) as caught:
             load_model(out)

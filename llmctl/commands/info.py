@@ -70,7 +70,10 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
     if s.get("adapter"):
         a = s["adapter"]
         share = f" ({a['trainable_share']:.2%} of the base)" if a["trainable_share"] is not None else ""
-        rows += [["adapter", f"{a['method']}" + (f", r={a['r']}, alpha={a['alpha']}" if a["r"] else "")],
+        ranks = a.get("ranks") or []
+        span = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}" if ranks else ""
+        per_module = f" (per module {span})" if ranks and ranks != [a["r"]] else ""
+        rows += [["adapter", f"{a['method']}" + (f", r={a['r']}{per_module}, alpha={a['alpha']}" if a["r"] else "")],
                  ["adapter virtual tokens", a["num_virtual_tokens"]] if a["num_virtual_tokens"] else
                  ["adapter targets", f"{a['targets']} ({a['modules']} modules)" if a["modules"] else _v(a["targets"])],
                  ["adapter parameters", f"{human_count(a['parameters'])}{share}"],

@@ -68,6 +68,7 @@ def describe_adapter(path: str | os.PathLike, base_parameters: int | None) -> di
         "alpha": config.get("lora_alpha"),
         "targets": config.get("target_modules"),
         "modules": len({n.rsplit(".lora_A", 1)[0] for n in shapes if ".lora_A" in n}),
+        "ranks": sorted({s[0] for n, s in shapes.items() if ".lora_A" in n}),  # rank_pattern's, fused modules'
         "modules_to_save": config.get("modules_to_save"),
         "num_virtual_tokens": config.get("num_virtual_tokens"),
         "parameters": count,

@@ -22,6 +22,7 @@ constructor that takes an `nn.Linear` (`type(base)(linear)`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -178,12 +179,15 @@ class LoRA(Transform):
     rslora: bool = False
     dora: bool = False
     modules_to_save: list[str] | None = None  # trained in full and saved with the adapter (PEFT's)
+    rank_pattern: dict[str, int] | None = None  # {module pattern: r} for the modules it matches (PEFT's)
+    alpha_pattern: dict[str, float] | None = None  # {module pattern: alpha} likewise
 
     peft_type: ClassVar[str] = "LORA"  # PEFT's files: `peft_format.py`
 
     def __post_init__(self):
-        if self.r < 1:
-            raise UsageError(f"lora: r must be >= 1, got {self.r}")
+        for key, r in {"": self.r, **(self.rank_pattern or {})}.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise UsageError(f"lora: r must be an integer >= 1, got {r!r}" + (f" for {key!r}" if key else ""))
 
     def replace(self, path: str, module: nn.Module) -> nn.Module:
         if isinstance(module, LoraLayer):
@@ -191,7 +195,8 @@ class LoRA(Transform):
         if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
             raise UsageError(f"lora: {path} is a {type(module).__name__}, not a linear layer")
         module.__class__ = lora_class(type(module))
-        module.init_lora(self.r, self.alpha, self.dropout, self.rslora, self.dora)
+        module.init_lora(pattern_value(self.rank_pattern, path, self.r), pattern_value(self.alpha_pattern, path, self.alpha),
+                         self.dropout, self.rslora, self.dora)
         return module
 
     def peft_config(self, model: nn.Module) -> dict:
@@ -209,6 +214,15 @@ class LoRA(Transform):
         from llmctl.core.adapters.peft_format import adapter_tensors
 
         return adapter_tensors(model, self)
+
+
+def pattern_value(patterns: dict | None, path: str, default):
+    """PEFT's `rank_pattern` / `alpha_pattern` rule: the value of the first key that matches the end
+    of `path` at a name boundary (a regex, `(.*\\.)?KEY$`), else `default`."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLayer]:

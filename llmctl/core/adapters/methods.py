@@ -18,7 +18,8 @@ def _lora(o, **extra):
     from llmctl.core.adapters.lora import LoRA
 
     return LoRA(r=o.r, alpha=o.alpha, dropout=o.dropout, target_modules=o.target_modules,
-                exclude_modules=o.exclude_modules, rslora=o.rslora, modules_to_save=o.modules_to_save, **extra)
+                exclude_modules=o.exclude_modules, rslora=o.rslora, modules_to_save=o.modules_to_save,
+                rank_pattern=o.rank_pattern, alpha_pattern=o.alpha_pattern, **extra)
 
 
 @METHODS.register("full")

@@ -8,7 +8,8 @@ PREFIX_TUNING, PROMPT_TUNING: `prompt.py`); it writes its own config fields and 
 (`peft_config`, `peft_tensors`: {PEFT key: tensor}) and reads them (`from_peft_config`).
 LoRA's keys are `base_model.model.<HF module path>.lora_A.weight`, `….lora_B.weight`,
 `….lora_magnitude_vector` (DoRA) and `base_model.model.<path>.weight` for `modules_to_save`;
-module paths are the base architecture's Hugging Face names (`hf.module_names`); prefix and
+module paths are the base architecture's Hugging Face names (`hf.module_groups`; an HF module
+that fuses several of ours holds one exact adapter for its parts, `_fuse` / `_unfuse`); prefix and
 prompt tuning store one tensor, `prompt_embeddings`. A reward model's adapter (the base made a
 sequence classifier, `num_labels`) is PEFT's `task_type: "SEQ_CLS"`: its score head is a module
 to save, `base_model.model.score.weight`, so `PeftModel.from_pretrained(
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from llmctl.core.adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, base_path, read_config
-from llmctl.core.adapters.lora import ADAPTER_TENSORS, LoRA, lora_modules, saved_modules
+from llmctl.core.adapters.lora import ADAPTER_TENSORS, LoRA, dense_weight, lora_modules, pattern_value, saved_modules
 from llmctl.core.model.config import CONTEXT_FIELDS
 from llmctl.core.model.transforms import ALL_LINEAR, matches
 from llmctl.errors import CheckpointError
@@ -43,24 +45,41 @@ _FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslo
            "layers_to_transform": "layers_to_transform", "modules_to_save": "modules_to_save"}
 CLASSIFIER_FIELDS = ("num_labels", "pad_token_id", "tie_embeddings")  # a reward model's, beside its base's
 HEAD = "lm_head"  # our name of a classifier's score head (HF: `score`)
-_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
-                "layers_pattern": None, "trainable_token_indices": None, "layer_replication": None,
+_UNSUPPORTED = {"bias": "none", "layers_pattern": None, "trainable_token_indices": None, "layer_replication": None,
                 "target_parameters": None, "lora_bias": False}
 
 
 # -- names ---------------------------------------------------------------------------------------
 
 
+def _groups(model: nn.Module) -> dict[str, tuple[Any, tuple[str, ...]]]:
+    """{HF module path: (rule, our module paths)}: `hf.module_groups` of the model's architecture."""
+    from llmctl.core.hf import module_groups
+
+    return module_groups(model.cfg)
+
+
+def _fused(model: nn.Module) -> dict[str, tuple[Any, tuple[str, ...]]]:
+    """The HF modules that hold several of ours (Phi-3's `qkv_proj`): one LoRA there is one on each part."""
+    return {theirs: group for theirs, group in _groups(model).items() if len(group[1]) > 1}
+
+
 def _hf_names(model: nn.Module) -> dict[str, str]:
-    """{our module path: HF module path} (identity where the architecture names match)."""
-    from llmctl.core.hf import module_names
+    """{our module path: HF module path} (identity where the architecture names match; each part
+    of a fused module maps to it)."""
+    return {ours: theirs for theirs, (_, parts) in _groups(model).items() for ours in parts}
 
-    return {ours: theirs for theirs, ours in module_names(model.cfg).items()}
+
+def _identity(model: nn.Module) -> bool:
+    """Whether the names match one to one but for a classifier's head (`score`, a module to save,
+    never a target)."""
+    return all(parts == (theirs,) and not r.transpose for theirs, (r, parts) in _groups(model).items()
+               if parts != (HEAD,))
 
 
-def _identity(names: dict[str, str]) -> bool:
-    """Whether the names match but for a classifier's head (`score`, a module to save, never a target)."""
-    return all(k == v for k, v in names.items() if k != HEAD)
+def _scaled_alpha(scaling: float, r: int, rslora: bool) -> float:
+    """The alpha that gives `scaling` at rank r (alpha / r, or alpha / √r with rsLoRA)."""
+    return scaling * (math.sqrt(r) if rslora else r)
 
 
 def adapter_transform(config: dict, model: nn.Module, where: str = ADAPTER_CONFIG):
@@ -84,12 +103,20 @@ def transform_from_config(config: dict, model: nn.Module, where: str = ADAPTER_C
     if params.get("modules_to_save"):  # HF names (a classifier's `score`) → ours
         ours = {theirs: o for o, theirs in names.items()}
         params["modules_to_save"] = [ours.get(m, m) for m in params["modules_to_save"]]
-    if not _identity(names) and params.get("target_modules") != ALL_LINEAR:  # select on HF names, keep ours
+    if _identity(model):
+        return LoRA(**params, rank_pattern=config.get("rank_pattern") or None,
+                    alpha_pattern=config.get("alpha_pattern") or None)
+    if params.get("target_modules") != ALL_LINEAR:  # select on HF names, keep ours
         picked = {t for t in names.values() if matches(t, params.get("target_modules"))
                   and not matches(t, params.get("exclude_modules")) and _in_layers(t, params.get("layers_to_transform"))}
         params.update(target_modules=[o for o, t in names.items() if t in picked], exclude_modules=None,
                       layers_to_transform=None)
-    return LoRA(**params)
+    plain, patterns = LoRA(**params), {}  # PEFT's patterns read on HF paths, one entry per module of ours
+    for key, field in (("rank_pattern", "r"), ("alpha_pattern", "alpha")):
+        value = getattr(plain, field)
+        own = {re.escape(o): v for o, t in names.items() if (v := pattern_value(config.get(key), t, value)) != value}
+        patterns[key] = own or None
+    return LoRA(**params, **patterns)
 
 
 def _in_layers(path: str, layers: list[int] | None) -> bool:
@@ -100,18 +127,32 @@ def _in_layers(path: str, layers: list[int] | None) -> bool:
 
 
 def adapter_config(transform: LoRA, model: nn.Module) -> dict[str, Any]:
-    """adapter_config.json for `transform` on `model`, in PEFT's fields (but the base)."""
-    names = _hf_names(model)
+    """adapter_config.json for `transform` on `model`, in PEFT's fields (but the base).
+
+    Each module's rank and alpha that differ from `r` / `lora_alpha` are written as explicit
+    `rank_pattern` / `alpha_pattern` entries (a fused HF module's: `_fuse`'s rank and alpha)."""
+    names, groups = _hf_names(model), _groups(model)
     spec = {theirs: getattr(transform, ours) for theirs, ours in _FIELDS.items()}
-    if (not _identity(names) and transform.target_modules != ALL_LINEAR) or \
+    modules = lora_modules(model)
+    targets = list(dict.fromkeys(names.get(p, p) for p in modules))
+    if (not _identity(model) and transform.target_modules != ALL_LINEAR) or \
             (isinstance(transform.target_modules, str) and transform.layers_to_transform is not None):  # PEFT refuses
-        spec.update(target_modules=[names.get(p, p) for p in lora_modules(model)],
-                    exclude_modules=None, layers_to_transform=None)
+        spec.update(target_modules=targets, exclude_modules=None, layers_to_transform=None)
     if transform.modules_to_save:
         spec["modules_to_save"] = [names.get(m, m) for m in transform.modules_to_save]
+    ranks, alphas = {}, {}
+    for theirs in targets:
+        parts = [modules[p] for p in groups.get(theirs, (None, (theirs,)))[1] if p in modules]
+        r = sum(m.r for m in parts)
+        alpha = _scaled_alpha(parts[0].scaling, r, transform.rslora)
+        if r != transform.r:
+            ranks[re.escape(theirs)] = r
+        if not math.isclose(alpha, transform.alpha, rel_tol=1e-12):
+            alphas[re.escape(theirs)] = alpha
+    transposed = any(groups[t][0].transpose for t in targets if t in groups)
     return {"peft_type": "LORA", "task_type": task_type(model), **spec,
-            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
+            "bias": "none", "fan_in_fan_out": transposed, "init_lora_weights": True, "inference_mode": True,
+            "layers_pattern": None, "rank_pattern": ranks, "alpha_pattern": alphas, "revision": None}
 
 
 def task_type(model: nn.Module) -> str | None:
@@ -121,8 +162,15 @@ def task_type(model: nn.Module) -> str | None:
 
 
 def adapter_tensors(model: nn.Module, transform: LoRA) -> dict[str, torch.Tensor]:
-    """{PEFT key: tensor}: the adapters and the `modules_to_save`."""
-    names = _hf_names(model)
+    """{PEFT key: tensor}: the adapters and the `modules_to_save` (a fused HF module's adapter
+    made from its parts', `_fuse`)."""
+    return _fuse(model, live_tensors(model, transform))
+
+
+def live_tensors(model: nn.Module, transform: LoRA) -> dict[str, torch.Tensor]:
+    """`adapter_tensors` before fusing: the model's own tensors, a fused HF module's parts under
+    our module paths."""
+    names = {o: t for o, t in _hf_names(model).items() if o not in _parts(model)}
     out = {}
     for path, module in lora_modules(model).items():
         prefix = PREFIX + names.get(path, path)
@@ -135,6 +183,73 @@ def adapter_tensors(model: nn.Module, transform: LoRA) -> dict[str, torch.Tensor
         for name, tensor in model.get_submodule(path).state_dict().items():
             out[f"{PREFIX}{names.get(path, path)}.{name}"] = tensor
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _parts(model: nn.Module) -> set[str]:
+    return {p for _, parts in _fused(model).values() for p in parts}
+
+
+def _fuse(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parts' adapters of each fused HF module as one exact adapter there: A stacked (rank the
+    sum of the parts' ranks), B block-diagonal in the module's row order (zero rows for a part
+    without one), each block rescaled to the first part's scaling; DoRA's magnitudes joined (a
+    part without an adapter: its weight's row norms, which leave it unchanged)."""
+    from llmctl.core.hf import join_rows
+
+    out = dict(tensors)
+    modules = lora_modules(model)
+    for theirs, (rule, parts) in _fused(model).items():
+        adapted = [p for p in parts if p in modules]
+        if not adapted:
+            continue
+        a = [out.pop(f"{PREFIX}{p}.lora_A.weight") for p in adapted]
+        b = {p: out.pop(f"{PREFIX}{p}.lora_B.weight") for p in adapted}
+        magnitude = {p: out.pop(f"{PREFIX}{p}.lora_magnitude_vector", None) for p in adapted}
+        scaling, rank = modules[adapted[0]].scaling, sum(t.shape[0] for t in a)
+        blocks, start = [], 0
+        for p in parts:
+            block = a[0].new_zeros(model.get_submodule(p).out_features, rank)
+            if p in b:
+                block[:, start:start + b[p].shape[1]] = b[p] * (modules[p].scaling / scaling)
+                start += b[p].shape[1]
+            blocks.append(block)
+        out[f"{PREFIX}{theirs}.lora_A.weight"] = torch.cat(a)
+        out[f"{PREFIX}{theirs}.lora_B.weight"] = join_rows(rule, blocks, model.cfg.head_dim)
+        if magnitude[adapted[0]] is not None:
+            rows = [magnitude[p] if p in magnitude else
+                    torch.linalg.norm(dense_weight(model.get_submodule(p)).detach().float(), dim=1) for p in parts]
+            out[f"{PREFIX}{theirs}.lora_magnitude_vector"] = join_rows(rule, rows, model.cfg.head_dim)
+    return out
+
+
+def _unfuse(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """Inverse of `_fuse` for a fused HF module's adapter (rank R): each part gets A and its rows of B
+    (and of DoRA's magnitudes), rank R — exact, whatever made the file."""
+    from llmctl.core.hf import split_rows
+
+    out = dict(tensors)
+    for theirs, (rule, parts) in _fused(model).items():
+        if f"{PREFIX}{theirs}.lora_A.weight" not in out:
+            continue
+        sizes = [model.get_submodule(p).out_features for p in parts]
+        a = out.pop(f"{PREFIX}{theirs}.lora_A.weight")
+        b = out.pop(f"{PREFIX}{theirs}.lora_B.weight", None)
+        magnitude = out.pop(f"{PREFIX}{theirs}.lora_magnitude_vector", None)
+        for name, t in (("lora_B.weight", b), ("lora_magnitude_vector", magnitude)):
+            if t is not None and t.shape[0] != sum(sizes):
+                raise CheckpointError(f"{file}: tensor {theirs + '.' + name!r} has {t.shape[0]} rows, the model's "
+                                      f"{theirs} has {sum(sizes)}")
+        if b is None:
+            raise CheckpointError(f"{file}: missing tensor {theirs + '.lora_B.weight'!r}")
+        b = split_rows(rule, b, sizes, model.cfg.head_dim)
+        magnitudes = [None] * len(parts) if magnitude is None else split_rows(rule, magnitude, sizes,
+                                                                               model.cfg.head_dim)
+        for p, b_part, m_part in zip(parts, b, magnitudes):
+            out[f"{PREFIX}{p}.lora_A.weight"] = a
+            out[f"{PREFIX}{p}.lora_B.weight"] = b_part
+            if m_part is not None:
+                out[f"{PREFIX}{p}.lora_magnitude_vector"] = m_part
+    return out
 
 
 # -- save and load -------------------------------------------------------------------------------
@@ -252,11 +367,12 @@ def _assign(model: nn.Module, path: Path, transform) -> None:
     file = path / ADAPTER_WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS}")
-    stored = load_file(file)
+    stored = {k: v for k, v in load_file(file).items()
+              if not k.endswith(".base_layer.weight")}  # PEFT saves a targeted embedding's base: ours is the base's
     wanted = transform.peft_tensors(model)  # {PEFT key: the model's tensor}
+    if isinstance(transform, LoRA):  # a fused HF module's adapter goes to its parts (`_unfuse`)
+        wanted, stored = live_tensors(model, transform), _unfuse(model, stored, file)
     for key, tensor in stored.items():
-        if key.endswith(".base_layer.weight"):  # PEFT saves a targeted embedding's base: ours is the base's
-            continue
         if key not in wanted:
             raise CheckpointError(f"{file}: tensor {key!r} has no place in the model")
         if tuple(tensor.shape) != tuple(wanted[key].shape):

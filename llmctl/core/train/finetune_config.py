@@ -23,6 +23,8 @@ class AdapterOptions:
     exclude_modules: str | list[str] | None = None
     rslora: bool = False  # rank-stabilised scaling
     modules_to_save: list[str] | None = None  # trained in full and saved with the adapter (e.g. [lm_head])
+    rank_pattern: dict[str, int] | None = None  # per-module r, PEFT's: {"o_proj": 4} (a key matches a path's end)
+    alpha_pattern: dict[str, float] | None = None  # per-module alpha, likewise
     num_virtual_tokens: int = 20  # prefix / prompt tuning: virtual tokens per layer / before the input
 
 
