@@ -14,7 +14,7 @@ import transformers
 
 from test_hf_parity import CASES, TOL, VOCAB, build_hf, hf_logits, ours_logits
 
-from llmctl.core.hf import ARCHES, arch_for, config_from_hf, config_to_hf, module_names, to_checkpoint
+from llmctl.core.hf import ARCHES, arch_for, config_from_hf, config_to_hf, module_groups, to_checkpoint
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.model.io import load_model, save_model
 from llmctl.errors import CheckpointError
@@ -190,7 +190,7 @@ def test_model_types_that_are_not_supported():
         config_from_hf({"model_type": "llama", **SIZES, "num_attention_heads": "four"})
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=48,
                       position="alibi")
-    assert arch_for(cfg) is None and module_names(cfg) == {}
+    assert arch_for(cfg) is None and module_groups(cfg) == {}
     written = config_to_hf(cfg, torch.bfloat16)
     assert (written["model_type"], written["architectures"], written["dtype"]) == (
         "llmctl", ["LlmctlTransformer"], "bfloat16")
@@ -272,17 +272,19 @@ def test_unexpected_tensors_are_counted(tmp_path):
         load_model(tmp_path)
 
 
-def test_module_names_leave_out_fused_and_transposed():
-    """GPT-2's Conv1D and fused c_attn have no one-to-one module; a classifier's head is `score`."""
+def test_module_groups_name_fused_and_transposed_modules():
+    """GPT-2's fused c_attn holds our q, k, v; its Conv1D are stored transposed; a classifier's head is `score`."""
     gpt2 = config_from_hf({"model_type": "gpt2", **sizes("gpt2")})
-    names = module_names(gpt2)
-    assert names == {"transformer.wte": "model.embed_tokens", "transformer.wpe": "model.embed_positions",
-                     **{f"transformer.h.{i}.{n}": f"model.layers.{i}.{o}" for i in range(2) for n, o in
-                        [("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")]},
-                     "transformer.ln_f": "model.norm"}
+    groups = module_groups(gpt2)
+    rule, parts = groups["transformer.h.1.attn.c_attn"]
+    assert parts == tuple(f"model.layers.1.self_attn.{p}_proj" for p in "qkv") and rule.transpose
+    assert groups["transformer.h.0.mlp.c_fc"][1] == ("model.layers.0.mlp.up_proj",)
+    assert groups["transformer.h.0.ln_1"][1] == ("model.layers.0.input_layernorm",)
+    assert not groups["transformer.h.0.ln_1"][0].transpose
+    assert len(groups) == 2 + 2 * 6 + 1  # embeddings and positions, per layer 4 linears + 2 norms, ln_f (tied head)
     llama = ModelConfig.from_dict(dict(config_from_hf({"model_type": "llama", **SIZES}).to_dict(), num_labels=2))
-    mapped = module_names(llama)
-    assert mapped["score"] == "lm_head" and "lm_head" not in mapped
+    mapped = module_groups(llama)
+    assert mapped["score"][1] == ("lm_head",) and "lm_head" not in mapped
     assert len(mapped) == 2 + 2 * 9 + 1  # embeddings, norm, per layer 7 linears + 2 norms, score
 
 

@@ -296,24 +296,26 @@ def test_sharded_bfloat16_save_loads_in_both(tmp_path):
     assert (hf_logits(reloaded, ids) - ours_logits(ours, ids)).abs().max().item() < 0.03
 
 
-def test_module_names_map_hf_paths_to_ours():
-    from llmctl.core.hf import module_names
+def test_module_groups_map_hf_paths_to_ours():
+    from llmctl.core.hf import config_from_hf, module_groups
     from llmctl.core.model.presets import load_preset
 
-    bert = module_names(load_preset("bert"))
+    def names(cfg):
+        return {theirs: parts[0] if len(parts) == 1 else parts for theirs, (_, parts) in module_groups(cfg).items()}
+
+    bert = names(load_preset("bert"))
     assert bert["bert.encoder.layer.3.attention.self.query"] == "model.layers.3.self_attn.q_proj"
     assert bert["bert.encoder.layer.0.output.dense"] == "model.layers.0.mlp.down_proj"
-    llama = module_names(load_preset("llama"))
+    llama = names(load_preset("llama"))
     assert llama["model.layers.2.mlp.gate_proj"] == "model.layers.2.mlp.gate_proj"
-    from llmctl.core.hf import config_from_hf
-
     sizes = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    neox = module_names(config_from_hf(dict(sizes, model_type="gpt_neox")))
+    neox = names(config_from_hf(dict(sizes, model_type="gpt_neox")))
     assert neox["gpt_neox.layers.0.attention.dense"] == "model.layers.0.self_attn.o_proj"
     assert neox["gpt_neox.layers.0.mlp.dense_h_to_4h"] == "model.layers.0.mlp.up_proj"
     assert neox["embed_out"] == "lm_head"
-    assert "gpt_neox.layers.0.attention.query_key_value" not in neox  # fused: `module_groups`
-    phi = module_names(config_from_hf(dict(sizes, model_type="phi")))
+    assert neox["gpt_neox.layers.0.attention.query_key_value"] == tuple(f"model.layers.0.self_attn.{p}_proj"
+                                                                        for p in "qkv")  # fused, head by head
+    phi = names(config_from_hf(dict(sizes, model_type="phi")))
     assert phi["model.layers.0.self_attn.dense"] == "model.layers.0.self_attn.o_proj"
     assert phi["model.layers.0.mlp.fc2"] == "model.layers.0.mlp.down_proj"
 

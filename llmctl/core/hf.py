@@ -662,7 +662,7 @@ def arch_for(cfg: ModelConfig) -> Arch | None:
             hf = {k: v for codec in arch.config for k, v in codec.to_hf(cfg).items()}
             if _decode(arch, hf).architecture() == want:
                 return arch
-        except (CheckpointError, TypeError, ValueError, KeyError):
+        except (CheckpointError, ConfigError, TypeError, ValueError, KeyError):  # (heads the HF keys cannot size)
             continue
     return None
 
@@ -744,12 +744,42 @@ def _param_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _tensors_from_hf(arch: Arch, cfg: ModelConfig, ck, shapes: dict) -> dict[str, torch.Tensor]:
+def _fused_transformed(arch: Arch, cfg: ModelConfig, ours: set[str]):
+    """(rule, HF module path, our module paths) of each fused projection whose parts are not plain
+    linears (quantized: their `weight` is not among `ours`)."""
+    for r, theirs, names in _expand(arch, cfg):
+        if len(names) > 1 and not r.transpose and theirs.endswith(".weight") and not set(names) <= ours:
+            yield r, theirs.removesuffix(".weight"), [n.removesuffix(".weight") for n in names]
+
+
+def _rows(r: Rule, cfg: ModelConfig, join: bool) -> Callable:
+    """`join_rows` / `split_rows` for `r` over tensors of `rows_per_channel` rows per output channel
+    (packed rows: a fraction), as a module transform's `fuse_state` / `split_state` call them."""
+
+    def head_rows(rows_per_channel) -> int:
+        rows = cfg.head_dim * rows_per_channel
+        if rows != int(rows):
+            raise CheckpointError(f"{r.theirs}: a head's {cfg.head_dim} rows do not pack into whole rows")
+        return int(rows)
+
+    if join:
+        return lambda tensors, rows_per_channel: join_rows(r, tensors, head_rows(rows_per_channel))
+    return lambda tensor, sizes, rows_per_channel: split_rows(r, tensor, sizes, head_rows(rows_per_channel))
+
+
+def _own(names, prefix: str) -> dict[str, str]:
+    """{suffix: name} of the names under module path `prefix`."""
+    return {n[len(prefix) + 1:]: n for n in names if n.startswith(prefix + ".")}
+
+
+def _tensors_from_hf(arch: Arch, model: Transformer, ck, shapes: dict) -> dict[str, torch.Tensor]:
     """Our tensors from an HF checkpoint via the table; every stored tensor must be used."""
+    cfg = model.cfg
     available = set(ck.tensor_names())
     aliases = {}
     if arch.prefix and not any(n.startswith(arch.prefix) for n in available):
         aliases = {arch.prefix + n: n for n in available}
+    canonical = {stored: theirs for theirs, stored in aliases.items()}
     used, out = set(), {}
     for r, theirs, names in _expand(arch, cfg, set(shapes)):
         stored = aliases.get(theirs, theirs)
@@ -764,10 +794,23 @@ def _tensors_from_hf(arch: Arch, cfg: ModelConfig, ck, shapes: dict) -> dict[str
             raise CheckpointError(f"{ck.path}: tensor {theirs!r} has shape {list(tensor.shape)}, "
                                   f"expected {sum(sizes)} rows for {', '.join(names)}")
         out.update(zip(names, split_rows(r, tensor, sizes, cfg.head_dim)))
+    for r, module, parts in _fused_transformed(arch, cfg, set(shapes)):  # a quantized fused module: its parts'
+        split = getattr(type(model.get_submodule(parts[0])), "split_state", None)
+        left = {canonical.get(n, n) for n in available - used}
+        stored = {s: aliases.get(n, n) for s, n in _own(left, module).items()}
+        if split is None or not stored:
+            continue  # (its tensors are unexpected below)
+        part_shapes = [{s: shapes[n] for s, n in _own(shapes, p).items() if n not in out} for p in parts]
+        try:
+            pieces = split({s: ck.get_tensor(n) for s, n in stored.items()}, part_shapes, _rows(r, cfg, join=False))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{ck.path}: {module}: {exc}") from None
+        for p, own in zip(parts, pieces):
+            out.update({f"{p}.{s}": t for s, t in own.items()})
+        used.update(stored.values())
     head = next((aliases.get(r.theirs, r.theirs) for r in arch.weights if r.ours == ("lm_head.weight",)), None)
     ignore = re.compile(arch.ignore)
     extra = sorted(n for n in available - used if not ignore.fullmatch(n) and not (cfg.tie_embeddings and n == head))
-    canonical = {stored: theirs for theirs, stored in aliases.items()}
     # an HF module holding several of ours is a fused rule, which `_modules` already marks
     theirs_modules = {theirs: (ours, why) for ours, (theirs, why) in _modules(arch, cfg).items()}
     for n in extra:  # a transformed module's own tensors, by module prefix
@@ -796,24 +839,18 @@ def _tensors_to(model: Transformer, arch: Arch | None) -> dict[str, torch.Tensor
         tensor = join_rows(r, [state[n] for n in names], cfg.head_dim)
         out[theirs] = tensor.t().contiguous() if r.transpose else tensor
         used.update(names)
+    for r, module, parts in _fused_transformed(arch, cfg, set(shapes)):  # quantized parts of a fused module
+        fuse = getattr(type(model.get_submodule(parts[0])), "fuse_state", None)
+        if fuse is None or len({type(model.get_submodule(p)) for p in parts}) > 1:
+            continue  # (their tensors have no place below)
+        own = [_own(set(shapes) - used, p) for p in parts]
+        joined = fuse([{s: state[n] for s, n in names.items()} for names in own], _rows(r, cfg, join=True))
+        out.update({f"{module}.{s}": t for s, t in joined.items()})
+        used.update(n for names in own for n in names.values())
     modules = _modules(arch, cfg)
     for name in sorted(set(shapes) - used):  # transformed modules' own tensors, by module prefix
         out[_by_module(name, modules, arch)] = state[name]
     return out
-
-
-def module_names(cfg: ModelConfig) -> dict[str, str]:
-    """{HF module path: our module path} for the one-to-one projections of cfg's architecture
-    (identity for the Llama family), e.g. to map PEFT adapter keys written against transformers."""
-    arch = arch_for(cfg)
-    if arch is None:
-        return {}
-    ours = set(_param_shapes(build_model(cfg, device="meta")))
-    return {
-        theirs.removesuffix(".weight"): names[0].removesuffix(".weight")
-        for r, theirs, names in _expand(arch, cfg, ours)
-        if len(names) == 1 and not r.transpose and theirs.endswith(".weight")
-    }
 
 
 def module_groups(cfg: ModelConfig) -> dict[str, tuple[Rule, tuple[str, ...]]]:
@@ -838,7 +875,7 @@ def read_tensors(ck, model: Transformer) -> dict[str, torch.Tensor]:
     if ck.config.get("model_type") == LLMCTL_TYPE:
         check_tensors(shapes, ck.tensor_shapes(), ck.path)
         return {n: ck.get_tensor(n) for n in shapes}
-    tensors = _tensors_from_hf(ARCHES[ck.config["model_type"]], model.cfg, ck, shapes)
+    tensors = _tensors_from_hf(ARCHES[ck.config["model_type"]], model, ck, shapes)
     check_tensors(shapes, {n: tuple(t.shape) for n, t in tensors.items()}, ck.path)
     return tensors
 
@@ -849,7 +886,10 @@ def to_checkpoint(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
     arch = arch_for(model.cfg)
     try:
         tensors = _tensors_to(model, arch)
-    except CheckpointError:
+    except CheckpointError as exc:
+        from llmctl.console import warn
+
+        warn(f"transformers cannot load this checkpoint: {exc}")
         arch = None
         tensors = _tensors_to(model, arch)
     return tensors, _config_to(model.cfg, model.model.embed_tokens.weight.dtype, arch)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from fractions import Fraction
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -87,6 +88,51 @@ class PackedLinear(nn.Module):
         from llmctl.core.quant.kernels import linear
         return linear(self, x)
 
+    @staticmethod
+    def fuse_state(parts: list[dict[str, torch.Tensor]], join: Callable) -> dict[str, torch.Tensor]:
+        """The tensors of one PackedLinear whose output channels are the parts' in turn, as an HF
+        checkpoint fuses them (Phi-3's `qkv_proj`): rows joined by `join(tensors, rows_per_channel)`
+        in the fused weight's row order (zero points are packed along the rows). The parts share
+        one scheme; CheckpointError where their tensors cannot be one module's."""
+        outs = [p["weight_scale"].shape[0] for p in parts]
+        keys = set(parts[0])
+        if keys - {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"} or \
+                any(set(p) != keys or p["weight_scale"].shape[1:] != parts[0]["weight_scale"].shape[1:]
+                    or p["weight_packed"].shape[1:] != parts[0]["weight_packed"].shape[1:] for p in parts):
+            raise CheckpointError("the fused module's parts are not quantized alike")
+        out = {"weight_packed": join([p["weight_packed"] for p in parts], 1),
+               "weight_scale": join([p["weight_scale"] for p in parts], 1),
+               "weight_shape": torch.tensor([sum(outs), int(parts[0]["weight_shape"][1])])}
+        if "weight_zero_point" in keys:
+            zeros = [p["weight_zero_point"] for p in parts]
+            ratio = Fraction(zeros[0].shape[0], outs[0])
+            if any(z.shape[0] != n * ratio for z, n in zip(zeros, outs)):  # a part's last int32 only partly used
+                raise CheckpointError("the fused module's parts pack their zero points apart")
+            out["weight_zero_point"] = join(zeros, ratio)
+        return out
+
+    @staticmethod
+    def split_state(tensors: dict[str, torch.Tensor], parts: list[dict[str, tuple]], split: Callable
+                    ) -> list[dict[str, torch.Tensor]]:
+        """Inverse of `fuse_state`: each part's tensors (`parts`: their shapes), the rows taken by
+        `split(tensor, rows per part, rows_per_channel)`."""
+        if set(tensors) != set(parts[0]):
+            raise CheckpointError(f"a fused quantized module holds {sorted(tensors)}, its parts {sorted(parts[0])}")
+        outs = [p["weight_scale"][0] for p in parts]
+        own: list[dict[str, torch.Tensor]] = [{} for _ in parts]
+        for key, tensor in tensors.items():
+            if key == "weight_shape":
+                pieces = [torch.tensor([n, int(tensor[1])]) for n in outs]
+            else:
+                sizes = [p[key][0] for p in parts]
+                if tensor.shape[0] != sum(sizes) or any(p[key][1:] != tuple(tensor.shape[1:]) for p in parts):
+                    raise CheckpointError(f"a fused quantized module's {key} has shape {list(tensor.shape)}, its "
+                                          f"parts' {[list(p[key]) for p in parts]}")
+                pieces = split(tensor, sizes, Fraction(sizes[0], outs[0]))
+            for mine, piece in zip(own, pieces):
+                mine[key] = piece
+        return own
+
     def _apply(self, fn, recurse=True):  # .to()/.cuda() invalidate the kernels' copies
         self.kernels = {}
         return super()._apply(fn, recurse)
@@ -132,13 +178,14 @@ def routers(model: nn.Module) -> list[str]:
 
 def hf_names(model: nn.Module) -> dict[str, str]:
     """{our module path: the checkpoint's Hugging Face module path} where they differ (Mixtral's
-    `block_sparse_moe`); empty for a model without an HF architecture."""
-    from llmctl.core.hf import module_names
+    `block_sparse_moe`; each part of a fused module, Phi-3's `qkv_proj`); empty for a model without
+    an HF architecture."""
+    from llmctl.core.hf import module_groups
 
     cfg = getattr(model, "cfg", None)
     if cfg is None:
         return {}
-    return {ours: theirs for theirs, ours in module_names(cfg).items() if ours != theirs}
+    return {ours: theirs for theirs, (_, parts) in module_groups(cfg).items() for ours in parts if ours != theirs}
 
 
 def router_patterns(model: nn.Module, ignore: list[str]) -> list[str]:
