@@ -339,6 +339,29 @@ def test_uniform_structured_pruning_is_a_smaller_hf_model(llmctl, base, tmp_path
     _logits_equal_transformers(out)
 
 
+def test_heads_pruned_from_a_model_whose_hf_config_derives_head_dim_save_as_llmctl(llmctl, base, tmp_path):
+    """GPT-NeoX has no head_dim key (hidden_size / heads): 3 heads of 16 in a width of 64 cannot be
+    written as gpt_neox, so the checkpoint is llmctl's own type, which loads back with 3 heads of 16."""
+    import shutil
+
+    import transformers
+
+    from llmctl.core.model.io import load_model
+
+    _, text = base
+    theirs = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, rotary_pct=0.5))
+    theirs.save_pretrained(tmp_path / "neox")
+    shutil.copy(base[0] / "tokenizer.json", tmp_path / "neox")
+    r = llmctl("prune", tmp_path / "neox", "--method", "heads", "--sparsity", "0.25", "--calibration", text, *CAL,
+               "-o", tmp_path / "out", "--json")
+    assert r.code == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llmctl"
+    model = load_model(tmp_path / "out")[0]
+    assert [layer.self_attn.num_heads for layer in model.model.layers] == [3, 3] and model.cfg.head_dim == 16
+
+
 @pytest.mark.parametrize("method,settings,silent", [
     ("heads", {"sparsity": 0.5}, {"heads": [(0, 2), (0, 3), (1, 0), (1, 1)]}),  # a whole KV group per layer
     ("heads", {"sparsity": 0.5, "unit": "queries"}, {"heads": [(0, 0), (0, 3), (1, 1), (1, 2)]}),
@@ -423,7 +446,9 @@ def test_recovery_recipe_finetunes_a_pruned_model(llmctl, base, tmp_path):
             "save_every=0", "peak_tflops=1", "tensorboard=false"]
     layers = tmp_path / "layers"
     assert llmctl("prune", ckpt, "--method", "layers", "--sparsity", "0.5", "--calibration", text,
-                  "--samples", "4", "-o", layers).code == 0
+                  "--samples", "4", "--seq-len", "24", "-o", layers).code == 0
+    recorded = json.loads((layers / "llmctl.json").read_text())["config"]
+    assert (recorded["samples"], recorded["seq_len"]) == (4, 24)  # the flags, as quantize's
     r = llmctl("finetune", layers, "--config", "prune-recovery", *fast, "-o", tmp_path / "lora")
     assert r.code == 0, r.stderr
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"

@@ -20,6 +20,7 @@ def prune(
     pattern: Annotated[Optional[str], option("--pattern", help="N:M semi-structured sparsity, e.g. 2:4 or 4:8 (unstructured methods; sets the sparsity).")] = None,
     calibration: Annotated[Optional[list[Path]], option("--calibration", help="Calibration text (files, dirs, globs; repeatable).", panel=CALIBRATION)] = None,
     samples: Annotated[Optional[int], option("--samples", help="Calibration windows (default 64).", panel=CALIBRATION)] = None,
+    seq_len: Annotated[Optional[int], option("--seq-len", help="Tokens per calibration window (default 256).", panel=CALIBRATION)] = None,
     eval_data: Annotated[Optional[list[Path]], option("--eval-data", help="Held-out text: perplexity before and after (repeatable).", panel=CALIBRATION)] = None,
 ) -> None:
     """Prune a checkpoint: zeros in place (magnitude, Wanda, SparseGPT, N:M) or a smaller model (heads, channels, layers)."""
@@ -31,7 +32,7 @@ def prune(
     from llmctl.runtime import options, resolve_device
 
     flags = [f"method={method}" if method else None, f"sparsity={sparsity}" if sparsity is not None else None,
-             f"samples={samples}" if samples is not None else None]
+             f"samples={samples}" if samples is not None else None, f"seq_len={seq_len}" if seq_len is not None else None]
     settings = load_config(PruneConfig, config, [*(overrides or []), *filter(None, flags)], kind="prune")
     if pattern:  # not through YAML, which reads 2:4 as a base-60 number
         settings.pattern = pattern
