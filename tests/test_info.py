@@ -82,6 +82,13 @@ def test_info_on_hf_directories(llmctl, tmp_path):
     assert data["position"] == {"type": "learned"}
     assert (data["layers"], data["heads"], data["kv_heads"], data["hidden_size"]) == (2, 2, 2, 16)
     assert data["tokenizer"] is False and data["metrics"] == 0
+    append_metrics(tmp_path / "gpt2", {"task": "perplexity", "ppl": 9.9})  # what `eval` records on a foreign checkpoint
+    from llmctl.commands.info import _rows
+    from llmctl.core.checkpoint import open_checkpoint
+    from llmctl.core.summary import describe
+
+    assert ["created by", "not recorded (made elsewhere; llmctl.json holds no lineage)"] in _rows(
+        describe(open_checkpoint(tmp_path / "gpt2")))  # not "llmctl ? at ?"
 
 
 def test_info_errors(llmctl, tmp_path):

@@ -56,7 +56,8 @@ def _rows(s: dict[str, Any]) -> list[list[Any]]:
     ]
     lineage = s["lineage"]
     if lineage is not None:
-        rows.append(["created by", f"llmctl {lineage['command'] or '?'} at {lineage['created'] or '?'}"])
+        rows.append(["created by", f"llmctl {lineage['command']} at {lineage['created'] or '?'}" if lineage["command"]
+                     else "not recorded (made elsewhere; llmctl.json holds no lineage)"])
         if lineage.get("merge_method"):
             rows.append(["merge method", lineage["merge_method"]])
         for parent in lineage["parents"]:
