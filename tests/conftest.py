@@ -69,6 +69,30 @@ def llmctl_proc():
     return run_process
 
 
+def save_hf(out: Path, config, jitter: float = 0.0) -> Path:
+    """A transformers causal LM of `config` (seed 1), its weights moved by `jitter` · N(0, 1) so that
+    norms and biases matter, saved in `out`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * jitter)
+    model.save_pretrained(out)
+    return out
+
+
+def logits_of(model, ids):
+    """Float32 logits of llmctl's or transformers' model on `ids`, without gradients."""
+    import torch
+
+    with torch.no_grad():
+        out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out[0]).float()
+
+
 def tiny_llama(out: Path, texts: list[str], *, vocab: int, context: int, scale: float = 8.0, hidden: int = 32,
                intermediate: int = 64) -> Path:
     """A tiny HF Llama checkpoint in `out` with a byte-level BPE tokenizer (BOS/EOS/PAD = 0/1/2)

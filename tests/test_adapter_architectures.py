@@ -14,8 +14,10 @@ torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 import peft  # noqa: E402
 
-from llmctl.core.adapters import LoRA, lora_modules, save_adapter  # noqa: E402
+from llmctl.core.adapters import LoRA, save_adapter  # noqa: E402
 from llmctl.core.model.io import load_model  # noqa: E402
+from conftest import logits_of, save_hf  # noqa: E402
+from test_adapters import _peft, _randomize  # noqa: E402
 
 VOCAB = 96
 DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -30,7 +32,6 @@ BASES = {
                                  num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
                                  tie_word_embeddings=False)),
 }
-HEADS = {"GPT2": "LMHeadModel"}
 IDS = torch.tensor([[5, 17, 42, 7, 90, 3, 50, 11], [9, 8, 7, 6, 5, 4, 3, 2]])
 # (our targets, PEFT's names of the same modules, a per-module rank our way)
 TARGETS = {
@@ -44,38 +45,12 @@ METHODS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    out = {}
-    for name, (family, kwargs) in BASES.items():
-        model = getattr(transformers, family + HEADS.get(family, "ForCausalLM"))(
-            getattr(transformers, f"{family}Config")(**kwargs))
-        torch.manual_seed(1)
-        with torch.no_grad():  # move norms and biases off their init so every weight matters
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        out[name] = tmp_path_factory.mktemp(name)
-        model.save_pretrained(out[name])
-    return out
-
-
-def _randomize(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in lora_modules(model).values():
-            for p in (module.lora_A.weight, module.lora_B.weight):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-            if module.lora_magnitude_vector is not None:
-                module.lora_magnitude_vector.mul_(1 + 0.2 * torch.rand(module.out_features, generator=gen))
+    return {name: save_hf(tmp_path_factory.mktemp(name), getattr(transformers, f"{family}Config")(**kwargs), 0.05)
+            for name, (family, kwargs) in BASES.items()}
 
 
 def _logits(model):
-    with torch.no_grad():
-        out = model(IDS)
-    return (out.logits if hasattr(out, "logits") else out[0]).float()
-
-
-def _peft(base, adapter):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    return peft.PeftModel.from_pretrained(hf, adapter).eval()
+    return logits_of(model, IDS)
 
 
 @pytest.mark.parametrize("method", METHODS)

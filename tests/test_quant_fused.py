@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
+from conftest import logits_of, save_hf  # noqa: E402
 from llmctl.core.model.io import load_model, save_model  # noqa: E402
 from llmctl.core.quant.linear import PackedLinear, PackQuantized  # noqa: E402
 
@@ -30,19 +31,11 @@ SCHEMES = {"int8": dict(bits=8), "int4-g32": dict(bits=4, group_size=32), "int4-
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    out = {}
-    for name, config in BASES.items():
-        torch.manual_seed(1)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-        out[name] = tmp_path_factory.mktemp(name)
-        model.save_pretrained(out[name])
-    return out
+    return {name: save_hf(tmp_path_factory.mktemp(name), config) for name, config in BASES.items()}
 
 
 def _logits(model):
-    with torch.no_grad():
-        out = model(IDS)
-    return (out.logits if hasattr(out, "logits") else out[0]).float()
+    return logits_of(model, IDS)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
