@@ -360,8 +360,8 @@ def test_gguf_refusals_name_the_reason(monkeypatch):
     with pytest.raises(UsageError) as e:
         family_of(ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, position="alibi"))
     assert str(e.value) == ("this model matches no Hugging Face architecture (its config is llmctl's own), and "
-                            "llama.cpp runs only known ones: llama, mistral, mixtral, qwen2, qwen3, gemma, gemma2, gpt2, "
-                            "qwen2_moe, qwen3_moe, phi3, starcoder2, phi")
+                            "llama.cpp runs only known ones: llama, mistral, mixtral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
+                            "gpt2, qwen2_moe, qwen3_moe, phi3, starcoder2, phi, gpt_neox")
     llama = _hf_config("llama")
     with pytest.raises(UsageError) as e:  # a reward model's one-row score head is no LM head
         family_of(dataclasses.replace(llama, num_labels=1))

@@ -58,7 +58,12 @@ class Family:
     expert_ffn: bool = False  # MoE width under its own key (expert_feed_forward_length)
     needs_biases: bool = False  # llama.cpp's graph requires every projection's bias (StarCoder2)
     qk_norm: bool = False  # llama.cpp's graph normalizes queries and keys per head (Qwen3)
-    residual: str = "sequential"  # how its blocks join attention and feed-forward (`norm.RESIDUALS`)
+    residuals: tuple[str, ...] = ("sequential",)  # how its blocks may join attention and feed-forward
+    # (`norm.RESIDUALS`); several: the graph reads which from `{arch}.use_parallel_residual` (GPT-NeoX)
+    approx_mlp: tuple[str, str] | None = None  # an MLP written though llama.cpp computes `mlp` (warned)
+    local_rope: bool = False  # the sliding layers' own unscaled rope base, `{arch}.rope.freq_base_swa` (Gemma 3)
+    window_pattern: bool = False  # which layers slide: `{arch}.attention.sliding_window_pattern`, one bool each
+    needs_output: bool = False  # its graph requires output.weight: a tied head is written as a copy
     partial_rotary: bool = False  # it turns the first rope.dimension_count dims of each head only
     lacks: Callable[[Any], str | None] | None = None  # what else its graph fixes that a config differs from
 
@@ -77,6 +82,20 @@ def _gemma2_lacks(cfg) -> str | None:
     return next((why for why, failed in checks.items() if failed), None)
 
 
+def _gemma3_lacks(cfg) -> str | None:
+    """What llama.cpp's gemma3 graph fixes and `cfg` does otherwise (None: nothing)."""
+    windows = cfg.layer_sliding_windows or [cfg.sliding_window] * cfg.num_layers
+    scale = cfg.hidden_size // cfg.num_heads if cfg.num_layers == 62 else cfg.head_dim  # its 27B, known by 62 layers
+    checks = {
+        "slides with one window on every sliding layer": len({w for w in windows if w is not None}) > 1,
+        f"scales the attention scores by {scale} ** -0.5": (cfg.attention_scale_dim or cfg.head_dim) != scale,
+        "never caps the logits": cfg.logit_softcap is not None,
+        "never caps the attention scores": cfg.attention_softcap is not None,
+        "ties the output head to the embeddings": not cfg.tie_embeddings,
+    }
+    return next((why for why, failed in checks.items() if failed), None)
+
+
 FAMILIES = {
     "llama": Family("llama", ("swiglu", "silu"), permute_qk=True),
     "mistral": Family("llama", ("swiglu", "silu"), permute_qk=True),
@@ -85,23 +104,33 @@ FAMILIES = {
     "qwen3": Family("qwen3", ("swiglu", "silu"), qk_norm=True),
     "gemma": Family("gemma", ("geglu", "gelu_tanh"), norm_offset=1.0),
     "gemma2": Family("gemma2", ("geglu", "gelu_tanh"), norm_offset=1.0, lacks=_gemma2_lacks),
+    "gemma3_text": Family("gemma3", ("geglu", "gelu_tanh"), norm_offset=1.0, qk_norm=True, local_rope=True,
+                          window_pattern=True, lacks=_gemma3_lacks),
     "gpt2": Family("gpt2", ("gelu", "gelu_tanh"), fuse_qkv=True),
     "qwen2_moe": Family("qwen2moe", ("swiglu", "silu"), topk_norm=False, expert_ffn=True),
     "qwen3_moe": Family("qwen3moe", ("swiglu", "silu"), topk_norm=True, expert_ffn=True, qk_norm=True),
     "phi3": Family("llama", ("swiglu", "silu"), permute_qk=True),  # a Llama with fused tensors: written unfused
     "starcoder2": Family("starcoder2", ("gelu", "gelu_tanh"), needs_biases=True),
-    "phi": Family("phi2", ("gelu", "gelu_tanh"), needs_biases=True, residual="parallel_shared", partial_rotary=True),
+    "phi": Family("phi2", ("gelu", "gelu_tanh"), needs_biases=True, residuals=("parallel_shared",),
+                  partial_rotary=True),
+    # Pythia: q/k/v rows written [q; k; v] (HF interleaves them head by head), NeoX rope on rotary_pct of each head
+    "gpt_neox": Family("gptneox", ("gelu", "gelu_tanh"), fuse_qkv=True, needs_biases=True,
+                       residuals=("parallel", "sequential"), partial_rotary=True, approx_mlp=("gelu", "gelu"),
+                       needs_output=True),
 }
-REFUSED = {"bert": "it is an encoder (masked LM); llama.cpp runs BERT only as an embedding model",
-           "gemma3_text": "llmctl does not write llama.cpp's gemma3 layout (sandwich norms, q/k norms, local RoPE)",
-           "gpt_neox": "llmctl does not write llama.cpp's gptneox layout (its GELU is the tanh approximation, "
-                       "Pythia's the exact one)"}
+REFUSED = {"bert": "it is an encoder (masked LM); llama.cpp runs BERT only as an embedding model"}
+
+
+def mlp_of(cfg) -> tuple[str, str]:
+    """(mlp, activation) of a model config."""
+    from llmctl.core.model.mlp import MLPS
+
+    return cfg.mlp, cfg.activation or MLPS.get(cfg.mlp).default_activation
 
 
 def family_of(cfg) -> tuple[str, Family]:
     """(HF model_type, Family) for a model config; UsageError naming why one cannot be exported."""
     from llmctl.core.hf import arch_for
-    from llmctl.core.model.mlp import MLPS
 
     if cfg.num_labels:
         raise UsageError(f"cannot export a sequence classifier (reward model, {cfg.num_labels} score"
@@ -114,7 +143,7 @@ def family_of(cfg) -> tuple[str, Family]:
         why = REFUSED.get(arch.model_type, "llama.cpp has no such architecture")
         raise UsageError(f"cannot export a {arch.model_type} model to GGUF: {why}")
     family = FAMILIES[arch.model_type]
-    lacks = {f"a {cfg.residual} residual": cfg.residual != family.residual,
+    lacks = {f"a {cfg.residual} residual": cfg.residual not in family.residuals,
              "qk-norm": cfg.qk_norm and not family.qk_norm,
              "partial rotary": cfg.rotary_dim != cfg.head_dim and cfg.position == "rope" and not family.partial_rotary}
     if any(lacks.values()):
@@ -122,9 +151,8 @@ def family_of(cfg) -> tuple[str, Family]:
                          f"{next(k for k, v in lacks.items() if v)}")
     if family.lacks and (why := family.lacks(cfg)):
         raise UsageError(f"cannot export this {arch.model_type} model to GGUF: llama.cpp's {family.arch} {why}")
-    act = cfg.activation or MLPS.get(cfg.mlp).default_activation
-    if (cfg.mlp, act) != family.mlp:
-        raise UsageError(f"cannot export this {arch.model_type} model to GGUF: its MLP is {cfg.mlp}/{act}, "
+    if mlp_of(cfg) not in (family.mlp, family.approx_mlp):
+        raise UsageError(f"cannot export this {arch.model_type} model to GGUF: its MLP is {'/'.join(mlp_of(cfg))}, "
                          f"llama.cpp's {family.arch} computes {'/'.join(family.mlp)}")
     if family.needs_biases and not (cfg.qkv_bias and cfg.o_bias and cfg.mlp_bias):
         raise UsageError(f"cannot export this {arch.model_type} model to GGUF: llama.cpp's {family.arch} "
@@ -206,7 +234,10 @@ def plan(tensors: dict, cfg, family: Family) -> list[Item]:
             item.shape = (sum(state[s][0] for s in item.sources), *first[1:])
         elif item.name.endswith("ffn_gate_inp_shexp.weight"):
             item.shape = first[1:]
-    if cfg.tie_embeddings and "token_embd.weight" in items:
+    if cfg.tie_embeddings and family.needs_output and "token_embd.weight" in items:
+        embd = items["token_embd.weight"]
+        items["output.weight"] = Item("output.weight", embd.shape, list(embd.sources), "one", None)
+    elif cfg.tie_embeddings and "token_embd.weight" in items:
         items["token_embd.weight"].tied = True
     if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
         items["rope_freqs.weight"] = Item("rope_freqs.weight", (cfg.head_dim // 2,), [], "rope_freqs", None)
@@ -354,6 +385,10 @@ def add_model_metadata(writer, cfg, family: Family, name: str, report: Reporter)
             writer.add_rope_scaling_factor(float(scaling["factor"]))
         if kind == "yarn" and scaling.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        if family.local_rope:
+            writer.add_rope_freq_base_swa(cfg.local_rope_theta or cfg.rope_theta)
+    if len(family.residuals) > 1:
+        writer.add_parallel_residual(cfg.residual == "parallel")
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.experts_per_token)
@@ -361,13 +396,32 @@ def add_model_metadata(writer, cfg, family: Family, name: str, report: Reporter)
         writer.add_attn_logit_softcapping(cfg.attention_softcap)
     if cfg.logit_softcap is not None:
         writer.add_final_logit_softcapping(cfg.logit_softcap)
-    if cfg.layer_sliding_windows is not None:  # the sliding layers' window (which ones: the family's graph)
+    if cfg.layer_sliding_windows is not None:  # the sliding layers' window (which ones: the family's graph or key)
         writer.add_sliding_window(next(w for w in cfg.layer_sliding_windows if w is not None))
-    if cfg.sliding_window is not None:
+    if family.window_pattern and (cfg.layer_sliding_windows is not None or cfg.sliding_window is not None):
+        slides = [w is not None for w in cfg.layer_sliding_windows or [cfg.sliding_window] * cfg.num_layers]
+        writer.add_sliding_window_pattern(slides)  # (none sliding: no window key, else llama.cpp asserts one does)
+        if cfg.sliding_window is not None:
+            writer.add_sliding_window(cfg.sliding_window)
+        if slides != [(i + 1) % 6 != 0 for i in range(cfg.num_layers)]:
+            report.warn(f"this model slides on layers {_spans(slides)}: llama.cpp builds that predate "
+                        f"{family.arch}.attention.sliding_window_pattern make every 6th layer global instead")
+    elif cfg.sliding_window is not None:
         writer.add_sliding_window(cfg.sliding_window)
         if cfg.sliding_window < cfg.max_seq_len:
             report.warn(f"the sliding window ({cfg.sliding_window} tokens) is recorded, but llama.cpp's "
                         f"{family.arch} attends to all earlier tokens: outputs past the window differ")
+
+
+def _spans(flags: list[bool]) -> str:
+    """The indices where `flags` holds, as ranges: "0-4, 6"."""
+    spans: list[list[int]] = []
+    for i, f in enumerate(flags):
+        if f and spans and spans[-1][1] == i - 1:
+            spans[-1][1] = i
+        elif f:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 # ---------------------------------------------------------------------------------------- the exporter
@@ -390,6 +444,9 @@ class GGUFExporter(Exporter):
 
         model, cfg = load_model(checkpoint)
         model_type, family = family_of(cfg)
+        if mlp_of(cfg) == family.approx_mlp:
+            report.warn(f"llama.cpp's {family.arch} computes the tanh approximation of this model's exact "
+                        f"{mlp_of(cfg)[1]}: its logits differ from llmctl's by about 1e-3 of their scale")
         tensors, folded = dense_tensors(model)
         if "adapted" in folded:
             report.info("merging the adapter into its base weights")
