@@ -265,17 +265,26 @@ def test_awq_scale_search_minimises_the_error_at_the_module_output(outlier_base)
     assert all(torch.equal(m.weight, w0) for m, w0 in zip(linears, originals))  # the search left them as they were
 
 
-@pytest.mark.parametrize("residual", ["parallel", "parallel_shared"])
-def test_awq_scales_only_a_norm_that_feeds_one_group(residual):
-    """GPT-NeoX's parallel block has a norm per sublayer: AWQ folds into both. Phi-2's one norm feeds
+@pytest.mark.parametrize("residual,placement,norm", [("parallel", "pre", "layernorm"),
+                                                      ("parallel_shared", "pre", "layernorm"),
+                                                      ("sequential", "sandwich", "gemma_rmsnorm")])
+def test_awq_scales_only_a_norm_that_feeds_one_group(residual, placement, norm):
+    """GPT-NeoX's parallel block has a norm per sublayer: AWQ folds into both, as into Gemma 2's
+    norms before each sublayer (its norms after them are left alone). Phi-2's one norm feeds
     attention and MLP alike, so scaling it for q/k/v would skew the MLP: it stays as it was."""
     import copy
 
     from llmctl.core.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=64, hidden_size=64, num_heads=4, intermediate_size=128, norm="layernorm",
-                                    mlp="gelu", residual=residual, partial_rotary_factor=0.5)).eval()
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=64, num_heads=4, intermediate_size=128, norm=norm,
+                                    mlp="gelu", residual=residual, partial_rotary_factor=0.5,
+                                    norm_placement=placement)).eval()
+    if placement == "sandwich":  # norms away from 1: (1 + w) folds exactly
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
     dense = copy.deepcopy(model)
     ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
     cfg = QuantizeConfig(method="awq", bits=4, group_size=32, symmetric=True)
@@ -284,6 +293,9 @@ def test_awq_scales_only_a_norm_that_feeds_one_group(residual):
     for block, before in zip(model.model.layers, dense.model.layers):
         kept = torch.equal(block.input_layernorm.weight, before.input_layernorm.weight)
         assert kept == (residual == "parallel_shared")
+        if placement == "sandwich":
+            assert not torch.equal(block.post_attention_layernorm.weight, before.post_attention_layernorm.weight)
+            assert torch.equal(block.attn_out_norm.weight, before.attn_out_norm.weight)
     with torch.no_grad():
         a, b = model(ids).logits, dense(ids).logits
     assert (a - b).pow(2).mean() < 0.05 * b.pow(2).mean()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from llmctl.core.model.layerwise import capture_inputs
-from llmctl.core.model.norm import LayerNorm, RMSNorm, pre_norm
+from llmctl.core.model.norm import LayerNorm, RMSNorm, pre_norm, sandwich_norm
 from llmctl.core.quant.config import AWQConfig
 from llmctl.core.quant.scheme import Scheme
 
@@ -34,7 +34,7 @@ SAMPLE_ROWS = 4096  # input rows (sampled) the clipping search and the error rep
 def _groups(block: nn.Module, linears: list[str]) -> list[tuple[nn.Module | None, list[str]]]:
     """(producer to fold the inverse scale into, linears sharing its output); producer None: no scaling."""
     have = set(linears)
-    pre = getattr(block, "place", None) is pre_norm
+    pre = getattr(block, "place", None) in (pre_norm, sandwich_norm)  # a norm right before the group's linears
     shared = not hasattr(block, "post_attention_layernorm")  # one norm feeds both sublayers (Phi-2): never scaled
     scalable = lambda m: isinstance(m, (RMSNorm, LayerNorm)) and getattr(m, "weight", None) is not None  # noqa: E731
     get = lambda p: block.get_submodule(p) if p in have else None  # noqa: E731
