@@ -16,6 +16,8 @@ config exactly and whose names hold every tensor (the model's transforms are rec
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import re
 from dataclasses import dataclass
 from itertools import product
@@ -857,6 +859,14 @@ def module_groups(cfg: ModelConfig) -> dict[str, tuple[Rule, tuple[str, ...]]]:
     """{HF module path: (its weight's rule, our module paths in the order of its rows)} for every
     projection of cfg's architecture (several of ours where HF fuses them: Phi-3's `qkv_proj`;
     `rule.transpose` where HF stores it transposed: GPT-2's Conv1D); {} for llmctl's own type."""
+    return dict(_module_groups(json.dumps(cfg.to_dict(), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=8)
+def _module_groups(config: str) -> dict[str, tuple[Rule, tuple[str, ...]]]:
+    """`module_groups` of a config as JSON (cached: adapter and quantization files ask several times,
+    and a large model's meta build takes a while)."""
+    cfg = ModelConfig.from_dict(json.loads(config))
     arch = arch_for(cfg)
     if arch is None:
         return {}
