@@ -268,10 +268,10 @@ def test_awq_scale_search_minimises_the_error_at_the_module_output(outlier_base)
 @pytest.mark.parametrize("residual,placement,norm", [("parallel", "pre", "layernorm"),
                                                       ("parallel_shared", "pre", "layernorm"),
                                                       ("sequential", "sandwich", "gemma_rmsnorm")])
-def test_awq_scales_only_a_norm_that_feeds_one_group(residual, placement, norm):
+def test_awq_folds_into_the_norms_before_the_linears(residual, placement, norm):
     """GPT-NeoX's parallel block has a norm per sublayer: AWQ folds into both, as into Gemma 2's
     norms before each sublayer (its norms after them are left alone). Phi-2's one norm feeds
-    attention and MLP alike, so scaling it for q/k/v would skew the MLP: it stays as it was."""
+    attention and MLP alike: one scale for q, k, v and fc1 together, judged at the block's output."""
     import copy
 
     from llmctl.core.model import ModelConfig, Transformer
@@ -291,8 +291,13 @@ def test_awq_scales_only_a_norm_that_feeds_one_group(residual, placement, norm):
     cfg.awq.grid = cfg.awq.clip_grid = 5
     quantize_model(model, cfg, ids)
     for block, before in zip(model.model.layers, dense.model.layers):
-        kept = torch.equal(block.input_layernorm.weight, before.input_layernorm.weight)
-        assert kept == (residual == "parallel_shared")
+        assert not torch.equal(block.input_layernorm.weight, before.input_layernorm.weight)
+    if residual == "parallel_shared":
+        from llmctl.core.quant.awq import _groups
+
+        block = dense.model.layers[0]
+        paths = [f"self_attn.{p}_proj" for p in "qkvo"] + ["mlp.up_proj", "mlp.down_proj"]
+        assert _groups(block, paths)[0] == (block.input_layernorm, [*paths[:3], "mlp.up_proj"])
         if placement == "sandwich":
             assert not torch.equal(block.post_attention_layernorm.weight, before.post_attention_layernorm.weight)
             assert torch.equal(block.attn_out_norm.weight, before.attn_out_norm.weight)

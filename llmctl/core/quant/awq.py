@@ -7,7 +7,8 @@ s = mean|x|^α / (mean|ŵ|^(1−α) + 1e-4) (ŵ: weights normalised per group), 
 max(s)·min(s) = 1, with α ∈ {0, 1/grid, …} (`identity`: s = 1 too, as llm-compressor tries) chosen, as
 AutoAWQ and llm-compressor do, by the mean
 squared error at the output of the module the set feeds — the attention for q/k/v, the MLP for
-gate/up, the linear itself for o and down — run on the block's calibration inputs with every
+gate/up, the whole block for a norm that feeds both (Phi-2), the linear itself for o and down — run
+on the block's calibration inputs with every
 linear of the set replaced by Q(W·s)/s (the rest of the block in float). The producer is divided
 by s (a norm's weight, or the output rows of v_proj / up_proj), so the float model is unchanged.
 Clipping then shrinks each group's range by up to `max_shrink`, keeping the shrink with the
@@ -32,23 +33,23 @@ SAMPLE_ROWS = 4096  # input rows (sampled) the clipping search and the error rep
 
 
 def _groups(block: nn.Module, linears: list[str]) -> list[tuple[nn.Module | None, list[str]]]:
-    """(producer to fold the inverse scale into, linears sharing its output); producer None: no scaling."""
+    """(producer to fold the inverse scale into, linears sharing its output); producer None: no scaling.
+    One norm feeding both sublayers (Phi-2's parallel block) makes q, k, v and the MLP's input
+    linears one group, judged at the block's output, as AutoAWQ's Phi does."""
     have = set(linears)
     pre = getattr(block, "place", None) in (pre_norm, sandwich_norm)  # a norm right before the group's linears
-    shared = not hasattr(block, "post_attention_layernorm")  # one norm feeds both sublayers (Phi-2): never scaled
     scalable = lambda m: isinstance(m, (RMSNorm, LayerNorm)) and getattr(m, "weight", None) is not None  # noqa: E731
     get = lambda p: block.get_submodule(p) if p in have else None  # noqa: E731
-    out = []
+    producer = lambda norm: norm if pre and scalable(norm) else None  # noqa: E731
     attn = [p for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if p in have]
-    if attn:
-        out.append((block.input_layernorm if pre and not shared and scalable(block.input_layernorm) else None, attn))
+    mlp = [p for p in ("mlp.gate_proj", "mlp.up_proj") if p in have]
+    norm = getattr(block, "post_attention_layernorm", None)  # None: the input norm feeds the MLP too
+    readers = [(block.input_layernorm, attn), (norm, mlp)] if norm is not None else [(block.input_layernorm,
+                                                                                        attn + mlp)]
+    out = [(producer(n), ps) for n, ps in readers if ps]
     v, o = get("self_attn.v_proj"), get("self_attn.o_proj")
     if o is not None:
         out.append((v if isinstance(v, nn.Linear) and v.out_features == o.in_features else None, ["self_attn.o_proj"]))
-    mlp = [p for p in ("mlp.gate_proj", "mlp.up_proj") if p in have]
-    if mlp:
-        norm = getattr(block, "post_attention_layernorm", None)
-        out.append((norm if pre and not shared and scalable(norm) else None, mlp))
     up, down = get("mlp.up_proj"), get("mlp.down_proj")
     if down is not None:  # up's output reaches down linearly only through a gate's product
         gated = isinstance(up, nn.Linear) and getattr(block.mlp, "gated", False)
