@@ -44,12 +44,14 @@ def _groups(block: nn.Module, linears: list[str]) -> list[tuple[nn.Module | None
     attn = [p for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if p in have]
     mlp = [p for p in ("mlp.gate_proj", "mlp.up_proj") if p in have]
     norm = getattr(block, "post_attention_layernorm", None)  # None: the input norm feeds the MLP too
-    readers = [(block.input_layernorm, attn), (norm, mlp)] if norm is not None else [(block.input_layernorm,
-                                                                                        attn + mlp)]
-    out = [(producer(n), ps) for n, ps in readers if ps]
+    if norm is None:
+        attn, mlp = attn + mlp, []
+    out = [(producer(block.input_layernorm), attn)] if attn else []  # AutoAWQ's order: qkv, o, gate/up, down
     v, o = get("self_attn.v_proj"), get("self_attn.o_proj")
     if o is not None:
         out.append((v if isinstance(v, nn.Linear) and v.out_features == o.in_features else None, ["self_attn.o_proj"]))
+    if mlp:
+        out.append((producer(norm), mlp))
     up, down = get("mlp.up_proj"), get("mlp.down_proj")
     if down is not None:  # up's output reaches down linearly only through a gate's product
         gated = isinstance(up, nn.Linear) and getattr(block.mlp, "gated", False)
