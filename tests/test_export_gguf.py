@@ -710,9 +710,6 @@ def test_gpt_neox_logits_equal_llama_cpps(kind, checkpoints, llmctl, tmp_path):
     to 1e-3 of their scale, as phi2's, though llama.cpp computes GELU's tanh form (export warns; max |Δ|
     1.8e-3 of 3.8 parallel, 2.3e-3 of 4.1 sequential); the other residual moves them by 5%+ of it."""
     pytest.importorskip("llama_cpp")
-    import dataclasses
-
-    from llmctl.core.model import Transformer
     from llmctl.core.model.io import load_model
 
     r = llmctl("export", checkpoints[kind], "-o", tmp_path / "m.gguf", "--type", "f32")
@@ -721,7 +718,18 @@ def test_gpt_neox_logits_equal_llama_cpps(kind, checkpoints, llmctl, tmp_path):
     ids = torch.randint(3, 250, (37,), generator=torch.Generator().manual_seed(0)).tolist()
     theirs = _llama_cpp_logits(tmp_path / "m.gguf", ids)
     ours, cfg = load_model(checkpoints[kind])
-    for change in ({}, dict(residual="sequential" if cfg.residual == "parallel" else "parallel")):
+    _assert_matches_as_configured(ours, cfg, ids, theirs,
+                                  [dict(residual="sequential" if cfg.residual == "parallel" else "parallel")])
+
+
+def _assert_matches_as_configured(ours, cfg, ids: list[int], theirs, changes: list[dict]) -> None:
+    """llama.cpp's logits `theirs` are ours to 1e-3 of their scale, and each config change in
+    `changes` moves ours by 5%+ of it (the match is no accident)."""
+    import dataclasses
+
+    from llmctl.core.model import Transformer
+
+    for change in ({}, *changes):
         model = Transformer(dataclasses.replace(cfg, **change)).eval()
         model.load_state_dict(ours.state_dict())
         with torch.no_grad():
@@ -761,22 +769,14 @@ def test_llama_cpp_gemma3_logits_equal_llmctl(checkpoints, llmctl, tmp_path):
     own RoPE base (100) or the score scale moves them by 5%+ of it; a pattern other than every 6th layer global is
     written too (warned)."""
     pytest.importorskip("llama_cpp")
-    import dataclasses
-
-    from llmctl.core.model import Transformer
     from llmctl.core.model.io import load_model
 
     _export(llmctl, checkpoints["gemma3_text"], tmp_path / "m.gguf")
     ids = list(range(3, 40))
     theirs = _llama_cpp_logits(tmp_path / "m.gguf", ids)
     ours, cfg = load_model(checkpoints["gemma3_text"])
-    for change in ({}, dict(layer_sliding_windows=None), dict(local_rope_theta=10000.0), dict(attention_scale_dim=12.0)):
-        model = Transformer(dataclasses.replace(cfg, **change)).eval()
-        model.load_state_dict(ours.state_dict())
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].numpy()
-        delta = np.abs(theirs - logits).max() / np.abs(logits).max()
-        assert delta < 1e-3 if not change else delta > 0.05, (change, delta)
+    _assert_matches_as_configured(ours, cfg, ids, theirs, [dict(layer_sliding_windows=None),
+                                                           dict(local_rope_theta=10000.0), dict(attention_scale_dim=12.0)])
     alternate = tmp_path / "alternate"  # the same weights, sliding on the even layers only
     shutil.copytree(checkpoints["gemma3_text"], alternate)
     config = json.loads((alternate / "config.json").read_text())
