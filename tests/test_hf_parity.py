@@ -224,11 +224,14 @@ def test_greedy_decoding_matches_transformers(case, tmp_path):
             assert got == want
 
 
-@pytest.mark.parametrize("case", ["gpt_neox-parallel", "phi-qk-norm-gqa-tied"])
-def test_sequence_classifier_both_ways(case, tmp_path):
-    """GPTNeoX/PhiForSequenceClassification: `score` (no bias, Phi's LM head has one) is our head."""
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("case", ["gpt_neox-parallel", "phi-qk-norm-gqa-tied", "qwen2-mha-tied", "gemma2-softcap-window"])
+def test_sequence_classifier_both_ways(case, tied, tmp_path):
+    """GPTNeoX/Phi/Qwen2/Gemma2ForSequenceClassification: `score` (no bias, Phi's LM head has one; no
+    final softcap) is our head, never tied: a reward model made from a tied LM (Qwen2.5, Gemma 2, whose
+    configs keep tie_word_embeddings true) loads too."""
     family, kwargs = CASES[case]
-    config = getattr(transformers, f"{family}Config")(**dict(kwargs, tie_word_embeddings=False), num_labels=3)
+    config = getattr(transformers, f"{family}Config")(**dict(kwargs, tie_word_embeddings=tied), num_labels=3)
     torch.manual_seed(0)
     theirs = getattr(transformers, f"{family}ForSequenceClassification")(config).eval()
     theirs.save_pretrained(tmp_path / "hf")

@@ -261,20 +261,25 @@ TOKEN_IDS = same("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def classifier() -> Codec:
-    """`num_labels`: a *ForSequenceClassification checkpoint (its `score` is our `lm_head`)."""
+    """`num_labels`: a *ForSequenceClassification checkpoint (its `score` is our `lm_head`, never tied:
+    transformers ties no score to the embeddings, whatever `tie_word_embeddings` says)."""
     def to_ours(hf: dict) -> dict:
+        n = _labels(hf)
+        return {"num_labels": n} if n is None else {"num_labels": n, "tie_embeddings": False}
+
+    def _labels(hf: dict) -> int | None:
         archs = hf.get("architectures")
         if archs is not None and not any(str(a).endswith(CLASSIFIER) for a in archs):
-            return {"num_labels": None}
+            return None
         if hf.get("num_labels") is not None:  # transformers: it wins over an `id2label` of another length
-            return {"num_labels": hf["num_labels"]}
+            return hf["num_labels"]
         labels = hf.get("id2label")
         if not archs and labels and {str(k): v for k, v in labels.items()} == DEFAULT_LABELS:
-            return {"num_labels": None}  # every config's `to_dict()` has these, a causal LM's too: no class, no say
+            return None  # every config's `to_dict()` has these, a causal LM's too: no class, no say
         if labels:
-            return {"num_labels": len(labels)}
+            return len(labels)
         # a classifier saved with the default two labels carries neither key (transformers' diff dict)
-        return {"num_labels": 2 if archs else None}
+        return 2 if archs else None
 
     def to_hf(cfg: ModelConfig) -> dict:
         n = cfg.num_labels
