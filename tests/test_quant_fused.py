@@ -85,11 +85,14 @@ def test_fused_asymmetric_tensors_decompress_as_compressed_tensors_does(bases, t
         assert torch.equal(weight, expected), theirs
 
 
-def test_parts_quantized_apart_fall_back_to_llmctl_and_reload(bases, tmp_path):
-    """q in float beside a quantized k and v cannot be one Phi-3 `qkv_proj`: llmctl's own type."""
+def test_parts_quantized_apart_fall_back_to_llmctl_and_reload(bases, tmp_path, capsys):
+    """q in float beside a quantized k and v cannot be one Phi-3 `qkv_proj`: llmctl's own type, said."""
     model, _ = load_model(bases["phi3"], transforms=[PackQuantized(bits=8, ignore=["re:.*q_proj$", "lm_head"])])
     out = save_model(model, tmp_path / "q")
     assert json.loads((out / "config.json").read_text())["model_type"] == "llmctl"
+    said = " ".join(capsys.readouterr().err.split())
+    assert "warning: transformers cannot load this checkpoint: tensor 'model.layers.0.self_attn.k_proj." in said
+    assert "qkv_proj fuses" in said
     assert torch.equal(_logits(load_model(out)[0]), _logits(model))
 
 
