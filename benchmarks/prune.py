@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks import outliers
-from benchmarks.trained import Trained, add_arguments, from_arguments, llmctl, perplexity
+from benchmarks.trained import Settings, Trained, add_arguments, from_arguments, llmctl
 
 RUNS = [  # (label, prune arguments)
     ("magnitude 50 %", ["--method", "magnitude", "--sparsity", "0.5"]),
@@ -78,14 +78,14 @@ def recover(pruned: Path, t: Trained, steps: int, work: Path) -> list[tuple]:
         chunks.append(text[:cut])
         text = text[cut:]
     records.write_text("".join(json.dumps({"text": c}) + "\n" for c in chunks), encoding="utf-8")
-    s = t.settings
+    s = t.settings or Settings()  # a pretrained model recovers with the default batches
     budget = [f"max_steps={steps}", f"batch_size={s.batch_size}", f"seq_len={s.seq_len}", "lr=1e-3", "min_lr=3e-4",
               "warmup_steps=10", "eval_every=0", "save_every=0", "tensorboard=false", "peak_tflops=1"]
     full, lora = work / f"{pruned.name}-full", work / f"{pruned.name}-lora"
     llmctl("train", f"model={pruned}", f"data={t.train}", f"val_data={t.val}", *budget, "-o", full, "--force")
     llmctl("finetune", pruned, "--config", "prune-recovery", "--data", records, *budget, "-o", lora, "--force")
-    return [(f"… + {steps} steps of full training", perplexity(full, t.val), None, None, "recovery: every weight"),
-            (f"… + {steps} steps of LoRA (r 16, all linears)", perplexity(lora, t.val), None, None,
+    return [(f"… + {steps} steps of full training", t.perplexity(full), None, None, "recovery: every weight"),
+            (f"… + {steps} steps of LoRA (r 16, all linears)", t.perplexity(lora), None, None,
              "recovery: `finetune --config prune-recovery`")]
 
 
@@ -124,7 +124,7 @@ def quantized(pruned: Path, t: Trained, samples: int, work: Path, python: str | 
         report = json.loads(llmctl("quantize", pruned, *args, "--bits", 4, "--group-size", 128, "-o", out, "--force",
                                    "--json", *(calibration if args[1] == "gptq" else [])).stdout)
         sha256 = report["quantization"].get("calibration", {}).get("sha256", sha256)
-        rows.append((label, perplexity(out, t.val), report["seconds"], report["peak_rss_mb"] * 2**20, note(out, kl(out))))
+        rows.append((label, t.perplexity(out), report["seconds"], report["peak_rss_mb"] * 2**20, note(out, kl(out))))
     if python:
         for name, ppl, divergence, seconds in llmcompressor_rows(python, sparse, work, calibration, sha256, kl,
                                                                  LLMCOMPRESSOR):
@@ -147,7 +147,7 @@ def main() -> None:
     t = from_arguments(args)
     work = t.model.parent / "prune"
     work.mkdir(exist_ok=True)
-    dense = perplexity(t.model, t.val)
+    dense = t.perplexity(t.model)
     rows = [("dense", dense, None, None, None)]
     calibration = ["--calibration", t.train, "--samples", args.samples]
     for label, prune_args in RUNS:
@@ -159,7 +159,7 @@ def main() -> None:
         report = json.loads(proc.stdout)
         kept = report["parameters"]["after"] / report["parameters"]["before"]
         note = f"{kept:.0%} of the parameters" if kept < 1 else f"{report['sparsity']['achieved']:.0%} zeros in place"
-        rows.append((label, perplexity(out, t.val), report["seconds"], report["peak_rss_bytes"], note))
+        rows.append((label, t.perplexity(out), report["seconds"], report["peak_rss_bytes"], note))
         if label.startswith("layers") and args.recovery_steps:
             rows += recover(out, t, args.recovery_steps, work)
         if label == "sparsegpt 2:4" and args.quantize:
@@ -167,9 +167,7 @@ def main() -> None:
     spread = input_spread(t, args.samples)
 
     r = t.record
-    resumed = "; resumed from a checkpoint: the time is the resumed part's" if r.get("resumed") else ""
-    lines = [f"Model: {t.settings.describe()} ({r['seconds'] / 60:.1f} min on {r['threads']} thread(s), "
-             f"load average {r['loadavg'][0]}–{r['loadavg'][1]}{resumed}){outliers.describe(r)}. Calibration: {args.samples} windows of "
+    lines = [f"Model: {t.describe(timing=True)}{outliers.describe(r)}. Calibration: {args.samples} windows of "
              f"{SEQ_LEN} tokens from the training text; perplexity on the held-out text (`llmctl eval --task "
              "perplexity`).", "",
              "| model | val perplexity | vs dense | prune time (s) | peak RSS (MiB) | note |",
@@ -185,7 +183,7 @@ def main() -> None:
     for kind, values in spread.items():
         lines.append(f"| {kind} | {statistics.median(values):.1f} | {max(values):.1f} | "
                      f"{' '.join(f'{v:.1f}' for v in values)} |")
-    out = args.out or Path(__file__).parent / "results" / f"prune-d{t.settings.hidden_size}{t.settings.suffix}{outliers.suffix(r)}.md"
+    out = args.out or Path(__file__).parent / "results" / f"prune-{t.stem}{outliers.suffix(r)}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

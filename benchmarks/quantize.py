@@ -4,7 +4,8 @@
                                           [--compile] [--only NAME…]
     python -m benchmarks.quantize prefill [--threads 2] [--prompt-tokens 512] [--repeats 3]
     python -m benchmarks.quantize time    [--samples 32] [--seq-len 512] [--micro-batch 32 4]
-    python -m benchmarks.quantize quality [--samples 128] [--width 128 --steps 1200] [--dir DIR] [--llmcompressor PYTHON]
+    python -m benchmarks.quantize quality [--samples 128] [--width 128 --steps 1200 | --pretrained CKPT] [--group-size 128]
+                                          [--dir DIR] [--llmcompressor PYTHON]
 
 speed: a random 97.5M Llama (hidden 768, 12 layers, 12 heads, vocab 8192, MHA) decoded greedily
 at batch 1 by llmctl in float32, bfloat16, int8 (RTN, per channel) and int4 (RTN, groups of 128)
@@ -24,11 +25,12 @@ pp512) against llama.cpp evaluating it in one batch.
 time: `llmctl quantize` on the `llama` preset's shape (125M, random weights) as a subprocess:
 RTN int8, RTN int4 and GPTQ int4 g128 (once per --micro-batch) — wall time and peak RSS.
 quality: held-out perplexity (`llmctl eval --task perplexity`) of the briefly trained model of
-benchmarks/trained.py and of its int8, int4 RTN, GPTQ, AWQ (groups of 128; RTN and AWQ on the
+benchmarks/trained.py (or, `--pretrained CKPT`, a checkpoint made elsewhere) and of its int8, int4 RTN,
+GPTQ, AWQ (groups of --group-size, 128; RTN and AWQ on the
 asymmetric grid too) and NF4 versions, each one's change from the float model and KL divergence
 from it (on 16 held-out windows), and GPTQ's and AWQ's change and KL as a share of RTN's on the
 same grid; writes
-benchmarks/results/quantize-quality-d<width>.md (`--outliers C`: on the model with LLM-style
+benchmarks/results/quantize-quality-d<width>.md (or -<checkpoint name>.md; `--outliers C`: on the model with LLM-style
 activation outliers of benchmarks/outliers.py, …-outliers<C>.md). `--llmcompressor PYTHON` adds
 llm-compressor's own int4 RTN and AWQ (W4A16, W4A16_ASYM) on the same model and calibration windows,
 run by that interpreter (benchmarks/llmcompressor_anchor.py), read and measured by llmctl
@@ -452,7 +454,7 @@ def llmcompressor_rows(python: str, t, work: Path, calib: list, sha256: str, kl_
         if proc.returncode:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
-        yield name, trained.perplexity(out, t.val), kl_to_float(out), seconds
+        yield name, t.perplexity(out), kl_to_float(out), seconds
 
 
 def quality(args) -> None:
@@ -460,16 +462,18 @@ def quality(args) -> None:
     work = t.model.parent / "quantize"
     seq_len = min(args.seq_len, 256)  # the trained model's context
     calib = ["--calibration", t.train, "--samples", args.samples, "--seq-len", seq_len]
-    variants = {"float": None, "int8": ["-m", "int8"], "int4 RTN g128": ["-m", "int4"],
-                "int4 GPTQ g128": ["-m", "gptq", *calib],
-                "int4 GPTQ g128 act-order": ["-m", "gptq", *calib, "gptq.act_order=true"],
-                "int4 AWQ g128": ["-m", "awq", *calib], "int4 RTN g128 asym": ["-m", "int4", "--asym"],
-                "int4 AWQ g128 asym": ["-m", "awq", "--asym", *calib], "NF4": ["-m", "nf4"]}
-    lines = [f"Model: {t.settings.describe()}{outliers.describe(t.record)}; perplexity on the held-out text; calibration "
+    g = f"g{args.group_size}"
+    group = ["--group-size", args.group_size]
+    variants = {"float": None, "int8": ["-m", "int8"], f"int4 RTN {g}": ["-m", "int4", *group],
+                f"int4 GPTQ {g}": ["-m", "gptq", *group, *calib],
+                f"int4 GPTQ {g} act-order": ["-m", "gptq", *group, *calib, "gptq.act_order=true"],
+                f"int4 AWQ {g}": ["-m", "awq", *group, *calib], f"int4 RTN {g} asym": ["-m", "int4", *group, "--asym"],
+                f"int4 AWQ {g} asym": ["-m", "awq", *group, "--asym", *calib], "NF4": ["-m", "nf4"]}
+    lines = [f"Model: {t.describe()}{outliers.describe(t.record)}; perplexity on the held-out text; calibration "
              f"{args.samples} windows of {seq_len} tokens from the training text.", "",
              "| model | perplexity | change | KL to float (nats/token) | rel. output error at quantize time "
              "| quantize s |", "|---|---:|---:|---:|---:|---:|"]
-    change, kl, base, kl_to_float = {}, {}, trained.perplexity(t.model, t.val), held_out_kl(t)
+    change, kl, base, kl_to_float = {}, {}, t.perplexity(t.model), held_out_kl(t)
     windows_sha256 = None  # of the calibration windows llmctl's calibrated methods drew
     for name, extra in variants.items():
         if extra is None:
@@ -479,13 +483,15 @@ def quality(args) -> None:
             q = json.loads(trained.llmctl("quantize", t.model, "-o", path, *extra, "--force", "--json").stdout)
             q = q["quantization"]
             windows_sha256 = q.get("calibration", {}).get("sha256", windows_sha256)
-        value = base if extra is None else trained.perplexity(path, t.val)
+        value = base if extra is None else t.perplexity(path)
         change[name], kl[name] = value / base - 1, kl_to_float(path)
         err = q.get("error", {}).get("output_error")
         err = "" if err is None else f"{err:.2e}"
         lines.append(f"| {name} | {value:.3f} | {100 * change[name]:+.2f} % | {kl[name]:.2e} | {err} | "
                      f"{q.get('seconds', '')} |")
     if args.llmcompressor:
+        if args.group_size != 128:
+            raise SystemExit("--llmcompressor runs llm-compressor's W4A16 presets: groups of 128 only")
         anchors = llmcompressor_rows(args.llmcompressor, t, work, calib, windows_sha256, kl_to_float)
         for name, value, kl_value, seconds in anchors:
             change[name], kl[name] = value / base - 1, kl_value
@@ -493,15 +499,15 @@ def quality(args) -> None:
     for what, values, unit in (("perplexity change", change, " %"), ("KL to float", kl, "")):
         for tool in ("", "llm-compressor "):
             for grid in ("", " asym"):  # each method against round-to-nearest on the same grid, by the same tool
-                rtn = values.get(f"{tool}int4 RTN g128{grid}")
+                rtn = values.get(f"{tool}int4 RTN {g}{grid}")
                 if rtn is None:
                     continue
                 shares = [f"{name.removeprefix(tool).removeprefix('int4 ')} {values[name] / rtn:.0%}" for name in values
                           if name.startswith((f"{tool}int4 GPTQ", f"{tool}int4 AWQ")) and name.endswith(" asym") == bool(grid)]
                 rtn = f"{100 * rtn:+.2f} %" if unit else f"{rtn:.2e}"
                 lines += ["", f"{what} as a share of {tool}int4 RTN{grid}'s ({rtn}; goal ≤ 60 %): " + ", ".join(shares)]
-    suffix = f"{t.settings.suffix}{outliers.suffix(t.record)}{'-llmcompressor' if args.llmcompressor else ''}"
-    out = Path(__file__).parent / "results" / f"quantize-quality-d{t.settings.hidden_size}{suffix}.md"
+    suffix = f"{outliers.suffix(t.record)}{'' if args.group_size == 128 else '-' + g}{'-llmcompressor' if args.llmcompressor else ''}"
+    out = Path(__file__).parent / "results" / f"quantize-quality-{t.stem}{suffix}.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
@@ -516,6 +522,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--group-size", type=int, default=128, help="quality: int4 groups (a width 128 does not divide, "
+                    "such as SmolLM2-135M's 576, needs 64)")
     ap.add_argument("--compile", action="store_true", help="speed: also llmctl's --compile decode step")
     ap.add_argument("--only", nargs="+", help="speed: only the decoders whose names contain one of these "
                     "(llmctl float32, the reference, always runs)")

@@ -81,13 +81,37 @@ NEWER_DEFAULTS = {"corpus": "shakespeare", "weight_decay": 0.1}  # settings adde
 @dataclass
 class Trained:
     """A trained model and its text: `model` (checkpoint), `train`/`val` (text files), `record`
-    (trained.json: steps, seconds, load average)."""
+    (trained.json: steps, seconds, load average). `settings` is None for a checkpoint made
+    elsewhere (`pretrained`), whose record holds its `name` and description instead."""
 
     model: Path
     train: Path
     val: Path
-    settings: Settings
+    settings: Settings | None
     record: dict
+    eval_args: tuple[str, ...] = ()  # extra `llmctl eval` options for its perplexity
+
+    def describe(self, timing: bool = False) -> str:
+        """The model, for a results file (`timing`: with its training time and load)."""
+        if self.settings is None:
+            return self.record["describe"]
+        r = self.record
+        if not timing:
+            return self.settings.describe()
+        resumed = "; resumed from a checkpoint: the time is the resumed part's" if r.get("resumed") else ""
+        return (f"{self.settings.describe()} ({r['seconds'] / 60:.1f} min on {r['threads']} thread(s), "
+                f"load average {r['loadavg'][0]}–{r['loadavg'][1]}{resumed})")
+
+    @property
+    def stem(self) -> str:
+        """The model's part of a results file's name: d<width><suffix>, or the checkpoint's name."""
+        if self.settings is None:
+            return self.record["name"]
+        return f"d{self.settings.hidden_size}{self.settings.suffix}"
+
+    def perplexity(self, ckpt: Path) -> float:
+        """Held-out perplexity of `ckpt` (this model or one made from it)."""
+        return perplexity(ckpt, self.val, *self.eval_args)
 
 
 def llmctl(*args, check: bool = True) -> subprocess.CompletedProcess:
@@ -99,9 +123,9 @@ def llmctl(*args, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def perplexity(ckpt: Path, val: Path) -> float:
-    """Held-out perplexity of `ckpt` on the text file `val` (`llmctl eval --task perplexity`)."""
-    out = llmctl("eval", ckpt, "--task", "perplexity", "--data", val, "--no-record", "--json", "--quiet")
+def perplexity(ckpt: Path, val: Path, *options: str) -> float:
+    """Held-out perplexity of `ckpt` on the text file `val` (`llmctl eval --task perplexity [options]`)."""
+    out = llmctl("eval", ckpt, "--task", "perplexity", "--data", val, "--no-record", "--json", "--quiet", *options)
     return next(iter(json.loads(out.stdout)["results"].values()))["perplexity"]["perplexity"]
 
 
@@ -168,6 +192,33 @@ def trained(root: Path, settings: Settings = Settings()) -> Trained:
     return Trained(model, train, val, settings, json.loads(record_file.read_text()))
 
 
+def pretrained(root: Path, ckpt: Path, val_chars: int = 36_000) -> Trained:
+    """A checkpoint made elsewhere (a pretrained model's Hugging Face files), linked as root/<name>/model so
+    that what benchmarks make from it lands beside it. Calibration text: Tiny Shakespeare's first 90 %;
+    held-out text: the first `val_chars` characters of the rest (cut at a paragraph), read in windows of 512
+    tokens (a pretrained model's context is long, and CPU time short)."""
+    train, val = split(root)
+    short = root / f"val-{val_chars}.txt"
+    if not short.is_file():
+        text = val.read_text(encoding="utf-8")
+        short.write_text(text[: text.index("\n\n", val_chars)], encoding="utf-8")
+    ckpt = ckpt.resolve()
+    here = root / ckpt.name
+    here.mkdir(parents=True, exist_ok=True)
+    link = here / "model"
+    if link.is_symlink() and link.resolve() != ckpt:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(ckpt, target_is_directory=True)
+    c = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    describe = (f"`{ckpt.name}`, made elsewhere ({c['model_type']}: d={c['hidden_size']}, {c['num_hidden_layers']} "
+                f"layers, {c['num_attention_heads']} heads / {c.get('num_key_value_heads', c['num_attention_heads'])} "
+                f"KV heads, MLP {c['intermediate_size']}, vocabulary {c['vocab_size']}); held-out text: the first "
+                f"{short.stat().st_size:,} bytes of Tiny Shakespeare's last 10 %, in windows of 512 tokens")
+    return Trained(link, train, short, None, {"name": ckpt.name, "describe": describe},
+                   eval_args=("--max-length", "512", "--stride", "512"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model's options (--dir, --width, --layers, --steps, …), for every benchmark that uses it."""
     d = Settings()
@@ -182,6 +233,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--corpus", choices=sorted(CORPORA), default=d.corpus,
                         help="training text (held out: the last 10 %% of Tiny Shakespeare; every 40th stdlib file)")
+    parser.add_argument("--pretrained", type=Path, metavar="CKPT",
+                        help="measure this checkpoint (made elsewhere) instead of training one; the model options "
+                             "are then ignored")
+    parser.add_argument("--val-chars", type=int, default=36_000,
+                        help="--pretrained: the held-out text's length in characters")
     parser.add_argument("--outliers", type=float, default=0, metavar="FACTOR",
                         help="make 2 %% of every block linear's input channels FACTOR× larger, the function unchanged "
                              "(benchmarks/outliers.py)")
@@ -193,7 +249,7 @@ def from_arguments(args: argparse.Namespace) -> Trained:
                         num_kv_heads=args.kv_heads, intermediate_size=args.intermediate or 3 * args.width,
                         steps=args.steps, corpus=args.corpus, lr=args.lr, weight_decay=args.weight_decay,
                         min_lr=Settings.min_lr if args.lr == Settings.lr else args.lr / 10)
-    t = trained(args.dir, settings)
+    t = pretrained(args.dir, args.pretrained, args.val_chars) if args.pretrained else trained(args.dir, settings)
     if args.outliers:
         from benchmarks.outliers import with_outliers
         t = with_outliers(t, args.outliers)
@@ -204,7 +260,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     t = from_arguments(parser.parse_args())
-    print(f"{t.model}: {t.settings.describe()}; {t.record}; val perplexity {perplexity(t.model, t.val):.2f}")
+    print(f"{t.model}: {t.describe(timing=True)}; val perplexity {t.perplexity(t.model):.2f}")
 
 
 if __name__ == "__main__":
