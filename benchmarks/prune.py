@@ -11,7 +11,10 @@ calibration windows), which is what Wanda's |W|·‖X_j‖ score adds to magnitu
 (`--outliers C`: on the model with LLM-style activation outliers of benchmarks/outliers.py,
 prune-d<width>-outliers<C>.md).
 
-    python -m benchmarks.prune [--width 128 --layers 8 --steps 1200] [--recovery-steps 100] [--dir DIR]
+    python -m benchmarks.prune [--width 128 --layers 8 --steps 1200 | --pretrained CKPT] [--recovery-steps 100] [--dir DIR]
+
+`--pretrained CKPT` measures a checkpoint made elsewhere (e.g. SmolLM2-135M: benchmarks/gguf_to_hf.py) and writes
+prune-<its name>.md.
 """
 
 from __future__ import annotations
